@@ -1,0 +1,32 @@
+//! Every map of stoker's kernel programs, declared once. Names match the `MAP_*`
+//! constants of the shared library so userspace finds them.
+use agent_ebpf::{COUNTS_CAPACITY, STACKS_CAPACITY, SampleKey, TARGETS_CAPACITY, stat};
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, PerCpuArray, PerCpuHashMap, StackTrace},
+};
+
+#[map]
+pub static TARGETS: HashMap<u32, u32> = HashMap::with_max_entries(TARGETS_CAPACITY, 0);
+
+#[map]
+pub static STACKS: StackTrace = StackTrace::with_max_entries(STACKS_CAPACITY, 0);
+
+#[map]
+pub static COUNTS: PerCpuHashMap<SampleKey, u64> = PerCpuHashMap::with_max_entries(COUNTS_CAPACITY, 0);
+
+#[map]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+
+/// Adds one to a per-CPU counter; returns the counter's previous value.
+#[inline(always)]
+pub fn bump(index: u32) -> u64 {
+    match STATS.get_ptr_mut(index) {
+        Some(p) => unsafe {
+            let old = *p;
+            *p = old + 1;
+            old
+        },
+        None => 0,
+    }
+}

@@ -1,0 +1,2 @@
+//! Kernel programs, one module per hook.
+pub mod perf_sample;

@@ -1,0 +1,53 @@
+//! Command-line types of the `stoker` binary (clap derive only).
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use stoker::export::Format;
+
+#[derive(Debug, Parser)]
+#[command(name = "stoker", version, about = "eBPF profiler for Python services")]
+pub struct Cli {
+    /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
+    #[arg(long, global = true, default_value = "warn")]
+    pub log_level: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Sample processes and write a flamegraph or folded stacks.
+    Record(RecordArgs),
+    /// Check whether this kernel and this process can run stoker.
+    Doctor,
+}
+
+#[derive(Debug, Args)]
+#[command(arg_required_else_help = true)]
+pub struct RecordArgs {
+    /// Process to sample (all its threads); repeat for several.
+    #[arg(short, long = "pid", value_name = "PID")]
+    pub pids: Vec<u32>,
+    /// Stop after this many seconds (default: when the targets exit or on Ctrl-C).
+    #[arg(short, long, value_name = "SECS", value_parser = parse_duration)]
+    pub duration: Option<f64>,
+    /// Samples per second per CPU.
+    #[arg(short, long, default_value_t = 99, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub rate: u64,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Format::Flamegraph)]
+    pub format: Format,
+    /// Output file (default: stoker-<name>-<time>.<svg|folded> in the current directory).
+    #[arg(short, long, value_name = "PATH")]
+    pub output: Option<PathBuf>,
+    /// Command to launch and profile, after `--`.
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+fn parse_duration(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
+        _ => Err(format!("`{s}` is not a positive number of seconds")),
+    }
+}

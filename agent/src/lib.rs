@@ -1,0 +1,11 @@
+//! stoker: an eBPF profiling agent for Python services. The library behind the `stoker`
+//! binary: kernel sampling, symbolization, recording sessions, output formats, diagnostics.
+pub mod doctor;
+pub mod error;
+pub mod export;
+pub mod record;
+pub mod sampling;
+pub mod symbolize;
+pub mod sys;
+
+pub use error::{Error, Result};

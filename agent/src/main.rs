@@ -1,0 +1,65 @@
+//! The `stoker` binary: parses the command line and hands over to the library.
+mod cli;
+
+use std::{process::ExitCode, time::Duration};
+
+use clap::Parser;
+use cli::{Cli, Command, RecordArgs};
+use stoker::{doctor, error::one_line, record};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&cli.log_level))
+        .unwrap_or_else(|_| EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    // A bug must still read as one line, not a backtrace.
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!("stoker: internal error: {info}");
+    }));
+
+    match cli.command {
+        Command::Record(args) => record_cmd(args),
+        Command::Doctor => doctor_cmd(),
+    }
+}
+
+fn record_cmd(args: RecordArgs) -> ExitCode {
+    if args.pids.is_empty() && args.command.is_empty() {
+        eprintln!("stoker: error: nothing to record: give --pid PID or a command after `--`");
+        return ExitCode::from(2);
+    }
+    let opts = record::RecordOptions {
+        pids: args.pids,
+        command: args.command,
+        duration: args.duration.map(Duration::from_secs_f64),
+        rate_hz: args.rate,
+        format: args.format,
+        output: args.output,
+    };
+    match record::run(&opts) {
+        Ok(summary) => {
+            eprint!("{}", summary.render());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("stoker: error: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn doctor_cmd() -> ExitCode {
+    let checks = doctor::run();
+    for check in &checks {
+        println!("{}", check.render());
+    }
+    if doctor::can_sample(&checks) {
+        println!("stoker can sample on this machine");
+        ExitCode::SUCCESS
+    } else {
+        println!("stoker cannot sample here: see the FAIL lines above");
+        ExitCode::FAILURE
+    }
+}

@@ -1,0 +1,189 @@
+//! `stoker record`: an on-demand sampling session over given PIDs or a launched command,
+//! ending at a deadline, on Ctrl-C or when the targets exit, and always writing its output.
+mod collect;
+mod status;
+pub mod target;
+
+use std::{
+    fs::File,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use self::{collect::Collector, status::StatusLine, target::Target};
+use crate::{
+    error::{Error, Result},
+    export::{self, Format},
+    sampling::{Sampler, Stats},
+};
+
+/// What to record and where to write it.
+#[derive(Debug, Clone)]
+pub struct RecordOptions {
+    pub pids: Vec<u32>,
+    /// Command and arguments to launch and profile.
+    pub command: Vec<String>,
+    pub duration: Option<Duration>,
+    pub rate_hz: u64,
+    pub format: Format,
+    pub output: Option<PathBuf>,
+}
+
+/// Why a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
+    Duration,
+    Interrupted,
+    TargetsExited,
+}
+
+/// What a finished session reports.
+#[derive(Debug)]
+pub struct Summary {
+    pub output: PathBuf,
+    pub samples: u64,
+    pub elapsed: Duration,
+    pub stats: Stats,
+    pub end: EndReason,
+    pub top: Vec<(Arc<str>, u64)>,
+}
+
+const TICK: Duration = Duration::from_millis(100);
+const COLLECT_EVERY: Duration = Duration::from_secs(1);
+
+/// Runs a session to its end and writes the output.
+pub fn run(opts: &RecordOptions) -> Result<Summary> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, stop.clone())?;
+    }
+
+    let mut targets = opts.pids.iter().map(|&pid| Target::attach(pid)).collect::<Result<Vec<_>>>()?;
+    let main_pid = opts.pids.first().copied();
+    let main_comm = main_pid.map(crate::sys::process::comm);
+    let output = opts.output.clone().unwrap_or_else(|| default_output(opts, main_comm.as_deref(), main_pid));
+    // Fail on an unwritable path now, not after the session.
+    let file = File::create(&output).map_err(|source| Error::Output { path: output.clone(), source })?;
+
+    let mut sampler = Sampler::load()?;
+    sampler.start(opts.rate_hz)?;
+    for target in &mut targets {
+        sampler.add_target(target.pid())?;
+        if target.has_exited() {
+            return Err(Error::ExitedBeforeAttach(target.pid()));
+        }
+    }
+    if !opts.command.is_empty() {
+        let mut launched = target::Launched::spawn(&opts.command)?;
+        sampler.add_target(launched.pid)?;
+        launched.release()?;
+        targets.push(Target::Launched(launched));
+    }
+
+    let started = Instant::now();
+    let mut collector = Collector::default();
+    let mut status = StatusLine::new();
+    let mut last_collect = Instant::now();
+    let pids: Vec<u32> = targets.iter().map(Target::pid).collect();
+    let end = loop {
+        std::thread::sleep(TICK);
+        let elapsed = started.elapsed();
+        let live: Vec<u32> = targets.iter_mut().filter_map(|t| (!t.has_exited()).then(|| t.pid())).collect();
+        let end = if stop.load(Ordering::Relaxed) {
+            Some(EndReason::Interrupted)
+        } else if live.is_empty() {
+            Some(EndReason::TargetsExited)
+        } else if opts.duration.is_some_and(|d| elapsed >= d) {
+            Some(EndReason::Duration)
+        } else {
+            None
+        };
+        if end.is_some() || last_collect.elapsed() >= COLLECT_EVERY {
+            collector.collect(&sampler, &live)?;
+            sampler.flush_logs();
+            last_collect = Instant::now();
+        }
+        status.show(elapsed, collector.samples(), sampler.stats().unwrap_or_default());
+        if let Some(end) = end {
+            break end;
+        }
+    };
+    let elapsed = started.elapsed();
+    status.clear();
+    // Samples stop counting once the targets leave the filter; the launched command
+    // is not left running on its own.
+    for target in &mut targets {
+        if let Target::Launched(l) = target {
+            l.terminate(Duration::from_secs(2));
+        }
+    }
+    let stats = sampler.stats()?;
+
+    let mut profile = collector.profile(pids.len() > 1);
+    let name = match main_pid {
+        Some(pid) => format!("{} (pid {pid})", main_comm.as_deref().unwrap_or("?")),
+        None => format!("{} (pid {})", collector.comm(pids[0]).unwrap_or(&opts.command[0]), pids[0]),
+    };
+    let extra = if pids.len() > 1 { format!(" and {} more", pids.len() - 1) } else { String::new() };
+    profile.title = format!("stoker: {name}{extra}");
+    profile.subtitle = format!(
+        "{} Hz, {:.1} s, {} samples, {} lost, {} stacks dropped",
+        opts.rate_hz,
+        elapsed.as_secs_f64(),
+        profile.total(),
+        stats.lost,
+        stats.stacks_dropped
+    );
+    export::write_file(&profile, opts.format, &output, file)?;
+    Ok(Summary { output, samples: profile.total(), elapsed, stats, end, top: profile.top_leaves(10) })
+}
+
+fn default_output(opts: &RecordOptions, comm: Option<&str>, pid: Option<u32>) -> PathBuf {
+    let name = match (comm, pid) {
+        (Some(comm), Some(pid)) => format!("{comm}-{pid}"),
+        _ => opts
+            .command
+            .first()
+            .map(|c| c.rsplit('/').next().unwrap_or(c).to_string())
+            .unwrap_or_else(|| "profile".into()),
+    };
+    let name: String =
+        name.chars().map(|c| if c.is_alphanumeric() || "-_.".contains(c) { c } else { '_' }).collect();
+    let stamp = chrono::Local::now().format("%Y%m%d-%H%M%S");
+    PathBuf::from(format!("stoker-{name}-{stamp}.{}", opts.format.extension()))
+}
+
+impl Summary {
+    /// The end-of-session report printed on stderr.
+    pub fn render(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let why = match self.end {
+            EndReason::Duration => "duration reached",
+            EndReason::Interrupted => "interrupted",
+            EndReason::TargetsExited => "target exited",
+        };
+        let _ = writeln!(s, "stoker: wrote {} ({why})", self.output.display());
+        let _ = writeln!(
+            s,
+            "  {} samples in {:.1} s; lost {}, stacks dropped {}, no user stack {}",
+            self.samples,
+            self.elapsed.as_secs_f64(),
+            self.stats.lost,
+            self.stats.stacks_dropped,
+            self.stats.user_stack_missing
+        );
+        if !self.top.is_empty() {
+            let _ = writeln!(s, "  top functions (leaf, share of samples):");
+            for (name, count) in &self.top {
+                let share = 100.0 * *count as f64 / self.samples.max(1) as f64;
+                let _ = writeln!(s, "    {share:5.1}%  {name}");
+            }
+        }
+        s
+    }
+}

@@ -1,0 +1,36 @@
+//! The live status line of a recording session, drawn on stderr only when it is a terminal.
+use std::{
+    io::{IsTerminal, Write},
+    time::Duration,
+};
+
+use crate::sampling::Stats;
+
+pub struct StatusLine {
+    enabled: bool,
+}
+
+impl StatusLine {
+    pub fn new() -> Self {
+        Self { enabled: std::io::stderr().is_terminal() }
+    }
+
+    pub fn show(&mut self, elapsed: Duration, samples: u64, stats: Stats) {
+        if self.enabled {
+            let mut err = std::io::stderr().lock();
+            let _ = write!(
+                err,
+                "\r\x1b[2Kstoker: {:6.1} s  {samples} samples  {} lost  (Ctrl-C to stop)",
+                elapsed.as_secs_f64(),
+                stats.lost + stats.stacks_dropped
+            );
+            let _ = err.flush();
+        }
+    }
+
+    pub fn clear(&mut self) {
+        if self.enabled {
+            let _ = write!(std::io::stderr(), "\r\x1b[2K");
+        }
+    }
+}

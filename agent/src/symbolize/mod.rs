@@ -1,0 +1,125 @@
+//! Turns sampled addresses into frame names: user addresses through a snapshot of the
+//! process's mappings and blazesym on the mapped files, kernel addresses through kallsyms.
+pub mod maps;
+
+use std::{collections::HashMap, path::PathBuf, sync::Arc};
+
+use blazesym::{
+    MaybeDefault,
+    symbolize::{
+        Input, Symbolized, Symbolizer as Blaze,
+        source::{Elf, Kernel, Source},
+    },
+};
+
+use self::maps::{Mapping, ProcMaps};
+use crate::sys::process;
+
+/// Suffix that marks kernel frames, as in perf's and inferno's folded stacks.
+pub const KERNEL_SUFFIX: &str = "_[k]";
+/// Name of a frame nothing is known about.
+pub const UNKNOWN: &str = "[unknown]";
+
+struct ProcState {
+    maps: ProcMaps,
+    /// Prefix that reaches the process's files from our mount namespace.
+    root: Option<PathBuf>,
+}
+
+/// Resolves addresses to names, caching by file offset and keeping mapping snapshots
+/// of processes that have since exited.
+pub struct Symbolizer {
+    blaze: Blaze,
+    procs: HashMap<u32, ProcState>,
+    user_names: HashMap<(Arc<PathBuf>, u64), Arc<str>>,
+    kernel_names: HashMap<u64, Arc<str>>,
+}
+
+impl Default for Symbolizer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Symbolizer {
+    pub fn new() -> Self {
+        let blaze = Blaze::builder().enable_code_info(false).enable_inlined_fns(false).build();
+        Self { blaze, procs: HashMap::new(), user_names: HashMap::new(), kernel_names: HashMap::new() }
+    }
+
+    /// Re-reads a live process's mappings; keeps the last snapshot when it has exited.
+    pub fn refresh(&mut self, pid: u32) {
+        if let Ok(maps) = ProcMaps::read(pid) {
+            if maps.is_empty() {
+                return; // a zombie shows no mappings: keep what we had
+            }
+            let root = (!process::same_root(pid)).then(|| PathBuf::from(format!("/proc/{pid}/root")));
+            self.procs.insert(pid, ProcState { maps, root });
+        }
+    }
+
+    /// Names for a user stack given leaf first; returned leaf first.
+    pub fn user_frames(&mut self, pid: u32, ips: &[u64]) -> Vec<Arc<str>> {
+        if !self.procs.contains_key(&pid) {
+            self.refresh(pid);
+        }
+        let mut out = Vec::with_capacity(ips.len());
+        let mut refreshed = false;
+        for (i, &ip) in ips.iter().enumerate() {
+            // Return addresses point after the call: step back into the calling instruction.
+            let addr = if i == 0 { ip } else { ip.saturating_sub(1) };
+            let mut mapping = self.procs.get(&pid).and_then(|p| p.maps.find(addr)).cloned();
+            if mapping.is_none() && !refreshed {
+                // A library loaded after the last snapshot: look again once.
+                refreshed = true;
+                self.refresh(pid);
+                mapping = self.procs.get(&pid).and_then(|p| p.maps.find(addr)).cloned();
+            }
+            out.push(match mapping {
+                Some(m) => self.user_name(pid, &m, addr),
+                None => Arc::from(UNKNOWN),
+            });
+        }
+        out
+    }
+
+    fn user_name(&mut self, pid: u32, m: &Mapping, addr: u64) -> Arc<str> {
+        let file_offset = addr - m.start + m.file_offset;
+        let Some(path) = &m.path else {
+            return Arc::from(format!("{}+{:#x}", m.name, addr - m.start));
+        };
+        let key = (path.clone(), file_offset);
+        if let Some(name) = self.user_names.get(&key) {
+            return name.clone();
+        }
+        let open_path = match self.procs.get(&pid).and_then(|p| p.root.as_ref()) {
+            Some(root) => root.join(path.strip_prefix("/").unwrap_or(path)),
+            None => path.to_path_buf(),
+        };
+        let src = Source::Elf(Elf::new(open_path));
+        let name: Arc<str> = match self.blaze.symbolize_single(&src, Input::FileOffset(file_offset)) {
+            Ok(Symbolized::Sym(sym)) => Arc::from(sym.name.as_ref()),
+            _ => Arc::from(format!("{}+{:#x}", m.name, file_offset)),
+        };
+        self.user_names.insert(key, name.clone());
+        name
+    }
+
+    /// Names for a kernel stack given leaf first, each with the kernel suffix.
+    pub fn kernel_frames(&mut self, ips: &[u64]) -> Vec<Arc<str>> {
+        let missing: Vec<u64> =
+            ips.iter().copied().filter(|ip| !self.kernel_names.contains_key(ip)).collect();
+        if !missing.is_empty() {
+            let src = Source::Kernel(Kernel { vmlinux: MaybeDefault::None, ..Kernel::default() });
+            let resolved = self.blaze.symbolize(&src, Input::AbsAddr(&missing)).unwrap_or_default();
+            for (i, ip) in missing.iter().enumerate() {
+                let name = match resolved.get(i) {
+                    Some(Symbolized::Sym(sym)) => format!("{}{KERNEL_SUFFIX}", sym.name),
+                    _ => format!("{UNKNOWN}{KERNEL_SUFFIX}"),
+                };
+                self.kernel_names.insert(*ip, Arc::from(name));
+            }
+        }
+        ips.iter().map(|ip| self.kernel_names[ip].clone()).collect()
+    }
+}

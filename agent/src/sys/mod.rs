@@ -1,0 +1,5 @@
+//! Small wrappers over Linux interfaces stoker needs: capabilities, pidfds, tracefs,
+//! and facts about processes read from /proc.
+pub mod caps;
+pub mod process;
+pub mod tracefs;

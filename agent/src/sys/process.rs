@@ -1,0 +1,72 @@
+//! Facts about a process from /proc, and pidfds that tell reliably when it has exited.
+use std::{
+    fs, io,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    path::PathBuf,
+};
+
+/// A handle on a running process that is immune to PID reuse.
+#[derive(Debug)]
+pub struct PidFd {
+    pid: u32,
+    fd: OwnedFd,
+}
+
+impl PidFd {
+    /// Opens a pidfd; `Ok(None)` when no such process exists.
+    pub fn open(pid: u32) -> io::Result<Option<Self>> {
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+        let rc = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        if rc < 0 {
+            let err = io::Error::last_os_error();
+            return match err.raw_os_error() {
+                Some(libc::ESRCH) => Ok(None),
+                _ => Err(err),
+            };
+        }
+        // SAFETY: rc is a fresh fd we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(rc as i32) };
+        Ok(Some(Self { pid, fd }))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// True once the process has exited (a zombie counts as exited).
+    pub fn has_exited(&self) -> bool {
+        let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd, zero timeout.
+        let rc = unsafe { libc::poll(&mut pfd, 1, 0) };
+        rc > 0 && pfd.revents & libc::POLLIN != 0
+    }
+}
+
+/// The process's command name (`comm`), or "?" when it is gone.
+pub fn comm(pid: u32) -> String {
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|s| s.trim_end().to_string())
+        .unwrap_or_else(|_| "?".to_string())
+}
+
+/// The thread's name (`comm` of the task).
+pub fn thread_name(pid: u32, tid: u32) -> Option<String> {
+    fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).ok().map(|s| s.trim_end().to_string())
+}
+
+/// Path of the process's executable, as the process sees it.
+pub fn exe(pid: u32) -> Option<PathBuf> {
+    fs::read_link(format!("/proc/{pid}/exe")).ok()
+}
+
+/// True when the process sees the same filesystem root as we do, so paths from its
+/// memory maps can be opened directly.
+pub fn same_root(pid: u32) -> bool {
+    match (fs::metadata(format!("/proc/{pid}/root/")), fs::metadata("/")) {
+        (Ok(a), Ok(b)) => {
+            use std::os::unix::fs::MetadataExt;
+            a.dev() == b.dev() && a.ino() == b.ino()
+        }
+        _ => true,
+    }
+}

@@ -1,0 +1,121 @@
+//! Helpers for the end-to-end tests: build native fixtures, run `stoker`, read its output.
+#![allow(dead_code)]
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+pub const STOKER: &str = env!("CARGO_BIN_EXE_stoker");
+
+/// The end-to-end tests load eBPF programs: they need root, and say so when they lack it.
+pub fn require_root() {
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the end-to-end tests load eBPF programs into the kernel: run them as root"
+    );
+}
+
+fn fixtures_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+/// A scratch directory unique to this test process and call.
+pub fn scratch(name: &str) -> PathBuf {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "{name}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Compiles a C fixture with frame pointers and no optimisation (every function keeps
+/// its frame, so frame-pointer unwinding sees each caller).
+pub fn build_c(name: &str) -> PathBuf {
+    let out = scratch("bin").join(name);
+    let src = fixtures_dir().join(format!("{name}.c"));
+    let status = Command::new("cc")
+        .args(["-O0", "-g", "-fno-omit-frame-pointer", "-pthread", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .status()
+        .expect("cc must be installed to build the test fixtures");
+    assert!(status.success(), "compiling {} failed", src.display());
+    out
+}
+
+pub fn spawn(program: &Path, args: &[&str]) -> Child {
+    Command::new(program).args(args).stdout(Stdio::null()).spawn().expect("start fixture")
+}
+
+/// Runs `stoker` to completion.
+pub fn stoker(args: &[&str]) -> Output {
+    Command::new(STOKER).args(args).stdin(Stdio::null()).output().expect("run stoker")
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Asserts a failed run printed exactly one clear error line and no panic.
+pub fn assert_one_line_error(out: &Output, expected: &str) {
+    let err = stderr(out);
+    assert!(!out.status.success(), "expected failure, got success; stderr: {err}");
+    assert!(!err.contains("panicked") && !err.contains("RUST_BACKTRACE"), "panic output: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one error line, got: {err}");
+    assert!(lines[0].starts_with("stoker: error: "), "unexpected error line: {err}");
+    assert!(lines[0].contains(expected), "error line should mention `{expected}`: {err}");
+}
+
+/// A folded profile: stack (root to leaf) -> count.
+pub struct Folded(pub HashMap<Vec<String>, u64>);
+
+impl Folded {
+    pub fn read(path: &Path) -> Self {
+        let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+        let mut stacks = HashMap::new();
+        for line in text.lines() {
+            let (stack, count) = line.rsplit_once(' ').unwrap_or_else(|| panic!("bad folded line: {line}"));
+            let count: u64 = count.parse().unwrap_or_else(|_| panic!("bad count in: {line}"));
+            *stacks.entry(stack.split(';').map(String::from).collect()).or_default() += count;
+        }
+        Self(stacks)
+    }
+
+    pub fn total(&self) -> u64 {
+        self.0.values().sum()
+    }
+
+    /// Samples whose stack contains a frame satisfying `pred`.
+    pub fn with_frame(&self, pred: impl Fn(&str) -> bool) -> u64 {
+        self.0.iter().filter(|(s, _)| s.iter().any(|f| pred(f))).map(|(_, n)| n).sum()
+    }
+
+    pub fn stacks_with(&self, frame: &str) -> impl Iterator<Item = &Vec<String>> {
+        self.0.keys().filter(move |s| s.iter().any(|f| f == frame))
+    }
+}
+
+/// Samples per stack from `perf script`: each sample's list of symbol names, leaf first.
+pub fn perf_samples(data: &Path) -> Vec<Vec<String>> {
+    let out = Command::new("perf")
+        .args(["script", "-F", "ip,sym", "-i"])
+        .arg(data)
+        .output()
+        .expect("perf must be installed (cargo xtask setup installs linux-perf)");
+    assert!(out.status.success(), "perf script failed: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split("\n\n")
+        .map(|block| {
+            block.lines().filter_map(|l| l.split_whitespace().nth(1)).map(String::from).collect::<Vec<_>>()
+        })
+        .filter(|s: &Vec<String>| !s.is_empty())
+        .collect()
+}

@@ -1,0 +1,107 @@
+//! Developer tasks: `cargo xtask setup | test | demo`. Setup installs only what is
+//! missing and says what it installs; the others build and run stoker.
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the eBPF toolchain and test tools (Debian packages, rustup link, bpf-linker).
+    Setup,
+    /// Run every test: unit tests and the root-only end-to-end tests.
+    Test {
+        /// Extra arguments for the test binaries (e.g. a test name filter).
+        args: Vec<String>,
+    },
+    /// Build stoker and profile the bundled demo service into a flamegraph.
+    Demo,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Setup => setup::run(),
+        Task::Test { args } => test(&args),
+        Task::Demo => demo(),
+    };
+    if let Err(e) = result {
+        eprintln!("xtask: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+pub fn sh(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("cannot run {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn require_root(what: &str) -> Result<()> {
+    if effective_uid() != 0 {
+        bail!("{what} loads eBPF programs into the kernel: run it as root");
+    }
+    Ok(())
+}
+
+fn effective_uid() -> u32 {
+    // /proc/self/status avoids a libc dependency for one call.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(u32::MAX)
+}
+
+fn test(args: &[String]) -> Result<()> {
+    require_root("the test suite")?;
+    // The end-to-end tests run one at a time: they measure CPU shares on a small machine.
+    sh(Command::new("cargo")
+        .current_dir(root())
+        .args(["test", "--workspace", "--exclude", "agent-ebpf", "--"])
+        .arg("--test-threads=1")
+        .args(args))
+}
+
+fn demo() -> Result<()> {
+    require_root("the demo")?;
+    let root = root();
+    sh(Command::new("cargo").current_dir(&root).args(["build", "--release", "--package", "stoker"]))?;
+    let out_dir = root.join("target/demo");
+    std::fs::create_dir_all(&out_dir)?;
+    let program = out_dir.join("hot");
+    sh(Command::new("cc")
+        .args(["-O0", "-g", "-fno-omit-frame-pointer", "-o"])
+        .arg(&program)
+        .arg(root.join("tests/fixtures/hot.c")))?;
+    let svg = out_dir.join("demo.svg");
+    sh(Command::new(root.join("target/release/stoker"))
+        .args(["record", "--duration", "5", "-o"])
+        .arg(&svg)
+        .arg("--")
+        .arg(&program)
+        .arg("6"))?;
+    println!("demo flamegraph: {}", svg.display());
+    Ok(())
+}

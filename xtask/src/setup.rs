@@ -1,0 +1,92 @@
+//! `cargo xtask setup`: installs what building and testing stoker needs, and only what
+//! is missing. Safe to run again: with everything present it changes nothing.
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use crate::sh;
+
+/// Debian packages: the kernel-crate toolchain (rustc/cargo 1.96 with core sources),
+/// LLVM 22 for bpf-linker, and the tools the end-to-end tests use.
+const PACKAGES: &[&str] = &[
+    "rustc-web",
+    "rust-web-src",
+    "cargo-web",
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "gcc",
+    "libc6-dev",
+    "linux-perf",
+    "util-linux",
+];
+const TOOLCHAIN: &str = "debian-web";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+pub fn run() -> Result<()> {
+    let mut changed = false;
+    changed |= debian_packages()?;
+    changed |= rustup_link()?;
+    changed |= bpf_linker()?;
+    if changed {
+        println!("setup: done");
+    } else {
+        println!("setup: everything already installed");
+    }
+    Ok(())
+}
+
+fn debian_packages() -> Result<bool> {
+    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !dpkg_installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(false);
+    }
+    println!("setup: installing Debian packages: {}", missing.join(" "));
+    sh(Command::new("apt-get").arg("update").arg("-qq"))?;
+    sh(Command::new("apt-get")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing))?;
+    Ok(true)
+}
+
+fn dpkg_installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+fn rustup_link() -> Result<bool> {
+    let list = Command::new("rustup").args(["toolchain", "list"]).output().context("rustup is required")?;
+    if String::from_utf8_lossy(&list.stdout).lines().any(|l| l.starts_with(TOOLCHAIN)) {
+        return Ok(false);
+    }
+    println!("setup: linking Debian's rustc-web into rustup as `{TOOLCHAIN}`");
+    sh(Command::new("rustup").args(["toolchain", "link", TOOLCHAIN, "/usr"]))?;
+    Ok(true)
+}
+
+fn bpf_linker() -> Result<bool> {
+    let current = Command::new("bpf-linker").arg("--version").output();
+    if let Ok(out) = &current
+        && String::from_utf8_lossy(&out.stdout).contains(BPF_LINKER_VERSION)
+    {
+        return Ok(false);
+    }
+    println!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)");
+    sh(Command::new("cargo")
+        .env("LLVM_PREFIX", "/usr/lib/llvm-22")
+        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+        .args(["--no-default-features", "--features", "llvm-22"]))?;
+    let out = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .context("bpf-linker not on PATH after install")?;
+    if !String::from_utf8_lossy(&out.stdout).contains(BPF_LINKER_VERSION) {
+        bail!("bpf-linker {BPF_LINKER_VERSION} installed but another version is first on PATH");
+    }
+    Ok(true)
+}
