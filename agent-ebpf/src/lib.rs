@@ -2,7 +2,7 @@
 //! Every type is `#[repr(C)]`, `Copy`, padded explicitly and size-checked.
 #![no_std]
 
-/// Map of target processes: tgid -> `TargetFlags` bits.
+/// Map of target processes: tgid -> `TARGET_*` flag bits.
 pub const MAP_TARGETS: &str = "TARGETS";
 /// Stack-trace map holding user and kernel stacks by id.
 pub const MAP_STACKS: &str = "STACKS";
@@ -10,8 +10,26 @@ pub const MAP_STACKS: &str = "STACKS";
 pub const MAP_COUNTS: &str = "COUNTS";
 /// Per-CPU counters, indexed by the `stat` constants.
 pub const MAP_STATS: &str = "STATS";
+/// Python processes to walk: tgid -> `PyProc`.
+pub const MAP_PY_PROCS: &str = "PY_PROCS";
+/// Python stacks by hash: u64 -> `PyStack`.
+pub const MAP_PY_STACKS: &str = "PY_STACKS";
+/// Cache of each Python thread's `PyThreadState`: tid -> address.
+pub const MAP_PY_THREADS: &str = "PY_THREADS";
 /// The CPU-sampling perf-event program.
 pub const PROG_PERF_SAMPLE: &str = "perf_sample";
+/// Global set by the loader: offset of `thread.fsbase` in `task_struct` (from BTF).
+pub const GLOBAL_FSBASE_OFFSET: &str = "FSBASE_OFFSET";
+/// The child-following tracepoint program (`task:task_newtask`).
+pub const PROG_TASK_NEWTASK: &str = "task_newtask";
+/// Globals set by the loader: field offsets of the `task_newtask` record (format file).
+pub const GLOBAL_NEWTASK_PID_OFFSET: &str = "NEWTASK_PID_OFFSET";
+pub const GLOBAL_NEWTASK_FLAGS_OFFSET: &str = "NEWTASK_FLAGS_OFFSET";
+
+/// `TARGETS` flag: sample this process.
+pub const TARGET_SAMPLE: u32 = 1;
+/// `TARGETS` flag: processes it creates become targets with the same flags.
+pub const TARGET_FOLLOW: u32 = 2;
 
 /// Capacity of the stack-trace map (unique stacks).
 pub const STACKS_CAPACITY: u32 = 16 * 1024;
@@ -19,6 +37,17 @@ pub const STACKS_CAPACITY: u32 = 16 * 1024;
 pub const COUNTS_CAPACITY: u32 = 64 * 1024;
 /// Capacity of the targets map (processes sampled at once).
 pub const TARGETS_CAPACITY: u32 = 8 * 1024;
+/// Capacity of the Python stacks map (unique Python stacks).
+pub const PY_STACKS_CAPACITY: u32 = 8 * 1024;
+/// Capacity of the Python thread-state cache.
+pub const PY_THREADS_CAPACITY: u32 = 16 * 1024;
+/// Python frames kept per sample; deeper stacks lose their root end and are marked.
+pub const PY_MAX_FRAMES: usize = 128;
+const _: () = assert!(PY_MAX_FRAMES.is_power_of_two(), "the walker masks frame indexes");
+/// Threads of one interpreter searched for the sampled thread's `PyThreadState`.
+pub const PY_MAX_THREADS: u32 = 128;
+/// Offset value meaning "this CPython version has no such field".
+pub const NO_FIELD: u32 = u32::MAX;
 
 /// Indexes into the per-CPU stats array.
 pub mod stat {
@@ -30,12 +59,25 @@ pub mod stat {
     pub const STACK_DROPPED: u32 = 2;
     /// Samples dropped because the counts map was full.
     pub const COUNTS_FULL: u32 = 3;
+    /// Samples of a Python process whose thread state was not found (thread not running Python).
+    pub const PY_NO_THREAD: u32 = 4;
+    /// Python stacks deeper than `PY_MAX_FRAMES`, cut at the root end.
+    pub const PY_TRUNCATED: u32 = 5;
+    /// Python frames whose memory could not be read (the walk stopped there).
+    pub const PY_READ_ERROR: u32 = 6;
+    /// Python stacks dropped because the Python stacks map was full.
+    pub const PY_STACKS_FULL: u32 = 7;
+    /// Samples with a Python stack.
+    pub const PY_SAMPLES: u32 = 8;
+    /// Children not followed because the targets map was full.
+    pub const TARGETS_FULL: u32 = 9;
     /// Number of counters.
-    pub const COUNT: u32 = 4;
+    pub const COUNT: u32 = 10;
 }
 
-/// Key of the kernel-side aggregation: one thread, one user stack, one kernel stack.
-/// A stack id is negative when that stack is absent (`NO_STACK`) or was dropped.
+/// Key of the kernel-side aggregation: one thread, one user stack, one kernel stack, one
+/// Python stack. A stack id is negative when that stack is absent (`NO_STACK`) or was
+/// dropped; `py_stack` is 0 when there is no Python stack.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SampleKey {
@@ -43,8 +85,100 @@ pub struct SampleKey {
     pub tid: u32,
     pub user_stack_id: i32,
     pub kernel_stack_id: i32,
+    pub py_stack: u64,
 }
-const _: () = assert!(core::mem::size_of::<SampleKey>() == 16);
+const _: () = assert!(core::mem::size_of::<SampleKey>() == 24);
+
+/// How a CPython frame records its current instruction (`PyOffsets::instr_kind`).
+pub mod instr_kind {
+    /// 3.8-3.9: `int f_lasti`, bytes.
+    pub const LASTI_BYTES: u32 = 0;
+    /// 3.10: `int f_lasti`, 2-byte code units.
+    pub const LASTI_UNITS: u32 = 1;
+    /// 3.11+: a pointer to the instruction (`prev_instr` or `instr_ptr`).
+    pub const POINTER: u32 = 2;
+}
+
+/// CPython structure offsets the kernel walker needs, from userspace (`NO_FIELD` = absent).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PyOffsets {
+    pub interp_next: u32,
+    pub interp_threads_head: u32,
+    pub tstate_next: u32,
+    pub tstate_thread_id: u32,
+    /// `frame` (3.8-3.10), `cframe` (3.11-3.12), `current_frame` (3.13+).
+    pub tstate_frame: u32,
+    /// `_PyCFrame.current_frame` (3.11-3.12).
+    pub cframe_current_frame: u32,
+    pub frame_previous: u32,
+    pub frame_code: u32,
+    pub frame_instr: u32,
+    /// `instr_kind::*`.
+    pub instr_kind: u32,
+    pub frame_owner: u32,
+    pub frame_is_entry: u32,
+    /// `owner` value of C-stack shim frames (3.12+), or `NO_FIELD`.
+    pub owner_cstack: u32,
+    pub code_firstlineno: u32,
+    /// Offset of the bytecode inside the code object (3.11+).
+    pub code_adaptive: u32,
+    /// 1 when every frame is evaluated by its own C call (3.8-3.10).
+    pub every_frame_entry: u32,
+    /// Bits to clear from `f_executable` (3.14 stack references).
+    pub executable_tag_mask: u64,
+}
+const _: () = assert!(core::mem::size_of::<PyOffsets>() == 72);
+
+/// One Python process for the kernel walker.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PyProc {
+    /// Address of `_PyRuntime.interpreters.head` in the process.
+    pub interp_head_addr: u64,
+    pub offsets: PyOffsets,
+}
+const _: () = assert!(core::mem::size_of::<PyProc>() == 80);
+
+/// `PyFrame::flags` bit: this frame was entered by its own C-level eval call.
+pub const PY_FRAME_ENTRY: u32 = 1;
+
+/// One Python frame as sampled: the code object, the instruction's byte offset in its
+/// bytecode, and `co_firstlineno` to detect a code object freed and its address reused.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PyFrame {
+    pub code: u64,
+    pub instr_offset: u32,
+    /// Low 24 bits: `co_firstlineno`; high 8 bits: `PY_FRAME_*` flags.
+    pub line_flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<PyFrame>() == 16);
+
+impl PyFrame {
+    pub fn first_line(&self) -> u32 {
+        self.line_flags & 0x00ff_ffff
+    }
+
+    pub fn flags(&self) -> u32 {
+        self.line_flags >> 24
+    }
+}
+
+/// `PyStack::flags` bit: the walk hit `PY_MAX_FRAMES`; the root end is missing.
+pub const PY_STACK_TRUNCATED: u32 = 1;
+/// `PyStack::flags` bit: a read failed; the root end is missing.
+pub const PY_STACK_READ_ERROR: u32 = 2;
+
+/// A Python stack, leaf first.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct PyStack {
+    pub len: u32,
+    pub flags: u32,
+    pub frames: [PyFrame; PY_MAX_FRAMES],
+}
+const _: () = assert!(core::mem::size_of::<PyStack>() == 8 + 16 * PY_MAX_FRAMES);
 
 /// Stack id recorded when there is no stack of that kind (e.g. no kernel frames).
 pub const NO_STACK: i32 = -1;
@@ -52,4 +186,8 @@ pub const NO_STACK: i32 = -1;
 pub const DROPPED_STACK: i32 = -2;
 
 #[cfg(feature = "user")]
-unsafe impl aya::Pod for SampleKey {}
+mod pod {
+    unsafe impl aya::Pod for super::SampleKey {}
+    unsafe impl aya::Pod for super::PyProc {}
+    unsafe impl aya::Pod for super::PyStack {}
+}

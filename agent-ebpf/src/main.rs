@@ -6,6 +6,8 @@
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod programs;
+#[cfg(target_arch = "bpf")]
+mod python;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

@@ -1,6 +1,9 @@
 //! Every map of stoker's kernel programs, declared once. Names match the `MAP_*`
 //! constants of the shared library so userspace finds them.
-use agent_ebpf::{COUNTS_CAPACITY, STACKS_CAPACITY, SampleKey, TARGETS_CAPACITY, stat};
+use agent_ebpf::{
+    COUNTS_CAPACITY, PY_STACKS_CAPACITY, PY_THREADS_CAPACITY, PyProc, PyStack, STACKS_CAPACITY, SampleKey,
+    TARGETS_CAPACITY, stat,
+};
 use aya_ebpf::{
     macros::map,
     maps::{HashMap, PerCpuArray, PerCpuHashMap, StackTrace},
@@ -14,6 +17,19 @@ pub static STACKS: StackTrace = StackTrace::with_max_entries(STACKS_CAPACITY, 0)
 
 #[map]
 pub static COUNTS: PerCpuHashMap<SampleKey, u64> = PerCpuHashMap::with_max_entries(COUNTS_CAPACITY, 0);
+
+#[map]
+pub static PY_PROCS: HashMap<u32, PyProc> = HashMap::with_max_entries(TARGETS_CAPACITY, 0);
+
+#[map]
+pub static PY_STACKS: HashMap<u64, PyStack> = HashMap::with_max_entries(PY_STACKS_CAPACITY, 0);
+
+#[map]
+pub static PY_THREADS: HashMap<u32, u64> = HashMap::with_max_entries(PY_THREADS_CAPACITY, 0);
+
+/// One Python stack per CPU being assembled: too large for the BPF stack.
+#[map]
+pub static PY_SCRATCH: PerCpuArray<PyStack> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);

@@ -40,6 +40,21 @@ pub struct RecordArgs {
     /// Output file (default: stoker-<name>-<time>.<svg|folded> in the current directory).
     #[arg(short, long, value_name = "PATH")]
     pub output: Option<PathBuf>,
+    /// Sample every CPython process on the host, also those started during the session.
+    #[arg(long)]
+    pub all_python: bool,
+    /// Also sample the targets' child processes, including those started during the session.
+    #[arg(short, long)]
+    pub subprocesses: bool,
+    /// Python: interleave native frames, the interpreter's eval loop replaced by Python frames.
+    #[arg(short, long)]
+    pub native: bool,
+    /// Add a root frame per thread (name and tid).
+    #[arg(short, long)]
+    pub threads: bool,
+    /// Show whole paths in Python frames (default: short, relative to site-packages).
+    #[arg(long)]
+    pub full_filenames: bool,
     /// Command to launch and profile, after `--`.
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,

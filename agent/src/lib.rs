@@ -3,6 +3,7 @@
 pub mod doctor;
 pub mod error;
 pub mod export;
+pub mod python;
 pub mod record;
 pub mod sampling;
 pub mod symbolize;

@@ -26,8 +26,8 @@ fn main() -> ExitCode {
 }
 
 fn record_cmd(args: RecordArgs) -> ExitCode {
-    if args.pids.is_empty() && args.command.is_empty() {
-        eprintln!("stoker: error: nothing to record: give --pid PID or a command after `--`");
+    if args.pids.is_empty() && args.command.is_empty() && !args.all_python {
+        eprintln!("stoker: error: nothing to record: give --pid PID, --all-python or a command after `--`");
         return ExitCode::from(2);
     }
     let opts = record::RecordOptions {
@@ -37,6 +37,11 @@ fn record_cmd(args: RecordArgs) -> ExitCode {
         rate_hz: args.rate,
         format: args.format,
         output: args.output,
+        all_python: args.all_python,
+        subprocesses: args.subprocesses,
+        native: args.native,
+        threads: args.threads,
+        full_filenames: args.full_filenames,
     };
     match record::run(&opts) {
         Ok(summary) => {

@@ -9,7 +9,10 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 
-use crate::maps::{COUNTS, STACKS, TARGETS, bump};
+use crate::{
+    maps::{COUNTS, PY_PROCS, PY_STACKS, STACKS, TARGETS, bump},
+    python,
+};
 
 const EFAULT: i32 = 14;
 
@@ -18,7 +21,7 @@ pub fn perf_sample(ctx: PerfEventContext) -> u32 {
     try_perf_sample(&ctx).unwrap_or(0)
 }
 
-fn try_perf_sample(ctx: &PerfEventContext) -> Result<u32, i64> {
+fn try_perf_sample(ctx: &PerfEventContext) -> Result<u32, i32> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     let tid = pid_tgid as u32;
@@ -49,7 +52,23 @@ fn try_perf_sample(ctx: &PerfEventContext) -> Result<u32, i64> {
         }
     };
 
-    let key = SampleKey { tgid, tid, user_stack_id, kernel_stack_id };
+    let mut py_stack = 0;
+    if let Some(proc) = unsafe { PY_PROCS.get(&tgid) }
+        && let Some((stack, hash)) = python::walk(tid, proc)
+    {
+        bump(stat::PY_SAMPLES);
+        if PY_STACKS.get_ptr(&hash).is_some()
+            || PY_STACKS.insert(&hash, stack, u64::from(BPF_NOEXIST)).is_ok()
+        {
+            py_stack = hash;
+        } else if PY_STACKS.get_ptr(&hash).is_some() {
+            py_stack = hash; // another CPU stored the same stack first
+        } else {
+            bump(stat::PY_STACKS_FULL);
+        }
+    }
+
+    let key = SampleKey { tgid, tid, user_stack_id, kernel_stack_id, py_stack };
     // Per-CPU values: this CPU's slot is only ever touched here, so no atomics needed.
     if let Some(count) = COUNTS.get_ptr_mut(&key) {
         unsafe { *count += 1 };

@@ -1,5 +1,5 @@
 //! Reads the kernel's aggregation while targets run and turns it into named stacks,
-//! resolving each new stack while its process still lives.
+//! resolving each new stack (native and Python) while its process still lives.
 use std::{collections::HashMap, sync::Arc};
 
 use agent_ebpf::{DROPPED_STACK, SampleKey};
@@ -7,22 +7,49 @@ use agent_ebpf::{DROPPED_STACK, SampleKey};
 use crate::{
     error::Result,
     export::Profile,
+    python::{PyStackNames, PySymbolizer},
     sampling::Sampler,
     symbolize::{KERNEL_SUFFIX, Symbolizer, UNKNOWN},
     sys::process,
 };
 
+/// How stacks are drawn.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct View {
+    /// Each stack starts with its process.
+    pub root_per_process: bool,
+    /// Each stack starts (after the process) with its thread.
+    pub threads: bool,
+    /// Python processes: native frames too, eval loops replaced by the Python frames they run.
+    pub native: bool,
+}
+
 /// Accumulated, symbolized view of the kernel's counts.
-#[derive(Default)]
 pub struct Collector {
     symbolizer: Symbolizer,
+    pub python: PySymbolizer,
     user_stacks: HashMap<(u32, i32), Arc<[Arc<str>]>>,
     kernel_stacks: HashMap<i32, Arc<[Arc<str>]>>,
+    py_stacks: HashMap<(u32, u64), Arc<PyStackNames>>,
     counts: Vec<(SampleKey, u64)>,
     comms: HashMap<u32, String>,
+    threads: HashMap<u32, String>,
 }
 
 impl Collector {
+    pub fn new(full_filenames: bool) -> Self {
+        Self {
+            symbolizer: Symbolizer::new(),
+            python: PySymbolizer::new(full_filenames),
+            user_stacks: HashMap::new(),
+            kernel_stacks: HashMap::new(),
+            py_stacks: HashMap::new(),
+            counts: Vec::new(),
+            comms: HashMap::new(),
+            threads: HashMap::new(),
+        }
+    }
+
     /// Reads the current counts and resolves stacks not seen before.
     pub fn collect(&mut self, sampler: &Sampler, live_pids: &[u32]) -> Result<()> {
         for &pid in live_pids {
@@ -42,6 +69,18 @@ impl Collector {
                 let names = self.symbolizer.kernel_frames(&ips);
                 self.kernel_stacks.insert(key.kernel_stack_id, names.into());
             }
+            if key.py_stack != 0
+                && !self.py_stacks.contains_key(&(key.tgid, key.py_stack))
+                && let Some(stack) = sampler.py_stack(key.py_stack)
+            {
+                let names = self.python.stack(key.tgid, &stack);
+                self.py_stacks.insert((key.tgid, key.py_stack), Arc::new(names));
+            }
+            if !self.threads.contains_key(&key.tid)
+                && let Some(name) = process::thread_name(key.tgid, key.tid)
+            {
+                self.threads.insert(key.tid, name);
+            }
         }
         Ok(())
     }
@@ -51,28 +90,47 @@ impl Collector {
         self.counts.iter().map(|(_, n)| n).sum()
     }
 
-    /// Builds the profile; with `root_per_process`, each stack starts at its process.
-    pub fn profile(&self, root_per_process: bool) -> Profile {
+    /// Builds the profile as `view` says.
+    pub fn profile(&self, view: View) -> Profile {
         let mut stacks = Vec::with_capacity(self.counts.len());
         for (key, count) in &self.counts {
             let mut frames: Vec<Arc<str>> = Vec::new();
-            if root_per_process {
+            if view.root_per_process {
                 let comm = self.comms.get(&key.tgid).map(String::as_str).unwrap_or("?");
                 frames.push(Arc::from(format!("{comm} [pid {}]", key.tgid)));
             }
-            match self.user_stacks.get(&(key.tgid, key.user_stack_id)) {
-                Some(user) => frames.extend(user.iter().rev().cloned()),
-                None if key.user_stack_id == DROPPED_STACK => frames.push(Arc::from("[user stack dropped]")),
-                None => {}
+            if view.threads {
+                let name = self.threads.get(&key.tid).map(String::as_str).unwrap_or("?");
+                frames.push(Arc::from(format!("{name} (tid {})", key.tid)));
             }
-            match self.kernel_stacks.get(&key.kernel_stack_id) {
-                Some(kernel) => frames.extend(kernel.iter().rev().cloned()),
-                None if key.kernel_stack_id == DROPPED_STACK => {
-                    frames.push(Arc::from(format!("[kernel stack dropped]{KERNEL_SUFFIX}")))
+            let roots = frames.len();
+            let user = self.user_stacks.get(&(key.tgid, key.user_stack_id));
+            let py = self.py_stacks.get(&(key.tgid, key.py_stack)).filter(|p| !p.frames.is_empty());
+            match (py, view.native) {
+                (Some(py), false) => {
+                    if py.truncated {
+                        frames.push(Arc::from("[truncated]"));
+                    }
+                    frames.extend(py.frames.iter().rev().map(|f| f.name.clone()));
                 }
-                None => {}
+                (Some(py), true) => {
+                    let native: Vec<Arc<str>> =
+                        user.map(|u| u.iter().rev().cloned().collect()).unwrap_or_default();
+                    frames.extend(interleave(&native, py));
+                    self.push_kernel(&mut frames, key);
+                }
+                (None, _) => {
+                    match user {
+                        Some(user) => frames.extend(user.iter().rev().cloned()),
+                        None if key.user_stack_id == DROPPED_STACK => {
+                            frames.push(Arc::from("[user stack dropped]"))
+                        }
+                        None => {}
+                    }
+                    self.push_kernel(&mut frames, key);
+                }
             }
-            if frames.len() == usize::from(root_per_process) {
+            if frames.len() == roots {
                 frames.push(Arc::from(UNKNOWN));
             }
             stacks.push((frames, *count));
@@ -80,7 +138,96 @@ impl Collector {
         Profile { stacks, ..Default::default() }
     }
 
+    fn push_kernel(&self, frames: &mut Vec<Arc<str>>, key: &SampleKey) {
+        match self.kernel_stacks.get(&key.kernel_stack_id) {
+            Some(kernel) => frames.extend(kernel.iter().rev().cloned()),
+            None if key.kernel_stack_id == DROPPED_STACK => {
+                frames.push(Arc::from(format!("[kernel stack dropped]{KERNEL_SUFFIX}")))
+            }
+            None => {}
+        }
+    }
+
+    /// Processes with samples.
+    pub fn processes(&self) -> usize {
+        let mut pids: Vec<u32> = self.counts.iter().map(|(k, _)| k.tgid).collect();
+        pids.sort_unstable();
+        pids.dedup();
+        pids.len()
+    }
+
     pub fn comm(&self, pid: u32) -> Option<&str> {
         self.comms.get(&pid).map(String::as_str)
+    }
+}
+
+/// Native frames (root to leaf) with each interpreter eval frame replaced by the Python
+/// frames it runs. Python frames split into segments at each entry frame; segments and
+/// eval frames pair up root first. Segments left over (native unwinding lost an eval
+/// frame) go where the last eval frame was, or after the native frames when none was seen.
+pub fn interleave(native: &[Arc<str>], py: &PyStackNames) -> Vec<Arc<str>> {
+    let mut segments: Vec<Vec<Arc<str>>> = Vec::new();
+    for f in py.frames.iter().rev() {
+        if f.entry || segments.is_empty() {
+            segments.push(Vec::new());
+        }
+        segments.last_mut().expect("pushed above").push(f.name.clone());
+    }
+    let mut segments = segments.into_iter();
+    let mut out = Vec::with_capacity(native.len() + py.frames.len() + 1);
+    if py.truncated {
+        out.push(Arc::from("[truncated]"));
+    }
+    let mut last_eval = None;
+    for f in native {
+        if is_eval_frame(f)
+            && let Some(seg) = segments.next()
+        {
+            out.extend(seg);
+            last_eval = Some(out.len());
+        } else if !is_eval_frame(f) {
+            out.push(f.clone());
+        }
+    }
+    let rest: Vec<Arc<str>> = segments.flatten().collect();
+    let at = last_eval.unwrap_or(out.len());
+    out.splice(at..at, rest);
+    out
+}
+
+/// CPython's bytecode evaluation loop, as native frames name it.
+fn is_eval_frame(name: &str) -> bool {
+    matches!(name, "_PyEval_EvalFrameDefault" | "_PyEval_EvalFrame" | "PyEval_EvalFrameEx" | "_PyEval_Vector")
+        || name.starts_with("_PyEval_EvalFrameDefault.")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::python::PyFrameName;
+
+    fn names(v: &[&str]) -> Vec<Arc<str>> {
+        v.iter().map(|s| Arc::from(*s)).collect()
+    }
+
+    #[test]
+    fn interleaves_python_segments_into_eval_frames() {
+        // Leaf first, as the kernel records them: c (entry), b, a (entry).
+        let py = PyStackNames {
+            frames: vec![
+                PyFrameName { name: "c".into(), entry: true },
+                PyFrameName { name: "b".into(), entry: false },
+                PyFrameName { name: "a".into(), entry: true },
+            ],
+            truncated: false,
+        };
+        let native = names(&["main", "_PyEval_EvalFrameDefault", "call", "_PyEval_EvalFrameDefault", "hash"]);
+        let out: Vec<String> = interleave(&native, &py).iter().map(|s| s.to_string()).collect();
+        assert_eq!(out, ["main", "a", "b", "call", "c", "hash"]);
+
+        // Native unwinding lost the eval frames: Python frames follow the native ones.
+        let out: Vec<String> =
+            interleave(&names(&["start", "main"]), &py).iter().map(|s| s.to_string()).collect();
+        assert_eq!(out, ["start", "main", "a", "b", "c"]);
     }
 }

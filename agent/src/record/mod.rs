@@ -1,8 +1,9 @@
 //! `stoker record`: an on-demand sampling session over given PIDs or a launched command,
 //! ending at a deadline, on Ctrl-C or when the targets exit, and always writing its output.
-mod collect;
+pub mod collect;
 mod status;
 pub mod target;
+mod tracker;
 
 use std::{
     fs::File,
@@ -14,7 +15,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use self::{collect::Collector, status::StatusLine, target::Target};
+use agent_ebpf::{TARGET_FOLLOW, TARGET_SAMPLE};
+
+use self::{
+    collect::{Collector, View},
+    status::StatusLine,
+    target::Target,
+    tracker::Tracker,
+};
 use crate::{
     error::{Error, Result},
     export::{self, Format},
@@ -31,6 +39,16 @@ pub struct RecordOptions {
     pub rate_hz: u64,
     pub format: Format,
     pub output: Option<PathBuf>,
+    /// Every CPython process on the host, also those started during the session.
+    pub all_python: bool,
+    /// Also the targets' child processes, including those created during the session.
+    pub subprocesses: bool,
+    /// Python processes: interleave native frames.
+    pub native: bool,
+    /// A root frame per thread.
+    pub threads: bool,
+    /// Whole paths in Python frames.
+    pub full_filenames: bool,
 }
 
 /// Why a session ended.
@@ -70,32 +88,39 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
     let file = File::create(&output).map_err(|source| Error::Output { path: output.clone(), source })?;
 
     let mut sampler = Sampler::load()?;
+    if opts.subprocesses {
+        sampler.follow_children()?;
+    }
     sampler.start(opts.rate_hz)?;
+    let flags = if opts.subprocesses { TARGET_SAMPLE | TARGET_FOLLOW } else { TARGET_SAMPLE };
+    let mut tracker = Tracker::new(opts.all_python);
     for target in &mut targets {
-        sampler.add_target(target.pid())?;
+        sampler.add_target(target.pid(), flags)?;
         if target.has_exited() {
             return Err(Error::ExitedBeforeAttach(target.pid()));
         }
+        tracker.add(target.pid());
     }
     if !opts.command.is_empty() {
         let mut launched = target::Launched::spawn(&opts.command)?;
-        sampler.add_target(launched.pid)?;
+        sampler.add_target(launched.pid, flags)?;
         launched.release()?;
+        tracker.add(launched.pid);
         targets.push(Target::Launched(launched));
     }
 
     let started = Instant::now();
-    let mut collector = Collector::default();
+    let mut collector = Collector::new(opts.full_filenames);
     let mut status = StatusLine::new();
     let mut last_collect = Instant::now();
-    let pids: Vec<u32> = targets.iter().map(Target::pid).collect();
     let end = loop {
+        tracker.update(&mut sampler, &mut collector)?;
         std::thread::sleep(TICK);
         let elapsed = started.elapsed();
-        let live: Vec<u32> = targets.iter_mut().filter_map(|t| (!t.has_exited()).then(|| t.pid())).collect();
+        let explicit_live = targets.iter_mut().filter_map(|t| (!t.has_exited()).then_some(())).count();
         let end = if stop.load(Ordering::Relaxed) {
             Some(EndReason::Interrupted)
-        } else if live.is_empty() {
+        } else if !targets.is_empty() && explicit_live == 0 {
             Some(EndReason::TargetsExited)
         } else if opts.duration.is_some_and(|d| elapsed >= d) {
             Some(EndReason::Duration)
@@ -103,7 +128,7 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
             None
         };
         if end.is_some() || last_collect.elapsed() >= COLLECT_EVERY {
-            collector.collect(&sampler, &live)?;
+            collector.collect(&sampler, &tracker.live_targets())?;
             sampler.flush_logs();
             last_collect = Instant::now();
         }
@@ -123,20 +148,31 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
     }
     let stats = sampler.stats()?;
 
-    let mut profile = collector.profile(pids.len() > 1);
-    let name = match main_pid {
-        Some(pid) => format!("{} (pid {pid})", main_comm.as_deref().unwrap_or("?")),
-        None => format!("{} (pid {})", collector.comm(pids[0]).unwrap_or(&opts.command[0]), pids[0]),
+    let processes = collector.processes();
+    let view = View {
+        root_per_process: processes > 1 || opts.all_python || opts.subprocesses,
+        threads: opts.threads,
+        native: opts.native,
     };
-    let extra = if pids.len() > 1 { format!(" and {} more", pids.len() - 1) } else { String::new() };
+    let mut profile = collector.profile(view);
+    let name = match (main_pid, targets.first()) {
+        (Some(pid), _) => format!("{} (pid {pid})", main_comm.as_deref().unwrap_or("?")),
+        (None, Some(t)) => {
+            format!("{} (pid {})", collector.comm(t.pid()).unwrap_or(&opts.command[0]), t.pid())
+        }
+        (None, None) => "all Python processes".to_string(),
+    };
+    let extra =
+        if processes > 1 && !targets.is_empty() { format!(", {processes} processes") } else { String::new() };
     profile.title = format!("stoker: {name}{extra}");
     profile.subtitle = format!(
-        "{} Hz, {:.1} s, {} samples, {} lost, {} stacks dropped",
+        "{} Hz, {:.1} s, {} samples, {} lost, {} stacks dropped, {} Python stacks truncated",
         opts.rate_hz,
         elapsed.as_secs_f64(),
         profile.total(),
         stats.lost,
-        stats.stacks_dropped
+        stats.stacks_dropped,
+        stats.py_truncated
     );
     export::write_file(&profile, opts.format, &output, file)?;
     Ok(Summary { output, samples: profile.total(), elapsed, stats, end, top: profile.top_leaves(10) })
@@ -149,7 +185,7 @@ fn default_output(opts: &RecordOptions, comm: Option<&str>, pid: Option<u32>) ->
             .command
             .first()
             .map(|c| c.rsplit('/').next().unwrap_or(c).to_string())
-            .unwrap_or_else(|| "profile".into()),
+            .unwrap_or_else(|| "all-python".into()),
     };
     let name: String =
         name.chars().map(|c| if c.is_alphanumeric() || "-_.".contains(c) { c } else { '_' }).collect();
@@ -177,6 +213,16 @@ impl Summary {
             self.stats.stacks_dropped,
             self.stats.user_stack_missing
         );
+        if self.stats.py_samples > 0 {
+            let _ = writeln!(
+                s,
+                "  Python: {} samples with Python frames; {} stacks cut at {} frames, {} walks stopped by unreadable memory",
+                self.stats.py_samples,
+                self.stats.py_truncated,
+                agent_ebpf::PY_MAX_FRAMES,
+                self.stats.py_read_errors
+            );
+        }
         if !self.top.is_empty() {
             let _ = writeln!(s, "  top functions (leaf, share of samples):");
             for (name, count) in &self.top {

@@ -2,12 +2,16 @@
 //! the kernel-side aggregation (stack ids + counts) and the per-CPU drop counters.
 mod logs;
 
-use agent_ebpf::{MAP_COUNTS, MAP_STACKS, MAP_STATS, MAP_TARGETS, PROG_PERF_SAMPLE, SampleKey, stat};
+use agent_ebpf::{
+    GLOBAL_FSBASE_OFFSET, GLOBAL_NEWTASK_FLAGS_OFFSET, GLOBAL_NEWTASK_PID_OFFSET, MAP_COUNTS, MAP_PY_PROCS,
+    MAP_PY_STACKS, MAP_STACKS, MAP_STATS, MAP_TARGETS, PROG_PERF_SAMPLE, PROG_TASK_NEWTASK, PyProc, PyStack,
+    SampleKey, stat,
+};
 use aya::{
-    Ebpf,
+    Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, StackTraceMap},
     programs::{
-        PerfEvent,
+        PerfEvent, TracePoint,
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
     },
 };
@@ -28,6 +32,16 @@ pub struct Stats {
     pub stacks_dropped: u64,
     /// Samples lost because the counts map was full.
     pub lost: u64,
+    /// Samples with a Python stack.
+    pub py_samples: u64,
+    /// Samples of Python processes in threads without a Python thread state.
+    pub py_no_thread: u64,
+    /// Python stacks cut at `PY_MAX_FRAMES`.
+    pub py_truncated: u64,
+    /// Python walks stopped by an unreadable frame.
+    pub py_read_errors: u64,
+    /// Python stacks dropped because their map was full.
+    pub py_stacks_full: u64,
 }
 
 /// The loaded kernel programs and their maps.
@@ -35,12 +49,34 @@ pub struct Sampler {
     ebpf: Ebpf,
     // Must stay alive while the programs run: dropping it closes the log map.
     logger: Option<aya_log::EbpfLogger<logs::ToTracing>>,
+    python_ready: bool,
+    follow_ready: bool,
 }
 
 impl Sampler {
     /// Loads the kernel programs into the kernel (verifier included).
     pub fn load() -> Result<Self> {
-        let mut ebpf = Ebpf::load(OBJECT).map_err(|e| load_error("loading the kernel programs", &e))?;
+        // Where the kernel keeps a task's fs base: the Python walker matches it against
+        // CPython's thread ids. Without BTF, Python stacks are unavailable.
+        let fsbase = match crate::sys::btf::Btf::from_sys_fs() {
+            Ok(btf) => crate::sys::btf::fsbase_offset(&btf).unwrap_or(0),
+            Err(e) => {
+                tracing::warn!("kernel BTF unreadable ({e}): Python stacks are unavailable");
+                0
+            }
+        };
+        // Field offsets of the child-following tracepoint's record (0 when unknown: the
+        // program is then not attached).
+        let newtask = |field| crate::sys::tracefs::field_offset("task", "task_newtask", field).unwrap_or(0);
+        let (newtask_pid, newtask_flags) = (newtask("pid"), newtask("clone_flags"));
+        let btf = aya::Btf::from_sys_fs().ok();
+        let mut ebpf = EbpfLoader::new()
+            .btf(btf.as_ref())
+            .override_global(GLOBAL_FSBASE_OFFSET, &fsbase, true)
+            .override_global(GLOBAL_NEWTASK_PID_OFFSET, &newtask_pid, true)
+            .override_global(GLOBAL_NEWTASK_FLAGS_OFFSET, &newtask_flags, true)
+            .load(OBJECT)
+            .map_err(|e| load_error("loading the kernel programs", &e))?;
         let logger = match aya_log::EbpfLogger::init_with_logger(&mut ebpf, logs::ToTracing) {
             Ok(l) => Some(l),
             Err(e) => {
@@ -50,7 +86,43 @@ impl Sampler {
         };
         let prog: &mut PerfEvent = program(&mut ebpf)?;
         prog.load().map_err(|e| load_error("loading the CPU sampling program", &e))?;
-        Ok(Self { ebpf, logger })
+        let follow_ready = newtask_pid != 0 && newtask_flags != 0;
+        Ok(Self { ebpf, logger, python_ready: fsbase != 0, follow_ready })
+    }
+
+    /// Starts following children of targets flagged `TARGET_FOLLOW`.
+    pub fn follow_children(&mut self) -> Result<()> {
+        let unavailable =
+            |detail: String| Error::KernelFeature { feature: "the task:task_newtask tracepoint", detail };
+        if !self.follow_ready {
+            return Err(unavailable("its format file could not be read".into()));
+        }
+        let prog: &mut TracePoint = self
+            .ebpf
+            .program_mut(PROG_TASK_NEWTASK)
+            .and_then(|p| p.try_into().ok())
+            .ok_or_else(|| unavailable("program missing".into()))?;
+        prog.load().map_err(|e| load_error("loading the child-following program", &e))?;
+        prog.attach("task", "task_newtask").map_err(|e| unavailable(one_line(&e)))?;
+        Ok(())
+    }
+
+    /// Every process currently in the kernel's target set (including followed children).
+    pub fn targets(&self) -> Result<Vec<u32>> {
+        let targets: HashMap<_, u32, u32> = self.map(MAP_TARGETS)?;
+        Ok(targets.keys().filter_map(|k| k.ok()).collect())
+    }
+
+    /// Stops sampling `pid` (it exited, or is a thread id a follow rule caught).
+    pub fn remove_target(&mut self, pid: u32) -> Result<()> {
+        let mut targets: HashMap<_, u32, u32> = self.map_mut(MAP_TARGETS)?;
+        let _ = targets.remove(&pid);
+        Ok(())
+    }
+
+    /// True when the kernel can walk Python stacks (it found the task fs base offset).
+    pub fn python_ready(&self) -> bool {
+        self.python_ready
     }
 
     /// Attaches the sampling program to the cpu-clock of every online CPU at `rate_hz`.
@@ -72,12 +144,26 @@ impl Sampler {
         Ok(())
     }
 
-    /// Samples the process `pid` (all its threads) from now on.
-    pub fn add_target(&mut self, pid: u32) -> Result<()> {
+    /// Samples the process `pid` (all its threads) from now on; `flags` are `TARGET_*` bits.
+    pub fn add_target(&mut self, pid: u32, flags: u32) -> Result<()> {
         let mut targets: HashMap<_, u32, u32> = self.map_mut(MAP_TARGETS)?;
         targets
-            .insert(pid, 1, 0)
+            .insert(pid, flags, 0)
             .map_err(|e| Error::Ebpf { what: "cannot add a target process", detail: one_line(&e) })
+    }
+
+    /// Walks the Python stacks of process `pid` from now on.
+    pub fn add_python(&mut self, pid: u32, proc: &PyProc) -> Result<()> {
+        let mut procs: HashMap<_, u32, PyProc> = self.map_mut(MAP_PY_PROCS)?;
+        procs
+            .insert(pid, proc, 0)
+            .map_err(|e| Error::Ebpf { what: "cannot add a Python process", detail: one_line(&e) })
+    }
+
+    /// A Python stack stored by the kernel, by hash.
+    pub fn py_stack(&self, hash: u64) -> Option<PyStack> {
+        let stacks: HashMap<_, u64, PyStack> = self.map(MAP_PY_STACKS).ok()?;
+        stacks.get(&hash, 0).ok()
     }
 
     /// Every (thread, user stack, kernel stack) seen so far with its sample count.
@@ -103,6 +189,11 @@ impl Sampler {
             user_stack_missing: sum(stat::USER_STACK_MISSING),
             stacks_dropped: sum(stat::STACK_DROPPED),
             lost: sum(stat::COUNTS_FULL),
+            py_samples: sum(stat::PY_SAMPLES),
+            py_no_thread: sum(stat::PY_NO_THREAD),
+            py_truncated: sum(stat::PY_TRUNCATED),
+            py_read_errors: sum(stat::PY_READ_ERROR),
+            py_stacks_full: sum(stat::PY_STACKS_FULL),
         })
     }
 
@@ -147,8 +238,10 @@ fn program(ebpf: &mut Ebpf) -> Result<&mut PerfEvent> {
 }
 
 fn load_error(what: &'static str, err: &(dyn std::error::Error + 'static)) -> Error {
+    let privileged = crate::sys::caps::can_sample(crate::sys::caps::effective());
     match errno_of(err) {
-        Some(libc::EPERM | libc::EACCES) => {
+        // EACCES with privileges is the verifier's refusal, reported with its log below.
+        Some(libc::EPERM | libc::EACCES) if !privileged => {
             Error::Permission { what: "loading eBPF programs", needs: "CAP_BPF and CAP_PERFMON" }
         }
         Some(libc::ENOSYS) => {

@@ -1,5 +1,6 @@
 //! Small wrappers over Linux interfaces stoker needs: capabilities, pidfds, tracefs,
 //! and facts about processes read from /proc.
+pub mod btf;
 pub mod caps;
 pub mod process;
 pub mod tracefs;

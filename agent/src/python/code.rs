@@ -1,0 +1,135 @@
+//! Reads CPython code objects and strings out of a live process: the function's name,
+//! file, first line and line table, cached per process by code address.
+use std::{collections::HashMap, io, sync::Arc};
+
+use super::{
+    layout::{Layout, PyVersion},
+    linetable::{self, LineTableFormat},
+    mem::Memory,
+};
+
+/// Longest string read (names and paths).
+const MAX_STRING: usize = 4096;
+/// Longest line table read.
+const MAX_LINETABLE: usize = 1 << 20;
+
+/// What a code object says about itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CodeInfo {
+    /// `co_qualname` (3.11+) or `co_name`.
+    pub name: String,
+    pub filename: String,
+    pub first_line: u32,
+    linetable: Vec<u8>,
+    format: LineTableFormat,
+}
+
+impl CodeInfo {
+    /// The source line of the instruction at `byte_offset`, or `first_line` when the
+    /// table has none for it.
+    pub fn line(&self, byte_offset: u32) -> u32 {
+        linetable::line_for(self.format, &self.linetable, self.first_line, byte_offset)
+            .unwrap_or(self.first_line)
+    }
+}
+
+/// Reads code objects of one process, by layout.
+pub struct CodeReader {
+    mem: Memory,
+    layout: Layout,
+    format: LineTableFormat,
+    /// By (address, co_firstlineno as the kernel saw it): a freed and reused address
+    /// almost always holds a function with another first line, which misses the cache.
+    cache: HashMap<(u64, u32), Option<Arc<CodeInfo>>>,
+}
+
+impl CodeReader {
+    pub fn new(pid: u32, version: PyVersion, layout: Layout) -> Self {
+        Self {
+            mem: Memory::new(pid),
+            layout,
+            format: linetable::format_for(version.minor),
+            cache: HashMap::new(),
+        }
+    }
+
+    /// The code object at `addr`, read once; None when it cannot be read (the process
+    /// exited, or the object was freed and the check below failed).
+    pub fn code(&mut self, addr: u64, first_line: u32) -> Option<Arc<CodeInfo>> {
+        if let Some(hit) = self.cache.get(&(addr, first_line)) {
+            return hit.clone();
+        }
+        let info =
+            self.read_code(addr).ok().filter(|c| c.first_line & 0x00ff_ffff == first_line).map(Arc::new);
+        self.cache.insert((addr, first_line), info.clone());
+        info
+    }
+
+    fn read_code(&self, addr: u64) -> io::Result<CodeInfo> {
+        let l = &self.layout;
+        let name_ptr = self.mem.u64(addr + l.code_qualname.unwrap_or(l.code_name))?;
+        let filename_ptr = self.mem.u64(addr + l.code_filename)?;
+        let first_line = self.mem.u32(addr + l.code_firstlineno)?;
+        let table_ptr = self.mem.u64(addr + l.code_linetable)?;
+        Ok(CodeInfo {
+            name: self.string(name_ptr)?,
+            filename: self.string(filename_ptr)?,
+            first_line,
+            linetable: self.bytes(table_ptr)?,
+            format: self.format,
+        })
+    }
+
+    /// A `str` object's text (compact strings: every string a code object holds).
+    fn string(&self, addr: u64) -> io::Result<String> {
+        let l = &self.layout;
+        let state = self.mem.u32(addr + l.unicode_state)?;
+        let length = self.mem.i64(addr + l.unicode_length)?;
+        let invalid = || io::Error::new(io::ErrorKind::InvalidData, "not a compact str object");
+        if !(0..=MAX_STRING as i64).contains(&length) {
+            return Err(invalid());
+        }
+        let kind = (state >> layout_bits::KIND_SHIFT) & 0x7;
+        let compact = state >> layout_bits::COMPACT_SHIFT & 1 == 1;
+        let ascii = state >> layout_bits::ASCII_SHIFT & 1 == 1;
+        if !compact {
+            return Err(invalid());
+        }
+        let length = length as usize;
+        if ascii {
+            let bytes = self.mem.bytes(addr + l.unicode_ascii_data, length)?;
+            return Ok(String::from_utf8_lossy(&bytes).into_owned());
+        }
+        let width = match kind {
+            1 | 2 | 4 => kind as usize,
+            _ => return Err(invalid()),
+        };
+        let raw = self.mem.bytes(addr + l.unicode_compact_data, length * width)?;
+        let chars = raw.chunks_exact(width).map(|c| {
+            let mut v = [0u8; 4];
+            v[..width].copy_from_slice(c);
+            char::from_u32(u32::from_le_bytes(v)).unwrap_or(char::REPLACEMENT_CHARACTER)
+        });
+        Ok(chars.collect())
+    }
+
+    /// A `bytes` object's contents.
+    fn bytes(&self, addr: u64) -> io::Result<Vec<u8>> {
+        let l = &self.layout;
+        let size = self.mem.i64(addr + l.bytes_size)?;
+        if !(0..=MAX_LINETABLE as i64).contains(&size) {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "bad bytes object size"));
+        }
+        self.mem.bytes(addr + l.bytes_data, size as usize)
+    }
+}
+
+/// Positions of the `PyASCIIObject.state` bit fields (the same from 3.8 to 3.14).
+mod layout_bits {
+    pub const KIND_SHIFT: u32 = 2;
+    pub const COMPACT_SHIFT: u32 = 5;
+    pub const ASCII_SHIFT: u32 = 6;
+}
+
+/// Type of the cache shared across processes: one reader per Python process.
+pub type Readers = HashMap<u32, CodeReader>;

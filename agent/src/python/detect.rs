@@ -1,0 +1,163 @@
+//! Recognizes CPython processes: finds the interpreter's ELF (libpython or a statically
+//! linked python), `_PyRuntime` and the version, and picks the structure layout.
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use object::{Object, ObjectSegment, ObjectSymbol};
+
+use super::{
+    layout::{self, Layout, PyVersion},
+    mem::Memory,
+};
+
+/// A CPython process stoker can walk.
+#[derive(Debug, Clone)]
+pub struct PythonProcess {
+    pub pid: u32,
+    pub version: PyVersion,
+    pub layout: Layout,
+    /// Address of `_PyRuntime` in the process.
+    pub runtime: u64,
+    /// The ELF file holding the interpreter.
+    pub binary: PathBuf,
+}
+
+/// What a process turned out to be.
+#[derive(Debug, Clone)]
+pub enum Detected {
+    Python(Box<PythonProcess>),
+    /// CPython, but a version stoker has no layout for (e.g. "3.7" or "3.15").
+    Unsupported(String),
+    NotPython,
+}
+
+/// Looks at a live process. Errors reading /proc mean it is gone or not ours to read.
+pub fn detect(pid: u32) -> Detected {
+    let Ok(maps) = fs::read_to_string(format!("/proc/{pid}/maps")) else {
+        return Detected::NotPython;
+    };
+    let mut candidates: Vec<(u64, u64, &str)> = Vec::new(); // (start, file offset, path)
+    for line in maps.lines() {
+        let mut f = line.split_whitespace();
+        let (Some(range), Some(_), Some(offset), Some(_), Some(_), Some(path)) =
+            (f.next(), f.next(), f.next(), f.next(), f.next(), f.next())
+        else {
+            continue;
+        };
+        if !is_interpreter_name(path.rsplit('/').next().unwrap_or(path)) {
+            continue;
+        }
+        let start = range.split('-').next().and_then(|s| u64::from_str_radix(s, 16).ok());
+        let offset = u64::from_str_radix(offset, 16).ok();
+        if let (Some(start), Some(offset)) = (start, offset) {
+            candidates.push((start, offset, path));
+        }
+    }
+    // libpython first: a python executable linked to it has no _PyRuntime of its own.
+    candidates.sort_by_key(|(start, _, path)| (!path.contains("libpython"), *start));
+    let mut seen: Vec<&str> = Vec::new();
+    for &(_, _, path) in &candidates {
+        if seen.contains(&path) {
+            continue;
+        }
+        seen.push(path);
+        let lowest = candidates.iter().filter(|c| c.2 == path).min_by_key(|c| c.0).copied();
+        if let Some((start, offset, _)) = lowest
+            && let Some(found) = inspect(pid, path, start, offset)
+        {
+            return found;
+        }
+    }
+    Detected::NotPython
+}
+
+/// `python3`, `python3.11`, `libpython3.11.so.1.0`, `python3.12d`...
+fn is_interpreter_name(name: &str) -> bool {
+    let rest = name.strip_prefix("lib").unwrap_or(name);
+    rest.starts_with("python")
+}
+
+fn inspect(pid: u32, path: &str, map_start: u64, map_offset: u64) -> Option<Detected> {
+    let on_disk = open_path(pid, path);
+    let data = fs::read(&on_disk).ok()?;
+    let file = object::File::parse(&*data).ok()?;
+    let runtime_sym = find_symbol(&file, "_PyRuntime")?;
+    // Load bias: where the segment holding `map_offset` was mapped, minus its link address.
+    let segment = file.segments().find(|s| {
+        let (off, size) = s.file_range();
+        off <= map_offset && map_offset < off + size.max(1)
+    })?;
+    let (seg_off, _) = segment.file_range();
+    let link_addr = segment.address() - seg_off + map_offset;
+    let bias = map_start.wrapping_sub(link_addr & !0xfff);
+    let runtime = runtime_sym.wrapping_add(bias);
+    let mem = Memory::new(pid);
+
+    let version = match find_symbol(&file, "Py_Version") {
+        Some(addr) => {
+            let hex = mem.u32(addr.wrapping_add(bias)).ok()?;
+            PyVersion { major: (hex >> 24) as u8, minor: (hex >> 16) as u8, patch: (hex >> 8) as u8 }
+        }
+        None => version_from_name(Path::new(path).file_name()?.to_str()?)?,
+    };
+    let layout = if version >= (PyVersion { major: 3, minor: 13, patch: 0 }) {
+        mem.bytes(runtime, layout::DEBUG_OFFSETS_LEN)
+            .ok()
+            .and_then(|bytes| layout::layout_from_debug_offsets(version, &bytes).ok())
+            .or_else(|| layout::layout_for(version))
+    } else {
+        layout::layout_for(version)
+    };
+    Some(match layout {
+        Some(layout) => Detected::Python(Box::new(PythonProcess {
+            pid,
+            version,
+            layout,
+            runtime,
+            binary: PathBuf::from(path),
+        })),
+        None => Detected::Unsupported(format!("{}.{}.{}", version.major, version.minor, version.patch)),
+    })
+}
+
+/// The file as this process can open it (through /proc/PID/root for other mount namespaces).
+fn open_path(pid: u32, path: &str) -> PathBuf {
+    if crate::sys::process::same_root(pid) {
+        PathBuf::from(path)
+    } else {
+        PathBuf::from(format!("/proc/{pid}/root{path}"))
+    }
+}
+
+fn find_symbol(file: &object::File<'_>, name: &str) -> Option<u64> {
+    file.dynamic_symbols()
+        .chain(file.symbols())
+        .find(|s| s.name() == Ok(name) && s.address() != 0)
+        .map(|s| s.address())
+}
+
+/// "3.9" from `libpython3.9.so.1.0` or `python3.9`.
+fn version_from_name(name: &str) -> Option<PyVersion> {
+    let rest = name.strip_prefix("lib").unwrap_or(name).strip_prefix("python")?;
+    let mut parts = rest.split(|c: char| !c.is_ascii_digit()).filter(|p| !p.is_empty());
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some(PyVersion { major, minor, patch: 0 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_from_file_names() {
+        let v = |s| version_from_name(s).map(|v| (v.major, v.minor));
+        assert_eq!(v("libpython3.9.so.1.0"), Some((3, 9)));
+        assert_eq!(v("python3.10"), Some((3, 10)));
+        assert_eq!(v("python3"), None);
+        assert!(is_interpreter_name("libpython3.12.so.1.0") && is_interpreter_name("python3.11"));
+        assert!(!is_interpreter_name("libc.so.6"));
+    }
+}

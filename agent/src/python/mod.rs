@@ -1,0 +1,138 @@
+//! CPython support: recognizing Python processes, configuring the kernel walker for
+//! their version, and turning sampled frames into `qualname (file.py:line)` names.
+pub mod code;
+pub mod detect;
+pub mod layout;
+pub mod linetable;
+pub mod mem;
+
+use std::{collections::HashMap, sync::Arc};
+
+use agent_ebpf::{
+    NO_FIELD, PY_FRAME_ENTRY, PY_STACK_READ_ERROR, PY_STACK_TRUNCATED, PyOffsets, PyProc, PyStack, instr_kind,
+};
+
+use self::{
+    code::CodeReader,
+    detect::PythonProcess,
+    layout::{InstrKind, Layout},
+};
+
+/// The kernel walker's configuration for one process.
+pub fn kernel_config(p: &PythonProcess) -> PyProc {
+    PyProc { interp_head_addr: p.runtime + p.layout.runtime_interpreters_head, offsets: offsets(&p.layout) }
+}
+
+fn offsets(l: &Layout) -> PyOffsets {
+    let opt = |v: Option<u64>| v.map_or(NO_FIELD, |v| v as u32);
+    PyOffsets {
+        interp_next: l.interp_next as u32,
+        interp_threads_head: l.interp_threads_head as u32,
+        tstate_next: l.tstate_next as u32,
+        tstate_thread_id: l.tstate_thread_id as u32,
+        tstate_frame: l.tstate_frame as u32,
+        cframe_current_frame: opt(l.cframe_current_frame),
+        frame_previous: l.frame_previous as u32,
+        frame_code: l.frame_code as u32,
+        frame_instr: l.frame_instr as u32,
+        instr_kind: match l.instr_kind {
+            InstrKind::LastiBytes => instr_kind::LASTI_BYTES,
+            InstrKind::LastiUnits => instr_kind::LASTI_UNITS,
+            InstrKind::PrevInstr | InstrKind::InstrPtr => instr_kind::POINTER,
+        },
+        frame_owner: opt(l.frame_owner),
+        frame_is_entry: opt(l.frame_is_entry),
+        owner_cstack: l.owner_cstack.map_or(NO_FIELD, u32::from),
+        code_firstlineno: l.code_firstlineno as u32,
+        code_adaptive: opt(l.code_adaptive),
+        every_frame_entry: u32::from(matches!(l.instr_kind, InstrKind::LastiBytes | InstrKind::LastiUnits)),
+        executable_tag_mask: l.executable_tag_mask,
+    }
+}
+
+/// A symbolized Python frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PyFrameName {
+    pub name: Arc<str>,
+    /// First frame of its own C-level eval call (where `--native` splices it in).
+    pub entry: bool,
+}
+
+/// Symbolized Python stack, leaf first, and whether its root end is missing.
+#[derive(Debug, Clone, Default)]
+pub struct PyStackNames {
+    pub frames: Vec<PyFrameName>,
+    pub truncated: bool,
+}
+
+/// Symbolizes Python stacks of any number of processes.
+pub struct PySymbolizer {
+    readers: HashMap<u32, CodeReader>,
+    full_filenames: bool,
+}
+
+impl PySymbolizer {
+    pub fn new(full_filenames: bool) -> Self {
+        Self { readers: HashMap::new(), full_filenames }
+    }
+
+    pub fn add_process(&mut self, p: &PythonProcess) {
+        self.readers.insert(p.pid, CodeReader::new(p.pid, p.version, p.layout));
+    }
+
+    pub fn is_python(&self, pid: u32) -> bool {
+        self.readers.contains_key(&pid)
+    }
+
+    pub fn stack(&mut self, pid: u32, stack: &PyStack) -> PyStackNames {
+        let len = (stack.len as usize).min(stack.frames.len());
+        let truncated = stack.flags & (PY_STACK_TRUNCATED | PY_STACK_READ_ERROR) != 0;
+        let Some(reader) = self.readers.get_mut(&pid) else {
+            return PyStackNames::default();
+        };
+        let frames = stack.frames[..len]
+            .iter()
+            .map(|f| {
+                let name: Arc<str> = match reader.code(f.code, f.first_line()) {
+                    Some(code) => {
+                        let file =
+                            if self.full_filenames { &code.filename } else { short_filename(&code.filename) };
+                        format!("{} ({}:{})", code.name, file, code.line(f.instr_offset)).into()
+                    }
+                    None => format!("<unknown code {:#x}>", f.code).into(),
+                };
+                PyFrameName { name, entry: f.flags() & PY_FRAME_ENTRY != 0 }
+            })
+            .collect();
+        PyStackNames { frames, truncated }
+    }
+}
+
+/// A path shortened as py-spy does: the part after `site-packages/`, `dist-packages/` or
+/// the standard library directory, else the file name.
+pub fn short_filename(path: &str) -> &str {
+    for marker in ["/site-packages/", "/dist-packages/"] {
+        if let Some(i) = path.rfind(marker) {
+            return &path[i + marker.len()..];
+        }
+    }
+    if let Some(i) = path.find("/lib/python3")
+        && let Some(j) = path[i + 5..].find('/')
+    {
+        return &path[i + 5 + j + 1..];
+    }
+    path.rsplit('/').next().unwrap_or(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shortens_filenames() {
+        assert_eq!(short_filename("/srv/app/handlers/users.py"), "users.py");
+        assert_eq!(short_filename("/venv/lib/python3.12/site-packages/flask/app.py"), "flask/app.py");
+        assert_eq!(short_filename("/usr/lib/python3.11/json/decoder.py"), "json/decoder.py");
+        assert_eq!(short_filename("<string>"), "<string>");
+    }
+}

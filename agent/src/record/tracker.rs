@@ -1,0 +1,165 @@
+//! Keeps track of the processes a session samples: recognizes Python processes (also
+//! after an exec), finds followed children and, with --all-python, every CPython process.
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use agent_ebpf::TARGET_SAMPLE;
+
+use super::collect::Collector;
+use crate::{
+    error::Result,
+    python::{self, detect::Detected},
+    sampling::Sampler,
+    sys::process,
+};
+
+/// How often a process that is not (yet) Python is looked at again.
+const RECHECK: Duration = Duration::from_millis(500);
+/// The same for a process whose executable is named python: its libpython may be
+/// about to be mapped (a command just launched), so it is looked at every tick.
+const RECHECK_PYTHON_NAMED: Duration = Duration::from_millis(50);
+/// How often /proc is scanned for new Python processes with --all-python.
+const SCAN: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Kind {
+    Unknown,
+    NotPython,
+    Python,
+    Unsupported,
+}
+
+struct Tracked {
+    exe: Option<PathBuf>,
+    kind: Kind,
+    checked: Option<Instant>,
+    /// Found by --all-python (not a target until recognized as Python).
+    scanned: bool,
+}
+
+/// The processes of a session and what they run.
+pub struct Tracker {
+    procs: HashMap<u32, Tracked>,
+    all_python: bool,
+    last_scan: Option<Instant>,
+    me: u32,
+    warned_no_python: bool,
+}
+
+impl Tracker {
+    pub fn new(all_python: bool) -> Self {
+        Self {
+            procs: HashMap::new(),
+            all_python,
+            last_scan: None,
+            me: std::process::id(),
+            warned_no_python: false,
+        }
+    }
+
+    /// A process sampled from the start (given PID or launched command).
+    pub fn add(&mut self, pid: u32) {
+        self.procs.insert(pid, Tracked { exe: None, kind: Kind::Unknown, checked: None, scanned: false });
+    }
+
+    /// Pids sampled (known targets and recognized Python processes) that are still alive.
+    pub fn live_targets(&self) -> Vec<u32> {
+        self.procs
+            .iter()
+            .filter(|(_, t)| !t.scanned || t.kind == Kind::Python)
+            .map(|(&pid, _)| pid)
+            .filter(|&pid| process::is_alive(pid))
+            .collect()
+    }
+
+    /// Discovers new processes and recognizes Python ones; called every tick.
+    pub fn update(&mut self, sampler: &mut Sampler, collector: &mut Collector) -> Result<()> {
+        // Children the kernel started following.
+        for pid in sampler.targets()? {
+            if !self.procs.contains_key(&pid) {
+                self.add(pid);
+            }
+        }
+        if self.all_python && self.last_scan.is_none_or(|t| t.elapsed() >= SCAN) {
+            self.last_scan = Some(Instant::now());
+            for pid in process::all_pids() {
+                if pid != self.me && !self.procs.contains_key(&pid) {
+                    let t = Tracked { exe: None, kind: Kind::Unknown, checked: None, scanned: true };
+                    self.procs.insert(pid, t);
+                }
+            }
+        }
+        let now = Instant::now();
+        let mut gone = Vec::new();
+        for (&pid, t) in self.procs.iter_mut() {
+            if matches!(t.kind, Kind::Python | Kind::Unsupported) {
+                continue;
+            }
+            let named_python =
+                t.exe.as_ref().and_then(|e| e.file_name()?.to_str()).is_some_and(|n| n.starts_with("python"));
+            let recheck = if named_python { RECHECK_PYTHON_NAMED } else { RECHECK };
+            if t.checked.is_some_and(|c| now.duration_since(c) < recheck) {
+                continue;
+            }
+            let exe = process::exe(pid);
+            if exe.is_none() && !process::is_alive(pid) {
+                gone.push(pid);
+                continue;
+            }
+            // A process that is not Python is looked at again only when it execs, or while
+            // its executable is named python (its libpython may not be mapped yet).
+            let named_python =
+                exe.as_ref().and_then(|e| e.file_name()?.to_str()).is_some_and(|n| n.starts_with("python"));
+            if t.kind == Kind::NotPython && t.exe == exe && !named_python {
+                t.checked = Some(now);
+                continue;
+            }
+            t.exe = exe;
+            t.checked = Some(now);
+            match python::detect::detect(pid) {
+                Detected::Python(p) => {
+                    if !sampler.python_ready() {
+                        if !self.warned_no_python {
+                            self.warned_no_python = true;
+                            eprintln!(
+                                "stoker: warning: kernel BTF is unavailable, so Python stacks cannot be read; showing native stacks"
+                            );
+                        }
+                        t.kind = Kind::Unsupported;
+                        continue;
+                    }
+                    if t.scanned {
+                        sampler.add_target(pid, TARGET_SAMPLE)?;
+                    }
+                    sampler.add_python(pid, &python::kernel_config(&p))?;
+                    collector.python.add_process(&p);
+                    tracing::info!(
+                        "pid {pid}: CPython {}.{}.{}",
+                        p.version.major,
+                        p.version.minor,
+                        p.version.patch
+                    );
+                    t.kind = Kind::Python;
+                }
+                Detected::Unsupported(version) => {
+                    if !t.scanned || self.all_python {
+                        eprintln!(
+                            "stoker: warning: process {pid} runs CPython {version}, which stoker cannot walk; its samples show native stacks"
+                        );
+                    }
+                    t.kind = Kind::Unsupported;
+                }
+                Detected::NotPython => t.kind = Kind::NotPython,
+            }
+        }
+        for pid in gone {
+            if self.procs.get(&pid).is_some_and(|t| t.scanned) {
+                self.procs.remove(&pid);
+            }
+        }
+        Ok(())
+    }
+}
