@@ -118,7 +118,7 @@ pub struct PyOffsets {
     pub instr_kind: u32,
     pub frame_owner: u32,
     pub frame_is_entry: u32,
-    /// `owner` value of C-stack shim frames (3.12+), or `NO_FIELD`.
+    /// Lowest `owner` value of shim frames that are not Python frames (3.12+), or `NO_FIELD`.
     pub owner_cstack: u32,
     pub code_firstlineno: u32,
     /// Offset of the bytecode inside the code object (3.11+).

@@ -218,7 +218,8 @@ fn read_frame(frame: u64, off: &PyOffsets) -> Result<Step, i32> {
     let previous: u64 = field(frame, off.frame_previous)?;
     if off.frame_owner != NO_FIELD && off.owner_cstack != NO_FIELD {
         let owner: u8 = field(frame, off.frame_owner)?;
-        if u32::from(owner) == off.owner_cstack {
+        // Owners from `owner_cstack` up are not Python frames (C-stack and interpreter shims).
+        if u32::from(owner) >= off.owner_cstack {
             return Ok(Step::Shim(previous));
         }
     }

@@ -119,3 +119,36 @@ pub fn perf_samples(data: &Path) -> Vec<Vec<String>> {
         .filter(|s: &Vec<String>| !s.is_empty())
         .collect()
 }
+
+/// The CPython builds every Python test runs on: pyenv's 3.8-3.13 (shared libpython)
+/// and Debian's statically linked /usr/bin/python3.11.
+pub fn python(version: &str) -> PathBuf {
+    let path = if version == "debian-3.11" {
+        PathBuf::from("/usr/bin/python3.11")
+    } else {
+        let root = std::env::var_os("PYENV_ROOT")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| Path::new(&std::env::var_os("HOME").expect("HOME")).join(".pyenv"));
+        let minor = version.rsplitn(2, '.').nth(1).expect("version like 3.12.1");
+        root.join("versions").join(version).join("bin").join(format!("python{minor}"))
+    };
+    assert!(path.is_file(), "CPython {version} is not installed at {}", path.display());
+    path
+}
+
+pub fn workload() -> PathBuf {
+    fixtures_dir().join("python/workload.py")
+}
+
+/// Line of the `# line: NAME` marker in the workload.
+pub fn workload_line(name: &str) -> usize {
+    let text = std::fs::read_to_string(workload()).unwrap();
+    let marker = format!("# line: {name}");
+    text.lines().position(|l| l.trim_end().ends_with(&marker)).unwrap_or_else(|| panic!("no marker {marker}"))
+        + 1
+}
+
+/// The frame stoker shows for a workload function at its marked line.
+pub fn workload_frame(function: &str, marker: &str) -> String {
+    format!("{function} (workload.py:{})", workload_line(marker))
+}

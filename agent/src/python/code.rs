@@ -3,7 +3,7 @@
 use std::{collections::HashMap, io, sync::Arc};
 
 use super::{
-    layout::{Layout, PyVersion},
+    layout::{self, Layout, PyVersion},
     linetable::{self, LineTableFormat},
     mem::Memory,
 };
@@ -89,9 +89,9 @@ impl CodeReader {
         if !(0..=MAX_STRING as i64).contains(&length) {
             return Err(invalid());
         }
-        let kind = (state >> layout_bits::KIND_SHIFT) & 0x7;
-        let compact = state >> layout_bits::COMPACT_SHIFT & 1 == 1;
-        let ascii = state >> layout_bits::ASCII_SHIFT & 1 == 1;
+        let kind = (state & layout::UNICODE_STATE_KIND_MASK) >> layout::UNICODE_STATE_KIND_SHIFT;
+        let compact = state & layout::UNICODE_STATE_COMPACT_MASK != 0;
+        let ascii = state & layout::UNICODE_STATE_ASCII_MASK != 0;
         if !compact {
             return Err(invalid());
         }
@@ -123,13 +123,3 @@ impl CodeReader {
         self.mem.bytes(addr + l.bytes_data, size as usize)
     }
 }
-
-/// Positions of the `PyASCIIObject.state` bit fields (the same from 3.8 to 3.14).
-mod layout_bits {
-    pub const KIND_SHIFT: u32 = 2;
-    pub const COMPACT_SHIFT: u32 = 5;
-    pub const ASCII_SHIFT: u32 = 6;
-}
-
-/// Type of the cache shared across processes: one reader per Python process.
-pub type Readers = HashMap<u32, CodeReader>;

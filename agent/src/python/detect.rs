@@ -8,7 +8,7 @@ use std::{
 use object::{Object, ObjectSegment, ObjectSymbol};
 
 use super::{
-    layout::{self, Layout, PyVersion},
+    layout::{self, DebugOffsetsError, Layout, PyVersion},
     mem::Memory,
 };
 
@@ -95,18 +95,37 @@ fn inspect(pid: u32, path: &str, map_start: u64, map_offset: u64) -> Option<Dete
     let runtime = runtime_sym.wrapping_add(bias);
     let mem = Memory::new(pid);
 
-    let version = match find_symbol(&file, "Py_Version") {
+    // `Py_Version` (3.11+) gives the exact release; older builds only their file name.
+    let (version, shown) = match find_symbol(&file, "Py_Version") {
         Some(addr) => {
             let hex = mem.u32(addr.wrapping_add(bias)).ok()?;
-            PyVersion { major: (hex >> 24) as u8, minor: (hex >> 16) as u8, patch: (hex >> 8) as u8 }
+            let v = PyVersion { major: (hex >> 24) as u8, minor: (hex >> 16) as u8, patch: (hex >> 8) as u8 };
+            (v, format!("{}.{}.{}", v.major, v.minor, v.patch))
         }
-        None => version_from_name(Path::new(path).file_name()?.to_str()?)?,
+        None => {
+            let v = version_from_name(Path::new(path).file_name()?.to_str()?)?;
+            (v, format!("{}.{}", v.major, v.minor))
+        }
     };
     let layout = if version >= (PyVersion { major: 3, minor: 13, patch: 0 }) {
-        mem.bytes(runtime, layout::DEBUG_OFFSETS_LEN)
-            .ok()
-            .and_then(|bytes| layout::layout_from_debug_offsets(version, &bytes).ok())
-            .or_else(|| layout::layout_for(version))
+        // CPython's own description of itself comes first; the table only stands in when
+        // it cannot be read. A build the table does not describe (free-threaded, or other
+        // than it claims) is not walked at all.
+        match mem
+            .bytes(runtime, layout::DEBUG_OFFSETS_LEN)
+            .map(|b| layout::layout_from_debug_offsets(version, &b))
+        {
+            Ok(Ok(layout)) => Some(layout),
+            Ok(Err(DebugOffsetsError::FreeThreaded)) => {
+                return Some(Detected::Unsupported(format!("{shown} (free-threaded)")));
+            }
+            Ok(Err(DebugOffsetsError::VersionMismatch { .. })) => None,
+            Ok(Err(e)) => {
+                tracing::debug!("pid {pid}: _Py_DebugOffsets unusable ({e}); using the built-in table");
+                layout::layout_for(version)
+            }
+            Err(_) => layout::layout_for(version),
+        }
     } else {
         layout::layout_for(version)
     };
@@ -118,7 +137,7 @@ fn inspect(pid: u32, path: &str, map_start: u64, map_offset: u64) -> Option<Dete
             runtime,
             binary: PathBuf::from(path),
         })),
-        None => Detected::Unsupported(format!("{}.{}.{}", version.major, version.minor, version.patch)),
+        None => Detected::Unsupported(shown),
     })
 }
 

@@ -164,7 +164,7 @@ impl Collector {
 /// Native frames (root to leaf) with each interpreter eval frame replaced by the Python
 /// frames it runs. Python frames split into segments at each entry frame; segments and
 /// eval frames pair up root first. Segments left over (native unwinding lost an eval
-/// frame) go where the last eval frame was, or after the native frames when none was seen.
+/// frame) go where the last eval frame was, or above all native frames when none was seen.
 pub fn interleave(native: &[Arc<str>], py: &PyStackNames) -> Vec<Arc<str>> {
     let mut segments: Vec<Vec<Arc<str>>> = Vec::new();
     for f in py.frames.iter().rev() {
@@ -190,7 +190,9 @@ pub fn interleave(native: &[Arc<str>], py: &PyStackNames) -> Vec<Arc<str>> {
         }
     }
     let rest: Vec<Arc<str>> = segments.flatten().collect();
-    let at = last_eval.unwrap_or(out.len());
+    // With no eval frame unwound (an interpreter built without frame pointers), the native
+    // frames are the C code the innermost Python frame called: they go below it.
+    let at = last_eval.unwrap_or(usize::from(py.truncated));
     out.splice(at..at, rest);
     out
 }
@@ -225,9 +227,9 @@ mod tests {
         let out: Vec<String> = interleave(&native, &py).iter().map(|s| s.to_string()).collect();
         assert_eq!(out, ["main", "a", "b", "call", "c", "hash"]);
 
-        // Native unwinding lost the eval frames: Python frames follow the native ones.
+        // Native unwinding reached no eval frame: the native frames are what c called.
         let out: Vec<String> =
-            interleave(&names(&["start", "main"]), &py).iter().map(|s| s.to_string()).collect();
-        assert_eq!(out, ["start", "main", "a", "b", "c"]);
+            interleave(&names(&["PyObject_Malloc", "memset"]), &py).iter().map(|s| s.to_string()).collect();
+        assert_eq!(out, ["a", "b", "c", "PyObject_Malloc", "memset"]);
     }
 }

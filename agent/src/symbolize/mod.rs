@@ -98,7 +98,11 @@ impl Symbolizer {
         };
         let src = Source::Elf(Elf::new(open_path));
         let name: Arc<str> = match self.blaze.symbolize_single(&src, Input::FileOffset(file_offset)) {
-            Ok(Symbolized::Sym(sym)) => Arc::from(sym.name.as_ref()),
+            // An address past the end of the nearest symbol (PLT stubs after `_init`, for
+            // one) is not in that function.
+            Ok(Symbolized::Sym(sym)) if sym.size.is_none_or(|size| sym.offset < size) => {
+                Arc::from(sym.name.as_ref())
+            }
             _ => Arc::from(format!("{}+{:#x}", m.name, file_offset)),
         };
         self.user_names.insert(key, name.clone());
