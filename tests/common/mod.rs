@@ -129,7 +129,7 @@ pub fn python(version: &str) -> PathBuf {
         let root = std::env::var_os("PYENV_ROOT")
             .map(PathBuf::from)
             .unwrap_or_else(|| Path::new(&std::env::var_os("HOME").expect("HOME")).join(".pyenv"));
-        let minor = version.rsplitn(2, '.').nth(1).expect("version like 3.12.1");
+        let (minor, _) = version.rsplit_once('.').expect("version like 3.12.1");
         root.join("versions").join(version).join("bin").join(format!("python{minor}"))
     };
     assert!(path.is_file(), "CPython {version} is not installed at {}", path.display());
