@@ -20,6 +20,8 @@ pub const MAP_PY_THREADS: &str = "PY_THREADS";
 pub const PROG_PERF_SAMPLE: &str = "perf_sample";
 /// Global set by the loader: offset of `thread.fsbase` in `task_struct` (from BTF).
 pub const GLOBAL_FSBASE_OFFSET: &str = "FSBASE_OFFSET";
+/// Global set by the loader: 1 to time each target sample (`stat::TARGET_NS`).
+pub const GLOBAL_MEASURE_COST: &str = "MEASURE_COST";
 /// The child-following tracepoint program (`task:task_newtask`).
 pub const PROG_TASK_NEWTASK: &str = "task_newtask";
 /// Globals set by the loader: field offsets of the `task_newtask` record (format file).
@@ -71,8 +73,12 @@ pub mod stat {
     pub const PY_SAMPLES: u32 = 8;
     /// Children not followed because the targets map was full.
     pub const TARGETS_FULL: u32 = 9;
+    /// Nanoseconds spent handling target samples, from entry to exit (with `MEASURE_COST`).
+    pub const TARGET_NS: u32 = 10;
+    /// Python frames whose prefix could not be read at once (read field by field instead).
+    pub const PY_FRAME_SLOW_READS: u32 = 11;
     /// Number of counters.
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 12;
 }
 
 /// Key of the kernel-side aggregation: one thread, one user stack, one kernel stack, one
@@ -125,10 +131,21 @@ pub struct PyOffsets {
     pub code_adaptive: u32,
     /// 1 when every frame is evaluated by its own C call (3.8-3.10).
     pub every_frame_entry: u32,
+    /// Bytes from a frame's start that cover every field read (at most `PY_FRAME_CHUNK`;
+    /// 0: read fields one by one). One read of them replaces several small ones.
+    pub frame_read_size: u32,
+    pub _pad: u32,
     /// Bits to clear from `f_executable` (3.14 stack references).
     pub executable_tag_mask: u64,
 }
-const _: () = assert!(core::mem::size_of::<PyOffsets>() == 72);
+const _: () = assert!(core::mem::size_of::<PyOffsets>() == 80);
+
+/// Largest frame prefix the walker reads at once.
+pub const PY_FRAME_CHUNK: usize = 128;
+
+/// `PyProc::flags` bit: also record native (user and kernel) stacks of samples that
+/// have a Python stack. Without it those samples cost only the Python walk.
+pub const PY_PROC_NATIVE: u32 = 1;
 
 /// One Python process for the kernel walker.
 #[repr(C)]
@@ -137,8 +154,11 @@ pub struct PyProc {
     /// Address of `_PyRuntime.interpreters.head` in the process.
     pub interp_head_addr: u64,
     pub offsets: PyOffsets,
+    /// `PY_PROC_*` bits.
+    pub flags: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<PyProc>() == 80);
+const _: () = assert!(core::mem::size_of::<PyProc>() == 96);
 
 /// `PyFrame::flags` bit: this frame was entered by its own C-level eval call.
 pub const PY_FRAME_ENTRY: u32 = 1;

@@ -1,8 +1,8 @@
 //! Every map of stoker's kernel programs, declared once. Names match the `MAP_*`
 //! constants of the shared library so userspace finds them.
 use agent_ebpf::{
-    COUNTS_CAPACITY, PY_STACKS_CAPACITY, PY_THREADS_CAPACITY, PyProc, PyStack, STACKS_CAPACITY, SampleKey,
-    TARGETS_CAPACITY, stat,
+    COUNTS_CAPACITY, PY_FRAME_CHUNK, PY_STACKS_CAPACITY, PY_THREADS_CAPACITY, PyProc, PyStack,
+    STACKS_CAPACITY, SampleKey, TARGETS_CAPACITY, stat,
 };
 use aya_ebpf::{
     macros::map,
@@ -31,8 +31,21 @@ pub static PY_THREADS: HashMap<u32, u64> = HashMap::with_max_entries(PY_THREADS_
 #[map]
 pub static PY_SCRATCH: PerCpuArray<PyStack> = PerCpuArray::with_max_entries(1, 0);
 
+/// One frame prefix per CPU, read at once and parsed field by field (see `PY_FRAME_CHUNK`;
+/// 8 spare bytes let a masked offset read 8 bytes without a further bounds check).
+#[map]
+pub static FRAME_BUF: PerCpuArray<[u8; PY_FRAME_CHUNK + 8]> = PerCpuArray::with_max_entries(1, 0);
+
 #[map]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+
+/// Adds `n` to a per-CPU counter.
+#[inline(always)]
+pub fn add(index: u32, n: u64) {
+    if let Some(p) = STATS.get_ptr_mut(index) {
+        unsafe { *p += n };
+    }
+}
 
 /// Adds one to a per-CPU counter; returns the counter's previous value.
 #[inline(always)]

@@ -2,14 +2,16 @@
 //! `PyThreadState` (matching `thread_id`, i.e. `pthread_self()`, against the task's fs base)
 //! and records its frames, leaf first, into the per-CPU scratch stack.
 use agent_ebpf::{
-    NO_FIELD, PY_FRAME_ENTRY, PY_MAX_FRAMES, PY_MAX_THREADS, PY_STACK_READ_ERROR, PY_STACK_TRUNCATED,
-    PyOffsets, PyProc, PyStack, instr_kind, stat,
+    NO_FIELD, PY_FRAME_CHUNK, PY_FRAME_ENTRY, PY_MAX_FRAMES, PY_MAX_THREADS, PY_STACK_READ_ERROR,
+    PY_STACK_TRUNCATED, PyOffsets, PyProc, PyStack, instr_kind, stat,
 };
 use core::ffi::c_void;
 
-use aya_ebpf::helpers::{bpf_get_current_task, bpf_loop, bpf_probe_read_kernel, bpf_probe_read_user};
+use aya_ebpf::helpers::{
+    bpf_get_current_task, bpf_loop, bpf_probe_read_kernel, bpf_probe_read_user, bpf_probe_read_user_buf,
+};
 
-use crate::maps::{PY_SCRATCH, PY_THREADS, bump};
+use crate::maps::{FRAME_BUF, PY_SCRATCH, PY_THREADS, bump};
 
 /// Offset of `thread.fsbase` in `task_struct`, set by the loader from the kernel's BTF.
 #[unsafe(no_mangle)]
@@ -213,22 +215,53 @@ enum Step {
     Shim(u64),
 }
 
+/// A frame's fields: from one read of its prefix when that succeeded, else one read each.
+struct FrameFields {
+    addr: u64,
+    buf: *const u8,
+}
+
+impl FrameFields {
+    #[inline(always)]
+    fn read(addr: u64, off: &PyOffsets) -> Option<Self> {
+        let buf = FRAME_BUF.get_ptr_mut(0)?;
+        let size = (off.frame_read_size as usize).min(PY_FRAME_CHUNK);
+        let dst = unsafe { &mut (&mut *buf)[..size] };
+        if size == 0 || unsafe { bpf_probe_read_user_buf(addr as *const u8, dst) }.is_err() {
+            bump(stat::PY_FRAME_SLOW_READS);
+            return Some(Self { addr, buf: core::ptr::null() });
+        }
+        Some(Self { addr, buf: buf as *const u8 })
+    }
+
+    #[inline(always)]
+    fn get<T: Copy>(&self, offset: u32) -> Result<T, i32> {
+        if self.buf.is_null() {
+            return field(self.addr, offset);
+        }
+        // Masked into the buffer, whose 8 spare bytes cover the widest field.
+        let at = offset as usize & (PY_FRAME_CHUNK - 1);
+        Ok(unsafe { core::ptr::read_unaligned(self.buf.add(at) as *const T) })
+    }
+}
+
 #[inline(always)]
 fn read_frame(frame: u64, off: &PyOffsets) -> Result<Step, i32> {
-    let previous: u64 = field(frame, off.frame_previous)?;
+    let f = FrameFields::read(frame, off).ok_or(0)?;
+    let previous: u64 = f.get(off.frame_previous)?;
     if off.frame_owner != NO_FIELD && off.owner_cstack != NO_FIELD {
-        let owner: u8 = field(frame, off.frame_owner)?;
+        let owner: u8 = f.get(off.frame_owner)?;
         // Owners from `owner_cstack` up are not Python frames (C-stack and interpreter shims).
         if u32::from(owner) >= off.owner_cstack {
             return Ok(Step::Shim(previous));
         }
     }
-    let code = field::<u64>(frame, off.frame_code)? & !off.executable_tag_mask;
+    let code = f.get::<u64>(off.frame_code)? & !off.executable_tag_mask;
     let instr_offset = match off.instr_kind {
-        instr_kind::LASTI_BYTES => field::<i32>(frame, off.frame_instr)?.max(0) as u32,
-        instr_kind::LASTI_UNITS => field::<i32>(frame, off.frame_instr)?.max(0) as u32 * 2,
+        instr_kind::LASTI_BYTES => f.get::<i32>(off.frame_instr)?.max(0) as u32,
+        instr_kind::LASTI_UNITS => f.get::<i32>(off.frame_instr)?.max(0) as u32 * 2,
         _ => {
-            let instr: u64 = field(frame, off.frame_instr)?;
+            let instr: u64 = f.get(off.frame_instr)?;
             let start = code.wrapping_add(u64::from(off.code_adaptive));
             if instr >= start { (instr - start).min(u64::from(u32::MAX)) as u32 } else { 0 }
         }
@@ -237,7 +270,7 @@ fn read_frame(frame: u64, off: &PyOffsets) -> Result<Step, i32> {
     let mut flags = 0;
     if off.every_frame_entry != 0 {
         flags |= PY_FRAME_ENTRY;
-    } else if off.frame_is_entry != NO_FIELD && field::<u8>(frame, off.frame_is_entry)? != 0 {
+    } else if off.frame_is_entry != NO_FIELD && f.get::<u8>(off.frame_is_entry)? != 0 {
         flags |= PY_FRAME_ENTRY;
     }
     let record = agent_ebpf::PyFrame { code, instr_offset, line_flags: first_line | flags << 24 };

@@ -55,6 +55,9 @@ pub struct RecordArgs {
     /// Show whole paths in Python frames (default: short, relative to site-packages).
     #[arg(long)]
     pub full_filenames: bool,
+    /// Measure and report the sampling program's own run time in the kernel.
+    #[arg(long)]
+    pub kernel_stats: bool,
     /// Command to launch and profile, after `--`.
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,

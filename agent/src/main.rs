@@ -42,6 +42,7 @@ fn record_cmd(args: RecordArgs) -> ExitCode {
         native: args.native,
         threads: args.threads,
         full_filenames: args.full_filenames,
+        kernel_stats: args.kernel_stats,
     };
     match record::run(&opts) {
         Ok(summary) => {

@@ -26,7 +26,7 @@ enum Task {
         /// Extra arguments for the test binaries (e.g. a test name filter).
         args: Vec<String>,
     },
-    /// Build stoker and profile the bundled demo service into a flamegraph.
+    /// Build stoker and profile the bundled Python demo service under load into a flamegraph.
     Demo,
 }
 
@@ -90,18 +90,35 @@ fn demo() -> Result<()> {
     sh(Command::new("cargo").current_dir(&root).args(["build", "--release", "--package", "stoker"]))?;
     let out_dir = root.join("target/demo");
     std::fs::create_dir_all(&out_dir)?;
-    let program = out_dir.join("hot");
-    sh(Command::new("cc")
-        .args(["-O0", "-g", "-fno-omit-frame-pointer", "-o"])
-        .arg(&program)
-        .arg(root.join("tests/fixtures/hot.c")))?;
-    let svg = out_dir.join("demo.svg");
-    sh(Command::new(root.join("target/release/stoker"))
-        .args(["record", "--duration", "5", "-o"])
-        .arg(&svg)
-        .arg("--")
-        .arg(&program)
-        .arg("6"))?;
-    println!("demo flamegraph: {}", svg.display());
-    Ok(())
+    let python = ["/usr/bin/python3", "/usr/local/bin/python3"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .context("the demo needs python3 (apt-get install python3)")?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port().to_string();
+    let demo = root.join("xtask/demo");
+
+    let mut service = Command::new(&python).arg(demo.join("service.py")).arg(&port).spawn()?;
+    let result = (|| -> Result<()> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect(format!("127.0.0.1:{port}")).is_err() {
+            if std::time::Instant::now() > deadline {
+                bail!("the demo service did not start listening on port {port}");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        println!("demo: service (pid {}) on 127.0.0.1:{port}, under load for 12 s", service.id());
+        let mut load = Command::new(&python).arg(demo.join("load.py")).args([&port, "12"]).spawn()?;
+        let svg = out_dir.join("demo.svg");
+        let pid = service.id().to_string();
+        sh(Command::new(root.join("target/release/stoker"))
+            .args(["record", "--pid", &pid, "--duration", "10", "-o"])
+            .arg(&svg))?;
+        load.wait()?;
+        println!("demo flamegraph: {}", svg.display());
+        Ok(())
+    })();
+    let _ = service.kill();
+    let _ = service.wait();
+    result
 }

@@ -1,36 +1,89 @@
 //! CPU sampling: a perf-event program on the cpu-clock of every CPU. Samples of target
-//! processes are aggregated in the kernel as (thread, user stack, kernel stack) -> per-CPU count.
-use agent_ebpf::{DROPPED_STACK, NO_STACK, SampleKey, stat};
+//! processes are aggregated in the kernel as (thread, user stack, kernel stack, Python
+//! stack) -> per-CPU count.
+use agent_ebpf::{DROPPED_STACK, NO_STACK, PY_PROC_NATIVE, SampleKey, stat};
 use aya_ebpf::{
     bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
-    helpers::bpf_get_current_pid_tgid,
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::perf_event,
     programs::{PerfEventContext, tracing::StackIdContext},
 };
 use aya_log_ebpf::warn;
 
 use crate::{
-    maps::{COUNTS, PY_PROCS, PY_STACKS, STACKS, TARGETS, bump},
+    maps::{COUNTS, PY_PROCS, PY_STACKS, STACKS, TARGETS, add, bump},
     python,
 };
 
 const EFAULT: i32 = 14;
 
+/// 1 to time each target sample into `stat::TARGET_NS` (set by the loader; read-only, so
+/// the verifier drops the timing code when it is 0).
+#[unsafe(no_mangle)]
+static MEASURE_COST: u32 = 0;
+
 #[perf_event]
 pub fn perf_sample(ctx: PerfEventContext) -> u32 {
-    try_perf_sample(&ctx).unwrap_or(0)
+    let measure = unsafe { core::ptr::read_volatile(&MEASURE_COST) } != 0;
+    let start = if measure { unsafe { bpf_ktime_get_ns() } } else { 0 };
+    if let Ok(true) = try_perf_sample(&ctx)
+        && measure
+    {
+        add(stat::TARGET_NS, unsafe { bpf_ktime_get_ns() }.wrapping_sub(start));
+    }
+    0
 }
 
-fn try_perf_sample(ctx: &PerfEventContext) -> Result<u32, i32> {
+/// Handles one sample; true when it was a target's.
+fn try_perf_sample(ctx: &PerfEventContext) -> Result<bool, i32> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     let tid = pid_tgid as u32;
     // The filter comes first: non-target tasks (and the idle task) cost one lookup.
     if tid == 0 || TARGETS.get_ptr(tgid).is_none() {
-        return Ok(0);
+        return Ok(false);
     }
     bump(stat::SAMPLES);
 
+    // Python first: a sample with a Python stack needs no native stacks unless asked.
+    let mut py_stack = 0;
+    let mut want_native = true;
+    if let Some(proc) = unsafe { PY_PROCS.get(&tgid) }
+        && let Some((stack, hash)) = python::walk(tid, proc)
+    {
+        bump(stat::PY_SAMPLES);
+        let stored = PY_STACKS.get_ptr(&hash).is_some()
+            || PY_STACKS.insert(&hash, stack, u64::from(BPF_NOEXIST)).is_ok()
+            // Another CPU may have stored the same stack in between.
+            || PY_STACKS.get_ptr(&hash).is_some();
+        if stored {
+            py_stack = hash;
+            want_native = proc.flags & PY_PROC_NATIVE != 0;
+        } else {
+            bump(stat::PY_STACKS_FULL);
+        }
+    }
+    let (user_stack_id, kernel_stack_id) =
+        if want_native { native_stacks(ctx) } else { (NO_STACK, NO_STACK) };
+
+    let key = SampleKey { tgid, tid, user_stack_id, kernel_stack_id, py_stack };
+    // Per-CPU values: this CPU's slot is only ever touched here, so no atomics needed.
+    if let Some(count) = COUNTS.get_ptr_mut(&key) {
+        unsafe { *count += 1 };
+    } else if COUNTS.insert(&key, &1, u64::from(BPF_NOEXIST)).is_err() {
+        // Either another CPU created the key just now (add to our slot), or the map is full.
+        if let Some(count) = COUNTS.get_ptr_mut(&key) {
+            unsafe { *count += 1 };
+        } else if bump(stat::COUNTS_FULL) == 0 {
+            warn!(ctx, "counts map full: further new stacks are dropped on this CPU");
+        }
+    }
+    Ok(true)
+}
+
+/// Stores the sample's user and kernel stacks; returns their ids (negative: absent or dropped).
+#[inline(always)]
+fn native_stacks(ctx: &PerfEventContext) -> (i32, i32) {
     let user_stack_id = match ctx.get_stackid(&STACKS, u64::from(BPF_F_USER_STACK)) {
         Ok(id) => id as i32,
         Err(err) if -err == EFAULT => {
@@ -51,34 +104,5 @@ fn try_perf_sample(ctx: &PerfEventContext) -> Result<u32, i32> {
             DROPPED_STACK
         }
     };
-
-    let mut py_stack = 0;
-    if let Some(proc) = unsafe { PY_PROCS.get(&tgid) }
-        && let Some((stack, hash)) = python::walk(tid, proc)
-    {
-        bump(stat::PY_SAMPLES);
-        if PY_STACKS.get_ptr(&hash).is_some()
-            || PY_STACKS.insert(&hash, stack, u64::from(BPF_NOEXIST)).is_ok()
-        {
-            py_stack = hash;
-        } else if PY_STACKS.get_ptr(&hash).is_some() {
-            py_stack = hash; // another CPU stored the same stack first
-        } else {
-            bump(stat::PY_STACKS_FULL);
-        }
-    }
-
-    let key = SampleKey { tgid, tid, user_stack_id, kernel_stack_id, py_stack };
-    // Per-CPU values: this CPU's slot is only ever touched here, so no atomics needed.
-    if let Some(count) = COUNTS.get_ptr_mut(&key) {
-        unsafe { *count += 1 };
-    } else if COUNTS.insert(&key, &1, u64::from(BPF_NOEXIST)).is_err() {
-        // Either another CPU created the key just now (add to our slot), or the map is full.
-        if let Some(count) = COUNTS.get_ptr_mut(&key) {
-            unsafe { *count += 1 };
-        } else if bump(stat::COUNTS_FULL) == 0 {
-            warn!(ctx, "counts map full: further new stacks are dropped on this CPU");
-        }
-    }
-    Ok(0)
+    (user_stack_id, kernel_stack_id)
 }

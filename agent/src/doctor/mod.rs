@@ -100,7 +100,7 @@ fn btf() -> Check {
 }
 
 fn sampling() -> Vec<Check> {
-    let mut sampler = match Sampler::load() {
+    let mut sampler = match Sampler::load(false) {
         Ok(s) => s,
         Err(e) => {
             return vec![Check::new("eBPF programs", Level::Fail, one_line(&e))];

@@ -9,7 +9,8 @@ pub mod mem;
 use std::{collections::HashMap, sync::Arc};
 
 use agent_ebpf::{
-    NO_FIELD, PY_FRAME_ENTRY, PY_STACK_READ_ERROR, PY_STACK_TRUNCATED, PyOffsets, PyProc, PyStack, instr_kind,
+    NO_FIELD, PY_FRAME_CHUNK, PY_FRAME_ENTRY, PY_PROC_NATIVE, PY_STACK_READ_ERROR, PY_STACK_TRUNCATED,
+    PyOffsets, PyProc, PyStack, instr_kind,
 };
 
 use self::{
@@ -18,9 +19,15 @@ use self::{
     layout::{InstrKind, Layout},
 };
 
-/// The kernel walker's configuration for one process.
-pub fn kernel_config(p: &PythonProcess) -> PyProc {
-    PyProc { interp_head_addr: p.runtime + p.layout.runtime_interpreters_head, offsets: offsets(&p.layout) }
+/// The kernel walker's configuration for one process; `native` also records native
+/// stacks of samples that have Python frames.
+pub fn kernel_config(p: &PythonProcess, native: bool) -> PyProc {
+    PyProc {
+        interp_head_addr: p.runtime + p.layout.runtime_interpreters_head,
+        offsets: offsets(&p.layout),
+        flags: if native { PY_PROC_NATIVE } else { 0 },
+        _pad: 0,
+    }
 }
 
 fn offsets(l: &Layout) -> PyOffsets {
@@ -46,8 +53,20 @@ fn offsets(l: &Layout) -> PyOffsets {
         code_firstlineno: l.code_firstlineno as u32,
         code_adaptive: opt(l.code_adaptive),
         every_frame_entry: u32::from(matches!(l.instr_kind, InstrKind::LastiBytes | InstrKind::LastiUnits)),
+        frame_read_size: frame_read_size(l),
+        _pad: 0,
         executable_tag_mask: l.executable_tag_mask,
     }
+}
+
+/// Bytes from a frame's start covering every frame field the walker reads, rounded up to
+/// 8; 0 when they do not fit in one `PY_FRAME_CHUNK` read.
+fn frame_read_size(l: &Layout) -> u32 {
+    let widths = [(Some(l.frame_previous), 8), (Some(l.frame_code), 8), (Some(l.frame_instr), 8)];
+    let small = [(l.frame_owner, 1), (l.frame_is_entry, 1)];
+    let end = widths.iter().chain(small.iter()).filter_map(|(o, w)| o.map(|o| o + w)).max().unwrap_or(0);
+    let size = end.div_ceil(8) * 8;
+    if size as usize <= PY_FRAME_CHUNK { size as u32 } else { 0 }
 }
 
 /// A symbolized Python frame.

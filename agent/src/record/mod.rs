@@ -49,6 +49,8 @@ pub struct RecordOptions {
     pub threads: bool,
     /// Whole paths in Python frames.
     pub full_filenames: bool,
+    /// Measure the sampling program's own time in the kernel.
+    pub kernel_stats: bool,
 }
 
 /// Why a session ended.
@@ -68,6 +70,8 @@ pub struct Summary {
     pub stats: Stats,
     pub end: EndReason,
     pub top: Vec<(Arc<str>, u64)>,
+    /// Sampling program's total kernel time and run count (with `kernel_stats`).
+    pub kernel_cost: Option<(Duration, u64)>,
 }
 
 const TICK: Duration = Duration::from_millis(100);
@@ -87,13 +91,16 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
     // Fail on an unwritable path now, not after the session.
     let file = File::create(&output).map_err(|source| Error::Output { path: output.clone(), source })?;
 
-    let mut sampler = Sampler::load()?;
+    let mut sampler = Sampler::load(opts.kernel_stats)?;
     if opts.subprocesses {
         sampler.follow_children()?;
     }
+    if opts.kernel_stats {
+        sampler.enable_kernel_stats()?;
+    }
     sampler.start(opts.rate_hz)?;
     let flags = if opts.subprocesses { TARGET_SAMPLE | TARGET_FOLLOW } else { TARGET_SAMPLE };
-    let mut tracker = Tracker::new(opts.all_python);
+    let mut tracker = Tracker::new(opts.all_python, opts.native);
     for target in &mut targets {
         sampler.add_target(target.pid(), flags)?;
         if target.has_exited() {
@@ -147,6 +154,7 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
         }
     }
     let stats = sampler.stats()?;
+    let kernel_cost = sampler.kernel_cost();
 
     let processes = collector.processes();
     let view = View {
@@ -175,7 +183,15 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
         stats.py_truncated
     );
     export::write_file(&profile, opts.format, &output, file)?;
-    Ok(Summary { output, samples: profile.total(), elapsed, stats, end, top: profile.top_leaves(10) })
+    Ok(Summary {
+        output,
+        samples: profile.total(),
+        elapsed,
+        stats,
+        end,
+        top: profile.top_leaves(10),
+        kernel_cost,
+    })
 }
 
 fn default_output(opts: &RecordOptions, comm: Option<&str>, pid: Option<u32>) -> PathBuf {
@@ -221,6 +237,15 @@ impl Summary {
                 self.stats.py_truncated,
                 agent_ebpf::PY_MAX_FRAMES,
                 self.stats.py_read_errors
+            );
+        }
+        if let Some((time, runs)) = self.kernel_cost {
+            let _ = writeln!(
+                s,
+                "  kernel: {:.0} ns per target sample (timed in the program); {:.0} ns per program run by the kernel's statistics ({runs} runs on all CPUs); {} frames read field by field",
+                self.stats.target_ns as f64 / self.stats.samples.max(1) as f64,
+                time.as_nanos() as f64 / runs.max(1) as f64,
+                self.stats.py_frame_slow_reads,
             );
         }
         if !self.top.is_empty() {

@@ -44,16 +44,19 @@ struct Tracked {
 pub struct Tracker {
     procs: HashMap<u32, Tracked>,
     all_python: bool,
+    native: bool,
     last_scan: Option<Instant>,
     me: u32,
     warned_no_python: bool,
 }
 
 impl Tracker {
-    pub fn new(all_python: bool) -> Self {
+    /// `native`: Python samples also record native stacks (for `--native`).
+    pub fn new(all_python: bool, native: bool) -> Self {
         Self {
             procs: HashMap::new(),
             all_python,
+            native,
             last_scan: None,
             me: std::process::id(),
             warned_no_python: false,
@@ -134,7 +137,7 @@ impl Tracker {
                     if t.scanned {
                         sampler.add_target(pid, TARGET_SAMPLE)?;
                     }
-                    sampler.add_python(pid, &python::kernel_config(&p))?;
+                    sampler.add_python(pid, &python::kernel_config(&p, self.native))?;
                     collector.python.add_process(&p);
                     tracing::info!(
                         "pid {pid}: CPython {}.{}.{}",

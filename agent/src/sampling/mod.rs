@@ -3,9 +3,9 @@
 mod logs;
 
 use agent_ebpf::{
-    GLOBAL_FSBASE_OFFSET, GLOBAL_NEWTASK_FLAGS_OFFSET, GLOBAL_NEWTASK_PID_OFFSET, MAP_COUNTS, MAP_PY_PROCS,
-    MAP_PY_STACKS, MAP_STACKS, MAP_STATS, MAP_TARGETS, PROG_PERF_SAMPLE, PROG_TASK_NEWTASK, PyProc, PyStack,
-    SampleKey, stat,
+    GLOBAL_FSBASE_OFFSET, GLOBAL_MEASURE_COST, GLOBAL_NEWTASK_FLAGS_OFFSET, GLOBAL_NEWTASK_PID_OFFSET,
+    MAP_COUNTS, MAP_PY_PROCS, MAP_PY_STACKS, MAP_STACKS, MAP_STATS, MAP_TARGETS, PROG_PERF_SAMPLE,
+    PROG_TASK_NEWTASK, PyProc, PyStack, SampleKey, stat,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -42,6 +42,10 @@ pub struct Stats {
     pub py_read_errors: u64,
     /// Python stacks dropped because their map was full.
     pub py_stacks_full: u64,
+    /// Nanoseconds the sampling program spent on target samples (when measured).
+    pub target_ns: u64,
+    /// Python frames read field by field because their prefix could not be read at once.
+    pub py_frame_slow_reads: u64,
 }
 
 /// The loaded kernel programs and their maps.
@@ -51,11 +55,14 @@ pub struct Sampler {
     logger: Option<aya_log::EbpfLogger<logs::ToTracing>>,
     python_ready: bool,
     follow_ready: bool,
+    /// Keeps the kernel's BPF run-time statistics on while held.
+    stats_fd: Option<std::os::fd::OwnedFd>,
 }
 
 impl Sampler {
     /// Loads the kernel programs into the kernel (verifier included).
-    pub fn load() -> Result<Self> {
+    /// `measure_cost`: time every target sample in the kernel (`Stats::target_ns`).
+    pub fn load(measure_cost: bool) -> Result<Self> {
         // Where the kernel keeps a task's fs base: the Python walker matches it against
         // CPython's thread ids. Without BTF, Python stacks are unavailable.
         let fsbase = match crate::sys::btf::Btf::from_sys_fs() {
@@ -73,6 +80,7 @@ impl Sampler {
         let mut ebpf = EbpfLoader::new()
             .btf(btf.as_ref())
             .override_global(GLOBAL_FSBASE_OFFSET, &fsbase, true)
+            .override_global(GLOBAL_MEASURE_COST, &u32::from(measure_cost), true)
             .override_global(GLOBAL_NEWTASK_PID_OFFSET, &newtask_pid, true)
             .override_global(GLOBAL_NEWTASK_FLAGS_OFFSET, &newtask_flags, true)
             .load(OBJECT)
@@ -87,7 +95,7 @@ impl Sampler {
         let prog: &mut PerfEvent = program(&mut ebpf)?;
         prog.load().map_err(|e| load_error("loading the CPU sampling program", &e))?;
         let follow_ready = newtask_pid != 0 && newtask_flags != 0;
-        Ok(Self { ebpf, logger, python_ready: fsbase != 0, follow_ready })
+        Ok(Self { ebpf, logger, python_ready: fsbase != 0, follow_ready, stats_fd: None })
     }
 
     /// Starts following children of targets flagged `TARGET_FOLLOW`.
@@ -105,6 +113,22 @@ impl Sampler {
         prog.load().map_err(|e| load_error("loading the child-following program", &e))?;
         prog.attach("task", "task_newtask").map_err(|e| unavailable(one_line(&e)))?;
         Ok(())
+    }
+
+    /// Turns on the kernel's run-time statistics of BPF programs (a little overhead per run).
+    pub fn enable_kernel_stats(&mut self) -> Result<()> {
+        let fd = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+            .map_err(|e| Error::KernelFeature { feature: "BPF run-time statistics", detail: one_line(&e) })?;
+        self.stats_fd = Some(fd);
+        Ok(())
+    }
+
+    /// Time the sampling program has run in the kernel and how many times it ran, when
+    /// statistics are on.
+    pub fn kernel_cost(&mut self) -> Option<(std::time::Duration, u64)> {
+        self.stats_fd.as_ref()?;
+        let info = program(&mut self.ebpf).ok()?.info().ok()?;
+        Some((info.run_time(), info.run_count()))
     }
 
     /// Every process currently in the kernel's target set (including followed children).
@@ -194,6 +218,8 @@ impl Sampler {
             py_truncated: sum(stat::PY_TRUNCATED),
             py_read_errors: sum(stat::PY_READ_ERROR),
             py_stacks_full: sum(stat::PY_STACKS_FULL),
+            target_ns: sum(stat::TARGET_NS),
+            py_frame_slow_reads: sum(stat::PY_FRAME_SLOW_READS),
         })
     }
 
