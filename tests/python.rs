@@ -276,3 +276,41 @@ fn unsupported_version_gets_native_stacks_and_one_warning() {
     );
     assert!(profile.total() > 100);
 }
+
+/// --native keeps the native frames the innermost Python frame called below it (the
+/// default view has none), and --full-filenames shows whole paths.
+#[test]
+fn native_view_and_full_filenames() {
+    require_root();
+    let py = python("3.12.1");
+    let (plain, _, _) = record_workload(&py, &["threads", "2"], &[]);
+    // `name (file:line)`, or a code object that could not be read.
+    let is_python = |f: &str| {
+        let line = f.strip_suffix(')').and_then(|r| r.rsplit_once(':')).map(|(_, n)| n);
+        line.is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            || f.starts_with("<unknown code")
+    };
+    for stack in plain.0.keys().filter(|s| s.iter().any(|f| is_python(f))) {
+        assert!(stack.iter().all(|f| is_python(f)), "default view should hold Python frames only: {stack:?}");
+    }
+
+    let (native, _, _) = record_workload(&py, &["threads", "2"], &["--native", "--full-filenames"]);
+    let full = format!("thread_one ({}:{})", workload().display(), workload_line("thread_one"));
+    let short = workload_frame("thread_one", "thread_one");
+    assert!(native.with_frame(|f| f == full) > 0, "expected whole-path frame `{full}`");
+    assert_eq!(native.with_frame(|f| f == short), 0, "--full-filenames should not shorten paths");
+    let mixed: u64 = native
+        .0
+        .iter()
+        .filter(|(s, _)| {
+            let last_py = s.iter().rposition(|f| is_python(f));
+            last_py.is_some_and(|i| i + 1 < s.len())
+        })
+        .map(|(_, n)| n)
+        .sum();
+    assert!(
+        mixed * 10 >= native.total(),
+        "--native should show native frames under Python frames: {mixed} of {}",
+        native.total()
+    );
+}

@@ -80,8 +80,12 @@ fn is_interpreter_name(name: &str) -> bool {
 }
 
 fn inspect(pid: u32, path: &str, map_start: u64, map_offset: u64) -> Option<Detected> {
-    let on_disk = open_path(pid, path);
-    let data = fs::read(&on_disk).ok()?;
+    let on_disk = fs::File::open(open_path(pid, path)).ok()?;
+    // Mapped, not read: only the headers and symbol tables are touched, not the (often
+    // tens of megabytes of) code and debug information.
+    // SAFETY: the mapping is read-only and lives only for this function; a file changed
+    // underneath would give wrong symbols, not unsafety in safe code reading bytes.
+    let data = unsafe { memmap2::Mmap::map(&on_disk) }.ok()?;
     let file = object::File::parse(&*data).ok()?;
     let runtime_sym = find_symbol(&file, "_PyRuntime")?;
     // Load bias: where the segment holding `map_offset` was mapped, minus its link address.

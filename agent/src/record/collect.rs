@@ -1,6 +1,9 @@
 //! Reads the kernel's aggregation while targets run and turns it into named stacks,
 //! resolving each new stack (native and Python) while its process still lives.
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
 
 use agent_ebpf::{DROPPED_STACK, SampleKey};
 
@@ -32,6 +35,8 @@ pub struct Collector {
     kernel_stacks: HashMap<i32, Arc<[Arc<str>]>>,
     py_stacks: HashMap<(u32, u64), Arc<PyStackNames>>,
     counts: Vec<(SampleKey, u64)>,
+    /// Keys whose stacks were resolved.
+    seen: HashSet<SampleKey>,
     comms: HashMap<u32, String>,
     threads: HashMap<u32, String>,
 }
@@ -45,20 +50,29 @@ impl Collector {
             kernel_stacks: HashMap::new(),
             py_stacks: HashMap::new(),
             counts: Vec::new(),
+            seen: HashSet::new(),
             comms: HashMap::new(),
             threads: HashMap::new(),
         }
     }
 
-    /// Reads the current counts and resolves stacks not seen before.
-    pub fn collect(&mut self, sampler: &Sampler, live_pids: &[u32]) -> Result<()> {
+    /// Resolves stacks not seen before, while their processes live. With `final_read` it
+    /// also reads the counts (the end of a session); otherwise only the keys.
+    pub fn collect(&mut self, sampler: &Sampler, live_pids: &[u32], final_read: bool) -> Result<()> {
         for &pid in live_pids {
             self.symbolizer.refresh(pid);
             self.comms.entry(pid).or_insert_with(|| process::comm(pid));
         }
-        self.counts = sampler.counts()?;
-        for i in 0..self.counts.len() {
-            let key = self.counts[i].0;
+        let keys = if final_read {
+            self.counts = sampler.counts()?;
+            self.counts.iter().map(|(k, _)| *k).collect()
+        } else {
+            sampler.count_keys()?
+        };
+        for key in keys {
+            if !self.seen.insert(key) {
+                continue;
+            }
             if key.user_stack_id >= 0 && !self.user_stacks.contains_key(&(key.tgid, key.user_stack_id)) {
                 let ips = sampler.stack(key.user_stack_id as u32).unwrap_or_default();
                 let names = self.symbolizer.user_frames(key.tgid, &ips);
@@ -83,11 +97,6 @@ impl Collector {
             }
         }
         Ok(())
-    }
-
-    /// Samples counted so far.
-    pub fn samples(&self) -> u64 {
-        self.counts.iter().map(|(_, n)| n).sum()
     }
 
     /// Builds the profile as `view` says.

@@ -75,7 +75,15 @@ pub struct Summary {
 }
 
 const TICK: Duration = Duration::from_millis(100);
-const COLLECT_EVERY: Duration = Duration::from_secs(1);
+/// How often new stacks are resolved (code objects and mappings are read while alive).
+const COLLECT_EVERY: Duration = Duration::from_millis(500);
+/// The same during a session's first seconds, when a starting interpreter runs (and
+/// frees) import-time code that later reads could not name.
+const COLLECT_EVERY_AT_START: Duration = TICK;
+const START: Duration = Duration::from_secs(3);
+/// How long a launched command may take to map its interpreter before sampling goes on
+/// without knowing it is Python.
+const LAUNCH_SETTLE: Duration = Duration::from_millis(200);
 
 /// Runs a session to its end and writes the output.
 pub fn run(opts: &RecordOptions) -> Result<Summary> {
@@ -101,6 +109,7 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
     sampler.start(opts.rate_hz)?;
     let flags = if opts.subprocesses { TARGET_SAMPLE | TARGET_FOLLOW } else { TARGET_SAMPLE };
     let mut tracker = Tracker::new(opts.all_python, opts.native);
+    let mut collector = Collector::new(opts.full_filenames);
     for target in &mut targets {
         sampler.add_target(target.pid(), flags)?;
         if target.has_exited() {
@@ -113,11 +122,11 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
         sampler.add_target(launched.pid, flags)?;
         launched.release()?;
         tracker.add(launched.pid);
+        tracker.settle(launched.pid, LAUNCH_SETTLE, &mut sampler, &mut collector)?;
         targets.push(Target::Launched(launched));
     }
 
     let started = Instant::now();
-    let mut collector = Collector::new(opts.full_filenames);
     let mut status = StatusLine::new();
     let mut last_collect = Instant::now();
     let end = loop {
@@ -134,12 +143,14 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
         } else {
             None
         };
-        if end.is_some() || last_collect.elapsed() >= COLLECT_EVERY {
-            collector.collect(&sampler, &tracker.live_targets())?;
+        let every = if elapsed < START { COLLECT_EVERY_AT_START } else { COLLECT_EVERY };
+        if end.is_some() || last_collect.elapsed() >= every {
+            collector.collect(&sampler, &tracker.live_targets(), end.is_some())?;
             sampler.flush_logs();
             last_collect = Instant::now();
         }
-        status.show(elapsed, collector.samples(), sampler.stats().unwrap_or_default());
+        let stats = sampler.stats().unwrap_or_default();
+        status.show(elapsed, stats.samples, stats);
         if let Some(end) = end {
             break end;
         }

@@ -68,6 +68,30 @@ impl Tracker {
         self.procs.insert(pid, Tracked { exe: None, kind: Kind::Unknown, checked: None, scanned: false });
     }
 
+    /// Looks at a just-launched process until its interpreter is mapped (or `limit`
+    /// passes), so its first samples already have Python frames.
+    pub fn settle(
+        &mut self,
+        pid: u32,
+        limit: Duration,
+        sampler: &mut Sampler,
+        collector: &mut Collector,
+    ) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(t) = self.procs.get_mut(&pid) {
+                t.checked = None;
+            }
+            self.update(sampler, collector)?;
+            match self.procs.get(&pid).map(|t| &t.kind) {
+                Some(Kind::Python | Kind::Unsupported) | None => break,
+                Some(_) if !process::is_alive(pid) => break,
+                Some(_) => std::thread::sleep(Duration::from_millis(2)),
+            }
+        }
+        Ok(())
+    }
+
     /// Pids sampled (known targets and recognized Python processes) that are still alive.
     pub fn live_targets(&self) -> Vec<u32> {
         self.procs

@@ -65,7 +65,7 @@ impl Sampler {
     pub fn load(measure_cost: bool) -> Result<Self> {
         // Where the kernel keeps a task's fs base: the Python walker matches it against
         // CPython's thread ids. Without BTF, Python stacks are unavailable.
-        let fsbase = match crate::sys::btf::Btf::from_sys_fs() {
+        let fsbase = match crate::sys::btf::Btf::from_sys_fs(crate::sys::btf::FSBASE_STRUCTS) {
             Ok(btf) => crate::sys::btf::fsbase_offset(&btf).unwrap_or(0),
             Err(e) => {
                 tracing::warn!("kernel BTF unreadable ({e}): Python stacks are unavailable");
@@ -76,9 +76,10 @@ impl Sampler {
         // program is then not attached).
         let newtask = |field| crate::sys::tracefs::field_offset("task", "task_newtask", field).unwrap_or(0);
         let (newtask_pid, newtask_flags) = (newtask("pid"), newtask("clone_flags"));
-        let btf = aya::Btf::from_sys_fs().ok();
+        // No kernel BTF for the loader: the programs use no CO-RE relocations, and parsing
+        // it costs tens of megabytes.
         let mut ebpf = EbpfLoader::new()
-            .btf(btf.as_ref())
+            .btf(None)
             .override_global(GLOBAL_FSBASE_OFFSET, &fsbase, true)
             .override_global(GLOBAL_MEASURE_COST, &u32::from(measure_cost), true)
             .override_global(GLOBAL_NEWTASK_PID_OFFSET, &newtask_pid, true)
@@ -195,6 +196,13 @@ impl Sampler {
         let counts: PerCpuHashMap<_, SampleKey, u64> = self.map(MAP_COUNTS)?;
         // An entry deleted between iteration steps is skipped, not an error.
         Ok(counts.iter().filter_map(|r| r.ok()).map(|(key, per_cpu)| (key, per_cpu.iter().sum())).collect())
+    }
+
+    /// The keys of the counts map, without their counts: cheaper (one call per key) when
+    /// only new stacks are of interest.
+    pub fn count_keys(&self) -> Result<Vec<SampleKey>> {
+        let counts: PerCpuHashMap<_, SampleKey, u64> = self.map(MAP_COUNTS)?;
+        Ok(counts.keys().filter_map(|r| r.ok()).collect())
     }
 
     /// The instruction pointers of a stored stack, leaf first.

@@ -7,17 +7,20 @@ const BTF_MAGIC: u16 = 0xeb9f;
 const KIND_STRUCT: u32 = 4;
 const KIND_UNION: u32 = 5;
 
-/// Struct and union members of a BTF blob: (type name) -> [(member name, bit offset)].
+/// Members of the named structs and unions of a BTF blob: (type name) -> [(member name,
+/// bit offset)]. Only the types asked for are kept: the kernel's BTF describes tens of
+/// thousands of types.
 pub struct Btf {
     structs: HashMap<String, Vec<(String, u32)>>,
 }
 
 impl Btf {
-    pub fn from_sys_fs() -> io::Result<Self> {
-        Self::parse(&fs::read("/sys/kernel/btf/vmlinux")?)
+    /// The kernel's own BTF, keeping the structs named in `wanted`.
+    pub fn from_sys_fs(wanted: &[&str]) -> io::Result<Self> {
+        Self::parse(&fs::read("/sys/kernel/btf/vmlinux")?, wanted)
     }
 
-    pub fn parse(data: &[u8]) -> io::Result<Self> {
+    pub fn parse(data: &[u8], wanted: &[&str]) -> io::Result<Self> {
         let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("BTF: {what}"));
         let u16_at = |o: usize| data.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
         let u32_at = |o: usize| data.get(o..o + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
@@ -52,7 +55,10 @@ impl Btf {
                 6 | 13 => vlen * 8,           // ENUM, FUNC_PROTO
                 _ => 0, // PTR, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT, FUNC, FLOAT, TYPE_TAG
             };
-            if (kind == KIND_STRUCT || kind == KIND_UNION) && name_off != 0 {
+            if (kind == KIND_STRUCT || kind == KIND_UNION)
+                && name_off != 0
+                && wanted.contains(&name(name_off).as_str())
+            {
                 let mut members = Vec::with_capacity(vlen);
                 for m in 0..vlen {
                     let base = pos + 12 * m;
@@ -76,6 +82,9 @@ impl Btf {
     }
 }
 
+/// The structs `fsbase_offset` needs.
+pub const FSBASE_STRUCTS: &[&str] = &["task_struct", "thread_struct"];
+
 /// Offset of `thread.fsbase` in `task_struct`: where the kernel keeps a task's fs base
 /// (x86-64), which is `pthread_self()` of a user thread.
 pub fn fsbase_offset(btf: &Btf) -> Option<u32> {
@@ -88,7 +97,8 @@ mod tests {
 
     #[test]
     fn finds_task_fsbase_in_this_kernel() {
-        let btf = Btf::from_sys_fs().expect("this kernel exposes BTF");
+        let btf = Btf::from_sys_fs(&["task_struct", "thread_struct", "list_head"])
+            .expect("this kernel exposes BTF");
         let thread = btf.member_offset("task_struct", "thread").expect("task_struct.thread");
         let off = fsbase_offset(&btf).expect("thread_struct.fsbase");
         assert!(off > thread && off < thread + 256, "fsbase at {off}, thread at {thread}");
