@@ -133,7 +133,7 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
         tracker.update(&mut sampler, &mut collector)?;
         std::thread::sleep(TICK);
         let elapsed = started.elapsed();
-        let explicit_live = targets.iter_mut().filter_map(|t| (!t.has_exited()).then_some(())).count();
+        let explicit_live = targets.iter_mut().map(|t| t.has_exited()).filter(|exited| !exited).count();
         let end = if stop.load(Ordering::Relaxed) {
             Some(EndReason::Interrupted)
         } else if !targets.is_empty() && explicit_live == 0 {

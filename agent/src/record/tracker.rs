@@ -30,6 +30,8 @@ enum Kind {
     NotPython,
     Python,
     Unsupported,
+    /// Gone: removed from the kernel's maps, so a reused PID is not taken for it.
+    Exited,
 }
 
 struct Tracked {
@@ -104,10 +106,19 @@ impl Tracker {
 
     /// Discovers new processes and recognizes Python ones; called every tick.
     pub fn update(&mut self, sampler: &mut Sampler, collector: &mut Collector) -> Result<()> {
-        // Children the kernel started following.
+        // Targets that exited leave the kernel's maps.
+        for (&pid, t) in self.procs.iter_mut() {
+            let in_kernel = !t.scanned || t.kind == Kind::Python;
+            if in_kernel && t.kind != Kind::Exited && !process::is_alive(pid) {
+                sampler.remove_target(pid)?;
+                t.kind = Kind::Exited;
+            }
+        }
+        // Children the kernel started following (a new process may reuse an old PID).
         for pid in sampler.targets()? {
-            if !self.procs.contains_key(&pid) {
-                self.add(pid);
+            match self.procs.get(&pid).map(|t| &t.kind) {
+                None | Some(Kind::Exited) => self.add(pid),
+                Some(_) => {}
             }
         }
         if self.all_python && self.last_scan.is_none_or(|t| t.elapsed() >= SCAN) {
@@ -122,7 +133,7 @@ impl Tracker {
         let now = Instant::now();
         let mut gone = Vec::new();
         for (&pid, t) in self.procs.iter_mut() {
-            if matches!(t.kind, Kind::Python | Kind::Unsupported) {
+            if matches!(t.kind, Kind::Python | Kind::Unsupported | Kind::Exited) {
                 continue;
             }
             let named_python =

@@ -138,10 +138,12 @@ impl Sampler {
         Ok(targets.keys().filter_map(|k| k.ok()).collect())
     }
 
-    /// Stops sampling `pid` (it exited, or is a thread id a follow rule caught).
+    /// Stops sampling `pid` (it exited) and forgets its Python configuration.
     pub fn remove_target(&mut self, pid: u32) -> Result<()> {
         let mut targets: HashMap<_, u32, u32> = self.map_mut(MAP_TARGETS)?;
         let _ = targets.remove(&pid);
+        let mut procs: HashMap<_, u32, PyProc> = self.map_mut(MAP_PY_PROCS)?;
+        let _ = procs.remove(&pid);
         Ok(())
     }
 
