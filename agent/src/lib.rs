@@ -3,6 +3,8 @@
 pub mod doctor;
 pub mod error;
 pub mod export;
+pub mod k8s;
+pub mod node;
 pub mod python;
 pub mod record;
 pub mod sampling;

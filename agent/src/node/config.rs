@@ -1,0 +1,262 @@
+//! The node agent's configuration: a YAML file, overridden by the standard OTEL_*
+//! variables, validated at start with errors that name the offending key.
+use std::{collections::BTreeMap, net::SocketAddr, path::Path, time::Duration};
+
+use serde::Deserialize;
+
+/// Why a configuration was refused: one sentence naming the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// Samples per second per CPU (a prime, so it does not beat with 10 ms timers).
+    pub sample_rate_hz: u64,
+    #[serde(with = "humantime_serde")]
+    pub export_interval: Duration,
+    pub select: Select,
+    pub metrics: Metrics,
+    pub otlp: Otlp,
+    pub pyroscope: Pyroscope,
+    pub prometheus: Prometheus,
+    pub queue: Queue,
+    pub kubernetes: Kubernetes,
+}
+
+/// Which processes to sample; empty lists select every CPython process on the node.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Select {
+    /// Regexes matched against the process name and executable path.
+    pub process_names: Vec<String>,
+    pub namespaces: Vec<String>,
+    /// Pod label selector: every pair must match.
+    pub pod_labels: BTreeMap<String, String>,
+    pub containers: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Metrics {
+    /// Python functions reported per process (bounds the metric's cardinality).
+    pub top_functions: usize,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Otlp {
+    /// Also send OTLP profiles (v1development).
+    pub profiles: bool,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Pyroscope {
+    /// Base URL of a Pyroscope server (`/ingest` is appended); none: no push.
+    pub url: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Prometheus {
+    pub listen: String,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Queue {
+    /// Export batches kept while an endpoint is unreachable; the oldest go first.
+    pub max_batches: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Kubernetes {
+    /// Look up this node's pods for k8s.* attributes and selectors.
+    pub enabled: bool,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            sample_rate_hz: 19,
+            export_interval: Duration::from_secs(15),
+            select: Select::default(),
+            metrics: Metrics::default(),
+            otlp: Otlp::default(),
+            pyroscope: Pyroscope::default(),
+            prometheus: Prometheus::default(),
+            queue: Queue::default(),
+            kubernetes: Kubernetes::default(),
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self { top_functions: 20 }
+    }
+}
+
+impl Default for Prometheus {
+    fn default() -> Self {
+        Self { listen: "0.0.0.0:9464".into() }
+    }
+}
+
+impl Default for Queue {
+    fn default() -> Self {
+        Self { max_batches: 64 }
+    }
+}
+
+impl Default for Kubernetes {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
+}
+
+impl AgentConfig {
+    /// Reads, overrides from the environment and validates a configuration file.
+    pub fn load(path: &Path, env: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: shown.clone(), source })?;
+        let mut config = Self::parse(&text).map_err(|message| ConfigError::Parse { path: shown, message })?;
+        config.apply_env(env)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses YAML text; an empty document is the default configuration.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if text.trim().is_empty() {
+            return Ok(Self::default());
+        }
+        serde_norway::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// `OTEL_METRIC_EXPORT_INTERVAL` (milliseconds) overrides `export_interval`.
+    pub fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        if let Some(ms) = env("OTEL_METRIC_EXPORT_INTERVAL") {
+            let ms: u64 = ms.trim().parse().map_err(|_| ConfigError::Invalid {
+                key: "OTEL_METRIC_EXPORT_INTERVAL",
+                message: format!("`{ms}` is not a number of milliseconds"),
+            })?;
+            self.export_interval = Duration::from_millis(ms);
+        }
+        Ok(())
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: String| Err(ConfigError::Invalid { key, message });
+        if !(1..=1000).contains(&self.sample_rate_hz) {
+            return invalid("sample_rate_hz", format!("{} is outside 1..=1000", self.sample_rate_hz));
+        }
+        if self.export_interval < Duration::from_secs(1) {
+            return invalid("export_interval", format!("{:?} is shorter than 1s", self.export_interval));
+        }
+        if !(1..=1000).contains(&self.metrics.top_functions) {
+            return invalid(
+                "metrics.top_functions",
+                format!("{} is outside 1..=1000", self.metrics.top_functions),
+            );
+        }
+        if self.queue.max_batches == 0 {
+            return invalid("queue.max_batches", "must be at least 1".into());
+        }
+        for pattern in &self.select.process_names {
+            if let Err(e) = regex::Regex::new(pattern) {
+                return invalid("select.process_names", format!("`{pattern}` is not a regex: {e}"));
+            }
+        }
+        if self.prometheus.listen.parse::<SocketAddr>().is_err() {
+            return invalid(
+                "prometheus.listen",
+                format!("`{}` is not an address:port", self.prometheus.listen),
+            );
+        }
+        if let Some(url) = &self.pyroscope.url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return invalid("pyroscope.url", format!("`{url}` is not an http(s) URL"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FULL: &str = "\
+sample_rate_hz: 19
+export_interval: 15s
+select:
+  process_names: ['^gunicorn', 'python3\\.1[12]']
+  namespaces: [shop]
+  pod_labels: {app: checkout}
+  containers: [web]
+metrics:
+  top_functions: 20
+otlp:
+  profiles: true
+pyroscope:
+  url: http://pyroscope.stoker.svc:4040
+prometheus:
+  listen: 0.0.0.0:9464
+queue:
+  max_batches: 64
+kubernetes:
+  enabled: true
+";
+
+    #[test]
+    fn parses_every_key() {
+        let c = AgentConfig::parse(FULL).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.export_interval, Duration::from_secs(15));
+        assert_eq!(c.select.pod_labels.get("app").map(String::as_str), Some("checkout"));
+        assert!(c.otlp.profiles);
+        assert_eq!(AgentConfig::parse("").unwrap(), AgentConfig::default());
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = AgentConfig::parse("select:\n  namespace: [shop]\n").unwrap_err();
+        assert!(err.contains("namespace"), "{err}");
+        let err = AgentConfig::parse("sample_rate: 19\n").unwrap_err();
+        assert!(err.contains("sample_rate"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let check = |yaml: &str, key: &str| {
+            let err = AgentConfig::parse(yaml).unwrap().validate().unwrap_err().to_string();
+            assert!(err.contains(key), "{yaml}: {err}");
+        };
+        check("sample_rate_hz: 0\n", "sample_rate_hz");
+        check("export_interval: 100ms\n", "export_interval");
+        check("select:\n  process_names: ['(']\n", "select.process_names");
+        check("prometheus:\n  listen: nowhere\n", "prometheus.listen");
+        check("pyroscope:\n  url: pyroscope:4040\n", "pyroscope.url");
+        check("metrics:\n  top_functions: 0\n", "metrics.top_functions");
+    }
+
+    #[test]
+    fn environment_overrides_the_interval() {
+        let mut c = AgentConfig::default();
+        c.apply_env(|k| (k == "OTEL_METRIC_EXPORT_INTERVAL").then(|| "5000".into())).unwrap();
+        assert_eq!(c.export_interval, Duration::from_secs(5));
+        let err = c.apply_env(|_| Some("soon".into())).unwrap_err().to_string();
+        assert!(err.contains("OTEL_METRIC_EXPORT_INTERVAL"), "{err}");
+    }
+}
