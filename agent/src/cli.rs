@@ -20,6 +20,18 @@ pub enum Command {
     Record(RecordArgs),
     /// Check whether this kernel and this process can run stoker.
     Doctor,
+    /// Run as a node agent: sample every CPython process, export metrics continuously.
+    Agent(AgentArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Configuration file (YAML); defaults apply without one.
+    #[arg(short, long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Validate the configuration and exit.
+    #[arg(long)]
+    pub check_config: bool,
 }
 
 #[derive(Debug, Args)]

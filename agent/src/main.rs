@@ -4,8 +4,8 @@ mod cli;
 use std::{process::ExitCode, time::Duration};
 
 use clap::Parser;
-use cli::{Cli, Command, RecordArgs};
-use stoker::{doctor, error::one_line, record};
+use cli::{AgentArgs, Cli, Command, RecordArgs};
+use stoker::{doctor, error::one_line, node::config::AgentConfig, record};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -22,6 +22,36 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Record(args) => record_cmd(args),
         Command::Doctor => doctor_cmd(),
+        Command::Agent(args) => agent_cmd(args),
+    }
+}
+
+fn agent_cmd(args: AgentArgs) -> ExitCode {
+    let env = |k: &str| std::env::var(k).ok();
+    let config = match &args.config {
+        Some(path) => AgentConfig::load(path, env),
+        None => {
+            let mut c = AgentConfig::default();
+            c.apply_env(env).and_then(|()| c.validate()).map(|()| c)
+        }
+    };
+    let config = match config {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("stoker: error: {}", one_line(&e));
+            return ExitCode::from(2);
+        }
+    };
+    if args.check_config {
+        println!("stoker: configuration is valid");
+        return ExitCode::SUCCESS;
+    }
+    match stoker::node::run(&config, &env) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("stoker: error: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
     }
 }
 

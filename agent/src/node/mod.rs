@@ -1,4 +1,245 @@
-//! The node agent (`stoker agent`): continuous sampling of a node's Python processes,
-//! exported as OTLP metrics and profiles. Configuration first; the loop builds on it.
+//! The node agent (`stoker agent`): samples a node's CPython processes continuously and
+//! exports per-process CPU, memory and top functions as OTLP metrics and on /metrics.
 pub mod config;
+pub mod exporter;
+pub mod http;
 pub mod resource;
+pub mod state;
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use agent_ebpf::{COUNTS_CAPACITY, SampleKey};
+
+use self::{
+    config::AgentConfig,
+    exporter::Exporter,
+    state::{ProcessMetrics, Snapshot},
+};
+use crate::{
+    error::{Error, Result},
+    record::{
+        collect::{Collector, View},
+        tracker::Tracker,
+    },
+    sampling::Sampler,
+    sys::process,
+};
+
+const TICK: Duration = Duration::from_millis(100);
+/// How long a SIGTERM waits for queued batches to go out.
+const FLUSH_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Runs the agent until SIGINT or SIGTERM; `env` reads environment variables.
+pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<()> {
+    let unsupported =
+        |what: &str| Error::Ebpf { what: "unsupported configuration", detail: what.to_string() };
+    let s = &config.select;
+    if !s.namespaces.is_empty() || !s.pod_labels.is_empty() || !s.containers.is_empty() {
+        return Err(unsupported(
+            "select.namespaces, select.pod_labels and select.containers need the Kubernetes pod lookup, which this version does not have yet",
+        ));
+    }
+    let endpoint = env("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
+        .map(|e| e.trim_end_matches("/v1/metrics").to_string())
+        .or_else(|| env("OTEL_EXPORTER_OTLP_ENDPOINT"));
+    let protocol = env("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL").or_else(|| env("OTEL_EXPORTER_OTLP_PROTOCOL"));
+    if endpoint.is_some() && protocol.as_deref().is_some_and(|p| p != "http/protobuf") {
+        return Err(unsupported(
+            "OTLP export supports OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf only in this version",
+        ));
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, stop.clone())?;
+    }
+    let snapshot = Arc::new(Mutex::new(Snapshot {
+        start: Some(SystemTime::now()),
+        host: hostname(),
+        top_functions: config.metrics.top_functions,
+        ..Default::default()
+    }));
+    let ready = Arc::new(AtomicBool::new(false));
+    http::serve(&config.prometheus.listen, snapshot.clone(), ready.clone())?;
+
+    let mut sampler = Sampler::load(false)?;
+    sampler.start(config.sample_rate_hz)?;
+    let mut tracker = Tracker::new(true, false);
+    let patterns: Vec<regex::Regex> =
+        s.process_names.iter().filter_map(|p| regex::Regex::new(p).ok()).collect();
+    if !patterns.is_empty() {
+        tracker.set_filter(Box::new(move |pid| {
+            let comm = process::comm(pid);
+            let exe = process::exe(pid).map(|e| e.display().to_string()).unwrap_or_default();
+            patterns.iter().any(|p| p.is_match(&comm) || p.is_match(&exe))
+        }));
+    }
+    let exporter = endpoint.as_deref().map(|e| Exporter::start(e, config.queue.max_batches));
+    let mut agent = Interval::new(config, env);
+    let mut collector = Collector::new(false);
+    ready.store(true, Ordering::Relaxed);
+    tracing::info!(
+        "stoker agent sampling at {} Hz, exporting every {:?}",
+        config.sample_rate_hz,
+        config.export_interval
+    );
+
+    let mut last_export = Instant::now();
+    loop {
+        std::thread::sleep(TICK);
+        let stopping = stop.load(Ordering::Relaxed);
+        tracker.update(&mut sampler, &mut collector)?;
+        if stopping || last_export.elapsed() >= config.export_interval {
+            let elapsed = last_export.elapsed();
+            last_export = Instant::now();
+            let live = tracker.live_targets();
+            collector.collect(&sampler, &live, true)?;
+            agent.update(&collector, &tracker, &live, elapsed);
+            if collector.counts().len() as u64 > u64::from(COUNTS_CAPACITY) * 3 / 4 {
+                sampler.clear_counts()?;
+                agent.last.clear();
+            }
+            let snap = {
+                let mut guard = snapshot.lock().unwrap_or_else(|e| e.into_inner());
+                guard.time = Some(SystemTime::now());
+                guard.processes = agent.processes.clone();
+                guard.health = agent.health(&sampler, exporter.as_ref(), live.len());
+                guard.clone()
+            };
+            if let Some(exporter) = &exporter {
+                exporter.push(&snap.otlp());
+            }
+        }
+        if stopping {
+            break;
+        }
+    }
+    if let Some(exporter) = exporter {
+        exporter.shutdown(FLUSH_DEADLINE);
+    }
+    Ok(())
+}
+
+/// Per-interval bookkeeping: cumulative counts seen, per-process metrics.
+struct Interval {
+    rate_hz: f64,
+    cpus: f64,
+    node: Option<String>,
+    last: HashMap<SampleKey, u64>,
+    processes: std::collections::BTreeMap<u32, ProcessMetrics>,
+}
+
+impl Interval {
+    fn new(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Self {
+        Self {
+            rate_hz: config.sample_rate_hz as f64,
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()) as f64,
+            node: env("NODE_NAME"),
+            last: HashMap::new(),
+            processes: Default::default(),
+        }
+    }
+
+    fn update(&mut self, collector: &Collector, tracker: &Tracker, live: &[u32], elapsed: Duration) {
+        // Samples since the last interval, by process.
+        let mut deltas: HashMap<u32, Vec<(SampleKey, u64)>> = HashMap::new();
+        for (key, count) in collector.counts() {
+            let before = self.last.insert(*key, *count).unwrap_or(0);
+            if *count > before {
+                deltas.entry(key.tgid).or_default().push((*key, count - before));
+            }
+        }
+        self.processes.retain(|pid, _| live.contains(pid));
+        for &pid in live {
+            if !self.processes.contains_key(&pid) {
+                let resource = self.resource(pid, tracker);
+                self.processes.insert(pid, ProcessMetrics { resource, ..Default::default() });
+            }
+            let Some(p) = self.processes.get_mut(&pid) else { continue };
+            let mut seconds = 0.0;
+            if let Some(counts) = deltas.get(&pid) {
+                let profile = collector.profile_of(counts, View::default());
+                for (frames, n) in &profile.stacks {
+                    let cpu = *n as f64 / self.rate_hz;
+                    seconds += cpu;
+                    if let Some(function) = frames.last().and_then(|f| python_function(f)) {
+                        *p.functions.entry(function).or_default() += cpu;
+                    }
+                }
+            }
+            p.cpu_seconds += seconds;
+            p.utilization = seconds / elapsed.as_secs_f64().max(1e-3) / self.cpus;
+            p.memory_bytes = rss_bytes(pid);
+        }
+    }
+
+    fn resource(&self, pid: u32, tracker: &Tracker) -> std::collections::BTreeMap<String, String> {
+        let container = crate::k8s::cgroup::container_id(pid);
+        let mut r = std::collections::BTreeMap::new();
+        r.insert("service.name".into(), resource::service_name(pid, None));
+        r.insert("process.pid".into(), pid.to_string());
+        r.insert("process.executable.name".into(), process::comm(pid));
+        r.insert("process.runtime.name".into(), "CPython".into());
+        if let Some(v) = tracker.version(pid) {
+            r.insert("process.runtime.version".into(), v.into());
+        }
+        r.insert("host.name".into(), hostname());
+        if let Some(c) = container {
+            r.insert("container.id".into(), c);
+        }
+        if let Some(node) = &self.node {
+            r.insert("k8s.node.name".into(), node.clone());
+        }
+        r
+    }
+
+    fn health(&self, sampler: &Sampler, exporter: Option<&Exporter>, processes: usize) -> state::Health {
+        let stats = sampler.stats().unwrap_or_default();
+        let (failures, dropped) = exporter.map_or((0, 0), |e| {
+            (e.stats.failures.load(Ordering::Relaxed), e.stats.dropped.load(Ordering::Relaxed))
+        });
+        state::Health {
+            samples: stats.samples,
+            lost: stats.lost + stats.stacks_dropped + stats.py_stacks_full,
+            export_failures: failures,
+            dropped_batches: dropped,
+            processes: processes as u64,
+        }
+    }
+}
+
+/// `qualname (file.py)` of a Python frame `qualname (file.py:line)`; None for others.
+fn python_function(frame: &str) -> Option<String> {
+    let inner = frame.strip_suffix(')')?;
+    let (name_file, line) = inner.rsplit_once(':')?;
+    line.bytes().all(|b| b.is_ascii_digit()).then(|| format!("{name_file})"))
+}
+
+fn rss_bytes(pid: u32) -> u64 {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).unwrap_or_default();
+    let pages: u64 = statm.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+    pages * 4096
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn python_functions_drop_the_line() {
+        assert_eq!(python_function("Foo.bar (app/x.py:12)").as_deref(), Some("Foo.bar (app/x.py)"));
+        assert_eq!(python_function("_PyEval_EvalFrameDefault"), None);
+        assert_eq!(python_function("read_zero_[k]"), None);
+    }
+}

@@ -101,8 +101,18 @@ impl Collector {
 
     /// Builds the profile as `view` says.
     pub fn profile(&self, view: View) -> Profile {
-        let mut stacks = Vec::with_capacity(self.counts.len());
-        for (key, count) in &self.counts {
+        self.profile_of(&self.counts, view)
+    }
+
+    /// The last counts read (`collect` with `final_read`).
+    pub fn counts(&self) -> &[(SampleKey, u64)] {
+        &self.counts
+    }
+
+    /// A profile of `counts` (keys already resolved by `collect`), as `view` says.
+    pub fn profile_of(&self, counts: &[(SampleKey, u64)], view: View) -> Profile {
+        let mut stacks = Vec::with_capacity(counts.len());
+        for (key, count) in counts {
             let mut frames: Vec<Arc<str>> = Vec::new();
             if view.root_per_process {
                 let comm = self.comms.get(&key.tgid).map(String::as_str).unwrap_or("?");

@@ -3,7 +3,7 @@
 pub mod collect;
 mod status;
 pub mod target;
-mod tracker;
+pub mod tracker;
 
 use std::{
     fs::File,

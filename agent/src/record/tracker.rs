@@ -50,6 +50,10 @@ pub struct Tracker {
     last_scan: Option<Instant>,
     me: u32,
     warned_no_python: bool,
+    /// Which scanned processes to take (the node agent's selection); all when None.
+    filter: Option<Box<dyn Fn(u32) -> bool>>,
+    /// CPython version of each recognized process.
+    versions: HashMap<u32, String>,
 }
 
 impl Tracker {
@@ -62,7 +66,19 @@ impl Tracker {
             last_scan: None,
             me: std::process::id(),
             warned_no_python: false,
+            filter: None,
+            versions: HashMap::new(),
         }
+    }
+
+    /// Only scanned processes for which `filter` holds are sampled.
+    pub fn set_filter(&mut self, filter: Box<dyn Fn(u32) -> bool>) {
+        self.filter = Some(filter);
+    }
+
+    /// The CPython version of a recognized process (`3.12.1`).
+    pub fn version(&self, pid: u32) -> Option<&str> {
+        self.versions.get(&pid).map(String::as_str)
     }
 
     /// A process sampled from the start (given PID or launched command).
@@ -124,7 +140,10 @@ impl Tracker {
         if self.all_python && self.last_scan.is_none_or(|t| t.elapsed() >= SCAN) {
             self.last_scan = Some(Instant::now());
             for pid in process::all_pids() {
-                if pid != self.me && !self.procs.contains_key(&pid) {
+                if pid != self.me
+                    && !self.procs.contains_key(&pid)
+                    && self.filter.as_ref().is_none_or(|f| f(pid))
+                {
                     let t = Tracked { exe: None, kind: Kind::Unknown, checked: None, scanned: true };
                     self.procs.insert(pid, t);
                 }
@@ -174,12 +193,9 @@ impl Tracker {
                     }
                     sampler.add_python(pid, &python::kernel_config(&p, self.native))?;
                     collector.python.add_process(&p);
-                    tracing::info!(
-                        "pid {pid}: CPython {}.{}.{}",
-                        p.version.major,
-                        p.version.minor,
-                        p.version.patch
-                    );
+                    let version = format!("{}.{}.{}", p.version.major, p.version.minor, p.version.patch);
+                    tracing::info!("pid {pid}: CPython {version}");
+                    self.versions.insert(pid, version);
                     t.kind = Kind::Python;
                 }
                 Detected::Unsupported(version) => {

@@ -207,6 +207,22 @@ impl Sampler {
         Ok(counts.keys().filter_map(|r| r.ok()).collect())
     }
 
+    /// Empties the counts and the Python stacks maps (the node agent, between intervals,
+    /// so they never fill). Increments between reading and clearing a key are lost.
+    pub fn clear_counts(&mut self) -> Result<()> {
+        let keys = self.count_keys()?;
+        let mut counts: PerCpuHashMap<_, SampleKey, u64> = self.map_mut(MAP_COUNTS)?;
+        for key in keys {
+            let _ = counts.remove(&key);
+        }
+        let mut stacks: HashMap<_, u64, PyStack> = self.map_mut(MAP_PY_STACKS)?;
+        let hashes: Vec<u64> = stacks.keys().filter_map(|k| k.ok()).collect();
+        for hash in hashes {
+            let _ = stacks.remove(&hash);
+        }
+        Ok(())
+    }
+
     /// The instruction pointers of a stored stack, leaf first.
     pub fn stack(&self, stack_id: u32) -> Option<Vec<u64>> {
         let stacks: StackTraceMap<&MapData> = self.map(MAP_STACKS).ok()?;

@@ -1,0 +1,204 @@
+//! End-to-end tests of `stoker agent`: a busy CPython process, the real kernel program,
+//! a real OTLP receiver (oteltap, from PyPI) and the Prometheus endpoint. Run as root.
+mod common;
+
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use common::*;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()))
+}
+
+fn oteltap(port: u16, out: &std::path::Path) -> Child {
+    let file = std::fs::File::create(out).unwrap();
+    Command::new("oteltap")
+        .args(["--port", &port.to_string()])
+        .stdout(file)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("oteltap (pip install oteltap) must be installed; cargo xtask setup installs it")
+}
+
+fn agent(config: &std::path::Path, otlp_port: u16) -> Child {
+    Command::new(STOKER)
+        .args(["agent", "--config", config.to_str().unwrap()])
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://127.0.0.1:{otlp_port}"))
+        .env_remove("OTEL_EXPORTER_OTLP_PROTOCOL")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn wait_ready(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http_get(port, "/readyz").map(|(s, _)| s) != Some(200) {
+        assert!(Instant::now() < deadline, "the agent did not become ready");
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn metric_value(text: &str, name: &str, label: &str) -> Option<f64> {
+    text.lines().find(|l| l.starts_with(name) && l.contains(label))?.rsplit(' ').next()?.parse().ok()
+}
+
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+fn stop(mut child: Child) -> std::process::ExitStatus {
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "the agent did not exit within 10 s of SIGTERM");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Metrics reach a real OTLP receiver with semantic-convention names and units; the
+/// Prometheus endpoint carries the resource attributes; CPU matches /proc within 10 %.
+#[test]
+fn agent_exports_metrics() {
+    require_root();
+    let dir = scratch("agent");
+    let (otlp, http) = (free_port(), free_port());
+    let received = dir.join("otlp.ndjson");
+    let receiver = oteltap(otlp, &received);
+    let mut busy = Command::new(python("3.12.1"))
+        .args([workload().to_str().unwrap(), "shares", "30", dir.join("r.json").to_str().unwrap()])
+        .spawn()
+        .unwrap();
+    let config = dir.join("agent.yaml");
+    std::fs::write(
+        &config,
+        format!("sample_rate_hz: 99\nexport_interval: 1s\nprometheus:\n  listen: 127.0.0.1:{http}\n"),
+    )
+    .unwrap();
+    let agent = agent(&config, otlp);
+    wait_ready(http);
+    thread::sleep(Duration::from_secs(3));
+    let (c1, t1) = (cpu_seconds(busy.id()), Instant::now());
+    thread::sleep(Duration::from_secs(4));
+    let (c2, t2) = (cpu_seconds(busy.id()), Instant::now());
+    let (_, text) = http_get(http, "/metrics").expect("scrape /metrics");
+    let status = stop(agent);
+    busy.kill().ok();
+    busy.wait().ok();
+    thread::sleep(Duration::from_millis(500));
+    let mut receiver = receiver;
+    receiver.kill().ok();
+    receiver.wait().ok();
+    assert!(status.success(), "the agent should exit 0 on SIGTERM: {status}");
+
+    let pid = format!("process_pid=\"{}\"", busy.id());
+    let cpus = std::thread::available_parallelism().unwrap().get() as f64;
+    let measured = (c2 - c1) / (t2 - t1).as_secs_f64() / cpus;
+    let reported =
+        metric_value(&text, "process_cpu_utilization_ratio", &pid).expect("utilization of the busy process");
+    eprintln!("utilization: agent {reported:.3}, /proc {measured:.3}");
+    assert!((reported - measured).abs() <= 0.1 * measured, "agent {reported:.3} vs /proc {measured:.3}");
+    let line =
+        text.lines().find(|l| l.starts_with("process_cpu_time_seconds_total") && l.contains(&pid)).unwrap();
+    for attr in [
+        "service_name=\"workload\"",
+        "process_runtime_name=\"CPython\"",
+        "process_runtime_version=\"3.12.1\"",
+        "host_name=",
+    ] {
+        assert!(line.contains(attr), "missing {attr} in {line}");
+    }
+    assert!(
+        metric_value(&text, "stoker_function_cpu_time_seconds_total", "function=\"burn (workload.py)\"")
+            .unwrap_or(0.0)
+            > 1.0
+    );
+    assert!(metric_value(&text, "stoker_samples_total", "").unwrap_or(0.0) > 300.0, "{text}");
+    assert_eq!(metric_value(&text, "stoker_export_failures_total", ""), Some(0.0));
+
+    let ndjson = std::fs::read_to_string(&received).unwrap();
+    let metrics: Vec<serde_json::Value> =
+        ndjson.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    for (name, unit, kind) in [
+        ("process.cpu.time", "s", "sum"),
+        ("process.cpu.utilization", "1", "gauge"),
+        ("process.memory.usage", "By", "gauge"),
+        ("stoker.function.cpu.time", "s", "sum"),
+        ("stoker.samples", "{sample}", "sum"),
+        ("stoker.export.failures", "{failure}", "sum"),
+        ("stoker.processes.tracked", "{process}", "gauge"),
+    ] {
+        let m = metrics.iter().find(|m| m["name"] == name).unwrap_or_else(|| panic!("{name} not received"));
+        assert_eq!(m["unit"], unit, "{name}");
+        assert!(m.get(kind).is_some(), "{name} should be a {kind}: {m}");
+    }
+}
+
+/// With the receiver down the agent keeps sampling, counts failures and drops, stays
+/// small, and delivers once the receiver is back.
+#[test]
+fn agent_survives_a_receiver_outage() {
+    require_root();
+    let dir = scratch("outage");
+    let (otlp, http) = (free_port(), free_port());
+    let mut busy = Command::new(python("3.12.1"))
+        .args([workload().to_str().unwrap(), "shares", "30", dir.join("r.json").to_str().unwrap()])
+        .spawn()
+        .unwrap();
+    let config = dir.join("agent.yaml");
+    let yaml = format!(
+        "sample_rate_hz: 99\nexport_interval: 1s\nqueue:\n  max_batches: 2\nprometheus:\n  listen: 127.0.0.1:{http}\n"
+    );
+    std::fs::write(&config, yaml).unwrap();
+    let agent = agent(&config, otlp);
+    wait_ready(http);
+    thread::sleep(Duration::from_secs(6));
+    let (_, down) = http_get(http, "/metrics").unwrap();
+    let received = dir.join("otlp.ndjson");
+    let mut receiver = oteltap(otlp, &received);
+    let deadline = Instant::now() + Duration::from_secs(45);
+    while !std::fs::read_to_string(&received).unwrap_or_default().contains("process.cpu.time") {
+        assert!(Instant::now() < deadline, "no delivery after the receiver came back");
+        thread::sleep(Duration::from_millis(200));
+    }
+    let rss_kb: u64 = std::fs::read_to_string(format!("/proc/{}/status", agent.id()))
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap();
+    let status = stop(agent);
+    receiver.kill().ok();
+    receiver.wait().ok();
+    busy.kill().ok();
+    busy.wait().ok();
+    assert!(status.success());
+    assert!(metric_value(&down, "stoker_export_failures_total", "").unwrap_or(0.0) >= 1.0, "{down}");
+    assert!(metric_value(&down, "stoker_export_dropped_batches_total", "").unwrap_or(0.0) >= 1.0, "{down}");
+    assert!(
+        metric_value(&down, "stoker_samples_total", "").unwrap_or(0.0) > 300.0,
+        "sampling stopped: {down}"
+    );
+    assert!(rss_kb < 100 * 1024, "agent peak RSS {rss_kb} kB");
+}
