@@ -49,7 +49,7 @@ pub struct RecordArgs {
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = Format::Flamegraph)]
     pub format: Format,
-    /// Output file (default: stoker-<name>-<time>.<svg|folded> in the current directory).
+    /// Output file (default: stoker-<name>-<time>.<svg|folded|pb.gz|speedscope.json> in the current directory).
     #[arg(short, long, value_name = "PATH")]
     pub output: Option<PathBuf>,
     /// Sample every CPython process on the host, also those started during the session.

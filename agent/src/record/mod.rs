@@ -12,7 +12,7 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use agent_ebpf::{TARGET_FOLLOW, TARGET_SAMPLE};
@@ -127,6 +127,7 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
     }
 
     let started = Instant::now();
+    let started_at = SystemTime::now();
     let mut status = StatusLine::new();
     let mut last_collect = Instant::now();
     let end = loop {
@@ -184,6 +185,9 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
     let extra =
         if processes > 1 && !targets.is_empty() { format!(", {processes} processes") } else { String::new() };
     profile.title = format!("stoker: {name}{extra}");
+    profile.rate_hz = opts.rate_hz;
+    profile.start = Some(started_at);
+    profile.duration = elapsed;
     profile.subtitle = format!(
         "{} Hz, {:.1} s, {} samples, {} lost, {} stacks dropped, {} Python stacks truncated",
         opts.rate_hz,
