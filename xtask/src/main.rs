@@ -81,7 +81,14 @@ fn test(args: &[String]) -> Result<()> {
         .current_dir(root())
         .args(["test", "--workspace", "--exclude", "agent-ebpf", "--"])
         .arg("--test-threads=1")
-        .args(args))
+        .args(args))?;
+    // The deployment manifests, Dockerfile, dashboard and Collector config, checked by
+    // their validators (and the ConfigMap's configuration by the agent itself).
+    sh(Command::new("bash")
+        .current_dir(root())
+        .arg("deploy/check.sh")
+        .env("STOKER_DEPLOY_VENV", setup::DEPLOY_VENV)
+        .env("STOKER_BIN", root().join("target/debug/stoker")))
 }
 
 fn demo() -> Result<()> {

