@@ -28,8 +28,9 @@ fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
 
 fn oteltap(port: u16, out: &std::path::Path) -> Child {
     let file = std::fs::File::create(out).unwrap();
-    Command::new("oteltap")
-        .args(["--port", &port.to_string()])
+    // As a module: a console script installed by pip may have no pyenv shim yet.
+    Command::new("python3")
+        .args(["-m", "oteltap", "--port", &port.to_string()])
         .stdout(file)
         .stderr(Stdio::null())
         .spawn()
