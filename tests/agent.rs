@@ -203,3 +203,95 @@ fn agent_survives_a_receiver_outage() {
     );
     assert!(rss_kb < 100 * 1024, "agent peak RSS {rss_kb} kB");
 }
+
+/// Records every POST body it receives into a directory: a plain local HTTP endpoint
+/// standing in for Pyroscope's push API.
+const CAPTURE_SERVER: &str = r#"
+import http.server, pathlib, sys, itertools
+out = pathlib.Path(sys.argv[2]); n = itertools.count()
+class H(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        (out / f"{next(n):04}{self.path.replace('/', '_')}").write_bytes(body)
+        self.send_response(200); self.send_header("Content-Length", "2"); self.end_headers(); self.wfile.write(b"{}")
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"#;
+
+/// Each interval's profiles go to Pyroscope's push API as pprof, one series per process
+/// labelled like its metrics; the pprof decodes with an independent decoder.
+#[test]
+fn agent_pushes_profiles_to_pyroscope() {
+    require_root();
+    let dir = scratch("pyroscope");
+    let pushes = dir.join("pushes");
+    std::fs::create_dir_all(&pushes).unwrap();
+    let (port, http) = (free_port(), free_port());
+    let mut server = Command::new("python3")
+        .args(["-c", CAPTURE_SERVER, &port.to_string(), pushes.to_str().unwrap()])
+        .spawn()
+        .unwrap();
+    let mut busy = Command::new(python("3.12.1"))
+        .args([workload().to_str().unwrap(), "shares", "30", dir.join("r.json").to_str().unwrap()])
+        .spawn()
+        .unwrap();
+    let config = dir.join("agent.yaml");
+    let yaml = format!(
+        "sample_rate_hz: 99\nexport_interval: 2s\npyroscope:\n  url: http://127.0.0.1:{port}\nprometheus:\n  listen: 127.0.0.1:{http}\n"
+    );
+    std::fs::write(&config, yaml).unwrap();
+    let agent = Command::new(STOKER)
+        .args(["agent", "--config", config.to_str().unwrap()])
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .spawn()
+        .unwrap();
+    wait_ready(http);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let busy_pid = busy.id().to_string();
+    let found = loop {
+        let mut hit = None;
+        for entry in std::fs::read_dir(&pushes).unwrap().flatten() {
+            assert!(
+                entry.file_name().to_string_lossy().ends_with("_push.v1.PusherService_Push"),
+                "{entry:?}"
+            );
+            let body: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(entry.path()).unwrap()).unwrap();
+            for series in body["series"].as_array().unwrap() {
+                let label = |name: &str| {
+                    series["labels"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .find(|l| l["name"] == name)
+                        .map(|l| l["value"].clone())
+                };
+                if label("process_pid") == Some(serde_json::json!(busy_pid)) {
+                    assert_eq!(label("__name__"), Some(serde_json::json!("process_cpu")));
+                    assert_eq!(label("service_name"), Some(serde_json::json!("workload")));
+                    hit = Some(series["samples"][0]["rawProfile"].as_str().unwrap().to_string());
+                }
+            }
+        }
+        if let Some(raw) = hit {
+            break raw;
+        }
+        assert!(Instant::now() < deadline, "no profile of the busy process was pushed");
+        thread::sleep(Duration::from_millis(300));
+    };
+    let status = stop(agent);
+    server.kill().ok();
+    server.wait().ok();
+    busy.kill().ok();
+    busy.wait().ok();
+    assert!(status.success());
+    use base64::Engine;
+    let pb = dir.join("pushed.pb.gz");
+    std::fs::write(&pb, base64::engine::general_purpose::STANDARD.decode(found).unwrap()).unwrap();
+    let p = decode_pprof(&pb);
+    let functions: Vec<&str> = p["functions"].as_array().unwrap().iter().filter_map(|f| f.as_str()).collect();
+    for f in ["func_a", "burn", "shares"] {
+        assert!(functions.contains(&f), "{f} missing from the pushed profile: {functions:?}");
+    }
+    assert!(p["samples"].as_i64().unwrap() > 20, "{p}");
+}

@@ -232,29 +232,8 @@ fn doctor_reports_capabilities() {
 #[test]
 fn pprof_output_decodes_with_protoc_generated_code() {
     require_root();
-    let python_has = |module: &str| {
-        Command::new("python3")
-            .args(["-c", &format!("import {module}")])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    assert!(
-        python_has("google.protobuf") && python_has("grpc_tools.protoc"),
-        "this test decodes pprof output with Python's protobuf and grpcio-tools' protoc: \
-         install them with `python3 -m pip install protobuf grpcio-tools`"
-    );
     let hot = build_c("hot");
     let dir = scratch("pprof");
-    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
-    let protoc = Command::new("python3")
-        .args(["-m", "grpc_tools.protoc", "-I"])
-        .arg(&fixtures)
-        .arg(format!("--python_out={}", dir.display()))
-        .arg(fixtures.join("profile.proto"))
-        .output()
-        .expect("run python3 -m grpc_tools.protoc");
-    assert!(protoc.status.success(), "protoc failed: {}", String::from_utf8_lossy(&protoc.stderr));
-
     let pb = dir.join("hot.pb.gz");
     let out = stoker(&[
         "record",
@@ -269,19 +248,7 @@ fn pprof_output_decodes_with_protoc_generated_code() {
         "30",
     ]);
     assert!(out.status.success(), "stoker failed: {}", stderr(&out));
-    let decoded = Command::new("python3")
-        .arg(fixtures.join("pprof_decode.py"))
-        .arg(&dir)
-        .arg(&pb)
-        .output()
-        .expect("run the pprof decoder");
-    assert!(
-        decoded.status.success(),
-        "decoding {} failed: {}",
-        pb.display(),
-        String::from_utf8_lossy(&decoded.stderr)
-    );
-    let p: serde_json::Value = serde_json::from_slice(&decoded.stdout).expect("decoder prints JSON");
+    let p = decode_pprof(&pb);
 
     assert_eq!(p["gzip"], true, "the file must be gzipped");
     assert_eq!(p["string0"], "", "string_table[0] must be empty");

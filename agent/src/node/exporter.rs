@@ -1,6 +1,6 @@
-//! Sends OTLP metrics over http/protobuf from a thread of its own: a bounded queue
-//! (the oldest batch is dropped and counted when full) and retries with backoff, so an
-//! unreachable or slow endpoint never blocks sampling.
+//! Sends batches (OTLP metrics over http/protobuf, Pyroscope pushes) from a thread of its
+//! own: a bounded queue (the oldest batch is dropped and counted when full) and retries
+//! with backoff, so an unreachable or slow endpoint never blocks sampling.
 use std::{
     collections::VecDeque,
     sync::{
@@ -37,28 +37,38 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 impl Exporter {
-    /// Starts sending to `endpoint` (the OTLP base URL; `/v1/metrics` is appended).
-    pub fn start(endpoint: &str, capacity: usize) -> Self {
+    /// Starts sending OTLP metrics to `endpoint` (the base URL; `/v1/metrics` is appended).
+    pub fn otlp_metrics(endpoint: &str, capacity: usize) -> Self {
         let url = format!("{}/v1/metrics", endpoint.trim_end_matches('/'));
+        Self::start(url, "application/x-protobuf", capacity)
+    }
+
+    /// Starts sending to `url` with the given content type.
+    pub fn start(url: String, content_type: &'static str, capacity: usize) -> Self {
         let queue = Arc::new((Mutex::new(Queue { batches: VecDeque::new(), closed: false }), Condvar::new()));
         let stats = Arc::new(ExportStats::default());
         let (q, s) = (queue.clone(), stats.clone());
         let thread = std::thread::Builder::new()
             .name("otlp-export".into())
-            .spawn(move || send_loop(&url, &q, &s))
+            .spawn(move || send_loop(&url, content_type, &q, &s))
             .expect("spawn the export thread");
         Self { queue, capacity, stats, thread: Some(thread) }
     }
 
-    /// Queues a request; never blocks on the network.
+    /// Queues a protobuf request; never blocks on the network.
     pub fn push(&self, request: &impl Message) {
+        self.push_bytes(request.encode_to_vec());
+    }
+
+    /// Queues an encoded request; never blocks on the network.
+    pub fn push_bytes(&self, body: Vec<u8>) {
         let (lock, cond) = &*self.queue;
         let mut q = lock.lock().unwrap_or_else(|e| e.into_inner());
         if q.batches.len() >= self.capacity {
             q.batches.pop_front();
             self.stats.dropped.fetch_add(1, Ordering::Relaxed);
         }
-        q.batches.push_back(request.encode_to_vec());
+        q.batches.push_back(body);
         cond.notify_one();
     }
 
@@ -79,7 +89,7 @@ impl Exporter {
     }
 }
 
-fn send_loop(url: &str, queue: &(Mutex<Queue>, Condvar), stats: &ExportStats) {
+fn send_loop(url: &str, content_type: &str, queue: &(Mutex<Queue>, Condvar), stats: &ExportStats) {
     let agent: ureq::Agent = ureq::Agent::config_builder().timeout_global(Some(TIMEOUT)).build().into();
     let mut backoff = Duration::from_millis(500);
     loop {
@@ -94,7 +104,7 @@ fn send_loop(url: &str, queue: &(Mutex<Queue>, Condvar), stats: &ExportStats) {
                 None => return, // closed and drained
             }
         };
-        let sent = agent.post(url).header("Content-Type", "application/x-protobuf").send(&batch[..]);
+        let sent = agent.post(url).header("Content-Type", content_type).send(&batch[..]);
         let (lock, cond) = queue;
         let mut q = lock.lock().unwrap_or_else(|e| e.into_inner());
         match sent {
@@ -108,7 +118,7 @@ fn send_loop(url: &str, queue: &(Mutex<Queue>, Condvar), stats: &ExportStats) {
             }
             Err(e) => {
                 stats.failures.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!("OTLP export to {url} failed: {e}; retrying in {backoff:?}");
+                tracing::warn!("export to {url} failed: {e}; retrying in {backoff:?}");
                 if q.closed {
                     return;
                 }

@@ -3,6 +3,7 @@
 pub mod config;
 pub mod exporter;
 pub mod http;
+pub mod pyroscope;
 pub mod resource;
 pub mod state;
 
@@ -82,7 +83,8 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
             patterns.iter().any(|p| p.is_match(&comm) || p.is_match(&exe))
         }));
     }
-    let exporter = endpoint.as_deref().map(|e| Exporter::start(e, config.queue.max_batches));
+    let exporter = endpoint.as_deref().map(|e| Exporter::otlp_metrics(e, config.queue.max_batches));
+    let pyroscope = config.pyroscope.url.as_deref().map(|u| pyroscope::exporter(u, config.queue.max_batches));
     let mut agent = Interval::new(config, env);
     let mut collector = Collector::new(false);
     ready.store(true, Ordering::Relaxed);
@@ -117,12 +119,24 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
             if let Some(exporter) = &exporter {
                 exporter.push(&snap.otlp());
             }
+            if let Some(pyroscope) = &pyroscope {
+                let body = pyroscope::push_request(
+                    &collector,
+                    &agent.interval_counts,
+                    &snap,
+                    config.sample_rate_hz,
+                    elapsed,
+                );
+                if let Some(body) = body {
+                    pyroscope.push_bytes(body);
+                }
+            }
         }
         if stopping {
             break;
         }
     }
-    if let Some(exporter) = exporter {
+    for exporter in [exporter, pyroscope].into_iter().flatten() {
         exporter.shutdown(FLUSH_DEADLINE);
     }
     Ok(())
@@ -134,6 +148,8 @@ struct Interval {
     cpus: f64,
     node: Option<String>,
     last: HashMap<SampleKey, u64>,
+    /// This interval's samples per process (for profiles).
+    interval_counts: HashMap<u32, Vec<(SampleKey, u64)>>,
     processes: std::collections::BTreeMap<u32, ProcessMetrics>,
 }
 
@@ -144,6 +160,7 @@ impl Interval {
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get()) as f64,
             node: env("NODE_NAME"),
             last: HashMap::new(),
+            interval_counts: HashMap::new(),
             processes: Default::default(),
         }
     }
@@ -158,6 +175,7 @@ impl Interval {
             }
         }
         self.processes.retain(|pid, _| live.contains(pid));
+        self.interval_counts = deltas.clone();
         for &pid in live {
             if !self.processes.contains_key(&pid) {
                 let resource = self.resource(pid, tracker);
