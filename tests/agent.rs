@@ -37,6 +37,22 @@ fn oteltap(port: u16, out: &std::path::Path) -> Child {
         .expect("oteltap (pip install oteltap) must be installed; cargo xtask setup installs it")
 }
 
+/// A CPython 3.12 process busy in the workload's func_a/b/c for 30 s.
+fn busy_python(dir: &std::path::Path) -> Child {
+    Command::new(python("3.12.1"))
+        .args([workload().to_str().unwrap(), "shares", "30", dir.join("r.json").to_str().unwrap()])
+        .spawn()
+        .unwrap()
+}
+
+/// Writes an agent configuration (sample rate 99 Hz, /metrics on `http`) plus `extra`.
+fn agent_config(dir: &std::path::Path, http: u16, extra: &str) -> std::path::PathBuf {
+    let config = dir.join("agent.yaml");
+    let yaml = format!("sample_rate_hz: 99\nprometheus:\n  listen: 127.0.0.1:{http}\n{extra}");
+    std::fs::write(&config, yaml).unwrap();
+    config
+}
+
 fn agent(config: &std::path::Path, otlp_port: u16) -> Child {
     Command::new(STOKER)
         .args(["agent", "--config", config.to_str().unwrap()])
@@ -87,16 +103,13 @@ fn agent_exports_metrics() {
     let (otlp, http) = (free_port(), free_port());
     let received = dir.join("otlp.ndjson");
     let receiver = oteltap(otlp, &received);
-    let mut busy = Command::new(python("3.12.1"))
-        .args([workload().to_str().unwrap(), "shares", "30", dir.join("r.json").to_str().unwrap()])
-        .spawn()
-        .unwrap();
-    let config = dir.join("agent.yaml");
-    std::fs::write(
-        &config,
-        format!("sample_rate_hz: 99\nexport_interval: 1s\nprometheus:\n  listen: 127.0.0.1:{http}\n"),
-    )
-    .unwrap();
+    let mut busy = busy_python(&dir);
+    let config = agent_config(
+        &dir,
+        http,
+        "export_interval: 1s
+",
+    );
     let agent = agent(&config, otlp);
     wait_ready(http);
     thread::sleep(Duration::from_secs(3));
@@ -163,15 +176,8 @@ fn agent_survives_a_receiver_outage() {
     require_root();
     let dir = scratch("outage");
     let (otlp, http) = (free_port(), free_port());
-    let mut busy = Command::new(python("3.12.1"))
-        .args([workload().to_str().unwrap(), "shares", "30", dir.join("r.json").to_str().unwrap()])
-        .spawn()
-        .unwrap();
-    let config = dir.join("agent.yaml");
-    let yaml = format!(
-        "sample_rate_hz: 99\nexport_interval: 1s\nqueue:\n  max_batches: 2\nprometheus:\n  listen: 127.0.0.1:{http}\n"
-    );
-    std::fs::write(&config, yaml).unwrap();
+    let mut busy = busy_python(&dir);
+    let config = agent_config(&dir, http, "export_interval: 1s\nqueue:\n  max_batches: 2\n");
     let agent = agent(&config, otlp);
     wait_ready(http);
     thread::sleep(Duration::from_secs(6));
@@ -231,15 +237,12 @@ fn agent_pushes_profiles_to_pyroscope() {
         .args(["-c", CAPTURE_SERVER, &port.to_string(), pushes.to_str().unwrap()])
         .spawn()
         .unwrap();
-    let mut busy = Command::new(python("3.12.1"))
-        .args([workload().to_str().unwrap(), "shares", "30", dir.join("r.json").to_str().unwrap()])
-        .spawn()
-        .unwrap();
-    let config = dir.join("agent.yaml");
-    let yaml = format!(
-        "sample_rate_hz: 99\nexport_interval: 2s\npyroscope:\n  url: http://127.0.0.1:{port}\nprometheus:\n  listen: 127.0.0.1:{http}\n"
+    let mut busy = busy_python(&dir);
+    let config = agent_config(
+        &dir,
+        http,
+        &format!("export_interval: 2s\npyroscope:\n  url: http://127.0.0.1:{port}\n"),
     );
-    std::fs::write(&config, yaml).unwrap();
     let agent = Command::new(STOKER)
         .args(["agent", "--config", config.to_str().unwrap()])
         .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
