@@ -25,6 +25,7 @@ use self::{
 };
 use crate::{
     error::{Error, Result},
+    export::Profile,
     record::{
         collect::{Collector, View},
         tracker::Tracker,
@@ -120,13 +121,7 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
                 exporter.push(&snap.otlp());
             }
             if let Some(pyroscope) = &pyroscope {
-                let body = pyroscope::push_request(
-                    &collector,
-                    &agent.interval_counts,
-                    &snap,
-                    config.sample_rate_hz,
-                    elapsed,
-                );
+                let body = pyroscope::push_request(&agent.profiles, &snap, config.sample_rate_hz, elapsed);
                 if let Some(body) = body {
                     pyroscope.push_bytes(body);
                 }
@@ -148,8 +143,8 @@ struct Interval {
     cpus: f64,
     node: Option<String>,
     last: HashMap<SampleKey, u64>,
-    /// This interval's samples per process (for profiles).
-    interval_counts: HashMap<u32, Vec<(SampleKey, u64)>>,
+    /// This interval's profile of each process (its metrics and Pyroscope push use it).
+    profiles: HashMap<u32, Profile>,
     processes: std::collections::BTreeMap<u32, ProcessMetrics>,
 }
 
@@ -160,7 +155,7 @@ impl Interval {
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get()) as f64,
             node: env("NODE_NAME"),
             last: HashMap::new(),
-            interval_counts: HashMap::new(),
+            profiles: HashMap::new(),
             processes: Default::default(),
         }
     }
@@ -175,7 +170,10 @@ impl Interval {
             }
         }
         self.processes.retain(|pid, _| live.contains(pid));
-        self.interval_counts = deltas.clone();
+        self.profiles = deltas
+            .iter()
+            .map(|(pid, counts)| (*pid, collector.profile_of(counts, View::default())))
+            .collect();
         for &pid in live {
             if !self.processes.contains_key(&pid) {
                 let resource = self.resource(pid, tracker);
@@ -183,8 +181,7 @@ impl Interval {
             }
             let Some(p) = self.processes.get_mut(&pid) else { continue };
             let mut seconds = 0.0;
-            if let Some(counts) = deltas.get(&pid) {
-                let profile = collector.profile_of(counts, View::default());
+            if let Some(profile) = self.profiles.get(&pid) {
                 for (frames, n) in &profile.stacks {
                     let cpu = *n as f64 / self.rate_hz;
                     seconds += cpu;
@@ -236,9 +233,8 @@ impl Interval {
 
 /// `qualname (file.py)` of a Python frame `qualname (file.py:line)`; None for others.
 fn python_function(frame: &str) -> Option<String> {
-    let inner = frame.strip_suffix(')')?;
-    let (name_file, line) = inner.rsplit_once(':')?;
-    line.bytes().all(|b| b.is_ascii_digit()).then(|| format!("{name_file})"))
+    let parts = crate::export::pprof::parse_frame(frame);
+    Some(format!("{} ({})", parts.name, parts.file?))
 }
 
 /// `k=v,k=v` as in OTEL_RESOURCE_ATTRIBUTES (values may be percent-encoded; kept as is).

@@ -2,13 +2,12 @@
 //! labelled like its metrics, through Pyroscope's push API (Connect, JSON encoding).
 use std::{collections::HashMap, time::Duration};
 
-use agent_ebpf::SampleKey;
 use base64::Engine;
 
 use super::{exporter::Exporter, state::Snapshot};
-use crate::{
-    export::pprof::{self, PprofMeta},
-    record::collect::{Collector, View},
+use crate::export::{
+    Profile,
+    pprof::{self, PprofMeta},
 };
 
 /// The exporter for a Pyroscope server at `url`.
@@ -17,22 +16,20 @@ pub fn exporter(url: &str, capacity: usize) -> Exporter {
     Exporter::start(push, "application/json", capacity)
 }
 
-/// The push request for this interval's samples; None when there are none.
+/// The push request for this interval's profiles; None when there are none.
 pub fn push_request(
-    collector: &Collector,
-    counts: &HashMap<u32, Vec<(SampleKey, u64)>>,
+    profiles: &HashMap<u32, Profile>,
     snapshot: &Snapshot,
     rate_hz: u64,
     interval: Duration,
 ) -> Option<Vec<u8>> {
     let start = snapshot.time.unwrap_or_else(std::time::SystemTime::now) - interval;
     let meta = PprofMeta { rate_hz, start, duration: interval };
-    let series: Vec<serde_json::Value> = counts
+    let series: Vec<serde_json::Value> = profiles
         .iter()
-        .filter_map(|(pid, counts)| {
+        .filter_map(|(pid, profile)| {
             let process = snapshot.processes.get(pid)?;
-            let profile = collector.profile_of(counts, View::default());
-            let raw = pprof::encode(&profile, &meta);
+            let raw = pprof::encode(profile, &meta);
             let mut labels = vec![serde_json::json!({"name": "__name__", "value": "process_cpu"})];
             for (k, v) in &process.resource {
                 labels.push(serde_json::json!({"name": k.replace('.', "_"), "value": v}));

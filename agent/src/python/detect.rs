@@ -74,7 +74,7 @@ pub fn detect(pid: u32) -> Detected {
 }
 
 /// `python3`, `python3.11`, `libpython3.11.so.1.0`, `python3.12d`...
-fn is_interpreter_name(name: &str) -> bool {
+pub fn is_interpreter_name(name: &str) -> bool {
     let rest = name.strip_prefix("lib").unwrap_or(name);
     rest.starts_with("python")
 }

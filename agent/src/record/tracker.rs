@@ -155,9 +155,7 @@ impl Tracker {
             if matches!(t.kind, Kind::Python | Kind::Unsupported | Kind::Exited) {
                 continue;
             }
-            let named_python =
-                t.exe.as_ref().and_then(|e| e.file_name()?.to_str()).is_some_and(|n| n.starts_with("python"));
-            let recheck = if named_python { RECHECK_PYTHON_NAMED } else { RECHECK };
+            let recheck = if named_python(t.exe.as_deref()) { RECHECK_PYTHON_NAMED } else { RECHECK };
             if t.checked.is_some_and(|c| now.duration_since(c) < recheck) {
                 continue;
             }
@@ -168,9 +166,7 @@ impl Tracker {
             }
             // A process that is not Python is looked at again only when it execs, or while
             // its executable is named python (its libpython may not be mapped yet).
-            let named_python =
-                exe.as_ref().and_then(|e| e.file_name()?.to_str()).is_some_and(|n| n.starts_with("python"));
-            if t.kind == Kind::NotPython && t.exe == exe && !named_python {
+            if t.kind == Kind::NotPython && t.exe == exe && !named_python(exe.as_deref()) {
                 t.checked = Some(now);
                 continue;
             }
@@ -216,4 +212,9 @@ impl Tracker {
         }
         Ok(())
     }
+}
+
+/// True when an executable's file name is an interpreter's (`python3`, `python3.12`).
+fn named_python(exe: Option<&std::path::Path>) -> bool {
+    exe.and_then(|e| e.file_name()?.to_str()).is_some_and(python::detect::is_interpreter_name)
 }
