@@ -110,10 +110,15 @@ mod tests {
             .expect("run sleep");
         let bare =
             std::process::Command::new("sleep").arg("5").env_remove("OTEL_SERVICE_NAME").spawn().unwrap();
-        // Until exec, /proc shows the forked test process, not sleep.
+        // Until exec, /proc shows the forked test process, not sleep; exec names the task
+        // before it lays out the new environment, so wait for both.
         for pid in [child.id(), bare.id()] {
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-            while crate::sys::process::comm(pid) != "sleep" && std::time::Instant::now() < deadline {
+            let execed = || {
+                crate::sys::process::comm(pid) == "sleep"
+                    && !fs::read(format!("/proc/{pid}/environ")).unwrap_or_default().is_empty()
+            };
+            while !execed() && std::time::Instant::now() < deadline {
                 std::thread::sleep(std::time::Duration::from_millis(5));
             }
         }
