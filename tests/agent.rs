@@ -63,6 +63,15 @@ fn agent(config: &std::path::Path, otlp_port: u16) -> Child {
         .unwrap()
 }
 
+/// The agent with no OTLP endpoint (its other outputs only).
+fn agent_without_otlp(config: &std::path::Path) -> Child {
+    Command::new(STOKER)
+        .args(["agent", "--config", config.to_str().unwrap()])
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .spawn()
+        .unwrap()
+}
+
 fn wait_ready(port: u16) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while http_get(port, "/readyz").map(|(s, _)| s) != Some(200) {
@@ -104,19 +113,31 @@ fn agent_exports_metrics() {
     let received = dir.join("otlp.ndjson");
     let receiver = oteltap(otlp, &received);
     let mut busy = busy_python(&dir);
-    let config = agent_config(
-        &dir,
-        http,
-        "export_interval: 1s
-",
-    );
+    let config = agent_config(&dir, http, "export_interval: 1s\n");
     let agent = agent(&config, otlp);
     wait_ready(http);
-    thread::sleep(Duration::from_secs(3));
-    let (c1, t1) = (cpu_seconds(busy.id()), Instant::now());
-    thread::sleep(Duration::from_secs(4));
-    let (c2, t2) = (cpu_seconds(busy.id()), Instant::now());
-    let (_, text) = http_get(http, "/metrics").expect("scrape /metrics");
+    // /proc is read right after each export, so both sides cover the same intervals.
+    let pid = format!("process_pid=\"{}\"", busy.id());
+    let after_export = |previous: f64| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, text) = http_get(http, "/metrics").expect("scrape /metrics");
+            let reported = metric_value(&text, "process_cpu_time_seconds_total", &pid).unwrap_or(0.0);
+            if reported != previous {
+                return (reported, cpu_seconds(busy.id()), text);
+            }
+            assert!(Instant::now() < deadline, "no new export of the busy process");
+            thread::sleep(Duration::from_millis(10));
+        }
+    };
+    // The first export may cover less than an interval of the process.
+    let (first, _, _) = after_export(0.0);
+    let (a1, c1, _) = after_export(first);
+    let (mut a2, mut c2) = (a1, c1);
+    let mut text = String::new();
+    for _ in 0..4 {
+        (a2, c2, text) = after_export(a2);
+    }
     let status = stop(agent);
     busy.kill().ok();
     busy.wait().ok();
@@ -126,13 +147,12 @@ fn agent_exports_metrics() {
     receiver.wait().ok();
     assert!(status.success(), "the agent should exit 0 on SIGTERM: {status}");
 
-    let pid = format!("process_pid=\"{}\"", busy.id());
-    let cpus = std::thread::available_parallelism().unwrap().get() as f64;
-    let measured = (c2 - c1) / (t2 - t1).as_secs_f64() / cpus;
-    let reported =
+    eprintln!("CPU over 4 exports: agent {:.3} s, /proc {:.3} s", a2 - a1, c2 - c1);
+    assert!(((a2 - a1) - (c2 - c1)).abs() <= 0.1 * (c2 - c1), "agent {a2} - {a1} vs /proc {c2} - {c1}");
+    let utilization =
         metric_value(&text, "process_cpu_utilization_ratio", &pid).expect("utilization of the busy process");
-    eprintln!("utilization: agent {reported:.3}, /proc {measured:.3}");
-    assert!((reported - measured).abs() <= 0.1 * measured, "agent {reported:.3} vs /proc {measured:.3}");
+    let cpus = std::thread::available_parallelism().unwrap().get() as f64;
+    assert!(utilization > 0.0 && utilization <= 1.0 / cpus + 0.05, "utilization {utilization}");
     let line =
         text.lines().find(|l| l.starts_with("process_cpu_time_seconds_total") && l.contains(&pid)).unwrap();
     for attr in [
@@ -243,11 +263,7 @@ fn agent_pushes_profiles_to_pyroscope() {
         http,
         &format!("export_interval: 2s\npyroscope:\n  url: http://127.0.0.1:{port}\n"),
     );
-    let agent = Command::new(STOKER)
-        .args(["agent", "--config", config.to_str().unwrap()])
-        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-        .spawn()
-        .unwrap();
+    let agent = agent_without_otlp(&config);
     wait_ready(http);
     let deadline = Instant::now() + Duration::from_secs(30);
     let busy_pid = busy.id().to_string();
@@ -297,4 +313,42 @@ fn agent_pushes_profiles_to_pyroscope() {
         assert!(functions.contains(&f), "{f} missing from the pushed profile: {functions:?}");
     }
     assert!(p["samples"].as_i64().unwrap() > 20, "{p}");
+}
+
+/// A process that exits between two exports still reports the CPU of its last interval.
+#[test]
+fn agent_reports_a_process_that_exits_mid_interval() {
+    require_root();
+    let dir = scratch("exits");
+    let http = free_port();
+    let config = agent_config(&dir, http, "export_interval: 3s\n");
+    let agent = agent_without_otlp(&config);
+    wait_ready(http);
+    let mut short = Command::new(python("3.12.1"))
+        .args([workload().to_str().unwrap(), "shares", "2", dir.join("r.json").to_str().unwrap()])
+        .spawn()
+        .unwrap();
+    // Its CPU time, read while it is a zombie (the kernel keeps it until it is reaped).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let zombie = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
+    };
+    while !zombie(short.id()) {
+        assert!(Instant::now() < deadline, "the short workload did not end");
+        thread::sleep(Duration::from_millis(10));
+    }
+    let used = cpu_seconds(short.id());
+    short.wait().unwrap();
+    let pid = format!("process_pid=\"{}\"", short.id());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut reported = 0.0;
+    while Instant::now() < deadline && (reported - used).abs() > 0.1 * used {
+        thread::sleep(Duration::from_millis(100));
+        let (_, text) = http_get(http, "/metrics").unwrap_or_default();
+        reported = metric_value(&text, "process_cpu_time_seconds_total", &pid).unwrap_or(reported);
+    }
+    assert!(stop(agent).success());
+    eprintln!("exited process: agent {reported:.2} s, /proc {used:.2} s");
+    assert!((reported - used).abs() <= 0.1 * used, "agent {reported:.2} s vs /proc {used:.2} s");
 }

@@ -18,6 +18,10 @@ pub const MAP_PY_STACKS: &str = "PY_STACKS";
 pub const MAP_PY_THREADS: &str = "PY_THREADS";
 /// The CPU-sampling perf-event program.
 pub const PROG_PERF_SAMPLE: &str = "perf_sample";
+/// Processes that called exec since userspace last looked: tgid -> 0.
+pub const MAP_EXECS: &str = "EXECS";
+/// The exec-watching tracepoint program (`sched:sched_process_exec`).
+pub const PROG_SCHED_EXEC: &str = "sched_exec";
 /// Global set by the loader: offset of `thread.fsbase` in `task_struct` (from BTF).
 pub const GLOBAL_FSBASE_OFFSET: &str = "FSBASE_OFFSET";
 /// Global set by the loader: 1 to time each target sample (`stat::TARGET_NS`).
@@ -39,6 +43,8 @@ pub const STACKS_CAPACITY: u32 = 16 * 1024;
 pub const COUNTS_CAPACITY: u32 = 64 * 1024;
 /// Capacity of the targets map (processes sampled at once).
 pub const TARGETS_CAPACITY: u32 = 8 * 1024;
+/// Capacity of the exec notification set (execs between two userspace ticks).
+pub const EXECS_CAPACITY: u32 = 4 * 1024;
 /// Capacity of the Python stacks map (unique Python stacks).
 pub const PY_STACKS_CAPACITY: u32 = 8 * 1024;
 /// Capacity of the Python thread-state cache.
@@ -77,8 +83,10 @@ pub mod stat {
     pub const TARGET_NS: u32 = 10;
     /// Python frames whose prefix could not be read at once (read field by field instead).
     pub const PY_FRAME_SLOW_READS: u32 = 11;
+    /// Exec notifications lost because the set was full (found by the next /proc scan).
+    pub const EXECS_FULL: u32 = 12;
     /// Number of counters.
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 13;
 }
 
 /// Key of the kernel-side aggregation: one thread, one user stack, one kernel stack, one

@@ -1,8 +1,8 @@
 //! Every map of stoker's kernel programs, declared once. Names match the `MAP_*`
 //! constants of the shared library so userspace finds them.
 use agent_ebpf::{
-    COUNTS_CAPACITY, PY_FRAME_CHUNK, PY_STACKS_CAPACITY, PY_THREADS_CAPACITY, PyProc, PyStack,
-    STACKS_CAPACITY, SampleKey, TARGETS_CAPACITY, stat,
+    COUNTS_CAPACITY, EXECS_CAPACITY, PY_FRAME_CHUNK, PY_STACKS_CAPACITY, PY_THREADS_CAPACITY, PyProc,
+    PyStack, STACKS_CAPACITY, SampleKey, TARGETS_CAPACITY, stat,
 };
 use aya_ebpf::{
     macros::map,
@@ -11,6 +11,9 @@ use aya_ebpf::{
 
 #[map]
 pub static TARGETS: HashMap<u32, u32> = HashMap::with_max_entries(TARGETS_CAPACITY, 0);
+
+#[map]
+pub static EXECS: HashMap<u32, u32> = HashMap::with_max_entries(EXECS_CAPACITY, 0);
 
 #[map]
 pub static STACKS: StackTrace = StackTrace::with_max_entries(STACKS_CAPACITY, 0);

@@ -74,6 +74,9 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
 
     let mut sampler = Sampler::load(false)?;
     sampler.start(config.sample_rate_hz)?;
+    if let Err(e) = sampler.watch_execs() {
+        tracing::warn!("new processes are found by scanning /proc only: {e}");
+    }
     let mut tracker = Tracker::new(true, false);
     let patterns: Vec<regex::Regex> =
         s.process_names.iter().filter_map(|p| regex::Regex::new(p).ok()).collect();
@@ -100,6 +103,7 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
         std::thread::sleep(TICK);
         let stopping = stop.load(Ordering::Relaxed);
         tracker.update(&mut sampler, &mut collector)?;
+        agent.observe(&tracker.live_targets(), &tracker);
         if stopping || last_export.elapsed() >= config.export_interval {
             let elapsed = last_export.elapsed();
             last_export = Instant::now();
@@ -108,6 +112,7 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
             agent.update(&collector, &tracker, &live, elapsed);
             if collector.counts().len() as u64 > u64::from(COUNTS_CAPACITY) * 3 / 4 {
                 sampler.clear_counts()?;
+                collector.forget_stacks(&live);
                 agent.last.clear();
             }
             let snap = {
@@ -169,17 +174,14 @@ impl Interval {
                 deltas.entry(key.tgid).or_default().push((*key, count - before));
             }
         }
-        self.processes.retain(|pid, _| live.contains(pid));
+        // A process that exited during the interval reports its last samples once more.
+        self.processes.retain(|pid, _| live.contains(pid) || deltas.contains_key(pid));
         self.profiles = deltas
             .iter()
             .map(|(pid, counts)| (*pid, collector.profile_of(counts, View::default())))
             .collect();
-        for &pid in live {
-            if !self.processes.contains_key(&pid) {
-                let resource = self.resource(pid, tracker);
-                self.processes.insert(pid, ProcessMetrics { resource, ..Default::default() });
-            }
-            let Some(p) = self.processes.get_mut(&pid) else { continue };
+        self.observe(live, tracker);
+        for (&pid, p) in self.processes.iter_mut() {
             let mut seconds = 0.0;
             if let Some(profile) = self.profiles.get(&pid) {
                 for (frames, n) in &profile.stacks {
@@ -193,6 +195,17 @@ impl Interval {
             p.cpu_seconds += seconds;
             p.utilization = seconds / elapsed.as_secs_f64().max(1e-3) / self.cpus;
             p.memory_bytes = rss_bytes(pid);
+        }
+    }
+
+    /// Notes the resource attributes of processes seen for the first time, while they
+    /// live (one that exits before the next export still reports its samples).
+    fn observe(&mut self, live: &[u32], tracker: &Tracker) {
+        for &pid in live {
+            if !self.processes.contains_key(&pid) {
+                let resource = self.resource(pid, tracker);
+                self.processes.insert(pid, ProcessMetrics { resource, ..Default::default() });
+            }
         }
     }
 

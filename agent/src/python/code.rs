@@ -67,10 +67,10 @@ impl CodeReader {
 
     fn read_code(&self, addr: u64) -> io::Result<CodeInfo> {
         let l = &self.layout;
-        let name_ptr = self.mem.u64(addr + l.code_qualname.unwrap_or(l.code_name))?;
-        let filename_ptr = self.mem.u64(addr + l.code_filename)?;
-        let first_line = self.mem.u32(addr + l.code_firstlineno)?;
-        let table_ptr = self.mem.u64(addr + l.code_linetable)?;
+        let name_ptr = self.mem.u64(addr.wrapping_add(l.code_qualname.unwrap_or(l.code_name)))?;
+        let filename_ptr = self.mem.u64(addr.wrapping_add(l.code_filename))?;
+        let first_line = self.mem.u32(addr.wrapping_add(l.code_firstlineno))?;
+        let table_ptr = self.mem.u64(addr.wrapping_add(l.code_linetable))?;
         Ok(CodeInfo {
             name: self.string(name_ptr)?,
             filename: self.string(filename_ptr)?,
@@ -83,8 +83,8 @@ impl CodeReader {
     /// A `str` object's text (compact strings: every string a code object holds).
     fn string(&self, addr: u64) -> io::Result<String> {
         let l = &self.layout;
-        let state = self.mem.u32(addr + l.unicode_state)?;
-        let length = self.mem.i64(addr + l.unicode_length)?;
+        let state = self.mem.u32(addr.wrapping_add(l.unicode_state))?;
+        let length = self.mem.i64(addr.wrapping_add(l.unicode_length))?;
         let invalid = || io::Error::new(io::ErrorKind::InvalidData, "not a compact str object");
         if !(0..=MAX_STRING as i64).contains(&length) {
             return Err(invalid());
@@ -97,14 +97,14 @@ impl CodeReader {
         }
         let length = length as usize;
         if ascii {
-            let bytes = self.mem.bytes(addr + l.unicode_ascii_data, length)?;
+            let bytes = self.mem.bytes(addr.wrapping_add(l.unicode_ascii_data), length)?;
             return Ok(String::from_utf8_lossy(&bytes).into_owned());
         }
         let width = match kind {
             1 | 2 | 4 => kind as usize,
             _ => return Err(invalid()),
         };
-        let raw = self.mem.bytes(addr + l.unicode_compact_data, length * width)?;
+        let raw = self.mem.bytes(addr.wrapping_add(l.unicode_compact_data), length * width)?;
         let chars = raw.chunks_exact(width).map(|c| {
             let mut v = [0u8; 4];
             v[..width].copy_from_slice(c);
@@ -116,10 +116,10 @@ impl CodeReader {
     /// A `bytes` object's contents.
     fn bytes(&self, addr: u64) -> io::Result<Vec<u8>> {
         let l = &self.layout;
-        let size = self.mem.i64(addr + l.bytes_size)?;
+        let size = self.mem.i64(addr.wrapping_add(l.bytes_size))?;
         if !(0..=MAX_LINETABLE as i64).contains(&size) {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "bad bytes object size"));
         }
-        self.mem.bytes(addr + l.bytes_data, size as usize)
+        self.mem.bytes(addr.wrapping_add(l.bytes_data), size as usize)
     }
 }

@@ -56,6 +56,18 @@ impl Collector {
         }
     }
 
+    /// Forgets the stacks resolved so far, after the kernel's maps were emptied (their
+    /// ids are then reused for other stacks) and the processes that exited.
+    pub fn forget_stacks(&mut self, live_pids: &[u32]) {
+        self.seen.clear();
+        self.user_stacks.clear();
+        self.kernel_stacks.clear();
+        self.py_stacks.clear();
+        self.counts.clear();
+        self.comms.retain(|pid, _| live_pids.contains(pid));
+        self.threads.retain(|tid, _| process::is_alive(*tid));
+    }
+
     /// Resolves stacks not seen before, while their processes live. With `final_read` it
     /// also reads the counts (the end of a session); otherwise only the keys.
     pub fn collect(&mut self, sampler: &Sampler, live_pids: &[u32], final_read: bool) -> Result<()> {

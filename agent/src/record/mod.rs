@@ -106,6 +106,11 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
     if opts.kernel_stats {
         sampler.enable_kernel_stats()?;
     }
+    if opts.all_python
+        && let Err(e) = sampler.watch_execs()
+    {
+        tracing::warn!("new processes are found by scanning /proc only: {e}");
+    }
     sampler.start(opts.rate_hz)?;
     let flags = if opts.subprocesses { TARGET_SAMPLE | TARGET_FOLLOW } else { TARGET_SAMPLE };
     let mut tracker = Tracker::new(opts.all_python, opts.native);

@@ -131,10 +131,22 @@ impl Tracker {
             }
         }
         // Children the kernel started following (a new process may reuse an old PID).
-        for pid in sampler.targets()? {
+        let followed = if sampler.follows_children() { sampler.targets()? } else { Vec::new() };
+        for pid in followed {
             match self.procs.get(&pid).map(|t| &t.kind) {
                 None | Some(Kind::Exited) => self.add(pid),
                 Some(_) => {}
+            }
+        }
+        // Processes that just exec'd (when the kernel reports them): looked at now.
+        for pid in sampler.take_execs()? {
+            match self.procs.get_mut(&pid) {
+                Some(t) if t.kind != Kind::Exited => t.checked = None,
+                _ if pid != self.me && self.filter.as_ref().is_none_or(|f| f(pid)) => {
+                    let t = Tracked { exe: None, kind: Kind::Unknown, checked: None, scanned: true };
+                    self.procs.insert(pid, t);
+                }
+                _ => {}
             }
         }
         if self.all_python && self.last_scan.is_none_or(|t| t.elapsed() >= SCAN) {

@@ -4,8 +4,8 @@ mod logs;
 
 use agent_ebpf::{
     GLOBAL_FSBASE_OFFSET, GLOBAL_MEASURE_COST, GLOBAL_NEWTASK_FLAGS_OFFSET, GLOBAL_NEWTASK_PID_OFFSET,
-    MAP_COUNTS, MAP_PY_PROCS, MAP_PY_STACKS, MAP_STACKS, MAP_STATS, MAP_TARGETS, PROG_PERF_SAMPLE,
-    PROG_TASK_NEWTASK, PyProc, PyStack, SampleKey, stat,
+    MAP_COUNTS, MAP_EXECS, MAP_PY_PROCS, MAP_PY_STACKS, MAP_STACKS, MAP_STATS, MAP_TARGETS, PROG_PERF_SAMPLE,
+    PROG_SCHED_EXEC, PROG_TASK_NEWTASK, PyProc, PyStack, SampleKey, stat,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -46,6 +46,8 @@ pub struct Stats {
     pub target_ns: u64,
     /// Python frames read field by field because their prefix could not be read at once.
     pub py_frame_slow_reads: u64,
+    /// Exec notifications lost to a full set (those processes wait for the /proc scan).
+    pub execs_missed: u64,
 }
 
 /// The loaded kernel programs and their maps.
@@ -55,6 +57,10 @@ pub struct Sampler {
     logger: Option<aya_log::EbpfLogger<logs::ToTracing>>,
     python_ready: bool,
     follow_ready: bool,
+    /// The kernel adds children of targets to the target set (see `follow_children`).
+    following: bool,
+    /// The kernel notes execs in `EXECS` (see `watch_execs`).
+    watching_execs: bool,
     /// Keeps the kernel's BPF run-time statistics on while held.
     stats_fd: Option<std::os::fd::OwnedFd>,
 }
@@ -96,24 +102,75 @@ impl Sampler {
         let prog: &mut PerfEvent = program(&mut ebpf)?;
         prog.load().map_err(|e| load_error("loading the CPU sampling program", &e))?;
         let follow_ready = newtask_pid != 0 && newtask_flags != 0;
-        Ok(Self { ebpf, logger, python_ready: fsbase != 0, follow_ready, stats_fd: None })
+        Ok(Self {
+            ebpf,
+            logger,
+            python_ready: fsbase != 0,
+            follow_ready,
+            following: false,
+            watching_execs: false,
+            stats_fd: None,
+        })
     }
 
     /// Starts following children of targets flagged `TARGET_FOLLOW`.
     pub fn follow_children(&mut self) -> Result<()> {
-        let unavailable =
-            |detail: String| Error::KernelFeature { feature: "the task:task_newtask tracepoint", detail };
         if !self.follow_ready {
-            return Err(unavailable("its format file could not be read".into()));
+            return Err(Error::KernelFeature {
+                feature: "the task:task_newtask tracepoint",
+                detail: "its format file could not be read".into(),
+            });
         }
+        let what = ("the task:task_newtask tracepoint", "loading the child-following program");
+        self.attach_tracepoint(PROG_TASK_NEWTASK, ("task", "task_newtask"), what)?;
+        self.following = true;
+        Ok(())
+    }
+
+    /// Starts noting every exec on the machine (the node agent: new processes are then
+    /// looked at on the next tick, not the next /proc scan).
+    pub fn watch_execs(&mut self) -> Result<()> {
+        let what = ("the sched:sched_process_exec tracepoint", "loading the exec-watching program");
+        self.attach_tracepoint(PROG_SCHED_EXEC, ("sched", "sched_process_exec"), what)?;
+        self.watching_execs = true;
+        Ok(())
+    }
+
+    /// Loads tracepoint program `name` and attaches it to `(category, event)`; `what` is
+    /// (the feature, the loading step) for error messages.
+    fn attach_tracepoint(
+        &mut self,
+        name: &str,
+        (category, event): (&str, &str),
+        (feature, loading): (&'static str, &'static str),
+    ) -> Result<()> {
+        let unavailable = |detail: String| Error::KernelFeature { feature, detail };
         let prog: &mut TracePoint = self
             .ebpf
-            .program_mut(PROG_TASK_NEWTASK)
+            .program_mut(name)
             .and_then(|p| p.try_into().ok())
             .ok_or_else(|| unavailable("program missing".into()))?;
-        prog.load().map_err(|e| load_error("loading the child-following program", &e))?;
-        prog.attach("task", "task_newtask").map_err(|e| unavailable(one_line(&e)))?;
+        prog.load().map_err(|e| load_error(loading, &e))?;
+        prog.attach(category, event).map_err(|e| unavailable(one_line(&e)))?;
         Ok(())
+    }
+
+    /// Processes that called exec since the last call (empty unless `watch_execs`).
+    pub fn take_execs(&mut self) -> Result<Vec<u32>> {
+        if !self.watching_execs {
+            return Ok(Vec::new());
+        }
+        let mut execs: HashMap<_, u32, u32> = self.map_mut(MAP_EXECS)?;
+        let pids: Vec<u32> = execs.keys().filter_map(|k| k.ok()).collect();
+        for pid in &pids {
+            let _ = execs.remove(pid);
+        }
+        Ok(pids)
+    }
+
+    /// Whether the kernel adds targets of its own (children of followed targets).
+    pub fn follows_children(&self) -> bool {
+        self.following
     }
 
     /// Turns on the kernel's run-time statistics of BPF programs (a little overhead per run).
@@ -207,8 +264,8 @@ impl Sampler {
         Ok(counts.keys().filter_map(|r| r.ok()).collect())
     }
 
-    /// Empties the counts and the Python stacks maps (the node agent, between intervals,
-    /// so they never fill). Increments between reading and clearing a key are lost.
+    /// Empties the counts, Python stacks and native stacks maps (the node agent, between
+    /// intervals, so they never fill). Increments between reading and clearing a key are lost.
     pub fn clear_counts(&mut self) -> Result<()> {
         let keys = self.count_keys()?;
         let mut counts: PerCpuHashMap<_, SampleKey, u64> = self.map_mut(MAP_COUNTS)?;
@@ -219,6 +276,12 @@ impl Sampler {
         let hashes: Vec<u64> = stacks.keys().filter_map(|k| k.ok()).collect();
         for hash in hashes {
             let _ = stacks.remove(&hash);
+        }
+        // Native stack ids are reused once freed: callers forget what they cached by id.
+        let mut native: StackTraceMap<&mut MapData> = self.map_mut(MAP_STACKS)?;
+        let ids: Vec<u32> = native.stack_ids().filter_map(|k| k.ok()).collect();
+        for id in ids {
+            let _ = native.remove(&id);
         }
         Ok(())
     }
@@ -246,6 +309,7 @@ impl Sampler {
             py_stacks_full: sum(stat::PY_STACKS_FULL),
             target_ns: sum(stat::TARGET_NS),
             py_frame_slow_reads: sum(stat::PY_FRAME_SLOW_READS),
+            execs_missed: sum(stat::EXECS_FULL),
         })
     }
 
