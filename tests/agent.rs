@@ -351,7 +351,7 @@ fn agent_exports_metrics_over_grpc() {
     let (otlp, http) = (free_port(), free_port());
     let mut receiver = otlp_receiver("grpc", otlp, &dir);
     let mut busy = busy_python(&dir);
-    let config = agent_config(&dir, http, "export_interval: 1s\n");
+    let config = agent_config(&dir, http, "export_interval: 1s\notlp:\n  profiles: true\n");
     let agent = agent_with_env(
         &config,
         &[
@@ -378,6 +378,20 @@ fn agent_exports_metrics_over_grpc() {
         assert!(Instant::now() < deadline, "no metrics of the busy process arrived over gRPC");
         thread::sleep(Duration::from_millis(200));
     };
+    // Profiles take the same way (ProfilesService/Export) with the general headers.
+    let profiles = dir.join("profiles.ndjson");
+    let profile = loop {
+        let hit = ndjson(&profiles).into_iter().find(|r| {
+            r["profiles"]
+                .as_array()
+                .is_some_and(|ps| ps.iter().any(|p| p["attributes"]["process.pid"] == pid))
+        });
+        if let Some(hit) = hit {
+            break hit;
+        }
+        assert!(Instant::now() < deadline, "no profile of the busy process arrived over gRPC");
+        thread::sleep(Duration::from_millis(200));
+    };
     let (_, text) = http_get(http, "/metrics").expect("scrape /metrics");
     let status = stop(agent);
     busy.kill().ok();
@@ -386,6 +400,8 @@ fn agent_exports_metrics_over_grpc() {
     receiver.wait().ok();
     assert!(status.success(), "the agent should exit 0 on SIGTERM: {status}");
 
+    // The metrics' own header list replaces the general one; profiles have none set.
+    assert!(profile["headers"].get("x-tenant").is_none(), "{}", profile["headers"]);
     assert_eq!(request["headers"]["x-tenant"], "team a", "{request}");
     assert_eq!(request["headers"]["authorization"], "Bearer t0k", "{request}");
     let names: Vec<&str> = process["metrics"].as_array().unwrap().iter().filter_map(|m| m.as_str()).collect();
@@ -410,6 +426,51 @@ fn agent_exports_metrics_over_grpc() {
         "{agent_resource}"
     );
     assert_eq!(metric_value(&text, "stoker_export_failures_total", ""), Some(0.0), "{text}");
+}
+
+/// Over gRPC too, an agent started before its receiver keeps sampling, counts the
+/// failed attempts, and delivers once the receiver listens.
+#[test]
+fn agent_grpc_export_recovers_from_an_outage() {
+    require_root();
+    let dir = scratch("grpc-outage");
+    let (otlp, http) = (free_port(), free_port());
+    let mut busy = busy_python(&dir);
+    let config = agent_config(&dir, http, "export_interval: 1s\n");
+    let agent = agent_with_env(
+        &config,
+        &[
+            ("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "grpc".into()),
+            ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", format!("http://127.0.0.1:{otlp}")),
+            ("OTEL_EXPORTER_OTLP_METRICS_TIMEOUT", "1000".into()),
+        ],
+    );
+    wait_ready(http);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let failures = loop {
+        let (_, text) = http_get(http, "/metrics").unwrap();
+        match metric_value(&text, "stoker_export_failures_total", "") {
+            Some(n) if n >= 2.0 => break text,
+            _ => assert!(Instant::now() < deadline, "no failed gRPC attempt was counted: {text}"),
+        }
+        thread::sleep(Duration::from_millis(200));
+    };
+    let mut receiver = otlp_receiver("grpc", otlp, &dir);
+    let pid = busy.id().to_string();
+    let deadline = Instant::now() + Duration::from_secs(45);
+    while !ndjson(&dir.join("metrics.ndjson")).iter().any(|r| {
+        r["resources"].as_array().is_some_and(|rs| rs.iter().any(|p| p["attributes"]["process.pid"] == pid))
+    }) {
+        assert!(Instant::now() < deadline, "no delivery over gRPC after the receiver came up");
+        thread::sleep(Duration::from_millis(200));
+    }
+    let status = stop(agent);
+    receiver.kill().ok();
+    receiver.wait().ok();
+    busy.kill().ok();
+    busy.wait().ok();
+    assert!(status.success(), "the agent should exit 0 on SIGTERM: {status}");
+    assert!(metric_value(&failures, "stoker_samples_total", "").unwrap_or(0.0) > 100.0, "{failures}");
 }
 
 /// With `otlp.profiles: true` each interval's profile of the busy process arrives as

@@ -141,10 +141,18 @@ fn send_loop(destination: &Destination, queue: &(Mutex<Queue>, Condvar), stats: 
             Err(Failure::Retry(e)) => {
                 stats.failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!("export to {url} failed: {e}; retrying in {backoff:?}");
-                if q.closed {
-                    return;
+                // Wait out the backoff: new batches do not cut it short, closing does.
+                let until = std::time::Instant::now() + backoff;
+                loop {
+                    if q.closed {
+                        return;
+                    }
+                    let left = until.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    q = cond.wait_timeout(q, left).unwrap_or_else(|e| e.into_inner()).0;
                 }
-                let _ = cond.wait_timeout(q, backoff);
                 backoff = (backoff * 2).min(BACKOFF_MAX);
             }
         }
