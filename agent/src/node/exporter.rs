@@ -1,4 +1,4 @@
-//! Sends batches (OTLP metrics over http/protobuf, Pyroscope pushes) from a thread of its
+//! Sends batches (OTLP over gRPC or http/protobuf, Pyroscope pushes) from a thread of its
 //! own: a bounded queue (the oldest batch is dropped and counted when full) and retries
 //! with backoff, so an unreachable or slow endpoint never blocks sampling.
 use std::{
@@ -12,10 +12,17 @@ use std::{
 
 use prost::Message;
 
+use super::{
+    otlp::Target,
+    transport::{Destination, Failure},
+};
+
 /// Counters the exporter shares with the agent's health metrics.
 #[derive(Debug, Default)]
 pub struct ExportStats {
+    /// Failed attempts (each retry counts).
     pub failures: AtomicU64,
+    /// Batches lost: pushed out of a full queue, or refused by the receiver.
     pub dropped: AtomicU64,
     pub sent: AtomicU64,
 }
@@ -33,26 +40,23 @@ pub struct Exporter {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-const TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 impl Exporter {
-    /// Starts sending OTLP metrics to `endpoint` (the base URL; `/v1/metrics` is appended).
-    pub fn otlp_metrics(endpoint: &str, capacity: usize) -> Self {
-        let url = format!("{}/v1/metrics", endpoint.trim_end_matches('/'));
-        Self::start(url, "application/x-protobuf", capacity)
+    /// Starts sending an OTLP signal to its target.
+    pub fn otlp(target: &Target, capacity: usize) -> std::io::Result<Self> {
+        Self::start(Destination::otlp(target), capacity)
     }
 
-    /// Starts sending to `url` with the given content type.
-    pub fn start(url: String, content_type: &'static str, capacity: usize) -> Self {
+    /// Starts the thread sending to `destination`.
+    pub fn start(destination: Destination, capacity: usize) -> std::io::Result<Self> {
         let queue = Arc::new((Mutex::new(Queue { batches: VecDeque::new(), closed: false }), Condvar::new()));
         let stats = Arc::new(ExportStats::default());
         let (q, s) = (queue.clone(), stats.clone());
         let thread = std::thread::Builder::new()
-            .name("otlp-export".into())
-            .spawn(move || send_loop(&url, content_type, &q, &s))
-            .expect("spawn the export thread");
-        Self { queue, capacity, stats, thread: Some(thread) }
+            .name("export".into())
+            .spawn(move || send_loop(&destination, &q, &s))?;
+        Ok(Self { queue, capacity, stats, thread: Some(thread) })
     }
 
     /// Queues a protobuf request; never blocks on the network.
@@ -89,8 +93,16 @@ impl Exporter {
     }
 }
 
-fn send_loop(url: &str, content_type: &str, queue: &(Mutex<Queue>, Condvar), stats: &ExportStats) {
-    let agent: ureq::Agent = ureq::Agent::config_builder().timeout_global(Some(TIMEOUT)).build().into();
+fn send_loop(destination: &Destination, queue: &(Mutex<Queue>, Condvar), stats: &ExportStats) {
+    let url = destination.url();
+    let mut send = match destination.connect() {
+        Ok(send) => send,
+        Err(e) => {
+            // Checked at start, so unexpected: say so once and count what is lost.
+            tracing::error!("cannot export to {url}: {e}");
+            return discard(queue, stats);
+        }
+    };
     let mut backoff = Duration::from_millis(500);
     loop {
         let batch = {
@@ -104,27 +116,59 @@ fn send_loop(url: &str, content_type: &str, queue: &(Mutex<Queue>, Condvar), sta
                 None => return, // closed and drained
             }
         };
-        let sent = agent.post(url).header("Content-Type", content_type).send(&batch[..]);
+        let sent = send(&batch);
         let (lock, cond) = queue;
         let mut q = lock.lock().unwrap_or_else(|e| e.into_inner());
+        // The batch may have been dropped from a full queue meanwhile.
+        let mut done = || {
+            if q.batches.front() == Some(&batch) {
+                q.batches.pop_front();
+            }
+        };
         match sent {
-            Ok(_) => {
+            Ok(()) => {
                 stats.sent.fetch_add(1, Ordering::Relaxed);
-                // The batch may have been dropped from a full queue meanwhile.
-                if q.batches.front() == Some(&batch) {
-                    q.batches.pop_front();
-                }
+                done();
                 backoff = Duration::from_millis(500);
             }
-            Err(e) => {
+            Err(Failure::Permanent(e)) => {
+                // Sending it again would be refused again: drop it, keep the queue moving.
+                stats.failures.fetch_add(1, Ordering::Relaxed);
+                stats.dropped.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("export to {url} refused: {e}; the batch is dropped");
+                done();
+            }
+            Err(Failure::Retry(e)) => {
                 stats.failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!("export to {url} failed: {e}; retrying in {backoff:?}");
-                if q.closed {
-                    return;
+                // Wait out the backoff: new batches do not cut it short, closing does.
+                let until = std::time::Instant::now() + backoff;
+                loop {
+                    if q.closed {
+                        return;
+                    }
+                    let left = until.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    q = cond.wait_timeout(q, left).unwrap_or_else(|e| e.into_inner()).0;
                 }
-                let _ = cond.wait_timeout(q, backoff);
                 backoff = (backoff * 2).min(BACKOFF_MAX);
             }
         }
+    }
+}
+
+/// Counts every batch pushed as dropped until the queue is closed.
+fn discard(queue: &(Mutex<Queue>, Condvar), stats: &ExportStats) {
+    let (lock, cond) = queue;
+    let mut q = lock.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        stats.dropped.fetch_add(q.batches.len() as u64, Ordering::Relaxed);
+        q.batches.clear();
+        if q.closed {
+            return;
+        }
+        q = cond.wait(q).unwrap_or_else(|e| e.into_inner());
     }
 }

@@ -3,9 +3,12 @@
 pub mod config;
 pub mod exporter;
 pub mod http;
+pub mod otlp;
+pub mod profiles;
 pub mod pyroscope;
 pub mod resource;
 pub mod state;
+pub mod transport;
 
 use std::{
     collections::HashMap,
@@ -48,15 +51,6 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
             "select.namespaces, select.pod_labels and select.containers need the Kubernetes pod lookup, which this version does not have yet",
         ));
     }
-    let endpoint = env("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
-        .map(|e| e.trim_end_matches("/v1/metrics").to_string())
-        .or_else(|| env("OTEL_EXPORTER_OTLP_ENDPOINT"));
-    let protocol = env("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL").or_else(|| env("OTEL_EXPORTER_OTLP_PROTOCOL"));
-    if endpoint.is_some() && protocol.as_deref().is_some_and(|p| p != "http/protobuf") {
-        return Err(unsupported(
-            "OTLP export supports OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf only in this version",
-        ));
-    }
 
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -87,8 +81,13 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
             patterns.iter().any(|p| p.is_match(&comm) || p.is_match(&exe))
         }));
     }
-    let exporter = endpoint.as_deref().map(|e| Exporter::otlp_metrics(e, config.queue.max_batches));
-    let pyroscope = config.pyroscope.url.as_deref().map(|u| pyroscope::exporter(u, config.queue.max_batches));
+    let capacity = config.queue.max_batches;
+    let metrics = config.export.metrics.as_ref().map(|t| Exporter::otlp(t, capacity)).transpose()?;
+    let profiles = config.export.profiles.as_ref().map(|t| Exporter::otlp(t, capacity)).transpose()?;
+    let pyroscope = config.pyroscope.url.as_deref().map(|u| pyroscope::exporter(u, capacity)).transpose()?;
+    for target in [&config.export.metrics, &config.export.profiles].into_iter().flatten() {
+        tracing::info!("OTLP {:?} over {:?} to {}", target.signal, target.protocol, target.url);
+    }
     let mut agent = Interval::new(config, env);
     let mut collector = Collector::new(false);
     ready.store(true, Ordering::Relaxed);
@@ -119,11 +118,18 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
                 let mut guard = snapshot.lock().unwrap_or_else(|e| e.into_inner());
                 guard.time = Some(SystemTime::now());
                 guard.processes = agent.processes.clone();
-                guard.health = agent.health(&sampler, exporter.as_ref(), live.len());
+                let exporters = [&metrics, &profiles, &pyroscope].into_iter().flatten();
+                guard.health = agent.health(&sampler, exporters, live.len());
                 guard.clone()
             };
-            if let Some(exporter) = &exporter {
+            if let Some(exporter) = &metrics {
                 exporter.push(&snap.otlp());
+            }
+            if let Some(exporter) = &profiles
+                && let Some(request) =
+                    profiles::request(&agent.profiles, &snap, config.sample_rate_hz, elapsed)
+            {
+                exporter.push(&request);
             }
             if let Some(pyroscope) = &pyroscope {
                 let body = pyroscope::push_request(&agent.profiles, &snap, config.sample_rate_hz, elapsed);
@@ -136,7 +142,7 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
             break;
         }
     }
-    for exporter in [exporter, pyroscope].into_iter().flatten() {
+    for exporter in [metrics, profiles, pyroscope].into_iter().flatten() {
         exporter.shutdown(FLUSH_DEADLINE);
     }
     Ok(())
@@ -229,11 +235,19 @@ impl Interval {
         r
     }
 
-    fn health(&self, sampler: &Sampler, exporter: Option<&Exporter>, processes: usize) -> state::Health {
+    /// The agent's counters; export failures and drops summed over every exporter.
+    fn health<'a>(
+        &self,
+        sampler: &Sampler,
+        exporters: impl Iterator<Item = &'a Exporter>,
+        processes: usize,
+    ) -> state::Health {
         let stats = sampler.stats().unwrap_or_default();
-        let (failures, dropped) = exporter.map_or((0, 0), |e| {
-            (e.stats.failures.load(Ordering::Relaxed), e.stats.dropped.load(Ordering::Relaxed))
-        });
+        let (mut failures, mut dropped) = (0, 0);
+        for e in exporters {
+            failures += e.stats.failures.load(Ordering::Relaxed);
+            dropped += e.stats.dropped.load(Ordering::Relaxed);
+        }
         state::Health {
             samples: stats.samples,
             lost: stats.lost + stats.stacks_dropped + stats.py_stacks_full,

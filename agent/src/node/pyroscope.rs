@@ -4,16 +4,23 @@ use std::{collections::HashMap, time::Duration};
 
 use base64::Engine;
 
-use super::{exporter::Exporter, state::Snapshot};
+use super::{exporter::Exporter, state::Snapshot, transport::Destination};
 use crate::export::{
     Profile,
     pprof::{self, PprofMeta},
 };
 
 /// The exporter for a Pyroscope server at `url`.
-pub fn exporter(url: &str, capacity: usize) -> Exporter {
+pub fn exporter(url: &str, capacity: usize) -> std::io::Result<Exporter> {
     let push = format!("{}/push.v1.PusherService/Push", url.trim_end_matches('/'));
-    Exporter::start(push, "application/json", capacity)
+    let destination = Destination::Http {
+        url: push,
+        content_type: "application/json",
+        headers: Vec::new(),
+        gzip: false,
+        timeout: Duration::from_secs(10),
+    };
+    Exporter::start(destination, capacity)
 }
 
 /// The push request for this interval's profiles; None when there are none.

@@ -222,14 +222,15 @@ impl Snapshot {
     }
 }
 
-fn kv(key: &str, value: &str) -> KeyValue {
+pub(crate) fn kv(key: &str, value: &str) -> KeyValue {
     KeyValue {
         key: key.into(),
         value: Some(AnyValue { value: Some(any_value::Value::StringValue(value.into())) }),
+        ..Default::default()
     }
 }
 
-fn nanos(t: Option<SystemTime>) -> u64 {
+pub(crate) fn nanos(t: Option<SystemTime>) -> u64 {
     t.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos() as u64)
 }
 
