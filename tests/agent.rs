@@ -514,3 +514,57 @@ kubernetes:
     assert_eq!(refused.len(), 1, "expected one warning about the refusal: {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// The API server is verified against the cluster CA (`kubernetes.ca_path`): with the
+/// CA that signed its certificate the agent lists the pods over HTTPS; with another CA
+/// it refuses the server, warns once and keeps running.
+#[test]
+fn agent_verifies_the_api_server_with_the_cluster_ca() {
+    require_root();
+    use common::k8s::*;
+    let dir = scratch("k8s-tls");
+    let (ca, cert, key) = cluster_ca(&dir, "cluster");
+    let (other_ca, _, _) = cluster_ca(&dir, "other");
+    let api = ApiServer::start_tls(&dir, free_port(), &pod_list(&[]), (&cert, &key));
+    let ok_requests = || api.requests().iter().filter(|r| *r == "ok").count();
+    for (trusted, ca) in [(true, &ca), (false, &other_ca)] {
+        let run = dir.join(if trusted { "trusted" } else { "untrusted" });
+        std::fs::create_dir_all(&run).unwrap();
+        let http = free_port();
+        let config = agent_config(
+            &run,
+            http,
+            &format!(
+                "kubernetes:\n  api_url: {}\n  token_path: {}\n  ca_path: {}\n  node_name: test-node\n",
+                api.url,
+                api.token.display(),
+                ca.display()
+            ),
+        );
+        let log = run.join("agent.log");
+        let before = ok_requests();
+        let agent = agent_logging_to(&config, &log);
+        wait_ready(http);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let stderr = loop {
+            let stderr = std::fs::read_to_string(&log).unwrap();
+            if (trusted && ok_requests() > before) || (!trusted && stderr.contains("WARN")) {
+                break stderr;
+            }
+            assert!(Instant::now() < deadline, "trusted={trusted}: no list and no warning: {stderr}");
+            thread::sleep(Duration::from_millis(100));
+        };
+        let status = agent.stop();
+        assert!(status.success(), "{status}: {stderr}");
+        if trusted {
+            assert!(!stderr.contains("WARN"), "{stderr}");
+        } else {
+            assert_eq!(ok_requests(), before, "a server the CA did not sign was trusted");
+            let warning = stderr.lines().find(|l| l.contains("WARN")).unwrap();
+            assert!(
+                warning.contains("cannot list pods from the Kubernetes API server at https://127.0.0.1:"),
+                "{warning}"
+            );
+        }
+    }
+}

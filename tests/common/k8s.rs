@@ -171,9 +171,10 @@ impl Drop for Node {
 /// Stands in for the API server: `GET /api/v1/pods` answers the PodList in argv[2]
 /// (read per request, so a test can change it) only with `fieldSelector=spec.nodeName=
 /// test-node` and `Authorization: Bearer test-token`; every request is logged to argv[3]
-/// as `ok` or why it was refused. Plain HTTP: the agent's `kubernetes.api_url` takes it.
+/// as `ok` or why it was refused. Plain HTTP (the agent's `kubernetes.api_url` takes it),
+/// or HTTPS with the certificate and key in argv[4] and argv[5].
 const API_SERVER: &str = r#"
-import http.server, sys, urllib.parse
+import http.server, ssl, sys, urllib.parse
 port, body_file, log_file = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
@@ -196,7 +197,12 @@ class H(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
     def log_message(self, *a): pass
-http.server.ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
+server = http.server.ThreadingHTTPServer(("127.0.0.1", port), H)
+if len(sys.argv) > 5:
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(sys.argv[4], sys.argv[5])
+    server.socket = tls.wrap_socket(server.socket, server_side=True)
+server.serve_forever()
 "#;
 
 pub struct ApiServer {
@@ -209,21 +215,33 @@ pub struct ApiServer {
 
 impl ApiServer {
     pub fn start(dir: &Path, port: u16, pods: &str) -> Self {
+        Self::serve(dir, port, pods, None)
+    }
+
+    /// Serves HTTPS with `tls` = (certificate, key) files; `url` is `https://127.0.0.1:port`.
+    pub fn start_tls(dir: &Path, port: u16, pods: &str, tls: (&Path, &Path)) -> Self {
+        Self::serve(dir, port, pods, Some(tls))
+    }
+
+    fn serve(dir: &Path, port: u16, pods: &str, tls: Option<(&Path, &Path)>) -> Self {
         let (body, log, token) = (dir.join("pods.json"), dir.join("api.log"), dir.join("token"));
         std::fs::write(&body, pods).unwrap();
         std::fs::write(&log, "").unwrap();
         // A projected token file ends with no newline, a hand-made one often with one.
         std::fs::write(&token, "test-token\n").unwrap();
-        let child = Command::new("python3")
-            .args(["-c", API_SERVER, &port.to_string(), body.to_str().unwrap(), log.to_str().unwrap()])
-            .spawn()
-            .unwrap();
+        let mut command = Command::new("python3");
+        command.args(["-c", API_SERVER, &port.to_string(), body.to_str().unwrap(), log.to_str().unwrap()]);
+        if let Some((cert, key)) = tls {
+            command.arg(cert).arg(key);
+        }
+        let child = command.spawn().unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(Instant::now() < deadline, "the stand-in API server did not start");
             std::thread::sleep(Duration::from_millis(50));
         }
-        Self { child, url: format!("http://127.0.0.1:{port}"), pods: body, log, token }
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        Self { child, url: format!("{scheme}://127.0.0.1:{port}"), pods: body, log, token }
     }
 
     /// The requests served so far: `ok` or why one was refused.
@@ -243,4 +261,73 @@ impl Drop for ApiServer {
         self.child.kill().ok();
         self.child.wait().ok();
     }
+}
+
+/// A cluster CA (`<name>-ca.crt`) and a server certificate it signed for 127.0.0.1
+/// (`<name>.crt`, `<name>.key`), made with the openssl command; returns (ca, cert, key).
+pub fn cluster_ca(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let file = |ext: &str| dir.join(format!("{name}{ext}"));
+    let (ca, ca_key, cert, key, csr, ext) =
+        (file("-ca.crt"), file("-ca.key"), file(".crt"), file(".key"), file(".csr"), file(".ext"));
+    std::fs::write(
+        &ext,
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    let p = |p: &PathBuf| p.to_str().unwrap().to_string();
+    let steps: [Vec<String>; 3] = [
+        ["req", "-x509"]
+            .into_iter()
+            .chain(ec)
+            .map(String::from)
+            .chain([
+                "-keyout".into(),
+                p(&ca_key),
+                "-out".into(),
+                p(&ca),
+                "-days".into(),
+                "1".into(),
+                "-subj".into(),
+                format!("/CN={name}-ca"),
+                "-addext".into(),
+                "basicConstraints=critical,CA:TRUE".into(),
+                "-addext".into(),
+                "keyUsage=critical,keyCertSign".into(),
+            ])
+            .collect(),
+        ["req"]
+            .into_iter()
+            .chain(ec)
+            .map(String::from)
+            .chain([
+                "-keyout".into(),
+                p(&key),
+                "-out".into(),
+                p(&csr),
+                "-subj".into(),
+                "/CN=kubernetes".into(),
+            ])
+            .collect(),
+        ["x509", "-req", "-in", csr.to_str().unwrap(), "-CA", ca.to_str().unwrap(), "-CAkey"]
+            .into_iter()
+            .map(String::from)
+            .chain([
+                p(&ca_key),
+                "-CAcreateserial".into(),
+                "-out".into(),
+                p(&cert),
+                "-days".into(),
+                "1".into(),
+                "-extfile".into(),
+                p(&ext),
+            ])
+            .collect(),
+    ];
+    for args in steps {
+        let out =
+            Command::new("openssl").args(&args).output().expect("the openssl command must be installed");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    (ca, cert, key)
 }

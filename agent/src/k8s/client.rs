@@ -15,7 +15,7 @@ const MAX_BODY: u64 = 256 << 20;
 pub enum K8sError {
     #[error("cannot read the Kubernetes CA bundle {path}: {detail}")]
     Ca { path: String, detail: String },
-    #[error("cannot reach the Kubernetes API server at {url}: {detail}")]
+    #[error("cannot list pods from the Kubernetes API server at {url}: {detail}")]
     Unreachable { url: String, detail: String },
     #[error("the Kubernetes API server answered {status} to listing this node's pods{hint}")]
     Status { status: u16, hint: &'static str },
@@ -190,7 +190,10 @@ mod tests {
             node: "n1".into(),
         };
         let err = Client::new(config).unwrap().list_pods().unwrap_err().to_string();
-        assert!(err.starts_with("cannot reach the Kubernetes API server at http://127.0.0.1:"), "{err}");
+        assert!(
+            err.starts_with("cannot list pods from the Kubernetes API server at http://127.0.0.1:"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -26,6 +26,8 @@ struct Shared {
     index: RwLock<Arc<PodIndex>>,
     /// Successful lists so far.
     generation: AtomicU64,
+    /// Lists tried so far.
+    attempts: AtomicU64,
     /// A refresh was asked for.
     wake: Mutex<bool>,
     cv: Condvar,
@@ -35,12 +37,13 @@ struct Shared {
 }
 
 impl PodLookup {
-    /// Starts the thread; waits up to `first` for the first list so the first processes
-    /// found are already named.
+    /// Starts the thread; waits up to `first` for the first list (successful or not) so
+    /// the first processes found are already named.
     pub fn start(client: Client, period: Duration, first: Duration) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             index: RwLock::new(Arc::new(PodIndex::default())),
             generation: AtomicU64::new(0),
+            attempts: AtomicU64::new(0),
             wake: Mutex::new(false),
             cv: Condvar::new(),
             asked: Mutex::new(HashMap::new()),
@@ -52,7 +55,7 @@ impl PodLookup {
             .spawn(move || refresh_loop(&client, &thread_shared))?;
         let lookup = Self { shared };
         let deadline = Instant::now() + first;
-        while lookup.generation() == 0 && Instant::now() < deadline {
+        while lookup.shared.attempts.load(Ordering::Relaxed) == 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
         Ok(lookup)
@@ -121,6 +124,7 @@ fn refresh_loop(client: &Client, shared: &Shared) {
                 failing = true;
             }
         }
+        shared.attempts.fetch_add(1, Ordering::Relaxed);
         // Until the period is over, or a refresh is asked for and MIN_GAP has passed.
         let periodic = started + shared.period;
         let mut wake = shared.wake.lock().unwrap_or_else(|e| e.into_inner());
