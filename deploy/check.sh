@@ -21,6 +21,10 @@
 set -uo pipefail
 
 DEPLOY="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# A relative STOKER_BIN path is relative to where the script was started.
+if [[ "${STOKER_BIN:-}" == */* && "${STOKER_BIN}" != /* ]]; then
+    STOKER_BIN="$PWD/$STOKER_BIN"
+fi
 cd "$DEPLOY"
 if [[ -n "${STOKER_DEPLOY_VENV:-}" ]]; then
     export PATH="$STOKER_DEPLOY_VENV/bin:$PATH"

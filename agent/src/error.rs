@@ -20,6 +20,8 @@ pub enum Error {
     Output { path: PathBuf, source: io::Error },
     #[error("{what}: {detail}")]
     Ebpf { what: &'static str, detail: String },
+    #[error("the Kubernetes pod lookup cannot start: {0}")]
+    Kubernetes(String),
     #[error("{0}")]
     Io(#[from] io::Error),
 }

@@ -1,6 +1,9 @@
 //! Helpers for the end-to-end tests: build native fixtures, run `stoker`, read its output.
 #![allow(dead_code)]
 
+pub mod agent;
+pub mod k8s;
+
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},

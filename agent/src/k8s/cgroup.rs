@@ -90,6 +90,16 @@ mod tests {
     }
 
     #[test]
+    fn seen_from_another_cgroup_namespace() {
+        // From inside a container with its own cgroup namespace (the agent's pod on cgroup
+        // v2), other pods' paths are relative to it and climb out with `..`.
+        let uid = UID.replace('-', "_");
+        let text = format!("0::/../../kubepods-besteffort-pod{uid}.slice/cri-containerd-{ID}.scope\n");
+        assert_eq!(container_id_from(&text).as_deref(), Some(ID));
+        assert_eq!(pod_uid_from(&text).as_deref(), Some(UID));
+    }
+
+    #[test]
     fn podman_and_hosts_without_containers() {
         let text = format!("0::/machine.slice/libpod-{ID}.scope/container\n");
         assert_eq!(container_id_from(&text).as_deref(), Some(ID));

@@ -1,3 +1,6 @@
 //! Where a process runs: its container (from cgroups) and, on Kubernetes, its pod,
-//! namespace and container names, and the resource attributes derived from them.
+//! namespace and container names, looked up from the API server for this node only.
 pub mod cgroup;
+pub mod client;
+pub mod lookup;
+pub mod pods;

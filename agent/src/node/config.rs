@@ -1,6 +1,11 @@
 //! The node agent's configuration: a YAML file, overridden by the standard OTEL_*
 //! variables, validated at start with errors that name the offending key.
-use std::{collections::BTreeMap, net::SocketAddr, path::Path, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use serde::Deserialize;
 
@@ -51,9 +56,12 @@ pub struct Exports {
 pub struct Select {
     /// Regexes matched against the process name and executable path.
     pub process_names: Vec<String>,
+    /// Kubernetes namespaces (needs the pod lookup).
     pub namespaces: Vec<String>,
-    /// Pod label selector: every pair must match.
+    /// Pod label selector: every pair must match (needs the pod lookup).
     pub pod_labels: BTreeMap<String, String>,
+    /// Kubernetes container names, or container-id prefixes of at least 12 hex digits
+    /// (which need no pod lookup).
     pub containers: Vec<String>,
 }
 
@@ -94,8 +102,20 @@ pub struct Queue {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Kubernetes {
-    /// Look up this node's pods for k8s.* attributes and selectors.
+    /// Look up this node's pods for k8s.* attributes and selectors (when in a cluster or
+    /// `api_url` is set).
     pub enabled: bool,
+    /// API server base URL; default: in-cluster (`KUBERNETES_SERVICE_HOST`/`_PORT`).
+    pub api_url: Option<String>,
+    /// Bearer token file; default: the service account's token.
+    pub token_path: Option<PathBuf>,
+    /// CA bundle (PEM) for an https `api_url`; default: the service account's ca.crt.
+    pub ca_path: Option<PathBuf>,
+    /// This node's name; default: `NODE_NAME`.
+    pub node_name: Option<String>,
+    /// How often the pod list is refreshed (also soon after an unknown pod's process appears).
+    #[serde(with = "humantime_serde")]
+    pub refresh_interval: Duration,
 }
 
 impl Default for AgentConfig {
@@ -135,7 +155,14 @@ impl Default for Queue {
 
 impl Default for Kubernetes {
     fn default() -> Self {
-        Self { enabled: true }
+        Self {
+            enabled: true,
+            api_url: None,
+            token_path: None,
+            ca_path: None,
+            node_name: None,
+            refresh_interval: Duration::from_secs(30),
+        }
     }
 }
 
@@ -206,6 +233,27 @@ impl AgentConfig {
                 return invalid("select.process_names", format!("`{pattern}` is not a regex: {e}"));
             }
         }
+        let k = &self.kubernetes;
+        if !k.enabled && !self.select.namespaces.is_empty() {
+            return invalid("select.namespaces", "needs the pod lookup: set kubernetes.enabled: true".into());
+        }
+        if !k.enabled && !self.select.pod_labels.is_empty() {
+            return invalid("select.pod_labels", "needs the pod lookup: set kubernetes.enabled: true".into());
+        }
+        if let Some(url) = &k.api_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return invalid("kubernetes.api_url", format!("`{url}` is not an http(s) URL"));
+        }
+        if k.refresh_interval < Duration::from_secs(1) {
+            return invalid(
+                "kubernetes.refresh_interval",
+                format!("{:?} is shorter than 1s", k.refresh_interval),
+            );
+        }
+        if self.select.containers.iter().any(|c| c.is_empty()) {
+            return invalid("select.containers", "an entry is empty".into());
+        }
         if self.prometheus.listen.parse::<SocketAddr>().is_err() {
             return invalid(
                 "prometheus.listen",
@@ -245,6 +293,11 @@ queue:
   max_batches: 64
 kubernetes:
   enabled: true
+  api_url: https://10.96.0.1:443
+  token_path: /var/run/secrets/kubernetes.io/serviceaccount/token
+  ca_path: /var/run/secrets/kubernetes.io/serviceaccount/ca.crt
+  node_name: node-1
+  refresh_interval: 30s
 ";
 
     #[test]
@@ -277,6 +330,15 @@ kubernetes:
         check("prometheus:\n  listen: nowhere\n", "prometheus.listen");
         check("pyroscope:\n  url: pyroscope:4040\n", "pyroscope.url");
         check("metrics:\n  top_functions: 0\n", "metrics.top_functions");
+        check("kubernetes:\n  enabled: false\nselect:\n  namespaces: [shop]\n", "select.namespaces");
+        check("kubernetes:\n  enabled: false\nselect:\n  pod_labels: {app: a}\n", "select.pod_labels");
+        check("kubernetes:\n  api_url: 10.96.0.1\n", "kubernetes.api_url");
+        check("kubernetes:\n  refresh_interval: 10ms\n", "kubernetes.refresh_interval");
+        // Container-id prefixes work without the pod lookup.
+        AgentConfig::parse("kubernetes:\n  enabled: false\nselect:\n  containers: [3f4a1c2b9d8e]\n")
+            .unwrap()
+            .validate()
+            .unwrap();
     }
 
     #[test]

@@ -7,11 +7,12 @@ pub mod otlp;
 pub mod profiles;
 pub mod pyroscope;
 pub mod resource;
+pub mod select;
 pub mod state;
 pub mod transport;
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap, HashSet},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -24,11 +25,17 @@ use agent_ebpf::{COUNTS_CAPACITY, SampleKey};
 use self::{
     config::AgentConfig,
     exporter::Exporter,
+    select::{Selection, Verdict},
     state::{ProcessMetrics, Snapshot},
 };
 use crate::{
     error::{Error, Result},
     export::Profile,
+    k8s::{
+        client::{ApiConfig, Client},
+        lookup::PodLookup,
+        pods::Placement,
+    },
     record::{
         collect::{Collector, View},
         tracker::Tracker,
@@ -40,18 +47,11 @@ use crate::{
 const TICK: Duration = Duration::from_millis(100);
 /// How long a SIGTERM waits for queued batches to go out.
 const FLUSH_DEADLINE: Duration = Duration::from_secs(5);
+/// How long the start waits for the first pod list (the API server may be down).
+const FIRST_POD_LIST: Duration = Duration::from_secs(3);
 
 /// Runs the agent until SIGINT or SIGTERM; `env` reads environment variables.
 pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<()> {
-    let unsupported =
-        |what: &str| Error::Ebpf { what: "unsupported configuration", detail: what.to_string() };
-    let s = &config.select;
-    if !s.namespaces.is_empty() || !s.pod_labels.is_empty() || !s.containers.is_empty() {
-        return Err(unsupported(
-            "select.namespaces, select.pod_labels and select.containers need the Kubernetes pod lookup, which this version does not have yet",
-        ));
-    }
-
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, stop.clone())?;
@@ -66,6 +66,8 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
     let ready = Arc::new(AtomicBool::new(false));
     http::serve(&config.prometheus.listen, snapshot.clone(), ready.clone())?;
 
+    let selection = Selection::new(&config.select);
+    let lookup = start_lookup(config, &selection, env)?;
     let mut sampler = Sampler::load(false)?;
     sampler.start(config.sample_rate_hz)?;
     if let Err(e) = sampler.watch_execs() {
@@ -73,12 +75,18 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
     }
     let mut tracker = Tracker::new(true, false);
     let patterns: Vec<regex::Regex> =
-        s.process_names.iter().filter_map(|p| regex::Regex::new(p).ok()).collect();
-    if !patterns.is_empty() {
+        config.select.process_names.iter().filter_map(|p| regex::Regex::new(p).ok()).collect();
+    if !patterns.is_empty() || !selection.is_empty() {
+        let lookup = lookup.clone();
         tracker.set_filter(Box::new(move |pid| {
-            let comm = process::comm(pid);
-            let exe = process::exe(pid).map(|e| e.display().to_string()).unwrap_or_default();
-            patterns.iter().any(|p| p.is_match(&comm) || p.is_match(&exe))
+            if !patterns.is_empty() {
+                let comm = process::comm(pid);
+                let exe = process::exe(pid).map(|e| e.display().to_string()).unwrap_or_default();
+                if !patterns.iter().any(|p| p.is_match(&comm) || p.is_match(&exe)) {
+                    return false;
+                }
+            }
+            selected(&selection, lookup.as_ref(), pid)
         }));
     }
     let capacity = config.queue.max_batches;
@@ -88,7 +96,7 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
     for target in [&config.export.metrics, &config.export.profiles].into_iter().flatten() {
         tracing::info!("OTLP {:?} over {:?} to {}", target.signal, target.protocol, target.url);
     }
-    let mut agent = Interval::new(config, env);
+    let mut agent = Interval::new(config, env, lookup);
     let mut collector = Collector::new(false);
     ready.store(true, Ordering::Relaxed);
     tracing::info!(
@@ -148,11 +156,63 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
     Ok(())
 }
 
+/// Starts the pod lookup when enabled and possible; without one, selectors that need it
+/// are an error and anything else goes on without k8s.* attributes.
+fn start_lookup(
+    config: &AgentConfig,
+    selection: &Selection,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<PodLookup>> {
+    if !config.kubernetes.enabled {
+        return Ok(None);
+    }
+    match ApiConfig::resolve(&config.kubernetes, env) {
+        Ok(api) => {
+            tracing::info!("listing the pods of node {} from {}", api.node, api.url);
+            let client = Client::new(api).map_err(|e| Error::Kubernetes(e.to_string()))?;
+            Ok(Some(PodLookup::start(client, config.kubernetes.refresh_interval, FIRST_POD_LIST)?))
+        }
+        Err(reason) if selection.needs_pods() => {
+            Err(Error::Kubernetes(format!("{reason}, and select.namespaces or select.pod_labels need it")))
+        }
+        Err(reason) => {
+            tracing::info!("no Kubernetes pod lookup: {reason}");
+            Ok(None)
+        }
+    }
+}
+
+/// Whether process `pid` is in the selected namespaces, pods and containers; a process
+/// in a pod not known yet is not, and asks the lookup to list the pods again.
+fn selected(selection: &Selection, lookup: Option<&PodLookup>, pid: u32) -> bool {
+    if selection.is_empty() {
+        return true;
+    }
+    let placement = Placement::of(pid);
+    let index = lookup.map(PodLookup::index);
+    let found = index.as_deref().and_then(|i| i.find(&placement));
+    match selection.verdict(&placement, found, lookup.is_some()) {
+        Verdict::Take => true,
+        Verdict::Skip => false,
+        Verdict::Later => {
+            if let (Some(lookup), Some(uid)) = (lookup, &placement.pod_uid) {
+                lookup.want(uid);
+            }
+            false
+        }
+    }
+}
+
 /// Per-interval bookkeeping: cumulative counts seen, per-process metrics.
 struct Interval {
     rate_hz: f64,
     cpus: f64,
     node: Option<String>,
+    lookup: Option<PodLookup>,
+    /// The lookup's generation the resources were last built against.
+    generation: u64,
+    /// Processes in a pod the lookup did not know when their resource was built.
+    unnamed: HashSet<u32>,
     last: HashMap<SampleKey, u64>,
     /// This interval's profile of each process (its metrics and Pyroscope push use it).
     profiles: HashMap<u32, Profile>,
@@ -160,11 +220,14 @@ struct Interval {
 }
 
 impl Interval {
-    fn new(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Self {
+    fn new(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>, lookup: Option<PodLookup>) -> Self {
         Self {
             rate_hz: config.sample_rate_hz as f64,
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get()) as f64,
-            node: env("NODE_NAME"),
+            node: config.kubernetes.node_name.clone().or_else(|| env("NODE_NAME")),
+            lookup,
+            generation: 0,
+            unnamed: HashSet::new(),
             last: HashMap::new(),
             profiles: HashMap::new(),
             processes: Default::default(),
@@ -182,6 +245,18 @@ impl Interval {
         }
         // A process that exited during the interval reports its last samples once more.
         self.processes.retain(|pid, _| live.contains(pid) || deltas.contains_key(pid));
+        self.unnamed.retain(|pid| live.contains(pid));
+        // Pods listed since: name the processes that run in them.
+        let generation = self.lookup.as_ref().map_or(0, PodLookup::generation);
+        if generation != self.generation {
+            self.generation = generation;
+            for pid in std::mem::take(&mut self.unnamed) {
+                let resource = self.resource(pid, tracker);
+                if let Some(p) = self.processes.get_mut(&pid) {
+                    p.resource = resource;
+                }
+            }
+        }
         self.profiles = deltas
             .iter()
             .map(|(pid, counts)| (*pid, collector.profile_of(counts, View::default())))
@@ -215,10 +290,29 @@ impl Interval {
         }
     }
 
-    fn resource(&self, pid: u32, tracker: &Tracker) -> std::collections::BTreeMap<String, String> {
-        let container = crate::k8s::cgroup::container_id(pid);
-        let mut r = std::collections::BTreeMap::new();
-        r.insert("service.name".into(), resource::service_name(pid, None));
+    /// The resource attributes of process `pid`; one in a pod the lookup does not know
+    /// yet is remembered in `unnamed` and rebuilt after the next list.
+    fn resource(&mut self, pid: u32, tracker: &Tracker) -> BTreeMap<String, String> {
+        let placement = Placement::of(pid);
+        let index = self.lookup.as_ref().map(PodLookup::index);
+        let found = index.as_deref().and_then(|i| i.find(&placement));
+        let mut r = BTreeMap::new();
+        if let Some(f) = found {
+            r.insert("k8s.namespace.name".into(), f.pod.namespace.clone());
+            r.insert("k8s.pod.name".into(), f.pod.name.clone());
+            r.insert("k8s.pod.uid".into(), f.pod.uid.clone());
+            if let Some(c) = f.container {
+                r.insert("k8s.container.name".into(), c.to_string());
+            }
+        }
+        if let (Some(lookup), Some(uid)) = (&self.lookup, &placement.pod_uid)
+            && found.is_none_or(|f| f.container.is_none())
+        {
+            self.unnamed.insert(pid);
+            lookup.want(uid);
+        }
+        let container_name = found.and_then(|f| f.container);
+        r.insert("service.name".into(), resource::service_name(pid, container_name));
         r.insert("process.pid".into(), pid.to_string());
         r.insert("process.executable.name".into(), process::comm(pid));
         r.insert("process.runtime.name".into(), "CPython".into());
@@ -226,7 +320,7 @@ impl Interval {
             r.insert("process.runtime.version".into(), v.into());
         }
         r.insert("host.name".into(), hostname());
-        if let Some(c) = container {
+        if let Some(c) = placement.container_id {
             r.insert("container.id".into(), c);
         }
         if let Some(node) = &self.node {

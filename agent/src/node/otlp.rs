@@ -95,16 +95,17 @@ pub fn resolve(signal: Signal, env: &dyn Fn(&str) -> Option<String>) -> Result<O
         let port = if protocol == Protocol::Grpc { 4317 } else { 4318 };
         ("OTEL_EXPORTER_OTLP_ENDPOINT".into(), format!("http://localhost:{port}"))
     });
-    if base.starts_with("https://") {
+    let scheme = ["http://", "https://"].into_iter().find(|s| base.starts_with(s));
+    if scheme.is_none_or(|s| base.len() == s.len()) {
+        return Err(invalid(&var, format!("`{base}` is not an http:// or https:// URL")));
+    }
+    if protocol == Protocol::Grpc && scheme == Some("https://") {
         return Err(invalid(
             &var,
             format!(
-                "`{base}` needs TLS, which this build does not have: use an http:// endpoint (a Collector on the node or in the cluster)"
+                "`{base}`: gRPC over TLS is not built in; use http/protobuf for an https:// endpoint, or a Collector on the node or in the cluster over http://"
             ),
         ));
-    }
-    if !base.starts_with("http://") || base.len() == "http://".len() {
-        return Err(invalid(&var, format!("`{base}` is not an http:// URL")));
     }
     let url = match protocol {
         // The signal's own endpoint is the whole URL; the general one is a base.
@@ -253,7 +254,11 @@ mod tests {
         check(&[("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "http/json")], "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL");
         check(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "udp")], "OTEL_EXPORTER_OTLP_PROTOCOL");
         check(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318")], "OTEL_EXPORTER_OTLP_ENDPOINT");
-        check(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "https://c:4318")], "OTEL_EXPORTER_OTLP_ENDPOINT");
+        let grpc = ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc");
+        check(&[grpc, ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://c:4317")], "OTEL_EXPORTER_OTLP_ENDPOINT");
+        check(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "https://")], "OTEL_EXPORTER_OTLP_ENDPOINT");
+        let tls = resolve_with(Signal::Metrics, &[("OTEL_EXPORTER_OTLP_ENDPOINT", "https://c:4318")]);
+        assert_eq!(tls.unwrap().unwrap().url, "https://c:4318/v1/metrics");
         let base = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318");
         check(&[base, ("OTEL_EXPORTER_OTLP_HEADERS", "novalue")], "OTEL_EXPORTER_OTLP_HEADERS");
         check(&[base, ("OTEL_EXPORTER_OTLP_COMPRESSION", "zstd")], "OTEL_EXPORTER_OTLP_COMPRESSION");

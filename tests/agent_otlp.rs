@@ -1,0 +1,292 @@
+//! End-to-end tests of the agent's OTLP export over gRPC and of OTLP profiles, received
+//! by a server built on the official opentelemetry-proto package. Run as root.
+mod common;
+
+use std::{
+    net::TcpStream,
+    process::{Child, Command},
+    thread,
+    time::{Duration, Instant},
+};
+
+use common::{agent::*, *};
+
+/// The OTLP receiver on the official opentelemetry-proto package
+/// (tests/fixtures/otlp_receiver.py), serving `mode` (`grpc` or `http`) on `port` and
+/// writing what it decodes to `dir`/{metrics,profiles}.ndjson; returns once it listens.
+fn otlp_receiver(mode: &str, port: u16, dir: &std::path::Path) -> Child {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/otlp_receiver.py");
+    let mut child = Command::new("python3")
+        .arg(script)
+        .args([mode, &port.to_string(), dir.to_str().unwrap()])
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!(
+                "the OTLP receiver exited ({status}): it needs grpcio and opentelemetry-proto \
+                 (cargo xtask setup installs them)"
+            );
+        }
+        assert!(Instant::now() < deadline, "the OTLP receiver did not listen on {port} within 20 s");
+        thread::sleep(Duration::from_millis(100));
+    }
+    child
+}
+
+/// The agent with only the given OTEL_EXPORTER_OTLP_* variables set.
+fn agent_with_env(config: &std::path::Path, vars: &[(&str, String)]) -> Child {
+    let mut command = Command::new(STOKER);
+    command.args(["agent", "--config", config.to_str().unwrap()]);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("OTEL_") {
+            command.env_remove(k);
+        }
+    }
+    command.envs(vars.iter().map(|(k, v)| (k, v))).spawn().unwrap()
+}
+
+/// The JSON lines of an ndjson file written so far (a line being written is skipped).
+fn ndjson(path: &std::path::Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+}
+
+/// Metrics reach a gRPC receiver that is not stoker's code (grpcio and the official
+/// opentelemetry-proto servicer), gzip-compressed, with the configured headers, under
+/// each process's resource.
+#[test]
+fn agent_exports_metrics_over_grpc() {
+    require_root();
+    let dir = scratch("grpc");
+    let (otlp, http) = (free_port(), free_port());
+    let mut receiver = otlp_receiver("grpc", otlp, &dir);
+    let mut busy = busy_python(&dir);
+    let config = agent_config(&dir, http, "export_interval: 1s\notlp:\n  profiles: true\n");
+    let agent = agent_with_env(
+        &config,
+        &[
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc".into()),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://127.0.0.1:{otlp}")),
+            ("OTEL_EXPORTER_OTLP_METRICS_HEADERS", "x-tenant=team%20a,Authorization=Bearer%20t0k".into()),
+            ("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip".into()),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "5000".into()),
+        ],
+    );
+    wait_ready(http);
+    let pid = busy.id().to_string();
+    let received = dir.join("metrics.ndjson");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (request, process) = loop {
+        let hit = ndjson(&received).into_iter().find_map(|r| {
+            let p =
+                r["resources"].as_array()?.iter().find(|p| p["attributes"]["process.pid"] == pid)?.clone();
+            Some((r, p))
+        });
+        if let Some(hit) = hit {
+            break hit;
+        }
+        assert!(Instant::now() < deadline, "no metrics of the busy process arrived over gRPC");
+        thread::sleep(Duration::from_millis(200));
+    };
+    // Profiles take the same way (ProfilesService/Export) with the general headers.
+    let profiles = dir.join("profiles.ndjson");
+    let profile = loop {
+        let hit = ndjson(&profiles).into_iter().find(|r| {
+            r["profiles"]
+                .as_array()
+                .is_some_and(|ps| ps.iter().any(|p| p["attributes"]["process.pid"] == pid))
+        });
+        if let Some(hit) = hit {
+            break hit;
+        }
+        assert!(Instant::now() < deadline, "no profile of the busy process arrived over gRPC");
+        thread::sleep(Duration::from_millis(200));
+    };
+    let (_, text) = http_get(http, "/metrics").expect("scrape /metrics");
+    let status = stop(agent);
+    kill(&mut [&mut busy, &mut receiver]);
+    assert!(status.success(), "the agent should exit 0 on SIGTERM: {status}");
+
+    // The metrics' own header list replaces the general one; profiles have none set.
+    assert!(profile["headers"].get("x-tenant").is_none(), "{}", profile["headers"]);
+    assert_eq!(request["headers"]["x-tenant"], "team a", "{request}");
+    assert_eq!(request["headers"]["authorization"], "Bearer t0k", "{request}");
+    let names: Vec<&str> = process["metrics"].as_array().unwrap().iter().filter_map(|m| m.as_str()).collect();
+    for name in
+        ["process.cpu.time", "process.cpu.utilization", "process.memory.usage", "stoker.function.cpu.time"]
+    {
+        assert!(names.contains(&name), "{name} missing: {names:?}");
+    }
+    let attrs = &process["attributes"];
+    assert_eq!(attrs["service.name"], "workload", "{attrs}");
+    assert_eq!(attrs["process.runtime.name"], "CPython", "{attrs}");
+    assert_eq!(attrs["process.runtime.version"], "3.12.1", "{attrs}");
+    assert!(attrs["host.name"].as_str().is_some_and(|h| !h.is_empty()), "{attrs}");
+    let agent_resource = request["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["attributes"]["service.name"] == "stoker-agent")
+        .expect("the agent's own resource");
+    assert!(
+        agent_resource["metrics"].as_array().unwrap().iter().any(|m| m == "stoker.samples"),
+        "{agent_resource}"
+    );
+    assert_eq!(metric_value(&text, "stoker_export_failures_total", ""), Some(0.0), "{text}");
+}
+
+/// Over gRPC too, an agent started before its receiver keeps sampling, counts the
+/// failed attempts, and delivers once the receiver listens.
+#[test]
+fn agent_grpc_export_recovers_from_an_outage() {
+    require_root();
+    let dir = scratch("grpc-outage");
+    let (otlp, http) = (free_port(), free_port());
+    let mut busy = busy_python(&dir);
+    let config = agent_config(&dir, http, "export_interval: 1s\n");
+    let agent = agent_with_env(
+        &config,
+        &[
+            ("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "grpc".into()),
+            ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", format!("http://127.0.0.1:{otlp}")),
+            ("OTEL_EXPORTER_OTLP_METRICS_TIMEOUT", "1000".into()),
+        ],
+    );
+    wait_ready(http);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let failures = loop {
+        let (_, text) = http_get(http, "/metrics").unwrap();
+        match metric_value(&text, "stoker_export_failures_total", "") {
+            Some(n) if n >= 2.0 => break text,
+            _ => assert!(Instant::now() < deadline, "no failed gRPC attempt was counted: {text}"),
+        }
+        thread::sleep(Duration::from_millis(200));
+    };
+    let mut receiver = otlp_receiver("grpc", otlp, &dir);
+    let pid = busy.id().to_string();
+    let deadline = Instant::now() + Duration::from_secs(45);
+    while !ndjson(&dir.join("metrics.ndjson")).iter().any(|r| {
+        r["resources"].as_array().is_some_and(|rs| rs.iter().any(|p| p["attributes"]["process.pid"] == pid))
+    }) {
+        assert!(Instant::now() < deadline, "no delivery over gRPC after the receiver came up");
+        thread::sleep(Duration::from_millis(200));
+    }
+    let status = stop(agent);
+    kill(&mut [&mut receiver, &mut busy]);
+    assert!(status.success(), "the agent should exit 0 on SIGTERM: {status}");
+    assert!(metric_value(&failures, "stoker_samples_total", "").unwrap_or(0.0) > 100.0, "{failures}");
+}
+
+/// With `otlp.profiles: true` each interval's profile of the busy process arrives as
+/// OTLP profiles (http/protobuf, /v1development/profiles), decodes with the official
+/// opentelemetry-proto package, and shows its Python functions with files, lines, the
+/// workload's 50/30/20 split and about one sample per period of CPU time.
+#[test]
+fn agent_exports_otlp_profiles() {
+    require_root();
+    let dir = scratch("profiles");
+    let (otlp, http) = (free_port(), free_port());
+    let mut receiver = otlp_receiver("http", otlp, &dir);
+    let mut busy = busy_python(&dir);
+    let config = agent_config(&dir, http, "export_interval: 2s\notlp:\n  profiles: true\n");
+    let agent =
+        agent_with_env(&config, &[("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://127.0.0.1:{otlp}"))]);
+    wait_ready(http);
+    let pid = busy.id().to_string();
+    let received = dir.join("profiles.ndjson");
+    let deadline = Instant::now() + Duration::from_secs(40);
+    // The busy process's CPU time from /proc over wall-clock time, to check each profile.
+    let mut cpu_readings: Vec<(f64, f64)> = Vec::new();
+    // Profiles of the busy process, until they hold 600 samples (about three intervals).
+    let profiles = loop {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+        cpu_readings.push((now.as_secs_f64(), cpu_seconds(busy.id())));
+        let profiles: Vec<serde_json::Value> = ndjson(&received)
+            .iter()
+            .flat_map(|r| r["profiles"].as_array().cloned().unwrap_or_default())
+            .filter(|p| p["attributes"]["process.pid"] == pid)
+            .collect();
+        let total: i64 = profiles
+            .iter()
+            .flat_map(|p| p["samples"].as_array().unwrap().iter())
+            .map(|s| s["values"][0].as_i64().unwrap())
+            .sum();
+        if total >= 600 {
+            break profiles;
+        }
+        assert!(Instant::now() < deadline, "fewer than 600 samples of the busy process arrived: {total}");
+        thread::sleep(Duration::from_millis(100));
+    };
+    let status = stop(agent);
+    kill(&mut [&mut busy, &mut receiver]);
+    assert!(status.success(), "the agent should exit 0 on SIGTERM: {status}");
+
+    let (mut total, mut with) = (0i64, std::collections::HashMap::<&str, i64>::new());
+    let (mut leaf_burn, mut leaf_loop, mut checked) = (0, 0, 0);
+    for p in &profiles {
+        let attrs = &p["attributes"];
+        assert_eq!(attrs["service.name"], "workload", "{attrs}");
+        assert_eq!(attrs["process.runtime.version"], "3.12.1", "{attrs}");
+        assert_eq!(p["sample_type"], serde_json::json!(["samples", "count"]));
+        assert_eq!(p["period_type"], serde_json::json!(["cpu", "nanoseconds"]));
+        assert_eq!(p["period"], 1_000_000_000 / 99);
+        // Samples x period is the CPU time /proc saw in the profile's time window (for
+        // windows the readings cover; the first one starts before the process was found).
+        let samples: i64 =
+            p["samples"].as_array().unwrap().iter().map(|s| s["values"][0].as_i64().unwrap()).sum();
+        let start = p["time_unix_nano"].as_f64().unwrap() / 1e9;
+        let end = start + p["duration_nano"].as_f64().unwrap() / 1e9;
+        if let (Some(c0), Some(c1)) = (cpu_at(&cpu_readings, start), cpu_at(&cpu_readings, end)) {
+            let profiled = samples as f64 * p["period"].as_f64().unwrap() / 1e9;
+            assert!(
+                (profiled - (c1 - c0)).abs() <= 0.15 * (c1 - c0) + 0.05,
+                "{samples} samples ({profiled:.2} s) in a window where /proc counted {:.2} s",
+                c1 - c0
+            );
+            checked += 1;
+        }
+        for s in p["samples"].as_array().unwrap() {
+            let n = s["values"][0].as_i64().unwrap();
+            let stack = s["stack"].as_array().unwrap();
+            total += n;
+            let leaf = &stack[0];
+            if leaf["function"] == "burn" {
+                assert_eq!(leaf["file"], "workload.py", "{leaf}");
+                assert_eq!(leaf["type"], "cpython", "{leaf}");
+                leaf_burn += n;
+                if leaf["line"] == workload_line("burn_loop") as i64 {
+                    leaf_loop += n;
+                }
+            }
+            for f in ["func_a", "func_b", "func_c"] {
+                if let Some(frame) = stack.iter().find(|fr| fr["function"] == f) {
+                    // The call line, or the `def` line for a sample at the function's entry.
+                    let call = workload_line(f) as i64;
+                    assert!(frame["line"] == call || frame["line"] == call - 1, "{frame}");
+                    *with.entry(f).or_default() += n;
+                }
+            }
+        }
+    }
+    assert!(leaf_burn as f64 > 0.8 * total as f64, "burn is the leaf of {leaf_burn} of {total} samples");
+    assert!(checked >= 1, "no profile's window was covered by the /proc readings");
+    // The loop's body line dominates (the `for` line gets the rest).
+    assert!(
+        leaf_loop * 2 > leaf_burn,
+        "burn's loop body is the leaf line of {leaf_loop} of {leaf_burn} samples"
+    );
+    for (f, share) in [("func_a", 0.5), ("func_b", 0.3), ("func_c", 0.2)] {
+        let got = *with.get(f).unwrap_or(&0) as f64 / total as f64;
+        assert!((got - share).abs() < 0.1, "{f}: {got:.2} of the samples, expected about {share}");
+    }
+}
+
+/// CPU seconds at wall-clock time `t`, interpolated between (time, cpu) readings.
+fn cpu_at(readings: &[(f64, f64)], t: f64) -> Option<f64> {
+    let after = readings.iter().position(|&(time, _)| time >= t)?;
+    let (t1, c1) = readings[after];
+    let (t0, c0) = *readings.get(after.checked_sub(1)?)?;
+    Some(c0 + (c1 - c0) * (t - t0) / (t1 - t0).max(1e-9))
+}

@@ -1,0 +1,112 @@
+//! Helpers for the agent's end-to-end tests: free ports, the agent process, the
+//! Prometheus endpoint, a busy CPython workload and the oteltap receiver.
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use super::{STOKER, python, workload};
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()))
+}
+
+pub fn oteltap(port: u16, out: &std::path::Path) -> Child {
+    let file = std::fs::File::create(out).unwrap();
+    // As a module: a console script installed by pip may have no pyenv shim yet.
+    Command::new("python3")
+        .args(["-m", "oteltap", "--port", &port.to_string()])
+        .stdout(file)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("oteltap (pip install oteltap) must be installed; cargo xtask setup installs it")
+}
+
+/// A CPython 3.12 process busy in the workload's func_a/b/c for 30 s.
+pub fn busy_python(dir: &std::path::Path) -> Child {
+    Command::new(python("3.12.1"))
+        .args([workload().to_str().unwrap(), "shares", "30", dir.join("r.json").to_str().unwrap()])
+        .spawn()
+        .unwrap()
+}
+
+/// Writes an agent configuration (sample rate 99 Hz, /metrics on `http`) plus `extra`.
+pub fn agent_config(dir: &std::path::Path, http: u16, extra: &str) -> std::path::PathBuf {
+    let config = dir.join("agent.yaml");
+    let yaml = format!("sample_rate_hz: 99\nprometheus:\n  listen: 127.0.0.1:{http}\n{extra}");
+    std::fs::write(&config, yaml).unwrap();
+    config
+}
+
+pub fn agent(config: &std::path::Path, otlp_port: u16) -> Child {
+    Command::new(STOKER)
+        .args(["agent", "--config", config.to_str().unwrap()])
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://127.0.0.1:{otlp_port}"))
+        .env_remove("OTEL_EXPORTER_OTLP_PROTOCOL")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// The agent with no OTLP endpoint (its other outputs only).
+pub fn agent_without_otlp(config: &std::path::Path) -> Child {
+    Command::new(STOKER)
+        .args(["agent", "--config", config.to_str().unwrap()])
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .spawn()
+        .unwrap()
+}
+
+pub fn wait_ready(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http_get(port, "/readyz").map(|(s, _)| s) != Some(200) {
+        assert!(Instant::now() < deadline, "the agent did not become ready");
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub fn metric_value(text: &str, name: &str, label: &str) -> Option<f64> {
+    text.lines().find(|l| l.starts_with(name) && l.contains(label))?.rsplit(' ').next()?.parse().ok()
+}
+
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+pub fn stop(mut child: Child) -> std::process::ExitStatus {
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "the agent did not exit within 10 s of SIGTERM");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Kills and reaps helper processes (receivers, workloads).
+pub fn kill(children: &mut [&mut Child]) {
+    for child in children.iter_mut() {
+        child.kill().ok();
+    }
+    for child in children.iter_mut() {
+        child.wait().ok();
+    }
+}
