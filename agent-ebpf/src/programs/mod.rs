@@ -1,3 +1,5 @@
 //! Kernel programs, one module per hook.
+pub mod net_syscalls;
 pub mod perf_sample;
 pub mod task_newtask;
+pub mod tcp_state;
