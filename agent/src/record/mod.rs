@@ -26,6 +26,7 @@ use self::{
 use crate::{
     error::{Error, Result},
     export::{self, Format},
+    net::{Aggregator, NetTracer, report::NetReport},
     sampling::{Sampler, Stats},
 };
 
@@ -51,6 +52,8 @@ pub struct RecordOptions {
     pub full_filenames: bool,
     /// Measure the sampling program's own time in the kernel.
     pub kernel_stats: bool,
+    /// Also time the targets' network requests and TCP connects.
+    pub net: bool,
 }
 
 /// Why a session ended.
@@ -72,6 +75,8 @@ pub struct Summary {
     pub top: Vec<(Arc<str>, u64)>,
     /// Sampling program's total kernel time and run count (with `kernel_stats`).
     pub kernel_cost: Option<(Duration, u64)>,
+    /// Network report (with `net`) and where its JSON was written.
+    pub net: Option<(NetReport, PathBuf)>,
 }
 
 const TICK: Duration = Duration::from_millis(100);
@@ -107,6 +112,10 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
         sampler.enable_kernel_stats()?;
     }
     sampler.start(opts.rate_hz)?;
+    let mut net = match opts.net {
+        true => Some((NetTracer::attach(sampler.ebpf_mut())?, Aggregator::new())),
+        false => None,
+    };
     let flags = if opts.subprocesses { TARGET_SAMPLE | TARGET_FOLLOW } else { TARGET_SAMPLE };
     let mut tracker = Tracker::new(opts.all_python, opts.native);
     let mut collector = Collector::new(opts.full_filenames);
@@ -144,6 +153,9 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
         } else {
             None
         };
+        if let Some((tracer, agg)) = net.as_mut() {
+            tracer.drain(agg);
+        }
         let every = if elapsed < START { COLLECT_EVERY_AT_START } else { COLLECT_EVERY };
         if end.is_some() || last_collect.elapsed() >= every {
             collector.collect(&sampler, &tracker.live_targets(), end.is_some())?;
@@ -167,6 +179,18 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
     }
     let stats = sampler.stats()?;
     let kernel_cost = sampler.kernel_cost();
+    let net = match net.as_mut() {
+        Some((tracer, agg)) => {
+            tracer.drain(agg);
+            let report = NetReport::new(agg.metrics(), elapsed.as_secs_f64(), net_drops(&stats));
+            let path = net_output(&output);
+            let json = serde_json::to_vec_pretty(&report).map_err(std::io::Error::other);
+            json.and_then(|j| std::fs::write(&path, j))
+                .map_err(|source| Error::Output { path: path.clone(), source })?;
+            Some((report, path))
+        }
+        None => None,
+    };
 
     let processes = collector.processes();
     let view = View {
@@ -206,7 +230,24 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
         end,
         top: profile.top_leaves(10),
         kernel_cost,
+        net,
     })
+}
+
+/// `<output stem>.net.json` beside the profile.
+fn net_output(output: &std::path::Path) -> PathBuf {
+    let stem =
+        output.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "stoker".into());
+    output.with_file_name(format!("{stem}.net.json"))
+}
+
+fn net_drops(stats: &Stats) -> crate::net::report::Drops {
+    crate::net::report::Drops {
+        events_lost: stats.net_events_lost,
+        connections_untracked: stats.net_conns_full,
+        calls_untracked: stats.net_calls_full,
+        connects_untracked: stats.net_socks_full,
+    }
 }
 
 fn default_output(opts: &RecordOptions, comm: Option<&str>, pid: Option<u32>) -> PathBuf {
@@ -262,6 +303,10 @@ impl Summary {
                 time.as_nanos() as f64 / runs.max(1) as f64,
                 self.stats.py_frame_slow_reads,
             );
+        }
+        if let Some((report, path)) = &self.net {
+            s.push_str(&report.render());
+            let _ = writeln!(s, "  network report: {}", path.display());
         }
         if !self.top.is_empty() {
             let _ = writeln!(s, "  top functions (leaf, share of samples):");

@@ -3,9 +3,9 @@
 mod logs;
 
 use agent_ebpf::{
-    GLOBAL_FSBASE_OFFSET, GLOBAL_MEASURE_COST, GLOBAL_NEWTASK_FLAGS_OFFSET, GLOBAL_NEWTASK_PID_OFFSET,
-    MAP_COUNTS, MAP_PY_PROCS, MAP_PY_STACKS, MAP_STACKS, MAP_STATS, MAP_TARGETS, PROG_PERF_SAMPLE,
-    PROG_TASK_NEWTASK, PyProc, PyStack, SampleKey, stat,
+    GLOBAL_FSBASE_OFFSET, GLOBAL_MEASURE_COST, GLOBAL_NET_OFFSETS, GLOBAL_NEWTASK_FLAGS_OFFSET,
+    GLOBAL_NEWTASK_PID_OFFSET, MAP_COUNTS, MAP_PY_PROCS, MAP_PY_STACKS, MAP_STACKS, MAP_STATS, MAP_TARGETS,
+    PROG_PERF_SAMPLE, PROG_TASK_NEWTASK, PyProc, PyStack, SampleKey, stat,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -46,6 +46,12 @@ pub struct Stats {
     pub target_ns: u64,
     /// Python frames read field by field because their prefix could not be read at once.
     pub py_frame_slow_reads: u64,
+    /// Network events lost because the ring buffer was full.
+    pub net_events_lost: u64,
+    /// Sockets, system calls and TCP connects not tracked because their map was full.
+    pub net_conns_full: u64,
+    pub net_calls_full: u64,
+    pub net_socks_full: u64,
 }
 
 /// The loaded kernel programs and their maps.
@@ -65,13 +71,17 @@ impl Sampler {
     pub fn load(measure_cost: bool) -> Result<Self> {
         // Where the kernel keeps a task's fs base: the Python walker matches it against
         // CPython's thread ids. Without BTF, Python stacks are unavailable.
-        let fsbase = match crate::sys::btf::Btf::from_sys_fs(crate::sys::btf::FSBASE_STRUCTS) {
-            Ok(btf) => crate::sys::btf::fsbase_offset(&btf).unwrap_or(0),
+        // The network programs read `tcp_sock` members found the same way.
+        let structs = [crate::sys::btf::FSBASE_STRUCTS, crate::net::BTF_STRUCTS].concat();
+        let btf = crate::sys::btf::Btf::from_sys_fs(&structs);
+        let fsbase = match &btf {
+            Ok(btf) => crate::sys::btf::fsbase_offset(btf).unwrap_or(0),
             Err(e) => {
                 tracing::warn!("kernel BTF unreadable ({e}): Python stacks are unavailable");
                 0
             }
         };
+        let net_offsets = crate::net::offsets(btf.as_ref().ok());
         // Field offsets of the child-following tracepoint's record (0 when unknown: the
         // program is then not attached).
         let newtask = |field| crate::sys::tracefs::field_offset("task", "task_newtask", field).unwrap_or(0);
@@ -84,6 +94,7 @@ impl Sampler {
             .override_global(GLOBAL_MEASURE_COST, &u32::from(measure_cost), true)
             .override_global(GLOBAL_NEWTASK_PID_OFFSET, &newtask_pid, true)
             .override_global(GLOBAL_NEWTASK_FLAGS_OFFSET, &newtask_flags, true)
+            .override_global(GLOBAL_NET_OFFSETS, &net_offsets, true)
             .load(OBJECT)
             .map_err(|e| load_error("loading the kernel programs", &e))?;
         let logger = match aya_log::EbpfLogger::init_with_logger(&mut ebpf, logs::ToTracing) {
@@ -114,6 +125,11 @@ impl Sampler {
         prog.load().map_err(|e| load_error("loading the child-following program", &e))?;
         prog.attach("task", "task_newtask").map_err(|e| unavailable(one_line(&e)))?;
         Ok(())
+    }
+
+    /// The loaded object, for capabilities that attach further programs of it (network).
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
     }
 
     /// Turns on the kernel's run-time statistics of BPF programs (a little overhead per run).
@@ -246,6 +262,10 @@ impl Sampler {
             py_stacks_full: sum(stat::PY_STACKS_FULL),
             target_ns: sum(stat::TARGET_NS),
             py_frame_slow_reads: sum(stat::PY_FRAME_SLOW_READS),
+            net_events_lost: sum(stat::NET_EVENTS_LOST),
+            net_conns_full: sum(stat::NET_CONNS_FULL),
+            net_calls_full: sum(stat::NET_CALLS_FULL),
+            net_socks_full: sum(stat::NET_SOCKS_FULL),
         })
     }
 
