@@ -145,3 +145,16 @@ impl NetTracer {
         Some(total)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_tcp_sock_members_in_this_kernel() {
+        let btf = Btf::from_sys_fs(BTF_STRUCTS).expect("this kernel exposes BTF");
+        let o = offsets(Some(&btf));
+        assert!(o.tcp_srtt_us > 1000, "tcp_sock.srtt_us at {}", o.tcp_srtt_us);
+        assert!(o.tcp_bytes_received > 1000 && o.tcp_bytes_acked > 1000, "{o:?}");
+    }
+}
