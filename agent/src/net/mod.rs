@@ -89,6 +89,12 @@ impl NetTracer {
     /// Loads and attaches the network programs of a loaded object (the `Sampler`'s, so they
     /// share its target filter and counters).
     pub fn attach(ebpf: &mut Ebpf) -> Result<Self> {
+        if !cfg!(target_arch = "x86_64") {
+            return Err(Error::KernelFeature {
+                feature: "network tracing",
+                detail: "the kernel programs know x86-64 system call numbers only".into(),
+            });
+        }
         tracefs::ensure_mounted()
             .map_err(|e| Error::KernelFeature { feature: "tracefs (tracepoints)", detail: e.to_string() })?;
         let mut attach = |name: &'static str, points: &[(&str, String)]| -> Result<()> {
