@@ -15,6 +15,14 @@ use serde_json::Value;
 
 const PYTHON: &str = "3.12.1";
 
+/// The tests compare latencies with the clients' own timings to a fraction of a
+/// millisecond: they run one at a time, not competing for the CPUs.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/net").join(name)
 }
@@ -120,21 +128,86 @@ fn read_report(output: &Path) -> (Value, String) {
     (serde_json::from_str(&text).expect("the network report is JSON"), text)
 }
 
+/// A server launched under `stoker record --net`; it prints its port on stdout.
+struct Watched {
+    stoker: Child,
+    port: String,
+    output: PathBuf,
+}
+
+impl Watched {
+    fn start(python_version: &str, script: &str) -> Self {
+        let output = scratch("net-server").join("server.folded");
+        let mut stoker = Command::new(STOKER)
+            .args(["record", "--net", "-f", "folded", "-o", output.to_str().unwrap(), "--"])
+            .arg(python(python_version))
+            .arg(fixture(script))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start stoker");
+        let port = Lines::of(&mut stoker).next("server port", Duration::from_secs(20)).trim().to_string();
+        Self { stoker, port, output }
+    }
+
+    /// Ends the session (Ctrl-C) and returns the network report and its text.
+    fn finish(mut self) -> (Value, String) {
+        unsafe { libc::kill(self.stoker.id() as i32, libc::SIGINT) };
+        let status = wait_exit(&mut self.stoker, Duration::from_secs(30));
+        let mut err = String::new();
+        std::io::Read::read_to_string(self.stoker.stderr.as_mut().unwrap(), &mut err).unwrap();
+        assert!(status.success(), "stoker failed: {err}");
+        eprintln!("{err}");
+        read_report(&self.output)
+    }
+}
+
+/// Asserts the server-side GET /sleep/{id} row matches the client's own timings: exact
+/// count, p50 and p99 within tolerance.
+fn assert_sleeps_match(report: &Value, timed: &Value) {
+    let sleeps =
+        one(report, "GET /sleep/{id}", |e| e["direction"] == "server" && e["route"] == "/sleep/{id}");
+    let client: Vec<f64> = timed
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["path"].as_str().unwrap().starts_with("/sleep/"))
+        .map(|r| r["seconds"].as_f64().unwrap())
+        .collect();
+    assert_eq!(sleeps["count"].as_u64(), Some(client.len() as u64), "request count: {sleeps:#}");
+    assert_eq!(sleeps["statuses"]["200"].as_u64(), Some(client.len() as u64), "statuses: {sleeps:#}");
+    for (q, key) in [(0.5, "p50_ms"), (0.99, "p99_ms")] {
+        let stoker_ms = sleeps[key].as_f64().unwrap();
+        let client_ms = quantile_ms(client.clone(), q);
+        eprintln!("GET /sleep/{{id}} {key}: stoker {stoker_ms:.3} ms, client {client_ms:.3} ms");
+        assert_close(&format!("GET /sleep/{{id}} {key}"), stoker_ms, client_ms);
+    }
+}
+
+/// Two keep-alive connections, 100 requests each: 5, 20 and 50 ms (60/35/5).
+fn sleep_paths() -> Vec<String> {
+    (0..100)
+        .map(|i| {
+            let ms = if i % 20 == 7 {
+                50
+            } else if i % 20 < 7 {
+                20
+            } else {
+                5
+            };
+            if i == 3 { format!("/sleep/{ms}?token=secret") } else { format!("/sleep/{ms}") }
+        })
+        .collect()
+}
+
 /// A ThreadingHTTPServer under `stoker record --net`, driven by keep-alive HTTP/1.1
 /// clients that time every request themselves.
 #[test]
 fn http_server_latency_matches_client() {
     require_root();
-    let output = scratch("net-server").join("server.folded");
-    let mut stoker = Command::new(STOKER)
-        .args(["record", "--net", "-f", "folded", "-o", output.to_str().unwrap(), "--"])
-        .arg(python(PYTHON))
-        .arg(fixture("http_server.py"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start stoker");
-    let port = Lines::of(&mut stoker).next("server port", Duration::from_secs(20)).trim().to_string();
+    let _serial = serial();
+    let server = Watched::start(PYTHON, "http_server.py");
+    let port = server.port.clone();
 
     // Two connections, 100 requests each: 5, 20 and 50 ms (60/35/5), one with a query string.
     let mut paths: Vec<String> = Vec::new();
@@ -156,34 +229,12 @@ fn http_server_latency_matches_client() {
     let concurrent = run_client(&[fixture("http_client.py").to_str().unwrap(), &port, &plan]);
     assert_eq!(concurrent.as_array().unwrap().len(), 200);
 
-    unsafe { libc::kill(stoker.id() as i32, libc::SIGINT) };
-    let status = wait_exit(&mut stoker, Duration::from_secs(30));
-    let mut err = String::new();
-    std::io::Read::read_to_string(stoker.stderr.as_mut().unwrap(), &mut err).unwrap();
-    assert!(status.success(), "stoker failed: {err}");
-    eprintln!("{err}");
-    let (report, text) = read_report(&output);
+    let (report, text) = server.finish();
     assert!(!text.contains("secret") && !text.contains("token"), "the query string left the kernel: {text}");
     let server = |route: &'static str| {
         move |e: &Value| e["direction"] == "server" && e["method"] == "GET" && e["route"] == route
     };
-
-    let sleeps = one(&report, "GET /sleep/{id}", server("/sleep/{id}"));
-    let client: Vec<f64> = timed
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|r| r["path"].as_str().unwrap().starts_with("/sleep/"))
-        .map(|r| r["seconds"].as_f64().unwrap())
-        .collect();
-    assert_eq!(sleeps["count"].as_u64(), Some(client.len() as u64), "request count: {sleeps:#}");
-    assert_eq!(sleeps["statuses"]["200"].as_u64(), Some(200), "statuses: {sleeps:#}");
-    for (q, key) in [(0.5, "p50_ms"), (0.99, "p99_ms")] {
-        let stoker_ms = sleeps[key].as_f64().unwrap();
-        let client_ms = quantile_ms(client.clone(), q);
-        eprintln!("GET /sleep/{{id}} {key}: stoker {stoker_ms:.3} ms, client {client_ms:.3} ms");
-        assert_close(&format!("GET /sleep/{{id}} {key}"), stoker_ms, client_ms);
-    }
+    assert_sleeps_match(&report, &timed);
 
     let fail = one(&report, "GET /fail", server("/fail"));
     assert_eq!((fail["count"].as_u64(), fail["errors"].as_u64()), (Some(2), Some(2)), "{fail:#}");
@@ -202,12 +253,26 @@ fn http_server_latency_matches_client() {
     assert_eq!(report["drops"]["events_lost"].as_u64(), Some(0));
 }
 
+/// An asyncio server from PyPI (aiohttp, on the interpreter `cargo xtask setup` installs
+/// it for): the same request counts and latencies as the client's.
+#[test]
+fn aiohttp_server_latency_matches_client() {
+    require_root();
+    let _serial = serial();
+    let server = Watched::start("3.11.7", "aiohttp_server.py");
+    let plan = serde_json::json!({ "connections": 2, "paths": sleep_paths() }).to_string();
+    let timed = run_client(&[fixture("http_client.py").to_str().unwrap(), &server.port, &plan]);
+    let (report, _) = server.finish();
+    assert_sleeps_match(&report, &timed);
+}
+
 /// A watched Python client calling an HTTP upstream, a line-echo (non-HTTP) upstream and a
 /// closed port: both upstreams appear with their addresses and latencies, the echo
 /// traffic as generic TCP, and the refused connects as failures.
 #[test]
 fn client_upstreams_and_failed_connects() {
     require_root();
+    let _serial = serial();
     let http = Server::start("http_server.py");
     let echo = Server::start("echo_server.py");
     // A port nothing listens on: bound, then closed.

