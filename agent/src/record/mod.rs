@@ -77,6 +77,8 @@ pub struct Summary {
     pub kernel_cost: Option<(Duration, u64)>,
     /// Network report (with `net`) and where its JSON was written.
     pub net: Option<(NetReport, PathBuf)>,
+    /// Network programs' total kernel time and run count (with `net` and `kernel_stats`).
+    pub net_kernel_cost: Option<(Duration, u64)>,
 }
 
 const TICK: Duration = Duration::from_millis(100);
@@ -179,6 +181,10 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
     }
     let stats = sampler.stats()?;
     let kernel_cost = sampler.kernel_cost();
+    let net_kernel_cost = match (&net, opts.kernel_stats) {
+        (Some((tracer, _)), true) => tracer.kernel_cost(sampler.ebpf_mut()),
+        _ => None,
+    };
     let net = match net.as_mut() {
         Some((tracer, agg)) => {
             tracer.drain(agg);
@@ -231,6 +237,7 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
         top: profile.top_leaves(10),
         kernel_cost,
         net,
+        net_kernel_cost,
     })
 }
 
@@ -307,6 +314,14 @@ impl Summary {
         if let Some((report, path)) = &self.net {
             s.push_str(&report.render());
             let _ = writeln!(s, "  network report: {}", path.display());
+            if let Some((time, runs)) = self.net_kernel_cost {
+                let _ = writeln!(
+                    s,
+                    "  kernel: network programs ran {runs} times for {} ns in all ({:.0} ns per run)",
+                    time.as_nanos(),
+                    time.as_nanos() as f64 / runs.max(1) as f64
+                );
+            }
         }
         if !self.top.is_empty() {
             let _ = writeln!(s, "  top functions (leaf, share of samples):");
