@@ -365,6 +365,7 @@ const _: () = assert!(core::mem::size_of::<NetEvent>() == 56 + 16 + 4 + 20 + 64)
 #[cfg(feature = "user")]
 mod pod {
     unsafe impl aya::Pod for super::NetOffsets {}
+    unsafe impl aya::Pod for super::NetConn {}
     unsafe impl aya::Pod for super::SampleKey {}
     unsafe impl aya::Pod for super::PyProc {}
     unsafe impl aya::Pod for super::PyStack {}

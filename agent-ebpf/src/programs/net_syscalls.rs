@@ -132,8 +132,14 @@ fn try_sys_exit(ctx: &TracePointContext) -> Result<u32, i64> {
 /// Starts tracking a socket accepted or connected by `tgid`; `sockaddr` is the peer's.
 #[inline(always)]
 fn open(tgid: u32, fd: u32, role: u32, sockaddr: u64, now: u64) {
-    // Only TCP/IP peers: Unix sockets and other families are left alone.
-    let Some((family, port, addr)) = read_sockaddr(sockaddr) else { return };
+    // Only TCP/IP peers: Unix sockets and other families are left alone. A server that
+    // does not ask for its peer's address (accept with NULL) is followed without it.
+    let peer = if sockaddr == 0 && role == NET_ROLE_SERVER {
+        Some((0, 0, [0; 16]))
+    } else {
+        read_sockaddr(sockaddr)
+    };
+    let Some((family, port, addr)) = peer else { return };
     let Some(c) = NET_CONN_SCRATCH.get_ptr_mut(0) else { return };
     let c = unsafe { &mut *c };
     c.start_ns = 0;

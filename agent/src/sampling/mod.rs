@@ -4,8 +4,8 @@ mod logs;
 
 use agent_ebpf::{
     GLOBAL_FSBASE_OFFSET, GLOBAL_MEASURE_COST, GLOBAL_NET_OFFSETS, GLOBAL_NEWTASK_FLAGS_OFFSET,
-    GLOBAL_NEWTASK_PID_OFFSET, MAP_COUNTS, MAP_PY_PROCS, MAP_PY_STACKS, MAP_STACKS, MAP_STATS, MAP_TARGETS,
-    PROG_PERF_SAMPLE, PROG_TASK_NEWTASK, PyProc, PyStack, SampleKey, stat,
+    GLOBAL_NEWTASK_PID_OFFSET, MAP_COUNTS, MAP_NET_CONNS, MAP_PY_PROCS, MAP_PY_STACKS, MAP_STACKS, MAP_STATS,
+    MAP_TARGETS, NetConn, PROG_PERF_SAMPLE, PROG_TASK_NEWTASK, PyProc, PyStack, SampleKey, stat,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -154,12 +154,19 @@ impl Sampler {
         Ok(targets.keys().filter_map(|k| k.ok()).collect())
     }
 
-    /// Stops sampling `pid` (it exited) and forgets its Python configuration.
+    /// Stops sampling `pid` (it exited) and forgets its Python configuration and the
+    /// sockets it left open.
     pub fn remove_target(&mut self, pid: u32) -> Result<()> {
         let mut targets: HashMap<_, u32, u32> = self.map_mut(MAP_TARGETS)?;
         let _ = targets.remove(&pid);
         let mut procs: HashMap<_, u32, PyProc> = self.map_mut(MAP_PY_PROCS)?;
         let _ = procs.remove(&pid);
+        let mut conns: HashMap<_, u64, NetConn> = self.map_mut(MAP_NET_CONNS)?;
+        let stale: Vec<u64> =
+            conns.keys().filter_map(|k| k.ok()).filter(|k| (k >> 32) as u32 == pid).collect();
+        for key in stale {
+            let _ = conns.remove(&key);
+        }
         Ok(())
     }
 
