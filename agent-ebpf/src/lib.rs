@@ -32,6 +32,18 @@ pub const PROG_TASK_NEWTASK: &str = "task_newtask";
 pub const GLOBAL_NEWTASK_PID_OFFSET: &str = "NEWTASK_PID_OFFSET";
 pub const GLOBAL_NEWTASK_FLAGS_OFFSET: &str = "NEWTASK_FLAGS_OFFSET";
 
+/// Network: per-connection request state, (tgid << 32 | fd) -> `NetConn`.
+pub const MAP_NET_CONNS: &str = "NET_CONNS";
+/// Network: completed requests, connects and closes, as `NetEvent`s.
+pub const MAP_NET_EVENTS: &str = "NET_EVENTS";
+/// The network programs: one per syscall direction, one per TCP tracepoint.
+pub const PROG_NET_SYS_ENTER: &str = "net_sys_enter";
+pub const PROG_NET_SYS_EXIT: &str = "net_sys_exit";
+pub const PROG_NET_SOCK_STATE: &str = "net_sock_state";
+pub const PROG_NET_RETRANSMIT: &str = "net_retransmit";
+/// Global set by the loader: record field offsets and kernel struct offsets (`NetOffsets`).
+pub const GLOBAL_NET_OFFSETS: &str = "NET_OFFSETS";
+
 /// `TARGETS` flag: sample this process.
 pub const TARGET_SAMPLE: u32 = 1;
 /// `TARGETS` flag: processes it creates become targets with the same flags.
@@ -83,10 +95,18 @@ pub mod stat {
     pub const TARGET_NS: u32 = 10;
     /// Python frames whose prefix could not be read at once (read field by field instead).
     pub const PY_FRAME_SLOW_READS: u32 = 11;
+    /// Network events lost because the ring buffer was full.
+    pub const NET_EVENTS_LOST: u32 = 12;
+    /// Connections not tracked because the connections map was full.
+    pub const NET_CONNS_FULL: u32 = 13;
+    /// System calls not tracked because the in-flight calls map was full.
+    pub const NET_CALLS_FULL: u32 = 14;
+    /// TCP connects not tracked because the sockets map was full.
+    pub const NET_SOCKS_FULL: u32 = 15;
     /// Exec notifications lost because the set was full (found by the next /proc scan).
-    pub const EXECS_FULL: u32 = 12;
+    pub const EXECS_FULL: u32 = 16;
     /// Number of counters.
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 17;
 }
 
 /// Key of the kernel-side aggregation: one thread, one user stack, one kernel stack, one
@@ -213,8 +233,147 @@ pub const NO_STACK: i32 = -1;
 /// Stack id recorded when the stack existed but could not be stored.
 pub const DROPPED_STACK: i32 = -2;
 
+/// Capacity of the per-connection state map (open sockets of target processes).
+pub const NET_CONNS_CAPACITY: u32 = 16 * 1024;
+/// Capacity of the in-flight system calls map (threads inside a tracked call at once).
+pub const NET_CALLS_CAPACITY: u32 = 8 * 1024;
+/// Capacity of the connecting/established TCP sockets map (client connections).
+pub const NET_SOCKS_CAPACITY: u32 = 16 * 1024;
+/// Size of the network events ring buffer.
+pub const NET_EVENTS_BYTES: u32 = 1 << 20;
+/// Bytes of an HTTP request path kept (cut at `?`, never a query string).
+pub const NET_PATH_LEN: usize = 64;
+/// Bytes peeked at the start of a request or response to recognize HTTP/1.x.
+pub const NET_PEEK_LEN: usize = 80;
+/// Size of the per-CPU peek buffer: a power of two above `NET_PEEK_LEN`, so masked
+/// indexes stay inside it.
+pub const NET_PEEK_BUF: usize = 128;
+
+/// Record field offsets of the tracepoints and `tcp_sock` member offsets (from BTF; 0 when
+/// unknown) the network programs read.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetOffsets {
+    /// First argument of a `syscalls:sys_enter_*` record; the others follow every 8 bytes.
+    pub sys_args: u32,
+    /// `ret` of a `syscalls:sys_exit_*` record.
+    pub sys_ret: u32,
+    /// `sock:inet_sock_set_state` fields.
+    pub sk_skaddr: u32,
+    pub sk_oldstate: u32,
+    pub sk_newstate: u32,
+    pub sk_dport: u32,
+    pub sk_family: u32,
+    pub sk_protocol: u32,
+    pub sk_daddr: u32,
+    pub sk_daddr_v6: u32,
+    /// `tcp:tcp_retransmit_skb` field `skaddr`.
+    pub rt_skaddr: u32,
+    /// `struct tcp_sock` members.
+    pub tcp_srtt_us: u32,
+    pub tcp_bytes_received: u32,
+    pub tcp_bytes_acked: u32,
+}
+const _: () = assert!(core::mem::size_of::<NetOffsets>() == 56);
+
+/// `NetConn::role` / `NetEvent::role`: the process accepted the connection (it serves).
+pub const NET_ROLE_SERVER: u32 = 1;
+/// The process connected (it is the client).
+pub const NET_ROLE_CLIENT: u32 = 2;
+
+/// `NetConn::phase`: no request under way.
+pub const NET_PHASE_IDLE: u32 = 0;
+/// The request is being read (server) or written (client).
+pub const NET_PHASE_REQUEST: u32 = 1;
+/// The response is being written (server) or read (client).
+pub const NET_PHASE_RESPONSE: u32 = 2;
+
+/// State of one tracked socket of a target process, owned by the kernel programs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct NetConn {
+    /// Request start: first byte read (server) or first write entered (client).
+    pub start_ns: u64,
+    /// First and last response bytes: read returned (client) or written (server).
+    pub resp_first_ns: u64,
+    pub resp_last_ns: u64,
+    pub req_bytes: u64,
+    pub resp_bytes: u64,
+    /// When the connection was accepted or connected.
+    pub opened_ns: u64,
+    /// Remote address (IPv4 in the first 4 bytes) and port (host order).
+    pub addr: [u8; 16],
+    pub port: u16,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u16,
+    pub role: u32,
+    pub phase: u32,
+    /// HTTP status of the response, 0 when not HTTP.
+    pub status: u32,
+    /// `http_method::*` of the request, 0 when not HTTP.
+    pub method: u32,
+    pub path_len: u32,
+    pub path: [u8; NET_PATH_LEN],
+}
+const _: () = assert!(core::mem::size_of::<NetConn>() == 48 + 16 + 4 + 20 + 64);
+
+/// HTTP request methods recognized in the kernel (`NetConn::method`).
+pub mod http_method {
+    pub const NONE: u32 = 0;
+    pub const GET: u32 = 1;
+    pub const POST: u32 = 2;
+    pub const PUT: u32 = 3;
+    pub const DELETE: u32 = 4;
+    pub const HEAD: u32 = 5;
+    pub const PATCH: u32 = 6;
+    pub const OPTIONS: u32 = 7;
+    pub const NAMES: [&str; 8] = ["", "GET", "POST", "PUT", "DELETE", "HEAD", "PATCH", "OPTIONS"];
+}
+
+/// `NetEvent::kind`: a request and its response completed on a connection.
+pub const NET_EVENT_REQUEST: u32 = 1;
+/// A TCP connect finished (`status` 0: established, 1: failed).
+pub const NET_EVENT_CONNECT: u32 = 2;
+/// A tracked connection closed (client connections: lifetime, retransmits, RTT, bytes).
+pub const NET_EVENT_CLOSE: u32 = 3;
+/// A connection was accepted.
+pub const NET_EVENT_ACCEPT: u32 = 4;
+
+/// One event from the network programs. Requests carry only the method, the path up to
+/// `?` (at most `NET_PATH_LEN` bytes), the status, sizes and times: never headers or bodies.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct NetEvent {
+    pub kind: u32,
+    pub tgid: u32,
+    pub role: u32,
+    /// Request: HTTP status (0 if none). Connect: 0 established, 1 failed.
+    pub status: u32,
+    /// Request: start, first and last response byte. Connect: SYN sent, then the outcome
+    /// (both `resp_*`). Close: established, then closed.
+    pub start_ns: u64,
+    pub resp_first_ns: u64,
+    pub resp_last_ns: u64,
+    /// Request: request and response bytes. Close: bytes received and acknowledged.
+    pub req_bytes: u64,
+    pub resp_bytes: u64,
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub family: u16,
+    pub method: u32,
+    pub path_len: u32,
+    /// Close: retransmitted segments and smoothed RTT in microseconds.
+    pub retransmits: u32,
+    pub srtt_us: u32,
+    pub _pad: u32,
+    pub path: [u8; NET_PATH_LEN],
+}
+const _: () = assert!(core::mem::size_of::<NetEvent>() == 56 + 16 + 4 + 20 + 64);
+
 #[cfg(feature = "user")]
 mod pod {
+    unsafe impl aya::Pod for super::NetOffsets {}
+    unsafe impl aya::Pod for super::NetConn {}
     unsafe impl aya::Pod for super::SampleKey {}
     unsafe impl aya::Pod for super::PyProc {}
     unsafe impl aya::Pod for super::PyStack {}

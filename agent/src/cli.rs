@@ -70,6 +70,10 @@ pub struct RecordArgs {
     /// Measure and report the sampling program's own run time in the kernel.
     #[arg(long)]
     pub kernel_stats: bool,
+    /// Also time network requests (HTTP/1.x and other request/response TCP traffic) and TCP
+    /// connects; writes <output stem>.net.json beside the profile.
+    #[arg(long)]
+    pub net: bool,
     /// Command to launch and profile, after `--`.
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,

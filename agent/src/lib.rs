@@ -4,6 +4,7 @@ pub mod doctor;
 pub mod error;
 pub mod export;
 pub mod k8s;
+pub mod net;
 pub mod node;
 pub mod python;
 pub mod record;

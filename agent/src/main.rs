@@ -73,6 +73,7 @@ fn record_cmd(args: RecordArgs) -> ExitCode {
         threads: args.threads,
         full_filenames: args.full_filenames,
         kernel_stats: args.kernel_stats,
+        net: args.net,
     };
     match record::run(&opts) {
         Ok(summary) => {

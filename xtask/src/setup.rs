@@ -20,14 +20,16 @@ const PACKAGES: &[&str] = &[
     "libc6-dev",
     "linux-perf",
     "util-linux",
+    "wrk",
 ];
 /// Python packages the end-to-end tests use: real OTLP receivers (oteltap; grpcio with
 /// the official opentelemetry-proto classes, pinned: 1.45.2 carries the profiles
-/// v1development schema of proto 1.10 that stoker sends, and needs protobuf >= 5) and an
-/// independent pprof decoder (protobuf, with protoc from grpcio-tools).
+/// v1development schema of proto 1.10 that stoker sends, and needs protobuf >= 5), an
+/// independent pprof decoder (protobuf, with protoc from grpcio-tools) and an asyncio
+/// HTTP server (aiohttp).
 const TEST_PYTHON_PACKAGES: &[&str] =
-    &["protobuf>=5,<8", "grpcio-tools", "grpcio", "opentelemetry-proto==1.45.2", "oteltap"];
-const TEST_PYTHON_MODULES: &str = "import google.protobuf, grpc, grpc_tools, oteltap; \
+    &["protobuf>=5,<8", "grpcio-tools", "grpcio", "opentelemetry-proto==1.45.2", "oteltap", "aiohttp"];
+const TEST_PYTHON_MODULES: &str = "import google.protobuf, grpc, grpc_tools, oteltap, aiohttp; \
     import opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2_grpc; \
     import importlib.metadata as m; assert m.version('opentelemetry-proto') == '1.45.2'";
 /// The deployment validators, in a venv of their own (checkov pins many libraries).

@@ -1,4 +1,6 @@
 //! Kernel programs, one module per hook.
+pub mod net_syscalls;
 pub mod perf_sample;
 pub mod sched_exec;
 pub mod task_newtask;
+pub mod tcp_state;

@@ -26,6 +26,7 @@ use self::{
 use crate::{
     error::{Error, Result},
     export::{self, Format},
+    net::{Aggregator, NetTracer, report::NetReport},
     sampling::{Sampler, Stats},
 };
 
@@ -51,6 +52,8 @@ pub struct RecordOptions {
     pub full_filenames: bool,
     /// Measure the sampling program's own time in the kernel.
     pub kernel_stats: bool,
+    /// Also time the targets' network requests and TCP connects.
+    pub net: bool,
 }
 
 /// Why a session ended.
@@ -72,6 +75,10 @@ pub struct Summary {
     pub top: Vec<(Arc<str>, u64)>,
     /// Sampling program's total kernel time and run count (with `kernel_stats`).
     pub kernel_cost: Option<(Duration, u64)>,
+    /// Network report (with `net`) and where its JSON was written.
+    pub net: Option<(NetReport, PathBuf)>,
+    /// Network programs' total kernel time and run count (with `net` and `kernel_stats`).
+    pub net_kernel_cost: Option<(Duration, u64)>,
 }
 
 const TICK: Duration = Duration::from_millis(100);
@@ -112,6 +119,10 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
         tracing::warn!("new processes are found by scanning /proc only: {e}");
     }
     sampler.start(opts.rate_hz)?;
+    let mut net = match opts.net {
+        true => Some((NetTracer::attach(sampler.ebpf_mut())?, Aggregator::new())),
+        false => None,
+    };
     let flags = if opts.subprocesses { TARGET_SAMPLE | TARGET_FOLLOW } else { TARGET_SAMPLE };
     let mut tracker = Tracker::new(opts.all_python, opts.native);
     let mut collector = Collector::new(opts.full_filenames);
@@ -149,6 +160,9 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
         } else {
             None
         };
+        if let Some((tracer, agg)) = net.as_mut() {
+            tracer.drain(agg);
+        }
         let every = if elapsed < START { COLLECT_EVERY_AT_START } else { COLLECT_EVERY };
         if end.is_some() || last_collect.elapsed() >= every {
             collector.collect(&sampler, &tracker.live_targets(), end.is_some())?;
@@ -172,6 +186,22 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
     }
     let stats = sampler.stats()?;
     let kernel_cost = sampler.kernel_cost();
+    let net_kernel_cost = match (&net, opts.kernel_stats) {
+        (Some((tracer, _)), true) => tracer.kernel_cost(sampler.ebpf_mut()),
+        _ => None,
+    };
+    let net = match net.as_mut() {
+        Some((tracer, agg)) => {
+            tracer.drain(agg);
+            let report = NetReport::new(agg.metrics(), elapsed.as_secs_f64(), net_drops(&stats));
+            let path = net_output(&output);
+            let json = serde_json::to_vec_pretty(&report).map_err(std::io::Error::other);
+            json.and_then(|j| std::fs::write(&path, j))
+                .map_err(|source| Error::Output { path: path.clone(), source })?;
+            Some((report, path))
+        }
+        None => None,
+    };
 
     let processes = collector.processes();
     let view = View {
@@ -211,7 +241,25 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
         end,
         top: profile.top_leaves(10),
         kernel_cost,
+        net,
+        net_kernel_cost,
     })
+}
+
+/// `<output stem>.net.json` beside the profile.
+fn net_output(output: &std::path::Path) -> PathBuf {
+    let stem =
+        output.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "stoker".into());
+    output.with_file_name(format!("{stem}.net.json"))
+}
+
+fn net_drops(stats: &Stats) -> crate::net::report::Drops {
+    crate::net::report::Drops {
+        events_lost: stats.net_events_lost,
+        connections_untracked: stats.net_conns_full,
+        calls_untracked: stats.net_calls_full,
+        connects_untracked: stats.net_socks_full,
+    }
 }
 
 fn default_output(opts: &RecordOptions, comm: Option<&str>, pid: Option<u32>) -> PathBuf {
@@ -267,6 +315,18 @@ impl Summary {
                 time.as_nanos() as f64 / runs.max(1) as f64,
                 self.stats.py_frame_slow_reads,
             );
+        }
+        if let Some((report, path)) = &self.net {
+            s.push_str(&report.render());
+            let _ = writeln!(s, "  network report: {}", path.display());
+            if let Some((time, runs)) = self.net_kernel_cost {
+                let _ = writeln!(
+                    s,
+                    "  kernel: network programs ran {runs} times for {} ns in all ({:.0} ns per run)",
+                    time.as_nanos(),
+                    time.as_nanos() as f64 / runs.max(1) as f64
+                );
+            }
         }
         if !self.top.is_empty() {
             let _ = writeln!(s, "  top functions (leaf, share of samples):");

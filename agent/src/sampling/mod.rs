@@ -3,9 +3,10 @@
 mod logs;
 
 use agent_ebpf::{
-    GLOBAL_FSBASE_OFFSET, GLOBAL_MEASURE_COST, GLOBAL_NEWTASK_FLAGS_OFFSET, GLOBAL_NEWTASK_PID_OFFSET,
-    MAP_COUNTS, MAP_EXECS, MAP_PY_PROCS, MAP_PY_STACKS, MAP_STACKS, MAP_STATS, MAP_TARGETS, PROG_PERF_SAMPLE,
-    PROG_SCHED_EXEC, PROG_TASK_NEWTASK, PyProc, PyStack, SampleKey, stat,
+    GLOBAL_FSBASE_OFFSET, GLOBAL_MEASURE_COST, GLOBAL_NET_OFFSETS, GLOBAL_NEWTASK_FLAGS_OFFSET,
+    GLOBAL_NEWTASK_PID_OFFSET, MAP_COUNTS, MAP_EXECS, MAP_NET_CONNS, MAP_PY_PROCS, MAP_PY_STACKS, MAP_STACKS,
+    MAP_STATS, MAP_TARGETS, NetConn, PROG_PERF_SAMPLE, PROG_SCHED_EXEC, PROG_TASK_NEWTASK, PyProc, PyStack,
+    SampleKey, stat,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -48,6 +49,12 @@ pub struct Stats {
     pub py_frame_slow_reads: u64,
     /// Exec notifications lost to a full set (those processes wait for the /proc scan).
     pub execs_missed: u64,
+    /// Network events lost because the ring buffer was full.
+    pub net_events_lost: u64,
+    /// Sockets, system calls and TCP connects not tracked because their map was full.
+    pub net_conns_full: u64,
+    pub net_calls_full: u64,
+    pub net_socks_full: u64,
 }
 
 /// The loaded kernel programs and their maps.
@@ -71,13 +78,17 @@ impl Sampler {
     pub fn load(measure_cost: bool) -> Result<Self> {
         // Where the kernel keeps a task's fs base: the Python walker matches it against
         // CPython's thread ids. Without BTF, Python stacks are unavailable.
-        let fsbase = match crate::sys::btf::Btf::from_sys_fs(crate::sys::btf::FSBASE_STRUCTS) {
-            Ok(btf) => crate::sys::btf::fsbase_offset(&btf).unwrap_or(0),
+        // The network programs read `tcp_sock` members found the same way.
+        let structs = [crate::sys::btf::FSBASE_STRUCTS, crate::net::BTF_STRUCTS].concat();
+        let btf = crate::sys::btf::Btf::from_sys_fs(&structs);
+        let fsbase = match &btf {
+            Ok(btf) => crate::sys::btf::fsbase_offset(btf).unwrap_or(0),
             Err(e) => {
                 tracing::warn!("kernel BTF unreadable ({e}): Python stacks are unavailable");
                 0
             }
         };
+        let net_offsets = crate::net::offsets(btf.as_ref().ok());
         // Field offsets of the child-following tracepoint's record (0 when unknown: the
         // program is then not attached).
         let newtask = |field| crate::sys::tracefs::field_offset("task", "task_newtask", field).unwrap_or(0);
@@ -90,6 +101,7 @@ impl Sampler {
             .override_global(GLOBAL_MEASURE_COST, &u32::from(measure_cost), true)
             .override_global(GLOBAL_NEWTASK_PID_OFFSET, &newtask_pid, true)
             .override_global(GLOBAL_NEWTASK_FLAGS_OFFSET, &newtask_flags, true)
+            .override_global(GLOBAL_NET_OFFSETS, &net_offsets, true)
             .load(OBJECT)
             .map_err(|e| load_error("loading the kernel programs", &e))?;
         let logger = match aya_log::EbpfLogger::init_with_logger(&mut ebpf, logs::ToTracing) {
@@ -173,6 +185,11 @@ impl Sampler {
         self.following
     }
 
+    /// The loaded object, for capabilities that attach further programs of it (network).
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
     /// Turns on the kernel's run-time statistics of BPF programs (a little overhead per run).
     pub fn enable_kernel_stats(&mut self) -> Result<()> {
         let fd = aya::sys::enable_stats(aya::sys::Stats::RunTime)
@@ -195,12 +212,19 @@ impl Sampler {
         Ok(targets.keys().filter_map(|k| k.ok()).collect())
     }
 
-    /// Stops sampling `pid` (it exited) and forgets its Python configuration.
+    /// Stops sampling `pid` (it exited) and forgets its Python configuration and the
+    /// sockets it left open.
     pub fn remove_target(&mut self, pid: u32) -> Result<()> {
         let mut targets: HashMap<_, u32, u32> = self.map_mut(MAP_TARGETS)?;
         let _ = targets.remove(&pid);
         let mut procs: HashMap<_, u32, PyProc> = self.map_mut(MAP_PY_PROCS)?;
         let _ = procs.remove(&pid);
+        let mut conns: HashMap<_, u64, NetConn> = self.map_mut(MAP_NET_CONNS)?;
+        let stale: Vec<u64> =
+            conns.keys().filter_map(|k| k.ok()).filter(|k| (k >> 32) as u32 == pid).collect();
+        for key in stale {
+            let _ = conns.remove(&key);
+        }
         Ok(())
     }
 
@@ -310,6 +334,10 @@ impl Sampler {
             target_ns: sum(stat::TARGET_NS),
             py_frame_slow_reads: sum(stat::PY_FRAME_SLOW_READS),
             execs_missed: sum(stat::EXECS_FULL),
+            net_events_lost: sum(stat::NET_EVENTS_LOST),
+            net_conns_full: sum(stat::NET_CONNS_FULL),
+            net_calls_full: sum(stat::NET_CALLS_FULL),
+            net_socks_full: sum(stat::NET_SOCKS_FULL),
         })
     }
 

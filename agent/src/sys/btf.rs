@@ -51,7 +51,7 @@ impl Btf {
             let extra = match kind {
                 1 | 14 | 17 => 4,             // INT, VAR, DECL_TAG
                 3 => 12,                      // ARRAY
-                4 | 5 | 18 | 15 => vlen * 12, // STRUCT, UNION, ENUM64, DATASEC
+                4 | 5 | 19 | 15 => vlen * 12, // STRUCT, UNION, ENUM64, DATASEC
                 6 | 13 => vlen * 8,           // ENUM, FUNC_PROTO
                 _ => 0, // PTR, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT, FUNC, FLOAT, TYPE_TAG
             };

@@ -1,0 +1,268 @@
+//! Shared pieces of the network programs: their offsets, in-flight call and socket state,
+//! the HTTP/1.x recognizer that keeps only method, path (up to `?`) and status.
+use agent_ebpf::{
+    NET_PATH_LEN, NET_PEEK_BUF, NET_PEEK_LEN, NetConn, NetEvent, NetOffsets, http_method, stat,
+};
+use aya_ebpf::{
+    helpers::generated::{bpf_probe_read_kernel, bpf_probe_read_user},
+    programs::TracePointContext,
+};
+
+use crate::maps::{NET_EVENTS, NET_PEEK, bump};
+
+/// Offsets set by the loader (see `NetOffsets`).
+#[unsafe(no_mangle)]
+pub static NET_OFFSETS: NetOffsets = NetOffsets {
+    sys_args: 16,
+    sys_ret: 16,
+    sk_skaddr: 8,
+    sk_oldstate: 16,
+    sk_newstate: 20,
+    sk_dport: 26,
+    sk_family: 28,
+    sk_protocol: 30,
+    sk_daddr: 36,
+    sk_daddr_v6: 56,
+    rt_skaddr: 16,
+    tcp_srtt_us: 0,
+    tcp_bytes_received: 0,
+    tcp_bytes_acked: 0,
+};
+
+/// Reads one offset of `NET_OFFSETS` (volatile: the loader rewrites the constant).
+macro_rules! offset {
+    ($field:ident) => {{
+        // Also used inside other unsafe blocks.
+        #[allow(unused_unsafe)]
+        let v = unsafe { core::ptr::read_volatile(&crate::net::NET_OFFSETS.$field) };
+        v as usize
+    }};
+}
+pub(crate) use offset;
+
+/// A tracked system call between entry and exit.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct NetCall {
+    pub nr: u32,
+    pub fd: u32,
+    /// Data buffer (first iovec for the vectored calls) or sockaddr (accept, connect).
+    pub buf: u64,
+    pub buf_len: u64,
+    pub enter_ns: u64,
+}
+
+/// A TCP socket of a target process, from SYN sent until it leaves ESTABLISHED.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct NetSock {
+    pub tgid: u32,
+    pub retransmits: u32,
+    pub syn_ns: u64,
+    pub est_ns: u64,
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub family: u16,
+    pub _pad: u32,
+}
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// Argument `i` of a `sys_enter_*` record.
+#[inline(always)]
+pub fn sys_arg(ctx: &TracePointContext, i: usize) -> Result<u64, i64> {
+    unsafe { ctx.read_at::<u64>(offset!(sys_args) + 8 * i) }.map_err(|e| e as i64)
+}
+
+/// Reads a user sockaddr: (family, port in host order, address).
+#[inline(always)]
+pub fn read_sockaddr(ptr: u64) -> Option<(u16, u16, [u8; 16])> {
+    if ptr == 0 {
+        return None;
+    }
+    let mut head = [0u8; 8];
+    if unsafe { bpf_probe_read_user(head.as_mut_ptr().cast(), 8, ptr as *const _) } != 0 {
+        return None;
+    }
+    let family = u16::from_le_bytes([head[0], head[1]]);
+    let port = u16::from_be_bytes([head[2], head[3]]);
+    let mut addr = [0u8; 16];
+    match family {
+        AF_INET => addr[..4].copy_from_slice(&head[4..8]),
+        AF_INET6 => {
+            if unsafe { bpf_probe_read_user(addr.as_mut_ptr().cast(), 16, (ptr + 8) as *const _) } != 0 {
+                return None;
+            }
+        }
+        _ => return None,
+    }
+    Some((family, port, addr))
+}
+
+/// Reads a kernel value at `base + off`, 0 when the offset is unknown or unreadable.
+#[inline(always)]
+pub fn kernel_u64(base: u64, off: usize) -> u64 {
+    let mut v = 0u64;
+    if off != 0
+        && unsafe { bpf_probe_read_kernel((&mut v as *mut u64).cast(), 8, (base + off as u64) as *const _) }
+            != 0
+    {
+        v = 0;
+    }
+    v
+}
+
+/// Copies the first bytes (at most `NET_PEEK_LEN`) of a user buffer of `len` bytes into the
+/// per-CPU peek buffer, the rest zeroed.
+#[inline(always)]
+fn peek(buf: u64, len: u64) -> Option<&'static [u8; NET_PEEK_BUF]> {
+    let p = NET_PEEK.get_ptr_mut(0)?;
+    let words = p.cast::<u64>();
+    for i in 0..NET_PEEK_BUF / 8 {
+        unsafe { *words.add(i) = 0 };
+    }
+    let n = if len < NET_PEEK_LEN as u64 { len as u32 } else { NET_PEEK_LEN as u32 };
+    let n = n & (NET_PEEK_BUF as u32 - 1);
+    if n == 0 || buf == 0 {
+        return None;
+    }
+    if unsafe { bpf_probe_read_user(p.cast(), n, buf as *const _) } != 0 {
+        return None;
+    }
+    Some(unsafe { &*p })
+}
+
+/// Recognizes an HTTP/1.x request line in `buf` and stores its method and path (cut at
+/// `?`, `#` or the end of the path, at most `NET_PATH_LEN` bytes) in `conn`.
+#[inline(always)]
+pub fn parse_request(conn: &mut NetConn, buf: u64, len: u64) {
+    conn.method = http_method::NONE;
+    conn.path_len = 0;
+    let Some(p) = peek(buf, len) else { return };
+    let word = u64::from_le_bytes([p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]]);
+    let (method, skip) = if word & 0xffff_ffff == u32::from_le_bytes(*b"GET ") as u64 {
+        (http_method::GET, 4)
+    } else if word & 0xff_ffff_ffff == u64::from_le_bytes(*b"POST \0\0\0") {
+        (http_method::POST, 5)
+    } else if word & 0xffff_ffff == u32::from_le_bytes(*b"PUT ") as u64 {
+        (http_method::PUT, 4)
+    } else if word & 0xff_ffff_ffff == u64::from_le_bytes(*b"HEAD \0\0\0") {
+        (http_method::HEAD, 5)
+    } else if word & 0x00ff_ffff_ffff_ffff == u64::from_le_bytes(*b"DELETE \0") {
+        (http_method::DELETE, 7)
+    } else if word & 0xffff_ffff_ffff == u64::from_le_bytes(*b"PATCH \0\0") {
+        (http_method::PATCH, 6)
+    } else if word == u64::from_le_bytes(*b"OPTIONS ") {
+        (http_method::OPTIONS, 8)
+    } else {
+        return;
+    };
+    if p.get(skip).copied() != Some(b'/') {
+        return;
+    }
+    conn.path = [0; NET_PATH_LEN];
+    let mut n = 0usize;
+    for i in 0..NET_PATH_LEN {
+        let Some(&c) = p.get(skip + i) else { break };
+        if c == b' ' || c == b'?' || c == b'#' || c == b'\r' || c == b'\n' || c == 0 {
+            break;
+        }
+        if let Some(slot) = conn.path.get_mut(i) {
+            *slot = c;
+        }
+        n = i + 1;
+    }
+    conn.method = method;
+    conn.path_len = n as u32;
+}
+
+/// The status code of an HTTP/1.x status line in `buf`, 0 when it is not one.
+#[inline(always)]
+pub fn parse_status(buf: u64, len: u64) -> u32 {
+    let Some(p) = peek(buf, len) else { return 0 };
+    if &p[..5] != b"HTTP/" || p[5] != b'1' || p[6] != b'.' || p[8] != b' ' {
+        return 0;
+    }
+    let mut status = 0u32;
+    for i in 9..12 {
+        let c = p[i];
+        if !c.is_ascii_digit() {
+            return 0;
+        }
+        status = status * 10 + (c - b'0') as u32;
+    }
+    status
+}
+
+/// Sends the request completed on `conn` to userspace.
+#[inline(always)]
+pub fn emit_request(conn: &NetConn, tgid: u32) {
+    let Some(mut entry) = NET_EVENTS.reserve::<NetEvent>(0) else {
+        bump(stat::NET_EVENTS_LOST);
+        return;
+    };
+    let e = entry.as_mut_ptr();
+    unsafe {
+        (*e).kind = agent_ebpf::NET_EVENT_REQUEST;
+        (*e).tgid = tgid;
+        (*e).role = conn.role;
+        (*e).status = conn.status;
+        (*e).start_ns = conn.start_ns;
+        (*e).resp_first_ns = conn.resp_first_ns;
+        (*e).resp_last_ns = conn.resp_last_ns;
+        (*e).req_bytes = conn.req_bytes;
+        (*e).resp_bytes = conn.resp_bytes;
+        (*e).addr = conn.addr;
+        (*e).port = conn.port;
+        (*e).family = conn.family;
+        (*e).method = conn.method;
+        (*e).path_len = conn.path_len;
+        (*e).retransmits = 0;
+        (*e).srtt_us = 0;
+        (*e)._pad = 0;
+        (*e).path = conn.path;
+    }
+    entry.submit(0);
+}
+
+/// Sends a connection-level event (`NET_EVENT_CONNECT`, `_CLOSE`, `_ACCEPT`) to userspace.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub fn emit_conn(
+    kind: u32,
+    tgid: u32,
+    role: u32,
+    status: u32,
+    times: (u64, u64),
+    bytes: (u64, u64),
+    peer: (u16, u16, [u8; 16]),
+    tcp: (u32, u32),
+) {
+    let Some(mut entry) = NET_EVENTS.reserve::<NetEvent>(0) else {
+        bump(stat::NET_EVENTS_LOST);
+        return;
+    };
+    let e = entry.as_mut_ptr();
+    unsafe {
+        (*e).kind = kind;
+        (*e).tgid = tgid;
+        (*e).role = role;
+        (*e).status = status;
+        (*e).start_ns = times.0;
+        (*e).resp_first_ns = times.1;
+        (*e).resp_last_ns = times.1;
+        (*e).req_bytes = bytes.0;
+        (*e).resp_bytes = bytes.1;
+        (*e).family = peer.0;
+        (*e).port = peer.1;
+        (*e).addr = peer.2;
+        (*e).method = 0;
+        (*e).path_len = 0;
+        (*e).retransmits = tcp.0;
+        (*e).srtt_us = tcp.1;
+        (*e)._pad = 0;
+        (*e).path = [0; NET_PATH_LEN];
+    }
+    entry.submit(0);
+}

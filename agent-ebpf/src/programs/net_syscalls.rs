@@ -1,0 +1,237 @@
+//! Request/response timing per (process, socket) from the socket system calls of target
+//! processes: accept/connect make a socket tracked, reads and writes move its request state.
+use agent_ebpf::{
+    NET_EVENT_ACCEPT, NET_PHASE_IDLE, NET_PHASE_REQUEST, NET_PHASE_RESPONSE, NET_ROLE_CLIENT,
+    NET_ROLE_SERVER, NetConn, http_method, stat,
+};
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
+    macros::tracepoint,
+    programs::TracePointContext,
+};
+
+use crate::{
+    maps::{NET_CALLS, NET_CONN_SCRATCH, NET_CONNS, TARGETS, bump},
+    net::{NetCall, emit_conn, emit_request, offset, parse_request, parse_status, read_sockaddr, sys_arg},
+};
+
+// x86-64 system call numbers.
+const SYS_READ: u32 = 0;
+const SYS_WRITE: u32 = 1;
+const SYS_CLOSE: u32 = 3;
+const SYS_READV: u32 = 19;
+const SYS_WRITEV: u32 = 20;
+const SYS_CONNECT: u32 = 42;
+const SYS_ACCEPT: u32 = 43;
+const SYS_SENDTO: u32 = 44;
+const SYS_RECVFROM: u32 = 45;
+const SYS_SENDMSG: u32 = 46;
+const SYS_RECVMSG: u32 = 47;
+const SYS_ACCEPT4: u32 = 288;
+
+const EINPROGRESS: i64 = 115;
+/// Offset of `msg_iov` in `struct user_msghdr`.
+const MSGHDR_IOV: u64 = 16;
+
+#[inline(always)]
+fn conn_key(tgid: u32, fd: u32) -> u64 {
+    (u64::from(tgid) << 32) | u64::from(fd)
+}
+
+#[tracepoint]
+pub fn net_sys_enter(ctx: TracePointContext) -> u32 {
+    try_sys_enter(&ctx).unwrap_or(0)
+}
+
+fn try_sys_enter(ctx: &TracePointContext) -> Result<u32, i64> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    if TARGETS.get_ptr(tgid).is_none() {
+        return Ok(0);
+    }
+    let nr: i32 = unsafe { ctx.read_at(8) }.map_err(|e| e as i64)?;
+    let nr = nr as u32;
+    let fd = sys_arg(ctx, 0)? as u32;
+    let (buf, buf_len) = match nr {
+        SYS_ACCEPT | SYS_ACCEPT4 => (sys_arg(ctx, 1)?, 0),
+        SYS_CONNECT => (sys_arg(ctx, 1)?, 0),
+        SYS_CLOSE => {
+            close(tgid, fd);
+            return Ok(0);
+        }
+        _ => {
+            // Data calls: only on sockets already tracked (files and pipes cost one lookup).
+            if NET_CONNS.get_ptr(conn_key(tgid, fd)).is_none() {
+                return Ok(0);
+            }
+            match nr {
+                SYS_READ | SYS_WRITE | SYS_SENDTO | SYS_RECVFROM => (sys_arg(ctx, 1)?, sys_arg(ctx, 2)?),
+                SYS_READV | SYS_WRITEV => first_iovec(sys_arg(ctx, 1)?),
+                SYS_SENDMSG | SYS_RECVMSG => {
+                    let iov: u64 =
+                        unsafe { bpf_probe_read_user((sys_arg(ctx, 1)? + MSGHDR_IOV) as *const u64) }
+                            .unwrap_or(0);
+                    first_iovec(iov)
+                }
+                _ => return Ok(0),
+            }
+        }
+    };
+    let call = NetCall { nr, fd, buf, buf_len, enter_ns: unsafe { bpf_ktime_get_ns() } };
+    if NET_CALLS.insert(&pid_tgid, &call, 0).is_err() {
+        bump(stat::NET_CALLS_FULL);
+    }
+    Ok(0)
+}
+
+/// Base and length of the first element of a user iovec array.
+#[inline(always)]
+fn first_iovec(iov: u64) -> (u64, u64) {
+    if iov == 0 {
+        return (0, 0);
+    }
+    let base = unsafe { bpf_probe_read_user(iov as *const u64) }.unwrap_or(0);
+    let len = unsafe { bpf_probe_read_user((iov + 8) as *const u64) }.unwrap_or(0);
+    (base, len)
+}
+
+#[tracepoint]
+pub fn net_sys_exit(ctx: TracePointContext) -> u32 {
+    try_sys_exit(&ctx).unwrap_or(0)
+}
+
+fn try_sys_exit(ctx: &TracePointContext) -> Result<u32, i64> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    if TARGETS.get_ptr(tgid).is_none() {
+        return Ok(0);
+    }
+    let Some(&call) = (unsafe { NET_CALLS.get(&pid_tgid) }) else {
+        return Ok(0);
+    };
+    let _ = NET_CALLS.remove(&pid_tgid);
+    let ret: i64 = unsafe { ctx.read_at(offset!(sys_ret)) }.map_err(|e| e as i64)?;
+    let now = unsafe { bpf_ktime_get_ns() };
+    match call.nr {
+        SYS_ACCEPT | SYS_ACCEPT4 => {
+            if ret >= 0 {
+                open(tgid, ret as u32, NET_ROLE_SERVER, call.buf, now);
+            }
+        }
+        SYS_CONNECT => {
+            if ret == 0 || ret == -EINPROGRESS {
+                open(tgid, call.fd, NET_ROLE_CLIENT, call.buf, now);
+            }
+        }
+        SYS_READ | SYS_READV | SYS_RECVFROM | SYS_RECVMSG => data(tgid, &call, true, ret, now),
+        _ => data(tgid, &call, false, ret, now),
+    }
+    Ok(0)
+}
+
+/// Starts tracking a socket accepted or connected by `tgid`; `sockaddr` is the peer's.
+#[inline(always)]
+fn open(tgid: u32, fd: u32, role: u32, sockaddr: u64, now: u64) {
+    // Only TCP/IP peers: Unix sockets and other families are left alone. A server that
+    // does not ask for its peer's address (accept with NULL) is followed without it.
+    let peer = if sockaddr == 0 && role == NET_ROLE_SERVER {
+        Some((0, 0, [0; 16]))
+    } else {
+        read_sockaddr(sockaddr)
+    };
+    let Some((family, port, addr)) = peer else { return };
+    let Some(c) = NET_CONN_SCRATCH.get_ptr_mut(0) else { return };
+    let c = unsafe { &mut *c };
+    c.start_ns = 0;
+    c.resp_first_ns = 0;
+    c.resp_last_ns = 0;
+    c.req_bytes = 0;
+    c.resp_bytes = 0;
+    c.opened_ns = now;
+    c.addr = addr;
+    c.port = port;
+    c.family = family;
+    c.role = role;
+    c.phase = NET_PHASE_IDLE;
+    c.status = 0;
+    c.method = http_method::NONE;
+    c.path_len = 0;
+    // A reused fd whose close was missed is overwritten.
+    if NET_CONNS.insert(&conn_key(tgid, fd), c, 0).is_err() {
+        bump(stat::NET_CONNS_FULL);
+        return;
+    }
+    if role == NET_ROLE_SERVER {
+        emit_conn(NET_EVENT_ACCEPT, tgid, role, 0, (now, now), (0, 0), (family, port, addr), (0, 0));
+    }
+}
+
+/// A read (`inbound`) or write of `ret` bytes on a tracked socket.
+#[inline(always)]
+fn data(tgid: u32, call: &NetCall, inbound: bool, ret: i64, now: u64) {
+    let Some(c) = NET_CONNS.get_ptr_mut(conn_key(tgid, call.fd)) else { return };
+    let c = unsafe { &mut *c };
+    if ret <= 0 {
+        // End of stream: the response under way is complete. Errors (EAGAIN) change nothing.
+        if ret == 0 && inbound {
+            finish(c, tgid);
+        }
+        return;
+    }
+    let ret = ret as u64;
+    // A server reads its requests; a client writes them.
+    let request_side = (c.role == NET_ROLE_SERVER) == inbound;
+    if request_side {
+        if c.phase == NET_PHASE_RESPONSE {
+            finish(c, tgid);
+        }
+        if c.phase != NET_PHASE_REQUEST {
+            c.phase = NET_PHASE_REQUEST;
+            // The server's request starts when its first bytes arrive; the client's when it
+            // starts sending.
+            c.start_ns = if inbound { now } else { call.enter_ns };
+            c.req_bytes = 0;
+            c.resp_bytes = 0;
+            c.resp_first_ns = 0;
+            c.resp_last_ns = 0;
+            c.status = 0;
+            let len = if call.buf_len < ret { call.buf_len } else { ret };
+            parse_request(c, call.buf, len);
+        }
+        c.req_bytes += ret;
+    } else {
+        // Bytes before any request (a server greeting) are not a response.
+        if c.phase == NET_PHASE_IDLE {
+            return;
+        }
+        if c.phase == NET_PHASE_REQUEST {
+            c.phase = NET_PHASE_RESPONSE;
+            c.resp_first_ns = now;
+            c.status = 0;
+            if c.method != http_method::NONE {
+                let len = if call.buf_len < ret { call.buf_len } else { ret };
+                c.status = parse_status(call.buf, len);
+            }
+        }
+        c.resp_bytes += ret;
+        c.resp_last_ns = now;
+    }
+}
+
+/// Emits the request under way on `c` if its response has started, and goes idle.
+#[inline(always)]
+fn finish(c: &mut NetConn, tgid: u32) {
+    if c.phase == NET_PHASE_RESPONSE {
+        emit_request(c, tgid);
+    }
+    c.phase = NET_PHASE_IDLE;
+}
+
+#[inline(always)]
+fn close(tgid: u32, fd: u32) {
+    let key = conn_key(tgid, fd);
+    if let Some(c) = NET_CONNS.get_ptr_mut(key) {
+        finish(unsafe { &mut *c }, tgid);
+        let _ = NET_CONNS.remove(key);
+    }
+}

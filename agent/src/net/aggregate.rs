@@ -1,0 +1,234 @@
+//! Folds the kernel's network events into per-endpoint latency histograms and per-peer
+//! connection statistics; `NetMetrics` is one interval's (or one session's) result.
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+};
+
+use agent_ebpf::{
+    NET_EVENT_ACCEPT, NET_EVENT_CLOSE, NET_EVENT_CONNECT, NET_EVENT_REQUEST, NET_PATH_LEN, NET_ROLE_SERVER,
+    NetEvent, http_method,
+};
+use serde::Serialize;
+
+use super::{hist::Histogram, route::Routes};
+
+/// Which side of the request the process is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// The process accepted the connection and answers requests.
+    Server,
+    /// The process connected and sends requests.
+    Client,
+}
+
+/// What a request histogram is about. Servers are keyed by route (their clients'
+/// addresses are not kept); clients by the peer they call.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct RequestKey {
+    pub pid: u32,
+    pub direction: Direction,
+    /// The upstream (clients only).
+    pub peer: Option<SocketAddr>,
+    /// HTTP method, `None` for other protocols.
+    pub method: Option<&'static str>,
+    /// Route template (HTTP only).
+    pub route: Option<String>,
+    /// HTTP status, 0 when none was seen.
+    pub status: u16,
+}
+
+impl RequestKey {
+    /// HTTP 5xx answers count as errors.
+    pub fn is_error(&self) -> bool {
+        self.status >= 500
+    }
+}
+
+/// Requests of one key.
+#[derive(Debug, Clone, Default)]
+pub struct RequestStats {
+    pub latency: Histogram,
+    pub req_bytes: u64,
+    pub resp_bytes: u64,
+}
+
+/// TCP connects of one process to one peer, and what their connections saw.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectStats {
+    pub attempts: u64,
+    pub failures: u64,
+    /// SYN sent to established.
+    pub latency: Histogram,
+    /// Connections closed (left ESTABLISHED) and what they carried.
+    pub closed: u64,
+    pub retransmits: u64,
+    /// Smoothed RTT at close, per connection, in ns.
+    pub rtt: Histogram,
+    pub bytes_received: u64,
+    pub bytes_acked: u64,
+    /// Time from established to close.
+    pub lifetime: Histogram,
+}
+
+/// Aggregated network metrics of one interval: what the node agent exports and what
+/// `record --net` reports.
+#[derive(Debug, Clone, Default)]
+pub struct NetMetrics {
+    pub requests: BTreeMap<RequestKey, RequestStats>,
+    pub connects: BTreeMap<(u32, SocketAddr), ConnectStats>,
+    /// Connections accepted per process.
+    pub accepted: BTreeMap<u32, u64>,
+    /// Process names seen.
+    pub comms: HashMap<u32, String>,
+}
+
+/// Turns kernel events into `NetMetrics`.
+#[derive(Debug, Default)]
+pub struct Aggregator {
+    current: NetMetrics,
+    routes: Routes,
+    /// Events processed since the start.
+    pub events: u64,
+}
+
+impl Aggregator {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds one raw event (a `NetEvent` as the ring buffer delivered it).
+    pub fn add_bytes(&mut self, bytes: &[u8]) {
+        if bytes.len() < std::mem::size_of::<NetEvent>() {
+            return;
+        }
+        // SAFETY: NetEvent is plain old data and the buffer is long enough.
+        let event = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<NetEvent>()) };
+        self.add(&event);
+    }
+
+    pub fn add(&mut self, e: &NetEvent) {
+        self.events += 1;
+        let m = &mut self.current;
+        m.comms.entry(e.tgid).or_insert_with(|| crate::sys::process::comm(e.tgid));
+        let peer = peer(e);
+        match e.kind {
+            NET_EVENT_REQUEST => {
+                let direction = if e.role == NET_ROLE_SERVER { Direction::Server } else { Direction::Client };
+                // A server's request lasts until its last response byte is written; a
+                // client's until the first response byte arrives.
+                let end = match direction {
+                    Direction::Server => e.resp_last_ns,
+                    Direction::Client => e.resp_first_ns,
+                };
+                let method = http_method::NAMES.get(e.method as usize).copied().filter(|m| !m.is_empty());
+                let route = method.map(|_| {
+                    let len = (e.path_len as usize).min(NET_PATH_LEN);
+                    self.routes.route(e.tgid, &String::from_utf8_lossy(&e.path[..len]))
+                });
+                let key = RequestKey {
+                    pid: e.tgid,
+                    direction,
+                    peer: (direction == Direction::Client).then_some(peer),
+                    method,
+                    route,
+                    status: u16::try_from(e.status).unwrap_or(0),
+                };
+                let stats = m.requests.entry(key).or_default();
+                stats.latency.record(end.saturating_sub(e.start_ns));
+                stats.req_bytes += e.req_bytes;
+                stats.resp_bytes += e.resp_bytes;
+            }
+            NET_EVENT_CONNECT => {
+                let c = m.connects.entry((e.tgid, peer)).or_default();
+                c.attempts += 1;
+                if e.status == 0 {
+                    c.latency.record(e.resp_first_ns.saturating_sub(e.start_ns));
+                } else {
+                    c.failures += 1;
+                }
+            }
+            NET_EVENT_CLOSE => {
+                let c = m.connects.entry((e.tgid, peer)).or_default();
+                c.closed += 1;
+                c.retransmits += u64::from(e.retransmits);
+                if e.srtt_us > 0 {
+                    c.rtt.record(u64::from(e.srtt_us) * 1000);
+                }
+                c.bytes_received += e.req_bytes;
+                c.bytes_acked += e.resp_bytes;
+                c.lifetime.record(e.resp_first_ns.saturating_sub(e.start_ns));
+            }
+            NET_EVENT_ACCEPT => *m.accepted.entry(e.tgid).or_default() += 1,
+            _ => {}
+        }
+    }
+
+    /// Everything aggregated so far.
+    pub fn metrics(&self) -> &NetMetrics {
+        &self.current
+    }
+
+    /// This interval's metrics; the next interval starts empty (route templates are kept).
+    pub fn take_interval(&mut self) -> NetMetrics {
+        std::mem::take(&mut self.current)
+    }
+}
+
+fn peer(e: &NetEvent) -> SocketAddr {
+    let ip = if e.family == 10 {
+        let v6 = Ipv6Addr::from(e.addr);
+        v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(e.addr[0], e.addr[1], e.addr[2], e.addr[3]))
+    };
+    SocketAddr::new(ip, e.port)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(kind: u32, role: u32, path: &str) -> NetEvent {
+        let mut p = [0u8; NET_PATH_LEN];
+        p[..path.len()].copy_from_slice(path.as_bytes());
+        NetEvent {
+            kind,
+            tgid: 1,
+            role,
+            status: 200,
+            start_ns: 1_000_000,
+            resp_first_ns: 3_000_000,
+            resp_last_ns: 11_000_000,
+            req_bytes: 10,
+            resp_bytes: 20,
+            addr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            port: 8080,
+            family: 2,
+            method: if path.is_empty() { 0 } else { http_method::GET },
+            path_len: path.len() as u32,
+            retransmits: 0,
+            srtt_us: 0,
+            _pad: 0,
+            path: p,
+        }
+    }
+
+    #[test]
+    fn servers_time_to_last_byte_clients_to_first() {
+        let mut a = Aggregator::new();
+        a.add(&event(NET_EVENT_REQUEST, NET_ROLE_SERVER, "/sleep/10"));
+        a.add(&event(NET_EVENT_REQUEST, agent_ebpf::NET_ROLE_CLIENT, ""));
+        let m = a.take_interval();
+        let (server, s) = m.requests.iter().find(|(k, _)| k.direction == Direction::Server).unwrap();
+        assert_eq!(server.route.as_deref(), Some("/sleep/{id}"));
+        assert_eq!(server.peer, None);
+        assert_eq!(s.latency.max_ns, 10_000_000);
+        let (client, c) = m.requests.iter().find(|(k, _)| k.direction == Direction::Client).unwrap();
+        assert_eq!(client.method, None);
+        assert_eq!(client.peer, Some("127.0.0.1:8080".parse().unwrap()));
+        assert_eq!(c.latency.max_ns, 2_000_000);
+        assert!(a.take_interval().requests.is_empty());
+    }
+}

@@ -1,0 +1,215 @@
+//! The end-of-session network report: a latency table per process, direction and
+//! endpoint, connect statistics, and the same as JSON.
+use std::{collections::BTreeMap, fmt::Write as _, net::SocketAddr};
+
+use serde::Serialize;
+
+use super::{
+    aggregate::{Direction, NetMetrics},
+    hist::{Histogram, OTEL_BOUNDS_S, Quantiles},
+};
+
+/// Requests of one endpoint (all statuses together).
+#[derive(Debug, Clone, Serialize)]
+pub struct EndpointRow {
+    pub pid: u32,
+    pub process: String,
+    pub direction: Direction,
+    pub peer: Option<SocketAddr>,
+    /// `http` or `tcp` (a generic request/response protocol).
+    pub protocol: &'static str,
+    pub method: Option<&'static str>,
+    pub route: Option<String>,
+    pub count: u64,
+    /// HTTP 5xx responses.
+    pub errors: u64,
+    pub statuses: BTreeMap<u16, u64>,
+    #[serde(flatten)]
+    pub latency: Quantiles,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+    /// Counts per OpenTelemetry advised bucket (`bucket_bounds_s`, then above the last).
+    pub bucket_counts: Vec<u64>,
+}
+
+/// TCP connects of one process to one peer.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnectRow {
+    pub pid: u32,
+    pub process: String,
+    pub peer: SocketAddr,
+    pub attempts: u64,
+    pub failures: u64,
+    pub connect_p50_ms: f64,
+    pub connect_p99_ms: f64,
+    pub closed: u64,
+    pub retransmits: u64,
+    /// Mean smoothed RTT of the closed connections.
+    pub rtt_mean_ms: Option<f64>,
+    pub bytes_received: u64,
+    pub bytes_acked: u64,
+}
+
+/// Kernel-side losses.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Drops {
+    pub events_lost: u64,
+    pub connections_untracked: u64,
+    pub calls_untracked: u64,
+    pub connects_untracked: u64,
+}
+
+/// The statuses of one endpoint merged.
+#[derive(Default)]
+struct Group {
+    latency: Histogram,
+    errors: u64,
+    statuses: BTreeMap<u16, u64>,
+    req_bytes: u64,
+    resp_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NetReport {
+    pub duration_s: f64,
+    pub bucket_bounds_s: Vec<f64>,
+    pub endpoints: Vec<EndpointRow>,
+    pub connects: Vec<ConnectRow>,
+    pub accepted: BTreeMap<u32, u64>,
+    pub drops: Drops,
+}
+
+impl NetReport {
+    pub fn new(m: &NetMetrics, duration_s: f64, drops: Drops) -> Self {
+        let comm = |pid: u32| m.comms.get(&pid).cloned().unwrap_or_else(|| "?".into());
+        let mut groups: BTreeMap<_, Group> = BTreeMap::new();
+        for (k, s) in &m.requests {
+            let g = groups.entry((k.pid, k.direction, k.peer, k.method, k.route.clone())).or_default();
+            g.latency.merge(&s.latency);
+            if k.is_error() {
+                g.errors += s.latency.count;
+            }
+            *g.statuses.entry(k.status).or_default() += s.latency.count;
+            g.req_bytes += s.req_bytes;
+            g.resp_bytes += s.resp_bytes;
+        }
+        let endpoints = groups
+            .into_iter()
+            .map(|((pid, direction, peer, method, route), g)| EndpointRow {
+                pid,
+                process: comm(pid),
+                direction,
+                peer,
+                protocol: if method.is_some() { "http" } else { "tcp" },
+                method,
+                route,
+                count: g.latency.count,
+                errors: g.errors,
+                statuses: g.statuses,
+                latency: g.latency.quantiles(),
+                request_bytes: g.req_bytes,
+                response_bytes: g.resp_bytes,
+                bucket_counts: g.latency.otel.to_vec(),
+            })
+            .collect();
+        let connects = m
+            .connects
+            .iter()
+            .map(|(&(pid, peer), c)| {
+                let q = c.latency.quantiles();
+                ConnectRow {
+                    pid,
+                    process: comm(pid),
+                    peer,
+                    attempts: c.attempts,
+                    failures: c.failures,
+                    connect_p50_ms: q.p50_ms,
+                    connect_p99_ms: q.p99_ms,
+                    closed: c.closed,
+                    retransmits: c.retransmits,
+                    rtt_mean_ms: (c.rtt.count > 0).then(|| c.rtt.quantiles().mean_ms),
+                    bytes_received: c.bytes_received,
+                    bytes_acked: c.bytes_acked,
+                }
+            })
+            .collect();
+        Self {
+            duration_s,
+            bucket_bounds_s: OTEL_BOUNDS_S.to_vec(),
+            endpoints,
+            connects,
+            accepted: m.accepted.clone(),
+            drops,
+        }
+    }
+
+    /// The tables printed at the end of a session.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        if self.endpoints.is_empty() {
+            let _ = writeln!(s, "  network: no requests seen on connections opened during the session");
+        } else {
+            let _ = writeln!(
+                s,
+                "  network requests (ms):\n    {:<20} {:<6} {:<40} {:>7} {:>8} {:>8} {:>8} {:>8} {:>6}",
+                "process", "side", "endpoint", "count", "p50", "p90", "p99", "max", "errors"
+            );
+            for e in &self.endpoints {
+                let mut endpoint = String::new();
+                if let Some(peer) = e.peer {
+                    let _ = write!(endpoint, "{peer} ");
+                }
+                match (&e.method, &e.route) {
+                    (Some(m), Some(r)) => {
+                        let _ = write!(endpoint, "{m} {r}");
+                    }
+                    _ => endpoint.push_str("(tcp)"),
+                }
+                let side = match e.direction {
+                    Direction::Server => "server",
+                    Direction::Client => "client",
+                };
+                let _ = writeln!(
+                    s,
+                    "    {:<20} {side:<6} {endpoint:<40} {:>7} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>6}",
+                    format!("{} ({})", e.process, e.pid),
+                    e.count,
+                    e.latency.p50_ms,
+                    e.latency.p90_ms,
+                    e.latency.p99_ms,
+                    e.latency.max_ms,
+                    e.errors
+                );
+            }
+        }
+        if !self.connects.is_empty() {
+            let _ = writeln!(
+                s,
+                "  TCP connects:\n    {:<20} {:<40} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8}",
+                "process", "peer", "count", "failed", "p50 ms", "p99 ms", "retrans", "rtt ms"
+            );
+            for c in &self.connects {
+                let rtt = c.rtt_mean_ms.map(|r| format!("{r:.3}")).unwrap_or_else(|| "-".into());
+                let _ = writeln!(
+                    s,
+                    "    {:<20} {:<40} {:>7} {:>8} {:>8.3} {:>8.3} {:>8} {rtt:>8}",
+                    format!("{} ({})", c.process, c.pid),
+                    c.peer.to_string(),
+                    c.attempts,
+                    c.failures,
+                    c.connect_p50_ms,
+                    c.connect_p99_ms,
+                    c.retransmits,
+                );
+            }
+        }
+        let accepted: u64 = self.accepted.values().sum();
+        let d = &self.drops;
+        let _ = writeln!(
+            s,
+            "  network: {accepted} connections accepted; lost {} events (ring buffer full), untracked {} connections, {} calls, {} connects (maps full)",
+            d.events_lost, d.connections_untracked, d.calls_untracked, d.connects_untracked
+        );
+        s
+    }
+}
