@@ -1,9 +1,9 @@
 //! Every map of stoker's kernel programs, declared once. Names match the `MAP_*`
 //! constants of the shared library so userspace finds them.
 use agent_ebpf::{
-    COUNTS_CAPACITY, EXECS_CAPACITY, NET_CALLS_CAPACITY, NET_CONNS_CAPACITY, NET_EVENTS_BYTES,
-    NET_PEEK_BUF, NET_SOCKS_CAPACITY, NetConn, PY_FRAME_CHUNK, PY_STACKS_CAPACITY, PY_THREADS_CAPACITY,
-    PyProc, PyStack, STACKS_CAPACITY, SampleKey, TARGETS_CAPACITY, stat,
+    COUNTS_CAPACITY, EXECS_CAPACITY, NET_CALLS_CAPACITY, NET_CONNS_CAPACITY, NET_EVENTS_BYTES, NET_PEEK_BUF,
+    NET_SOCKS_CAPACITY, NetConn, PY_FRAME_CHUNK, PY_STACKS_CAPACITY, PY_THREADS_CAPACITY, PyProc, PyStack,
+    STACKS_CAPACITY, SampleKey, TARGETS_CAPACITY, stat,
 };
 use aya_ebpf::{
     macros::map,

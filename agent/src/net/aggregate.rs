@@ -11,7 +11,7 @@ use agent_ebpf::{
 };
 use serde::Serialize;
 
-use super::{hist::Histogram, route::Routes};
+use super::{hist::Histogram, route::Routes, spans::SpanSampler};
 
 /// Which side of the request the process is on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -91,6 +91,8 @@ pub struct Aggregator {
     routes: Routes,
     /// Events processed since the start.
     pub events: u64,
+    /// Picks HTTP server requests to export as spans (the node agent).
+    pub spans: Option<SpanSampler>,
 }
 
 impl Aggregator {
@@ -135,6 +137,11 @@ impl Aggregator {
                     route,
                     status: u16::try_from(e.status).unwrap_or(0),
                 };
+                if let (Some(spans), Direction::Server, Some(method), Some(route)) =
+                    (self.spans.as_mut(), direction, key.method, key.route.as_deref())
+                {
+                    spans.offer(e, end, method, route, peer);
+                }
                 let stats = m.requests.entry(key).or_default();
                 stats.latency.record(end.saturating_sub(e.start_ns));
                 stats.req_bytes += e.req_bytes;

@@ -84,6 +84,20 @@ impl Histogram {
         self.max_ns
     }
 
+    /// Counts per bucket of upper `bounds` (seconds, ascending; one more bucket above the
+    /// last): exact for `OTEL_BOUNDS_S`, otherwise from the 2 % quantile buckets.
+    pub fn bucket_counts(&self, bounds: &[f64]) -> Vec<u64> {
+        if bounds == OTEL_BOUNDS_S {
+            return self.otel.to_vec();
+        }
+        let mut counts = vec![0; bounds.len() + 1];
+        for (&i, &n) in &self.log {
+            let s = bucket_middle(i).clamp(self.min_ns as f64, self.max_ns as f64) / 1e9;
+            counts[bounds.iter().position(|&b| s <= b).unwrap_or(bounds.len())] += n;
+        }
+        counts
+    }
+
     pub fn quantiles(&self) -> Quantiles {
         let ms = |ns: u64| ns as f64 / 1e6;
         Quantiles {
@@ -123,6 +137,16 @@ mod tests {
         }
         assert_eq!(h.max_ns, *values.last().unwrap());
         assert_eq!(h.otel.iter().sum::<u64>(), 1000);
+    }
+
+    #[test]
+    fn buckets_of_other_bounds() {
+        let mut h = Histogram::default();
+        for us in [50, 80, 120, 900, 3000] {
+            h.record(us * 1000);
+        }
+        assert_eq!(h.bucket_counts(&[0.0001, 0.001]), vec![2, 2, 1]);
+        assert_eq!(h.bucket_counts(&OTEL_BOUNDS_S)[0], 5);
     }
 
     #[test]

@@ -4,6 +4,7 @@ pub mod aggregate;
 pub mod hist;
 pub mod report;
 pub mod route;
+pub mod spans;
 
 use agent_ebpf::{
     MAP_NET_EVENTS, NetOffsets, PROG_NET_RETRANSMIT, PROG_NET_SOCK_STATE, PROG_NET_SYS_ENTER,

@@ -38,6 +38,7 @@ pub struct AgentConfig {
     pub prometheus: Prometheus,
     pub queue: Queue,
     pub kubernetes: Kubernetes,
+    pub network: Network,
     /// OTLP destinations, from the OTEL_EXPORTER_OTLP_* variables (not the file).
     #[serde(skip)]
     pub export: Exports,
@@ -48,6 +49,8 @@ pub struct AgentConfig {
 pub struct Exports {
     pub metrics: Option<Target>,
     pub profiles: Option<Target>,
+    /// HTTP server request spans (with `network.enabled`).
+    pub traces: Option<Target>,
 }
 
 /// Which processes to sample; empty lists select every CPython process on the node.
@@ -118,6 +121,40 @@ pub struct Kubernetes {
     pub refresh_interval: Duration,
 }
 
+/// Network latency of the sampled processes (socket system calls and TCP tracepoints).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Network {
+    /// Time requests and TCP connects of the sampled processes.
+    pub enabled: bool,
+    pub spans: Spans,
+}
+
+/// Which HTTP server requests go out as OTLP spans.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Spans {
+    /// Share of requests sent (0 to 1), chosen at random.
+    pub sample_ratio: f64,
+    /// Requests at least this slow are always sent.
+    #[serde(with = "humantime_serde")]
+    pub slow_threshold: Duration,
+    /// Spans sent per export interval at most; the rest are counted as dropped.
+    pub max_per_interval: usize,
+}
+
+impl Default for Network {
+    fn default() -> Self {
+        Self { enabled: true, spans: Spans::default() }
+    }
+}
+
+impl Default for Spans {
+    fn default() -> Self {
+        Self { sample_ratio: 0.01, slow_threshold: Duration::from_millis(500), max_per_interval: 1000 }
+    }
+}
+
 impl Default for AgentConfig {
     fn default() -> Self {
         Self {
@@ -130,6 +167,7 @@ impl Default for AgentConfig {
             prometheus: Prometheus::default(),
             queue: Queue::default(),
             kubernetes: Kubernetes::default(),
+            network: Network::default(),
             export: Exports::default(),
         }
     }
@@ -208,6 +246,10 @@ impl AgentConfig {
             }
             None => None,
         };
+        self.export.traces = match self.network.enabled {
+            true => otlp::resolve(Signal::Traces, &env)?,
+            false => None,
+        };
         Ok(())
     }
 
@@ -254,6 +296,16 @@ impl AgentConfig {
         if self.select.containers.iter().any(|c| c.is_empty()) {
             return invalid("select.containers", "an entry is empty".into());
         }
+        let spans = &self.network.spans;
+        if !(0.0..=1.0).contains(&spans.sample_ratio) {
+            return invalid("network.spans.sample_ratio", format!("{} is outside 0..=1", spans.sample_ratio));
+        }
+        if spans.max_per_interval > 100_000 {
+            return invalid(
+                "network.spans.max_per_interval",
+                format!("{} is above 100000", spans.max_per_interval),
+            );
+        }
         if self.prometheus.listen.parse::<SocketAddr>().is_err() {
             return invalid(
                 "prometheus.listen",
@@ -298,6 +350,12 @@ kubernetes:
   ca_path: /var/run/secrets/kubernetes.io/serviceaccount/ca.crt
   node_name: node-1
   refresh_interval: 30s
+network:
+  enabled: true
+  spans:
+    sample_ratio: 0.05
+    slow_threshold: 250ms
+    max_per_interval: 500
 ";
 
     #[test]
@@ -307,7 +365,11 @@ kubernetes:
         assert_eq!(c.export_interval, Duration::from_secs(15));
         assert_eq!(c.select.pod_labels.get("app").map(String::as_str), Some("checkout"));
         assert!(c.otlp.profiles);
+        assert_eq!(c.network.spans.slow_threshold, Duration::from_millis(250));
         assert_eq!(AgentConfig::parse("").unwrap(), AgentConfig::default());
+        let mut bad = AgentConfig::parse("network:\n  spans:\n    sample_ratio: 2\n").unwrap();
+        bad.apply_env(|_| None).unwrap();
+        assert!(bad.validate().unwrap_err().to_string().contains("network.spans.sample_ratio"));
     }
 
     #[test]

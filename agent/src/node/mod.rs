@@ -3,12 +3,14 @@
 pub mod config;
 pub mod exporter;
 pub mod http;
+pub mod netstate;
 pub mod otlp;
 pub mod profiles;
 pub mod pyroscope;
 pub mod resource;
 pub mod select;
 pub mod state;
+pub mod traces;
 pub mod transport;
 
 use std::{
@@ -36,6 +38,7 @@ use crate::{
         lookup::PodLookup,
         pods::Placement,
     },
+    net::{Aggregator, NetMetrics, NetTracer, spans::SpanSampler},
     record::{
         collect::{Collector, View},
         tracker::Tracker,
@@ -73,6 +76,23 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
     if let Err(e) = sampler.watch_execs() {
         tracing::warn!("new processes are found by scanning /proc only: {e}");
     }
+    let mut net = match config.network.enabled {
+        true => match NetTracer::attach(sampler.ebpf_mut()) {
+            Ok(tracer) => {
+                let mut aggregator = Aggregator::new();
+                let s = &config.network.spans;
+                aggregator.spans = config.export.traces.as_ref().map(|_| {
+                    SpanSampler::new(s.sample_ratio, s.slow_threshold.as_nanos() as u64, s.max_per_interval)
+                });
+                Some((tracer, aggregator))
+            }
+            Err(e) => {
+                tracing::warn!("network latency is off: {e}");
+                None
+            }
+        },
+        false => None,
+    };
     let mut tracker = Tracker::new(true, false);
     let patterns: Vec<regex::Regex> =
         config.select.process_names.iter().filter_map(|p| regex::Regex::new(p).ok()).collect();
@@ -93,7 +113,12 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
     let metrics = config.export.metrics.as_ref().map(|t| Exporter::otlp(t, capacity)).transpose()?;
     let profiles = config.export.profiles.as_ref().map(|t| Exporter::otlp(t, capacity)).transpose()?;
     let pyroscope = config.pyroscope.url.as_deref().map(|u| pyroscope::exporter(u, capacity)).transpose()?;
-    for target in [&config.export.metrics, &config.export.profiles].into_iter().flatten() {
+    let traces = match net.as_ref().and(config.export.traces.as_ref()) {
+        Some(target) => Some(Exporter::otlp(target, capacity)?),
+        None => None,
+    };
+    let targets = [&config.export.metrics, &config.export.profiles, &config.export.traces];
+    for target in targets.into_iter().flatten() {
         tracing::info!("OTLP {:?} over {:?} to {}", target.signal, target.protocol, target.url);
     }
     let mut agent = Interval::new(config, env, lookup);
@@ -111,12 +136,23 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
         let stopping = stop.load(Ordering::Relaxed);
         tracker.update(&mut sampler, &mut collector)?;
         agent.observe(&tracker.live_targets(), &tracker);
+        if let Some((tracer, aggregator)) = net.as_mut() {
+            tracer.drain(aggregator);
+        }
         if stopping || last_export.elapsed() >= config.export_interval {
             let elapsed = last_export.elapsed();
             last_export = Instant::now();
             let live = tracker.live_targets();
             collector.collect(&sampler, &live, true)?;
             agent.update(&collector, &tracker, &live, elapsed);
+            let mut spans = Vec::new();
+            if let Some((_, aggregator)) = net.as_mut() {
+                agent.fold_network(&aggregator.take_interval());
+                if let Some(sampler) = aggregator.spans.as_mut() {
+                    spans = sampler.take();
+                    agent.spans_dropped = sampler.dropped;
+                }
+            }
             if collector.counts().len() as u64 > u64::from(COUNTS_CAPACITY) * 3 / 4 {
                 sampler.clear_counts()?;
                 collector.forget_stacks(&live);
@@ -126,7 +162,7 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
                 let mut guard = snapshot.lock().unwrap_or_else(|e| e.into_inner());
                 guard.time = Some(SystemTime::now());
                 guard.processes = agent.processes.clone();
-                let exporters = [&metrics, &profiles, &pyroscope].into_iter().flatten();
+                let exporters = [&metrics, &profiles, &pyroscope, &traces].into_iter().flatten();
                 guard.health = agent.health(&sampler, exporters, live.len());
                 guard.clone()
             };
@@ -136,6 +172,11 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
             if let Some(exporter) = &profiles
                 && let Some(request) =
                     profiles::request(&agent.profiles, &snap, config.sample_rate_hz, elapsed)
+            {
+                exporter.push(&request);
+            }
+            if let Some(exporter) = &traces
+                && let Some(request) = traces::request(&spans, &snap.processes, traces::mono_to_unix_ns())
             {
                 exporter.push(&request);
             }
@@ -150,7 +191,7 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
             break;
         }
     }
-    for exporter in [metrics, profiles, pyroscope].into_iter().flatten() {
+    for exporter in [metrics, profiles, pyroscope, traces].into_iter().flatten() {
         exporter.shutdown(FLUSH_DEADLINE);
     }
     Ok(())
@@ -217,6 +258,8 @@ struct Interval {
     /// This interval's profile of each process (its metrics and Pyroscope push use it).
     profiles: HashMap<u32, Profile>,
     processes: std::collections::BTreeMap<u32, ProcessMetrics>,
+    /// Spans chosen but not sent (over `network.spans.max_per_interval`), since the start.
+    spans_dropped: u64,
 }
 
 impl Interval {
@@ -231,6 +274,7 @@ impl Interval {
             last: HashMap::new(),
             profiles: HashMap::new(),
             processes: Default::default(),
+            spans_dropped: 0,
         }
     }
 
@@ -329,6 +373,13 @@ impl Interval {
         r
     }
 
+    /// Adds an interval's network metrics to the processes they belong to.
+    fn fold_network(&mut self, m: &NetMetrics) {
+        for (&pid, p) in self.processes.iter_mut() {
+            p.net.fold(pid, m);
+        }
+    }
+
     /// The agent's counters; export failures and drops summed over every exporter.
     fn health<'a>(
         &self,
@@ -348,6 +399,11 @@ impl Interval {
             export_failures: failures,
             dropped_batches: dropped,
             processes: processes as u64,
+            net_lost: stats.net_events_lost
+                + stats.net_conns_full
+                + stats.net_calls_full
+                + stats.net_socks_full,
+            spans_dropped: self.spans_dropped,
         }
     }
 }

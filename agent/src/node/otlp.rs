@@ -16,6 +16,7 @@ pub enum Protocol {
 pub enum Signal {
     Metrics,
     Profiles,
+    Traces,
 }
 
 impl Signal {
@@ -24,6 +25,7 @@ impl Signal {
         match self {
             Signal::Metrics => "METRICS",
             Signal::Profiles => "PROFILES",
+            Signal::Traces => "TRACES",
         }
     }
 
@@ -32,6 +34,7 @@ impl Signal {
         match self {
             Signal::Metrics => "/v1/metrics",
             Signal::Profiles => "/v1development/profiles",
+            Signal::Traces => "/v1/traces",
         }
     }
 
@@ -42,6 +45,7 @@ impl Signal {
             Signal::Profiles => {
                 "/opentelemetry.proto.collector.profiles.v1development.ProfilesService/Export"
             }
+            Signal::Traces => "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
         }
     }
 }

@@ -5,6 +5,7 @@ use std::{
     time::SystemTime,
 };
 
+use super::netstate::NetSeries;
 use opentelemetry_proto::tonic::{
     collector::metrics::v1::ExportMetricsServiceRequest,
     common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value},
@@ -25,6 +26,8 @@ pub struct ProcessMetrics {
     pub memory_bytes: u64,
     /// CPU seconds per function (leaf Python frame, without its line), cumulative.
     pub functions: HashMap<String, f64>,
+    /// Request latencies and TCP counters, cumulative.
+    pub net: NetSeries,
 }
 
 /// The agent's own counters.
@@ -35,6 +38,10 @@ pub struct Health {
     pub export_failures: u64,
     pub dropped_batches: u64,
     pub processes: u64,
+    /// Network events lost in the kernel (ring buffer or maps full).
+    pub net_lost: u64,
+    /// Request spans chosen but not sent (over the per-interval bound).
+    pub spans_dropped: u64,
 }
 
 /// Everything exported, as of the last interval.
@@ -72,11 +79,7 @@ impl Snapshot {
             }
         };
         let labels = |p: &ProcessMetrics, extra: Option<(&str, &str)>| {
-            let mut parts: Vec<String> = p
-                .resource
-                .iter()
-                .map(|(k, v)| format!("{}=\"{}\"", k.replace('.', "_"), escape(v)))
-                .collect();
+            let mut parts = vec![resource_labels(p)];
             if let Some((k, v)) = extra {
                 parts.push(format!("{k}=\"{}\"", escape(v)));
             }
@@ -128,6 +131,19 @@ impl Snapshot {
             one(h.dropped_batches),
         );
         family("stoker_processes_tracked", "gauge", "Python processes being sampled.", one(h.processes));
+        family(
+            "stoker_net_events_lost_total",
+            "counter",
+            "Network events lost in the kernel.",
+            one(h.net_lost),
+        );
+        family(
+            "stoker_spans_dropped_total",
+            "counter",
+            "Request spans not sent: over the per-interval bound.",
+            one(h.spans_dropped),
+        );
+        super::netstate::prometheus(&mut out, self.processes.values().map(|p| (&p.net, resource_labels(p))));
         out
     }
 
@@ -181,12 +197,17 @@ impl Snapshot {
                         attributes: p.resource.iter().map(|(k, v)| kv(k, v)).collect(),
                         ..Default::default()
                     }),
-                    scope_metrics: vec![scope(vec![
-                        sum("process.cpu.time", "s", vec![point(p.cpu_seconds, vec![])]),
-                        gauge("process.cpu.utilization", "1", vec![point(p.utilization, vec![])]),
-                        gauge("process.memory.usage", "By", vec![point(p.memory_bytes as f64, vec![])]),
-                        sum("stoker.function.cpu.time", "s", functions),
-                    ])],
+                    scope_metrics: vec![scope(
+                        vec![
+                            sum("process.cpu.time", "s", vec![point(p.cpu_seconds, vec![])]),
+                            gauge("process.cpu.utilization", "1", vec![point(p.utilization, vec![])]),
+                            gauge("process.memory.usage", "By", vec![point(p.memory_bytes as f64, vec![])]),
+                            sum("stoker.function.cpu.time", "s", functions),
+                        ]
+                        .into_iter()
+                        .chain(p.net.otlp(start, time))
+                        .collect(),
+                    )],
                     ..Default::default()
                 }
             })
@@ -215,10 +236,33 @@ impl Snapshot {
                     vec![point(h.dropped_batches as f64, vec![])],
                 ),
                 gauge("stoker.processes.tracked", "{process}", vec![point(h.processes as f64, vec![])]),
+                sum("stoker.net.events.lost", "{event}", vec![point(h.net_lost as f64, vec![])]),
+                sum("stoker.spans.dropped", "{span}", vec![point(h.spans_dropped as f64, vec![])]),
             ])],
             ..Default::default()
         });
         ExportMetricsServiceRequest { resource_metrics }
+    }
+}
+
+/// Attributes the conventions type as integers.
+const INT_ATTRIBUTES: [&str; 5] = [
+    "http.response.status_code",
+    "server.port",
+    "client.port",
+    "http.request.body.size",
+    "http.response.body.size",
+];
+
+/// An attribute, an integer for the keys the conventions type so, else a string.
+pub(crate) fn attribute(key: &str, value: &str) -> KeyValue {
+    match value.parse::<i64>() {
+        Ok(n) if INT_ATTRIBUTES.contains(&key) => KeyValue {
+            key: key.into(),
+            value: Some(AnyValue { value: Some(any_value::Value::IntValue(n)) }),
+            ..Default::default()
+        },
+        _ => kv(key, value),
     }
 }
 
@@ -234,6 +278,13 @@ pub(crate) fn nanos(t: Option<SystemTime>) -> u64 {
     t.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos() as u64)
 }
 
-fn escape(v: &str) -> String {
+/// A process's resource attributes as Prometheus labels (`k="v",...`, no braces).
+fn resource_labels(p: &ProcessMetrics) -> String {
+    let parts: Vec<String> =
+        p.resource.iter().map(|(k, v)| format!("{}=\"{}\"", k.replace('.', "_"), escape(v))).collect();
+    parts.join(",")
+}
+
+pub(crate) fn escape(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
