@@ -147,8 +147,12 @@ ALLOWED = {
     "process_memory_usage_bytes", "stoker_function_cpu_time_seconds_total",
     "stoker_samples_total", "stoker_samples_lost_total",
     "stoker_export_failures_total", "stoker_export_dropped_batches_total",
-    "stoker_processes_tracked",
-}
+    "stoker_processes_tracked", "stoker_net_events_lost_total", "stoker_spans_dropped_total",
+    "stoker_tcp_connect_failures_total", "stoker_tcp_retransmits_total", "stoker_tcp_accepts_total",
+} | {f"{h}_{part}" for part in ("bucket", "sum", "count") for h in (
+    "http_server_request_duration_seconds", "http_client_request_duration_seconds",
+    "stoker_net_request_duration_seconds", "stoker_tcp_connect_duration_seconds", "stoker_tcp_rtt_seconds",
+)}
 KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right",
             "and", "or", "unless", "bool", "offset", "inf", "nan"}
 
@@ -236,7 +240,7 @@ text = cm["data"]["agent.yaml"]
 cfg = yaml.safe_load(text)
 open(sys.argv[1], "w").write(text)
 want = {"sample_rate_hz", "export_interval", "select", "metrics", "otlp",
-        "pyroscope", "prometheus", "queue", "kubernetes"}
+        "pyroscope", "prometheus", "queue", "kubernetes", "network"}
 missing, extra = want - set(cfg), set(cfg) - want
 for k in sorted(missing): print("agent.yaml: missing key", k)
 for k in sorted(extra): print("agent.yaml: unknown key", k)
