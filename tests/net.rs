@@ -341,3 +341,70 @@ fn client_upstreams_and_failed_connects() {
     assert_eq!(ok["retransmits"].as_u64(), Some(0), "{ok:#}");
     assert!(ok["bytes_received"].as_u64().unwrap() > 0, "{ok:#}");
 }
+
+/// A client that opens its keep-alive connection, makes one request, says `ready`, and
+/// after a line on stdin makes 20 more on the same connection, timing them. The first
+/// request after the line goes to /ping: the server's read of it may have been waiting
+/// since before the session, which no tracepoint saw start (see the README).
+const LATE_CLIENT: &str = r#"
+import http.client, json, sys, time
+conn = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]))
+conn.request("GET", "/sleep/1"); conn.getresponse().read()
+print("ready", flush=True)
+sys.stdin.readline()
+conn.request("GET", "/ping"); conn.getresponse().read()
+timed = []
+for _ in range(20):
+    start = time.perf_counter()
+    conn.request("GET", "/sleep/5"); resp = conn.getresponse(); resp.read()
+    timed.append({"method": "GET", "path": "/sleep/5", "status": resp.status, "seconds": time.perf_counter() - start})
+print(json.dumps(timed), flush=True)
+"#;
+
+/// `record --net --pid` on a server whose keep-alive connection was opened before the
+/// session: the connection is found in /proc and its requests are timed.
+#[test]
+fn connections_opened_before_the_session_are_followed() {
+    require_root();
+    let _serial = serial();
+    let server = Server::start("http_server.py");
+    let mut client = Command::new(python(PYTHON))
+        .args(["-c", LATE_CLIENT, &server.port.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = Lines::of(&mut client);
+    assert_eq!(lines.next("client ready", Duration::from_secs(10)), "ready");
+    let output = scratch("net-late").join("late.folded");
+    let mut stoker = Command::new(STOKER)
+        .args(["record", "--net", "-f", "folded", "-o", output.to_str().unwrap()])
+        .args(["--pid", &server.child.id().to_string()])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, started) = mpsc::channel();
+    let err = stoker.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            if line.contains("sampling at") {
+                let _ = tx.send(());
+            }
+            text.push_str(&line);
+            text.push('\n');
+        }
+        text
+    });
+    started.recv_timeout(Duration::from_secs(20)).expect("stoker did not start");
+    use std::io::Write;
+    writeln!(client.stdin.as_mut().unwrap(), "go").unwrap();
+    let timed: Value = serde_json::from_str(&lines.next("client timings", Duration::from_secs(20))).unwrap();
+    let _ = client.wait();
+    unsafe { libc::kill(stoker.id() as i32, libc::SIGINT) };
+    let status = wait_exit(&mut stoker, Duration::from_secs(30));
+    let err = reader.join().unwrap();
+    assert!(status.success(), "stoker failed: {err}");
+    let (report, _) = read_report(&output);
+    assert_sleeps_match(&report, &timed);
+}

@@ -1,6 +1,7 @@
 //! Network latency of watched processes: attaches the socket system call and TCP
 //! tracepoint programs, drains their events and aggregates them into `NetMetrics`.
 pub mod aggregate;
+pub mod existing;
 pub mod hist;
 pub mod report;
 pub mod route;

@@ -38,7 +38,7 @@ use crate::{
         lookup::PodLookup,
         pods::Placement,
     },
-    net::{Aggregator, NetMetrics, NetTracer, spans::SpanSampler},
+    net::{Aggregator, NetMetrics, NetTracer, existing::Adopter, spans::SpanSampler},
     record::{
         collect::{Collector, View},
         tracker::Tracker,
@@ -93,6 +93,7 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
         },
         false => None,
     };
+    let mut adopter = Adopter::default();
     let mut tracker = Tracker::new(true, false);
     let patterns: Vec<regex::Regex> =
         config.select.process_names.iter().filter_map(|p| regex::Regex::new(p).ok()).collect();
@@ -137,6 +138,7 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
         tracker.update(&mut sampler, &mut collector)?;
         agent.observe(&tracker.live_targets(), &tracker);
         if let Some((tracer, aggregator)) = net.as_mut() {
+            adopter.adopt_new(&mut sampler, &tracker.live_targets());
             tracer.drain(aggregator);
         }
         if stopping || last_export.elapsed() >= config.export_interval {

@@ -26,7 +26,7 @@ use self::{
 use crate::{
     error::{Error, Result},
     export::{self, Format},
-    net::{Aggregator, NetTracer, report::NetReport},
+    net::{Aggregator, NetTracer, existing::Adopter, report::NetReport},
     sampling::{Sampler, Stats},
 };
 
@@ -120,7 +120,7 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
     }
     sampler.start(opts.rate_hz)?;
     let mut net = match opts.net {
-        true => Some((NetTracer::attach(sampler.ebpf_mut())?, Aggregator::new())),
+        true => Some((NetTracer::attach(sampler.ebpf_mut())?, Aggregator::new(), Adopter::default())),
         false => None,
     };
     let flags = if opts.subprocesses { TARGET_SAMPLE | TARGET_FOLLOW } else { TARGET_SAMPLE };
@@ -142,9 +142,13 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
         targets.push(Target::Launched(launched));
     }
 
+    if let Some((_, _, adopter)) = net.as_mut() {
+        adopter.adopt_new(&mut sampler, &tracker.live_targets());
+    }
     let started = Instant::now();
     let started_at = SystemTime::now();
     let mut status = StatusLine::new();
+    status.started(opts.rate_hz, opts.net);
     let mut last_collect = Instant::now();
     let end = loop {
         tracker.update(&mut sampler, &mut collector)?;
@@ -160,7 +164,8 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
         } else {
             None
         };
-        if let Some((tracer, agg)) = net.as_mut() {
+        if let Some((tracer, agg, adopter)) = net.as_mut() {
+            adopter.adopt_new(&mut sampler, &tracker.live_targets());
             tracer.drain(agg);
         }
         let every = if elapsed < START { COLLECT_EVERY_AT_START } else { COLLECT_EVERY };
@@ -187,11 +192,11 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
     let stats = sampler.stats()?;
     let kernel_cost = sampler.kernel_cost();
     let net_kernel_cost = match (&net, opts.kernel_stats) {
-        (Some((tracer, _)), true) => tracer.kernel_cost(sampler.ebpf_mut()),
+        (Some((tracer, _, _)), true) => tracer.kernel_cost(sampler.ebpf_mut()),
         _ => None,
     };
     let net = match net.as_mut() {
-        Some((tracer, agg)) => {
+        Some((tracer, agg, _)) => {
             tracer.drain(agg);
             let report = NetReport::new(agg.metrics(), elapsed.as_secs_f64(), net_drops(&stats));
             let path = net_output(&output);

@@ -15,6 +15,14 @@ impl StatusLine {
         Self { enabled: std::io::stderr().is_terminal() }
     }
 
+    /// Says once that sampling runs, when no live line will (stderr is not a terminal).
+    pub fn started(&self, rate_hz: u64, net: bool) {
+        if !self.enabled {
+            let net = if net { " and timing network requests" } else { "" };
+            eprintln!("stoker: sampling at {rate_hz} Hz{net}; Ctrl-C or SIGTERM ends the session");
+        }
+    }
+
     pub fn show(&mut self, elapsed: Duration, samples: u64, stats: Stats) {
         if self.enabled {
             let mut err = std::io::stderr().lock();
