@@ -340,6 +340,15 @@ fn client_upstreams_and_failed_connects() {
     assert_eq!(ok["closed"].as_u64(), Some(1), "{ok:#}");
     assert_eq!(ok["retransmits"].as_u64(), Some(0), "{ok:#}");
     assert!(ok["bytes_received"].as_u64().unwrap() > 0, "{ok:#}");
+    // RTT: the kernel's estimate when the connection closed, as the client's own TCP_INFO
+    // showed it just before.
+    let echo_rtt = to(echo.port)["rtt_mean_ms"].as_f64().expect("the echo connection's RTT");
+    let client_rtt = timed["echo_rtt"].as_f64().unwrap() * 1000.0;
+    eprintln!("echo RTT: stoker {echo_rtt:.3} ms, client's TCP_INFO {client_rtt:.3} ms");
+    assert!(
+        (echo_rtt - client_rtt).abs() <= (0.05 * client_rtt).max(0.05),
+        "RTT: stoker {echo_rtt:.3} ms, client's TCP_INFO {client_rtt:.3} ms"
+    );
 }
 
 /// A client that opens its keep-alive connection, makes one request, says `ready`, and
