@@ -119,10 +119,11 @@ fn demo() -> Result<()> {
         let svg = out_dir.join("demo.svg");
         let pid = service.id().to_string();
         sh(Command::new(root.join("target/release/stoker"))
-            .args(["record", "--pid", &pid, "--duration", "10", "-o"])
+            .args(["record", "--net", "--pid", &pid, "--duration", "10", "-o"])
             .arg(&svg))?;
         load.wait()?;
         println!("demo flamegraph: {}", svg.display());
+        println!("demo network latency: {}", out_dir.join("demo.net.json").display());
         Ok(())
     })();
     let _ = service.kill();
