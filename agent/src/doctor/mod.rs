@@ -112,7 +112,29 @@ fn sampling() -> Vec<Check> {
         Ok(()) => Check::new("perf events", Level::Ok, format!("cpu-clock sampling attached on {cpus} CPUs")),
         Err(e) => Check::new("perf events", Level::Fail, one_line(&e)),
     };
-    vec![loaded, perf]
+    let execs = match sampler.watch_execs() {
+        Ok(()) => Check::new(
+            "new processes",
+            Level::Ok,
+            "sched:sched_process_exec attached: new processes are seen at exec",
+        ),
+        Err(e) => Check::new(
+            "new processes",
+            Level::Warn,
+            format!("{}; the agent falls back to scanning /proc", one_line(&e)),
+        ),
+    };
+    let net = match crate::net::NetTracer::attach(sampler.ebpf_mut()) {
+        Ok(_) => Check::new(
+            "network",
+            Level::Ok,
+            "socket system call, sock:inet_sock_set_state and tcp:tcp_retransmit_skb programs attached",
+        ),
+        Err(e) => {
+            Check::new("network", Level::Warn, format!("{}; network latency is unavailable", one_line(&e)))
+        }
+    };
+    vec![loaded, perf, execs, net]
 }
 
 fn tracepoints() -> Check {
