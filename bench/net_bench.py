@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 STOKER = ROOT / "target/release/stoker"
 SERVER = ROOT / "tests/fixtures/net/http_server.py"
 PYTHON = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions/3.12.1/bin/python3.12"
-# Attached once: 24 system call tracepoints, 2 TCP ones and a cpu-clock event per CPU.
-LINKS = 26 + os.cpu_count()
+# Attached once: 16 system call tracepoints, 2 TCP ones and a cpu-clock event per CPU.
+LINKS = 18 + os.cpu_count()
 
 
 def arg(name, default):

@@ -99,14 +99,12 @@ pub mod stat {
     pub const NET_EVENTS_LOST: u32 = 12;
     /// Connections not tracked because the connections map was full.
     pub const NET_CONNS_FULL: u32 = 13;
-    /// System calls not tracked because the in-flight calls map was full.
-    pub const NET_CALLS_FULL: u32 = 14;
     /// TCP connects not tracked because the sockets map was full.
-    pub const NET_SOCKS_FULL: u32 = 15;
+    pub const NET_SOCKS_FULL: u32 = 14;
     /// Exec notifications lost because the set was full (found by the next /proc scan).
-    pub const EXECS_FULL: u32 = 16;
+    pub const EXECS_FULL: u32 = 15;
     /// Number of counters.
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 16;
 }
 
 /// Key of the kernel-side aggregation: one thread, one user stack, one kernel stack, one
@@ -235,8 +233,6 @@ pub const DROPPED_STACK: i32 = -2;
 
 /// Capacity of the per-connection state map (open sockets of target processes).
 pub const NET_CONNS_CAPACITY: u32 = 16 * 1024;
-/// Capacity of the in-flight system calls map (threads inside a tracked call at once).
-pub const NET_CALLS_CAPACITY: u32 = 8 * 1024;
 /// Capacity of the connecting/established TCP sockets map (client connections).
 pub const NET_SOCKS_CAPACITY: u32 = 16 * 1024;
 /// Size of the network events ring buffer.
@@ -301,6 +297,8 @@ pub struct NetConn {
     pub resp_bytes: u64,
     /// When the connection was accepted or connected.
     pub opened_ns: u64,
+    /// Client: entry of the write under way that may start a request (0: none seen).
+    pub write_enter_ns: u64,
     /// Remote address (IPv4 in the first 4 bytes) and port (host order).
     pub addr: [u8; 16],
     pub port: u16,
@@ -315,7 +313,7 @@ pub struct NetConn {
     pub path_len: u32,
     pub path: [u8; NET_PATH_LEN],
 }
-const _: () = assert!(core::mem::size_of::<NetConn>() == 48 + 16 + 4 + 20 + 64);
+const _: () = assert!(core::mem::size_of::<NetConn>() == 56 + 16 + 4 + 20 + 64);
 
 /// HTTP request methods recognized in the kernel (`NetConn::method`).
 pub mod http_method {

@@ -21,11 +21,16 @@ use crate::{
     sys::{btf::Btf, tracefs},
 };
 
-/// The socket system calls followed (each has a `sys_enter_*` and a `sys_exit_*` tracepoint).
+/// The socket system calls followed at their exit (`sys_exit_*`), where the return value and
+/// the arguments (from the saved registers) are both at hand.
 pub const SYSCALLS: [&str; 12] = [
     "read", "readv", "write", "writev", "sendto", "recvfrom", "sendmsg", "recvmsg", "accept", "accept4",
     "connect", "close",
 ];
+
+/// The calls also followed at their entry (`sys_enter_*`): a client's request starts when
+/// its first write is entered.
+pub const WRITE_SYSCALLS: [&str; 4] = ["write", "writev", "sendto", "sendmsg"];
 
 /// The kernel structs whose member offsets the network programs need.
 pub const BTF_STRUCTS: &[&str] = &["tcp_sock"];
@@ -112,10 +117,11 @@ impl NetTracer {
             }
             Ok(())
         };
-        let sys =
-            |dir: &str| SYSCALLS.iter().map(|s| ("syscalls", format!("sys_{dir}_{s}"))).collect::<Vec<_>>();
-        attach(PROG_NET_SYS_ENTER, &sys("enter"))?;
-        attach(PROG_NET_SYS_EXIT, &sys("exit"))?;
+        let sys = |dir: &str, calls: &[&str]| {
+            calls.iter().map(|s| ("syscalls", format!("sys_{dir}_{s}"))).collect::<Vec<_>>()
+        };
+        attach(PROG_NET_SYS_ENTER, &sys("enter", &WRITE_SYSCALLS))?;
+        attach(PROG_NET_SYS_EXIT, &sys("exit", &SYSCALLS))?;
         attach(PROG_NET_SOCK_STATE, &[("sock", "inet_sock_set_state".into())])?;
         attach(PROG_NET_RETRANSMIT, &[("tcp", "tcp_retransmit_skb".into())])?;
         let map = ebpf
