@@ -245,15 +245,11 @@ pub const NET_PEEK_LEN: usize = 80;
 /// indexes stay inside it.
 pub const NET_PEEK_BUF: usize = 128;
 
-/// Record field offsets of the tracepoints and `tcp_sock` member offsets (from BTF; 0 when
+/// Record field offsets of the TCP tracepoints and `tcp_sock` member offsets (from BTF; 0 when
 /// unknown) the network programs read.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NetOffsets {
-    /// First argument of a `syscalls:sys_enter_*` record; the others follow every 8 bytes.
-    pub sys_args: u32,
-    /// `ret` of a `syscalls:sys_exit_*` record.
-    pub sys_ret: u32,
     /// `sock:inet_sock_set_state` fields.
     pub sk_skaddr: u32,
     pub sk_oldstate: u32,
@@ -270,7 +266,7 @@ pub struct NetOffsets {
     pub tcp_bytes_received: u32,
     pub tcp_bytes_acked: u32,
 }
-const _: () = assert!(core::mem::size_of::<NetOffsets>() == 56);
+const _: () = assert!(core::mem::size_of::<NetOffsets>() == 48);
 
 /// `NetConn::role` / `NetEvent::role`: the process accepted the connection (it serves).
 pub const NET_ROLE_SERVER: u32 = 1;

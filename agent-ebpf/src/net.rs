@@ -3,18 +3,13 @@
 use agent_ebpf::{
     NET_PATH_LEN, NET_PEEK_BUF, NET_PEEK_LEN, NetConn, NetEvent, NetOffsets, http_method, stat,
 };
-use aya_ebpf::{
-    helpers::generated::{bpf_probe_read_kernel, bpf_probe_read_user},
-    programs::TracePointContext,
-};
+use aya_ebpf::helpers::generated::{bpf_probe_read_kernel, bpf_probe_read_user};
 
 use crate::maps::{NET_EVENTS, NET_PEEK, bump};
 
 /// Offsets set by the loader (see `NetOffsets`).
 #[unsafe(no_mangle)]
 pub static NET_OFFSETS: NetOffsets = NetOffsets {
-    sys_args: 16,
-    sys_ret: 16,
     sk_skaddr: 8,
     sk_oldstate: 16,
     sk_newstate: 20,
@@ -56,12 +51,6 @@ pub struct NetSock {
 
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
-
-/// Argument `i` of a `sys_enter_*` record.
-#[inline(always)]
-pub fn sys_arg(ctx: &TracePointContext, i: usize) -> Result<u64, i64> {
-    unsafe { ctx.read_at::<u64>(offset!(sys_args) + 8 * i) }.map_err(|e| e as i64)
-}
 
 /// Reads a user sockaddr: (family, port in host order, address).
 #[inline(always)]

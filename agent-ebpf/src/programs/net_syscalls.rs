@@ -16,7 +16,7 @@ use aya_ebpf::{
 
 use crate::{
     maps::{NET_CONN_SCRATCH, NET_CONNS, TARGETS, bump},
-    net::{emit_conn, emit_request, offset, parse_request, parse_status, read_sockaddr, sys_arg},
+    net::{emit_conn, emit_request, parse_request, parse_status, read_sockaddr},
 };
 
 // x86-64 system call numbers.
@@ -45,16 +45,16 @@ fn conn_key(tgid: u32, fd: u32) -> u64 {
 /// Entry of a write-family call: remembers when a client starts writing a request, the only
 /// thing an exit cannot know. Everything else is read at the exit.
 #[tracepoint]
-pub fn net_sys_enter(ctx: TracePointContext) -> u32 {
-    try_sys_enter(&ctx).unwrap_or(0)
+pub fn net_sys_enter(_ctx: TracePointContext) -> u32 {
+    try_sys_enter().unwrap_or(0)
 }
 
-fn try_sys_enter(ctx: &TracePointContext) -> Result<u32, i64> {
+fn try_sys_enter() -> Result<u32, i64> {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     if TARGETS.get_ptr(tgid).is_none() {
         return Ok(0);
     }
-    let fd = sys_arg(ctx, 0)? as u32;
+    let fd = entry_regs().rdi as u32;
     let Some(c) = NET_CONNS.get_ptr_mut(conn_key(tgid, fd)) else { return Ok(0) };
     let c = unsafe { &mut *c };
     if c.role == NET_ROLE_CLIENT && c.phase != NET_PHASE_REQUEST {
@@ -76,21 +76,20 @@ fn first_iovec(iov: u64) -> (u64, u64) {
 
 /// Exit of every followed call. Its arguments are still in the registers saved at entry.
 #[tracepoint]
-pub fn net_sys_exit(ctx: TracePointContext) -> u32 {
-    try_sys_exit(&ctx).unwrap_or(0)
+pub fn net_sys_exit(_ctx: TracePointContext) -> u32 {
+    try_sys_exit().unwrap_or(0)
 }
 
-fn try_sys_exit(ctx: &TracePointContext) -> Result<u32, i64> {
+fn try_sys_exit() -> Result<u32, i64> {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     if TARGETS.get_ptr(tgid).is_none() {
         return Ok(0);
     }
-    let nr: i32 = unsafe { ctx.read_at(8) }.map_err(|e| e as i64)?;
-    let ret: i64 = unsafe { ctx.read_at(offset!(sys_ret)) }.map_err(|e| e as i64)?;
-    // The registers the system call entered with: the task's own, read in place.
-    let regs = unsafe { &*(bpf_task_pt_regs(bpf_get_current_task_btf()) as *const pt_regs) };
+    // The system call's number and arguments as it entered, its return value in `rax`.
+    let regs = entry_regs();
+    let ret = regs.rax as i64;
     let fd = regs.rdi as u32;
-    match nr as u32 {
+    match regs.orig_rax as u32 {
         SYS_ACCEPT | SYS_ACCEPT4 => {
             if ret >= 0 {
                 open(tgid, ret as u32, NET_ROLE_SERVER, regs.rsi, bpf_now());
@@ -119,6 +118,13 @@ fn try_sys_exit(ctx: &TracePointContext) -> Result<u32, i64> {
         }
     }
     Ok(0)
+}
+
+/// The registers saved when the current system call entered, read in place (no copy): its
+/// number, its arguments (unchanged until it returns) and, at the exit, its return value.
+#[inline(always)]
+fn entry_regs() -> &'static pt_regs {
+    unsafe { &*(bpf_task_pt_regs(bpf_get_current_task_btf()) as *const pt_regs) }
 }
 
 #[inline(always)]

@@ -40,8 +40,6 @@ pub const BTF_STRUCTS: &[&str] = &["tcp_sock"];
 /// 0 (RTT and bytes are then not read).
 pub fn offsets(btf: Option<&Btf>) -> NetOffsets {
     let mut o = NetOffsets {
-        sys_args: 16,
-        sys_ret: 16,
         sk_skaddr: 8,
         sk_oldstate: 16,
         sk_newstate: 20,
@@ -58,8 +56,6 @@ pub fn offsets(btf: Option<&Btf>) -> NetOffsets {
             *slot = off;
         }
     };
-    field("syscalls", "sys_enter_read", "fd", &mut o.sys_args);
-    field("syscalls", "sys_exit_read", "ret", &mut o.sys_ret);
     let sk = [
         ("skaddr", &mut o.sk_skaddr),
         ("oldstate", &mut o.sk_oldstate),
