@@ -284,29 +284,31 @@ pub const NET_PHASE_RESPONSE: u32 = 2;
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct NetConn {
-    /// Request start: first byte read (server) or first write entered (client).
-    pub start_ns: u64,
-    /// First and last response bytes: read returned (client) or written (server).
-    pub resp_first_ns: u64,
-    pub resp_last_ns: u64,
-    pub req_bytes: u64,
-    pub resp_bytes: u64,
-    /// When the connection was accepted or connected.
-    pub opened_ns: u64,
-    /// Client: entry of the write under way that may start a request (0: none seen).
-    pub write_enter_ns: u64,
-    /// Remote address (IPv4 in the first 4 bytes) and port (host order).
-    pub addr: [u8; 16],
-    pub port: u16,
-    /// `AF_INET` or `AF_INET6`.
-    pub family: u16,
+    /// What every read and write of the connection looks at or changes comes first, in
+    /// as few cache lines as the map's element layout allows.
     pub role: u32,
     pub phase: u32,
+    /// First and last response bytes: read returned (client) or written (server).
+    pub resp_last_ns: u64,
+    pub resp_bytes: u64,
+    pub req_bytes: u64,
+    /// Client: entry of the write under way that may start a request (0: none seen).
+    pub write_enter_ns: u64,
+    /// Request start: first byte read (server) or first write entered (client).
+    pub start_ns: u64,
+    pub resp_first_ns: u64,
     /// HTTP status of the response, 0 when not HTTP.
     pub status: u32,
     /// `http_method::*` of the request, 0 when not HTTP.
     pub method: u32,
     pub path_len: u32,
+    pub port: u16,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u16,
+    /// Remote address (IPv4 in the first 4 bytes) and port (host order).
+    pub addr: [u8; 16],
+    /// When the connection was accepted or connected.
+    pub opened_ns: u64,
     pub path: [u8; NET_PATH_LEN],
 }
 const _: () = assert!(core::mem::size_of::<NetConn>() == 56 + 16 + 4 + 20 + 64);

@@ -106,12 +106,12 @@ fn try_sys_exit() -> Result<u32, i64> {
             let Some(c) = NET_CONNS.get_ptr_mut(conn_key(tgid, fd)) else { return Ok(0) };
             let c = unsafe { &mut *c };
             let (inbound, buf) = match nr {
-                SYS_READ | SYS_RECVFROM => (true, Buf::Flat(regs.rsi, regs.rdx)),
-                SYS_WRITE | SYS_SENDTO => (false, Buf::Flat(regs.rsi, regs.rdx)),
-                SYS_READV => (true, Buf::Iovec(regs.rsi)),
-                SYS_WRITEV => (false, Buf::Iovec(regs.rsi)),
-                SYS_RECVMSG => (true, Buf::Msghdr(regs.rsi)),
-                SYS_SENDMSG => (false, Buf::Msghdr(regs.rsi)),
+                SYS_READ | SYS_RECVFROM => (true, Buf::new(FLAT, regs.rsi, regs.rdx)),
+                SYS_WRITE | SYS_SENDTO => (false, Buf::new(FLAT, regs.rsi, regs.rdx)),
+                SYS_READV => (true, Buf::new(IOVEC, regs.rsi, 0)),
+                SYS_WRITEV => (false, Buf::new(IOVEC, regs.rsi, 0)),
+                SYS_RECVMSG => (true, Buf::new(MSGHDR, regs.rsi, 0)),
+                SYS_SENDMSG => (false, Buf::new(MSGHDR, regs.rsi, 0)),
                 _ => return Ok(0),
             };
             data(c, tgid, inbound, buf, ret);
@@ -132,23 +132,34 @@ fn bpf_now() -> u64 {
     unsafe { bpf_ktime_get_ns() }
 }
 
-/// Where a data call's bytes are: a flat buffer and its size, an iovec array, a msghdr.
-/// Resolved to the first buffer only when the bytes are looked at.
+/// Where a data call's bytes are: at `addr`, a buffer of `len` bytes (`FLAT`), an iovec
+/// array (`IOVEC`) or a msghdr (`MSGHDR`). Resolved to the first buffer only when the bytes
+/// are looked at. A struct rather than an enum: with an enum, the payload a variant lacks
+/// can reach the verifier as a register never written, and the program is rejected.
 #[derive(Clone, Copy)]
-enum Buf {
-    Flat(u64, u64),
-    Iovec(u64),
-    Msghdr(u64),
+struct Buf {
+    kind: u32,
+    addr: u64,
+    len: u64,
 }
+
+const FLAT: u32 = 0;
+const IOVEC: u32 = 1;
+const MSGHDR: u32 = 2;
 
 impl Buf {
     #[inline(always)]
+    fn new(kind: u32, addr: u64, len: u64) -> Self {
+        Self { kind, addr, len }
+    }
+
+    #[inline(always)]
     fn first(self) -> (u64, u64) {
-        match self {
-            Buf::Flat(base, len) => (base, len),
-            Buf::Iovec(iov) => first_iovec(iov),
-            Buf::Msghdr(msg) => {
-                let iov = unsafe { bpf_probe_read_user((msg + MSGHDR_IOV) as *const u64) }.unwrap_or(0);
+        match self.kind {
+            FLAT => (self.addr, self.len),
+            IOVEC => first_iovec(self.addr),
+            _ => {
+                let iov = unsafe { bpf_probe_read_user((self.addr + MSGHDR_IOV) as *const u64) }.unwrap_or(0);
                 first_iovec(iov)
             }
         }
