@@ -353,8 +353,8 @@ fn client_upstreams_and_failed_connects() {
 
 /// A client that opens its keep-alive connection, makes one request, says `ready`, and
 /// after a line on stdin makes 20 more on the same connection, timing them. The first
-/// request after the line goes to /ping: the server's read of it may have been waiting
-/// since before the session, which no tracepoint saw start (see the README).
+/// request after the line goes to /ping: the server's read of it has been waiting since
+/// before the session, and is timed from its exit.
 const LATE_CLIENT: &str = r#"
 import http.client, json, sys, time
 conn = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]))
@@ -416,4 +416,6 @@ fn connections_opened_before_the_session_are_followed() {
     assert!(status.success(), "stoker failed: {err}");
     let (report, _) = read_report(&output);
     assert_sleeps_match(&report, &timed);
+    let ping = one(&report, "GET /ping", |e| e["route"] == "/ping");
+    assert_eq!(ping["count"].as_u64(), Some(1), "the read waiting since before the session: {ping:#}");
 }

@@ -99,14 +99,12 @@ pub mod stat {
     pub const NET_EVENTS_LOST: u32 = 12;
     /// Connections not tracked because the connections map was full.
     pub const NET_CONNS_FULL: u32 = 13;
-    /// System calls not tracked because the in-flight calls map was full.
-    pub const NET_CALLS_FULL: u32 = 14;
     /// TCP connects not tracked because the sockets map was full.
-    pub const NET_SOCKS_FULL: u32 = 15;
+    pub const NET_SOCKS_FULL: u32 = 14;
     /// Exec notifications lost because the set was full (found by the next /proc scan).
-    pub const EXECS_FULL: u32 = 16;
+    pub const EXECS_FULL: u32 = 15;
     /// Number of counters.
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 16;
 }
 
 /// Key of the kernel-side aggregation: one thread, one user stack, one kernel stack, one
@@ -235,8 +233,6 @@ pub const DROPPED_STACK: i32 = -2;
 
 /// Capacity of the per-connection state map (open sockets of target processes).
 pub const NET_CONNS_CAPACITY: u32 = 16 * 1024;
-/// Capacity of the in-flight system calls map (threads inside a tracked call at once).
-pub const NET_CALLS_CAPACITY: u32 = 8 * 1024;
 /// Capacity of the connecting/established TCP sockets map (client connections).
 pub const NET_SOCKS_CAPACITY: u32 = 16 * 1024;
 /// Size of the network events ring buffer.
@@ -249,15 +245,11 @@ pub const NET_PEEK_LEN: usize = 80;
 /// indexes stay inside it.
 pub const NET_PEEK_BUF: usize = 128;
 
-/// Record field offsets of the tracepoints and `tcp_sock` member offsets (from BTF; 0 when
+/// Record field offsets of the TCP tracepoints and `tcp_sock` member offsets (from BTF; 0 when
 /// unknown) the network programs read.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NetOffsets {
-    /// First argument of a `syscalls:sys_enter_*` record; the others follow every 8 bytes.
-    pub sys_args: u32,
-    /// `ret` of a `syscalls:sys_exit_*` record.
-    pub sys_ret: u32,
     /// `sock:inet_sock_set_state` fields.
     pub sk_skaddr: u32,
     pub sk_oldstate: u32,
@@ -274,7 +266,7 @@ pub struct NetOffsets {
     pub tcp_bytes_received: u32,
     pub tcp_bytes_acked: u32,
 }
-const _: () = assert!(core::mem::size_of::<NetOffsets>() == 56);
+const _: () = assert!(core::mem::size_of::<NetOffsets>() == 48);
 
 /// `NetConn::role` / `NetEvent::role`: the process accepted the connection (it serves).
 pub const NET_ROLE_SERVER: u32 = 1;
@@ -292,30 +284,34 @@ pub const NET_PHASE_RESPONSE: u32 = 2;
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct NetConn {
-    /// Request start: first byte read (server) or first write entered (client).
-    pub start_ns: u64,
-    /// First and last response bytes: read returned (client) or written (server).
-    pub resp_first_ns: u64,
-    pub resp_last_ns: u64,
-    pub req_bytes: u64,
-    pub resp_bytes: u64,
-    /// When the connection was accepted or connected.
-    pub opened_ns: u64,
-    /// Remote address (IPv4 in the first 4 bytes) and port (host order).
-    pub addr: [u8; 16],
-    pub port: u16,
-    /// `AF_INET` or `AF_INET6`.
-    pub family: u16,
+    /// What every read and write of the connection looks at or changes comes first, in
+    /// as few cache lines as the map's element layout allows.
     pub role: u32,
     pub phase: u32,
+    /// First and last response bytes: read returned (client) or written (server).
+    pub resp_last_ns: u64,
+    pub resp_bytes: u64,
+    pub req_bytes: u64,
+    /// Client: entry of the write under way that may start a request (0: none seen).
+    pub write_enter_ns: u64,
+    /// Request start: first byte read (server) or first write entered (client).
+    pub start_ns: u64,
+    pub resp_first_ns: u64,
     /// HTTP status of the response, 0 when not HTTP.
     pub status: u32,
     /// `http_method::*` of the request, 0 when not HTTP.
     pub method: u32,
     pub path_len: u32,
+    pub port: u16,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u16,
+    /// Remote address (IPv4 in the first 4 bytes) and port (host order).
+    pub addr: [u8; 16],
+    /// When the connection was accepted or connected.
+    pub opened_ns: u64,
     pub path: [u8; NET_PATH_LEN],
 }
-const _: () = assert!(core::mem::size_of::<NetConn>() == 48 + 16 + 4 + 20 + 64);
+const _: () = assert!(core::mem::size_of::<NetConn>() == 56 + 16 + 4 + 20 + 64);
 
 /// HTTP request methods recognized in the kernel (`NetConn::method`).
 pub mod http_method {

@@ -1,16 +1,16 @@
 //! Every map of stoker's kernel programs, declared once. Names match the `MAP_*`
 //! constants of the shared library so userspace finds them.
 use agent_ebpf::{
-    COUNTS_CAPACITY, EXECS_CAPACITY, NET_CALLS_CAPACITY, NET_CONNS_CAPACITY, NET_EVENTS_BYTES, NET_PEEK_BUF,
-    NET_SOCKS_CAPACITY, NetConn, PY_FRAME_CHUNK, PY_STACKS_CAPACITY, PY_THREADS_CAPACITY, PyProc, PyStack,
-    STACKS_CAPACITY, SampleKey, TARGETS_CAPACITY, stat,
+    COUNTS_CAPACITY, EXECS_CAPACITY, NET_CONNS_CAPACITY, NET_EVENTS_BYTES, NET_PEEK_BUF, NET_SOCKS_CAPACITY,
+    NetConn, PY_FRAME_CHUNK, PY_STACKS_CAPACITY, PY_THREADS_CAPACITY, PyProc, PyStack, STACKS_CAPACITY,
+    SampleKey, TARGETS_CAPACITY, stat,
 };
 use aya_ebpf::{
     macros::map,
     maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf, StackTrace},
 };
 
-use crate::net::{NetCall, NetSock};
+use crate::net::NetSock;
 
 #[map]
 pub static TARGETS: HashMap<u32, u32> = HashMap::with_max_entries(TARGETS_CAPACITY, 0);
@@ -45,10 +45,6 @@ pub static FRAME_BUF: PerCpuArray<[u8; PY_FRAME_CHUNK + 8]> = PerCpuArray::with_
 /// Tracked sockets of target processes: (tgid << 32 | fd) -> state.
 #[map]
 pub static NET_CONNS: HashMap<u64, NetConn> = HashMap::with_max_entries(NET_CONNS_CAPACITY, 0);
-
-/// Tracked system calls between entry and exit: pid_tgid -> arguments.
-#[map]
-pub static NET_CALLS: HashMap<u64, NetCall> = HashMap::with_max_entries(NET_CALLS_CAPACITY, 0);
 
 /// TCP sockets of target processes from SYN sent to close: socket address -> state.
 #[map]

@@ -1,20 +1,15 @@
-//! Shared pieces of the network programs: their offsets, in-flight call and socket state,
+//! Shared pieces of the network programs: their offsets, TCP socket state,
 //! the HTTP/1.x recognizer that keeps only method, path (up to `?`) and status.
 use agent_ebpf::{
     NET_PATH_LEN, NET_PEEK_BUF, NET_PEEK_LEN, NetConn, NetEvent, NetOffsets, http_method, stat,
 };
-use aya_ebpf::{
-    helpers::generated::{bpf_probe_read_kernel, bpf_probe_read_user},
-    programs::TracePointContext,
-};
+use aya_ebpf::helpers::generated::{bpf_probe_read_kernel, bpf_probe_read_user};
 
 use crate::maps::{NET_EVENTS, NET_PEEK, bump};
 
 /// Offsets set by the loader (see `NetOffsets`).
 #[unsafe(no_mangle)]
 pub static NET_OFFSETS: NetOffsets = NetOffsets {
-    sys_args: 16,
-    sys_ret: 16,
     sk_skaddr: 8,
     sk_oldstate: 16,
     sk_newstate: 20,
@@ -40,18 +35,6 @@ macro_rules! offset {
 }
 pub(crate) use offset;
 
-/// A tracked system call between entry and exit.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct NetCall {
-    pub nr: u32,
-    pub fd: u32,
-    /// Data buffer (first iovec for the vectored calls) or sockaddr (accept, connect).
-    pub buf: u64,
-    pub buf_len: u64,
-    pub enter_ns: u64,
-}
-
 /// A TCP socket of a target process, from SYN sent until it leaves ESTABLISHED.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -68,12 +51,6 @@ pub struct NetSock {
 
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
-
-/// Argument `i` of a `sys_enter_*` record.
-#[inline(always)]
-pub fn sys_arg(ctx: &TracePointContext, i: usize) -> Result<u64, i64> {
-    unsafe { ctx.read_at::<u64>(offset!(sys_args) + 8 * i) }.map_err(|e| e as i64)
-}
 
 /// Reads a user sockaddr: (family, port in host order, address).
 #[inline(always)]
@@ -114,14 +91,10 @@ pub fn kernel_u64(base: u64, off: usize) -> u64 {
 }
 
 /// Copies the first bytes (at most `NET_PEEK_LEN`) of a user buffer of `len` bytes into the
-/// per-CPU peek buffer, the rest zeroed.
+/// per-CPU peek buffer; returns it and how many bytes are valid (the rest is stale).
 #[inline(always)]
-fn peek(buf: u64, len: u64) -> Option<&'static [u8; NET_PEEK_BUF]> {
+fn peek(buf: u64, len: u64) -> Option<(&'static [u8; NET_PEEK_BUF], usize)> {
     let p = NET_PEEK.get_ptr_mut(0)?;
-    let words = p.cast::<u64>();
-    for i in 0..NET_PEEK_BUF / 8 {
-        unsafe { *words.add(i) = 0 };
-    }
     let n = if len < NET_PEEK_LEN as u64 { len as u32 } else { NET_PEEK_LEN as u32 };
     let n = n & (NET_PEEK_BUF as u32 - 1);
     if n == 0 || buf == 0 {
@@ -130,7 +103,7 @@ fn peek(buf: u64, len: u64) -> Option<&'static [u8; NET_PEEK_BUF]> {
     if unsafe { bpf_probe_read_user(p.cast(), n, buf as *const _) } != 0 {
         return None;
     }
-    Some(unsafe { &*p })
+    Some((unsafe { &*p }, n as usize))
 }
 
 /// Recognizes an HTTP/1.x request line in `buf` and stores its method and path (cut at
@@ -139,7 +112,10 @@ fn peek(buf: u64, len: u64) -> Option<&'static [u8; NET_PEEK_BUF]> {
 pub fn parse_request(conn: &mut NetConn, buf: u64, len: u64) {
     conn.method = http_method::NONE;
     conn.path_len = 0;
-    let Some(p) = peek(buf, len) else { return };
+    let Some((p, n)) = peek(buf, len) else { return };
+    if n < 8 {
+        return;
+    }
     let word = u64::from_le_bytes([p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]]);
     let (method, skip) = if word & 0xffff_ffff == u32::from_le_bytes(*b"GET ") as u64 {
         (http_method::GET, 4)
@@ -158,12 +134,15 @@ pub fn parse_request(conn: &mut NetConn, buf: u64, len: u64) {
     } else {
         return;
     };
-    if p.get(skip).copied() != Some(b'/') {
+    if skip >= n || p.get(skip).copied() != Some(b'/') {
         return;
     }
     conn.path = [0; NET_PATH_LEN];
-    let mut n = 0usize;
+    let mut path_len = 0usize;
     for i in 0..NET_PATH_LEN {
+        if skip + i >= n {
+            break;
+        }
         let Some(&c) = p.get(skip + i) else { break };
         if c == b' ' || c == b'?' || c == b'#' || c == b'\r' || c == b'\n' || c == 0 {
             break;
@@ -171,17 +150,17 @@ pub fn parse_request(conn: &mut NetConn, buf: u64, len: u64) {
         if let Some(slot) = conn.path.get_mut(i) {
             *slot = c;
         }
-        n = i + 1;
+        path_len = i + 1;
     }
     conn.method = method;
-    conn.path_len = n as u32;
+    conn.path_len = path_len as u32;
 }
 
 /// The status code of an HTTP/1.x status line in `buf`, 0 when it is not one.
 #[inline(always)]
 pub fn parse_status(buf: u64, len: u64) -> u32 {
-    let Some(p) = peek(buf, len) else { return 0 };
-    if &p[..5] != b"HTTP/" || p[5] != b'1' || p[6] != b'.' || p[8] != b' ' {
+    let Some((p, n)) = peek(buf, len) else { return 0 };
+    if n < 12 || &p[..5] != b"HTTP/" || p[5] != b'1' || p[6] != b'.' || p[8] != b' ' {
         return 0;
     }
     let mut status = 0u32;
@@ -194,6 +173,10 @@ pub fn parse_status(buf: u64, len: u64) -> u32 {
     }
     status
 }
+
+/// Submit flag: userspace drains the ring buffer on its own tick and never sleeps on it, so
+/// an event need not wake anyone (a wakeup is an interrupt-work item per event).
+const NO_WAKEUP: u64 = aya_ebpf::bindings::BPF_RB_NO_WAKEUP as u64;
 
 /// Sends the request completed on `conn` to userspace.
 #[inline(always)]
@@ -223,7 +206,7 @@ pub fn emit_request(conn: &NetConn, tgid: u32) {
         (*e)._pad = 0;
         (*e).path = conn.path;
     }
-    entry.submit(0);
+    entry.submit(NO_WAKEUP);
 }
 
 /// Sends a connection-level event (`NET_EVENT_CONNECT`, `_CLOSE`, `_ACCEPT`) to userspace.
@@ -264,5 +247,5 @@ pub fn emit_conn(
         (*e)._pad = 0;
         (*e).path = [0; NET_PATH_LEN];
     }
-    entry.submit(0);
+    entry.submit(NO_WAKEUP);
 }

@@ -5,14 +5,18 @@ use agent_ebpf::{
     NET_ROLE_SERVER, NetConn, http_method, stat,
 };
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
+    bindings::pt_regs,
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
+        generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
+    },
     macros::tracepoint,
     programs::TracePointContext,
 };
 
 use crate::{
-    maps::{NET_CALLS, NET_CONN_SCRATCH, NET_CONNS, TARGETS, bump},
-    net::{NetCall, emit_conn, emit_request, offset, parse_request, parse_status, read_sockaddr, sys_arg},
+    maps::{NET_CONN_SCRATCH, NET_CONNS, TARGETS, bump},
+    net::{emit_conn, emit_request, parse_request, parse_status, read_sockaddr},
 };
 
 // x86-64 system call numbers.
@@ -38,48 +42,23 @@ fn conn_key(tgid: u32, fd: u32) -> u64 {
     (u64::from(tgid) << 32) | u64::from(fd)
 }
 
+/// Entry of a write-family call: remembers when a client starts writing a request, the only
+/// thing an exit cannot know. Everything else is read at the exit.
 #[tracepoint]
-pub fn net_sys_enter(ctx: TracePointContext) -> u32 {
-    try_sys_enter(&ctx).unwrap_or(0)
+pub fn net_sys_enter(_ctx: TracePointContext) -> u32 {
+    try_sys_enter().unwrap_or(0)
 }
 
-fn try_sys_enter(ctx: &TracePointContext) -> Result<u32, i64> {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tgid = (pid_tgid >> 32) as u32;
+fn try_sys_enter() -> Result<u32, i64> {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     if TARGETS.get_ptr(tgid).is_none() {
         return Ok(0);
     }
-    let nr: i32 = unsafe { ctx.read_at(8) }.map_err(|e| e as i64)?;
-    let nr = nr as u32;
-    let fd = sys_arg(ctx, 0)? as u32;
-    let (buf, buf_len) = match nr {
-        SYS_ACCEPT | SYS_ACCEPT4 => (sys_arg(ctx, 1)?, 0),
-        SYS_CONNECT => (sys_arg(ctx, 1)?, 0),
-        SYS_CLOSE => {
-            close(tgid, fd);
-            return Ok(0);
-        }
-        _ => {
-            // Data calls: only on sockets already tracked (files and pipes cost one lookup).
-            if NET_CONNS.get_ptr(conn_key(tgid, fd)).is_none() {
-                return Ok(0);
-            }
-            match nr {
-                SYS_READ | SYS_WRITE | SYS_SENDTO | SYS_RECVFROM => (sys_arg(ctx, 1)?, sys_arg(ctx, 2)?),
-                SYS_READV | SYS_WRITEV => first_iovec(sys_arg(ctx, 1)?),
-                SYS_SENDMSG | SYS_RECVMSG => {
-                    let iov: u64 =
-                        unsafe { bpf_probe_read_user((sys_arg(ctx, 1)? + MSGHDR_IOV) as *const u64) }
-                            .unwrap_or(0);
-                    first_iovec(iov)
-                }
-                _ => return Ok(0),
-            }
-        }
-    };
-    let call = NetCall { nr, fd, buf, buf_len, enter_ns: unsafe { bpf_ktime_get_ns() } };
-    if NET_CALLS.insert(&pid_tgid, &call, 0).is_err() {
-        bump(stat::NET_CALLS_FULL);
+    let fd = entry_regs().rdi as u32;
+    let Some(c) = NET_CONNS.get_ptr_mut(conn_key(tgid, fd)) else { return Ok(0) };
+    let c = unsafe { &mut *c };
+    if c.role == NET_ROLE_CLIENT && c.phase != NET_PHASE_REQUEST {
+        c.write_enter_ns = unsafe { bpf_ktime_get_ns() };
     }
     Ok(0)
 }
@@ -95,38 +74,96 @@ fn first_iovec(iov: u64) -> (u64, u64) {
     (base, len)
 }
 
+/// Exit of every followed call. Its arguments are still in the registers saved at entry.
 #[tracepoint]
-pub fn net_sys_exit(ctx: TracePointContext) -> u32 {
-    try_sys_exit(&ctx).unwrap_or(0)
+pub fn net_sys_exit(_ctx: TracePointContext) -> u32 {
+    try_sys_exit().unwrap_or(0)
 }
 
-fn try_sys_exit(ctx: &TracePointContext) -> Result<u32, i64> {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tgid = (pid_tgid >> 32) as u32;
+fn try_sys_exit() -> Result<u32, i64> {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     if TARGETS.get_ptr(tgid).is_none() {
         return Ok(0);
     }
-    let Some(&call) = (unsafe { NET_CALLS.get(&pid_tgid) }) else {
-        return Ok(0);
-    };
-    let _ = NET_CALLS.remove(&pid_tgid);
-    let ret: i64 = unsafe { ctx.read_at(offset!(sys_ret)) }.map_err(|e| e as i64)?;
-    let now = unsafe { bpf_ktime_get_ns() };
-    match call.nr {
+    // The system call's number and arguments as it entered, its return value in `rax`.
+    let regs = entry_regs();
+    let ret = regs.rax as i64;
+    let fd = regs.rdi as u32;
+    match regs.orig_rax as u32 {
         SYS_ACCEPT | SYS_ACCEPT4 => {
             if ret >= 0 {
-                open(tgid, ret as u32, NET_ROLE_SERVER, call.buf, now);
+                open(tgid, ret as u32, NET_ROLE_SERVER, regs.rsi, bpf_now());
             }
         }
         SYS_CONNECT => {
             if ret == 0 || ret == -EINPROGRESS {
-                open(tgid, call.fd, NET_ROLE_CLIENT, call.buf, now);
+                open(tgid, fd, NET_ROLE_CLIENT, regs.rsi, bpf_now());
             }
         }
-        SYS_READ | SYS_READV | SYS_RECVFROM | SYS_RECVMSG => data(tgid, &call, true, ret, now),
-        _ => data(tgid, &call, false, ret, now),
+        SYS_CLOSE => close(tgid, fd),
+        nr => {
+            // Data calls: only on sockets already tracked (files and pipes cost one lookup).
+            let Some(c) = NET_CONNS.get_ptr_mut(conn_key(tgid, fd)) else { return Ok(0) };
+            let c = unsafe { &mut *c };
+            let (inbound, buf) = match nr {
+                SYS_READ | SYS_RECVFROM => (true, Buf::new(FLAT, regs.rsi, regs.rdx)),
+                SYS_WRITE | SYS_SENDTO => (false, Buf::new(FLAT, regs.rsi, regs.rdx)),
+                SYS_READV => (true, Buf::new(IOVEC, regs.rsi, 0)),
+                SYS_WRITEV => (false, Buf::new(IOVEC, regs.rsi, 0)),
+                SYS_RECVMSG => (true, Buf::new(MSGHDR, regs.rsi, 0)),
+                SYS_SENDMSG => (false, Buf::new(MSGHDR, regs.rsi, 0)),
+                _ => return Ok(0),
+            };
+            data(c, tgid, inbound, buf, ret);
+        }
     }
     Ok(0)
+}
+
+/// The registers saved when the current system call entered, read in place (no copy): its
+/// number, its arguments (unchanged until it returns) and, at the exit, its return value.
+#[inline(always)]
+fn entry_regs() -> &'static pt_regs {
+    unsafe { &*(bpf_task_pt_regs(bpf_get_current_task_btf()) as *const pt_regs) }
+}
+
+#[inline(always)]
+fn bpf_now() -> u64 {
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// Where a data call's bytes are: at `addr`, a buffer of `len` bytes (`FLAT`), an iovec
+/// array (`IOVEC`) or a msghdr (`MSGHDR`). Resolved to the first buffer only when the bytes
+/// are looked at. A struct rather than an enum: with an enum, the payload a variant lacks
+/// can reach the verifier as a register never written, and the program is rejected.
+#[derive(Clone, Copy)]
+struct Buf {
+    kind: u32,
+    addr: u64,
+    len: u64,
+}
+
+const FLAT: u32 = 0;
+const IOVEC: u32 = 1;
+const MSGHDR: u32 = 2;
+
+impl Buf {
+    #[inline(always)]
+    fn new(kind: u32, addr: u64, len: u64) -> Self {
+        Self { kind, addr, len }
+    }
+
+    #[inline(always)]
+    fn first(self) -> (u64, u64) {
+        match self.kind {
+            FLAT => (self.addr, self.len),
+            IOVEC => first_iovec(self.addr),
+            _ => {
+                let iov = unsafe { bpf_probe_read_user((self.addr + MSGHDR_IOV) as *const u64) }.unwrap_or(0);
+                first_iovec(iov)
+            }
+        }
+    }
 }
 
 /// Starts tracking a socket accepted or connected by `tgid`; `sockaddr` is the peer's.
@@ -148,6 +185,7 @@ fn open(tgid: u32, fd: u32, role: u32, sockaddr: u64, now: u64) {
     c.req_bytes = 0;
     c.resp_bytes = 0;
     c.opened_ns = now;
+    c.write_enter_ns = 0;
     c.addr = addr;
     c.port = port;
     c.family = family;
@@ -166,11 +204,9 @@ fn open(tgid: u32, fd: u32, role: u32, sockaddr: u64, now: u64) {
     }
 }
 
-/// A read (`inbound`) or write of `ret` bytes on a tracked socket.
+/// A read (`inbound`) or write of `ret` bytes from or to `buf` on a tracked socket.
 #[inline(always)]
-fn data(tgid: u32, call: &NetCall, inbound: bool, ret: i64, now: u64) {
-    let Some(c) = NET_CONNS.get_ptr_mut(conn_key(tgid, call.fd)) else { return };
-    let c = unsafe { &mut *c };
+fn data(c: &mut NetConn, tgid: u32, inbound: bool, buf: Buf, ret: i64) {
     if ret <= 0 {
         // End of stream: the response under way is complete. Errors (EAGAIN) change nothing.
         if ret == 0 && inbound {
@@ -179,6 +215,7 @@ fn data(tgid: u32, call: &NetCall, inbound: bool, ret: i64, now: u64) {
         return;
     }
     let ret = ret as u64;
+    let now = bpf_now();
     // A server reads its requests; a client writes them.
     let request_side = (c.role == NET_ROLE_SERVER) == inbound;
     if request_side {
@@ -188,16 +225,17 @@ fn data(tgid: u32, call: &NetCall, inbound: bool, ret: i64, now: u64) {
         if c.phase != NET_PHASE_REQUEST {
             c.phase = NET_PHASE_REQUEST;
             // The server's request starts when its first bytes arrive; the client's when it
-            // starts sending.
-            c.start_ns = if inbound { now } else { call.enter_ns };
+            // starts sending (the entry of this write, when it was seen).
+            c.start_ns = if inbound || c.write_enter_ns == 0 { now } else { c.write_enter_ns };
             c.req_bytes = 0;
             c.resp_bytes = 0;
             c.resp_first_ns = 0;
             c.resp_last_ns = 0;
             c.status = 0;
-            let len = if call.buf_len < ret { call.buf_len } else { ret };
-            parse_request(c, call.buf, len);
+            let (base, len) = buf.first();
+            parse_request(c, base, if len < ret { len } else { ret });
         }
+        c.write_enter_ns = 0;
         c.req_bytes += ret;
     } else {
         // Bytes before any request (a server greeting) are not a response.
@@ -209,8 +247,8 @@ fn data(tgid: u32, call: &NetCall, inbound: bool, ret: i64, now: u64) {
             c.resp_first_ns = now;
             c.status = 0;
             if c.method != http_method::NONE {
-                let len = if call.buf_len < ret { call.buf_len } else { ret };
-                c.status = parse_status(call.buf, len);
+                let (base, len) = buf.first();
+                c.status = parse_status(base, if len < ret { len } else { ret });
             }
         }
         c.resp_bytes += ret;

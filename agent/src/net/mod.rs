@@ -23,11 +23,16 @@ use crate::{
     sys::{btf::Btf, tracefs},
 };
 
-/// The socket system calls followed (each has a `sys_enter_*` and a `sys_exit_*` tracepoint).
+/// The socket system calls followed at their exit (`sys_exit_*`), where the return value and
+/// the arguments (from the saved registers) are both at hand.
 pub const SYSCALLS: [&str; 12] = [
     "read", "readv", "write", "writev", "sendto", "recvfrom", "sendmsg", "recvmsg", "accept", "accept4",
     "connect", "close",
 ];
+
+/// The calls also followed at their entry (`sys_enter_*`): a client's request starts when
+/// its first write is entered.
+pub const WRITE_SYSCALLS: [&str; 4] = ["write", "writev", "sendto", "sendmsg"];
 
 /// The kernel structs whose member offsets the network programs need.
 pub const BTF_STRUCTS: &[&str] = &["tcp_sock"];
@@ -37,8 +42,6 @@ pub const BTF_STRUCTS: &[&str] = &["tcp_sock"];
 /// 0 (RTT and bytes are then not read).
 pub fn offsets(btf: Option<&Btf>) -> NetOffsets {
     let mut o = NetOffsets {
-        sys_args: 16,
-        sys_ret: 16,
         sk_skaddr: 8,
         sk_oldstate: 16,
         sk_newstate: 20,
@@ -55,8 +58,6 @@ pub fn offsets(btf: Option<&Btf>) -> NetOffsets {
             *slot = off;
         }
     };
-    field("syscalls", "sys_enter_read", "fd", &mut o.sys_args);
-    field("syscalls", "sys_exit_read", "ret", &mut o.sys_ret);
     let sk = [
         ("skaddr", &mut o.sk_skaddr),
         ("oldstate", &mut o.sk_oldstate),
@@ -114,10 +115,11 @@ impl NetTracer {
             }
             Ok(())
         };
-        let sys =
-            |dir: &str| SYSCALLS.iter().map(|s| ("syscalls", format!("sys_{dir}_{s}"))).collect::<Vec<_>>();
-        attach(PROG_NET_SYS_ENTER, &sys("enter"))?;
-        attach(PROG_NET_SYS_EXIT, &sys("exit"))?;
+        let sys = |dir: &str, calls: &[&str]| {
+            calls.iter().map(|s| ("syscalls", format!("sys_{dir}_{s}"))).collect::<Vec<_>>()
+        };
+        attach(PROG_NET_SYS_ENTER, &sys("enter", &WRITE_SYSCALLS))?;
+        attach(PROG_NET_SYS_EXIT, &sys("exit", &SYSCALLS))?;
         attach(PROG_NET_SOCK_STATE, &[("sock", "inet_sock_set_state".into())])?;
         attach(PROG_NET_RETRANSMIT, &[("tcp", "tcp_retransmit_skb".into())])?;
         let map = ebpf

@@ -55,7 +55,6 @@ pub struct ConnectRow {
 pub struct Drops {
     pub events_lost: u64,
     pub connections_untracked: u64,
-    pub calls_untracked: u64,
     pub connects_untracked: u64,
 }
 
@@ -207,8 +206,8 @@ impl NetReport {
         let d = &self.drops;
         let _ = writeln!(
             s,
-            "  network: {accepted} connections accepted; lost {} events (ring buffer full), untracked {} connections, {} calls, {} connects (maps full)",
-            d.events_lost, d.connections_untracked, d.calls_untracked, d.connects_untracked
+            "  network: {accepted} connections accepted; lost {} events (ring buffer full), untracked {} connections, {} connects (maps full)",
+            d.events_lost, d.connections_untracked, d.connects_untracked
         );
         s
     }

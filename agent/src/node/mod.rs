@@ -401,10 +401,7 @@ impl Interval {
             export_failures: failures,
             dropped_batches: dropped,
             processes: processes as u64,
-            net_lost: stats.net_events_lost
-                + stats.net_conns_full
-                + stats.net_calls_full
-                + stats.net_socks_full,
+            net_lost: stats.net_events_lost + stats.net_conns_full + stats.net_socks_full,
             spans_dropped: self.spans_dropped,
         }
     }

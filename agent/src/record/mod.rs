@@ -262,7 +262,6 @@ fn net_drops(stats: &Stats) -> crate::net::report::Drops {
     crate::net::report::Drops {
         events_lost: stats.net_events_lost,
         connections_untracked: stats.net_conns_full,
-        calls_untracked: stats.net_calls_full,
         connects_untracked: stats.net_socks_full,
     }
 }

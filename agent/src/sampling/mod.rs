@@ -51,9 +51,8 @@ pub struct Stats {
     pub execs_missed: u64,
     /// Network events lost because the ring buffer was full.
     pub net_events_lost: u64,
-    /// Sockets, system calls and TCP connects not tracked because their map was full.
+    /// Sockets and TCP connects not tracked because their map was full.
     pub net_conns_full: u64,
-    pub net_calls_full: u64,
     pub net_socks_full: u64,
 }
 
@@ -208,6 +207,7 @@ impl Sampler {
                 std::net::IpAddr::V6(ip) => (libc::AF_INET6 as u16, ip.octets()),
             };
             let conn = NetConn {
+                write_enter_ns: 0,
                 start_ns: 0,
                 resp_first_ns: 0,
                 resp_last_ns: 0,
@@ -384,7 +384,6 @@ impl Sampler {
             execs_missed: sum(stat::EXECS_FULL),
             net_events_lost: sum(stat::NET_EVENTS_LOST),
             net_conns_full: sum(stat::NET_CONNS_FULL),
-            net_calls_full: sum(stat::NET_CALLS_FULL),
             net_socks_full: sum(stat::NET_SOCKS_FULL),
         })
     }
