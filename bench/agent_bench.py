@@ -60,7 +60,7 @@ def main():
         f"Machine: {platform.node()}, Linux {platform.release()}, {os.cpu_count()} CPUs. "
         f"Date: {time.strftime('%Y-%m-%d')}. Command: `python3 bench/agent_bench.py --minutes {minutes:g}`.",
         "",
-        f"{PROCESSES} busy CPython 3.12 processes, `stoker agent` with its defaults (19 Hz, 15 s interval), "
+        f"{PROCESSES} busy CPython 3.12 processes, `stoker agent` with its defaults (19 Hz, 15 s interval, network timing on), "
         f"{wall:.0f} s; exit status {status}.",
         "",
         "| agent CPU (% of one core) | peak RSS (MB) | samples | processes tracked |",

@@ -29,6 +29,10 @@ pub struct AgentArgs {
     /// Configuration file (YAML); defaults apply without one.
     #[arg(short, long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Override a configuration key: `--set network.enabled=false`, `--set
+    /// select.namespaces=[shop,cart]` (repeatable; after the file, before OTEL_* variables).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
     /// Validate the configuration and exit.
     #[arg(long)]
     pub check_config: bool,

@@ -28,14 +28,7 @@ fn main() -> ExitCode {
 
 fn agent_cmd(args: AgentArgs) -> ExitCode {
     let env = |k: &str| std::env::var(k).ok();
-    let config = match &args.config {
-        Some(path) => AgentConfig::load(path, env),
-        None => {
-            let mut c = AgentConfig::default();
-            c.apply_env(env).and_then(|()| c.validate()).map(|()| c)
-        }
-    };
-    let config = match config {
+    let config = match AgentConfig::load(args.config.as_deref(), &args.set, env) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("stoker: error: {}", one_line(&e));

@@ -206,14 +206,53 @@ impl Default for Kubernetes {
 
 impl AgentConfig {
     /// Reads, overrides from the environment and validates a configuration file.
-    pub fn load(path: &Path, env: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: shown.clone(), source })?;
-        let mut config = Self::parse(&text).map_err(|message| ConfigError::Parse { path: shown, message })?;
+    /// `path` (none: the defaults), then `overrides` (`key.path=value`, as from `--set`),
+    /// then the environment.
+    pub fn load(
+        path: Option<&Path>,
+        overrides: &[String],
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let shown = path.map_or_else(|| "configuration".to_string(), |p| p.display().to_string());
+        let text = match path {
+            Some(path) => std::fs::read_to_string(path)
+                .map_err(|source| ConfigError::Read { path: shown.clone(), source })?,
+            None => String::new(),
+        };
+        let mut config = Self::parse_with(&text, overrides)
+            .map_err(|message| ConfigError::Parse { path: shown, message })?;
         config.apply_env(env)?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// Parses YAML text with `key.path=value` overrides applied (values are YAML too:
+    /// `network.enabled=false`, `select.namespaces=[shop, cart]`).
+    pub fn parse_with(text: &str, overrides: &[String]) -> Result<Self, String> {
+        if overrides.is_empty() {
+            return Self::parse(text);
+        }
+        let mut doc: serde_norway::Value = match text.trim() {
+            "" => serde_norway::Value::Mapping(Default::default()),
+            t => serde_norway::from_str(t).map_err(|e| e.to_string())?,
+        };
+        for o in overrides {
+            let (path, value) =
+                o.split_once('=').ok_or_else(|| format!("--set `{o}`: expected key.path=value"))?;
+            let value: serde_norway::Value =
+                serde_norway::from_str(value).map_err(|e| format!("--set `{o}`: {e}"))?;
+            let mut node = &mut doc;
+            for key in path.split('.') {
+                let map = node
+                    .as_mapping_mut()
+                    .ok_or_else(|| format!("--set `{o}`: `{key}` is not in a section"))?;
+                node = map.entry(key.into()).or_insert(serde_norway::Value::Mapping(Default::default()));
+            }
+            *node = value;
+            // Checked one at a time, so that an error names the override that caused it.
+            serde_norway::from_value::<Self>(doc.clone()).map_err(|e| format!("--set `{o}`: {e}"))?;
+        }
+        serde_norway::from_value(doc).map_err(|e| e.to_string())
     }
 
     /// Parses YAML text; an empty document is the default configuration.
@@ -370,6 +409,26 @@ network:
         let mut bad = AgentConfig::parse("network:\n  spans:\n    sample_ratio: 2\n").unwrap();
         bad.apply_env(|_| None).unwrap();
         assert!(bad.validate().unwrap_err().to_string().contains("network.spans.sample_ratio"));
+    }
+
+    #[test]
+    fn overrides_from_the_command_line() {
+        let set = |o: &[&str]| {
+            let o: Vec<String> = o.iter().map(|s| s.to_string()).collect();
+            AgentConfig::parse_with("sample_rate_hz: 49\nselect:\n  process_names: [gunicorn]\n", &o)
+        };
+        let c =
+            set(&["network.enabled=false", "select.namespaces=[shop, cart]", "export_interval=30s"]).unwrap();
+        assert_eq!(c.sample_rate_hz, 49);
+        assert!(!c.network.enabled);
+        assert_eq!(c.select.namespaces, ["shop", "cart"]);
+        assert_eq!(c.select.process_names, ["gunicorn"]);
+        assert_eq!(c.export_interval, Duration::from_secs(30));
+        assert_eq!(set(&["sample_rate_hz=7"]).unwrap().sample_rate_hz, 7);
+        assert!(set(&["network.enable=false"]).unwrap_err().contains("--set `network.enable=false`"));
+        assert!(set(&["network.enabled=nope"]).unwrap_err().contains("network.enabled"));
+        assert!(set(&["sample_rate_hz"]).unwrap_err().contains("key.path=value"));
+        assert!(set(&["sample_rate_hz.x=1"]).unwrap_err().contains("not in a section"));
     }
 
     #[test]
