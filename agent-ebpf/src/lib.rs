@@ -268,6 +268,25 @@ pub struct NetOffsets {
 }
 const _: () = assert!(core::mem::size_of::<NetOffsets>() == 48);
 
+impl NetOffsets {
+    /// The record layout of current kernels, kept where a format file cannot be read;
+    /// no `tcp_sock` members (RTT and bytes are not read without BTF).
+    pub const CURRENT_KERNELS: Self = Self {
+        sk_skaddr: 8,
+        sk_oldstate: 16,
+        sk_newstate: 20,
+        sk_dport: 26,
+        sk_family: 28,
+        sk_protocol: 30,
+        sk_daddr: 36,
+        sk_daddr_v6: 56,
+        rt_skaddr: 16,
+        tcp_srtt_us: 0,
+        tcp_bytes_received: 0,
+        tcp_bytes_acked: 0,
+    };
+}
+
 /// `NetConn::role` / `NetEvent::role`: the process accepted the connection (it serves).
 pub const NET_ROLE_SERVER: u32 = 1;
 /// The process connected (it is the client).

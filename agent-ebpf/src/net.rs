@@ -9,20 +9,7 @@ use crate::maps::{NET_EVENTS, NET_PEEK, bump};
 
 /// Offsets set by the loader (see `NetOffsets`).
 #[unsafe(no_mangle)]
-pub static NET_OFFSETS: NetOffsets = NetOffsets {
-    sk_skaddr: 8,
-    sk_oldstate: 16,
-    sk_newstate: 20,
-    sk_dport: 26,
-    sk_family: 28,
-    sk_protocol: 30,
-    sk_daddr: 36,
-    sk_daddr_v6: 56,
-    rt_skaddr: 16,
-    tcp_srtt_us: 0,
-    tcp_bytes_received: 0,
-    tcp_bytes_acked: 0,
-};
+pub static NET_OFFSETS: NetOffsets = NetOffsets::CURRENT_KERNELS;
 
 /// Reads one offset of `NET_OFFSETS` (volatile: the loader rewrites the constant).
 macro_rules! offset {

@@ -37,7 +37,8 @@ impl Adopter {
     /// Adopts the connections of the processes in `live` not seen before; forgets those
     /// that are gone (a reused PID is a new process).
     pub fn adopt_new(&mut self, sampler: &mut crate::sampling::Sampler, live: &[u32]) {
-        self.done.retain(|pid| live.contains(pid));
+        let alive: HashSet<u32> = live.iter().copied().collect();
+        self.done.retain(|pid| alive.contains(pid));
         for &pid in live {
             if self.done.insert(pid) {
                 match sampler.adopt_connections(pid, &established(pid)) {

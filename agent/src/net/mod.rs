@@ -41,18 +41,7 @@ pub const BTF_STRUCTS: &[&str] = &["tcp_sock"];
 /// from BTF. Unknown record fields keep the layout of current kernels; unknown members are
 /// 0 (RTT and bytes are then not read).
 pub fn offsets(btf: Option<&Btf>) -> NetOffsets {
-    let mut o = NetOffsets {
-        sk_skaddr: 8,
-        sk_oldstate: 16,
-        sk_newstate: 20,
-        sk_dport: 26,
-        sk_family: 28,
-        sk_protocol: 30,
-        sk_daddr: 36,
-        sk_daddr_v6: 56,
-        rt_skaddr: 16,
-        ..Default::default()
-    };
+    let mut o = NetOffsets::CURRENT_KERNELS;
     let field = |cat: &str, event: &str, name: &str, slot: &mut u32| {
         if let Ok(off) = tracefs::field_offset(cat, event, name) {
             *slot = off;

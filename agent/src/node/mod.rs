@@ -136,15 +136,15 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
         std::thread::sleep(TICK);
         let stopping = stop.load(Ordering::Relaxed);
         tracker.update(&mut sampler, &mut collector)?;
-        agent.observe(&tracker.live_targets(), &tracker);
+        let live = tracker.live_targets();
+        agent.observe(&live, &tracker);
         if let Some((tracer, aggregator)) = net.as_mut() {
-            adopter.adopt_new(&mut sampler, &tracker.live_targets());
+            adopter.adopt_new(&mut sampler, &live);
             tracer.drain(aggregator);
         }
         if stopping || last_export.elapsed() >= config.export_interval {
             let elapsed = last_export.elapsed();
             last_export = Instant::now();
-            let live = tracker.live_targets();
             collector.collect(&sampler, &live, true)?;
             agent.update(&collector, &tracker, &live, elapsed);
             let mut spans = Vec::new();
