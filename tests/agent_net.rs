@@ -17,12 +17,6 @@ fn net_fixture(name: &str) -> String {
     format!("{}/../tests/fixtures/net/{name}", env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The JSON lines of an ndjson file written so far (a line being written is skipped).
-fn ndjson(path: &std::path::Path) -> Vec<Value> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
-}
-
 /// The last data point of `metric` under the resource of process `pid` matching `pred`.
 fn last_point<'a>(
     metrics: &'a [Value],
@@ -53,15 +47,7 @@ fn agent_exports_request_metrics_and_spans() {
     require_root();
     let dir = scratch("agent-net");
     let (otlp, http) = (free_port(), free_port());
-    let mut receiver = Command::new("python3")
-        .args([
-            &format!("{}/../tests/fixtures/otlp_receiver.py", env!("CARGO_MANIFEST_DIR")),
-            "http",
-            &otlp.to_string(),
-            dir.to_str().unwrap(),
-        ])
-        .spawn()
-        .unwrap();
+    let mut receiver = otlp_receiver("http", otlp, &dir);
     let mut server = Command::new(python("3.12.1"))
         .arg(net_fixture("http_server.py"))
         .stdout(Stdio::piped())

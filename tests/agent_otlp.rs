@@ -3,37 +3,12 @@
 mod common;
 
 use std::{
-    net::TcpStream,
     process::{Child, Command},
     thread,
     time::{Duration, Instant},
 };
 
 use common::{agent::*, *};
-
-/// The OTLP receiver on the official opentelemetry-proto package
-/// (tests/fixtures/otlp_receiver.py), serving `mode` (`grpc` or `http`) on `port` and
-/// writing what it decodes to `dir`/{metrics,profiles}.ndjson; returns once it listens.
-fn otlp_receiver(mode: &str, port: u16, dir: &std::path::Path) -> Child {
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/otlp_receiver.py");
-    let mut child = Command::new("python3")
-        .arg(script)
-        .args([mode, &port.to_string(), dir.to_str().unwrap()])
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!(
-                "the OTLP receiver exited ({status}): it needs grpcio and opentelemetry-proto \
-                 (cargo xtask setup installs them)"
-            );
-        }
-        assert!(Instant::now() < deadline, "the OTLP receiver did not listen on {port} within 20 s");
-        thread::sleep(Duration::from_millis(100));
-    }
-    child
-}
 
 /// The agent with only the given OTEL_EXPORTER_OTLP_* variables set.
 fn agent_with_env(config: &std::path::Path, vars: &[(&str, String)]) -> Child {
@@ -45,12 +20,6 @@ fn agent_with_env(config: &std::path::Path, vars: &[(&str, String)]) -> Child {
         }
     }
     command.envs(vars.iter().map(|(k, v)| (k, v))).spawn().unwrap()
-}
-
-/// The JSON lines of an ndjson file written so far (a line being written is skipped).
-fn ndjson(path: &std::path::Path) -> Vec<serde_json::Value> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
 }
 
 /// Metrics reach a gRPC receiver that is not stoker's code (grpcio and the official

@@ -1,5 +1,5 @@
 //! Helpers for the agent's end-to-end tests: free ports, the agent process, the
-//! Prometheus endpoint, a busy CPython workload and the oteltap receiver.
+//! Prometheus endpoint, a busy CPython workload, the oteltap and opentelemetry-proto receivers.
 use std::{
     io::{Read, Write},
     net::TcpStream,
@@ -109,4 +109,34 @@ pub fn kill(children: &mut [&mut Child]) {
     for child in children.iter_mut() {
         child.wait().ok();
     }
+}
+
+/// The OTLP receiver on the official opentelemetry-proto package
+/// (tests/fixtures/otlp_receiver.py), serving `mode` (`grpc` or `http`) on `port` and
+/// writing what it decodes to `dir`/{metrics,traces,profiles}.ndjson; returns once it listens.
+pub fn otlp_receiver(mode: &str, port: u16, dir: &std::path::Path) -> Child {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/otlp_receiver.py");
+    let mut child = Command::new("python3")
+        .arg(script)
+        .args([mode, &port.to_string(), dir.to_str().unwrap()])
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!(
+                "the OTLP receiver exited ({status}): it needs grpcio and opentelemetry-proto \
+                 (cargo xtask setup installs them)"
+            );
+        }
+        assert!(Instant::now() < deadline, "the OTLP receiver did not listen on {port} within 20 s");
+        thread::sleep(Duration::from_millis(100));
+    }
+    child
+}
+
+/// The JSON lines of an ndjson file written so far (a line being written is skipped).
+pub fn ndjson(path: &std::path::Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
 }
