@@ -6,11 +6,14 @@
 Needs target/release/stoker and wrk. Starts tests/fixtures/net/http_server.py (CPython
 3.12, ThreadingHTTPServer) and drives GET /sleep/0 with wrk (1 thread, 8 keep-alive
 connections) for S seconds per round, alternating rounds without and with stoker watching
-the server (`record --net --kernel-stats`, which also samples at 99 Hz). Reports the
-throughput of each, their ratio, and the network programs' kernel time per request from
-the kernel's BPF run-time statistics (all runs, target or not, over the requests served).
-A last round watches an idle process instead of the server: its program time is what
-filtering everyone else's calls (wrk's, the server's) costs, the rest is the server's own.
+the server (`record --net`, which also samples at 99 Hz). Reports the throughput of each
+and their ratio. Two more rounds run with the kernel's BPF run-time statistics on (they
+slow every program run a little, so the throughput rounds run without them): one watching
+the server gives the network programs' kernel time per request (all runs, target or not,
+over the requests served), one watching an idle process instead gives what filtering
+everyone else's calls (wrk's, the server's) costs. stoker also measures what the
+statistics add to each run on their own (an empty program timed the same way), which is
+reported and subtracted.
 """
 import os
 import platform
@@ -25,8 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 STOKER = ROOT / "target/release/stoker"
 SERVER = ROOT / "tests/fixtures/net/http_server.py"
 PYTHON = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions/3.12.1/bin/python3.12"
-# Attached once: 16 system call tracepoints, 2 TCP ones and a cpu-clock event per CPU.
-LINKS = 18 + os.cpu_count()
+# Attached once: 12 system call tracepoints, 2 TCP ones and a cpu-clock event per CPU.
+LINKS = 14 + os.cpu_count()
 
 
 def arg(name, default):
@@ -52,10 +55,10 @@ def links(pid):
     return n
 
 
-def watched_round(target_pid, port, seconds, tmp):
+def watched_round(target_pid, port, seconds, tmp, kernel_stats=False):
     stoker = subprocess.Popen(
-        [str(STOKER), "record", "--net", "--kernel-stats", "--pid", str(target_pid), "-f", "folded",
-         "-o", f"{tmp}/bench.folded"],
+        [str(STOKER), "record", "--net", *(["--kernel-stats"] if kernel_stats else []), "--pid", str(target_pid),
+         "-f", "folded", "-o", f"{tmp}/bench.folded"],
         stderr=subprocess.PIPE, text=True,
     )
     deadline = time.monotonic() + 30
@@ -68,8 +71,11 @@ def watched_round(target_pid, port, seconds, tmp):
     err = stoker.communicate(timeout=60)[1]
     m = re.search(r"network programs ran (\d+) times for (\d+) ns", err)
     runs, ns = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+    if kernel_stats and not m:
+        raise SystemExit(f"no kernel statistics in stoker's summary:\n{err}")
+    floor = re.search(r"statistics add (\d+) ns to every run", err)
     served = re.search(r"server GET /sleep/\{id\}\s+(\d+)", err)
-    return requests, rps, runs, ns, int(served.group(1)) if served else 0
+    return requests, rps, runs, ns, int(served.group(1)) if served else 0, int(floor.group(1)) if floor else 0
 
 
 def main():
@@ -82,32 +88,42 @@ def main():
     port = int(server.stdout.readline())
     rows = []
     try:
-        wrk(port, 2)  # warm-up
+        wrk(port, 5)  # warm-up
         with tempfile.TemporaryDirectory() as tmp:
             for r in range(rounds):
-                base = wrk(port, seconds)
-                watched = watched_round(server.pid, port, seconds, tmp)
+                # Which run goes first alternates, so a drift over the run favours neither.
+                if r % 2 == 0:
+                    base = wrk(port, seconds)
+                    watched = watched_round(server.pid, port, seconds, tmp)
+                else:
+                    watched = watched_round(server.pid, port, seconds, tmp)
+                    base = wrk(port, seconds)
                 rows.append((base, watched))
                 print(f"round {r + 1}: {base[1]:.0f} req/s alone, {watched[1]:.0f} req/s watched", flush=True)
+            cost = watched_round(server.pid, port, seconds, tmp, kernel_stats=True)
             idle = subprocess.Popen(["sleep", "3600"])
             try:
-                filtering = watched_round(idle.pid, port, seconds, tmp)
+                filtering = watched_round(idle.pid, port, seconds, tmp, kernel_stats=True)
             finally:
                 idle.kill()
     finally:
         server.kill()
     base_rps = sum(b[1] for b, _ in rows) / rounds
     watched_rps = sum(w[1] for _, w in rows) / rounds
-    total_req = sum(w[0] for _, w in rows)
-    total_ns = sum(w[3] for _, w in rows)
-    total_runs = sum(w[2] for _, w in rows)
+    ratios = sorted(w[1] / b[1] for b, w in rows)
+    median = ratios[len(ratios) // 2] if rounds % 2 else (ratios[rounds // 2 - 1] + ratios[rounds // 2]) / 2
+    per_req = lambda r: r[3] / max(r[0], 1)  # noqa: E731
+    runs_per_req = lambda r: r[2] / max(r[0], 1)  # noqa: E731
+    floor = cost[5]
+    net_cost = per_req(cost) - floor * runs_per_req(cost)
+    net_filter = per_req(filtering) - floor * runs_per_req(filtering)
     lines = [
         "# Network tracing cost (`stoker record --net`)",
         "",
         f"`python3 bench/net_bench.py --rounds {rounds} --seconds {seconds}` on {platform.node()}, "
         f"Linux {platform.release()}, {os.cpu_count()} CPUs: CPython 3.12 ThreadingHTTPServer, "
-        "`wrk -t1 -c8` on GET /sleep/0 (keep-alive), rounds alternated without and with stoker "
-        "(`record --net --kernel-stats`, also sampling at 99 Hz).",
+        "`wrk -t1 -c8` on GET /sleep/0 (keep-alive), runs alternated without and with stoker "
+        "(`record --net`, also sampling at 99 Hz), the first of each round's pair alternating too.",
         "",
         "| round | alone req/s | watched req/s | ratio | requests seen by stoker / wrk's |",
         "| --- | --- | --- | --- | --- |",
@@ -116,23 +132,28 @@ def main():
         lines.append(f"| {i + 1} | {b[1]:.0f} | {w[1]:.0f} | {w[1] / b[1]:.3f} | {w[4]} / {w[0]} |")
     lines += [
         "",
-        f"Mean throughput ratio watched/alone: **{watched_rps / base_rps:.3f}**.",
+        f"Throughput watched/alone: mean of the rounds' means **{watched_rps / base_rps:.3f}**, "
+        f"median of the paired ratios {median:.3f}.",
         "",
         "Requests seen: stoker's count of GET /sleep/{id} against wrk's; stoker also counts the "
         "requests (at most one per connection) answered after wrk stopped counting.",
         "",
-        f"Network programs in the kernel (BPF run-time statistics): {total_runs} runs, "
-        f"{total_runs / max(total_req, 1):.1f} runs and {total_ns / max(total_runs, 1):.0f} ns per run, "
-        f"**{total_ns / max(total_req, 1):.0f} ns per request** "
-        "(every run on the host during the rounds, divided by the requests wrk completed; the "
-        "run-time statistics themselves add a clock read on each side of every run).",
+        "Kernel cost, from the kernel's BPF run-time statistics (`record --net --kernel-stats`, "
+        "separate rounds: the statistics slow every run):",
         "",
-        f"Filtering alone: a round with stoker watching an idle process instead of the server "
-        f"({filtering[1]:.0f} req/s) ran the programs {filtering[2] / max(filtering[0], 1):.1f} times and "
-        f"**{filtering[3] / max(filtering[0], 1):.0f} ns per request**, every run a call of a process "
-        "that is not a target (wrk's and the server's) dismissed by the target check; watching the "
-        f"server adds **{total_ns / max(total_req, 1) - filtering[3] / max(filtering[0], 1):.0f} ns per "
-        "request**.",
+        "| round | req/s | program runs per request | BPF time per request | of which the statistics' own | program time per request |",
+        "| --- | --- | --- | --- | --- | --- |",
+        f"| watching the server | {cost[1]:.0f} | {runs_per_req(cost):.2f} | {per_req(cost):.0f} ns | "
+        f"{floor * runs_per_req(cost):.0f} ns | **{net_cost:.0f} ns** |",
+        f"| watching an idle process | {filtering[1]:.0f} | {runs_per_req(filtering):.2f} | {per_req(filtering):.0f} ns | "
+        f"{floor * runs_per_req(filtering):.0f} ns | {net_filter:.0f} ns |",
+        "",
+        "Every run on the host counts, a target's or not, divided by the requests wrk completed. "
+        f"The statistics read a clock on each side of every run: stoker times an empty program "
+        f"the same way ({floor} ns per run) and that much per run is subtracted. Watching an idle "
+        "process, every run is a call of a process that is not a target (wrk's and the server's) "
+        "dismissed by the target check: that is what filtering costs everyone else; watching the "
+        f"server adds {net_cost - net_filter:.0f} ns per request.",
         "",
     ]
     out.write_text("\n".join(lines))

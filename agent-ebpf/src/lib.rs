@@ -4,6 +4,10 @@
 
 /// Map of target processes: tgid -> `TARGET_*` flag bits.
 pub const MAP_TARGETS: &str = "TARGETS";
+/// The same set as one bit per tgid (word `tgid / 64`, bit `tgid % 64`): the programs that
+/// run on every call of every process test it first, at the cost of an array index instead
+/// of a hash lookup. Memory-mappable, so userspace flips bits atomically.
+pub const MAP_TARGET_BITS: &str = "TARGET_BITS";
 /// Stack-trace map holding user and kernel stacks by id.
 pub const MAP_STACKS: &str = "STACKS";
 /// Sample counts aggregated in the kernel: `SampleKey` -> per-CPU count.
@@ -26,6 +30,8 @@ pub const PROG_SCHED_EXEC: &str = "sched_exec";
 pub const GLOBAL_FSBASE_OFFSET: &str = "FSBASE_OFFSET";
 /// Global set by the loader: 1 to time each target sample (`stat::TARGET_NS`).
 pub const GLOBAL_MEASURE_COST: &str = "MEASURE_COST";
+/// An empty program, run to measure what the run-time statistics add to each run.
+pub const PROG_STATS_FLOOR: &str = "stats_floor";
 /// The child-following tracepoint program (`task:task_newtask`).
 pub const PROG_TASK_NEWTASK: &str = "task_newtask";
 /// Globals set by the loader: field offsets of the `task_newtask` record (format file).
@@ -34,10 +40,10 @@ pub const GLOBAL_NEWTASK_FLAGS_OFFSET: &str = "NEWTASK_FLAGS_OFFSET";
 
 /// Network: per-connection request state, (tgid << 32 | fd) -> `NetConn`.
 pub const MAP_NET_CONNS: &str = "NET_CONNS";
-/// Network: completed requests, connects and closes, as `NetEvent`s.
+/// Network: completed requests, connects and closes, as `NetEvent`s in one ring per CPU
+/// (see `NET_RING_SLOTS`).
 pub const MAP_NET_EVENTS: &str = "NET_EVENTS";
-/// The network programs: one per syscall direction, one per TCP tracepoint.
-pub const PROG_NET_SYS_ENTER: &str = "net_sys_enter";
+/// The network programs: one for the socket system calls' exits, one per TCP tracepoint.
 pub const PROG_NET_SYS_EXIT: &str = "net_sys_exit";
 pub const PROG_NET_SOCK_STATE: &str = "net_sock_state";
 pub const PROG_NET_RETRANSMIT: &str = "net_retransmit";
@@ -55,6 +61,9 @@ pub const STACKS_CAPACITY: u32 = 16 * 1024;
 pub const COUNTS_CAPACITY: u32 = 64 * 1024;
 /// Capacity of the targets map (processes sampled at once).
 pub const TARGETS_CAPACITY: u32 = 8 * 1024;
+/// Words of `TARGET_BITS`: one bit for every possible tgid (`PID_MAX_LIMIT` on 64-bit
+/// kernels is 4 Mi), 512 KiB.
+pub const TARGET_BITS_WORDS: u32 = 4 * 1024 * 1024 / 64;
 /// Capacity of the exec notification set (execs between two userspace ticks).
 pub const EXECS_CAPACITY: u32 = 4 * 1024;
 /// Capacity of the Python stacks map (unique Python stacks).
@@ -235,8 +244,18 @@ pub const DROPPED_STACK: i32 = -2;
 pub const NET_CONNS_CAPACITY: u32 = 16 * 1024;
 /// Capacity of the connecting/established TCP sockets map (client connections).
 pub const NET_SOCKS_CAPACITY: u32 = 16 * 1024;
-/// Size of the network events ring buffer.
-pub const NET_EVENTS_BYTES: u32 = 1 << 20;
+/// Events each CPU's ring holds between two drains. `NET_EVENTS` is a memory-mappable array
+/// of `NetEvent`s sized at load to `NET_RING_SLOTS + 1` elements per possible CPU: the first
+/// element of a CPU's region is its header (`NET_RING_HEAD`, `NET_RING_TAIL`), the others its
+/// slots. Only programs on that CPU write it (they never nest on one CPU) and only userspace
+/// consumes it, so neither side takes a lock or shares a cache line with another CPU; a
+/// full ring drops the event and counts it.
+pub const NET_RING_SLOTS: u32 = 2048;
+const _: () = assert!(NET_RING_SLOTS.is_power_of_two(), "slots are indexed by masking");
+/// Header words of a CPU's ring: events written so far (kernel), events consumed (userspace).
+/// A cache line apart.
+pub const NET_RING_HEAD: usize = 0;
+pub const NET_RING_TAIL: usize = 8;
 /// Bytes of an HTTP request path kept (cut at `?`, never a query string).
 pub const NET_PATH_LEN: usize = 64;
 /// Bytes peeked at the start of a request or response to recognize HTTP/1.x.
@@ -311,9 +330,7 @@ pub struct NetConn {
     pub resp_last_ns: u64,
     pub resp_bytes: u64,
     pub req_bytes: u64,
-    /// Client: entry of the write under way that may start a request (0: none seen).
-    pub write_enter_ns: u64,
-    /// Request start: first byte read (server) or first write entered (client).
+    /// Request start: first byte read (server) or first write returned (client).
     pub start_ns: u64,
     pub resp_first_ns: u64,
     /// HTTP status of the response, 0 when not HTTP.
@@ -330,7 +347,10 @@ pub struct NetConn {
     pub opened_ns: u64,
     pub path: [u8; NET_PATH_LEN],
 }
-const _: () = assert!(core::mem::size_of::<NetConn>() == 56 + 16 + 4 + 20 + 64);
+const _: () = assert!(core::mem::size_of::<NetConn>() == 48 + 16 + 4 + 20 + 64);
+// The kernel copies these a word at a time.
+const _: () =
+    assert!(core::mem::offset_of!(NetConn, addr) % 8 == 0 && core::mem::offset_of!(NetConn, path) % 8 == 0);
 
 /// HTTP request methods recognized in the kernel (`NetConn::method`).
 pub mod http_method {
@@ -384,6 +404,9 @@ pub struct NetEvent {
     pub path: [u8; NET_PATH_LEN],
 }
 const _: () = assert!(core::mem::size_of::<NetEvent>() == 56 + 16 + 4 + 20 + 64);
+const _: () =
+    assert!(core::mem::offset_of!(NetEvent, addr) % 8 == 0 && core::mem::offset_of!(NetEvent, path) % 8 == 0);
+const _: () = assert!(NET_PATH_LEN.is_multiple_of(8));
 
 #[cfg(feature = "user")]
 mod pod {

@@ -1,6 +1,8 @@
 //! stoker's kernel programs. One module per hook under `programs/`; maps in `maps.rs`.
 //! On the host this compiles to an empty binary: kernel code is built only for `bpf*` targets.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
+// `atomic_or` on map memory (see `maps::mark_target`).
+#![cfg_attr(target_arch = "bpf", allow(internal_features), feature(core_intrinsics))]
 
 #[cfg(target_arch = "bpf")]
 mod maps;

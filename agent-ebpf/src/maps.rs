@@ -1,19 +1,48 @@
 //! Every map of stoker's kernel programs, declared once. Names match the `MAP_*`
 //! constants of the shared library so userspace finds them.
 use agent_ebpf::{
-    COUNTS_CAPACITY, EXECS_CAPACITY, NET_CONNS_CAPACITY, NET_EVENTS_BYTES, NET_PEEK_BUF, NET_SOCKS_CAPACITY,
-    NetConn, PY_FRAME_CHUNK, PY_STACKS_CAPACITY, PY_THREADS_CAPACITY, PyProc, PyStack, STACKS_CAPACITY,
-    SampleKey, TARGETS_CAPACITY, stat,
+    COUNTS_CAPACITY, EXECS_CAPACITY, NET_CONNS_CAPACITY, NET_PEEK_BUF, NET_RING_SLOTS, NET_SOCKS_CAPACITY,
+    NetConn, NetEvent, PY_FRAME_CHUNK, PY_STACKS_CAPACITY, PY_THREADS_CAPACITY, PyProc, PyStack,
+    STACKS_CAPACITY, SampleKey, TARGET_BITS_WORDS, TARGETS_CAPACITY, stat,
 };
 use aya_ebpf::{
+    bindings::BPF_F_MMAPABLE,
     macros::map,
-    maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf, StackTrace},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, StackTrace},
 };
 
 use crate::net::NetSock;
 
 #[map]
 pub static TARGETS: HashMap<u32, u32> = HashMap::with_max_entries(TARGETS_CAPACITY, 0);
+
+/// `TARGETS` as a bitmap (see `MAP_TARGET_BITS`).
+#[map]
+pub static TARGET_BITS: Array<u64> = Array::with_max_entries(TARGET_BITS_WORDS, BPF_F_MMAPABLE);
+
+/// True when `tgid` is a target: the first test of every program.
+#[inline(always)]
+pub fn is_target(tgid: u32) -> bool {
+    match TARGET_BITS.get_ptr(tgid >> 6) {
+        Some(word) => (unsafe { *word } >> (tgid & 63)) & 1 != 0,
+        None => false,
+    }
+}
+
+/// Marks `tgid` as a target in the bitmap (its `TARGETS` entry is written first).
+#[inline(always)]
+pub fn mark_target(tgid: u32) {
+    if let Some(word) = TARGET_BITS.get_ptr_mut(tgid >> 6) {
+        // Atomic (BPF_ATOMIC | BPF_OR): userspace and other CPUs set and clear bits of the
+        // same word. The BPF target has no `AtomicU64::fetch_or`, the intrinsic it would use.
+        unsafe {
+            core::intrinsics::atomic_or::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+                word,
+                1 << (tgid & 63),
+            )
+        };
+    }
+}
 
 #[map]
 pub static EXECS: HashMap<u32, u32> = HashMap::with_max_entries(EXECS_CAPACITY, 0);
@@ -50,8 +79,9 @@ pub static NET_CONNS: HashMap<u64, NetConn> = HashMap::with_max_entries(NET_CONN
 #[map]
 pub static NET_SOCKS: HashMap<u64, NetSock> = HashMap::with_max_entries(NET_SOCKS_CAPACITY, 0);
 
+/// Per-CPU event rings (see `NET_RING_SLOTS`); resized at load to the possible CPUs.
 #[map]
-pub static NET_EVENTS: RingBuf = RingBuf::with_byte_size(NET_EVENTS_BYTES, 0);
+pub static NET_EVENTS: Array<NetEvent> = Array::with_max_entries(NET_RING_SLOTS + 1, BPF_F_MMAPABLE);
 
 /// One connection state per CPU being built before insertion: too large for the BPF stack.
 #[map]

@@ -1,9 +1,10 @@
 //! Shared pieces of the network programs: their offsets, TCP socket state,
 //! the HTTP/1.x recognizer that keeps only method, path (up to `?`) and status.
 use agent_ebpf::{
-    NET_PATH_LEN, NET_PEEK_BUF, NET_PEEK_LEN, NetConn, NetEvent, NetOffsets, http_method, stat,
+    NET_PATH_LEN, NET_PEEK_BUF, NET_PEEK_LEN, NET_RING_HEAD, NET_RING_SLOTS, NET_RING_TAIL, NetConn,
+    NetEvent, NetOffsets, http_method, stat,
 };
-use aya_ebpf::helpers::generated::{bpf_probe_read_kernel, bpf_probe_read_user};
+use aya_ebpf::helpers::generated::{bpf_get_smp_processor_id, bpf_probe_read_kernel, bpf_probe_read_user};
 
 use crate::maps::{NET_EVENTS, NET_PEEK, bump};
 
@@ -62,6 +63,26 @@ pub fn read_sockaddr(ptr: u64) -> Option<(u16, u16, [u8; 16])> {
         _ => return None,
     }
     Some((family, port, addr))
+}
+
+/// Copies `N` bytes (a multiple of 8, both sides 8-byte aligned) a word at a time: on this
+/// target a plain array copy or fill is a byte loop in a called subprogram. Volatile, so the
+/// compiler cannot turn the words back into such a call.
+#[inline(always)]
+pub fn copy_words<const N: usize>(dst: &mut [u8; N], src: &[u8; N]) {
+    let (d, s) = (dst.as_mut_ptr().cast::<u64>(), src.as_ptr().cast::<u64>());
+    for i in 0..N / 8 {
+        unsafe { core::ptr::write_volatile(d.add(i), core::ptr::read_volatile(s.add(i))) };
+    }
+}
+
+/// Zeroes `N` bytes (a multiple of 8, 8-byte aligned) a word at a time (see `copy_words`).
+#[inline(always)]
+pub fn zero_words<const N: usize>(dst: &mut [u8; N]) {
+    let d = dst.as_mut_ptr().cast::<u64>();
+    for i in 0..N / 8 {
+        unsafe { core::ptr::write_volatile(d.add(i), 0) };
+    }
 }
 
 /// Reads a kernel value at `base + off`, 0 when the offset is unknown or unreadable.
@@ -124,7 +145,7 @@ pub fn parse_request(conn: &mut NetConn, buf: u64, len: u64) {
     if skip >= n || p.get(skip).copied() != Some(b'/') {
         return;
     }
-    conn.path = [0; NET_PATH_LEN];
+    zero_words(&mut conn.path);
     let mut path_len = 0usize;
     for i in 0..NET_PATH_LEN {
         if skip + i >= n {
@@ -161,18 +182,37 @@ pub fn parse_status(buf: u64, len: u64) -> u32 {
     status
 }
 
-/// Submit flag: userspace drains the ring buffer on its own tick and never sleeps on it, so
-/// an event need not wake anyone (a wakeup is an interrupt-work item per event).
-const NO_WAKEUP: u64 = aya_ebpf::bindings::BPF_RB_NO_WAKEUP as u64;
+/// The next free slot of this CPU's event ring, and the header word to publish it with
+/// (`publish`); None when the ring is full (the event is counted as lost).
+#[inline(always)]
+fn reserve() -> Option<(*mut NetEvent, *mut u64, u64)> {
+    let base = unsafe { bpf_get_smp_processor_id() } * (NET_RING_SLOTS + 1);
+    let header = NET_EVENTS.get_ptr_mut(base)? as *mut u64;
+    let head = unsafe { core::ptr::read_volatile(header.add(NET_RING_HEAD)) };
+    let tail = unsafe { core::ptr::read_volatile(header.add(NET_RING_TAIL)) };
+    if head.wrapping_sub(tail) >= u64::from(NET_RING_SLOTS) {
+        return None;
+    }
+    let slot = NET_EVENTS.get_ptr_mut(base + 1 + (head as u32 & (NET_RING_SLOTS - 1)))?;
+    Some((slot, header, head))
+}
+
+/// Makes the slot `reserve` gave visible to userspace: the head moves past it only after
+/// the event's own stores (x86-64 keeps stores in order; the fence keeps the compiler from
+/// moving them).
+#[inline(always)]
+fn publish(header: *mut u64, head: u64) {
+    core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::Release);
+    unsafe { core::ptr::write_volatile(header.add(NET_RING_HEAD), head + 1) };
+}
 
 /// Sends the request completed on `conn` to userspace.
 #[inline(always)]
 pub fn emit_request(conn: &NetConn, tgid: u32) {
-    let Some(mut entry) = NET_EVENTS.reserve::<NetEvent>(0) else {
+    let Some((e, header, head)) = reserve() else {
         bump(stat::NET_EVENTS_LOST);
         return;
     };
-    let e = entry.as_mut_ptr();
     unsafe {
         (*e).kind = agent_ebpf::NET_EVENT_REQUEST;
         (*e).tgid = tgid;
@@ -183,7 +223,7 @@ pub fn emit_request(conn: &NetConn, tgid: u32) {
         (*e).resp_last_ns = conn.resp_last_ns;
         (*e).req_bytes = conn.req_bytes;
         (*e).resp_bytes = conn.resp_bytes;
-        (*e).addr = conn.addr;
+        copy_words(&mut (*e).addr, &conn.addr);
         (*e).port = conn.port;
         (*e).family = conn.family;
         (*e).method = conn.method;
@@ -191,9 +231,9 @@ pub fn emit_request(conn: &NetConn, tgid: u32) {
         (*e).retransmits = 0;
         (*e).srtt_us = 0;
         (*e)._pad = 0;
-        (*e).path = conn.path;
+        copy_words(&mut (*e).path, &conn.path);
     }
-    entry.submit(NO_WAKEUP);
+    publish(header, head);
 }
 
 /// Sends a connection-level event (`NET_EVENT_CONNECT`, `_CLOSE`, `_ACCEPT`) to userspace.
@@ -209,11 +249,10 @@ pub fn emit_conn(
     peer: (u16, u16, [u8; 16]),
     tcp: (u32, u32),
 ) {
-    let Some(mut entry) = NET_EVENTS.reserve::<NetEvent>(0) else {
+    let Some((e, header, head)) = reserve() else {
         bump(stat::NET_EVENTS_LOST);
         return;
     };
-    let e = entry.as_mut_ptr();
     unsafe {
         (*e).kind = kind;
         (*e).tgid = tgid;
@@ -226,13 +265,13 @@ pub fn emit_conn(
         (*e).resp_bytes = bytes.1;
         (*e).family = peer.0;
         (*e).port = peer.1;
-        (*e).addr = peer.2;
+        copy_words(&mut (*e).addr, &peer.2);
         (*e).method = 0;
         (*e).path_len = 0;
         (*e).retransmits = tcp.0;
         (*e).srtt_us = tcp.1;
         (*e)._pad = 0;
-        (*e).path = [0; NET_PATH_LEN];
+        zero_words(&mut (*e).path);
     }
-    entry.submit(NO_WAKEUP);
+    publish(header, head);
 }

@@ -15,8 +15,8 @@ use aya_ebpf::{
 };
 
 use crate::{
-    maps::{NET_CONN_SCRATCH, NET_CONNS, TARGETS, bump},
-    net::{emit_conn, emit_request, parse_request, parse_status, read_sockaddr},
+    maps::{NET_CONN_SCRATCH, NET_CONNS, bump, is_target},
+    net::{copy_words, emit_conn, emit_request, parse_request, parse_status, read_sockaddr},
 };
 
 // x86-64 system call numbers.
@@ -42,27 +42,6 @@ fn conn_key(tgid: u32, fd: u32) -> u64 {
     (u64::from(tgid) << 32) | u64::from(fd)
 }
 
-/// Entry of a write-family call: remembers when a client starts writing a request, the only
-/// thing an exit cannot know. Everything else is read at the exit.
-#[tracepoint]
-pub fn net_sys_enter(_ctx: TracePointContext) -> u32 {
-    try_sys_enter().unwrap_or(0)
-}
-
-fn try_sys_enter() -> Result<u32, i64> {
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if TARGETS.get_ptr(tgid).is_none() {
-        return Ok(0);
-    }
-    let fd = entry_regs().rdi as u32;
-    let Some(c) = NET_CONNS.get_ptr_mut(conn_key(tgid, fd)) else { return Ok(0) };
-    let c = unsafe { &mut *c };
-    if c.role == NET_ROLE_CLIENT && c.phase != NET_PHASE_REQUEST {
-        c.write_enter_ns = unsafe { bpf_ktime_get_ns() };
-    }
-    Ok(0)
-}
-
 /// Base and length of the first element of a user iovec array.
 #[inline(always)]
 fn first_iovec(iov: u64) -> (u64, u64) {
@@ -82,7 +61,7 @@ pub fn net_sys_exit(_ctx: TracePointContext) -> u32 {
 
 fn try_sys_exit() -> Result<u32, i64> {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if TARGETS.get_ptr(tgid).is_none() {
+    if !is_target(tgid) {
         return Ok(0);
     }
     // The system call's number and arguments as it entered, its return value in `rax`.
@@ -185,8 +164,7 @@ fn open(tgid: u32, fd: u32, role: u32, sockaddr: u64, now: u64) {
     c.req_bytes = 0;
     c.resp_bytes = 0;
     c.opened_ns = now;
-    c.write_enter_ns = 0;
-    c.addr = addr;
+    copy_words(&mut c.addr, &addr);
     c.port = port;
     c.family = family;
     c.role = role;
@@ -224,9 +202,10 @@ fn data(c: &mut NetConn, tgid: u32, inbound: bool, buf: Buf, ret: i64) {
         }
         if c.phase != NET_PHASE_REQUEST {
             c.phase = NET_PHASE_REQUEST;
-            // The server's request starts when its first bytes arrive; the client's when it
-            // starts sending (the entry of this write, when it was seen).
-            c.start_ns = if inbound || c.write_enter_ns == 0 { now } else { c.write_enter_ns };
+            // The server's request starts when its first bytes arrive; the client's when its
+            // first write returns (timing the entry too would double the programs run per
+            // request for a few microseconds of the write itself).
+            c.start_ns = now;
             c.req_bytes = 0;
             c.resp_bytes = 0;
             c.resp_first_ns = 0;
@@ -235,7 +214,6 @@ fn data(c: &mut NetConn, tgid: u32, inbound: bool, buf: Buf, ret: i64) {
             let (base, len) = buf.first();
             parse_request(c, base, if len < ret { len } else { ret });
         }
-        c.write_enter_ns = 0;
         c.req_bytes += ret;
     } else {
         // Bytes before any request (a server greeting) are not a response.

@@ -11,7 +11,7 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 
 use crate::{
-    maps::{COUNTS, PY_PROCS, PY_STACKS, STACKS, TARGETS, add, bump},
+    maps::{COUNTS, PY_PROCS, PY_STACKS, STACKS, add, bump, is_target},
     python,
 };
 
@@ -40,7 +40,7 @@ fn try_perf_sample(ctx: &PerfEventContext) -> Result<bool, i32> {
     let tgid = (pid_tgid >> 32) as u32;
     let tid = pid_tgid as u32;
     // The filter comes first: non-target tasks (and the idle task) cost one lookup.
-    if tid == 0 || TARGETS.get_ptr(tgid).is_none() {
+    if tid == 0 || !is_target(tgid) {
         return Ok(false);
     }
     bump(stat::SAMPLES);

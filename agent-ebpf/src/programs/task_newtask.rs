@@ -3,7 +3,7 @@
 use agent_ebpf::{TARGET_FOLLOW, stat};
 use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::tracepoint, programs::TracePointContext};
 
-use crate::maps::{TARGETS, bump};
+use crate::maps::{TARGETS, bump, is_target, mark_target};
 
 /// Offsets of `pid` and `clone_flags` in the tracepoint record, from its format file.
 #[unsafe(no_mangle)]
@@ -20,6 +20,9 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
 
 fn try_task_newtask(ctx: &TracePointContext) -> Result<u32, i64> {
     let parent = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if !is_target(parent) {
+        return Ok(0);
+    }
     let Some(&flags) = (unsafe { TARGETS.get(&parent) }) else {
         return Ok(0);
     };
@@ -35,6 +38,8 @@ fn try_task_newtask(ctx: &TracePointContext) -> Result<u32, i64> {
     let child: i32 = unsafe { ctx.read_at(pid_offset)? };
     if TARGETS.insert(&(child as u32), &flags, 0).is_err() {
         bump(stat::TARGETS_FULL);
+        return Ok(0);
     }
+    mark_target(child as u32);
     Ok(0)
 }

@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    maps::{NET_SOCKS, TARGETS, bump},
+    maps::{NET_SOCKS, bump, is_target},
     net::{AF_INET, AF_INET6, NetSock, emit_conn, kernel_u64, offset},
 };
 
@@ -35,7 +35,7 @@ fn try_sock_state(ctx: &TracePointContext) -> Result<u32, i64> {
     if new == TCP_SYN_SENT {
         // Entering SYN_SENT runs in connect(), in the connecting process.
         let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-        if TARGETS.get_ptr(tgid).is_none() {
+        if !is_target(tgid) {
             return Ok(0);
         }
         let family = read_u16(offset!(sk_family))?;

@@ -2,7 +2,7 @@
 //! what stoker needs, loading the real programs rather than guessing from versions.
 use std::path::Path;
 
-use aya::{maps::MapType, programs::ProgramType};
+use aya::programs::ProgramType;
 
 use crate::{
     error::one_line,
@@ -50,7 +50,6 @@ pub fn run() -> Vec<Check> {
     checks.push(tracepoints());
     checks.push(pmu("uprobes", "uprobe", Level::Warn, "needed for Python thread discovery hooks"));
     checks.push(pmu("kprobes", "kprobe", Level::Ok, "not needed: stoker uses tracepoints and perf events"));
-    checks.push(ring_buffer());
     checks
 }
 
@@ -168,15 +167,5 @@ fn pmu(name: &'static str, pmu: &str, missing: Level, why: &str) -> Check {
         Check::new(name, Level::Ok, "available")
     } else {
         Check::new(name, missing, format!("not available ({why})"))
-    }
-}
-
-fn ring_buffer() -> Check {
-    match aya::sys::is_map_supported(MapType::RingBuf) {
-        Ok(true) => Check::new("ring buffer", Level::Ok, "BPF ring buffer maps supported"),
-        Ok(false) => {
-            Check::new("ring buffer", Level::Warn, "BPF ring buffer maps not supported (kernel < 5.8)")
-        }
-        Err(e) => Check::new("ring buffer", Level::Warn, one_line(&e)),
     }
 }

@@ -100,16 +100,6 @@ impl Aggregator {
         Self::default()
     }
 
-    /// Adds one raw event (a `NetEvent` as the ring buffer delivered it).
-    pub fn add_bytes(&mut self, bytes: &[u8]) {
-        if bytes.len() < std::mem::size_of::<NetEvent>() {
-            return;
-        }
-        // SAFETY: NetEvent is plain old data and the buffer is long enough.
-        let event = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<NetEvent>()) };
-        self.add(&event);
-    }
-
     pub fn add(&mut self, e: &NetEvent) {
         self.events += 1;
         let m = &mut self.current;

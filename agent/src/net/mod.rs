@@ -7,20 +7,18 @@ pub mod report;
 pub mod route;
 pub mod spans;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use agent_ebpf::{
-    MAP_NET_EVENTS, NetOffsets, PROG_NET_RETRANSMIT, PROG_NET_SOCK_STATE, PROG_NET_SYS_ENTER,
-    PROG_NET_SYS_EXIT,
+    MAP_NET_EVENTS, NET_RING_HEAD, NET_RING_SLOTS, NET_RING_TAIL, NetEvent, NetOffsets, PROG_NET_RETRANSMIT,
+    PROG_NET_SOCK_STATE, PROG_NET_SYS_EXIT,
 };
-use aya::{
-    Ebpf,
-    maps::{MapData, RingBuf},
-    programs::TracePoint,
-};
+use aya::{Ebpf, programs::TracePoint};
 
 pub use self::aggregate::{Aggregator, Direction, NetMetrics, RequestKey};
 use crate::{
     error::{Error, Result, one_line},
-    sys::{btf::Btf, tracefs},
+    sys::{btf::Btf, mmap::MappedArray, tracefs},
 };
 
 /// The socket system calls followed at their exit (`sys_exit_*`), where the return value and
@@ -29,10 +27,6 @@ pub const SYSCALLS: [&str; 12] = [
     "read", "readv", "write", "writev", "sendto", "recvfrom", "sendmsg", "recvmsg", "accept", "accept4",
     "connect", "close",
 ];
-
-/// The calls also followed at their entry (`sys_enter_*`): a client's request starts when
-/// its first write is entered.
-pub const WRITE_SYSCALLS: [&str; 4] = ["write", "writev", "sendto", "sendmsg"];
 
 /// The kernel structs whose member offsets the network programs need.
 pub const BTF_STRUCTS: &[&str] = &["tcp_sock"];
@@ -70,9 +64,16 @@ pub fn offsets(btf: Option<&Btf>) -> NetOffsets {
     o
 }
 
+/// Elements of the `NET_EVENTS` array for `cpus` CPU ids: a header and the slots per CPU.
+pub fn event_slots(cpus: u32) -> u32 {
+    cpus * (NET_RING_SLOTS + 1)
+}
+
 /// The attached network programs and their event stream.
 pub struct NetTracer {
-    events: RingBuf<MapData>,
+    /// `NET_EVENTS`, the per-CPU event rings, mapped here.
+    events: MappedArray,
+    cpus: u32,
     /// Attached program names, for run-time statistics.
     programs: Vec<&'static str>,
 }
@@ -107,27 +108,43 @@ impl NetTracer {
         let sys = |dir: &str, calls: &[&str]| {
             calls.iter().map(|s| ("syscalls", format!("sys_{dir}_{s}"))).collect::<Vec<_>>()
         };
-        attach(PROG_NET_SYS_ENTER, &sys("enter", &WRITE_SYSCALLS))?;
         attach(PROG_NET_SYS_EXIT, &sys("exit", &SYSCALLS))?;
         attach(PROG_NET_SOCK_STATE, &[("sock", "inet_sock_set_state".into())])?;
         attach(PROG_NET_RETRANSMIT, &[("tcp", "tcp_retransmit_skb".into())])?;
+        // The same count the loader sized the array with (`Sampler::load`).
+        let cpus = crate::sys::mmap::possible_cpu_ids()?;
         let map = ebpf
-            .take_map(MAP_NET_EVENTS)
+            .map(MAP_NET_EVENTS)
             .ok_or(Error::Ebpf { what: "kernel map missing", detail: MAP_NET_EVENTS.into() })?;
-        let events = RingBuf::try_from(map)
-            .map_err(|e| Error::Ebpf { what: "kernel map has the wrong type", detail: one_line(&e) })?;
-        Ok(Self {
-            events,
-            programs: vec![PROG_NET_SYS_ENTER, PROG_NET_SYS_EXIT, PROG_NET_SOCK_STATE, PROG_NET_RETRANSMIT],
-        })
+        let len = event_slots(cpus) as usize * std::mem::size_of::<NetEvent>();
+        let events = MappedArray::new(map, MAP_NET_EVENTS, len)?;
+        Ok(Self { events, cpus, programs: vec![PROG_NET_SYS_EXIT, PROG_NET_SOCK_STATE, PROG_NET_RETRANSMIT] })
     }
 
-    /// Moves every pending event into `agg`; returns how many.
+    /// Moves every pending event of every CPU's ring into `agg`; returns how many.
     pub fn drain(&mut self, agg: &mut Aggregator) -> usize {
         let mut n = 0;
-        while let Some(item) = self.events.next() {
-            agg.add_bytes(&item);
-            n += 1;
+        for cpu in 0..self.cpus {
+            // SAFETY: the region of `cpu` is inside the mapping (`event_slots`); its header
+            // words are 8-byte aligned (the mapping is page-aligned, events are 160 bytes) and
+            // only accessed atomically; slots below the head are not written by the kernel
+            // until the tail passes them.
+            unsafe {
+                let region =
+                    self.events.as_ptr().cast::<NetEvent>().add((cpu * (NET_RING_SLOTS + 1)) as usize);
+                let header = region.cast::<u64>();
+                let head = AtomicU64::from_ptr(header.add(NET_RING_HEAD)).load(Ordering::Acquire);
+                let tail_word = AtomicU64::from_ptr(header.add(NET_RING_TAIL));
+                let mut tail = tail_word.load(Ordering::Relaxed);
+                while tail != head {
+                    let slot = region.add(1 + (tail & u64::from(NET_RING_SLOTS - 1)) as usize);
+                    agg.add(&std::ptr::read_volatile(slot));
+                    tail = tail.wrapping_add(1);
+                    n += 1;
+                }
+                // Frees the slots read: the kernel reuses them only after this store.
+                tail_word.store(tail, Ordering::Release);
+            }
         }
         n
     }

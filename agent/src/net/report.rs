@@ -206,7 +206,7 @@ impl NetReport {
         let d = &self.drops;
         let _ = writeln!(
             s,
-            "  network: {accepted} connections accepted; lost {} events (ring buffer full), untracked {} connections, {} connects (maps full)",
+            "  network: {accepted} connections accepted; lost {} events (event rings full), untracked {} connections, {} connects (maps full)",
             d.events_lost, d.connections_untracked, d.connects_untracked
         );
         s

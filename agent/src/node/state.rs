@@ -38,7 +38,7 @@ pub struct Health {
     pub export_failures: u64,
     pub dropped_batches: u64,
     pub processes: u64,
-    /// Network events lost in the kernel (ring buffer or maps full).
+    /// Network events lost in the kernel (event rings or maps full).
     pub net_lost: u64,
     /// Request spans chosen but not sent (over the per-interval bound).
     pub spans_dropped: u64,

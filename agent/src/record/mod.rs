@@ -79,6 +79,8 @@ pub struct Summary {
     pub net: Option<(NetReport, PathBuf)>,
     /// Network programs' total kernel time and run count (with `net` and `kernel_stats`).
     pub net_kernel_cost: Option<(Duration, u64)>,
+    /// Nanoseconds the run-time statistics add to each run (with `kernel_stats`).
+    pub stats_floor: Option<f64>,
 }
 
 const TICK: Duration = Duration::from_millis(100);
@@ -195,6 +197,11 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
         (Some((tracer, _, _)), true) => tracer.kernel_cost(sampler.ebpf_mut()),
         _ => None,
     };
+    // Measured after the programs' own statistics were read, so it adds no runs to them.
+    let stats_floor = match opts.kernel_stats {
+        true => sampler.stats_floor().inspect_err(|e| tracing::warn!("{e}")).ok(),
+        false => None,
+    };
     let net = match net.as_mut() {
         Some((tracer, agg, _)) => {
             tracer.drain(agg);
@@ -248,6 +255,7 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
         kernel_cost,
         net,
         net_kernel_cost,
+        stats_floor,
     })
 }
 
@@ -331,6 +339,12 @@ impl Summary {
                     time.as_nanos() as f64 / runs.max(1) as f64
                 );
             }
+        }
+        if let Some(floor) = self.stats_floor {
+            let _ = writeln!(
+                s,
+                "  kernel: the run-time statistics add {floor:.0} ns to every run on their own (an empty program, timed the same way)"
+            );
         }
         if !self.top.is_empty() {
             let _ = writeln!(s, "  top functions (leaf, share of samples):");

@@ -1,12 +1,13 @@
 //! Loads stoker's kernel programs, attaches CPU sampling to every online CPU and reads
 //! the kernel-side aggregation (stack ids + counts) and the per-CPU drop counters.
+mod bits;
 mod logs;
 
 use agent_ebpf::{
     GLOBAL_FSBASE_OFFSET, GLOBAL_MEASURE_COST, GLOBAL_NET_OFFSETS, GLOBAL_NEWTASK_FLAGS_OFFSET,
-    GLOBAL_NEWTASK_PID_OFFSET, MAP_COUNTS, MAP_EXECS, MAP_NET_CONNS, MAP_PY_PROCS, MAP_PY_STACKS, MAP_STACKS,
-    MAP_STATS, MAP_TARGETS, NetConn, PROG_PERF_SAMPLE, PROG_SCHED_EXEC, PROG_TASK_NEWTASK, PyProc, PyStack,
-    SampleKey, stat,
+    GLOBAL_NEWTASK_PID_OFFSET, MAP_COUNTS, MAP_EXECS, MAP_NET_CONNS, MAP_NET_EVENTS, MAP_PY_PROCS,
+    MAP_PY_STACKS, MAP_STACKS, MAP_STATS, MAP_TARGET_BITS, MAP_TARGETS, NetConn, PROG_PERF_SAMPLE,
+    PROG_SCHED_EXEC, PROG_STATS_FLOOR, PROG_TASK_NEWTASK, PyProc, PyStack, SampleKey, stat,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -49,12 +50,15 @@ pub struct Stats {
     pub py_frame_slow_reads: u64,
     /// Exec notifications lost to a full set (those processes wait for the /proc scan).
     pub execs_missed: u64,
-    /// Network events lost because the ring buffer was full.
+    /// Network events lost because their CPU's event ring was full.
     pub net_events_lost: u64,
     /// Sockets and TCP connects not tracked because their map was full.
     pub net_conns_full: u64,
     pub net_socks_full: u64,
 }
+
+/// Runs of the empty program that measure the run-time statistics' own cost.
+const STATS_FLOOR_RUNS: u32 = 100_000;
 
 /// The loaded kernel programs and their maps.
 pub struct Sampler {
@@ -69,6 +73,8 @@ pub struct Sampler {
     watching_execs: bool,
     /// Keeps the kernel's BPF run-time statistics on while held.
     stats_fd: Option<std::os::fd::OwnedFd>,
+    /// `TARGETS` as a bitmap, mapped here.
+    bits: bits::TargetBits,
 }
 
 impl Sampler {
@@ -94,8 +100,10 @@ impl Sampler {
         let (newtask_pid, newtask_flags) = (newtask("pid"), newtask("clone_flags"));
         // No kernel BTF for the loader: the programs use no CO-RE relocations, and parsing
         // it costs tens of megabytes.
+        let cpus = crate::sys::mmap::possible_cpu_ids()?;
         let mut ebpf = EbpfLoader::new()
             .btf(None)
+            .map_max_entries(MAP_NET_EVENTS, crate::net::event_slots(cpus))
             .override_global(GLOBAL_FSBASE_OFFSET, &fsbase, true)
             .override_global(GLOBAL_MEASURE_COST, &u32::from(measure_cost), true)
             .override_global(GLOBAL_NEWTASK_PID_OFFSET, &newtask_pid, true)
@@ -113,6 +121,10 @@ impl Sampler {
         let prog: &mut PerfEvent = program(&mut ebpf)?;
         prog.load().map_err(|e| load_error("loading the CPU sampling program", &e))?;
         let follow_ready = newtask_pid != 0 && newtask_flags != 0;
+        let bits = bits::TargetBits::map(
+            ebpf.map(MAP_TARGET_BITS)
+                .ok_or(Error::Ebpf { what: "kernel map missing", detail: MAP_TARGET_BITS.into() })?,
+        )?;
         Ok(Self {
             ebpf,
             logger,
@@ -121,6 +133,7 @@ impl Sampler {
             following: false,
             watching_execs: false,
             stats_fd: None,
+            bits,
         })
     }
 
@@ -207,7 +220,6 @@ impl Sampler {
                 std::net::IpAddr::V6(ip) => (libc::AF_INET6 as u16, ip.octets()),
             };
             let conn = NetConn {
-                write_enter_ns: 0,
                 start_ns: 0,
                 resp_first_ns: 0,
                 resp_last_ns: 0,
@@ -254,6 +266,32 @@ impl Sampler {
         Some((info.run_time(), info.run_count()))
     }
 
+    /// Nanoseconds the run-time statistics add to every program run on their own: the
+    /// average of an empty program attached to `getppid`'s exit and run by this process
+    /// `STATS_FLOOR_RUNS` times (other callers of getppid only add runs of the same kind).
+    pub fn stats_floor(&mut self) -> Result<f64> {
+        crate::sys::tracefs::ensure_mounted()
+            .map_err(|e| Error::KernelFeature { feature: "tracefs (tracepoints)", detail: e.to_string() })?;
+        let prog: &mut TracePoint =
+            self.ebpf
+                .program_mut(PROG_STATS_FLOOR)
+                .and_then(|p| p.try_into().ok())
+                .ok_or(Error::Ebpf { what: "kernel program missing", detail: PROG_STATS_FLOOR.into() })?;
+        let fail = |e: &(dyn std::error::Error + 'static)| Error::Ebpf {
+            what: "measuring the statistics' cost",
+            detail: one_line(e),
+        };
+        prog.load().map_err(|e| fail(&e))?;
+        let link = prog.attach("syscalls", "sys_exit_getppid").map_err(|e| fail(&e))?;
+        for _ in 0..STATS_FLOOR_RUNS {
+            // SAFETY: getppid has no arguments and cannot fail.
+            unsafe { libc::getppid() };
+        }
+        let info = prog.info().map_err(|e| fail(&e))?;
+        prog.detach(link).map_err(|e| fail(&e))?;
+        Ok(info.run_time().as_nanos() as f64 / info.run_count().max(1) as f64)
+    }
+
     /// Every process currently in the kernel's target set (including followed children).
     pub fn targets(&self) -> Result<Vec<u32>> {
         let targets: HashMap<_, u32, u32> = self.map(MAP_TARGETS)?;
@@ -265,6 +303,7 @@ impl Sampler {
     pub fn remove_target(&mut self, pid: u32) -> Result<()> {
         let mut targets: HashMap<_, u32, u32> = self.map_mut(MAP_TARGETS)?;
         let _ = targets.remove(&pid);
+        self.bits.clear(pid);
         let mut procs: HashMap<_, u32, PyProc> = self.map_mut(MAP_PY_PROCS)?;
         let _ = procs.remove(&pid);
         let mut conns: HashMap<_, u64, NetConn> = self.map_mut(MAP_NET_CONNS)?;
@@ -305,7 +344,9 @@ impl Sampler {
         let mut targets: HashMap<_, u32, u32> = self.map_mut(MAP_TARGETS)?;
         targets
             .insert(pid, flags, 0)
-            .map_err(|e| Error::Ebpf { what: "cannot add a target process", detail: one_line(&e) })
+            .map_err(|e| Error::Ebpf { what: "cannot add a target process", detail: one_line(&e) })?;
+        self.bits.set(pid);
+        Ok(())
     }
 
     /// Walks the Python stacks of process `pid` from now on.

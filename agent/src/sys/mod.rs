@@ -2,5 +2,6 @@
 //! and facts about processes read from /proc.
 pub mod btf;
 pub mod caps;
+pub mod mmap;
 pub mod process;
 pub mod tracefs;

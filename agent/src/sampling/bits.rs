@@ -1,0 +1,40 @@
+//! The kernel's target bitmap (`TARGET_BITS`), mapped into this process: bits are set and
+//! cleared with atomic operations on the memory the kernel programs read, so a bit the
+//! kernel sets for a followed child is never lost to a concurrent update from here.
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use agent_ebpf::{MAP_TARGET_BITS, TARGET_BITS_WORDS};
+
+use crate::{error::Result, sys::mmap::MappedArray};
+
+pub(super) struct TargetBits(MappedArray);
+
+impl TargetBits {
+    pub(super) fn map(map: &aya::maps::Map) -> Result<Self> {
+        MappedArray::new(map, MAP_TARGET_BITS, TARGET_BITS_WORDS as usize * 8).map(Self)
+    }
+
+    /// The word holding `pid`'s bit, and the bit.
+    fn word(&self, pid: u32) -> Option<(&AtomicU64, u64)> {
+        let index = (pid / 64) as usize;
+        if index >= TARGET_BITS_WORDS as usize {
+            return None;
+        }
+        // SAFETY: in bounds of the mapping (8-byte aligned, page-aligned start), which lives
+        // as long as `self`; every access to it is atomic.
+        let word = unsafe { AtomicU64::from_ptr(self.0.as_ptr().cast::<u64>().add(index)) };
+        Some((word, 1 << (pid % 64)))
+    }
+
+    pub(super) fn set(&self, pid: u32) {
+        if let Some((word, bit)) = self.word(pid) {
+            word.fetch_or(bit, Ordering::Relaxed);
+        }
+    }
+
+    pub(super) fn clear(&self, pid: u32) {
+        if let Some((word, bit)) = self.word(pid) {
+            word.fetch_and(!bit, Ordering::Relaxed);
+        }
+    }
+}
