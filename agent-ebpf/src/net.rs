@@ -164,22 +164,26 @@ pub fn parse_request(conn: &mut NetConn, buf: u64, len: u64) {
     conn.path_len = path_len as u32;
 }
 
-/// The status code of an HTTP/1.x status line in `buf`, 0 when it is not one.
+/// The status code of an HTTP/1.x status line in `buf`, 0 when it is not one. Reads its
+/// first 12 bytes (`HTTP/1.x NNN`) onto the stack, as two words.
 #[inline(always)]
 pub fn parse_status(buf: u64, len: u64) -> u32 {
-    let Some((p, n)) = peek(buf, len) else { return 0 };
-    if n < 12 || &p[..5] != b"HTTP/" || p[5] != b'1' || p[6] != b'.' || p[8] != b' ' {
+    if buf == 0 || len < 12 {
         return 0;
     }
-    let mut status = 0u32;
-    for i in 9..12 {
-        let c = p[i];
-        if !c.is_ascii_digit() {
-            return 0;
-        }
-        status = status * 10 + (c - b'0') as u32;
+    let mut words = [0u64; 2];
+    if unsafe { bpf_probe_read_user(words.as_mut_ptr().cast(), 12, buf as *const _) } != 0 {
+        return 0;
     }
-    status
+    // "HTTP/1." then any minor version digit.
+    if words[0] & 0x00ff_ffff_ffff_ffff != u64::from_le_bytes(*b"HTTP/1.\0") {
+        return 0;
+    }
+    let [space, d0, d1, d2, ..] = words[1].to_le_bytes();
+    if space != b' ' || !d0.is_ascii_digit() || !d1.is_ascii_digit() || !d2.is_ascii_digit() {
+        return 0;
+    }
+    u32::from(d0 - b'0') * 100 + u32::from(d1 - b'0') * 10 + u32::from(d2 - b'0')
 }
 
 /// The next free slot of this CPU's event ring, and the header word to publish it with
