@@ -1,23 +1,29 @@
 #!/usr/bin/env python3
-"""Cost of `stoker record --net` on a Python HTTP server under wrk load.
+"""Cost of `stoker record --net` on Python HTTP servers under wrk load.
 
   sudo python3 bench/net_bench.py [--rounds N] [--seconds S] [--out bench/NET_RESULTS.md]
 
-Needs target/release/stoker and wrk. Starts tests/fixtures/net/http_server.py (CPython
-3.12, ThreadingHTTPServer) and drives GET /sleep/0 with wrk (1 thread, 8 keep-alive
-connections) for S seconds per round, alternating rounds without and with stoker watching
-the server (`record --net`, which also samples at 99 Hz). Reports the throughput of each
-and their ratio. Two more rounds run with the kernel's BPF run-time statistics on (they
-slow every program run a little, so the throughput rounds run without them): one watching
-the server gives the network programs' kernel time per request (all runs, target or not,
-over the requests served), one watching an idle process instead gives what filtering
-everyone else's calls (wrk's, the server's) costs. stoker also measures what the
-statistics add to each run on their own (an empty program timed the same way), which is
-reported and subtracted.
+Needs target/release/stoker, wrk, and aiohttp for CPython 3.11 (`cargo xtask setup`).
+Two servers, each driven on GET /sleep/0 by wrk (1 thread, 8 keep-alive connections):
+tests/fixtures/net/http_server.py (CPython 3.12 ThreadingHTTPServer: a thread per
+connection) and tests/fixtures/net/aiohttp_server.py (CPython 3.11, aiohttp: one asyncio
+thread). Each round runs wrk for S seconds three times: the server alone, watched by
+`stoker record` (CPU sampling at 99 Hz only) and by `stoker record --net` (sampling and
+network tracing); the order rotates from round to round so a drift over the run favours
+none. Reports each round's throughput, and each watched configuration's throughput over
+the unwatched one's (mean of the rounds' means, and median of the per-round ratios).
+
+Kernel cost, in separate rounds with the kernel's BPF run-time statistics on (they slow
+every program run, so the throughput rounds run without them): watching each server gives
+the network programs' kernel time per request (all runs, target or not, over the requests
+served); watching an idle process instead gives what filtering everyone else's calls
+(wrk's, the server's) costs. stoker also times an empty program the same way, the
+statistics' own cost per run, which is reported and subtracted.
 """
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,10 +32,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 STOKER = ROOT / "target/release/stoker"
-SERVER = ROOT / "tests/fixtures/net/http_server.py"
-PYTHON = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions/3.12.1/bin/python3.12"
-# Attached once: 12 system call tracepoints, 2 TCP ones and a cpu-clock event per CPU.
-LINKS = 14 + os.cpu_count()
+VERSIONS = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+SERVERS = [
+    ("ThreadingHTTPServer (CPython 3.12)", VERSIONS / "3.12.1/bin/python3.12", "http_server.py"),
+    ("aiohttp (CPython 3.11)", VERSIONS / "3.11.7/bin/python3.11", "aiohttp_server.py"),
+]
+# Attached by `record`: a cpu-clock event per CPU; with --net also 12 system call
+# tracepoints and 2 TCP ones.
+SAMPLING_LINKS = os.cpu_count()
+NET_LINKS = 14 + os.cpu_count()
+CONFIGS = ["alone", "sampling", "sampling + network"]
 
 
 def arg(name, default):
@@ -55,14 +67,16 @@ def links(pid):
     return n
 
 
-def watched_round(target_pid, port, seconds, tmp, kernel_stats=False):
+def watched(target_pid, port, seconds, tmp, net=True, kernel_stats=False):
+    """wrk against the server while stoker watches `target_pid`: (requests, req/s, program
+    runs, program ns, requests stoker saw, statistics' own ns per run)."""
     stoker = subprocess.Popen(
-        [str(STOKER), "record", "--net", *(["--kernel-stats"] if kernel_stats else []), "--pid", str(target_pid),
-         "-f", "folded", "-o", f"{tmp}/bench.folded"],
+        [str(STOKER), "record", *(["--net"] if net else []), *(["--kernel-stats"] if kernel_stats else []),
+         "--pid", str(target_pid), "-f", "folded", "-o", f"{tmp}/bench.folded"],
         stderr=subprocess.PIPE, text=True,
     )
     deadline = time.monotonic() + 30
-    while links(stoker.pid) < LINKS:
+    while links(stoker.pid) < (NET_LINKS if net else SAMPLING_LINKS):
         if time.monotonic() > deadline or stoker.poll() is not None:
             raise SystemExit(f"stoker did not attach: {stoker.communicate()[1]}")
         time.sleep(0.05)
@@ -70,12 +84,82 @@ def watched_round(target_pid, port, seconds, tmp, kernel_stats=False):
     stoker.send_signal(2)
     err = stoker.communicate(timeout=60)[1]
     m = re.search(r"network programs ran (\d+) times for (\d+) ns", err)
-    runs, ns = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
     if kernel_stats and not m:
         raise SystemExit(f"no kernel statistics in stoker's summary:\n{err}")
+    runs, ns = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
     floor = re.search(r"statistics add (\d+) ns to every run", err)
     served = re.search(r"server GET /sleep/\{id\}\s+(\d+)", err)
     return requests, rps, runs, ns, int(served.group(1)) if served else 0, int(floor.group(1)) if floor else 0
+
+
+def run_config(config, server, port, seconds, tmp):
+    if config == "alone":
+        requests, rps = wrk(port, seconds)
+        return requests, rps, 0
+    r = watched(server.pid, port, seconds, tmp, net="network" in config)
+    return r[0], r[1], r[4]
+
+
+def bench_server(name, python, script, rounds, seconds, tmp):
+    # wrk resets its connections at the end; the servers' tracebacks about it are noise.
+    server = subprocess.Popen([str(python), str(ROOT / "tests/fixtures/net" / script)],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    port = int(server.stdout.readline())
+    rows = []
+    try:
+        wrk(port, 5)  # warm-up
+        for r in range(rounds):
+            order = CONFIGS[r % 3:] + CONFIGS[:r % 3]
+            row = {c: run_config(c, server, port, seconds, tmp) for c in order}
+            rows.append(row)
+            print(f"{name} round {r + 1}: " + ", ".join(f"{c} {row[c][1]:.0f} req/s" for c in CONFIGS), flush=True)
+        cost = watched(server.pid, port, seconds, tmp, kernel_stats=True)
+        idle = subprocess.Popen(["sleep", "3600"])
+        try:
+            filtering = watched(idle.pid, port, seconds, tmp, kernel_stats=True)
+        finally:
+            idle.kill()
+    finally:
+        server.kill()
+    return rows, cost, filtering
+
+
+def report(name, rows, cost, filtering):
+    per_req = lambda r: r[3] / max(r[0], 1)  # noqa: E731
+    runs_per_req = lambda r: r[2] / max(r[0], 1)  # noqa: E731
+    floor = cost[5]
+    net_cost = per_req(cost) - floor * runs_per_req(cost)
+    net_filter = per_req(filtering) - floor * runs_per_req(filtering)
+    mean = {c: statistics.mean(row[c][1] for row in rows) for c in CONFIGS}
+    lines = [
+        f"## {name}",
+        "",
+        "| round | alone req/s | sampling req/s | sampling + network req/s | network: requests seen by stoker / wrk's |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for i, row in enumerate(rows):
+        net = row["sampling + network"]
+        lines.append(f"| {i + 1} | {row['alone'][1]:.0f} | {row['sampling'][1]:.0f} | {net[1]:.0f} | {net[2]} / {net[0]} |")
+    lines += ["", "| watched by | throughput / alone (mean of means) | median of the rounds' ratios | rounds' ratios |",
+              "| --- | --- | --- | --- |"]
+    for c in CONFIGS[1:]:
+        ratios = [row[c][1] / row["alone"][1] for row in rows]
+        lines.append(f"| `record{' --net' if 'network' in c else ''}` ({c}) | **{mean[c] / mean['alone']:.3f}** | "
+                     f"{statistics.median(ratios):.3f} | {min(ratios):.3f} to {max(ratios):.3f} |")
+    lines += [
+        "",
+        "| kernel cost round | req/s | program runs per request | BPF time per request | of which the statistics' own | program time per request |",
+        "| --- | --- | --- | --- | --- | --- |",
+        f"| watching the server | {cost[1]:.0f} | {runs_per_req(cost):.2f} | {per_req(cost):.0f} ns | "
+        f"{floor * runs_per_req(cost):.0f} ns | **{net_cost:.0f} ns** |",
+        f"| watching an idle process | {filtering[1]:.0f} | {runs_per_req(filtering):.2f} | {per_req(filtering):.0f} ns | "
+        f"{floor * runs_per_req(filtering):.0f} ns | {net_filter:.0f} ns |",
+        "",
+        f"The statistics' own cost: {floor} ns per run (an empty program timed the same way). Watching the "
+        f"server adds {net_cost - net_filter:.0f} ns per request to what filtering costs.",
+        "",
+    ]
+    return lines
 
 
 def main():
@@ -83,79 +167,30 @@ def main():
     out = Path(arg("--out", str(ROOT / "bench/NET_RESULTS.md")))
     if os.geteuid() != 0:
         raise SystemExit("run as root")
-    # wrk resets its connections at the end; the server's tracebacks about it are noise.
-    server = subprocess.Popen([str(PYTHON), str(SERVER)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    port = int(server.stdout.readline())
-    rows = []
-    try:
-        wrk(port, 5)  # warm-up
-        with tempfile.TemporaryDirectory() as tmp:
-            for r in range(rounds):
-                # Which run goes first alternates, so a drift over the run favours neither.
-                if r % 2 == 0:
-                    base = wrk(port, seconds)
-                    watched = watched_round(server.pid, port, seconds, tmp)
-                else:
-                    watched = watched_round(server.pid, port, seconds, tmp)
-                    base = wrk(port, seconds)
-                rows.append((base, watched))
-                print(f"round {r + 1}: {base[1]:.0f} req/s alone, {watched[1]:.0f} req/s watched", flush=True)
-            cost = watched_round(server.pid, port, seconds, tmp, kernel_stats=True)
-            idle = subprocess.Popen(["sleep", "3600"])
-            try:
-                filtering = watched_round(idle.pid, port, seconds, tmp, kernel_stats=True)
-            finally:
-                idle.kill()
-    finally:
-        server.kill()
-    base_rps = sum(b[1] for b, _ in rows) / rounds
-    watched_rps = sum(w[1] for _, w in rows) / rounds
-    ratios = sorted(w[1] / b[1] for b, w in rows)
-    median = ratios[len(ratios) // 2] if rounds % 2 else (ratios[rounds // 2 - 1] + ratios[rounds // 2]) / 2
-    per_req = lambda r: r[3] / max(r[0], 1)  # noqa: E731
-    runs_per_req = lambda r: r[2] / max(r[0], 1)  # noqa: E731
-    floor = cost[5]
-    net_cost = per_req(cost) - floor * runs_per_req(cost)
-    net_filter = per_req(filtering) - floor * runs_per_req(filtering)
     lines = [
         "# Network tracing cost (`stoker record --net`)",
         "",
         f"`python3 bench/net_bench.py --rounds {rounds} --seconds {seconds}` on {platform.node()}, "
-        f"Linux {platform.release()}, {os.cpu_count()} CPUs: CPython 3.12 ThreadingHTTPServer, "
-        "`wrk -t1 -c8` on GET /sleep/0 (keep-alive), runs alternated without and with stoker "
-        "(`record --net`, also sampling at 99 Hz), the first of each round's pair alternating too.",
+        f"Linux {platform.release()}, {os.cpu_count()} CPUs. `wrk -t1 -c8` on GET /sleep/0 (keep-alive) "
+        f"for {seconds} s per run; each round runs the server alone, watched by `stoker record` (CPU "
+        "sampling at 99 Hz) and by `stoker record --net` (sampling and network tracing), in an order that "
+        "rotates from round to round.",
         "",
-        "| round | alone req/s | watched req/s | ratio | requests seen by stoker / wrk's |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for i, (b, w) in enumerate(rows):
-        lines.append(f"| {i + 1} | {b[1]:.0f} | {w[1]:.0f} | {w[1] / b[1]:.3f} | {w[4]} / {w[0]} |")
-    lines += [
+        "Requests seen: stoker's count of GET /sleep/{id} against wrk's; stoker also counts the requests "
+        "(at most one per connection) answered after wrk stopped counting.",
         "",
-        f"Throughput watched/alone: mean of the rounds' means **{watched_rps / base_rps:.3f}**, "
-        f"median of the paired ratios {median:.3f}.",
-        "",
-        "Requests seen: stoker's count of GET /sleep/{id} against wrk's; stoker also counts the "
-        "requests (at most one per connection) answered after wrk stopped counting.",
-        "",
-        "Kernel cost, from the kernel's BPF run-time statistics (`record --net --kernel-stats`, "
-        "separate rounds: the statistics slow every run):",
-        "",
-        "| round | req/s | program runs per request | BPF time per request | of which the statistics' own | program time per request |",
-        "| --- | --- | --- | --- | --- | --- |",
-        f"| watching the server | {cost[1]:.0f} | {runs_per_req(cost):.2f} | {per_req(cost):.0f} ns | "
-        f"{floor * runs_per_req(cost):.0f} ns | **{net_cost:.0f} ns** |",
-        f"| watching an idle process | {filtering[1]:.0f} | {runs_per_req(filtering):.2f} | {per_req(filtering):.0f} ns | "
-        f"{floor * runs_per_req(filtering):.0f} ns | {net_filter:.0f} ns |",
-        "",
-        "Every run on the host counts, a target's or not, divided by the requests wrk completed. "
-        f"The statistics read a clock on each side of every run: stoker times an empty program "
-        f"the same way ({floor} ns per run) and that much per run is subtracted. Watching an idle "
-        "process, every run is a call of a process that is not a target (wrk's and the server's) "
-        "dismissed by the target check: that is what filtering costs everyone else; watching the "
-        f"server adds {net_cost - net_filter:.0f} ns per request.",
+        "Kernel cost, from the kernel's BPF run-time statistics (`record --net --kernel-stats`) in separate "
+        "rounds, since the statistics slow every run: every network program run on the host counts, a "
+        "target's or not, divided by the requests wrk completed. The statistics read a clock on each side "
+        "of every run; stoker times an empty program the same way and that much per run is subtracted. "
+        "Watching an idle process, every run is a call of a process that is not a target (wrk's and the "
+        "server's) dismissed by the target check: what filtering costs everyone else.",
         "",
     ]
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, python, script in SERVERS:
+            rows, cost, filtering = bench_server(name, python, script, rounds, seconds, tmp)
+            lines += report(name, rows, cost, filtering)
     out.write_text("\n".join(lines))
     print("\n".join(lines))
 

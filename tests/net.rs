@@ -268,6 +268,35 @@ fn aiohttp_server_latency_matches_client() {
     assert_sleeps_match(&report, &timed);
 }
 
+/// The asyncio server at full speed under wrk (8 keep-alive connections, some 20,000
+/// requests a second on one CPU): every request is counted and no event is lost.
+#[test]
+fn full_request_rate_loses_nothing() {
+    require_root();
+    let _serial = serial();
+    let server = Watched::start("3.11.7", "aiohttp_server.py");
+    let out = Command::new("wrk")
+        .args(["-t1", "-c8", "-d3s", &format!("http://127.0.0.1:{}/sleep/0", server.port)])
+        .output()
+        .expect("run wrk (cargo xtask setup installs it)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "wrk failed: {text}");
+    let served: u64 = text
+        .split_whitespace()
+        .zip(text.split_whitespace().skip(1))
+        .find(|(_, next)| *next == "requests")
+        .and_then(|(n, _)| n.parse().ok())
+        .unwrap_or_else(|| panic!("no request count in wrk's output: {text}"));
+    assert!(served > 10_000, "too few requests to stress the event rings: {text}");
+    let (report, _) = server.finish();
+    assert_eq!(report["drops"]["events_lost"].as_u64(), Some(0), "{:#}", report["drops"]);
+    let sleeps =
+        one(&report, "GET /sleep/{id}", |e| e["direction"] == "server" && e["route"] == "/sleep/{id}");
+    let count = sleeps["count"].as_u64().unwrap();
+    // wrk does not count the requests under way when it stops (at most one per connection).
+    assert!((served..=served + 8).contains(&count), "stoker counted {count}, wrk {served}");
+}
+
 /// A watched Python client calling an HTTP upstream, a line-echo (non-HTTP) upstream and a
 /// closed port: both upstreams appear with their addresses and latencies, the echo
 /// traffic as generic TCP, and the refused connects as failures.

@@ -64,6 +64,11 @@ pub fn offsets(btf: Option<&Btf>) -> NetOffsets {
     o
 }
 
+/// How often the event rings are drained while a session or the agent waits for its next
+/// tick: a CPU's ring holds `NET_RING_SLOTS` events, so this bounds the requests one CPU can
+/// complete before events are lost (2048 in 25 ms: 80,000 per second).
+pub const DRAIN_EVERY: std::time::Duration = std::time::Duration::from_millis(25);
+
 /// Elements of the `NET_EVENTS` array for `cpus` CPU ids: a header and the slots per CPU.
 pub fn event_slots(cpus: u32) -> u32 {
     cpus * (NET_RING_SLOTS + 1)
@@ -147,6 +152,19 @@ impl NetTracer {
             }
         }
         n
+    }
+
+    /// Sleeps for `total`, draining the rings into `agg` every `DRAIN_EVERY`.
+    pub fn sleep_draining(&mut self, agg: &mut Aggregator, total: std::time::Duration) {
+        let end = std::time::Instant::now() + total;
+        loop {
+            let left = end.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            std::thread::sleep(left.min(DRAIN_EVERY));
+            self.drain(agg);
+        }
     }
 
     /// Total run time and run count of the network programs (with BPF statistics on).

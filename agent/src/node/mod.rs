@@ -133,7 +133,10 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
 
     let mut last_export = Instant::now();
     loop {
-        std::thread::sleep(TICK);
+        match net.as_mut() {
+            Some((tracer, aggregator)) => tracer.sleep_draining(aggregator, TICK),
+            None => std::thread::sleep(TICK),
+        }
         let stopping = stop.load(Ordering::Relaxed);
         tracker.update(&mut sampler, &mut collector)?;
         let live = tracker.live_targets();

@@ -154,7 +154,10 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
     let mut last_collect = Instant::now();
     let end = loop {
         tracker.update(&mut sampler, &mut collector)?;
-        std::thread::sleep(TICK);
+        match net.as_mut() {
+            Some((tracer, agg, _)) => tracer.sleep_draining(agg, TICK),
+            None => std::thread::sleep(TICK),
+        }
         let elapsed = started.elapsed();
         let explicit_live = targets.iter_mut().map(|t| t.has_exited()).filter(|exited| !exited).count();
         let end = if stop.load(Ordering::Relaxed) {
