@@ -44,6 +44,21 @@ NET_LINKS = 14 + os.cpu_count()
 CONFIGS = ["alone", "sampling", "sampling + network"]
 
 
+# Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom.
+T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+       2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+       2.045, 2.042]
+
+
+def interval(values):
+    """Mean and half-width of its 95% confidence interval."""
+    mean = statistics.mean(values)
+    if len(values) < 2:
+        return mean, float("nan")
+    t = T95[len(values) - 2] if len(values) - 1 <= len(T95) else 1.96
+    return mean, t * statistics.stdev(values) / len(values) ** 0.5
+
+
 def arg(name, default):
     return type(default)(sys.argv[sys.argv.index(name) + 1]) if name in sys.argv else default
 
@@ -140,12 +155,13 @@ def report(name, rows, cost, filtering):
     for i, row in enumerate(rows):
         net = row["sampling + network"]
         lines.append(f"| {i + 1} | {row['alone'][1]:.0f} | {row['sampling'][1]:.0f} | {net[1]:.0f} | {net[2]} / {net[0]} |")
-    lines += ["", "| watched by | throughput / alone (mean of means) | median of the rounds' ratios | rounds' ratios |",
-              "| --- | --- | --- | --- |"]
+    lines += ["", "| watched by | throughput / alone (mean of means) | rounds' ratios: mean, 95% interval | median | range |",
+              "| --- | --- | --- | --- | --- |"]
     for c in CONFIGS[1:]:
         ratios = [row[c][1] / row["alone"][1] for row in rows]
+        m, half = interval(ratios)
         lines.append(f"| `record{' --net' if 'network' in c else ''}` ({c}) | **{mean[c] / mean['alone']:.3f}** | "
-                     f"{statistics.median(ratios):.3f} | {min(ratios):.3f} to {max(ratios):.3f} |")
+                     f"{m:.3f} ± {half:.3f} | {statistics.median(ratios):.3f} | {min(ratios):.3f} to {max(ratios):.3f} |")
     lines += [
         "",
         "| kernel cost round | req/s | program runs per request | BPF time per request | of which the statistics' own | program time per request |",
