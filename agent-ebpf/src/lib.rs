@@ -104,7 +104,7 @@ pub mod stat {
     pub const TARGET_NS: u32 = 10;
     /// Python frames whose prefix could not be read at once (read field by field instead).
     pub const PY_FRAME_SLOW_READS: u32 = 11;
-    /// Network events lost because the ring buffer was full.
+    /// Network events lost because their CPU's event ring was full.
     pub const NET_EVENTS_LOST: u32 = 12;
     /// Connections not tracked because the connections map was full.
     pub const NET_CONNS_FULL: u32 = 13;
