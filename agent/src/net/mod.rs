@@ -116,13 +116,12 @@ impl NetTracer {
         attach(PROG_NET_SYS_EXIT, &sys("exit", &SYSCALLS))?;
         attach(PROG_NET_SOCK_STATE, &[("sock", "inet_sock_set_state".into())])?;
         attach(PROG_NET_RETRANSMIT, &[("tcp", "tcp_retransmit_skb".into())])?;
-        // The same count the loader sized the array with (`Sampler::load`).
-        let cpus = crate::sys::mmap::possible_cpu_ids()?;
         let map = ebpf
             .map(MAP_NET_EVENTS)
             .ok_or(Error::Ebpf { what: "kernel map missing", detail: MAP_NET_EVENTS.into() })?;
-        let len = event_slots(cpus) as usize * std::mem::size_of::<NetEvent>();
-        let events = MappedArray::new(map, MAP_NET_EVENTS, len)?;
+        let events = MappedArray::new(map, MAP_NET_EVENTS)?;
+        // The loader sized the array for every possible CPU id (`event_slots`).
+        let cpus = events.entries() / event_slots(1);
         Ok(Self { events, cpus, programs: vec![PROG_NET_SYS_EXIT, PROG_NET_SOCK_STATE, PROG_NET_RETRANSMIT] })
     }
 
@@ -135,8 +134,7 @@ impl NetTracer {
             // only accessed atomically; slots below the head are not written by the kernel
             // until the tail passes them.
             unsafe {
-                let region =
-                    self.events.as_ptr().cast::<NetEvent>().add((cpu * (NET_RING_SLOTS + 1)) as usize);
+                let region = self.events.as_ptr().cast::<NetEvent>().add(event_slots(cpu) as usize);
                 let header = region.cast::<u64>();
                 let head = AtomicU64::from_ptr(header.add(NET_RING_HEAD)).load(Ordering::Acquire);
                 let tail_word = AtomicU64::from_ptr(header.add(NET_RING_TAIL));

@@ -141,9 +141,8 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
         tracker.update(&mut sampler, &mut collector)?;
         let live = tracker.live_targets();
         agent.observe(&live, &tracker);
-        if let Some((tracer, aggregator)) = net.as_mut() {
+        if net.is_some() {
             adopter.adopt_new(&mut sampler, &live);
-            tracer.drain(aggregator);
         }
         if stopping || last_export.elapsed() >= config.export_interval {
             let elapsed = last_export.elapsed();

@@ -169,9 +169,8 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
         } else {
             None
         };
-        if let Some((tracer, agg, adopter)) = net.as_mut() {
+        if let Some((_, _, adopter)) = net.as_mut() {
             adopter.adopt_new(&mut sampler, &tracker.live_targets());
-            tracer.drain(agg);
         }
         let every = if elapsed < START { COLLECT_EVERY_AT_START } else { COLLECT_EVERY };
         if end.is_some() || last_collect.elapsed() >= every {

@@ -3,7 +3,7 @@
 //! kernel sets for a followed child is never lost to a concurrent update from here.
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use agent_ebpf::{MAP_TARGET_BITS, TARGET_BITS_WORDS};
+use agent_ebpf::MAP_TARGET_BITS;
 
 use crate::{error::Result, sys::mmap::MappedArray};
 
@@ -11,13 +11,13 @@ pub(super) struct TargetBits(MappedArray);
 
 impl TargetBits {
     pub(super) fn map(map: &aya::maps::Map) -> Result<Self> {
-        MappedArray::new(map, MAP_TARGET_BITS, TARGET_BITS_WORDS as usize * 8).map(Self)
+        MappedArray::new(map, MAP_TARGET_BITS).map(Self)
     }
 
     /// The word holding `pid`'s bit, and the bit.
     fn word(&self, pid: u32) -> Option<(&AtomicU64, u64)> {
         let index = (pid / 64) as usize;
-        if index >= TARGET_BITS_WORDS as usize {
+        if index >= self.0.entries() as usize {
             return None;
         }
         // SAFETY: in bounds of the mapping (8-byte aligned, page-aligned start), which lives

@@ -2,13 +2,14 @@
 //! programs and stoker then share the memory itself, with no system call per access.
 use std::os::fd::{AsFd, AsRawFd};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, one_line};
 
-/// A shared read-write mapping of a BPF array's values, unmapped on drop. The mapping keeps
-/// the map alive on its own.
+/// A shared read-write mapping of all of a BPF array's values, unmapped on drop. The
+/// mapping keeps the map alive on its own.
 pub struct MappedArray {
     ptr: *mut u8,
     len: usize,
+    entries: u32,
 }
 
 // Plain shared memory: what is read or written through it is up to its users, who use
@@ -16,11 +17,18 @@ pub struct MappedArray {
 unsafe impl Send for MappedArray {}
 
 impl MappedArray {
-    /// Maps the `len` bytes of values of the array map `map` (`name` for errors).
-    pub fn new(map: &aya::maps::Map, name: &str, len: usize) -> Result<Self> {
+    /// Maps every value of the array map `map` (`name` for errors), its size as the kernel
+    /// reports it (values are 8-byte aligned).
+    pub fn new(map: &aya::maps::Map, name: &str) -> Result<Self> {
         let aya::maps::Map::Array(data) = map else {
             return Err(Error::Ebpf { what: "kernel map has the wrong type", detail: name.into() });
         };
+        let info = data.info().map_err(|e| Error::Ebpf {
+            what: "cannot read a kernel map's size",
+            detail: format!("{name}: {}", one_line(&e)),
+        })?;
+        let entries = info.max_entries();
+        let len = entries as usize * (info.value_size() as usize).next_multiple_of(8);
         let fd = data.fd().as_fd().as_raw_fd();
         // SAFETY: a new shared mapping of a file descriptor; the kernel checks `len` against
         // the map's size.
@@ -33,12 +41,17 @@ impl MappedArray {
                 detail: format!("{name}: {}", std::io::Error::last_os_error()),
             });
         }
-        Ok(Self { ptr: ptr.cast(), len })
+        Ok(Self { ptr: ptr.cast(), len, entries })
     }
 
-    /// The mapping's first byte; `len` bytes from it are valid while `self` lives.
+    /// The mapping's first byte, the first value's; all values are valid while `self` lives.
     pub fn as_ptr(&self) -> *mut u8 {
         self.ptr
+    }
+
+    /// How many values the array holds.
+    pub fn entries(&self) -> u32 {
+        self.entries
     }
 }
 
