@@ -6,7 +6,7 @@ use aya::programs::ProgramType;
 
 use crate::{
     error::one_line,
-    sampling::Sampler,
+    programs::KernelPrograms,
     sys::{caps, tracefs},
 };
 
@@ -99,19 +99,19 @@ fn btf() -> Check {
 }
 
 fn sampling() -> Vec<Check> {
-    let mut sampler = match Sampler::load(false) {
+    let mut kernel = match KernelPrograms::load(false) {
         Ok(s) => s,
         Err(e) => {
             return vec![Check::new("eBPF programs", Level::Fail, one_line(&e))];
         }
     };
-    let loaded = Check::new("eBPF programs", Level::Ok, "loaded; the verifier accepts stoker's sampler");
+    let loaded = Check::new("eBPF programs", Level::Ok, "loaded; the verifier accepts stoker's kernel");
     let cpus = aya::util::online_cpus().map(|c| c.len()).unwrap_or(0);
-    let perf = match sampler.start(99) {
+    let perf = match kernel.start(99) {
         Ok(()) => Check::new("perf events", Level::Ok, format!("cpu-clock sampling attached on {cpus} CPUs")),
         Err(e) => Check::new("perf events", Level::Fail, one_line(&e)),
     };
-    let execs = match sampler.watch_execs() {
+    let execs = match kernel.watch_execs() {
         Ok(()) => Check::new(
             "new processes",
             Level::Ok,
@@ -123,7 +123,7 @@ fn sampling() -> Vec<Check> {
             format!("{}; the agent falls back to scanning /proc", one_line(&e)),
         ),
     };
-    let net = match crate::net::NetTracer::attach(sampler.ebpf_mut()) {
+    let net = match crate::net::NetTracer::attach(&mut kernel) {
         Ok(_) => Check::new(
             "network",
             Level::Ok,

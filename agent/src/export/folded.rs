@@ -2,7 +2,7 @@
 //! stack, frames root to leaf joined by `;`, a space, the sample count.
 use std::collections::BTreeMap;
 
-use super::Profile;
+use crate::profile::Profile;
 
 /// The profile's folded lines, identical stacks merged, sorted for stable output.
 pub fn lines(profile: &Profile) -> Vec<String> {
@@ -11,7 +11,8 @@ pub fn lines(profile: &Profile) -> Vec<String> {
         if *count == 0 || frames.is_empty() {
             continue;
         }
-        let stack = frames.iter().map(|f| sanitize(f)).collect::<Vec<_>>().join(";");
+        let stack =
+            frames.iter().map(|f| sanitize(&f.to_string()).into_owned()).collect::<Vec<_>>().join(";");
         *merged.entry(stack).or_default() += count;
     }
     merged.into_iter().map(|(stack, count)| format!("{stack} {count}")).collect()
@@ -28,13 +29,14 @@ fn sanitize(frame: &str) -> std::borrow::Cow<'_, str> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
+    use crate::profile::Frame;
 
     #[test]
     fn merges_identical_stacks_and_escapes_separators() {
-        let f = |names: &[&str]| names.iter().map(|n| Arc::from(*n)).collect::<Vec<Arc<str>>>();
+        let f = |names: &[&str]| {
+            names.iter().map(|n| Frame::Native { function: (*n).into() }).collect::<Vec<Frame>>()
+        };
         let profile = Profile {
             stacks: vec![
                 (f(&["main", "work"]), 3),

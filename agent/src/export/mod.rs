@@ -1,52 +1,16 @@
 //! Output formats of a recorded profile: collapsed stacks ("folded"), flamegraph SVGs,
 //! pprof (gzipped `profile.proto`) and speedscope JSON.
+pub mod flamegraph;
 pub mod folded;
 pub mod pprof;
 pub mod speedscope;
 
-use std::{
-    io::Write,
-    sync::Arc,
-    time::{Duration, SystemTime},
+use std::{io::Write, time::SystemTime};
+
+use crate::{
+    error::{Error, Result},
+    profile::Profile,
 };
-
-use crate::error::{Error, Result};
-
-/// A finished profile: stacks root to leaf with their sample counts.
-#[derive(Debug, Clone, Default)]
-pub struct Profile {
-    /// Shown as the flamegraph's title.
-    pub title: String,
-    /// Shown under the title: the session's parameters.
-    pub subtitle: String,
-    pub stacks: Vec<(Vec<Arc<str>>, u64)>,
-    /// Samples per second per CPU (pprof's period is 1e9 / rate_hz ns).
-    pub rate_hz: u64,
-    /// When sampling started.
-    pub start: Option<SystemTime>,
-    /// How long it sampled.
-    pub duration: Duration,
-}
-
-impl Profile {
-    pub fn total(&self) -> u64 {
-        self.stacks.iter().map(|(_, n)| n).sum()
-    }
-
-    /// Leaf functions by sample count, largest first.
-    pub fn top_leaves(&self, n: usize) -> Vec<(Arc<str>, u64)> {
-        let mut by_leaf: std::collections::HashMap<Arc<str>, u64> = Default::default();
-        for (frames, count) in &self.stacks {
-            if let Some(leaf) = frames.last() {
-                *by_leaf.entry(leaf.clone()).or_default() += count;
-            }
-        }
-        let mut leaves: Vec<_> = by_leaf.into_iter().collect();
-        leaves.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-        leaves.truncate(n);
-        leaves
-    }
-}
 
 /// The file formats `stoker record` writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -81,7 +45,7 @@ pub fn write(profile: &Profile, format: Format, out: &mut dyn Write) -> std::io:
             }
             Ok(())
         }
-        Format::Flamegraph => flamegraph(profile, out),
+        Format::Flamegraph => flamegraph::write(profile, out),
         Format::Pprof => {
             let meta = pprof::PprofMeta {
                 rate_hz: profile.rate_hz,
@@ -92,24 +56,6 @@ pub fn write(profile: &Profile, format: Format, out: &mut dyn Write) -> std::io:
         }
         Format::Speedscope => speedscope::write(profile, out),
     }
-}
-
-fn flamegraph(profile: &Profile, out: &mut dyn Write) -> std::io::Result<()> {
-    let lines = folded::lines(profile);
-    let mut options = inferno::flamegraph::Options::default();
-    options.title = profile.title.clone();
-    options.subtitle = Some(profile.subtitle.clone());
-    options.count_name = "samples".into();
-    if lines.is_empty() {
-        // inferno refuses empty input; an empty profile is still a valid SVG.
-        return write!(
-            out,
-            "<?xml version=\"1.0\" standalone=\"no\"?><svg xmlns=\"http://www.w3.org/2000/svg\" width=\"600\" height=\"60\"><text x=\"10\" y=\"30\">{}: no samples</text></svg>",
-            xml_escape(&profile.title)
-        );
-    }
-    inferno::flamegraph::from_lines(&mut options, lines.iter().map(String::as_str), out)
-        .map_err(std::io::Error::other)
 }
 
 /// Writes the profile to a file created beforehand.
@@ -125,6 +71,79 @@ pub fn write_file(
         .map_err(|source| Error::Output { path: path.to_path_buf(), source })
 }
 
-fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::profile::{Frame, Marker};
+
+    /// A frame of every kind, as stacks of all shapes (roots, truncation, drops, unknowns).
+    fn every_kind() -> Profile {
+        let py = |function: &str, file: &str, line| Frame::Python {
+            function: function.into(),
+            file: file.into(),
+            line,
+        };
+        let native = |f: &str| Frame::Native { function: f.into() };
+        let kernel = |f: &str| Frame::Kernel { function: f.into() };
+        let process = Frame::Marker(Marker::Process { comm: "python3.12".into(), pid: 1234 });
+        let thread = |name: &str, tid| Frame::Marker(Marker::Thread { name: Arc::from(name), tid });
+        Profile {
+            title: "stoker: golden".into(),
+            subtitle: "99 Hz, 1.0 s".into(),
+            stacks: vec![
+                (
+                    vec![
+                        process.clone(),
+                        thread("MainThread", 1234),
+                        py("<module>", "app.py", 3),
+                        py("burn", "app.py", 10),
+                        kernel("do_syscall_64"),
+                        kernel("read_zero"),
+                    ],
+                    7,
+                ),
+                (
+                    vec![
+                        process,
+                        thread("?", 1235),
+                        Frame::Marker(Marker::Truncated),
+                        py("f", "x;y.py", 2),
+                        Frame::PythonUnreadable { code: 0x55f0aa12 },
+                    ],
+                    3,
+                ),
+                (
+                    vec![
+                        native("main"),
+                        Frame::NativeUnnamed { module: "libfoo.so".into(), offset: 0x1234 },
+                        Frame::Unknown { kernel: false },
+                    ],
+                    2,
+                ),
+                (vec![Frame::Marker(Marker::UserStackDropped), Frame::Marker(Marker::KernelStackDropped)], 1),
+                (vec![Frame::Unknown { kernel: false }], 1),
+                (
+                    vec![native("main"), native("_PyEval_EvalFrameDefault"), Frame::Unknown { kernel: true }],
+                    4,
+                ),
+                (vec![py("f", "/srv/a b/app.py", 12), py("g", "<frozen importlib._bootstrap>", 100)], 5),
+            ],
+            ..Default::default()
+        }
+    }
+
+    /// The folded and SVG outputs are byte for byte those of the frame strings stoker
+    /// wrote before frames were typed (testdata/golden.*, written from those strings).
+    #[test]
+    fn folded_and_svg_bytes_are_unchanged() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/export/testdata");
+        for (format, file) in [(Format::Folded, "golden.folded"), (Format::Flamegraph, "golden.svg")] {
+            let mut out = Vec::new();
+            write(&every_kind(), format, &mut out).unwrap();
+            let expected = std::fs::read(dir.join(file)).unwrap();
+            assert!(out == expected, "{file} differs:\n{}", String::from_utf8_lossy(&out));
+        }
+    }
 }

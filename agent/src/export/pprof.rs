@@ -1,15 +1,14 @@
 //! The pprof format (`profile.proto`, gzipped) read by `go tool pprof` and Grafana
-//! Pyroscope, and the parser of stoker's frame strings into name, file and line.
+//! Pyroscope: a Function per (name, file), a Location per (function, line).
 use std::{
     collections::HashMap,
     io::Write,
-    sync::Arc,
     time::{Duration, SystemTime},
 };
 
 use prost::Message;
 
-use super::Profile;
+use crate::profile::{Frame, Profile};
 
 /// What a pprof profile carries beyond the stacks.
 #[derive(Debug, Clone, Copy)]
@@ -18,29 +17,6 @@ pub struct PprofMeta {
     pub rate_hz: u64,
     pub start: SystemTime,
     pub duration: Duration,
-}
-
-/// A frame string split into its parts: `qualname (file.py:line)` gives all three, any
-/// other frame (native, kernel, `[unknown]`, a synthetic root) only a name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct FrameParts<'a> {
-    pub name: &'a str,
-    pub file: Option<&'a str>,
-    pub line: Option<u32>,
-}
-
-/// Splits a frame string as stoker writes it (see the README's Python section).
-pub fn parse_frame(frame: &str) -> FrameParts<'_> {
-    let whole = FrameParts { name: frame, file: None, line: None };
-    let Some(inner) = frame.strip_suffix(')') else { return whole };
-    let Some((name, location)) = inner.rsplit_once(" (") else { return whole };
-    let Some((file, line)) = location.rsplit_once(':') else { return whole };
-    match line.parse::<u32>() {
-        Ok(line) if !name.is_empty() && !file.is_empty() => {
-            FrameParts { name, file: Some(file), line: Some(line) }
-        }
-        _ => whole,
-    }
 }
 
 /// Encodes the profile as a gzipped `profile.proto` message.
@@ -113,7 +89,7 @@ struct Builder {
     function_ids: HashMap<(i64, i64), u64>,
     locations: Vec<proto::Location>,
     location_ids: HashMap<(u64, i64), u64>,
-    frame_ids: HashMap<Arc<str>, u64>,
+    frame_ids: HashMap<Frame, u64>,
 }
 
 impl Builder {
@@ -128,13 +104,12 @@ impl Builder {
     }
 
     /// The location id of a frame (ids start at 1).
-    fn location(&mut self, frame: &Arc<str>) -> u64 {
+    fn location(&mut self, frame: &Frame) -> u64 {
         if let Some(&id) = self.frame_ids.get(frame) {
             return id;
         }
-        let parts = parse_frame(frame);
-        let name = self.string(parts.name);
-        let file = parts.file.map_or(0, |f| self.string(f));
+        let name = self.string(&frame.symbol());
+        let file = frame.file().map_or(0, |f| self.string(f));
         let function_id = *self.function_ids.entry((name, file)).or_insert_with(|| {
             let id = self.functions.len() as u64 + 1;
             self.functions.push(proto::Function {
@@ -146,7 +121,7 @@ impl Builder {
             });
             id
         });
-        let line = parts.line.map_or(0, i64::from);
+        let line = frame.line().map_or(0, i64::from);
         let id = *self.location_ids.entry((function_id, line)).or_insert_with(|| {
             let id = self.locations.len() as u64 + 1;
             let line = vec![proto::Line { function_id, line, column: 0 }];
@@ -293,44 +268,12 @@ mod tests {
 
     use super::*;
 
-    fn parts<'a>(name: &'a str, file: &'a str, line: u32) -> FrameParts<'a> {
-        FrameParts { name, file: Some(file), line: Some(line) }
+    fn py(function: &str, file: &str, line: u32) -> Frame {
+        Frame::Python { function: function.into(), file: file.into(), line }
     }
 
-    fn name_only(name: &str) -> FrameParts<'_> {
-        FrameParts { name, file: None, line: None }
-    }
-
-    #[test]
-    fn parses_python_native_kernel_and_synthetic_frames() {
-        let cases = [
-            (
-                "JSONEncoder.iterencode (json/encoder.py:258)",
-                parts("JSONEncoder.iterencode", "json/encoder.py", 258),
-            ),
-            ("<module> (/srv/app/main.py:1)", parts("<module>", "/srv/app/main.py", 1)),
-            ("f (C:/odd:path.py:7)", parts("f", "C:/odd:path.py", 7)),
-            (
-                "AsyncIterator (<frozen _collections_abc>:214)",
-                parts("AsyncIterator", "<frozen _collections_abc>", 214),
-            ),
-            ("<unknown code 0x55f0aa12>", name_only("<unknown code 0x55f0aa12>")),
-            ("_PyEval_EvalFrameDefault", name_only("_PyEval_EvalFrameDefault")),
-            ("libfoo.so+0x1234", name_only("libfoo.so+0x1234")),
-            ("[unknown]", name_only("[unknown]")),
-            ("read_zero_[k]", name_only("read_zero_[k]")),
-            ("python3.12 [pid 1234]", name_only("python3.12 [pid 1234]")),
-            ("MainThread (tid 1234)", name_only("MainThread (tid 1234)")),
-            ("worker (a:b)", name_only("worker (a:b)")),
-            ("[truncated]", name_only("[truncated]")),
-        ];
-        for (frame, expected) in cases {
-            assert_eq!(parse_frame(frame), expected, "{frame}");
-        }
-    }
-
-    fn stack(names: &[&str]) -> Vec<Arc<str>> {
-        names.iter().map(|n| Arc::from(*n)).collect()
+    fn native(function: &str) -> Frame {
+        Frame::Native { function: function.into() }
     }
 
     fn meta() -> PprofMeta {
@@ -345,10 +288,10 @@ mod tests {
     fn deduplicates_functions_locations_and_strings() {
         let profile = Profile {
             stacks: vec![
-                (stack(&["main", "f (a.py:1)", "hot_a"]), 3),
-                (stack(&["main", "f (a.py:2)", "hot_a"]), 2),
-                (stack(&["main", "f (a.py:1)", "hot_a"]), 4),
-                (stack(&["main"]), 0),
+                (vec![native("main"), py("f", "a.py", 1), native("hot_a")], 3),
+                (vec![native("main"), py("f", "a.py", 2), native("hot_a")], 2),
+                (vec![native("main"), py("f", "a.py", 1), native("hot_a")], 4),
+                (vec![native("main")], 0),
             ],
             ..Default::default()
         };
@@ -390,7 +333,7 @@ mod tests {
     fn encodes_gzipped_protobuf_that_decodes_back() {
         let profile = Profile {
             title: "stoker: test".into(),
-            stacks: vec![(stack(&["main", "hot_b"]), 5)],
+            stacks: vec![(vec![native("main"), native("hot_b")], 5)],
             ..Default::default()
         };
         let bytes = encode(&profile, &meta());

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
-use super::{Profile, pprof::parse_frame};
+use crate::profile::{self, Profile};
 
 pub const SCHEMA: &str = "https://www.speedscope.app/file-format-schema.json";
 
@@ -54,7 +54,7 @@ pub struct SampledProfile {
 /// The profile as a speedscope file; identical frames share one entry.
 pub fn build(profile: &Profile) -> File {
     let mut frames: Vec<Frame> = Vec::new();
-    let mut frame_index: HashMap<&str, usize> = HashMap::new();
+    let mut frame_index: HashMap<&profile::Frame, usize> = HashMap::new();
     let mut by_parts: HashMap<Frame, usize> = HashMap::new();
     let mut samples: Vec<Vec<usize>> = Vec::new();
     let mut weights: Vec<u64> = Vec::new();
@@ -66,12 +66,11 @@ pub fn build(profile: &Profile) -> File {
         let indices: Vec<usize> = stack
             .iter()
             .map(|f| {
-                *frame_index.entry(&**f).or_insert_with(|| {
-                    let parts = parse_frame(f);
+                *frame_index.entry(f).or_insert_with(|| {
                     let frame = Frame {
-                        name: parts.name.to_string(),
-                        file: parts.file.map(str::to_string),
-                        line: parts.line,
+                        name: f.symbol().into_owned(),
+                        file: f.file().map(str::to_string),
+                        line: f.line(),
                     };
                     *by_parts.entry(frame.clone()).or_insert_with(|| {
                         frames.push(frame);
@@ -116,20 +115,20 @@ pub fn write(profile: &Profile, out: &mut dyn std::io::Write) -> std::io::Result
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
+    use crate::profile::Frame as F;
 
     #[test]
     fn shares_frames_and_keeps_weights() {
-        let f = |names: &[&str]| names.iter().map(|n| Arc::from(*n)).collect::<Vec<Arc<str>>>();
+        let native = |f: &str| F::Native { function: f.into() };
+        let work = F::Python { function: "work".into(), file: "app.py".into(), line: 3 };
         let profile = Profile {
             title: "stoker: app (pid 1)".into(),
             stacks: vec![
-                (f(&["main", "work (app.py:3)", "hot_a"]), 3),
-                (f(&["main", "hot_a"]), 2),
-                (f(&["main", "work (app.py:3)", "hot_a"]), 1),
-                (f(&["main"]), 0),
+                (vec![native("main"), work.clone(), native("hot_a")], 3),
+                (vec![native("main"), native("hot_a")], 2),
+                (vec![native("main"), work, native("hot_a")], 1),
+                (vec![native("main")], 0),
             ],
             ..Default::default()
         };

@@ -6,7 +6,9 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
-use agent_ebpf::{NET_ROLE_CLIENT, NET_ROLE_SERVER};
+use agent_ebpf::{MAP_NET_CONNS, NET_ROLE_CLIENT, NET_ROLE_SERVER, NetConn};
+
+use crate::{error::Result, programs::KernelPrograms};
 
 /// One established TCP connection of a process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,12 +38,12 @@ pub struct Adopter {
 impl Adopter {
     /// Adopts the connections of the processes in `live` not seen before; forgets those
     /// that are gone (a reused PID is a new process).
-    pub fn adopt_new(&mut self, sampler: &mut crate::sampling::Sampler, live: &[u32]) {
+    pub fn adopt_new(&mut self, programs: &mut KernelPrograms, live: &[u32]) {
         let alive: HashSet<u32> = live.iter().copied().collect();
         self.done.retain(|pid| alive.contains(pid));
         for &pid in live {
             if self.done.insert(pid) {
-                match sampler.adopt_connections(pid, &established(pid)) {
+                match adopt(programs, pid, &established(pid)) {
                     Ok(0) => {}
                     Ok(n) => {
                         tracing::info!("pid {pid}: following {n} connections opened before it was watched")
@@ -51,6 +53,50 @@ impl Adopter {
             }
         }
     }
+}
+
+/// Hands process `pid`'s already established connections to the network programs
+/// (which otherwise learn sockets from accept and connect); returns how many.
+fn adopt(programs: &mut KernelPrograms, pid: u32, found: &[Established]) -> Result<usize> {
+    let mut conns: aya::maps::HashMap<_, u64, NetConn> = programs.map_mut(MAP_NET_CONNS)?;
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: ts is a valid timespec to write into. The kernel's clock is CLOCK_MONOTONIC.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    let now = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+    let mut adopted = 0;
+    for e in found {
+        let (family, addr) = match e.peer.ip() {
+            std::net::IpAddr::V4(ip) => {
+                let mut addr = [0u8; 16];
+                addr[..4].copy_from_slice(&ip.octets());
+                (libc::AF_INET as u16, addr)
+            }
+            std::net::IpAddr::V6(ip) => (libc::AF_INET6 as u16, ip.octets()),
+        };
+        let conn = NetConn {
+            start_ns: 0,
+            resp_first_ns: 0,
+            resp_last_ns: 0,
+            req_bytes: 0,
+            resp_bytes: 0,
+            opened_ns: now,
+            addr,
+            port: e.peer.port(),
+            family,
+            role: e.role,
+            phase: agent_ebpf::NET_PHASE_IDLE,
+            status: 0,
+            method: agent_ebpf::http_method::NONE,
+            path_len: 0,
+            path: [0; agent_ebpf::NET_PATH_LEN],
+        };
+        let key = u64::from(pid) << 32 | u64::from(e.fd);
+        // BPF_NOEXIST: a socket the programs already follow is left as it is.
+        if conns.insert(key, conn, 1).is_ok() {
+            adopted += 1;
+        }
+    }
+    Ok(adopted)
 }
 
 const ESTABLISHED: u8 = 0x01;

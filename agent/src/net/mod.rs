@@ -10,15 +10,16 @@ pub mod spans;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use agent_ebpf::{
-    MAP_NET_EVENTS, NET_RING_HEAD, NET_RING_SLOTS, NET_RING_TAIL, NetEvent, NetOffsets, PROG_NET_RETRANSMIT,
-    PROG_NET_SOCK_STATE, PROG_NET_SYS_EXIT,
+    MAP_NET_CONNS, MAP_NET_EVENTS, NET_RING_HEAD, NET_RING_SLOTS, NET_RING_TAIL, NetConn, NetEvent,
+    PROG_NET_RETRANSMIT, PROG_NET_SOCK_STATE, PROG_NET_SYS_EXIT,
 };
-use aya::{Ebpf, programs::TracePoint};
+use aya::programs::TracePoint;
 
 pub use self::aggregate::{Aggregator, Direction, NetMetrics, RequestKey};
 use crate::{
-    error::{Error, Result, one_line},
-    sys::{btf::Btf, mmap::MappedArray, tracefs},
+    error::{Error, Result},
+    programs::{KernelPrograms, attach::tracepoint as attach_tracepoint, net_layout::event_slots},
+    sys::{mmap::MappedArray, tracefs},
 };
 
 /// The socket system calls followed at their exit (`sys_exit_*`), where the return value and
@@ -28,51 +29,10 @@ pub const SYSCALLS: [&str; 12] = [
     "connect", "close",
 ];
 
-/// The kernel structs whose member offsets the network programs need.
-pub const BTF_STRUCTS: &[&str] = &["tcp_sock"];
-
-/// Record field offsets from the tracepoints' format files and `tcp_sock` member offsets
-/// from BTF. Unknown record fields keep the layout of current kernels; unknown members are
-/// 0 (RTT and bytes are then not read).
-pub fn offsets(btf: Option<&Btf>) -> NetOffsets {
-    let mut o = NetOffsets::CURRENT_KERNELS;
-    let field = |cat: &str, event: &str, name: &str, slot: &mut u32| {
-        if let Ok(off) = tracefs::field_offset(cat, event, name) {
-            *slot = off;
-        }
-    };
-    let sk = [
-        ("skaddr", &mut o.sk_skaddr),
-        ("oldstate", &mut o.sk_oldstate),
-        ("newstate", &mut o.sk_newstate),
-        ("dport", &mut o.sk_dport),
-        ("family", &mut o.sk_family),
-        ("protocol", &mut o.sk_protocol),
-        ("daddr", &mut o.sk_daddr),
-        ("daddr_v6", &mut o.sk_daddr_v6),
-    ];
-    for (name, slot) in sk {
-        field("sock", "inet_sock_set_state", name, slot);
-    }
-    field("tcp", "tcp_retransmit_skb", "skaddr", &mut o.rt_skaddr);
-    if let Some(btf) = btf {
-        let member = |m: &str| btf.member_offset("tcp_sock", m).unwrap_or(0);
-        o.tcp_srtt_us = member("srtt_us");
-        o.tcp_bytes_received = member("bytes_received");
-        o.tcp_bytes_acked = member("bytes_acked");
-    }
-    o
-}
-
 /// How often the event rings are drained while a session or the agent waits for its next
 /// tick: a CPU's ring holds `NET_RING_SLOTS` events, so this bounds the requests one CPU can
 /// complete before events are lost (2048 in 25 ms: 80,000 per second).
 pub const DRAIN_EVERY: std::time::Duration = std::time::Duration::from_millis(25);
-
-/// Elements of the `NET_EVENTS` array for `cpus` CPU ids: a header and the slots per CPU.
-pub fn event_slots(cpus: u32) -> u32 {
-    cpus * (NET_RING_SLOTS + 1)
-}
 
 /// The attached network programs and their event stream.
 pub struct NetTracer {
@@ -84,9 +44,10 @@ pub struct NetTracer {
 }
 
 impl NetTracer {
-    /// Loads and attaches the network programs of a loaded object (the `Sampler`'s, so they
-    /// share its target filter and counters).
-    pub fn attach(ebpf: &mut Ebpf) -> Result<Self> {
+    /// Loads and attaches the network programs of the loaded object (so they share its
+    /// target filter and counters).
+    pub fn attach(programs: &mut KernelPrograms) -> Result<Self> {
+        let ebpf = programs.ebpf_mut();
         if !cfg!(target_arch = "x86_64") {
             return Err(Error::KernelFeature {
                 feature: "network tracing",
@@ -95,27 +56,13 @@ impl NetTracer {
         }
         tracefs::ensure_mounted()
             .map_err(|e| Error::KernelFeature { feature: "tracefs (tracepoints)", detail: e.to_string() })?;
-        let mut attach = |name: &'static str, points: &[(&str, String)]| -> Result<()> {
-            let prog: &mut TracePoint = ebpf
-                .program_mut(name)
-                .and_then(|p| p.try_into().ok())
-                .ok_or(Error::Ebpf { what: "kernel program missing", detail: name.into() })?;
-            prog.load()
-                .map_err(|e| Error::Ebpf { what: "loading a network program", detail: one_line(&e) })?;
-            for (category, event) in points {
-                prog.attach(category, event).map_err(|e| Error::KernelFeature {
-                    feature: "the socket and TCP tracepoints",
-                    detail: format!("{category}:{event}: {}", one_line(&e)),
-                })?;
-            }
-            Ok(())
-        };
-        let sys = |dir: &str, calls: &[&str]| {
-            calls.iter().map(|s| ("syscalls", format!("sys_{dir}_{s}"))).collect::<Vec<_>>()
-        };
-        attach(PROG_NET_SYS_EXIT, &sys("exit", &SYSCALLS))?;
-        attach(PROG_NET_SOCK_STATE, &[("sock", "inet_sock_set_state".into())])?;
-        attach(PROG_NET_RETRANSMIT, &[("tcp", "tcp_retransmit_skb".into())])?;
+        let feature = "the socket and TCP tracepoints";
+        let loading = "loading a network program";
+        let exits: Vec<String> = SYSCALLS.iter().map(|s| format!("sys_exit_{s}")).collect();
+        let exits: Vec<(&str, &str)> = exits.iter().map(|e| ("syscalls", e.as_str())).collect();
+        attach_tracepoint(ebpf, PROG_NET_SYS_EXIT, &exits, feature, loading)?;
+        attach_tracepoint(ebpf, PROG_NET_SOCK_STATE, &[("sock", "inet_sock_set_state")], feature, loading)?;
+        attach_tracepoint(ebpf, PROG_NET_RETRANSMIT, &[("tcp", "tcp_retransmit_skb")], feature, loading)?;
         let map = ebpf
             .map(MAP_NET_EVENTS)
             .ok_or(Error::Ebpf { what: "kernel map missing", detail: MAP_NET_EVENTS.into() })?;
@@ -166,7 +113,8 @@ impl NetTracer {
     }
 
     /// Total run time and run count of the network programs (with BPF statistics on).
-    pub fn kernel_cost(&self, ebpf: &mut Ebpf) -> Option<(std::time::Duration, u64)> {
+    pub fn kernel_cost(&self, programs: &mut KernelPrograms) -> Option<(std::time::Duration, u64)> {
+        let ebpf = programs.ebpf_mut();
         let mut total = (std::time::Duration::ZERO, 0);
         for name in &self.programs {
             let prog: &mut TracePoint = ebpf.program_mut(name)?.try_into().ok()?;
@@ -178,15 +126,13 @@ impl NetTracer {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn finds_tcp_sock_members_in_this_kernel() {
-        let btf = Btf::from_sys_fs(BTF_STRUCTS).expect("this kernel exposes BTF");
-        let o = offsets(Some(&btf));
-        assert!(o.tcp_srtt_us > 1000, "tcp_sock.srtt_us at {}", o.tcp_srtt_us);
-        assert!(o.tcp_bytes_received > 1000 && o.tcp_bytes_acked > 1000, "{o:?}");
+/// Forgets the sockets process `pid` left open (it exited): a later process with its PID
+/// starts with none.
+pub fn forget_process(programs: &mut KernelPrograms, pid: u32) -> Result<()> {
+    let mut conns: aya::maps::HashMap<_, u64, NetConn> = programs.map_mut(MAP_NET_CONNS)?;
+    let stale: Vec<u64> = conns.keys().filter_map(|k| k.ok()).filter(|k| (k >> 32) as u32 == pid).collect();
+    for key in stale {
+        let _ = conns.remove(&key);
     }
+    Ok(())
 }

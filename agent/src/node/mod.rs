@@ -31,19 +31,16 @@ use self::{
     state::{ProcessMetrics, Snapshot},
 };
 use crate::{
+    collect::{Collector, Tracker, View},
     error::{Error, Result},
-    export::Profile,
     k8s::{
         client::{ApiConfig, Client},
         lookup::PodLookup,
         pods::Placement,
     },
     net::{Aggregator, NetMetrics, NetTracer, existing::Adopter, spans::SpanSampler},
-    record::{
-        collect::{Collector, View},
-        tracker::Tracker,
-    },
-    sampling::Sampler,
+    profile::{Frame, Profile},
+    programs::KernelPrograms,
     sys::process,
 };
 
@@ -71,13 +68,13 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
 
     let selection = Selection::new(&config.select);
     let lookup = start_lookup(config, &selection, env)?;
-    let mut sampler = Sampler::load(false)?;
-    sampler.start(config.sample_rate_hz)?;
-    if let Err(e) = sampler.watch_execs() {
+    let mut kernel = KernelPrograms::load(false)?;
+    kernel.start(config.sample_rate_hz)?;
+    if let Err(e) = kernel.watch_execs() {
         tracing::warn!("new processes are found by scanning /proc only: {e}");
     }
     let mut net = match config.network.enabled {
-        true => match NetTracer::attach(sampler.ebpf_mut()) {
+        true => match NetTracer::attach(&mut kernel) {
             Ok(tracer) => {
                 let mut aggregator = Aggregator::new();
                 let s = &config.network.spans;
@@ -138,27 +135,27 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
             None => std::thread::sleep(TICK),
         }
         let stopping = stop.load(Ordering::Relaxed);
-        tracker.update(&mut sampler, &mut collector)?;
+        tracker.update(&mut kernel, &mut collector)?;
         let live = tracker.live_targets();
         agent.observe(&live, &tracker);
         if net.is_some() {
-            adopter.adopt_new(&mut sampler, &live);
+            adopter.adopt_new(&mut kernel, &live);
         }
         if stopping || last_export.elapsed() >= config.export_interval {
             let elapsed = last_export.elapsed();
             last_export = Instant::now();
-            collector.collect(&sampler, &live, true)?;
+            collector.collect(&kernel, &live, true)?;
             agent.update(&collector, &tracker, &live, elapsed);
             let mut spans = Vec::new();
             if let Some((_, aggregator)) = net.as_mut() {
                 agent.fold_network(&aggregator.take_interval());
-                if let Some(sampler) = aggregator.spans.as_mut() {
-                    spans = sampler.take();
-                    agent.spans_dropped = sampler.dropped;
+                if let Some(span_sampler) = aggregator.spans.as_mut() {
+                    spans = span_sampler.take();
+                    agent.spans_dropped = span_sampler.dropped;
                 }
             }
             if collector.counts().len() as u64 > u64::from(COUNTS_CAPACITY) * 3 / 4 {
-                sampler.clear_counts()?;
+                kernel.clear_counts()?;
                 collector.forget_stacks(&live);
                 agent.last.clear();
             }
@@ -167,7 +164,7 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
                 guard.time = Some(SystemTime::now());
                 guard.processes = agent.processes.clone();
                 let exporters = [&metrics, &profiles, &pyroscope, &traces].into_iter().flatten();
-                guard.health = agent.health(&sampler, exporters, live.len());
+                guard.health = agent.health(&kernel, exporters, live.len());
                 guard.clone()
             };
             if let Some(exporter) = &metrics {
@@ -316,7 +313,7 @@ impl Interval {
                 for (frames, n) in &profile.stacks {
                     let cpu = *n as f64 / self.rate_hz;
                     seconds += cpu;
-                    if let Some(function) = frames.last().and_then(|f| python_function(f)) {
+                    if let Some(function) = frames.last().and_then(python_function) {
                         *p.functions.entry(function).or_default() += cpu;
                     }
                 }
@@ -387,11 +384,11 @@ impl Interval {
     /// The agent's counters; export failures and drops summed over every exporter.
     fn health<'a>(
         &self,
-        sampler: &Sampler,
+        kernel: &KernelPrograms,
         exporters: impl Iterator<Item = &'a Exporter>,
         processes: usize,
     ) -> state::Health {
-        let stats = sampler.stats().unwrap_or_default();
+        let stats = kernel.stats().unwrap_or_default();
         let (mut failures, mut dropped) = (0, 0);
         for e in exporters {
             failures += e.stats.failures.load(Ordering::Relaxed);
@@ -409,10 +406,9 @@ impl Interval {
     }
 }
 
-/// `qualname (file.py)` of a Python frame `qualname (file.py:line)`; None for others.
-fn python_function(frame: &str) -> Option<String> {
-    let parts = crate::export::pprof::parse_frame(frame);
-    Some(format!("{} ({})", parts.name, parts.file?))
+/// `qualname (file.py)` of a Python frame, the function without its line; None for others.
+fn python_function(frame: &Frame) -> Option<String> {
+    Some(format!("{} ({})", frame.function()?, frame.file()?))
 }
 
 /// `k=v,k=v` as in OTEL_RESOURCE_ATTRIBUTES (values may be percent-encoded; kept as is).
@@ -449,8 +445,9 @@ mod tests {
 
     #[test]
     fn python_functions_drop_the_line() {
-        assert_eq!(python_function("Foo.bar (app/x.py:12)").as_deref(), Some("Foo.bar (app/x.py)"));
-        assert_eq!(python_function("_PyEval_EvalFrameDefault"), None);
-        assert_eq!(python_function("read_zero_[k]"), None);
+        let py = Frame::Python { function: "Foo.bar".into(), file: "app/x.py".into(), line: 12 };
+        assert_eq!(python_function(&py).as_deref(), Some("Foo.bar (app/x.py)"));
+        assert_eq!(python_function(&Frame::Native { function: "_PyEval_EvalFrameDefault".into() }), None);
+        assert_eq!(python_function(&Frame::Kernel { function: "read_zero".into() }), None);
     }
 }

@@ -2,7 +2,6 @@
 //! one ExportProfilesServiceRequest, a ResourceProfiles per process over one dictionary.
 use std::{
     collections::HashMap,
-    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -17,12 +16,12 @@ use opentelemetry_proto::tonic::{
 };
 
 use super::state::{Snapshot, kv, nanos};
-use crate::export::{self, pprof::parse_frame};
+use crate::profile::{self, Frame, FrameKind};
 
 /// The request for this interval's profiles (`rate_hz` gives the period); None when no
 /// process was sampled.
 pub fn request(
-    profiles: &HashMap<u32, export::Profile>,
+    profiles: &HashMap<u32, profile::Profile>,
     snapshot: &Snapshot,
     rate_hz: u64,
     interval: Duration,
@@ -99,7 +98,7 @@ struct Dictionary {
     functions: HashMap<(i32, i32), i32>,
     locations: HashMap<(i32, i64, i32), i32>,
     stacks: HashMap<Vec<i32>, i32>,
-    frames: HashMap<Arc<str>, i32>,
+    frames: HashMap<Frame, i32>,
     frame_types: HashMap<&'static str, i32>,
 }
 
@@ -137,7 +136,7 @@ impl Dictionary {
     }
 
     /// A stack of frames root to leaf, stored leaf first as the format wants.
-    fn stack(&mut self, frames: &[Arc<str>]) -> i32 {
+    fn stack(&mut self, frames: &[Frame]) -> i32 {
         let locations: Vec<i32> = frames.iter().rev().map(|f| self.frame(f)).collect();
         if let Some(&i) = self.stacks.get(&locations) {
             return i;
@@ -148,20 +147,21 @@ impl Dictionary {
         i
     }
 
-    /// The location of a frame string: a function (name, file) at a line, typed by the
-    /// `profile.frame.type` attribute (`cpython`, `kernel` or `native`).
-    fn frame(&mut self, frame: &Arc<str>) -> i32 {
+    /// The location of a frame: a function (name, file) at a line, typed by the
+    /// `profile.frame.type` attribute (`cpython`, `kernel`, `native`, or `abort-marker`
+    /// for the marks of a cut or lost stack, as the OpenTelemetry eBPF profiler names them).
+    fn frame(&mut self, frame: &Frame) -> i32 {
         if let Some(&i) = self.frames.get(frame) {
             return i;
         }
-        let parts = parse_frame(frame);
-        let (name, kind) = match (parts.file, frame.strip_suffix("_[k]")) {
-            (Some(_), _) => (parts.name, "cpython"),
-            (None, Some(kernel)) => (kernel, "kernel"),
-            (None, None) => (parts.name, "native"),
+        let kind = match frame.kind() {
+            FrameKind::Python => "cpython",
+            FrameKind::Kernel => "kernel",
+            FrameKind::Native => "native",
+            FrameKind::Synthetic => "abort-marker",
         };
-        let name = self.string(name);
-        let file = parts.file.map_or(0, |f| self.string(f));
+        let name = self.string(&frame.name());
+        let file = frame.file().map_or(0, |f| self.string(f));
         let function = match self.functions.get(&(name, file)) {
             Some(&i) => i,
             None => {
@@ -177,7 +177,7 @@ impl Dictionary {
                 i
             }
         };
-        let line = parts.line.map_or(0, i64::from);
+        let line = frame.line().map_or(0, i64::from);
         let kind = self.frame_type(kind);
         let location = match self.locations.get(&(function, line, kind)) {
             Some(&i) => i,
@@ -218,11 +218,13 @@ mod tests {
 
     #[test]
     fn stacks_resolve_through_the_dictionary() {
-        let frames = |names: &[&str]| names.iter().map(|n| Arc::from(*n)).collect::<Vec<Arc<str>>>();
-        let profile = export::Profile {
+        let py =
+            |function: &str, line| Frame::Python { function: function.into(), file: "app.py".into(), line };
+        let kernel = Frame::Kernel { function: "do_syscall_64".into() };
+        let profile = profile::Profile {
             stacks: vec![
-                (frames(&["<module> (app.py:3)", "burn (app.py:10)"]), 5),
-                (frames(&["<module> (app.py:3)", "burn (app.py:10)", "do_syscall_64_[k]"]), 2),
+                (vec![py("<module>", 3), py("burn", 10)], 5),
+                (vec![py("<module>", 3), py("burn", 10), kernel], 2),
             ],
             ..Default::default()
         };

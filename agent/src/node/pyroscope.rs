@@ -5,9 +5,9 @@ use std::{collections::HashMap, time::Duration};
 use base64::Engine;
 
 use super::{exporter::Exporter, state::Snapshot, transport::Destination};
-use crate::export::{
-    Profile,
-    pprof::{self, PprofMeta},
+use crate::{
+    export::pprof::{self, PprofMeta},
+    profile::Profile,
 };
 
 /// The exporter for a Pyroscope server at `url`.

@@ -1,12 +1,12 @@
 //! CPython support: recognizing Python processes, configuring the kernel walker for
-//! their version, and turning sampled frames into `qualname (file.py:line)` names.
+//! their version, and turning sampled frames into Python frames (qualname, file, line).
 pub mod code;
 pub mod detect;
 pub mod layout;
 pub mod linetable;
 pub mod mem;
 
-use std::{collections::HashMap, sync::Arc};
+use std::collections::HashMap;
 
 use agent_ebpf::{
     NO_FIELD, PY_FRAME_CHUNK, PY_FRAME_ENTRY, PY_PROC_NATIVE, PY_STACK_READ_ERROR, PY_STACK_TRUNCATED,
@@ -18,6 +18,7 @@ use self::{
     detect::PythonProcess,
     layout::{InstrKind, Layout},
 };
+use crate::profile::Frame;
 
 /// The kernel walker's configuration for one process; `native` also records native
 /// stacks of samples that have Python frames.
@@ -71,16 +72,16 @@ fn frame_read_size(l: &Layout) -> u32 {
 
 /// A symbolized Python frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PyFrameName {
-    pub name: Arc<str>,
+pub struct PyFrame {
+    pub frame: Frame,
     /// First frame of its own C-level eval call (where `--native` splices it in).
     pub entry: bool,
 }
 
 /// Symbolized Python stack, leaf first, and whether its root end is missing.
 #[derive(Debug, Clone, Default)]
-pub struct PyStackNames {
-    pub frames: Vec<PyFrameName>,
+pub struct PyFrames {
+    pub frames: Vec<PyFrame>,
     pub truncated: bool,
 }
 
@@ -103,27 +104,31 @@ impl PySymbolizer {
         self.readers.contains_key(&pid)
     }
 
-    pub fn stack(&mut self, pid: u32, stack: &PyStack) -> PyStackNames {
+    pub fn stack(&mut self, pid: u32, stack: &PyStack) -> PyFrames {
         let len = (stack.len as usize).min(stack.frames.len());
         let truncated = stack.flags & (PY_STACK_TRUNCATED | PY_STACK_READ_ERROR) != 0;
         let Some(reader) = self.readers.get_mut(&pid) else {
-            return PyStackNames::default();
+            return PyFrames::default();
         };
         let frames = stack.frames[..len]
             .iter()
             .map(|f| {
-                let name: Arc<str> = match reader.code(f.code, f.first_line()) {
+                let frame = match reader.code(f.code, f.first_line()) {
                     Some(code) => {
                         let file =
                             if self.full_filenames { &code.filename } else { short_filename(&code.filename) };
-                        format!("{} ({}:{})", code.name, file, code.line(f.instr_offset)).into()
+                        Frame::Python {
+                            function: code.name.as_str().into(),
+                            file: file.into(),
+                            line: code.line(f.instr_offset),
+                        }
                     }
-                    None => format!("<unknown code {:#x}>", f.code).into(),
+                    None => Frame::PythonUnreadable { code: f.code },
                 };
-                PyFrameName { name, entry: f.flags() & PY_FRAME_ENTRY != 0 }
+                PyFrame { frame, entry: f.flags() & PY_FRAME_ENTRY != 0 }
             })
             .collect();
-        PyStackNames { frames, truncated }
+        PyFrames { frames, truncated }
     }
 }
 

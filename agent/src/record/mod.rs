@@ -1,9 +1,7 @@
 //! `stoker record`: an on-demand sampling session over given PIDs or a launched command,
 //! ending at a deadline, on Ctrl-C or when the targets exit, and always writing its output.
-pub mod collect;
 mod status;
 pub mod target;
-pub mod tracker;
 
 use std::{
     fs::File,
@@ -17,17 +15,14 @@ use std::{
 
 use agent_ebpf::{TARGET_FOLLOW, TARGET_SAMPLE};
 
-use self::{
-    collect::{Collector, View},
-    status::StatusLine,
-    target::Target,
-    tracker::Tracker,
-};
+use self::{status::StatusLine, target::Target};
 use crate::{
+    collect::{Collector, Tracker, View},
     error::{Error, Result},
     export::{self, Format},
     net::{Aggregator, NetTracer, existing::Adopter, report::NetReport},
-    sampling::{Sampler, Stats},
+    profile::Frame,
+    programs::{KernelPrograms, Stats},
 };
 
 /// What to record and where to write it.
@@ -72,7 +67,7 @@ pub struct Summary {
     pub elapsed: Duration,
     pub stats: Stats,
     pub end: EndReason,
-    pub top: Vec<(Arc<str>, u64)>,
+    pub top: Vec<(Frame, u64)>,
     /// Sampling program's total kernel time and run count (with `kernel_stats`).
     pub kernel_cost: Option<(Duration, u64)>,
     /// Network report (with `net`) and where its JSON was written.
@@ -108,28 +103,28 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
     // Fail on an unwritable path now, not after the session.
     let file = File::create(&output).map_err(|source| Error::Output { path: output.clone(), source })?;
 
-    let mut sampler = Sampler::load(opts.kernel_stats)?;
+    let mut kernel = KernelPrograms::load(opts.kernel_stats)?;
     if opts.subprocesses {
-        sampler.follow_children()?;
+        kernel.follow_children()?;
     }
     if opts.kernel_stats {
-        sampler.enable_kernel_stats()?;
+        kernel.enable_kernel_stats()?;
     }
     if opts.all_python
-        && let Err(e) = sampler.watch_execs()
+        && let Err(e) = kernel.watch_execs()
     {
         tracing::warn!("new processes are found by scanning /proc only: {e}");
     }
-    sampler.start(opts.rate_hz)?;
+    kernel.start(opts.rate_hz)?;
     let mut net = match opts.net {
-        true => Some((NetTracer::attach(sampler.ebpf_mut())?, Aggregator::new(), Adopter::default())),
+        true => Some((NetTracer::attach(&mut kernel)?, Aggregator::new(), Adopter::default())),
         false => None,
     };
     let flags = if opts.subprocesses { TARGET_SAMPLE | TARGET_FOLLOW } else { TARGET_SAMPLE };
     let mut tracker = Tracker::new(opts.all_python, opts.native);
     let mut collector = Collector::new(opts.full_filenames);
     for target in &mut targets {
-        sampler.add_target(target.pid(), flags)?;
+        kernel.add_target(target.pid(), flags)?;
         if target.has_exited() {
             return Err(Error::ExitedBeforeAttach(target.pid()));
         }
@@ -137,15 +132,15 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
     }
     if !opts.command.is_empty() {
         let mut launched = target::Launched::spawn(&opts.command)?;
-        sampler.add_target(launched.pid, flags)?;
+        kernel.add_target(launched.pid, flags)?;
         launched.release()?;
         tracker.add(launched.pid);
-        tracker.settle(launched.pid, LAUNCH_SETTLE, &mut sampler, &mut collector)?;
+        tracker.settle(launched.pid, LAUNCH_SETTLE, &mut kernel, &mut collector)?;
         targets.push(Target::Launched(launched));
     }
 
     if let Some((_, _, adopter)) = net.as_mut() {
-        adopter.adopt_new(&mut sampler, &tracker.live_targets());
+        adopter.adopt_new(&mut kernel, &tracker.live_targets());
     }
     let started = Instant::now();
     let started_at = SystemTime::now();
@@ -153,7 +148,7 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
     status.started(opts.rate_hz, opts.net);
     let mut last_collect = Instant::now();
     let end = loop {
-        tracker.update(&mut sampler, &mut collector)?;
+        tracker.update(&mut kernel, &mut collector)?;
         match net.as_mut() {
             Some((tracer, agg, _)) => tracer.sleep_draining(agg, TICK),
             None => std::thread::sleep(TICK),
@@ -170,15 +165,15 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
             None
         };
         if let Some((_, _, adopter)) = net.as_mut() {
-            adopter.adopt_new(&mut sampler, &tracker.live_targets());
+            adopter.adopt_new(&mut kernel, &tracker.live_targets());
         }
         let every = if elapsed < START { COLLECT_EVERY_AT_START } else { COLLECT_EVERY };
         if end.is_some() || last_collect.elapsed() >= every {
-            collector.collect(&sampler, &tracker.live_targets(), end.is_some())?;
-            sampler.flush_logs();
+            collector.collect(&kernel, &tracker.live_targets(), end.is_some())?;
+            kernel.flush_logs();
             last_collect = Instant::now();
         }
-        let stats = sampler.stats().unwrap_or_default();
+        let stats = kernel.stats().unwrap_or_default();
         status.show(elapsed, stats.samples, stats);
         if let Some(end) = end {
             break end;
@@ -193,15 +188,15 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
             l.terminate(Duration::from_secs(2));
         }
     }
-    let stats = sampler.stats()?;
-    let kernel_cost = sampler.kernel_cost();
+    let stats = kernel.stats()?;
+    let kernel_cost = kernel.kernel_cost();
     let net_kernel_cost = match (&net, opts.kernel_stats) {
-        (Some((tracer, _, _)), true) => tracer.kernel_cost(sampler.ebpf_mut()),
+        (Some((tracer, _, _)), true) => tracer.kernel_cost(&mut kernel),
         _ => None,
     };
     // Measured after the programs' own statistics were read, so it adds no runs to them.
     let stats_floor = match opts.kernel_stats {
-        true => sampler.stats_floor().inspect_err(|e| tracing::warn!("{e}")).ok(),
+        true => kernel.stats_floor().inspect_err(|e| tracing::warn!("{e}")).ok(),
         false => None,
     };
     let net = match net.as_mut() {

@@ -4,7 +4,7 @@ use std::{
     time::Duration,
 };
 
-use crate::sampling::Stats;
+use crate::programs::Stats;
 
 pub struct StatusLine {
     enabled: bool,

@@ -1,4 +1,4 @@
-//! Turns sampled addresses into frame names: user addresses through a snapshot of the
+//! Turns sampled addresses into frames: user addresses through a snapshot of the
 //! process's mappings and blazesym on the mapped files, kernel addresses through kallsyms.
 pub mod maps;
 
@@ -13,12 +13,7 @@ use blazesym::{
 };
 
 use self::maps::{Mapping, ProcMaps};
-use crate::sys::process;
-
-/// Suffix that marks kernel frames, as in perf's and inferno's folded stacks.
-pub const KERNEL_SUFFIX: &str = "_[k]";
-/// Name of a frame nothing is known about.
-pub const UNKNOWN: &str = "[unknown]";
+use crate::{profile::Frame, sys::process};
 
 struct ProcState {
     maps: ProcMaps,
@@ -31,8 +26,8 @@ struct ProcState {
 pub struct Symbolizer {
     blaze: Blaze,
     procs: HashMap<u32, ProcState>,
-    user_names: HashMap<(Arc<PathBuf>, u64), Arc<str>>,
-    kernel_names: HashMap<u64, Arc<str>>,
+    user_names: HashMap<(Arc<PathBuf>, u64), Frame>,
+    kernel_names: HashMap<u64, Frame>,
 }
 
 impl Default for Symbolizer {
@@ -58,8 +53,8 @@ impl Symbolizer {
         }
     }
 
-    /// Names for a user stack given leaf first; returned leaf first.
-    pub fn user_frames(&mut self, pid: u32, ips: &[u64]) -> Vec<Arc<str>> {
+    /// Frames of a user stack given leaf first; returned leaf first.
+    pub fn user_frames(&mut self, pid: u32, ips: &[u64]) -> Vec<Frame> {
         if !self.procs.contains_key(&pid) {
             self.refresh(pid);
         }
@@ -77,16 +72,16 @@ impl Symbolizer {
             }
             out.push(match mapping {
                 Some(m) => self.user_name(pid, &m, addr),
-                None => Arc::from(UNKNOWN),
+                None => Frame::Unknown { kernel: false },
             });
         }
         out
     }
 
-    fn user_name(&mut self, pid: u32, m: &Mapping, addr: u64) -> Arc<str> {
+    fn user_name(&mut self, pid: u32, m: &Mapping, addr: u64) -> Frame {
         let file_offset = addr - m.start + m.file_offset;
         let Some(path) = &m.path else {
-            return Arc::from(format!("{}+{:#x}", m.name, addr - m.start));
+            return Frame::NativeUnnamed { module: m.name.clone(), offset: addr - m.start };
         };
         let key = (path.clone(), file_offset);
         if let Some(name) = self.user_names.get(&key) {
@@ -97,31 +92,31 @@ impl Symbolizer {
             None => path.to_path_buf(),
         };
         let src = Source::Elf(Elf::new(open_path));
-        let name: Arc<str> = match self.blaze.symbolize_single(&src, Input::FileOffset(file_offset)) {
+        let name = match self.blaze.symbolize_single(&src, Input::FileOffset(file_offset)) {
             // An address past the end of the nearest symbol (PLT stubs after `_init`, for
             // one) is not in that function.
             Ok(Symbolized::Sym(sym)) if sym.size.is_none_or(|size| sym.offset < size) => {
-                Arc::from(sym.name.as_ref())
+                Frame::Native { function: Arc::from(sym.name.as_ref()) }
             }
-            _ => Arc::from(format!("{}+{:#x}", m.name, file_offset)),
+            _ => Frame::NativeUnnamed { module: m.name.clone(), offset: file_offset },
         };
         self.user_names.insert(key, name.clone());
         name
     }
 
-    /// Names for a kernel stack given leaf first, each with the kernel suffix.
-    pub fn kernel_frames(&mut self, ips: &[u64]) -> Vec<Arc<str>> {
+    /// Frames of a kernel stack given leaf first.
+    pub fn kernel_frames(&mut self, ips: &[u64]) -> Vec<Frame> {
         let missing: Vec<u64> =
             ips.iter().copied().filter(|ip| !self.kernel_names.contains_key(ip)).collect();
         if !missing.is_empty() {
             let src = Source::Kernel(Kernel { vmlinux: MaybeDefault::None, ..Kernel::default() });
             let resolved = self.blaze.symbolize(&src, Input::AbsAddr(&missing)).unwrap_or_default();
             for (i, ip) in missing.iter().enumerate() {
-                let name = match resolved.get(i) {
-                    Some(Symbolized::Sym(sym)) => format!("{}{KERNEL_SUFFIX}", sym.name),
-                    _ => format!("{UNKNOWN}{KERNEL_SUFFIX}"),
+                let frame = match resolved.get(i) {
+                    Some(Symbolized::Sym(sym)) => Frame::Kernel { function: Arc::from(sym.name.as_ref()) },
+                    _ => Frame::Unknown { kernel: true },
                 };
-                self.kernel_names.insert(*ip, Arc::from(name));
+                self.kernel_names.insert(*ip, frame);
             }
         }
         ips.iter().map(|ip| self.kernel_names[ip].clone()).collect()

@@ -9,10 +9,10 @@ use agent_ebpf::{DROPPED_STACK, SampleKey};
 
 use crate::{
     error::Result,
-    export::Profile,
-    python::{PyStackNames, PySymbolizer},
-    sampling::Sampler,
-    symbolize::{KERNEL_SUFFIX, Symbolizer, UNKNOWN},
+    profile::{Frame, Marker, Profile},
+    programs::KernelPrograms,
+    python::{PyFrames, PySymbolizer},
+    symbolize::Symbolizer,
     sys::process,
 };
 
@@ -31,9 +31,9 @@ pub struct View {
 pub struct Collector {
     symbolizer: Symbolizer,
     pub python: PySymbolizer,
-    user_stacks: HashMap<(u32, i32), Arc<[Arc<str>]>>,
-    kernel_stacks: HashMap<i32, Arc<[Arc<str>]>>,
-    py_stacks: HashMap<(u32, u64), Arc<PyStackNames>>,
+    user_stacks: HashMap<(u32, i32), Arc<[Frame]>>,
+    kernel_stacks: HashMap<i32, Arc<[Frame]>>,
+    py_stacks: HashMap<(u32, u64), Arc<PyFrames>>,
     counts: Vec<(SampleKey, u64)>,
     /// Keys whose stacks were resolved.
     seen: HashSet<SampleKey>,
@@ -70,37 +70,37 @@ impl Collector {
 
     /// Resolves stacks not seen before, while their processes live. With `final_read` it
     /// also reads the counts (the end of a session); otherwise only the keys.
-    pub fn collect(&mut self, sampler: &Sampler, live_pids: &[u32], final_read: bool) -> Result<()> {
+    pub fn collect(&mut self, kernel: &KernelPrograms, live_pids: &[u32], final_read: bool) -> Result<()> {
         for &pid in live_pids {
             self.symbolizer.refresh(pid);
             self.comms.entry(pid).or_insert_with(|| process::comm(pid));
         }
         let keys = if final_read {
-            self.counts = sampler.counts()?;
+            self.counts = kernel.counts()?;
             self.counts.iter().map(|(k, _)| *k).collect()
         } else {
-            sampler.count_keys()?
+            kernel.count_keys()?
         };
         for key in keys {
             if !self.seen.insert(key) {
                 continue;
             }
             if key.user_stack_id >= 0 && !self.user_stacks.contains_key(&(key.tgid, key.user_stack_id)) {
-                let ips = sampler.stack(key.user_stack_id as u32).unwrap_or_default();
-                let names = self.symbolizer.user_frames(key.tgid, &ips);
-                self.user_stacks.insert((key.tgid, key.user_stack_id), names.into());
+                let ips = kernel.stack(key.user_stack_id as u32).unwrap_or_default();
+                let frames = self.symbolizer.user_frames(key.tgid, &ips);
+                self.user_stacks.insert((key.tgid, key.user_stack_id), frames.into());
             }
             if key.kernel_stack_id >= 0 && !self.kernel_stacks.contains_key(&key.kernel_stack_id) {
-                let ips = sampler.stack(key.kernel_stack_id as u32).unwrap_or_default();
-                let names = self.symbolizer.kernel_frames(&ips);
-                self.kernel_stacks.insert(key.kernel_stack_id, names.into());
+                let ips = kernel.stack(key.kernel_stack_id as u32).unwrap_or_default();
+                let frames = self.symbolizer.kernel_frames(&ips);
+                self.kernel_stacks.insert(key.kernel_stack_id, frames.into());
             }
             if key.py_stack != 0
                 && !self.py_stacks.contains_key(&(key.tgid, key.py_stack))
-                && let Some(stack) = sampler.py_stack(key.py_stack)
+                && let Some(stack) = kernel.py_stack(key.py_stack)
             {
-                let names = self.python.stack(key.tgid, &stack);
-                self.py_stacks.insert((key.tgid, key.py_stack), Arc::new(names));
+                let frames = self.python.stack(key.tgid, &stack);
+                self.py_stacks.insert((key.tgid, key.py_stack), Arc::new(frames));
             }
             if !self.threads.contains_key(&key.tid)
                 && let Some(name) = process::thread_name(key.tgid, key.tid)
@@ -125,14 +125,14 @@ impl Collector {
     pub fn profile_of(&self, counts: &[(SampleKey, u64)], view: View) -> Profile {
         let mut stacks = Vec::with_capacity(counts.len());
         for (key, count) in counts {
-            let mut frames: Vec<Arc<str>> = Vec::new();
+            let mut frames: Vec<Frame> = Vec::new();
             if view.root_per_process {
                 let comm = self.comms.get(&key.tgid).map(String::as_str).unwrap_or("?");
-                frames.push(Arc::from(format!("{comm} [pid {}]", key.tgid)));
+                frames.push(Frame::Marker(Marker::Process { comm: comm.into(), pid: key.tgid }));
             }
             if view.threads {
                 let name = self.threads.get(&key.tid).map(String::as_str).unwrap_or("?");
-                frames.push(Arc::from(format!("{name} (tid {})", key.tid)));
+                frames.push(Frame::Marker(Marker::Thread { name: name.into(), tid: key.tid }));
             }
             let roots = frames.len();
             let user = self.user_stacks.get(&(key.tgid, key.user_stack_id));
@@ -140,12 +140,12 @@ impl Collector {
             match (py, view.native) {
                 (Some(py), false) => {
                     if py.truncated {
-                        frames.push(Arc::from("[truncated]"));
+                        frames.push(Frame::Marker(Marker::Truncated));
                     }
-                    frames.extend(py.frames.iter().rev().map(|f| f.name.clone()));
+                    frames.extend(py.frames.iter().rev().map(|f| f.frame.clone()));
                 }
                 (Some(py), true) => {
-                    let native: Vec<Arc<str>> =
+                    let native: Vec<Frame> =
                         user.map(|u| u.iter().rev().cloned().collect()).unwrap_or_default();
                     frames.extend(interleave(&native, py));
                     self.push_kernel(&mut frames, key);
@@ -154,7 +154,7 @@ impl Collector {
                     match user {
                         Some(user) => frames.extend(user.iter().rev().cloned()),
                         None if key.user_stack_id == DROPPED_STACK => {
-                            frames.push(Arc::from("[user stack dropped]"))
+                            frames.push(Frame::Marker(Marker::UserStackDropped))
                         }
                         None => {}
                     }
@@ -162,18 +162,18 @@ impl Collector {
                 }
             }
             if frames.len() == roots {
-                frames.push(Arc::from(UNKNOWN));
+                frames.push(Frame::Unknown { kernel: false });
             }
             stacks.push((frames, *count));
         }
         Profile { stacks, ..Default::default() }
     }
 
-    fn push_kernel(&self, frames: &mut Vec<Arc<str>>, key: &SampleKey) {
+    fn push_kernel(&self, frames: &mut Vec<Frame>, key: &SampleKey) {
         match self.kernel_stacks.get(&key.kernel_stack_id) {
             Some(kernel) => frames.extend(kernel.iter().rev().cloned()),
             None if key.kernel_stack_id == DROPPED_STACK => {
-                frames.push(Arc::from(format!("[kernel stack dropped]{KERNEL_SUFFIX}")))
+                frames.push(Frame::Marker(Marker::KernelStackDropped))
             }
             None => {}
         }
@@ -196,18 +196,18 @@ impl Collector {
 /// frames it runs. Python frames split into segments at each entry frame; segments and
 /// eval frames pair up root first. Segments left over (native unwinding lost an eval
 /// frame) go where the last eval frame was, or above all native frames when none was seen.
-pub fn interleave(native: &[Arc<str>], py: &PyStackNames) -> Vec<Arc<str>> {
-    let mut segments: Vec<Vec<Arc<str>>> = Vec::new();
+pub fn interleave(native: &[Frame], py: &PyFrames) -> Vec<Frame> {
+    let mut segments: Vec<Vec<Frame>> = Vec::new();
     for f in py.frames.iter().rev() {
         if f.entry || segments.is_empty() {
             segments.push(Vec::new());
         }
-        segments.last_mut().expect("pushed above").push(f.name.clone());
+        segments.last_mut().expect("pushed above").push(f.frame.clone());
     }
     let mut segments = segments.into_iter();
     let mut out = Vec::with_capacity(native.len() + py.frames.len() + 1);
     if py.truncated {
-        out.push(Arc::from("[truncated]"));
+        out.push(Frame::Marker(Marker::Truncated));
     }
     let mut last_eval = None;
     for f in native {
@@ -220,7 +220,7 @@ pub fn interleave(native: &[Arc<str>], py: &PyStackNames) -> Vec<Arc<str>> {
             out.push(f.clone());
         }
     }
-    let rest: Vec<Arc<str>> = segments.flatten().collect();
+    let rest: Vec<Frame> = segments.flatten().collect();
     // With no eval frame unwound (an interpreter built without frame pointers), the native
     // frames are the C code the innermost Python frame called: they go below it.
     let at = last_eval.unwrap_or(usize::from(py.truncated));
@@ -229,38 +229,41 @@ pub fn interleave(native: &[Arc<str>], py: &PyStackNames) -> Vec<Arc<str>> {
 }
 
 /// CPython's bytecode evaluation loop, as native frames name it.
-fn is_eval_frame(name: &str) -> bool {
-    matches!(name, "_PyEval_EvalFrameDefault" | "_PyEval_EvalFrame" | "PyEval_EvalFrameEx" | "_PyEval_Vector")
-        || name.starts_with("_PyEval_EvalFrameDefault.")
+fn is_eval_frame(frame: &Frame) -> bool {
+    let Frame::Native { function: name } = frame else { return false };
+    matches!(
+        name.as_ref(),
+        "_PyEval_EvalFrameDefault" | "_PyEval_EvalFrame" | "PyEval_EvalFrameEx" | "_PyEval_Vector"
+    ) || name.starts_with("_PyEval_EvalFrameDefault.")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::python::PyFrameName;
+    use crate::python::PyFrame;
 
-    fn names(v: &[&str]) -> Vec<Arc<str>> {
-        v.iter().map(|s| Arc::from(*s)).collect()
+    fn natives(v: &[&str]) -> Vec<Frame> {
+        v.iter().map(|s| Frame::Native { function: (*s).into() }).collect()
+    }
+
+    fn py(function: &str, entry: bool) -> PyFrame {
+        PyFrame { frame: Frame::Python { function: function.into(), file: "a.py".into(), line: 1 }, entry }
+    }
+
+    fn functions(frames: &[Frame]) -> Vec<&str> {
+        frames.iter().map(|f| f.function().unwrap()).collect()
     }
 
     #[test]
     fn interleaves_python_segments_into_eval_frames() {
         // Leaf first, as the kernel records them: c (entry), b, a (entry).
-        let py = PyStackNames {
-            frames: vec![
-                PyFrameName { name: "c".into(), entry: true },
-                PyFrameName { name: "b".into(), entry: false },
-                PyFrameName { name: "a".into(), entry: true },
-            ],
-            truncated: false,
-        };
-        let native = names(&["main", "_PyEval_EvalFrameDefault", "call", "_PyEval_EvalFrameDefault", "hash"]);
-        let out: Vec<String> = interleave(&native, &py).iter().map(|s| s.to_string()).collect();
-        assert_eq!(out, ["main", "a", "b", "call", "c", "hash"]);
+        let py = PyFrames { frames: vec![py("c", true), py("b", false), py("a", true)], truncated: false };
+        let native =
+            natives(&["main", "_PyEval_EvalFrameDefault", "call", "_PyEval_EvalFrameDefault", "hash"]);
+        assert_eq!(functions(&interleave(&native, &py)), ["main", "a", "b", "call", "c", "hash"]);
 
         // Native unwinding reached no eval frame: the native frames are what c called.
-        let out: Vec<String> =
-            interleave(&names(&["PyObject_Malloc", "memset"]), &py).iter().map(|s| s.to_string()).collect();
-        assert_eq!(out, ["a", "b", "c", "PyObject_Malloc", "memset"]);
+        let out = interleave(&natives(&["PyObject_Malloc", "memset"]), &py);
+        assert_eq!(functions(&out), ["a", "b", "c", "PyObject_Malloc", "memset"]);
     }
 }

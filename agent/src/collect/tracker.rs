@@ -8,11 +8,11 @@ use std::{
 
 use agent_ebpf::TARGET_SAMPLE;
 
-use super::collect::Collector;
+use super::stacks::Collector;
 use crate::{
     error::Result,
+    programs::KernelPrograms,
     python::{self, detect::Detected},
-    sampling::Sampler,
     sys::process,
 };
 
@@ -92,7 +92,7 @@ impl Tracker {
         &mut self,
         pid: u32,
         limit: Duration,
-        sampler: &mut Sampler,
+        kernel: &mut KernelPrograms,
         collector: &mut Collector,
     ) -> Result<()> {
         let deadline = Instant::now() + limit;
@@ -100,7 +100,7 @@ impl Tracker {
             if let Some(t) = self.procs.get_mut(&pid) {
                 t.checked = None;
             }
-            self.update(sampler, collector)?;
+            self.update(kernel, collector)?;
             match self.procs.get(&pid).map(|t| &t.kind) {
                 Some(Kind::Python | Kind::Unsupported) | None => break,
                 Some(_) if !process::is_alive(pid) => break,
@@ -121,17 +121,18 @@ impl Tracker {
     }
 
     /// Discovers new processes and recognizes Python ones; called every tick.
-    pub fn update(&mut self, sampler: &mut Sampler, collector: &mut Collector) -> Result<()> {
+    pub fn update(&mut self, kernel: &mut KernelPrograms, collector: &mut Collector) -> Result<()> {
         // Targets that exited leave the kernel's maps.
         for (&pid, t) in self.procs.iter_mut() {
             let in_kernel = !t.scanned || t.kind == Kind::Python;
             if in_kernel && t.kind != Kind::Exited && !process::is_alive(pid) {
-                sampler.remove_target(pid)?;
+                kernel.remove_target(pid)?;
+                crate::net::forget_process(kernel, pid)?;
                 t.kind = Kind::Exited;
             }
         }
         // Children the kernel started following (a new process may reuse an old PID).
-        let followed = if sampler.follows_children() { sampler.targets()? } else { Vec::new() };
+        let followed = if kernel.follows_children() { kernel.targets()? } else { Vec::new() };
         for pid in followed {
             match self.procs.get(&pid).map(|t| &t.kind) {
                 None | Some(Kind::Exited) => self.add(pid),
@@ -139,7 +140,7 @@ impl Tracker {
             }
         }
         // Processes that just exec'd (when the kernel reports them): looked at now.
-        for pid in sampler.take_execs()? {
+        for pid in kernel.take_execs()? {
             match self.procs.get_mut(&pid) {
                 Some(t) if t.kind != Kind::Exited => t.checked = None,
                 _ if pid != self.me && self.filter.as_ref().is_none_or(|f| f(pid)) => {
@@ -186,7 +187,7 @@ impl Tracker {
             t.checked = Some(now);
             match python::detect::detect(pid) {
                 Detected::Python(p) => {
-                    if !sampler.python_ready() {
+                    if !kernel.python_ready() {
                         if !self.warned_no_python {
                             self.warned_no_python = true;
                             eprintln!(
@@ -197,9 +198,9 @@ impl Tracker {
                         continue;
                     }
                     if t.scanned {
-                        sampler.add_target(pid, TARGET_SAMPLE)?;
+                        kernel.add_target(pid, TARGET_SAMPLE)?;
                     }
-                    sampler.add_python(pid, &python::kernel_config(&p, self.native))?;
+                    kernel.add_python(pid, &python::kernel_config(&p, self.native))?;
                     collector.python.add_process(&p);
                     let version = format!("{}.{}.{}", p.version.major, p.version.minor, p.version.patch);
                     tracing::info!("pid {pid}: CPython {version}");

@@ -1,24 +1,27 @@
 //! Loads stoker's kernel programs, attaches CPU sampling to every online CPU and reads
 //! the kernel-side aggregation (stack ids + counts) and the per-CPU drop counters.
+pub(crate) mod attach;
 mod bits;
 mod logs;
+pub mod net_layout;
 
 use agent_ebpf::{
     GLOBAL_FSBASE_OFFSET, GLOBAL_MEASURE_COST, GLOBAL_NET_OFFSETS, GLOBAL_NEWTASK_FLAGS_OFFSET,
-    GLOBAL_NEWTASK_PID_OFFSET, MAP_COUNTS, MAP_EXECS, MAP_NET_CONNS, MAP_NET_EVENTS, MAP_PY_PROCS,
-    MAP_PY_STACKS, MAP_STACKS, MAP_STATS, MAP_TARGET_BITS, MAP_TARGETS, NetConn, PROG_PERF_SAMPLE,
-    PROG_SCHED_EXEC, PROG_STATS_FLOOR, PROG_TASK_NEWTASK, PyProc, PyStack, SampleKey, stat,
+    GLOBAL_NEWTASK_PID_OFFSET, MAP_COUNTS, MAP_EXECS, MAP_NET_EVENTS, MAP_PY_PROCS, MAP_PY_STACKS,
+    MAP_STACKS, MAP_STATS, MAP_TARGET_BITS, MAP_TARGETS, PROG_PERF_SAMPLE, PROG_SCHED_EXEC, PROG_STATS_FLOOR,
+    PROG_TASK_NEWTASK, PyProc, PyStack, SampleKey, stat,
 };
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, StackTraceMap},
     programs::{
-        PerfEvent, TracePoint,
+        PerfEvent,
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
     },
 };
 
-use crate::error::{Error, Result, errno_of, one_line};
+use self::attach::{load_error, perf_error};
+use crate::error::{Error, Result, one_line};
 
 /// The kernel object built from agent-ebpf by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/stoker-ebpf"));
@@ -61,7 +64,7 @@ pub struct Stats {
 const STATS_FLOOR_RUNS: u32 = 100_000;
 
 /// The loaded kernel programs and their maps.
-pub struct Sampler {
+pub struct KernelPrograms {
     ebpf: Ebpf,
     // Must stay alive while the programs run: dropping it closes the log map.
     logger: Option<aya_log::EbpfLogger<logs::ToTracing>>,
@@ -77,14 +80,14 @@ pub struct Sampler {
     bits: bits::TargetBits,
 }
 
-impl Sampler {
+impl KernelPrograms {
     /// Loads the kernel programs into the kernel (verifier included).
     /// `measure_cost`: time every target sample in the kernel (`Stats::target_ns`).
     pub fn load(measure_cost: bool) -> Result<Self> {
         // Where the kernel keeps a task's fs base: the Python walker matches it against
         // CPython's thread ids. Without BTF, Python stacks are unavailable.
         // The network programs read `tcp_sock` members found the same way.
-        let structs = [crate::sys::btf::FSBASE_STRUCTS, crate::net::BTF_STRUCTS].concat();
+        let structs = [crate::sys::btf::FSBASE_STRUCTS, net_layout::BTF_STRUCTS].concat();
         let btf = crate::sys::btf::Btf::from_sys_fs(&structs);
         let fsbase = match &btf {
             Ok(btf) => crate::sys::btf::fsbase_offset(btf).unwrap_or(0),
@@ -93,7 +96,7 @@ impl Sampler {
                 0
             }
         };
-        let net_offsets = crate::net::offsets(btf.as_ref().ok());
+        let net_offsets = net_layout::offsets(btf.as_ref().ok());
         // Field offsets of the child-following tracepoint's record (0 when unknown: the
         // program is then not attached).
         let newtask = |field| crate::sys::tracefs::field_offset("task", "task_newtask", field).unwrap_or(0);
@@ -103,7 +106,7 @@ impl Sampler {
         let cpus = crate::sys::mmap::possible_cpu_ids()?;
         let mut ebpf = EbpfLoader::new()
             .btf(None)
-            .map_max_entries(MAP_NET_EVENTS, crate::net::event_slots(cpus))
+            .map_max_entries(MAP_NET_EVENTS, net_layout::event_slots(cpus))
             .override_global(GLOBAL_FSBASE_OFFSET, &fsbase, true)
             .override_global(GLOBAL_MEASURE_COST, &u32::from(measure_cost), true)
             .override_global(GLOBAL_NEWTASK_PID_OFFSET, &newtask_pid, true)
@@ -145,8 +148,9 @@ impl Sampler {
                 detail: "its format file could not be read".into(),
             });
         }
-        let what = ("the task:task_newtask tracepoint", "loading the child-following program");
-        self.attach_tracepoint(PROG_TASK_NEWTASK, ("task", "task_newtask"), what)?;
+        let feature = "the task:task_newtask tracepoint";
+        let loading = "loading the child-following program";
+        attach::tracepoint(&mut self.ebpf, PROG_TASK_NEWTASK, &[("task", "task_newtask")], feature, loading)?;
         self.following = true;
         Ok(())
     }
@@ -154,28 +158,16 @@ impl Sampler {
     /// Starts noting every exec on the machine (the node agent: new processes are then
     /// looked at on the next tick, not the next /proc scan).
     pub fn watch_execs(&mut self) -> Result<()> {
-        let what = ("the sched:sched_process_exec tracepoint", "loading the exec-watching program");
-        self.attach_tracepoint(PROG_SCHED_EXEC, ("sched", "sched_process_exec"), what)?;
+        let feature = "the sched:sched_process_exec tracepoint";
+        let loading = "loading the exec-watching program";
+        attach::tracepoint(
+            &mut self.ebpf,
+            PROG_SCHED_EXEC,
+            &[("sched", "sched_process_exec")],
+            feature,
+            loading,
+        )?;
         self.watching_execs = true;
-        Ok(())
-    }
-
-    /// Loads tracepoint program `name` and attaches it to `(category, event)`; `what` is
-    /// (the feature, the loading step) for error messages.
-    fn attach_tracepoint(
-        &mut self,
-        name: &str,
-        (category, event): (&str, &str),
-        (feature, loading): (&'static str, &'static str),
-    ) -> Result<()> {
-        let unavailable = |detail: String| Error::KernelFeature { feature, detail };
-        let prog: &mut TracePoint = self
-            .ebpf
-            .program_mut(name)
-            .and_then(|p| p.try_into().ok())
-            .ok_or_else(|| unavailable("program missing".into()))?;
-        prog.load().map_err(|e| load_error(loading, &e))?;
-        prog.attach(category, event).map_err(|e| unavailable(one_line(&e)))?;
         Ok(())
     }
 
@@ -195,54 +187,6 @@ impl Sampler {
     /// Whether the kernel adds targets of its own (children of followed targets).
     pub fn follows_children(&self) -> bool {
         self.following
-    }
-
-    /// Hands process `pid`'s already established connections to the network programs
-    /// (which otherwise learn sockets from accept and connect); returns how many.
-    pub fn adopt_connections(
-        &mut self,
-        pid: u32,
-        found: &[crate::net::existing::Established],
-    ) -> Result<usize> {
-        let mut conns: HashMap<_, u64, NetConn> = self.map_mut(MAP_NET_CONNS)?;
-        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-        // SAFETY: ts is a valid timespec to write into. The kernel's clock is CLOCK_MONOTONIC.
-        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-        let now = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
-        let mut adopted = 0;
-        for e in found {
-            let (family, addr) = match e.peer.ip() {
-                std::net::IpAddr::V4(ip) => {
-                    let mut addr = [0u8; 16];
-                    addr[..4].copy_from_slice(&ip.octets());
-                    (libc::AF_INET as u16, addr)
-                }
-                std::net::IpAddr::V6(ip) => (libc::AF_INET6 as u16, ip.octets()),
-            };
-            let conn = NetConn {
-                start_ns: 0,
-                resp_first_ns: 0,
-                resp_last_ns: 0,
-                req_bytes: 0,
-                resp_bytes: 0,
-                opened_ns: now,
-                addr,
-                port: e.peer.port(),
-                family,
-                role: e.role,
-                phase: agent_ebpf::NET_PHASE_IDLE,
-                status: 0,
-                method: agent_ebpf::http_method::NONE,
-                path_len: 0,
-                path: [0; agent_ebpf::NET_PATH_LEN],
-            };
-            let key = u64::from(pid) << 32 | u64::from(e.fd);
-            // BPF_NOEXIST: a socket the programs already follow is left as it is.
-            if conns.insert(key, conn, 1).is_ok() {
-                adopted += 1;
-            }
-        }
-        Ok(adopted)
     }
 
     /// The loaded object, for capabilities that attach further programs of it (network).
@@ -272,16 +216,12 @@ impl Sampler {
     pub fn stats_floor(&mut self) -> Result<f64> {
         crate::sys::tracefs::ensure_mounted()
             .map_err(|e| Error::KernelFeature { feature: "tracefs (tracepoints)", detail: e.to_string() })?;
-        let prog: &mut TracePoint =
-            self.ebpf
-                .program_mut(PROG_STATS_FLOOR)
-                .and_then(|p| p.try_into().ok())
-                .ok_or(Error::Ebpf { what: "kernel program missing", detail: PROG_STATS_FLOOR.into() })?;
+        let prog =
+            attach::load_tracepoint(&mut self.ebpf, PROG_STATS_FLOOR, "measuring the statistics' cost")?;
         let fail = |e: &(dyn std::error::Error + 'static)| Error::Ebpf {
             what: "measuring the statistics' cost",
             detail: one_line(e),
         };
-        prog.load().map_err(|e| fail(&e))?;
         let link = prog.attach("syscalls", "sys_exit_getppid").map_err(|e| fail(&e))?;
         for _ in 0..STATS_FLOOR_RUNS {
             // SAFETY: getppid has no arguments and cannot fail.
@@ -298,20 +238,14 @@ impl Sampler {
         Ok(targets.keys().filter_map(|k| k.ok()).collect())
     }
 
-    /// Stops sampling `pid` (it exited) and forgets its Python configuration and the
-    /// sockets it left open.
+    /// Stops sampling `pid` (it exited) and forgets its Python configuration (the network
+    /// side forgets its sockets: `net::forget_process`).
     pub fn remove_target(&mut self, pid: u32) -> Result<()> {
         let mut targets: HashMap<_, u32, u32> = self.map_mut(MAP_TARGETS)?;
         let _ = targets.remove(&pid);
         self.bits.clear(pid);
         let mut procs: HashMap<_, u32, PyProc> = self.map_mut(MAP_PY_PROCS)?;
         let _ = procs.remove(&pid);
-        let mut conns: HashMap<_, u64, NetConn> = self.map_mut(MAP_NET_CONNS)?;
-        let stale: Vec<u64> =
-            conns.keys().filter_map(|k| k.ok()).filter(|k| (k >> 32) as u32 == pid).collect();
-        for key in stale {
-            let _ = conns.remove(&key);
-        }
         Ok(())
     }
 
@@ -436,7 +370,7 @@ impl Sampler {
         }
     }
 
-    fn map<'a, T>(&'a self, name: &'static str) -> Result<T>
+    pub(crate) fn map<'a, T>(&'a self, name: &'static str) -> Result<T>
     where
         T: TryFrom<&'a aya::maps::Map>,
         T::Error: std::error::Error + 'static,
@@ -447,7 +381,7 @@ impl Sampler {
             .map_err(|e| Error::Ebpf { what: "kernel map has the wrong type", detail: one_line(&e) })
     }
 
-    fn map_mut<'a, T>(&'a mut self, name: &'static str) -> Result<T>
+    pub(crate) fn map_mut<'a, T>(&'a mut self, name: &'static str) -> Result<T>
     where
         T: TryFrom<&'a mut aya::maps::Map>,
         T::Error: std::error::Error + 'static,
@@ -467,30 +401,4 @@ fn program(ebpf: &mut Ebpf) -> Result<&mut PerfEvent> {
         what: "kernel program has the wrong type",
         detail: one_line(&e),
     })
-}
-
-fn load_error(what: &'static str, err: &(dyn std::error::Error + 'static)) -> Error {
-    let privileged = crate::sys::caps::can_sample(crate::sys::caps::effective());
-    match errno_of(err) {
-        // EACCES with privileges is the verifier's refusal, reported with its log below.
-        Some(libc::EPERM | libc::EACCES) if !privileged => {
-            Error::Permission { what: "loading eBPF programs", needs: "CAP_BPF and CAP_PERFMON" }
-        }
-        Some(libc::ENOSYS) => {
-            Error::KernelFeature { feature: "the bpf() system call", detail: one_line(err) }
-        }
-        _ => Error::Ebpf { what, detail: one_line(err) },
-    }
-}
-
-fn perf_error(err: &(dyn std::error::Error + 'static)) -> Error {
-    match errno_of(err) {
-        Some(libc::EPERM | libc::EACCES) => {
-            Error::Permission { what: "system-wide CPU sampling", needs: "CAP_PERFMON" }
-        }
-        Some(libc::ENOENT | libc::ENODEV | libc::EOPNOTSUPP | libc::ENOSYS) => {
-            Error::KernelFeature { feature: "perf events (software cpu-clock)", detail: one_line(err) }
-        }
-        _ => Error::Ebpf { what: "attaching the CPU sampling program", detail: one_line(err) },
-    }
 }

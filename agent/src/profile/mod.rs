@@ -1,0 +1,43 @@
+//! A finished profile as data: stacks of typed frames with their sample counts, and the
+//! session's title, rate and time. Output formats and exporters read it.
+pub mod frame;
+
+use std::time::{Duration, SystemTime};
+
+pub use self::frame::{Frame, FrameKind, Marker};
+
+/// A finished profile: stacks root to leaf with their sample counts.
+#[derive(Debug, Clone, Default)]
+pub struct Profile {
+    /// Shown as the flamegraph's title.
+    pub title: String,
+    /// Shown under the title: the session's parameters.
+    pub subtitle: String,
+    pub stacks: Vec<(Vec<Frame>, u64)>,
+    /// Samples per second per CPU (pprof's period is 1e9 / rate_hz ns).
+    pub rate_hz: u64,
+    /// When sampling started.
+    pub start: Option<SystemTime>,
+    /// How long it sampled.
+    pub duration: Duration,
+}
+
+impl Profile {
+    pub fn total(&self) -> u64 {
+        self.stacks.iter().map(|(_, n)| n).sum()
+    }
+
+    /// Leaf frames by sample count, largest first.
+    pub fn top_leaves(&self, n: usize) -> Vec<(Frame, u64)> {
+        let mut by_leaf: std::collections::HashMap<&Frame, u64> = Default::default();
+        for (frames, count) in &self.stacks {
+            if let Some(leaf) = frames.last() {
+                *by_leaf.entry(leaf).or_default() += count;
+            }
+        }
+        let mut leaves: Vec<(Frame, u64)> = by_leaf.into_iter().map(|(f, n)| (f.clone(), n)).collect();
+        leaves.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.to_string().cmp(&b.0.to_string())));
+        leaves.truncate(n);
+        leaves
+    }
+}

@@ -1,0 +1,59 @@
+//! Where the network programs find their data in this kernel (tracepoint record fields,
+//! `tcp_sock` members) and how large their event rings are: set when the object loads.
+use agent_ebpf::{NET_RING_SLOTS, NetOffsets};
+
+use crate::sys::{btf::Btf, tracefs};
+
+/// The kernel structs whose member offsets the network programs need.
+pub(crate) const BTF_STRUCTS: &[&str] = &["tcp_sock"];
+
+/// Record field offsets from the tracepoints' format files and `tcp_sock` member offsets
+/// from BTF. Unknown record fields keep the layout of current kernels; unknown members are
+/// 0 (RTT and bytes are then not read).
+pub(crate) fn offsets(btf: Option<&Btf>) -> NetOffsets {
+    let mut o = NetOffsets::CURRENT_KERNELS;
+    let field = |cat: &str, event: &str, name: &str, slot: &mut u32| {
+        if let Ok(off) = tracefs::field_offset(cat, event, name) {
+            *slot = off;
+        }
+    };
+    let sk = [
+        ("skaddr", &mut o.sk_skaddr),
+        ("oldstate", &mut o.sk_oldstate),
+        ("newstate", &mut o.sk_newstate),
+        ("dport", &mut o.sk_dport),
+        ("family", &mut o.sk_family),
+        ("protocol", &mut o.sk_protocol),
+        ("daddr", &mut o.sk_daddr),
+        ("daddr_v6", &mut o.sk_daddr_v6),
+    ];
+    for (name, slot) in sk {
+        field("sock", "inet_sock_set_state", name, slot);
+    }
+    field("tcp", "tcp_retransmit_skb", "skaddr", &mut o.rt_skaddr);
+    if let Some(btf) = btf {
+        let member = |m: &str| btf.member_offset("tcp_sock", m).unwrap_or(0);
+        o.tcp_srtt_us = member("srtt_us");
+        o.tcp_bytes_received = member("bytes_received");
+        o.tcp_bytes_acked = member("bytes_acked");
+    }
+    o
+}
+
+/// Elements of the `NET_EVENTS` array for `cpus` CPU ids: a header and the slots per CPU.
+pub fn event_slots(cpus: u32) -> u32 {
+    cpus * (NET_RING_SLOTS + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_tcp_sock_members_in_this_kernel() {
+        let btf = Btf::from_sys_fs(BTF_STRUCTS).expect("this kernel exposes BTF");
+        let o = offsets(Some(&btf));
+        assert!(o.tcp_srtt_us > 1000, "tcp_sock.srtt_us at {}", o.tcp_srtt_us);
+        assert!(o.tcp_bytes_received > 1000 && o.tcp_bytes_acked > 1000, "{o:?}");
+    }
+}
