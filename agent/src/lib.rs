@@ -1,17 +1,17 @@
 //! stoker: an eBPF profiling agent for Python services. The library behind the `stoker`
 //! binary: kernel sampling, symbolization, recording sessions, output formats, diagnostics.
-pub mod collect;
+pub(crate) mod collect;
 pub mod doctor;
 pub mod error;
 pub mod export;
-pub mod k8s;
-pub mod net;
+pub(crate) mod k8s;
+pub(crate) mod net;
 pub mod node;
-pub mod profile;
-pub mod programs;
-pub mod python;
+pub(crate) mod profile;
+pub(crate) mod programs;
+pub(crate) mod python;
 pub mod record;
-pub mod symbolize;
-pub mod sys;
+pub(crate) mod symbolize;
+pub(crate) mod sys;
 
 pub use error::{Error, Result};

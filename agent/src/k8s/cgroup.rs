@@ -1,11 +1,5 @@
 //! Container identity from a process's cgroup paths: the 64-hex-digit id that Docker,
 //! containerd, CRI-O and systemd-managed pods put in the path, on cgroup v1 and v2.
-use std::fs;
-
-/// The container id of process `pid`, if it runs in a container.
-pub fn container_id(pid: u32) -> Option<String> {
-    container_id_from(&fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?)
-}
 
 /// Parses /proc/PID/cgroup text (`hierarchy-id:controllers:path` per line).
 pub fn container_id_from(cgroup: &str) -> Option<String> {

@@ -2,8 +2,8 @@
 //! configured), and one request, listing this node's pods.
 use std::{path::PathBuf, time::Duration};
 
+use super::config::Kubernetes;
 use super::pods::{Pod, parse_pod_list};
-use crate::node::config::Kubernetes;
 
 const SERVICE_ACCOUNT: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 const TIMEOUT: Duration = Duration::from_secs(10);

@@ -140,14 +140,6 @@ impl PodIndex {
         index
     }
 
-    pub fn len(&self) -> usize {
-        self.pods.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.pods.is_empty()
-    }
-
     /// Matches by container id first (this also finds static pods, whose cgroup carries
     /// a UID other than their mirror pod's), then by the pod UID from the cgroup.
     pub fn find(&self, placement: &Placement) -> Option<Found<'_>> {

@@ -15,7 +15,7 @@ use agent_ebpf::{
 };
 use aya::programs::TracePoint;
 
-pub use self::aggregate::{Aggregator, Direction, NetMetrics, RequestKey};
+pub use self::aggregate::{Aggregator, Direction, NetMetrics};
 use crate::{
     error::{Error, Result},
     programs::{KernelPrograms, attach::tracepoint as attach_tracepoint, net_layout::event_slots},

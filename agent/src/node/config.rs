@@ -1,15 +1,11 @@
 //! The node agent's configuration: a YAML file, overridden by the standard OTEL_*
 //! variables, validated at start with errors that name the offending key.
-use std::{
-    collections::BTreeMap,
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::{collections::BTreeMap, net::SocketAddr, path::Path, time::Duration};
 
 use serde::Deserialize;
 
-use super::otlp::{self, Signal, Target};
+use super::export::endpoints::{self, InvalidVariable, Signal, Target};
+use crate::k8s::config::Kubernetes;
 
 /// Why a configuration was refused: one sentence naming the key.
 #[derive(Debug, thiserror::Error)]
@@ -20,8 +16,8 @@ pub enum ConfigError {
     Parse { path: String, message: String },
     #[error("config key `{key}`: {message}")]
     Invalid { key: &'static str, message: String },
-    #[error("environment variable {var}: {message}")]
-    Env { var: String, message: String },
+    #[error(transparent)]
+    Env(#[from] InvalidVariable),
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -102,25 +98,6 @@ pub struct Queue {
     pub max_batches: usize,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct Kubernetes {
-    /// Look up this node's pods for k8s.* attributes and selectors (when in a cluster or
-    /// `api_url` is set).
-    pub enabled: bool,
-    /// API server base URL; default: in-cluster (`KUBERNETES_SERVICE_HOST`/`_PORT`).
-    pub api_url: Option<String>,
-    /// Bearer token file; default: the service account's token.
-    pub token_path: Option<PathBuf>,
-    /// CA bundle (PEM) for an https `api_url`; default: the service account's ca.crt.
-    pub ca_path: Option<PathBuf>,
-    /// This node's name; default: `NODE_NAME`.
-    pub node_name: Option<String>,
-    /// How often the pod list is refreshed (also soon after an unknown pod's process appears).
-    #[serde(with = "humantime_serde")]
-    pub refresh_interval: Duration,
-}
-
 /// Network latency of the sampled processes (socket system calls and TCP tracepoints).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -191,19 +168,6 @@ impl Default for Queue {
     }
 }
 
-impl Default for Kubernetes {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            api_url: None,
-            token_path: None,
-            ca_path: None,
-            node_name: None,
-            refresh_interval: Duration::from_secs(30),
-        }
-    }
-}
-
 impl AgentConfig {
     /// Reads, overrides from the environment and validates a configuration file.
     /// `path` (none: the defaults), then `overrides` (`key.path=value`, as from `--set`),
@@ -264,7 +228,7 @@ impl AgentConfig {
     }
 
     /// `OTEL_METRIC_EXPORT_INTERVAL` (milliseconds) overrides `export_interval`; the
-    /// OTEL_EXPORTER_OTLP_* variables give the OTLP destinations (see `otlp::resolve`).
+    /// OTEL_EXPORTER_OTLP_* variables give the OTLP destinations (see `endpoints::resolve`).
     pub fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         if let Some(ms) = env("OTEL_METRIC_EXPORT_INTERVAL") {
             let ms: u64 = ms.trim().parse().map_err(|_| ConfigError::Invalid {
@@ -273,8 +237,8 @@ impl AgentConfig {
             })?;
             self.export_interval = Duration::from_millis(ms);
         }
-        self.export.metrics = otlp::resolve(Signal::Metrics, &env)?;
-        self.export.profiles = match otlp::resolve(Signal::Profiles, &env)? {
+        self.export.metrics = endpoints::resolve(Signal::Metrics, &env)?;
+        self.export.profiles = match endpoints::resolve(Signal::Profiles, &env)? {
             Some(target) if self.otlp.profiles => Some(target),
             Some(_) => None,
             None if self.otlp.profiles => {
@@ -286,7 +250,7 @@ impl AgentConfig {
             None => None,
         };
         self.export.traces = match self.network.enabled {
-            true => otlp::resolve(Signal::Traces, &env)?,
+            true => endpoints::resolve(Signal::Traces, &env)?,
             false => None,
         };
         Ok(())

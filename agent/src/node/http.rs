@@ -4,7 +4,7 @@ use std::sync::{
     atomic::{AtomicBool, Ordering},
 };
 
-use super::state::Snapshot;
+use super::{prometheus, state::Snapshot};
 
 /// Serves until the process exits (the thread is detached).
 pub fn serve(listen: &str, snapshot: Arc<Mutex<Snapshot>>, ready: Arc<AtomicBool>) -> std::io::Result<()> {
@@ -14,7 +14,7 @@ pub fn serve(listen: &str, snapshot: Arc<Mutex<Snapshot>>, ready: Arc<AtomicBool
         for request in server.incoming_requests() {
             let (status, body, kind) = match request.url() {
                 "/metrics" => {
-                    let text = snapshot.lock().unwrap_or_else(|e| e.into_inner()).prometheus();
+                    let text = prometheus::render(&snapshot.lock().unwrap_or_else(|e| e.into_inner()));
                     (200, text, "text/plain; version=0.0.4")
                 }
                 "/healthz" => (200, "ok\n".to_string(), "text/plain"),

@@ -7,86 +7,19 @@ use opentelemetry_proto::tonic::metrics::v1::{
     metric, number_data_point,
 };
 
-use super::state::{attribute, escape};
+use super::{
+    encode::{attribute, escape},
+    metric::{
+        ACCEPTS, CONNECT, CONNECT_FAILURES, HTTP_CLIENT, HTTP_SERVER, Instrument, Metric as Def, NET_REQUEST,
+        NETWORK, RETRANSMITS, RTT,
+    },
+};
 use crate::net::{Direction, NetMetrics, hist::Histogram};
 
-/// Bucket bounds (seconds) the semantic conventions advise for request durations.
-const REQUEST_BOUNDS: &[f64] = &crate::net::hist::OTEL_BOUNDS_S;
-/// Finer bounds for connect times and round trips, which are often sub-millisecond.
-const TCP_BOUNDS: &[f64] =
-    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 /// Series kept per process; later ones are folded into one overflow series.
 const MAX_SERIES: usize = 1000;
 /// The attribute of the overflow series (as the OpenTelemetry SDKs name it).
 const OVERFLOW: (&str, &str) = ("otel.metric.overflow", "true");
-
-/// What a series measures: OTLP name, unit, Prometheus name and help.
-struct Kind {
-    name: &'static str,
-    unit: &'static str,
-    prometheus: &'static str,
-    help: &'static str,
-    bounds: Option<&'static [f64]>,
-}
-
-const HTTP_SERVER: Kind = Kind {
-    name: "http.server.request.duration",
-    unit: "s",
-    prometheus: "http_server_request_duration_seconds",
-    help: "Duration of HTTP server requests, first request byte read to last response byte written.",
-    bounds: Some(REQUEST_BOUNDS),
-};
-const HTTP_CLIENT: Kind = Kind {
-    name: "http.client.request.duration",
-    unit: "s",
-    prometheus: "http_client_request_duration_seconds",
-    help: "Duration of HTTP client requests, request written to first response byte read.",
-    bounds: Some(REQUEST_BOUNDS),
-};
-const NET_REQUEST: Kind = Kind {
-    name: "stoker.net.request.duration",
-    unit: "s",
-    prometheus: "stoker_net_request_duration_seconds",
-    help: "Duration of request/response exchanges of other protocols over TCP.",
-    bounds: Some(REQUEST_BOUNDS),
-};
-const CONNECT: Kind = Kind {
-    name: "stoker.tcp.connect.duration",
-    unit: "s",
-    prometheus: "stoker_tcp_connect_duration_seconds",
-    help: "TCP connect time, SYN sent to established.",
-    bounds: Some(TCP_BOUNDS),
-};
-const RTT: Kind = Kind {
-    name: "stoker.tcp.rtt",
-    unit: "s",
-    prometheus: "stoker_tcp_rtt_seconds",
-    help: "The kernel's smoothed round-trip time of connections, read when they close.",
-    bounds: Some(TCP_BOUNDS),
-};
-const FAILURES: Kind = Kind {
-    name: "stoker.tcp.connect.failures",
-    unit: "{connect}",
-    prometheus: "stoker_tcp_connect_failures_total",
-    help: "TCP connects that failed.",
-    bounds: None,
-};
-const RETRANSMITS: Kind = Kind {
-    name: "stoker.tcp.retransmits",
-    unit: "{segment}",
-    prometheus: "stoker_tcp_retransmits_total",
-    help: "TCP segments retransmitted, on connections this process opened.",
-    bounds: None,
-};
-const ACCEPTS: Kind = Kind {
-    name: "stoker.tcp.accepts",
-    unit: "{connection}",
-    prometheus: "stoker_tcp_accepts_total",
-    help: "TCP connections accepted.",
-    bounds: None,
-};
-const KINDS: [&Kind; 8] =
-    [&HTTP_SERVER, &HTTP_CLIENT, &NET_REQUEST, &CONNECT, &RTT, &FAILURES, &RETRANSMITS, &ACCEPTS];
 
 /// A cumulative histogram with fixed bounds (seconds).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -155,7 +88,7 @@ impl NetSeries {
             if c.rtt.count > 0 {
                 self.add_histogram(&RTT, attrs.clone(), &c.rtt);
             }
-            self.add_counter(&FAILURES, attrs.clone(), c.failures);
+            self.add_counter(&CONNECT_FAILURES, attrs.clone(), c.failures);
             self.add_counter(&RETRANSMITS, attrs, c.retransmits);
         }
         if let Some(&n) = m.accepted.get(&pid) {
@@ -164,7 +97,7 @@ impl NetSeries {
     }
 
     /// The series slot for `attrs`, or the overflow series once `MAX_SERIES` exist.
-    fn slot(&mut self, kind: &'static Kind, attrs: Attributes, empty: Value) -> &mut Value {
+    fn slot(&mut self, kind: &'static Def, attrs: Attributes, empty: Value) -> &mut Value {
         let key = if self.series.len() >= MAX_SERIES && !self.series.contains_key(&(kind.name, attrs.clone()))
         {
             (kind.name, vec![(OVERFLOW.0, OVERFLOW.1.to_string())])
@@ -174,8 +107,8 @@ impl NetSeries {
         self.series.entry(key).or_insert(empty)
     }
 
-    fn add_histogram(&mut self, kind: &'static Kind, attrs: Attributes, h: &Histogram) {
-        let bounds = kind.bounds.unwrap_or_default();
+    fn add_histogram(&mut self, kind: &'static Def, attrs: Attributes, h: &Histogram) {
+        let bounds = bounds(kind);
         let empty = Value::Histogram(Buckets { counts: vec![0; bounds.len() + 1], ..Default::default() });
         if let Value::Histogram(b) = self.slot(kind, attrs, empty) {
             for (total, n) in b.counts.iter_mut().zip(h.bucket_counts(bounds)) {
@@ -186,7 +119,7 @@ impl NetSeries {
         }
     }
 
-    fn add_counter(&mut self, kind: &'static Kind, attrs: Attributes, n: u64) {
+    fn add_counter(&mut self, kind: &'static Def, attrs: Attributes, n: u64) {
         if let Value::Counter(c) = self.slot(kind, attrs, Value::Counter(0)) {
             *c += n;
         }
@@ -195,11 +128,11 @@ impl NetSeries {
     /// The series as OTLP metrics with cumulative temporality.
     pub fn otlp(&self, start: u64, time: u64) -> Vec<Metric> {
         let mut metrics = Vec::new();
-        for kind in KINDS {
+        for kind in NETWORK {
             let series = self.series.iter().filter(|((name, _), _)| *name == kind.name);
             let attributes = |attrs: &Attributes| attrs.iter().map(|(k, v)| attribute(k, v)).collect();
-            let data = match kind.bounds {
-                Some(bounds) => {
+            let data = match kind.instrument {
+                Instrument::Histogram(bounds) => {
                     let points: Vec<HistogramDataPoint> = series
                         .filter_map(|((_, attrs), v)| match v {
                             Value::Histogram(b) => Some(HistogramDataPoint {
@@ -222,7 +155,7 @@ impl NetSeries {
                         })
                     })
                 }
-                None => {
+                Instrument::Counter | Instrument::Gauge => {
                     let points: Vec<NumberDataPoint> = series
                         .filter_map(|((_, attrs), v)| match v {
                             Value::Counter(n) => Some(NumberDataPoint {
@@ -262,7 +195,7 @@ impl NetSeries {
 /// labels (`k="v",...`, without braces).
 pub fn prometheus<'a>(out: &mut String, processes: impl Iterator<Item = (&'a NetSeries, String)> + Clone) {
     use std::fmt::Write;
-    for kind in KINDS {
+    for kind in NETWORK {
         let mut header = false;
         for (net, resource) in processes.clone() {
             for ((name, attrs), value) in &net.series {
@@ -270,11 +203,13 @@ pub fn prometheus<'a>(out: &mut String, processes: impl Iterator<Item = (&'a Net
                     continue;
                 }
                 if !header {
-                    let kind_name = if kind.bounds.is_some() { "histogram" } else { "counter" };
                     let _ = writeln!(
                         out,
-                        "# HELP {} {}\n# TYPE {} {kind_name}",
-                        kind.prometheus, kind.help, kind.prometheus
+                        "# HELP {} {}\n# TYPE {} {}",
+                        kind.prometheus,
+                        kind.help,
+                        kind.prometheus,
+                        kind.prometheus_type()
                     );
                     header = true;
                 }
@@ -290,7 +225,7 @@ pub fn prometheus<'a>(out: &mut String, processes: impl Iterator<Item = (&'a Net
                     Value::Histogram(b) => {
                         let base = kind.prometheus;
                         let mut cumulative = 0;
-                        let bounds = kind.bounds.unwrap_or_default();
+                        let bounds = bounds(kind);
                         for (i, n) in b.counts.iter().enumerate() {
                             cumulative += n;
                             let le = bounds.get(i).map_or("+Inf".to_string(), |b| b.to_string());
@@ -308,4 +243,12 @@ pub fn prometheus<'a>(out: &mut String, processes: impl Iterator<Item = (&'a Net
 /// `server.address` and `server.port` of an upstream.
 fn server(peer: SocketAddr) -> Attributes {
     vec![("server.address", peer.ip().to_string()), ("server.port", peer.port().to_string())]
+}
+
+/// A histogram metric's bucket bounds (none for the others).
+fn bounds(kind: &Def) -> &'static [f64] {
+    match kind.instrument {
+        Instrument::Histogram(bounds) => bounds,
+        Instrument::Counter | Instrument::Gauge => &[],
+    }
 }

@@ -20,8 +20,6 @@ pub struct PythonProcess {
     pub layout: Layout,
     /// Address of `_PyRuntime` in the process.
     pub runtime: u64,
-    /// The ELF file holding the interpreter.
-    pub binary: PathBuf,
 }
 
 /// What a process turned out to be.
@@ -134,13 +132,7 @@ fn inspect(pid: u32, path: &str, map_start: u64, map_offset: u64) -> Option<Dete
         layout::layout_for(version)
     };
     Some(match layout {
-        Some(layout) => Detected::Python(Box::new(PythonProcess {
-            pid,
-            version,
-            layout,
-            runtime,
-            binary: PathBuf::from(path),
-        })),
+        Some(layout) => Detected::Python(Box::new(PythonProcess { pid, version, layout, runtime })),
         None => Detected::Unsupported(shown),
     })
 }

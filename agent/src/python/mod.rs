@@ -100,10 +100,6 @@ impl PySymbolizer {
         self.readers.insert(p.pid, CodeReader::new(p.pid, p.version, p.layout));
     }
 
-    pub fn is_python(&self, pid: u32) -> bool {
-        self.readers.contains_key(&pid)
-    }
-
     pub fn stack(&mut self, pid: u32, stack: &PyStack) -> PyFrames {
         let len = (stack.len as usize).min(stack.frames.len());
         let truncated = stack.flags & (PY_STACK_TRUNCATED | PY_STACK_READ_ERROR) != 0;

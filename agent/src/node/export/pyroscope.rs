@@ -4,9 +4,10 @@ use std::{collections::HashMap, time::Duration};
 
 use base64::Engine;
 
-use super::{exporter::Exporter, state::Snapshot, transport::Destination};
+use super::{exporter::Exporter, transport::Destination};
 use crate::{
     export::pprof::{self, PprofMeta},
+    node::state::Snapshot,
     profile::Profile,
 };
 

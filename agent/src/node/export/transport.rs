@@ -2,7 +2,7 @@
 //! call (tonic on a current-thread runtime owned by the calling export thread).
 use std::{io::Write, time::Duration};
 
-use super::otlp::{Protocol, Target};
+use super::endpoints::{Protocol, Target};
 
 /// Where and how batches are sent.
 #[derive(Debug, Clone)]

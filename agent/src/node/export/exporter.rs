@@ -13,7 +13,7 @@ use std::{
 use prost::Message;
 
 use super::{
-    otlp::Target,
+    endpoints::Target,
     transport::{Destination, Failure},
 };
 

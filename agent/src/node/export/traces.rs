@@ -9,8 +9,8 @@ use opentelemetry_proto::tonic::{
     trace::v1::{ResourceSpans, ScopeSpans, Span, Status, span::SpanKind, status::StatusCode},
 };
 
-use super::state::{ProcessMetrics, attribute};
 use crate::net::spans::RequestSpan;
+use crate::node::{encode::attribute, state::ProcessMetrics};
 
 /// The spans of processes with a known resource, grouped by process. `mono_to_unix_ns`
 /// turns the kernel's monotonic times into Unix times.

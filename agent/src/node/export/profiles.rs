@@ -15,7 +15,10 @@ use opentelemetry_proto::tonic::{
     resource::v1::Resource,
 };
 
-use super::state::{Snapshot, kv, nanos};
+use crate::node::{
+    encode::{kv, nanos},
+    state::Snapshot,
+};
 use crate::profile::{self, Frame, FrameKind};
 
 /// The request for this interval's profiles (`rate_hz` gives the period); None when no
@@ -229,7 +232,7 @@ mod tests {
             ..Default::default()
         };
         let mut snapshot = Snapshot { time: Some(SystemTime::now()), ..Default::default() };
-        let mut process = super::super::state::ProcessMetrics::default();
+        let mut process = crate::node::state::ProcessMetrics::default();
         process.resource.insert("service.name".into(), "app".into());
         snapshot.processes.insert(7, process);
         let r = request(&HashMap::from([(7, profile)]), &snapshot, 100, Duration::from_secs(1)).unwrap();

@@ -2,7 +2,13 @@
 //! resolved from the standard OTEL_EXPORTER_OTLP_* variables and checked at start.
 use std::time::Duration;
 
-use super::config::ConfigError;
+/// An OTEL_EXPORTER_OTLP_* variable whose value cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("environment variable {var}: {message}")]
+pub struct InvalidVariable {
+    pub var: String,
+    pub message: String,
+}
 
 /// The OTLP wire protocols stoker speaks (OTEL_EXPORTER_OTLP_PROTOCOL).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,7 +75,10 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Resolves `signal`'s destination from the environment; None when no endpoint and no
 /// protocol variable is set (OTLP export is off). A protocol variable alone selects
 /// the spec's default endpoint: http://localhost:4317 (grpc) or :4318 (http/protobuf).
-pub fn resolve(signal: Signal, env: &dyn Fn(&str) -> Option<String>) -> Result<Option<Target>, ConfigError> {
+pub fn resolve(
+    signal: Signal,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<Target>, InvalidVariable> {
     // The signal's own variable wins over the general one; empty counts as unset.
     let lookup = |suffix: &str| -> Option<(String, String)> {
         let specific = format!("OTEL_EXPORTER_OTLP_{}_{suffix}", signal.var());
@@ -79,7 +88,7 @@ pub fn resolve(signal: Signal, env: &dyn Fn(&str) -> Option<String>) -> Result<O
             (!value.is_empty()).then_some((var, value))
         })
     };
-    let invalid = |var: &str, message: String| ConfigError::Env { var: var.to_string(), message };
+    let invalid = |var: &str, message: String| InvalidVariable { var: var.to_string(), message };
 
     let protocol = match lookup("PROTOCOL") {
         None => None,

@@ -1,0 +1,256 @@
+//! The node agent's main loop (`stoker agent`): loads the kernel programs, follows the
+//! node's CPython processes and exports every interval until SIGINT or SIGTERM.
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use agent_ebpf::COUNTS_CAPACITY;
+
+use super::{
+    config::AgentConfig,
+    export::{exporter::Exporter, metrics, profiles, pyroscope, traces},
+    http,
+    interval::Interval,
+    select::{Selection, Verdict},
+    state::Snapshot,
+};
+use crate::{
+    collect::{Collector, Tracker},
+    error::{Error, Result},
+    k8s::{
+        client::{ApiConfig, Client},
+        lookup::PodLookup,
+        pods::Placement,
+    },
+    net::{Aggregator, NetTracer, existing::Adopter, spans::SpanSampler},
+    programs::KernelPrograms,
+    sys::process,
+};
+
+const TICK: Duration = Duration::from_millis(100);
+/// How long a SIGTERM waits for queued batches to go out.
+const FLUSH_DEADLINE: Duration = Duration::from_secs(5);
+/// How long the start waits for the first pod list (the API server may be down).
+const FIRST_POD_LIST: Duration = Duration::from_secs(3);
+
+/// Runs the agent until SIGINT or SIGTERM; `env` reads environment variables.
+pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, stop.clone())?;
+    }
+    let snapshot = Arc::new(Mutex::new(Snapshot {
+        start: Some(SystemTime::now()),
+        host: process::hostname(),
+        top_functions: config.metrics.top_functions,
+        agent_attributes: env("OTEL_RESOURCE_ATTRIBUTES").map(|a| parse_attributes(&a)).unwrap_or_default(),
+        ..Default::default()
+    }));
+    let ready = Arc::new(AtomicBool::new(false));
+    http::serve(&config.prometheus.listen, snapshot.clone(), ready.clone())?;
+
+    let selection = Selection::new(&config.select);
+    let lookup = start_lookup(config, &selection, env)?;
+    let mut kernel = KernelPrograms::load(false)?;
+    kernel.start(config.sample_rate_hz)?;
+    if let Err(e) = kernel.watch_execs() {
+        tracing::warn!("new processes are found by scanning /proc only: {e}");
+    }
+    let mut net = match config.network.enabled {
+        true => match NetTracer::attach(&mut kernel) {
+            Ok(tracer) => {
+                let mut aggregator = Aggregator::new();
+                let s = &config.network.spans;
+                aggregator.spans = config.export.traces.as_ref().map(|_| {
+                    SpanSampler::new(s.sample_ratio, s.slow_threshold.as_nanos() as u64, s.max_per_interval)
+                });
+                Some((tracer, aggregator))
+            }
+            Err(e) => {
+                tracing::warn!("network latency is off: {e}");
+                None
+            }
+        },
+        false => None,
+    };
+    let mut adopter = Adopter::default();
+    let mut tracker = Tracker::new(true, false);
+    let patterns: Vec<regex::Regex> =
+        config.select.process_names.iter().filter_map(|p| regex::Regex::new(p).ok()).collect();
+    if !patterns.is_empty() || !selection.is_empty() {
+        let lookup = lookup.clone();
+        tracker.set_filter(Box::new(move |pid| {
+            if !patterns.is_empty() {
+                let comm = process::comm(pid);
+                let exe = process::exe(pid).map(|e| e.display().to_string()).unwrap_or_default();
+                if !patterns.iter().any(|p| p.is_match(&comm) || p.is_match(&exe)) {
+                    return false;
+                }
+            }
+            selected(&selection, lookup.as_ref(), pid)
+        }));
+    }
+    let capacity = config.queue.max_batches;
+    let metrics = config.export.metrics.as_ref().map(|t| Exporter::otlp(t, capacity)).transpose()?;
+    let profiles = config.export.profiles.as_ref().map(|t| Exporter::otlp(t, capacity)).transpose()?;
+    let pyroscope = config.pyroscope.url.as_deref().map(|u| pyroscope::exporter(u, capacity)).transpose()?;
+    let traces = match net.as_ref().and(config.export.traces.as_ref()) {
+        Some(target) => Some(Exporter::otlp(target, capacity)?),
+        None => None,
+    };
+    let targets = [&config.export.metrics, &config.export.profiles, &config.export.traces];
+    for target in targets.into_iter().flatten() {
+        tracing::info!("OTLP {:?} over {:?} to {}", target.signal, target.protocol, target.url);
+    }
+    let mut agent = Interval::new(config, env, lookup);
+    let mut collector = Collector::new(false);
+    ready.store(true, Ordering::Relaxed);
+    tracing::info!(
+        "stoker agent sampling at {} Hz, exporting every {:?}",
+        config.sample_rate_hz,
+        config.export_interval
+    );
+
+    let mut last_export = Instant::now();
+    loop {
+        match net.as_mut() {
+            Some((tracer, aggregator)) => tracer.sleep_draining(aggregator, TICK),
+            None => std::thread::sleep(TICK),
+        }
+        let stopping = stop.load(Ordering::Relaxed);
+        tracker.update(&mut kernel, &mut collector)?;
+        let live = tracker.live_targets();
+        agent.observe(&live, &tracker);
+        if net.is_some() {
+            adopter.adopt_new(&mut kernel, &live);
+        }
+        if stopping || last_export.elapsed() >= config.export_interval {
+            let elapsed = last_export.elapsed();
+            last_export = Instant::now();
+            collector.collect(&kernel, &live, true)?;
+            agent.update(&collector, &tracker, &live, elapsed);
+            let mut spans = Vec::new();
+            if let Some((_, aggregator)) = net.as_mut() {
+                agent.fold_network(&aggregator.take_interval());
+                if let Some(span_sampler) = aggregator.spans.as_mut() {
+                    spans = span_sampler.take();
+                    agent.spans_dropped = span_sampler.dropped;
+                }
+            }
+            if collector.counts().len() as u64 > u64::from(COUNTS_CAPACITY) * 3 / 4 {
+                kernel.clear_counts()?;
+                collector.forget_stacks(&live);
+                agent.last.clear();
+            }
+            let snap = {
+                let mut guard = snapshot.lock().unwrap_or_else(|e| e.into_inner());
+                guard.time = Some(SystemTime::now());
+                guard.processes = agent.processes.clone();
+                let exporters = [&metrics, &profiles, &pyroscope, &traces].into_iter().flatten();
+                guard.health = agent.health(&kernel, exporters, live.len());
+                guard.clone()
+            };
+            if let Some(exporter) = &metrics {
+                exporter.push(&metrics::request(&snap));
+            }
+            if let Some(exporter) = &profiles
+                && let Some(request) =
+                    profiles::request(&agent.profiles, &snap, config.sample_rate_hz, elapsed)
+            {
+                exporter.push(&request);
+            }
+            if let Some(exporter) = &traces
+                && let Some(request) = traces::request(&spans, &snap.processes, traces::mono_to_unix_ns())
+            {
+                exporter.push(&request);
+            }
+            if let Some(pyroscope) = &pyroscope {
+                let body = pyroscope::push_request(&agent.profiles, &snap, config.sample_rate_hz, elapsed);
+                if let Some(body) = body {
+                    pyroscope.push_bytes(body);
+                }
+            }
+        }
+        if stopping {
+            break;
+        }
+    }
+    for exporter in [metrics, profiles, pyroscope, traces].into_iter().flatten() {
+        exporter.shutdown(FLUSH_DEADLINE);
+    }
+    Ok(())
+}
+
+/// Starts the pod lookup when enabled and possible; without one, selectors that need it
+/// are an error and anything else goes on without k8s.* attributes.
+fn start_lookup(
+    config: &AgentConfig,
+    selection: &Selection,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<PodLookup>> {
+    if !config.kubernetes.enabled {
+        return Ok(None);
+    }
+    match ApiConfig::resolve(&config.kubernetes, env) {
+        Ok(api) => {
+            tracing::info!("listing the pods of node {} from {}", api.node, api.url);
+            let client = Client::new(api).map_err(|e| Error::Kubernetes(e.to_string()))?;
+            Ok(Some(PodLookup::start(client, config.kubernetes.refresh_interval, FIRST_POD_LIST)?))
+        }
+        Err(reason) if selection.needs_pods() => {
+            Err(Error::Kubernetes(format!("{reason}, and select.namespaces or select.pod_labels need it")))
+        }
+        Err(reason) => {
+            tracing::info!("no Kubernetes pod lookup: {reason}");
+            Ok(None)
+        }
+    }
+}
+
+/// Whether process `pid` is in the selected namespaces, pods and containers; a process
+/// in a pod not known yet is not, and asks the lookup to list the pods again.
+fn selected(selection: &Selection, lookup: Option<&PodLookup>, pid: u32) -> bool {
+    if selection.is_empty() {
+        return true;
+    }
+    let placement = Placement::of(pid);
+    let index = lookup.map(PodLookup::index);
+    let found = index.as_deref().and_then(|i| i.find(&placement));
+    match selection.verdict(&placement, found, lookup.is_some()) {
+        Verdict::Take => true,
+        Verdict::Skip => false,
+        Verdict::Later => {
+            if let (Some(lookup), Some(uid)) = (lookup, &placement.pod_uid) {
+                lookup.want(uid);
+            }
+            false
+        }
+    }
+}
+
+/// `k=v,k=v` as in OTEL_RESOURCE_ATTRIBUTES (values may be percent-encoded; kept as is).
+fn parse_attributes(text: &str) -> Vec<(String, String)> {
+    text.split(',')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .filter(|(k, _)| !k.is_empty())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resource_attributes_from_the_environment() {
+        let attrs = parse_attributes("service.name=stoker-agent, k8s.node.name=node-1,,bad");
+        assert_eq!(
+            attrs,
+            vec![("service.name".into(), "stoker-agent".into()), ("k8s.node.name".into(), "node-1".into())]
+        );
+    }
+}

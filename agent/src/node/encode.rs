@@ -1,0 +1,49 @@
+//! The encodings both metric renderings share: OTLP attributes and timestamps, and
+//! Prometheus label escaping.
+use std::{collections::BTreeMap, time::SystemTime};
+
+use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+
+/// Attributes the conventions type as integers.
+const INT_ATTRIBUTES: [&str; 5] = [
+    "http.response.status_code",
+    "server.port",
+    "client.port",
+    "http.request.body.size",
+    "http.response.body.size",
+];
+
+/// An attribute, an integer for the keys the conventions type so, else a string.
+pub(crate) fn attribute(key: &str, value: &str) -> KeyValue {
+    match value.parse::<i64>() {
+        Ok(n) if INT_ATTRIBUTES.contains(&key) => KeyValue {
+            key: key.into(),
+            value: Some(AnyValue { value: Some(any_value::Value::IntValue(n)) }),
+            ..Default::default()
+        },
+        _ => kv(key, value),
+    }
+}
+
+pub(crate) fn kv(key: &str, value: &str) -> KeyValue {
+    KeyValue {
+        key: key.into(),
+        value: Some(AnyValue { value: Some(any_value::Value::StringValue(value.into())) }),
+        ..Default::default()
+    }
+}
+
+pub(crate) fn nanos(t: Option<SystemTime>) -> u64 {
+    t.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// Resource attributes as Prometheus labels (`k="v",...`, no braces).
+pub(crate) fn resource_labels(resource: &BTreeMap<String, String>) -> String {
+    let parts: Vec<String> =
+        resource.iter().map(|(k, v)| format!("{}=\"{}\"", k.replace('.', "_"), escape(v))).collect();
+    parts.join(",")
+}
+
+pub(crate) fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}

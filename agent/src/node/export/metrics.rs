@@ -1,0 +1,101 @@
+//! The agent's metrics as one OTLP export request: a resource per process with its
+//! metrics, and the agent's own resource with its health, from the metric definitions.
+use opentelemetry_proto::tonic::{
+    collector::metrics::v1::ExportMetricsServiceRequest,
+    common::v1::{InstrumentationScope, KeyValue},
+    metrics::v1::{
+        AggregationTemporality, Gauge, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum, metric,
+        number_data_point,
+    },
+    resource::v1::Resource,
+};
+
+use crate::node::{
+    encode::{kv, nanos},
+    metric::{self as def, Instrument},
+    state::Snapshot,
+};
+
+/// The snapshot as an export request (cumulative temporality since the agent started).
+pub fn request(snapshot: &Snapshot) -> ExportMetricsServiceRequest {
+    let start = nanos(snapshot.start);
+    let time = nanos(snapshot.time);
+    let point = |value: f64, attributes: Vec<KeyValue>| NumberDataPoint {
+        attributes,
+        start_time_unix_nano: start,
+        time_unix_nano: time,
+        value: Some(number_data_point::Value::AsDouble(value)),
+        ..Default::default()
+    };
+    let mut resource_metrics: Vec<ResourceMetrics> = snapshot
+        .processes
+        .values()
+        .map(|p| {
+            let functions = p
+                .top(snapshot.top_functions)
+                .into_iter()
+                .map(|(f, v)| point(v, vec![kv("function", f)]))
+                .collect();
+            let metrics = vec![
+                number(&def::CPU_TIME, vec![point(p.cpu_seconds, vec![])]),
+                number(&def::CPU_UTILIZATION, vec![point(p.utilization, vec![])]),
+                number(&def::MEMORY_USAGE, vec![point(p.memory_bytes as f64, vec![])]),
+                number(&def::FUNCTION_CPU_TIME, functions),
+            ];
+            ResourceMetrics {
+                resource: Some(Resource {
+                    attributes: p.resource.iter().map(|(k, v)| kv(k, v)).collect(),
+                    ..Default::default()
+                }),
+                scope_metrics: vec![scope(metrics.into_iter().chain(p.net.otlp(start, time)).collect())],
+                ..Default::default()
+            }
+        })
+        .collect();
+    let mut attrs: Vec<(&str, &str)> = vec![("service.name", "stoker-agent"), ("host.name", &snapshot.host)];
+    for (k, v) in &snapshot.agent_attributes {
+        attrs.retain(|(key, _)| key != k);
+        attrs.push((k, v));
+    }
+    let health = snapshot.health.values().into_iter().map(|(m, v)| number(m, vec![point(v as f64, vec![])]));
+    resource_metrics.push(ResourceMetrics {
+        resource: Some(Resource {
+            attributes: attrs.into_iter().map(|(k, v)| kv(k, v)).collect(),
+            ..Default::default()
+        }),
+        scope_metrics: vec![scope(health.collect())],
+        ..Default::default()
+    });
+    ExportMetricsServiceRequest { resource_metrics }
+}
+
+/// A counter (cumulative monotonic sum) or gauge of `points`, as `m` defines it.
+fn number(m: &def::Metric, points: Vec<NumberDataPoint>) -> Metric {
+    let data = match m.instrument {
+        Instrument::Gauge => metric::Data::Gauge(Gauge { data_points: points }),
+        Instrument::Counter | Instrument::Histogram(_) => metric::Data::Sum(Sum {
+            data_points: points,
+            aggregation_temporality: AggregationTemporality::Cumulative as i32,
+            is_monotonic: true,
+        }),
+    };
+    Metric {
+        name: m.name.into(),
+        unit: m.unit.into(),
+        description: m.help.into(),
+        data: Some(data),
+        ..Default::default()
+    }
+}
+
+fn scope(metrics: Vec<Metric>) -> ScopeMetrics {
+    ScopeMetrics {
+        scope: Some(InstrumentationScope {
+            name: "stoker".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            ..Default::default()
+        }),
+        metrics,
+        ..Default::default()
+    }
+}

@@ -1,0 +1,9 @@
+//! Where the node agent's data goes: OTLP metrics, profiles and traces, Pyroscope pushes,
+//! each through a bounded queue and a transport, to endpoints resolved at start.
+pub mod endpoints;
+pub mod exporter;
+pub mod metrics;
+pub mod profiles;
+pub mod pyroscope;
+pub mod traces;
+pub mod transport;

@@ -1,0 +1,219 @@
+//! One export interval's bookkeeping: the samples since the last export by process, their
+//! CPU time and top functions, the processes' resource attributes and the agent's health.
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::atomic::Ordering,
+    time::Duration,
+};
+
+use agent_ebpf::SampleKey;
+
+use super::{
+    config::AgentConfig,
+    export::exporter::Exporter,
+    resource,
+    state::{self, ProcessMetrics},
+};
+use crate::{
+    collect::{Collector, Tracker, View},
+    k8s::{lookup::PodLookup, pods::Placement},
+    net::NetMetrics,
+    profile::{Frame, Profile},
+    programs::KernelPrograms,
+    sys::process,
+};
+
+/// Per-interval bookkeeping: cumulative counts seen, per-process metrics.
+pub(super) struct Interval {
+    pub(super) rate_hz: f64,
+    pub(super) cpus: f64,
+    pub(super) node: Option<String>,
+    pub(super) lookup: Option<PodLookup>,
+    /// The lookup's generation the resources were last built against.
+    pub(super) generation: u64,
+    /// Processes in a pod the lookup did not know when their resource was built.
+    pub(super) unnamed: HashSet<u32>,
+    pub(super) last: HashMap<SampleKey, u64>,
+    /// This interval's profile of each process (its metrics and Pyroscope push use it).
+    pub(super) profiles: HashMap<u32, Profile>,
+    pub(super) processes: std::collections::BTreeMap<u32, ProcessMetrics>,
+    /// Spans chosen but not sent (over `network.spans.max_per_interval`), since the start.
+    pub(super) spans_dropped: u64,
+}
+
+impl Interval {
+    pub(super) fn new(
+        config: &AgentConfig,
+        env: &dyn Fn(&str) -> Option<String>,
+        lookup: Option<PodLookup>,
+    ) -> Self {
+        Self {
+            rate_hz: config.sample_rate_hz as f64,
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()) as f64,
+            node: config.kubernetes.node_name.clone().or_else(|| env("NODE_NAME")),
+            lookup,
+            generation: 0,
+            unnamed: HashSet::new(),
+            last: HashMap::new(),
+            profiles: HashMap::new(),
+            processes: Default::default(),
+            spans_dropped: 0,
+        }
+    }
+
+    pub(super) fn update(
+        &mut self,
+        collector: &Collector,
+        tracker: &Tracker,
+        live: &[u32],
+        elapsed: Duration,
+    ) {
+        // Samples since the last interval, by process.
+        let mut deltas: HashMap<u32, Vec<(SampleKey, u64)>> = HashMap::new();
+        for (key, count) in collector.counts() {
+            let before = self.last.insert(*key, *count).unwrap_or(0);
+            if *count > before {
+                deltas.entry(key.tgid).or_default().push((*key, count - before));
+            }
+        }
+        // A process that exited during the interval reports its last samples once more.
+        self.processes.retain(|pid, _| live.contains(pid) || deltas.contains_key(pid));
+        self.unnamed.retain(|pid| live.contains(pid));
+        // Pods listed since: name the processes that run in them.
+        let generation = self.lookup.as_ref().map_or(0, PodLookup::generation);
+        if generation != self.generation {
+            self.generation = generation;
+            for pid in std::mem::take(&mut self.unnamed) {
+                let resource = self.resource(pid, tracker);
+                if let Some(p) = self.processes.get_mut(&pid) {
+                    p.resource = resource;
+                }
+            }
+        }
+        self.profiles = deltas
+            .iter()
+            .map(|(pid, counts)| (*pid, collector.profile_of(counts, View::default())))
+            .collect();
+        self.observe(live, tracker);
+        for (&pid, p) in self.processes.iter_mut() {
+            let mut seconds = 0.0;
+            if let Some(profile) = self.profiles.get(&pid) {
+                for (frames, n) in &profile.stacks {
+                    let cpu = *n as f64 / self.rate_hz;
+                    seconds += cpu;
+                    if let Some(function) = frames.last().and_then(python_function) {
+                        *p.functions.entry(function).or_default() += cpu;
+                    }
+                }
+            }
+            p.cpu_seconds += seconds;
+            p.utilization = seconds / elapsed.as_secs_f64().max(1e-3) / self.cpus;
+            p.memory_bytes = rss_bytes(pid);
+        }
+    }
+
+    /// Notes the resource attributes of processes seen for the first time, while they
+    /// live (one that exits before the next export still reports its samples).
+    pub(super) fn observe(&mut self, live: &[u32], tracker: &Tracker) {
+        for &pid in live {
+            if !self.processes.contains_key(&pid) {
+                let resource = self.resource(pid, tracker);
+                self.processes.insert(pid, ProcessMetrics { resource, ..Default::default() });
+            }
+        }
+    }
+
+    /// The resource attributes of process `pid`; one in a pod the lookup does not know
+    /// yet is remembered in `unnamed` and rebuilt after the next list.
+    fn resource(&mut self, pid: u32, tracker: &Tracker) -> BTreeMap<String, String> {
+        let placement = Placement::of(pid);
+        let index = self.lookup.as_ref().map(PodLookup::index);
+        let found = index.as_deref().and_then(|i| i.find(&placement));
+        let mut r = BTreeMap::new();
+        if let Some(f) = found {
+            r.insert("k8s.namespace.name".into(), f.pod.namespace.clone());
+            r.insert("k8s.pod.name".into(), f.pod.name.clone());
+            r.insert("k8s.pod.uid".into(), f.pod.uid.clone());
+            if let Some(c) = f.container {
+                r.insert("k8s.container.name".into(), c.to_string());
+            }
+        }
+        if let (Some(lookup), Some(uid)) = (&self.lookup, &placement.pod_uid)
+            && found.is_none_or(|f| f.container.is_none())
+        {
+            self.unnamed.insert(pid);
+            lookup.want(uid);
+        }
+        let container_name = found.and_then(|f| f.container);
+        r.insert("service.name".into(), resource::service_name(pid, container_name));
+        r.insert("process.pid".into(), pid.to_string());
+        r.insert("process.executable.name".into(), process::comm(pid));
+        r.insert("process.runtime.name".into(), "CPython".into());
+        if let Some(v) = tracker.version(pid) {
+            r.insert("process.runtime.version".into(), v.into());
+        }
+        r.insert("host.name".into(), process::hostname());
+        if let Some(c) = placement.container_id {
+            r.insert("container.id".into(), c);
+        }
+        if let Some(node) = &self.node {
+            r.insert("k8s.node.name".into(), node.clone());
+        }
+        r
+    }
+
+    /// Adds an interval's network metrics to the processes they belong to.
+    pub(super) fn fold_network(&mut self, m: &NetMetrics) {
+        for (&pid, p) in self.processes.iter_mut() {
+            p.net.fold(pid, m);
+        }
+    }
+
+    /// The agent's counters; export failures and drops summed over every exporter.
+    pub(super) fn health<'a>(
+        &self,
+        kernel: &KernelPrograms,
+        exporters: impl Iterator<Item = &'a Exporter>,
+        processes: usize,
+    ) -> state::Health {
+        let stats = kernel.stats().unwrap_or_default();
+        let (mut failures, mut dropped) = (0, 0);
+        for e in exporters {
+            failures += e.stats.failures.load(Ordering::Relaxed);
+            dropped += e.stats.dropped.load(Ordering::Relaxed);
+        }
+        state::Health {
+            samples: stats.samples,
+            lost: stats.lost + stats.stacks_dropped + stats.py_stacks_full,
+            export_failures: failures,
+            dropped_batches: dropped,
+            processes: processes as u64,
+            net_lost: stats.net_events_lost + stats.net_conns_full + stats.net_socks_full,
+            spans_dropped: self.spans_dropped,
+        }
+    }
+}
+
+/// `qualname (file.py)` of a Python frame, the function without its line; None for others.
+fn python_function(frame: &Frame) -> Option<String> {
+    Some(format!("{} ({})", frame.function()?, frame.file()?))
+}
+
+fn rss_bytes(pid: u32) -> u64 {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).unwrap_or_default();
+    let pages: u64 = statm.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+    pages * 4096
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn python_functions_drop_the_line() {
+        let py = Frame::Python { function: "Foo.bar".into(), file: "app/x.py".into(), line: 12 };
+        assert_eq!(python_function(&py).as_deref(), Some("Foo.bar (app/x.py)"));
+        assert_eq!(python_function(&Frame::Native { function: "_PyEval_EvalFrameDefault".into() }), None);
+        assert_eq!(python_function(&Frame::Kernel { function: "read_zero".into() }), None);
+    }
+}

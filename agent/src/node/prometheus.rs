@@ -1,0 +1,57 @@
+//! The agent's `/metrics` page: every process's metrics and the agent's health in the
+//! Prometheus text exposition format (version 0.0.4), from the metric definitions.
+use std::fmt::Write;
+
+use super::{
+    encode::{escape, resource_labels},
+    metric::{self, Metric},
+    netstate,
+    state::{ProcessMetrics, Snapshot},
+};
+
+/// The snapshot as Prometheus text.
+pub fn render(snapshot: &Snapshot) -> String {
+    let mut out = String::new();
+    let mut family = |m: &Metric, rows: Vec<(String, f64)>| {
+        let _ = writeln!(
+            out,
+            "# HELP {} {}\n# TYPE {} {}",
+            m.prometheus,
+            m.help,
+            m.prometheus,
+            m.prometheus_type()
+        );
+        for (labels, value) in rows {
+            let _ = writeln!(out, "{}{labels} {value}", m.prometheus);
+        }
+    };
+    let labels = |p: &ProcessMetrics, extra: Option<(&str, &str)>| {
+        let mut parts = vec![resource_labels(&p.resource)];
+        if let Some((k, v)) = extra {
+            parts.push(format!("{k}=\"{}\"", escape(v)));
+        }
+        format!("{{{}}}", parts.join(","))
+    };
+    let per = |f: &dyn Fn(&ProcessMetrics) -> f64| -> Vec<(String, f64)> {
+        snapshot.processes.values().map(|p| (labels(p, None), f(p))).collect()
+    };
+    family(&metric::CPU_TIME, per(&|p| p.cpu_seconds));
+    family(&metric::CPU_UTILIZATION, per(&|p| p.utilization));
+    family(&metric::MEMORY_USAGE, per(&|p| p.memory_bytes as f64));
+    let functions = snapshot
+        .processes
+        .values()
+        .flat_map(|p| {
+            p.top(snapshot.top_functions).into_iter().map(move |(f, v)| (labels(p, Some(("function", f))), v))
+        })
+        .collect();
+    family(&metric::FUNCTION_CPU_TIME, functions);
+    for (m, value) in snapshot.health.values() {
+        family(m, vec![(String::new(), value as f64)]);
+    }
+    netstate::prometheus(
+        &mut out,
+        snapshot.processes.values().map(|p| (&p.net, resource_labels(&p.resource))),
+    );
+    out
+}
