@@ -1,9 +1,6 @@
 //! Recognizes CPython processes: finds the interpreter's ELF (libpython or a statically
 //! linked python), `_PyRuntime` and the version, and picks the structure layout.
-use std::{
-    fs,
-    path::{Path, PathBuf},
-};
+use std::path::Path;
 
 use object::{Object, ObjectSegment, ObjectSymbol};
 
@@ -11,6 +8,7 @@ use super::{
     layout::{self, DebugOffsetsError, Layout, PyVersion},
     mem::Memory,
 };
+use crate::sys::maps::{self, MapName};
 
 /// A CPython process stoker can walk.
 #[derive(Debug, Clone)]
@@ -33,37 +31,34 @@ pub enum Detected {
 
 /// Looks at a live process. Errors reading /proc mean it is gone or not ours to read.
 pub fn detect(pid: u32) -> Detected {
-    let Ok(maps) = fs::read_to_string(format!("/proc/{pid}/maps")) else {
+    let Ok(maps) = maps::read(pid) else {
         return Detected::NotPython;
     };
-    let mut candidates: Vec<(u64, u64, &str)> = Vec::new(); // (start, file offset, path)
-    for line in maps.lines() {
-        let mut f = line.split_whitespace();
-        let (Some(range), Some(_), Some(offset), Some(_), Some(_), Some(path)) =
-            (f.next(), f.next(), f.next(), f.next(), f.next(), f.next())
-        else {
-            continue;
-        };
-        if !is_interpreter_name(path.rsplit('/').next().unwrap_or(path)) {
-            continue;
-        }
-        let start = range.split('-').next().and_then(|s| u64::from_str_radix(s, 16).ok());
-        let offset = u64::from_str_radix(offset, 16).ok();
-        if let (Some(start), Some(offset)) = (start, offset) {
-            candidates.push((start, offset, path));
-        }
-    }
+    let root = maps::root_of(pid);
+    // (start, file offset, inode, path) of every mapping of an interpreter-named file.
+    let mut candidates: Vec<(u64, u64, u64, &Path)> = maps
+        .iter()
+        .filter_map(|m| match &m.name {
+            MapName::File { path, deleted: false }
+                if path.file_name().and_then(|n| n.to_str()).is_some_and(is_interpreter_name) =>
+            {
+                Some((m.start, m.offset, m.inode, path.as_path()))
+            }
+            _ => None,
+        })
+        .collect();
     // libpython first: a python executable linked to it has no _PyRuntime of its own.
-    candidates.sort_by_key(|(start, _, path)| (!path.contains("libpython"), *start));
-    let mut seen: Vec<&str> = Vec::new();
-    for &(_, _, path) in &candidates {
+    let libpython = |p: &Path| p.to_string_lossy().contains("libpython");
+    candidates.sort_by_key(|&(start, _, _, path)| (!libpython(path), start));
+    let mut seen: Vec<&Path> = Vec::new();
+    for &(_, _, _, path) in &candidates {
         if seen.contains(&path) {
             continue;
         }
         seen.push(path);
-        let lowest = candidates.iter().filter(|c| c.2 == path).min_by_key(|c| c.0).copied();
-        if let Some((start, offset, _)) = lowest
-            && let Some(found) = inspect(pid, path, start, offset)
+        let lowest = candidates.iter().filter(|c| c.3 == path).min_by_key(|c| c.0).copied();
+        if let Some((start, offset, inode, _)) = lowest
+            && let Some(found) = inspect(pid, root.as_deref(), path, inode, start, offset)
         {
             return found;
         }
@@ -77,14 +72,20 @@ pub fn is_interpreter_name(name: &str) -> bool {
     rest.starts_with("python")
 }
 
-fn inspect(pid: u32, path: &str, map_start: u64, map_offset: u64) -> Option<Detected> {
-    let on_disk = fs::File::open(open_path(pid, path)).ok()?;
-    // Mapped, not read: only the headers and symbol tables are touched, not the (often
-    // tens of megabytes of) code and debug information.
-    // SAFETY: the mapping is read-only and lives only for this function; a file changed
-    // underneath would give wrong symbols, not unsafety in safe code reading bytes.
-    let data = unsafe { memmap2::Mmap::map(&on_disk) }.ok()?;
-    let file = object::File::parse(&*data).ok()?;
+fn inspect(
+    pid: u32,
+    root: Option<&Path>,
+    path: &Path,
+    inode: u64,
+    map_start: u64,
+    map_offset: u64,
+) -> Option<Detected> {
+    let on_disk = maps::open_mapped(root, path, inode).ok()?;
+    // Read on demand, not mapped: only the headers and symbol tables are read, not the
+    // (often tens of megabytes of) code and debug information, and a file the target
+    // truncates meanwhile gives read errors, not SIGBUS.
+    let data = object::ReadCache::new(on_disk);
+    let file = object::File::parse(&data).ok()?;
     let runtime_sym = find_symbol(&file, "_PyRuntime")?;
     // Load bias: where the segment holding `map_offset` was mapped, minus its link address.
     let segment = file.segments().find(|s| {
@@ -105,7 +106,7 @@ fn inspect(pid: u32, path: &str, map_start: u64, map_offset: u64) -> Option<Dete
             (v, format!("{}.{}.{}", v.major, v.minor, v.patch))
         }
         None => {
-            let v = version_from_name(Path::new(path).file_name()?.to_str()?)?;
+            let v = version_from_name(path.file_name()?.to_str()?)?;
             (v, format!("{}.{}", v.major, v.minor))
         }
     };
@@ -137,16 +138,7 @@ fn inspect(pid: u32, path: &str, map_start: u64, map_offset: u64) -> Option<Dete
     })
 }
 
-/// The file as this process can open it (through /proc/PID/root for other mount namespaces).
-fn open_path(pid: u32, path: &str) -> PathBuf {
-    if crate::sys::process::same_root(pid) {
-        PathBuf::from(path)
-    } else {
-        PathBuf::from(format!("/proc/{pid}/root{path}"))
-    }
-}
-
-fn find_symbol(file: &object::File<'_>, name: &str) -> Option<u64> {
+fn find_symbol<'d, R: object::ReadRef<'d>>(file: &object::File<'d, R>, name: &str) -> Option<u64> {
     file.dynamic_symbols()
         .chain(file.symbols())
         .find(|s| s.name() == Ok(name) && s.address() != 0)

@@ -1,6 +1,8 @@
 //! Snapshots of a process's executable memory mappings (/proc/PID/maps), kept so that
 //! addresses can still be resolved to (file, offset) after the process has exited.
-use std::{fs, io, path::PathBuf, sync::Arc};
+use std::{io, path::PathBuf, sync::Arc};
+
+use crate::sys::maps::{self, MapEntry, MapName};
 
 /// One executable mapping of a file (or of an anonymous region such as [vdso]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -12,6 +14,8 @@ pub struct Mapping {
     pub path: Option<Arc<PathBuf>>,
     /// Short name for unknown frames: the file's base name or the region name.
     pub name: Arc<str>,
+    /// The mapped file's inode (it is opened only while it is still that file).
+    pub inode: u64,
 }
 
 /// The executable mappings of one process, sorted by start address.
@@ -22,11 +26,11 @@ pub struct ProcMaps {
 
 impl ProcMaps {
     pub fn read(pid: u32) -> io::Result<Self> {
-        Ok(Self::parse(&fs::read_to_string(format!("/proc/{pid}/maps"))?))
+        Ok(Self::from_entries(maps::read(pid)?))
     }
 
-    pub fn parse(text: &str) -> Self {
-        let mut mappings: Vec<Mapping> = text.lines().filter_map(parse_line).collect();
+    fn from_entries(entries: Vec<MapEntry>) -> Self {
+        let mut mappings: Vec<Mapping> = entries.into_iter().filter_map(mapping).collect();
         mappings.sort_by_key(|m| m.start);
         Self { mappings }
     }
@@ -42,29 +46,19 @@ impl ProcMaps {
     }
 }
 
-fn parse_line(line: &str) -> Option<Mapping> {
-    // start-end perms offset dev inode [path]
-    let mut fields = line.splitn(6, ' ');
-    let (range, perms, offset) = (fields.next()?, fields.next()?, fields.next()?);
-    if !perms.contains('x') {
+fn mapping(e: MapEntry) -> Option<Mapping> {
+    if !e.executable {
         return None;
     }
-    let (_dev, _inode) = (fields.next()?, fields.next()?);
-    let path = fields.next().map(str::trim).unwrap_or("");
-    let (start, end) = range.split_once('-')?;
-    let start = u64::from_str_radix(start, 16).ok()?;
-    let end = u64::from_str_radix(end, 16).ok()?;
-    let file_offset = u64::from_str_radix(offset, 16).ok()?;
-    let (path, name): (Option<Arc<PathBuf>>, Arc<str>) = if path.starts_with('/') {
-        let path = path.strip_suffix(" (deleted)").unwrap_or(path);
-        let base = path.rsplit('/').next().unwrap_or(path);
-        (Some(Arc::new(PathBuf::from(path))), Arc::from(base))
-    } else if path.is_empty() {
-        (None, Arc::from("[anon]"))
-    } else {
-        (None, Arc::from(path))
+    let (path, name): (Option<Arc<PathBuf>>, Arc<str>) = match e.name {
+        MapName::File { path, .. } => {
+            let base: Arc<str> = path.file_name().map_or("?".into(), |n| n.to_string_lossy().into());
+            (Some(Arc::new(path)), base)
+        }
+        MapName::Special(name) => (None, name.into()),
+        MapName::Anonymous => (None, "[anon]".into()),
     };
-    Some(Mapping { start, end, file_offset, path, name })
+    Some(Mapping { start: e.start, end: e.end, file_offset: e.offset, path, name, inode: e.inode })
 }
 
 #[cfg(test)]
@@ -81,7 +75,7 @@ mod tests {
 
     #[test]
     fn keeps_executable_mappings_and_finds_addresses() {
-        let maps = ProcMaps::parse(MAPS);
+        let maps = ProcMaps::from_entries(maps::parse_from(MAPS.as_bytes()).unwrap());
         let m = maps.find(0x55d0c1a01234).unwrap();
         assert_eq!(m.file_offset, 0x1000);
         assert_eq!(&*m.name, "prog");

@@ -13,12 +13,14 @@ use blazesym::{
 };
 
 use self::maps::{Mapping, ProcMaps};
-use crate::{profile::Frame, sys::process};
+use crate::{profile::Frame, sys::maps as sys_maps};
 
 struct ProcState {
     maps: ProcMaps,
     /// Prefix that reaches the process's files from our mount namespace.
     root: Option<PathBuf>,
+    /// Whether each mapped (file, inode) is still that regular file (checked once).
+    usable: HashMap<(Arc<PathBuf>, u64), bool>,
 }
 
 /// Resolves addresses to names, caching by file offset and keeping mapping snapshots
@@ -26,7 +28,8 @@ struct ProcState {
 pub struct Symbolizer {
     blaze: Blaze,
     procs: HashMap<u32, ProcState>,
-    user_names: HashMap<(Arc<PathBuf>, u64), Frame>,
+    /// By (path, inode, file offset): one path names different files in different containers.
+    user_names: HashMap<(Arc<PathBuf>, u64, u64), Frame>,
     kernel_names: HashMap<u64, Frame>,
 }
 
@@ -48,8 +51,8 @@ impl Symbolizer {
             if maps.is_empty() {
                 return; // a zombie shows no mappings: keep what we had
             }
-            let root = (!process::same_root(pid)).then(|| PathBuf::from(format!("/proc/{pid}/root")));
-            self.procs.insert(pid, ProcState { maps, root });
+            let usable = self.procs.remove(&pid).map(|p| p.usable).unwrap_or_default();
+            self.procs.insert(pid, ProcState { maps, root: sys_maps::root_of(pid), usable });
         }
     }
 
@@ -83,22 +86,29 @@ impl Symbolizer {
         let Some(path) = &m.path else {
             return Frame::NativeUnnamed { module: m.name.clone(), offset: addr - m.start };
         };
-        let key = (path.clone(), file_offset);
+        let key = (path.clone(), m.inode, file_offset);
         if let Some(name) = self.user_names.get(&key) {
             return name.clone();
         }
-        let open_path = match self.procs.get(&pid).and_then(|p| p.root.as_ref()) {
-            Some(root) => root.join(path.strip_prefix("/").unwrap_or(path)),
-            None => path.to_path_buf(),
-        };
-        let src = Source::Elf(Elf::new(open_path));
+        let unnamed = Frame::NativeUnnamed { module: m.name.clone(), offset: file_offset };
+        let Some(proc) = self.procs.get_mut(&pid) else { return unnamed };
+        // Only a regular file that is still the one mapped goes to the ELF reader: a FIFO
+        // or device named like a library would block it, another file would lie.
+        let usable = *proc
+            .usable
+            .entry((path.clone(), m.inode))
+            .or_insert_with(|| sys_maps::open_mapped(proc.root.as_deref(), path, m.inode).is_ok());
+        if !usable {
+            return unnamed;
+        }
+        let src = Source::Elf(Elf::new(sys_maps::in_root(proc.root.as_deref(), path)));
         let name = match self.blaze.symbolize_single(&src, Input::FileOffset(file_offset)) {
             // An address past the end of the nearest symbol (PLT stubs after `_init`, for
             // one) is not in that function.
             Ok(Symbolized::Sym(sym)) if sym.size.is_none_or(|size| sym.offset < size) => {
                 Frame::Native { function: Arc::from(sym.name.as_ref()) }
             }
-            _ => Frame::NativeUnnamed { module: m.name.clone(), offset: file_offset },
+            _ => unnamed,
         };
         self.user_names.insert(key, name.clone());
         name
