@@ -73,3 +73,35 @@ fn a_fifo_named_like_the_interpreter_cannot_block_a_session() {
         "`spin` should hold most of the busy process's {total} samples: {spin}"
     );
 }
+
+/// Clients that connect and say nothing, and one that asks for /metrics thousands of times
+/// on one connection and never reads the answers (more than the sockets' buffers hold):
+/// the agent's endpoint still answers /healthz and /metrics to others.
+#[test]
+fn slow_http_clients_cannot_hold_the_agent_endpoint() {
+    use std::{io::Write, net::TcpStream};
+
+    use common::agent::*;
+    require_root();
+    let dir = scratch("slow-http");
+    let http = free_port();
+    let config = agent_config(&dir, http, "export_interval: 1s\n");
+    let agent = agent_without_otlp(&config);
+    wait_ready(http);
+    let silent: Vec<TcpStream> = (0..20).map(|_| TcpStream::connect(("127.0.0.1", http)).unwrap()).collect();
+    let mut greedy = TcpStream::connect(("127.0.0.1", http)).unwrap();
+    let request = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".repeat(5000);
+    // The server may close the connection after the first answer: later writes may fail.
+    let _ = greedy.write_all(request.as_bytes());
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let answer = http_get(http, path);
+        assert_eq!(
+            answer.as_ref().map(|(s, _)| *s),
+            Some(200),
+            "{path} while clients hold connections: {answer:?}"
+        );
+    }
+    drop((silent, greedy));
+    let status = stop(agent);
+    assert!(status.success(), "agent exit: {status}");
+}

@@ -50,8 +50,10 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
         agent_attributes: env("OTEL_RESOURCE_ATTRIBUTES").map(|a| parse_attributes(&a)).unwrap_or_default(),
         ..Default::default()
     }));
-    let ready = Arc::new(AtomicBool::new(false));
-    http::serve(&config.prometheus.listen, snapshot.clone(), ready.clone())?;
+    // /healthz fails once the loop has not completed a tick for three export intervals (at
+    // least 30 s): an export tick symbolizes every new stack, which takes a while on a busy node.
+    let heartbeat = Arc::new(http::Heartbeat::new((config.export_interval * 3).max(Duration::from_secs(30))));
+    http::serve(&config.prometheus.listen, snapshot.clone(), heartbeat.clone())?;
 
     let selection = Selection::new(&config.select);
     let lookup = start_lookup(config, &selection, env)?;
@@ -108,7 +110,7 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
     }
     let mut agent = Interval::new(config, env, lookup);
     let mut collector = Collector::new(false);
-    ready.store(true, Ordering::Relaxed);
+    heartbeat.set_ready();
     tracing::info!(
         "stoker agent sampling at {} Hz, exporting every {:?}",
         config.sample_rate_hz,
@@ -175,6 +177,7 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
                 }
             }
         }
+        heartbeat.beat();
         if stopping {
             break;
         }
