@@ -190,6 +190,7 @@ impl Interval {
             processes: processes as u64,
             net_lost: stats.net_events_lost + stats.net_conns_full + stats.net_socks_full,
             spans_dropped: self.spans_dropped,
+            losses: stats.losses().to_vec(),
         }
     }
 }

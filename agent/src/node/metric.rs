@@ -115,6 +115,14 @@ pub(crate) const SPANS_DROPPED: Metric = def(
     "Request spans not sent: over the per-interval bound.",
 );
 
+pub(crate) const KERNEL_LOSSES: Metric = def(
+    "stoker.kernel.losses",
+    "{event}",
+    Counter,
+    "stoker_kernel_losses_total",
+    "Events the kernel programs lost or cut, by reason (maps or rings full, stacks cut, memory unreadable).",
+);
+
 /// Bucket bounds (seconds) the semantic conventions advise for request durations.
 const REQUEST_BOUNDS: &[f64] = &crate::net::hist::OTEL_BOUNDS_S;
 /// Finer bounds for connect times and round trips, which are often sub-millisecond.

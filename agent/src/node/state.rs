@@ -36,6 +36,8 @@ pub struct Health {
     pub net_lost: u64,
     /// Request spans chosen but not sent (over the per-interval bound).
     pub spans_dropped: u64,
+    /// Every kernel loss counter, by reason.
+    pub losses: Vec<(&'static str, u64)>,
 }
 
 /// Everything exported, as of the last interval.

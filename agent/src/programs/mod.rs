@@ -60,6 +60,25 @@ pub struct Stats {
     pub net_socks_full: u64,
 }
 
+impl Stats {
+    /// Every kind of loss the kernel counts, by the name reports and metrics give it.
+    pub fn losses(&self) -> [(&'static str, u64); 11] {
+        [
+            ("counts_map_full", self.lost),
+            ("stack_dropped", self.stacks_dropped),
+            ("user_stack_missing", self.user_stack_missing),
+            ("python_thread_not_found", self.py_no_thread),
+            ("python_stack_truncated", self.py_truncated),
+            ("python_memory_unreadable", self.py_read_errors),
+            ("python_stacks_map_full", self.py_stacks_full),
+            ("execs_missed", self.execs_missed),
+            ("net_events_ring_full", self.net_events_lost),
+            ("net_connections_map_full", self.net_conns_full),
+            ("net_sockets_map_full", self.net_socks_full),
+        ]
+    }
+}
+
 /// Runs of the empty program that measure the run-time statistics' own cost.
 const STATS_FLOOR_RUNS: u32 = 100_000;
 

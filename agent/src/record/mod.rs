@@ -306,6 +306,17 @@ impl Summary {
             self.stats.stacks_dropped,
             self.stats.user_stack_missing
         );
+        let losses: Vec<String> = self
+            .stats
+            .losses()
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(what, n)| format!("{what} {n}"))
+            .collect();
+        let _ = match losses.is_empty() {
+            true => writeln!(s, "  kernel losses: none"),
+            false => writeln!(s, "  kernel losses: {}", losses.join(", ")),
+        };
         if self.stats.py_samples > 0 {
             let _ = writeln!(
                 s,

@@ -57,7 +57,18 @@ pub fn request(snapshot: &Snapshot) -> ExportMetricsServiceRequest {
         attrs.retain(|(key, _)| key != k);
         attrs.push((k, v));
     }
-    let health = snapshot.health.values().into_iter().map(|(m, v)| number(m, vec![point(v as f64, vec![])]));
+    let losses = snapshot
+        .health
+        .losses
+        .iter()
+        .map(|(why, n)| point(*n as f64, vec![kv("stoker.loss.reason", why)]))
+        .collect();
+    let health = snapshot
+        .health
+        .values()
+        .into_iter()
+        .map(|(m, v)| number(m, vec![point(v as f64, vec![])]))
+        .chain([number(&def::KERNEL_LOSSES, losses)]);
     resource_metrics.push(ResourceMetrics {
         resource: Some(Resource {
             attributes: attrs.into_iter().map(|(k, v)| kv(k, v)).collect(),
