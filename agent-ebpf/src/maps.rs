@@ -11,7 +11,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, StackTrace},
 };
 
-use crate::net::NetSock;
+use crate::programs::net::NetSock;
 
 #[map]
 pub static TARGETS: HashMap<u32, u32> = HashMap::with_max_entries(TARGETS_CAPACITY, 0);

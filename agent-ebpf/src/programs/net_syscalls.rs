@@ -14,10 +14,8 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 
-use crate::{
-    maps::{NET_CONN_SCRATCH, NET_CONNS, bump, is_target},
-    net::{copy_words, emit_conn, emit_request, parse_request, parse_status, read_sockaddr},
-};
+use super::net::{copy_words, emit_conn, emit_request, parse_request, parse_status, read_sockaddr};
+use crate::maps::{NET_CONN_SCRATCH, NET_CONNS, bump, is_target};
 
 // x86-64 system call numbers.
 const SYS_READ: u32 = 0;

@@ -10,10 +10,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 
-use crate::{
-    maps::{COUNTS, PY_PROCS, PY_STACKS, STACKS, add, bump, is_target},
-    python,
-};
+use super::python;
+use crate::maps::{COUNTS, PY_PROCS, PY_STACKS, STACKS, add, bump, is_target};
 
 const EFAULT: i32 = 14;
 

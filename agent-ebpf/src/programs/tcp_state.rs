@@ -7,10 +7,8 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 
-use crate::{
-    maps::{NET_SOCKS, bump, is_target},
-    net::{AF_INET, AF_INET6, NetSock, emit_conn, kernel_u64, offset},
-};
+use super::net::{AF_INET, AF_INET6, NetSock, emit_conn, kernel_u64, offset};
+use crate::maps::{NET_SOCKS, bump, is_target};
 
 const TCP_ESTABLISHED: i32 = 1;
 const TCP_SYN_SENT: i32 = 2;

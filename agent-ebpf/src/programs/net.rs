@@ -1,5 +1,5 @@
-//! Shared pieces of the network programs: their offsets, TCP socket state,
-//! the HTTP/1.x recognizer that keeps only method, path (up to `?`) and status.
+//! Kernel side of the network programs: their offsets, TCP socket state, the per-CPU event
+//! rings, the HTTP/1.x recognizer that keeps only method, path (up to `?`) and status.
 use agent_ebpf::{
     NET_PATH_LEN, NET_PEEK_BUF, NET_PEEK_LEN, NET_RING_HEAD, NET_RING_SLOTS, NET_RING_TAIL, NetConn,
     NetEvent, NetOffsets, http_method, stat,
@@ -17,7 +17,7 @@ macro_rules! offset {
     ($field:ident) => {{
         // Also used inside other unsafe blocks.
         #[allow(unused_unsafe)]
-        let v = unsafe { core::ptr::read_volatile(&crate::net::NET_OFFSETS.$field) };
+        let v = unsafe { core::ptr::read_volatile(&crate::programs::net::NET_OFFSETS.$field) };
         v as usize
     }};
 }
