@@ -1,0 +1,196 @@
+//! Network, shared with userspace: the per-connection request state and the events the
+//! network programs (`programs/net*.rs`, `programs/tcp_state.rs`) send through per-CPU rings.
+
+/// Network: per-connection request state, (tgid << 32 | fd) -> `NetConn`.
+pub const MAP_NET_CONNS: &str = "NET_CONNS";
+/// Network: completed requests, connects and closes, as `NetEvent`s in one ring per CPU
+/// (see `NET_RING_SLOTS`).
+pub const MAP_NET_EVENTS: &str = "NET_EVENTS";
+/// The network programs: one for the socket system calls' exits, one per TCP tracepoint.
+pub const PROG_NET_SYS_EXIT: &str = "net_sys_exit";
+pub const PROG_NET_SOCK_STATE: &str = "net_sock_state";
+pub const PROG_NET_RETRANSMIT: &str = "net_retransmit";
+/// Global set by the loader: record field offsets and kernel struct offsets (`NetOffsets`).
+pub const GLOBAL_NET_OFFSETS: &str = "NET_OFFSETS";
+
+/// Capacity of the per-connection state map (open sockets of target processes).
+pub const NET_CONNS_CAPACITY: u32 = 16 * 1024;
+/// Capacity of the connecting/established TCP sockets map (client connections).
+pub const NET_SOCKS_CAPACITY: u32 = 16 * 1024;
+/// Events each CPU's ring holds between two drains. `NET_EVENTS` is a memory-mappable array
+/// of `NetEvent`s sized at load to `NET_RING_SLOTS + 1` elements per possible CPU: the first
+/// element of a CPU's region is its header (`NET_RING_HEAD`, `NET_RING_TAIL`), the others its
+/// slots. Only programs on that CPU write it (they never nest on one CPU) and only userspace
+/// consumes it, so neither side takes a lock or shares a cache line with another CPU; a
+/// full ring drops the event and counts it.
+pub const NET_RING_SLOTS: u32 = 2048;
+const _: () = assert!(NET_RING_SLOTS.is_power_of_two(), "slots are indexed by masking");
+/// Header words of a CPU's ring: events written so far (kernel), events consumed (userspace).
+/// A cache line apart.
+pub const NET_RING_HEAD: usize = 0;
+pub const NET_RING_TAIL: usize = 8;
+/// Bytes of an HTTP request path kept (cut at `?`, never a query string).
+pub const NET_PATH_LEN: usize = 64;
+const _: () = assert!(NET_PATH_LEN.is_multiple_of(8), "paths are copied a word at a time");
+/// Bytes peeked at the start of a request or response to recognize HTTP/1.x.
+pub const NET_PEEK_LEN: usize = 80;
+/// Size of the per-CPU peek buffer: a power of two above `NET_PEEK_LEN`, so masked
+/// indexes stay inside it.
+pub const NET_PEEK_BUF: usize = 128;
+
+/// Record field offsets of the TCP tracepoints and `tcp_sock` member offsets (from BTF; 0 when
+/// unknown) the network programs read.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetOffsets {
+    /// `sock:inet_sock_set_state` fields.
+    pub sk_skaddr: u32,
+    pub sk_oldstate: u32,
+    pub sk_newstate: u32,
+    pub sk_dport: u32,
+    pub sk_family: u32,
+    pub sk_protocol: u32,
+    pub sk_daddr: u32,
+    pub sk_daddr_v6: u32,
+    /// `tcp:tcp_retransmit_skb` field `skaddr`.
+    pub rt_skaddr: u32,
+    /// `struct tcp_sock` members.
+    pub tcp_srtt_us: u32,
+    pub tcp_bytes_received: u32,
+    pub tcp_bytes_acked: u32,
+}
+const _: () = assert!(core::mem::size_of::<NetOffsets>() == 48);
+
+// SAFETY: `repr(C)`, integers only, no padding (size asserted): any bit pattern is a valid value.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for NetOffsets {}
+
+impl NetOffsets {
+    /// The record layout of current kernels, kept where a format file cannot be read;
+    /// no `tcp_sock` members (RTT and bytes are not read without BTF).
+    pub const CURRENT_KERNELS: Self = Self {
+        sk_skaddr: 8,
+        sk_oldstate: 16,
+        sk_newstate: 20,
+        sk_dport: 26,
+        sk_family: 28,
+        sk_protocol: 30,
+        sk_daddr: 36,
+        sk_daddr_v6: 56,
+        rt_skaddr: 16,
+        tcp_srtt_us: 0,
+        tcp_bytes_received: 0,
+        tcp_bytes_acked: 0,
+    };
+}
+
+/// `NetConn::role` / `NetEvent::role`: the process accepted the connection (it serves).
+pub const NET_ROLE_SERVER: u32 = 1;
+/// The process connected (it is the client).
+pub const NET_ROLE_CLIENT: u32 = 2;
+
+/// `NetConn::phase`: no request under way.
+pub const NET_PHASE_IDLE: u32 = 0;
+/// The request is being read (server) or written (client).
+pub const NET_PHASE_REQUEST: u32 = 1;
+/// The response is being written (server) or read (client).
+pub const NET_PHASE_RESPONSE: u32 = 2;
+
+/// State of one tracked socket of a target process, owned by the kernel programs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct NetConn {
+    /// What every read and write of the connection looks at or changes comes first, in
+    /// as few cache lines as the map's element layout allows.
+    pub role: u32,
+    pub phase: u32,
+    /// First and last response bytes: read returned (client) or written (server).
+    pub resp_last_ns: u64,
+    pub resp_bytes: u64,
+    pub req_bytes: u64,
+    /// Request start: first byte read (server) or first write returned (client).
+    pub start_ns: u64,
+    pub resp_first_ns: u64,
+    /// HTTP status of the response, 0 when not HTTP.
+    pub status: u32,
+    /// `http_method::*` of the request, 0 when not HTTP.
+    pub method: u32,
+    pub path_len: u32,
+    pub port: u16,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u16,
+    /// Remote address (IPv4 in the first 4 bytes) and port (host order).
+    pub addr: [u8; 16],
+    /// When the connection was accepted or connected.
+    pub opened_ns: u64,
+    pub path: [u8; NET_PATH_LEN],
+}
+const _: () = assert!(core::mem::size_of::<NetConn>() == 48 + 16 + 4 + 20 + 64);
+// The kernel copies these a word at a time.
+const _: () =
+    assert!(core::mem::offset_of!(NetConn, addr) % 8 == 0 && core::mem::offset_of!(NetConn, path) % 8 == 0);
+
+// SAFETY: `repr(C)`, integers and byte arrays, no padding (size asserted): any bit pattern is a
+// valid value.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for NetConn {}
+
+/// HTTP request methods recognized in the kernel (`NetConn::method`).
+pub mod http_method {
+    pub const NONE: u32 = 0;
+    pub const GET: u32 = 1;
+    pub const POST: u32 = 2;
+    pub const PUT: u32 = 3;
+    pub const DELETE: u32 = 4;
+    pub const HEAD: u32 = 5;
+    pub const PATCH: u32 = 6;
+    pub const OPTIONS: u32 = 7;
+    pub const NAMES: [&str; 8] = ["", "GET", "POST", "PUT", "DELETE", "HEAD", "PATCH", "OPTIONS"];
+}
+
+/// `NetEvent::kind`: a request and its response completed on a connection.
+pub const NET_EVENT_REQUEST: u32 = 1;
+/// A TCP connect finished (`status` 0: established, 1: failed).
+pub const NET_EVENT_CONNECT: u32 = 2;
+/// A tracked connection closed (client connections: lifetime, retransmits, RTT, bytes).
+pub const NET_EVENT_CLOSE: u32 = 3;
+/// A connection was accepted.
+pub const NET_EVENT_ACCEPT: u32 = 4;
+
+/// One event from the network programs. Requests carry only the method, the path up to
+/// `?` (at most `NET_PATH_LEN` bytes), the status, sizes and times: never headers or bodies.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct NetEvent {
+    pub kind: u32,
+    pub tgid: u32,
+    pub role: u32,
+    /// Request: HTTP status (0 if none). Connect: 0 established, 1 failed.
+    pub status: u32,
+    /// Request: start, first and last response byte. Connect: SYN sent, then the outcome
+    /// (both `resp_*`). Close: established, then closed.
+    pub start_ns: u64,
+    pub resp_first_ns: u64,
+    pub resp_last_ns: u64,
+    /// Request: request and response bytes. Close: bytes received and acknowledged.
+    pub req_bytes: u64,
+    pub resp_bytes: u64,
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub family: u16,
+    pub method: u32,
+    pub path_len: u32,
+    /// Close: retransmitted segments and smoothed RTT in microseconds.
+    pub retransmits: u32,
+    pub srtt_us: u32,
+    pub _pad: u32,
+    pub path: [u8; NET_PATH_LEN],
+}
+const _: () = assert!(core::mem::size_of::<NetEvent>() == 56 + 16 + 4 + 20 + 64);
+const _: () =
+    assert!(core::mem::offset_of!(NetEvent, addr) % 8 == 0 && core::mem::offset_of!(NetEvent, path) % 8 == 0);
+
+// SAFETY: `repr(C)`, integers and byte arrays, the padding an explicit field (size asserted): any
+// bit pattern is a valid value.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for NetEvent {}
