@@ -171,7 +171,7 @@ fn open(tgid: u32, fd: u32, role: u32, sockaddr: u64, now: u64) {
     c.method = http_method::NONE;
     c.path_len = 0;
     // A reused fd whose close was missed is overwritten.
-    if NET_CONNS.insert(&conn_key(tgid, fd), c, 0).is_err() {
+    if NET_CONNS.insert(conn_key(tgid, fd), c, 0).is_err() {
         bump(stat::NET_CONNS_FULL);
         return;
     }

@@ -46,14 +46,14 @@ fn try_perf_sample(ctx: &PerfEventContext) -> Result<bool, i32> {
     // Python first: a sample with a Python stack needs no native stacks unless asked.
     let mut py_stack = 0;
     let mut want_native = true;
-    if let Some(proc) = unsafe { PY_PROCS.get(&tgid) }
+    if let Some(proc) = unsafe { PY_PROCS.get(tgid) }
         && let Some((stack, hash)) = python::walk(tid, proc)
     {
         bump(stat::PY_SAMPLES);
-        let stored = PY_STACKS.get_ptr(&hash).is_some()
-            || PY_STACKS.insert(&hash, stack, u64::from(BPF_NOEXIST)).is_ok()
+        let stored = PY_STACKS.get_ptr(hash).is_some()
+            || PY_STACKS.insert(hash, stack, u64::from(BPF_NOEXIST)).is_ok()
             // Another CPU may have stored the same stack in between.
-            || PY_STACKS.get_ptr(&hash).is_some();
+            || PY_STACKS.get_ptr(hash).is_some();
         if stored {
             py_stack = hash;
             want_native = proc.flags & PY_PROC_NATIVE != 0;
@@ -66,11 +66,11 @@ fn try_perf_sample(ctx: &PerfEventContext) -> Result<bool, i32> {
 
     let key = SampleKey { tgid, tid, user_stack_id, kernel_stack_id, py_stack };
     // Per-CPU values: this CPU's slot is only ever touched here, so no atomics needed.
-    if let Some(count) = COUNTS.get_ptr_mut(&key) {
+    if let Some(count) = COUNTS.get_ptr_mut(key) {
         unsafe { *count += 1 };
-    } else if COUNTS.insert(&key, &1, u64::from(BPF_NOEXIST)).is_err() {
+    } else if COUNTS.insert(key, 1, u64::from(BPF_NOEXIST)).is_err() {
         // Either another CPU created the key just now (add to our slot), or the map is full.
-        if let Some(count) = COUNTS.get_ptr_mut(&key) {
+        if let Some(count) = COUNTS.get_ptr_mut(key) {
             unsafe { *count += 1 };
         } else if bump(stat::COUNTS_FULL) == 0 {
             warn!(ctx, "counts map full: further new stacks are dropped on this CPU");

@@ -57,10 +57,7 @@ extern "C" fn thread_step(_index: u64, ctx: *mut c_void) -> i64 {
     let off = unsafe { &(*search.proc).offsets };
     if search.tstate == 0 {
         // This interpreter's list is done: go to the next one.
-        search.interp = match field(search.interp, off.interp_next) {
-            Ok(next) => next,
-            Err(_) => 0,
-        };
+        search.interp = field(search.interp, off.interp_next).unwrap_or(0);
         if search.interp == 0 {
             return 1;
         }
@@ -84,7 +81,7 @@ extern "C" fn thread_step(_index: u64, ctx: *mut c_void) -> i64 {
 fn thread_state(tid: u32, proc: &PyProc) -> Result<u64, i32> {
     let off = &proc.offsets;
     let me = fs_base()?;
-    if let Some(&cached) = unsafe { PY_THREADS.get(&tid) }
+    if let Some(&cached) = unsafe { PY_THREADS.get(tid) }
         && field::<u64>(cached, off.tstate_thread_id) == Ok(me)
     {
         return Ok(cached);
@@ -100,7 +97,7 @@ fn thread_state(tid: u32, proc: &PyProc) -> Result<u64, i32> {
     if search.found == 0 {
         return Err(0);
     }
-    let _ = PY_THREADS.insert(&tid, &search.found, 0);
+    let _ = PY_THREADS.insert(tid, search.found, 0);
     Ok(search.found)
 }
 
@@ -267,12 +264,10 @@ fn read_frame(frame: u64, off: &PyOffsets) -> Result<Step, i32> {
         }
     };
     let first_line = field::<i32>(code, off.code_firstlineno)?.max(0) as u32 & 0x00ff_ffff;
-    let mut flags = 0;
-    if off.every_frame_entry != 0 {
-        flags |= PY_FRAME_ENTRY;
-    } else if off.frame_is_entry != NO_FIELD && f.get::<u8>(off.frame_is_entry)? != 0 {
-        flags |= PY_FRAME_ENTRY;
-    }
+    // Entered by its own eval call: every frame (3.8-3.10), or one whose `is_entry` says so.
+    let entry = off.every_frame_entry != 0
+        || (off.frame_is_entry != NO_FIELD && f.get::<u8>(off.frame_is_entry)? != 0);
+    let flags = if entry { PY_FRAME_ENTRY } else { 0 };
     let record = agent_ebpf::PyFrame { code, instr_offset, line_flags: first_line | flags << 24 };
     Ok(Step::Frame(record, previous))
 }

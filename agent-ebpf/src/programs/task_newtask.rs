@@ -23,7 +23,7 @@ fn try_task_newtask(ctx: &TracePointContext) -> Result<u32, i64> {
     if !is_target(parent) {
         return Ok(0);
     }
-    let Some(&flags) = (unsafe { TARGETS.get(&parent) }) else {
+    let Some(&flags) = (unsafe { TARGETS.get(parent) }) else {
         return Ok(0);
     };
     if flags & TARGET_FOLLOW == 0 {
@@ -36,7 +36,7 @@ fn try_task_newtask(ctx: &TracePointContext) -> Result<u32, i64> {
         return Ok(0);
     }
     let child: i32 = unsafe { ctx.read_at(pid_offset)? };
-    if TARGETS.insert(&(child as u32), &flags, 0).is_err() {
+    if TARGETS.insert(child as u32, flags, 0).is_err() {
         bump(stat::TARGETS_FULL);
         return Ok(0);
     }

@@ -57,7 +57,7 @@ fn try_sock_state(ctx: &TracePointContext) -> Result<u32, i64> {
             family,
             _pad: 0,
         };
-        if NET_SOCKS.insert(&skaddr, &sock, 0).is_err() {
+        if NET_SOCKS.insert(skaddr, sock, 0).is_err() {
             bump(stat::NET_SOCKS_FULL);
         }
         return Ok(0);
@@ -65,7 +65,7 @@ fn try_sock_state(ctx: &TracePointContext) -> Result<u32, i64> {
 
     // Other changes may run in softirq context: the socket, not the current task, says
     // whose connection it is.
-    let Some(s) = NET_SOCKS.get_ptr_mut(&skaddr) else { return Ok(0) };
+    let Some(s) = NET_SOCKS.get_ptr_mut(skaddr) else { return Ok(0) };
     let s = unsafe { &mut *s };
     let peer = (s.family, s.port, s.addr);
     if old == TCP_SYN_SENT {
@@ -74,7 +74,7 @@ fn try_sock_state(ctx: &TracePointContext) -> Result<u32, i64> {
             emit_conn(NET_EVENT_CONNECT, s.tgid, NET_ROLE_CLIENT, 0, (s.syn_ns, now), (0, 0), peer, (0, 0));
         } else {
             emit_conn(NET_EVENT_CONNECT, s.tgid, NET_ROLE_CLIENT, 1, (s.syn_ns, now), (0, 0), peer, (0, 0));
-            let _ = NET_SOCKS.remove(&skaddr);
+            let _ = NET_SOCKS.remove(skaddr);
         }
     } else if old == TCP_ESTABLISHED {
         // `srtt_us` holds the smoothed RTT in microseconds, shifted left by 3.
@@ -91,7 +91,7 @@ fn try_sock_state(ctx: &TracePointContext) -> Result<u32, i64> {
             peer,
             (s.retransmits, srtt),
         );
-        let _ = NET_SOCKS.remove(&skaddr);
+        let _ = NET_SOCKS.remove(skaddr);
     }
     Ok(0)
 }
@@ -99,7 +99,7 @@ fn try_sock_state(ctx: &TracePointContext) -> Result<u32, i64> {
 #[tracepoint]
 pub fn net_retransmit(ctx: TracePointContext) -> u32 {
     let Ok(skaddr) = (unsafe { ctx.read_at::<u64>(offset!(rt_skaddr)) }) else { return 0 };
-    if let Some(s) = NET_SOCKS.get_ptr_mut(&skaddr) {
+    if let Some(s) = NET_SOCKS.get_ptr_mut(skaddr) {
         unsafe { (*s).retransmits += 1 };
     }
     0
