@@ -11,6 +11,7 @@ use aya_ebpf::helpers::{
     bpf_get_current_task, bpf_loop, bpf_probe_read_kernel, bpf_probe_read_user, bpf_probe_read_user_buf,
 };
 
+use super::{Plain, loader_global};
 use crate::maps::{FRAME_BUF, PY_SCRATCH, PY_THREADS, bump};
 
 /// Offset of `thread.fsbase` in `task_struct`, set by the loader from the kernel's BTF.
@@ -20,24 +21,30 @@ static FSBASE_OFFSET: u32 = 0;
 /// Interpreters searched per process (subinterpreters beyond the first few are rare).
 const MAX_INTERPRETERS: u32 = 4;
 
+/// Reads a value of the sampled process's memory.
 #[inline(always)]
-fn read<T: Copy>(addr: u64) -> Result<T, i32> {
+fn read<T: Plain>(addr: u64) -> Result<T, i32> {
+    // SAFETY: the helper checks the user address and fails rather than faulting; any bits are
+    // a valid `T` (`Plain`).
     unsafe { bpf_probe_read_user(addr as *const T) }
 }
 
 #[inline(always)]
-fn field<T: Copy>(base: u64, offset: u32) -> Result<T, i32> {
+fn field<T: Plain>(base: u64, offset: u32) -> Result<T, i32> {
     read(base.wrapping_add(u64::from(offset)))
 }
 
 /// The sampled task's fs base: `pthread_self()` of the thread on x86-64 glibc and musl.
 #[inline(always)]
 fn fs_base() -> Result<u64, i32> {
-    let offset = unsafe { core::ptr::read_volatile(&FSBASE_OFFSET) };
+    let offset = loader_global(&FSBASE_OFFSET);
     if offset == 0 {
         return Err(0);
     }
+    // SAFETY: the helper takes no arguments and only returns the current task's address.
     let task = unsafe { bpf_get_current_task() };
+    // SAFETY: the helper checks the kernel address and fails rather than faulting; any bits
+    // are a valid `u64`.
     unsafe { bpf_probe_read_kernel((task + u64::from(offset)) as *const u64) }
 }
 
@@ -53,7 +60,11 @@ struct ThreadSearch {
 
 /// One step of the search: checks one thread state, or moves to the next interpreter.
 extern "C" fn thread_step(_index: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the `ThreadSearch` that `thread_state` hands `bpf_loop`, which calls
+    // this function synchronously, one step at a time, while that search lives on its stack.
     let search = unsafe { &mut *(ctx as *mut ThreadSearch) };
+    // SAFETY: `proc` comes from the `&PyProc` given to `thread_state`, a `PY_PROCS` value,
+    // which outlives this program run (see `perf_sample`).
     let off = unsafe { &(*search.proc).offsets };
     if search.tstate == 0 {
         // This interpreter's list is done: go to the next one.
@@ -81,6 +92,8 @@ extern "C" fn thread_step(_index: u64, ctx: *mut c_void) -> i64 {
 fn thread_state(tid: u32, proc: &PyProc) -> Result<u64, i32> {
     let off = &proc.offsets;
     let me = fs_base()?;
+    // SAFETY: the value is copied at once: a `u64`, valid for any bits, in a preallocated hash
+    // map, which keeps it allocated even if userspace removes the entry meanwhile.
     if let Some(&cached) = unsafe { PY_THREADS.get(tid) }
         && field::<u64>(cached, off.tstate_thread_id) == Ok(me)
     {
@@ -93,6 +106,8 @@ fn thread_state(tid: u32, proc: &PyProc) -> Result<u64, i32> {
     let mut search =
         ThreadSearch { proc, me, interp, tstate: field(interp, off.interp_threads_head)?, found: 0 };
     let steps = MAX_INTERPRETERS * (PY_MAX_THREADS + 1);
+    // SAFETY: `thread_step` has the callback signature `bpf_loop` calls and reads its context
+    // as the `ThreadSearch` passed here, which outlives the call.
     unsafe { bpf_loop(steps, thread_step as *mut c_void, (&mut search as *mut ThreadSearch).cast(), 0) };
     if search.found == 0 {
         return Err(0);
@@ -131,11 +146,16 @@ struct FrameWalk {
 
 /// One step of the walk: records one frame (or skips a shim) and moves out one level.
 extern "C" fn frame_step(_index: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the `FrameWalk` that `walk` hands `bpf_loop`, which calls this function
+    // synchronously, one step at a time, while that walk lives on its stack.
     let walk = unsafe { &mut *(ctx as *mut FrameWalk) };
     if walk.frame == 0 {
         return 1;
     }
+    // SAFETY: as in `thread_step`.
     let off = unsafe { &(*walk.proc).offsets };
+    // SAFETY: `stack` is this CPU's `PY_SCRATCH` slot (see `walk`), not otherwise referenced
+    // while `bpf_loop` runs.
     let stack = unsafe { &mut *walk.stack };
     let len = stack.len as usize;
     match read_frame(walk.frame, off) {
@@ -181,13 +201,18 @@ pub fn walk(tid: u32, proc: &PyProc) -> Option<(&'static mut PyStack, u64)> {
     if frame == 0 {
         return None;
     }
+    // SAFETY: this CPU's slot of a per-CPU array: live and aligned while the program is loaded,
+    // and used only by this run (tracing programs never nest on one CPU: the kernel skips one
+    // that would); `PyStack` is plain integers.
     let stack = unsafe { &mut *PY_SCRATCH.get_ptr_mut(0)? };
     stack.len = 0;
     stack.flags = 0;
     let mut walk = FrameWalk { proc, stack, frame, hash: 0xcbf2_9ce4_8422_2325 };
     // A few extra steps for shim frames, which are skipped rather than recorded.
     let steps = (PY_MAX_FRAMES + PY_MAX_FRAMES / 4) as u32;
+    // SAFETY: as in `thread_state`, with `frame_step` and this `FrameWalk`.
     unsafe { bpf_loop(steps, frame_step as *mut c_void, (&mut walk as *mut FrameWalk).cast(), 0) };
+    // SAFETY: the scratch slot again, now that `bpf_loop` has returned.
     let stack = unsafe { &mut *walk.stack };
     if stack.len == 0 {
         return None;
@@ -223,7 +248,11 @@ impl FrameFields {
     fn read(addr: u64, off: &PyOffsets) -> Option<Self> {
         let buf = FRAME_BUF.get_ptr_mut(0)?;
         let size = (off.frame_read_size as usize).min(PY_FRAME_CHUNK);
+        // SAFETY: this CPU's `FRAME_BUF` slot, used only by this run (as `PY_SCRATCH` in
+        // `walk`); `size` is at most `PY_FRAME_CHUNK`, inside it.
         let dst = unsafe { &mut (&mut *buf)[..size] };
+        // SAFETY: the helper checks the user address and fails rather than faulting; it writes
+        // at most `dst.len()` bytes.
         if size == 0 || unsafe { bpf_probe_read_user_buf(addr as *const u8, dst) }.is_err() {
             bump(stat::PY_FRAME_SLOW_READS);
             return Some(Self { addr, buf: core::ptr::null() });
@@ -232,12 +261,16 @@ impl FrameFields {
     }
 
     #[inline(always)]
-    fn get<T: Copy>(&self, offset: u32) -> Result<T, i32> {
+    fn get<T: Plain>(&self, offset: u32) -> Result<T, i32> {
+        const { assert!(core::mem::size_of::<T>() <= 8, "FRAME_BUF has 8 spare bytes") };
         if self.buf.is_null() {
             return field(self.addr, offset);
         }
         // Masked into the buffer, whose 8 spare bytes cover the widest field.
         let at = offset as usize & (PY_FRAME_CHUNK - 1);
+        // SAFETY: `buf` is this CPU's `FRAME_BUF` slot (`PY_FRAME_CHUNK + 8` bytes), filled by
+        // `read`; `at < PY_FRAME_CHUNK` and `T` has at most 8 bytes, so the read stays inside it;
+        // unaligned reads are allowed, and any bits are a valid `T` (`Plain`).
         Ok(unsafe { core::ptr::read_unaligned(self.buf.add(at) as *const T) })
     }
 }
