@@ -1,4 +1,5 @@
-//! stoker's kernel programs. One module per hook under `programs/`; maps in `maps.rs`.
+//! stoker's kernel programs. One module per hook under `programs/`, beside the kernel code of
+//! each concern (`programs/python.rs`, `programs/net.rs`); maps in `maps.rs`.
 //! On the host this compiles to an empty binary: kernel code is built only for `bpf*` targets.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 // `atomic_or` on map memory (see `maps::mark_target`).
@@ -7,11 +8,7 @@
 #[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
-mod net;
-#[cfg(target_arch = "bpf")]
 mod programs;
-#[cfg(target_arch = "bpf")]
-mod python;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

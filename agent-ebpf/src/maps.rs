@@ -11,7 +11,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, StackTrace},
 };
 
-use crate::net::NetSock;
+use crate::programs::net::NetSock;
 
 #[map]
 pub static TARGETS: HashMap<u32, u32> = HashMap::with_max_entries(TARGETS_CAPACITY, 0);
@@ -24,7 +24,12 @@ pub static TARGET_BITS: Array<u64> = Array::with_max_entries(TARGET_BITS_WORDS, 
 #[inline(always)]
 pub fn is_target(tgid: u32) -> bool {
     match TARGET_BITS.get_ptr(tgid >> 6) {
-        Some(word) => (unsafe { *word } >> (tgid & 63)) & 1 != 0,
+        // SAFETY: a word of the array (index checked by the lookup), live and aligned while the
+        // program is loaded. Userspace and other CPUs change it with atomic instructions; the
+        // volatile read (the kernel's `READ_ONCE`) is one aligned 8-byte load, which sees the
+        // word before or after each of them. (An atomic load is what Rust would want, but the
+        // BPF backend cannot select one for this CPU version.)
+        Some(word) => (unsafe { core::ptr::read_volatile(word) } >> (tgid & 63)) & 1 != 0,
         None => false,
     }
 }
@@ -35,6 +40,8 @@ pub fn mark_target(tgid: u32) {
     if let Some(word) = TARGET_BITS.get_ptr_mut(tgid >> 6) {
         // Atomic (BPF_ATOMIC | BPF_OR): userspace and other CPUs set and clear bits of the
         // same word. The BPF target has no `AtomicU64::fetch_or`, the intrinsic it would use.
+        // SAFETY: a word of the array (index checked by the lookup), live and aligned while the
+        // program is loaded; every access to it is atomic.
         unsafe {
             core::intrinsics::atomic_or::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
                 word,
@@ -98,6 +105,9 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 
 #[inline(always)]
 pub fn add(index: u32, n: u64) {
     if let Some(p) = STATS.get_ptr_mut(index) {
+        // SAFETY: this CPU's counter in a per-CPU array: live and aligned while the program is
+        // loaded, and only this run touches it (tracing programs never nest on one CPU: the
+        // kernel skips one that would).
         unsafe { *p += n };
     }
 }
@@ -106,6 +116,7 @@ pub fn add(index: u32, n: u64) {
 #[inline(always)]
 pub fn bump(index: u32) -> u64 {
     match STATS.get_ptr_mut(index) {
+        // SAFETY: as in `add`.
         Some(p) => unsafe {
             let old = *p;
             *p = old + 1;

@@ -1,281 +1,196 @@
-//! Shared pieces of the network programs: their offsets, TCP socket state,
-//! the HTTP/1.x recognizer that keeps only method, path (up to `?`) and status.
-use agent_ebpf::{
-    NET_PATH_LEN, NET_PEEK_BUF, NET_PEEK_LEN, NET_RING_HEAD, NET_RING_SLOTS, NET_RING_TAIL, NetConn,
-    NetEvent, NetOffsets, http_method, stat,
-};
-use aya_ebpf::helpers::generated::{bpf_get_smp_processor_id, bpf_probe_read_kernel, bpf_probe_read_user};
+//! Network, shared with userspace: the per-connection request state and the events the
+//! network programs (`programs/net*.rs`, `programs/tcp_state.rs`) send through per-CPU rings.
 
-use crate::maps::{NET_EVENTS, NET_PEEK, bump};
+/// Network: per-connection request state, (tgid << 32 | fd) -> `NetConn`.
+pub const MAP_NET_CONNS: &str = "NET_CONNS";
+/// Network: completed requests, connects and closes, as `NetEvent`s in one ring per CPU
+/// (see `NET_RING_SLOTS`).
+pub const MAP_NET_EVENTS: &str = "NET_EVENTS";
+/// The network programs: one for the socket system calls' exits, one per TCP tracepoint.
+pub const PROG_NET_SYS_EXIT: &str = "net_sys_exit";
+pub const PROG_NET_SOCK_STATE: &str = "net_sock_state";
+pub const PROG_NET_RETRANSMIT: &str = "net_retransmit";
+/// Global set by the loader: record field offsets and kernel struct offsets (`NetOffsets`).
+pub const GLOBAL_NET_OFFSETS: &str = "NET_OFFSETS";
 
-/// Offsets set by the loader (see `NetOffsets`).
-#[unsafe(no_mangle)]
-pub static NET_OFFSETS: NetOffsets = NetOffsets::CURRENT_KERNELS;
+/// Capacity of the per-connection state map (open sockets of target processes).
+pub const NET_CONNS_CAPACITY: u32 = 16 * 1024;
+/// Capacity of the connecting/established TCP sockets map (client connections).
+pub const NET_SOCKS_CAPACITY: u32 = 16 * 1024;
+/// Events each CPU's ring holds between two drains. `NET_EVENTS` is a memory-mappable array
+/// of `NetEvent`s sized at load to `NET_RING_SLOTS + 1` elements per possible CPU: the first
+/// element of a CPU's region is its header (`NET_RING_HEAD`, `NET_RING_TAIL`), the others its
+/// slots. Only programs on that CPU write it (they never nest on one CPU) and only userspace
+/// consumes it, so neither side takes a lock or shares a cache line with another CPU; a
+/// full ring drops the event and counts it.
+pub const NET_RING_SLOTS: u32 = 2048;
+const _: () = assert!(NET_RING_SLOTS.is_power_of_two(), "slots are indexed by masking");
+/// Header words of a CPU's ring: events written so far (kernel), events consumed (userspace).
+/// A cache line apart.
+pub const NET_RING_HEAD: usize = 0;
+pub const NET_RING_TAIL: usize = 8;
+/// Bytes of an HTTP request path kept (cut at `?`, never a query string).
+pub const NET_PATH_LEN: usize = 64;
+const _: () = assert!(NET_PATH_LEN.is_multiple_of(8), "paths are copied a word at a time");
+/// Bytes peeked at the start of a request or response to recognize HTTP/1.x.
+pub const NET_PEEK_LEN: usize = 80;
+/// Size of the per-CPU peek buffer: a power of two above `NET_PEEK_LEN`, so masked
+/// indexes stay inside it.
+pub const NET_PEEK_BUF: usize = 128;
 
-/// Reads one offset of `NET_OFFSETS` (volatile: the loader rewrites the constant).
-macro_rules! offset {
-    ($field:ident) => {{
-        // Also used inside other unsafe blocks.
-        #[allow(unused_unsafe)]
-        let v = unsafe { core::ptr::read_volatile(&crate::net::NET_OFFSETS.$field) };
-        v as usize
-    }};
-}
-pub(crate) use offset;
-
-/// A TCP socket of a target process, from SYN sent until it leaves ESTABLISHED.
+/// Record field offsets of the TCP tracepoints and `tcp_sock` member offsets (from BTF; 0 when
+/// unknown) the network programs read.
 #[repr(C)]
-#[derive(Clone, Copy)]
-pub struct NetSock {
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetOffsets {
+    /// `sock:inet_sock_set_state` fields.
+    pub sk_skaddr: u32,
+    pub sk_oldstate: u32,
+    pub sk_newstate: u32,
+    pub sk_dport: u32,
+    pub sk_family: u32,
+    pub sk_protocol: u32,
+    pub sk_daddr: u32,
+    pub sk_daddr_v6: u32,
+    /// `tcp:tcp_retransmit_skb` field `skaddr`.
+    pub rt_skaddr: u32,
+    /// `struct tcp_sock` members.
+    pub tcp_srtt_us: u32,
+    pub tcp_bytes_received: u32,
+    pub tcp_bytes_acked: u32,
+}
+const _: () = assert!(core::mem::size_of::<NetOffsets>() == 48);
+
+// SAFETY: `repr(C)`, integers only, no padding (size asserted): any bit pattern is a valid value.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for NetOffsets {}
+
+impl NetOffsets {
+    /// The record layout of current kernels, kept where a format file cannot be read;
+    /// no `tcp_sock` members (RTT and bytes are not read without BTF).
+    pub const CURRENT_KERNELS: Self = Self {
+        sk_skaddr: 8,
+        sk_oldstate: 16,
+        sk_newstate: 20,
+        sk_dport: 26,
+        sk_family: 28,
+        sk_protocol: 30,
+        sk_daddr: 36,
+        sk_daddr_v6: 56,
+        rt_skaddr: 16,
+        tcp_srtt_us: 0,
+        tcp_bytes_received: 0,
+        tcp_bytes_acked: 0,
+    };
+}
+
+/// `NetConn::role` / `NetEvent::role`: the process accepted the connection (it serves).
+pub const NET_ROLE_SERVER: u32 = 1;
+/// The process connected (it is the client).
+pub const NET_ROLE_CLIENT: u32 = 2;
+
+/// `NetConn::phase`: no request under way.
+pub const NET_PHASE_IDLE: u32 = 0;
+/// The request is being read (server) or written (client).
+pub const NET_PHASE_REQUEST: u32 = 1;
+/// The response is being written (server) or read (client).
+pub const NET_PHASE_RESPONSE: u32 = 2;
+
+/// State of one tracked socket of a target process, owned by the kernel programs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct NetConn {
+    /// What every read and write of the connection looks at or changes comes first, in
+    /// as few cache lines as the map's element layout allows.
+    pub role: u32,
+    pub phase: u32,
+    /// First and last response bytes: read returned (client) or written (server).
+    pub resp_last_ns: u64,
+    pub resp_bytes: u64,
+    pub req_bytes: u64,
+    /// Request start: first byte read (server) or first write returned (client).
+    pub start_ns: u64,
+    pub resp_first_ns: u64,
+    /// HTTP status of the response, 0 when not HTTP.
+    pub status: u32,
+    /// `http_method::*` of the request, 0 when not HTTP.
+    pub method: u32,
+    pub path_len: u32,
+    pub port: u16,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u16,
+    /// Remote address (IPv4 in the first 4 bytes) and port (host order).
+    pub addr: [u8; 16],
+    /// When the connection was accepted or connected.
+    pub opened_ns: u64,
+    pub path: [u8; NET_PATH_LEN],
+}
+const _: () = assert!(core::mem::size_of::<NetConn>() == 48 + 16 + 4 + 20 + 64);
+// The kernel copies these a word at a time.
+const _: () =
+    assert!(core::mem::offset_of!(NetConn, addr) % 8 == 0 && core::mem::offset_of!(NetConn, path) % 8 == 0);
+
+// SAFETY: `repr(C)`, integers and byte arrays, no padding (size asserted): any bit pattern is a
+// valid value.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for NetConn {}
+
+/// HTTP request methods recognized in the kernel (`NetConn::method`).
+pub mod http_method {
+    pub const NONE: u32 = 0;
+    pub const GET: u32 = 1;
+    pub const POST: u32 = 2;
+    pub const PUT: u32 = 3;
+    pub const DELETE: u32 = 4;
+    pub const HEAD: u32 = 5;
+    pub const PATCH: u32 = 6;
+    pub const OPTIONS: u32 = 7;
+    pub const NAMES: [&str; 8] = ["", "GET", "POST", "PUT", "DELETE", "HEAD", "PATCH", "OPTIONS"];
+}
+
+/// `NetEvent::kind`: a request and its response completed on a connection.
+pub const NET_EVENT_REQUEST: u32 = 1;
+/// A TCP connect finished (`status` 0: established, 1: failed).
+pub const NET_EVENT_CONNECT: u32 = 2;
+/// A tracked connection closed (client connections: lifetime, retransmits, RTT, bytes).
+pub const NET_EVENT_CLOSE: u32 = 3;
+/// A connection was accepted.
+pub const NET_EVENT_ACCEPT: u32 = 4;
+
+/// One event from the network programs. Requests carry only the method, the path up to
+/// `?` (at most `NET_PATH_LEN` bytes), the status, sizes and times: never headers or bodies.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct NetEvent {
+    pub kind: u32,
     pub tgid: u32,
-    pub retransmits: u32,
-    pub syn_ns: u64,
-    pub est_ns: u64,
+    pub role: u32,
+    /// Request: HTTP status (0 if none). Connect: 0 established, 1 failed.
+    pub status: u32,
+    /// Request: start, first and last response byte. Connect: SYN sent, then the outcome
+    /// (both `resp_*`). Close: established, then closed.
+    pub start_ns: u64,
+    pub resp_first_ns: u64,
+    pub resp_last_ns: u64,
+    /// Request: request and response bytes. Close: bytes received and acknowledged.
+    pub req_bytes: u64,
+    pub resp_bytes: u64,
     pub addr: [u8; 16],
     pub port: u16,
     pub family: u16,
+    pub method: u32,
+    pub path_len: u32,
+    /// Close: retransmitted segments and smoothed RTT in microseconds.
+    pub retransmits: u32,
+    pub srtt_us: u32,
     pub _pad: u32,
+    pub path: [u8; NET_PATH_LEN],
 }
+const _: () = assert!(core::mem::size_of::<NetEvent>() == 56 + 16 + 4 + 20 + 64);
+const _: () =
+    assert!(core::mem::offset_of!(NetEvent, addr) % 8 == 0 && core::mem::offset_of!(NetEvent, path) % 8 == 0);
 
-pub const AF_INET: u16 = 2;
-pub const AF_INET6: u16 = 10;
-
-/// Reads a user sockaddr: (family, port in host order, address).
-#[inline(always)]
-pub fn read_sockaddr(ptr: u64) -> Option<(u16, u16, [u8; 16])> {
-    if ptr == 0 {
-        return None;
-    }
-    let mut head = [0u8; 8];
-    if unsafe { bpf_probe_read_user(head.as_mut_ptr().cast(), 8, ptr as *const _) } != 0 {
-        return None;
-    }
-    let family = u16::from_le_bytes([head[0], head[1]]);
-    let port = u16::from_be_bytes([head[2], head[3]]);
-    let mut addr = [0u8; 16];
-    match family {
-        AF_INET => addr[..4].copy_from_slice(&head[4..8]),
-        AF_INET6 => {
-            if unsafe { bpf_probe_read_user(addr.as_mut_ptr().cast(), 16, (ptr + 8) as *const _) } != 0 {
-                return None;
-            }
-        }
-        _ => return None,
-    }
-    Some((family, port, addr))
-}
-
-/// Copies `N` bytes (a multiple of 8, both sides 8-byte aligned) a word at a time: on this
-/// target a plain array copy or fill is a byte loop in a called subprogram. Volatile, so the
-/// compiler cannot turn the words back into such a call.
-#[inline(always)]
-pub fn copy_words<const N: usize>(dst: &mut [u8; N], src: &[u8; N]) {
-    let (d, s) = (dst.as_mut_ptr().cast::<u64>(), src.as_ptr().cast::<u64>());
-    for i in 0..N / 8 {
-        unsafe { core::ptr::write_volatile(d.add(i), core::ptr::read_volatile(s.add(i))) };
-    }
-}
-
-/// Zeroes `N` bytes (a multiple of 8, 8-byte aligned) a word at a time (see `copy_words`).
-#[inline(always)]
-pub fn zero_words<const N: usize>(dst: &mut [u8; N]) {
-    let d = dst.as_mut_ptr().cast::<u64>();
-    for i in 0..N / 8 {
-        unsafe { core::ptr::write_volatile(d.add(i), 0) };
-    }
-}
-
-/// Reads a kernel value at `base + off`, 0 when the offset is unknown or unreadable.
-#[inline(always)]
-pub fn kernel_u64(base: u64, off: usize) -> u64 {
-    let mut v = 0u64;
-    if off != 0
-        && unsafe { bpf_probe_read_kernel((&mut v as *mut u64).cast(), 8, (base + off as u64) as *const _) }
-            != 0
-    {
-        v = 0;
-    }
-    v
-}
-
-/// Copies the first bytes (at most `NET_PEEK_LEN`) of a user buffer of `len` bytes into the
-/// per-CPU peek buffer; returns it and how many bytes are valid (the rest is stale).
-#[inline(always)]
-fn peek(buf: u64, len: u64) -> Option<(&'static [u8; NET_PEEK_BUF], usize)> {
-    let p = NET_PEEK.get_ptr_mut(0)?;
-    let n = if len < NET_PEEK_LEN as u64 { len as u32 } else { NET_PEEK_LEN as u32 };
-    let n = n & (NET_PEEK_BUF as u32 - 1);
-    if n == 0 || buf == 0 {
-        return None;
-    }
-    if unsafe { bpf_probe_read_user(p.cast(), n, buf as *const _) } != 0 {
-        return None;
-    }
-    Some((unsafe { &*p }, n as usize))
-}
-
-/// Recognizes an HTTP/1.x request line in `buf` and stores its method and path (cut at
-/// `?`, `#` or the end of the path, at most `NET_PATH_LEN` bytes) in `conn`.
-#[inline(always)]
-pub fn parse_request(conn: &mut NetConn, buf: u64, len: u64) {
-    conn.method = http_method::NONE;
-    conn.path_len = 0;
-    let Some((p, n)) = peek(buf, len) else { return };
-    if n < 8 {
-        return;
-    }
-    let word = u64::from_le_bytes([p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]]);
-    let (method, skip) = if word & 0xffff_ffff == u32::from_le_bytes(*b"GET ") as u64 {
-        (http_method::GET, 4)
-    } else if word & 0xff_ffff_ffff == u64::from_le_bytes(*b"POST \0\0\0") {
-        (http_method::POST, 5)
-    } else if word & 0xffff_ffff == u32::from_le_bytes(*b"PUT ") as u64 {
-        (http_method::PUT, 4)
-    } else if word & 0xff_ffff_ffff == u64::from_le_bytes(*b"HEAD \0\0\0") {
-        (http_method::HEAD, 5)
-    } else if word & 0x00ff_ffff_ffff_ffff == u64::from_le_bytes(*b"DELETE \0") {
-        (http_method::DELETE, 7)
-    } else if word & 0xffff_ffff_ffff == u64::from_le_bytes(*b"PATCH \0\0") {
-        (http_method::PATCH, 6)
-    } else if word == u64::from_le_bytes(*b"OPTIONS ") {
-        (http_method::OPTIONS, 8)
-    } else {
-        return;
-    };
-    if skip >= n || p.get(skip).copied() != Some(b'/') {
-        return;
-    }
-    zero_words(&mut conn.path);
-    let mut path_len = 0usize;
-    for i in 0..NET_PATH_LEN {
-        if skip + i >= n {
-            break;
-        }
-        let Some(&c) = p.get(skip + i) else { break };
-        if c == b' ' || c == b'?' || c == b'#' || c == b'\r' || c == b'\n' || c == 0 {
-            break;
-        }
-        if let Some(slot) = conn.path.get_mut(i) {
-            *slot = c;
-        }
-        path_len = i + 1;
-    }
-    conn.method = method;
-    conn.path_len = path_len as u32;
-}
-
-/// The status code of an HTTP/1.x status line in `buf`, 0 when it is not one. Reads its
-/// first 12 bytes (`HTTP/1.x NNN`) onto the stack, as two words.
-#[inline(always)]
-pub fn parse_status(buf: u64, len: u64) -> u32 {
-    if buf == 0 || len < 12 {
-        return 0;
-    }
-    let mut words = [0u64; 2];
-    if unsafe { bpf_probe_read_user(words.as_mut_ptr().cast(), 12, buf as *const _) } != 0 {
-        return 0;
-    }
-    // "HTTP/1." then any minor version digit.
-    if words[0] & 0x00ff_ffff_ffff_ffff != u64::from_le_bytes(*b"HTTP/1.\0") {
-        return 0;
-    }
-    let [space, d0, d1, d2, ..] = words[1].to_le_bytes();
-    if space != b' ' || !d0.is_ascii_digit() || !d1.is_ascii_digit() || !d2.is_ascii_digit() {
-        return 0;
-    }
-    u32::from(d0 - b'0') * 100 + u32::from(d1 - b'0') * 10 + u32::from(d2 - b'0')
-}
-
-/// The next free slot of this CPU's event ring, and the header word to publish it with
-/// (`publish`); None when the ring is full (the event is counted as lost).
-#[inline(always)]
-fn reserve() -> Option<(*mut NetEvent, *mut u64, u64)> {
-    let base = unsafe { bpf_get_smp_processor_id() } * (NET_RING_SLOTS + 1);
-    let header = NET_EVENTS.get_ptr_mut(base)? as *mut u64;
-    let head = unsafe { core::ptr::read_volatile(header.add(NET_RING_HEAD)) };
-    let tail = unsafe { core::ptr::read_volatile(header.add(NET_RING_TAIL)) };
-    if head.wrapping_sub(tail) >= u64::from(NET_RING_SLOTS) {
-        return None;
-    }
-    let slot = NET_EVENTS.get_ptr_mut(base + 1 + (head as u32 & (NET_RING_SLOTS - 1)))?;
-    Some((slot, header, head))
-}
-
-/// Makes the slot `reserve` gave visible to userspace: the head moves past it only after
-/// the event's own stores (x86-64 keeps stores in order; the fence keeps the compiler from
-/// moving them).
-#[inline(always)]
-fn publish(header: *mut u64, head: u64) {
-    core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::Release);
-    unsafe { core::ptr::write_volatile(header.add(NET_RING_HEAD), head + 1) };
-}
-
-/// Sends the request completed on `conn` to userspace.
-#[inline(always)]
-pub fn emit_request(conn: &NetConn, tgid: u32) {
-    let Some((e, header, head)) = reserve() else {
-        bump(stat::NET_EVENTS_LOST);
-        return;
-    };
-    unsafe {
-        (*e).kind = agent_ebpf::NET_EVENT_REQUEST;
-        (*e).tgid = tgid;
-        (*e).role = conn.role;
-        (*e).status = conn.status;
-        (*e).start_ns = conn.start_ns;
-        (*e).resp_first_ns = conn.resp_first_ns;
-        (*e).resp_last_ns = conn.resp_last_ns;
-        (*e).req_bytes = conn.req_bytes;
-        (*e).resp_bytes = conn.resp_bytes;
-        copy_words(&mut (*e).addr, &conn.addr);
-        (*e).port = conn.port;
-        (*e).family = conn.family;
-        (*e).method = conn.method;
-        (*e).path_len = conn.path_len;
-        (*e).retransmits = 0;
-        (*e).srtt_us = 0;
-        (*e)._pad = 0;
-        copy_words(&mut (*e).path, &conn.path);
-    }
-    publish(header, head);
-}
-
-/// Sends a connection-level event (`NET_EVENT_CONNECT`, `_CLOSE`, `_ACCEPT`) to userspace.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-pub fn emit_conn(
-    kind: u32,
-    tgid: u32,
-    role: u32,
-    status: u32,
-    times: (u64, u64),
-    bytes: (u64, u64),
-    peer: (u16, u16, [u8; 16]),
-    tcp: (u32, u32),
-) {
-    let Some((e, header, head)) = reserve() else {
-        bump(stat::NET_EVENTS_LOST);
-        return;
-    };
-    unsafe {
-        (*e).kind = kind;
-        (*e).tgid = tgid;
-        (*e).role = role;
-        (*e).status = status;
-        (*e).start_ns = times.0;
-        (*e).resp_first_ns = times.1;
-        (*e).resp_last_ns = times.1;
-        (*e).req_bytes = bytes.0;
-        (*e).resp_bytes = bytes.1;
-        (*e).family = peer.0;
-        (*e).port = peer.1;
-        copy_words(&mut (*e).addr, &peer.2);
-        (*e).method = 0;
-        (*e).path_len = 0;
-        (*e).retransmits = tcp.0;
-        (*e).srtt_us = tcp.1;
-        (*e)._pad = 0;
-        zero_words(&mut (*e).path);
-    }
-    publish(header, head);
-}
+// SAFETY: `repr(C)`, integers and byte arrays, the padding an explicit field (size asserted): any
+// bit pattern is a valid value.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for NetEvent {}

@@ -1,278 +1,147 @@
-//! The CPython frame walker used by the sampler: finds the sampled thread's
-//! `PyThreadState` (matching `thread_id`, i.e. `pthread_self()`, against the task's fs base)
-//! and records its frames, leaf first, into the per-CPU scratch stack.
-use agent_ebpf::{
-    NO_FIELD, PY_FRAME_CHUNK, PY_FRAME_ENTRY, PY_MAX_FRAMES, PY_MAX_THREADS, PY_STACK_READ_ERROR,
-    PY_STACK_TRUNCATED, PyOffsets, PyProc, PyStack, instr_kind, stat,
-};
-use core::ffi::c_void;
+//! Python, shared with userspace: the CPython offsets and processes userspace hands the
+//! kernel frame walker (`programs/python.rs`), and the Python stacks it records.
 
-use aya_ebpf::helpers::{
-    bpf_get_current_task, bpf_loop, bpf_probe_read_kernel, bpf_probe_read_user, bpf_probe_read_user_buf,
-};
+/// Python processes to walk: tgid -> `PyProc`.
+pub const MAP_PY_PROCS: &str = "PY_PROCS";
+/// Python stacks by hash: u64 -> `PyStack`.
+pub const MAP_PY_STACKS: &str = "PY_STACKS";
+/// Cache of each Python thread's `PyThreadState`: tid -> address.
+pub const MAP_PY_THREADS: &str = "PY_THREADS";
+/// Global set by the loader: offset of `thread.fsbase` in `task_struct` (from BTF).
+pub const GLOBAL_FSBASE_OFFSET: &str = "FSBASE_OFFSET";
 
-use crate::maps::{FRAME_BUF, PY_SCRATCH, PY_THREADS, bump};
+/// Capacity of the Python stacks map (unique Python stacks).
+pub const PY_STACKS_CAPACITY: u32 = 8 * 1024;
+/// Capacity of the Python thread-state cache.
+pub const PY_THREADS_CAPACITY: u32 = 16 * 1024;
+/// Python frames kept per sample; deeper stacks lose their root end and are marked.
+pub const PY_MAX_FRAMES: usize = 128;
+const _: () = assert!(PY_MAX_FRAMES.is_power_of_two(), "the walker masks frame indexes");
+/// Threads of one interpreter searched for the sampled thread's `PyThreadState`.
+pub const PY_MAX_THREADS: u32 = 128;
+/// Offset value meaning "this CPython version has no such field".
+pub const NO_FIELD: u32 = u32::MAX;
 
-/// Offset of `thread.fsbase` in `task_struct`, set by the loader from the kernel's BTF.
-#[unsafe(no_mangle)]
-static FSBASE_OFFSET: u32 = 0;
-
-/// Interpreters searched per process (subinterpreters beyond the first few are rare).
-const MAX_INTERPRETERS: u32 = 4;
-
-#[inline(always)]
-fn read<T: Copy>(addr: u64) -> Result<T, i32> {
-    unsafe { bpf_probe_read_user(addr as *const T) }
+/// How a CPython frame records its current instruction (`PyOffsets::instr_kind`).
+pub mod instr_kind {
+    /// 3.8-3.9: `int f_lasti`, bytes.
+    pub const LASTI_BYTES: u32 = 0;
+    /// 3.10: `int f_lasti`, 2-byte code units.
+    pub const LASTI_UNITS: u32 = 1;
+    /// 3.11+: a pointer to the instruction (`prev_instr` or `instr_ptr`).
+    pub const POINTER: u32 = 2;
 }
 
-#[inline(always)]
-fn field<T: Copy>(base: u64, offset: u32) -> Result<T, i32> {
-    read(base.wrapping_add(u64::from(offset)))
-}
-
-/// The sampled task's fs base: `pthread_self()` of the thread on x86-64 glibc and musl.
-#[inline(always)]
-fn fs_base() -> Result<u64, i32> {
-    let offset = unsafe { core::ptr::read_volatile(&FSBASE_OFFSET) };
-    if offset == 0 {
-        return Err(0);
-    }
-    let task = unsafe { bpf_get_current_task() };
-    unsafe { bpf_probe_read_kernel((task + u64::from(offset)) as *const u64) }
-}
-
-/// State of the thread-list search, shared with its `bpf_loop` callback.
+/// CPython structure offsets the kernel walker needs, from userspace (`NO_FIELD` = absent).
 #[repr(C)]
-struct ThreadSearch {
-    proc: *const PyProc,
-    me: u64,
-    interp: u64,
-    tstate: u64,
-    found: u64,
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PyOffsets {
+    pub interp_next: u32,
+    pub interp_threads_head: u32,
+    pub tstate_next: u32,
+    pub tstate_thread_id: u32,
+    /// `frame` (3.8-3.10), `cframe` (3.11-3.12), `current_frame` (3.13+).
+    pub tstate_frame: u32,
+    /// `_PyCFrame.current_frame` (3.11-3.12).
+    pub cframe_current_frame: u32,
+    pub frame_previous: u32,
+    pub frame_code: u32,
+    pub frame_instr: u32,
+    /// `instr_kind::*`.
+    pub instr_kind: u32,
+    pub frame_owner: u32,
+    pub frame_is_entry: u32,
+    /// Lowest `owner` value of shim frames that are not Python frames (3.12+), or `NO_FIELD`.
+    pub owner_cstack: u32,
+    pub code_firstlineno: u32,
+    /// Offset of the bytecode inside the code object (3.11+).
+    pub code_adaptive: u32,
+    /// 1 when every frame is evaluated by its own C call (3.8-3.10).
+    pub every_frame_entry: u32,
+    /// Bytes from a frame's start that cover every field read (at most `PY_FRAME_CHUNK`;
+    /// 0: read fields one by one). One read of them replaces several small ones.
+    pub frame_read_size: u32,
+    pub _pad: u32,
+    /// Bits to clear from `f_executable` (3.14 stack references).
+    pub executable_tag_mask: u64,
 }
+const _: () = assert!(core::mem::size_of::<PyOffsets>() == 80);
 
-/// One step of the search: checks one thread state, or moves to the next interpreter.
-extern "C" fn thread_step(_index: u64, ctx: *mut c_void) -> i64 {
-    let search = unsafe { &mut *(ctx as *mut ThreadSearch) };
-    let off = unsafe { &(*search.proc).offsets };
-    if search.tstate == 0 {
-        // This interpreter's list is done: go to the next one.
-        search.interp = match field(search.interp, off.interp_next) {
-            Ok(next) => next,
-            Err(_) => 0,
-        };
-        if search.interp == 0 {
-            return 1;
-        }
-        search.tstate = field(search.interp, off.interp_threads_head).unwrap_or(0);
-        return 0;
-    }
-    match field::<u64>(search.tstate, off.tstate_thread_id) {
-        Ok(id) if id == search.me => {
-            search.found = search.tstate;
-            return 1;
-        }
-        Ok(_) => {}
-        Err(_) => return 1,
-    }
-    search.tstate = field(search.tstate, off.tstate_next).unwrap_or(0);
-    0
-}
+// SAFETY: `repr(C)`, integers only, the padding an explicit field (size asserted): any bit
+// pattern is a valid value.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for PyOffsets {}
 
-/// Finds the `PyThreadState` of thread `tid` (cached, and validated on every use).
-#[inline(always)]
-fn thread_state(tid: u32, proc: &PyProc) -> Result<u64, i32> {
-    let off = &proc.offsets;
-    let me = fs_base()?;
-    if let Some(&cached) = unsafe { PY_THREADS.get(&tid) }
-        && field::<u64>(cached, off.tstate_thread_id) == Ok(me)
-    {
-        return Ok(cached);
-    }
-    let interp: u64 = read(proc.interp_head_addr)?;
-    if interp == 0 {
-        return Err(0);
-    }
-    let mut search =
-        ThreadSearch { proc, me, interp, tstate: field(interp, off.interp_threads_head)?, found: 0 };
-    let steps = MAX_INTERPRETERS * (PY_MAX_THREADS + 1);
-    unsafe { bpf_loop(steps, thread_step as *mut c_void, (&mut search as *mut ThreadSearch).cast(), 0) };
-    if search.found == 0 {
-        return Err(0);
-    }
-    let _ = PY_THREADS.insert(&tid, &search.found, 0);
-    Ok(search.found)
-}
+/// Largest frame prefix the walker reads at once.
+pub const PY_FRAME_CHUNK: usize = 128;
 
-/// The innermost frame of a thread state (0 when the thread runs no Python code).
-#[inline(always)]
-fn current_frame(tstate: u64, off: &PyOffsets) -> Result<u64, i32> {
-    let frame: u64 = field(tstate, off.tstate_frame)?;
-    if off.cframe_current_frame == NO_FIELD || frame == 0 {
-        return Ok(frame);
-    }
-    field(frame, off.cframe_current_frame)
-}
+/// `PyProc::flags` bit: also record native (user and kernel) stacks of samples that
+/// have a Python stack. Without it those samples cost only the Python walk.
+pub const PY_PROC_NATIVE: u32 = 1;
 
-/// A frame index the verifier can see is in bounds: black_box hides the value's
-/// known range from LLVM, so the mask survives optimisation and bounds the access.
-#[inline(always)]
-fn slot(index: usize) -> usize {
-    core::hint::black_box(index) & (PY_MAX_FRAMES - 1)
-}
-
-/// State of the frame walk, shared with its `bpf_loop` callback. The frame count and flags
-/// live in the scratch stack (a map value): a counter on the BPF stack would be tracked
-/// precisely by the verifier, which then re-verifies the callback for every value.
+/// One Python process for the kernel walker.
 #[repr(C)]
-struct FrameWalk {
-    proc: *const PyProc,
-    stack: *mut PyStack,
-    frame: u64,
-    hash: u64,
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PyProc {
+    /// Address of `_PyRuntime.interpreters.head` in the process.
+    pub interp_head_addr: u64,
+    pub offsets: PyOffsets,
+    /// `PY_PROC_*` bits.
+    pub flags: u32,
+    pub _pad: u32,
 }
+const _: () = assert!(core::mem::size_of::<PyProc>() == 96);
 
-/// One step of the walk: records one frame (or skips a shim) and moves out one level.
-extern "C" fn frame_step(_index: u64, ctx: *mut c_void) -> i64 {
-    let walk = unsafe { &mut *(ctx as *mut FrameWalk) };
-    if walk.frame == 0 {
-        return 1;
-    }
-    let off = unsafe { &(*walk.proc).offsets };
-    let stack = unsafe { &mut *walk.stack };
-    let len = stack.len as usize;
-    match read_frame(walk.frame, off) {
-        Ok(Step::Frame(record, previous)) => {
-            if len >= PY_MAX_FRAMES {
-                stack.flags |= PY_STACK_TRUNCATED;
-                return 1;
-            }
-            stack.frames[slot(len)] = record;
-            let mut hash = (walk.hash ^ record.code ^ (u64::from(record.instr_offset) << 40))
-                .wrapping_mul(0x100_0000_01b3);
-            hash = hash.rotate_left(17) ^ u64::from(record.line_flags);
-            walk.hash = hash;
-            stack.len = len as u32 + 1;
-            walk.frame = previous;
-        }
-        Ok(Step::Shim(previous)) => {
-            // The frame after a C-stack shim was entered by its own eval call.
-            if len > 0 && len <= PY_MAX_FRAMES {
-                let last = &mut stack.frames[slot(len - 1)];
-                last.line_flags |= PY_FRAME_ENTRY << 24;
-                walk.hash ^= 0x9e37_79b9;
-            }
-            walk.frame = previous;
-        }
-        Err(_) => {
-            stack.flags |= PY_STACK_READ_ERROR;
-            return 1;
-        }
-    }
-    0
+// SAFETY: `repr(C)`, integers and a `PyOffsets` (itself `Pod`), the padding an explicit field
+// (size asserted): any bit pattern is a valid value.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for PyProc {}
+
+/// `PyFrame::flags` bit: this frame was entered by its own C-level eval call.
+pub const PY_FRAME_ENTRY: u32 = 1;
+
+/// One Python frame as sampled: the code object, the instruction's byte offset in its
+/// bytecode, and `co_firstlineno` to detect a code object freed and its address reused.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PyFrame {
+    pub code: u64,
+    pub instr_offset: u32,
+    /// Low 24 bits: `co_firstlineno`; high 8 bits: `PY_FRAME_*` flags.
+    pub line_flags: u32,
 }
+const _: () = assert!(core::mem::size_of::<PyFrame>() == 16);
 
-/// Walks the sampled thread's Python frames into the per-CPU scratch stack. Returns the
-/// stack and a hash of its frames, or None when the thread has no Python frames.
-#[inline(always)]
-pub fn walk(tid: u32, proc: &PyProc) -> Option<(&'static mut PyStack, u64)> {
-    let Ok(tstate) = thread_state(tid, proc) else {
-        bump(stat::PY_NO_THREAD);
-        return None;
-    };
-    let frame = current_frame(tstate, &proc.offsets).unwrap_or(0);
-    if frame == 0 {
-        return None;
-    }
-    let stack = unsafe { &mut *PY_SCRATCH.get_ptr_mut(0)? };
-    stack.len = 0;
-    stack.flags = 0;
-    let mut walk = FrameWalk { proc, stack, frame, hash: 0xcbf2_9ce4_8422_2325 };
-    // A few extra steps for shim frames, which are skipped rather than recorded.
-    let steps = (PY_MAX_FRAMES + PY_MAX_FRAMES / 4) as u32;
-    unsafe { bpf_loop(steps, frame_step as *mut c_void, (&mut walk as *mut FrameWalk).cast(), 0) };
-    let stack = unsafe { &mut *walk.stack };
-    if stack.len == 0 {
-        return None;
-    }
-    if walk.frame != 0 && stack.flags & PY_STACK_READ_ERROR == 0 {
-        stack.flags |= PY_STACK_TRUNCATED;
-    }
-    if stack.flags & PY_STACK_TRUNCATED != 0 {
-        bump(stat::PY_TRUNCATED);
-    }
-    if stack.flags & PY_STACK_READ_ERROR != 0 {
-        bump(stat::PY_READ_ERROR);
-    }
-    let hash = walk.hash ^ (u64::from(stack.flags) << 56 | u64::from(stack.len));
-    Some((stack, if hash == 0 { 1 } else { hash }))
-}
+// SAFETY: `repr(C)`, integers only, no padding (size asserted): any bit pattern is a valid value.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for PyFrame {}
 
-enum Step {
-    /// A frame to record, and the next one out.
-    Frame(agent_ebpf::PyFrame, u64),
-    /// A shim frame owned by the C stack: not recorded.
-    Shim(u64),
-}
-
-/// A frame's fields: from one read of its prefix when that succeeded, else one read each.
-struct FrameFields {
-    addr: u64,
-    buf: *const u8,
-}
-
-impl FrameFields {
-    #[inline(always)]
-    fn read(addr: u64, off: &PyOffsets) -> Option<Self> {
-        let buf = FRAME_BUF.get_ptr_mut(0)?;
-        let size = (off.frame_read_size as usize).min(PY_FRAME_CHUNK);
-        let dst = unsafe { &mut (&mut *buf)[..size] };
-        if size == 0 || unsafe { bpf_probe_read_user_buf(addr as *const u8, dst) }.is_err() {
-            bump(stat::PY_FRAME_SLOW_READS);
-            return Some(Self { addr, buf: core::ptr::null() });
-        }
-        Some(Self { addr, buf: buf as *const u8 })
+impl PyFrame {
+    pub fn first_line(&self) -> u32 {
+        self.line_flags & 0x00ff_ffff
     }
 
-    #[inline(always)]
-    fn get<T: Copy>(&self, offset: u32) -> Result<T, i32> {
-        if self.buf.is_null() {
-            return field(self.addr, offset);
-        }
-        // Masked into the buffer, whose 8 spare bytes cover the widest field.
-        let at = offset as usize & (PY_FRAME_CHUNK - 1);
-        Ok(unsafe { core::ptr::read_unaligned(self.buf.add(at) as *const T) })
+    pub fn flags(&self) -> u32 {
+        self.line_flags >> 24
     }
 }
 
-#[inline(always)]
-fn read_frame(frame: u64, off: &PyOffsets) -> Result<Step, i32> {
-    let f = FrameFields::read(frame, off).ok_or(0)?;
-    let previous: u64 = f.get(off.frame_previous)?;
-    if off.frame_owner != NO_FIELD && off.owner_cstack != NO_FIELD {
-        let owner: u8 = f.get(off.frame_owner)?;
-        // Owners from `owner_cstack` up are not Python frames (C-stack and interpreter shims).
-        if u32::from(owner) >= off.owner_cstack {
-            return Ok(Step::Shim(previous));
-        }
-    }
-    let code = f.get::<u64>(off.frame_code)? & !off.executable_tag_mask;
-    let instr_offset = match off.instr_kind {
-        instr_kind::LASTI_BYTES => f.get::<i32>(off.frame_instr)?.max(0) as u32,
-        instr_kind::LASTI_UNITS => f.get::<i32>(off.frame_instr)?.max(0) as u32 * 2,
-        _ => {
-            let instr: u64 = f.get(off.frame_instr)?;
-            let start = code.wrapping_add(u64::from(off.code_adaptive));
-            if instr >= start { (instr - start).min(u64::from(u32::MAX)) as u32 } else { 0 }
-        }
-    };
-    let first_line = field::<i32>(code, off.code_firstlineno)?.max(0) as u32 & 0x00ff_ffff;
-    let mut flags = 0;
-    if off.every_frame_entry != 0 {
-        flags |= PY_FRAME_ENTRY;
-    } else if off.frame_is_entry != NO_FIELD && f.get::<u8>(off.frame_is_entry)? != 0 {
-        flags |= PY_FRAME_ENTRY;
-    }
-    let record = agent_ebpf::PyFrame { code, instr_offset, line_flags: first_line | flags << 24 };
-    Ok(Step::Frame(record, previous))
+/// `PyStack::flags` bit: the walk hit `PY_MAX_FRAMES`; the root end is missing.
+pub const PY_STACK_TRUNCATED: u32 = 1;
+/// `PyStack::flags` bit: a read failed; the root end is missing.
+pub const PY_STACK_READ_ERROR: u32 = 2;
+
+/// A Python stack, leaf first.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct PyStack {
+    pub len: u32,
+    pub flags: u32,
+    pub frames: [PyFrame; PY_MAX_FRAMES],
 }
+const _: () = assert!(core::mem::size_of::<PyStack>() == 8 + 16 * PY_MAX_FRAMES);
+
+// SAFETY: `repr(C)`, integers and an array of `PyFrame`s (itself `Pod`), no padding (size
+// asserted): any bit pattern is a valid value.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for PyStack {}

@@ -1,5 +1,6 @@
 //! Developer tasks: `cargo xtask setup | test | demo`. Setup installs only what is
 //! missing and says what it installs; the others build and run stoker.
+mod lint;
 mod setup;
 
 use std::{
@@ -28,6 +29,8 @@ enum Task {
     },
     /// Build stoker and profile the bundled Python demo service under load into a flamegraph.
     Demo,
+    /// Run clippy with warnings denied on the host crates and on the kernel programs (BPF target).
+    Lint,
 }
 
 fn main() {
@@ -36,6 +39,7 @@ fn main() {
         Task::Setup => setup::run(),
         Task::Test { args } => test(&args),
         Task::Demo => demo(),
+        Task::Lint => lint::run(),
     };
     if let Err(e) = result {
         eprintln!("xtask: error: {e:#}");

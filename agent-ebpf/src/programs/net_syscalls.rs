@@ -14,10 +14,8 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 
-use crate::{
-    maps::{NET_CONN_SCRATCH, NET_CONNS, bump, is_target},
-    net::{copy_words, emit_conn, emit_request, parse_request, parse_status, read_sockaddr},
-};
+use super::net::{Peer, copy_words, emit_conn, emit_request, parse_request, parse_status, read_sockaddr};
+use crate::maps::{NET_CONN_SCRATCH, NET_CONNS, bump, is_target};
 
 // x86-64 system call numbers.
 const SYS_READ: u32 = 0;
@@ -48,7 +46,10 @@ fn first_iovec(iov: u64) -> (u64, u64) {
     if iov == 0 {
         return (0, 0);
     }
+    // SAFETY: the helper checks the user address and fails rather than faulting; any bits are
+    // a valid `u64`.
     let base = unsafe { bpf_probe_read_user(iov as *const u64) }.unwrap_or(0);
+    // SAFETY: as above.
     let len = unsafe { bpf_probe_read_user((iov + 8) as *const u64) }.unwrap_or(0);
     (base, len)
 }
@@ -83,6 +84,11 @@ fn try_sys_exit() -> Result<u32, i64> {
         nr => {
             // Data calls: only on sockets already tracked (files and pipes cost one lookup).
             let Some(c) = NET_CONNS.get_ptr_mut(conn_key(tgid, fd)) else { return Ok(0) };
+            // SAFETY: a value from a successful lookup in the preallocated `NET_CONNS`: it stays
+            // allocated as long as the map, even if its entry is removed meanwhile, and is
+            // aligned plain integers, valid for any bits. Only the threads of this process that
+            // use this socket update it; two of them doing so at the same instant on two CPUs
+            // can mix up that request's figures, never reach memory outside the value.
             let c = unsafe { &mut *c };
             let (inbound, buf) = match nr {
                 SYS_READ | SYS_RECVFROM => (true, Buf::new(FLAT, regs.rsi, regs.rdx)),
@@ -103,11 +109,15 @@ fn try_sys_exit() -> Result<u32, i64> {
 /// number, its arguments (unchanged until it returns) and, at the exit, its return value.
 #[inline(always)]
 fn entry_regs() -> &'static pt_regs {
+    // SAFETY: `bpf_task_pt_regs` of the current task (a trusted BTF pointer) is its saved user
+    // registers, valid, aligned and unchanged while it is in this system call, which outlasts
+    // the program run; `pt_regs` is plain integers.
     unsafe { &*(bpf_task_pt_regs(bpf_get_current_task_btf()) as *const pt_regs) }
 }
 
 #[inline(always)]
 fn bpf_now() -> u64 {
+    // SAFETY: the helper takes no arguments and only reads the clock.
     unsafe { bpf_ktime_get_ns() }
 }
 
@@ -138,6 +148,7 @@ impl Buf {
             FLAT => (self.addr, self.len),
             IOVEC => first_iovec(self.addr),
             _ => {
+                // SAFETY: as in `first_iovec`.
                 let iov = unsafe { bpf_probe_read_user((self.addr + MSGHDR_IOV) as *const u64) }.unwrap_or(0);
                 first_iovec(iov)
             }
@@ -150,13 +161,13 @@ impl Buf {
 fn open(tgid: u32, fd: u32, role: u32, sockaddr: u64, now: u64) {
     // Only TCP/IP peers: Unix sockets and other families are left alone. A server that
     // does not ask for its peer's address (accept with NULL) is followed without it.
-    let peer = if sockaddr == 0 && role == NET_ROLE_SERVER {
-        Some((0, 0, [0; 16]))
-    } else {
-        read_sockaddr(sockaddr)
-    };
-    let Some((family, port, addr)) = peer else { return };
+    let peer =
+        if sockaddr == 0 && role == NET_ROLE_SERVER { Some(Peer::UNKNOWN) } else { read_sockaddr(sockaddr) };
+    let Some(peer) = peer else { return };
     let Some(c) = NET_CONN_SCRATCH.get_ptr_mut(0) else { return };
+    // SAFETY: this CPU's slot of a per-CPU array: live and aligned while the program is
+    // loaded, and used only by this run (tracing programs never nest on one CPU: the kernel
+    // skips one that would); `NetConn` is plain integers.
     let c = unsafe { &mut *c };
     c.start_ns = 0;
     c.resp_first_ns = 0;
@@ -164,21 +175,22 @@ fn open(tgid: u32, fd: u32, role: u32, sockaddr: u64, now: u64) {
     c.req_bytes = 0;
     c.resp_bytes = 0;
     c.opened_ns = now;
-    copy_words(&mut c.addr, &addr);
-    c.port = port;
-    c.family = family;
+    // SAFETY: `NetConn::addr` and `Peer::addr` are 8-byte aligned (see `copy_words`).
+    unsafe { copy_words(&mut c.addr, &peer.addr) };
+    c.port = peer.port;
+    c.family = peer.family;
     c.role = role;
     c.phase = NET_PHASE_IDLE;
     c.status = 0;
     c.method = http_method::NONE;
     c.path_len = 0;
     // A reused fd whose close was missed is overwritten.
-    if NET_CONNS.insert(&conn_key(tgid, fd), c, 0).is_err() {
+    if NET_CONNS.insert(conn_key(tgid, fd), c, 0).is_err() {
         bump(stat::NET_CONNS_FULL);
         return;
     }
     if role == NET_ROLE_SERVER {
-        emit_conn(NET_EVENT_ACCEPT, tgid, role, 0, (now, now), (0, 0), (family, port, addr), (0, 0));
+        emit_conn(NET_EVENT_ACCEPT, tgid, 0, (now, now), (0, 0), peer, (0, 0));
     }
 }
 
@@ -247,6 +259,7 @@ fn finish(c: &mut NetConn, tgid: u32) {
 fn close(tgid: u32, fd: u32) {
     let key = conn_key(tgid, fd);
     if let Some(c) = NET_CONNS.get_ptr_mut(key) {
+        // SAFETY: as in `try_sys_exit`.
         finish(unsafe { &mut *c }, tgid);
         let _ = NET_CONNS.remove(key);
     }

@@ -10,10 +10,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 
-use crate::{
-    maps::{COUNTS, PY_PROCS, PY_STACKS, STACKS, add, bump, is_target},
-    python,
-};
+use super::{loader_global, python};
+use crate::maps::{COUNTS, PY_PROCS, PY_STACKS, STACKS, add, bump, is_target};
 
 const EFAULT: i32 = 14;
 
@@ -24,11 +22,13 @@ static MEASURE_COST: u32 = 0;
 
 #[perf_event]
 pub fn perf_sample(ctx: PerfEventContext) -> u32 {
-    let measure = unsafe { core::ptr::read_volatile(&MEASURE_COST) } != 0;
+    let measure = loader_global(&MEASURE_COST) != 0;
+    // SAFETY: the helper takes no arguments and only reads the clock.
     let start = if measure { unsafe { bpf_ktime_get_ns() } } else { 0 };
     if let Ok(true) = try_perf_sample(&ctx)
         && measure
     {
+        // SAFETY: as above.
         add(stat::TARGET_NS, unsafe { bpf_ktime_get_ns() }.wrapping_sub(start));
     }
     0
@@ -48,14 +48,18 @@ fn try_perf_sample(ctx: &PerfEventContext) -> Result<bool, i32> {
     // Python first: a sample with a Python stack needs no native stacks unless asked.
     let mut py_stack = 0;
     let mut want_native = true;
-    if let Some(proc) = unsafe { PY_PROCS.get(&tgid) }
+    // SAFETY: a value of the preallocated `PY_PROCS`, which keeps it allocated as long as the
+    // map even if userspace removes or rewrites the entry meanwhile; `PyProc` is plain integers,
+    // so any bytes it then holds are a valid value, and the walker uses them only as addresses
+    // for probe reads, which check them, and as sizes it clamps.
+    if let Some(proc) = unsafe { PY_PROCS.get(tgid) }
         && let Some((stack, hash)) = python::walk(tid, proc)
     {
         bump(stat::PY_SAMPLES);
-        let stored = PY_STACKS.get_ptr(&hash).is_some()
-            || PY_STACKS.insert(&hash, stack, u64::from(BPF_NOEXIST)).is_ok()
+        let stored = PY_STACKS.get_ptr(hash).is_some()
+            || PY_STACKS.insert(hash, stack, u64::from(BPF_NOEXIST)).is_ok()
             // Another CPU may have stored the same stack in between.
-            || PY_STACKS.get_ptr(&hash).is_some();
+            || PY_STACKS.get_ptr(hash).is_some();
         if stored {
             py_stack = hash;
             want_native = proc.flags & PY_PROC_NATIVE != 0;
@@ -68,11 +72,14 @@ fn try_perf_sample(ctx: &PerfEventContext) -> Result<bool, i32> {
 
     let key = SampleKey { tgid, tid, user_stack_id, kernel_stack_id, py_stack };
     // Per-CPU values: this CPU's slot is only ever touched here, so no atomics needed.
-    if let Some(count) = COUNTS.get_ptr_mut(&key) {
+    if let Some(count) = COUNTS.get_ptr_mut(key) {
+        // SAFETY: this CPU's value of a per-CPU hash map entry: live and aligned (preallocated
+        // map), and only this run touches it (tracing programs never nest on one CPU).
         unsafe { *count += 1 };
-    } else if COUNTS.insert(&key, &1, u64::from(BPF_NOEXIST)).is_err() {
+    } else if COUNTS.insert(key, 1, u64::from(BPF_NOEXIST)).is_err() {
         // Either another CPU created the key just now (add to our slot), or the map is full.
-        if let Some(count) = COUNTS.get_ptr_mut(&key) {
+        if let Some(count) = COUNTS.get_ptr_mut(key) {
+            // SAFETY: as above.
             unsafe { *count += 1 };
         } else if bump(stat::COUNTS_FULL) == 0 {
             warn!(ctx, "counts map full: further new stacks are dropped on this CPU");

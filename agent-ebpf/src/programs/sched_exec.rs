@@ -8,7 +8,7 @@ use crate::maps::{EXECS, bump};
 #[tracepoint]
 pub fn sched_exec(_ctx: TracePointContext) -> u32 {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if EXECS.insert(&tgid, &0, 0).is_err() {
+    if EXECS.insert(tgid, 0, 0).is_err() {
         bump(stat::EXECS_FULL);
     }
     0

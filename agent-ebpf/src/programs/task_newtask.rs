@@ -3,6 +3,7 @@
 use agent_ebpf::{TARGET_FOLLOW, stat};
 use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::tracepoint, programs::TracePointContext};
 
+use super::{loader_global, record};
 use crate::maps::{TARGETS, bump, is_target, mark_target};
 
 /// Offsets of `pid` and `clone_flags` in the tracepoint record, from its format file.
@@ -23,20 +24,22 @@ fn try_task_newtask(ctx: &TracePointContext) -> Result<u32, i64> {
     if !is_target(parent) {
         return Ok(0);
     }
-    let Some(&flags) = (unsafe { TARGETS.get(&parent) }) else {
+    // SAFETY: the value is copied at once: a `u32`, valid for any bits, in a preallocated hash
+    // map, which keeps it allocated even if userspace removes the entry meanwhile.
+    let Some(&flags) = (unsafe { TARGETS.get(parent) }) else {
         return Ok(0);
     };
     if flags & TARGET_FOLLOW == 0 {
         return Ok(0);
     }
-    let pid_offset = unsafe { core::ptr::read_volatile(&NEWTASK_PID_OFFSET) } as usize;
-    let flags_offset = unsafe { core::ptr::read_volatile(&NEWTASK_FLAGS_OFFSET) } as usize;
-    let clone_flags: u64 = unsafe { ctx.read_at(flags_offset)? };
+    let pid_offset = loader_global(&NEWTASK_PID_OFFSET) as usize;
+    let flags_offset = loader_global(&NEWTASK_FLAGS_OFFSET) as usize;
+    let clone_flags: u64 = record(ctx, flags_offset)?;
     if clone_flags & CLONE_THREAD != 0 {
         return Ok(0);
     }
-    let child: i32 = unsafe { ctx.read_at(pid_offset)? };
-    if TARGETS.insert(&(child as u32), &flags, 0).is_err() {
+    let child: i32 = record(ctx, pid_offset)?;
+    if TARGETS.insert(child as u32, flags, 0).is_err() {
         bump(stat::TARGETS_FULL);
         return Ok(0);
     }

@@ -1,16 +1,17 @@
 //! TCP connections of target processes from their state changes: connect latency and
 //! failures, then retransmits, smoothed RTT and bytes when the connection leaves ESTABLISHED.
-use agent_ebpf::{NET_EVENT_CLOSE, NET_EVENT_CONNECT, NET_ROLE_CLIENT, stat};
+use agent_ebpf::{NET_EVENT_CLOSE, NET_EVENT_CONNECT, stat};
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::tracepoint,
     programs::TracePointContext,
 };
 
-use crate::{
-    maps::{NET_SOCKS, bump, is_target},
-    net::{AF_INET, AF_INET6, NetSock, emit_conn, kernel_u64, offset},
+use super::{
+    net::{AF_INET, AF_INET6, NetSock, Peer, emit_conn, kernel_u64, offset},
+    record,
 };
+use crate::maps::{NET_SOCKS, bump, is_target};
 
 const TCP_ESTABLISHED: i32 = 1;
 const TCP_SYN_SENT: i32 = 2;
@@ -22,14 +23,13 @@ pub fn net_sock_state(ctx: TracePointContext) -> u32 {
 }
 
 fn try_sock_state(ctx: &TracePointContext) -> Result<u32, i64> {
-    let read_u16 = |off: usize| unsafe { ctx.read_at::<u16>(off) }.map_err(|e| e as i64);
-    let read_i32 = |off: usize| unsafe { ctx.read_at::<i32>(off) }.map_err(|e| e as i64);
-    if read_u16(offset!(sk_protocol))? != IPPROTO_TCP {
+    if record::<u16>(ctx, offset!(sk_protocol))? != IPPROTO_TCP {
         return Ok(0);
     }
-    let skaddr: u64 = unsafe { ctx.read_at(offset!(sk_skaddr)) }.map_err(|e| e as i64)?;
-    let old = read_i32(offset!(sk_oldstate))?;
-    let new = read_i32(offset!(sk_newstate))?;
+    let skaddr: u64 = record(ctx, offset!(sk_skaddr))?;
+    let old: i32 = record(ctx, offset!(sk_oldstate))?;
+    let new: i32 = record(ctx, offset!(sk_newstate))?;
+    // SAFETY: the helper takes no arguments and only reads the clock.
     let now = unsafe { bpf_ktime_get_ns() };
 
     if new == TCP_SYN_SENT {
@@ -38,28 +38,15 @@ fn try_sock_state(ctx: &TracePointContext) -> Result<u32, i64> {
         if !is_target(tgid) {
             return Ok(0);
         }
-        let family = read_u16(offset!(sk_family))?;
-        let mut addr = [0u8; 16];
+        let family: u16 = record(ctx, offset!(sk_family))?;
+        let mut peer = Peer { family, port: record(ctx, offset!(sk_dport))?, ..Peer::UNKNOWN };
         match family {
-            AF_INET => addr[..4].copy_from_slice(
-                &unsafe { ctx.read_at::<[u8; 4]>(offset!(sk_daddr)) }.map_err(|e| e as i64)?,
-            ),
-            AF_INET6 => {
-                addr = unsafe { ctx.read_at::<[u8; 16]>(offset!(sk_daddr_v6)) }.map_err(|e| e as i64)?
-            }
+            AF_INET => peer.addr[..4].copy_from_slice(&record::<[u8; 4]>(ctx, offset!(sk_daddr))?),
+            AF_INET6 => peer.addr = record(ctx, offset!(sk_daddr_v6))?,
             _ => return Ok(0),
         }
-        let sock = NetSock {
-            tgid,
-            retransmits: 0,
-            syn_ns: now,
-            est_ns: 0,
-            addr,
-            port: read_u16(offset!(sk_dport))?,
-            family,
-            _pad: 0,
-        };
-        if NET_SOCKS.insert(&skaddr, &sock, 0).is_err() {
+        let sock = NetSock { tgid, retransmits: 0, syn_ns: now, est_ns: 0, peer };
+        if NET_SOCKS.insert(skaddr, sock, 0).is_err() {
             bump(stat::NET_SOCKS_FULL);
         }
         return Ok(0);
@@ -67,16 +54,21 @@ fn try_sock_state(ctx: &TracePointContext) -> Result<u32, i64> {
 
     // Other changes may run in softirq context: the socket, not the current task, says
     // whose connection it is.
-    let Some(s) = NET_SOCKS.get_ptr_mut(&skaddr) else { return Ok(0) };
+    let Some(s) = NET_SOCKS.get_ptr_mut(skaddr) else { return Ok(0) };
+    // SAFETY: a value from a successful lookup in the preallocated `NET_SOCKS`: it stays
+    // allocated as long as the map, even if its entry is removed meanwhile, and is aligned plain
+    // integers, valid for any bits. Only this socket's state changes and retransmits update it;
+    // two of them at the same instant on two CPUs can mix up that connection's figures, never
+    // reach memory outside the value.
     let s = unsafe { &mut *s };
-    let peer = (s.family, s.port, s.addr);
+    let peer = s.peer;
     if old == TCP_SYN_SENT {
         if new == TCP_ESTABLISHED {
             s.est_ns = now;
-            emit_conn(NET_EVENT_CONNECT, s.tgid, NET_ROLE_CLIENT, 0, (s.syn_ns, now), (0, 0), peer, (0, 0));
+            emit_conn(NET_EVENT_CONNECT, s.tgid, 0, (s.syn_ns, now), (0, 0), peer, (0, 0));
         } else {
-            emit_conn(NET_EVENT_CONNECT, s.tgid, NET_ROLE_CLIENT, 1, (s.syn_ns, now), (0, 0), peer, (0, 0));
-            let _ = NET_SOCKS.remove(&skaddr);
+            emit_conn(NET_EVENT_CONNECT, s.tgid, 1, (s.syn_ns, now), (0, 0), peer, (0, 0));
+            let _ = NET_SOCKS.remove(skaddr);
         }
     } else if old == TCP_ESTABLISHED {
         // `srtt_us` holds the smoothed RTT in microseconds, shifted left by 3.
@@ -86,22 +78,22 @@ fn try_sock_state(ctx: &TracePointContext) -> Result<u32, i64> {
         emit_conn(
             NET_EVENT_CLOSE,
             s.tgid,
-            NET_ROLE_CLIENT,
             0,
             (s.est_ns, now),
             (received, acked),
             peer,
             (s.retransmits, srtt),
         );
-        let _ = NET_SOCKS.remove(&skaddr);
+        let _ = NET_SOCKS.remove(skaddr);
     }
     Ok(0)
 }
 
 #[tracepoint]
 pub fn net_retransmit(ctx: TracePointContext) -> u32 {
-    let Ok(skaddr) = (unsafe { ctx.read_at::<u64>(offset!(rt_skaddr)) }) else { return 0 };
-    if let Some(s) = NET_SOCKS.get_ptr_mut(&skaddr) {
+    let Ok(skaddr) = record::<u64>(&ctx, offset!(rt_skaddr)) else { return 0 };
+    if let Some(s) = NET_SOCKS.get_ptr_mut(skaddr) {
+        // SAFETY: as in `try_sock_state`.
         unsafe { (*s).retransmits += 1 };
     }
     0

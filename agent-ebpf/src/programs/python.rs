@@ -1,0 +1,306 @@
+//! The CPython frame walker used by the sampler: finds the sampled thread's
+//! `PyThreadState` (matching `thread_id`, i.e. `pthread_self()`, against the task's fs base)
+//! and records its frames, leaf first, into the per-CPU scratch stack.
+use agent_ebpf::{
+    NO_FIELD, PY_FRAME_CHUNK, PY_FRAME_ENTRY, PY_MAX_FRAMES, PY_MAX_THREADS, PY_STACK_READ_ERROR,
+    PY_STACK_TRUNCATED, PyOffsets, PyProc, PyStack, instr_kind, stat,
+};
+use core::ffi::c_void;
+
+use aya_ebpf::helpers::{
+    bpf_get_current_task, bpf_loop, bpf_probe_read_kernel, bpf_probe_read_user, bpf_probe_read_user_buf,
+};
+
+use super::{Plain, loader_global};
+use crate::maps::{FRAME_BUF, PY_SCRATCH, PY_THREADS, bump};
+
+/// Offset of `thread.fsbase` in `task_struct`, set by the loader from the kernel's BTF.
+#[unsafe(no_mangle)]
+static FSBASE_OFFSET: u32 = 0;
+
+/// Interpreters searched per process (subinterpreters beyond the first few are rare).
+const MAX_INTERPRETERS: u32 = 4;
+
+/// Reads a value of the sampled process's memory.
+#[inline(always)]
+fn read<T: Plain>(addr: u64) -> Result<T, i32> {
+    // SAFETY: the helper checks the user address and fails rather than faulting; any bits are
+    // a valid `T` (`Plain`).
+    unsafe { bpf_probe_read_user(addr as *const T) }
+}
+
+#[inline(always)]
+fn field<T: Plain>(base: u64, offset: u32) -> Result<T, i32> {
+    read(base.wrapping_add(u64::from(offset)))
+}
+
+/// The sampled task's fs base: `pthread_self()` of the thread on x86-64 glibc and musl.
+#[inline(always)]
+fn fs_base() -> Result<u64, i32> {
+    let offset = loader_global(&FSBASE_OFFSET);
+    if offset == 0 {
+        return Err(0);
+    }
+    // SAFETY: the helper takes no arguments and only returns the current task's address.
+    let task = unsafe { bpf_get_current_task() };
+    // SAFETY: the helper checks the kernel address and fails rather than faulting; any bits
+    // are a valid `u64`.
+    unsafe { bpf_probe_read_kernel((task + u64::from(offset)) as *const u64) }
+}
+
+/// State of the thread-list search, shared with its `bpf_loop` callback.
+#[repr(C)]
+struct ThreadSearch {
+    proc: *const PyProc,
+    me: u64,
+    interp: u64,
+    tstate: u64,
+    found: u64,
+}
+
+/// One step of the search: checks one thread state, or moves to the next interpreter.
+extern "C" fn thread_step(_index: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the `ThreadSearch` that `thread_state` hands `bpf_loop`, which calls
+    // this function synchronously, one step at a time, while that search lives on its stack.
+    let search = unsafe { &mut *(ctx as *mut ThreadSearch) };
+    // SAFETY: `proc` comes from the `&PyProc` given to `thread_state`, a `PY_PROCS` value,
+    // which outlives this program run (see `perf_sample`).
+    let off = unsafe { &(*search.proc).offsets };
+    if search.tstate == 0 {
+        // This interpreter's list is done: go to the next one.
+        search.interp = field(search.interp, off.interp_next).unwrap_or(0);
+        if search.interp == 0 {
+            return 1;
+        }
+        search.tstate = field(search.interp, off.interp_threads_head).unwrap_or(0);
+        return 0;
+    }
+    match field::<u64>(search.tstate, off.tstate_thread_id) {
+        Ok(id) if id == search.me => {
+            search.found = search.tstate;
+            return 1;
+        }
+        Ok(_) => {}
+        Err(_) => return 1,
+    }
+    search.tstate = field(search.tstate, off.tstate_next).unwrap_or(0);
+    0
+}
+
+/// Finds the `PyThreadState` of thread `tid` (cached, and validated on every use).
+#[inline(always)]
+fn thread_state(tid: u32, proc: &PyProc) -> Result<u64, i32> {
+    let off = &proc.offsets;
+    let me = fs_base()?;
+    // SAFETY: the value is copied at once: a `u64`, valid for any bits, in a preallocated hash
+    // map, which keeps it allocated even if userspace removes the entry meanwhile.
+    if let Some(&cached) = unsafe { PY_THREADS.get(tid) }
+        && field::<u64>(cached, off.tstate_thread_id) == Ok(me)
+    {
+        return Ok(cached);
+    }
+    let interp: u64 = read(proc.interp_head_addr)?;
+    if interp == 0 {
+        return Err(0);
+    }
+    let mut search =
+        ThreadSearch { proc, me, interp, tstate: field(interp, off.interp_threads_head)?, found: 0 };
+    let steps = MAX_INTERPRETERS * (PY_MAX_THREADS + 1);
+    // SAFETY: `thread_step` has the callback signature `bpf_loop` calls and reads its context
+    // as the `ThreadSearch` passed here, which outlives the call.
+    unsafe { bpf_loop(steps, thread_step as *mut c_void, (&mut search as *mut ThreadSearch).cast(), 0) };
+    if search.found == 0 {
+        return Err(0);
+    }
+    let _ = PY_THREADS.insert(tid, search.found, 0);
+    Ok(search.found)
+}
+
+/// The innermost frame of a thread state (0 when the thread runs no Python code).
+#[inline(always)]
+fn current_frame(tstate: u64, off: &PyOffsets) -> Result<u64, i32> {
+    let frame: u64 = field(tstate, off.tstate_frame)?;
+    if off.cframe_current_frame == NO_FIELD || frame == 0 {
+        return Ok(frame);
+    }
+    field(frame, off.cframe_current_frame)
+}
+
+/// A frame index the verifier can see is in bounds: black_box hides the value's
+/// known range from LLVM, so the mask survives optimisation and bounds the access.
+#[inline(always)]
+fn slot(index: usize) -> usize {
+    core::hint::black_box(index) & (PY_MAX_FRAMES - 1)
+}
+
+/// State of the frame walk, shared with its `bpf_loop` callback. The frame count and flags
+/// live in the scratch stack (a map value): a counter on the BPF stack would be tracked
+/// precisely by the verifier, which then re-verifies the callback for every value.
+#[repr(C)]
+struct FrameWalk {
+    proc: *const PyProc,
+    stack: *mut PyStack,
+    frame: u64,
+    hash: u64,
+}
+
+/// One step of the walk: records one frame (or skips a shim) and moves out one level.
+extern "C" fn frame_step(_index: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the `FrameWalk` that `walk` hands `bpf_loop`, which calls this function
+    // synchronously, one step at a time, while that walk lives on its stack.
+    let walk = unsafe { &mut *(ctx as *mut FrameWalk) };
+    if walk.frame == 0 {
+        return 1;
+    }
+    // SAFETY: as in `thread_step`.
+    let off = unsafe { &(*walk.proc).offsets };
+    // SAFETY: `stack` is this CPU's `PY_SCRATCH` slot (see `walk`), not otherwise referenced
+    // while `bpf_loop` runs.
+    let stack = unsafe { &mut *walk.stack };
+    let len = stack.len as usize;
+    match read_frame(walk.frame, off) {
+        Ok(Step::Frame(record, previous)) => {
+            if len >= PY_MAX_FRAMES {
+                stack.flags |= PY_STACK_TRUNCATED;
+                return 1;
+            }
+            stack.frames[slot(len)] = record;
+            let mut hash = (walk.hash ^ record.code ^ (u64::from(record.instr_offset) << 40))
+                .wrapping_mul(0x100_0000_01b3);
+            hash = hash.rotate_left(17) ^ u64::from(record.line_flags);
+            walk.hash = hash;
+            stack.len = len as u32 + 1;
+            walk.frame = previous;
+        }
+        Ok(Step::Shim(previous)) => {
+            // The frame after a C-stack shim was entered by its own eval call.
+            if len > 0 && len <= PY_MAX_FRAMES {
+                let last = &mut stack.frames[slot(len - 1)];
+                last.line_flags |= PY_FRAME_ENTRY << 24;
+                walk.hash ^= 0x9e37_79b9;
+            }
+            walk.frame = previous;
+        }
+        Err(_) => {
+            stack.flags |= PY_STACK_READ_ERROR;
+            return 1;
+        }
+    }
+    0
+}
+
+/// Walks the sampled thread's Python frames into the per-CPU scratch stack. Returns the
+/// stack and a hash of its frames, or None when the thread has no Python frames.
+#[inline(always)]
+pub fn walk(tid: u32, proc: &PyProc) -> Option<(&'static mut PyStack, u64)> {
+    let Ok(tstate) = thread_state(tid, proc) else {
+        bump(stat::PY_NO_THREAD);
+        return None;
+    };
+    let frame = current_frame(tstate, &proc.offsets).unwrap_or(0);
+    if frame == 0 {
+        return None;
+    }
+    // SAFETY: this CPU's slot of a per-CPU array: live and aligned while the program is loaded,
+    // and used only by this run (tracing programs never nest on one CPU: the kernel skips one
+    // that would); `PyStack` is plain integers.
+    let stack = unsafe { &mut *PY_SCRATCH.get_ptr_mut(0)? };
+    stack.len = 0;
+    stack.flags = 0;
+    let mut walk = FrameWalk { proc, stack, frame, hash: 0xcbf2_9ce4_8422_2325 };
+    // A few extra steps for shim frames, which are skipped rather than recorded.
+    let steps = (PY_MAX_FRAMES + PY_MAX_FRAMES / 4) as u32;
+    // SAFETY: as in `thread_state`, with `frame_step` and this `FrameWalk`.
+    unsafe { bpf_loop(steps, frame_step as *mut c_void, (&mut walk as *mut FrameWalk).cast(), 0) };
+    // SAFETY: the scratch slot again, now that `bpf_loop` has returned.
+    let stack = unsafe { &mut *walk.stack };
+    if stack.len == 0 {
+        return None;
+    }
+    if walk.frame != 0 && stack.flags & PY_STACK_READ_ERROR == 0 {
+        stack.flags |= PY_STACK_TRUNCATED;
+    }
+    if stack.flags & PY_STACK_TRUNCATED != 0 {
+        bump(stat::PY_TRUNCATED);
+    }
+    if stack.flags & PY_STACK_READ_ERROR != 0 {
+        bump(stat::PY_READ_ERROR);
+    }
+    let hash = walk.hash ^ (u64::from(stack.flags) << 56 | u64::from(stack.len));
+    Some((stack, if hash == 0 { 1 } else { hash }))
+}
+
+enum Step {
+    /// A frame to record, and the next one out.
+    Frame(agent_ebpf::PyFrame, u64),
+    /// A shim frame owned by the C stack: not recorded.
+    Shim(u64),
+}
+
+/// A frame's fields: from one read of its prefix when that succeeded, else one read each.
+struct FrameFields {
+    addr: u64,
+    buf: *const u8,
+}
+
+impl FrameFields {
+    #[inline(always)]
+    fn read(addr: u64, off: &PyOffsets) -> Option<Self> {
+        let buf = FRAME_BUF.get_ptr_mut(0)?;
+        let size = (off.frame_read_size as usize).min(PY_FRAME_CHUNK);
+        // SAFETY: this CPU's `FRAME_BUF` slot, used only by this run (as `PY_SCRATCH` in
+        // `walk`); `size` is at most `PY_FRAME_CHUNK`, inside it.
+        let dst = unsafe { &mut (&mut *buf)[..size] };
+        // SAFETY: the helper checks the user address and fails rather than faulting; it writes
+        // at most `dst.len()` bytes.
+        if size == 0 || unsafe { bpf_probe_read_user_buf(addr as *const u8, dst) }.is_err() {
+            bump(stat::PY_FRAME_SLOW_READS);
+            return Some(Self { addr, buf: core::ptr::null() });
+        }
+        Some(Self { addr, buf: buf as *const u8 })
+    }
+
+    #[inline(always)]
+    fn get<T: Plain>(&self, offset: u32) -> Result<T, i32> {
+        const { assert!(core::mem::size_of::<T>() <= 8, "FRAME_BUF has 8 spare bytes") };
+        if self.buf.is_null() {
+            return field(self.addr, offset);
+        }
+        // Masked into the buffer, whose 8 spare bytes cover the widest field.
+        let at = offset as usize & (PY_FRAME_CHUNK - 1);
+        // SAFETY: `buf` is this CPU's `FRAME_BUF` slot (`PY_FRAME_CHUNK + 8` bytes), filled by
+        // `read`; `at < PY_FRAME_CHUNK` and `T` has at most 8 bytes, so the read stays inside it;
+        // unaligned reads are allowed, and any bits are a valid `T` (`Plain`).
+        Ok(unsafe { core::ptr::read_unaligned(self.buf.add(at) as *const T) })
+    }
+}
+
+#[inline(always)]
+fn read_frame(frame: u64, off: &PyOffsets) -> Result<Step, i32> {
+    let f = FrameFields::read(frame, off).ok_or(0)?;
+    let previous: u64 = f.get(off.frame_previous)?;
+    if off.frame_owner != NO_FIELD && off.owner_cstack != NO_FIELD {
+        let owner: u8 = f.get(off.frame_owner)?;
+        // Owners from `owner_cstack` up are not Python frames (C-stack and interpreter shims).
+        if u32::from(owner) >= off.owner_cstack {
+            return Ok(Step::Shim(previous));
+        }
+    }
+    let code = f.get::<u64>(off.frame_code)? & !off.executable_tag_mask;
+    let instr_offset = match off.instr_kind {
+        instr_kind::LASTI_BYTES => f.get::<i32>(off.frame_instr)?.max(0) as u32,
+        instr_kind::LASTI_UNITS => f.get::<i32>(off.frame_instr)?.max(0) as u32 * 2,
+        _ => {
+            let instr: u64 = f.get(off.frame_instr)?;
+            let start = code.wrapping_add(u64::from(off.code_adaptive));
+            if instr >= start { (instr - start).min(u64::from(u32::MAX)) as u32 } else { 0 }
+        }
+    };
+    let first_line = field::<i32>(code, off.code_firstlineno)?.max(0) as u32 & 0x00ff_ffff;
+    // Entered by its own eval call: every frame (3.8-3.10), or one whose `is_entry` says so.
+    let entry = off.every_frame_entry != 0
+        || (off.frame_is_entry != NO_FIELD && f.get::<u8>(off.frame_is_entry)? != 0);
+    let flags = if entry { PY_FRAME_ENTRY } else { 0 };
+    let record = agent_ebpf::PyFrame { code, instr_offset, line_flags: first_line | flags << 24 };
+    Ok(Step::Frame(record, previous))
+}

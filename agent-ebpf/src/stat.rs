@@ -1,0 +1,40 @@
+//! The per-CPU counters every kernel program bumps for what it sampled, dropped or lost,
+//! reported to the user; one index per counter.
+
+/// Per-CPU counters, indexed by the constants of this module.
+pub const MAP_STATS: &str = "STATS";
+
+/// Samples taken in a target process.
+pub const SAMPLES: u32 = 0;
+/// Samples whose user stack could not be read (no frames reachable).
+pub const USER_STACK_MISSING: u32 = 1;
+/// Samples whose user or kernel stack was dropped: stack map bucket taken or full.
+pub const STACK_DROPPED: u32 = 2;
+/// Samples dropped because the counts map was full.
+pub const COUNTS_FULL: u32 = 3;
+/// Samples of a Python process whose thread state was not found (thread not running Python).
+pub const PY_NO_THREAD: u32 = 4;
+/// Python stacks deeper than `PY_MAX_FRAMES`, cut at the root end.
+pub const PY_TRUNCATED: u32 = 5;
+/// Python frames whose memory could not be read (the walk stopped there).
+pub const PY_READ_ERROR: u32 = 6;
+/// Python stacks dropped because the Python stacks map was full.
+pub const PY_STACKS_FULL: u32 = 7;
+/// Samples with a Python stack.
+pub const PY_SAMPLES: u32 = 8;
+/// Children not followed because the targets map was full.
+pub const TARGETS_FULL: u32 = 9;
+/// Nanoseconds spent handling target samples, from entry to exit (with `MEASURE_COST`).
+pub const TARGET_NS: u32 = 10;
+/// Python frames whose prefix could not be read at once (read field by field instead).
+pub const PY_FRAME_SLOW_READS: u32 = 11;
+/// Network events lost because their CPU's event ring was full.
+pub const NET_EVENTS_LOST: u32 = 12;
+/// Connections not tracked because the connections map was full.
+pub const NET_CONNS_FULL: u32 = 13;
+/// TCP connects not tracked because the sockets map was full.
+pub const NET_SOCKS_FULL: u32 = 14;
+/// Exec notifications lost because the set was full (found by the next /proc scan).
+pub const EXECS_FULL: u32 = 15;
+/// Number of counters.
+pub const COUNT: u32 = 16;
