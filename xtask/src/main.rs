@@ -1,4 +1,4 @@
-//! Developer tasks: `cargo xtask setup | test | demo`. Setup installs only what is
+//! Developer tasks: `cargo xtask setup | lint | test | demo`. Setup installs only what is
 //! missing and says what it installs; the others build and run stoker.
 mod lint;
 mod setup;
