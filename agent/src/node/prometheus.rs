@@ -49,7 +49,11 @@ pub fn render(snapshot: &Snapshot) -> String {
     for (m, value) in snapshot.health.values() {
         family(m, vec![(String::new(), value as f64)]);
     }
-    let losses = snapshot.health.losses.iter().map(|(why, n)| (format!("{{stoker_loss_reason=\"{why}\"}}"), *n as f64));
+    let losses = snapshot
+        .health
+        .losses
+        .iter()
+        .map(|(why, n)| (format!("{{stoker_loss_reason=\"{why}\"}}"), *n as f64));
     family(&metric::KERNEL_LOSSES, losses.collect());
     netstate::prometheus(
         &mut out,
