@@ -68,6 +68,15 @@ impl Collector {
         self.threads.retain(|tid, _| process::is_alive(*tid));
     }
 
+    /// Drops the per-process state of processes not in `live` (the agent, once their last
+    /// interval went out): mapping snapshots, code-object readers, names.
+    pub fn forget_exited(&mut self, live: &[u32]) {
+        self.symbolizer.forget_exited(live);
+        self.python.forget_exited(live);
+        self.comms.retain(|pid, _| live.contains(pid));
+        self.threads.retain(|tid, _| process::is_alive(*tid));
+    }
+
     /// Resolves stacks not seen before, while their processes live. With `final_read` it
     /// also reads the counts (the end of a session); otherwise only the keys.
     pub fn collect(&mut self, kernel: &KernelPrograms, live_pids: &[u32], final_read: bool) -> Result<()> {

@@ -148,6 +148,8 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
                 collector.forget_stacks(&live);
                 agent.last.clear();
             }
+            // Exited processes reported their last interval above: what was read of them goes.
+            collector.forget_exited(&live);
             let snap = {
                 let mut guard = snapshot.lock().unwrap_or_else(|e| e.into_inner());
                 guard.time = Some(SystemTime::now());

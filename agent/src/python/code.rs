@@ -10,8 +10,11 @@ use super::{
 
 /// Longest string read (names and paths).
 const MAX_STRING: usize = 4096;
-/// Longest line table read.
-const MAX_LINETABLE: usize = 1 << 20;
+/// Longest line table kept: a function with a longer one is still named, at its first line.
+const MAX_LINETABLE: usize = 64 << 10;
+/// Bytes of code objects (names, file names, line tables) cached per process; past it the
+/// least recently used half is dropped.
+const CACHE_BUDGET: usize = 8 << 20;
 
 /// What a code object says about itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,12 +28,34 @@ pub struct CodeInfo {
 }
 
 impl CodeInfo {
+    /// Bytes it holds, roughly: what the cache budget counts.
+    fn size(&self) -> usize {
+        std::mem::size_of::<Self>() + self.name.len() + self.filename.len() + self.linetable.len()
+    }
+
     /// The source line of the instruction at `byte_offset`, or `first_line` when the
     /// table has none for it.
     pub fn line(&self, byte_offset: u32) -> u32 {
         linetable::line_for(self.format, &self.linetable, self.first_line, byte_offset)
             .unwrap_or(self.first_line)
     }
+}
+
+/// A cached code object (None: it could not be read) and the use count at its last use.
+struct Cached {
+    info: Option<Arc<CodeInfo>>,
+    used: u64,
+}
+
+/// Drops the least recently used half of `cache` (by entries); returns the bytes left.
+fn evict_half<K>(cache: &mut HashMap<K, Cached>) -> usize {
+    let mut uses: Vec<u64> = cache.values().map(|c| c.used).collect();
+    if !uses.is_empty() {
+        let middle = uses.len() / 2;
+        let median = *uses.select_nth_unstable(middle).1;
+        cache.retain(|_, c| c.used >= median);
+    }
+    cache.values().filter_map(|c| c.info.as_ref()).map(|c| c.size()).sum()
 }
 
 /// Reads code objects of one process, by layout.
@@ -40,7 +65,11 @@ pub struct CodeReader {
     format: LineTableFormat,
     /// By (address, co_firstlineno as the kernel saw it): a freed and reused address
     /// almost always holds a function with another first line, which misses the cache.
-    cache: HashMap<(u64, u32), Option<Arc<CodeInfo>>>,
+    /// Each entry has the use count at which it was last used.
+    cache: HashMap<(u64, u32), Cached>,
+    /// Bytes the cache holds, as `CodeInfo::size` counts them.
+    cached_bytes: usize,
+    uses: u64,
 }
 
 impl CodeReader {
@@ -50,18 +79,26 @@ impl CodeReader {
             layout,
             format: linetable::format_for(version.minor),
             cache: HashMap::new(),
+            cached_bytes: 0,
+            uses: 0,
         }
     }
 
     /// The code object at `addr`, read once; None when it cannot be read (the process
     /// exited, or the object was freed and the check below failed).
     pub fn code(&mut self, addr: u64, first_line: u32) -> Option<Arc<CodeInfo>> {
-        if let Some(hit) = self.cache.get(&(addr, first_line)) {
-            return hit.clone();
+        self.uses += 1;
+        if let Some(hit) = self.cache.get_mut(&(addr, first_line)) {
+            hit.used = self.uses;
+            return hit.info.clone();
         }
         let info =
             self.read_code(addr).ok().filter(|c| c.first_line & 0x00ff_ffff == first_line).map(Arc::new);
-        self.cache.insert((addr, first_line), info.clone());
+        self.cached_bytes += info.as_ref().map_or(0, |c| c.size());
+        self.cache.insert((addr, first_line), Cached { info: info.clone(), used: self.uses });
+        if self.cached_bytes > CACHE_BUDGET {
+            self.cached_bytes = evict_half(&mut self.cache);
+        }
         info
     }
 
@@ -114,12 +151,41 @@ impl CodeReader {
     }
 
     /// A `bytes` object's contents.
+    /// A line table (`bytes` object); empty when longer than `MAX_LINETABLE`.
     fn bytes(&self, addr: u64) -> io::Result<Vec<u8>> {
         let l = &self.layout;
         let size = self.mem.i64(addr.wrapping_add(l.bytes_size))?;
-        if !(0..=MAX_LINETABLE as i64).contains(&size) {
+        if size < 0 {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "bad bytes object size"));
         }
+        if size as usize > MAX_LINETABLE {
+            return Ok(Vec::new());
+        }
         self.mem.bytes(addr.wrapping_add(l.bytes_data), size as usize)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eviction_keeps_the_recently_used_half() {
+        let info = |n: usize| {
+            Some(Arc::new(CodeInfo {
+                name: "f".repeat(n),
+                filename: String::new(),
+                first_line: 1,
+                linetable: Vec::new(),
+                format: linetable::format_for(12),
+            }))
+        };
+        let mut cache: HashMap<u32, Cached> =
+            (0..10).map(|i| (i, Cached { info: info(100), used: u64::from(i) })).collect();
+        let left = evict_half(&mut cache);
+        let mut kept: Vec<u32> = cache.keys().copied().collect();
+        kept.sort();
+        assert_eq!(kept, [5, 6, 7, 8, 9]);
+        assert_eq!(left, 5 * (std::mem::size_of::<CodeInfo>() + 100));
     }
 }

@@ -100,6 +100,11 @@ impl PySymbolizer {
         self.readers.insert(p.pid, CodeReader::new(p.pid, p.version, p.layout));
     }
 
+    /// Drops what was read of the processes not in `live` (they exited).
+    pub fn forget_exited(&mut self, live: &[u32]) {
+        self.readers.retain(|pid, _| live.contains(pid));
+    }
+
     pub fn stack(&mut self, pid: u32, stack: &PyStack) -> PyFrames {
         let len = (stack.len as usize).min(stack.frames.len());
         let truncated = stack.flags & (PY_STACK_TRUNCATED | PY_STACK_READ_ERROR) != 0;

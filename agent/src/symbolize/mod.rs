@@ -23,6 +23,9 @@ struct ProcState {
     usable: HashMap<(Arc<PathBuf>, u64), bool>,
 }
 
+/// Native frames cached by (file, offset) before the cache starts over.
+const MAX_NAMES: usize = 100_000;
+
 /// Resolves addresses to names, caching by file offset and keeping mapping snapshots
 /// of processes that have since exited.
 pub struct Symbolizer {
@@ -43,6 +46,15 @@ impl Symbolizer {
     pub fn new() -> Self {
         let blaze = Blaze::builder().enable_code_info(false).enable_inlined_fns(false).build();
         Self { blaze, procs: HashMap::new(), user_names: HashMap::new(), kernel_names: HashMap::new() }
+    }
+
+    /// Drops the mapping snapshots of the processes not in `live` (they exited and their
+    /// stacks were named), and the name cache when it has grown past `MAX_NAMES`.
+    pub fn forget_exited(&mut self, live: &[u32]) {
+        self.procs.retain(|pid, _| live.contains(pid));
+        if self.user_names.len() > MAX_NAMES {
+            self.user_names.clear();
+        }
     }
 
     /// Re-reads a live process's mappings; keeps the last snapshot when it has exited.
