@@ -7,7 +7,10 @@ pub mod report;
 pub mod route;
 pub mod spans;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{
+    Arc, Mutex, MutexGuard,
+    atomic::{AtomicBool, AtomicU64, Ordering},
+};
 
 use agent_ebpf::{
     MAP_NET_CONNS, MAP_NET_EVENTS, NET_RING_HEAD, NET_RING_SLOTS, NET_RING_TAIL, NetConn, NetEvent,
@@ -98,17 +101,49 @@ impl NetTracer {
         }
         n
     }
+}
 
-    /// Sleeps for `total`, draining the rings into `agg` every `DRAIN_EVERY`.
-    pub fn sleep_draining(&mut self, agg: &mut Aggregator, total: std::time::Duration) {
-        let end = std::time::Instant::now() + total;
-        loop {
-            let left = end.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
-                break;
+/// Drains the network events on a thread of its own every `DRAIN_EVERY` into a shared
+/// aggregator, so a long tick of the main loop (naming new stacks, exporting) cannot let
+/// the rings fill.
+pub struct Drainer {
+    aggregator: Arc<Mutex<Aggregator>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// The attached programs' names, for run-time statistics.
+    programs: Vec<&'static str>,
+}
+
+impl Drainer {
+    pub fn start(mut tracer: NetTracer, aggregator: Aggregator) -> Result<Self> {
+        let programs = tracer.programs.clone();
+        let aggregator = Arc::new(Mutex::new(aggregator));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (agg, done) = (aggregator.clone(), stop.clone());
+        let thread = std::thread::Builder::new().name("net-drain".into()).spawn(move || {
+            loop {
+                // Read before the drain: after `stop`, one last drain takes every event.
+                let stopping = done.load(Ordering::Acquire);
+                tracer.drain(&mut agg.lock().unwrap_or_else(|e| e.into_inner()));
+                if stopping {
+                    break;
+                }
+                std::thread::sleep(DRAIN_EVERY);
             }
-            std::thread::sleep(left.min(DRAIN_EVERY));
-            self.drain(agg);
+        })?;
+        Ok(Self { aggregator, stop, thread: Some(thread), programs })
+    }
+
+    /// The aggregator, locked (the drain waits meanwhile: keep it short).
+    pub fn aggregator(&self) -> MutexGuard<'_, Aggregator> {
+        self.aggregator.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stops draining after a last drain of every ring.
+    pub fn finish(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
         }
     }
 
@@ -123,6 +158,12 @@ impl NetTracer {
             total.1 += info.run_count();
         }
         Some(total)
+    }
+}
+
+impl Drop for Drainer {
+    fn drop(&mut self) {
+        self.finish();
     }
 }
 

@@ -26,7 +26,7 @@ use crate::{
         lookup::PodLookup,
         pods::Placement,
     },
-    net::{Aggregator, NetTracer, existing::Adopter, spans::SpanSampler},
+    net::{Aggregator, Drainer, NetTracer, existing::Adopter, spans::SpanSampler},
     programs::KernelPrograms,
     sys::process,
 };
@@ -62,7 +62,7 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
     if let Err(e) = kernel.watch_execs() {
         tracing::warn!("new processes are found by scanning /proc only: {e}");
     }
-    let mut net = match config.network.enabled {
+    let net = match config.network.enabled {
         true => match NetTracer::attach(&mut kernel) {
             Ok(tracer) => {
                 let mut aggregator = Aggregator::new();
@@ -70,7 +70,7 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
                 aggregator.spans = config.export.traces.as_ref().map(|_| {
                     SpanSampler::new(s.sample_ratio, s.slow_threshold.as_nanos() as u64, s.max_per_interval)
                 });
-                Some((tracer, aggregator))
+                Some(Drainer::start(tracer, aggregator)?)
             }
             Err(e) => {
                 tracing::warn!("network latency is off: {e}");
@@ -119,10 +119,7 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
 
     let mut last_export = Instant::now();
     loop {
-        match net.as_mut() {
-            Some((tracer, aggregator)) => tracer.sleep_draining(aggregator, TICK),
-            None => std::thread::sleep(TICK),
-        }
+        std::thread::sleep(TICK);
         let stopping = stop.load(Ordering::Relaxed);
         tracker.update(&mut kernel, &mut collector)?;
         let live = tracker.live_targets();
@@ -136,7 +133,8 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
             collector.collect(&kernel, &live, true)?;
             agent.update(&collector, &tracker, &live, elapsed);
             let mut spans = Vec::new();
-            if let Some((_, aggregator)) = net.as_mut() {
+            if let Some(drainer) = &net {
+                let mut aggregator = drainer.aggregator();
                 agent.fold_network(&aggregator.take_interval());
                 if let Some(span_sampler) = aggregator.spans.as_mut() {
                     spans = span_sampler.take();

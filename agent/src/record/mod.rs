@@ -20,7 +20,7 @@ use crate::{
     collect::{Collector, Tracker, View},
     error::{Error, Result},
     export::{self, Format},
-    net::{Aggregator, NetTracer, existing::Adopter, report::NetReport},
+    net::{Aggregator, Drainer, NetTracer, existing::Adopter, report::NetReport},
     profile::Frame,
     programs::{KernelPrograms, Stats},
 };
@@ -117,7 +117,9 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
     }
     kernel.start(opts.rate_hz)?;
     let mut net = match opts.net {
-        true => Some((NetTracer::attach(&mut kernel)?, Aggregator::new(), Adopter::default())),
+        true => {
+            Some((Drainer::start(NetTracer::attach(&mut kernel)?, Aggregator::new())?, Adopter::default()))
+        }
         false => None,
     };
     let flags = if opts.subprocesses { TARGET_SAMPLE | TARGET_FOLLOW } else { TARGET_SAMPLE };
@@ -139,7 +141,7 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
         targets.push(Target::Launched(launched));
     }
 
-    if let Some((_, _, adopter)) = net.as_mut() {
+    if let Some((_, adopter)) = net.as_mut() {
         adopter.adopt_new(&mut kernel, &tracker.live_targets());
     }
     let started = Instant::now();
@@ -149,10 +151,7 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
     let mut last_collect = Instant::now();
     let end = loop {
         tracker.update(&mut kernel, &mut collector)?;
-        match net.as_mut() {
-            Some((tracer, agg, _)) => tracer.sleep_draining(agg, TICK),
-            None => std::thread::sleep(TICK),
-        }
+        std::thread::sleep(TICK);
         let elapsed = started.elapsed();
         let explicit_live = targets.iter_mut().map(|t| t.has_exited()).filter(|exited| !exited).count();
         let end = if stop.load(Ordering::Relaxed) {
@@ -164,7 +163,7 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
         } else {
             None
         };
-        if let Some((_, _, adopter)) = net.as_mut() {
+        if let Some((_, adopter)) = net.as_mut() {
             adopter.adopt_new(&mut kernel, &tracker.live_targets());
         }
         let every = if elapsed < START { COLLECT_EVERY_AT_START } else { COLLECT_EVERY };
@@ -191,7 +190,7 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
     let stats = kernel.stats()?;
     let kernel_cost = kernel.kernel_cost();
     let net_kernel_cost = match (&net, opts.kernel_stats) {
-        (Some((tracer, _, _)), true) => tracer.kernel_cost(&mut kernel),
+        (Some((drainer, _)), true) => drainer.kernel_cost(&mut kernel),
         _ => None,
     };
     // Measured after the programs' own statistics were read, so it adds no runs to them.
@@ -200,9 +199,10 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
         false => None,
     };
     let net = match net.as_mut() {
-        Some((tracer, agg, _)) => {
-            tracer.drain(agg);
-            let report = NetReport::new(agg.metrics(), elapsed.as_secs_f64(), net_drops(&stats));
+        Some((drainer, _)) => {
+            drainer.finish();
+            let report =
+                NetReport::new(drainer.aggregator().metrics(), elapsed.as_secs_f64(), net_drops(&stats));
             let path = net_output(&output);
             let json = serde_json::to_vec_pretty(&report).map_err(std::io::Error::other);
             json.and_then(|j| std::fs::write(&path, j))
