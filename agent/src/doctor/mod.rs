@@ -133,7 +133,20 @@ fn sampling() -> Vec<Check> {
             Check::new("network", Level::Warn, format!("{}; network latency is unavailable", one_line(&e)))
         }
     };
-    vec![loaded, perf, execs, net]
+    let mem = crate::programs::kernel_memory();
+    let possible = crate::sys::mmap::possible_cpu_ids().unwrap_or(0);
+    let memory = Check::new(
+        "kernel memory",
+        Level::Ok,
+        format!(
+            "{:.1} MiB in {} maps and {:.1} MiB in {} programs, charged to stoker's memory cgroup; per-CPU maps and the network rings scale with this node's {possible} possible CPUs",
+            mem.map_bytes as f64 / (1 << 20) as f64,
+            mem.maps,
+            mem.program_bytes as f64 / (1 << 20) as f64,
+            mem.programs
+        ),
+    );
+    vec![loaded, perf, execs, net, memory]
 }
 
 fn tracepoints() -> Check {

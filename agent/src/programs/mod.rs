@@ -79,6 +79,35 @@ impl Stats {
     }
 }
 
+/// Kernel memory the BPF objects this process holds are charged for (their `memlock`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct KernelMemory {
+    pub maps: usize,
+    pub map_bytes: u64,
+    pub programs: usize,
+    pub program_bytes: u64,
+}
+
+/// What this process's BPF maps and programs take in the kernel, from /proc/self/fdinfo
+/// (the kernel charges it to the process's memory cgroup).
+pub fn kernel_memory() -> KernelMemory {
+    let mut m = KernelMemory::default();
+    let Ok(dir) = std::fs::read_dir("/proc/self/fdinfo") else { return m };
+    for entry in dir.flatten() {
+        let Ok(text) = std::fs::read_to_string(entry.path()) else { continue };
+        let field = |name: &str| text.lines().find_map(|l| l.strip_prefix(name)).map(str::trim);
+        let memlock: u64 = field("memlock:").and_then(|v| v.parse().ok()).unwrap_or(0);
+        if field("map_type:").is_some() {
+            m.maps += 1;
+            m.map_bytes += memlock;
+        } else if field("prog_type:").is_some() {
+            m.programs += 1;
+            m.program_bytes += memlock;
+        }
+    }
+    m
+}
+
 /// Runs of the empty program that measure the run-time statistics' own cost.
 const STATS_FLOOR_RUNS: u32 = 100_000;
 
