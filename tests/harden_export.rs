@@ -1,0 +1,171 @@
+//! End-to-end tests of the exporter's limits against a real HTTP receiver on a real
+//! socket: requests over the receiver's size limit, throttling, the queue's bounds.
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::TcpListener,
+    sync::{Arc, Mutex},
+    thread,
+    time::{Duration, Instant},
+};
+
+use opentelemetry_proto::tonic::{
+    collector::metrics::v1::ExportMetricsServiceRequest,
+    common::v1::{AnyValue, KeyValue, any_value},
+    metrics::v1::ResourceMetrics,
+    resource::v1::Resource,
+};
+use prost::Message;
+use stoker::node::export::{
+    exporter::{Exporter, Limits},
+    transport::Destination,
+};
+
+/// What the receiver took: each accepted request's service names, and when it came.
+type Received = Arc<Mutex<Vec<(Instant, Vec<String>)>>>;
+
+/// An OTLP/HTTP receiver refusing bodies over `limit` bytes with 413 (as a Collector
+/// does), answering its first request with 503 and `Retry-After: 1`.
+fn receiver(limit: usize) -> (u16, Received, Arc<Mutex<usize>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (received, refused): (Received, Arc<Mutex<usize>>) = Default::default();
+    let (r, f) = (received.clone(), refused.clone());
+    thread::spawn(move || {
+        for (n, stream) in listener.incoming().enumerate() {
+            let mut stream = stream.unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut length = 0;
+            loop {
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                if line.trim().is_empty() {
+                    break;
+                }
+                if let Some((k, v)) = line.split_once(':')
+                    && k.eq_ignore_ascii_case("content-length")
+                {
+                    length = v.trim().parse().unwrap();
+                }
+            }
+            let mut body = vec![0; length];
+            reader.read_exact(&mut body).unwrap();
+            let answer = if n == 0 {
+                "503 Service Unavailable\r\nRetry-After: 1"
+            } else if length > limit {
+                *f.lock().unwrap() += 1;
+                "413 Payload Too Large"
+            } else {
+                let request = ExportMetricsServiceRequest::decode(&body[..]).unwrap();
+                let names = request.resource_metrics.iter().map(service_name).collect();
+                r.lock().unwrap().push((Instant::now(), names));
+                "200 OK"
+            };
+            let _ = write!(stream, "HTTP/1.1 {answer}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        }
+    });
+    (port, received, refused)
+}
+
+fn service_name(r: &ResourceMetrics) -> String {
+    match &r.resource.as_ref().unwrap().attributes[0].value {
+        Some(AnyValue { value: Some(any_value::Value::StringValue(s)) }) => s.clone(),
+        other => panic!("expected a service.name string, got {other:?}"),
+    }
+}
+
+/// A metrics request with one resource per (name, attribute padding).
+fn request(resources: &[(&str, usize)]) -> ExportMetricsServiceRequest {
+    let resource_metrics = resources
+        .iter()
+        .map(|&(name, pad)| {
+            let value = format!("{name}{}", " ".repeat(pad));
+            let attribute = KeyValue {
+                key: "service.name".into(),
+                value: Some(AnyValue { value: Some(any_value::Value::StringValue(value.trim().into())) }),
+                ..Default::default()
+            };
+            let padding = KeyValue {
+                key: "padding".into(),
+                value: Some(AnyValue { value: Some(any_value::Value::StringValue(value)) }),
+                ..Default::default()
+            };
+            let resource = Resource { attributes: vec![attribute, padding], ..Default::default() };
+            ResourceMetrics { resource: Some(resource), ..Default::default() }
+        })
+        .collect();
+    ExportMetricsServiceRequest { resource_metrics }
+}
+
+fn destination(port: u16) -> Destination {
+    Destination::Http {
+        url: format!("http://127.0.0.1:{port}/v1/metrics"),
+        content_type: "application/x-protobuf",
+        headers: Vec::new(),
+        gzip: false,
+        timeout: Duration::from_secs(5),
+    }
+}
+
+/// A request over the receiver's limit arrives as several requests within it, each
+/// resource once; a resource alone over the limit is dropped and counted, not retried;
+/// the receiver's Retry-After is waited out.
+#[test]
+fn oversized_requests_are_split_by_resource() {
+    let (port, received, refused) = receiver(2048);
+    let limits = Limits { max_batches: 64, max_bytes: 1 << 20, max_request_bytes: Some(2048) };
+    let exporter = Exporter::start(destination(port), limits).unwrap();
+    let start = Instant::now();
+    let names = ["a", "b", "c", "d", "e", "f"];
+    let mut resources: Vec<(&str, usize)> = names.iter().map(|n| (*n, 700)).collect();
+    resources.push(("huge", 5000));
+    exporter.push(&request(&resources));
+    let stats = exporter.stats.clone();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while stats.sent.load(std::sync::atomic::Ordering::Relaxed) < 3 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+    }
+    exporter.shutdown(Duration::from_secs(2));
+    let received = received.lock().unwrap();
+    let mut got: Vec<String> = received.iter().flat_map(|(_, n)| n.clone()).collect();
+    got.sort();
+    assert_eq!(got, names, "every resource but the oversized one, once each; got {received:?}");
+    assert!(
+        received.len() >= 3,
+        "expected at least 3 requests of at most 2 resources, got {}",
+        received.len()
+    );
+    assert_eq!(*refused.lock().unwrap(), 0, "no request over the receiver's limit was sent");
+    let first = received.iter().map(|(t, _)| *t).min().unwrap();
+    assert!(
+        first - start >= Duration::from_millis(950),
+        "the first accepted request came {:?} after the 503 with Retry-After: 1",
+        first - start
+    );
+    assert_eq!(
+        stats.dropped.load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "the oversized resource is counted"
+    );
+}
+
+/// A receiver that refuses everything as too large (413) gets each batch once: it is
+/// dropped and counted, never retried.
+#[test]
+fn refused_requests_are_not_retried() {
+    let (port, received, refused) = receiver(10);
+    // The size limit is the receiver's only: stoker's own is larger.
+    let limits = Limits { max_batches: 64, max_bytes: 1 << 20, max_request_bytes: Some(1 << 20) };
+    let exporter = Exporter::start(destination(port), limits).unwrap();
+    exporter.push(&request(&[("a", 100)]));
+    exporter.push(&request(&[("b", 100)]));
+    let stats = exporter.stats.clone();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while stats.dropped.load(std::sync::atomic::Ordering::Relaxed) < 2 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+    }
+    thread::sleep(Duration::from_millis(500));
+    exporter.shutdown(Duration::from_secs(1));
+    assert_eq!(*refused.lock().unwrap(), 2, "each refused batch sent once");
+    assert!(received.lock().unwrap().is_empty());
+    assert_eq!(stats.dropped.load(std::sync::atomic::Ordering::Relaxed), 2);
+}
