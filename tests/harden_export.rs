@@ -169,3 +169,66 @@ fn refused_requests_are_not_retried() {
     assert!(received.lock().unwrap().is_empty());
     assert_eq!(stats.dropped.load(std::sync::atomic::Ordering::Relaxed), 2);
 }
+
+/// Paths with an e-mail address, a user handle, a home directory and a JWT, served and
+/// requested by a real CPython process watched by `stoker record --net`: the report shows
+/// only their templates, ordinary routes unchanged, and none of the personal data.
+#[test]
+fn routes_hide_people_and_tokens() {
+    assert_eq!(unsafe { libc::geteuid() }, 0, "this test loads eBPF programs: run it as root");
+    let script = r#"
+import http.server, threading, urllib.request
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.send_header("Content-Length", "2"); self.end_headers()
+        self.wfile.write(b"ok")
+    def log_message(self, *a): pass
+s = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+threading.Thread(target=s.serve_forever, daemon=True).start()
+paths = ["/users/jane.doe@example.com/orders", "/@jane_doe/posts", "/~jane/files",
+         "/verify/eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJqYW5lIn0.c2lnbmF0dXJlMTIz",
+         "/reset/Zk9aQmR4TnBxV2tLc0x0", "/api/v1/users", "/healthz"]
+for _ in range(5):
+    for p in paths:
+        urllib.request.urlopen(f"http://127.0.0.1:{s.server_port}{p}").read()
+s.shutdown()
+"#;
+    let dir = std::env::temp_dir().join(format!("stoker-routes-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let output = dir.join("routes.folded");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_stoker"))
+        .args(["record", "--net", "-f", "folded", "-o", output.to_str().unwrap(), "--"])
+        .args(["/usr/bin/python3.11", "-c", script])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run stoker");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stoker failed: {err}");
+    let text = std::fs::read_to_string(dir.join("routes.net.json")).expect("the network report");
+    let report: serde_json::Value = serde_json::from_str(&text).expect("the report is JSON");
+    let mut routes: Vec<&str> = report["endpoints"]
+        .as_array()
+        .expect("endpoints")
+        .iter()
+        .filter(|e| e["direction"] == "server")
+        .filter_map(|e| e["route"].as_str())
+        .collect();
+    routes.sort();
+    routes.dedup();
+    let expected = [
+        "/users/{id}/orders",
+        "/{id}/posts",
+        "/{id}/files",
+        "/verify/{id}",
+        "/reset/{id}",
+        "/api/v1/users",
+        "/healthz",
+    ];
+    let mut expected = expected.to_vec();
+    expected.sort();
+    assert_eq!(routes, expected, "server routes in {text}");
+    for secret in ["jane", "@", "eyJ", "Zk9aQmR4"] {
+        assert!(!text.contains(secret), "`{secret}` leaked into the network report: {text}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
