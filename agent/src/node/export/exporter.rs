@@ -122,7 +122,9 @@ impl Exporter {
                 continue;
             }
             while q.batches.len() >= self.limits.max_batches || q.bytes + part.len() > self.limits.max_bytes {
-                q.pop_front();
+                if q.pop_front().is_none() {
+                    break;
+                }
                 self.stats.dropped.fetch_add(1, Ordering::Relaxed);
             }
             q.bytes += part.len();
