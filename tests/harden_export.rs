@@ -232,3 +232,87 @@ s.shutdown()
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The grpcio OTLP receiver of the other tests (official opentelemetry-proto servicer),
+/// refusing messages over `max_receive` bytes; returns once it listens.
+fn grpc_receiver(max_receive: usize, dir: &std::path::Path) -> (std::process::Child, u16) {
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/otlp_receiver.py");
+    let mut child = std::process::Command::new("python3")
+        .arg(script)
+        .args(["grpc", &port.to_string(), dir.to_str().unwrap(), &max_receive.to_string()])
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the OTLP receiver exited ({status}): it needs grpcio and opentelemetry-proto");
+        }
+        assert!(Instant::now() < deadline, "the OTLP receiver did not listen on {port} within 20 s");
+        thread::sleep(Duration::from_millis(100));
+    }
+    (child, port)
+}
+
+fn grpc_metrics(port: u16) -> Destination {
+    Destination::Grpc {
+        url: format!("http://127.0.0.1:{port}"),
+        path: "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export",
+        headers: Vec::new(),
+        gzip: false,
+        timeout: Duration::from_secs(5),
+    }
+}
+
+/// Waits until `done` holds or 20 s pass.
+fn wait_for(done: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !done() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Over gRPC, against grpcio's own size limit: a request split to the limit is received
+/// whole (every resource once); one over it is refused with RESOURCE_EXHAUSTED without
+/// RetryInfo, which is final: sent once, dropped and counted, not retried.
+#[test]
+fn grpc_size_limit_is_respected_and_not_retried() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let dir = std::env::temp_dir().join(format!("stoker-grpc-limit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (mut receiver, port) = grpc_receiver(4096, &dir);
+    let names = ["a", "b", "c", "d", "e", "f"];
+    let resources: Vec<(&str, usize)> = names.iter().map(|n| (*n, 900)).collect();
+    let body = request(&resources);
+    assert!(body.encoded_len() > 4096, "the request must be over the receiver's limit");
+
+    let split = Limits { max_batches: 64, max_bytes: 1 << 20, max_request_bytes: Some(4096) };
+    let exporter = Exporter::start(grpc_metrics(port), split).unwrap();
+    exporter.push(&body);
+    let stats = exporter.stats.clone();
+    wait_for(|| stats.sent.load(Relaxed) + stats.dropped.load(Relaxed) >= 2);
+    exporter.shutdown(Duration::from_secs(2));
+    let text = std::fs::read_to_string(dir.join("metrics.ndjson")).unwrap_or_default();
+    let mut got: Vec<String> = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("an ndjson line"))
+        .flat_map(|r| r["resources"].as_array().unwrap().clone())
+        .map(|r| r["attributes"]["service.name"].as_str().unwrap().to_string())
+        .collect();
+    got.sort();
+    assert_eq!(got, names, "every resource once; received {text}");
+    assert_eq!((stats.dropped.load(Relaxed), stats.failures.load(Relaxed)), (0, 0));
+
+    let whole = Limits { max_batches: 64, max_bytes: 1 << 20, max_request_bytes: Some(1 << 20) };
+    let exporter = Exporter::start(grpc_metrics(port), whole).unwrap();
+    exporter.push(&body);
+    let stats = exporter.stats.clone();
+    wait_for(|| stats.dropped.load(Relaxed) >= 1);
+    thread::sleep(Duration::from_secs(2));
+    let counts = (stats.failures.load(Relaxed), stats.dropped.load(Relaxed), stats.sent.load(Relaxed));
+    exporter.shutdown(Duration::from_secs(1));
+    let _ = receiver.kill();
+    let _ = receiver.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(counts, (1, 1, 0), "(failures, dropped, sent): one refused attempt, no retry");
+}
