@@ -1,5 +1,5 @@
-//! Route templates: a request path with its ids (numbers, UUIDs, hex and other
-//! digit-bearing tokens) replaced by `{id}`, and a cap on distinct routes per process.
+//! Route templates: a request path with its ids and personal data (numbers, UUIDs, hex,
+//! e-mail addresses, user names, tokens) replaced by `{id}`; a cap on routes per process.
 use std::collections::{HashMap, HashSet};
 
 /// Distinct routes kept per process; later ones are reported as `OTHER`.
@@ -13,7 +13,7 @@ pub fn template(path: &str) -> String {
         if i > 0 {
             out.push('/');
         }
-        if is_id(segment) {
+        if is_id(segment) || is_user(segment) || is_token(segment) {
             out.push_str("{id}");
         } else {
             out.push_str(segment);
@@ -37,6 +37,70 @@ fn is_id(s: &str) -> bool {
     }
     // Other tokens carrying numbers: `item-123`, `v2x9k3m1q0` (not `v1`, `api2`).
     digits >= 3 && s.len() >= 4
+}
+
+/// E-mail addresses and user names: `jane@example.com`, `@jane`, `~jane`, and the same
+/// percent-encoded (`jane%40example.com`).
+fn is_user(s: &str) -> bool {
+    s.contains('@') || s.to_ascii_lowercase().contains("%40") || (s.len() > 1 && s.starts_with('~'))
+}
+
+fn is_base64url(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'=' | b'+'))
+}
+
+/// Random-looking strings: API keys, session ids, base64url blobs and JWT-like
+/// `header.payload.signature`; not words, camelCase names or hyphenated slugs.
+fn is_token(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('.').collect();
+    if parts.len() > 1 && parts.iter().all(|p| is_base64url(p)) {
+        // A JWT's header is base64url JSON: `{"` encodes as `eyJ`. Two parts: one cut
+        // short by the 64-byte path limit.
+        return s.starts_with("eyJ") || (parts.len() == 3 && parts.iter().any(|p| random_looking(p)));
+    }
+    is_base64url(s) && random_looking(s)
+}
+
+/// At least 16 characters, and either the character classes (upper, lower, digit) change
+/// between neighbours as often as in random text (random base64 changes at 2 of 3
+/// neighbours, `XMLHttpRequestHandler` at 1 in 4), or, for 20+ single-case letters and
+/// digits, the spread of characters is that of random text (3.8 bits per character and
+/// more; English words stay near 3).
+fn random_looking(s: &str) -> bool {
+    if s.len() < 16 {
+        return false;
+    }
+    let class = |b: u8| match b {
+        b'A'..=b'Z' => 1,
+        b'a'..=b'z' => 2,
+        b'0'..=b'9' => 3,
+        _ => 0,
+    };
+    let (mut pairs, mut changes) = (0usize, 0usize);
+    for w in s.as_bytes().windows(2) {
+        let (a, b) = (class(w[0]), class(w[1]));
+        if a != 0 && b != 0 {
+            pairs += 1;
+            changes += usize::from(a != b);
+        }
+    }
+    if pairs >= 10 && changes * 100 >= pairs * 40 {
+        return true;
+    }
+    // Single-case only: mixed-case names (`AbstractSingletonProxyFactoryBean`) spread as widely.
+    let single_case = s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        || s.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit());
+    s.len() >= 20 && single_case && entropy(s) >= 3.8
+}
+
+/// Shannon entropy of the bytes of `s`, in bits per byte.
+fn entropy(s: &str) -> f64 {
+    let mut counts = [0u32; 256];
+    for b in s.bytes() {
+        counts[usize::from(b)] += 1;
+    }
+    let n = s.len() as f64;
+    counts.iter().filter(|&&c| c > 0).map(|&c| -(f64::from(c) / n) * (f64::from(c) / n).log2()).sum()
 }
 
 /// Templates routes and caps their number per process.
@@ -74,6 +138,45 @@ mod tests {
         assert_eq!(template("/api/v1/health"), "/api/v1/health");
         assert_eq!(template("/"), "/");
         assert_eq!(template("/cafe/face"), "/cafe/face");
+    }
+
+    #[test]
+    fn hides_people_and_secrets() {
+        assert_eq!(template("/users/jane.doe@example.com/orders"), "/users/{id}/orders");
+        assert_eq!(template("/u/jane%40example.com"), "/u/{id}");
+        assert_eq!(template("/@jane_doe/posts"), "/{id}/posts");
+        assert_eq!(template("/~jane/public_html"), "/{id}/public_html");
+        assert_eq!(template("/reset/Zk9aQmR4TnBxV2tLc0x0"), "/reset/{id}");
+        assert_eq!(template("/s/aB-x_Yz9QwErTyUiOp"), "/s/{id}");
+        assert_eq!(template("/auth/qwzxkjvbnmpoiuytrewqasd"), "/auth/{id}");
+        let jwt =
+            "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c";
+        assert_eq!(template(&format!("/verify/{jwt}")), "/verify/{id}");
+        assert_eq!(template("/t/aGVsbG8.d29ybGQxMjM0NTY3ODk.c2lnbmF0dXJl"), "/t/{id}");
+        let cut: String = format!("/verify/{jwt}").chars().take(64).collect();
+        assert_eq!(template(&cut), "/verify/{id}", "a JWT cut short by the path limit");
+    }
+
+    #[test]
+    fn keeps_ordinary_words() {
+        for path in [
+            "/users",
+            "/api/v1/orders",
+            "/healthz",
+            "/readyz",
+            "/static/jquery.min.js",
+            "/docs/how-to-configure-your-router",
+            "/rpc/getUserProfileSettings",
+            "/XMLHttpRequestHandler",
+            "/AbstractSingletonProxyFactoryBean",
+            "/ConfigurationManagerSettings",
+            "/internationalization",
+            "/api/v2/users/search",
+            "/files/report.final.pdf",
+            "/well_known/openid_configuration",
+        ] {
+            assert_eq!(template(path), path, "{path} has no id in it");
+        }
     }
 
     #[test]

@@ -96,12 +96,12 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
             selected(&selection, lookup.as_ref(), pid)
         }));
     }
-    let capacity = config.queue.max_batches;
-    let metrics = config.export.metrics.as_ref().map(|t| Exporter::otlp(t, capacity)).transpose()?;
-    let profiles = config.export.profiles.as_ref().map(|t| Exporter::otlp(t, capacity)).transpose()?;
-    let pyroscope = config.pyroscope.url.as_deref().map(|u| pyroscope::exporter(u, capacity)).transpose()?;
+    let limits = config.export_limits();
+    let metrics = config.export.metrics.as_ref().map(|t| Exporter::otlp(t, limits)).transpose()?;
+    let profiles = config.export.profiles.as_ref().map(|t| Exporter::otlp(t, limits)).transpose()?;
+    let pyroscope = config.pyroscope.url.as_deref().map(|u| pyroscope::exporter(u, limits)).transpose()?;
     let traces = match net.as_ref().and(config.export.traces.as_ref()) {
-        Some(target) => Some(Exporter::otlp(target, capacity)?),
+        Some(target) => Some(Exporter::otlp(target, limits)?),
         None => None,
     };
     let targets = [&config.export.metrics, &config.export.profiles, &config.export.traces];

@@ -4,7 +4,10 @@ use std::{collections::BTreeMap, net::SocketAddr, path::Path, time::Duration};
 
 use serde::Deserialize;
 
-use super::export::endpoints::{self, InvalidVariable, Signal, Target};
+use super::export::{
+    endpoints::{self, InvalidVariable, Signal, Target},
+    exporter::Limits,
+};
 use crate::k8s::config::Kubernetes;
 
 /// Why a configuration was refused: one sentence naming the key.
@@ -71,11 +74,14 @@ pub struct Metrics {
     pub top_functions: usize,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Otlp {
     /// Also send OTLP profiles (v1development).
     pub profiles: bool,
+    /// Largest request the receiver takes (the Collector's gRPC default is 4 MiB); larger
+    /// requests are split by resource, and a resource alone over it is dropped and counted.
+    pub max_request_bytes: usize,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -96,6 +102,8 @@ pub struct Prometheus {
 pub struct Queue {
     /// Export batches kept while an endpoint is unreachable; the oldest go first.
     pub max_batches: usize,
+    /// Bytes of export batches kept, per exporter; the oldest go first.
+    pub max_bytes: usize,
 }
 
 /// Network latency of the sampled processes (socket system calls and TCP tracepoints).
@@ -164,11 +172,26 @@ impl Default for Prometheus {
 
 impl Default for Queue {
     fn default() -> Self {
-        Self { max_batches: 64 }
+        Self { max_batches: 64, max_bytes: 64 << 20 }
+    }
+}
+
+impl Default for Otlp {
+    fn default() -> Self {
+        Self { profiles: false, max_request_bytes: 4 << 20 }
     }
 }
 
 impl AgentConfig {
+    /// What each exporter queues and sends at most.
+    pub fn export_limits(&self) -> Limits {
+        Limits {
+            max_batches: self.queue.max_batches,
+            max_bytes: self.queue.max_bytes,
+            max_request_bytes: Some(self.otlp.max_request_bytes),
+        }
+    }
+
     /// Reads, overrides from the environment and validates a configuration file.
     /// `path` (none: the defaults), then `overrides` (`key.path=value`, as from `--set`),
     /// then the environment.
@@ -273,6 +296,22 @@ impl AgentConfig {
         if self.queue.max_batches == 0 {
             return invalid("queue.max_batches", "must be at least 1".into());
         }
+        // Below 1 KiB not even one process's metrics fit.
+        if self.otlp.max_request_bytes < 1024 {
+            return invalid(
+                "otlp.max_request_bytes",
+                format!("{} is below 1024", self.otlp.max_request_bytes),
+            );
+        }
+        if self.queue.max_bytes < self.otlp.max_request_bytes {
+            return invalid(
+                "queue.max_bytes",
+                format!(
+                    "{} is below otlp.max_request_bytes ({}): not one full request would fit",
+                    self.queue.max_bytes, self.otlp.max_request_bytes
+                ),
+            );
+        }
         for pattern in &self.select.process_names {
             if let Err(e) = regex::Regex::new(pattern) {
                 return invalid("select.process_names", format!("`{pattern}` is not a regex: {e}"));
@@ -340,12 +379,14 @@ metrics:
   top_functions: 20
 otlp:
   profiles: true
+  max_request_bytes: 4194304
 pyroscope:
   url: http://pyroscope.stoker.svc:4040
 prometheus:
   listen: 0.0.0.0:9464
 queue:
   max_batches: 64
+  max_bytes: 67108864
 kubernetes:
   enabled: true
   api_url: https://10.96.0.1:443
@@ -368,6 +409,9 @@ network:
         assert_eq!(c.export_interval, Duration::from_secs(15));
         assert_eq!(c.select.pod_labels.get("app").map(String::as_str), Some("checkout"));
         assert!(c.otlp.profiles);
+        assert_eq!(c.export_limits(), AgentConfig::default().export_limits());
+        assert_eq!(c.export_limits().max_bytes, 64 << 20);
+        assert_eq!(c.export_limits().max_request_bytes, Some(4 << 20));
         assert_eq!(c.network.spans.slow_threshold, Duration::from_millis(250));
         assert_eq!(AgentConfig::parse("").unwrap(), AgentConfig::default());
         let mut bad = AgentConfig::parse("network:\n  spans:\n    sample_ratio: 2\n").unwrap();
@@ -419,6 +463,9 @@ network:
         check("kubernetes:\n  enabled: false\nselect:\n  pod_labels: {app: a}\n", "select.pod_labels");
         check("kubernetes:\n  api_url: 10.96.0.1\n", "kubernetes.api_url");
         check("kubernetes:\n  refresh_interval: 10ms\n", "kubernetes.refresh_interval");
+        check("queue:\n  max_batches: 0\n", "queue.max_batches");
+        check("otlp:\n  max_request_bytes: 100\n", "otlp.max_request_bytes");
+        check("queue:\n  max_bytes: 1000000\n", "queue.max_bytes");
         // Container-id prefixes work without the pod lookup.
         AgentConfig::parse("kubernetes:\n  enabled: false\nselect:\n  containers: [3f4a1c2b9d8e]\n")
             .unwrap()

@@ -5,5 +5,6 @@ pub mod exporter;
 pub mod metrics;
 pub mod profiles;
 pub mod pyroscope;
+pub mod split;
 pub mod traces;
 pub mod transport;

@@ -4,7 +4,10 @@ use std::{collections::HashMap, time::Duration};
 
 use base64::Engine;
 
-use super::{exporter::Exporter, transport::Destination};
+use super::{
+    exporter::{Exporter, Limits},
+    transport::Destination,
+};
 use crate::{
     export::pprof::{self, PprofMeta},
     node::state::Snapshot,
@@ -12,7 +15,7 @@ use crate::{
 };
 
 /// The exporter for a Pyroscope server at `url`.
-pub fn exporter(url: &str, capacity: usize) -> std::io::Result<Exporter> {
+pub fn exporter(url: &str, limits: Limits) -> std::io::Result<Exporter> {
     let push = format!("{}/push.v1.PusherService/Push", url.trim_end_matches('/'));
     let destination = Destination::Http {
         url: push,
@@ -21,7 +24,7 @@ pub fn exporter(url: &str, capacity: usize) -> std::io::Result<Exporter> {
         gzip: false,
         timeout: Duration::from_secs(10),
     };
-    Exporter::start(destination, capacity)
+    Exporter::start(destination, Limits { max_request_bytes: None, ..limits })
 }
 
 /// The push request for this interval's profiles; None when there are none.

@@ -2,6 +2,8 @@
 //! call (tonic on a current-thread runtime owned by the calling export thread).
 use std::{io::Write, time::Duration};
 
+use prost::Message;
+
 use super::endpoints::{Protocol, Target};
 
 /// Where and how batches are sent.
@@ -24,10 +26,11 @@ pub enum Destination {
     },
 }
 
-/// Why a send failed: worth retrying (unreachable, overloaded) or not (refused).
-#[derive(Debug)]
+/// Why a send failed: worth retrying (unreachable, overloaded; after the delay the
+/// receiver asked for, if it did) or not (refused).
+#[derive(Debug, PartialEq)]
 pub enum Failure {
-    Retry(String),
+    Retry(String, Option<Duration>),
     Permanent(String),
 }
 
@@ -82,13 +85,11 @@ impl Destination {
                         request.send(body)
                     };
                     match response {
-                        Ok(r) if r.status().is_success() => Ok(()),
-                        // The statuses OTLP/HTTP says to retry.
-                        Ok(r) if [429, 502, 503, 504].contains(&r.status().as_u16()) => {
-                            Err(Failure::Retry(format!("HTTP status {}", r.status())))
+                        Ok(r) => {
+                            let retry_after = r.headers().get("Retry-After").and_then(|v| v.to_str().ok());
+                            http_result(r.status().as_u16(), retry_after)
                         }
-                        Ok(r) => Err(Failure::Permanent(format!("HTTP status {}", r.status()))),
-                        Err(e) => Err(Failure::Retry(e.to_string())),
+                        Err(e) => Err(Failure::Retry(e.to_string(), None)),
                     }
                 }))
             }
@@ -107,7 +108,6 @@ fn grpc(
     timeout: Duration,
 ) -> Result<Send, String> {
     use tonic::{
-        Code,
         codec::CompressionEncoding,
         metadata::{MetadataKey, MetadataValue},
         transport::Endpoint,
@@ -141,24 +141,93 @@ fn grpc(
         });
         match sent {
             Ok(_) => Ok(()),
-            // The codes OTLP/gRPC says not to retry (the request itself is refused).
-            Err(s)
-                if matches!(
-                    s.code(),
-                    Code::InvalidArgument
-                        | Code::NotFound
-                        | Code::AlreadyExists
-                        | Code::PermissionDenied
-                        | Code::Unauthenticated
-                        | Code::FailedPrecondition
-                        | Code::Unimplemented
-                ) =>
-            {
-                Err(Failure::Permanent(format!("gRPC {:?}: {}", s.code(), s.message())))
-            }
-            Err(s) => Err(Failure::Retry(format!("gRPC {:?}: {}", s.code(), s.message()))),
+            Err(s) => Err(grpc_failure(s.code(), s.message(), s.details())),
         }
     }))
+}
+
+/// An HTTP answer by the OTLP/HTTP rules: 429, 502, 503 and 504 are retried (after
+/// `Retry-After` seconds when given), any other failure is final.
+fn http_result(status: u16, retry_after: Option<&str>) -> Result<(), Failure> {
+    match status {
+        200..=299 => Ok(()),
+        429 | 502 | 503 | 504 => {
+            // An HTTP-date instead of seconds is rare from a Collector: plain backoff then.
+            let after = retry_after.and_then(|s| s.trim().parse().ok()).map(Duration::from_secs);
+            Err(Failure::Retry(format!("HTTP status {status}"), after))
+        }
+        _ => Err(Failure::Permanent(format!("HTTP status {status}"))),
+    }
+}
+
+/// A gRPC status by the OTLP/gRPC rules: CANCELLED, DEADLINE_EXCEEDED, ABORTED,
+/// OUT_OF_RANGE, UNAVAILABLE and DATA_LOSS are retried, RESOURCE_EXHAUSTED only when the
+/// status carries a `google.rpc.RetryInfo` (the receiver can recover), anything else is final.
+fn grpc_failure(code: tonic::Code, message: &str, details: &[u8]) -> Failure {
+    use tonic::Code;
+    let shown = format!("gRPC {code:?}: {message}");
+    let retry_info = retry_delay(details);
+    match code {
+        Code::Cancelled
+        | Code::DeadlineExceeded
+        | Code::Aborted
+        | Code::OutOfRange
+        | Code::Unavailable
+        | Code::DataLoss => Failure::Retry(shown, retry_info.flatten()),
+        Code::ResourceExhausted if retry_info.is_some() => Failure::Retry(shown, retry_info.flatten()),
+        _ => Failure::Permanent(shown),
+    }
+}
+
+const RETRY_INFO: &str = "type.googleapis.com/google.rpc.RetryInfo";
+
+/// From a status's `grpc-status-details-bin` (a `google.rpc.Status`): None when it has no
+/// RetryInfo, Some(delay) when it has one (a delay of None: the RetryInfo gave none).
+fn retry_delay(details: &[u8]) -> Option<Option<Duration>> {
+    let status = RpcStatus::decode(details).ok()?;
+    let info = status.details.iter().find(|d| d.type_url == RETRY_INFO)?;
+    let delay = RetryInfo::decode(&info.value[..]).ok().and_then(|r| r.retry_delay);
+    Some(
+        delay.map(|d| {
+            Duration::from_secs(d.seconds.max(0) as u64) + Duration::from_nanos(d.nanos.max(0) as u64)
+        }),
+    )
+}
+
+/// `google.rpc.Status`, only as far as its details.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RpcStatus {
+    #[prost(int32, tag = "1")]
+    code: i32,
+    #[prost(string, tag = "2")]
+    message: String,
+    #[prost(message, repeated, tag = "3")]
+    details: Vec<ProtoAny>,
+}
+
+/// `google.protobuf.Any`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct ProtoAny {
+    #[prost(string, tag = "1")]
+    type_url: String,
+    #[prost(bytes = "vec", tag = "2")]
+    value: Vec<u8>,
+}
+
+/// `google.rpc.RetryInfo`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RetryInfo {
+    #[prost(message, optional, tag = "1")]
+    retry_delay: Option<ProtoDuration>,
+}
+
+/// `google.protobuf.Duration`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct ProtoDuration {
+    #[prost(int64, tag = "1")]
+    seconds: i64,
+    #[prost(int32, tag = "2")]
+    nanos: i32,
 }
 
 fn gzipped(body: &[u8]) -> Vec<u8> {
@@ -205,5 +274,75 @@ impl tonic::codec::Decoder for RawCodec {
         let n = bytes::Buf::remaining(src);
         bytes::Buf::advance(src, n);
         Ok(Some(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic::Code;
+
+    use super::*;
+
+    fn status_with_retry_info(delay: Option<ProtoDuration>) -> Vec<u8> {
+        let info = RetryInfo { retry_delay: delay }.encode_to_vec();
+        let any = ProtoAny { type_url: RETRY_INFO.into(), value: info };
+        RpcStatus { code: 8, message: "slow down".into(), details: vec![any] }.encode_to_vec()
+    }
+
+    #[test]
+    fn http_statuses_follow_otlp() {
+        assert_eq!(http_result(200, None), Ok(()));
+        assert_eq!(
+            http_result(503, Some("7")),
+            Err(Failure::Retry("HTTP status 503".into(), Some(Duration::from_secs(7))))
+        );
+        assert_eq!(http_result(429, None), Err(Failure::Retry("HTTP status 429".into(), None)));
+        let date = http_result(502, Some("Wed, 21 Oct 2015 07:28:00 GMT"));
+        assert_eq!(date, Err(Failure::Retry("HTTP status 502".into(), None)));
+        for status in [400, 401, 404, 413, 500] {
+            assert!(matches!(http_result(status, Some("1")), Err(Failure::Permanent(_))), "{status}");
+        }
+    }
+
+    #[test]
+    fn grpc_codes_follow_otlp() {
+        for code in [
+            Code::Cancelled,
+            Code::DeadlineExceeded,
+            Code::Aborted,
+            Code::OutOfRange,
+            Code::Unavailable,
+            Code::DataLoss,
+        ] {
+            assert!(matches!(grpc_failure(code, "", &[]), Failure::Retry(_, None)), "{code:?}");
+        }
+        for code in [
+            Code::Unknown,
+            Code::InvalidArgument,
+            Code::Internal,
+            Code::Unimplemented,
+            Code::Unauthenticated,
+            Code::ResourceExhausted,
+        ] {
+            assert!(matches!(grpc_failure(code, "", &[]), Failure::Permanent(_)), "{code:?}");
+        }
+    }
+
+    #[test]
+    fn resource_exhausted_is_retried_only_with_retry_info() {
+        let delay = ProtoDuration { seconds: 2, nanos: 500_000_000 };
+        let details = status_with_retry_info(Some(delay));
+        assert_eq!(
+            grpc_failure(Code::ResourceExhausted, "slow down", &details),
+            Failure::Retry("gRPC ResourceExhausted: slow down".into(), Some(Duration::from_millis(2500)))
+        );
+        let no_delay = status_with_retry_info(None);
+        assert!(matches!(grpc_failure(Code::ResourceExhausted, "", &no_delay), Failure::Retry(_, None)));
+        let other = RpcStatus { code: 8, message: String::new(), details: vec![] }.encode_to_vec();
+        assert!(matches!(grpc_failure(Code::ResourceExhausted, "", &other), Failure::Permanent(_)));
+        assert_eq!(
+            grpc_failure(Code::Unavailable, "", &details),
+            Failure::Retry("gRPC Unavailable: ".into(), Some(Duration::from_millis(2500)))
+        );
     }
 }
