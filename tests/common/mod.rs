@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod k8s;
+pub mod net;
 
 use std::{
     collections::HashMap,
