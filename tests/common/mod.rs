@@ -195,3 +195,31 @@ pub fn decode_pprof(pb: &Path) -> serde_json::Value {
     );
     serde_json::from_slice(&decoded.stdout).expect("decoder prints JSON")
 }
+
+/// How far a sample count may stray from `expected` (CPU seconds x sampling rate) by
+/// chance alone: every timer tick on a CPU lands in the measured work or not, so a count
+/// varies at most as much as a Poisson count of the same mean (a process alone on its CPU
+/// varies far less); 4 standard deviations leave about one false failure in 15,000 checks.
+pub fn sampling_tolerance(expected: f64) -> f64 {
+    4.0 * expected.sqrt()
+}
+
+/// Asserts `got` samples of work the workload measured as `cpu_seconds` of CPU time,
+/// at `hz` samples a second, within the sampling tolerance.
+pub fn assert_samples(what: &str, got: u64, cpu_seconds: f64, hz: f64) {
+    let expected = cpu_seconds * hz;
+    let tolerance = sampling_tolerance(expected);
+    eprintln!(
+        "{what}: {got} samples, the workload's {cpu_seconds:.3} s of CPU at {hz} Hz: {expected:.1} +- {tolerance:.1}"
+    );
+    assert!(
+        (got as f64 - expected).abs() <= tolerance,
+        "{what}: {got} samples; the workload measured {cpu_seconds:.3} s of CPU, {expected:.1} +- {tolerance:.1} samples at {hz} Hz"
+    );
+}
+
+/// How far a share measured from `n` samples may stray from the true share `p` by chance
+/// alone (4 binomial standard deviations).
+pub fn share_tolerance(p: f64, n: u64) -> f64 {
+    4.0 * (p * (1.0 - p) / n.max(1) as f64).sqrt()
+}
