@@ -3,10 +3,8 @@
 mod common;
 
 use std::{
-    io::{BufRead, BufReader, Write},
-    process::{Child, Command, Stdio},
-    sync::mpsc,
-    time::Duration,
+    io::Write,
+    process::{Command, Stdio},
 };
 
 use common::*;
@@ -165,56 +163,6 @@ fn python_target_exiting_mid_session() {
     assert!(err.contains("target exited"), "{err}");
     let got = profile.with_frame(|f| f == workload_frame("func_a", "func_a"));
     assert_samples("func_a after exit", got, seconds_in(&report, "func_a"), 99.0);
-}
-
-/// stoker's stderr, read on a thread: `wait_for` blocks until a line contains a text.
-struct Stderr {
-    rx: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Stderr {
-    fn of(child: &mut Child) -> Self {
-        let err = child.stderr.take().expect("stderr piped");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Self { rx, seen: Vec::new() }
-    }
-
-    fn wait_for(&mut self, text: &str) {
-        while !self.seen.iter().any(|l| l.contains(text)) {
-            match self.rx.recv_timeout(Duration::from_secs(20)) {
-                Ok(line) => self.seen.push(line),
-                Err(_) => panic!("stoker did not print `{text}` within 20 s: {:#?}", self.seen),
-            }
-        }
-    }
-
-    fn rest(mut self) -> String {
-        self.seen.extend(self.rx.iter());
-        self.seen.join("\n")
-    }
-}
-
-/// Waits for `child` to exit (20 s at most).
-fn wait_exit(child: &mut Child, what: &str) -> std::process::ExitStatus {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("{what} did not exit within 20 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// A process that execs into Python is recognized after the exec, and from then on its

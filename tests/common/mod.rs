@@ -7,9 +7,14 @@ pub mod net;
 
 use std::{
     collections::HashMap,
+    io::{BufRead, BufReader},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        mpsc,
+    },
+    time::{Duration, Instant},
 };
 
 pub const STOKER: &str = env!("CARGO_BIN_EXE_stoker");
@@ -65,6 +70,56 @@ pub fn stoker(args: &[&str]) -> Output {
 
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// stoker's stderr, read on a thread: `wait_for` blocks until a line contains a text.
+pub struct Stderr {
+    rx: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Stderr {
+    pub fn of(child: &mut Child) -> Self {
+        let err = child.stderr.take().expect("stderr piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { rx, seen: Vec::new() }
+    }
+
+    pub fn wait_for(&mut self, text: &str) {
+        while !self.seen.iter().any(|l| l.contains(text)) {
+            match self.rx.recv_timeout(Duration::from_secs(20)) {
+                Ok(line) => self.seen.push(line),
+                Err(_) => panic!("stoker did not print `{text}` within 20 s: {:#?}", self.seen),
+            }
+        }
+    }
+
+    pub fn rest(mut self) -> String {
+        self.seen.extend(self.rx.iter());
+        self.seen.join("\n")
+    }
+}
+
+/// Waits for `child` to exit (20 s at most).
+pub fn wait_exit(child: &mut Child, what: &str) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{what} did not exit within 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Asserts a failed run printed exactly one clear error line and no panic.
