@@ -82,10 +82,22 @@ fn native_split_matches_perf() {
     assert_samples("hot_a", a, secs(&own, "hot_a"), hz);
     assert_samples("hot_b", b, secs(&own, "hot_b"), hz);
     assert!(a + b >= total * 95 / 100, "hot_a + hot_b should hold nearly all samples: {a} + {b} of {total}");
+    // The callers are in the stacks: main;parent;hot_x, except for a sample taken at the
+    // leaf's first instruction, before it pushes its frame pointer, which frame pointers
+    // cannot attribute to its caller (main;hot_x). Such samples are rarer than the
+    // instruction's share suggests but not negligible (the first instruction after a call
+    // waits for its fetch); perf, unwinding the same way, sees them at the same rate.
+    let mut unattributed = 0;
     for leaf in ["hot_a", "hot_b"] {
         for stack in profile.stacks_with(leaf) {
             let joined = stack.join(";");
-            assert!(joined.contains("main;parent;"), "{leaf} stack lacks main and parent: {joined}");
+            if !joined.contains(&format!("main;parent;{leaf}")) {
+                assert!(
+                    joined.ends_with(&format!("main;{leaf}")),
+                    "{leaf} stack lacks main and parent: {joined}"
+                );
+                unattributed += profile.0[stack];
+            }
         }
     }
     let stoker_share = a as f64 / (a + b) as f64;
@@ -94,6 +106,18 @@ fn native_split_matches_perf() {
     let pa = perf_samples.iter().filter(|s| s.iter().any(|f| f == "hot_a")).count() as u64;
     let pb = perf_samples.iter().filter(|s| s.iter().any(|f| f == "hot_b")).count() as u64;
     assert!(pa + pb > 0, "perf saw no samples of hot_a or hot_b");
+    let perf_unattributed = perf_samples
+        .iter()
+        .filter(|s| s.iter().any(|f| f == "hot_a" || f == "hot_b") && !s.iter().any(|f| f == "parent"))
+        .count();
+    // At perf's rate, scaled to stoker's sample count, within 4 Poisson deviations.
+    let expected = perf_unattributed as f64 * (a + b) as f64 / (pa + pb) as f64;
+    eprintln!("stacks without parent: stoker {unattributed}, perf {perf_unattributed}");
+    assert!(
+        unattributed as f64 <= expected + sampling_tolerance(expected.max(1.0)),
+        "{unattributed} hot samples without their caller; perf had {perf_unattributed} of {}",
+        pa + pb
+    );
     let perf_share = pa as f64 / (pa + pb) as f64;
     let p = secs(&own, "hot_a") / (secs(&own, "hot_a") + secs(&own, "hot_b"));
     // The two shares are independent binomial estimates of p (hot's own).
