@@ -125,9 +125,15 @@ kubernetes:
     let text = wait_metrics(http, "the process in namespace shop was not exported", |t| {
         cpu_line(t, selected).is_some()
     });
-    // A few more intervals: the other namespace's process stays out.
-    thread::sleep(Duration::from_secs(3));
-    let (_, later) = http_get(http, "/metrics").unwrap();
+    // Three more exports (the selected process's CPU time grows at each): the other
+    // namespace's process stays out of every one.
+    let cpu_of_selected =
+        |t: &str| metric_value(t, "process_cpu_time_seconds_total", &format!("process_pid=\"{selected}\""));
+    let mut exports = vec![text.clone()];
+    while exports.len() < 4 {
+        let last = cpu_of_selected(exports.last().unwrap());
+        exports.push(wait_metrics(http, "no further export", |t| cpu_of_selected(t) != last));
+    }
     let status = agent.stop();
     let requests = api.requests();
     drop(node);
@@ -146,7 +152,7 @@ kubernetes:
     ] {
         assert!(line.contains(&attr), "missing {attr} in {line}");
     }
-    for t in [&text, &later] {
+    for t in &exports {
         assert!(cpu_line(t, other).is_none(), "pid {other} in namespace batch was exported:\n{t}");
         assert!(!t.contains("k8s_namespace_name=\"batch\""), "namespace batch was exported:\n{t}");
     }

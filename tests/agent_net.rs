@@ -4,18 +4,14 @@
 mod common;
 
 use std::{
-    io::{BufRead, BufReader},
+    io::Write,
     process::{Command, Stdio},
     thread,
     time::{Duration, Instant},
 };
 
-use common::{agent::*, *};
+use common::{agent::*, net::*, *};
 use serde_json::Value;
-
-fn net_fixture(name: &str) -> String {
-    format!("{}/../tests/fixtures/net/{name}", env!("CARGO_MANIFEST_DIR"))
-}
 
 /// The last data point of `metric` under the resource of process `pid` matching `pred`.
 fn last_point<'a>(
@@ -36,27 +32,49 @@ fn last_point<'a>(
         .last()
 }
 
+/// Waits until the agent exports process `pid` (then it is watched).
+fn wait_exported(http: u16, pid: u32, what: &str) {
+    let label = format!("process_pid=\"{pid}\"");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !http_get(http, "/metrics").is_some_and(|(_, t)| t.contains(&label)) {
+        assert!(Instant::now() < deadline, "the agent did not pick up the {what}");
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Asserts a histogram's sum (seconds, as exported) is the sum of the durations the
+/// process measured itself: inside the range its brackets allow (a sum carries no
+/// bucket error; 1 ns for the conversion to a double).
+fn assert_sum(what: &str, point: &Value, own: &[Timed]) {
+    let sum = point["sum"].as_f64().unwrap();
+    let (lo, hi) = sum_range_s(&own.iter().collect::<Vec<_>>());
+    eprintln!("{what}: sum {sum:.6} s, the process's own {lo:.6}..{hi:.6} s");
+    assert!((lo - 1e-9..=hi + 1e-9).contains(&sum), "{what}: sum {sum} s, the process's own {lo}..{hi} s");
+}
+
 /// A watched ThreadingHTTPServer and a watched client: the server's and the client's
 /// request counts are exact in `http.server.request.duration` and
-/// `http.client.request.duration` (with route, method, status, server address and port),
-/// their mean latency matches the client's own; every request slower than the span
-/// threshold arrives as a SERVER span with the process's resource, and the Prometheus
+/// `http.client.request.duration` (with route, method, status, server address and port)
+/// and their sums are the durations each process measured itself; every request the
+/// server measured over the span threshold, and none it measured under it, arrives as a
+/// SERVER span with the process's resource and that request's duration; the Prometheus
 /// endpoint carries the same histograms.
 #[test]
 fn agent_exports_request_metrics_and_spans() {
     require_root();
+    let began = Instant::now();
     let dir = scratch("agent-net");
     let (otlp, http) = (free_port(), free_port());
     let mut receiver = otlp_receiver("http", otlp, &dir);
     let mut server = Command::new(python("3.12.1"))
-        .arg(net_fixture("http_server.py"))
+        .args([net_fixture("http_server.py").to_str().unwrap(), "--timings"])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut port = String::new();
-    BufReader::new(server.stdout.take().unwrap()).read_line(&mut port).unwrap();
-    let port = port.trim().to_string();
+    let server_lines = Lines::of(&mut server);
+    let port = server_lines.next("server port", Duration::from_secs(10)).trim().to_string();
     let spans = "network:\n  spans:\n    sample_ratio: 0\n    slow_threshold: 40ms\n";
+    let slow_ns = 40_000_000;
     let config = agent_config(&dir, http, &format!("export_interval: 1s\n{spans}"));
     let agent = Command::new(STOKER)
         .args(["agent", "--config", config.to_str().unwrap()])
@@ -65,28 +83,26 @@ fn agent_exports_request_metrics_and_spans() {
         .spawn()
         .unwrap();
     wait_ready(http);
-    // The server is watched once the agent exports it.
-    let server_pid = format!("process_pid=\"{}\"", server.id());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !http_get(http, "/metrics").is_some_and(|(_, t)| t.contains(&server_pid)) {
-        assert!(Instant::now() < deadline, "the agent did not pick up the server");
-        thread::sleep(Duration::from_millis(100));
-    }
-    // 30 fast and 10 slow requests on 2 keep-alive connections; the client waits a second
-    // so that the agent watches it before it connects.
+    wait_exported(http, server.id(), "server");
+    // 30 fast and 10 slow requests on 2 keep-alive connections, sent once the agent
+    // watches the client (it waits for a line on stdin).
     let paths: Vec<String> =
         (0..30).map(|_| "/sleep/5".to_string()).chain((0..10).map(|_| "/sleep/60".into())).collect();
-    let plan = serde_json::json!({ "connections": 2, "paths": paths, "start_delay": 1.0 }).to_string();
-    let client = Command::new(python("3.12.1"))
-        .args([&net_fixture("http_client.py"), &port, &plan])
+    let plan = serde_json::json!({ "connections": 2, "paths": paths, "wait": true }).to_string();
+    let mut client = Command::new(python("3.12.1"))
+        .args([net_fixture("http_client.py").to_str().unwrap(), &port, &plan])
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
     let client_pid = client.id();
+    wait_exported(http, client_pid, "client");
+    writeln!(client.stdin.take().unwrap(), "go").unwrap();
     let out = client.wait_with_output().unwrap();
     assert!(out.status.success(), "the client failed");
-    let timed: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
-    let client_mean = timed.iter().map(|t| t["seconds"].as_f64().unwrap()).sum::<f64>() / timed.len() as f64;
+    let client_own = Timed::list(&serde_json::from_slice(&out.stdout).unwrap());
+    assert_eq!(client_own.len(), 80);
+    let server_own = server_lines.timings(80);
 
     let route = |p: &Value| p["attributes"]["http.route"] == "/sleep/{id}";
     let metrics_path = dir.join("metrics.ndjson");
@@ -118,30 +134,76 @@ fn agent_exports_request_metrics_and_spans() {
         server_point["buckets"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap()).sum::<u64>(),
         80
     );
-    let server_mean = server_point["sum"].as_f64().unwrap() / 80.0;
-    eprintln!("mean latency: server {server_mean:.4} s, client's own {client_mean:.4} s");
-    assert!((server_mean - client_mean).abs() <= 0.05 * client_mean + 0.0005, "{server_point}");
+    assert_sum("http.server.request.duration", &server_point, &server_own);
+    assert_sum("http.client.request.duration", &client_point, &client_own);
+    let server_pid = format!("process_pid=\"{}\"", server.id());
     let bucket = format!("http_server_request_duration_seconds_bucket{{{}", "");
     let prom: Vec<&str> =
         text.lines().filter(|l| l.starts_with(&bucket) && l.contains(&server_pid)).collect();
     assert!(prom.iter().any(|l| l.contains("le=\"+Inf\"") && l.ends_with(" 80")), "{prom:#?}");
 
+    // Spans carry wall-clock times: back to the monotonic clock with this process's own
+    // offset. The agent read its offset at an export since `began`; the two differ by at
+    // most what the kernel may slew the wall clock in that time (500 ppm).
+    let (m0, real, m1) = (monotonic_ns(), unix_ns(), monotonic_ns());
+    let slew = (began.elapsed().as_nanos() as f64 * 500e-6) as i128 + (m1 - m0);
+    let to_mono = |unix: i128| unix - (real - m0);
     let spans: Vec<&Value> = traces.iter().flat_map(|t| t["spans"].as_array().unwrap().iter()).collect();
     let server_pid_attr = server.id().to_string();
     let slow: Vec<&&Value> =
         spans.iter().filter(|s| s["resource"]["process.pid"] == server_pid_attr.as_str()).collect();
-    assert_eq!(slow.len(), 20, "every request over 40 ms, and only those, is a span: {spans:#?}");
-    for s in slow {
+    let mut matched = vec![false; server_own.len()];
+    for s in &slow {
         assert_eq!(s["name"], "GET /sleep/{id}");
         assert_eq!(s["kind"], "SPAN_KIND_SERVER");
         assert_eq!(s["attributes"]["http.response.status_code"], 200);
         assert_eq!(s["resource"]["service.name"], "http_server");
-        let ns = |k: &str| s[k].as_str().unwrap().parse::<u64>().unwrap();
-        let ms = (ns("end_time_unix_nano") - ns("start_time_unix_nano")) as f64 / 1e6;
-        assert!((60.0..70.0).contains(&ms), "span of {ms} ms");
-        let age = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
-            as u64
-            - ns("end_time_unix_nano");
-        assert!(age < 60_000_000_000, "span end {age} ns ago: wall-clock conversion");
+        let ns = |k: &str| s[k].as_str().unwrap().parse::<i128>().unwrap();
+        let (start, end) = (ns("start_time_unix_nano"), ns("end_time_unix_nano"));
+        let client_port = &s["attributes"]["client.port"];
+        let client_port = client_port.as_str().map(|p| p.parse().unwrap()).or(client_port.as_u64()).unwrap();
+        // The request of that connection that started nearest the span.
+        let (i, own) = server_own
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| u64::from(t.port) == client_port)
+            .min_by_key(|(_, t)| (i128::from(t.start[0]) - to_mono(start)).abs())
+            .unwrap_or_else(|| panic!("the server timed no request from port {client_port}"));
+        assert!(!matched[i], "two spans for one request: {s}");
+        matched[i] = true;
+        let d = (end - start) as u64;
+        eprintln!(
+            "span of {:.3} ms, the server's own {:.3}..{:.3} ms; start {} ns after the server's bracket opened",
+            d as f64 / 1e6,
+            own.min_ns() as f64 / 1e6,
+            own.max_ns() as f64 / 1e6,
+            to_mono(start) - i128::from(own.start[0])
+        );
+        assert!(
+            (own.min_ns()..=own.max_ns()).contains(&d),
+            "span of {d} ns, the server measured {}..{} ns for that request",
+            own.min_ns(),
+            own.max_ns()
+        );
+        let (lo, hi) = (i128::from(own.start[0]) - slew, i128::from(own.start[1]) + slew);
+        assert!(
+            (lo..=hi).contains(&to_mono(start)),
+            "span start {} ns from the server's own {:?} (allowing {slew} ns of clock slew): wall-clock conversion",
+            to_mono(start) - i128::from(own.start[0]),
+            own.start
+        );
     }
+    for (t, spanned) in server_own.iter().zip(&matched) {
+        if t.min_ns() >= slow_ns {
+            assert!(spanned, "a request the server measured over 40 ms has no span: {t:?}");
+        }
+        if *spanned {
+            assert!(t.max_ns() >= slow_ns, "a request the server measured under 40 ms is a span: {t:?}");
+        }
+    }
+}
+
+/// The wall clock now, in ns since the Unix epoch.
+fn unix_ns() -> i128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as i128
 }

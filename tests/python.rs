@@ -2,13 +2,17 @@
 //! sampled by the real kernel program. Run as root.
 mod common;
 
-use std::{collections::HashMap, process::Command, thread, time::Duration};
+use std::{
+    io::Write,
+    process::{Command, Stdio},
+};
 
 use common::*;
+use serde_json::Value;
 
-/// Records the workload in `mode` under `python` and returns the folded profile, the
-/// workload's own report (shares mode) and stoker's stderr.
-fn record_workload(python: &std::path::Path, args: &[&str], extra: &[&str]) -> (Folded, String, String) {
+/// Records the workload (`MODE SECONDS [FLAGS]`) under `python` and returns the folded
+/// profile, the workload's own report (shares and threads modes) and stoker's stderr.
+fn record_workload(python: &std::path::Path, args: &[&str], extra: &[&str]) -> (Folded, Value, String) {
     let dir = scratch("py");
     let folded = dir.join("out.folded");
     let report = dir.join("report.json");
@@ -18,49 +22,52 @@ fn record_workload(python: &std::path::Path, args: &[&str], extra: &[&str]) -> (
     cmd.push("--".into());
     cmd.push(python.to_str().unwrap().into());
     cmd.push(workload().to_str().unwrap().into());
-    cmd.extend(args.iter().map(|s| s.to_string()));
-    if args[0] == "shares" {
+    cmd.extend(args[..2].iter().map(|s| s.to_string()));
+    if args[0] == "shares" || args[0] == "threads" {
         cmd.push(report.to_str().unwrap().into());
     }
+    cmd.extend(args[2..].iter().map(|s| s.to_string()));
     let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
     let out = stoker(&cmd);
     assert!(out.status.success(), "stoker failed: {}", stderr(&out));
-    let report = std::fs::read_to_string(&report).unwrap_or_default();
+    let report =
+        std::fs::read_to_string(&report).map(|t| serde_json::from_str(&t).unwrap()).unwrap_or_default();
     (Folded::read(&folded), report, stderr(&out))
 }
 
-/// Samples a `shares` workload's `function` should get at `hz`, from its own report
-/// (its share of the CPU time the process spent).
-fn expected_samples(report: &str, function: &str, hz: f64) -> f64 {
-    let truth: HashMap<String, f64> = serde_json::from_str(report).expect("workload report");
-    let expected = truth[function] * truth["cpu_seconds"] * hz;
-    assert!(expected > 20.0, "the workload ran too little to compare: {report}");
-    expected
+/// CPU seconds a `shares` workload measured in `function`.
+fn seconds_in(report: &Value, function: &str) -> f64 {
+    report["seconds"][function].as_f64().unwrap_or_else(|| panic!("no seconds for {function} in {report}"))
 }
 
-/// Known functions appear with the right file and line and about the right CPU share,
-/// and a 200-deep recursion keeps at least 128 frames.
+/// Known functions appear with the right file and line, as many samples as the CPU time
+/// the workload measured in them and the shares it measured, and a 200-deep recursion
+/// keeps at least 128 frames.
 fn check_build(version: &str) {
     require_root();
     let python = python(version);
-    let (profile, report, _) = record_workload(&python, &["shares", "4"], &["-r", "199"]);
-    let truth: HashMap<String, f64> = serde_json::from_str(&report).expect("workload report");
+    // 4 s of CPU at 499 Hz: some 2,000 samples, which pin a share to +-0.045 (4 standard
+    // deviations of a binomial share).
+    let hz = 499.0;
+    let (profile, truth, _) = record_workload(&python, &["shares", "4", "--cpu"], &["-r", "499"]);
     let frames: Vec<(String, String)> =
         ["func_a", "func_b", "func_c"].iter().map(|f| (f.to_string(), workload_frame(f, f))).collect();
     let in_funcs: u64 = frames.iter().map(|(_, frame)| profile.with_frame(|f| f == frame)).sum();
-    // 199 Hz over the CPU time the workload spent (less than its 4 s when CPUs are shared).
-    let expected = truth["cpu_seconds"] * 199.0;
-    assert!(
-        in_funcs as f64 >= 0.8 * expected && expected > 200.0,
-        "{version}: expected ~{expected:.0} samples in func_a/b/c at their marked lines, got {in_funcs}"
-    );
+    let seconds: f64 = frames.iter().map(|(name, _)| seconds_in(&truth, name)).sum();
+    assert_samples(&format!("{version}: func_a/b/c at their marked lines"), in_funcs, seconds, hz);
     for (name, frame) in &frames {
         let share = profile.with_frame(|f| f == frame) as f64 / in_funcs as f64;
-        let expected = truth[name];
-        eprintln!("{version}: {frame}: {:.1}% (workload measured {:.1}%)", 100.0 * share, 100.0 * expected);
+        let expected = truth[name].as_f64().unwrap();
+        let tolerance = share_tolerance(expected, in_funcs);
+        eprintln!(
+            "{version}: {frame}: {:.1}% (workload measured {:.1}%, +-{:.1})",
+            100.0 * share,
+            100.0 * expected,
+            100.0 * tolerance
+        );
         assert!(
-            (share - expected).abs() <= 0.05,
-            "{version}: {name} share {share:.3}, the workload measured {expected:.3}"
+            (share - expected).abs() <= tolerance,
+            "{version}: {name} share {share:.3} of {in_funcs} samples, the workload measured {expected:.3} (+-{tolerance:.3})"
         );
     }
     let burn = workload_frame("burn", "burn_loop");
@@ -115,19 +122,18 @@ fn cpython_3_11_debian_static() {
     check_build("debian-3.11");
 }
 
-/// Four threads, each busy in its own function: every function appears, and --threads
-/// roots each under its thread.
+/// Four threads, each busy in its own function: each has the samples of the CPU time it
+/// measured itself, and --threads roots each under its thread.
 #[test]
 fn four_threads_each_in_its_own_function() {
     require_root();
     for version in ["3.8.18", "3.12.1"] {
-        let (profile, _, _) = record_workload(&python(version), &["threads", "3"], &["--threads"]);
-        let total = profile.total();
+        let (profile, report, _) = record_workload(&python(version), &["threads", "3"], &["--threads"]);
         let mut thread_roots = Vec::new();
         for name in ["thread_one", "thread_two", "thread_three", "thread_four"] {
             let frame = workload_frame(name, name);
             let n = profile.with_frame(|f| f == frame);
-            assert!(n * 10 >= total, "{version}: {frame} has {n} of {total} samples");
+            assert_samples(&format!("{version}: {frame}"), n, report[name].as_f64().unwrap(), 99.0);
             let mut roots: Vec<&str> =
                 profile.0.keys().filter(|s| s.contains(&frame)).map(|s| s[0].as_str()).collect();
             roots.sort();
@@ -148,63 +154,115 @@ fn four_threads_each_in_its_own_function() {
     }
 }
 
-/// A Python target that exits mid-session ends it, and its stacks are still named.
+/// A Python target that exits mid-session ends it, and its stacks are still named: as
+/// many samples in func_a as the CPU time the workload measured there.
 #[test]
 fn python_target_exiting_mid_session() {
     require_root();
-    let (profile, report, err) = record_workload(&python("3.11.7"), &["shares", "2"], &["-d", "60"]);
+    let (profile, report, err) = record_workload(&python("3.11.7"), &["shares", "2", "--cpu"], &["-d", "60"]);
     assert!(err.contains("target exited"), "{err}");
-    let expected = expected_samples(&report, "func_a", 99.0);
     let got = profile.with_frame(|f| f == workload_frame("func_a", "func_a"));
-    assert!(got as f64 >= 0.7 * expected, "func_a after exit: {got} samples, expected ~{expected:.0}");
+    assert_samples("func_a after exit", got, seconds_in(&report, "func_a"), 99.0);
 }
 
-/// A process that execs into Python is recognized after the exec.
+/// A process that execs into Python is recognized after the exec, and from then on its
+/// Python functions get the samples of their CPU time.
+///
+/// stoker looks at a target it knows is not Python again every 500 ms (its tracker's
+/// RECHECK), so the interpreter runs with native stacks until then; how soon that is
+/// is not this test's subject (samples before recognition are lost, a limit tracked
+/// apart). The shell waits for a line before it execs (by then stoker has seen it is
+/// not Python), and the workload spends its measured CPU time only once stoker says it
+/// recognized it, so the count compares with exactly the work stoker could see as Python.
 #[test]
 fn target_execs_into_python() {
     require_root();
     let dir = scratch("exec");
     let folded = dir.join("exec.folded");
+    let report = dir.join("r.json");
     let script = format!(
-        "sleep 0.5; exec {} {} shares 2 {}",
+        "read line; exec {} {} shares 2 {} --cpu --wait",
         python("3.12.1").display(),
         workload().display(),
-        dir.join("r.json").display()
+        report.display()
     );
-    let out = stoker(&["record", "-f", "folded", "-o", folded.to_str().unwrap(), "--", "sh", "-c", &script]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    let mut stoker = Command::new(STOKER)
+        .args(["record", "--log-level", "info", "-f", "folded", "-o", folded.to_str().unwrap()])
+        .args(["--", "sh", "-c", &script])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run stoker");
+    let mut err = Stderr::of(&mut stoker);
+    let mut stdin = stoker.stdin.take().unwrap();
+    err.wait_for("sampling at");
+    writeln!(stdin, "exec").unwrap();
+    let exec = std::time::Instant::now();
+    err.wait_for("CPython 3.12.1");
+    eprintln!("recognized as CPython {:?} after the shell was let exec", exec.elapsed());
+    writeln!(stdin, "go").unwrap();
+    let status = wait_exit(&mut stoker, "stoker");
+    let err = err.rest();
+    assert!(status.success(), "{err}");
     let profile = Folded::read(&folded);
-    let expected = expected_samples(&std::fs::read_to_string(dir.join("r.json")).unwrap(), "func_a", 99.0);
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     let got = profile.with_frame(|f| f == workload_frame("func_a", "func_a"));
-    assert!(got as f64 >= 0.7 * expected, "func_a after exec: {got} samples, expected ~{expected:.0}");
+    assert_samples("func_a after exec", got, seconds_in(&report, "func_a"), 99.0);
 }
 
-/// Two Python versions at once with --all-python: each stack rooted at its process.
+/// Two Python versions at once with --all-python, found by its first scan: each stack
+/// rooted at its process, with the samples of the CPU time each measured in func_a (the
+/// workloads wait to start their work until stoker has recognized them).
 #[test]
 fn all_python_profiles_two_versions() {
     require_root();
     let dir = scratch("all");
-    let mut old = Command::new(python("3.8.18"))
-        .args([workload().to_str().unwrap(), "shares", "5", dir.join("a.json").to_str().unwrap()])
-        .spawn()
-        .unwrap();
-    let mut new = Command::new(python("3.13.0"))
-        .args([workload().to_str().unwrap(), "shares", "5", dir.join("b.json").to_str().unwrap()])
-        .spawn()
-        .unwrap();
-    thread::sleep(Duration::from_millis(300));
+    let start = |version: &str, report: &str| {
+        Command::new(python(version))
+            .args([workload().to_str().unwrap(), "shares", "2", dir.join(report).to_str().unwrap()])
+            .args(["--cpu", "--wait"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut old = start("3.8.18", "a.json");
+    let mut new = start("3.13.0", "b.json");
     let folded = dir.join("all.folded");
-    let out = stoker(&["record", "--all-python", "-d", "3", "-f", "folded", "-o", folded.to_str().unwrap()]);
-    old.wait().unwrap();
-    new.wait().unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
+    let mut stoker = Command::new(STOKER)
+        .args([
+            "record",
+            "--all-python",
+            "--log-level",
+            "info",
+            "-f",
+            "folded",
+            "-o",
+            folded.to_str().unwrap(),
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run stoker");
+    let mut err = Stderr::of(&mut stoker);
+    err.wait_for(&format!("pid {}: CPython 3.8.", old.id()));
+    err.wait_for(&format!("pid {}: CPython 3.13.", new.id()));
+    for child in [&mut old, &mut new] {
+        writeln!(child.stdin.take().unwrap(), "go").unwrap();
+    }
+    assert!(wait_exit(&mut old, "the 3.8 workload").success());
+    assert!(wait_exit(&mut new, "the 3.13 workload").success());
+    unsafe { libc::kill(stoker.id() as i32, libc::SIGINT) };
+    let status = wait_exit(&mut stoker, "stoker");
+    let err = err.rest();
+    assert!(status.success(), "{err}");
     let profile = Folded::read(&folded);
     let func_a = workload_frame("func_a", "func_a");
-    for (child, comm) in [(&old, "python3.8"), (&new, "python3.13")] {
+    for (child, comm, report) in [(&old, "python3.8", "a.json"), (&new, "python3.13", "b.json")] {
         let root = format!("{comm} [pid {}]", child.id());
         let n: u64 =
             profile.0.iter().filter(|(s, _)| s[0] == root && s.contains(&func_a)).map(|(_, n)| n).sum();
-        assert!(n > 30, "expected func_a samples under `{root}`, got {n}");
+        let report: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join(report)).unwrap()).unwrap();
+        assert_samples(&format!("func_a under `{root}`"), n, seconds_in(&report, "func_a"), 99.0);
     }
 }
 
@@ -215,8 +273,7 @@ fn subprocesses_are_followed() {
     let dir = scratch("sub");
     let folded = dir.join("sub.folded");
     let code = format!(
-        "import os, subprocess, sys, time\n\
-         time.sleep(0.3)\n\
+        "import os, subprocess, sys\n\
          child = subprocess.Popen([sys.executable, {w:?}, 'shares', '2', {r:?}])\n\
          pid = os.fork()\n\
          if pid == 0:\n    sys.argv = ['w', 'threads', '2']\n    exec(open({w:?}).read())\n    os._exit(0)\n\
@@ -273,7 +330,7 @@ fn unsupported_version_gets_native_stacks_and_one_warning() {
         "CPython 3.7 (the unsupported version used here) is missing at {}",
         py37.display()
     );
-    let (profile, _, err) = record_workload(&py37, &["threads", "2"], &[]);
+    let (profile, report, err) = record_workload(&py37, &["threads", "2"], &[]);
     let warnings: Vec<&str> = err.lines().filter(|l| l.contains("warning")).collect();
     assert_eq!(warnings.len(), 1, "expected one warning: {err}");
     assert!(warnings[0].contains("CPython 3.7,"), "{}", warnings[0]);
@@ -281,7 +338,16 @@ fn unsupported_version_gets_native_stacks_and_one_warning() {
         profile.with_frame(|f| f.starts_with("_PyEval_EvalFrame")) > 0,
         "expected native interpreter frames"
     );
-    assert!(profile.total() > 100);
+    // Sampled from its first instruction: at least the CPU time the process measured up
+    // to its report (its exit comes after, so only the lower side is known).
+    let cpu = report["cpu_seconds"].as_f64().unwrap();
+    let expected = cpu * 99.0;
+    let total = profile.total();
+    eprintln!("3.7: {total} samples, the process's {cpu:.3} s of CPU: at least {expected:.1}");
+    assert!(
+        total as f64 >= expected - sampling_tolerance(expected),
+        "{total} samples of a process that measured {cpu:.3} s of CPU at 99 Hz"
+    );
 }
 
 /// --native keeps the native frames the innermost Python frame called below it (the

@@ -140,3 +140,104 @@ pub fn ndjson(path: &std::path::Path) -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
 }
+
+/// A CPython 3.12 `shares` workload that spends `cpu_seconds` of CPU once it gets a line
+/// on stdin (see `start_when_exported`), reporting to `dir`/`name`.json.
+pub fn waiting_python(dir: &std::path::Path, name: &str, cpu_seconds: &str) -> Child {
+    let report = dir.join(format!("{name}.json"));
+    Command::new(python("3.12.1"))
+        .args([
+            workload().to_str().unwrap(),
+            "shares",
+            cpu_seconds,
+            report.to_str().unwrap(),
+            "--cpu",
+            "--wait",
+        ])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until the agent exports process `pid` (it is sampled from then on).
+pub fn wait_exported(http: u16, pid: u32) {
+    let label = format!("process_pid=\"{pid}\"");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !http_get(http, "/metrics").is_some_and(|(_, t)| t.contains(&label)) {
+        assert!(Instant::now() < deadline, "the agent did not pick up process {pid}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Lets a `waiting_python` workload start once the agent samples it.
+pub fn start_when_exported(http: u16, workload: &mut Child) {
+    wait_exported(http, workload.id());
+    writeln!(workload.stdin.take().unwrap(), "go").unwrap();
+}
+
+/// What a workload spent: the CPU seconds of the work it measured itself (all of it
+/// watched) and of its whole life from /proc, read while it is a zombie (its start, before
+/// the agent watched it, included).
+pub struct Spent {
+    pub work: f64,
+    pub life: f64,
+}
+
+/// True once child `pid` has exited (a zombie: the kernel keeps it until it is reaped).
+pub fn has_ended(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
+}
+
+/// Waits for a `waiting_python` workload to end and reaps it.
+pub fn wait_spent(workload: &mut Child, report: &std::path::Path) -> Spent {
+    let pid = workload.id();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !has_ended(pid) {
+        assert!(Instant::now() < deadline, "the workload did not end");
+        thread::sleep(Duration::from_millis(10));
+    }
+    let life = cpu_seconds(pid);
+    assert!(workload.wait().unwrap().success(), "the workload failed");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(report).unwrap()).unwrap();
+    Spent { work: report["cpu_seconds"].as_f64().unwrap(), life }
+}
+
+/// The last `process_cpu_time_seconds_total` the agent reports for `pid`, once the
+/// process has exited and the agent has stopped reporting it.
+pub fn final_cpu_time(http: u16, pid: u32) -> (f64, String) {
+    let label = format!("process_pid=\"{pid}\"");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = None;
+    loop {
+        let (_, text) = http_get(http, "/metrics").unwrap_or_default();
+        match metric_value(&text, "process_cpu_time_seconds_total", &label) {
+            Some(v) => last = Some((v, text)),
+            None if text.contains("stoker_samples_total") => {
+                return last.unwrap_or_else(|| panic!("the agent never reported process {pid}"));
+            }
+            None => {}
+        }
+        assert!(Instant::now() < deadline, "the agent still reports process {pid} 30 s on");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Asserts the CPU time the agent reported for a workload is what it spent: at least its
+/// measured work and at most its whole life, each widened by the sampling tolerance of
+/// that many samples at `hz`.
+pub fn assert_cpu_time(what: &str, reported: f64, spent: &Spent, hz: f64) {
+    let tolerance = |s: f64| super::sampling_tolerance(s * hz) / hz;
+    let (lo, hi) = (spent.work - tolerance(spent.work), spent.life + tolerance(spent.life));
+    eprintln!(
+        "{what}: agent {reported:.3} s; the workload's work {:.3} s, its life {:.3} s (/proc): {lo:.3}..{hi:.3}",
+        spent.work, spent.life
+    );
+    assert!(
+        (lo..=hi).contains(&reported),
+        "{what}: the agent reported {reported:.3} s of CPU; the workload worked {:.3} s and lived {:.3} s \
+         (allowed {lo:.3}..{hi:.3} at {hz} Hz)",
+        spent.work,
+        spent.life
+    );
+}

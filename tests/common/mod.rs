@@ -3,12 +3,18 @@
 
 pub mod agent;
 pub mod k8s;
+pub mod net;
 
 use std::{
     collections::HashMap,
+    io::{BufRead, BufReader},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        mpsc,
+    },
+    time::{Duration, Instant},
 };
 
 pub const STOKER: &str = env!("CARGO_BIN_EXE_stoker");
@@ -64,6 +70,56 @@ pub fn stoker(args: &[&str]) -> Output {
 
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// stoker's stderr, read on a thread: `wait_for` blocks until a line contains a text.
+pub struct Stderr {
+    rx: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Stderr {
+    pub fn of(child: &mut Child) -> Self {
+        let err = child.stderr.take().expect("stderr piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { rx, seen: Vec::new() }
+    }
+
+    pub fn wait_for(&mut self, text: &str) {
+        while !self.seen.iter().any(|l| l.contains(text)) {
+            match self.rx.recv_timeout(Duration::from_secs(20)) {
+                Ok(line) => self.seen.push(line),
+                Err(_) => panic!("stoker did not print `{text}` within 20 s: {:#?}", self.seen),
+            }
+        }
+    }
+
+    pub fn rest(mut self) -> String {
+        self.seen.extend(self.rx.iter());
+        self.seen.join("\n")
+    }
+}
+
+/// Waits for `child` to exit (20 s at most).
+pub fn wait_exit(child: &mut Child, what: &str) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{what} did not exit within 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Asserts a failed run printed exactly one clear error line and no panic.
@@ -193,4 +249,32 @@ pub fn decode_pprof(pb: &Path) -> serde_json::Value {
         String::from_utf8_lossy(&decoded.stderr)
     );
     serde_json::from_slice(&decoded.stdout).expect("decoder prints JSON")
+}
+
+/// How far a sample count may stray from `expected` (CPU seconds x sampling rate) by
+/// chance alone: every timer tick on a CPU lands in the measured work or not, so a count
+/// varies at most as much as a Poisson count of the same mean (a process alone on its CPU
+/// varies far less); 4 standard deviations leave about one false failure in 15,000 checks.
+pub fn sampling_tolerance(expected: f64) -> f64 {
+    4.0 * expected.sqrt()
+}
+
+/// Asserts `got` samples of work the workload measured as `cpu_seconds` of CPU time,
+/// at `hz` samples a second, within the sampling tolerance.
+pub fn assert_samples(what: &str, got: u64, cpu_seconds: f64, hz: f64) {
+    let expected = cpu_seconds * hz;
+    let tolerance = sampling_tolerance(expected);
+    eprintln!(
+        "{what}: {got} samples, the workload's {cpu_seconds:.3} s of CPU at {hz} Hz: {expected:.1} +- {tolerance:.1}"
+    );
+    assert!(
+        (got as f64 - expected).abs() <= tolerance,
+        "{what}: {got} samples; the workload measured {cpu_seconds:.3} s of CPU, {expected:.1} +- {tolerance:.1} samples at {hz} Hz"
+    );
+}
+
+/// How far a share measured from `n` samples may stray from the true share `p` by chance
+/// alone (4 binomial standard deviations).
+pub fn share_tolerance(p: f64, n: u64) -> f64 {
+    4.0 * (p * (1.0 - p) / n.max(1) as f64).sqrt()
 }

@@ -24,6 +24,13 @@ enum Task {
     Setup,
     /// Run every test: unit tests and the root-only end-to-end tests.
     Test {
+        /// While the suite runs, keep CPU 1 busy with a CPU hog pinned to it
+        /// (`taskset -c 1 /usr/bin/python3 -c 'while 1: pass'`), as a shared CI machine might.
+        #[arg(long)]
+        hog: bool,
+        /// Run the suite this many times, stopping at the first failure.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        runs: u32,
         /// Extra arguments for the test binaries (e.g. a test name filter).
         args: Vec<String>,
     },
@@ -37,7 +44,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.task {
         Task::Setup => setup::run(),
-        Task::Test { args } => test(&args),
+        Task::Test { args, hog, runs } => test(&args, hog, runs),
         Task::Demo => demo(),
         Task::Lint => lint::run(),
     };
@@ -78,8 +85,53 @@ fn effective_uid() -> u32 {
         .unwrap_or(u32::MAX)
 }
 
-fn test(args: &[String]) -> Result<()> {
+fn test(args: &[String], hog: bool, runs: u32) -> Result<()> {
     require_root("the test suite")?;
+    let _hog = if hog { Some(Hog::start()?) } else { None };
+    for run in 1..=runs {
+        if runs > 1 {
+            println!("xtask: test run {run} of {runs}");
+        }
+        test_once(args).with_context(|| format!("test run {run} of {runs} failed"))?;
+    }
+    if runs > 1 {
+        println!("xtask: {runs} test runs passed");
+    }
+    Ok(())
+}
+
+/// A CPU hog pinned to CPU 1, killed when dropped (on success, failure or panic) and, through
+/// its parent-death signal, when xtask itself is killed (Ctrl-C).
+struct Hog(std::process::Child);
+
+impl Hog {
+    fn start() -> Result<Self> {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if cpus < 2 {
+            bail!("--hog pins a CPU hog to CPU 1 and needs at least 2 CPUs; this machine has {cpus}");
+        }
+        let child = Command::new("setpriv")
+            .args(["--pdeathsig", "KILL", "taskset", "-c", "1", "/usr/bin/python3", "-c", "while 1: pass"])
+            .spawn()
+            .context("cannot start the CPU hog (setpriv, taskset and /usr/bin/python3 are needed)")?;
+        println!("xtask: CPU hog running on CPU 1 (pid {})", child.id());
+        Ok(Self(child))
+    }
+}
+
+impl Drop for Hog {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn test_once(args: &[String]) -> Result<()> {
+    // Where cargo builds the stoker binary that deploy/check.sh runs.
+    let target_dir = match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => std::path::absolute(dir)?,
+        None => root().join("target"),
+    };
     // The end-to-end tests run one at a time: they measure CPU shares on a small machine.
     sh(Command::new("cargo")
         .current_dir(root())
@@ -92,7 +144,7 @@ fn test(args: &[String]) -> Result<()> {
         .current_dir(root())
         .arg("deploy/check.sh")
         .env("STOKER_DEPLOY_VENV", setup::DEPLOY_VENV)
-        .env("STOKER_BIN", root().join("target/debug/stoker")))
+        .env("STOKER_BIN", target_dir.join("debug/stoker")))
 }
 
 fn demo() -> Result<()> {
