@@ -78,12 +78,13 @@ impl Collector {
     }
 
     /// Resolves stacks not seen before, while their processes live. With `final_read` it
-    /// also reads the counts (the end of a session); otherwise only the keys.
+    /// also reads the counts (the end of a session); otherwise only the keys. A process's
+    /// mappings are read again only when it has a new native stack to name.
     pub fn collect(&mut self, kernel: &KernelPrograms, live_pids: &[u32], final_read: bool) -> Result<()> {
         for &pid in live_pids {
-            self.symbolizer.refresh(pid);
             self.comms.entry(pid).or_insert_with(|| process::comm(pid));
         }
+        let mut refreshed = HashSet::new();
         let keys = if final_read {
             self.counts = kernel.counts()?;
             self.counts.iter().map(|(k, _)| *k).collect()
@@ -95,6 +96,9 @@ impl Collector {
                 continue;
             }
             if key.user_stack_id >= 0 && !self.user_stacks.contains_key(&(key.tgid, key.user_stack_id)) {
+                if live_pids.contains(&key.tgid) && refreshed.insert(key.tgid) {
+                    self.symbolizer.refresh(key.tgid);
+                }
                 let ips = kernel.stack(key.user_stack_id as u32).unwrap_or_default();
                 let frames = self.symbolizer.user_frames(key.tgid, &ips);
                 self.user_stacks.insert((key.tgid, key.user_stack_id), frames.into());

@@ -32,6 +32,8 @@ use crate::{
 };
 
 const TICK: Duration = Duration::from_millis(100);
+/// How often stacks seen since the last look are named between exports.
+const NAME_EVERY: Duration = Duration::from_millis(500);
 /// How long a SIGTERM waits for queued batches to go out.
 const FLUSH_DEADLINE: Duration = Duration::from_secs(5);
 /// How long the start waits for the first pod list (the API server may be down).
@@ -118,6 +120,7 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
     );
 
     let mut last_export = Instant::now();
+    let mut last_named = Instant::now();
     loop {
         std::thread::sleep(TICK);
         let stopping = stop.load(Ordering::Relaxed);
@@ -127,9 +130,17 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
         if net.is_some() {
             adopter.adopt_new(&mut kernel, &live);
         }
-        if stopping || last_export.elapsed() >= config.export_interval {
+        if !stopping && last_export.elapsed() < config.export_interval {
+            // New stacks are named while their processes live: a short-lived process's code
+            // objects and mappings may be gone by the next export.
+            if last_named.elapsed() >= NAME_EVERY {
+                collector.collect(&kernel, &live, false)?;
+                last_named = Instant::now();
+            }
+        } else {
             let elapsed = last_export.elapsed();
             last_export = Instant::now();
+            last_named = last_export;
             collector.collect(&kernel, &live, true)?;
             agent.update(&collector, &tracker, &live, elapsed);
             let mut spans = Vec::new();
