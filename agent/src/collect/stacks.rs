@@ -57,15 +57,13 @@ impl Collector {
     }
 
     /// Forgets the stacks resolved so far, after the kernel's maps were emptied (their
-    /// ids are then reused for other stacks) and the processes that exited.
-    pub fn forget_stacks(&mut self, live_pids: &[u32]) {
+    /// ids are then reused for other stacks); `forget_exited` drops the exited processes.
+    pub fn forget_stacks(&mut self) {
         self.seen.clear();
         self.user_stacks.clear();
         self.kernel_stacks.clear();
         self.py_stacks.clear();
         self.counts.clear();
-        self.comms.retain(|pid, _| live_pids.contains(pid));
-        self.threads.retain(|tid, _| process::is_alive(*tid));
     }
 
     /// Drops the per-process state of processes not in `live` (the agent, once their last

@@ -154,7 +154,7 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
             }
             if collector.counts().len() as u64 > u64::from(COUNTS_CAPACITY) * 3 / 4 {
                 kernel.clear_counts()?;
-                collector.forget_stacks(&live);
+                collector.forget_stacks();
                 agent.last.clear();
             }
             // Exited processes reported their last interval above: what was read of them goes.
