@@ -23,6 +23,8 @@ fn agent_exports_metrics() {
     let config = agent_config(&dir, http, "export_interval: 1s\n");
     let agent = agent(&config, otlp);
     wait_ready(http);
+    assert_capabilities_dropped(agent.id());
+    // Started after the drop: adding it to the kernel's maps needs no capability.
     let mut busy = waiting_python(&dir, "busy", "3");
     start_when_exported(http, &mut busy);
     let pid = format!("process_pid=\"{}\"", busy.id());
@@ -105,6 +107,42 @@ fn agent_exports_metrics() {
         assert_eq!(m["unit"], unit, "{name}");
         assert!(m.get(kind).is_some(), "{name} should be a {kind}: {m}");
     }
+}
+
+/// Once loaded, no thread of the agent holds CAP_BPF, CAP_PERFMON or CAP_SYS_ADMIN in its
+/// effective or permitted set; CAP_SYS_PTRACE (reading other processes) stays.
+fn assert_capabilities_dropped(agent: u32) {
+    const SYS_PTRACE: u64 = 1 << 19;
+    const GONE: [(u64, &str); 3] =
+        [(1 << 21, "CAP_SYS_ADMIN"), (1 << 38, "CAP_PERFMON"), (1 << 39, "CAP_BPF")];
+    let tasks = std::fs::read_dir(format!("/proc/{agent}/task")).unwrap();
+    let mut threads = 0;
+    for task in tasks.flatten() {
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        let set = |name: &str| {
+            let line =
+                status.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{name} in {status}"));
+            u64::from_str_radix(line[name.len()..].trim(), 16).unwrap()
+        };
+        for name in ["CapEff:", "CapPrm:"] {
+            let mask = set(name);
+            for (bit, cap) in GONE {
+                assert_eq!(
+                    mask & bit,
+                    0,
+                    "thread {:?} of the agent still holds {cap} ({name} {mask:x})",
+                    task.file_name()
+                );
+            }
+        }
+        assert_ne!(
+            set("CapEff:") & SYS_PTRACE,
+            0,
+            "the agent dropped CAP_SYS_PTRACE, which reading processes needs"
+        );
+        threads += 1;
+    }
+    assert!(threads >= 2, "the agent runs its HTTP server on a thread of its own: {threads} threads");
 }
 
 /// With the receiver down the agent keeps sampling (a workload's CPU time is what it

@@ -28,7 +28,7 @@ use crate::{
     },
     net::{Aggregator, Drainer, NetTracer, existing::Adopter, spans::SpanSampler},
     programs::KernelPrograms,
-    sys::process,
+    sys::{caps, process},
 };
 
 const TICK: Duration = Duration::from_millis(100);
@@ -52,34 +52,37 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
         agent_attributes: env("OTEL_RESOURCE_ATTRIBUTES").map(|a| parse_attributes(&a)).unwrap_or_default(),
         ..Default::default()
     }));
-    // /healthz fails once the loop has not completed a tick for three export intervals (at
-    // least 30 s): an export tick symbolizes every new stack, which takes a while on a busy node.
-    let heartbeat = Arc::new(http::Heartbeat::new((config.export_interval * 3).max(Duration::from_secs(30))));
-    http::serve(&config.prometheus.listen, snapshot.clone(), heartbeat.clone())?;
-
-    let selection = Selection::new(&config.select);
-    let lookup = start_lookup(config, &selection, env)?;
+    // Everything that needs CAP_BPF or CAP_PERFMON happens first, before any thread starts:
+    // capabilities are per thread, and the ones not needed after this are dropped below.
     let mut kernel = KernelPrograms::load(false)?;
     kernel.start(config.sample_rate_hz)?;
     if let Err(e) = kernel.watch_execs() {
         tracing::warn!("new processes are found by scanning /proc only: {e}");
     }
-    let net = match config.network.enabled {
-        true => match NetTracer::attach(&mut kernel) {
-            Ok(tracer) => {
-                let mut aggregator = Aggregator::new();
-                let s = &config.network.spans;
-                aggregator.spans = config.export.traces.as_ref().map(|_| {
-                    SpanSampler::new(s.sample_ratio, s.slow_threshold.as_nanos() as u64, s.max_per_interval)
-                });
-                Some(Drainer::start(tracer, aggregator)?)
-            }
-            Err(e) => {
-                tracing::warn!("network latency is off: {e}");
-                None
-            }
-        },
+    let tracer = match config.network.enabled {
+        true => {
+            NetTracer::attach(&mut kernel).map_err(|e| tracing::warn!("network latency is off: {e}")).ok()
+        }
         false => None,
+    };
+    drop_capabilities();
+
+    // /healthz fails once the loop has not completed a tick for three export intervals (at
+    // least 30 s): an export tick symbolizes every new stack, which takes a while on a busy node.
+    let heartbeat = Arc::new(http::Heartbeat::new((config.export_interval * 3).max(Duration::from_secs(30))));
+    http::serve(&config.prometheus.listen, snapshot.clone(), heartbeat.clone())?;
+    let selection = Selection::new(&config.select);
+    let lookup = start_lookup(config, &selection, env)?;
+    let net = match tracer {
+        Some(tracer) => {
+            let mut aggregator = Aggregator::new();
+            let s = &config.network.spans;
+            aggregator.spans = config.export.traces.as_ref().map(|_| {
+                SpanSampler::new(s.sample_ratio, s.slow_threshold.as_nanos() as u64, s.max_per_interval)
+            });
+            Some(Drainer::start(tracer, aggregator)?)
+        }
+        None => None,
     };
     let mut adopter = Adopter::default();
     let mut tracker = Tracker::new(true, false);
@@ -197,6 +200,20 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
         exporter.shutdown(FLUSH_DEADLINE);
     }
     Ok(())
+}
+
+/// Keeps only the capabilities reading other processes needs ([`caps::AFTER_LOAD`]): the
+/// programs are loaded and attached, and their maps are used through open descriptors.
+fn drop_capabilities() {
+    if !caps::maps_usable_without_caps() {
+        tracing::info!("capabilities kept: before Linux 6.5, using BPF maps needs CAP_BPF");
+        return;
+    }
+    match caps::keep_only(&caps::AFTER_LOAD) {
+        Ok(0) => {}
+        Ok(dropped) => tracing::info!("dropped {} after loading", caps::names(dropped).join(", ")),
+        Err(e) => tracing::warn!("cannot drop capabilities after loading: {e}"),
+    }
 }
 
 /// Starts the pod lookup when enabled and possible; without one, selectors that need it
