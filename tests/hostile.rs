@@ -105,3 +105,141 @@ fn slow_http_clients_cannot_hold_the_agent_endpoint() {
     let status = stop(agent);
     assert!(status.success(), "agent exit: {status}");
 }
+
+/// A session of `args` plus `-d SECONDS -f folded -o out`: how long it took from start to
+/// exit, its exit status, stderr and peak resident memory (from the kernel, for this child only).
+struct Session {
+    took: Duration,
+    success: bool,
+    stderr: String,
+    max_rss_kib: i64,
+    folded: Folded,
+}
+
+fn session(dir: &std::path::Path, name: &str, args: &[String], seconds: u32) -> Session {
+    let out = dir.join(format!("{name}.folded"));
+    let started = Instant::now();
+    // Reaped by wait4 below, which also gives its resource usage.
+    #[allow(clippy::zombie_processes)]
+    let child = Command::new(STOKER)
+        .arg("record")
+        .args(args)
+        .args(["-d", &seconds.to_string(), "-f", "folded", "-o", out.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run stoker");
+    let pid = child.id() as i32;
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.unwrap(), &mut stderr).unwrap();
+    let (mut status, mut usage) = (0, unsafe { std::mem::zeroed::<libc::rusage>() });
+    // SAFETY: wait4 on our own child with valid out-pointers; the Child handle is not used again.
+    assert_eq!(unsafe { libc::wait4(pid, &mut status, 0, &mut usage) }, pid, "wait4");
+    let success = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+    let folded = if success { Folded::read(&out) } else { Folded(Default::default()) };
+    Session { took: started.elapsed(), success, stderr, max_rss_kib: usage.ru_maxrss, folded }
+}
+
+/// Starts `tests/fixtures/hostile/bloat.py` with `args` and waits until it is ready.
+fn bloat(args: &[&str]) -> std::process::Child {
+    use std::io::BufRead;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/hostile/bloat.py");
+    let mut child = Command::new(python("3.12.1"))
+        .arg(script)
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start bloat.py");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready", "bloat.py {args:?} did not get ready");
+    child
+}
+
+/// Processes built to make a profiler slow or large: 60,000 mappings (maps 5 MB), 60,000
+/// mappings of a file with a ~4 KiB path (maps 230 MB, seconds of kernel time per read),
+/// and one function with a line table of hundreds of KiB beside 20,000 distinct functions.
+/// A session over them takes about as long as one over a plain process, stays small, and
+/// still names the Python frames of the two it can read.
+#[test]
+fn many_mappings_and_huge_code_cannot_stall_or_bloat_a_session() {
+    require_root();
+    let dir = scratch("bloat");
+    // 15 directories of 250 bytes: a path close to PATH_MAX (4 KiB).
+    let deep = (0..15).fold(dir.clone(), |d, _| d.join("d".repeat(250)));
+    std::fs::create_dir_all(&deep).unwrap();
+    let (short, long) = (dir.join("l.bin"), deep.join("l.bin"));
+    for file in [&short, &long] {
+        std::fs::write(file, [0u8; 4096]).unwrap();
+    }
+    let plain = Command::new(python("3.12.1"))
+        .args(["-c", "def spin():\n    while True: pass\nspin()"])
+        .spawn()
+        .expect("start python");
+    let mut children = vec![
+        plain,
+        bloat(&["maps", "60000", short.to_str().unwrap()]),
+        bloat(&["maps", "60000", long.to_str().unwrap()]),
+        bloat(&["code", "100000", "20000"]),
+    ];
+    let pids: Vec<u32> = children.iter().map(|c| c.id()).collect();
+    let with_pids = |pids: &[u32]| -> Vec<String> {
+        let mut args = vec!["--native".to_string()];
+        for p in pids {
+            args.extend(["-p".to_string(), p.to_string()]);
+        }
+        args
+    };
+    // The same session over the plain process alone, run just before on the same machine:
+    // what loading, sampling and writing take here, now.
+    let baseline = session(&dir, "plain", &with_pids(&pids[..1]), 3);
+    let hostile = session(&dir, "hostile", &with_pids(&pids), 3);
+    for child in &mut children {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    assert!(baseline.success && hostile.success, "{}\n{}", baseline.stderr, hostile.stderr);
+    eprintln!(
+        "plain session {:?}, {} KiB; hostile session {:?}, {} KiB",
+        baseline.took, baseline.max_rss_kib, hostile.took, hostile.max_rss_kib
+    );
+    // Reading the long-named maps costs about a quarter second of kernel time each time
+    // (the read stops at 16 MiB); the process is looked at a handful of times while named
+    // python, and its stacks' mappings once: 2 s is ample on a loaded 2-CPU machine,
+    // and far from the minutes each read of all 230 MB would add.
+    assert!(
+        hostile.took < baseline.took + Duration::from_secs(2),
+        "the hostile session took {:?}, the plain one {:?}",
+        hostile.took,
+        baseline.took
+    );
+    // Memory: the plain session's plus the bounded per-process state (16,384 mappings, 1 MiB
+    // of paths, 8 MiB of code objects, 64 KiB per line table) for each of the four.
+    let bound = baseline.max_rss_kib + 4 * 12 * 1024;
+    assert!(
+        hostile.max_rss_kib < bound,
+        "peak RSS {} KiB over the bound {bound} KiB (plain session: {} KiB)",
+        hostile.max_rss_kib,
+        baseline.max_rss_kib
+    );
+    let of = |pid: u32, frame: &str| {
+        let root = format!("[pid {pid}]");
+        let f = &hostile.folded;
+        let total: u64 = f.0.iter().filter(|(s, _)| s[0].ends_with(&root)).map(|(_, n)| n).sum();
+        let with: u64 =
+            f.0.iter()
+                .filter(|(s, _)| s[0].ends_with(&root) && s.iter().any(|x| x.starts_with(frame)))
+                .map(|(_, n)| n)
+                .sum();
+        (with, total)
+    };
+    // Several processes: each stack starts with `comm [pid N]`.
+    let (spin, total) = of(pids[1], "spin (");
+    assert!(total > 0 && spin * 2 > total, "60,000 mappings: `spin` in {spin} of {total} samples");
+    let (huge, total) = of(pids[3], "huge (");
+    let (named, _) = of(pids[3], "fn_");
+    assert!(
+        total > 0 && huge > 0 && named > 0,
+        "huge code: {huge} samples in `huge`, {named} in fn_*, of {total}"
+    );
+}

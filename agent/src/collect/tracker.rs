@@ -19,8 +19,12 @@ use crate::{
 /// How often a process that is not (yet) Python is looked at again.
 const RECHECK: Duration = Duration::from_millis(500);
 /// The same for a process whose executable is named python: its libpython may be
-/// about to be mapped (a command just launched), so it is looked at every tick.
+/// about to be mapped (a command just launched), so it is looked at every tick at first,
+/// then twice as late after each miss, up to `RECHECK_NAMED_SLOWEST`: a process named python
+/// that is not CPython (or maps 65,530 long-named files to make each look cost) is not
+/// read again and again.
 const RECHECK_PYTHON_NAMED: Duration = Duration::from_millis(50);
+const RECHECK_NAMED_SLOWEST: Duration = Duration::from_secs(5);
 /// How often /proc is scanned for new Python processes with --all-python.
 const SCAN: Duration = Duration::from_secs(1);
 
@@ -40,6 +44,8 @@ struct Tracked {
     checked: Option<Instant>,
     /// Found by --all-python (not a target until recognized as Python).
     scanned: bool,
+    /// Looks that found no CPython since the last exec.
+    misses: u32,
 }
 
 /// The processes of a session and what they run.
@@ -83,7 +89,10 @@ impl Tracker {
 
     /// A process sampled from the start (given PID or launched command).
     pub fn add(&mut self, pid: u32) {
-        self.procs.insert(pid, Tracked { exe: None, kind: Kind::Unknown, checked: None, scanned: false });
+        self.procs.insert(
+            pid,
+            Tracked { exe: None, kind: Kind::Unknown, checked: None, scanned: false, misses: 0 },
+        );
     }
 
     /// Looks at a just-launched process until its interpreter is mapped (or `limit`
@@ -144,7 +153,8 @@ impl Tracker {
             match self.procs.get_mut(&pid) {
                 Some(t) if t.kind != Kind::Exited => t.checked = None,
                 _ if pid != self.me && self.filter.as_ref().is_none_or(|f| f(pid)) => {
-                    let t = Tracked { exe: None, kind: Kind::Unknown, checked: None, scanned: true };
+                    let t =
+                        Tracked { exe: None, kind: Kind::Unknown, checked: None, scanned: true, misses: 0 };
                     self.procs.insert(pid, t);
                 }
                 _ => {}
@@ -157,7 +167,8 @@ impl Tracker {
                     && !self.procs.contains_key(&pid)
                     && self.filter.as_ref().is_none_or(|f| f(pid))
                 {
-                    let t = Tracked { exe: None, kind: Kind::Unknown, checked: None, scanned: true };
+                    let t =
+                        Tracked { exe: None, kind: Kind::Unknown, checked: None, scanned: true, misses: 0 };
                     self.procs.insert(pid, t);
                 }
             }
@@ -168,7 +179,10 @@ impl Tracker {
             if matches!(t.kind, Kind::Python | Kind::Unsupported | Kind::Exited) {
                 continue;
             }
-            let recheck = if named_python(t.exe.as_deref()) { RECHECK_PYTHON_NAMED } else { RECHECK };
+            let recheck = match named_python(t.exe.as_deref()) {
+                true => (RECHECK_PYTHON_NAMED * (1 << t.misses.min(8))).min(RECHECK_NAMED_SLOWEST),
+                false => RECHECK,
+            };
             if t.checked.is_some_and(|c| now.duration_since(c) < recheck) {
                 continue;
             }
@@ -178,10 +192,15 @@ impl Tracker {
                 continue;
             }
             // A process that is not Python is looked at again only when it execs, or while
-            // its executable is named python (its libpython may not be mapped yet).
-            if t.kind == Kind::NotPython && t.exe == exe && !named_python(exe.as_deref()) {
+            // its executable is named python (its libpython may not be mapped yet) and its
+            // maps could be read whole.
+            let unreadable = t.misses == u32::MAX;
+            if t.kind == Kind::NotPython && t.exe == exe && (unreadable || !named_python(exe.as_deref())) {
                 t.checked = Some(now);
                 continue;
+            }
+            if t.exe != exe {
+                t.misses = 0;
             }
             t.exe = exe;
             t.checked = Some(now);
@@ -215,7 +234,15 @@ impl Tracker {
                     }
                     t.kind = Kind::Unsupported;
                 }
-                Detected::NotPython => t.kind = Kind::NotPython,
+                Detected::NotPython => {
+                    t.kind = Kind::NotPython;
+                    t.misses = t.misses.saturating_add(1);
+                }
+                Detected::TooManyMappings => {
+                    tracing::info!("pid {pid}: maps too large to read whole, no CPython in the part read");
+                    t.kind = Kind::NotPython;
+                    t.misses = u32::MAX;
+                }
             }
         }
         for pid in gone {

@@ -27,23 +27,29 @@ pub enum Detected {
     /// CPython, but a version stoker has no layout for (e.g. "3.7" or "3.15").
     Unsupported(String),
     NotPython,
+    /// No CPython in the part of its maps read, which stopped at the size cap (65,530
+    /// mappings with 4 KiB names): not worth reading again until it execs.
+    TooManyMappings,
 }
 
 /// Looks at a live process. Errors reading /proc mean it is gone or not ours to read.
 pub fn detect(pid: u32) -> Detected {
-    let Ok(maps) = maps::read(pid) else {
+    let interpreter = |m: &maps::MapEntry| match &m.name {
+        MapName::File { path, deleted: false } => {
+            path.file_name().and_then(|n| n.to_str()).is_some_and(is_interpreter_name)
+        }
+        _ => false,
+    };
+    let Ok(maps) = maps::read_filtered(pid, interpreter) else {
         return Detected::NotPython;
     };
+    let (cut, maps) = (maps.cut, maps.entries);
     let root = maps::root_of(pid);
     // (start, file offset, inode, path) of every mapping of an interpreter-named file.
     let mut candidates: Vec<(u64, u64, u64, &Path)> = maps
         .iter()
         .filter_map(|m| match &m.name {
-            MapName::File { path, deleted: false }
-                if path.file_name().and_then(|n| n.to_str()).is_some_and(is_interpreter_name) =>
-            {
-                Some((m.start, m.offset, m.inode, path.as_path()))
-            }
+            MapName::File { path, .. } => Some((m.start, m.offset, m.inode, path.as_path())),
             _ => None,
         })
         .collect();
@@ -63,7 +69,7 @@ pub fn detect(pid: u32) -> Detected {
             return found;
         }
     }
-    Detected::NotPython
+    if cut { Detected::TooManyMappings } else { Detected::NotPython }
 }
 
 /// `python3`, `python3.11`, `libpython3.11.so.1.0`, `python3.12d`...

@@ -1,6 +1,6 @@
 //! Snapshots of a process's executable memory mappings (/proc/PID/maps), kept so that
 //! addresses can still be resolved to (file, offset) after the process has exited.
-use std::{io, path::PathBuf, sync::Arc};
+use std::{collections::HashMap, io, path::PathBuf, sync::Arc};
 
 use crate::sys::maps::{self, MapEntry, MapName};
 
@@ -24,13 +24,32 @@ pub struct ProcMaps {
     mappings: Vec<Mapping>,
 }
 
+/// Executable mappings kept per process (a Python process with many C extensions has a few
+/// hundred); a process that makes more gets unknown frames in the rest.
+const MAX_MAPPINGS: usize = 16 << 10;
+/// Bytes of distinct file paths kept per process, each path once however often it is
+/// mapped; files past it are named by their mapping only (unnamed frames).
+const MAX_PATH_BYTES: usize = 1 << 20;
+
 impl ProcMaps {
     pub fn read(pid: u32) -> io::Result<Self> {
-        Ok(Self::from_entries(maps::read(pid)?))
+        let mut kept = 0;
+        let entries = maps::read_filtered(pid, |e| {
+            kept += usize::from(e.executable);
+            e.executable && kept <= MAX_MAPPINGS
+        })?;
+        Ok(Self::from_entries(entries.entries))
     }
 
     fn from_entries(entries: Vec<MapEntry>) -> Self {
-        let mut mappings: Vec<Mapping> = entries.into_iter().filter_map(mapping).collect();
+        let mut paths: HashMap<PathBuf, Arc<PathBuf>> = HashMap::new();
+        let mut path_bytes = 0;
+        let mut mappings: Vec<Mapping> = entries
+            .into_iter()
+            .filter(|e| e.executable)
+            .take(MAX_MAPPINGS)
+            .map(|e| mapping(e, &mut paths, &mut path_bytes))
+            .collect();
         mappings.sort_by_key(|m| m.start);
         Self { mappings }
     }
@@ -46,19 +65,27 @@ impl ProcMaps {
     }
 }
 
-fn mapping(e: MapEntry) -> Option<Mapping> {
-    if !e.executable {
-        return None;
-    }
+/// An executable mapping, its path shared with the process's other mappings of that file.
+fn mapping(e: MapEntry, paths: &mut HashMap<PathBuf, Arc<PathBuf>>, path_bytes: &mut usize) -> Mapping {
     let (path, name): (Option<Arc<PathBuf>>, Arc<str>) = match e.name {
         MapName::File { path, .. } => {
             let base: Arc<str> = path.file_name().map_or("?".into(), |n| n.to_string_lossy().into());
-            (Some(Arc::new(path)), base)
+            let shared = match paths.get(&path) {
+                Some(shared) => Some(shared.clone()),
+                None if *path_bytes + path.as_os_str().len() <= MAX_PATH_BYTES => {
+                    *path_bytes += path.as_os_str().len();
+                    let shared = Arc::new(path.clone());
+                    paths.insert(path, shared.clone());
+                    Some(shared)
+                }
+                None => None,
+            };
+            (shared, base)
         }
         MapName::Special(name) => (None, name.into()),
         MapName::Anonymous => (None, "[anon]".into()),
     };
-    Some(Mapping { start: e.start, end: e.end, file_offset: e.offset, path, name, inode: e.inode })
+    Mapping { start: e.start, end: e.end, file_offset: e.offset, path, name, inode: e.inode }
 }
 
 #[cfg(test)]
@@ -85,5 +112,25 @@ mod tests {
         assert_eq!(&*maps.find(0x7f00ab000100).unwrap().name, "[vdso]");
         assert!(maps.find(0x7f00ab001000).is_none(), "end is exclusive");
         assert!(maps.find(0x10).is_none());
+    }
+
+    #[test]
+    fn paths_are_shared_and_bounded() {
+        let line = |i: u64, path: &str| {
+            format!("{:x}-{:x} r-xp 00000000 fd:01 {i} {path}\n", i << 12, (i + 1) << 12)
+        };
+        // One path mapped 20,000 times: kept once, the mappings capped.
+        let text: String = (1..=20_000).map(|i| line(i, "/opt/lib/libx.so")).collect();
+        let maps = ProcMaps::from_entries(maps::parse_from(text.as_bytes()).unwrap());
+        assert_eq!(maps.mappings.len(), MAX_MAPPINGS);
+        let first = maps.mappings[0].path.clone().unwrap();
+        assert!(maps.mappings.iter().all(|m| m.path.as_ref().is_some_and(|p| Arc::ptr_eq(p, &first))));
+        // Distinct long paths: named until their bytes reach the budget, unnamed after.
+        let long = format!("/{}", "d/".repeat(2000));
+        let text: String = (1..=1000).map(|i| line(i, &format!("{long}{i}"))).collect();
+        let maps = ProcMaps::from_entries(maps::parse_from(text.as_bytes()).unwrap());
+        let named = maps.mappings.iter().filter(|m| m.path.is_some()).count();
+        assert!(named > 0 && named * long.len() <= MAX_PATH_BYTES && named < 1000, "{named} named");
+        assert_eq!(&*maps.mappings[999].name, "1000", "an unnamed mapping still has its file's base name");
     }
 }

@@ -2,7 +2,12 @@
 //! process's mappings and blazesym on the mapped files, kernel addresses through kallsyms.
 pub mod maps;
 
-use std::{collections::HashMap, path::PathBuf, sync::Arc};
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use blazesym::{
     MaybeDefault,
@@ -21,6 +26,11 @@ struct ProcState {
     root: Option<PathBuf>,
     /// Whether each mapped (file, inode) is still that regular file (checked once).
     usable: HashMap<(Arc<PathBuf>, u64), bool>,
+    /// When the mappings were read and how long that took: an address outside them reads
+    /// them again only after ten times as long, so a process whose maps cost a quarter
+    /// second to read (65,530 long-named mappings) cannot keep us reading them.
+    read_at: Instant,
+    read_took: Duration,
 }
 
 /// Native frames cached by (file, offset) before the cache starts over.
@@ -57,14 +67,21 @@ impl Symbolizer {
         }
     }
 
-    /// Re-reads a live process's mappings; keeps the last snapshot when it has exited.
+    /// Re-reads a live process's mappings (unless read so recently that reading again would
+    /// spend over a tenth of our time on it); keeps the last snapshot when it has exited.
     pub fn refresh(&mut self, pid: u32) {
+        if self.procs.get(&pid).is_some_and(|p| p.read_at.elapsed() < p.read_took * 10) {
+            return; // read moments ago, for a tenth of the time since at most
+        }
+        let started = Instant::now();
         if let Ok(maps) = ProcMaps::read(pid) {
             if maps.is_empty() {
                 return; // a zombie shows no mappings: keep what we had
             }
             let usable = self.procs.remove(&pid).map(|p| p.usable).unwrap_or_default();
-            self.procs.insert(pid, ProcState { maps, root: sys_maps::root_of(pid), usable });
+            let (read_at, read_took) = (Instant::now(), started.elapsed());
+            let state = ProcState { maps, root: sys_maps::root_of(pid), usable, read_at, read_took };
+            self.procs.insert(pid, state);
         }
     }
 

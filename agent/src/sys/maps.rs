@@ -10,8 +10,13 @@ use std::{
 /// Longest maps line kept: the fixed fields and a path of PATH_MAX (4 KiB). Longer lines
 /// (none the kernel writes) are skipped.
 const MAX_LINE: u64 = 4096 + 256;
-/// Most mappings read of one process: above the kernel's default `vm.max_map_count`.
+/// Most maps lines read of one process: above the kernel's default `vm.max_map_count`.
 const MAX_ENTRIES: usize = 1 << 17;
+/// Most maps bytes read of one process: 65,530 mappings of 250-byte paths. The kernel spends
+/// about 1 ms per 64 KiB writing maps of long paths, so a target with 65,530 mappings of 4 KiB
+/// names (256 MiB) costs at most a quarter second per read, and its mappings past the cap
+/// (often its libraries: they sit above its later mappings) are not seen.
+const MAX_BYTES: u64 = 16 << 20;
 
 /// What a mapping maps.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,36 +41,56 @@ pub struct MapEntry {
     pub name: MapName,
 }
 
-/// The mappings of process `pid`, in the kernel's order (by address).
-pub fn read(pid: u32) -> io::Result<Vec<MapEntry>> {
-    parse_from(File::open(format!("/proc/{pid}/maps"))?)
+/// The mappings of process `pid` that `keep` accepts, in the kernel's order (by address): a process's 65,530 mappings with
+/// 4 KiB names are looked at one by one, and only those kept take memory.
+pub fn read_filtered(pid: u32, keep: impl FnMut(&MapEntry) -> bool) -> io::Result<Mappings> {
+    parse_filtered(File::open(format!("/proc/{pid}/maps"))?, keep)
 }
 
 /// Parses maps text from `reader`, line by line, each line capped at `MAX_LINE`.
+#[cfg(test)]
 pub fn parse_from(reader: impl Read) -> io::Result<Vec<MapEntry>> {
-    let mut reader = BufReader::new(reader);
+    Ok(parse_filtered(reader, |_| true)?.entries)
+}
+
+/// The mappings read of a process.
+#[derive(Debug, Default)]
+pub struct Mappings {
+    pub entries: Vec<MapEntry>,
+    /// Reading stopped at `MAX_BYTES` or `MAX_ENTRIES`: mappings past those were not seen.
+    pub cut: bool,
+}
+
+/// As `parse_from`, keeping the entries `keep` accepts; at most `MAX_ENTRIES` lines and
+/// `MAX_BYTES` bytes are read.
+pub fn parse_filtered(reader: impl Read, mut keep: impl FnMut(&MapEntry) -> bool) -> io::Result<Mappings> {
+    let mut reader = BufReader::new(reader.take(MAX_BYTES));
     let mut entries = Vec::new();
     let mut line = Vec::new();
-    loop {
+    for _ in 0..MAX_ENTRIES {
         line.clear();
         let n = (&mut reader).take(MAX_LINE).read_until(b'\n', &mut line)?;
         if n == 0 {
-            break;
+            return Ok(Mappings { entries, cut: false });
         }
-        if line.last() != Some(&b'\n') && n as u64 == MAX_LINE {
-            // Over-long: skip the rest of this line.
-            let mut rest = Vec::new();
-            reader.read_until(b'\n', &mut rest)?;
-            continue;
-        }
-        if let Some(entry) = std::str::from_utf8(&line).ok().and_then(parse_line) {
-            entries.push(entry);
-            if entries.len() >= MAX_ENTRIES {
-                break;
+        if line.last() != Some(&b'\n') {
+            if reader.get_ref().limit() == 0 {
+                break; // cut by MAX_BYTES: not a whole line
+            }
+            if n as u64 == MAX_LINE {
+                // Over-long: skip the rest of this line.
+                line.clear();
+                reader.read_until(b'\n', &mut line)?;
+                continue;
             }
         }
+        if let Some(entry) = std::str::from_utf8(&line).ok().and_then(parse_line)
+            && keep(&entry)
+        {
+            entries.push(entry);
+        }
     }
-    Ok(entries)
+    Ok(Mappings { entries, cut: true })
 }
 
 /// `start-end perms offset dev inode [name]`: the name is the rest of the line after the
@@ -166,6 +191,28 @@ mod tests {
         let maps = parse_from(text.as_bytes()).unwrap();
         assert_eq!(maps.len(), 1);
         assert_eq!(maps[0].inode, 5);
+    }
+
+    #[test]
+    fn reading_stops_at_the_byte_cap_on_a_whole_line() {
+        let path = format!("/{}", "p".repeat(4000));
+        let line = |i: u64| format!("{:x}-{:x} r-xp 00000000 fd:01 {i} {path}\n", i << 12, (i + 1) << 12);
+        let (mut text, mut whole) = (String::new(), 0);
+        for i in 1.. {
+            text.push_str(&line(i));
+            if text.len() as u64 <= MAX_BYTES {
+                whole = i;
+            } else if text.len() as u64 > MAX_BYTES + 10_000 {
+                break;
+            }
+        }
+        let maps = parse_from(text.as_bytes()).unwrap();
+        assert_eq!(maps.len() as u64, whole, "every whole line under the cap, no cut one");
+        assert!(maps.iter().all(|m| m.name == MapName::File { path: path.clone().into(), deleted: false }));
+        let kept = parse_filtered(text.as_bytes(), |m| m.inode % 2 == 0).unwrap();
+        assert_eq!(kept.entries.len() as u64, whole / 2);
+        assert!(kept.cut);
+        assert!(!parse_filtered(line(1).as_bytes(), |_| true).unwrap().cut);
     }
 
     #[test]
