@@ -1,18 +1,45 @@
 //! Resource attributes of a sampled process: `service.name` (its own OTEL_SERVICE_NAME,
 //! else its container's name, else its script or module), pid, executable, runtime.
-use std::fs;
+use std::{fs, io::Read};
+
+/// Most bytes read of a process's environment or command line (a target sets their size:
+/// Linux allows a quarter of the stack limit, unbounded with `ulimit -s unlimited`).
+const MAX_READ: u64 = 1 << 20;
+/// Longest `service.name` kept: it becomes a label on every series of the process.
+const MAX_NAME: usize = 256;
+
+fn read_capped(path: &str) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    if let Ok(file) = fs::File::open(path) {
+        let _ = file.take(MAX_READ).read_to_end(&mut bytes);
+    }
+    bytes
+}
+
+/// `name` cut to at most `MAX_NAME` bytes, on a character boundary.
+fn capped(mut name: String) -> String {
+    if name.len() > MAX_NAME {
+        let end = (0..=MAX_NAME).rev().find(|&i| name.is_char_boundary(i)).unwrap_or(0);
+        name.truncate(end);
+    }
+    name
+}
 
 /// `service.name` for process `pid`: its `OTEL_SERVICE_NAME` (or `service.name` in its
 /// `OTEL_RESOURCE_ATTRIBUTES`), else `container`, else what its command line runs.
 pub fn service_name(pid: u32, container: Option<&str>) -> String {
-    let environ = fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+    capped(uncapped_service_name(pid, container))
+}
+
+fn uncapped_service_name(pid: u32, container: Option<&str>) -> String {
+    let environ = read_capped(&format!("/proc/{pid}/environ"));
     if let Some(name) = service_from_environ(&environ) {
         return name;
     }
     if let Some(c) = container.filter(|c| !c.is_empty()) {
         return c.to_string();
     }
-    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let cmdline = read_capped(&format!("/proc/{pid}/cmdline"));
     let args: Vec<String> = cmdline
         .split(|&b| b == 0)
         .filter(|a| !a.is_empty())
@@ -73,6 +100,14 @@ mod tests {
 
     fn args(v: &[&str]) -> Vec<String> {
         v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn long_names_are_cut_on_a_character_boundary() {
+        assert_eq!(capped("api".into()), "api");
+        let long = "é".repeat(200); // 400 bytes
+        let cut = capped(long);
+        assert!(cut.len() <= MAX_NAME && cut.len() >= MAX_NAME - 1 && cut.chars().all(|c| c == 'é'));
     }
 
     #[test]
