@@ -102,6 +102,16 @@ impl CodeReader {
         info
     }
 
+    /// Bytes the cache holds.
+    pub fn cached_bytes(&self) -> usize {
+        self.cached_bytes
+    }
+
+    /// Drops the least recently used half of the cache.
+    pub fn evict_half(&mut self) {
+        self.cached_bytes = evict_half(&mut self.cache);
+    }
+
     fn read_code(&self, addr: u64) -> io::Result<CodeInfo> {
         let l = &self.layout;
         let name_ptr = self.mem.u64(addr.wrapping_add(l.code_qualname.unwrap_or(l.code_name)))?;
@@ -187,5 +197,26 @@ mod tests {
         kept.sort();
         assert_eq!(kept, [5, 6, 7, 8, 9]);
         assert_eq!(left, 5 * (std::mem::size_of::<CodeInfo>() + 100));
+    }
+
+    impl CodeReader {
+        /// A reader of this process whose cache holds `entries` names of `bytes` each.
+        pub fn filled(entries: u32, bytes: usize) -> Self {
+            let layout = layout::layout_for(PyVersion { major: 3, minor: 12, patch: 0 }).unwrap();
+            let mut r = Self::new(std::process::id(), PyVersion { major: 3, minor: 12, patch: 0 }, layout);
+            for i in 0..entries {
+                r.uses += 1;
+                let info = CodeInfo {
+                    name: "f".repeat(bytes),
+                    filename: String::new(),
+                    first_line: 1,
+                    linetable: Vec::new(),
+                    format: r.format,
+                };
+                r.cached_bytes += info.size();
+                r.cache.insert((u64::from(i), 1), Cached { info: Some(Arc::new(info)), used: r.uses });
+            }
+            r
+        }
     }
 }

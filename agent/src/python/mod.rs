@@ -85,15 +85,36 @@ pub struct PyFrames {
     pub truncated: bool,
 }
 
+/// Bytes of code objects cached over all processes (each has its own budget too): past it,
+/// the largest caches drop their least recently used half.
+const TOTAL_CODE_BUDGET: usize = 64 << 20;
+/// Stacks named between two checks of the total.
+const CHECK_TOTAL_EVERY: u32 = 256;
+
 /// Symbolizes Python stacks of any number of processes.
 pub struct PySymbolizer {
     readers: HashMap<u32, CodeReader>,
     full_filenames: bool,
+    since_check: u32,
 }
 
 impl PySymbolizer {
     pub fn new(full_filenames: bool) -> Self {
-        Self { readers: HashMap::new(), full_filenames }
+        Self { readers: HashMap::new(), full_filenames, since_check: 0 }
+    }
+
+    /// Halves the largest caches until all of them hold at most `budget` bytes.
+    fn trim_to(&mut self, budget: usize) {
+        let mut total: usize = self.readers.values().map(CodeReader::cached_bytes).sum();
+        while total > budget {
+            let Some(largest) = self.readers.values_mut().max_by_key(|r| r.cached_bytes()) else { break };
+            let before = largest.cached_bytes();
+            largest.evict_half();
+            if largest.cached_bytes() >= before {
+                break;
+            }
+            total -= before - largest.cached_bytes();
+        }
     }
 
     pub fn add_process(&mut self, p: &PythonProcess) {
@@ -106,6 +127,11 @@ impl PySymbolizer {
     }
 
     pub fn stack(&mut self, pid: u32, stack: &PyStack) -> PyFrames {
+        self.since_check += 1;
+        if self.since_check >= CHECK_TOTAL_EVERY {
+            self.since_check = 0;
+            self.trim_to(TOTAL_CODE_BUDGET);
+        }
         let len = (stack.len as usize).min(stack.frames.len());
         let truncated = stack.flags & (PY_STACK_TRUNCATED | PY_STACK_READ_ERROR) != 0;
         let Some(reader) = self.readers.get_mut(&pid) else {
@@ -152,6 +178,18 @@ pub fn short_filename(path: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_largest_caches_shrink_to_the_total_budget() {
+        let mut py = PySymbolizer::new(false);
+        py.readers.insert(1, CodeReader::filled(1000, 1000));
+        py.readers.insert(2, CodeReader::filled(100, 1000));
+        let (big, small) = (py.readers[&1].cached_bytes(), py.readers[&2].cached_bytes());
+        py.trim_to(big / 2);
+        let total: usize = py.readers.values().map(CodeReader::cached_bytes).sum();
+        assert!(total <= big / 2, "{total} bytes left over a budget of {}", big / 2);
+        assert_eq!(py.readers[&2].cached_bytes(), small, "the small cache is left alone");
+    }
 
     #[test]
     fn shortens_filenames() {
