@@ -243,3 +243,77 @@ fn many_mappings_and_huge_code_cannot_stall_or_bloat_a_session() {
         "huge code: {huge} samples in `huge`, {named} in fn_*, of {total}"
     );
 }
+
+/// The agent beside the same processes: it exports every interval (each export grows the
+/// sample count, since they spin), `/healthz` stays 200, the Python process with 60,000
+/// mappings is named, and the agent's peak memory stays under 100 MB (30 MB beside 20
+/// plain busy processes: bench/AGENT_RESULTS.md).
+#[test]
+fn many_mappings_and_huge_code_cannot_stall_or_bloat_the_agent() {
+    use common::agent::*;
+    require_root();
+    let dir = scratch("bloat-agent");
+    let deep = (0..15).fold(dir.clone(), |d, _| d.join("d".repeat(250)));
+    std::fs::create_dir_all(&deep).unwrap();
+    let (short, long) = (dir.join("l.bin"), deep.join("l.bin"));
+    for file in [&short, &long] {
+        std::fs::write(file, [0u8; 4096]).unwrap();
+    }
+    let mut children = vec![
+        bloat(&["maps", "60000", short.to_str().unwrap()]),
+        bloat(&["maps", "60000", long.to_str().unwrap()]),
+        bloat(&["code", "100000", "20000"]),
+    ];
+    let mapped = children[0].id();
+    let http = free_port();
+    let config = agent_config(&dir, http, "export_interval: 1s\n");
+    let agent = agent_without_otlp(&config);
+    wait_ready(http);
+    wait_exported(http, mapped);
+    // Ten exports: the time between two that grew the sample count, and the health answers.
+    let (mut last_change, mut last_samples, mut gaps, mut exports) = (Instant::now(), None, Vec::new(), 0);
+    while exports < 10 {
+        let (status, text) = http_get(http, "/metrics").expect("/metrics answers");
+        assert_eq!(status, 200);
+        let health = http_get(http, "/healthz").map(|(s, _)| s);
+        assert_eq!(health, Some(200), "/healthz while the agent exports");
+        let samples = metric_value(&text, "stoker_samples_total", "");
+        if samples != last_samples {
+            if last_samples.is_some() {
+                gaps.push(last_change.elapsed());
+                exports += 1;
+            }
+            last_change = Instant::now();
+            last_samples = samples;
+        }
+        assert!(last_change.elapsed() < Duration::from_secs(30), "no export for 30 s: {gaps:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (_, text) = http_get(http, "/metrics").unwrap();
+    let peak_kib = std::fs::read_to_string(format!("/proc/{}/status", agent.id()))
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("VmHWM:").map(|v| v.trim().trim_end_matches(" kB").parse::<u64>().unwrap())
+        })
+        .unwrap();
+    let status = stop(agent);
+    for child in &mut children {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    assert!(status.success(), "agent exit: {status}");
+    // Two intervals between exports at most: an export tick also names the interval's new
+    // stacks, and one that runs long delays the next.
+    let slowest = gaps.iter().max().unwrap();
+    assert!(*slowest < Duration::from_secs(2), "exports 1 s apart took up to {slowest:?}: {gaps:?}");
+    let spin = "function=\"spin (bloat.py)\"";
+    let pid = format!("process_pid=\"{mapped}\"");
+    assert!(
+        text.lines().any(|l| l.starts_with("stoker_function_cpu_time_seconds_total")
+            && l.contains(spin)
+            && l.contains(&pid)),
+        "`spin` of the process with 60,000 mappings is not among its functions"
+    );
+    assert!(peak_kib < 100 << 10, "the agent's peak RSS is {peak_kib} KiB");
+}
