@@ -140,6 +140,13 @@ def main():
             for p in busy:
                 p.kill()
                 p.wait()
+            # The agent's warnings, each distinct message once (numbers blanked), with its count.
+            warnings = {}
+            for line in open(tmp / "agent.log", errors="replace"):
+                if "WARN" in line or "ERROR" in line:
+                    key = " ".join("N" if w.strip(",:()").replace(".", "").isdigit() else w
+                                   for w in line.split()[1:])[:200]
+                    warnings[key] = warnings.get(key, 0) + 1
     by_phase = {}
     for now, name, rss, failures, dropped, got in rows:
         p = by_phase.setdefault(name, {"rss": [], "failures": [], "dropped": [], "got": []})
@@ -185,6 +192,8 @@ def main():
     for i, (now, name, rss, failures, dropped, got) in enumerate(rows):
         if i % 6 == 0 or i == len(rows) - 1:
             out_lines.append(f"| {now:.0f} | {name} | {rss:.1f} | {failures:.0f} | {dropped:.0f} | {got} |")
+    out_lines += ["", "Agent warnings (distinct, numbers as N):", ""]
+    out_lines += [f"- {n} x `{w}`" for w, n in sorted(warnings.items(), key=lambda kv: -kv[1])] or ["- none"]
     out_lines.append("")
     print("\n".join(out_lines))
     out.write_text("\n".join(out_lines))

@@ -141,9 +141,19 @@ fn grpc(
         });
         match sent {
             Ok(_) => Ok(()),
-            Err(s) => Err(grpc_failure(s.code(), s.message(), s.details())),
+            Err(s) => Err(status_failure(&s)),
         }
     }))
+}
+
+/// A failed gRPC call: a status the receiver sent by the OTLP rules (`grpc_failure`), but a
+/// status tonic made of a transport error (the connection reset mid-request as the receiver
+/// went down: code UNKNOWN with the error as its source) is retried like an unreachable one.
+fn status_failure(status: &tonic::Status) -> Failure {
+    if status.code() == tonic::Code::Unknown && std::error::Error::source(status).is_some() {
+        return Failure::Retry(format!("gRPC transport error: {}", status.message()), None);
+    }
+    grpc_failure(status.code(), status.message(), status.details())
 }
 
 /// An HTTP answer by the OTLP/HTTP rules: 429, 502, 503 and 504 are retried (after
@@ -282,6 +292,16 @@ mod tests {
     use tonic::Code;
 
     use super::*;
+
+    #[test]
+    fn transport_errors_are_retried_but_a_receivers_unknown_is_final() {
+        let reset = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "connection reset");
+        let local = tonic::Status::from_error(Box::new(reset));
+        assert_eq!(local.code(), tonic::Code::Unknown);
+        assert!(matches!(status_failure(&local), Failure::Retry(_, None)));
+        let sent = tonic::Status::new(tonic::Code::Unknown, "the receiver says so");
+        assert!(matches!(status_failure(&sent), Failure::Permanent(_)));
+    }
 
     fn status_with_retry_info(delay: Option<ProtoDuration>) -> Vec<u8> {
         let info = RetryInfo { retry_delay: delay }.encode_to_vec();
