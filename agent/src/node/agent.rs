@@ -34,8 +34,9 @@ use crate::{
 const TICK: Duration = Duration::from_millis(100);
 /// How often stacks seen since the last look are named between exports.
 const NAME_EVERY: Duration = Duration::from_millis(500);
-/// How long a SIGTERM waits for queued batches to go out.
-const FLUSH_DEADLINE: Duration = Duration::from_secs(5);
+/// How long the agent takes to end after SIGINT or SIGTERM at most: the last interval is
+/// collected and queued, then the exporters get what is left of it to send their queues.
+const SHUTDOWN: Duration = Duration::from_millis(1800);
 /// How long the start waits for the first pod list (the API server may be down).
 const FIRST_POD_LIST: Duration = Duration::from_secs(3);
 
@@ -124,9 +125,13 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
 
     let mut last_export = Instant::now();
     let mut last_named = Instant::now();
+    let mut stop_seen = None;
     loop {
         std::thread::sleep(TICK);
         let stopping = stop.load(Ordering::Relaxed);
+        if stopping {
+            stop_seen.get_or_insert_with(Instant::now);
+        }
         tracker.update(&mut kernel, &mut collector)?;
         let live = tracker.live_targets();
         agent.observe(&live, &tracker);
@@ -196,8 +201,13 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
             break;
         }
     }
-    for exporter in [metrics, profiles, pyroscope, traces].into_iter().flatten() {
-        exporter.shutdown(FLUSH_DEADLINE);
+    let exporters: Vec<Exporter> = [metrics, profiles, pyroscope, traces].into_iter().flatten().collect();
+    for exporter in &exporters {
+        exporter.close();
+    }
+    let by = stop_seen.unwrap_or_else(Instant::now) + SHUTDOWN;
+    for exporter in exporters {
+        exporter.shutdown_by(by);
     }
     Ok(())
 }

@@ -184,7 +184,7 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
     // is not left running on its own.
     for target in &mut targets {
         if let Target::Launched(l) = target {
-            l.terminate(Duration::from_secs(2));
+            l.terminate(Duration::from_secs(1));
         }
     }
     let stats = kernel.stats()?;

@@ -7,7 +7,7 @@ use std::{
         Arc, Condvar, Mutex,
         atomic::{AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use prost::Message;
@@ -135,19 +135,29 @@ impl Exporter {
 
     /// Sends what is queued within `deadline`, then stops the thread; what is still
     /// queued then is counted as dropped.
-    pub fn shutdown(mut self, deadline: Duration) {
+    /// Takes no more batches: the sending thread sends what is queued and ends.
+    pub fn close(&self) {
         let (lock, cond) = &*self.queue;
         lock.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
         cond.notify_one();
-        let start = std::time::Instant::now();
-        if let Some(t) = self.thread.take() {
-            while !t.is_finished() && start.elapsed() < deadline {
+    }
+
+    /// `shutdown_by` `deadline` from now.
+    pub fn shutdown(self, deadline: Duration) {
+        self.shutdown_by(Instant::now() + deadline);
+    }
+
+    /// Closes the queue and waits until `by` for what is queued to go out; what is left
+    /// then is dropped and counted (the sending thread, perhaps inside a request or a
+    /// backoff, is left to end with the process).
+    pub fn shutdown_by(self, by: Instant) {
+        self.close();
+        if let Some(t) = &self.thread {
+            while !t.is_finished() && Instant::now() < by {
                 std::thread::sleep(Duration::from_millis(20));
             }
-            if t.is_finished() {
-                let _ = t.join();
-            }
         }
+        let (lock, _) = &*self.queue;
         let left = lock.lock().unwrap_or_else(|e| e.into_inner()).clear();
         if left > 0 {
             self.stats.dropped.fetch_add(left as u64, Ordering::Relaxed);
