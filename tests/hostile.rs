@@ -399,3 +399,68 @@ fn sigterm_ends_a_session_within_two_seconds_and_writes_the_output() {
     let leftover = Command::new("pgrep").args(["-f", "SIG_IGN"]).output().unwrap();
     assert!(leftover.stdout.is_empty(), "the launched command outlived the session");
 }
+
+/// A CPython 3.11 process that takes the pid of a CPython 3.12 process that just exited is
+/// recognized afresh: its samples carry its own functions, read with its own version's
+/// layout, not the old process's (which would read nothing or garbage).
+#[test]
+fn a_new_process_in_a_reused_pid_is_sampled_and_named_afresh() {
+    require_root();
+    let dir = scratch("pid-reuse");
+    let out = dir.join("out.folded");
+    let mut session = Command::new(STOKER)
+        .args(["record", "--all-python", "-d", "60", "-f", "folded", "-o", out.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run stoker");
+    let mut stderr = Stderr::of(&mut session);
+    stderr.wait_for("sampling at");
+    let spin = |version: &str, function: &str, seconds: f64| {
+        // Spins `seconds` of its own CPU time in `function`, then exits.
+        let code = format!(
+            "import time\ndef {function}(s):\n    end = time.process_time() + s\n    while time.process_time() < end: pass\n{function}({seconds})"
+        );
+        Command::new(python(version)).args(["-c", &code]).spawn().expect("start python")
+    };
+    let mut old = spin("3.12.1", "alpha", 1000.0);
+    let pid = old.id();
+    // Sampled and named: it has run a second (with --all-python it is found within 1 s).
+    while common::agent::cpu_seconds(pid) < 1.5 {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    old.kill().unwrap();
+    old.wait().unwrap();
+    // The next pid handed out is `pid`: set the last one given (root only), retry on a race.
+    let mut new = None;
+    for _ in 0..100 {
+        std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).unwrap();
+        let child = spin("3.11.7", "beta", 1.5);
+        if child.id() == pid {
+            new = Some(child);
+            break;
+        }
+        let mut child = child;
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let mut new = new.expect("could not start a process with the old pid in 100 tries");
+    assert!(new.wait().unwrap().success());
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(session.id() as i32, libc::SIGTERM) };
+    let status = session.wait().unwrap();
+    let err = stderr.rest();
+    assert!(status.success(), "stoker failed: {err}");
+    let folded = Folded::read(&out);
+    let root = format!("[pid {pid}]");
+    let of_pid: Vec<(&Vec<String>, u64)> =
+        folded.0.iter().filter(|(s, _)| s[0].ends_with(&root)).map(|(s, n)| (s, *n)).collect();
+    let count = |f: &str| -> u64 {
+        of_pid.iter().filter(|(s, _)| s.iter().any(|x| x.starts_with(f))).map(|(_, n)| n).sum()
+    };
+    let (alpha, beta) = (count("alpha ("), count("beta ("));
+    // beta spent 1.5 s of CPU: 148 samples at 99 Hz. Half of them leaves room for the time
+    // before it was recognized (an exec seen at once, a scan at most 1 s) and sampling noise.
+    assert!(alpha > 0, "the old process was sampled: {of_pid:?}");
+    assert!(beta >= 74, "the new process in pid {pid}: {beta} samples in `beta`; its stacks: {of_pid:?}");
+}

@@ -75,6 +75,14 @@ impl Collector {
         self.threads.retain(|tid, _| process::is_alive(*tid));
     }
 
+    /// Drops what was read of process `pid`, whose pid a new process took: the new one is
+    /// read afresh (its stacks already named keep their names).
+    pub fn forget_process(&mut self, pid: u32) {
+        self.symbolizer.forget(pid);
+        self.python.forget(pid);
+        self.comms.remove(&pid);
+    }
+
     /// Resolves stacks not seen before, while their processes live. With `final_read` it
     /// also reads the counts (the end of a session); otherwise only the keys. A process's
     /// mappings are read again only when it has a new native stack to name.

@@ -46,6 +46,15 @@ struct Tracked {
     scanned: bool,
     /// Looks that found no CPython since the last exec.
     misses: u32,
+    /// When the process started: a live process with another start time reuses the pid.
+    start: Option<u64>,
+}
+
+impl Tracked {
+    fn new(pid: u32, scanned: bool) -> Self {
+        let start = process::start_time(pid);
+        Self { exe: None, kind: Kind::Unknown, checked: None, scanned, misses: 0, start }
+    }
 }
 
 /// The processes of a session and what they run.
@@ -60,6 +69,8 @@ pub struct Tracker {
     filter: Option<Box<dyn Fn(u32) -> bool>>,
     /// CPython version of each recognized process.
     versions: HashMap<u32, String>,
+    /// Pids a new process took since the last update's look.
+    reused: Vec<u32>,
 }
 
 impl Tracker {
@@ -74,12 +85,18 @@ impl Tracker {
             warned_no_python: false,
             filter: None,
             versions: HashMap::new(),
+            reused: Vec::new(),
         }
     }
 
     /// Only scanned processes for which `filter` holds are sampled.
     pub fn set_filter(&mut self, filter: Box<dyn Fn(u32) -> bool>) {
         self.filter = Some(filter);
+    }
+
+    /// Pids whose process was replaced by a new one with the same pid in the last update.
+    pub fn reused(&self) -> &[u32] {
+        &self.reused
     }
 
     /// The CPython version of a recognized process (`3.12.1`).
@@ -89,10 +106,7 @@ impl Tracker {
 
     /// A process sampled from the start (given PID or launched command).
     pub fn add(&mut self, pid: u32) {
-        self.procs.insert(
-            pid,
-            Tracked { exe: None, kind: Kind::Unknown, checked: None, scanned: false, misses: 0 },
-        );
+        self.procs.insert(pid, Tracked::new(pid, false));
     }
 
     /// Looks at a just-launched process until its interpreter is mapped (or `limit`
@@ -131,14 +145,49 @@ impl Tracker {
 
     /// Discovers new processes and recognizes Python ones; called every tick.
     pub fn update(&mut self, kernel: &mut KernelPrograms, collector: &mut Collector) -> Result<()> {
-        // Targets that exited leave the kernel's maps.
+        // Targets that exited leave the kernel's maps, and so does a process whose pid a new
+        // one took since the last look (its start time differs): what was known of the old
+        // one (Python layout, code objects, mappings, name) goes, and a process found by
+        // scanning is looked at afresh.
+        self.reused.clear();
+        let (mut fresh, mut gone) = (Vec::new(), Vec::new());
         for (&pid, t) in self.procs.iter_mut() {
+            let start = process::start_time(pid);
+            if t.kind == Kind::Exited {
+                // Kept while the pid is taken, so that an exited target's pid is not taken
+                // for it; a scanned one is not needed once the pid is free or reused.
+                if t.scanned && start != t.start {
+                    gone.push(pid);
+                }
+                continue;
+            }
+            let reused = start.is_some() && t.start.is_some() && start != t.start;
+            if start.is_some() && !reused {
+                continue;
+            }
             let in_kernel = !t.scanned || t.kind == Kind::Python;
-            if in_kernel && t.kind != Kind::Exited && !process::is_alive(pid) {
+            if in_kernel {
                 kernel.remove_target(pid)?;
                 crate::net::forget_process(kernel, pid)?;
+            }
+            if reused {
+                tracing::info!("pid {pid}: a new process took the pid");
+                collector.forget_process(pid);
+                self.versions.remove(&pid);
+                self.reused.push(pid);
+                if t.scanned {
+                    fresh.push(pid);
+                }
+            }
+            if in_kernel || reused {
                 t.kind = Kind::Exited;
             }
+        }
+        for pid in gone {
+            self.procs.remove(&pid);
+        }
+        for pid in fresh {
+            self.procs.insert(pid, Tracked::new(pid, true));
         }
         // Children the kernel started following (a new process may reuse an old PID).
         let followed = if kernel.follows_children() { kernel.targets()? } else { Vec::new() };
@@ -153,9 +202,7 @@ impl Tracker {
             match self.procs.get_mut(&pid) {
                 Some(t) if t.kind != Kind::Exited => t.checked = None,
                 _ if pid != self.me && self.filter.as_ref().is_none_or(|f| f(pid)) => {
-                    let t =
-                        Tracked { exe: None, kind: Kind::Unknown, checked: None, scanned: true, misses: 0 };
-                    self.procs.insert(pid, t);
+                    self.procs.insert(pid, Tracked::new(pid, true));
                 }
                 _ => {}
             }
@@ -167,9 +214,7 @@ impl Tracker {
                     && !self.procs.contains_key(&pid)
                     && self.filter.as_ref().is_none_or(|f| f(pid))
                 {
-                    let t =
-                        Tracked { exe: None, kind: Kind::Unknown, checked: None, scanned: true, misses: 0 };
-                    self.procs.insert(pid, t);
+                    self.procs.insert(pid, Tracked::new(pid, true));
                 }
             }
         }

@@ -115,6 +115,12 @@ impl Interval {
     /// Notes the resource attributes of processes seen for the first time, while they
     /// live (one that exits before the next export still reports its samples).
     pub(super) fn observe(&mut self, live: &[u32], tracker: &Tracker) {
+        // A new process in an old one's pid starts its own series (the old one's last
+        // samples since the previous export go with it).
+        for pid in tracker.reused() {
+            self.processes.remove(pid);
+            self.unnamed.remove(pid);
+        }
         for &pid in live {
             if !self.processes.contains_key(&pid) {
                 let resource = self.resource(pid, tracker);

@@ -121,6 +121,11 @@ impl PySymbolizer {
         self.readers.insert(p.pid, CodeReader::new(p.pid, p.version, p.layout));
     }
 
+    /// Drops what was read of process `pid` (a new process took its pid).
+    pub fn forget(&mut self, pid: u32) {
+        self.readers.remove(&pid);
+    }
+
     /// Drops what was read of the processes not in `live` (they exited).
     pub fn forget_exited(&mut self, live: &[u32]) {
         self.readers.retain(|pid, _| live.contains(pid));

@@ -67,6 +67,11 @@ impl Symbolizer {
         }
     }
 
+    /// Drops the mapping snapshot of process `pid` (a new process took its pid).
+    pub fn forget(&mut self, pid: u32) {
+        self.procs.remove(&pid);
+    }
+
     /// Re-reads a live process's mappings (unless read so recently that reading again would
     /// spend over a tenth of our time on it); keeps the last snapshot when it has exited.
     pub fn refresh(&mut self, pid: u32) {

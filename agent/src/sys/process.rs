@@ -73,14 +73,25 @@ pub fn same_root(pid: u32) -> bool {
 
 /// True while the process exists and has not exited (a zombie has exited).
 pub fn is_alive(pid: u32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the command name, which is in parentheses and may hold spaces.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.trim_start().chars().next())
-            .is_some_and(|s| s != 'Z' && s != 'X'),
-        Err(_) => false,
+    start_time(pid).is_some()
+}
+
+/// When the live process `pid` started (clock ticks since boot, /proc/PID/stat field 22):
+/// with the pid, what tells a process from a later one that reuses its pid. None when it
+/// does not exist or has exited (a zombie).
+pub fn start_time(pid: u32) -> Option<u64> {
+    parse_start_time(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+fn parse_start_time(stat: &str) -> Option<u64> {
+    // The fields after the command name, which is in parentheses and may hold anything.
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+    let state = fields.next()?;
+    if state == "Z" || state == "X" {
+        return None;
     }
+    // Field 3 was the state; the start time is field 22.
+    fields.nth(22 - 4)?.parse().ok()
 }
 
 /// Every process id in /proc.
@@ -93,4 +104,18 @@ pub fn all_pids() -> Vec<u32> {
 /// This machine's host name (empty when unreadable).
 pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_time_follows_the_command_name() {
+        let stat = "42 (a) b (c) R 1 42 42 0 -1 4194304 100 0 0 0 5 3 0 0 20 0 1 0 123456 1000 10 0";
+        assert_eq!(parse_start_time(stat), Some(123456));
+        assert_eq!(parse_start_time(&stat.replace(" R ", " Z ")), None);
+        assert_eq!(parse_start_time("42 (x"), None);
+        assert!(start_time(std::process::id()).is_some());
+    }
 }
