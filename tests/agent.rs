@@ -79,9 +79,16 @@ fn agent_exports_metrics() {
         assert!(line.contains(attr), "missing {attr} in {line}");
     }
     // burn is the leaf of most of the workload's samples (tests/python.rs checks how many).
-    let burn =
-        metric_value(&last, "stoker_function_cpu_time_seconds_total", "function=\"burn (workload.py)\"")
-            .unwrap_or(0.0);
+    // This process's line: other Python processes on the machine may run the same workload.
+    let burn = last
+        .lines()
+        .find(|l| {
+            l.starts_with("stoker_function_cpu_time_seconds_total")
+                && l.contains("function=\"burn (workload.py)\"")
+                && l.contains(&pid)
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or(0.0);
     assert!(burn * 2.0 > reported, "burn: {burn} s of the workload's {reported} s");
     // The agent's sample count includes every sample of the workload.
     let samples = metric_value(&last, "stoker_samples_total", "").unwrap_or(0.0);

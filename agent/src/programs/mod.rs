@@ -26,6 +26,14 @@ use crate::error::{Error, Result, one_line};
 /// The kernel object built from agent-ebpf by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/stoker-ebpf"));
 
+/// Whether a map update failed because the map is full (a hash map answers E2BIG).
+fn map_full(e: &aya::maps::MapError) -> bool {
+    match e {
+        aya::maps::MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::E2BIG),
+        _ => false,
+    }
+}
+
 /// Drop and loss counters summed over CPUs.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Stats {
@@ -58,11 +66,14 @@ pub struct Stats {
     /// Sockets and TCP connects not tracked because their map was full.
     pub net_conns_full: u64,
     pub net_socks_full: u64,
+    /// Processes not sampled because the targets map was full (children the kernel could
+    /// not follow, processes stoker could not add).
+    pub targets_full: u64,
 }
 
 impl Stats {
     /// Every kind of loss the kernel counts, by the name reports and metrics give it.
-    pub fn losses(&self) -> [(&'static str, u64); 11] {
+    pub fn losses(&self) -> [(&'static str, u64); 12] {
         [
             ("counts_map_full", self.lost),
             ("stack_dropped", self.stacks_dropped),
@@ -75,6 +86,7 @@ impl Stats {
             ("net_events_ring_full", self.net_events_lost),
             ("net_connections_map_full", self.net_conns_full),
             ("net_sockets_map_full", self.net_socks_full),
+            ("targets_full", self.targets_full),
         ]
     }
 }
@@ -126,6 +138,8 @@ pub struct KernelPrograms {
     stats_fd: Option<std::os::fd::OwnedFd>,
     /// `TARGETS` as a bitmap, mapped here.
     bits: bits::TargetBits,
+    /// Processes not added because the targets or Python map was full.
+    targets_refused: u64,
 }
 
 impl KernelPrograms {
@@ -185,6 +199,7 @@ impl KernelPrograms {
             watching_execs: false,
             stats_fd: None,
             bits,
+            targets_refused: 0,
         })
     }
 
@@ -324,19 +339,41 @@ impl KernelPrograms {
     /// Samples the process `pid` (all its threads) from now on; `flags` are `TARGET_*` bits.
     pub fn add_target(&mut self, pid: u32, flags: u32) -> Result<()> {
         let mut targets: HashMap<_, u32, u32> = self.map_mut(MAP_TARGETS)?;
-        targets
-            .insert(pid, flags, 0)
-            .map_err(|e| Error::Ebpf { what: "cannot add a target process", detail: one_line(&e) })?;
+        match targets.insert(pid, flags, 0) {
+            Ok(()) => {}
+            Err(e) if map_full(&e) => {
+                self.refuse(pid);
+                return Ok(());
+            }
+            Err(e) => return Err(Error::Ebpf { what: "cannot add a target process", detail: one_line(&e) }),
+        }
         self.bits.set(pid);
         Ok(())
+    }
+
+    /// Counts a process the kernel's maps had no room for (`Stats::targets_full`), and says
+    /// so once: it is not sampled, the rest go on.
+    fn refuse(&mut self, pid: u32) {
+        if self.targets_refused == 0 {
+            tracing::warn!(
+                "pid {pid} and any further processes over {} at once are not sampled (counted as targets_full)",
+                agent_ebpf::TARGETS_CAPACITY
+            );
+        }
+        self.targets_refused += 1;
     }
 
     /// Walks the Python stacks of process `pid` from now on.
     pub fn add_python(&mut self, pid: u32, proc: &PyProc) -> Result<()> {
         let mut procs: HashMap<_, u32, PyProc> = self.map_mut(MAP_PY_PROCS)?;
-        procs
-            .insert(pid, proc, 0)
-            .map_err(|e| Error::Ebpf { what: "cannot add a Python process", detail: one_line(&e) })
+        match procs.insert(pid, proc, 0) {
+            Ok(()) => Ok(()),
+            Err(e) if map_full(&e) => {
+                self.refuse(pid);
+                Ok(())
+            }
+            Err(e) => Err(Error::Ebpf { what: "cannot add a Python process", detail: one_line(&e) }),
+        }
     }
 
     /// A Python stack stored by the kernel, by hash.
@@ -408,6 +445,7 @@ impl KernelPrograms {
             net_events_lost: sum(stat::NET_EVENTS_LOST),
             net_conns_full: sum(stat::NET_CONNS_FULL),
             net_socks_full: sum(stat::NET_SOCKS_FULL),
+            targets_full: sum(stat::TARGETS_FULL) + self.targets_refused,
         })
     }
 
