@@ -84,11 +84,18 @@ pub struct NetMetrics {
     pub comms: HashMap<u32, String>,
 }
 
+/// Distinct peers kept per process and interval; the others are counted under `OTHER_PEER`.
+pub const MAX_PEERS: usize = 256;
+/// Where the peers over `MAX_PEERS` go: the unspecified address, port 0.
+pub const OTHER_PEER: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
+
 /// Turns kernel events into `NetMetrics`.
 #[derive(Debug, Default)]
 pub struct Aggregator {
     current: NetMetrics,
     routes: Routes,
+    /// The peers of each process in this interval (capped at `MAX_PEERS`).
+    peers: HashMap<u32, std::collections::HashSet<SocketAddr>>,
     /// Events processed since the start.
     pub events: u64,
     /// Picks HTTP server requests to export as spans (the node agent).
@@ -104,7 +111,8 @@ impl Aggregator {
         self.events += 1;
         let m = &mut self.current;
         m.comms.entry(e.tgid).or_insert_with(|| crate::sys::process::comm(e.tgid));
-        let peer = peer(e);
+        let peer = self.capped_peer(e.tgid, peer(e));
+        let m = &mut self.current;
         match e.kind {
             NET_EVENT_REQUEST => {
                 let direction = if e.role == NET_ROLE_SERVER { Direction::Server } else { Direction::Client };
@@ -167,9 +175,24 @@ impl Aggregator {
         &self.current
     }
 
-    /// This interval's metrics; the next interval starts empty (route templates are kept).
+    /// This interval's metrics; the next interval starts empty (route templates are kept
+    /// while in use).
     pub fn take_interval(&mut self) -> NetMetrics {
+        self.routes.end_interval();
+        self.peers.clear();
         std::mem::take(&mut self.current)
+    }
+
+    /// `peer`, or the overflow address once process `pid` has `MAX_PEERS` others in this
+    /// interval (a client calling thousands of addresses, a scan).
+    fn capped_peer(&mut self, pid: u32, peer: SocketAddr) -> SocketAddr {
+        let peers = self.peers.entry(pid).or_default();
+        if peers.len() < MAX_PEERS || peers.contains(&peer) {
+            peers.insert(peer);
+            peer
+        } else {
+            OTHER_PEER
+        }
     }
 }
 

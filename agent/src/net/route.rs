@@ -1,9 +1,11 @@
 //! Route templates: a request path with its ids and personal data (numbers, UUIDs, hex,
-//! e-mail addresses, user names, tokens) replaced by `{id}`; a cap on routes per process.
-use std::collections::{HashMap, HashSet};
+//! e-mail addresses, user names, tokens) replaced by `{id}`; a cap on live routes per process.
+use std::collections::HashMap;
 
-/// Distinct routes kept per process; later ones are reported as `OTHER`.
+/// Distinct routes live per process; while that many are, new ones are reported as `OTHER`.
 pub const MAX_ROUTES: usize = 100;
+/// A route not seen for this many intervals frees its place.
+pub const IDLE_INTERVALS: u64 = 10;
 pub const OTHER: &str = "other";
 
 /// `/users/42/orders/3f2a9c10` -> `/users/{id}/orders/{id}`.
@@ -103,24 +105,37 @@ fn entropy(s: &str) -> f64 {
     counts.iter().filter(|&&c| c > 0).map(|&c| -(f64::from(c) / n) * (f64::from(c) / n).log2()).sum()
 }
 
-/// Templates routes and caps their number per process.
+/// Templates routes and caps the number live per process.
 #[derive(Debug, Default)]
 pub struct Routes {
-    seen: HashMap<u32, HashSet<String>>,
+    /// Per process, each live route and the interval it was last seen in.
+    seen: HashMap<u32, HashMap<String, u64>>,
+    interval: u64,
 }
 
 impl Routes {
     pub fn route(&mut self, pid: u32, path: &str) -> String {
         let route = template(path);
         let seen = self.seen.entry(pid).or_default();
-        if seen.contains(&route) {
+        if let Some(last) = seen.get_mut(&route) {
+            *last = self.interval;
             return route;
         }
         if seen.len() >= MAX_ROUTES {
             return OTHER.to_string();
         }
-        seen.insert(route.clone());
+        seen.insert(route.clone(), self.interval);
         route
+    }
+
+    /// Ends an interval: routes idle for `IDLE_INTERVALS` go, and processes without routes.
+    pub fn end_interval(&mut self) {
+        self.interval += 1;
+        let now = self.interval;
+        for routes in self.seen.values_mut() {
+            routes.retain(|_, last| now - *last < IDLE_INTERVALS);
+        }
+        self.seen.retain(|_, routes| !routes.is_empty());
     }
 }
 
@@ -191,5 +206,32 @@ mod tests {
         assert_eq!(r.route(1, "/brand/new"), OTHER);
         assert_eq!(r.route(1, "/rax"), "/rax");
         assert_eq!(r.route(2, "/brand/new"), "/brand/new");
+        // Only /rax stays in use: the other routes' places free up.
+        for _ in 0..IDLE_INTERVALS {
+            r.end_interval();
+            assert_eq!(r.route(1, "/rax"), "/rax");
+        }
+        assert_eq!(r.route(1, "/brand/new"), "/brand/new");
+        assert_eq!(r.seen[&1].len(), 2);
+        assert!(!r.seen.contains_key(&2), "a process without routes is forgotten");
+    }
+
+    #[test]
+    fn a_flood_of_paths_keeps_the_map_bounded() {
+        let mut r = Routes::default();
+        let word =
+            |i: u32| -> String { (0..4).map(|k| char::from(b'a' + ((i >> (5 * k)) % 26) as u8)).collect() };
+        for i in 0..100_000u32 {
+            r.route(1, &format!("/item/{}", word(i)));
+            if i % 1000 == 999 {
+                r.end_interval();
+            }
+        }
+        assert!(
+            r.seen.get(&1).map_or(0, HashMap::len) <= MAX_ROUTES,
+            "{:?}",
+            r.seen.get(&1).map(HashMap::len)
+        );
+        assert_eq!(r.route(1, "/item/zzzz"), "/item/zzzz", "{:?}", r.seen);
     }
 }

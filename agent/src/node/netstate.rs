@@ -16,8 +16,12 @@ use super::{
 };
 use crate::net::{Direction, NetMetrics, hist::Histogram};
 
-/// Series kept per process; later ones are folded into one overflow series.
+/// Series kept per process; while that many are live, new ones are folded into one
+/// overflow series.
 const MAX_SERIES: usize = 1000;
+/// A series not updated for this many intervals goes (its slot is free again); one that
+/// comes back starts anew, with its own start time.
+const IDLE_INTERVALS: u64 = 10;
 /// The attribute of the overflow series (as the OpenTelemetry SDKs name it).
 const OVERFLOW: (&str, &str) = ("otel.metric.overflow", "true");
 
@@ -38,15 +42,33 @@ enum Value {
 
 type Attributes = Vec<(&'static str, String)>;
 
-/// One process's network series, cumulative since the agent first saw it.
+/// A series' cumulative value, since when (Unix ns), and the fold that last updated it.
+#[derive(Debug, Clone, PartialEq)]
+struct Series {
+    value: Value,
+    start_ns: u64,
+    updated: u64,
+}
+
+/// One process's network series, cumulative since each appeared; idle ones expire.
 #[derive(Debug, Clone, Default)]
 pub struct NetSeries {
-    series: BTreeMap<(&'static str, Attributes), Value>,
+    series: BTreeMap<(&'static str, Attributes), Series>,
+    /// Intervals folded so far.
+    folds: u64,
 }
 
 impl NetSeries {
-    /// Adds process `pid`'s part of one interval's metrics.
+    /// Adds process `pid`'s part of one interval's metrics, then drops the series idle for
+    /// `IDLE_INTERVALS`.
     pub fn fold(&mut self, pid: u32, m: &NetMetrics) {
+        self.folds += 1;
+        self.fold_interval(pid, m);
+        let now = self.folds;
+        self.series.retain(|_, s| now - s.updated < IDLE_INTERVALS);
+    }
+
+    fn fold_interval(&mut self, pid: u32, m: &NetMetrics) {
         for (key, stats) in m.requests.iter().filter(|(k, _)| k.pid == pid) {
             let mut attrs: Attributes = Vec::new();
             let kind = match (key.method, key.direction) {
@@ -104,7 +126,11 @@ impl NetSeries {
         } else {
             (kind.name, attrs)
         };
-        self.series.entry(key).or_insert(empty)
+        let updated = self.folds;
+        let series =
+            self.series.entry(key).or_insert_with(|| Series { value: empty, start_ns: now_ns(), updated });
+        series.updated = updated;
+        &mut series.value
     }
 
     fn add_histogram(&mut self, kind: &'static Def, attrs: Attributes, h: &Histogram) {
@@ -134,10 +160,10 @@ impl NetSeries {
             let data = match kind.instrument {
                 Instrument::Histogram(bounds) => {
                     let points: Vec<HistogramDataPoint> = series
-                        .filter_map(|((_, attrs), v)| match v {
+                        .filter_map(|((_, attrs), s)| match &s.value {
                             Value::Histogram(b) => Some(HistogramDataPoint {
                                 attributes: attributes(attrs),
-                                start_time_unix_nano: start,
+                                start_time_unix_nano: start.max(s.start_ns),
                                 time_unix_nano: time,
                                 count: b.count,
                                 sum: Some(b.sum_s),
@@ -157,10 +183,10 @@ impl NetSeries {
                 }
                 Instrument::Counter | Instrument::Gauge => {
                     let points: Vec<NumberDataPoint> = series
-                        .filter_map(|((_, attrs), v)| match v {
+                        .filter_map(|((_, attrs), s)| match &s.value {
                             Value::Counter(n) => Some(NumberDataPoint {
                                 attributes: attributes(attrs),
-                                start_time_unix_nano: start,
+                                start_time_unix_nano: start.max(s.start_ns),
                                 time_unix_nano: time,
                                 value: Some(number_data_point::Value::AsInt(*n as i64)),
                                 ..Default::default()
@@ -198,7 +224,7 @@ pub fn prometheus<'a>(out: &mut String, processes: impl Iterator<Item = (&'a Net
     for kind in NETWORK {
         let mut header = false;
         for (net, resource) in processes.clone() {
-            for ((name, attrs), value) in &net.series {
+            for ((name, attrs), series) in &net.series {
                 if *name != kind.name {
                     continue;
                 }
@@ -218,7 +244,7 @@ pub fn prometheus<'a>(out: &mut String, processes: impl Iterator<Item = (&'a Net
                     .extend(attrs.iter().map(|(k, v)| format!("{}=\"{}\"", k.replace('.', "_"), escape(v))));
                 labels.retain(|l| !l.is_empty());
                 let labels = labels.join(",");
-                match value {
+                match &series.value {
                     Value::Counter(n) => {
                         let _ = writeln!(out, "{}{{{labels}}} {n}", kind.prometheus);
                     }
@@ -240,6 +266,10 @@ pub fn prometheus<'a>(out: &mut String, processes: impl Iterator<Item = (&'a Net
     }
 }
 
+fn now_ns() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+}
+
 /// `server.address` and `server.port` of an upstream.
 fn server(peer: SocketAddr) -> Attributes {
     vec![("server.address", peer.ip().to_string()), ("server.port", peer.port().to_string())]
@@ -250,5 +280,49 @@ fn bounds(kind: &Def) -> &'static [f64] {
     match kind.instrument {
         Instrument::Histogram(bounds) => bounds,
         Instrument::Counter | Instrument::Gauge => &[],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::aggregate::{RequestKey, RequestStats};
+
+    /// One interval in which process 7 served one request on each of `routes`.
+    fn interval(routes: impl Iterator<Item = String>) -> NetMetrics {
+        let mut m = NetMetrics::default();
+        for route in routes {
+            let key = RequestKey {
+                pid: 7,
+                direction: Direction::Server,
+                peer: None,
+                method: Some("GET"),
+                route: Some(route),
+                status: 200,
+            };
+            let mut stats = RequestStats::default();
+            stats.latency.record(1_000_000);
+            m.requests.insert(key, stats);
+        }
+        m
+    }
+
+    #[test]
+    fn series_are_capped_and_idle_ones_expire() {
+        let mut net = NetSeries::default();
+        // 3,000 distinct routes at once: at most MAX_SERIES live, the rest in the overflow series.
+        net.fold(7, &interval((0..3000).map(|i| format!("/r{i}"))));
+        assert_eq!(net.series.len(), MAX_SERIES + 1);
+        let overflow = net.series.keys().filter(|(_, a)| a.iter().any(|(k, _)| *k == OVERFLOW.0)).count();
+        assert_eq!(overflow, 1);
+        // One route stays busy; the others go idle and expire, freeing their slots.
+        for _ in 0..IDLE_INTERVALS {
+            net.fold(7, &interval(std::iter::once("/busy".to_string())));
+        }
+        assert_eq!(net.series.len(), 1, "only the busy route is left");
+        net.fold(7, &interval((0..10).map(|i| format!("/new{i}"))));
+        assert_eq!(net.series.len(), 11, "new routes get series again");
+        let start = net.series.values().map(|s| s.start_ns).min().unwrap();
+        assert!(start > 0);
     }
 }
