@@ -23,6 +23,7 @@ const PACKAGES: &[&str] = &[
     "linux-perf",
     "util-linux",
     "wrk",
+    "bpftool",
 ];
 /// Python packages the end-to-end tests use: real OTLP receivers (oteltap; grpcio with
 /// the official opentelemetry-proto classes, pinned: 1.45.2 carries the profiles

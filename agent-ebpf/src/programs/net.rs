@@ -151,9 +151,20 @@ fn peek(buf: u64, len: u64) -> Option<(&'static [u8; NET_PEEK_BUF], usize)> {
 }
 
 /// Recognizes an HTTP/1.x request line in `buf` and stores its method and path (cut at
-/// `?`, `#` or the end of the path, at most `NET_PATH_LEN` bytes) in `conn`.
+/// `?`, `#` or the end of the path, at most `NET_PATH_LEN` bytes) in `conn`; the raw bytes
+/// read (query string, headers) do not stay in the peek buffer, which root could dump.
 #[inline(always)]
 pub fn parse_request(conn: &mut NetConn, buf: u64, len: u64) {
+    recognize_request(conn, buf, len);
+    if let Some(p) = NET_PEEK.get_ptr_mut(0) {
+        // SAFETY: this CPU's peek buffer, 8-byte aligned (array values are), used only by
+        // this run (see `peek`), whose borrow of it ended with `recognize_request`.
+        unsafe { zero_words(&mut *p) };
+    }
+}
+
+#[inline(always)]
+fn recognize_request(conn: &mut NetConn, buf: u64, len: u64) {
     conn.method = http_method::NONE;
     conn.path_len = 0;
     let Some((p, n)) = peek(buf, len) else { return };

@@ -14,7 +14,9 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 
-use super::net::{Peer, copy_words, emit_conn, emit_request, parse_request, parse_status, read_sockaddr};
+use super::net::{
+    Peer, copy_words, emit_conn, emit_request, parse_request, parse_status, read_sockaddr, zero_words,
+};
 use crate::maps::{NET_CONN_SCRATCH, NET_CONNS, bump, is_target};
 
 // x86-64 system call numbers.
@@ -253,6 +255,10 @@ fn finish(c: &mut NetConn, tgid: u32) {
         emit_request(c, tgid);
     }
     c.phase = NET_PHASE_IDLE;
+    // Reported: the path does not stay in the connections map.
+    c.path_len = 0;
+    // SAFETY: `NetConn::path` is 8-byte aligned (see `copy_words`).
+    unsafe { zero_words(&mut c.path) };
 }
 
 #[inline(always)]

@@ -13,8 +13,8 @@ use std::sync::{
 };
 
 use agent_ebpf::{
-    MAP_NET_CONNS, MAP_NET_EVENTS, NET_RING_HEAD, NET_RING_SLOTS, NET_RING_TAIL, NetConn, NetEvent,
-    PROG_NET_RETRANSMIT, PROG_NET_SOCK_STATE, PROG_NET_SYS_EXIT,
+    MAP_NET_CONNS, MAP_NET_EVENTS, NET_PATH_LEN, NET_RING_HEAD, NET_RING_SLOTS, NET_RING_TAIL, NetConn,
+    NetEvent, PROG_NET_RETRANSMIT, PROG_NET_SOCK_STATE, PROG_NET_SYS_EXIT,
 };
 use aya::programs::TracePoint;
 
@@ -92,6 +92,8 @@ impl NetTracer {
                 while tail != head {
                     let slot = region.add(1 + (tail & u64::from(NET_RING_SLOTS - 1)) as usize);
                     agg.add(&std::ptr::read_volatile(slot));
+                    // The path read does not stay in the array, which root could dump.
+                    std::ptr::write_volatile(&raw mut (*slot).path, [0; NET_PATH_LEN]);
                     tail = tail.wrapping_add(1);
                     n += 1;
                 }
