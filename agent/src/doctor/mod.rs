@@ -134,16 +134,22 @@ fn sampling() -> Vec<Check> {
         }
     };
     let mem = crate::programs::kernel_memory();
-    let possible = crate::sys::mmap::possible_cpu_ids().unwrap_or(0);
+    let sizes = kernel.sizes();
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
     let memory = Check::new(
         "kernel memory",
         Level::Ok,
         format!(
-            "{:.1} MiB in {} maps and {:.1} MiB in {} programs, charged to stoker's memory cgroup; per-CPU maps and the network rings scale with this node's {possible} possible CPUs",
-            mem.map_bytes as f64 / (1 << 20) as f64,
+            "{:.1} MiB in {} maps and {:.1} MiB in {} programs, charged to stoker's memory cgroup. Of it, what grows with the CPUs: sample counts {} entries x {} possible CPUs ({:.1} MiB, capped by kernel.counts_max_bytes), network event ring for {} online CPUs ({:.1} MiB)",
+            mib(mem.map_bytes),
             mem.maps,
-            mem.program_bytes as f64 / (1 << 20) as f64,
-            mem.programs
+            mib(mem.program_bytes),
+            mem.programs,
+            sizes.counts,
+            sizes.possible_cpus,
+            mib(sizes.counts_bytes()),
+            sizes.event_cpus,
+            mib(sizes.ring_bytes()),
         ),
     );
     vec![loaded, perf, execs, net, memory]

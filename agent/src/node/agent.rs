@@ -8,8 +8,6 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use agent_ebpf::COUNTS_CAPACITY;
-
 use super::{
     config::AgentConfig,
     export::{exporter::Exporter, metrics, profiles, pyroscope, traces},
@@ -55,7 +53,7 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
     }));
     // Everything that needs CAP_BPF or CAP_PERFMON happens first, before any thread starts:
     // capabilities are per thread, and the ones not needed after this are dropped below.
-    let mut kernel = KernelPrograms::load(false)?;
+    let mut kernel = KernelPrograms::load_sized(false, config.kernel.counts_max_bytes)?;
     kernel.start(config.sample_rate_hz)?;
     if let Err(e) = kernel.watch_execs() {
         tracing::warn!("new processes are found by scanning /proc only: {e}");
@@ -160,7 +158,7 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
                     agent.spans_dropped = span_sampler.dropped;
                 }
             }
-            if collector.counts().len() as u64 > u64::from(COUNTS_CAPACITY) * 3 / 4 {
+            if collector.counts().len() as u64 > u64::from(kernel.sizes().counts) * 3 / 4 {
                 kernel.clear_counts()?;
                 collector.forget_stacks();
                 agent.last.clear();

@@ -38,9 +38,25 @@ pub struct AgentConfig {
     pub queue: Queue,
     pub kubernetes: Kubernetes,
     pub network: Network,
+    pub kernel: Kernel,
     /// OTLP destinations, from the OTEL_EXPORTER_OTLP_* variables (not the file).
     #[serde(skip)]
     pub export: Exports,
+}
+
+/// The kernel programs' maps.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Kernel {
+    /// Bytes the sample counts map may take: it has a counter per CPU for each entry, so
+    /// on a node with many CPUs it gets fewer entries (between 4,096 and 65,536).
+    pub counts_max_bytes: u64,
+}
+
+impl Default for Kernel {
+    fn default() -> Self {
+        Self { counts_max_bytes: crate::programs::sizing::DEFAULT_COUNTS_BYTES }
+    }
 }
 
 /// Where each OTLP signal goes; None: not exported.
@@ -153,6 +169,7 @@ impl Default for AgentConfig {
             queue: Queue::default(),
             kubernetes: Kubernetes::default(),
             network: Network::default(),
+            kernel: Kernel::default(),
             export: Exports::default(),
         }
     }

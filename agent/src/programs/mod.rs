@@ -4,6 +4,7 @@ pub(crate) mod attach;
 mod bits;
 mod logs;
 pub mod net_layout;
+pub mod sizing;
 
 use agent_ebpf::{
     GLOBAL_FSBASE_OFFSET, GLOBAL_MEASURE_COST, GLOBAL_NET_OFFSETS, GLOBAL_NEWTASK_FLAGS_OFFSET,
@@ -140,12 +141,18 @@ pub struct KernelPrograms {
     bits: bits::TargetBits,
     /// Processes not added because the targets or Python map was full.
     targets_refused: u64,
+    sizes: sizing::MapSizes,
 }
 
 impl KernelPrograms {
     /// Loads the kernel programs into the kernel (verifier included).
     /// `measure_cost`: time every target sample in the kernel (`Stats::target_ns`).
     pub fn load(measure_cost: bool) -> Result<Self> {
+        Self::load_sized(measure_cost, sizing::DEFAULT_COUNTS_BYTES)
+    }
+
+    /// `load`, with the sample counts map sized to take at most `counts_bytes` (see `sizing`).
+    pub fn load_sized(measure_cost: bool, counts_bytes: u64) -> Result<Self> {
         // Where the kernel keeps a task's fs base: the Python walker matches it against
         // CPython's thread ids. Without BTF, Python stacks are unavailable.
         // The network programs read `tcp_sock` members found the same way.
@@ -165,10 +172,13 @@ impl KernelPrograms {
         let (newtask_pid, newtask_flags) = (newtask("pid"), newtask("clone_flags"));
         // No kernel BTF for the loader: the programs use no CO-RE relocations, and parsing
         // it costs tens of megabytes.
-        let cpus = crate::sys::mmap::possible_cpu_ids()?;
+        let possible = crate::sys::mmap::possible_cpu_ids()?;
+        let online = crate::sys::mmap::online_cpu_ids().unwrap_or(possible);
+        let sizes = sizing::MapSizes::plan(possible, online, counts_bytes);
         let mut ebpf = EbpfLoader::new()
             .btf(None)
-            .map_max_entries(MAP_NET_EVENTS, net_layout::event_slots(cpus))
+            .map_max_entries(MAP_NET_EVENTS, net_layout::event_slots(sizes.event_cpus))
+            .map_max_entries(MAP_COUNTS, sizes.counts)
             .override_global(GLOBAL_FSBASE_OFFSET, &fsbase, true)
             .override_global(GLOBAL_MEASURE_COST, &u32::from(measure_cost), true)
             .override_global(GLOBAL_NEWTASK_PID_OFFSET, &newtask_pid, true)
@@ -200,7 +210,13 @@ impl KernelPrograms {
             stats_fd: None,
             bits,
             targets_refused: 0,
+            sizes,
         })
+    }
+
+    /// How large the CPU-count-dependent maps were made on this node.
+    pub fn sizes(&self) -> sizing::MapSizes {
+        self.sizes
     }
 
     /// Starts following children of targets flagged `TARGET_FOLLOW`.

@@ -73,6 +73,12 @@ pub fn possible_cpu_ids() -> Result<u32> {
         .ok_or_else(|| Error::Ebpf { what: "cannot list possible CPUs", detail: format!("{PATH}: {text:?}") })
 }
 
+/// The highest online CPU id plus one: programs run only on online CPUs (one brought
+/// online later has no region in a map sized by this, and its events are counted as lost).
+pub fn online_cpu_ids() -> Option<u32> {
+    max_cpu_id(&std::fs::read_to_string("/sys/devices/system/cpu/online").ok()?).map(|id| id + 1)
+}
+
 /// The highest id in a kernel CPU list such as `0-3,8-11`.
 fn max_cpu_id(list: &str) -> Option<u32> {
     list.trim()
