@@ -464,3 +464,114 @@ fn a_new_process_in_a_reused_pid_is_sampled_and_named_afresh() {
     assert!(alpha > 0, "the old process was sampled: {of_pid:?}");
     assert!(beta >= 74, "the new process in pid {pid}: {beta} samples in `beta`; its stacks: {of_pid:?}");
 }
+
+/// A copy of zlib at `path` (with `edit` applied to its bytes), and a CPython process
+/// spending its time in that copy's crc32.
+fn crc_loop(path: &std::path::Path, edit: impl FnOnce(&mut Vec<u8>)) -> std::process::Child {
+    use std::io::BufRead;
+    let mut bytes = std::fs::read("/lib/x86_64-linux-gnu/libz.so.1").expect("zlib");
+    edit(&mut bytes);
+    std::fs::write(path, &bytes).unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/hostile/crc_loop.py");
+    let mut child = Command::new(python("3.12.1"))
+        .args([script, path.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start crc_loop.py");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready", "crc_loop.py did not load {}", path.display());
+    child
+}
+
+/// Samples of process `pid` in a folded profile with a frame starting with `prefix`, and all.
+fn samples_with(folded: &Folded, pid: u32, prefix: &str) -> (u64, u64) {
+    let root = format!("[pid {pid}]");
+    let mine = folded.0.iter().filter(|(s, _)| s[0].ends_with(&root));
+    let total = mine.clone().map(|(_, n)| n).sum();
+    (mine.filter(|(s, _)| s.iter().any(|f| f.starts_with(prefix))).map(|(_, n)| n).sum(), total)
+}
+
+/// The end of the last loadable segment of an ELF64 file: what the loader maps.
+fn loaded_end(bytes: &[u8]) -> usize {
+    let word = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap()) as usize;
+    let (phoff, phnum) = (word(0x20), u16::from_le_bytes(bytes[0x38..0x3a].try_into().unwrap()) as usize);
+    (0..phnum)
+        .map(|i| phoff + i * 56)
+        .filter(|&p| u32::from_le_bytes(bytes[p..p + 4].try_into().unwrap()) == 1) // PT_LOAD
+        .map(|p| word(p + 8) + word(p + 32)) // p_offset + p_filesz
+        .max()
+        .unwrap()
+}
+
+/// A library whose section headers claim tables of 2^40 bytes (the loader uses only the
+/// program headers, so it loads and runs): its frames are unnamed (module and offset),
+/// the session stays small, and an intact copy beside it is still named.
+#[test]
+fn absurd_elf_section_sizes_leave_frames_unnamed_not_a_crash() {
+    require_root();
+    let dir = scratch("absurd-elf");
+    let mut intact = crc_loop(&dir.join("intact.so"), |_| {});
+    let mut absurd = crc_loop(&dir.join("absurd.so"), |b| {
+        let shoff = u64::from_le_bytes(b[0x28..0x30].try_into().unwrap()) as usize;
+        let shnum = u16::from_le_bytes(b[0x3c..0x3e].try_into().unwrap()) as usize;
+        for i in 1..shnum {
+            b[shoff + i * 64 + 32..shoff + i * 64 + 40].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        }
+    });
+    let (a, b) = (intact.id(), absurd.id());
+    let args: Vec<String> =
+        ["--native", "-p", &a.to_string(), "-p", &b.to_string()].map(String::from).to_vec();
+    let s = session(&dir, "absurd", &args, 3);
+    for child in [&mut intact, &mut absurd] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    assert!(s.success, "{}", s.stderr);
+    let (named, total) = samples_with(&s.folded, a, "crc32");
+    assert!(total > 0 && named * 2 > total, "intact copy: crc32 in {named} of {total} samples");
+    let (named, _) = samples_with(&s.folded, b, "crc32");
+    let (unnamed, total) = samples_with(&s.folded, b, "absurd.so+0x");
+    assert!(named == 0 && unnamed * 2 > total, "absurd copy: {named} named, {unnamed} unnamed of {total}");
+    // The same bound as a plain session's (see the mappings test): the tables were not read.
+    assert!(s.max_rss_kib < 100 << 10, "peak RSS {} KiB", s.max_rss_kib);
+}
+
+/// A library cut to its loaded part while a process runs it (its section headers and
+/// symbol table gone): a session running then and one started after both end normally and
+/// write their samples; the second names its frames by module and offset.
+#[test]
+fn a_library_truncated_while_mapped_cannot_crash_a_session() {
+    require_root();
+    let dir = scratch("truncated-elf");
+    let lib = dir.join("cut.so");
+    let mut target = crc_loop(&lib, |_| {});
+    let pid = target.id().to_string();
+    let out = dir.join("during.folded");
+    let mut during = Command::new(STOKER)
+        .args(["record", "--native", "-p", &pid, "-d", "3", "-f", "folded", "-o", out.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run stoker");
+    let mut stderr = Stderr::of(&mut during);
+    stderr.wait_for("sampling at");
+    let bytes = std::fs::read(&lib).unwrap();
+    std::fs::OpenOptions::new().write(true).open(&lib).unwrap().set_len(loaded_end(&bytes) as u64).unwrap();
+    let status = during.wait().unwrap();
+    let err = stderr.rest();
+    assert!(status.success(), "session during the truncation: {err}");
+    // One process: its stacks have no process root.
+    assert!(Folded::read(&out).total() > 0, "no samples written: {err}");
+    let args: Vec<String> = ["--native", "-p", &pid].map(String::from).to_vec();
+    let after = session(&dir, "after", &args, 2);
+    let _ = target.kill();
+    let _ = target.wait();
+    assert!(after.success, "session after the truncation: {}", after.stderr);
+    let (unnamed, named, total) = (
+        after.folded.with_frame(|f| f.starts_with("cut.so+0x")),
+        after.folded.with_frame(|f| f.starts_with("crc32")),
+        after.folded.total(),
+    );
+    assert!(named == 0 && unnamed * 2 > total, "truncated copy: {named} named, {unnamed} unnamed of {total}");
+}

@@ -91,6 +91,10 @@ fn inspect(
     // (often tens of megabytes of) code and debug information, and a file the target
     // truncates meanwhile gives read errors, not SIGBUS.
     let data = object::ReadCache::new(on_disk);
+    // The parser reads the symbol tables whole: only at sizes we accept.
+    if !crate::sys::elf::sane(&data) {
+        return None;
+    }
     let file = object::File::parse(&data).ok()?;
     let runtime_sym = find_symbol(&file, "_PyRuntime")?;
     // Load bias: where the segment holding `map_offset` was mapped, minus its link address.

@@ -1,5 +1,6 @@
 //! Turns sampled addresses into frames: user addresses through a snapshot of the
-//! process's mappings and blazesym on the mapped files, kernel addresses through kallsyms.
+//! process's mappings and the mapped files' symbol tables (read, never mapped: see
+//! `sys::elf`), kernel addresses through kallsyms (blazesym).
 pub mod maps;
 
 use std::{
@@ -13,19 +14,20 @@ use blazesym::{
     MaybeDefault,
     symbolize::{
         Input, Symbolized, Symbolizer as Blaze,
-        source::{Elf, Kernel, Source},
+        source::{Kernel, Source},
     },
 };
 
 use self::maps::{Mapping, ProcMaps};
-use crate::{profile::Frame, sys::maps as sys_maps};
+use crate::{
+    profile::Frame,
+    sys::{elf::FunctionSymbols, maps as sys_maps},
+};
 
 struct ProcState {
     maps: ProcMaps,
     /// Prefix that reaches the process's files from our mount namespace.
     root: Option<PathBuf>,
-    /// Whether each mapped (file, inode) is still that regular file (checked once).
-    usable: HashMap<(Arc<PathBuf>, u64), bool>,
     /// When the mappings were read and how long that took: an address outside them reads
     /// them again only after ten times as long, so a process whose maps cost a quarter
     /// second to read (65,530 long-named mappings) cannot keep us reading them.
@@ -35,6 +37,9 @@ struct ProcState {
 
 /// Native frames cached by (file, offset) before the cache starts over.
 const MAX_NAMES: usize = 100_000;
+/// Symbol tables kept (by file), and the bytes they may hold, before the cache starts over.
+const MAX_FILES: usize = 256;
+const MAX_FILE_BYTES: usize = 256 << 20;
 
 /// Resolves addresses to names, caching by file offset and keeping mapping snapshots
 /// of processes that have since exited.
@@ -43,6 +48,10 @@ pub struct Symbolizer {
     procs: HashMap<u32, ProcState>,
     /// By (path, inode, file offset): one path names different files in different containers.
     user_names: HashMap<(Arc<PathBuf>, u64, u64), Frame>,
+    /// Symbol tables by (path, inode); None: not a file we could read (a FIFO or device in a
+    /// library's place, a swapped file, no ELF, tables over our limits).
+    files: HashMap<(Arc<PathBuf>, u64), Option<Arc<FunctionSymbols>>>,
+    file_bytes: usize,
     kernel_names: HashMap<u64, Frame>,
 }
 
@@ -55,7 +64,14 @@ impl Default for Symbolizer {
 impl Symbolizer {
     pub fn new() -> Self {
         let blaze = Blaze::builder().enable_code_info(false).enable_inlined_fns(false).build();
-        Self { blaze, procs: HashMap::new(), user_names: HashMap::new(), kernel_names: HashMap::new() }
+        Self {
+            blaze,
+            procs: HashMap::new(),
+            user_names: HashMap::new(),
+            files: HashMap::new(),
+            file_bytes: 0,
+            kernel_names: HashMap::new(),
+        }
     }
 
     /// Drops the mapping snapshots of the processes not in `live` (they exited and their
@@ -83,9 +99,8 @@ impl Symbolizer {
             if maps.is_empty() {
                 return; // a zombie shows no mappings: keep what we had
             }
-            let usable = self.procs.remove(&pid).map(|p| p.usable).unwrap_or_default();
             let (read_at, read_took) = (Instant::now(), started.elapsed());
-            let state = ProcState { maps, root: sys_maps::root_of(pid), usable, read_at, read_took };
+            let state = ProcState { maps, root: sys_maps::root_of(pid), read_at, read_took };
             self.procs.insert(pid, state);
         }
     }
@@ -125,27 +140,41 @@ impl Symbolizer {
             return name.clone();
         }
         let unnamed = Frame::NativeUnnamed { module: m.name.clone(), offset: file_offset };
-        let Some(proc) = self.procs.get_mut(&pid) else { return unnamed };
-        // Only a regular file that is still the one mapped goes to the ELF reader: a FIFO
-        // or device named like a library would block it, another file would lie.
-        let usable = *proc
-            .usable
-            .entry((path.clone(), m.inode))
-            .or_insert_with(|| sys_maps::open_mapped(proc.root.as_deref(), path, m.inode).is_ok());
-        if !usable {
-            return unnamed;
-        }
-        let src = Source::Elf(Elf::new(sys_maps::in_root(proc.root.as_deref(), path)));
-        let name = match self.blaze.symbolize_single(&src, Input::FileOffset(file_offset)) {
-            // An address past the end of the nearest symbol (PLT stubs after `_init`, for
-            // one) is not in that function.
-            Ok(Symbolized::Sym(sym)) if sym.size.is_none_or(|size| sym.offset < size) => {
-                Frame::Native { function: Arc::from(sym.name.as_ref()) }
-            }
-            _ => unnamed,
+        let Some(root) = self.procs.get(&pid).map(|p| p.root.clone()) else { return unnamed };
+        let name = match self.symbols(root.as_deref(), path, m.inode) {
+            Some(symbols) => match symbols.name_at(file_offset) {
+                Some(function) => Frame::Native { function },
+                None => unnamed,
+            },
+            None => unnamed,
         };
         self.user_names.insert(key, name.clone());
         name
+    }
+
+    /// The symbol table of the file mapped from `path` with `inode`, read once. Only a
+    /// regular file that is still the one mapped is read (a FIFO or device named like a
+    /// library would block, another file would lie), through the descriptor that checked it.
+    fn symbols(
+        &mut self,
+        root: Option<&std::path::Path>,
+        path: &Arc<PathBuf>,
+        inode: u64,
+    ) -> Option<Arc<FunctionSymbols>> {
+        let key = (path.clone(), inode);
+        if let Some(known) = self.files.get(&key) {
+            return known.clone();
+        }
+        let read =
+            sys_maps::open_mapped(root, path, inode).ok().and_then(FunctionSymbols::read).map(Arc::new);
+        let bytes = read.as_ref().map_or(0, |s| s.bytes());
+        if self.files.len() >= MAX_FILES || self.file_bytes + bytes > MAX_FILE_BYTES {
+            self.files.clear();
+            self.file_bytes = 0;
+        }
+        self.file_bytes += bytes;
+        self.files.insert(key, read.clone());
+        read
     }
 
     /// Frames of a kernel stack given leaf first.
