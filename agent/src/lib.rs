@@ -4,6 +4,9 @@ pub(crate) mod collect;
 pub mod doctor;
 pub mod error;
 pub mod export;
+/// Entry points for the fuzz targets in `fuzz/`.
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub(crate) mod k8s;
 pub(crate) mod net;
 pub mod node;

@@ -7,8 +7,18 @@ use anyhow::{Result, bail};
 use crate::{root, setup::TOOLCHAIN, sh};
 
 pub fn run() -> Result<()> {
-    // The agent, xtask and the shared types (agent-ebpf's library, as the agent builds it).
-    sh(Command::new("cargo").current_dir(root()).args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+    // The agent, xtask, the fuzz targets and the shared types (agent-ebpf's library, as the
+    // agent builds it).
+    sh(Command::new("cargo").current_dir(root()).args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "agent-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     bpf()
 }
 

@@ -1,5 +1,6 @@
-//! Developer tasks: `cargo xtask setup | lint | test | demo`. Setup installs only what is
+//! Developer tasks: `cargo xtask setup | lint | test | fuzz | demo`. Setup installs only what is
 //! missing and says what it installs; the others build and run stoker.
+mod fuzz;
 mod lint;
 mod setup;
 
@@ -34,6 +35,14 @@ enum Task {
         /// Extra arguments for the test binaries (e.g. a test name filter).
         args: Vec<String>,
     },
+    /// Build the fuzz targets (libFuzzer) and run each for a while from its committed corpus.
+    Fuzz {
+        /// Seconds each target runs.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+        seconds: u32,
+        /// Targets to run (the files of fuzz/fuzz_targets/); all when none is named.
+        targets: Vec<String>,
+    },
     /// Build stoker and profile the bundled Python demo service under load into a flamegraph.
     Demo,
     /// Run clippy with warnings denied on the host crates and on the kernel programs (BPF target).
@@ -41,10 +50,14 @@ enum Task {
 }
 
 fn main() {
+    if std::env::var_os(fuzz::WRAPPER_ENV).is_some() {
+        fuzz::rustc_wrapper();
+    }
     let cli = Cli::parse();
     let result = match cli.task {
         Task::Setup => setup::run(),
         Task::Test { args, hog, runs } => test(&args, hog, runs),
+        Task::Fuzz { seconds, targets } => fuzz::run(seconds, &targets),
         Task::Demo => demo(),
         Task::Lint => lint::run(),
     };
@@ -135,7 +148,7 @@ fn test_once(args: &[String]) -> Result<()> {
     // The end-to-end tests run one at a time: they measure CPU shares on a small machine.
     sh(Command::new("cargo")
         .current_dir(root())
-        .args(["test", "--workspace", "--exclude", "agent-ebpf", "--"])
+        .args(["test", "--workspace", "--exclude", "agent-ebpf", "--exclude", "stoker-fuzz", "--"])
         .arg("--test-threads=1")
         .args(args))?;
     // The deployment manifests, Dockerfile, dashboard and Collector config, checked by

@@ -7,8 +7,8 @@ use anyhow::{Context, Result, bail};
 use crate::sh;
 
 /// Debian packages: the kernel-crate toolchain (rustc/cargo 1.96 with core sources, and
-/// its clippy for `cargo xtask lint`), LLVM 22 for bpf-linker, and the tools the end-to-end
-/// tests use.
+/// its clippy for `cargo xtask lint`), LLVM 22 for bpf-linker, a C++ compiler for libFuzzer
+/// (`cargo xtask fuzz`), and the tools the end-to-end tests use.
 const PACKAGES: &[&str] = &[
     "rustc-web",
     "rust-web-src",
@@ -19,6 +19,7 @@ const PACKAGES: &[&str] = &[
     "libzstd-dev",
     "zlib1g-dev",
     "gcc",
+    "g++",
     "libc6-dev",
     "linux-perf",
     "util-linux",

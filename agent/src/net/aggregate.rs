@@ -142,8 +142,9 @@ impl Aggregator {
                 }
                 let stats = m.requests.entry(key).or_default();
                 stats.latency.record(end.saturating_sub(e.start_ns));
-                stats.req_bytes += e.req_bytes;
-                stats.resp_bytes += e.resp_bytes;
+                // The kernel's counters are trusted to be sane, not to be small: sums saturate.
+                stats.req_bytes = stats.req_bytes.saturating_add(e.req_bytes);
+                stats.resp_bytes = stats.resp_bytes.saturating_add(e.resp_bytes);
             }
             NET_EVENT_CONNECT => {
                 let c = m.connects.entry((e.tgid, peer)).or_default();
@@ -157,12 +158,12 @@ impl Aggregator {
             NET_EVENT_CLOSE => {
                 let c = m.connects.entry((e.tgid, peer)).or_default();
                 c.closed += 1;
-                c.retransmits += u64::from(e.retransmits);
+                c.retransmits = c.retransmits.saturating_add(u64::from(e.retransmits));
                 if e.srtt_us > 0 {
                     c.rtt.record(u64::from(e.srtt_us) * 1000);
                 }
-                c.bytes_received += e.req_bytes;
-                c.bytes_acked += e.resp_bytes;
+                c.bytes_received = c.bytes_received.saturating_add(e.req_bytes);
+                c.bytes_acked = c.bytes_acked.saturating_add(e.resp_bytes);
                 c.lifetime.record(e.resp_first_ns.saturating_sub(e.start_ns));
             }
             NET_EVENT_ACCEPT => *m.accepted.entry(e.tgid).or_default() += 1,
@@ -250,5 +251,26 @@ mod tests {
         assert_eq!(client.peer, Some("127.0.0.1:8080".parse().unwrap()));
         assert_eq!(c.latency.max_ns, 2_000_000);
         assert!(a.take_interval().requests.is_empty());
+    }
+
+    #[test]
+    fn byte_counts_saturate_instead_of_overflowing() {
+        let mut a = Aggregator::new();
+        let mut e = event(NET_EVENT_REQUEST, NET_ROLE_SERVER, "/upload");
+        e.req_bytes = u64::MAX - 1;
+        e.start_ns = 0;
+        e.resp_last_ns = u64::MAX;
+        a.add(&e);
+        a.add(&e);
+        let mut close = event(NET_EVENT_CLOSE, agent_ebpf::NET_ROLE_CLIENT, "");
+        close.req_bytes = u64::MAX;
+        close.retransmits = u32::MAX;
+        a.add(&close);
+        a.add(&close);
+        let m = a.take_interval();
+        let (_, s) = m.requests.iter().next().unwrap();
+        assert_eq!((s.req_bytes, s.resp_bytes, s.latency.sum_ns), (u64::MAX, 40, u64::MAX));
+        let (_, c) = m.connects.iter().next().unwrap();
+        assert_eq!((c.closed, c.bytes_received, c.retransmits), (2, u64::MAX, 2 * u64::from(u32::MAX)));
     }
 }

@@ -43,7 +43,8 @@ impl Histogram {
         }
         self.max_ns = self.max_ns.max(ns);
         self.count += 1;
-        self.sum_ns += ns;
+        // Only a corrupt event lasts centuries; its sum pins at the top rather than wrapping.
+        self.sum_ns = self.sum_ns.saturating_add(ns);
         let s = ns as f64 / 1e9;
         let i = OTEL_BOUNDS_S.iter().position(|&b| s <= b).unwrap_or(OTEL_BOUNDS_S.len());
         self.otel[i] += 1;
@@ -59,7 +60,7 @@ impl Histogram {
         }
         self.max_ns = self.max_ns.max(other.max_ns);
         self.count += other.count;
-        self.sum_ns += other.sum_ns;
+        self.sum_ns = self.sum_ns.saturating_add(other.sum_ns);
         for (a, b) in self.otel.iter_mut().zip(other.otel) {
             *a += b;
         }
@@ -122,6 +123,18 @@ fn bucket_middle(i: u32) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sums_saturate_instead_of_overflowing() {
+        let mut h = Histogram::default();
+        h.record(u64::MAX - 1);
+        h.record(5);
+        let mut merged = h.clone();
+        merged.merge(&h);
+        assert_eq!((h.count, h.sum_ns, h.max_ns), (2, u64::MAX, u64::MAX - 1));
+        assert_eq!((merged.count, merged.sum_ns), (4, u64::MAX));
+        assert_eq!(h.quantile_ns(1.0), u64::MAX - 1);
+    }
 
     #[test]
     fn quantiles_are_within_one_percent() {

@@ -5,7 +5,7 @@ use std::{collections::HashMap, io, sync::Arc};
 use super::{
     layout::{self, Layout, PyVersion},
     linetable::{self, LineTableFormat},
-    mem::Memory,
+    mem::{Memory, ReadMemory},
 };
 
 /// Longest string read (names and paths).
@@ -113,66 +113,72 @@ impl CodeReader {
     }
 
     fn read_code(&self, addr: u64) -> io::Result<CodeInfo> {
-        let l = &self.layout;
-        let name_ptr = self.mem.u64(addr.wrapping_add(l.code_qualname.unwrap_or(l.code_name)))?;
-        let filename_ptr = self.mem.u64(addr.wrapping_add(l.code_filename))?;
-        let first_line = self.mem.u32(addr.wrapping_add(l.code_firstlineno))?;
-        let table_ptr = self.mem.u64(addr.wrapping_add(l.code_linetable))?;
-        Ok(CodeInfo {
-            name: self.string(name_ptr)?,
-            filename: self.string(filename_ptr)?,
-            first_line,
-            linetable: self.bytes(table_ptr)?,
-            format: self.format,
-        })
+        read_code(&self.mem, &self.layout, self.format, addr)
     }
+}
 
-    /// A `str` object's text (compact strings: every string a code object holds).
-    fn string(&self, addr: u64) -> io::Result<String> {
-        let l = &self.layout;
-        let state = self.mem.u32(addr.wrapping_add(l.unicode_state))?;
-        let length = self.mem.i64(addr.wrapping_add(l.unicode_length))?;
-        let invalid = || io::Error::new(io::ErrorKind::InvalidData, "not a compact str object");
-        if !(0..=MAX_STRING as i64).contains(&length) {
-            return Err(invalid());
-        }
-        let kind = (state & layout::UNICODE_STATE_KIND_MASK) >> layout::UNICODE_STATE_KIND_SHIFT;
-        let compact = state & layout::UNICODE_STATE_COMPACT_MASK != 0;
-        let ascii = state & layout::UNICODE_STATE_ASCII_MASK != 0;
-        if !compact {
-            return Err(invalid());
-        }
-        let length = length as usize;
-        if ascii {
-            let bytes = self.mem.bytes(addr.wrapping_add(l.unicode_ascii_data), length)?;
-            return Ok(String::from_utf8_lossy(&bytes).into_owned());
-        }
-        let width = match kind {
-            1 | 2 | 4 => kind as usize,
-            _ => return Err(invalid()),
-        };
-        let raw = self.mem.bytes(addr.wrapping_add(l.unicode_compact_data), length * width)?;
-        let chars = raw.chunks_exact(width).map(|c| {
-            let mut v = [0u8; 4];
-            v[..width].copy_from_slice(c);
-            char::from_u32(u32::from_le_bytes(v)).unwrap_or(char::REPLACEMENT_CHARACTER)
-        });
-        Ok(chars.collect())
-    }
+/// The code object at `addr` of `mem`, read with `layout`.
+pub fn read_code(
+    mem: &impl ReadMemory,
+    l: &Layout,
+    format: LineTableFormat,
+    addr: u64,
+) -> io::Result<CodeInfo> {
+    let name_ptr = mem.u64(addr.wrapping_add(l.code_qualname.unwrap_or(l.code_name)))?;
+    let filename_ptr = mem.u64(addr.wrapping_add(l.code_filename))?;
+    let first_line = mem.u32(addr.wrapping_add(l.code_firstlineno))?;
+    let table_ptr = mem.u64(addr.wrapping_add(l.code_linetable))?;
+    Ok(CodeInfo {
+        name: string(mem, l, name_ptr)?,
+        filename: string(mem, l, filename_ptr)?,
+        first_line,
+        linetable: bytes(mem, l, table_ptr)?,
+        format,
+    })
+}
 
-    /// A `bytes` object's contents.
-    /// A line table (`bytes` object); empty when longer than `MAX_LINETABLE`.
-    fn bytes(&self, addr: u64) -> io::Result<Vec<u8>> {
-        let l = &self.layout;
-        let size = self.mem.i64(addr.wrapping_add(l.bytes_size))?;
-        if size < 0 {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "bad bytes object size"));
-        }
-        if size as usize > MAX_LINETABLE {
-            return Ok(Vec::new());
-        }
-        self.mem.bytes(addr.wrapping_add(l.bytes_data), size as usize)
+/// A `str` object's text (compact strings: every string a code object holds).
+fn string(mem: &impl ReadMemory, l: &Layout, addr: u64) -> io::Result<String> {
+    let state = mem.u32(addr.wrapping_add(l.unicode_state))?;
+    let length = mem.i64(addr.wrapping_add(l.unicode_length))?;
+    let invalid = || io::Error::new(io::ErrorKind::InvalidData, "not a compact str object");
+    if !(0..=MAX_STRING as i64).contains(&length) {
+        return Err(invalid());
     }
+    let kind = (state & layout::UNICODE_STATE_KIND_MASK) >> layout::UNICODE_STATE_KIND_SHIFT;
+    let compact = state & layout::UNICODE_STATE_COMPACT_MASK != 0;
+    let ascii = state & layout::UNICODE_STATE_ASCII_MASK != 0;
+    if !compact {
+        return Err(invalid());
+    }
+    let length = length as usize;
+    if ascii {
+        let bytes = mem.bytes(addr.wrapping_add(l.unicode_ascii_data), length)?;
+        return Ok(String::from_utf8_lossy(&bytes).into_owned());
+    }
+    let width = match kind {
+        1 | 2 | 4 => kind as usize,
+        _ => return Err(invalid()),
+    };
+    let raw = mem.bytes(addr.wrapping_add(l.unicode_compact_data), length * width)?;
+    let chars = raw.chunks_exact(width).map(|c| {
+        let mut v = [0u8; 4];
+        v[..width].copy_from_slice(c);
+        char::from_u32(u32::from_le_bytes(v)).unwrap_or(char::REPLACEMENT_CHARACTER)
+    });
+    Ok(chars.collect())
+}
+
+/// A line table (`bytes` object); empty when longer than `MAX_LINETABLE`.
+fn bytes(mem: &impl ReadMemory, l: &Layout, addr: u64) -> io::Result<Vec<u8>> {
+    let size = mem.i64(addr.wrapping_add(l.bytes_size))?;
+    if size < 0 {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "bad bytes object size"));
+    }
+    if size as usize > MAX_LINETABLE {
+        return Ok(Vec::new());
+    }
+    mem.bytes(addr.wrapping_add(l.bytes_data), size as usize)
 }
 
 #[cfg(test)]

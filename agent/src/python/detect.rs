@@ -6,7 +6,7 @@ use object::{Object, ObjectSegment, ObjectSymbol};
 
 use super::{
     layout::{self, DebugOffsetsError, Layout, PyVersion},
-    mem::Memory,
+    mem::{Memory, ReadMemory},
 };
 use crate::sys::maps::{self, MapName};
 
@@ -95,18 +95,33 @@ fn inspect(
     if !crate::sys::elf::sane(&data) {
         return None;
     }
-    let file = object::File::parse(&data).ok()?;
+    inspect_elf(pid, &data, path, map_start, map_offset, &Memory::new(pid))
+}
+
+/// What the interpreter ELF `data` (the file at `path`), whose lowest mapping in process
+/// `pid` starts at `map_start` with file offset `map_offset`, makes of the process whose
+/// memory is `mem`. None when it is not a CPython stoker can recognize.
+pub fn inspect_elf<'d, R: object::ReadRef<'d>>(
+    pid: u32,
+    data: R,
+    path: &Path,
+    map_start: u64,
+    map_offset: u64,
+    mem: &impl ReadMemory,
+) -> Option<Detected> {
+    let file = object::File::parse(data).ok()?;
     let runtime_sym = find_symbol(&file, "_PyRuntime")?;
     // Load bias: where the segment holding `map_offset` was mapped, minus its link address.
+    // The file's offsets and addresses are the target's to choose: no sum may overflow, and
+    // addresses wrap as the loader's would.
     let segment = file.segments().find(|s| {
         let (off, size) = s.file_range();
-        off <= map_offset && map_offset < off + size.max(1)
+        off <= map_offset && map_offset - off < size.max(1)
     })?;
     let (seg_off, _) = segment.file_range();
-    let link_addr = segment.address() - seg_off + map_offset;
+    let link_addr = segment.address().wrapping_sub(seg_off).wrapping_add(map_offset);
     let bias = map_start.wrapping_sub(link_addr & !0xfff);
     let runtime = runtime_sym.wrapping_add(bias);
-    let mem = Memory::new(pid);
 
     // `Py_Version` (3.11+) gives the exact release; older builds only their file name.
     let (version, shown) = match find_symbol(&file, "Py_Version") {
@@ -176,5 +191,25 @@ mod tests {
         assert_eq!(v("python3"), None);
         assert!(is_interpreter_name("libpython3.12.so.1.0") && is_interpreter_name("python3.11"));
         assert!(!is_interpreter_name("libc.so.6"));
+    }
+
+    /// A program header whose offset and size run past 2^64 is a file the target crafted:
+    /// it is not CPython, and looking at it must not overflow.
+    #[test]
+    fn segments_past_the_end_of_the_address_space() {
+        let mut elf = include_bytes!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../fuzz/corpus/detect_elf/libpython3.13-shared"
+        ))[1..]
+            .to_vec();
+        let field = |elf: &[u8], at: usize| u64::from_le_bytes(elf[at..at + 8].try_into().unwrap()) as usize;
+        let first_phdr = field(&elf, 0x20);
+        // p_offset and p_filesz of the first program header (a PT_LOAD at 0).
+        elf[first_phdr + 8..first_phdr + 16].copy_from_slice(&(u64::MAX - 0xfff).to_le_bytes());
+        elf[first_phdr + 32..first_phdr + 40].copy_from_slice(&0x2000u64.to_le_bytes());
+        let memory = crate::python::mem::Image { base: 0, bytes: &[] };
+        let path = Path::new("/usr/lib/libpython3.13.so.1.0");
+        let found = inspect_elf(1, elf.as_slice(), path, 0x7f00_0000_0000, u64::MAX - 0x10, &memory);
+        assert!(found.is_none(), "a crafted ELF was taken for CPython: {found:?}");
     }
 }

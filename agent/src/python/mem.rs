@@ -2,6 +2,35 @@
 //! target. Used to read code objects and strings when symbolizing Python frames.
 use std::io;
 
+/// Memory of a process, as the code-object and `_Py_DebugOffsets` readers see it: the
+/// live process (`Memory`) or, in tests and fuzzing, bytes standing in for it.
+pub trait ReadMemory {
+    /// Fills `buf` from `addr`; a short read is an error.
+    fn read(&self, addr: u64, buf: &mut [u8]) -> io::Result<()>;
+
+    fn bytes(&self, addr: u64, len: usize) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0; len];
+        self.read(addr, &mut buf)?;
+        Ok(buf)
+    }
+
+    fn u64(&self, addr: u64) -> io::Result<u64> {
+        let mut b = [0; 8];
+        self.read(addr, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    fn u32(&self, addr: u64) -> io::Result<u32> {
+        let mut b = [0; 4];
+        self.read(addr, &mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+
+    fn i64(&self, addr: u64) -> io::Result<i64> {
+        self.u64(addr).map(|v| v as i64)
+    }
+}
+
 /// The memory of one process.
 #[derive(Debug, Clone, Copy)]
 pub struct Memory {
@@ -12,9 +41,10 @@ impl Memory {
     pub fn new(pid: u32) -> Self {
         Self { pid: pid as i32 }
     }
+}
 
-    /// Fills `buf` from `addr`; a short read is an error.
-    pub fn read(&self, addr: u64, buf: &mut [u8]) -> io::Result<()> {
+impl ReadMemory for Memory {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> io::Result<()> {
         if buf.is_empty() {
             return Ok(());
         }
@@ -31,27 +61,23 @@ impl Memory {
         }
         Ok(())
     }
+}
 
-    pub fn bytes(&self, addr: u64, len: usize) -> io::Result<Vec<u8>> {
-        let mut buf = vec![0; len];
-        self.read(addr, &mut buf)?;
-        Ok(buf)
-    }
+/// Bytes standing in for a process's memory: `bytes` at `base`, nothing elsewhere.
+#[cfg(any(test, feature = "fuzzing"))]
+pub struct Image<'a> {
+    pub base: u64,
+    pub bytes: &'a [u8],
+}
 
-    pub fn u64(&self, addr: u64) -> io::Result<u64> {
-        let mut b = [0; 8];
-        self.read(addr, &mut b)?;
-        Ok(u64::from_le_bytes(b))
-    }
-
-    pub fn u32(&self, addr: u64) -> io::Result<u32> {
-        let mut b = [0; 4];
-        self.read(addr, &mut b)?;
-        Ok(u32::from_le_bytes(b))
-    }
-
-    pub fn i64(&self, addr: u64) -> io::Result<i64> {
-        self.u64(addr).map(|v| v as i64)
+#[cfg(any(test, feature = "fuzzing"))]
+impl ReadMemory for Image<'_> {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> io::Result<()> {
+        let fault = || io::Error::new(io::ErrorKind::InvalidInput, "address not in the image");
+        let start = usize::try_from(addr.checked_sub(self.base).ok_or_else(fault)?).map_err(|_| fault())?;
+        let end = start.checked_add(buf.len()).ok_or_else(fault)?;
+        buf.copy_from_slice(self.bytes.get(start..end).ok_or_else(fault)?);
+        Ok(())
     }
 }
 
