@@ -48,7 +48,7 @@ pub fn read_filtered(pid: u32, keep: impl FnMut(&MapEntry) -> bool) -> io::Resul
 }
 
 /// Parses maps text from `reader`, line by line, each line capped at `MAX_LINE`.
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
 pub fn parse_from(reader: impl Read) -> io::Result<Vec<MapEntry>> {
     Ok(parse_filtered(reader, |_| true)?.entries)
 }
