@@ -156,6 +156,18 @@ fn bloat(args: &[&str]) -> std::process::Child {
     child
 }
 
+/// Two one-page files in `dir` for bloat.py to map: one with a short path, one whose path
+/// is close to PATH_MAX (15 directories of 250 bytes).
+fn mappable_files(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let deep = (0..15).fold(dir.to_path_buf(), |d, _| d.join("d".repeat(250)));
+    std::fs::create_dir_all(&deep).unwrap();
+    let (short, long) = (dir.join("l.bin"), deep.join("l.bin"));
+    for file in [&short, &long] {
+        std::fs::write(file, [0u8; 4096]).unwrap();
+    }
+    (short, long)
+}
+
 /// Processes built to make a profiler slow or large: 60,000 mappings (maps 5 MB), 60,000
 /// mappings of a file with a ~4 KiB path (maps 230 MB, seconds of kernel time per read),
 /// and one function with a line table of hundreds of KiB beside 20,000 distinct functions.
@@ -165,13 +177,7 @@ fn bloat(args: &[&str]) -> std::process::Child {
 fn many_mappings_and_huge_code_cannot_stall_or_bloat_a_session() {
     require_root();
     let dir = scratch("bloat");
-    // 15 directories of 250 bytes: a path close to PATH_MAX (4 KiB).
-    let deep = (0..15).fold(dir.clone(), |d, _| d.join("d".repeat(250)));
-    std::fs::create_dir_all(&deep).unwrap();
-    let (short, long) = (dir.join("l.bin"), deep.join("l.bin"));
-    for file in [&short, &long] {
-        std::fs::write(file, [0u8; 4096]).unwrap();
-    }
+    let (short, long) = mappable_files(&dir);
     let plain = Command::new(python("3.12.1"))
         .args(["-c", "def spin():\n    while True: pass\nspin()"])
         .spawn()
@@ -253,12 +259,7 @@ fn many_mappings_and_huge_code_cannot_stall_or_bloat_the_agent() {
     use common::agent::*;
     require_root();
     let dir = scratch("bloat-agent");
-    let deep = (0..15).fold(dir.clone(), |d, _| d.join("d".repeat(250)));
-    std::fs::create_dir_all(&deep).unwrap();
-    let (short, long) = (dir.join("l.bin"), deep.join("l.bin"));
-    for file in [&short, &long] {
-        std::fs::write(file, [0u8; 4096]).unwrap();
-    }
+    let (short, long) = mappable_files(&dir);
     let mut children = vec![
         bloat(&["maps", "60000", short.to_str().unwrap()]),
         bloat(&["maps", "60000", long.to_str().unwrap()]),
