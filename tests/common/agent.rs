@@ -206,9 +206,15 @@ pub fn wait_spent(workload: &mut Child, report: &std::path::Path) -> Spent {
 /// The last `process_cpu_time_seconds_total` the agent reports for `pid`, once the
 /// process has exited and the agent has stopped reporting it.
 pub fn final_cpu_time(http: u16, pid: u32) -> (f64, String) {
+    final_cpu_time_after(http, pid, None)
+}
+
+/// `final_cpu_time` for a test that may poll only after the process left the export:
+/// `seen` is the last value the test itself saw in the agent's `/metrics` (see `cpu_time_in`).
+pub fn final_cpu_time_after(http: u16, pid: u32, seen: Option<(f64, String)>) -> (f64, String) {
     let label = format!("process_pid=\"{pid}\"");
     let deadline = Instant::now() + Duration::from_secs(30);
-    let mut last = None;
+    let mut last = seen;
     loop {
         let (_, text) = http_get(http, "/metrics").unwrap_or_default();
         match metric_value(&text, "process_cpu_time_seconds_total", &label) {
@@ -221,6 +227,12 @@ pub fn final_cpu_time(http: u16, pid: u32) -> (f64, String) {
         assert!(Instant::now() < deadline, "the agent still reports process {pid} 30 s on");
         thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The `process_cpu_time_seconds_total` of `pid` in one `/metrics` text, with the text.
+pub fn cpu_time_in(text: &str, pid: u32) -> Option<(f64, String)> {
+    metric_value(text, "process_cpu_time_seconds_total", &format!("process_pid=\"{pid}\""))
+        .map(|v| (v, text.to_string()))
 }
 
 /// Asserts the CPU time the agent reported for a workload is what it spent: at least its
