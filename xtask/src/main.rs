@@ -146,9 +146,20 @@ fn test_once(args: &[String]) -> Result<()> {
         None => root().join("target"),
     };
     // The end-to-end tests run one at a time: they measure CPU shares on a small machine.
+    // Profile `suite`: optimized, with debug assertions (see Cargo.toml).
     sh(Command::new("cargo")
         .current_dir(root())
-        .args(["test", "--workspace", "--exclude", "agent-ebpf", "--exclude", "stoker-fuzz", "--"])
+        .args([
+            "test",
+            "--profile",
+            "suite",
+            "--workspace",
+            "--exclude",
+            "agent-ebpf",
+            "--exclude",
+            "stoker-fuzz",
+            "--",
+        ])
         .arg("--test-threads=1")
         .args(args))?;
     // The deployment manifests, Dockerfile, dashboard and Collector config, checked by
@@ -157,7 +168,7 @@ fn test_once(args: &[String]) -> Result<()> {
         .current_dir(root())
         .arg("deploy/check.sh")
         .env("STOKER_DEPLOY_VENV", setup::DEPLOY_VENV)
-        .env("STOKER_BIN", target_dir.join("debug/stoker")))
+        .env("STOKER_BIN", target_dir.join("suite/stoker")))
 }
 
 fn demo() -> Result<()> {
