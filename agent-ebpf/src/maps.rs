@@ -8,7 +8,7 @@ use agent_ebpf::{
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, StackTrace},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, StackTrace},
 };
 
 use crate::programs::net::NetSock;
@@ -46,6 +46,24 @@ pub fn mark_target(tgid: u32) {
             core::intrinsics::atomic_or::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
                 word,
                 1 << (tgid & 63),
+            )
+        };
+    }
+}
+
+/// See `MAP_FORKED_FROM`.
+#[map]
+pub static FORKED_FROM: LruHashMap<u32, u32> = LruHashMap::with_max_entries(TARGETS_CAPACITY, 0);
+
+/// Clears `tgid`'s bit in the bitmap (its `TARGETS` entry is removed first).
+#[inline(always)]
+pub fn unmark_target(tgid: u32) {
+    if let Some(word) = TARGET_BITS.get_ptr_mut(tgid >> 6) {
+        // SAFETY: as in `mark_target` (BPF_ATOMIC | BPF_AND).
+        unsafe {
+            core::intrinsics::atomic_and::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+                word,
+                !(1 << (tgid & 63)),
             )
         };
     }

@@ -27,10 +27,20 @@ pub const PROG_TASK_NEWTASK: &str = "task_newtask";
 pub const GLOBAL_NEWTASK_PID_OFFSET: &str = "NEWTASK_PID_OFFSET";
 pub const GLOBAL_NEWTASK_FLAGS_OFFSET: &str = "NEWTASK_FLAGS_OFFSET";
 
+/// Processes made targets by `TARGET_INHERIT`: child tgid -> parent tgid (LRU: entries
+/// userspace never took make room). What the child runs is named through the parent if the
+/// child is gone before userspace reads it: a fork has its parent's code at the same addresses.
+pub const MAP_FORKED_FROM: &str = "FORKED_FROM";
+
 /// `TARGETS` flag: sample this process.
 pub const TARGET_SAMPLE: u32 = 1;
 /// `TARGETS` flag: processes it creates become targets with the same flags.
 pub const TARGET_FOLLOW: u32 = 2;
+/// `TARGETS` flag of a Python process found by scanning: a process it forks (a pre-fork
+/// server's worker) is the same program, so it becomes a target with the same flags and
+/// Python layout before it first runs; an exec ends both (the program changed: userspace
+/// looks at the new one).
+pub const TARGET_INHERIT: u32 = 4;
 
 /// Capacity of the stack-trace map (unique stacks).
 pub const STACKS_CAPACITY: u32 = 16 * 1024;

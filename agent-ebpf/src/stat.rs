@@ -36,5 +36,8 @@ pub const NET_CONNS_FULL: u32 = 13;
 pub const NET_SOCKS_FULL: u32 = 14;
 /// Exec notifications lost because the set was full (found by the next /proc scan).
 pub const EXECS_FULL: u32 = 15;
+/// Keys the sampling program added to the counts map: when it moves, there are new
+/// stacks for userspace to name while their processes live.
+pub const NEW_KEYS: u32 = 16;
 /// Number of counters.
-pub const COUNT: u32 = 16;
+pub const COUNT: u32 = 17;

@@ -76,14 +76,15 @@ fn try_perf_sample(ctx: &PerfEventContext) -> Result<bool, i32> {
         // SAFETY: this CPU's value of a per-CPU hash map entry: live and aligned (preallocated
         // map), and only this run touches it (tracing programs never nest on one CPU).
         unsafe { *count += 1 };
-    } else if COUNTS.insert(key, 1, u64::from(BPF_NOEXIST)).is_err() {
-        // Either another CPU created the key just now (add to our slot), or the map is full.
-        if let Some(count) = COUNTS.get_ptr_mut(key) {
-            // SAFETY: as above.
-            unsafe { *count += 1 };
-        } else if bump(stat::COUNTS_FULL) == 0 {
-            warn!(ctx, "counts map full: further new stacks are dropped on this CPU");
-        }
+    } else if COUNTS.insert(key, 1, u64::from(BPF_NOEXIST)).is_ok() {
+        bump(stat::NEW_KEYS);
+    } else if let Some(count) = COUNTS.get_ptr_mut(key) {
+        // Another CPU created the key just now: add to this CPU's slot.
+        // SAFETY: as above.
+        unsafe { *count += 1 };
+    } else if bump(stat::COUNTS_FULL) == 0 {
+        // The map is full.
+        warn!(ctx, "counts map full: further new stacks are dropped on this CPU");
     }
     Ok(true)
 }

@@ -1,10 +1,11 @@
-//! Follows children: when a target marked `TARGET_FOLLOW` creates a process (not a
-//! thread), the child becomes a target before it first runs.
-use agent_ebpf::{TARGET_FOLLOW, stat};
+//! Follows children: when a target marked `TARGET_FOLLOW` or `TARGET_INHERIT` creates a
+//! process (not a thread), the child becomes a target before it first runs; with
+//! `TARGET_INHERIT` it also takes the parent's Python layout (a fork runs the same program).
+use agent_ebpf::{TARGET_FOLLOW, TARGET_INHERIT, stat};
 use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::tracepoint, programs::TracePointContext};
 
 use super::{loader_global, record};
-use crate::maps::{TARGETS, bump, is_target, mark_target};
+use crate::maps::{FORKED_FROM, PY_PROCS, TARGETS, bump, is_target, mark_target};
 
 /// Offsets of `pid` and `clone_flags` in the tracepoint record, from its format file.
 #[unsafe(no_mangle)]
@@ -29,7 +30,7 @@ fn try_task_newtask(ctx: &TracePointContext) -> Result<u32, i64> {
     let Some(&flags) = (unsafe { TARGETS.get(parent) }) else {
         return Ok(0);
     };
-    if flags & TARGET_FOLLOW == 0 {
+    if flags & (TARGET_FOLLOW | TARGET_INHERIT) == 0 {
         return Ok(0);
     }
     let pid_offset = loader_global(&NEWTASK_PID_OFFSET) as usize;
@@ -42,6 +43,16 @@ fn try_task_newtask(ctx: &TracePointContext) -> Result<u32, i64> {
     if TARGETS.insert(child as u32, flags, 0).is_err() {
         bump(stat::TARGETS_FULL);
         return Ok(0);
+    }
+    if flags & TARGET_INHERIT != 0 {
+        let _ = FORKED_FROM.insert(child as u32, parent, 0);
+        // SAFETY: a value of the preallocated `PY_PROCS`, copied by the update from its
+        // address (kept allocated as long as the map, see `perf_sample`).
+        if let Some(proc) = unsafe { PY_PROCS.get(parent) }
+            && PY_PROCS.insert(child as u32, proc, 0).is_err()
+        {
+            bump(stat::TARGETS_FULL);
+        }
     }
     mark_target(child as u32);
     Ok(0)

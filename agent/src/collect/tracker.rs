@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent_ebpf::TARGET_SAMPLE;
+use agent_ebpf::{TARGET_INHERIT, TARGET_SAMPLE};
 
 use super::stacks::Collector;
 use crate::{
@@ -48,12 +48,15 @@ struct Tracked {
     misses: u32,
     /// When the process started: a live process with another start time reuses the pid.
     start: Option<u64>,
+    /// Forked by a scanned Python process: the kernel made it a target with its parent's
+    /// Python layout (`TARGET_INHERIT`) before userspace looked at it.
+    inherited: bool,
 }
 
 impl Tracked {
     fn new(pid: u32, scanned: bool) -> Self {
         let start = process::start_time(pid);
-        Self { exe: None, kind: Kind::Unknown, checked: None, scanned, misses: 0, start }
+        Self { exe: None, kind: Kind::Unknown, checked: None, scanned, misses: 0, start, inherited: false }
     }
 }
 
@@ -71,6 +74,8 @@ pub struct Tracker {
     versions: HashMap<u32, String>,
     /// Pids a new process took since the last update's look.
     reused: Vec<u32>,
+    /// Forks of scanned Python processes found by the last update: (child, parent).
+    forks: Vec<(u32, u32)>,
 }
 
 impl Tracker {
@@ -86,6 +91,7 @@ impl Tracker {
             filter: None,
             versions: HashMap::new(),
             reused: Vec::new(),
+            forks: Vec::new(),
         }
     }
 
@@ -97,6 +103,12 @@ impl Tracker {
     /// Pids whose process was replaced by a new one with the same pid in the last update.
     pub fn reused(&self) -> &[u32] {
         &self.reused
+    }
+
+    /// Forks of scanned Python processes the last update found, with their parents: a fork
+    /// that already exited is named after its parent (it ran the same program).
+    pub fn forks(&self) -> &[(u32, u32)] {
+        &self.forks
     }
 
     /// The CPython version of a recognized process (`3.12.1`).
@@ -137,7 +149,7 @@ impl Tracker {
     pub fn live_targets(&self) -> Vec<u32> {
         self.procs
             .iter()
-            .filter(|(_, t)| !t.scanned || t.kind == Kind::Python)
+            .filter(|(_, t)| !t.scanned || t.kind == Kind::Python || t.inherited)
             .map(|(&pid, _)| pid)
             .filter(|&pid| process::is_alive(pid))
             .collect()
@@ -150,13 +162,14 @@ impl Tracker {
         // one (Python layout, code objects, mappings, name) goes, and a process found by
         // scanning is looked at afresh.
         self.reused.clear();
+        self.forks.clear();
         let (mut fresh, mut gone) = (Vec::new(), Vec::new());
         for (&pid, t) in self.procs.iter_mut() {
             let start = process::start_time(pid);
             if t.kind == Kind::Exited {
                 // Kept while the pid is taken, so that an exited target's pid is not taken
                 // for it; a scanned one is not needed once the pid is free or reused.
-                if t.scanned && start != t.start {
+                if t.scanned && (start.is_none() || start != t.start) {
                     gone.push(pid);
                 }
                 continue;
@@ -165,7 +178,7 @@ impl Tracker {
             if start.is_some() && !reused {
                 continue;
             }
-            let in_kernel = !t.scanned || t.kind == Kind::Python;
+            let in_kernel = !t.scanned || t.kind == Kind::Python || t.inherited;
             if in_kernel {
                 kernel.remove_target(pid)?;
                 crate::net::forget_process(kernel, pid)?;
@@ -185,21 +198,52 @@ impl Tracker {
         }
         for pid in gone {
             self.procs.remove(&pid);
+            self.versions.remove(&pid);
         }
         for pid in fresh {
             self.procs.insert(pid, Tracked::new(pid, true));
         }
         // Children the kernel started following (a new process may reuse an old PID).
         let followed = if kernel.follows_children() { kernel.targets()? } else { Vec::new() };
-        for pid in followed {
-            match self.procs.get(&pid).map(|t| &t.kind) {
-                None | Some(Kind::Exited) => self.add(pid),
-                Some(_) => {}
+        for (pid, flags) in followed {
+            if !matches!(self.procs.get(&pid).map(|t| &t.kind), None | Some(Kind::Exited)) {
+                continue;
+            }
+            if flags & TARGET_INHERIT == 0 {
+                self.add(pid);
+            } else if self.filter.as_ref().is_none_or(|f| f(pid)) {
+                // A fork of a scanned Python process: sampled with its parent's layout
+                // already, and recognized as Python on this tick.
+                let mut t = Tracked::new(pid, true);
+                t.inherited = true;
+                self.procs.insert(pid, t);
+                if let Some(parent) = kernel.take_parent(pid) {
+                    collector.python.set_parent(pid, parent);
+                    self.forks.push((pid, parent));
+                    if let Some(v) = self.versions.get(&parent).cloned() {
+                        self.versions.insert(pid, v);
+                    }
+                }
+            } else {
+                kernel.remove_target(pid)?;
             }
         }
-        // Processes that just exec'd (when the kernel reports them): looked at now.
+        // Processes that just exec'd (when the kernel reports them): looked at now. A
+        // scanned one is a new program: what was known of the old one goes (the kernel
+        // already stopped sampling it if it was a `TARGET_INHERIT` target).
         for pid in kernel.take_execs()? {
             match self.procs.get_mut(&pid) {
+                Some(t) if t.kind != Kind::Exited && t.scanned => {
+                    if t.kind == Kind::Python || t.inherited {
+                        kernel.remove_target(pid)?;
+                        collector.forget_process(pid);
+                        self.versions.remove(&pid);
+                    }
+                    t.kind = Kind::Unknown;
+                    t.inherited = false;
+                    t.misses = 0;
+                    t.checked = None;
+                }
                 Some(t) if t.kind != Kind::Exited => t.checked = None,
                 _ if pid != self.me && self.filter.as_ref().is_none_or(|f| f(pid)) => {
                     self.procs.insert(pid, Tracked::new(pid, true));
@@ -233,7 +277,11 @@ impl Tracker {
             }
             let exe = process::exe(pid);
             if exe.is_none() && !process::is_alive(pid) {
-                gone.push(pid);
+                // An inherited target leaves the kernel first (on the next update, as a
+                // target that exited).
+                if !t.inherited {
+                    gone.push(pid);
+                }
                 continue;
             }
             // A process that is not Python is looked at again only when it execs, or while
@@ -262,7 +310,7 @@ impl Tracker {
                         continue;
                     }
                     if t.scanned {
-                        kernel.add_target(pid, TARGET_SAMPLE)?;
+                        kernel.add_target(pid, TARGET_SAMPLE | TARGET_INHERIT)?;
                     }
                     kernel.add_python(pid, &python::kernel_config(&p, self.native))?;
                     collector.python.add_process(&p);
@@ -289,10 +337,16 @@ impl Tracker {
                     t.misses = u32::MAX;
                 }
             }
+            if t.inherited && t.kind != Kind::Python {
+                // Not a CPython stoker walks after all: the kernel stops sampling it.
+                kernel.remove_target(pid)?;
+                t.inherited = false;
+            }
         }
         for pid in gone {
             if self.procs.get(&pid).is_some_and(|t| t.scanned) {
                 self.procs.remove(&pid);
+                self.versions.remove(&pid);
             }
         }
         Ok(())

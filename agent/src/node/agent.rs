@@ -17,7 +17,7 @@ use super::{
     state::Snapshot,
 };
 use crate::{
-    collect::{Collector, Tracker},
+    collect::{Collector, NamingPace, Tracker},
     error::{Error, Result},
     k8s::{
         client::{ApiConfig, Client},
@@ -30,8 +30,6 @@ use crate::{
 };
 
 const TICK: Duration = Duration::from_millis(100);
-/// How often stacks seen since the last look are named between exports.
-const NAME_EVERY: Duration = Duration::from_millis(500);
 /// How long the agent takes to end after SIGINT or SIGTERM at most: the last interval is
 /// collected and queued, then the exporters get what is left of it to send their queues.
 const SHUTDOWN: Duration = Duration::from_millis(1800);
@@ -57,6 +55,9 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
     kernel.start(config.sample_rate_hz)?;
     if let Err(e) = kernel.watch_execs() {
         tracing::warn!("new processes are found by scanning /proc only: {e}");
+    }
+    if let Err(e) = kernel.follow_children() {
+        tracing::warn!("forked workers are found by scanning /proc only: {e}");
     }
     let tracer = match config.network.enabled {
         true => {
@@ -122,7 +123,7 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
     );
 
     let mut last_export = Instant::now();
-    let mut last_named = Instant::now();
+    let mut naming = NamingPace::new();
     let mut stop_seen = None;
     loop {
         std::thread::sleep(TICK);
@@ -139,15 +140,11 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
         if !stopping && last_export.elapsed() < config.export_interval {
             // New stacks are named while their processes live: a short-lived process's code
             // objects and mappings may be gone by the next export.
-            if last_named.elapsed() >= NAME_EVERY {
-                collector.collect(&kernel, &live, false)?;
-                last_named = Instant::now();
-            }
+            naming.name(&kernel, false, || collector.collect(&kernel, &live, false))?;
         } else {
             let elapsed = last_export.elapsed();
             last_export = Instant::now();
-            last_named = last_export;
-            collector.collect(&kernel, &live, true)?;
+            naming.name(&kernel, true, || collector.collect(&kernel, &live, true))?;
             agent.update(&collector, &tracker, &live, elapsed);
             let mut spans = Vec::new();
             if let Some(drainer) = &net {

@@ -127,6 +127,17 @@ impl Interval {
                 self.processes.insert(pid, ProcessMetrics { resource, ..Default::default() });
             }
         }
+        // A fork that exited before it was looked at (a short-lived worker) is its parent's
+        // program in its parent's container: it reports under its parent's attributes.
+        for &(pid, parent) in tracker.forks() {
+            if self.processes.contains_key(&pid) {
+                continue;
+            }
+            if let Some(mut resource) = self.processes.get(&parent).map(|p| p.resource.clone()) {
+                resource.insert("process.pid".into(), pid.to_string());
+                self.processes.insert(pid, ProcessMetrics { resource, ..Default::default() });
+            }
+        }
     }
 
     /// The resource attributes of process `pid`; one in a pod the lookup does not know

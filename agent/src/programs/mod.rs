@@ -8,9 +8,9 @@ pub mod sizing;
 
 use agent_ebpf::{
     GLOBAL_FSBASE_OFFSET, GLOBAL_MEASURE_COST, GLOBAL_NET_OFFSETS, GLOBAL_NEWTASK_FLAGS_OFFSET,
-    GLOBAL_NEWTASK_PID_OFFSET, MAP_COUNTS, MAP_EXECS, MAP_NET_EVENTS, MAP_PY_PROCS, MAP_PY_STACKS,
-    MAP_STACKS, MAP_STATS, MAP_TARGET_BITS, MAP_TARGETS, PROG_PERF_SAMPLE, PROG_SCHED_EXEC, PROG_STATS_FLOOR,
-    PROG_TASK_NEWTASK, PyProc, PyStack, SampleKey, stat,
+    GLOBAL_NEWTASK_PID_OFFSET, MAP_COUNTS, MAP_EXECS, MAP_FORKED_FROM, MAP_NET_EVENTS, MAP_PY_PROCS,
+    MAP_PY_STACKS, MAP_STACKS, MAP_STATS, MAP_TARGET_BITS, MAP_TARGETS, PROG_PERF_SAMPLE, PROG_SCHED_EXEC,
+    PROG_STATS_FLOOR, PROG_TASK_NEWTASK, PyProc, PyStack, SampleKey, stat,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -219,7 +219,7 @@ impl KernelPrograms {
         self.sizes
     }
 
-    /// Starts following children of targets flagged `TARGET_FOLLOW`.
+    /// Starts following children of targets flagged `TARGET_FOLLOW` or `TARGET_INHERIT`.
     pub fn follow_children(&mut self) -> Result<()> {
         if !self.follow_ready {
             return Err(Error::KernelFeature {
@@ -312,9 +312,18 @@ impl KernelPrograms {
     }
 
     /// Every process currently in the kernel's target set (including followed children).
-    pub fn targets(&self) -> Result<Vec<u32>> {
+    pub fn targets(&self) -> Result<Vec<(u32, u32)>> {
         let targets: HashMap<_, u32, u32> = self.map(MAP_TARGETS)?;
-        Ok(targets.keys().filter_map(|k| k.ok()).collect())
+        Ok(targets.iter().filter_map(|k| k.ok()).collect())
+    }
+
+    /// The process that forked `pid` when the kernel made it a target by `TARGET_INHERIT`
+    /// (asked once: the entry goes).
+    pub fn take_parent(&mut self, pid: u32) -> Option<u32> {
+        let mut forked: HashMap<_, u32, u32> = self.map_mut(MAP_FORKED_FROM).ok()?;
+        let parent = forked.get(&pid, 0).ok()?;
+        let _ = forked.remove(&pid);
+        Some(parent)
     }
 
     /// Stops sampling `pid` (it exited) and forgets its Python configuration (the network
@@ -442,6 +451,12 @@ impl KernelPrograms {
     }
 
     /// The kernel's counters summed over CPUs.
+    /// How many keys the sampling program has added to the counts map (see `stat::NEW_KEYS`).
+    pub fn new_keys(&self) -> u64 {
+        let Ok(array) = self.map::<PerCpuArray<_, u64>>(MAP_STATS) else { return 0 };
+        array.get(&stat::NEW_KEYS, 0).map(|v| v.iter().sum()).unwrap_or(0)
+    }
+
     pub fn stats(&self) -> Result<Stats> {
         let array: PerCpuArray<_, u64> = self.map(MAP_STATS)?;
         let sum = |index: u32| -> u64 { array.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0) };

@@ -94,13 +94,16 @@ const CHECK_TOTAL_EVERY: u32 = 256;
 /// Symbolizes Python stacks of any number of processes.
 pub struct PySymbolizer {
     readers: HashMap<u32, CodeReader>,
+    /// A forked process's parent, whose reader names what the fork's own cannot (the fork
+    /// exited, or was not yet recognized): a fork has its parent's code at the same addresses.
+    parents: HashMap<u32, u32>,
     full_filenames: bool,
     since_check: u32,
 }
 
 impl PySymbolizer {
     pub fn new(full_filenames: bool) -> Self {
-        Self { readers: HashMap::new(), full_filenames, since_check: 0 }
+        Self { readers: HashMap::new(), parents: HashMap::new(), full_filenames, since_check: 0 }
     }
 
     /// Halves the largest caches until all of them hold at most `budget` bytes.
@@ -121,14 +124,21 @@ impl PySymbolizer {
         self.readers.insert(p.pid, CodeReader::new(p.pid, p.version, p.layout));
     }
 
+    /// Process `pid` was forked by `parent` (see `parents`).
+    pub fn set_parent(&mut self, pid: u32, parent: u32) {
+        self.parents.insert(pid, parent);
+    }
+
     /// Drops what was read of process `pid` (a new process took its pid).
     pub fn forget(&mut self, pid: u32) {
         self.readers.remove(&pid);
+        self.parents.remove(&pid);
     }
 
     /// Drops what was read of the processes not in `live` (they exited).
     pub fn forget_exited(&mut self, live: &[u32]) {
         self.readers.retain(|pid, _| live.contains(pid));
+        self.parents.retain(|pid, _| live.contains(pid));
     }
 
     pub fn stack(&mut self, pid: u32, stack: &PyStack) -> PyFrames {
@@ -139,13 +149,18 @@ impl PySymbolizer {
         }
         let len = (stack.len as usize).min(stack.frames.len());
         let truncated = stack.flags & (PY_STACK_TRUNCATED | PY_STACK_READ_ERROR) != 0;
-        let Some(reader) = self.readers.get_mut(&pid) else {
+        let parent = self.parents.get(&pid).copied();
+        if !self.readers.contains_key(&pid) && parent.is_none_or(|p| !self.readers.contains_key(&p)) {
             return PyFrames::default();
-        };
+        }
+        let readers = &mut self.readers;
         let frames = stack.frames[..len]
             .iter()
             .map(|f| {
-                let frame = match reader.code(f.code, f.first_line()) {
+                let own = readers.get_mut(&pid).and_then(|r| r.code(f.code, f.first_line()));
+                let code =
+                    own.or_else(|| readers.get_mut(&parent?).and_then(|r| r.code(f.code, f.first_line())));
+                let frame = match code {
                     Some(code) => {
                         let file =
                             if self.full_filenames { &code.filename } else { short_filename(&code.filename) };

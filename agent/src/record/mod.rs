@@ -17,7 +17,7 @@ use agent_ebpf::{TARGET_FOLLOW, TARGET_SAMPLE};
 
 use self::{status::StatusLine, target::Target};
 use crate::{
-    collect::{Collector, Tracker, View},
+    collect::{Collector, NamingPace, Tracker, View},
     error::{Error, Result},
     export::{self, Format},
     net::{Aggregator, Drainer, NetTracer, existing::Adopter, report::NetReport},
@@ -79,12 +79,6 @@ pub struct Summary {
 }
 
 const TICK: Duration = Duration::from_millis(100);
-/// How often new stacks are resolved (code objects and mappings are read while alive).
-const COLLECT_EVERY: Duration = Duration::from_millis(500);
-/// The same during a session's first seconds, when a starting interpreter runs (and
-/// frees) import-time code that later reads could not name.
-const COLLECT_EVERY_AT_START: Duration = TICK;
-const START: Duration = Duration::from_secs(3);
 /// How long a launched command may take to map its interpreter before sampling goes on
 /// without knowing it is Python.
 const LAUNCH_SETTLE: Duration = Duration::from_millis(200);
@@ -106,6 +100,10 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
     let mut kernel = KernelPrograms::load(opts.kernel_stats)?;
     if opts.subprocesses {
         kernel.follow_children()?;
+    } else if opts.all_python
+        && let Err(e) = kernel.follow_children()
+    {
+        tracing::warn!("forked workers are found by scanning /proc only: {e}");
     }
     if opts.kernel_stats {
         kernel.enable_kernel_stats()?;
@@ -148,7 +146,9 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
     let started_at = SystemTime::now();
     let mut status = StatusLine::new();
     status.started(opts.rate_hz, opts.net);
-    let mut last_collect = Instant::now();
+    // New stacks are named as soon as they appear (code objects and mappings are read while
+    // their processes live; a starting interpreter frees its import-time code).
+    let mut naming = NamingPace::new();
     let end = loop {
         tracker.update(&mut kernel, &mut collector)?;
         std::thread::sleep(TICK);
@@ -166,12 +166,9 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
         if let Some((_, adopter)) = net.as_mut() {
             adopter.adopt_new(&mut kernel, &tracker.live_targets());
         }
-        let every = if elapsed < START { COLLECT_EVERY_AT_START } else { COLLECT_EVERY };
-        if end.is_some() || last_collect.elapsed() >= every {
-            collector.collect(&kernel, &tracker.live_targets(), end.is_some())?;
-            kernel.flush_logs();
-            last_collect = Instant::now();
-        }
+        let live = tracker.live_targets();
+        naming.name(&kernel, end.is_some(), || collector.collect(&kernel, &live, end.is_some()))?;
+        kernel.flush_logs();
         let stats = kernel.stats().unwrap_or_default();
         status.show(elapsed, stats.samples, stats);
         if let Some(end) = end {
