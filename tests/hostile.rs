@@ -576,3 +576,133 @@ fn a_library_truncated_while_mapped_cannot_crash_a_session() {
     );
     assert!(named == 0 && unnamed * 2 > total, "truncated copy: {named} named, {unnamed} unnamed of {total}");
 }
+
+/// The agent beside churn (tests/fixtures/hostile/churn.py): short-lived CPython processes
+/// of four builds, processes that exit at once, a pre-fork HTTP server whose workers exit
+/// after 100 requests, 2,000 distinct request paths, pids wrapping around and pids reused.
+/// Every short process is sampled in its own function and every worker in
+/// `handle_request`, as much as each measured of itself; `/healthz` stays up and the
+/// agent's memory stays bounded.
+#[test]
+fn churn_of_processes_pids_and_paths_is_sampled_and_bounded() {
+    use common::agent::*;
+    require_root();
+    let dir = scratch("churn");
+    let (otlp, http) = (free_port(), free_port());
+    let mut receiver = otlp_receiver("http", otlp, &dir);
+    let config = agent_config(&dir, http, "export_interval: 1s\notlp:\n  profiles: true\n");
+    let agent = agent(&config, otlp);
+    wait_ready(http);
+    let report = dir.join("churn.json");
+    let pythons: Vec<String> = ["3.12.1", "3.8.18", "debian-3.11", "3.13.0"]
+        .iter()
+        .map(|v| python(v).to_str().unwrap().to_string())
+        .collect();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/hostile/churn.py");
+    let mut churn = Command::new("python3")
+        .args([script, "run", report.to_str().unwrap(), "--pythons", &pythons.join(",")])
+        .args(["--processes", "24", "--rate", "3", "--life", "2", "--flash", "24"])
+        .args(["--paths", "2000", "--max-requests", "100", "--reuse-every", "4", "--wrap"])
+        .spawn()
+        .expect("start churn.py");
+    let mut peak_kib = 0u64;
+    let status = loop {
+        if let Some(status) = churn.try_wait().unwrap() {
+            break status;
+        }
+        peak_kib = peak_kib.max(rss_kib(agent.id()));
+        assert_eq!(http_get(http, "/healthz").map(|(s, _)| s), Some(200), "/healthz during the churn");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(status.success(), "churn.py failed: {status}");
+    let metrics = http_get(http, "/metrics").unwrap().1;
+    let agent_status = stop(agent);
+    let profiles: Vec<serde_json::Value> = ndjson(&dir.join("profiles.ndjson"))
+        .iter()
+        .flat_map(|r| r["profiles"].as_array().cloned().unwrap_or_default())
+        .collect();
+    kill(&mut [&mut receiver]);
+    assert!(agent_status.success(), "agent exit: {agent_status}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    eprintln!(
+        "churn: {} s, {} requests, pids reused {:?} ({} on purpose), wrapped {}, agent peak RSS {peak_kib} kB",
+        report["seconds"], report["requests"], report["reused_pids"], report["reuse_hits"], report["wrapped"]
+    );
+    // Samples per function and, for handle_request, in all.
+    let mut samples = std::collections::HashMap::<String, i64>::new();
+    for p in &profiles {
+        for s in p["samples"].as_array().unwrap() {
+            let n = s["values"][0].as_i64().unwrap();
+            let mut names: Vec<&str> =
+                s["stack"].as_array().unwrap().iter().filter_map(|f| f["function"].as_str()).collect();
+            names.sort_unstable();
+            names.dedup();
+            for name in names {
+                *samples.entry(name.to_string()).or_default() += n;
+            }
+        }
+    }
+    // Each short process ran its own function: some samples of it, with its name, show
+    // that it was found and named. How many: everything it spent after the agent found it,
+    // found at the first look after its exec (a tick, stretched by the CPUs the churn keeps
+    // busy); together, at least half of what they spent, and at most that plus chance.
+    let (mut got, mut spent) = (0, 0.0);
+    for short in report["short"].as_array().unwrap() {
+        let function = short["function"].as_str().unwrap();
+        let n = samples.get(function).copied().unwrap_or(0);
+        let cpu = short["cpu"].as_f64().unwrap();
+        eprintln!(
+            "pid {} {}: {n} samples in {function}, {cpu:.3} s of CPU there",
+            short["pid"], short["python"]
+        );
+        assert!(short["ok"].as_bool().unwrap(), "a short process failed: {short}");
+        assert!(n > 0, "no sample of {function} (pid {}, {cpu:.3} s of CPU): {short}", short["pid"]);
+        got += n;
+        spent += cpu;
+    }
+    let within = |what: &str, got: i64, cpu: f64| {
+        let expected = cpu * 99.0;
+        eprintln!(
+            "{what}: {got} samples, {:.3} s of CPU measured by the workload: {expected:.0} expected",
+            cpu
+        );
+        assert!(
+            got as f64 >= expected / 2.0 && got as f64 <= expected + sampling_tolerance(expected),
+            "{what}: {got} samples for {cpu:.3} s of CPU at 99 Hz ({expected:.0})"
+        );
+    };
+    within("short processes", got, spent);
+    // Forked workers are sampled from their first instant, in their parent's code.
+    let workers = report["workers"].as_array().unwrap();
+    assert!(workers.len() >= 21, "2,000 requests at 100 a worker, 2 at a time: {} workers", workers.len());
+    let worker_cpu: f64 = workers.iter().map(|w| w["cpu"].as_f64().unwrap()).sum();
+    within("workers in handle_request", samples.get("handle_request").copied().unwrap_or(0), worker_cpu);
+    assert_eq!(report["requests"], 2000, "{report}");
+    assert!(report["wrapped"].as_bool().unwrap(), "the pids did not wrap around: {report}");
+    assert!(report["reuse_hits"].as_u64().unwrap() >= 1, "no pid was reused on purpose: {report}");
+    // Routes stay capped per process: 2,000 distinct paths, at most MAX_ROUTES (100) each
+    // plus `other`.
+    let mut routes = std::collections::HashMap::<&str, std::collections::HashSet<&str>>::new();
+    for line in metrics.lines().filter(|l| l.starts_with("http_server_request_duration_seconds_count")) {
+        let label = |name: &str| line.split(&format!("{name}=\"")).nth(1)?.split('"').next();
+        if let (Some(pid), Some(route)) = (label("process_pid"), label("http_route")) {
+            routes.entry(pid).or_default().insert(route);
+        }
+    }
+    let most = routes.values().map(|r| r.len()).max().unwrap_or(0);
+    eprintln!("routes per process: at most {most} over {} processes", routes.len());
+    assert!(!routes.is_empty(), "no request was reported: {metrics}");
+    assert!(most <= 101, "a process reports {most} routes");
+    // The agent alone: its own binary, the kernel's maps it reads, its caches at their bounds.
+    assert!(peak_kib < 100 * 1024, "agent peak RSS {peak_kib} kB");
+}
+
+/// Resident memory of process `pid` in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
