@@ -13,8 +13,12 @@ pub use self::{
 };
 
 /// When to name new stacks: as soon as the kernel added keys (a short-lived process's code
-/// objects and mappings can be read only while it lives), at most every tick, and with at
-/// most a tenth of the time spent naming (a node full of new stacks is named less often).
+/// objects and mappings can be read only while it lives), at most every tick, with at most
+/// a tenth of the time spent naming (a node full of new stacks is named less often), and
+/// at least every `WAIT_AT_MOST` while there are new keys (one slow pass, such as the first
+/// of a busy node, does not leave a short-lived process unnamed).
+const WAIT_AT_MOST: Duration = Duration::from_millis(500);
+
 pub struct NamingPace {
     named_keys: u64,
     last: Option<Instant>,
@@ -40,7 +44,7 @@ impl NamingPace {
         collect: impl FnOnce() -> crate::error::Result<()>,
     ) -> crate::error::Result<()> {
         let keys = kernel.new_keys();
-        let rested = self.last.is_none_or(|t| t.elapsed() >= self.took * 10);
+        let rested = self.last.is_none_or(|t| t.elapsed() >= (self.took * 10).min(WAIT_AT_MOST));
         if !now && (keys == self.named_keys || !rested) {
             return Ok(());
         }

@@ -37,6 +37,9 @@ pub struct Collector {
     counts: Vec<(SampleKey, u64)>,
     /// Keys whose stacks were resolved.
     seen: HashSet<SampleKey>,
+    /// Native stack ids seen since the kernel's maps were last emptied: how full the
+    /// stack map is (ids are shared between processes and cannot be freed one by one).
+    native_ids: HashSet<i32>,
     comms: HashMap<u32, String>,
     threads: HashMap<u32, String>,
 }
@@ -51,6 +54,7 @@ impl Collector {
             py_stacks: HashMap::new(),
             counts: Vec::new(),
             seen: HashSet::new(),
+            native_ids: HashSet::new(),
             comms: HashMap::new(),
             threads: HashMap::new(),
         }
@@ -60,6 +64,7 @@ impl Collector {
     /// ids are then reused for other stacks); `forget_exited` drops the exited processes.
     pub fn forget_stacks(&mut self) {
         self.seen.clear();
+        self.native_ids.clear();
         self.user_stacks.clear();
         self.kernel_stacks.clear();
         self.py_stacks.clear();
@@ -73,6 +78,39 @@ impl Collector {
         self.python.forget_exited(live);
         self.comms.retain(|pid, _| live.contains(pid));
         self.threads.retain(|tid, _| process::is_alive(*tid));
+    }
+
+    /// Python stacks in the kernel's map that the stacks named so far use.
+    pub fn py_stacks(&self) -> usize {
+        self.seen.iter().filter(|k| k.py_stack != 0).map(|k| k.py_stack).collect::<HashSet<_>>().len()
+    }
+
+    /// Native stack ids in the kernel's stack map since it was last emptied, at most.
+    pub fn native_stacks(&self) -> usize {
+        self.native_ids.len()
+    }
+
+    /// Frees what exited processes hold in the kernel's counts and Python stacks and here
+    /// (after their last interval was reported): under process churn the maps keep room for
+    /// the processes that live. A Python stack that a live process shares (a fork of the
+    /// same parent) stays.
+    pub fn evict_exited(&mut self, kernel: &mut KernelPrograms, live: &[u32]) -> Result<()> {
+        let live: HashSet<u32> = live.iter().copied().collect();
+        let (gone, kept): (Vec<SampleKey>, Vec<SampleKey>) =
+            self.seen.iter().partition(|k| !live.contains(&k.tgid));
+        if gone.is_empty() {
+            return Ok(());
+        }
+        let shared: HashSet<u64> = kept.iter().map(|k| k.py_stack).collect();
+        let hashes: HashSet<u64> =
+            gone.iter().map(|k| k.py_stack).filter(|h| *h != 0 && !shared.contains(h)).collect();
+        kernel.remove_counts(&gone)?;
+        kernel.remove_py_stacks(&hashes)?;
+        self.seen.retain(|k| live.contains(&k.tgid));
+        self.user_stacks.retain(|(tgid, _), _| live.contains(tgid));
+        self.py_stacks.retain(|(tgid, _), _| live.contains(tgid));
+        self.counts.retain(|(k, _)| live.contains(&k.tgid));
+        Ok(())
     }
 
     /// Drops what was read of process `pid`, whose pid a new process took: the new one is
@@ -101,6 +139,8 @@ impl Collector {
             if !self.seen.insert(key) {
                 continue;
             }
+            self.native_ids
+                .extend([key.user_stack_id, key.kernel_stack_id].into_iter().filter(|id| *id >= 0));
             if key.user_stack_id >= 0 && !self.user_stacks.contains_key(&(key.tgid, key.user_stack_id)) {
                 if live_pids.contains(&key.tgid) && refreshed.insert(key.tgid) {
                     self.symbolizer.refresh(key.tgid);

@@ -1,5 +1,6 @@
 //! The node agent's main loop (`stoker agent`): loads the kernel programs, follows the
 //! node's CPython processes and exports every interval until SIGINT or SIGTERM.
+use agent_ebpf::{PY_STACKS_CAPACITY, STACKS_CAPACITY};
 use std::{
     sync::{
         Arc, Mutex,
@@ -155,13 +156,22 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
                     agent.spans_dropped = span_sampler.dropped;
                 }
             }
-            if collector.counts().len() as u64 > u64::from(kernel.sizes().counts) * 3 / 4 {
+            // Exited processes reported their last interval above: what they hold in the
+            // kernel's maps and what was read of them goes.
+            collector.evict_exited(&mut kernel, &live)?;
+            let alive: std::collections::HashSet<u32> = live.iter().copied().collect();
+            agent.last.retain(|key, _| alive.contains(&key.tgid));
+            collector.forget_exited(&live);
+            // Maps still close to full with live processes' stacks: emptied, named afresh.
+            let full = |used: usize, capacity: u32| used as u64 > u64::from(capacity) * 3 / 4;
+            if full(collector.counts().len(), kernel.sizes().counts)
+                || full(collector.native_stacks(), STACKS_CAPACITY)
+                || full(collector.py_stacks(), PY_STACKS_CAPACITY)
+            {
                 kernel.clear_counts()?;
                 collector.forget_stacks();
                 agent.last.clear();
             }
-            // Exited processes reported their last interval above: what was read of them goes.
-            collector.forget_exited(&live);
             let snap = {
                 let mut guard = snapshot.lock().unwrap_or_else(|e| e.into_inner());
                 guard.time = Some(SystemTime::now());

@@ -443,6 +443,24 @@ impl KernelPrograms {
         Ok(())
     }
 
+    /// Removes these keys from the counts map (their processes exited).
+    pub fn remove_counts(&mut self, keys: &[SampleKey]) -> Result<()> {
+        let mut counts: PerCpuHashMap<_, SampleKey, u64> = self.map_mut(MAP_COUNTS)?;
+        for key in keys {
+            let _ = counts.remove(key);
+        }
+        Ok(())
+    }
+
+    /// Removes these Python stacks (no live process uses them).
+    pub fn remove_py_stacks(&mut self, hashes: &std::collections::HashSet<u64>) -> Result<()> {
+        let mut stacks: HashMap<_, u64, PyStack> = self.map_mut(MAP_PY_STACKS)?;
+        for hash in hashes {
+            let _ = stacks.remove(hash);
+        }
+        Ok(())
+    }
+
     /// The instruction pointers of a stored stack, leaf first.
     pub fn stack(&self, stack_id: u32) -> Option<Vec<u64>> {
         let stacks: StackTraceMap<&MapData> = self.map(MAP_STACKS).ok()?;
