@@ -432,3 +432,27 @@ fn speedscope_output_follows_the_file_format() {
     assert_eq!(p["endValue"].as_u64(), Some(total));
     assert!(frames.iter().any(|f| f["name"] == "hot_a"), "hot_a missing from the frames");
 }
+
+/// The summary gives the CPU time a launched command used by the kernel's accounting: what
+/// the command measured of itself (`time.process_time()`, all of its CPU until then),
+/// plus its interpreter's shutdown after that (at most 50 ms), less 20 ms (/proc counts
+/// whole 10 ms ticks, rounded down).
+#[test]
+fn summary_gives_the_kernels_cpu_time_of_a_launched_command() {
+    require_root();
+    let out = scratch("cputime").join("p.folded");
+    let code = "import time\nend = time.process_time() + 0.7\nwhile time.process_time() < end: pass\nprint(time.process_time(), flush=True)";
+    let run = Command::new(STOKER)
+        .args(["record", "-f", "folded", "-o", out.to_str().unwrap(), "--"])
+        .arg(python("3.12.1"))
+        .args(["-c", code])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "stoker failed: {err}");
+    let own: f64 = String::from_utf8_lossy(&run.stdout).trim().parse().expect("the command's own CPU time");
+    let line = err.lines().find(|l| l.contains("the kernel's accounting")).unwrap_or_else(|| panic!("{err}"));
+    let got: f64 = line.rsplit("pid ").next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+    eprintln!("launched command: {got:.3} s by the summary, {own:.3} s by itself");
+    assert!(got >= own - 0.02 && got <= own + 0.05, "{line}; the command measured {own:.3} s");
+}

@@ -96,17 +96,34 @@ impl Interval {
             .collect();
         self.observe(live, tracker);
         for (&pid, p) in self.processes.iter_mut() {
-            let mut seconds = 0.0;
+            let mut sampled = 0.0;
+            let mut functions: Vec<(String, f64)> = Vec::new();
             if let Some(profile) = self.profiles.get(&pid) {
                 for (frames, n) in &profile.stacks {
                     let cpu = *n as f64 / self.rate_hz;
-                    seconds += cpu;
+                    sampled += cpu;
                     if let Some(function) = frames.last().and_then(python_function) {
-                        *p.functions.entry(function).or_default() += cpu;
+                        functions.push((function, cpu));
                     }
                 }
             }
-            p.cpu_seconds += seconds;
+            // The kernel's accounting is exact (sampling at a low rate misses a duty-cycled
+            // process by 15% and more an interval); samples split it across functions. A
+            // process seen for the first time, or gone (its last interval), counts its samples.
+            let accounted = process::cpu_time(pid);
+            let seconds = match (accounted, p.accounted) {
+                (Some(now), Some(before)) => (now - before).max(0.0),
+                _ => sampled,
+            };
+            p.cpu_seconds = match (accounted, p.accounted) {
+                (Some(now), _) => now,
+                (None, _) => p.cpu_seconds + sampled,
+            };
+            p.accounted = accounted;
+            let scale = if sampled > 0.0 { seconds / sampled } else { 0.0 };
+            for (function, cpu) in functions {
+                *p.functions.entry(function).or_default() += cpu * scale;
+            }
             p.utilization = seconds / elapsed.as_secs_f64().max(1e-3) / self.cpus;
             p.memory_bytes = rss_bytes(pid);
         }

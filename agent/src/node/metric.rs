@@ -50,7 +50,7 @@ pub(crate) const CPU_TIME: Metric = def(
     "s",
     Counter,
     "process_cpu_time_seconds_total",
-    "CPU time of the process, from samples.",
+    "CPU time of the process: the kernel's accounting (user and system, all threads).",
 );
 pub(crate) const CPU_UTILIZATION: Metric = def(
     "process.cpu.utilization",

@@ -1,5 +1,5 @@
-//! What the node agent exports, as of the last interval: per-process CPU (from samples),
-//! memory, top Python functions and network series, and the agent's own health.
+//! What the node agent exports, as of the last interval: per-process CPU (the kernel's
+//! accounting, split across functions by samples), memory, top Python functions and network series, and the agent's own health.
 use std::{
     collections::{BTreeMap, HashMap},
     time::SystemTime,
@@ -15,10 +15,15 @@ use super::{
 pub struct ProcessMetrics {
     /// Resource attributes (`service.name`, `process.pid`, ...), sorted by key.
     pub resource: BTreeMap<String, String>,
+    /// CPU time of the process: the kernel's accounting (all its threads, since it started)
+    /// as read at the last export; after it exits, plus the samples of its last interval.
     pub cpu_seconds: f64,
+    /// The kernel's figure at the last export (None: not read yet, or the process is gone).
+    pub accounted: Option<f64>,
     pub utilization: f64,
     pub memory_bytes: u64,
-    /// CPU seconds per function (leaf Python frame, without its line), cumulative.
+    /// CPU seconds per function (leaf Python frame, without its line), cumulative: each
+    /// interval's samples scaled to the interval's accounted CPU time.
     pub functions: HashMap<String, f64>,
     /// Request latencies and TCP counters, cumulative.
     pub net: NetSeries,

@@ -23,6 +23,7 @@ use crate::{
     net::{Aggregator, Drainer, NetTracer, existing::Adopter, report::NetReport},
     profile::Frame,
     programs::{KernelPrograms, Stats},
+    sys::process,
 };
 
 /// What to record and where to write it.
@@ -76,6 +77,9 @@ pub struct Summary {
     pub net_kernel_cost: Option<(Duration, u64)>,
     /// Nanoseconds the run-time statistics add to each run (with `kernel_stats`).
     pub stats_floor: Option<f64>,
+    /// CPU seconds each given or launched process used during the session, by the kernel's
+    /// accounting (exact, where samples / rate is an estimate).
+    pub cpu: Vec<(u32, f64)>,
 }
 
 const TICK: Duration = Duration::from_millis(100);
@@ -142,6 +146,16 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
     if let Some((_, adopter)) = net.as_mut() {
         adopter.adopt_new(&mut kernel, &tracker.live_targets());
     }
+    // The kernel's accounting of the given and launched processes: at the start (a launched
+    // command's whole life is the session's), as last read.
+    let mut cpu: Vec<(u32, Option<f64>, Option<f64>)> = targets
+        .iter()
+        .map(|t| {
+            let now = process::cpu_time(t.pid());
+            let start = if matches!(t, Target::Launched(_)) { Some(0.0) } else { now };
+            (t.pid(), start, now)
+        })
+        .collect();
     let started = Instant::now();
     let started_at = SystemTime::now();
     let mut status = StatusLine::new();
@@ -153,6 +167,12 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
         tracker.update(&mut kernel, &mut collector)?;
         std::thread::sleep(TICK);
         let elapsed = started.elapsed();
+        // Read before `has_exited` reaps a launched command: a zombie still has its figure.
+        for (pid, _, last) in &mut cpu {
+            if let Some(now) = process::cpu_time(*pid) {
+                *last = Some(now);
+            }
+        }
         let explicit_live = targets.iter_mut().map(|t| t.has_exited()).filter(|exited| !exited).count();
         let end = if stop.load(Ordering::Relaxed) {
             Some(EndReason::Interrupted)
@@ -250,6 +270,7 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
         net,
         net_kernel_cost,
         stats_floor,
+        cpu: cpu.into_iter().filter_map(|(pid, start, last)| Some((pid, last? - start?))).collect(),
     })
 }
 
@@ -303,6 +324,11 @@ impl Summary {
             self.stats.stacks_dropped,
             self.stats.user_stack_missing
         );
+        if !self.cpu.is_empty() {
+            let each: Vec<String> = self.cpu.iter().map(|(pid, s)| format!("pid {pid} {s:.3} s")).collect();
+            let _ =
+                writeln!(s, "  CPU time during the session (the kernel's accounting): {}", each.join(", "));
+        }
         let losses: Vec<String> = self
             .stats
             .losses()

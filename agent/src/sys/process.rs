@@ -94,6 +94,28 @@ fn parse_start_time(stat: &str) -> Option<u64> {
     fields.nth(22 - 4)?.parse().ok()
 }
 
+/// CPU time the process has used, user and system, all its threads (those that ended
+/// too), in seconds: the kernel's accounting (/proc/PID/stat fields 14 and 15, kept exact
+/// in nanoseconds and given in clock ticks). Also for a zombie (its final figure).
+pub fn cpu_time(pid: u32) -> Option<f64> {
+    parse_cpu_ticks(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?).map(|t| t as f64 / clock_ticks())
+}
+
+fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+    // Field 3 is the state; utime and stime are fields 14 and 15.
+    let utime: u64 = fields.nth(14 - 3)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// Clock ticks per second (`sysconf(_SC_CLK_TCK)`, 100 on Linux).
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf reads a constant and has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 { ticks as f64 } else { 100.0 }
+}
+
 /// Every process id in /proc.
 pub fn all_pids() -> Vec<u32> {
     fs::read_dir("/proc")
@@ -117,5 +139,14 @@ mod tests {
         assert_eq!(parse_start_time(&stat.replace(" R ", " Z ")), None);
         assert_eq!(parse_start_time("42 (x"), None);
         assert!(start_time(std::process::id()).is_some());
+    }
+
+    #[test]
+    fn cpu_time_is_user_plus_system_also_for_a_zombie() {
+        let stat = "42 (a) b (c) R 1 42 42 0 -1 4194304 100 0 0 0 5 3 0 0 20 0 1 0 123456 1000 10 0";
+        assert_eq!(parse_cpu_ticks(stat), Some(8));
+        assert_eq!(parse_cpu_ticks(&stat.replace(" R ", " Z ")), Some(8));
+        assert_eq!(parse_cpu_ticks("42 (x) R 1"), None);
+        assert!(cpu_time(std::process::id()).is_some());
     }
 }
