@@ -23,7 +23,10 @@ use crate::{
     net::{Aggregator, Drainer, NetTracer, existing::Adopter, report::NetReport},
     profile::Frame,
     programs::{KernelPrograms, Stats},
-    sys::process,
+    sys::{
+        cgroup::{Cgroup, CgroupStats},
+        process,
+    },
 };
 
 /// What to record and where to write it.
@@ -80,6 +83,17 @@ pub struct Summary {
     /// CPU seconds each given or launched process used during the session, by the kernel's
     /// accounting (exact, where samples / rate is an estimate).
     pub cpu: Vec<(u32, f64)>,
+    /// The cgroups of the given and launched processes: what each said when first seen
+    /// in the session and at its end, and the processes in it.
+    pub cgroups: Vec<CgroupSpan>,
+}
+
+/// A cgroup over a session.
+#[derive(Debug)]
+pub struct CgroupSpan {
+    pub pids: Vec<u32>,
+    pub first: CgroupStats,
+    pub last: CgroupStats,
 }
 
 const TICK: Duration = Duration::from_millis(100);
@@ -156,6 +170,10 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
             (t.pid(), start, now)
         })
         .collect();
+    let mut cgroups: Vec<(Cgroup, CgroupStats, Vec<u32>)> = Vec::new();
+    for (pid, _, _) in &cpu {
+        note_cgroup(&mut cgroups, *pid);
+    }
     let started = Instant::now();
     let started_at = SystemTime::now();
     let mut status = StatusLine::new();
@@ -172,6 +190,8 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
             if let Some(now) = process::cpu_time(*pid) {
                 *last = Some(now);
             }
+            // Its cgroup (a command may move itself at its start): counters from when seen.
+            note_cgroup(&mut cgroups, *pid);
         }
         let explicit_live = targets.iter_mut().map(|t| t.has_exited()).filter(|exited| !exited).count();
         let end = if stop.load(Ordering::Relaxed) {
@@ -271,7 +291,25 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
         net_kernel_cost,
         stats_floor,
         cpu: cpu.into_iter().filter_map(|(pid, start, last)| Some((pid, last? - start?))).collect(),
+        cgroups: cgroups
+            .into_iter()
+            .map(|(cgroup, first, pids)| CgroupSpan { pids, last: cgroup.read(), first })
+            .collect(),
     })
+}
+
+/// Notes the cgroup process `pid` is in, read when first seen (not the root cgroup: it has
+/// no limits, and its memory is the whole machine's).
+fn note_cgroup(cgroups: &mut Vec<(Cgroup, CgroupStats, Vec<u32>)>, pid: u32) {
+    let Some(cgroup) = Cgroup::of(pid).filter(|c| !c.is_root()) else { return };
+    match cgroups.iter_mut().find(|(c, _, _)| *c == cgroup) {
+        Some((_, _, pids)) if !pids.contains(&pid) => pids.push(pid),
+        Some(_) => {}
+        None => {
+            let first = cgroup.read();
+            cgroups.push((cgroup, first, vec![pid]));
+        }
+    }
 }
 
 /// `<output stem>.net.json` beside the profile.
@@ -329,6 +367,9 @@ impl Summary {
             let _ =
                 writeln!(s, "  CPU time during the session (the kernel's accounting): {}", each.join(", "));
         }
+        for span in &self.cgroups {
+            let _ = writeln!(s, "{}", span.render());
+        }
         let losses: Vec<String> = self
             .stats
             .losses()
@@ -385,5 +426,54 @@ impl Summary {
             }
         }
         s
+    }
+}
+
+impl CgroupSpan {
+    /// One summary line: limits, what the counters grew by during the session, the
+    /// latest memory figures.
+    fn render(&self) -> String {
+        let (a, b) = (&self.first, &self.last);
+        let pids: Vec<String> = self.pids.iter().map(u32::to_string).collect();
+        let mut parts = Vec::new();
+        parts.push(match (b.cpu_quota, b.cpu_period) {
+            (Some(q), Some(p)) => format!("CPU quota {q:.2} CPUs per {:.0} ms", p * 1e3),
+            _ => "no CPU quota".to_string(),
+        });
+        if let (Some(t1), Some(t0), Some(p1), Some(p0)) =
+            (b.throttled_periods, a.throttled_periods, b.periods, a.periods)
+        {
+            let time = b.throttled_time.zip(a.throttled_time).map_or(0.0, |(x, y)| x - y);
+            parts.push(format!(
+                "throttled {} of {} periods, {time:.3} s",
+                t1.saturating_sub(t0),
+                p1.saturating_sub(p0)
+            ));
+        }
+        if let (Some(u1), Some(u0)) = (b.cpu_usage, a.cpu_usage) {
+            parts.push(format!("CPU used {:.3} s", u1 - u0));
+        }
+        if let Some(p) = b.cpu_pressure {
+            parts.push(format!(
+                "CPU pressure some {:.1}% full {:.1}% (last 10 s)",
+                p.some_avg10, p.full_avg10
+            ));
+        }
+        let mib = |b: u64| format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64);
+        if let Some(current) = b.memory_current {
+            let limit = b.memory_limit.map_or("none".to_string(), mib);
+            let peak = b.memory_peak.map_or(String::new(), |p| format!(", peak {}", mib(p)));
+            parts.push(format!("memory {}{peak}, limit {limit}", mib(current)));
+        }
+        if let (Some(anon), Some(file)) = (b.memory_anon, b.memory_file) {
+            parts.push(format!("anon {}, file {}", mib(anon), mib(file)));
+        }
+        if let Some(kills) = b.oom_kills {
+            parts.push(format!("OOM kills {}", kills.saturating_sub(a.oom_kills.unwrap_or(0))));
+        }
+        if let Some(p) = b.memory_pressure {
+            parts.push(format!("memory pressure some {:.1}% full {:.1}%", p.some_avg10, p.full_avg10));
+        }
+        format!("  cgroup v{} {} (pid {}): {}", b.version, b.path, pids.join(", "), parts.join("; "))
     }
 }

@@ -2,6 +2,7 @@
 //! and facts about processes read from /proc.
 pub mod btf;
 pub mod caps;
+pub mod cgroup;
 pub mod elf;
 pub mod maps;
 pub mod mmap;
