@@ -383,3 +383,71 @@ fn agent_exports_the_kernels_cpu_time_of_a_duty_cycled_process() {
         "the agent exported {reported:.3} s of CPU; /proc says {spent:.3} s"
     );
 }
+
+/// A process in a v1 cgroup with a 0.3 CPU quota spends 0.6 s of CPU and idles: the agent
+/// exports the cgroup's quota and, once the cgroup is quiet, exactly the throttling its own
+/// `cpu.stat` counted.
+#[test]
+fn agent_exports_the_cgroup_quota_and_throttling() {
+    require_root();
+    let dir = scratch("cgroup");
+    let http = free_port();
+    let config = agent_config(&dir, http, "export_interval: 1s\n");
+    let agent = agent_without_otlp(&config);
+    wait_ready(http);
+    let cgroup = QuotaCgroup::new("stoker-agent-quota", 30000);
+    let code = "import sys, time\nsys.stdin.readline()\nend = time.process_time() + 0.6\n\
+                while time.process_time() < end: pass\nprint('done', flush=True)\nsys.stdin.readline()\n";
+    let mut busy = Command::new(python("3.12.1"))
+        .args(["-c", code])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    cgroup.add(busy.id());
+    wait_exported(http, busy.id());
+    // Kept open: the process idles on its stdin once done.
+    let mut stdin = busy.stdin.take().unwrap();
+    std::io::Write::write_all(&mut stdin, b"go\n").unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(busy.stdout.take().unwrap()), &mut line)
+        .unwrap();
+    // Quiet: the period timer stops counting once the cgroup idles; the agent's next export
+    // then reads what the test read.
+    let mut stat = cgroup.stat();
+    loop {
+        thread::sleep(Duration::from_millis(300));
+        let now = cgroup.stat();
+        if now == stat {
+            break;
+        }
+        stat = now;
+    }
+    let label = format!("process_pid=\"{}\"", busy.id());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let (_, text) = http_get(http, "/metrics").unwrap();
+        let throttled = metric_value(&text, "stoker_cgroup_cpu_throttled_periods_total", &label);
+        let periods = metric_value(&text, "stoker_cgroup_cpu_periods_total", &label);
+        if (throttled, periods) == (Some(stat.1 as f64), Some(stat.0 as f64)) || Instant::now() > deadline {
+            break text;
+        }
+        thread::sleep(Duration::from_millis(100));
+    };
+    drop(stdin);
+    kill(&mut [&mut busy]);
+    assert!(stop(agent).success());
+    let value = |name: &str| metric_value(&text, name, &label);
+    eprintln!(
+        "cgroup: agent {:?} throttled of {:?} periods, {:?} s; cpu.stat {stat:?}",
+        value("stoker_cgroup_cpu_throttled_periods_total"),
+        value("stoker_cgroup_cpu_periods_total"),
+        value("stoker_cgroup_cpu_throttled_time_seconds_total")
+    );
+    assert!(stat.1 > 0, "0.6 s of CPU at a 0.3 CPU quota was not throttled: {stat:?}");
+    assert_eq!(value("stoker_cgroup_cpu_quota_cpus"), Some(0.3));
+    assert_eq!(value("stoker_cgroup_cpu_throttled_periods_total"), Some(stat.1 as f64));
+    assert_eq!(value("stoker_cgroup_cpu_periods_total"), Some(stat.0 as f64));
+    let time = value("stoker_cgroup_cpu_throttled_time_seconds_total").unwrap();
+    assert!((time - stat.2).abs() < 1e-6, "throttled {time} s; cpu.stat {} s", stat.2);
+}

@@ -465,31 +465,11 @@ fn summary_gives_the_kernels_cpu_time_of_a_launched_command() {
 #[test]
 fn summary_gives_the_cgroup_quota_and_throttling() {
     require_root();
-    let cgroup = std::path::PathBuf::from(format!("/sys/fs/cgroup/cpu/stoker-quota-{}", std::process::id()));
-    if !std::path::Path::new("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").exists() {
-        panic!("this test needs the cgroup v1 cpu controller at /sys/fs/cgroup/cpu");
-    }
-    std::fs::create_dir_all(&cgroup).unwrap();
-    struct Remove(std::path::PathBuf);
-    impl Drop for Remove {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir(&self.0);
-        }
-    }
-    let _remove = Remove(cgroup.clone());
-    std::fs::write(cgroup.join("cpu.cfs_period_us"), "100000").unwrap();
-    std::fs::write(cgroup.join("cpu.cfs_quota_us"), "30000").unwrap();
+    let cgroup = QuotaCgroup::new("stoker-quota", 30000);
     let code = "import sys, time\nsys.stdin.readline()\nend = time.process_time() + 0.8\nwhile time.process_time() < end: pass\n";
     let mut busy = Command::new(python("3.12.1")).args(["-c", code]).stdin(Stdio::piped()).spawn().unwrap();
-    std::fs::write(cgroup.join("cgroup.procs"), busy.id().to_string()).unwrap();
-    let stat = || -> (u64, u64, f64) {
-        let text = std::fs::read_to_string(cgroup.join("cpu.stat")).unwrap();
-        let get = |k: &str| -> u64 {
-            text.lines().find_map(|l| l.strip_prefix(&format!("{k} "))).unwrap().trim().parse().unwrap()
-        };
-        (get("nr_periods"), get("nr_throttled"), get("throttled_time") as f64 / 1e9)
-    };
-    let before = stat();
+    cgroup.add(busy.id());
+    let before = cgroup.stat();
     let out = scratch("quota").join("q.folded");
     let mut session = Command::new(STOKER)
         .args(["record", "--pid", &busy.id().to_string(), "-f", "folded", "-o", out.to_str().unwrap()])
@@ -503,14 +483,14 @@ fn summary_gives_the_cgroup_quota_and_throttling() {
     assert!(busy.wait().unwrap().success());
     let status = wait_exit(&mut session, "stoker");
     let err = err.rest();
-    let after = stat();
+    let after = cgroup.stat();
     assert!(status.success(), "stoker failed: {err}");
     let line =
         err.lines().find(|l| l.contains("cgroup v1")).unwrap_or_else(|| panic!("no cgroup line: {err}"));
     eprintln!("{line}");
     let (periods, throttled, time) = (after.0 - before.0, after.1 - before.1, after.2 - before.2);
     assert!(throttled > 0, "0.8 s of CPU at a 0.3 CPU quota was not throttled: {after:?}");
-    assert!(line.contains(&format!("/stoker-quota-{}", std::process::id())), "{line}");
+    assert!(line.contains(&format!("/{}", cgroup.name)), "{line}");
     assert!(line.contains("CPU quota 0.30 CPUs per 100 ms"), "{line}");
     // The kernel counts a period when its timer fires, and the timer stays armed one idle
     // period more: up to two periods, one of them throttled (100 ms of throttling at most),

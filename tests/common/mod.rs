@@ -278,3 +278,46 @@ pub fn assert_samples(what: &str, got: u64, cpu_seconds: f64, hz: f64) {
 pub fn share_tolerance(p: f64, n: u64) -> f64 {
     4.0 * (p * (1.0 - p) / n.max(1) as f64).sqrt()
 }
+
+/// A v1 `cpu` cgroup made for a test, with a CPU quota; removed when dropped (its processes
+/// must have ended).
+pub struct QuotaCgroup {
+    pub path: PathBuf,
+    pub name: String,
+}
+
+impl QuotaCgroup {
+    /// `/sys/fs/cgroup/cpu/<name>` with `quota_us` of CPU time per 100 ms period.
+    pub fn new(name: &str, quota_us: u32) -> Self {
+        let root = Path::new("/sys/fs/cgroup/cpu");
+        assert!(
+            root.join("cpu.cfs_quota_us").exists(),
+            "this test needs the cgroup v1 cpu controller at /sys/fs/cgroup/cpu"
+        );
+        let name = format!("{name}-{}", std::process::id());
+        let path = root.join(&name);
+        std::fs::create_dir_all(&path).unwrap();
+        std::fs::write(path.join("cpu.cfs_period_us"), "100000").unwrap();
+        std::fs::write(path.join("cpu.cfs_quota_us"), quota_us.to_string()).unwrap();
+        Self { path, name }
+    }
+
+    pub fn add(&self, pid: u32) {
+        std::fs::write(self.path.join("cgroup.procs"), pid.to_string()).unwrap();
+    }
+
+    /// `cpu.stat`: periods, throttled periods, throttled seconds.
+    pub fn stat(&self) -> (u64, u64, f64) {
+        let text = std::fs::read_to_string(self.path.join("cpu.stat")).unwrap();
+        let get = |k: &str| -> u64 {
+            text.lines().find_map(|l| l.strip_prefix(&format!("{k} "))).unwrap().trim().parse().unwrap()
+        };
+        (get("nr_periods"), get("nr_throttled"), get("throttled_time") as f64 / 1e9)
+    }
+}
+
+impl Drop for QuotaCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}

@@ -20,7 +20,10 @@ use crate::{
     net::NetMetrics,
     profile::{Frame, Profile},
     programs::KernelPrograms,
-    sys::process,
+    sys::{
+        cgroup::{Cgroup, CgroupStats},
+        process,
+    },
 };
 
 /// Per-interval bookkeeping: cumulative counts seen, per-process metrics.
@@ -95,6 +98,7 @@ impl Interval {
             .map(|(pid, counts)| (*pid, collector.profile_of(counts, View::default())))
             .collect();
         self.observe(live, tracker);
+        let mut cgroups: HashMap<Cgroup, CgroupStats> = HashMap::new();
         for (&pid, p) in self.processes.iter_mut() {
             let mut sampled = 0.0;
             let mut functions: Vec<(String, f64)> = Vec::new();
@@ -126,6 +130,12 @@ impl Interval {
             }
             p.utilization = seconds / elapsed.as_secs_f64().max(1e-3) / self.cpus;
             p.memory_bytes = rss_bytes(pid);
+            // Its cgroup, read once per export however many processes it holds; a process
+            // that exited keeps its last figures.
+            if let Some(cgroup) = Cgroup::of(pid).filter(|c| !c.is_root()) {
+                let stats = cgroups.entry(cgroup.clone()).or_insert_with(|| cgroup.read());
+                p.cgroup = Some(stats.clone());
+            }
         }
     }
 

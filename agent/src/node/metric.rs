@@ -61,6 +61,131 @@ pub(crate) const CPU_UTILIZATION: Metric = def(
 );
 pub(crate) const MEMORY_USAGE: Metric =
     def("process.memory.usage", "By", Gauge, "process_memory_usage_bytes", "Resident memory of the process.");
+// Per process, from its cgroup (v1 or v2): counters are the cgroup's own, since it was made.
+pub(crate) const CGROUP_CPU_QUOTA: Metric = def(
+    "stoker.cgroup.cpu.quota",
+    "{cpu}",
+    Gauge,
+    "stoker_cgroup_cpu_quota_cpus",
+    "CPU quota of the process's cgroup in CPUs (quota / period); absent when unlimited.",
+);
+pub(crate) const CGROUP_CPU_PERIODS: Metric = def(
+    "stoker.cgroup.cpu.periods",
+    "{period}",
+    Counter,
+    "stoker_cgroup_cpu_periods_total",
+    "Quota periods in which the cgroup's processes ran.",
+);
+pub(crate) const CGROUP_CPU_THROTTLED_PERIODS: Metric = def(
+    "stoker.cgroup.cpu.throttled.periods",
+    "{period}",
+    Counter,
+    "stoker_cgroup_cpu_throttled_periods_total",
+    "Quota periods in which the cgroup's processes were throttled.",
+);
+pub(crate) const CGROUP_CPU_THROTTLED_TIME: Metric = def(
+    "stoker.cgroup.cpu.throttled.time",
+    "s",
+    Counter,
+    "stoker_cgroup_cpu_throttled_time_seconds_total",
+    "Time the cgroup's processes were kept off the CPU by the quota.",
+);
+pub(crate) const CGROUP_CPU_PRESSURE: Metric = def(
+    "stoker.cgroup.cpu.pressure",
+    "1",
+    Gauge,
+    "stoker_cgroup_cpu_pressure_ratio",
+    "Share of the last 10 s some of the cgroup's tasks waited for a CPU (cgroup v2).",
+);
+pub(crate) const CGROUP_MEMORY_USAGE: Metric = def(
+    "stoker.cgroup.memory.usage",
+    "By",
+    Gauge,
+    "stoker_cgroup_memory_usage_bytes",
+    "Memory the cgroup uses (anon and page cache).",
+);
+pub(crate) const CGROUP_MEMORY_PEAK: Metric = def(
+    "stoker.cgroup.memory.peak",
+    "By",
+    Gauge,
+    "stoker_cgroup_memory_peak_bytes",
+    "The cgroup's peak memory use.",
+);
+pub(crate) const CGROUP_MEMORY_LIMIT: Metric = def(
+    "stoker.cgroup.memory.limit",
+    "By",
+    Gauge,
+    "stoker_cgroup_memory_limit_bytes",
+    "The cgroup's memory limit; absent when unlimited.",
+);
+pub(crate) const CGROUP_MEMORY_ANON: Metric = def(
+    "stoker.cgroup.memory.anon",
+    "By",
+    Gauge,
+    "stoker_cgroup_memory_anon_bytes",
+    "The cgroup's anonymous memory.",
+);
+pub(crate) const CGROUP_MEMORY_FILE: Metric = def(
+    "stoker.cgroup.memory.file",
+    "By",
+    Gauge,
+    "stoker_cgroup_memory_file_bytes",
+    "The cgroup's page cache.",
+);
+pub(crate) const CGROUP_OOM_KILLS: Metric = def(
+    "stoker.cgroup.memory.oom_kills",
+    "{kill}",
+    Counter,
+    "stoker_cgroup_memory_oom_kills_total",
+    "Processes of the cgroup killed for running out of memory.",
+);
+pub(crate) const CGROUP_MEMORY_PRESSURE: Metric = def(
+    "stoker.cgroup.memory.pressure",
+    "1",
+    Gauge,
+    "stoker_cgroup_memory_pressure_ratio",
+    "Share of the last 10 s some of the cgroup's tasks waited for memory (cgroup v2).",
+);
+
+/// The cgroup metrics a process has (those its cgroup version and limits give).
+pub(crate) fn cgroup_values(c: &crate::sys::cgroup::CgroupStats) -> Vec<(&'static Metric, f64)> {
+    let pressure = |p: Option<crate::sys::cgroup::Pressure>| p.map(|p| p.some_avg10 / 100.0);
+    let bytes = |b: Option<u64>| b.map(|b| b as f64);
+    [
+        (&CGROUP_CPU_QUOTA, c.cpu_quota),
+        (&CGROUP_CPU_PERIODS, c.periods.map(|n| n as f64)),
+        (&CGROUP_CPU_THROTTLED_PERIODS, c.throttled_periods.map(|n| n as f64)),
+        (&CGROUP_CPU_THROTTLED_TIME, c.throttled_time),
+        (&CGROUP_CPU_PRESSURE, pressure(c.cpu_pressure)),
+        (&CGROUP_MEMORY_USAGE, bytes(c.memory_current)),
+        (&CGROUP_MEMORY_PEAK, bytes(c.memory_peak)),
+        (&CGROUP_MEMORY_LIMIT, bytes(c.memory_limit)),
+        (&CGROUP_MEMORY_ANON, bytes(c.memory_anon)),
+        (&CGROUP_MEMORY_FILE, bytes(c.memory_file)),
+        (&CGROUP_OOM_KILLS, bytes(c.oom_kills)),
+        (&CGROUP_MEMORY_PRESSURE, pressure(c.memory_pressure)),
+    ]
+    .into_iter()
+    .filter_map(|(m, v)| Some((m, v?)))
+    .collect()
+}
+
+/// Every per-process cgroup metric, in export order.
+pub(crate) const CGROUP_METRICS: [&Metric; 12] = [
+    &CGROUP_CPU_QUOTA,
+    &CGROUP_CPU_PERIODS,
+    &CGROUP_CPU_THROTTLED_PERIODS,
+    &CGROUP_CPU_THROTTLED_TIME,
+    &CGROUP_CPU_PRESSURE,
+    &CGROUP_MEMORY_USAGE,
+    &CGROUP_MEMORY_PEAK,
+    &CGROUP_MEMORY_LIMIT,
+    &CGROUP_MEMORY_ANON,
+    &CGROUP_MEMORY_FILE,
+    &CGROUP_OOM_KILLS,
+    &CGROUP_MEMORY_PRESSURE,
+];
+
 pub(crate) const FUNCTION_CPU_TIME: Metric = def(
     "stoker.function.cpu.time",
     "s",

@@ -38,6 +38,20 @@ pub fn render(snapshot: &Snapshot) -> String {
     family(&metric::CPU_TIME, per(&|p| p.cpu_seconds));
     family(&metric::CPU_UTILIZATION, per(&|p| p.utilization));
     family(&metric::MEMORY_USAGE, per(&|p| p.memory_bytes as f64));
+    for m in metric::CGROUP_METRICS {
+        let rows = snapshot
+            .processes
+            .values()
+            .filter_map(|p| {
+                let values = metric::cgroup_values(p.cgroup.as_ref()?);
+                let value = values.iter().find(|(n, _)| n.name == m.name)?.1;
+                Some((labels(p, None), value))
+            })
+            .collect::<Vec<_>>();
+        if !rows.is_empty() {
+            family(m, rows);
+        }
+    }
     let functions = snapshot
         .processes
         .values()

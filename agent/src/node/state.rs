@@ -27,6 +27,8 @@ pub struct ProcessMetrics {
     pub functions: HashMap<String, f64>,
     /// Request latencies and TCP counters, cumulative.
     pub net: NetSeries,
+    /// The process's cgroup as of the last export (not for the root cgroup).
+    pub cgroup: Option<crate::sys::cgroup::CgroupStats>,
 }
 
 /// The agent's own counters.

@@ -36,12 +36,17 @@ pub fn request(snapshot: &Snapshot) -> ExportMetricsServiceRequest {
                 .into_iter()
                 .map(|(f, v)| point(v, vec![kv("function", f)]))
                 .collect();
-            let metrics = vec![
+            let mut metrics = vec![
                 number(&def::CPU_TIME, vec![point(p.cpu_seconds, vec![])]),
                 number(&def::CPU_UTILIZATION, vec![point(p.utilization, vec![])]),
                 number(&def::MEMORY_USAGE, vec![point(p.memory_bytes as f64, vec![])]),
                 number(&def::FUNCTION_CPU_TIME, functions),
             ];
+            if let Some(cgroup) = &p.cgroup {
+                metrics.extend(
+                    def::cgroup_values(cgroup).into_iter().map(|(m, v)| number(m, vec![point(v, vec![])])),
+                );
+            }
             ResourceMetrics {
                 resource: Some(Resource {
                     attributes: p.resource.iter().map(|(k, v)| kv(k, v)).collect(),
