@@ -477,3 +477,49 @@ impl CgroupSpan {
         format!("  cgroup v{} {} (pid {}): {}", b.version, b.path, pids.join(", "), parts.join("; "))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sys::cgroup::Pressure;
+
+    #[test]
+    fn cgroup_line_gives_limits_and_what_the_counters_grew_by() {
+        let first = CgroupStats {
+            version: 2,
+            path: "/shop".into(),
+            cpu_quota: Some(0.5),
+            cpu_period: Some(0.1),
+            cpu_usage: Some(10.0),
+            periods: Some(100),
+            throttled_periods: Some(40),
+            throttled_time: Some(3.0),
+            oom_kills: Some(1),
+            ..Default::default()
+        };
+        let last = CgroupStats {
+            cpu_usage: Some(10.8),
+            periods: Some(131),
+            throttled_periods: Some(67),
+            throttled_time: Some(5.18),
+            cpu_pressure: Some(Pressure { some_avg10: 42.5, full_avg10: 40.0, ..Default::default() }),
+            memory_current: Some(12 << 20),
+            memory_peak: Some(14 << 20),
+            memory_limit: None,
+            memory_anon: Some(9 << 20),
+            memory_file: Some(3 << 20),
+            oom_kills: Some(1),
+            ..first.clone()
+        };
+        let line = CgroupSpan { pids: vec![4242, 4243], first, last }.render();
+        assert_eq!(
+            line,
+            "  cgroup v2 /shop (pid 4242, 4243): CPU quota 0.50 CPUs per 100 ms; throttled 27 of 31 periods, 2.180 s; \
+             CPU used 0.800 s; CPU pressure some 42.5% full 40.0% (last 10 s); memory 12.0 MiB, peak 14.0 MiB, \
+             limit none; anon 9.0 MiB, file 3.0 MiB; OOM kills 0"
+        );
+        let unlimited = CgroupStats { version: 1, path: "/x".into(), ..Default::default() };
+        let line = CgroupSpan { pids: vec![1], first: unlimited.clone(), last: unlimited }.render();
+        assert_eq!(line, "  cgroup v1 /x (pid 1): no CPU quota");
+    }
+}
