@@ -674,7 +674,10 @@ fn churn_of_processes_pids_and_paths_is_sampled_and_bounded() {
     within("short processes", got, spent);
     // Forked workers are sampled from their first instant, in their parent's code.
     let workers = report["workers"].as_array().unwrap();
-    assert!(workers.len() >= 21, "2,000 requests at 100 a worker, 2 at a time: {} workers", workers.len());
+    // Every request was served by a worker that reported it (a worker forked as the run
+    // ends may be stopped before it serves anything, and before it could report).
+    let served: u64 = workers.iter().map(|w| w["requests"].as_u64().unwrap()).sum();
+    assert_eq!(served, 2000, "requests the workers served: {workers:?}");
     let worker_cpu: f64 = workers.iter().map(|w| w["cpu"].as_f64().unwrap()).sum();
     within("workers in handle_request", samples.get("handle_request").copied().unwrap_or(0), worker_cpu);
     assert_eq!(report["requests"], 2000, "{report}");
