@@ -4,11 +4,13 @@
 #![no_std]
 
 pub mod net;
+pub mod offcpu;
 pub mod python;
 pub mod sampling;
 pub mod stat;
 
 pub use net::*;
+pub use offcpu::*;
 pub use python::*;
 pub use sampling::*;
 pub use stat::MAP_STATS;

@@ -2,8 +2,9 @@
 //! constants of the shared library so userspace finds them.
 use agent_ebpf::{
     COUNTS_CAPACITY, EXECS_CAPACITY, NET_CONNS_CAPACITY, NET_PEEK_BUF, NET_RING_SLOTS, NET_SOCKS_CAPACITY,
-    NetConn, NetEvent, PY_FRAME_CHUNK, PY_STACKS_CAPACITY, PY_THREADS_CAPACITY, PyProc, PyStack,
-    STACKS_CAPACITY, SampleKey, TARGET_BITS_WORDS, TARGETS_CAPACITY, stat,
+    NetConn, NetEvent, OFF_COUNTS_CAPACITY, OFF_THREADS_CAPACITY, OffKey, OffThread, PY_FRAME_CHUNK,
+    PY_STACKS_CAPACITY, PY_THREADS_CAPACITY, PyProc, PyStack, STACKS_CAPACITY, SampleKey, TARGET_BITS_WORDS,
+    TARGETS_CAPACITY, stat,
 };
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
@@ -115,6 +116,50 @@ pub static NET_CONN_SCRATCH: PerCpuArray<NetConn> = PerCpuArray::with_max_entrie
 /// The first bytes of a request or response per CPU.
 #[map]
 pub static NET_PEEK: PerCpuArray<[u8; NET_PEEK_BUF]> = PerCpuArray::with_max_entries(1, 0);
+
+/// Off-CPU time of target threads (see `MAP_OFF_COUNTS`).
+#[map]
+pub static OFF_COUNTS: PerCpuHashMap<OffKey, u64> = PerCpuHashMap::with_max_entries(OFF_COUNTS_CAPACITY, 0);
+
+/// Target threads' waits under way (see `MAP_OFF_THREADS`).
+#[map]
+pub static OFF_THREADS: LruHashMap<u32, OffThread> = LruHashMap::with_max_entries(OFF_THREADS_CAPACITY, 0);
+
+/// Tids with an `OFF_THREADS` entry (see `MAP_OFF_BITS`); only the kernel writes it.
+#[map]
+pub static OFF_BITS: Array<u64> = Array::with_max_entries(TARGET_BITS_WORDS, 0);
+
+/// True when `tid` may have an `OFF_THREADS` entry.
+#[inline(always)]
+pub fn is_off_tracked(tid: u32) -> bool {
+    match OFF_BITS.get_ptr(tid >> 6) {
+        // SAFETY: as in `is_target`.
+        Some(word) => (unsafe { core::ptr::read_volatile(word) } >> (tid & 63)) & 1 != 0,
+        None => false,
+    }
+}
+
+/// Sets or clears `tid`'s bit in `OFF_BITS`.
+#[inline(always)]
+pub fn set_off_tracked(tid: u32, on: bool) {
+    if let Some(word) = OFF_BITS.get_ptr_mut(tid >> 6) {
+        // SAFETY: as in `mark_target` and `unmark_target`: atomic OR and AND on a word of the
+        // array; other CPUs set and clear other bits of it.
+        unsafe {
+            if on {
+                core::intrinsics::atomic_or::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+                    word,
+                    1 << (tid & 63),
+                );
+            } else {
+                core::intrinsics::atomic_and::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+                    word,
+                    !(1 << (tid & 63)),
+                );
+            }
+        }
+    }
+}
 
 #[map]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);

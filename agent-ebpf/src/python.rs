@@ -61,7 +61,9 @@ pub struct PyOffsets {
     /// Bytes from a frame's start that cover every field read (at most `PY_FRAME_CHUNK`;
     /// 0: read fields one by one). One read of them replaces several small ones.
     pub frame_read_size: u32,
-    pub _pad: u32,
+    /// Offset of the GIL (`_gil`) in the main interpreter (3.12+), or `NO_FIELD` when the GIL
+    /// is at `PyProc::gil_addr` (3.8-3.11: in `_PyRuntime`).
+    pub interp_gil: u32,
     /// Bits to clear from `f_executable` (3.14 stack references).
     pub executable_tag_mask: u64,
 }
@@ -89,8 +91,15 @@ pub struct PyProc {
     /// `PY_PROC_*` bits.
     pub flags: u32,
     pub _pad: u32,
+    /// Address of the GIL (`struct _gil_runtime_state`) when it is in `_PyRuntime`, else 0
+    /// (see `PyOffsets::interp_gil`).
+    pub gil_addr: u64,
 }
-const _: () = assert!(core::mem::size_of::<PyProc>() == 96);
+const _: () = assert!(core::mem::size_of::<PyProc>() == 104);
+
+/// Size of CPython's `struct _gil_runtime_state` (3.8-3.14): a futex wait on an address in it
+/// is a wait for the GIL.
+pub const PY_GIL_SIZE: u64 = 208;
 
 // SAFETY: `repr(C)`, integers and a `PyOffsets` (itself `Pod`), the padding an explicit field
 // (size asserted): any bit pattern is a valid value.

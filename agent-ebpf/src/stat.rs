@@ -39,5 +39,11 @@ pub const EXECS_FULL: u32 = 15;
 /// Keys the sampling program added to the counts map: when it moves, there are new
 /// stacks for userspace to name while their processes live.
 pub const NEW_KEYS: u32 = 16;
+/// Target threads' switches off the CPU followed (`sched_switch`).
+pub const OFF_SWITCHES: u32 = 17;
+/// Nanoseconds spent on those switches, from entry to exit (with `OffConfig::measure_cost`).
+pub const OFF_NS: u32 = 18;
+/// Off-CPU waits not counted because the off-CPU counts map was full.
+pub const OFF_COUNTS_FULL: u32 = 19;
 /// Number of counters.
-pub const COUNT: u32 = 17;
+pub const COUNT: u32 = 20;

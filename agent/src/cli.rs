@@ -2,7 +2,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use stoker::export::Format;
+use stoker::{export::Format, record::Mode};
 
 #[derive(Debug, Parser)]
 #[command(name = "stoker", version, about = "eBPF profiler for Python services")]
@@ -78,6 +78,12 @@ pub struct RecordArgs {
     /// connects; writes <output stem>.net.json beside the profile.
     #[arg(long)]
     pub net: bool,
+    /// What the profile shows: `cpu` (CPU samples), `wall` (CPU samples and waits, in
+    /// microseconds of thread time) or `off-cpu` (waits alone); wall and off-CPU stacks end
+    /// with the thread's state: [running], [runqueue], [throttled], [gil], [lock],
+    /// [socket ADDR:PORT], [poll], [disk], [sleep] or [other].
+    #[arg(short, long, value_enum, default_value_t = Mode::Cpu)]
+    pub mode: Mode,
     /// Command to launch and profile, after `--`.
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,

@@ -69,6 +69,7 @@ fn record_cmd(args: RecordArgs) -> ExitCode {
         full_filenames: args.full_filenames,
         kernel_stats: args.kernel_stats,
         net: args.net,
+        mode: args.mode,
     };
     match record::run(&opts) {
         Ok(summary) => {

@@ -2,6 +2,7 @@
 //! `python` (the CPython frame walker) and `net` (offsets, event rings, HTTP recognizer).
 pub mod net;
 pub mod net_syscalls;
+pub mod offcpu;
 pub mod perf_sample;
 pub mod python;
 pub mod sched_exec;
@@ -41,6 +42,8 @@ unsafe impl Plain for u8 {}
 unsafe impl Plain for u16 {}
 // SAFETY: an integer: any bits are a valid value.
 unsafe impl Plain for i32 {}
+// SAFETY: an integer: any bits are a valid value.
+unsafe impl Plain for u32 {}
 // SAFETY: an integer: any bits are a valid value.
 unsafe impl Plain for u64 {}
 // SAFETY: bytes: any bits are a valid value.

@@ -110,7 +110,7 @@ fn try_sys_exit() -> Result<u32, i64> {
 /// The registers saved when the current system call entered, read in place (no copy): its
 /// number, its arguments (unchanged until it returns) and, at the exit, its return value.
 #[inline(always)]
-fn entry_regs() -> &'static pt_regs {
+pub(super) fn entry_regs() -> &'static pt_regs {
     // SAFETY: `bpf_task_pt_regs` of the current task (a trusted BTF pointer) is its saved user
     // registers, valid, aligned and unchanged while it is in this system call, which outlasts
     // the program run; `pt_regs` is plain integers.

@@ -46,29 +46,12 @@ fn try_perf_sample(ctx: &PerfEventContext) -> Result<bool, i32> {
     bump(stat::SAMPLES);
 
     // Python first: a sample with a Python stack needs no native stacks unless asked.
-    let mut py_stack = 0;
-    let mut want_native = true;
-    // SAFETY: a value of the preallocated `PY_PROCS`, which keeps it allocated as long as the
-    // map even if userspace removes or rewrites the entry meanwhile; `PyProc` is plain integers,
-    // so any bytes it then holds are a valid value, and the walker uses them only as addresses
-    // for probe reads, which check them, and as sizes it clamps.
-    if let Some(proc) = unsafe { PY_PROCS.get(tgid) }
-        && let Some((stack, hash)) = python::walk(tid, proc)
-    {
+    let (py_stack, want_native) = python_stack(tgid, tid);
+    if py_stack != 0 {
         bump(stat::PY_SAMPLES);
-        let stored = PY_STACKS.get_ptr(hash).is_some()
-            || PY_STACKS.insert(hash, stack, u64::from(BPF_NOEXIST)).is_ok()
-            // Another CPU may have stored the same stack in between.
-            || PY_STACKS.get_ptr(hash).is_some();
-        if stored {
-            py_stack = hash;
-            want_native = proc.flags & PY_PROC_NATIVE != 0;
-        } else {
-            bump(stat::PY_STACKS_FULL);
-        }
     }
     let (user_stack_id, kernel_stack_id) =
-        if want_native { native_stacks(ctx) } else { (NO_STACK, NO_STACK) };
+        if want_native { (user_stack(ctx), kernel_stack(ctx)) } else { (NO_STACK, NO_STACK) };
 
     let key = SampleKey { tgid, tid, user_stack_id, kernel_stack_id, py_stack };
     // Per-CPU values: this CPU's slot is only ever touched here, so no atomics needed.
@@ -89,10 +72,33 @@ fn try_perf_sample(ctx: &PerfEventContext) -> Result<bool, i32> {
     Ok(true)
 }
 
-/// Stores the sample's user and kernel stacks; returns their ids (negative: absent or dropped).
+/// Walks and stores the current thread's Python stack: its hash (0: none) and whether the
+/// native stacks are wanted too (no Python stack, or the process asked for them).
 #[inline(always)]
-fn native_stacks(ctx: &PerfEventContext) -> (i32, i32) {
-    let user_stack_id = match ctx.get_stackid(&STACKS, u64::from(BPF_F_USER_STACK)) {
+pub(super) fn python_stack(tgid: u32, tid: u32) -> (u64, bool) {
+    // SAFETY: a value of the preallocated `PY_PROCS`, which keeps it allocated as long as the
+    // map even if userspace removes or rewrites the entry meanwhile; `PyProc` is plain integers,
+    // so any bytes it then holds are a valid value, and the walker uses them only as addresses
+    // for probe reads, which check them, and as sizes it clamps.
+    if let Some(proc) = unsafe { PY_PROCS.get(tgid) }
+        && let Some((stack, hash)) = python::walk(tid, proc)
+    {
+        let stored = PY_STACKS.get_ptr(hash).is_some()
+            || PY_STACKS.insert(hash, stack, u64::from(BPF_NOEXIST)).is_ok()
+            // Another CPU may have stored the same stack in between.
+            || PY_STACKS.get_ptr(hash).is_some();
+        if stored {
+            return (hash, proc.flags & PY_PROC_NATIVE != 0);
+        }
+        bump(stat::PY_STACKS_FULL);
+    }
+    (0, true)
+}
+
+/// Stores the current thread's user stack; returns its id (negative: absent or dropped).
+#[inline(always)]
+pub(super) fn user_stack<C: StackIdContext>(ctx: &C) -> i32 {
+    match ctx.get_stackid(&STACKS, u64::from(BPF_F_USER_STACK)) {
         Ok(id) => id as i32,
         Err(err) if -err == EFAULT => {
             bump(stat::USER_STACK_MISSING);
@@ -102,15 +108,19 @@ fn native_stacks(ctx: &PerfEventContext) -> (i32, i32) {
             bump(stat::STACK_DROPPED);
             DROPPED_STACK
         }
-    };
+    }
+}
+
+/// Stores the current kernel stack; returns its id (negative: absent or dropped).
+#[inline(always)]
+pub(super) fn kernel_stack<C: StackIdContext>(ctx: &C) -> i32 {
     // A sample taken in user mode has no kernel frames: that is not a loss.
-    let kernel_stack_id = match ctx.get_stackid(&STACKS, 0) {
+    match ctx.get_stackid(&STACKS, 0) {
         Ok(id) => id as i32,
         Err(err) if -err == EFAULT => NO_STACK,
         Err(_) => {
             bump(stat::STACK_DROPPED);
             DROPPED_STACK
         }
-    };
-    (user_stack_id, kernel_stack_id)
+    }
 }

@@ -2,6 +2,7 @@
 //! which processes are targets (and which are Python), and their stacks, named.
 pub mod stacks;
 pub mod tracker;
+pub mod wall;
 
 use std::time::{Duration, Instant};
 
@@ -10,6 +11,7 @@ use crate::programs::KernelPrograms;
 pub use self::{
     stacks::{Collector, View},
     tracker::Tracker,
+    wall::Mode,
 };
 
 /// When to name new stacks: as soon as the kernel added keys (a short-lived process's code

@@ -5,7 +5,7 @@ use std::{
     sync::Arc,
 };
 
-use agent_ebpf::{DROPPED_STACK, SampleKey};
+use agent_ebpf::{DROPPED_STACK, OffKey, SampleKey};
 
 use crate::{
     error::Result,
@@ -35,6 +35,8 @@ pub struct Collector {
     kernel_stacks: HashMap<i32, Arc<[Frame]>>,
     py_stacks: HashMap<(u32, u64), Arc<PyFrames>>,
     counts: Vec<(SampleKey, u64)>,
+    /// Off-CPU nanoseconds by key, as last read (`collect` with `final_read`).
+    pub(crate) off: Vec<(OffKey, u64)>,
     /// Keys whose stacks were resolved.
     seen: HashSet<SampleKey>,
     /// Native stack ids seen since the kernel's maps were last emptied: how full the
@@ -53,6 +55,7 @@ impl Collector {
             kernel_stacks: HashMap::new(),
             py_stacks: HashMap::new(),
             counts: Vec::new(),
+            off: Vec::new(),
             seen: HashSet::new(),
             native_ids: HashSet::new(),
             comms: HashMap::new(),
@@ -129,12 +132,21 @@ impl Collector {
             self.comms.entry(pid).or_insert_with(|| process::comm(pid));
         }
         let mut refreshed = HashSet::new();
-        let keys = if final_read {
+        let mut keys = if final_read {
             self.counts = kernel.counts()?;
             self.counts.iter().map(|(k, _)| *k).collect()
         } else {
             kernel.count_keys()?
         };
+        // Off-CPU waits: their stacks are named the same way; at the end, with the waits
+        // still under way.
+        if final_read {
+            self.off = kernel.off_counts()?;
+            self.off.extend(kernel.off_in_flight(live_pids, process::monotonic_ns())?);
+            keys.extend(self.off.iter().map(|(k, _)| k.sample));
+        } else {
+            keys.extend(kernel.off_keys()?.iter().map(|k| k.sample));
+        }
         for key in keys {
             if !self.seen.insert(key) {
                 continue;
@@ -182,50 +194,56 @@ impl Collector {
 
     /// A profile of `counts` (keys already resolved by `collect`), as `view` says.
     pub fn profile_of(&self, counts: &[(SampleKey, u64)], view: View) -> Profile {
-        let mut stacks = Vec::with_capacity(counts.len());
-        for (key, count) in counts {
-            let mut frames: Vec<Frame> = Vec::new();
-            if view.root_per_process {
-                let comm = self.comms.get(&key.tgid).map(String::as_str).unwrap_or("?");
-                frames.push(Frame::Marker(Marker::Process { comm: comm.into(), pid: key.tgid }));
-            }
-            if view.threads {
-                let name = self.threads.get(&key.tid).map(String::as_str).unwrap_or("?");
-                frames.push(Frame::Marker(Marker::Thread { name: name.into(), tid: key.tid }));
-            }
-            let roots = frames.len();
-            let user = self.user_stacks.get(&(key.tgid, key.user_stack_id));
-            let py = self.py_stacks.get(&(key.tgid, key.py_stack)).filter(|p| !p.frames.is_empty());
-            match (py, view.native) {
-                (Some(py), false) => {
-                    if py.truncated {
-                        frames.push(Frame::Marker(Marker::Truncated));
-                    }
-                    frames.extend(py.frames.iter().rev().map(|f| f.frame.clone()));
-                }
-                (Some(py), true) => {
-                    let native: Vec<Frame> =
-                        user.map(|u| u.iter().rev().cloned().collect()).unwrap_or_default();
-                    frames.extend(interleave(&native, py));
-                    self.push_kernel(&mut frames, key);
-                }
-                (None, _) => {
-                    match user {
-                        Some(user) => frames.extend(user.iter().rev().cloned()),
-                        None if key.user_stack_id == DROPPED_STACK => {
-                            frames.push(Frame::Marker(Marker::UserStackDropped))
-                        }
-                        None => {}
-                    }
-                    self.push_kernel(&mut frames, key);
-                }
-            }
-            if frames.len() == roots {
-                frames.push(Frame::Unknown { kernel: false });
-            }
-            stacks.push((frames, *count));
-        }
+        let stacks = counts.iter().map(|(key, count)| (self.frames(key, view), *count)).collect();
         Profile { stacks, ..Default::default() }
+    }
+
+    /// The named stack of `key` (resolved by `collect`), root first, as `view` says.
+    pub(crate) fn frames(&self, key: &SampleKey, view: View) -> Vec<Frame> {
+        let mut frames: Vec<Frame> = Vec::new();
+        if view.root_per_process {
+            let comm = self.comms.get(&key.tgid).map(String::as_str).unwrap_or("?");
+            frames.push(Frame::Marker(Marker::Process { comm: comm.into(), pid: key.tgid }));
+        }
+        if view.threads {
+            let name = self.threads.get(&key.tid).map(String::as_str).unwrap_or("?");
+            frames.push(Frame::Marker(Marker::Thread { name: name.into(), tid: key.tid }));
+        }
+        let roots = frames.len();
+        let user = self.user_stacks.get(&(key.tgid, key.user_stack_id));
+        let py = self.py_stacks.get(&(key.tgid, key.py_stack)).filter(|p| !p.frames.is_empty());
+        match (py, view.native) {
+            (Some(py), false) => {
+                if py.truncated {
+                    frames.push(Frame::Marker(Marker::Truncated));
+                }
+                frames.extend(py.frames.iter().rev().map(|f| f.frame.clone()));
+            }
+            (Some(py), true) => {
+                let native: Vec<Frame> = user.map(|u| u.iter().rev().cloned().collect()).unwrap_or_default();
+                frames.extend(interleave(&native, py));
+                self.push_kernel(&mut frames, key);
+            }
+            (None, _) => {
+                match user {
+                    Some(user) => frames.extend(user.iter().rev().cloned()),
+                    None if key.user_stack_id == DROPPED_STACK => {
+                        frames.push(Frame::Marker(Marker::UserStackDropped))
+                    }
+                    None => {}
+                }
+                self.push_kernel(&mut frames, key);
+            }
+        }
+        if frames.len() == roots {
+            frames.push(Frame::Unknown { kernel: false });
+        }
+        frames
+    }
+
+    /// The kernel frames of stack `id`, leaf first, if named.
+    pub(crate) fn kernel_stack(&self, id: i32) -> Option<&[Frame]> {
+        self.kernel_stacks.get(&id).map(|s| &s[..])
     }
 
     fn push_kernel(&self, frames: &mut Vec<Frame>, key: &SampleKey) {

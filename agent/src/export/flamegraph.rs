@@ -2,7 +2,7 @@
 use std::io::Write;
 
 use super::folded;
-use crate::profile::Profile;
+use crate::profile::{Profile, Unit};
 
 /// Writes the profile as an interactive SVG flamegraph.
 pub fn write(profile: &Profile, out: &mut dyn Write) -> std::io::Result<()> {
@@ -10,7 +10,11 @@ pub fn write(profile: &Profile, out: &mut dyn Write) -> std::io::Result<()> {
     let mut options = inferno::flamegraph::Options::default();
     options.title = profile.title.clone();
     options.subtitle = Some(profile.subtitle.clone());
-    options.count_name = "samples".into();
+    options.count_name = match profile.unit {
+        Unit::Samples => "samples",
+        Unit::Microseconds => "µs",
+    }
+    .into();
     if lines.is_empty() {
         // inferno refuses empty input; an empty profile is still a valid SVG.
         return write!(

@@ -8,7 +8,7 @@ use std::{
 
 use prost::Message;
 
-use crate::profile::{Frame, Profile};
+use crate::profile::{Frame, Profile, Unit};
 
 /// What a pprof profile carries beyond the stacks.
 #[derive(Debug, Clone, Copy)]
@@ -32,9 +32,23 @@ pub fn encode(profile: &Profile, meta: &PprofMeta) -> Vec<u8> {
 pub fn build(profile: &Profile, meta: &PprofMeta) -> proto::Profile {
     let mut b = Builder::default();
     b.string("");
-    let period = 1_000_000_000 / meta.rate_hz.max(1) as i64;
-    let cpu_ns = proto::ValueType { r#type: b.string("cpu"), unit: b.string("nanoseconds") };
-    let sample_type = vec![proto::ValueType { r#type: b.string("samples"), unit: b.string("count") }, cpu_ns];
+    // CPU profiles: samples and the CPU time they stand for. Wall-clock and off-CPU
+    // profiles (values in microseconds): thread time in nanoseconds.
+    let (period, period_type, sample_type) = match profile.unit {
+        Unit::Samples => {
+            let cpu_ns = proto::ValueType { r#type: b.string("cpu"), unit: b.string("nanoseconds") };
+            let samples = proto::ValueType { r#type: b.string("samples"), unit: b.string("count") };
+            (1_000_000_000 / meta.rate_hz.max(1) as i64, cpu_ns, vec![samples, cpu_ns])
+        }
+        Unit::Microseconds => {
+            let wall_ns = proto::ValueType { r#type: b.string("wall"), unit: b.string("nanoseconds") };
+            (1_000, wall_ns, vec![wall_ns])
+        }
+    };
+    let values = |count: i64| match profile.unit {
+        Unit::Samples => vec![count, count * period],
+        Unit::Microseconds => vec![count * 1_000],
+    };
 
     let mut samples: Vec<proto::Sample> = Vec::new();
     let mut sample_index: HashMap<Vec<u64>, usize> = HashMap::new();
@@ -46,16 +60,13 @@ pub fn build(profile: &Profile, meta: &PprofMeta) -> proto::Profile {
         let count = *count as i64;
         match sample_index.get(&ids) {
             Some(&i) => {
-                samples[i].value[0] += count;
-                samples[i].value[1] += count * period;
+                for (total, v) in samples[i].value.iter_mut().zip(values(count)) {
+                    *total += v;
+                }
             }
             None => {
                 sample_index.insert(ids.clone(), samples.len());
-                samples.push(proto::Sample {
-                    location_id: ids,
-                    value: vec![count, count * period],
-                    label: vec![],
-                });
+                samples.push(proto::Sample { location_id: ids, value: values(count), label: vec![] });
             }
         }
     }
@@ -72,7 +83,7 @@ pub fn build(profile: &Profile, meta: &PprofMeta) -> proto::Profile {
         function: b.functions,
         time_nanos,
         duration_nanos: meta.duration.as_nanos() as i64,
-        period_type: Some(cpu_ns),
+        period_type: Some(period_type),
         period,
         comment,
         string_table: b.strings,

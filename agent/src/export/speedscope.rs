@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
-use crate::profile::{self, Profile};
+use crate::profile::{self, Profile, Unit};
 
 pub const SCHEMA: &str = "https://www.speedscope.app/file-format-schema.json";
 
@@ -96,7 +96,10 @@ pub fn build(profile: &Profile) -> File {
         profiles: vec![SampledProfile {
             kind: "sampled",
             name: name.clone(),
-            unit: "none",
+            unit: match profile.unit {
+                Unit::Samples => "none",
+                Unit::Microseconds => "microseconds",
+            },
             start_value: 0,
             end_value: weights.iter().sum(),
             samples,

@@ -50,6 +50,9 @@ pub enum Marker {
     Process { comm: Arc<str>, pid: u32 },
     /// The root of a thread's stacks (`--threads`).
     Thread { name: Arc<str>, tid: u32 },
+    /// The leaf of wall-clock and off-CPU stacks: what the thread was doing (`[running]`,
+    /// `[socket 10.0.0.7:5432]`...), in brackets.
+    State(Arc<str>),
 }
 
 impl Frame {
@@ -133,6 +136,7 @@ impl fmt::Display for Frame {
             Frame::Marker(Marker::KernelStackDropped) => write!(f, "{}{KERNEL_SUFFIX}", self.name()),
             Frame::Marker(Marker::Process { comm, pid }) => write!(f, "{comm} [pid {pid}]"),
             Frame::Marker(Marker::Thread { name, tid }) => write!(f, "{name} (tid {tid})"),
+            Frame::Marker(Marker::State(state)) => f.write_str(state),
         }
     }
 }

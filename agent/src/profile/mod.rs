@@ -20,6 +20,18 @@ pub struct Profile {
     pub start: Option<SystemTime>,
     /// How long it sampled.
     pub duration: Duration,
+    /// What the stacks' values count.
+    pub unit: Unit,
+}
+
+/// What a profile's values count.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Unit {
+    /// CPU samples (one stands for 1 / rate_hz seconds of CPU time).
+    #[default]
+    Samples,
+    /// Microseconds of thread time (wall-clock and off-CPU profiles).
+    Microseconds,
 }
 
 impl Profile {

@@ -4,13 +4,14 @@ pub(crate) mod attach;
 mod bits;
 mod logs;
 pub mod net_layout;
+mod offcpu;
 pub mod sizing;
 
 use agent_ebpf::{
     GLOBAL_FSBASE_OFFSET, GLOBAL_MEASURE_COST, GLOBAL_NET_OFFSETS, GLOBAL_NEWTASK_FLAGS_OFFSET,
-    GLOBAL_NEWTASK_PID_OFFSET, MAP_COUNTS, MAP_EXECS, MAP_FORKED_FROM, MAP_NET_EVENTS, MAP_PY_PROCS,
-    MAP_PY_STACKS, MAP_STACKS, MAP_STATS, MAP_TARGET_BITS, MAP_TARGETS, PROG_PERF_SAMPLE, PROG_SCHED_EXEC,
-    PROG_STATS_FLOOR, PROG_TASK_NEWTASK, PyProc, PyStack, SampleKey, stat,
+    GLOBAL_NEWTASK_PID_OFFSET, GLOBAL_OFF_CONFIG, MAP_COUNTS, MAP_EXECS, MAP_FORKED_FROM, MAP_NET_EVENTS,
+    MAP_PY_PROCS, MAP_PY_STACKS, MAP_STACKS, MAP_STATS, MAP_TARGET_BITS, MAP_TARGETS, PROG_PERF_SAMPLE,
+    PROG_SCHED_EXEC, PROG_STATS_FLOOR, PROG_TASK_NEWTASK, PyProc, PyStack, SampleKey, stat,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -70,11 +71,16 @@ pub struct Stats {
     /// Processes not sampled because the targets map was full (children the kernel could
     /// not follow, processes stoker could not add).
     pub targets_full: u64,
+    /// Target threads' switches off the CPU followed, the nanoseconds spent on them (when
+    /// measured), and waits lost to a full off-CPU map.
+    pub off_switches: u64,
+    pub off_ns: u64,
+    pub off_counts_full: u64,
 }
 
 impl Stats {
     /// Every kind of loss the kernel counts, by the name reports and metrics give it.
-    pub fn losses(&self) -> [(&'static str, u64); 12] {
+    pub fn losses(&self) -> [(&'static str, u64); 13] {
         [
             ("counts_map_full", self.lost),
             ("stack_dropped", self.stacks_dropped),
@@ -88,6 +94,7 @@ impl Stats {
             ("net_connections_map_full", self.net_conns_full),
             ("net_sockets_map_full", self.net_socks_full),
             ("targets_full", self.targets_full),
+            ("off_cpu_map_full", self.off_counts_full),
         ]
     }
 }
@@ -135,6 +142,9 @@ pub struct KernelPrograms {
     following: bool,
     /// The kernel notes execs in `EXECS` (see `watch_execs`).
     watching_execs: bool,
+    /// The off-CPU programs are attached (see `watch_off_cpu`), and what they were told.
+    watching_off_cpu: bool,
+    off_config: agent_ebpf::OffConfig,
     /// Keeps the kernel's BPF run-time statistics on while held.
     stats_fd: Option<std::os::fd::OwnedFd>,
     /// `TARGETS` as a bitmap, mapped here.
@@ -156,7 +166,8 @@ impl KernelPrograms {
         // Where the kernel keeps a task's fs base: the Python walker matches it against
         // CPython's thread ids. Without BTF, Python stacks are unavailable.
         // The network programs read `tcp_sock` members found the same way.
-        let structs = [crate::sys::btf::FSBASE_STRUCTS, net_layout::BTF_STRUCTS].concat();
+        let structs =
+            [crate::sys::btf::FSBASE_STRUCTS, net_layout::BTF_STRUCTS, offcpu::BTF_STRUCTS].concat();
         let btf = crate::sys::btf::Btf::from_sys_fs(&structs);
         let fsbase = match &btf {
             Ok(btf) => crate::sys::btf::fsbase_offset(btf).unwrap_or(0),
@@ -166,6 +177,7 @@ impl KernelPrograms {
             }
         };
         let net_offsets = net_layout::offsets(btf.as_ref().ok());
+        let off_config = offcpu::config(btf.as_ref().ok(), measure_cost);
         // Field offsets of the child-following tracepoint's record (0 when unknown: the
         // program is then not attached).
         let newtask = |field| crate::sys::tracefs::field_offset("task", "task_newtask", field).unwrap_or(0);
@@ -184,6 +196,7 @@ impl KernelPrograms {
             .override_global(GLOBAL_NEWTASK_PID_OFFSET, &newtask_pid, true)
             .override_global(GLOBAL_NEWTASK_FLAGS_OFFSET, &newtask_flags, true)
             .override_global(GLOBAL_NET_OFFSETS, &net_offsets, true)
+            .override_global(GLOBAL_OFF_CONFIG, &off_config, true)
             .load(OBJECT)
             .map_err(|e| load_error("loading the kernel programs", &e))?;
         let logger = match aya_log::EbpfLogger::init_with_logger(&mut ebpf, logs::ToTracing) {
@@ -207,6 +220,8 @@ impl KernelPrograms {
             follow_ready,
             following: false,
             watching_execs: false,
+            watching_off_cpu: false,
+            off_config,
             stats_fd: None,
             bits,
             targets_refused: 0,
@@ -495,6 +510,9 @@ impl KernelPrograms {
             net_conns_full: sum(stat::NET_CONNS_FULL),
             net_socks_full: sum(stat::NET_SOCKS_FULL),
             targets_full: sum(stat::TARGETS_FULL) + self.targets_refused,
+            off_switches: sum(stat::OFF_SWITCHES),
+            off_ns: sum(stat::OFF_NS),
+            off_counts_full: sum(stat::OFF_COUNTS_FULL),
         })
     }
 

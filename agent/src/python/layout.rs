@@ -9,6 +9,18 @@ pub struct PyVersion {
     pub patch: u8,
 }
 
+/// Where a CPython version keeps its GIL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gil {
+    /// 3.8-3.11: in `_PyRuntime` (`ceval.gil`), at this offset.
+    Runtime(u64),
+    /// 3.12+: in each interpreter (`_gil`), at this offset of `PyInterpreterState`; the main
+    /// interpreter uses its own.
+    Interpreter(u64),
+    /// Not known (GIL waits then show as lock waits).
+    Unknown,
+}
+
 /// How a frame records the instruction it is executing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InstrKind {
@@ -27,6 +39,8 @@ pub enum InstrKind {
 pub struct Layout {
     // _PyRuntimeState
     pub runtime_interpreters_head: u64,
+    /// Where the GIL (`struct _gil_runtime_state`) is.
+    pub gil: Gil,
     // PyInterpreterState
     pub interp_next: u64,
     pub interp_threads_head: u64,
@@ -105,6 +119,7 @@ pub const UNICODE_STATE_ASCII_MASK: u32 = 1 << UNICODE_STATE_ASCII_SHIFT;
 /// 3.8 (checked against 3.8.18's DWARF).
 const PY38: Layout = Layout {
     runtime_interpreters_head: 32,
+    gil: Gil::Runtime(1152),
     interp_next: 0,
     interp_threads_head: 8, // tstate_head
     tstate_next: 8,
@@ -135,7 +150,7 @@ const PY38: Layout = Layout {
 };
 
 /// 3.9 (3.9.18): every field stoker reads sits where it did in 3.8.
-const PY39: Layout = Layout { ..PY38 };
+const PY39: Layout = Layout { gil: Gil::Runtime(352), ..PY38 };
 
 /// 3.10 (3.10.13): `f_lasti` moved and counts code units; `co_lnotab` became `co_linetable`, same place.
 const PY310: Layout = Layout { frame_instr: 96, instr_kind: InstrKind::LastiUnits, ..PY39 };
@@ -143,6 +158,7 @@ const PY310: Layout = Layout { frame_instr: 96, instr_kind: InstrKind::LastiUnit
 /// 3.11 (3.11.7): `_PyInterpreterFrame` reached through `tstate->cframe->current_frame`.
 const PY311: Layout = Layout {
     runtime_interpreters_head: 40,
+    gil: Gil::Runtime(360),
     interp_next: 0,
     interp_threads_head: 16, // threads.head
     tstate_next: 8,
@@ -175,6 +191,7 @@ const PY311: Layout = Layout {
 /// 3.12 (3.12.1): `wstr` gone from strings; shim frames owned by the C stack.
 const PY312: Layout = Layout {
     runtime_interpreters_head: 40,
+    gil: Gil::Interpreter(1040),
     interp_next: 0,
     interp_threads_head: 72,
     tstate_next: 8,
@@ -208,6 +225,7 @@ const PY312: Layout = Layout {
 /// `_PyRuntime`, and `PyInterpreterState` starts with `struct _ceval_state` (7264 bytes).
 const PY313: Layout = Layout {
     runtime_interpreters_head: 632,
+    gil: Gil::Interpreter(7752),
     interp_next: 7264,
     interp_threads_head: 7344,
     tstate_next: 8,
@@ -243,6 +261,8 @@ const PY314: Layout = Layout {
     // PyThreadState *_finalizing 784; unsigned long _finalizing_id 792;
     // struct pyinterpreters { PyMutex mutex 800; PyInterpreterState *head 808; ... }.
     runtime_interpreters_head: 808,
+    // From `_Py_DebugOffsets` (`interpreter_state.gil_runtime_state`).
+    gil: Gil::Unknown,
     // pycore_interp_structs.h, struct _is: struct _ceval_state ceval 0 (7264 bytes, as in 3.13:
     // instrumentation_version 0, recursion_limit 8, gil 16, own_gil 24, _pending_calls 32..7264);
     // void *_malloced 7264; PyInterpreterState *next 7272; int64_t id 7280; Py_ssize_t id_refcount 7288;
@@ -337,12 +357,15 @@ pub enum DebugOffsetsError {
 /// Where the sections of `_Py_DebugOffsets` that stoker reads start, and its size.
 struct DebugOffsetsFormat {
     len: usize,
+    /// Index of `gil_runtime_state` in `interpreter_state` (3.14 inserted `threads_main`).
+    gil_index: usize,
     sections: [(&'static str, usize); 8],
 }
 
 /// 3.13 (`Include/internal/pycore_runtime.h`), checked against 3.13.0's DWARF.
 const FORMAT_313: DebugOffsetsFormat = DebugOffsetsFormat {
     len: 584,
+    gil_index: 9,
     sections: [
         ("runtime_state", 24),
         ("interpreter_state", 48),
@@ -363,6 +386,7 @@ const FORMAT_313: DebugOffsetsFormat = DebugOffsetsFormat {
 /// bytes_object (3), unicode_object (4), gc (2), gen_object (4), llist_node (2), debugger_support (6).
 const FORMAT_314: DebugOffsetsFormat = DebugOffsetsFormat {
     len: 760,
+    gil_index: 10,
     sections: [
         ("runtime_state", 24),
         ("interpreter_state", 48),
@@ -473,8 +497,20 @@ pub fn layout_from_debug_offsets(version: PyVersion, runtime: &[u8]) -> Result<L
         }
     }
 
+    // The GIL's offset in the interpreter, checked like the fields above.
+    let (interp, _) = format.position("interpreter_state.next");
+    let interp_size = read_u64(runtime, interp);
+    let gil = read_u64(runtime, interp + 8 * format.gil_index);
+    if gil == 0 || gil >= interp_size {
+        return Err(DebugOffsetsError::Implausible {
+            field: "interpreter_state.gil_runtime_state",
+            value: gil,
+        });
+    }
+
     Ok(Layout {
         runtime_interpreters_head: field("runtime_state.interpreters_head")?,
+        gil: Gil::Interpreter(gil),
         interp_next: field("interpreter_state.next")?,
         interp_threads_head: field("interpreter_state.threads_head")?,
         tstate_next: field("thread_state.next")?,

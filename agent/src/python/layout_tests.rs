@@ -343,6 +343,9 @@ const STRUCT_314: &str = "
     debugger_support: eval_breaker remote_debugger_support remote_debugging_enabled
         debugger_pending_call debugger_script_path debugger_script_path_size";
 
+/// Where the synthetic 3.14 build below says its GIL is.
+const GIL_314: u64 = 7_800;
+
 /// A 3.14 `_Py_DebugOffsets` as a 3.14 build would publish it, from the 3.14 table.
 fn synthetic_314() -> Vec<u8> {
     let l = PY314;
@@ -351,6 +354,7 @@ fn synthetic_314() -> Vec<u8> {
         ("runtime_state.interpreters_head", l.runtime_interpreters_head),
         ("interpreter_state.next", l.interp_next),
         ("interpreter_state.threads_head", l.interp_threads_head),
+        ("interpreter_state.gil_runtime_state", GIL_314),
         ("thread_state.next", l.tstate_next),
         ("thread_state.current_frame", l.tstate_frame),
         ("thread_state.thread_id", l.tstate_thread_id),
@@ -397,7 +401,7 @@ fn debug_offsets_314_layout() {
     assert_eq!(buf.len(), DEBUG_OFFSETS_LEN, "3.14 _Py_DebugOffsets is 760 bytes");
     assert_eq!(PY314.runtime_interpreters_head, DEBUG_OFFSETS_LEN as u64 + 48);
     let v314 = PyVersion { major: 3, minor: 14, patch: 0 };
-    assert_eq!(layout_from_debug_offsets(v314, &buf), Ok(PY314));
+    assert_eq!(layout_from_debug_offsets(v314, &buf), Ok(Layout { gil: Gil::Interpreter(GIL_314), ..PY314 }));
 }
 
 #[test]
@@ -428,6 +432,14 @@ fn bad_debug_offsets_are_errors() {
     let at = FORMAT_314.position("thread_state.thread_id").1;
     bad[at..at + 8].copy_from_slice(&(1u64 << 20).to_le_bytes());
     assert_eq!(parse(v314, &bad), Err(Implausible { field: "thread_state.thread_id", value: 1 << 20 }));
+    let mut bad = good.clone();
+    let (interp, _) = FORMAT_314.position("interpreter_state.next");
+    let at = interp + 8 * FORMAT_314.gil_index;
+    bad[at..at + 8].copy_from_slice(&0u64.to_le_bytes());
+    assert_eq!(
+        parse(v314, &bad),
+        Err(Implausible { field: "interpreter_state.gil_runtime_state", value: 0 })
+    );
     assert!(parse(v314, &vec![0xff; 4096]).is_err());
     assert_eq!(layout_for(PyVersion { major: 3, minor: 7, patch: 16 }), None);
     assert_eq!(layout_for(PyVersion { major: 3, minor: 15, patch: 0 }), None);

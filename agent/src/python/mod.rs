@@ -16,7 +16,7 @@ use agent_ebpf::{
 use self::{
     code::CodeReader,
     detect::PythonProcess,
-    layout::{InstrKind, Layout},
+    layout::{Gil, InstrKind, Layout},
 };
 use crate::profile::Frame;
 
@@ -28,6 +28,10 @@ pub fn kernel_config(p: &PythonProcess, native: bool) -> PyProc {
         offsets: offsets(&p.layout),
         flags: if native { PY_PROC_NATIVE } else { 0 },
         _pad: 0,
+        gil_addr: match p.layout.gil {
+            Gil::Runtime(offset) => p.runtime + offset,
+            Gil::Interpreter(_) | Gil::Unknown => 0,
+        },
     }
 }
 
@@ -55,7 +59,10 @@ fn offsets(l: &Layout) -> PyOffsets {
         code_adaptive: opt(l.code_adaptive),
         every_frame_entry: u32::from(matches!(l.instr_kind, InstrKind::LastiBytes | InstrKind::LastiUnits)),
         frame_read_size: frame_read_size(l),
-        _pad: 0,
+        interp_gil: match l.gil {
+            Gil::Interpreter(offset) => offset as u32,
+            Gil::Runtime(_) | Gil::Unknown => NO_FIELD,
+        },
         executable_tag_mask: l.executable_tag_mask,
     }
 }

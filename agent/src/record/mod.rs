@@ -15,6 +15,8 @@ use std::{
 
 use agent_ebpf::{TARGET_FOLLOW, TARGET_SAMPLE};
 
+pub use crate::collect::Mode;
+
 use self::{status::StatusLine, target::Target};
 use crate::{
     collect::{Collector, NamingPace, Tracker, View},
@@ -53,6 +55,8 @@ pub struct RecordOptions {
     pub kernel_stats: bool,
     /// Also time the targets' network requests and TCP connects.
     pub net: bool,
+    /// CPU, wall-clock or off-CPU profile.
+    pub mode: Mode,
 }
 
 /// Why a session ended.
@@ -86,6 +90,8 @@ pub struct Summary {
     /// The cgroups of the given and launched processes: what each said when first seen
     /// in the session and at its end, and the processes in it.
     pub cgroups: Vec<CgroupSpan>,
+    /// Wall-clock and off-CPU modes: per process, seconds of thread time by state.
+    pub states: Vec<(u32, Vec<(String, f64)>)>,
 }
 
 /// A cgroup over a session.
@@ -125,6 +131,9 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
     }
     if opts.kernel_stats {
         kernel.enable_kernel_stats()?;
+    }
+    if opts.mode != Mode::Cpu {
+        kernel.watch_off_cpu()?;
     }
     if opts.all_python
         && let Err(e) = kernel.watch_execs()
@@ -255,7 +264,10 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
         threads: opts.threads,
         native: opts.native,
     };
-    let mut profile = collector.profile(view);
+    let mut profile = match opts.mode {
+        Mode::Cpu => collector.profile(view),
+        mode => collector.time_profile(view, mode, opts.rate_hz),
+    };
     let name = match (main_pid, targets.first()) {
         (Some(pid), _) => format!("{} (pid {pid})", main_comm.as_deref().unwrap_or("?")),
         (None, Some(t)) => {
@@ -269,23 +281,40 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
     profile.rate_hz = opts.rate_hz;
     profile.start = Some(started_at);
     profile.duration = elapsed;
+    let samples = collector.counts().iter().map(|(_, n)| n).sum::<u64>();
+    let values = match opts.mode {
+        Mode::Cpu => String::new(),
+        Mode::Wall => format!(
+            "wall-clock: microseconds of thread time (a CPU sample stands for {:.0} µs), ",
+            1e6 / opts.rate_hz as f64
+        ),
+        Mode::OffCpu => "off-CPU: microseconds of thread time waiting, ".to_string(),
+    };
     profile.subtitle = format!(
-        "{} Hz, {:.1} s, {} samples, {} lost, {} stacks dropped, {} Python stacks truncated",
+        "{values}{} Hz, {:.1} s, {samples} samples, {} lost, {} stacks dropped, {} Python stacks truncated",
         opts.rate_hz,
         elapsed.as_secs_f64(),
-        profile.total(),
         stats.lost,
         stats.stacks_dropped,
         stats.py_truncated
     );
     export::write_file(&profile, opts.format, &output, file)?;
+    let states = match opts.mode {
+        Mode::Cpu => Vec::new(),
+        Mode::Wall => collector.states_by_process(Some(opts.rate_hz)),
+        Mode::OffCpu => collector.states_by_process(None),
+    };
+    let top = match opts.mode {
+        Mode::Cpu => profile.top_leaves(10),
+        _ => collector.profile(view).top_leaves(10),
+    };
     Ok(Summary {
         output,
-        samples: profile.total(),
+        samples,
         elapsed,
         stats,
         end,
-        top: profile.top_leaves(10),
+        top,
         kernel_cost,
         net,
         net_kernel_cost,
@@ -295,6 +324,7 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
             .into_iter()
             .map(|(cgroup, first, pids)| CgroupSpan { pids, last: cgroup.read(), first })
             .collect(),
+        states,
     })
 }
 
@@ -370,6 +400,15 @@ impl Summary {
         for span in &self.cgroups {
             let _ = writeln!(s, "{}", span.render());
         }
+        for (pid, states) in &self.states {
+            let total: f64 = states.iter().map(|(_, secs)| secs).sum();
+            let each: Vec<String> = states
+                .iter()
+                .take(8)
+                .map(|(state, secs)| format!("{state} {secs:.3} s ({:.0}%)", 100.0 * secs / total.max(1e-9)))
+                .collect();
+            let _ = writeln!(s, "  pid {pid}, threads' time by state ({total:.3} s): {}", each.join(", "));
+        }
         let losses: Vec<String> = self
             .stats
             .losses()
@@ -398,6 +437,20 @@ impl Summary {
                 self.stats.target_ns as f64 / self.stats.samples.max(1) as f64,
                 time.as_nanos() as f64 / runs.max(1) as f64,
                 self.stats.py_frame_slow_reads,
+            );
+        }
+        if self.stats.off_switches > 0 {
+            let cost = match self.stats.off_ns {
+                0 => String::new(),
+                ns => format!(
+                    ", {:.0} ns each (timed in the program)",
+                    ns as f64 / self.stats.off_switches as f64
+                ),
+            };
+            let _ = writeln!(
+                s,
+                "  off-CPU: {} switches of target threads followed{cost}",
+                self.stats.off_switches
             );
         }
         if let Some((report, path)) = &self.net {

@@ -94,6 +94,14 @@ fn parse_start_time(stat: &str) -> Option<u64> {
     fields.nth(22 - 4)?.parse().ok()
 }
 
+/// CLOCK_MONOTONIC in nanoseconds: the clock of the kernel programs' timestamps.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec; the call only writes it.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// CPU time the process has used, user and system, all its threads (those that ended
 /// too), in seconds: the kernel's accounting (/proc/PID/stat fields 14 and 15, kept exact
 /// in nanoseconds and given in clock ticks). Also for a zombie (its final figure).

@@ -1,0 +1,143 @@
+//! Off-CPU time, shared with userspace: why a target thread left the CPU and for how long,
+//! aggregated in the kernel per (thread, stacks, reason) by the `sched_switch` program.
+use crate::SampleKey;
+
+/// Off-CPU time aggregated in the kernel: `OffKey` -> per-CPU nanoseconds.
+pub const MAP_OFF_COUNTS: &str = "OFF_COUNTS";
+/// Target threads off the CPU or last seen leaving it: tid -> `OffThread` (LRU).
+pub const MAP_OFF_THREADS: &str = "OFF_THREADS";
+/// Threads that have an `OFF_THREADS` entry, one bit per tid: the test every context switch
+/// makes for the thread coming in, an array index instead of a hash lookup.
+pub const MAP_OFF_BITS: &str = "OFF_BITS";
+/// The context-switch program (`sched:sched_switch`).
+pub const PROG_SCHED_SWITCH: &str = "sched_switch";
+/// The wake-up program (`sched:sched_wakeup`): where a wait ends and run-queue time begins.
+pub const PROG_SCHED_WAKEUP: &str = "sched_wakeup";
+/// Global set by the loader: `OffConfig`.
+pub const GLOBAL_OFF_CONFIG: &str = "OFF_CONFIG";
+
+/// Capacity of the off-CPU counts map (unique thread/stack/reason keys).
+pub const OFF_COUNTS_CAPACITY: u32 = 32 * 1024;
+/// Capacity of the per-thread state map.
+pub const OFF_THREADS_CAPACITY: u32 = 16 * 1024;
+
+/// Why a thread was not running (`OffKey::reason`), each shown as a state frame.
+pub mod reason {
+    /// On the CPU (CPU samples in wall-clock profiles; never in the kernel's map).
+    pub const RUNNING: u32 = 0;
+    /// Runnable, waiting for a CPU.
+    pub const RUNQUEUE: u32 = 1;
+    /// Runnable, but its cgroup's CPU quota for the period is spent.
+    pub const THROTTLED: u32 = 2;
+    /// Waiting for CPython's global interpreter lock.
+    pub const GIL: u32 = 3;
+    /// Waiting on another lock, condition or semaphore (a futex).
+    pub const LOCK: u32 = 4;
+    /// Blocked on a socket (its peer in the key when it is TCP/UDP over IP).
+    pub const SOCKET: u32 = 5;
+    /// Waiting for any of several events (select, poll, epoll, accept): idle.
+    pub const POLL: u32 = 6;
+    /// Uninterruptible waits: disk and file system I/O, page faults.
+    pub const DISK: u32 = 7;
+    /// Sleeping for a time (`time.sleep`).
+    pub const SLEEP: u32 = 8;
+    /// Anything else (pipes, child processes, signals, terminals).
+    pub const OTHER: u32 = 9;
+    /// Number of reasons.
+    pub const COUNT: usize = 10;
+}
+
+/// Key of the off-CPU aggregation: the thread and its stacks as it left the CPU (a
+/// `SampleKey`), why, and for `reason::SOCKET` the socket's peer (`family` 0: unknown).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct OffKey {
+    pub sample: SampleKey,
+    pub reason: u32,
+    /// Peer port, host order.
+    pub port: u16,
+    /// `AF_INET`, `AF_INET6` or 0.
+    pub family: u16,
+    /// Peer address (IPv4 in the first 4 bytes).
+    pub addr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<OffKey>() == 48);
+
+// SAFETY: `repr(C)`, integers, a `SampleKey` (itself `Pod`) and bytes, no padding (size
+// asserted): any bit pattern is a valid value.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for OffKey {}
+
+/// A target thread's wait under way: what it was doing as it left the CPU, when it left
+/// (`off_ns`, 0 once it ran again) and when it was woken (`wake_ns`, 0 until then).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct OffThread {
+    pub key: OffKey,
+    pub off_ns: u64,
+    pub wake_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<OffThread>() == 64);
+
+// SAFETY: `repr(C)`, an `OffKey` (itself `Pod`) and integers, no padding (size asserted).
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for OffThread {}
+
+/// Where the programs find what they read, from the tracepoints' format files and the
+/// kernel's BTF (`NO_OFFSET`: unknown, that detail is not read).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OffConfig {
+    /// `sched_switch` record: `prev_state`, `next_pid`; `sched_wakeup` record: `pid`.
+    pub switch_prev_state: u32,
+    pub switch_next_pid: u32,
+    pub wakeup_pid: u32,
+    /// `task_struct.throttled` (kernels that throttle per task, 6.18+).
+    pub task_throttled: u32,
+    /// `task_struct.se` + `sched_entity.cfs_rq`, and `cfs_rq.throttle_count`.
+    pub task_cfs_rq: u32,
+    pub cfs_rq_throttle_count: u32,
+    /// `task_struct.files`, `files_struct.fdt`, `fdtable.max_fds`, `fdtable.fd`.
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdt_max_fds: u32,
+    pub fdt_fd: u32,
+    /// `file.private_data`, `file.f_inode`, `inode.i_mode`, `socket.sk`.
+    pub file_private_data: u32,
+    pub file_inode: u32,
+    pub inode_mode: u32,
+    pub socket_sk: u32,
+    /// 1 to time each target switch into `stat::OFF_NS`.
+    pub measure_cost: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<OffConfig>() == 64);
+
+/// `OffConfig` value of an offset that is not known.
+pub const NO_OFFSET: u32 = u32::MAX;
+
+impl OffConfig {
+    /// Nothing known: the programs then attribute waits to `reason::OTHER`.
+    pub const UNKNOWN: Self = Self {
+        switch_prev_state: NO_OFFSET,
+        switch_next_pid: NO_OFFSET,
+        wakeup_pid: NO_OFFSET,
+        task_throttled: NO_OFFSET,
+        task_cfs_rq: NO_OFFSET,
+        cfs_rq_throttle_count: NO_OFFSET,
+        task_files: NO_OFFSET,
+        files_fdt: NO_OFFSET,
+        fdt_max_fds: NO_OFFSET,
+        fdt_fd: NO_OFFSET,
+        file_private_data: NO_OFFSET,
+        file_inode: NO_OFFSET,
+        inode_mode: NO_OFFSET,
+        socket_sk: NO_OFFSET,
+        measure_cost: 0,
+        _pad: 0,
+    };
+}
+
+// SAFETY: `repr(C)`, integers only, no padding (size asserted).
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for OffConfig {}

@@ -1,0 +1,357 @@
+//! Off-CPU time of target threads: as one leaves the CPU, `sched_switch` takes its stacks
+//! and why it stopped running; `sched_wakeup` notes when its wait ends; when it runs again
+//! the time (wait, then run queue) is added to its (stacks, reason) in `OFF_COUNTS`.
+use agent_ebpf::{
+    NO_FIELD, NO_OFFSET, NO_STACK, OffConfig, OffKey, OffThread, PY_GIL_SIZE, SampleKey, reason, stat,
+};
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel},
+    macros::tracepoint,
+    programs::TracePointContext,
+};
+
+use super::{
+    Plain, loader_global,
+    net_syscalls::entry_regs,
+    perf_sample::{kernel_stack, python_stack, user_stack},
+    record,
+};
+use crate::maps::{OFF_COUNTS, OFF_THREADS, PY_PROCS, add, bump, is_off_tracked, is_target, set_off_tracked};
+
+/// Where the programs find what they read (set by the loader).
+#[unsafe(no_mangle)]
+static OFF_CONFIG: OffConfig = OffConfig::UNKNOWN;
+
+// `prev_state` as the tracepoint reports it: one bit per state, a preempted task 0x100.
+const STATE_INTERRUPTIBLE: u64 = 1;
+const STATE_UNINTERRUPTIBLE: u64 = 2;
+const STATE_PREEMPTED: u64 = 0x100;
+
+// x86-64 system call numbers.
+const SYS_READ: u64 = 0;
+const SYS_WRITE: u64 = 1;
+const SYS_POLL: u64 = 7;
+const SYS_READV: u64 = 19;
+const SYS_WRITEV: u64 = 20;
+const SYS_SELECT: u64 = 23;
+const SYS_NANOSLEEP: u64 = 35;
+const SYS_CONNECT: u64 = 42;
+const SYS_ACCEPT: u64 = 43;
+const SYS_SENDTO: u64 = 44;
+const SYS_RECVFROM: u64 = 45;
+const SYS_SENDMSG: u64 = 46;
+const SYS_RECVMSG: u64 = 47;
+const SYS_FUTEX: u64 = 202;
+const SYS_CLOCK_NANOSLEEP: u64 = 230;
+const SYS_EPOLL_WAIT: u64 = 232;
+const SYS_PSELECT6: u64 = 270;
+const SYS_PPOLL: u64 = 271;
+const SYS_EPOLL_PWAIT: u64 = 281;
+const SYS_ACCEPT4: u64 = 288;
+const SYS_RECVMMSG: u64 = 299;
+const SYS_SENDMMSG: u64 = 307;
+const SYS_EPOLL_PWAIT2: u64 = 441;
+const SYS_FUTEX_WAITV: u64 = 449;
+
+// File types (`S_IFMT` bits of `i_mode`).
+const S_IFMT: u16 = 0o170000;
+const S_IFSOCK: u16 = 0o140000;
+const S_IFREG: u16 = 0o100000;
+
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+// `struct sock_common`: `skc_daddr` 0, `skc_dport` 12, `skc_family` 16, `skc_v6_daddr` 56,
+// unchanged since Linux 4.x (members of anonymous unions, which the loader's BTF reader does
+// not descend into).
+const SKC_DADDR: u64 = 0;
+const SKC_DPORT: u64 = 12;
+const SKC_FAMILY: u64 = 16;
+const SKC_V6_DADDR: u64 = 56;
+
+#[inline(always)]
+fn config(field: &u32) -> u32 {
+    loader_global(field)
+}
+
+#[inline(always)]
+fn now_ns() -> u64 {
+    // SAFETY: the helper takes no arguments and only reads the clock.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// Reads kernel memory at `addr`.
+#[inline(always)]
+fn kread<T: Plain>(addr: u64) -> Result<T, i64> {
+    // SAFETY: the helper checks the kernel address and fails rather than faulting; any bits
+    // are a valid `T` (`Plain`).
+    unsafe { bpf_probe_read_kernel(addr as *const T) }.map_err(i64::from)
+}
+
+/// `base + offset`, or an error when the offset is not known.
+#[inline(always)]
+fn at(base: u64, offset: u32) -> Result<u64, i64> {
+    if offset == NO_OFFSET || base == 0 {
+        return Err(0);
+    }
+    Ok(base.wrapping_add(u64::from(offset)))
+}
+
+#[tracepoint]
+pub fn sched_switch(ctx: TracePointContext) -> u32 {
+    let _ = try_sched_switch(&ctx);
+    0
+}
+
+fn try_sched_switch(ctx: &TracePointContext) -> Result<(), i64> {
+    let now = now_ns();
+    // The thread coming in: one bit test unless it is a target thread that waited.
+    let next: i32 = record(ctx, config(&OFF_CONFIG.switch_next_pid) as usize)?;
+    if next > 0 && is_off_tracked(next as u32) {
+        switched_in(next as u32, now);
+    }
+    // The thread going out is the current one.
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    if tid == 0 || !is_target(tgid) {
+        return Ok(());
+    }
+    let state: u64 = record(ctx, config(&OFF_CONFIG.switch_prev_state) as usize)?;
+    switched_out(ctx, tgid, tid, state, now);
+    if config(&OFF_CONFIG.measure_cost) != 0 {
+        add(stat::OFF_NS, now_ns().wrapping_sub(now));
+    }
+    Ok(())
+}
+
+#[tracepoint]
+pub fn sched_wakeup(ctx: TracePointContext) -> u32 {
+    let Ok(pid) = record::<i32>(&ctx, config(&OFF_CONFIG.wakeup_pid) as usize) else { return 0 };
+    if pid <= 0 || !is_off_tracked(pid as u32) {
+        return 0;
+    }
+    if let Some(t) = OFF_THREADS.get_ptr_mut(pid as u32) {
+        // SAFETY: a value of the preallocated LRU map from a successful lookup: it stays
+        // allocated as long as the map; plain integers. The thread is off the CPU, so only
+        // wake-ups (which the kernel serializes per task) and its next switch touch it.
+        let t = unsafe { &mut *t };
+        if t.off_ns != 0 && t.wake_ns == 0 {
+            t.wake_ns = now_ns();
+        }
+    }
+    0
+}
+
+/// A target thread leaves the CPU in `state`: notes why and with which stacks.
+#[inline(always)]
+fn switched_out(ctx: &TracePointContext, tgid: u32, tid: u32, state: u64, now: u64) {
+    let runnable = state == 0 || state & STATE_PREEMPTED != 0;
+    // Stopped, traced, exiting, parked and idle threads are not waiting for anything.
+    if !runnable && state & (STATE_INTERRUPTIBLE | STATE_UNINTERRUPTIBLE) == 0 {
+        return;
+    }
+    bump(stat::OFF_SWITCHES);
+    let (py_stack, want_native) = python_stack(tgid, tid);
+    let user_stack_id = if want_native { user_stack(ctx) } else { NO_STACK };
+    let mut key = OffKey {
+        sample: SampleKey { tgid, tid, user_stack_id, kernel_stack_id: NO_STACK, py_stack },
+        reason: reason::OTHER,
+        port: 0,
+        family: 0,
+        addr: [0; 16],
+    };
+    key.reason = if runnable {
+        if throttled() { reason::THROTTLED } else { reason::RUNQUEUE }
+    } else if state & STATE_UNINTERRUPTIBLE != 0 {
+        reason::DISK
+    } else {
+        blocked_reason(&mut key, tgid)
+    };
+    // The kernel stack shows where a thread waits that the system call did not say.
+    if want_native || key.reason == reason::OTHER {
+        key.sample.kernel_stack_id = kernel_stack(ctx);
+    }
+    match OFF_THREADS.get_ptr_mut(tid) {
+        Some(t) => {
+            // SAFETY: as in `sched_wakeup`; the thread is on this CPU, so no switch of it
+            // runs elsewhere.
+            let t = unsafe { &mut *t };
+            t.key = key;
+            t.wake_ns = 0;
+            t.off_ns = now;
+        }
+        None => {
+            let t = OffThread { key, off_ns: now, wake_ns: 0 };
+            if OFF_THREADS.insert(tid, t, 0).is_ok() {
+                set_off_tracked(tid, true);
+            }
+        }
+    }
+}
+
+/// A thread that waited runs again: its wait and its time in the run queue are counted.
+#[inline(always)]
+fn switched_in(tid: u32, now: u64) {
+    let Some(t) = OFF_THREADS.get_ptr_mut(tid) else {
+        // The LRU map let the entry go.
+        set_off_tracked(tid, false);
+        return;
+    };
+    // SAFETY: as in `sched_wakeup`.
+    let t = unsafe { &mut *t };
+    let (off, wake) = (t.off_ns, t.wake_ns);
+    if off == 0 || now < off {
+        return;
+    }
+    t.off_ns = 0;
+    if wake > off && wake <= now {
+        add_off(&t.key, wake - off);
+        let mut queued = t.key;
+        queued.reason = reason::RUNQUEUE;
+        queued.port = 0;
+        queued.family = 0;
+        queued.addr = [0; 16];
+        add_off(&queued, now - wake);
+    } else {
+        add_off(&t.key, now - off);
+    }
+}
+
+#[inline(always)]
+fn add_off(key: &OffKey, ns: u64) {
+    if let Some(total) = OFF_COUNTS.get_ptr_mut(key) {
+        // SAFETY: this CPU's value of a per-CPU hash map entry: live and aligned (preallocated
+        // map), and only this run touches it (tracing programs never nest on one CPU).
+        unsafe { *total += ns };
+    } else if OFF_COUNTS.insert(key, ns, u64::from(BPF_NOEXIST)).is_ok() {
+        // A new stack for userspace to name (see `stat::NEW_KEYS`).
+        bump(stat::NEW_KEYS);
+    } else {
+        match OFF_COUNTS.get_ptr_mut(key) {
+            // Another CPU created the key just now.
+            // SAFETY: as above.
+            Some(total) => unsafe { *total += ns },
+            None => {
+                bump(stat::OFF_COUNTS_FULL);
+            }
+        }
+    }
+}
+
+/// True when the current task's cgroup has spent its CPU quota (the task was dequeued by
+/// the throttle, or its group or an ancestor is throttled).
+#[inline(always)]
+fn throttled() -> bool {
+    // SAFETY: the helper takes no arguments and only returns the current task's address.
+    let task = unsafe { bpf_get_current_task() };
+    if let Ok(addr) = at(task, config(&OFF_CONFIG.task_throttled))
+        && kread::<u8>(addr).unwrap_or(0) & 1 != 0
+    {
+        return true;
+    }
+    let count = || -> Result<i32, i64> {
+        let cfs_rq: u64 = kread(at(task, config(&OFF_CONFIG.task_cfs_rq))?)?;
+        kread(at(cfs_rq, config(&OFF_CONFIG.cfs_rq_throttle_count))?)
+    };
+    count().unwrap_or(0) > 0
+}
+
+/// Why a thread that blocks in its current system call waits; fills the peer of a socket.
+#[inline(always)]
+fn blocked_reason(key: &mut OffKey, tgid: u32) -> u32 {
+    let regs = entry_regs();
+    let (nr, arg0, arg1) = (regs.orig_rax, regs.rdi, regs.rsi);
+    match nr {
+        SYS_FUTEX => {
+            if is_gil(tgid, arg0) {
+                reason::GIL
+            } else {
+                reason::LOCK
+            }
+        }
+        SYS_FUTEX_WAITV => reason::LOCK,
+        SYS_READ | SYS_WRITE | SYS_READV | SYS_WRITEV | SYS_RECVFROM | SYS_SENDTO | SYS_RECVMSG
+        | SYS_SENDMSG | SYS_CONNECT | SYS_RECVMMSG | SYS_SENDMMSG => fd_reason(key, arg0, reason::OTHER),
+        SYS_ACCEPT | SYS_ACCEPT4 | SYS_EPOLL_WAIT | SYS_EPOLL_PWAIT | SYS_EPOLL_PWAIT2 => reason::POLL,
+        // A poll of one socket is how CPython waits on a socket with a timeout.
+        SYS_POLL | SYS_PPOLL if arg1 == 1 => {
+            // SAFETY: the helper checks the user address and fails rather than faulting.
+            match unsafe { aya_ebpf::helpers::bpf_probe_read_user(arg0 as *const i32) } {
+                Ok(fd) if fd >= 0 => fd_reason(key, fd as u64, reason::POLL),
+                _ => reason::POLL,
+            }
+        }
+        SYS_POLL | SYS_PPOLL => reason::POLL,
+        // `select` of no descriptors is a sleep (`time.sleep` before 3.11).
+        SYS_SELECT | SYS_PSELECT6 if arg0 == 0 => reason::SLEEP,
+        SYS_SELECT | SYS_PSELECT6 => reason::POLL,
+        SYS_NANOSLEEP | SYS_CLOCK_NANOSLEEP => reason::SLEEP,
+        _ => reason::OTHER,
+    }
+}
+
+/// True when `uaddr` is in the GIL of Python process `tgid`.
+#[inline(always)]
+fn is_gil(tgid: u32, uaddr: u64) -> bool {
+    // SAFETY: as in `perf_sample::python_stack`.
+    let Some(proc) = (unsafe { PY_PROCS.get(tgid) }) else { return false };
+    let gil = if proc.gil_addr != 0 {
+        proc.gil_addr
+    } else if proc.offsets.interp_gil != NO_FIELD {
+        // SAFETY: the helper checks the user address and fails rather than faulting.
+        match unsafe { aya_ebpf::helpers::bpf_probe_read_user(proc.interp_head_addr as *const u64) } {
+            Ok(interp) if interp != 0 => interp + u64::from(proc.offsets.interp_gil),
+            _ => return false,
+        }
+    } else {
+        return false;
+    };
+    uaddr >= gil && uaddr < gil + PY_GIL_SIZE
+}
+
+/// The wait on file descriptor `fd` of the current task: a socket (with its peer when it is
+/// TCP/UDP over IP), a regular file (disk), or `otherwise`.
+#[inline(always)]
+fn fd_reason(key: &mut OffKey, fd: u64, otherwise: u32) -> u32 {
+    let lookup = || -> Result<(u16, u64), i64> {
+        // SAFETY: the helper takes no arguments and only returns the current task's address.
+        let task = unsafe { bpf_get_current_task() };
+        let files: u64 = kread(at(task, config(&OFF_CONFIG.task_files))?)?;
+        let fdt: u64 = kread(at(files, config(&OFF_CONFIG.files_fdt))?)?;
+        let max: u32 = kread(at(fdt, config(&OFF_CONFIG.fdt_max_fds))?)?;
+        if fd >= u64::from(max) {
+            return Err(0);
+        }
+        let fds: u64 = kread(at(fdt, config(&OFF_CONFIG.fdt_fd))?)?;
+        let file: u64 = kread(fds.wrapping_add(fd * 8))?;
+        let inode: u64 = kread(at(file, config(&OFF_CONFIG.file_inode))?)?;
+        let mode: u16 = kread(at(inode, config(&OFF_CONFIG.inode_mode))?)?;
+        Ok((mode & S_IFMT, file))
+    };
+    let Ok((kind, file)) = lookup() else { return otherwise };
+    match kind {
+        S_IFSOCK => {
+            let mut peer = || -> Result<(), i64> {
+                let socket: u64 = kread(at(file, config(&OFF_CONFIG.file_private_data))?)?;
+                let sk: u64 = kread(at(socket, config(&OFF_CONFIG.socket_sk))?)?;
+                let family: u16 = kread(sk + SKC_FAMILY)?;
+                let port: u16 = kread(sk + SKC_DPORT)?;
+                if family == AF_INET {
+                    let addr: [u8; 4] = kread(sk + SKC_DADDR)?;
+                    key.addr[..4].copy_from_slice(&addr);
+                } else if family == AF_INET6 {
+                    key.addr = kread(sk + SKC_V6_DADDR)?;
+                } else {
+                    return Ok(());
+                }
+                key.family = family;
+                key.port = u16::from_be(port);
+                Ok(())
+            };
+            let _ = peer();
+            reason::SOCKET
+        }
+        S_IFREG => reason::DISK,
+        _ => otherwise,
+    }
+}

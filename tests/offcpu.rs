@@ -1,0 +1,268 @@
+//! End-to-end tests of wall-clock and off-CPU profiles (`stoker record --mode`): real
+//! CPython processes waiting on a slow upstream, on the GIL, on a CPU quota and on a busy
+//! run queue; what stoker attributes to each state against what the workload measured.
+mod common;
+
+use std::{
+    collections::HashMap,
+    io::{BufRead, BufReader, Write},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+};
+
+use common::*;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/offcpu").join(name)
+}
+
+/// Microseconds by state frame (the leaf of every wall-clock and off-CPU stack), over the
+/// stacks that contain a frame starting with `function`.
+fn states(folded: &Folded, function: &str) -> HashMap<String, f64> {
+    let mut by_state: HashMap<String, f64> = HashMap::new();
+    for (stack, us) in &folded.0 {
+        let leaf = stack.last().expect("a stack has frames");
+        assert!(leaf.starts_with('[') && leaf.ends_with(']'), "stack without a state frame: {stack:?}");
+        if stack.iter().any(|f| f.starts_with(function)) {
+            *by_state.entry(leaf.clone()).or_default() += *us as f64 / 1e6;
+        }
+    }
+    by_state
+}
+
+fn get(states: &HashMap<String, f64>, state: &str) -> f64 {
+    states.get(state).copied().unwrap_or(0.0)
+}
+
+/// "cpu X wall Y" (or "waited X") as printed by a fixture: the value after `key`.
+fn reported(line: &str, key: &str) -> f64 {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let at = words.iter().position(|w| *w == key).unwrap_or_else(|| panic!("no {key} in {line:?}"));
+    words[at + 1].parse().unwrap_or_else(|_| panic!("bad {key} in {line:?}"))
+}
+
+/// `stoker record` of a launched command in `mode`; its folded output, its summary and
+/// the command's stdout.
+fn record_command(mode: &str, rate: &str, command: &[&str]) -> (Folded, String, String) {
+    let out = scratch("offcpu").join("p.folded");
+    let mut args = vec!["record", "-m", mode, "-r", rate, "-f", "folded", "-o", out.to_str().unwrap(), "--"];
+    args.extend_from_slice(command);
+    let run = Command::new(STOKER).args(&args).stdin(Stdio::null()).output().expect("run stoker");
+    let (stdout, err) = (String::from_utf8_lossy(&run.stdout).into_owned(), stderr(&run));
+    assert!(run.status.success(), "stoker failed: {err}");
+    eprintln!("{err}");
+    (Folded::read(&out), err, stdout)
+}
+
+/// A caller blocked on an upstream that answers after 100 ms: the time stoker puts on
+/// `[socket 127.0.0.1:PORT]` (and the run queue after each answer) is the time the caller
+/// measured around its requests less the CPU time they used (its own thread's clock), within
+/// 1 ms for clock reads on either side. Half the requests read a blocking socket, half poll a
+/// socket with a timeout first.
+fn socket_wait_is_the_callers_wait(version: &str) {
+    require_root();
+    let py = python(version);
+    let mut upstream = Command::new(&py)
+        .args([fixture("upstream.py").to_str().unwrap(), "serve", "0.1"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(upstream.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+    let port = line.trim().to_string();
+    let (folded, err, stdout) = record_command(
+        "off-cpu",
+        "99",
+        &[py.to_str().unwrap(), fixture("upstream.py").to_str().unwrap(), "call", &port, "8"],
+    );
+    let _ = upstream.kill();
+    let _ = upstream.wait();
+    let (waited, cpu) = (reported(&stdout, "waited"), reported(&stdout, "cpu"));
+    let by_state = states(&folded, "call_upstream");
+    let socket = get(&by_state, &format!("[socket 127.0.0.1:{port}]"));
+    let queued = get(&by_state, "[runqueue]");
+    eprintln!("{version}: caller waited {waited:.4} s, ran {cpu:.4} s of it; stoker: {by_state:?}");
+    assert!(
+        socket >= 16.0 * 0.1 * 0.98,
+        "16 answers 100 ms apart, {socket:.4} s on the socket: {by_state:?}"
+    );
+    assert!(
+        (socket + queued - (waited - cpu)).abs() <= 1e-3,
+        "the caller waited {waited:.4} s and ran {cpu:.4} s of it; stoker saw {socket:.4} s on the socket and {queued:.4} s queued: {by_state:?}\n{err}"
+    );
+}
+
+#[test]
+fn socket_wait_is_the_callers_wait_3_9() {
+    socket_wait_is_the_callers_wait("3.9.18");
+}
+
+#[test]
+fn socket_wait_is_the_callers_wait_3_13() {
+    socket_wait_is_the_callers_wait("3.13.0");
+}
+
+#[test]
+fn socket_wait_is_the_callers_wait_debian_3_11() {
+    socket_wait_is_the_callers_wait("debian-3.11");
+}
+
+/// Three threads of pure-Python work: one runs while two wait for the GIL, so about 2/3 of
+/// their time is `[gil]`. What stoker puts off the CPU (GIL and run queue) matches what
+/// the threads measured (wall minus their own CPU time) within 5% of their time, the CPU
+/// samples standing for the rest; and the GIL is most of it (the run queue takes a share
+/// when another process holds the CPU the GIL holder wants).
+fn gil_wait_share(version: &str) {
+    require_root();
+    let py = python(version);
+    let (folded, err, stdout) = record_command(
+        "wall",
+        "499",
+        &[py.to_str().unwrap(), fixture("gil_threads.py").to_str().unwrap(), "3", "2"],
+    );
+    let (cpu, wall) = (reported(&stdout, "cpu"), reported(&stdout, "wall"));
+    let by_state = states(&folded, "burn");
+    let total: f64 = by_state.values().sum();
+    let waiting = total - get(&by_state, "[running]");
+    let gil = get(&by_state, "[gil]");
+    eprintln!("{version}: threads measured cpu {cpu:.3} s of wall {wall:.3} s; stoker: {by_state:?}");
+    assert!((total - wall).abs() <= 0.05 * wall, "threads lived {wall:.3} s, stoker saw {total:.3} s\n{err}");
+    let (own, seen) = (1.0 - cpu / wall, waiting / total);
+    assert!(
+        (seen - own).abs() <= 0.05,
+        "threads waited {own:.3} of their time, stoker says {seen:.3}: {by_state:?}"
+    );
+    assert!(gil >= 0.6 * waiting, "of {waiting:.3} s waiting only {gil:.3} s was for the GIL: {by_state:?}");
+    assert!(
+        gil / total >= 0.4,
+        "3 threads under one GIL: about 2/3 waiting for it, stoker says {:.3}",
+        gil / total
+    );
+}
+
+#[test]
+fn gil_wait_share_3_8() {
+    gil_wait_share("3.8.18");
+}
+
+#[test]
+fn gil_wait_share_3_12() {
+    gil_wait_share("3.12.1");
+}
+
+#[test]
+fn gil_wait_share_3_13() {
+    gil_wait_share("3.13.0");
+}
+
+/// `spin.py` processes started by the test, waiting for a line on stdin.
+fn spinners(n: usize, cpu_seconds: &str) -> Vec<Child> {
+    (0..n)
+        .map(|_| {
+            Command::new(python("3.12.1"))
+                .args([fixture("spin.py").to_str().unwrap(), cpu_seconds])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect()
+}
+
+/// Records `pids` in `mode` until they exit, starting them once stoker samples; returns the
+/// folded profile, stoker's summary and what each process reported (cpu, wall).
+fn record_spinners(mode: &str, procs: &mut [Child]) -> (Folded, String, Vec<(f64, f64)>) {
+    let out = scratch("offcpu").join("s.folded");
+    let mut args = vec!["record".to_string(), "-m".into(), mode.into(), "-f".into(), "folded".into()];
+    args.extend(["-t".into(), "-o".into(), out.to_str().unwrap().into()]);
+    for p in procs.iter() {
+        args.extend(["--pid".into(), p.id().to_string()]);
+    }
+    let mut session =
+        Command::new(STOKER).args(&args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut err = Stderr::of(&mut session);
+    err.wait_for("sampling at");
+    for p in procs.iter_mut() {
+        p.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    }
+    let reports: Vec<(f64, f64)> = procs
+        .iter_mut()
+        .map(|p| {
+            let mut line = String::new();
+            BufReader::new(p.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+            assert!(p.wait().unwrap().success());
+            (reported(&line, "cpu"), reported(&line, "wall"))
+        })
+        .collect();
+    let status = wait_exit(&mut session, "stoker");
+    let err = err.rest();
+    assert!(status.success(), "stoker failed: {err}");
+    eprintln!("{err}");
+    (Folded::read(&out), err, reports)
+}
+
+/// Seconds per state of process `pid` (its stacks start with its process frame).
+fn process_states(folded: &Folded, pid: u32) -> HashMap<String, f64> {
+    states(folded, "")
+        .into_keys()
+        .map(|state| {
+            let secs = folded
+                .0
+                .iter()
+                .filter(|(s, _)| s.last() == Some(&state) && s[0].ends_with(&format!("[pid {pid}]")))
+                .map(|(_, us)| *us as f64 / 1e6)
+                .sum();
+            (state, secs)
+        })
+        .collect()
+}
+
+/// A process in a cgroup allowed 0.3 CPU spins for 0.8 s of CPU: the time stoker puts on
+/// `[throttled]` is the time the cgroup's `cpu.stat` says it was throttled, within 0.1 s
+/// (a period's throttling may be counted after the process ended) and 10%.
+#[test]
+fn throttled_time_is_what_the_cgroup_counted() {
+    require_root();
+    let cgroup = QuotaCgroup::new("stoker-offcpu-quota", 30000);
+    let mut procs = spinners(1, "0.8");
+    cgroup.add(procs[0].id());
+    let before = cgroup.stat();
+    let pid = procs[0].id();
+    let (folded, err, reports) = record_spinners("off-cpu", &mut procs);
+    let after = cgroup.stat();
+    let counted = after.2 - before.2;
+    assert!(
+        folded.0.keys().all(|s| !s[0].contains(&format!("[pid {pid}]"))),
+        "one process, no process frame"
+    );
+    let by_state = states(&folded, "");
+    let throttled = get(&by_state, "[throttled]");
+    eprintln!("cpu.stat: {counted:.3} s throttled; process: {:?}; stoker: {by_state:?}", reports[0]);
+    assert!(counted > 1.0, "0.8 s of CPU at a 0.3 CPU quota should be throttled over a second: {counted:.3}");
+    assert!(
+        (throttled - counted).abs() <= 0.1 + 0.1 * counted,
+        "cpu.stat counted {counted:.3} s throttled, stoker {throttled:.3} s: {by_state:?}\n{err}"
+    );
+}
+
+/// Three processes spinning on two CPUs: each waits in the run queue for about a third of
+/// its time. Per process, stoker's `[runqueue]` is its wall time less its CPU time as it
+/// measured them itself, within 5% of its wall time (the start and end of a session are
+/// not in the same instant as the process's own clock reads).
+#[test]
+fn run_queue_time_is_wall_less_cpu() {
+    require_root();
+    let mut procs = spinners(3, "0.6");
+    let pids: Vec<u32> = procs.iter().map(Child::id).collect();
+    let (folded, err, reports) = record_spinners("wall", &mut procs);
+    for (pid, (cpu, wall)) in pids.iter().zip(&reports) {
+        let by_state = process_states(&folded, *pid);
+        let queued = get(&by_state, "[runqueue]");
+        eprintln!("pid {pid}: cpu {cpu:.3} s of wall {wall:.3} s; stoker: {by_state:?}");
+        assert!(
+            (queued - (wall - cpu)).abs() <= 0.05 * wall + 0.02,
+            "pid {pid} waited {:.3} s for a CPU, stoker says {queued:.3} s: {by_state:?}\n{err}",
+            wall - cpu
+        );
+    }
+}
