@@ -9,9 +9,11 @@ pub const MAP_OFF_THREADS: &str = "OFF_THREADS";
 /// Threads that have an `OFF_THREADS` entry, one bit per tid: the test every context switch
 /// makes for the thread coming in, an array index instead of a hash lookup.
 pub const MAP_OFF_BITS: &str = "OFF_BITS";
-/// The context-switch program (`sched:sched_switch`).
+/// The context-switch program (raw tracepoint `sched_switch`: no trace record is built
+/// for it, which the switches of every other thread on the host would pay for).
 pub const PROG_SCHED_SWITCH: &str = "sched_switch";
-/// The wake-up program (`sched:sched_wakeup`): where a wait ends and run-queue time begins.
+/// The wake-up program (raw tracepoint `sched_wakeup`): where a wait ends and run-queue
+/// time begins.
 pub const PROG_SCHED_WAKEUP: &str = "sched_wakeup";
 /// Global set by the loader: `OffConfig`.
 pub const GLOBAL_OFF_CONFIG: &str = "OFF_CONFIG";
@@ -76,22 +78,25 @@ pub struct OffThread {
     pub key: OffKey,
     pub off_ns: u64,
     pub wake_ns: u64,
+    /// Fingerprint of the Python stack in `key` (0: none): while the thread's stack has the
+    /// same, it is not walked again (see `programs::python::signature`).
+    pub py_signature: u64,
+    /// When that stack was read (walked, or found unchanged).
+    pub walked_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<OffThread>() == 64);
+const _: () = assert!(core::mem::size_of::<OffThread>() == 80);
 
 // SAFETY: `repr(C)`, an `OffKey` (itself `Pod`) and integers, no padding (size asserted).
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for OffThread {}
 
-/// Where the programs find what they read, from the tracepoints' format files and the
-/// kernel's BTF (`NO_OFFSET`: unknown, that detail is not read).
+/// Where the programs find what they read, from the kernel's BTF (`NO_OFFSET`: unknown,
+/// that detail is not read).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OffConfig {
-    /// `sched_switch` record: `prev_state`, `next_pid`; `sched_wakeup` record: `pid`.
-    pub switch_prev_state: u32,
-    pub switch_next_pid: u32,
-    pub wakeup_pid: u32,
+    /// `task_struct.pid` (the thread id of the task coming in or woken).
+    pub task_pid: u32,
     /// `task_struct.throttled` (kernels that throttle per task, 6.18+).
     pub task_throttled: u32,
     /// `task_struct.se` + `sched_entity.cfs_rq`, and `cfs_rq.throttle_count`.
@@ -109,7 +114,12 @@ pub struct OffConfig {
     pub socket_sk: u32,
     /// 1 to time each target switch into `stat::OFF_NS`.
     pub measure_cost: u32,
-    pub _pad: u32,
+    /// GIL and lock waits take the thread's stack read at its previous switch
+    /// when that was less than this long ago (microseconds; 0: every wait's stack is read).
+    pub recent_us: u32,
+    /// `task_struct.se` + `sched_entity.sum_exec_runtime` and `.prev_sum_exec_runtime`.
+    pub task_sum_exec: u32,
+    pub task_prev_sum_exec: u32,
 }
 const _: () = assert!(core::mem::size_of::<OffConfig>() == 64);
 
@@ -119,9 +129,7 @@ pub const NO_OFFSET: u32 = u32::MAX;
 impl OffConfig {
     /// Nothing known: the programs then attribute waits to `reason::OTHER`.
     pub const UNKNOWN: Self = Self {
-        switch_prev_state: NO_OFFSET,
-        switch_next_pid: NO_OFFSET,
-        wakeup_pid: NO_OFFSET,
+        task_pid: NO_OFFSET,
         task_throttled: NO_OFFSET,
         task_cfs_rq: NO_OFFSET,
         cfs_rq_throttle_count: NO_OFFSET,
@@ -134,7 +142,9 @@ impl OffConfig {
         inode_mode: NO_OFFSET,
         socket_sk: NO_OFFSET,
         measure_cost: 0,
-        _pad: 0,
+        recent_us: 0,
+        task_sum_exec: NO_OFFSET,
+        task_prev_sum_exec: NO_OFFSET,
     };
 }
 

@@ -45,5 +45,14 @@ pub const OFF_SWITCHES: u32 = 17;
 pub const OFF_NS: u32 = 18;
 /// Off-CPU waits not counted because the off-CPU counts map was full.
 pub const OFF_COUNTS_FULL: u32 = 19;
+/// Target threads' switches whose Python stack was the one walked at the thread's previous
+/// switch (its fingerprint unchanged): not walked again.
+pub const OFF_STACKS_REUSED: u32 = 20;
+/// Target threads' GIL and lock waits that took the stack read at the thread's
+/// switch less than `OffConfig::recent_us` before (not read again).
+pub const OFF_STACKS_RECENT: u32 = 21;
+/// Target threads that left the CPU again with no switch back in seen: their wait was
+/// closed from the run time the scheduler counted since.
+pub const OFF_UNCLOSED: u32 = 22;
 /// Number of counters.
-pub const COUNT: u32 = 20;
+pub const COUNT: u32 = 23;

@@ -7,15 +7,15 @@ use agent_ebpf::{
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel},
-    macros::tracepoint,
-    programs::TracePointContext,
+    macros::raw_tracepoint,
+    programs::RawTracePointContext,
 };
 
 use super::{
     Plain, loader_global,
     net_syscalls::entry_regs,
     perf_sample::{kernel_stack, python_stack, user_stack},
-    record,
+    python,
 };
 use crate::maps::{OFF_COUNTS, OFF_THREADS, PY_PROCS, add, bump, is_off_tracked, is_target, set_off_tracked};
 
@@ -23,10 +23,9 @@ use crate::maps::{OFF_COUNTS, OFF_THREADS, PY_PROCS, add, bump, is_off_tracked, 
 #[unsafe(no_mangle)]
 static OFF_CONFIG: OffConfig = OffConfig::UNKNOWN;
 
-// `prev_state` as the tracepoint reports it: one bit per state, a preempted task 0x100.
-const STATE_INTERRUPTIBLE: u64 = 1;
-const STATE_UNINTERRUPTIBLE: u64 = 2;
-const STATE_PREEMPTED: u64 = 0x100;
+// `prev_state`: the task's state as it leaves (`TASK_RUNNING` 0, bits otherwise).
+const TASK_INTERRUPTIBLE: u64 = 1;
+const TASK_UNINTERRUPTIBLE: u64 = 2;
 
 // x86-64 system call numbers.
 const SYS_READ: u64 = 0;
@@ -97,18 +96,24 @@ fn at(base: u64, offset: u32) -> Result<u64, i64> {
     Ok(base.wrapping_add(u64::from(offset)))
 }
 
-#[tracepoint]
-pub fn sched_switch(ctx: TracePointContext) -> u32 {
+/// `sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next,
+/// unsigned int prev_state)` (the last argument since Linux 5.18; older kernels refuse to
+/// attach a program that reads it).
+#[raw_tracepoint(tracepoint = "sched_switch")]
+pub fn sched_switch(ctx: RawTracePointContext) -> u32 {
     let _ = try_sched_switch(&ctx);
     0
 }
 
-fn try_sched_switch(ctx: &TracePointContext) -> Result<(), i64> {
-    let now = now_ns();
-    // The thread coming in: one bit test unless it is a target thread that waited.
-    let next: i32 = record(ctx, config(&OFF_CONFIG.switch_next_pid) as usize)?;
-    if next > 0 && is_off_tracked(next as u32) {
-        switched_in(next as u32, now);
+fn try_sched_switch(ctx: &RawTracePointContext) -> Result<(), i64> {
+    // The thread coming in: one read and one bit test unless it is a target thread that
+    // waited.
+    let next: u64 = ctx.arg(2);
+    let next_tid: i32 = kread(at(next, config(&OFF_CONFIG.task_pid))?)?;
+    let mut now = 0;
+    if next_tid > 0 && is_off_tracked(next_tid as u32) {
+        now = now_ns();
+        switched_in(next_tid as u32, now);
     }
     // The thread going out is the current one.
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -116,17 +121,23 @@ fn try_sched_switch(ctx: &TracePointContext) -> Result<(), i64> {
     if tid == 0 || !is_target(tgid) {
         return Ok(());
     }
-    let state: u64 = record(ctx, config(&OFF_CONFIG.switch_prev_state) as usize)?;
-    switched_out(ctx, tgid, tid, state, now);
+    if now == 0 {
+        now = now_ns();
+    }
+    let preempt: u64 = ctx.arg(0);
+    let state: u64 = ctx.arg::<u64>(3) & 0xffff_ffff;
+    switched_out(ctx, tgid, tid, preempt & 1 != 0 || state == 0, state, now);
     if config(&OFF_CONFIG.measure_cost) != 0 {
         add(stat::OFF_NS, now_ns().wrapping_sub(now));
     }
     Ok(())
 }
 
-#[tracepoint]
-pub fn sched_wakeup(ctx: TracePointContext) -> u32 {
-    let Ok(pid) = record::<i32>(&ctx, config(&OFF_CONFIG.wakeup_pid) as usize) else { return 0 };
+/// `sched_wakeup(struct task_struct *p)`.
+#[raw_tracepoint(tracepoint = "sched_wakeup")]
+pub fn sched_wakeup(ctx: RawTracePointContext) -> u32 {
+    let task: u64 = ctx.arg(0);
+    let Ok(Ok(pid)) = at(task, config(&OFF_CONFIG.task_pid)).map(kread::<i32>) else { return 0 };
     if pid <= 0 || !is_off_tracked(pid as u32) {
         return 0;
     }
@@ -142,19 +153,18 @@ pub fn sched_wakeup(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// A target thread leaves the CPU in `state`: notes why and with which stacks.
+/// A target thread leaves the CPU, `runnable` or blocked in `state`: notes why and with
+/// which stacks.
 #[inline(always)]
-fn switched_out(ctx: &TracePointContext, tgid: u32, tid: u32, state: u64, now: u64) {
-    let runnable = state == 0 || state & STATE_PREEMPTED != 0;
-    // Stopped, traced, exiting, parked and idle threads are not waiting for anything.
-    if !runnable && state & (STATE_INTERRUPTIBLE | STATE_UNINTERRUPTIBLE) == 0 {
+fn switched_out(ctx: &RawTracePointContext, tgid: u32, tid: u32, runnable: bool, state: u64, now: u64) {
+    // Stopped, traced and exiting threads are not waiting for anything.
+    if !runnable && state & (TASK_INTERRUPTIBLE | TASK_UNINTERRUPTIBLE) == 0 {
         return;
     }
     bump(stat::OFF_SWITCHES);
-    let (py_stack, want_native) = python_stack(tgid, tid);
-    let user_stack_id = if want_native { user_stack(ctx) } else { NO_STACK };
+    let entry = OFF_THREADS.get_ptr_mut(tid);
     let mut key = OffKey {
-        sample: SampleKey { tgid, tid, user_stack_id, kernel_stack_id: NO_STACK, py_stack },
+        sample: SampleKey { tgid, tid, user_stack_id: NO_STACK, kernel_stack_id: NO_STACK, py_stack: 0 },
         reason: reason::OTHER,
         port: 0,
         family: 0,
@@ -162,28 +172,81 @@ fn switched_out(ctx: &TracePointContext, tgid: u32, tid: u32, state: u64, now: u
     };
     key.reason = if runnable {
         if throttled() { reason::THROTTLED } else { reason::RUNQUEUE }
-    } else if state & STATE_UNINTERRUPTIBLE != 0 {
+    } else if state & TASK_UNINTERRUPTIBLE != 0 {
         reason::DISK
     } else {
         blocked_reason(&mut key, tgid)
     };
+
+    // The stack the thread had at its previous switch, and when it was last read.
+    let last = match entry {
+        // SAFETY: as in `sched_wakeup`; the thread is on this CPU, so no switch of it runs
+        // elsewhere. The fields are copied out at once.
+        Some(t) => unsafe {
+            ((*t).key.sample.py_stack, (*t).key.sample.user_stack_id, (*t).py_signature, (*t).walked_ns)
+        },
+        None => (0, NO_STACK, 0, 0),
+    };
+    let (last_stack, last_user, last_signature, last_walked) = last;
+    // GIL and lock waits come in storms (every GIL hand-over is one): a thread's stack read
+    // less than `recent_us` ago stands for them. Every other wait (a preempted thread was
+    // running, its stack moved) has its stack read, or found unchanged, as the thread leaves.
+    let frequent = matches!(key.reason, reason::GIL | reason::LOCK);
+    let recent = u64::from(config(&OFF_CONFIG.recent_us)) * 1_000;
+    let (py_stack, want_native, signature, walked) =
+        if frequent && last_stack != 0 && now.wrapping_sub(last_walked) < recent {
+            bump(stat::OFF_STACKS_RECENT);
+            (last_stack, last_user != NO_STACK, last_signature, last_walked)
+        } else {
+            // The Python stack: the one read last time when the thread is still in it (the same
+            // socket read, the same wait in the same loop), else walked.
+            // SAFETY: as in `perf_sample::python_stack`.
+            let signature = match unsafe { PY_PROCS.get(tgid) } {
+                Some(proc) => python::signature(tid, proc).unwrap_or(0),
+                None => 0,
+            };
+            if signature != 0 && signature == last_signature && last_stack != 0 {
+                bump(stat::OFF_STACKS_REUSED);
+                (last_stack, last_user != NO_STACK, signature, now)
+            } else {
+                let (py_stack, want_native) = python_stack(tgid, tid);
+                (py_stack, want_native, if py_stack != 0 { signature } else { 0 }, now)
+            }
+        };
+    key.sample.py_stack = py_stack;
+    if want_native {
+        key.sample.user_stack_id = user_stack(ctx);
+    }
     // The kernel stack shows where a thread waits that the system call did not say.
     if want_native || key.reason == reason::OTHER {
         key.sample.kernel_stack_id = kernel_stack(ctx);
     }
-    match OFF_THREADS.get_ptr_mut(tid) {
+    match entry {
         Some(t) => {
-            // SAFETY: as in `sched_wakeup`; the thread is on this CPU, so no switch of it
-            // runs elsewhere.
+            // SAFETY: as above.
             let t = unsafe { &mut *t };
+            if t.off_ns != 0 {
+                // The kernel switched the thread in without this program seeing it (rare: a
+                // few switches in a thousand from an idle CPU). It ran since then for as long
+                // as its scheduler entity says: the wait ended that long before now.
+                bump(stat::OFF_UNCLOSED);
+                let ran = ran_for().unwrap_or(0);
+                if now > t.off_ns + ran {
+                    close(t, now - ran);
+                }
+            }
             t.key = key;
             t.wake_ns = 0;
+            t.py_signature = signature;
+            t.walked_ns = walked;
             t.off_ns = now;
         }
         None => {
-            let t = OffThread { key, off_ns: now, wake_ns: 0 };
+            let t = OffThread { key, off_ns: now, wake_ns: 0, py_signature: signature, walked_ns: walked };
             if OFF_THREADS.insert(tid, t, 0).is_ok() {
                 set_off_tracked(tid, true);
+            } else {
+                bump(stat::OFF_COUNTS_FULL);
             }
         }
     }
@@ -199,22 +262,39 @@ fn switched_in(tid: u32, now: u64) {
     };
     // SAFETY: as in `sched_wakeup`.
     let t = unsafe { &mut *t };
-    let (off, wake) = (t.off_ns, t.wake_ns);
-    if off == 0 || now < off {
-        return;
+    if t.off_ns != 0 && now >= t.off_ns {
+        close(t, now);
     }
+}
+
+/// Counts the wait of `t` as ended at `end`: the wait (to its wake-up) and the run queue
+/// (from it).
+#[inline(always)]
+fn close(t: &mut OffThread, end: u64) {
+    let (off, wake) = (t.off_ns, t.wake_ns);
     t.off_ns = 0;
-    if wake > off && wake <= now {
+    if wake > off && wake <= end {
         add_off(&t.key, wake - off);
         let mut queued = t.key;
         queued.reason = reason::RUNQUEUE;
         queued.port = 0;
         queued.family = 0;
         queued.addr = [0; 16];
-        add_off(&queued, now - wake);
+        add_off(&queued, end - wake);
     } else {
-        add_off(&t.key, now - off);
+        add_off(&t.key, end - off);
     }
+}
+
+/// Nanoseconds the current task has run since it last got the CPU (its scheduler entity's
+/// run time since it was picked).
+#[inline(always)]
+fn ran_for() -> Result<u64, i64> {
+    // SAFETY: the helper takes no arguments and only returns the current task's address.
+    let task = unsafe { bpf_get_current_task() };
+    let sum: u64 = kread(at(task, config(&OFF_CONFIG.task_sum_exec))?)?;
+    let start: u64 = kread(at(task, config(&OFF_CONFIG.task_prev_sum_exec))?)?;
+    Ok(sum.saturating_sub(start))
 }
 
 #[inline(always)]
@@ -244,6 +324,8 @@ fn add_off(key: &OffKey, ns: u64) {
 fn throttled() -> bool {
     // SAFETY: the helper takes no arguments and only returns the current task's address.
     let task = unsafe { bpf_get_current_task() };
+    // Kernels that throttle per task (6.18+) mark the task once it is taken off its run
+    // queue; until then (and on older kernels) its group's throttle count says it.
     if let Ok(addr) = at(task, config(&OFF_CONFIG.task_throttled))
         && kread::<u8>(addr).unwrap_or(0) & 1 != 0
     {
@@ -331,25 +413,32 @@ fn fd_reason(key: &mut OffKey, fd: u64, otherwise: u32) -> u32 {
     let Ok((kind, file)) = lookup() else { return otherwise };
     match kind {
         S_IFSOCK => {
-            let mut peer = || -> Result<(), i64> {
+            // The peer, when the socket has one (a listening socket has none: waiting on it
+            // is waiting for any client, as `accept` is).
+            let mut peer = || -> Result<bool, i64> {
                 let socket: u64 = kread(at(file, config(&OFF_CONFIG.file_private_data))?)?;
                 let sk: u64 = kread(at(socket, config(&OFF_CONFIG.socket_sk))?)?;
                 let family: u16 = kread(sk + SKC_FAMILY)?;
                 let port: u16 = kread(sk + SKC_DPORT)?;
+                if port == 0 {
+                    return Ok(false);
+                }
                 if family == AF_INET {
                     let addr: [u8; 4] = kread(sk + SKC_DADDR)?;
                     key.addr[..4].copy_from_slice(&addr);
                 } else if family == AF_INET6 {
                     key.addr = kread(sk + SKC_V6_DADDR)?;
                 } else {
-                    return Ok(());
+                    return Ok(true);
                 }
                 key.family = family;
                 key.port = u16::from_be(port);
-                Ok(())
+                Ok(true)
             };
-            let _ = peer();
-            reason::SOCKET
+            match peer() {
+                Ok(false) if otherwise == reason::POLL => reason::POLL,
+                _ => reason::SOCKET,
+            }
         }
         S_IFREG => reason::DISK,
         _ => otherwise,

@@ -4,7 +4,7 @@ pub(crate) mod attach;
 mod bits;
 mod logs;
 pub mod net_layout;
-mod offcpu;
+pub mod offcpu;
 pub mod sizing;
 
 use agent_ebpf::{
@@ -76,6 +76,14 @@ pub struct Stats {
     pub off_switches: u64,
     pub off_ns: u64,
     pub off_counts_full: u64,
+    /// Target threads' switches whose Python stack was not walked again (unchanged).
+    pub off_stacks_reused: u64,
+    /// Target threads' GIL and lock waits that took the stack read at a recent
+    /// switch (see `offcpu::RECENT`).
+    pub off_stacks_recent: u64,
+    /// Target threads that left the CPU again with no switch back in seen (their wait
+    /// closed from the scheduler's run time).
+    pub off_unclosed: u64,
 }
 
 impl Stats {
@@ -513,6 +521,9 @@ impl KernelPrograms {
             off_switches: sum(stat::OFF_SWITCHES),
             off_ns: sum(stat::OFF_NS),
             off_counts_full: sum(stat::OFF_COUNTS_FULL),
+            off_stacks_reused: sum(stat::OFF_STACKS_REUSED),
+            off_stacks_recent: sum(stat::OFF_STACKS_RECENT),
+            off_unclosed: sum(stat::OFF_UNCLOSED),
         })
     }
 

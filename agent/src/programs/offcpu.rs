@@ -4,32 +4,39 @@ use agent_ebpf::{
     MAP_OFF_COUNTS, MAP_OFF_THREADS, NO_OFFSET, OffConfig, OffKey, OffThread, PROG_SCHED_SWITCH,
     PROG_SCHED_WAKEUP, reason,
 };
-use aya::maps::{HashMap, MapData, PerCpuHashMap};
+use aya::{
+    maps::{HashMap, MapData, PerCpuHashMap},
+    programs::RawTracePoint,
+};
 
 use super::{KernelPrograms, attach};
 use crate::{
-    error::{Error, Result},
-    sys::{btf::Btf, tracefs},
+    error::{Error, Result, one_line},
+    sys::btf::Btf,
 };
+
+/// GIL and lock waits (they come in storms: every GIL hand-over is one) take the
+/// thread's stack read at a switch less than this long before.
+pub const RECENT: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// The kernel structs whose member offsets the off-CPU programs need.
 pub(crate) const BTF_STRUCTS: &[&str] =
     &["task_struct", "sched_entity", "cfs_rq", "files_struct", "fdtable", "file", "inode", "socket"];
 
-/// Record field offsets from the scheduler tracepoints' format files and struct member
-/// offsets from BTF; what is not found stays `NO_OFFSET` (that detail is then not read).
+/// Struct member offsets from BTF; what is not found stays `NO_OFFSET` (that detail is
+/// then not read; without `task_struct.pid` the programs are not attached).
 pub(crate) fn config(btf: Option<&Btf>, measure_cost: bool) -> OffConfig {
     let mut c = OffConfig::UNKNOWN;
-    let field = |event: &str, name: &str| tracefs::field_offset("sched", event, name).unwrap_or(NO_OFFSET);
-    c.switch_prev_state = field("sched_switch", "prev_state");
-    c.switch_next_pid = field("sched_switch", "next_pid");
-    c.wakeup_pid = field("sched_wakeup", "pid");
     c.measure_cost = u32::from(measure_cost);
+    c.recent_us = RECENT.as_micros() as u32;
     let Some(btf) = btf else { return c };
     let member = |ty: &str, m: &str| btf.member_offset(ty, m).unwrap_or(NO_OFFSET);
     let sum = |a: u32, b: u32| if a == NO_OFFSET || b == NO_OFFSET { NO_OFFSET } else { a + b };
+    c.task_pid = member("task_struct", "pid");
     c.task_throttled = member("task_struct", "throttled");
     c.task_cfs_rq = sum(member("task_struct", "se"), member("sched_entity", "cfs_rq"));
+    c.task_sum_exec = sum(member("task_struct", "se"), member("sched_entity", "sum_exec_runtime"));
+    c.task_prev_sum_exec = sum(member("task_struct", "se"), member("sched_entity", "prev_sum_exec_runtime"));
     c.cfs_rq_throttle_count = member("cfs_rq", "throttle_count");
     c.task_files = member("task_struct", "files");
     c.files_fdt = member("files_struct", "fdt");
@@ -43,36 +50,54 @@ pub(crate) fn config(btf: Option<&Btf>, measure_cost: bool) -> OffConfig {
 }
 
 impl KernelPrograms {
-    /// Starts following target threads off the CPU (`sched:sched_switch` and
-    /// `sched:sched_wakeup`).
+    /// Starts following target threads off the CPU (raw tracepoints `sched_switch` and
+    /// `sched_wakeup`).
     pub fn watch_off_cpu(&mut self) -> Result<()> {
-        let feature = "the sched:sched_switch and sched:sched_wakeup tracepoints";
-        if self.off_config.switch_prev_state == NO_OFFSET
-            || self.off_config.switch_next_pid == NO_OFFSET
-            || self.off_config.wakeup_pid == NO_OFFSET
-        {
+        let feature = "the sched_switch and sched_wakeup raw tracepoints (Linux 5.18+)";
+        if self.off_config.task_pid == NO_OFFSET {
             return Err(Error::KernelFeature {
-                feature,
-                detail: "their format files could not be read".into(),
+                feature: "kernel BTF",
+                detail: "task_struct.pid not found".into(),
             });
         }
-        let loading = "loading the off-CPU programs";
-        attach::tracepoint(
-            &mut self.ebpf,
-            PROG_SCHED_WAKEUP,
-            &[("sched", "sched_wakeup")],
-            feature,
-            loading,
-        )?;
-        attach::tracepoint(
-            &mut self.ebpf,
-            PROG_SCHED_SWITCH,
-            &[("sched", "sched_switch")],
-            feature,
-            loading,
-        )?;
+        for name in [PROG_SCHED_WAKEUP, PROG_SCHED_SWITCH] {
+            let prog: &mut RawTracePoint = self
+                .ebpf
+                .program_mut(name)
+                .and_then(|p| p.try_into().ok())
+                .ok_or(Error::Ebpf { what: "kernel program missing", detail: name.into() })?;
+            prog.load().map_err(|e| attach::load_error("loading the off-CPU programs", &e))?;
+            prog.attach(name)
+                .map_err(|e| Error::KernelFeature { feature, detail: format!("{name}: {}", one_line(&e)) })?;
+        }
         self.watching_off_cpu = true;
         Ok(())
+    }
+
+    /// Run time and run count of the context-switch and wake-up programs, when the run-time
+    /// statistics are on and the programs attached.
+    pub fn off_kernel_cost(&mut self) -> Option<[(std::time::Duration, u64); 2]> {
+        if !self.watching_off_cpu {
+            return None;
+        }
+        self.stats_fd.as_ref()?;
+        let mut cost = [(std::time::Duration::ZERO, 0); 2];
+        for (slot, name) in cost.iter_mut().zip([PROG_SCHED_SWITCH, PROG_SCHED_WAKEUP]) {
+            let Some(prog) = self.ebpf.program_mut(name) else {
+                tracing::warn!("{name}: missing");
+                return None;
+            };
+            let prog: &mut RawTracePoint = match prog.try_into() {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!("{name}: {e}");
+                    return None;
+                }
+            };
+            let info = prog.info().inspect_err(|e| tracing::warn!("{name}: {e}")).ok()?;
+            *slot = (info.run_time(), info.run_count());
+        }
+        Some(cost)
     }
 
     /// Off-CPU nanoseconds by (thread, stacks, reason), waits that ended so far.

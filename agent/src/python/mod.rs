@@ -13,6 +13,7 @@ use agent_ebpf::{
     PyOffsets, PyProc, PyStack, instr_kind,
 };
 
+use self::mem::ReadMemory;
 use self::{
     code::CodeReader,
     detect::PythonProcess,
@@ -28,10 +29,24 @@ pub fn kernel_config(p: &PythonProcess, native: bool) -> PyProc {
         offsets: offsets(&p.layout),
         flags: if native { PY_PROC_NATIVE } else { 0 },
         _pad: 0,
-        gil_addr: match p.layout.gil {
-            Gil::Runtime(offset) => p.runtime + offset,
-            Gil::Interpreter(_) | Gil::Unknown => 0,
-        },
+        gil_addr: gil_addr(p),
+    }
+}
+
+/// The GIL's address in the process: in `_PyRuntime` (3.8-3.11), or in the main
+/// interpreter (3.12+), read now from the process (0 when unreadable: the kernel then reads
+/// the interpreter's address itself at each GIL wait).
+fn gil_addr(p: &PythonProcess) -> u64 {
+    match p.layout.gil {
+        Gil::Runtime(offset) => p.runtime + offset,
+        Gil::Interpreter(offset) => {
+            let mut word = [0u8; 8];
+            match mem::Memory::new(p.pid).read(p.runtime + p.layout.runtime_interpreters_head, &mut word) {
+                Ok(()) if u64::from_le_bytes(word) != 0 => u64::from_le_bytes(word) + offset,
+                _ => 0,
+            }
+        }
+        Gil::Unknown => 0,
     }
 }
 

@@ -84,6 +84,9 @@ pub struct Summary {
     pub net_kernel_cost: Option<(Duration, u64)>,
     /// Nanoseconds the run-time statistics add to each run (with `kernel_stats`).
     pub stats_floor: Option<f64>,
+    /// Context-switch and wake-up programs' total kernel time and run count (wall-clock and
+    /// off-CPU modes, with `kernel_stats`).
+    pub off_kernel_cost: Option<[(Duration, u64); 2]>,
     /// CPU seconds each given or launched process used during the session, by the kernel's
     /// accounting (exact, where samples / rate is an estimate).
     pub cpu: Vec<(u32, f64)>,
@@ -235,6 +238,7 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
     }
     let stats = kernel.stats()?;
     let kernel_cost = kernel.kernel_cost();
+    let off_kernel_cost = kernel.off_kernel_cost();
     let net_kernel_cost = match (&net, opts.kernel_stats) {
         (Some((drainer, _)), true) => drainer.kernel_cost(&mut kernel),
         _ => None,
@@ -319,6 +323,7 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
         net,
         net_kernel_cost,
         stats_floor,
+        off_kernel_cost,
         cpu: cpu.into_iter().filter_map(|(pid, start, last)| Some((pid, last? - start?))).collect(),
         cgroups: cgroups
             .into_iter()
@@ -449,8 +454,23 @@ impl Summary {
             };
             let _ = writeln!(
                 s,
-                "  off-CPU: {} switches of target threads followed{cost}",
-                self.stats.off_switches
+                "  off-CPU: {} switches of target threads followed ({} with the Python stack of the switch before, {} GIL and lock waits with the stack read under {} ms before, {} switches back in not seen){cost}",
+                self.stats.off_switches,
+                self.stats.off_stacks_reused,
+                self.stats.off_stacks_recent,
+                crate::programs::offcpu::RECENT.as_millis(),
+                self.stats.off_unclosed
+            );
+        }
+        if let Some([(switch_time, switches), (wake_time, wakes)]) = self.off_kernel_cost {
+            let per = |t: Duration, n: u64| t.as_nanos() as f64 / n.max(1) as f64;
+            let _ = writeln!(
+                s,
+                "  kernel: sched_switch ran {switches} times for {} ns ({:.0} ns per run, every switch on the host); sched_wakeup ran {wakes} times for {} ns ({:.0} ns per run)",
+                switch_time.as_nanos(),
+                per(switch_time, switches),
+                wake_time.as_nanos(),
+                per(wake_time, wakes)
             );
         }
         if let Some((report, path)) = &self.net {

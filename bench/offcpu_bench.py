@@ -1,0 +1,206 @@
+#!/usr/bin/env python3
+"""Cost of wall-clock profiling (`stoker record --mode wall`) on a thread-per-connection
+Python server under wrk load.
+
+  sudo python3 bench/offcpu_bench.py [--rounds N] [--seconds S] [--out bench/OFFCPU_RESULTS.md]
+
+Needs target/release/stoker, wrk and py-spy on PATH (`cargo xtask setup`). The server is
+tests/fixtures/net/http_server.py on CPython 3.12 (ThreadingHTTPServer: a thread per
+connection, each request a wake-up and a switch off the CPU of its thread), driven on
+GET /sleep/0 by wrk (1 thread, 8 keep-alive connections). Each round runs wrk for S
+seconds four times: the server alone, watched by `stoker record` (CPU sampling at 99 Hz),
+by `stoker record --mode wall` (sampling and every switch of the server's threads) and by
+`py-spy record --idle` (py-spy's wall-clock view, 99 Hz); the order rotates from round to
+round. Reports each round's throughput and each watched configuration's over the
+server's alone.
+
+Kernel cost, in separate rounds with the kernel's BPF run-time statistics on: watching
+the server, the context-switch and wake-up programs' time per request (all their runs on
+the host, target or not) and the time the switch program spends on a target thread's
+switch (timed inside it); watching an idle process, the cost per switch of a thread that
+is not a target (the test of one bit per switch). stoker times an empty program the same
+way; the statistics' own cost per run is reported and subtracted.
+"""
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+STOKER = ROOT / "target/release/stoker"
+VERSIONS = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+PYTHON = VERSIONS / "3.12.1/bin/python3.12"
+SERVER = ROOT / "tests/fixtures/net/http_server.py"
+CONFIGS = ["alone", "stoker cpu", "stoker wall", "py-spy --idle"]
+
+T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+       2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+       2.045, 2.042]
+
+
+def interval(values):
+    """Mean and half-width of its 95% confidence interval."""
+    mean = statistics.mean(values)
+    if len(values) < 2:
+        return mean, float("nan")
+    t = T95[len(values) - 2] if len(values) - 1 <= len(T95) else 1.96
+    return mean, t * statistics.stdev(values) / len(values) ** 0.5
+
+
+def arg(name, default):
+    return type(default)(sys.argv[sys.argv.index(name) + 1]) if name in sys.argv else default
+
+
+def wrk(port, seconds):
+    out = subprocess.run(
+        ["wrk", "-t1", "-c8", f"-d{seconds}s", f"http://127.0.0.1:{port}/sleep/0"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    return requests, float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+
+
+def links(pid):
+    n = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            n += os.readlink(fd) == "anon_inode:bpf_link"
+        except OSError:
+            pass
+    return n
+
+
+def watched_by_stoker(pid, port, seconds, tmp, mode, kernel_stats=False):
+    """wrk while stoker watches `pid` in `mode`: (requests, req/s, stoker's summary)."""
+    stoker = subprocess.Popen(
+        [str(STOKER), "record", "-m", mode, *(["--kernel-stats"] if kernel_stats else []),
+         "--pid", str(pid), "-f", "folded", "-o", f"{tmp}/bench.folded"],
+        stderr=subprocess.PIPE, text=True,
+    )
+    # A cpu-clock event per CPU; in wall mode also the two scheduler tracepoints.
+    want = os.cpu_count() + (2 if mode == "wall" else 0)
+    deadline = time.monotonic() + 30
+    while links(stoker.pid) < want:
+        if time.monotonic() > deadline or stoker.poll() is not None:
+            raise SystemExit(f"stoker did not attach: {stoker.communicate()[1]}")
+        time.sleep(0.05)
+    requests, rps = wrk(port, seconds)
+    stoker.send_signal(2)
+    return requests, rps, stoker.communicate(timeout=60)[1]
+
+
+def watched_by_py_spy(pid, port, seconds, tmp):
+    spy = subprocess.Popen(["py-spy", "record", "--idle", "-r", "99", "-f", "raw", "-o", f"{tmp}/spy.txt",
+                            "--pid", str(pid)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # py-spy attaches by reading the process: no link to wait for
+    if spy.poll() is not None:
+        raise SystemExit(f"py-spy failed: {spy.communicate()[1]}")
+    requests, rps = wrk(port, seconds)
+    spy.send_signal(2)
+    spy.communicate(timeout=60)
+    return requests, rps
+
+
+def run_config(config, server, port, seconds, tmp):
+    if config == "alone":
+        return wrk(port, seconds)
+    if config == "py-spy --idle":
+        return watched_by_py_spy(server.pid, port, seconds, tmp)
+    return watched_by_stoker(server.pid, port, seconds, tmp, config.split()[1])[:2]
+
+
+def kernel_cost(err):
+    """(switch runs, switch ns, wake-up runs, wake-up ns, target switches, of which with the
+    stack found unchanged, of which with a recent stack, ns per target switch, statistics'
+    own ns per run) from a `--kernel-stats` summary."""
+    m = re.search(r"sched_switch ran (\d+) times for (\d+) ns .* sched_wakeup ran (\d+) times for (\d+) ns", err)
+    t = re.search(r"off-CPU: (\d+) switches of target threads followed \((\d+) with [^,]*, (\d+) GIL.*?\), (\d+) ns each", err)
+    floor = re.search(r"statistics add (\d+) ns to every run", err)
+    if not (m and floor):
+        raise SystemExit(f"no kernel statistics in stoker's summary:\n{err}")
+    targets = tuple(map(int, t.groups())) if t else (0, 0, 0, 0)  # none when watching an idle process
+    return (*map(int, m.groups()), *targets, int(floor.group(1)))
+
+
+def main():
+    rounds, seconds = arg("--rounds", 3), arg("--seconds", 10)
+    out = Path(arg("--out", str(ROOT / "bench/OFFCPU_RESULTS.md")))
+    if os.geteuid() != 0:
+        raise SystemExit("run as root")
+    server = subprocess.Popen([str(PYTHON), str(SERVER)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              text=True)
+    port = int(server.stdout.readline())
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            wrk(port, 5)  # warm-up
+            for r in range(rounds):
+                order = CONFIGS[r % len(CONFIGS):] + CONFIGS[:r % len(CONFIGS)]
+                row = {c: run_config(c, server, port, seconds, tmp) for c in order}
+                rows.append(row)
+                print(f"round {r + 1}: " + ", ".join(f"{c} {row[c][1]:.0f} req/s" for c in CONFIGS), flush=True)
+            requests, rps, err = watched_by_stoker(server.pid, port, seconds, tmp, "wall", kernel_stats=True)
+            busy = (requests, rps, kernel_cost(err))
+            idle = subprocess.Popen(["sleep", "3600"])
+            try:
+                requests, rps, err = watched_by_stoker(idle.pid, port, seconds, tmp, "wall", kernel_stats=True)
+                quiet = (requests, rps, kernel_cost(err))
+            finally:
+                idle.kill()
+        finally:
+            server.kill()
+
+    lines = [
+        "# Wall-clock profiling cost (`stoker record --mode wall`)",
+        "",
+        f"`python3 bench/offcpu_bench.py --rounds {rounds} --seconds {seconds}` on {platform.node()}, "
+        f"Linux {platform.release()}, {os.cpu_count()} CPUs. ThreadingHTTPServer (CPython 3.12, a thread per "
+        f"connection) under `wrk -t1 -c8` on GET /sleep/0 (keep-alive) for {seconds} s per run; each round "
+        "runs the server alone, watched by `stoker record` (CPU sampling, 99 Hz), by `stoker record --mode "
+        "wall` (sampling and every switch of the server's threads off the CPU: every wait counted, GIL and lock "
+        "waits with the thread's stack read at a switch under 10 ms before) "
+        "and by `py-spy record --idle` (99 Hz), in an order that rotates from round to round.",
+        "",
+        "| round | " + " | ".join(f"{c} req/s" for c in CONFIGS) + " |",
+        "| --- |" + " --- |" * len(CONFIGS),
+    ]
+    for i, row in enumerate(rows):
+        lines.append(f"| {i + 1} | " + " | ".join(f"{row[c][1]:.0f}" for c in CONFIGS) + " |")
+    lines += ["", "| watched by | throughput / alone (mean of means) | rounds' ratios: mean, 95% interval | median | range |",
+              "| --- | --- | --- | --- | --- |"]
+    mean = {c: statistics.mean(row[c][1] for row in rows) for c in CONFIGS}
+    for c in CONFIGS[1:]:
+        ratios = [row[c][1] / row["alone"][1] for row in rows]
+        m, half = interval(ratios)
+        lines.append(f"| {c} | **{mean[c] / mean['alone']:.3f}** | {m:.3f} ± {half:.3f} | "
+                     f"{statistics.median(ratios):.3f} | {min(ratios):.3f} to {max(ratios):.3f} |")
+    (req, _, (sw_runs, sw_ns, wk_runs, wk_ns, targets, reused, recent, per_target, floor)) = busy
+    (_, _, (q_runs, q_ns, qw_runs, qw_ns, _, _, _, _, _)) = quiet
+    per_req = (sw_ns + wk_ns - floor * (sw_runs + wk_runs)) / max(req, 1)
+    lines += [
+        "",
+        "| kernel cost | figure |",
+        "| --- | --- |",
+        f"| watching the server: switches on the host per request | {sw_runs / max(req, 1):.2f} |",
+        f"| watching the server: switches of its threads followed per request | {targets / max(req, 1):.2f} |",
+        f"| watching the server: switch and wake-up programs' time per request | **{per_req:.0f} ns** |",
+        f"| of those, with the Python stack found unchanged since the thread's switch before (not walked again) | {reused / max(targets, 1):.1%} |",
+        f"| of those, GIL and lock waits taking the stack read at a switch under 10 ms before | {recent / max(targets, 1):.1%} |",
+        f"| a target thread's switch off the CPU (timed in the program: stacks, reason) | **{per_target} ns** |",
+        f"| a switch of a thread that is no target (watching an idle process) | **{q_ns / max(q_runs, 1) - floor:.0f} ns** |",
+        f"| a wake-up of a thread that is no target | {qw_ns / max(qw_runs, 1) - floor:.0f} ns |",
+        "",
+        f"The statistics' own cost, {floor} ns per run (an empty program timed the same way), is subtracted "
+        "from the run-time statistics' figures.",
+        "",
+    ]
+    out.write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+main()
