@@ -453,3 +453,75 @@ fn agent_exports_the_cgroup_quota_and_throttling() {
     let time = value("stoker_cgroup_cpu_throttled_time_seconds_total").unwrap();
     assert!((time - stat.2).abs() < 1e-6, "throttled {time} s; cpu.stat {} s", stat.2);
 }
+
+/// `off_cpu.enabled`: a caller waiting on a slow upstream (100 ms an answer, 16 answers).
+/// The agent's `socket` off-CPU time of the caller is the time the caller measured around
+/// its requests less the CPU time they used, within what its wake-ups waited for a CPU
+/// (counted as `runqueue`: 5% is generous) and 1 ms of clock reads.
+#[test]
+fn agent_exports_off_cpu_time_by_state() {
+    require_root();
+    let dir = scratch("agent-offcpu");
+    let http = free_port();
+    let config = agent_config(&dir, http, "export_interval: 1s\noff_cpu:\n  enabled: true\n");
+    let agent = agent_without_otlp(&config);
+    wait_ready(http);
+    let fixture =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/offcpu/upstream.py");
+    let mut upstream = Command::new(python("3.12.1"))
+        .args([fixture.to_str().unwrap(), "serve", "0.1"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut port = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(upstream.stdout.as_mut().unwrap()), &mut port)
+        .unwrap();
+    let mut caller = Command::new(python("3.12.1"))
+        .args([fixture.to_str().unwrap(), "call", port.trim(), "8", "wait"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_exported(http, caller.id());
+    let mut stdin = caller.stdin.take().unwrap();
+    std::io::Write::write_all(&mut stdin, b"go\n").unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(caller.stdout.take().unwrap()), &mut line)
+        .unwrap();
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let (waited, cpu): (f64, f64) = (words[1].parse().unwrap(), words[3].parse().unwrap());
+    let label = format!("process_pid=\"{}\"", caller.id());
+    let socket_label = format!("{label},state=\"socket\"");
+    // The caller now idles on its stdin: its socket time stops growing.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let (_, text) = http_get(http, "/metrics").unwrap();
+        let seen = off_cpu(&text, &label, "socket");
+        if seen.is_some_and(|s| s >= 16.0 * 0.1 * 0.98) || Instant::now() > deadline {
+            break text;
+        }
+        thread::sleep(Duration::from_millis(200));
+    };
+    drop(stdin);
+    kill(&mut [&mut caller, &mut upstream]);
+    assert!(stop(agent).success());
+    let socket = off_cpu(&text, &label, "socket").unwrap_or_else(|| panic!("no {socket_label}: {text}"));
+    eprintln!("caller waited {waited:.4} s, ran {cpu:.4} s of it; agent: socket {socket:.4} s");
+    assert!(
+        socket <= waited - cpu + 1e-3 && socket >= 0.95 * (waited - cpu) - 1e-3,
+        "the caller waited {waited:.4} s and ran {cpu:.4} s of it; the agent says {socket:.4} s on sockets"
+    );
+}
+
+/// The value of `stoker_process_off_cpu_time_seconds_total` for the process labelled
+/// `label` in `state`.
+fn off_cpu(text: &str, label: &str, state: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| {
+            l.starts_with("stoker_process_off_cpu_time_seconds_total{")
+                && l.contains(label)
+                && l.contains(&format!("state=\"{state}\""))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}

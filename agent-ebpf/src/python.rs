@@ -80,6 +80,12 @@ pub const PY_FRAME_CHUNK: usize = 128;
 /// `PyProc::flags` bit: also record native (user and kernel) stacks of samples that
 /// have a Python stack. Without it those samples cost only the Python walk.
 pub const PY_PROC_NATIVE: u32 = 1;
+/// `PyProc::flags` bit: count CPU samples only of threads that hold the GIL (`--gil`).
+pub const PY_PROC_GIL_ONLY: u32 = 2;
+/// Offsets in CPython's `struct _gil_runtime_state` (3.8-3.14): `last_holder` (the thread
+/// state that took it last) and `locked` (an int: 1 while held).
+pub const PY_GIL_LAST_HOLDER: u64 = 8;
+pub const PY_GIL_LOCKED: u64 = 16;
 
 /// One Python process for the kernel walker.
 #[repr(C)]

@@ -54,5 +54,7 @@ pub const OFF_STACKS_RECENT: u32 = 21;
 /// Target threads that left the CPU again with no switch back in seen: their wait was
 /// closed from the run time the scheduler counted since.
 pub const OFF_UNCLOSED: u32 = 22;
+/// CPU samples of Python threads not holding the GIL, not counted (`PY_PROC_GIL_ONLY`).
+pub const GIL_NOT_HELD: u32 = 23;
 /// Number of counters.
-pub const COUNT: u32 = 23;
+pub const COUNT: u32 = 24;

@@ -84,6 +84,11 @@ pub struct RecordArgs {
     /// [socket ADDR:PORT], [poll], [disk], [sleep] or [other].
     #[arg(short, long, value_enum, default_value_t = Mode::Cpu)]
     pub mode: Mode,
+    /// Python: count CPU samples only of the thread holding the GIL (what the GIL-bound part
+    /// of a program runs), and report per process how long the GIL was held and how long
+    /// threads waited for it.
+    #[arg(long)]
+    pub gil: bool,
     /// Command to launch and profile, after `--`.
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,

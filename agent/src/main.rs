@@ -70,6 +70,7 @@ fn record_cmd(args: RecordArgs) -> ExitCode {
         kernel_stats: args.kernel_stats,
         net: args.net,
         mode: args.mode,
+        gil: args.gil,
     };
     match record::run(&opts) {
         Ok(summary) => {

@@ -1,9 +1,7 @@
 //! Off-CPU time of target threads: as one leaves the CPU, `sched_switch` takes its stacks
 //! and why it stopped running; `sched_wakeup` notes when its wait ends; when it runs again
 //! the time (wait, then run queue) is added to its (stacks, reason) in `OFF_COUNTS`.
-use agent_ebpf::{
-    NO_FIELD, NO_OFFSET, NO_STACK, OffConfig, OffKey, OffThread, PY_GIL_SIZE, SampleKey, reason, stat,
-};
+use agent_ebpf::{NO_OFFSET, NO_STACK, OffConfig, OffKey, OffThread, PY_GIL_SIZE, SampleKey, reason, stat};
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel},
@@ -377,18 +375,8 @@ fn blocked_reason(key: &mut OffKey, tgid: u32) -> u32 {
 fn is_gil(tgid: u32, uaddr: u64) -> bool {
     // SAFETY: as in `perf_sample::python_stack`.
     let Some(proc) = (unsafe { PY_PROCS.get(tgid) }) else { return false };
-    let gil = if proc.gil_addr != 0 {
-        proc.gil_addr
-    } else if proc.offsets.interp_gil != NO_FIELD {
-        // SAFETY: the helper checks the user address and fails rather than faulting.
-        match unsafe { aya_ebpf::helpers::bpf_probe_read_user(proc.interp_head_addr as *const u64) } {
-            Ok(interp) if interp != 0 => interp + u64::from(proc.offsets.interp_gil),
-            _ => return false,
-        }
-    } else {
-        return false;
-    };
-    uaddr >= gil && uaddr < gil + PY_GIL_SIZE
+    let gil = python::gil_address(proc);
+    gil != 0 && uaddr >= gil && uaddr < gil + PY_GIL_SIZE
 }
 
 /// The wait on file descriptor `fd` of the current task: a socket (with its peer when it is

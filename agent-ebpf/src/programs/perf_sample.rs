@@ -1,7 +1,7 @@
 //! CPU sampling: a perf-event program on the cpu-clock of every CPU. Samples of target
 //! processes are aggregated in the kernel as (thread, user stack, kernel stack, Python
 //! stack) -> per-CPU count.
-use agent_ebpf::{DROPPED_STACK, NO_STACK, PY_PROC_NATIVE, SampleKey, stat};
+use agent_ebpf::{DROPPED_STACK, NO_STACK, PY_PROC_GIL_ONLY, PY_PROC_NATIVE, SampleKey, stat};
 use aya_ebpf::{
     bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
@@ -44,6 +44,16 @@ fn try_perf_sample(ctx: &PerfEventContext) -> Result<bool, i32> {
         return Ok(false);
     }
     bump(stat::SAMPLES);
+
+    // `--gil`: only the samples of the thread that holds the GIL count.
+    // SAFETY: as in `python_stack`.
+    if let Some(proc) = unsafe { PY_PROCS.get(tgid) }
+        && proc.flags & PY_PROC_GIL_ONLY != 0
+        && !python::holds_gil(tid, proc)
+    {
+        bump(stat::GIL_NOT_HELD);
+        return Ok(true);
+    }
 
     // Python first: a sample with a Python stack needs no native stacks unless asked.
     let (py_stack, want_native) = python_stack(tgid, tid);

@@ -2,8 +2,8 @@
 //! `PyThreadState` (matching `thread_id`, i.e. `pthread_self()`, against the task's fs base)
 //! and records its frames, leaf first, into the per-CPU scratch stack.
 use agent_ebpf::{
-    NO_FIELD, PY_FRAME_CHUNK, PY_FRAME_ENTRY, PY_MAX_FRAMES, PY_MAX_THREADS, PY_STACK_READ_ERROR,
-    PY_STACK_TRUNCATED, PyOffsets, PyProc, PyStack, instr_kind, stat,
+    NO_FIELD, PY_FRAME_CHUNK, PY_FRAME_ENTRY, PY_GIL_LAST_HOLDER, PY_GIL_LOCKED, PY_MAX_FRAMES,
+    PY_MAX_THREADS, PY_STACK_READ_ERROR, PY_STACK_TRUNCATED, PyOffsets, PyProc, PyStack, instr_kind, stat,
 };
 use core::ffi::c_void;
 
@@ -228,6 +228,36 @@ pub fn walk(tid: u32, proc: &PyProc) -> Option<(&'static mut PyStack, u64)> {
     }
     let hash = walk.hash ^ (u64::from(stack.flags) << 56 | u64::from(stack.len));
     Some((stack, if hash == 0 { 1 } else { hash }))
+}
+
+/// The address of process `proc`'s GIL (0: unknown).
+#[inline(always)]
+pub fn gil_address(proc: &PyProc) -> u64 {
+    if proc.gil_addr != 0 {
+        return proc.gil_addr;
+    }
+    if proc.offsets.interp_gil == NO_FIELD {
+        return 0;
+    }
+    match read::<u64>(proc.interp_head_addr) {
+        Ok(interp) if interp != 0 => interp + u64::from(proc.offsets.interp_gil),
+        _ => 0,
+    }
+}
+
+/// True when thread `tid` holds its process's GIL (or when that cannot be told: the GIL's
+/// address is unknown or unreadable).
+#[inline(always)]
+pub fn holds_gil(tid: u32, proc: &PyProc) -> bool {
+    let gil = gil_address(proc);
+    if gil == 0 {
+        return true;
+    }
+    let (Ok(locked), Ok(holder)) = (read::<i32>(gil + PY_GIL_LOCKED), read::<u64>(gil + PY_GIL_LAST_HOLDER))
+    else {
+        return true;
+    };
+    locked != 0 && thread_state(tid, proc).is_ok_and(|tstate| tstate == holder)
 }
 
 /// Frames `signature` reads: it tells stacks apart that differ in their innermost

@@ -99,6 +99,10 @@ impl Collector {
     /// same parent) stays.
     pub fn evict_exited(&mut self, kernel: &mut KernelPrograms, live: &[u32]) -> Result<()> {
         let live: HashSet<u32> = live.iter().copied().collect();
+        let gone_off: Vec<OffKey> =
+            self.off.iter().map(|(k, _)| *k).filter(|k| !live.contains(&k.sample.tgid)).collect();
+        kernel.remove_off(&gone_off)?;
+        self.off.retain(|(k, _)| live.contains(&k.sample.tgid));
         let (gone, kept): (Vec<SampleKey>, Vec<SampleKey>) =
             self.seen.iter().partition(|k| !live.contains(&k.tgid));
         if gone.is_empty() {
@@ -185,6 +189,12 @@ impl Collector {
     /// Builds the profile as `view` says.
     pub fn profile(&self, view: View) -> Profile {
         self.profile_of(&self.counts, view)
+    }
+
+    /// The off-CPU times last read (`collect` with `final_read`), waits under way included;
+    /// a key may appear twice (its ended waits, and one under way).
+    pub fn off(&self) -> &[(OffKey, u64)] {
+        &self.off
     }
 
     /// The last counts read (`collect` with `final_read`).

@@ -65,6 +65,8 @@ pub struct Tracker {
     procs: HashMap<u32, Tracked>,
     all_python: bool,
     native: bool,
+    /// Count only the CPU samples of threads that hold the GIL (`--gil`).
+    gil_only: bool,
     last_scan: Option<Instant>,
     me: u32,
     warned_no_python: bool,
@@ -79,12 +81,18 @@ pub struct Tracker {
 }
 
 impl Tracker {
+    /// From now on, CPU samples of Python threads count only while they hold the GIL.
+    pub fn gil_only(&mut self) {
+        self.gil_only = true;
+    }
+
     /// `native`: Python samples also record native stacks (for `--native`).
     pub fn new(all_python: bool, native: bool) -> Self {
         Self {
             procs: HashMap::new(),
             all_python,
             native,
+            gil_only: false,
             last_scan: None,
             me: std::process::id(),
             warned_no_python: false,
@@ -312,7 +320,7 @@ impl Tracker {
                     if t.scanned {
                         kernel.add_target(pid, TARGET_SAMPLE | TARGET_INHERIT)?;
                     }
-                    kernel.add_python(pid, &python::kernel_config(&p, self.native))?;
+                    kernel.add_python(pid, &python::kernel_config(&p, self.native, self.gil_only))?;
                     collector.python.add_process(&p);
                     let version = format!("{}.{}.{}", p.version.major, p.version.minor, p.version.patch);
                     tracing::info!("pid {pid}: CPython {version}");

@@ -108,6 +108,23 @@ impl Collector {
         Profile { stacks, unit: Unit::Microseconds, ..Default::default() }
     }
 
+    /// `--gil`: per process, the seconds its threads held the GIL on a CPU (the CPU samples,
+    /// which count only its holder) and the seconds they waited for it (off-CPU `[gil]`).
+    pub fn gil_by_process(&self, rate_hz: u64) -> Vec<(u32, f64, f64)> {
+        let mut by_pid: HashMap<u32, (f64, f64)> = HashMap::new();
+        for (key, count) in self.counts() {
+            by_pid.entry(key.tgid).or_default().0 += *count as f64 / rate_hz.max(1) as f64;
+        }
+        for (key, ns) in &self.off {
+            if self.state_of(key).0 == reason::GIL {
+                by_pid.entry(key.sample.tgid).or_default().1 += *ns as f64 / 1e9;
+            }
+        }
+        let mut out: Vec<(u32, f64, f64)> = by_pid.into_iter().map(|(pid, (h, w))| (pid, h, w)).collect();
+        out.sort_by_key(|(pid, _, _)| *pid);
+        out
+    }
+
     /// Per process, seconds of thread time by state (largest first): off-CPU waits, and
     /// with `rate_hz` the CPU samples as `[running]`.
     pub fn states_by_process(&self, rate_hz: Option<u64>) -> Vec<(u32, Vec<(String, f64)>)> {

@@ -66,6 +66,11 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
         }
         false => None,
     };
+    if config.off_cpu.enabled
+        && let Err(e) = kernel.watch_off_cpu()
+    {
+        tracing::warn!("off-CPU time is off: {e}");
+    }
     drop_capabilities();
 
     // /healthz fails once the loop has not completed a tick for three export intervals (at
@@ -161,6 +166,7 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
             collector.evict_exited(&mut kernel, &live)?;
             let alive: std::collections::HashSet<u32> = live.iter().copied().collect();
             agent.last.retain(|key, _| alive.contains(&key.tgid));
+            agent.off_last.retain(|key, _| alive.contains(&key.sample.tgid));
             collector.forget_exited(&live);
             // Maps still close to full with live processes' stacks: emptied, named afresh.
             let full = |used: usize, capacity: u32| used as u64 > u64::from(capacity) * 3 / 4;
@@ -171,6 +177,12 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
                 kernel.clear_counts()?;
                 collector.forget_stacks();
                 agent.last.clear();
+            }
+            // The same for off-CPU times: their cumulative figures carry on from what was seen.
+            if full(agent.off_last.len(), kernel.off_capacity()) {
+                let keys: Vec<agent_ebpf::OffKey> = agent.off_last.keys().copied().collect();
+                kernel.remove_off(&keys)?;
+                agent.off_last.clear();
             }
             let snap = {
                 let mut guard = snapshot.lock().unwrap_or_else(|e| e.into_inner());

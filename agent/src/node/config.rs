@@ -38,6 +38,7 @@ pub struct AgentConfig {
     pub queue: Queue,
     pub kubernetes: Kubernetes,
     pub network: Network,
+    pub off_cpu: OffCpu,
     pub kernel: Kernel,
     /// OTLP destinations, from the OTEL_EXPORTER_OTLP_* variables (not the file).
     #[serde(skip)]
@@ -131,6 +132,14 @@ pub struct Network {
     pub spans: Spans,
 }
 
+/// Off-CPU time of the sampled processes' threads, by reason (scheduler tracepoints).
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct OffCpu {
+    /// Follow every switch of their threads off the CPU (see the README for the cost).
+    pub enabled: bool,
+}
+
 /// Which HTTP server requests go out as OTLP spans.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -169,6 +178,7 @@ impl Default for AgentConfig {
             queue: Queue::default(),
             kubernetes: Kubernetes::default(),
             network: Network::default(),
+            off_cpu: OffCpu::default(),
             kernel: Kernel::default(),
             export: Exports::default(),
         }

@@ -6,7 +6,7 @@ use std::{
     time::Duration,
 };
 
-use agent_ebpf::SampleKey;
+use agent_ebpf::{OffKey, SampleKey};
 
 use super::{
     config::AgentConfig,
@@ -37,6 +37,8 @@ pub(super) struct Interval {
     /// Processes in a pod the lookup did not know when their resource was built.
     pub(super) unnamed: HashSet<u32>,
     pub(super) last: HashMap<SampleKey, u64>,
+    /// Off-CPU nanoseconds seen so far by key (the kernel's, with the waits under way).
+    pub(super) off_last: HashMap<OffKey, u64>,
     /// This interval's profile of each process (its metrics and Pyroscope push use it).
     pub(super) profiles: HashMap<u32, Profile>,
     pub(super) processes: std::collections::BTreeMap<u32, ProcessMetrics>,
@@ -58,6 +60,7 @@ impl Interval {
             generation: 0,
             unnamed: HashSet::new(),
             last: HashMap::new(),
+            off_last: HashMap::new(),
             profiles: HashMap::new(),
             processes: Default::default(),
             spans_dropped: 0,
@@ -79,8 +82,22 @@ impl Interval {
                 deltas.entry(key.tgid).or_default().push((*key, count - before));
             }
         }
+        // Off-CPU time since the last interval, by process and state.
+        let mut off_now: HashMap<OffKey, u64> = HashMap::new();
+        for (key, ns) in collector.off() {
+            *off_now.entry(*key).or_default() += ns;
+        }
+        let mut off_deltas: HashMap<u32, Vec<(&'static str, f64)>> = HashMap::new();
+        for (key, ns) in off_now {
+            let before = self.off_last.insert(key, ns).unwrap_or(0);
+            if ns > before {
+                let state = crate::collect::wall::reason_name(collector.state_of(&key).0);
+                off_deltas.entry(key.sample.tgid).or_default().push((state, (ns - before) as f64 / 1e9));
+            }
+        }
         // A process that exited during the interval reports its last samples once more.
-        self.processes.retain(|pid, _| live.contains(pid) || deltas.contains_key(pid));
+        self.processes
+            .retain(|pid, _| live.contains(pid) || deltas.contains_key(pid) || off_deltas.contains_key(pid));
         self.unnamed.retain(|pid| live.contains(pid));
         // Pods listed since: name the processes that run in them.
         let generation = self.lookup.as_ref().map_or(0, PodLookup::generation);
@@ -127,6 +144,9 @@ impl Interval {
             let scale = if sampled > 0.0 { seconds / sampled } else { 0.0 };
             for (function, cpu) in functions {
                 *p.functions.entry(function).or_default() += cpu * scale;
+            }
+            for (state, secs) in off_deltas.remove(&pid).unwrap_or_default() {
+                *p.off_cpu.entry(state).or_default() += secs;
             }
             p.utilization = seconds / elapsed.as_secs_f64().max(1e-3) / self.cpus;
             p.memory_bytes = rss_bytes(pid);

@@ -186,6 +186,13 @@ pub(crate) const CGROUP_METRICS: [&Metric; 12] = [
     &CGROUP_MEMORY_PRESSURE,
 ];
 
+pub(crate) const OFF_CPU_TIME: Metric = def(
+    "stoker.process.off_cpu.time",
+    "s",
+    Counter,
+    "stoker_process_off_cpu_time_seconds_total",
+    "Time the process's threads spent off the CPU, by state: runqueue, throttled, gil, lock, socket, poll, disk, sleep, other (with off_cpu.enabled).",
+);
 pub(crate) const FUNCTION_CPU_TIME: Metric = def(
     "stoker.function.cpu.time",
     "s",

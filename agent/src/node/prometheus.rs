@@ -60,6 +60,14 @@ pub fn render(snapshot: &Snapshot) -> String {
         })
         .collect();
     family(&metric::FUNCTION_CPU_TIME, functions);
+    let off_cpu: Vec<(String, f64)> = snapshot
+        .processes
+        .values()
+        .flat_map(|p| p.off_cpu.iter().map(move |(state, v)| (labels(p, Some(("state", state))), *v)))
+        .collect();
+    if !off_cpu.is_empty() {
+        family(&metric::OFF_CPU_TIME, off_cpu);
+    }
     for (m, value) in snapshot.health.values() {
         family(m, vec![(String::new(), value as f64)]);
     }

@@ -29,6 +29,8 @@ pub struct ProcessMetrics {
     pub net: NetSeries,
     /// The process's cgroup as of the last export (not for the root cgroup).
     pub cgroup: Option<crate::sys::cgroup::CgroupStats>,
+    /// Seconds its threads spent off the CPU by state (`gil`, `socket`...), cumulative.
+    pub off_cpu: BTreeMap<&'static str, f64>,
 }
 
 /// The agent's own counters.

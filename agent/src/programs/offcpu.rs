@@ -109,6 +109,24 @@ impl KernelPrograms {
         Ok(counts.iter().filter_map(|r| r.ok()).map(|(key, per_cpu)| (key, per_cpu.iter().sum())).collect())
     }
 
+    /// Removes these keys from the off-CPU counts (their processes exited, or all of them
+    /// when the map is close to full).
+    pub fn remove_off(&mut self, keys: &[OffKey]) -> Result<()> {
+        if !self.watching_off_cpu {
+            return Ok(());
+        }
+        let mut counts: PerCpuHashMap<_, OffKey, u64> = self.map_mut(MAP_OFF_COUNTS)?;
+        for key in keys {
+            let _ = counts.remove(key);
+        }
+        Ok(())
+    }
+
+    /// Capacity of the off-CPU counts map.
+    pub fn off_capacity(&self) -> u32 {
+        agent_ebpf::OFF_COUNTS_CAPACITY
+    }
+
     /// The keys of the off-CPU counts, without their times.
     pub fn off_keys(&self) -> Result<Vec<OffKey>> {
         if !self.watching_off_cpu {

@@ -9,8 +9,8 @@ pub mod mem;
 use std::collections::HashMap;
 
 use agent_ebpf::{
-    NO_FIELD, PY_FRAME_CHUNK, PY_FRAME_ENTRY, PY_PROC_NATIVE, PY_STACK_READ_ERROR, PY_STACK_TRUNCATED,
-    PyOffsets, PyProc, PyStack, instr_kind,
+    NO_FIELD, PY_FRAME_CHUNK, PY_FRAME_ENTRY, PY_PROC_GIL_ONLY, PY_PROC_NATIVE, PY_STACK_READ_ERROR,
+    PY_STACK_TRUNCATED, PyOffsets, PyProc, PyStack, instr_kind,
 };
 
 use self::mem::ReadMemory;
@@ -22,12 +22,13 @@ use self::{
 use crate::profile::Frame;
 
 /// The kernel walker's configuration for one process; `native` also records native
-/// stacks of samples that have Python frames.
-pub fn kernel_config(p: &PythonProcess, native: bool) -> PyProc {
+/// stacks of samples that have Python frames; `gil_only` counts only the samples of the
+/// thread holding the GIL.
+pub fn kernel_config(p: &PythonProcess, native: bool, gil_only: bool) -> PyProc {
     PyProc {
         interp_head_addr: p.runtime + p.layout.runtime_interpreters_head,
         offsets: offsets(&p.layout),
-        flags: if native { PY_PROC_NATIVE } else { 0 },
+        flags: if native { PY_PROC_NATIVE } else { 0 } | if gil_only { PY_PROC_GIL_ONLY } else { 0 },
         _pad: 0,
         gil_addr: gil_addr(p),
     }

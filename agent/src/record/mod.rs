@@ -57,6 +57,8 @@ pub struct RecordOptions {
     pub net: bool,
     /// CPU, wall-clock or off-CPU profile.
     pub mode: Mode,
+    /// Python: CPU samples only of the thread holding the GIL; GIL figures in the summary.
+    pub gil: bool,
 }
 
 /// Why a session ended.
@@ -95,6 +97,8 @@ pub struct Summary {
     pub cgroups: Vec<CgroupSpan>,
     /// Wall-clock and off-CPU modes: per process, seconds of thread time by state.
     pub states: Vec<(u32, Vec<(String, f64)>)>,
+    /// `--gil`: per process, seconds the GIL was held on a CPU and seconds waited for it.
+    pub gil: Vec<(u32, f64, f64)>,
 }
 
 /// A cgroup over a session.
@@ -135,7 +139,8 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
     if opts.kernel_stats {
         kernel.enable_kernel_stats()?;
     }
-    if opts.mode != Mode::Cpu {
+    // `--gil` measures the waits for the GIL too.
+    if opts.mode != Mode::Cpu || opts.gil {
         kernel.watch_off_cpu()?;
     }
     if opts.all_python
@@ -152,6 +157,9 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
     };
     let flags = if opts.subprocesses { TARGET_SAMPLE | TARGET_FOLLOW } else { TARGET_SAMPLE };
     let mut tracker = Tracker::new(opts.all_python, opts.native);
+    if opts.gil {
+        tracker.gil_only();
+    }
     let mut collector = Collector::new(opts.full_filenames);
     for target in &mut targets {
         kernel.add_target(target.pid(), flags)?;
@@ -312,6 +320,7 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
         Mode::Cpu => profile.top_leaves(10),
         _ => collector.profile(view).top_leaves(10),
     };
+    let gil = if opts.gil { collector.gil_by_process(opts.rate_hz) } else { Vec::new() };
     Ok(Summary {
         output,
         samples,
@@ -330,6 +339,7 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
             .map(|(cgroup, first, pids)| CgroupSpan { pids, last: cgroup.read(), first })
             .collect(),
         states,
+        gil,
     })
 }
 
@@ -404,6 +414,13 @@ impl Summary {
         }
         for span in &self.cgroups {
             let _ = writeln!(s, "{}", span.render());
+        }
+        for (pid, held, waited) in &self.gil {
+            let _ = writeln!(
+                s,
+                "  pid {pid}, GIL: held on a CPU {:.0}% of the session ({held:.3} s, its holders' CPU samples); threads waited {waited:.3} s for it",
+                100.0 * held / self.elapsed.as_secs_f64().max(1e-9)
+            );
         }
         for (pid, states) in &self.states {
             let total: f64 = states.iter().map(|(_, secs)| secs).sum();

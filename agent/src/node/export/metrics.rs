@@ -42,6 +42,10 @@ pub fn request(snapshot: &Snapshot) -> ExportMetricsServiceRequest {
                 number(&def::MEMORY_USAGE, vec![point(p.memory_bytes as f64, vec![])]),
                 number(&def::FUNCTION_CPU_TIME, functions),
             ];
+            if !p.off_cpu.is_empty() {
+                let states = p.off_cpu.iter().map(|(state, v)| point(*v, vec![kv("state", state)])).collect();
+                metrics.push(number(&def::OFF_CPU_TIME, states));
+            }
             if let Some(cgroup) = &p.cgroup {
                 metrics.extend(
                     def::cgroup_values(cgroup).into_iter().map(|(m, v)| number(m, vec![point(v, vec![])])),
