@@ -240,7 +240,7 @@ text = cm["data"]["agent.yaml"]
 cfg = yaml.safe_load(text)
 open(sys.argv[1], "w").write(text)
 want = {"sample_rate_hz", "export_interval", "select", "metrics", "otlp",
-        "pyroscope", "prometheus", "queue", "kubernetes", "network", "kernel"}
+        "pyroscope", "prometheus", "queue", "kubernetes", "network", "off_cpu", "kernel"}
 missing, extra = want - set(cfg), set(cfg) - want
 for k in sorted(missing): print("agent.yaml: missing key", k)
 for k in sorted(extra): print("agent.yaml: unknown key", k)
