@@ -58,6 +58,12 @@ impl Tracked {
         let start = process::start_time(pid);
         Self { exe: None, kind: Kind::Unknown, checked: None, scanned, misses: 0, start, inherited: false }
     }
+
+    /// A target in the kernel: given or launched, recognized as Python, or forked by a
+    /// scanned Python process.
+    fn in_kernel(&self) -> bool {
+        !self.scanned || self.kind == Kind::Python || self.inherited
+    }
 }
 
 /// The processes of a session and what they run.
@@ -157,7 +163,7 @@ impl Tracker {
     pub fn live_targets(&self) -> Vec<u32> {
         self.procs
             .iter()
-            .filter(|(_, t)| !t.scanned || t.kind == Kind::Python || t.inherited)
+            .filter(|(_, t)| t.in_kernel())
             .map(|(&pid, _)| pid)
             .filter(|&pid| process::is_alive(pid))
             .collect()
@@ -186,7 +192,7 @@ impl Tracker {
             if start.is_some() && !reused {
                 continue;
             }
-            let in_kernel = !t.scanned || t.kind == Kind::Python || t.inherited;
+            let in_kernel = t.in_kernel();
             if in_kernel {
                 kernel.remove_target(pid)?;
                 crate::net::forget_process(kernel, pid)?;
@@ -242,8 +248,10 @@ impl Tracker {
         for pid in kernel.take_execs()? {
             match self.procs.get_mut(&pid) {
                 Some(t) if t.kind != Kind::Exited && t.scanned => {
-                    if t.kind == Kind::Python || t.inherited {
+                    if t.in_kernel() {
+                        // What the old program had open is not the new one's.
                         kernel.remove_target(pid)?;
+                        crate::net::forget_process(kernel, pid)?;
                         collector.forget_process(pid);
                         self.versions.remove(&pid);
                     }

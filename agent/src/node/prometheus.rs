@@ -38,14 +38,18 @@ pub fn render(snapshot: &Snapshot) -> String {
     family(&metric::CPU_TIME, per(&|p| p.cpu_seconds));
     family(&metric::CPU_UTILIZATION, per(&|p| p.utilization));
     family(&metric::MEMORY_USAGE, per(&|p| p.memory_bytes as f64));
+    // Each process's cgroup figures, read once, then written metric by metric.
+    let cgroups: Vec<(String, Vec<(&metric::Metric, f64)>)> = snapshot
+        .processes
+        .values()
+        .filter_map(|p| Some((labels(p, None), metric::cgroup_values(p.cgroup.as_ref()?))))
+        .collect();
     for m in metric::CGROUP_METRICS {
-        let rows = snapshot
-            .processes
-            .values()
-            .filter_map(|p| {
-                let values = metric::cgroup_values(p.cgroup.as_ref()?);
+        let rows = cgroups
+            .iter()
+            .filter_map(|(labels, values)| {
                 let value = values.iter().find(|(n, _)| n.name == m.name)?.1;
-                Some((labels(p, None), value))
+                Some((labels.clone(), value))
             })
             .collect::<Vec<_>>();
         if !rows.is_empty() {
