@@ -525,3 +525,58 @@ fn off_cpu(text: &str, label: &str, state: &str) -> Option<f64> {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
 }
+
+/// `off_cpu.enabled`: an asyncio server whose handler runs 300 ms of Python on two of four
+/// requests. The agent's histogram of blocked loop stretches counts two, their sum what the
+/// handler measured of itself plus at most 20 ms each of the loop's own work around it.
+#[test]
+fn agent_exports_blocked_event_loop_stretches() {
+    require_root();
+    let dir = scratch("agent-loop");
+    let http = free_port();
+    let config = agent_config(&dir, http, "export_interval: 1s\noff_cpu:\n  enabled: true\n");
+    let agent = agent_without_otlp(&config);
+    wait_ready(http);
+    let fixture =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/offcpu/asyncio_server.py");
+    let mut server =
+        Command::new(python("3.12.1")).arg(fixture).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let mut out = std::io::BufReader::new(server.stdout.take().unwrap());
+    let mut port = String::new();
+    std::io::BufRead::read_line(&mut out, &mut port).unwrap();
+    wait_exported(http, server.id());
+    let conn = std::net::TcpStream::connect(("127.0.0.1", port.trim().parse::<u16>().unwrap())).unwrap();
+    let mut reader = std::io::BufReader::new(conn.try_clone().unwrap());
+    let mut handler = 0.0;
+    for request in ["slow", "fast", "slow", "fast"] {
+        std::io::Write::write_all(&mut &conn, format!("{request}\n").as_bytes()).unwrap();
+        let mut answer = String::new();
+        std::io::BufRead::read_line(&mut reader, &mut answer).unwrap();
+        if request == "slow" {
+            let mut line = String::new();
+            std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+            handler += line.split_whitespace().nth(1).unwrap().parse::<f64>().unwrap();
+        }
+    }
+    let label = format!("process_pid=\"{}\"", server.id());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let (_, text) = http_get(http, "/metrics").unwrap();
+        let count = metric_value(&text, "stoker_event_loop_blocked_duration_seconds_count", &label);
+        if count == Some(2.0) || Instant::now() > deadline {
+            break text;
+        }
+        thread::sleep(Duration::from_millis(200));
+    };
+    kill(&mut [&mut server]);
+    assert!(stop(agent).success());
+    let value = |name: &str| metric_value(&text, name, &label);
+    let (count, sum) = (
+        value("stoker_event_loop_blocked_duration_seconds_count"),
+        value("stoker_event_loop_blocked_duration_seconds_sum"),
+    );
+    eprintln!("handler measured {handler:.4} s; agent: {count:?} stretches, {sum:?} s");
+    assert_eq!(count, Some(2.0), "two slow requests");
+    let sum = sum.unwrap();
+    assert!(sum >= handler - 0.002 && sum <= handler + 0.04, "handler {handler:.4} s, stretches {sum:.4} s");
+}

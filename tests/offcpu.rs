@@ -331,3 +331,72 @@ fn gil_samples_only_the_holder() {
     assert!(waited >= gil - 0.001, "[gil] in the profile {gil:.3} s, summary: {line}");
     assert!(waited >= 0.4 * waiting, "of {waiting:.3} s waiting, {waited:.3} s for the GIL: {line}");
 }
+
+/// An asyncio server whose handler runs 300 ms of Python on three of seven requests: the
+/// summary reports three blocked stretches, none for the fast requests; each lasts what
+/// the handler measured of itself, plus at most 20 ms of the loop's own work around it, and
+/// names the handler's code.
+#[test]
+fn blocked_event_loop_names_the_slow_handler() {
+    require_root();
+    let mut server = Command::new(python("3.12.1"))
+        .arg(fixture("asyncio_server.py"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(server.stdout.take().unwrap());
+    let mut port = String::new();
+    out.read_line(&mut port).unwrap();
+    let folded = scratch("offcpu").join("loop.folded");
+    let mut session = Command::new(STOKER)
+        .args(["record", "--pid", &server.id().to_string(), "-f", "folded", "-o", folded.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = Stderr::of(&mut session);
+    err.wait_for("sampling at");
+    let conn = std::net::TcpStream::connect(("127.0.0.1", port.trim().parse::<u16>().unwrap())).unwrap();
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let mut handler = Vec::new();
+    for request in ["fast", "slow", "fast", "fast", "slow", "fast", "slow"] {
+        (&conn).write_all(format!("{request}\n").as_bytes()).unwrap();
+        let mut answer = String::new();
+        reader.read_line(&mut answer).unwrap();
+        if request == "slow" {
+            let mut line = String::new();
+            out.read_line(&mut line).unwrap();
+            handler.push(reported(&line, "slow"));
+        }
+    }
+    unsafe { libc::kill(session.id() as i32, libc::SIGINT) };
+    let status = wait_exit(&mut session, "stoker");
+    let err = err.rest();
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(status.success(), "stoker failed: {err}");
+    eprintln!("handler measured {handler:?}\n{err}");
+    let head = err
+        .lines()
+        .find(|l| l.contains("event loop blocked"))
+        .unwrap_or_else(|| panic!("no loop line: {err}"));
+    assert!(head.contains("blocked 3 times 100 ms or longer"), "{head}");
+    let blocks: Vec<&str> = err.lines().filter(|l| l.contains(" s  tid ")).collect();
+    assert_eq!(blocks.len(), 3, "{err}");
+    let mut seen: Vec<f64> =
+        blocks.iter().map(|l| l.split_whitespace().next().unwrap().parse().unwrap()).collect();
+    seen.sort_by(f64::total_cmp);
+    handler.sort_by(f64::total_cmp);
+    for (stoker, own) in seen.iter().zip(&handler) {
+        assert!(
+            *stoker >= own - 0.001 && *stoker <= own + 0.02,
+            "stretch {stoker:.3} s, handler {own:.3} s: {err}"
+        );
+    }
+    for line in blocks {
+        assert!(
+            line.contains("crunch (asyncio_server.py:") && line.contains("<- handle (asyncio_server.py:"),
+            "{line}"
+        );
+    }
+}

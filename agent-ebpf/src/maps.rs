@@ -1,15 +1,15 @@
 //! Every map of stoker's kernel programs, declared once. Names match the `MAP_*`
 //! constants of the shared library so userspace finds them.
 use agent_ebpf::{
-    COUNTS_CAPACITY, EXECS_CAPACITY, NET_CONNS_CAPACITY, NET_PEEK_BUF, NET_RING_SLOTS, NET_SOCKS_CAPACITY,
-    NetConn, NetEvent, OFF_COUNTS_CAPACITY, OFF_THREADS_CAPACITY, OffKey, OffThread, PY_FRAME_CHUNK,
-    PY_STACKS_CAPACITY, PY_THREADS_CAPACITY, PyProc, PyStack, STACKS_CAPACITY, SampleKey, TARGET_BITS_WORDS,
-    TARGETS_CAPACITY, stat,
+    COUNTS_CAPACITY, EXECS_CAPACITY, LOOPS_CAPACITY, LoopBlock, LoopThread, NET_CONNS_CAPACITY, NET_PEEK_BUF,
+    NET_RING_SLOTS, NET_SOCKS_CAPACITY, NetConn, NetEvent, OFF_COUNTS_CAPACITY, OFF_THREADS_CAPACITY, OffKey,
+    OffThread, PY_FRAME_CHUNK, PY_STACKS_CAPACITY, PY_THREADS_CAPACITY, PyProc, PyStack, STACKS_CAPACITY,
+    SampleKey, TARGET_BITS_WORDS, TARGETS_CAPACITY, stat,
 };
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, StackTrace},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, StackTrace},
 };
 
 use crate::programs::net::NetSock;
@@ -160,6 +160,20 @@ pub fn set_off_tracked(tid: u32, on: bool) {
         }
     }
 }
+
+/// Event-loop threads of target processes (see `MAP_LOOPS`).
+#[map]
+pub static LOOPS: LruHashMap<u32, LoopThread> = LruHashMap::with_max_entries(LOOPS_CAPACITY, 0);
+
+/// The blocked-loop threshold in nanoseconds, set by userspace (0: off).
+#[map]
+pub static LOOP_THRESHOLD: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Blocked event-loop stretches for userspace (see `MAP_LOOP_BLOCKS`): 1,638 at 40 bytes.
+#[map]
+pub static LOOP_BLOCKS: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
+
+const _: () = assert!(core::mem::size_of::<LoopBlock>() <= 64);
 
 #[map]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);

@@ -151,3 +151,52 @@ impl OffConfig {
 // SAFETY: `repr(C)`, integers only, no padding (size asserted).
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for OffConfig {}
+
+/// Threads that wait for events in an event loop (`epoll_wait` and kin): tid -> `LoopThread`.
+pub const MAP_LOOPS: &str = "LOOPS";
+/// Event-loop stretches longer than the threshold: a ring of `LoopBlock`s.
+pub const MAP_LOOP_BLOCKS: &str = "LOOP_BLOCKS";
+/// Programs on the entry and exit of the event-wait system calls.
+pub const PROG_LOOP_ENTER: &str = "loop_enter";
+pub const PROG_LOOP_EXIT: &str = "loop_exit";
+/// The blocked-loop threshold in nanoseconds, one `u64` set by userspace (0: off).
+pub const MAP_LOOP_THRESHOLD: &str = "LOOP_THRESHOLD";
+/// Capacity of `LOOPS`.
+pub const LOOPS_CAPACITY: u32 = 4 * 1024;
+/// Stacks a loop thread keeps count of during one stretch (the most sampled one is kept).
+pub const LOOP_STACK_SLOTS: usize = 4;
+
+/// An event-loop thread: since when it has been busy (it left its last event wait; 0 while
+/// it waits), and the Python stacks of its CPU samples since, with their counts.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct LoopThread {
+    pub busy_since: u64,
+    pub stacks: [u64; LOOP_STACK_SLOTS],
+    pub counts: [u32; LOOP_STACK_SLOTS],
+}
+const _: () = assert!(core::mem::size_of::<LoopThread>() == 8 + 8 * LOOP_STACK_SLOTS + 4 * LOOP_STACK_SLOTS);
+
+// SAFETY: `repr(C)`, integers only, no padding (size asserted).
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for LoopThread {}
+
+/// A stretch on which an event-loop thread did not go back to waiting for events for longer
+/// than the threshold: when it began, how long, and the Python stack sampled most in it (0:
+/// none sampled).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoopBlock {
+    pub tgid: u32,
+    pub tid: u32,
+    pub start_ns: u64,
+    pub duration_ns: u64,
+    pub py_stack: u64,
+    pub samples: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<LoopBlock>() == 40);
+
+// SAFETY: `repr(C)`, integers only, the padding an explicit field (size asserted).
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for LoopBlock {}

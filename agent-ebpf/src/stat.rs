@@ -56,5 +56,7 @@ pub const OFF_STACKS_RECENT: u32 = 21;
 pub const OFF_UNCLOSED: u32 = 22;
 /// CPU samples of Python threads not holding the GIL, not counted (`PY_PROC_GIL_ONLY`).
 pub const GIL_NOT_HELD: u32 = 23;
+/// Blocked event-loop stretches lost because their ring was full.
+pub const LOOP_BLOCKS_LOST: u32 = 24;
 /// Number of counters.
-pub const COUNT: u32 = 24;
+pub const COUNT: u32 = 25;

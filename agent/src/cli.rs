@@ -89,9 +89,29 @@ pub struct RecordArgs {
     /// threads waited for it.
     #[arg(long)]
     pub gil: bool,
+    /// Report every stretch this long (or longer) on which a thread running an event loop
+    /// (asyncio, gevent) did not go back to waiting for events, with the Python stack seen
+    /// most in it; 0 turns it off.
+    #[arg(long, value_name = "DURATION", default_value = "100ms", value_parser = parse_threshold)]
+    pub loop_block_threshold: std::time::Duration,
     /// Command to launch and profile, after `--`.
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
+}
+
+/// A duration like `100ms`, `0.5s` or `2s` (a bare number is seconds).
+fn parse_threshold(s: &str) -> Result<std::time::Duration, String> {
+    let (number, scale) = match s.trim() {
+        t if t.ends_with("ms") => (&t[..t.len() - 2], 1e-3),
+        t if t.ends_with('s') => (&t[..t.len() - 1], 1.0),
+        t => (t, 1.0),
+    };
+    match number.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && (0.0..=3600.0).contains(&(v * scale)) => {
+            Ok(std::time::Duration::from_secs_f64(v * scale))
+        }
+        _ => Err(format!("{s:?} is not a duration like 100ms or 0.5s (at most an hour)")),
+    }
 }
 
 fn parse_duration(s: &str) -> Result<f64, String> {

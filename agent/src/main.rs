@@ -71,6 +71,7 @@ fn record_cmd(args: RecordArgs) -> ExitCode {
         net: args.net,
         mode: args.mode,
         gil: args.gil,
+        loop_block_threshold: Some(args.loop_block_threshold).filter(|d| !d.is_zero()),
     };
     match record::run(&opts) {
         Ok(summary) => {

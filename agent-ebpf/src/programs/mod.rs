@@ -1,5 +1,6 @@
 //! Kernel programs, one module per hook, and the kernel side of the concerns they share:
 //! `python` (the CPython frame walker) and `net` (offsets, event rings, HTTP recognizer).
+pub mod event_loop;
 pub mod net;
 pub mod net_syscalls;
 pub mod offcpu;

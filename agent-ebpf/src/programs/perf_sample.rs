@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 
-use super::{loader_global, python};
+use super::{event_loop, loader_global, python};
 use crate::maps::{COUNTS, PY_PROCS, PY_STACKS, STACKS, add, bump, is_target};
 
 const EFAULT: i32 = 14;
@@ -59,6 +59,7 @@ fn try_perf_sample(ctx: &PerfEventContext) -> Result<bool, i32> {
     let (py_stack, want_native) = python_stack(tgid, tid);
     if py_stack != 0 {
         bump(stat::PY_SAMPLES);
+        event_loop::sampled(tid, py_stack);
     }
     let (user_stack_id, kernel_stack_id) =
         if want_native { (user_stack(ctx), kernel_stack(ctx)) } else { (NO_STACK, NO_STACK) };

@@ -2,10 +2,13 @@
 //! profile in microseconds of thread time, each stack ending with the thread's state.
 use std::{collections::HashMap, net::IpAddr};
 
-use agent_ebpf::{OffKey, reason};
+use agent_ebpf::{LoopBlock, OffKey, reason};
 
 use super::{Collector, View};
-use crate::profile::{Frame, Marker, Profile, Unit};
+use crate::{
+    profile::{Frame, Marker, Profile, Unit},
+    programs::KernelPrograms,
+};
 
 /// What a profile shows (`stoker record --mode`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -71,6 +74,18 @@ fn refined(key: &OffKey, kernel: Option<&[Frame]>) -> u32 {
 }
 
 impl Collector {
+    /// The Python stack (root first) of a blocked event-loop stretch, named now while its
+    /// process lives (empty when no sample saw one).
+    pub fn loop_block_stack(&mut self, kernel: &KernelPrograms, block: &LoopBlock) -> Vec<Frame> {
+        match (block.py_stack, kernel.py_stack(block.py_stack)) {
+            (0, _) | (_, None) => Vec::new(),
+            (_, Some(stack)) => {
+                let named = self.python.stack(block.tgid, &stack);
+                named.frames.iter().rev().map(|f| f.frame.clone()).collect()
+            }
+        }
+    }
+
     /// The state a wait's stack ends with: `[socket 10.0.0.7:5432]`, `[gil]`...
     pub fn state_of(&self, key: &OffKey) -> (u32, String) {
         let r = refined(key, self.kernel_stack(key.sample.kernel_stack_id));

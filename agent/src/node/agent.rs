@@ -66,10 +66,16 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
         }
         false => None,
     };
-    if config.off_cpu.enabled
-        && let Err(e) = kernel.watch_off_cpu()
-    {
-        tracing::warn!("off-CPU time is off: {e}");
+    if config.off_cpu.enabled {
+        if let Err(e) = kernel.watch_off_cpu() {
+            tracing::warn!("off-CPU time is off: {e}");
+        }
+        let threshold = config.off_cpu.loop_block_threshold;
+        if !threshold.is_zero()
+            && let Err(e) = kernel.watch_loops(threshold)
+        {
+            tracing::warn!("blocked event loops are not reported: {e}");
+        }
     }
     drop_capabilities();
 
@@ -131,6 +137,8 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
     let mut last_export = Instant::now();
     let mut naming = NamingPace::new();
     let mut stop_seen = None;
+    // Blocked event-loop stretches since the last export, by process.
+    let mut loop_blocks: std::collections::HashMap<u32, Vec<u64>> = std::collections::HashMap::new();
     loop {
         std::thread::sleep(TICK);
         let stopping = stop.load(Ordering::Relaxed);
@@ -138,6 +146,9 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
             stop_seen.get_or_insert_with(Instant::now);
         }
         tracker.update(&mut kernel, &mut collector)?;
+        for block in kernel.take_loop_blocks() {
+            loop_blocks.entry(block.tgid).or_default().push(block.duration_ns);
+        }
         let live = tracker.live_targets();
         agent.observe(&live, &tracker);
         if net.is_some() {
@@ -152,6 +163,11 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
             last_export = Instant::now();
             naming.name(&kernel, true, || collector.collect(&kernel, &live, true))?;
             agent.update(&collector, &tracker, &live, elapsed);
+            for (pid, durations) in loop_blocks.drain() {
+                if let Some(p) = agent.processes.get_mut(&pid) {
+                    p.net.add_loop_blocks(&durations);
+                }
+            }
             let mut spans = Vec::new();
             if let Some(drainer) = &net {
                 let mut aggregator = drainer.aggregator();

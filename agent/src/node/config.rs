@@ -133,11 +133,21 @@ pub struct Network {
 }
 
 /// Off-CPU time of the sampled processes' threads, by reason (scheduler tracepoints).
-#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct OffCpu {
     /// Follow every switch of their threads off the CPU (see the README for the cost).
     pub enabled: bool,
+    /// With `enabled`: event-loop stretches at least this long without a wait for events
+    /// go into `stoker.event_loop.blocked.duration` (0s: not watched).
+    #[serde(with = "humantime_serde")]
+    pub loop_block_threshold: Duration,
+}
+
+impl Default for OffCpu {
+    fn default() -> Self {
+        Self { enabled: false, loop_block_threshold: Duration::from_millis(100) }
+    }
 }
 
 /// Which HTTP server requests go out as OTLP spans.

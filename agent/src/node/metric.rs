@@ -320,5 +320,25 @@ pub(crate) const ACCEPTS: Metric = def(
 );
 
 /// The network metrics, in the order they are rendered.
-pub(crate) const NETWORK: [&Metric; 8] =
-    [&HTTP_SERVER, &HTTP_CLIENT, &NET_REQUEST, &CONNECT, &RTT, &CONNECT_FAILURES, &RETRANSMITS, &ACCEPTS];
+/// Stretches on which an event loop did not go back to waiting for events for longer than
+/// the threshold (kept with the network series, which hold the per-process histograms).
+pub(crate) const LOOP_BLOCKED: Metric = def(
+    "stoker.event_loop.blocked.duration",
+    "s",
+    Histogram(LOOP_BOUNDS),
+    "stoker_event_loop_blocked_duration_seconds",
+    "Stretches over off_cpu.loop_block_threshold on which an event-loop thread (asyncio, gevent) did not wait for events.",
+);
+const LOOP_BOUNDS: &[f64] = &[0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+pub(crate) const NETWORK: [&Metric; 9] = [
+    &HTTP_SERVER,
+    &HTTP_CLIENT,
+    &NET_REQUEST,
+    &CONNECT,
+    &RTT,
+    &CONNECT_FAILURES,
+    &RETRANSMITS,
+    &ACCEPTS,
+    &LOOP_BLOCKED,
+];

@@ -10,8 +10,8 @@ use opentelemetry_proto::tonic::metrics::v1::{
 use super::{
     encode::{attribute, escape},
     metric::{
-        ACCEPTS, CONNECT, CONNECT_FAILURES, HTTP_CLIENT, HTTP_SERVER, Instrument, Metric as Def, NET_REQUEST,
-        NETWORK, RETRANSMITS, RTT,
+        ACCEPTS, CONNECT, CONNECT_FAILURES, HTTP_CLIENT, HTTP_SERVER, Instrument, LOOP_BLOCKED,
+        Metric as Def, NET_REQUEST, NETWORK, RETRANSMITS, RTT,
     },
 };
 use crate::net::{Direction, NetMetrics, hist::Histogram};
@@ -116,6 +116,18 @@ impl NetSeries {
         if let Some(&n) = m.accepted.get(&pid) {
             self.add_counter(&ACCEPTS, Vec::new(), n);
         }
+    }
+
+    /// Adds blocked event-loop stretches (nanoseconds) to the process's histogram.
+    pub fn add_loop_blocks(&mut self, durations_ns: &[u64]) {
+        if durations_ns.is_empty() {
+            return;
+        }
+        let mut h = Histogram::default();
+        for &ns in durations_ns {
+            h.record(ns);
+        }
+        self.add_histogram(&LOOP_BLOCKED, Vec::new(), &h);
     }
 
     /// The series slot for `attrs`, or the overflow series once `MAX_SERIES` exist.

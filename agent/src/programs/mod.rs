@@ -3,6 +3,7 @@
 pub(crate) mod attach;
 mod bits;
 mod logs;
+pub mod loops;
 pub mod net_layout;
 pub mod offcpu;
 pub mod sizing;
@@ -84,11 +85,13 @@ pub struct Stats {
     /// Target threads that left the CPU again with no switch back in seen (their wait
     /// closed from the scheduler's run time).
     pub off_unclosed: u64,
+    /// Blocked event-loop stretches lost to a full ring.
+    pub loop_blocks_lost: u64,
 }
 
 impl Stats {
     /// Every kind of loss the kernel counts, by the name reports and metrics give it.
-    pub fn losses(&self) -> [(&'static str, u64); 13] {
+    pub fn losses(&self) -> [(&'static str, u64); 14] {
         [
             ("counts_map_full", self.lost),
             ("stack_dropped", self.stacks_dropped),
@@ -103,6 +106,7 @@ impl Stats {
             ("net_sockets_map_full", self.net_socks_full),
             ("targets_full", self.targets_full),
             ("off_cpu_map_full", self.off_counts_full),
+            ("loop_blocks_ring_full", self.loop_blocks_lost),
         ]
     }
 }
@@ -153,6 +157,8 @@ pub struct KernelPrograms {
     /// The off-CPU programs are attached (see `watch_off_cpu`), and what they were told.
     watching_off_cpu: bool,
     off_config: agent_ebpf::OffConfig,
+    /// Blocked event-loop stretches (see `watch_loops`).
+    loop_blocks: Option<aya::maps::RingBuf<MapData>>,
     /// Keeps the kernel's BPF run-time statistics on while held.
     stats_fd: Option<std::os::fd::OwnedFd>,
     /// `TARGETS` as a bitmap, mapped here.
@@ -230,6 +236,7 @@ impl KernelPrograms {
             watching_execs: false,
             watching_off_cpu: false,
             off_config,
+            loop_blocks: None,
             stats_fd: None,
             bits,
             targets_refused: 0,
@@ -523,6 +530,7 @@ impl KernelPrograms {
             off_counts_full: sum(stat::OFF_COUNTS_FULL),
             off_stacks_reused: sum(stat::OFF_STACKS_REUSED),
             off_stacks_recent: sum(stat::OFF_STACKS_RECENT),
+            loop_blocks_lost: sum(stat::LOOP_BLOCKS_LOST),
             off_unclosed: sum(stat::OFF_UNCLOSED),
         })
     }

@@ -59,6 +59,8 @@ pub struct RecordOptions {
     pub mode: Mode,
     /// Python: CPU samples only of the thread holding the GIL; GIL figures in the summary.
     pub gil: bool,
+    /// Report event-loop stretches at least this long without a wait for events (None: off).
+    pub loop_block_threshold: Option<Duration>,
 }
 
 /// Why a session ended.
@@ -99,6 +101,19 @@ pub struct Summary {
     pub states: Vec<(u32, Vec<(String, f64)>)>,
     /// `--gil`: per process, seconds the GIL was held on a CPU and seconds waited for it.
     pub gil: Vec<(u32, f64, f64)>,
+    /// Blocked event-loop stretches: (pid, tid, seconds, the stack sampled most in it).
+    pub loop_blocks: Vec<LoopBlockReport>,
+    pub loop_threshold: Option<Duration>,
+}
+
+/// A blocked event-loop stretch, named.
+#[derive(Debug, Clone)]
+pub struct LoopBlockReport {
+    pub pid: u32,
+    pub tid: u32,
+    pub seconds: f64,
+    /// The Python stack its CPU samples saw most, root first (empty: none sampled).
+    pub stack: Vec<Frame>,
 }
 
 /// A cgroup over a session.
@@ -147,6 +162,11 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
         && let Err(e) = kernel.watch_execs()
     {
         tracing::warn!("new processes are found by scanning /proc only: {e}");
+    }
+    if let Some(threshold) = opts.loop_block_threshold
+        && let Err(e) = kernel.watch_loops(threshold)
+    {
+        tracing::warn!("blocked event loops are not reported: {e}");
     }
     kernel.start(opts.rate_hz)?;
     let mut net = match opts.net {
@@ -201,6 +221,7 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
     // New stacks are named as soon as they appear (code objects and mappings are read while
     // their processes live; a starting interpreter frees its import-time code).
     let mut naming = NamingPace::new();
+    let mut loop_blocks: Vec<LoopBlockReport> = Vec::new();
     let end = loop {
         tracker.update(&mut kernel, &mut collector)?;
         std::thread::sleep(TICK);
@@ -227,6 +248,12 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
             adopter.adopt_new(&mut kernel, &tracker.live_targets());
         }
         let live = tracker.live_targets();
+        // Blocked loops' stacks are named as they come, while their processes live.
+        for block in kernel.take_loop_blocks() {
+            let stack = collector.loop_block_stack(&kernel, &block);
+            let seconds = block.duration_ns as f64 / 1e9;
+            loop_blocks.push(LoopBlockReport { pid: block.tgid, tid: block.tid, seconds, stack });
+        }
         naming.name(&kernel, end.is_some(), || collector.collect(&kernel, &live, end.is_some()))?;
         kernel.flush_logs();
         let stats = kernel.stats().unwrap_or_default();
@@ -340,6 +367,8 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
             .collect(),
         states,
         gil,
+        loop_blocks,
+        loop_threshold: opts.loop_block_threshold,
     })
 }
 
@@ -421,6 +450,30 @@ impl Summary {
                 "  pid {pid}, GIL: held on a CPU {:.0}% of the session ({held:.3} s, its holders' CPU samples); threads waited {waited:.3} s for it",
                 100.0 * held / self.elapsed.as_secs_f64().max(1e-9)
             );
+        }
+        let mut pids: Vec<u32> = self.loop_blocks.iter().map(|b| b.pid).collect();
+        pids.sort_unstable();
+        pids.dedup();
+        for pid in pids {
+            let mut blocks: Vec<&LoopBlockReport> =
+                self.loop_blocks.iter().filter(|b| b.pid == pid).collect();
+            blocks.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
+            let total: f64 = blocks.iter().map(|b| b.seconds).sum();
+            let threshold = self.loop_threshold.unwrap_or_default().as_secs_f64() * 1e3;
+            let _ = writeln!(
+                s,
+                "  pid {pid}, event loop blocked {} times {threshold:.0} ms or longer ({total:.3} s in all); the worst:",
+                blocks.len()
+            );
+            for b in blocks.iter().take(5) {
+                let leaf =
+                    b.stack.last().map_or("[no Python stack sampled]".to_string(), ToString::to_string);
+                let callers: Vec<String> =
+                    b.stack.iter().rev().skip(1).take(2).map(ToString::to_string).collect();
+                let from =
+                    if callers.is_empty() { String::new() } else { format!(" <- {}", callers.join(" <- ")) };
+                let _ = writeln!(s, "    {:.3} s  tid {}  {leaf}{from}", b.seconds, b.tid);
+            }
         }
         for (pid, states) in &self.states {
             let total: f64 = states.iter().map(|(_, secs)| secs).sum();
