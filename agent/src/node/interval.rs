@@ -39,6 +39,8 @@ pub(super) struct Interval {
     pub(super) last: HashMap<SampleKey, u64>,
     /// Off-CPU nanoseconds seen so far by key (the kernel's, with the waits under way).
     pub(super) off_last: HashMap<OffKey, u64>,
+    /// Processes that were gone at the last export: reported one last time then.
+    pub(super) departing: HashSet<u32>,
     /// This interval's profile of each process (its metrics and Pyroscope push use it).
     pub(super) profiles: HashMap<u32, Profile>,
     pub(super) processes: std::collections::BTreeMap<u32, ProcessMetrics>,
@@ -61,6 +63,7 @@ impl Interval {
             unnamed: HashSet::new(),
             last: HashMap::new(),
             off_last: HashMap::new(),
+            departing: HashSet::new(),
             profiles: HashMap::new(),
             processes: Default::default(),
             spans_dropped: 0,
@@ -95,9 +98,17 @@ impl Interval {
                 off_deltas.entry(key.sample.tgid).or_default().push((state, (ns - before) as f64 / 1e9));
             }
         }
-        // A process that exited during the interval reports its last samples once more.
-        self.processes
-            .retain(|pid, _| live.contains(pid) || deltas.contains_key(pid) || off_deltas.contains_key(pid));
+        // A process that exited during the interval is reported once more, with its last
+        // samples and its network figures (a process that waited through its last interval
+        // has no samples in it), and goes at the next export.
+        let departing = std::mem::take(&mut self.departing);
+        self.processes.retain(|pid, _| {
+            live.contains(pid)
+                || deltas.contains_key(pid)
+                || off_deltas.contains_key(pid)
+                || !departing.contains(pid)
+        });
+        self.departing = self.processes.keys().copied().filter(|pid| !live.contains(pid)).collect();
         self.unnamed.retain(|pid| live.contains(pid));
         // Pods listed since: name the processes that run in them.
         let generation = self.lookup.as_ref().map_or(0, PodLookup::generation);
