@@ -26,10 +26,11 @@ import platform
 import re
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchlib import arg, interval, links, wrk
 
 ROOT = Path(__file__).resolve().parent.parent
 STOKER = ROOT / "target/release/stoker"
@@ -37,43 +38,6 @@ VERSIONS = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "version
 PYTHON = VERSIONS / "3.12.1/bin/python3.12"
 SERVER = ROOT / "tests/fixtures/net/http_server.py"
 CONFIGS = ["alone", "stoker cpu", "stoker wall", "py-spy --idle"]
-
-T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-       2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-       2.045, 2.042]
-
-
-def interval(values):
-    """Mean and half-width of its 95% confidence interval."""
-    mean = statistics.mean(values)
-    if len(values) < 2:
-        return mean, float("nan")
-    t = T95[len(values) - 2] if len(values) - 1 <= len(T95) else 1.96
-    return mean, t * statistics.stdev(values) / len(values) ** 0.5
-
-
-def arg(name, default):
-    return type(default)(sys.argv[sys.argv.index(name) + 1]) if name in sys.argv else default
-
-
-def wrk(port, seconds):
-    out = subprocess.run(
-        ["wrk", "-t1", "-c8", f"-d{seconds}s", f"http://127.0.0.1:{port}/sleep/0"],
-        capture_output=True, text=True, check=True,
-    ).stdout
-    requests = int(re.search(r"(\d+) requests in", out).group(1))
-    return requests, float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-
-
-def links(pid):
-    n = 0
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            n += os.readlink(fd) == "anon_inode:bpf_link"
-        except OSError:
-            pass
-    return n
-
 
 def watched_by_stoker(pid, port, seconds, tmp, mode, kernel_stats=False):
     """wrk while stoker watches `pid` in `mode`: (requests, req/s, stoker's summary)."""

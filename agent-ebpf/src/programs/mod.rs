@@ -8,6 +8,7 @@ pub mod perf_sample;
 pub mod python;
 pub mod sched_exec;
 pub mod stats_floor;
+pub mod sysno;
 pub mod task_newtask;
 pub mod tcp_state;
 

@@ -17,21 +17,8 @@ use aya_ebpf::{
 use super::net::{
     Peer, copy_words, emit_conn, emit_request, parse_request, parse_status, read_sockaddr, zero_words,
 };
+use super::sysno;
 use crate::maps::{NET_CONN_SCRATCH, NET_CONNS, bump, is_target};
-
-// x86-64 system call numbers.
-const SYS_READ: u32 = 0;
-const SYS_WRITE: u32 = 1;
-const SYS_CLOSE: u32 = 3;
-const SYS_READV: u32 = 19;
-const SYS_WRITEV: u32 = 20;
-const SYS_CONNECT: u32 = 42;
-const SYS_ACCEPT: u32 = 43;
-const SYS_SENDTO: u32 = 44;
-const SYS_RECVFROM: u32 = 45;
-const SYS_SENDMSG: u32 = 46;
-const SYS_RECVMSG: u32 = 47;
-const SYS_ACCEPT4: u32 = 288;
 
 const EINPROGRESS: i64 = 115;
 /// Offset of `msg_iov` in `struct user_msghdr`.
@@ -71,18 +58,18 @@ fn try_sys_exit() -> Result<u32, i64> {
     let regs = entry_regs();
     let ret = regs.rax as i64;
     let fd = regs.rdi as u32;
-    match regs.orig_rax as u32 {
-        SYS_ACCEPT | SYS_ACCEPT4 => {
+    match regs.orig_rax {
+        sysno::ACCEPT | sysno::ACCEPT4 => {
             if ret >= 0 {
                 open(tgid, ret as u32, NET_ROLE_SERVER, regs.rsi, bpf_now());
             }
         }
-        SYS_CONNECT => {
+        sysno::CONNECT => {
             if ret == 0 || ret == -EINPROGRESS {
                 open(tgid, fd, NET_ROLE_CLIENT, regs.rsi, bpf_now());
             }
         }
-        SYS_CLOSE => close(tgid, fd),
+        sysno::CLOSE => close(tgid, fd),
         nr => {
             // Data calls: only on sockets already tracked (files and pipes cost one lookup).
             let Some(c) = NET_CONNS.get_ptr_mut(conn_key(tgid, fd)) else { return Ok(0) };
@@ -93,12 +80,12 @@ fn try_sys_exit() -> Result<u32, i64> {
             // can mix up that request's figures, never reach memory outside the value.
             let c = unsafe { &mut *c };
             let (inbound, buf) = match nr {
-                SYS_READ | SYS_RECVFROM => (true, Buf::new(FLAT, regs.rsi, regs.rdx)),
-                SYS_WRITE | SYS_SENDTO => (false, Buf::new(FLAT, regs.rsi, regs.rdx)),
-                SYS_READV => (true, Buf::new(IOVEC, regs.rsi, 0)),
-                SYS_WRITEV => (false, Buf::new(IOVEC, regs.rsi, 0)),
-                SYS_RECVMSG => (true, Buf::new(MSGHDR, regs.rsi, 0)),
-                SYS_SENDMSG => (false, Buf::new(MSGHDR, regs.rsi, 0)),
+                sysno::READ | sysno::RECVFROM => (true, Buf::new(FLAT, regs.rsi, regs.rdx)),
+                sysno::WRITE | sysno::SENDTO => (false, Buf::new(FLAT, regs.rsi, regs.rdx)),
+                sysno::READV => (true, Buf::new(IOVEC, regs.rsi, 0)),
+                sysno::WRITEV => (false, Buf::new(IOVEC, regs.rsi, 0)),
+                sysno::RECVMSG => (true, Buf::new(MSGHDR, regs.rsi, 0)),
+                sysno::SENDMSG => (false, Buf::new(MSGHDR, regs.rsi, 0)),
                 _ => return Ok(0),
             };
             data(c, tgid, inbound, buf, ret);

@@ -11,9 +11,10 @@ use aya_ebpf::{
 
 use super::{
     Plain, loader_global,
+    net::{AF_INET, AF_INET6},
     net_syscalls::entry_regs,
     perf_sample::{kernel_stack, python_stack, user_stack},
-    python,
+    python, sysno,
 };
 use crate::maps::{OFF_COUNTS, OFF_THREADS, PY_PROCS, add, bump, is_off_tracked, is_target, set_off_tracked};
 
@@ -25,39 +26,11 @@ static OFF_CONFIG: OffConfig = OffConfig::UNKNOWN;
 const TASK_INTERRUPTIBLE: u64 = 1;
 const TASK_UNINTERRUPTIBLE: u64 = 2;
 
-// x86-64 system call numbers.
-const SYS_READ: u64 = 0;
-const SYS_WRITE: u64 = 1;
-const SYS_POLL: u64 = 7;
-const SYS_READV: u64 = 19;
-const SYS_WRITEV: u64 = 20;
-const SYS_SELECT: u64 = 23;
-const SYS_NANOSLEEP: u64 = 35;
-const SYS_CONNECT: u64 = 42;
-const SYS_ACCEPT: u64 = 43;
-const SYS_SENDTO: u64 = 44;
-const SYS_RECVFROM: u64 = 45;
-const SYS_SENDMSG: u64 = 46;
-const SYS_RECVMSG: u64 = 47;
-const SYS_FUTEX: u64 = 202;
-const SYS_CLOCK_NANOSLEEP: u64 = 230;
-const SYS_EPOLL_WAIT: u64 = 232;
-const SYS_PSELECT6: u64 = 270;
-const SYS_PPOLL: u64 = 271;
-const SYS_EPOLL_PWAIT: u64 = 281;
-const SYS_ACCEPT4: u64 = 288;
-const SYS_RECVMMSG: u64 = 299;
-const SYS_SENDMMSG: u64 = 307;
-const SYS_EPOLL_PWAIT2: u64 = 441;
-const SYS_FUTEX_WAITV: u64 = 449;
-
 // File types (`S_IFMT` bits of `i_mode`).
 const S_IFMT: u16 = 0o170000;
 const S_IFSOCK: u16 = 0o140000;
 const S_IFREG: u16 = 0o100000;
 
-const AF_INET: u16 = 2;
-const AF_INET6: u16 = 10;
 // `struct sock_common`: `skc_daddr` 0, `skc_dport` 12, `skc_family` 16, `skc_v6_daddr` 56,
 // unchanged since Linux 4.x (members of anonymous unions, which the loader's BTF reader does
 // not descend into).
@@ -342,30 +315,41 @@ fn blocked_reason(key: &mut OffKey, tgid: u32) -> u32 {
     let regs = entry_regs();
     let (nr, arg0, arg1) = (regs.orig_rax, regs.rdi, regs.rsi);
     match nr {
-        SYS_FUTEX => {
+        sysno::FUTEX => {
             if is_gil(tgid, arg0) {
                 reason::GIL
             } else {
                 reason::LOCK
             }
         }
-        SYS_FUTEX_WAITV => reason::LOCK,
-        SYS_READ | SYS_WRITE | SYS_READV | SYS_WRITEV | SYS_RECVFROM | SYS_SENDTO | SYS_RECVMSG
-        | SYS_SENDMSG | SYS_CONNECT | SYS_RECVMMSG | SYS_SENDMMSG => fd_reason(key, arg0, reason::OTHER),
-        SYS_ACCEPT | SYS_ACCEPT4 | SYS_EPOLL_WAIT | SYS_EPOLL_PWAIT | SYS_EPOLL_PWAIT2 => reason::POLL,
+        sysno::FUTEX_WAITV => reason::LOCK,
+        sysno::READ
+        | sysno::WRITE
+        | sysno::READV
+        | sysno::WRITEV
+        | sysno::RECVFROM
+        | sysno::SENDTO
+        | sysno::RECVMSG
+        | sysno::SENDMSG
+        | sysno::CONNECT
+        | sysno::RECVMMSG
+        | sysno::SENDMMSG => fd_reason(key, arg0, reason::OTHER),
+        sysno::ACCEPT | sysno::ACCEPT4 | sysno::EPOLL_WAIT | sysno::EPOLL_PWAIT | sysno::EPOLL_PWAIT2 => {
+            reason::POLL
+        }
         // A poll of one socket is how CPython waits on a socket with a timeout.
-        SYS_POLL | SYS_PPOLL if arg1 == 1 => {
+        sysno::POLL | sysno::PPOLL if arg1 == 1 => {
             // SAFETY: the helper checks the user address and fails rather than faulting.
             match unsafe { aya_ebpf::helpers::bpf_probe_read_user(arg0 as *const i32) } {
                 Ok(fd) if fd >= 0 => fd_reason(key, fd as u64, reason::POLL),
                 _ => reason::POLL,
             }
         }
-        SYS_POLL | SYS_PPOLL => reason::POLL,
+        sysno::POLL | sysno::PPOLL => reason::POLL,
         // `select` of no descriptors is a sleep (`time.sleep` before 3.11).
-        SYS_SELECT | SYS_PSELECT6 if arg0 == 0 => reason::SLEEP,
-        SYS_SELECT | SYS_PSELECT6 => reason::POLL,
-        SYS_NANOSLEEP | SYS_CLOCK_NANOSLEEP => reason::SLEEP,
+        sysno::SELECT | sysno::PSELECT6 if arg0 == 0 => reason::SLEEP,
+        sysno::SELECT | sysno::PSELECT6 => reason::POLL,
+        sysno::NANOSLEEP | sysno::CLOCK_NANOSLEEP => reason::SLEEP,
         _ => reason::OTHER,
     }
 }

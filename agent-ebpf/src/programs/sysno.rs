@@ -1,0 +1,26 @@
+//! x86-64 system call numbers of the calls the programs look at (`orig_rax` at entry).
+pub const READ: u64 = 0;
+pub const WRITE: u64 = 1;
+pub const CLOSE: u64 = 3;
+pub const POLL: u64 = 7;
+pub const READV: u64 = 19;
+pub const WRITEV: u64 = 20;
+pub const SELECT: u64 = 23;
+pub const NANOSLEEP: u64 = 35;
+pub const CONNECT: u64 = 42;
+pub const ACCEPT: u64 = 43;
+pub const SENDTO: u64 = 44;
+pub const RECVFROM: u64 = 45;
+pub const SENDMSG: u64 = 46;
+pub const RECVMSG: u64 = 47;
+pub const FUTEX: u64 = 202;
+pub const CLOCK_NANOSLEEP: u64 = 230;
+pub const EPOLL_WAIT: u64 = 232;
+pub const PSELECT6: u64 = 270;
+pub const PPOLL: u64 = 271;
+pub const EPOLL_PWAIT: u64 = 281;
+pub const ACCEPT4: u64 = 288;
+pub const RECVMMSG: u64 = 299;
+pub const SENDMMSG: u64 = 307;
+pub const EPOLL_PWAIT2: u64 = 441;
+pub const FUTEX_WAITV: u64 = 449;
