@@ -416,15 +416,7 @@ fn agent_exports_the_cgroup_quota_and_throttling() {
         .unwrap();
     // Quiet: the period timer stops counting once the cgroup idles; the agent's next export
     // then reads what the test read.
-    let mut stat = cgroup.stat();
-    loop {
-        thread::sleep(Duration::from_millis(300));
-        let now = cgroup.stat();
-        if now == stat {
-            break;
-        }
-        stat = now;
-    }
+    let stat = cgroup.settled();
     let label = format!("process_pid=\"{}\"", busy.id());
     let deadline = Instant::now() + Duration::from_secs(10);
     let text = loop {

@@ -241,10 +241,11 @@ fn throttled_time_is_what_the_cgroup_counted() {
     let cgroup = QuotaCgroup::new("stoker-offcpu-quota", 30000);
     let mut procs = spinners(1, "0.8");
     cgroup.add(procs[0].id());
-    let before = cgroup.stat();
+    // Its start-up may run in the cgroup: the window opens once it idles on its stdin.
+    let before = cgroup.settled();
     let pid = procs[0].id();
     let (folded, err, reports, _) = record_spinners("off-cpu", &mut procs);
-    let after = cgroup.stat();
+    let after = cgroup.settled();
     let counted = after.2 - before.2;
     assert!(
         folded.0.keys().all(|s| !s[0].contains(&format!("[pid {pid}]"))),

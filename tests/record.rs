@@ -466,10 +466,20 @@ fn summary_gives_the_kernels_cpu_time_of_a_launched_command() {
 fn summary_gives_the_cgroup_quota_and_throttling() {
     require_root();
     let cgroup = QuotaCgroup::new("stoker-quota", 30000);
-    let code = "import sys, time\nsys.stdin.readline()\nend = time.process_time() + 0.8\nwhile time.process_time() < end: pass\n";
-    let mut busy = Command::new(python("3.12.1")).args(["-c", code]).stdin(Stdio::piped()).spawn().unwrap();
+    let code = "import sys, time\nprint('ready', flush=True)\nsys.stdin.readline()\n\
+                end = time.process_time() + 0.8\nwhile time.process_time() < end: pass\n";
+    let mut busy = Command::new(python("3.12.1"))
+        .args(["-c", code])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
     cgroup.add(busy.id());
-    let before = cgroup.stat();
+    // The interpreter's start-up may run in the cgroup: the window opens once it is idle.
+    let mut ready = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(busy.stdout.take().unwrap()), &mut ready)
+        .unwrap();
+    let before = cgroup.settled();
     let out = scratch("quota").join("q.folded");
     let mut session = Command::new(STOKER)
         .args(["record", "--pid", &busy.id().to_string(), "-f", "folded", "-o", out.to_str().unwrap()])
@@ -483,7 +493,7 @@ fn summary_gives_the_cgroup_quota_and_throttling() {
     assert!(busy.wait().unwrap().success());
     let status = wait_exit(&mut session, "stoker");
     let err = err.rest();
-    let after = cgroup.stat();
+    let after = cgroup.settled();
     assert!(status.success(), "stoker failed: {err}");
     let line =
         err.lines().find(|l| l.contains("cgroup v1")).unwrap_or_else(|| panic!("no cgroup line: {err}"));

@@ -314,6 +314,22 @@ impl QuotaCgroup {
         };
         (get("nr_periods"), get("nr_throttled"), get("throttled_time") as f64 / 1e9)
     }
+
+    /// `cpu.stat` once the cgroup is idle: the kernel's period timer counts up to two periods
+    /// after the last CPU use, so this reads until three periods pass without a change
+    /// (10 s at most, then the last read).
+    pub fn settled(&self) -> (u64, u64, f64) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut stat = self.stat();
+        loop {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            let now = self.stat();
+            if now == stat || std::time::Instant::now() > deadline {
+                return now;
+            }
+            stat = now;
+        }
+    }
 }
 
 impl Drop for QuotaCgroup {
