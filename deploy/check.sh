@@ -149,9 +149,14 @@ ALLOWED = {
     "stoker_export_failures_total", "stoker_export_dropped_batches_total",
     "stoker_processes_tracked", "stoker_net_events_lost_total", "stoker_spans_dropped_total",
     "stoker_tcp_connect_failures_total", "stoker_tcp_retransmits_total", "stoker_tcp_accepts_total",
+    "stoker_process_off_cpu_time_seconds_total", "stoker_process_gil_held_seconds_total",
+    "stoker_cgroup_cpu_periods_total", "stoker_cgroup_cpu_throttled_periods_total",
+    "stoker_cgroup_cpu_throttled_time_seconds_total", "stoker_cgroup_cpu_quota_cpus",
+    "stoker_cgroup_memory_usage_bytes", "stoker_cgroup_memory_limit_bytes",
 } | {f"{h}_{part}" for part in ("bucket", "sum", "count") for h in (
     "http_server_request_duration_seconds", "http_client_request_duration_seconds",
     "stoker_net_request_duration_seconds", "stoker_tcp_connect_duration_seconds", "stoker_tcp_rtt_seconds",
+    "stoker_event_loop_blocked_duration_seconds",
 )}
 KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right",
             "and", "or", "unless", "bool", "offset", "inf", "nan"}

@@ -505,6 +505,69 @@ fn agent_exports_off_cpu_time_by_state() {
     );
 }
 
+/// `off_cpu.enabled`: a process with a thread running Python (it holds the GIL whenever it
+/// runs) and a thread hashing large buffers (hashlib lets the GIL go while it hashes). The
+/// agent's GIL-held time is the Python thread's CPU time as it measured it, within the
+/// sampling error at 499 Hz (4 standard deviations of the sample count), plus at most a
+/// quarter of the hashing thread's CPU time (it holds the GIL between buffers) and the
+/// hypervisor's steal (a sample's clock runs on through it, a thread's CPU time does not).
+#[test]
+fn agent_exports_gil_held_time() {
+    require_root();
+    let dir = scratch("agent-gil");
+    let http = free_port();
+    let config = dir.join("agent.yaml");
+    let yaml = format!(
+        "sample_rate_hz: 499\nexport_interval: 1s\nprometheus:\n  listen: 127.0.0.1:{http}\noff_cpu:\n  enabled: true\n"
+    );
+    std::fs::write(&config, yaml).unwrap();
+    let agent = agent_without_otlp(&config);
+    wait_ready(http);
+    let fixture =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/offcpu/gil_mixed.py");
+    let mut mixed = Command::new(python("3.12.1"))
+        .args([fixture.to_str().unwrap(), "2", "wait"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_exported(http, mixed.id());
+    let steal = steal_seconds();
+    // Kept open: the process idles on its stdin once done.
+    let mut stdin = mixed.stdin.take().unwrap();
+    std::io::Write::write_all(&mut stdin, b"go\n").unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(mixed.stdout.take().unwrap()), &mut line)
+        .unwrap();
+    let steal = steal_seconds() - steal;
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let (python_cpu, released_cpu): (f64, f64) = (words[1].parse().unwrap(), words[3].parse().unwrap());
+    // The process idles now: its figure stops growing once an export after the end is out.
+    let label = format!("process_pid=\"{}\"", mixed.id());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut last = None;
+    let held = loop {
+        thread::sleep(Duration::from_millis(1200));
+        let (_, text) = http_get(http, "/metrics").unwrap();
+        let now = metric_value(&text, "stoker_process_gil_held_seconds_total", &label);
+        if (now.is_some() && now == last) || Instant::now() > deadline {
+            break now.unwrap_or_else(|| panic!("no GIL-held time for {label}: {text}"));
+        }
+        last = now;
+    };
+    drop(stdin);
+    kill(&mut [&mut mixed]);
+    assert!(stop(agent).success());
+    let sampling = 4.0 * (python_cpu * 499.0).sqrt() / 499.0;
+    eprintln!(
+        "threads measured: python {python_cpu:.3} s, hashing {released_cpu:.3} s of CPU; agent: GIL held {held:.3} s; {steal:.3} s stolen"
+    );
+    assert!(
+        held >= python_cpu - sampling && held <= python_cpu + 0.25 * released_cpu + sampling + steal,
+        "the Python thread ran {python_cpu:.3} s, the hashing thread {released_cpu:.3} s; the agent says the GIL was held {held:.3} s"
+    );
+}
+
 /// The value of `stoker_process_off_cpu_time_seconds_total` for the process labelled
 /// `label` in `state`.
 fn off_cpu(text: &str, label: &str, state: &str) -> Option<f64> {

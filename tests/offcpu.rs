@@ -41,17 +41,6 @@ fn reported(line: &str, key: &str) -> f64 {
     words[at + 1].parse().unwrap_or_else(|_| panic!("bad {key} in {line:?}"))
 }
 
-/// CPU time the hypervisor took from this VM's CPUs since boot (steal, all CPUs), seconds.
-/// A thread current on a CPU the hypervisor took counts as running in CPU samples (their
-/// clock runs on) but not in its own CPU time (the kernel leaves steal out), and its own wall
-/// time less CPU time counts it as waiting: comparisons of the two allow for the steal during
-/// the session.
-fn steal_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap();
-    let ticks: f64 = stat.lines().next().unwrap().split_whitespace().nth(8).unwrap().parse().unwrap();
-    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
-}
-
 /// `stoker record` of a launched command in `mode`; its folded output, its summary, the
 /// command's stdout and the steal during the session (see `steal_seconds`).
 fn record_command(mode: &str, rate: &str, command: &[&str]) -> (Folded, String, String, f64) {

@@ -117,6 +117,10 @@ pub static NET_CONN_SCRATCH: PerCpuArray<NetConn> = PerCpuArray::with_max_entrie
 #[map]
 pub static NET_PEEK: PerCpuArray<[u8; NET_PEEK_BUF]> = PerCpuArray::with_max_entries(1, 0);
 
+/// CPU samples of each process's GIL holder (see `MAP_GIL_HELD`).
+#[map]
+pub static GIL_HELD: PerCpuHashMap<u32, u64> = PerCpuHashMap::with_max_entries(TARGETS_CAPACITY, 0);
+
 /// Off-CPU time of target threads (see `MAP_OFF_COUNTS`).
 #[map]
 pub static OFF_COUNTS: PerCpuHashMap<OffKey, u64> = PerCpuHashMap::with_max_entries(OFF_COUNTS_CAPACITY, 0);

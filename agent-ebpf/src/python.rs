@@ -82,6 +82,11 @@ pub const PY_FRAME_CHUNK: usize = 128;
 pub const PY_PROC_NATIVE: u32 = 1;
 /// `PyProc::flags` bit: count CPU samples only of threads that hold the GIL (`--gil`).
 pub const PY_PROC_GIL_ONLY: u32 = 2;
+/// `PyProc::flags` bit: count the process's CPU samples of the thread that holds the GIL in
+/// `GIL_HELD` (the agent's GIL-held time).
+pub const PY_PROC_GIL_COUNT: u32 = 4;
+/// CPU samples of a process's GIL holder: tgid -> per-CPU samples (`PY_PROC_GIL_COUNT`).
+pub const MAP_GIL_HELD: &str = "GIL_HELD";
 /// Offsets in CPython's `struct _gil_runtime_state` (3.8-3.14): `last_holder` (the thread
 /// state that took it last) and `locked` (an int: 1 while held).
 pub const PY_GIL_LAST_HOLDER: u64 = 8;

@@ -1,7 +1,9 @@
 //! CPU sampling: a perf-event program on the cpu-clock of every CPU. Samples of target
 //! processes are aggregated in the kernel as (thread, user stack, kernel stack, Python
 //! stack) -> per-CPU count.
-use agent_ebpf::{DROPPED_STACK, NO_STACK, PY_PROC_GIL_ONLY, PY_PROC_NATIVE, SampleKey, stat};
+use agent_ebpf::{
+    DROPPED_STACK, NO_STACK, PY_PROC_GIL_COUNT, PY_PROC_GIL_ONLY, PY_PROC_NATIVE, SampleKey, stat,
+};
 use aya_ebpf::{
     bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
@@ -11,7 +13,7 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 
 use super::{event_loop, loader_global, python};
-use crate::maps::{COUNTS, PY_PROCS, PY_STACKS, STACKS, add, bump, is_target};
+use crate::maps::{COUNTS, GIL_HELD, PY_PROCS, PY_STACKS, STACKS, add, bump, is_target};
 
 const EFAULT: i32 = 14;
 
@@ -45,14 +47,17 @@ fn try_perf_sample(ctx: &PerfEventContext) -> Result<bool, i32> {
     }
     bump(stat::SAMPLES);
 
-    // `--gil`: only the samples of the thread that holds the GIL count.
     // SAFETY: as in `python_stack`.
-    if let Some(proc) = unsafe { PY_PROCS.get(tgid) }
-        && proc.flags & PY_PROC_GIL_ONLY != 0
-        && !python::holds_gil(tid, proc)
-    {
-        bump(stat::GIL_NOT_HELD);
-        return Ok(true);
+    if let Some(proc) = unsafe { PY_PROCS.get(tgid) } {
+        // `--gil`: only the samples of the thread that holds the GIL count.
+        if proc.flags & PY_PROC_GIL_ONLY != 0 && !python::holds_gil(tid, proc) {
+            bump(stat::GIL_NOT_HELD);
+            return Ok(true);
+        }
+        // The agent's GIL-held time: the samples of the holder, per process.
+        if proc.flags & PY_PROC_GIL_COUNT != 0 && python::gil_holder(tid, proc) == Some(true) {
+            add_gil_held(tgid);
+        }
     }
 
     // Python first: a sample with a Python stack needs no native stacks unless asked.
@@ -81,6 +86,21 @@ fn try_perf_sample(ctx: &PerfEventContext) -> Result<bool, i32> {
         warn!(ctx, "counts map full: further new stacks are dropped on this CPU");
     }
     Ok(true)
+}
+
+/// One more CPU sample of process `tgid`'s GIL holder.
+#[inline(always)]
+fn add_gil_held(tgid: u32) {
+    if let Some(count) = GIL_HELD.get_ptr_mut(tgid) {
+        // SAFETY: this CPU's value of a per-CPU hash map entry, as for `COUNTS` below.
+        unsafe { *count += 1 };
+    } else if GIL_HELD.insert(tgid, 1, u64::from(BPF_NOEXIST)).is_err()
+        && let Some(count) = GIL_HELD.get_ptr_mut(tgid)
+    {
+        // Another CPU created the entry just now.
+        // SAFETY: as above.
+        unsafe { *count += 1 };
+    }
 }
 
 /// Walks and stores the current thread's Python stack: its hash (0: none) and whether the

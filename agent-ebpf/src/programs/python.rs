@@ -249,15 +249,21 @@ pub fn gil_address(proc: &PyProc) -> u64 {
 /// address is unknown or unreadable).
 #[inline(always)]
 pub fn holds_gil(tid: u32, proc: &PyProc) -> bool {
+    gil_holder(tid, proc).unwrap_or(true)
+}
+
+/// Whether thread `tid` holds its process's GIL; None when that cannot be told.
+#[inline(always)]
+pub fn gil_holder(tid: u32, proc: &PyProc) -> Option<bool> {
     let gil = gil_address(proc);
     if gil == 0 {
-        return true;
+        return None;
     }
     let (Ok(locked), Ok(holder)) = (read::<i32>(gil + PY_GIL_LOCKED), read::<u64>(gil + PY_GIL_LAST_HOLDER))
     else {
-        return true;
+        return None;
     };
-    locked != 0 && thread_state(tid, proc).is_ok_and(|tstate| tstate == holder)
+    Some(locked != 0 && thread_state(tid, proc).is_ok_and(|tstate| tstate == holder))
 }
 
 /// Frames `signature` reads: it tells stacks apart that differ in their innermost

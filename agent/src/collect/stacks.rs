@@ -37,6 +37,8 @@ pub struct Collector {
     counts: Vec<(SampleKey, u64)>,
     /// Off-CPU nanoseconds by key, as last read (`collect` with `final_read`).
     pub(crate) off: Vec<(OffKey, u64)>,
+    /// CPU samples of each process's GIL holder, as last read (`collect` with `final_read`).
+    gil_held: Vec<(u32, u64)>,
     /// Keys whose stacks were resolved.
     seen: HashSet<SampleKey>,
     /// Native stack ids seen since the kernel's maps were last emptied: how full the
@@ -56,6 +58,7 @@ impl Collector {
             py_stacks: HashMap::new(),
             counts: Vec::new(),
             off: Vec::new(),
+            gil_held: Vec::new(),
             seen: HashSet::new(),
             native_ids: HashSet::new(),
             comms: HashMap::new(),
@@ -103,6 +106,10 @@ impl Collector {
             self.off.iter().map(|(k, _)| *k).filter(|k| !live.contains(&k.sample.tgid)).collect();
         kernel.remove_off(&gone_off)?;
         self.off.retain(|(k, _)| live.contains(&k.sample.tgid));
+        let gone_gil: Vec<u32> =
+            self.gil_held.iter().map(|(pid, _)| *pid).filter(|p| !live.contains(p)).collect();
+        kernel.remove_gil_held(&gone_gil)?;
+        self.gil_held.retain(|(pid, _)| live.contains(pid));
         let (gone, kept): (Vec<SampleKey>, Vec<SampleKey>) =
             self.seen.iter().partition(|k| !live.contains(&k.tgid));
         if gone.is_empty() {
@@ -147,6 +154,7 @@ impl Collector {
         if final_read {
             self.off = kernel.off_counts()?;
             self.off.extend(kernel.off_in_flight(live_pids, process::monotonic_ns())?);
+            self.gil_held = kernel.gil_held()?;
             keys.extend(self.off.iter().map(|(k, _)| k.sample));
         } else {
             keys.extend(kernel.off_keys()?.iter().map(|k| k.sample));
@@ -189,6 +197,11 @@ impl Collector {
     /// Builds the profile as `view` says.
     pub fn profile(&self, view: View) -> Profile {
         self.profile_of(&self.counts, view)
+    }
+
+    /// CPU samples of each process's GIL holder, as last read (`collect` with `final_read`).
+    pub fn gil_held(&self) -> &[(u32, u64)] {
+        &self.gil_held
     }
 
     /// The off-CPU times last read (`collect` with `final_read`), waits under way included;

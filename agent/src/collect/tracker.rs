@@ -70,9 +70,8 @@ impl Tracked {
 pub struct Tracker {
     procs: HashMap<u32, Tracked>,
     all_python: bool,
-    native: bool,
-    /// Count only the CPU samples of threads that hold the GIL (`--gil`).
-    gil_only: bool,
+    /// What the kernel does with Python samples besides walking their stacks.
+    sampling: python::SampleOptions,
     last_scan: Option<Instant>,
     me: u32,
     warned_no_python: bool,
@@ -89,7 +88,13 @@ pub struct Tracker {
 impl Tracker {
     /// From now on, CPU samples of Python threads count only while they hold the GIL.
     pub fn gil_only(&mut self) {
-        self.gil_only = true;
+        self.sampling.gil_only = true;
+    }
+
+    /// From now on, the CPU samples of each Python process's GIL holder are counted (the
+    /// agent's GIL-held time).
+    pub fn count_gil(&mut self) {
+        self.sampling.gil_count = true;
     }
 
     /// `native`: Python samples also record native stacks (for `--native`).
@@ -97,8 +102,7 @@ impl Tracker {
         Self {
             procs: HashMap::new(),
             all_python,
-            native,
-            gil_only: false,
+            sampling: python::SampleOptions { native, ..Default::default() },
             last_scan: None,
             me: std::process::id(),
             warned_no_python: false,
@@ -328,7 +332,7 @@ impl Tracker {
                     if t.scanned {
                         kernel.add_target(pid, TARGET_SAMPLE | TARGET_INHERIT)?;
                     }
-                    kernel.add_python(pid, &python::kernel_config(&p, self.native, self.gil_only))?;
+                    kernel.add_python(pid, &python::kernel_config(&p, self.sampling))?;
                     collector.python.add_process(&p);
                     let version = format!("{}.{}.{}", p.version.major, p.version.minor, p.version.patch);
                     tracing::info!("pid {pid}: CPython {version}");

@@ -98,6 +98,9 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
     };
     let mut adopter = Adopter::default();
     let mut tracker = Tracker::new(true, false);
+    if config.off_cpu.enabled {
+        tracker.count_gil();
+    }
     let patterns: Vec<regex::Regex> =
         config.select.process_names.iter().filter_map(|p| regex::Regex::new(p).ok()).collect();
     if !patterns.is_empty() || !selection.is_empty() {
@@ -183,6 +186,7 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
             let alive: std::collections::HashSet<u32> = live.iter().copied().collect();
             agent.last.retain(|key, _| alive.contains(&key.tgid));
             agent.off_last.retain(|key, _| alive.contains(&key.sample.tgid));
+            agent.gil_last.retain(|pid, _| alive.contains(pid));
             collector.forget_exited(&live);
             // Maps still close to full with live processes' stacks: emptied, named afresh.
             let full = |used: usize, capacity: u32| used as u64 > u64::from(capacity) * 3 / 4;

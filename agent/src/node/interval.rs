@@ -39,6 +39,8 @@ pub(super) struct Interval {
     pub(super) last: HashMap<SampleKey, u64>,
     /// Off-CPU nanoseconds seen so far by key (the kernel's, with the waits under way).
     pub(super) off_last: HashMap<OffKey, u64>,
+    /// CPU samples of each process's GIL holder seen so far.
+    pub(super) gil_last: HashMap<u32, u64>,
     /// Processes that were gone at the last export: reported one last time then.
     pub(super) departing: HashSet<u32>,
     /// This interval's profile of each process (its metrics and Pyroscope push use it).
@@ -63,6 +65,7 @@ impl Interval {
             unnamed: HashSet::new(),
             last: HashMap::new(),
             off_last: HashMap::new(),
+            gil_last: HashMap::new(),
             departing: HashSet::new(),
             profiles: HashMap::new(),
             processes: Default::default(),
@@ -98,6 +101,13 @@ impl Interval {
                 off_deltas.entry(key.sample.tgid).or_default().push((state, (ns - before) as f64 / 1e9));
             }
         }
+        let mut gil_deltas: HashMap<u32, u64> = HashMap::new();
+        for &(pid, samples) in collector.gil_held() {
+            let before = self.gil_last.insert(pid, samples).unwrap_or(0);
+            if samples > before {
+                gil_deltas.insert(pid, samples - before);
+            }
+        }
         // A process that exited during the interval is reported once more, with its last
         // samples and its network figures (a process that waited through its last interval
         // has no samples in it), and goes at the next export.
@@ -106,6 +116,7 @@ impl Interval {
             live.contains(pid)
                 || deltas.contains_key(pid)
                 || off_deltas.contains_key(pid)
+                || gil_deltas.contains_key(pid)
                 || !departing.contains(pid)
         });
         self.departing = self.processes.keys().copied().filter(|pid| !live.contains(pid)).collect();
@@ -158,6 +169,9 @@ impl Interval {
             }
             for (state, secs) in off_deltas.remove(&pid).unwrap_or_default() {
                 *p.off_cpu.entry(state).or_default() += secs;
+            }
+            if let Some(samples) = gil_deltas.remove(&pid) {
+                *p.gil_held_seconds.get_or_insert(0.0) += samples as f64 / self.rate_hz;
             }
             p.utilization = seconds / elapsed.as_secs_f64().max(1e-3) / self.cpus;
             p.memory_bytes = rss_bytes(pid);

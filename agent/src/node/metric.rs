@@ -193,6 +193,13 @@ pub(crate) const OFF_CPU_TIME: Metric = def(
     "stoker_process_off_cpu_time_seconds_total",
     "Time the process's threads spent off the CPU, by state: runqueue, throttled, gil, lock, socket, poll, disk, sleep, other (with off_cpu.enabled).",
 );
+pub(crate) const GIL_HELD_TIME: Metric = def(
+    "stoker.process.gil.held.time",
+    "s",
+    Counter,
+    "stoker_process_gil_held_seconds_total",
+    "Time the process's threads ran holding the GIL, from CPU samples of the holder (with off_cpu.enabled); its rate is the share of wall time the GIL was in use.",
+);
 pub(crate) const FUNCTION_CPU_TIME: Metric = def(
     "stoker.function.cpu.time",
     "s",

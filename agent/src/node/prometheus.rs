@@ -72,6 +72,11 @@ pub fn render(snapshot: &Snapshot) -> String {
     if !off_cpu.is_empty() {
         family(&metric::OFF_CPU_TIME, off_cpu);
     }
+    let gil: Vec<(String, f64)> =
+        snapshot.processes.values().filter_map(|p| Some((labels(p, None), p.gil_held_seconds?))).collect();
+    if !gil.is_empty() {
+        family(&metric::GIL_HELD_TIME, gil);
+    }
     for (m, value) in snapshot.health.values() {
         family(m, vec![(String::new(), value as f64)]);
     }

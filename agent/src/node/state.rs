@@ -31,6 +31,9 @@ pub struct ProcessMetrics {
     pub cgroup: Option<crate::sys::cgroup::CgroupStats>,
     /// Seconds its threads spent off the CPU by state (`gil`, `socket`...), cumulative.
     pub off_cpu: BTreeMap<&'static str, f64>,
+    /// Seconds its threads ran holding the GIL (CPU samples of the holder / rate),
+    /// cumulative; None until a sample of the holder was seen (with off_cpu.enabled).
+    pub gil_held_seconds: Option<f64>,
 }
 
 /// The agent's own counters.

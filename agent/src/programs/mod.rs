@@ -431,6 +431,21 @@ impl KernelPrograms {
         }
     }
 
+    /// CPU samples of each process's GIL holder so far (processes with `PY_PROC_GIL_COUNT`).
+    pub fn gil_held(&self) -> Result<Vec<(u32, u64)>> {
+        let held: PerCpuHashMap<_, u32, u64> = self.map(agent_ebpf::MAP_GIL_HELD)?;
+        Ok(held.iter().filter_map(|r| r.ok()).map(|(pid, per_cpu)| (pid, per_cpu.iter().sum())).collect())
+    }
+
+    /// Forgets the GIL-held samples of these processes (they exited).
+    pub fn remove_gil_held(&mut self, pids: &[u32]) -> Result<()> {
+        let mut held: PerCpuHashMap<_, u32, u64> = self.map_mut(agent_ebpf::MAP_GIL_HELD)?;
+        for pid in pids {
+            let _ = held.remove(pid);
+        }
+        Ok(())
+    }
+
     /// A Python stack stored by the kernel, by hash.
     pub fn py_stack(&self, hash: u64) -> Option<PyStack> {
         let stacks: HashMap<_, u64, PyStack> = self.map(MAP_PY_STACKS).ok()?;

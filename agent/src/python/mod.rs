@@ -9,8 +9,8 @@ pub mod mem;
 use std::collections::HashMap;
 
 use agent_ebpf::{
-    NO_FIELD, PY_FRAME_CHUNK, PY_FRAME_ENTRY, PY_PROC_GIL_ONLY, PY_PROC_NATIVE, PY_STACK_READ_ERROR,
-    PY_STACK_TRUNCATED, PyOffsets, PyProc, PyStack, instr_kind,
+    NO_FIELD, PY_FRAME_CHUNK, PY_FRAME_ENTRY, PY_PROC_GIL_COUNT, PY_PROC_GIL_ONLY, PY_PROC_NATIVE,
+    PY_STACK_READ_ERROR, PY_STACK_TRUNCATED, PyOffsets, PyProc, PyStack, instr_kind,
 };
 
 use self::mem::ReadMemory;
@@ -21,14 +21,26 @@ use self::{
 };
 use crate::profile::Frame;
 
-/// The kernel walker's configuration for one process; `native` also records native
-/// stacks of samples that have Python frames; `gil_only` counts only the samples of the
-/// thread holding the GIL.
-pub fn kernel_config(p: &PythonProcess, native: bool, gil_only: bool) -> PyProc {
+/// What the kernel does with a Python process's CPU samples besides walking its stack.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SampleOptions {
+    /// Record native stacks of samples that have Python frames too (`--native`).
+    pub native: bool,
+    /// Count only the samples of the thread holding the GIL (`--gil`).
+    pub gil_only: bool,
+    /// Count the samples of the thread holding the GIL per process (the agent's GIL-held time).
+    pub gil_count: bool,
+}
+
+/// The kernel walker's configuration for one process.
+pub fn kernel_config(p: &PythonProcess, options: SampleOptions) -> PyProc {
+    let flag = |on: bool, bit: u32| if on { bit } else { 0 };
     PyProc {
         interp_head_addr: p.runtime + p.layout.runtime_interpreters_head,
         offsets: offsets(&p.layout),
-        flags: if native { PY_PROC_NATIVE } else { 0 } | if gil_only { PY_PROC_GIL_ONLY } else { 0 },
+        flags: flag(options.native, PY_PROC_NATIVE)
+            | flag(options.gil_only, PY_PROC_GIL_ONLY)
+            | flag(options.gil_count, PY_PROC_GIL_COUNT),
         _pad: 0,
         gil_addr: gil_addr(p),
     }

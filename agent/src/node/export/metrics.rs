@@ -46,6 +46,9 @@ pub fn request(snapshot: &Snapshot) -> ExportMetricsServiceRequest {
                 let states = p.off_cpu.iter().map(|(state, v)| point(*v, vec![kv("state", state)])).collect();
                 metrics.push(number(&def::OFF_CPU_TIME, states));
             }
+            if let Some(held) = p.gil_held_seconds {
+                metrics.push(number(&def::GIL_HELD_TIME, vec![point(held, vec![])]));
+            }
             if let Some(cgroup) = &p.cgroup {
                 metrics.extend(
                     def::cgroup_values(cgroup).into_iter().map(|(m, v)| number(m, vec![point(v, vec![])])),
