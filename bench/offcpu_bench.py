@@ -4,7 +4,7 @@ Python server under wrk load.
 
   sudo python3 bench/offcpu_bench.py [--rounds N] [--seconds S] [--out bench/OFFCPU_RESULTS.md]
 
-Needs target/release/stoker, wrk and py-spy on PATH (`cargo xtask setup`). The server is
+Needs target/release/stoker and wrk (`cargo xtask setup`), and py-spy on PATH (`pip install py-spy`). The server is
 tests/fixtures/net/http_server.py on CPython 3.12 (ThreadingHTTPServer: a thread per
 connection, each request a wake-up and a switch off the CPU of its thread), driven on
 GET /sleep/0 by wrk (1 thread, 8 keep-alive connections). Each round runs wrk for S
@@ -37,12 +37,14 @@ STOKER = ROOT / "target/release/stoker"
 VERSIONS = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
 PYTHON = VERSIONS / "3.12.1/bin/python3.12"
 SERVER = ROOT / "tests/fixtures/net/http_server.py"
-CONFIGS = ["alone", "stoker cpu", "stoker wall", "py-spy --idle"]
+BUDGET = "100"
+CONFIGS = ["alone", "stoker cpu", "stoker wall", f"stoker wall --switch-budget {BUDGET}", "py-spy --idle"]
 
-def watched_by_stoker(pid, port, seconds, tmp, mode, kernel_stats=False):
-    """wrk while stoker watches `pid` in `mode`: (requests, req/s, stoker's summary)."""
+def watched_by_stoker(pid, port, seconds, tmp, mode, kernel_stats=False, extra=()):
+    """wrk while stoker watches `pid` in `mode` with `extra` options: (requests, req/s,
+    stoker's summary)."""
     stoker = subprocess.Popen(
-        [str(STOKER), "record", "-m", mode, *(["--kernel-stats"] if kernel_stats else []),
+        [str(STOKER), "record", "-m", mode, *(["--kernel-stats"] if kernel_stats else []), *extra,
          "--pid", str(pid), "-f", "folded", "-o", f"{tmp}/bench.folded"],
         stderr=subprocess.PIPE, text=True,
     )
@@ -75,7 +77,8 @@ def run_config(config, server, port, seconds, tmp):
         return wrk(port, seconds)
     if config == "py-spy --idle":
         return watched_by_py_spy(server.pid, port, seconds, tmp)
-    return watched_by_stoker(server.pid, port, seconds, tmp, config.split()[1])[:2]
+    words = config.split()
+    return watched_by_stoker(server.pid, port, seconds, tmp, words[1], extra=words[2:])[:2]
 
 
 def kernel_cost(err):
@@ -110,6 +113,9 @@ def main():
                 print(f"round {r + 1}: " + ", ".join(f"{c} {row[c][1]:.0f} req/s" for c in CONFIGS), flush=True)
             requests, rps, err = watched_by_stoker(server.pid, port, seconds, tmp, "wall", kernel_stats=True)
             busy = (requests, rps, kernel_cost(err))
+            requests, rps, err = watched_by_stoker(server.pid, port, seconds, tmp, "wall", kernel_stats=True,
+                                                   extra=["--switch-budget", BUDGET])
+            sampled = (requests, rps, kernel_cost(err))
             idle = subprocess.Popen(["sleep", "3600"])
             try:
                 requests, rps, err = watched_by_stoker(idle.pid, port, seconds, tmp, "wall", kernel_stats=True)
@@ -127,7 +133,9 @@ def main():
         f"connection) under `wrk -t1 -c8` on GET /sleep/0 (keep-alive) for {seconds} s per run; each round "
         "runs the server alone, watched by `stoker record` (CPU sampling, 99 Hz), by `stoker record --mode "
         "wall` (sampling and every switch of the server's threads off the CPU: every wait counted, GIL and lock "
-        "waits with the thread's stack read at a switch under 10 ms before) "
+        "waits with the thread's stack read at a switch under 10 ms before), by `stoker record --mode wall "
+        f"--switch-budget {BUDGET}` (each thread's switches followed in full up to {BUDGET} a second, a random "
+        "share of them beyond, weighted) "
         "and by `py-spy record --idle` (99 Hz), in an order that rotates from round to round.",
         "",
         "| round | " + " | ".join(f"{c} req/s" for c in CONFIGS) + " |",
@@ -146,6 +154,8 @@ def main():
     (req, _, (sw_runs, sw_ns, wk_runs, wk_ns, targets, reused, recent, per_target, floor)) = busy
     (_, _, (q_runs, q_ns, qw_runs, qw_ns, _, _, _, _, _)) = quiet
     per_req = (sw_ns + wk_ns - floor * (sw_runs + wk_runs)) / max(req, 1)
+    (s_req, _, (s_sw_runs, s_sw_ns, s_wk_runs, s_wk_ns, s_targets, _, _, _, _)) = sampled
+    s_per_req = (s_sw_ns + s_wk_ns - floor * (s_sw_runs + s_wk_runs)) / max(s_req, 1)
     lines += [
         "",
         "| kernel cost | figure |",
@@ -156,6 +166,8 @@ def main():
         f"| of those, with the Python stack found unchanged since the thread's switch before (not walked again) | {reused / max(targets, 1):.1%} |",
         f"| of those, GIL and lock waits taking the stack read at a switch under 10 ms before | {recent / max(targets, 1):.1%} |",
         f"| a target thread's switch off the CPU (timed in the program: stacks, reason) | **{per_target} ns** |",
+        f"| with `--switch-budget {BUDGET}`: switches of the server's threads followed per request | {s_targets / max(s_req, 1):.2f} |",
+        f"| with `--switch-budget {BUDGET}`: switch and wake-up programs' time per request | **{s_per_req:.0f} ns** |",
         f"| a switch of a thread that is no target (watching an idle process) | **{q_ns / max(q_runs, 1) - floor:.0f} ns** |",
         f"| a wake-up of a thread that is no target | {qw_ns / max(qw_runs, 1) - floor:.0f} ns |",
         "",

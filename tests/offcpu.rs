@@ -41,11 +41,14 @@ fn reported(line: &str, key: &str) -> f64 {
     words[at + 1].parse().unwrap_or_else(|_| panic!("bad {key} in {line:?}"))
 }
 
-/// `stoker record` of a launched command in `mode`; its folded output, its summary, the
-/// command's stdout and the steal during the session (see `steal_seconds`).
-fn record_command(mode: &str, rate: &str, command: &[&str]) -> (Folded, String, String, f64) {
+/// `stoker record` of a launched command in `mode`, with `extra` options; its folded
+/// output, its summary, the command's stdout and the steal during the session (see
+/// `steal_seconds`).
+fn record_command(mode: &str, rate: &str, extra: &[&str], command: &[&str]) -> (Folded, String, String, f64) {
     let out = scratch("offcpu").join("p.folded");
-    let mut args = vec!["record", "-m", mode, "-r", rate, "-f", "folded", "-o", out.to_str().unwrap(), "--"];
+    let mut args = vec!["record", "-m", mode, "-r", rate, "-f", "folded", "-o", out.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    args.push("--");
     args.extend_from_slice(command);
     let steal = steal_seconds();
     let run = Command::new(STOKER).args(&args).stdin(Stdio::null()).output().expect("run stoker");
@@ -75,6 +78,7 @@ fn socket_wait_is_the_callers_wait(version: &str) {
     let (folded, err, stdout, steal) = record_command(
         "off-cpu",
         "99",
+        &[],
         &[py.to_str().unwrap(), fixture("upstream.py").to_str().unwrap(), "call", &port, "8"],
     );
     let _ = upstream.kill();
@@ -113,13 +117,14 @@ fn socket_wait_is_the_callers_wait_debian_3_11() {
 /// their time is `[gil]`. What stoker puts off the CPU (GIL and run queue) matches what
 /// the threads measured (wall minus their own CPU time) within 5% of their time (and the
 /// hypervisor's steal, see `steal_seconds`), the CPU samples standing for the rest; and the GIL is most of it (the run queue takes a share
-/// when another process holds the CPU the GIL holder wants).
-fn gil_wait_share(version: &str) {
+/// when another process holds the CPU the GIL holder wants). `extra`: more `record` options.
+fn gil_wait_share(version: &str, extra: &[&str]) {
     require_root();
     let py = python(version);
     let (folded, err, stdout, steal) = record_command(
         "wall",
         "499",
+        extra,
         &[py.to_str().unwrap(), fixture("gil_threads.py").to_str().unwrap(), "3", "2"],
     );
     let (cpu, wall) = (reported(&stdout, "cpu"), reported(&stdout, "wall"));
@@ -128,6 +133,14 @@ fn gil_wait_share(version: &str) {
     let waiting = total - get(&by_state, "[running]");
     let gil = get(&by_state, "[gil]");
     eprintln!("{version}: threads measured cpu {cpu:.3} s of wall {wall:.3} s; stoker: {by_state:?}");
+    if !extra.is_empty() {
+        let line =
+            err.lines().find(|l| l.contains("waits sampled")).unwrap_or_else(|| panic!("not sampled: {err}"));
+        let followed: f64 =
+            line.split(" of ").next().and_then(|h| h.rsplit(' ').next()).unwrap().parse().unwrap();
+        let all: f64 = line.split(" of ").nth(1).and_then(|t| t.split(' ').next()).unwrap().parse().unwrap();
+        assert!(followed < 0.8 * all, "a budget the threads exceed leaves switches out: {line}");
+    }
     assert!((total - wall).abs() <= 0.05 * wall, "threads lived {wall:.3} s, stoker saw {total:.3} s\n{err}");
     let (own, seen) = (1.0 - cpu / wall, waiting / total);
     assert!(
@@ -144,17 +157,25 @@ fn gil_wait_share(version: &str) {
 
 #[test]
 fn gil_wait_share_3_8() {
-    gil_wait_share("3.8.18");
+    gil_wait_share("3.8.18", &[]);
 }
 
 #[test]
 fn gil_wait_share_3_12() {
-    gil_wait_share("3.12.1");
+    gil_wait_share("3.12.1", &[]);
+}
+
+/// The same with a switch budget the threads exceed (each hands the GIL over hundreds of
+/// times a second): a random share of their waits is followed, weighted for the rest, and
+/// the estimates meet the same bounds; the summary says the waits were sampled.
+#[test]
+fn gil_wait_share_sampled_over_a_switch_budget() {
+    gil_wait_share("3.12.1", &["--switch-budget", "50"]);
 }
 
 #[test]
 fn gil_wait_share_3_13() {
-    gil_wait_share("3.13.0");
+    gil_wait_share("3.13.0", &[]);
 }
 
 /// `spin.py` processes started by the test, waiting for a line on stdin.

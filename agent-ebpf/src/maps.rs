@@ -129,6 +129,10 @@ pub static OFF_COUNTS: PerCpuHashMap<OffKey, u64> = PerCpuHashMap::with_max_entr
 #[map]
 pub static OFF_THREADS: LruHashMap<u32, OffThread> = LruHashMap::with_max_entries(OFF_THREADS_CAPACITY, 0);
 
+/// Switches per second of a target thread followed in full (see `MAP_OFF_BUDGET`).
+#[map]
+pub static OFF_BUDGET: Array<u64> = Array::with_max_entries(1, 0);
+
 /// Tids with an `OFF_THREADS` entry (see `MAP_OFF_BITS`); only the kernel writes it.
 #[map]
 pub static OFF_BITS: Array<u64> = Array::with_max_entries(TARGET_BITS_WORDS, 0);

@@ -15,6 +15,18 @@ pub const PROG_SCHED_SWITCH: &str = "sched_switch";
 /// The wake-up program (raw tracepoint `sched_wakeup`): where a wait ends and run-queue
 /// time begins.
 pub const PROG_SCHED_WAKEUP: &str = "sched_wakeup";
+/// Switches off the CPU per second of one target thread followed in full (one `u64` set by
+/// userspace; 0: all of them). Beyond it, the thread's switches are followed at random, each
+/// with the chance that keeps to the budget at the thread's pace in its previous window, and
+/// the waits followed weigh for those not (`OffThread::weight`).
+pub const MAP_OFF_BUDGET: &str = "OFF_BUDGET";
+/// Length of the windows in which a thread's switches are counted to set its chance.
+pub const OFF_WINDOW_NS: u64 = 100_000_000;
+/// `OffThread::weight` of a wait that stands for itself alone.
+pub const OFF_WEIGHT_ONE: u64 = 1 << 10;
+/// `OffThread::take_below` when every switch is followed.
+pub const OFF_TAKE_ALL: u64 = 1 << 32;
+
 /// Global set by the loader: `OffConfig`.
 pub const GLOBAL_OFF_CONFIG: &str = "OFF_CONFIG";
 
@@ -83,8 +95,15 @@ pub struct OffThread {
     pub py_signature: u64,
     /// When that stack was read (walked, or found unchanged).
     pub walked_ns: u64,
+    /// How many waits this one stands for, in `OFF_WEIGHT_ONE` units (see `MAP_OFF_BUDGET`).
+    pub weight: u64,
+    /// The thread's pace: when its current window began, its switches in it, and the chance
+    /// (of 2^32) that a switch is followed, from the window before.
+    pub window_ns: u64,
+    pub window_count: u64,
+    pub take_below: u64,
 }
-const _: () = assert!(core::mem::size_of::<OffThread>() == 80);
+const _: () = assert!(core::mem::size_of::<OffThread>() == 112);
 
 // SAFETY: `repr(C)`, an `OffKey` (itself `Pod`) and integers, no padding (size asserted).
 #[cfg(feature = "user")]

@@ -58,5 +58,8 @@ pub const OFF_UNCLOSED: u32 = 22;
 pub const GIL_NOT_HELD: u32 = 23;
 /// Blocked event-loop stretches lost because their ring was full.
 pub const LOOP_BLOCKS_LOST: u32 = 24;
+/// Target threads' switches off the CPU not followed: over the switch budget, a random
+/// choice left them out (`MAP_OFF_BUDGET`).
+pub const OFF_SAMPLED_OUT: u32 = 25;
 /// Number of counters.
-pub const COUNT: u32 = 25;
+pub const COUNT: u32 = 26;

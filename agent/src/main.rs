@@ -72,6 +72,7 @@ fn record_cmd(args: RecordArgs) -> ExitCode {
         mode: args.mode,
         gil: args.gil,
         loop_block_threshold: Some(args.loop_block_threshold).filter(|d| !d.is_zero()),
+        switch_budget: args.switch_budget,
     };
     match record::run(&opts) {
         Ok(summary) => {

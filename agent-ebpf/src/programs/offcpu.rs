@@ -1,10 +1,16 @@
 //! Off-CPU time of target threads: as one leaves the CPU, `sched_switch` takes its stacks
 //! and why it stopped running; `sched_wakeup` notes when its wait ends; when it runs again
 //! the time (wait, then run queue) is added to its (stacks, reason) in `OFF_COUNTS`.
-use agent_ebpf::{NO_OFFSET, NO_STACK, OffConfig, OffKey, OffThread, PY_GIL_SIZE, SampleKey, reason, stat};
+use agent_ebpf::{
+    NO_OFFSET, NO_STACK, OFF_TAKE_ALL, OFF_WEIGHT_ONE, OFF_WINDOW_NS, OffConfig, OffKey, OffThread,
+    PY_GIL_SIZE, SampleKey, reason, stat,
+};
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_prandom_u32, bpf_ktime_get_ns,
+        bpf_probe_read_kernel,
+    },
     macros::raw_tracepoint,
     programs::RawTracePointContext,
 };
@@ -16,7 +22,9 @@ use super::{
     perf_sample::{kernel_stack, python_stack, user_stack},
     python, sysno,
 };
-use crate::maps::{OFF_COUNTS, OFF_THREADS, PY_PROCS, add, bump, is_off_tracked, is_target, set_off_tracked};
+use crate::maps::{
+    OFF_BUDGET, OFF_COUNTS, OFF_THREADS, PY_PROCS, add, bump, is_off_tracked, is_target, set_off_tracked,
+};
 
 /// Where the programs find what they read (set by the loader).
 #[unsafe(no_mangle)]
@@ -97,8 +105,9 @@ fn try_sched_switch(ctx: &RawTracePointContext) -> Result<(), i64> {
     }
     let preempt: u64 = ctx.arg(0);
     let state: u64 = ctx.arg::<u64>(3) & 0xffff_ffff;
-    switched_out(ctx, tgid, tid, preempt & 1 != 0 || state == 0, state, now);
-    if config(&OFF_CONFIG.measure_cost) != 0 {
+    if switched_out(ctx, tgid, tid, preempt & 1 != 0 || state == 0, state, now)
+        && config(&OFF_CONFIG.measure_cost) != 0
+    {
         add(stat::OFF_NS, now_ns().wrapping_sub(now));
     }
     Ok(())
@@ -125,15 +134,49 @@ pub fn sched_wakeup(ctx: RawTracePointContext) -> u32 {
 }
 
 /// A target thread leaves the CPU, `runnable` or blocked in `state`: notes why and with
-/// which stacks.
+/// which stacks. True when its wait is followed.
 #[inline(always)]
-fn switched_out(ctx: &RawTracePointContext, tgid: u32, tid: u32, runnable: bool, state: u64, now: u64) {
+fn switched_out(
+    ctx: &RawTracePointContext,
+    tgid: u32,
+    tid: u32,
+    runnable: bool,
+    state: u64,
+    now: u64,
+) -> bool {
     // Stopped, traced and exiting threads are not waiting for anything.
     if !runnable && state & (TASK_INTERRUPTIBLE | TASK_UNINTERRUPTIBLE) == 0 {
-        return;
+        return false;
+    }
+    // Clear when the thread's last switch off the CPU was not followed (or it has no entry).
+    let tracked = is_off_tracked(tid);
+    let entry = OFF_THREADS.get_ptr_mut(tid);
+    if let Some(t) = entry {
+        // SAFETY: as in `sched_wakeup`; the thread is on this CPU, so no switch of it runs
+        // elsewhere.
+        let t = unsafe { &mut *t };
+        if t.off_ns != 0 && tracked {
+            // The kernel switched the thread in without this program seeing it (rare: a few
+            // switches in a thousand from an idle CPU). It ran since then for as long as its
+            // scheduler entity says: the wait ended that long before now. (Untracked, switches
+            // of the thread were left out since: where that wait ended is unknown.)
+            bump(stat::OFF_UNCLOSED);
+            let ran = ran_for().unwrap_or(0);
+            if now > t.off_ns + ran {
+                close(t, now - ran);
+            }
+        }
+        t.off_ns = 0;
+        if !followed(t, now) {
+            bump(stat::OFF_SAMPLED_OUT);
+            // This wait is not followed: its wake-up and its switch back in need not look it up.
+            if tracked {
+                set_off_tracked(tid, false);
+            }
+            return false;
+        }
     }
     bump(stat::OFF_SWITCHES);
-    let entry = OFF_THREADS.get_ptr_mut(tid);
     let mut key = OffKey {
         sample: SampleKey { tgid, tid, user_stack_id: NO_STACK, kernel_stack_id: NO_STACK, py_stack: 0 },
         reason: reason::OTHER,
@@ -196,24 +239,27 @@ fn switched_out(ctx: &RawTracePointContext, tgid: u32, tid: u32, runnable: bool,
         Some(t) => {
             // SAFETY: as above.
             let t = unsafe { &mut *t };
-            if t.off_ns != 0 {
-                // The kernel switched the thread in without this program seeing it (rare: a
-                // few switches in a thousand from an idle CPU). It ran since then for as long
-                // as its scheduler entity says: the wait ended that long before now.
-                bump(stat::OFF_UNCLOSED);
-                let ran = ran_for().unwrap_or(0);
-                if now > t.off_ns + ran {
-                    close(t, now - ran);
-                }
-            }
             t.key = key;
             t.wake_ns = 0;
             t.py_signature = signature;
             t.walked_ns = walked;
             t.off_ns = now;
+            if !tracked {
+                set_off_tracked(tid, true);
+            }
         }
         None => {
-            let t = OffThread { key, off_ns: now, wake_ns: 0, py_signature: signature, walked_ns: walked };
+            let t = OffThread {
+                key,
+                off_ns: now,
+                wake_ns: 0,
+                py_signature: signature,
+                walked_ns: walked,
+                weight: OFF_WEIGHT_ONE,
+                window_ns: now,
+                window_count: 1,
+                take_below: OFF_TAKE_ALL,
+            };
             if OFF_THREADS.insert(tid, t, 0).is_ok() {
                 set_off_tracked(tid, true);
             } else {
@@ -221,6 +267,7 @@ fn switched_out(ctx: &RawTracePointContext, tgid: u32, tid: u32, runnable: bool,
             }
         }
     }
+    true
 }
 
 /// A thread that waited runs again: its wait and its time in the run queue are counted.
@@ -244,17 +291,73 @@ fn switched_in(tid: u32, now: u64) {
 fn close(t: &mut OffThread, end: u64) {
     let (off, wake) = (t.off_ns, t.wake_ns);
     t.off_ns = 0;
+    let weight = t.weight;
     if wake > off && wake <= end {
-        add_off(&t.key, wake - off);
+        add_off(&t.key, weighted(wake - off, weight));
         let mut queued = t.key;
         queued.reason = reason::RUNQUEUE;
         queued.port = 0;
         queued.family = 0;
         queued.addr = [0; 16];
-        add_off(&queued, end - wake);
+        add_off(&queued, weighted(end - wake, weight));
     } else {
-        add_off(&t.key, end - off);
+        add_off(&t.key, weighted(end - off, weight));
     }
+}
+
+/// `ns` counted `weight / OFF_WEIGHT_ONE` times.
+#[inline(always)]
+fn weighted(ns: u64, weight: u64) -> u64 {
+    if weight == OFF_WEIGHT_ONE || weight == 0 {
+        return ns;
+    }
+    // Bounded so that the product fits: waits up to about 2.4 hours, weights up to 2^20
+    // (a chance of one in a million).
+    let (ns, weight) = (ns.min(1 << 43), weight.min(1 << 30));
+    (ns >> 10).wrapping_mul(weight).wrapping_add(((ns & 1023) * weight) >> 10)
+}
+
+/// Whether thread `t`'s switch now under way is followed (the weight of its wait is then
+/// `t.weight`): all are, weighing one, while the thread switches at most `OFF_BUDGET` times
+/// a second; at a faster pace in its previous window, each is taken with the chance that
+/// keeps to the budget, weighing its inverse. Threads that switch that often wait briefly
+/// each time, so one wait weighs little in the total.
+#[inline(always)]
+fn followed(t: &mut OffThread, now: u64) -> bool {
+    let budget = match OFF_BUDGET.get(0) {
+        Some(&b) if b > 0 => b,
+        _ => {
+            t.weight = OFF_WEIGHT_ONE;
+            return true;
+        }
+    };
+    let elapsed = now.wrapping_sub(t.window_ns);
+    // What the budget allows in one window. (The budget is a u32: the product fits.)
+    let allowed = (budget.min(u64::from(u32::MAX)).wrapping_mul(OFF_WINDOW_NS) / 1_000_000_000).max(1);
+    // A window ends after its length, or as soon as a thread followed in full has used up
+    // what it allows (a thread that starts to switch fast is sampled from then on).
+    if elapsed >= OFF_WINDOW_NS
+        || t.take_below == 0
+        || (t.take_below >= OFF_TAKE_ALL && t.window_count >= allowed)
+    {
+        // The finished window's pace, per window length (its count is far below 2^32).
+        let pace = t.window_count.min(u64::from(u32::MAX)).wrapping_mul(OFF_WINDOW_NS) / elapsed.max(1);
+        if pace <= allowed {
+            t.take_below = OFF_TAKE_ALL;
+            t.weight = OFF_WEIGHT_ONE;
+        } else {
+            t.take_below = ((allowed << 32) / pace).max(1);
+            t.weight = pace * OFF_WEIGHT_ONE / allowed;
+        }
+        t.window_ns = now;
+        t.window_count = 0;
+    }
+    t.window_count += 1;
+    if t.take_below >= OFF_TAKE_ALL {
+        return true;
+    }
+    // SAFETY: the helper takes no arguments and only returns a pseudo-random number.
+    u64::from(unsafe { bpf_get_prandom_u32() }) < t.take_below
 }
 
 /// Nanoseconds the current task has run since it last got the CPU (its scheduler entity's

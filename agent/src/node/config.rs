@@ -142,11 +142,18 @@ pub struct OffCpu {
     /// go into `stoker.event_loop.blocked.duration` (0s: not watched).
     #[serde(with = "humantime_serde")]
     pub loop_block_threshold: Duration,
+    /// Switches off the CPU per second of one sampled thread followed in full; beyond, a
+    /// random share of them, weighted (0: every switch).
+    pub switch_budget: u32,
 }
 
 impl Default for OffCpu {
     fn default() -> Self {
-        Self { enabled: false, loop_block_threshold: Duration::from_millis(100) }
+        Self {
+            enabled: false,
+            loop_block_threshold: Duration::from_millis(100),
+            switch_budget: crate::programs::offcpu::DEFAULT_SWITCH_BUDGET,
+        }
     }
 }
 

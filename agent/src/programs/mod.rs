@@ -85,6 +85,9 @@ pub struct Stats {
     /// Target threads that left the CPU again with no switch back in seen (their wait
     /// closed from the scheduler's run time).
     pub off_unclosed: u64,
+    /// Target threads' switches off the CPU left out over the switch budget (the followed
+    /// ones weigh for them).
+    pub off_sampled_out: u64,
     /// Blocked event-loop stretches lost to a full ring.
     pub loop_blocks_lost: u64,
 }
@@ -157,6 +160,7 @@ pub struct KernelPrograms {
     /// The off-CPU programs are attached (see `watch_off_cpu`), and what they were told.
     watching_off_cpu: bool,
     off_config: agent_ebpf::OffConfig,
+    switch_budget: u32,
     /// Blocked event-loop stretches (see `watch_loops`).
     loop_blocks: Option<aya::maps::RingBuf<MapData>>,
     /// Keeps the kernel's BPF run-time statistics on while held.
@@ -236,6 +240,7 @@ impl KernelPrograms {
             watching_execs: false,
             watching_off_cpu: false,
             off_config,
+            switch_budget: 0,
             loop_blocks: None,
             stats_fd: None,
             bits,
@@ -547,6 +552,7 @@ impl KernelPrograms {
             off_stacks_recent: sum(stat::OFF_STACKS_RECENT),
             loop_blocks_lost: sum(stat::LOOP_BLOCKS_LOST),
             off_unclosed: sum(stat::OFF_UNCLOSED),
+            off_sampled_out: sum(stat::OFF_SAMPLED_OUT),
         })
     }
 

@@ -1,11 +1,11 @@
 //! The off-CPU programs: where they find what they read in this kernel (record fields,
 //! BTF members), attaching them, and reading the waits they aggregated.
 use agent_ebpf::{
-    MAP_OFF_COUNTS, MAP_OFF_THREADS, NO_OFFSET, OffConfig, OffKey, OffThread, PROG_SCHED_SWITCH,
-    PROG_SCHED_WAKEUP, reason,
+    MAP_OFF_BUDGET, MAP_OFF_COUNTS, MAP_OFF_THREADS, NO_OFFSET, OFF_WEIGHT_ONE, OffConfig, OffKey, OffThread,
+    PROG_SCHED_SWITCH, PROG_SCHED_WAKEUP, reason,
 };
 use aya::{
-    maps::{HashMap, MapData, PerCpuHashMap},
+    maps::{Array, HashMap, MapData, PerCpuHashMap},
     programs::RawTracePoint,
 };
 
@@ -18,6 +18,12 @@ use crate::{
 /// GIL and lock waits (they come in storms: every GIL hand-over is one) take the
 /// thread's stack read at a switch less than this long before.
 pub const RECENT: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Switches off the CPU per second of one thread followed in full by default: all of them
+/// (0), so that every wait is measured. A budget (`--switch-budget`, `off_cpu.switch_budget`)
+/// bounds the cost on threads that switch thousands of times a second: beyond it their
+/// switches are sampled at random and the waits followed weighted for the others.
+pub const DEFAULT_SWITCH_BUDGET: u32 = 0;
 
 /// The kernel structs whose member offsets the off-CPU programs need.
 pub(crate) const BTF_STRUCTS: &[&str] =
@@ -51,8 +57,9 @@ pub(crate) fn config(btf: Option<&Btf>, measure_cost: bool) -> OffConfig {
 
 impl KernelPrograms {
     /// Starts following target threads off the CPU (raw tracepoints `sched_switch` and
-    /// `sched_wakeup`).
-    pub fn watch_off_cpu(&mut self) -> Result<()> {
+    /// `sched_wakeup`): every switch while a CPU's target switches keep within `budget` per
+    /// second (0: no limit), a random share of them beyond it.
+    pub fn watch_off_cpu(&mut self, budget: u32) -> Result<()> {
         let feature = "the sched_switch and sched_wakeup raw tracepoints (Linux 5.18+)";
         if self.off_config.task_pid == NO_OFFSET {
             return Err(Error::KernelFeature {
@@ -60,6 +67,11 @@ impl KernelPrograms {
                 detail: "task_struct.pid not found".into(),
             });
         }
+        let mut limit: Array<&mut MapData, u64> = self.map_mut(MAP_OFF_BUDGET)?;
+        limit
+            .set(0, u64::from(budget), 0)
+            .map_err(|e| Error::Ebpf { what: "setting the switch budget", detail: one_line(&e) })?;
+        self.switch_budget = budget;
         for name in [PROG_SCHED_WAKEUP, PROG_SCHED_SWITCH] {
             let prog: &mut RawTracePoint = self
                 .ebpf
@@ -136,8 +148,13 @@ impl KernelPrograms {
         Ok(counts.keys().filter_map(|r| r.ok()).collect())
     }
 
+    /// The switch budget the programs were given (see `watch_off_cpu`).
+    pub fn switch_budget(&self) -> u32 {
+        self.switch_budget
+    }
+
     /// Waits still under way at `now_ns` (CLOCK_MONOTONIC) of threads of `pids`: what they
-    /// add up to so far, split as the kernel would split them when the thread runs again.
+    /// add up to so far, split and weighted as the kernel would when the thread runs again.
     pub fn off_in_flight(&self, pids: &[u32], now_ns: u64) -> Result<Vec<(OffKey, u64)>> {
         if !self.watching_off_cpu {
             return Ok(Vec::new());
@@ -148,12 +165,16 @@ impl KernelPrograms {
             if t.off_ns == 0 || t.off_ns > now_ns || !pids.contains(&t.key.sample.tgid) {
                 continue;
             }
+            let weighted = |ns: u64| match t.weight {
+                0 | OFF_WEIGHT_ONE => ns,
+                w => (u128::from(ns) * u128::from(w) / u128::from(OFF_WEIGHT_ONE)) as u64,
+            };
             if t.wake_ns > t.off_ns && t.wake_ns <= now_ns {
-                out.push((t.key, t.wake_ns - t.off_ns));
+                out.push((t.key, weighted(t.wake_ns - t.off_ns)));
                 let queued = OffKey { reason: reason::RUNQUEUE, port: 0, family: 0, addr: [0; 16], ..t.key };
-                out.push((queued, now_ns - t.wake_ns));
+                out.push((queued, weighted(now_ns - t.wake_ns)));
             } else {
-                out.push((t.key, now_ns - t.off_ns));
+                out.push((t.key, weighted(now_ns - t.off_ns)));
             }
         }
         Ok(out)

@@ -16,6 +16,7 @@ use std::{
 use agent_ebpf::{TARGET_FOLLOW, TARGET_SAMPLE};
 
 pub use crate::collect::Mode;
+pub use crate::programs::offcpu::DEFAULT_SWITCH_BUDGET;
 
 use self::{status::StatusLine, target::Target};
 use crate::{
@@ -61,6 +62,9 @@ pub struct RecordOptions {
     pub gil: bool,
     /// Report event-loop stretches at least this long without a wait for events (None: off).
     pub loop_block_threshold: Option<Duration>,
+    /// Wall-clock and off-CPU modes: target switches per second and CPU followed in full
+    /// (0: every switch); beyond it they are sampled.
+    pub switch_budget: u32,
 }
 
 /// Why a session ended.
@@ -91,6 +95,8 @@ pub struct Summary {
     /// Context-switch and wake-up programs' total kernel time and run count (wall-clock and
     /// off-CPU modes, with `kernel_stats`).
     pub off_kernel_cost: Option<[(Duration, u64); 2]>,
+    /// The switch budget the off-CPU programs kept to (0: none).
+    pub switch_budget: u32,
     /// CPU seconds each given or launched process used during the session, by the kernel's
     /// accounting (exact, where samples / rate is an estimate).
     pub cpu: Vec<(u32, f64)>,
@@ -156,7 +162,7 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
     }
     // `--gil` measures the waits for the GIL too.
     if opts.mode != Mode::Cpu || opts.gil {
-        kernel.watch_off_cpu()?;
+        kernel.watch_off_cpu(opts.switch_budget)?;
     }
     if opts.all_python
         && let Err(e) = kernel.watch_execs()
@@ -360,6 +366,7 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
         net_kernel_cost,
         stats_floor,
         off_kernel_cost,
+        switch_budget: kernel.switch_budget(),
         cpu: cpu.into_iter().filter_map(|(pid, start, last)| Some((pid, last? - start?))).collect(),
         cgroups: cgroups
             .into_iter()
@@ -530,6 +537,16 @@ impl Summary {
                 self.stats.off_stacks_recent,
                 crate::programs::offcpu::RECENT.as_millis(),
                 self.stats.off_unclosed
+            );
+        }
+        if self.stats.off_sampled_out > 0 {
+            let all = self.stats.off_switches + self.stats.off_sampled_out;
+            let _ = writeln!(
+                s,
+                "  off-CPU: waits sampled: over {} switches per second of a thread, {} of {all} switches were followed ({:.1}%) and their waits weighted for the rest (--switch-budget 0 follows every switch)",
+                self.switch_budget,
+                self.stats.off_switches,
+                100.0 * self.stats.off_switches as f64 / all as f64
             );
         }
         if let Some([(switch_time, switches), (wake_time, wakes)]) = self.off_kernel_cost {
