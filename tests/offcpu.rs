@@ -133,18 +133,25 @@ fn gil_wait_share(version: &str, extra: &[&str]) {
     let waiting = total - get(&by_state, "[running]");
     let gil = get(&by_state, "[gil]");
     eprintln!("{version}: threads measured cpu {cpu:.3} s of wall {wall:.3} s; stoker: {by_state:?}");
+    // Over a budget, a sixth of the waits stand for the rest: the sums are estimates whose
+    // spread over repeated runs is about 4% here (about 340 waits followed): 15% is near 4 of it.
+    let tolerance = if extra.is_empty() { 0.05 } else { 0.15 };
     if !extra.is_empty() {
         let line =
             err.lines().find(|l| l.contains("waits sampled")).unwrap_or_else(|| panic!("not sampled: {err}"));
-        let followed: f64 =
-            line.split(" of ").next().and_then(|h| h.rsplit(' ').next()).unwrap().parse().unwrap();
-        let all: f64 = line.split(" of ").nth(1).and_then(|t| t.split(' ').next()).unwrap().parse().unwrap();
+        // "... per second of a thread, FOLLOWED of ALL switches were followed ..."
+        let words: Vec<&str> = line.split("thread, ").nth(1).unwrap_or_default().split_whitespace().collect();
+        let number = |i: usize| -> f64 { words.get(i).and_then(|w| w.parse().ok()).expect(line) };
+        let (followed, all) = (number(0), number(2));
         assert!(followed < 0.8 * all, "a budget the threads exceed leaves switches out: {line}");
     }
-    assert!((total - wall).abs() <= 0.05 * wall, "threads lived {wall:.3} s, stoker saw {total:.3} s\n{err}");
+    assert!(
+        (total - wall).abs() <= tolerance * wall,
+        "threads lived {wall:.3} s, stoker saw {total:.3} s\n{err}"
+    );
     let (own, seen) = (1.0 - cpu / wall, waiting / total);
     assert!(
-        (seen - own).abs() <= 0.05 + steal / total,
+        (seen - own).abs() <= tolerance + steal / total,
         "threads waited {own:.3} of their time, stoker says {seen:.3} ({steal:.3} s stolen): {by_state:?}"
     );
     assert!(gil >= 0.6 * waiting, "of {waiting:.3} s waiting only {gil:.3} s was for the GIL: {by_state:?}");
