@@ -63,7 +63,8 @@ fn record_command(mode: &str, rate: &str, extra: &[&str], command: &[&str]) -> (
 /// `[socket 127.0.0.1:PORT]` (and the run queue after each answer) is the time the caller
 /// measured around its requests less the CPU time they used (its own thread's clock), within
 /// 1 ms for clock reads on either side (and the hypervisor's steal, see `steal_seconds`). Half the requests read a blocking socket, half poll a
-/// socket with a timeout first.
+/// socket with a timeout first. All but the first two at most are in Python stacks (a
+/// launched process's interpreter is found after its first moments).
 fn socket_wait_is_the_callers_wait(version: &str) {
     require_root();
     let py = python(version);
@@ -85,12 +86,19 @@ fn socket_wait_is_the_callers_wait(version: &str) {
     let _ = upstream.wait();
     let (waited, cpu) = (reported(&stdout, "waited"), reported(&stdout, "cpu"));
     let by_state = states(&folded, "call_upstream");
-    let socket = get(&by_state, &format!("[socket 127.0.0.1:{port}]"));
+    // A launched process's first waits can come before its interpreter is found (its
+    // stacks are then native); they count all the same, with the run queue after them (tens
+    // of microseconds, inside the tolerance).
+    let peer = format!("[socket 127.0.0.1:{port}]");
+    let in_python = get(&by_state, &peer);
+    let socket = get(&states(&folded, ""), &peer);
     let queued = get(&by_state, "[runqueue]");
-    eprintln!("{version}: caller waited {waited:.4} s, ran {cpu:.4} s of it; stoker: {by_state:?}");
+    eprintln!(
+        "{version}: caller waited {waited:.4} s, ran {cpu:.4} s of it; stoker: {by_state:?}, {socket:.4} s on the socket in all"
+    );
     assert!(
-        socket >= 16.0 * 0.1 * 0.98,
-        "16 answers 100 ms apart, {socket:.4} s on the socket: {by_state:?}"
+        in_python >= 14.0 * 0.1 * 0.98,
+        "16 answers 100 ms apart, {in_python:.4} s on the socket in call_upstream: {by_state:?}"
     );
     assert!(
         (socket + queued - (waited - cpu)).abs() <= 1e-3 + steal,
