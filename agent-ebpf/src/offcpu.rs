@@ -15,10 +15,11 @@ pub const PROG_SCHED_SWITCH: &str = "sched_switch";
 /// The wake-up program (raw tracepoint `sched_wakeup`): where a wait ends and run-queue
 /// time begins.
 pub const PROG_SCHED_WAKEUP: &str = "sched_wakeup";
-/// Switches off the CPU per second of one target thread followed in full (one `u64` set by
-/// userspace; 0: all of them). Beyond it, the thread's switches are followed at random, each
-/// with the chance that keeps to the budget at the thread's pace in its previous window, and
-/// the waits followed weigh for those not (`OffThread::weight`).
+/// Switches off the CPU of one target thread followed in full per window of `OFF_WINDOW_NS`
+/// (one `u64` set by userspace from the per-second budget, see `budget_per_window`; 0: all
+/// of them). Beyond it, the thread's switches are followed at random, each with the chance
+/// that keeps to the budget at the thread's pace in its previous window, and the waits
+/// followed weigh for those not (`OffThread::weight`).
 pub const MAP_OFF_BUDGET: &str = "OFF_BUDGET";
 /// Length of the windows in which a thread's switches are counted to set its chance.
 pub const OFF_WINDOW_NS: u64 = 100_000_000;
@@ -26,6 +27,28 @@ pub const OFF_WINDOW_NS: u64 = 100_000_000;
 pub const OFF_WEIGHT_ONE: u64 = 1 << 10;
 /// `OffThread::take_below` when every switch is followed.
 pub const OFF_TAKE_ALL: u64 = 1 << 32;
+
+/// What `MAP_OFF_BUDGET` holds for a budget of `per_second` switches (0: no limit).
+pub const fn budget_per_window(per_second: u32) -> u64 {
+    if per_second == 0 {
+        return 0;
+    }
+    let allowed = per_second as u64 * OFF_WINDOW_NS / 1_000_000_000;
+    if allowed == 0 { 1 } else { allowed }
+}
+
+/// `ns` counted `weight / OFF_WEIGHT_ONE` times (0 weighs one), as the kernel adds a wait
+/// and userspace a wait under way.
+#[inline(always)]
+pub fn weighted(ns: u64, weight: u64) -> u64 {
+    if weight == OFF_WEIGHT_ONE || weight == 0 {
+        return ns;
+    }
+    // Bounded so that the product fits: waits up to about 2.4 hours, weights up to 2^20
+    // (a chance of one in a million).
+    let (ns, weight) = (ns.min(1 << 43), weight.min(1 << 30));
+    (ns >> 10).wrapping_mul(weight).wrapping_add(((ns & 1023) * weight) >> 10)
+}
 
 /// Global set by the loader: `OffConfig`.
 pub const GLOBAL_OFF_CONFIG: &str = "OFF_CONFIG";

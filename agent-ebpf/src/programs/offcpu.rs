@@ -3,7 +3,7 @@
 //! the time (wait, then run queue) is added to its (stacks, reason) in `OFF_COUNTS`.
 use agent_ebpf::{
     NO_OFFSET, NO_STACK, OFF_TAKE_ALL, OFF_WEIGHT_ONE, OFF_WINDOW_NS, OffConfig, OffKey, OffThread,
-    PY_GIL_SIZE, SampleKey, reason, stat,
+    PY_GIL_SIZE, SampleKey, reason, stat, weighted,
 };
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
@@ -305,18 +305,6 @@ fn close(t: &mut OffThread, end: u64) {
     }
 }
 
-/// `ns` counted `weight / OFF_WEIGHT_ONE` times.
-#[inline(always)]
-fn weighted(ns: u64, weight: u64) -> u64 {
-    if weight == OFF_WEIGHT_ONE || weight == 0 {
-        return ns;
-    }
-    // Bounded so that the product fits: waits up to about 2.4 hours, weights up to 2^20
-    // (a chance of one in a million).
-    let (ns, weight) = (ns.min(1 << 43), weight.min(1 << 30));
-    (ns >> 10).wrapping_mul(weight).wrapping_add(((ns & 1023) * weight) >> 10)
-}
-
 /// Whether thread `t`'s switch now under way is followed (the weight of its wait is then
 /// `t.weight`): all are, weighing one, while the thread switches at most `OFF_BUDGET` times
 /// a second; at a faster pace in its previous window, each is taken with the chance that
@@ -324,7 +312,8 @@ fn weighted(ns: u64, weight: u64) -> u64 {
 /// each time, so one wait weighs little in the total.
 #[inline(always)]
 fn followed(t: &mut OffThread, now: u64) -> bool {
-    let budget = match OFF_BUDGET.get(0) {
+    // What the budget allows in one window.
+    let allowed = match OFF_BUDGET.get(0) {
         Some(&b) if b > 0 => b,
         _ => {
             t.weight = OFF_WEIGHT_ONE;
@@ -332,8 +321,6 @@ fn followed(t: &mut OffThread, now: u64) -> bool {
         }
     };
     let elapsed = now.wrapping_sub(t.window_ns);
-    // What the budget allows in one window. (The budget is a u32: the product fits.)
-    let allowed = (budget.min(u64::from(u32::MAX)).wrapping_mul(OFF_WINDOW_NS) / 1_000_000_000).max(1);
     // A window ends after its length, or as soon as a thread followed in full has used up
     // what it allows (a thread that starts to switch fast is sampled from then on).
     if elapsed >= OFF_WINDOW_NS
@@ -346,7 +333,8 @@ fn followed(t: &mut OffThread, now: u64) -> bool {
             t.take_below = OFF_TAKE_ALL;
             t.weight = OFF_WEIGHT_ONE;
         } else {
-            t.take_below = ((allowed << 32) / pace).max(1);
+            // (`allowed` is at most a u32's tenth: the shift fits.)
+            t.take_below = ((allowed.min(u64::from(u32::MAX)) << 32) / pace).max(1);
             t.weight = pace * OFF_WEIGHT_ONE / allowed;
         }
         t.window_ns = now;

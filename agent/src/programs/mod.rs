@@ -160,7 +160,6 @@ pub struct KernelPrograms {
     /// The off-CPU programs are attached (see `watch_off_cpu`), and what they were told.
     watching_off_cpu: bool,
     off_config: agent_ebpf::OffConfig,
-    switch_budget: u32,
     /// Blocked event-loop stretches (see `watch_loops`).
     loop_blocks: Option<aya::maps::RingBuf<MapData>>,
     /// Keeps the kernel's BPF run-time statistics on while held.
@@ -240,7 +239,6 @@ impl KernelPrograms {
             watching_execs: false,
             watching_off_cpu: false,
             off_config,
-            switch_budget: 0,
             loop_blocks: None,
             stats_fd: None,
             bits,

@@ -1,8 +1,8 @@
 //! The off-CPU programs: where they find what they read in this kernel (record fields,
 //! BTF members), attaching them, and reading the waits they aggregated.
 use agent_ebpf::{
-    MAP_OFF_BUDGET, MAP_OFF_COUNTS, MAP_OFF_THREADS, NO_OFFSET, OFF_WEIGHT_ONE, OffConfig, OffKey, OffThread,
-    PROG_SCHED_SWITCH, PROG_SCHED_WAKEUP, reason,
+    MAP_OFF_BUDGET, MAP_OFF_COUNTS, MAP_OFF_THREADS, NO_OFFSET, OffConfig, OffKey, OffThread,
+    PROG_SCHED_SWITCH, PROG_SCHED_WAKEUP, budget_per_window, reason, weighted,
 };
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuHashMap},
@@ -57,7 +57,7 @@ pub(crate) fn config(btf: Option<&Btf>, measure_cost: bool) -> OffConfig {
 
 impl KernelPrograms {
     /// Starts following target threads off the CPU (raw tracepoints `sched_switch` and
-    /// `sched_wakeup`): every switch while a CPU's target switches keep within `budget` per
+    /// `sched_wakeup`): every switch of a thread that switches at most `budget` times a
     /// second (0: no limit), a random share of them beyond it.
     pub fn watch_off_cpu(&mut self, budget: u32) -> Result<()> {
         let feature = "the sched_switch and sched_wakeup raw tracepoints (Linux 5.18+)";
@@ -69,9 +69,8 @@ impl KernelPrograms {
         }
         let mut limit: Array<&mut MapData, u64> = self.map_mut(MAP_OFF_BUDGET)?;
         limit
-            .set(0, u64::from(budget), 0)
+            .set(0, budget_per_window(budget), 0)
             .map_err(|e| Error::Ebpf { what: "setting the switch budget", detail: one_line(&e) })?;
-        self.switch_budget = budget;
         for name in [PROG_SCHED_WAKEUP, PROG_SCHED_SWITCH] {
             let prog: &mut RawTracePoint = self
                 .ebpf
@@ -148,11 +147,6 @@ impl KernelPrograms {
         Ok(counts.keys().filter_map(|r| r.ok()).collect())
     }
 
-    /// The switch budget the programs were given (see `watch_off_cpu`).
-    pub fn switch_budget(&self) -> u32 {
-        self.switch_budget
-    }
-
     /// Waits still under way at `now_ns` (CLOCK_MONOTONIC) of threads of `pids`: what they
     /// add up to so far, split and weighted as the kernel would when the thread runs again.
     pub fn off_in_flight(&self, pids: &[u32], now_ns: u64) -> Result<Vec<(OffKey, u64)>> {
@@ -165,10 +159,7 @@ impl KernelPrograms {
             if t.off_ns == 0 || t.off_ns > now_ns || !pids.contains(&t.key.sample.tgid) {
                 continue;
             }
-            let weighted = |ns: u64| match t.weight {
-                0 | OFF_WEIGHT_ONE => ns,
-                w => (u128::from(ns) * u128::from(w) / u128::from(OFF_WEIGHT_ONE)) as u64,
-            };
+            let weighted = |ns| weighted(ns, t.weight);
             if t.wake_ns > t.off_ns && t.wake_ns <= now_ns {
                 out.push((t.key, weighted(t.wake_ns - t.off_ns)));
                 let queued = OffKey { reason: reason::RUNQUEUE, port: 0, family: 0, addr: [0; 16], ..t.key };

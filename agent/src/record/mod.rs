@@ -62,7 +62,7 @@ pub struct RecordOptions {
     pub gil: bool,
     /// Report event-loop stretches at least this long without a wait for events (None: off).
     pub loop_block_threshold: Option<Duration>,
-    /// Wall-clock and off-CPU modes: target switches per second and CPU followed in full
+    /// Wall-clock and off-CPU modes: a target thread's switches per second followed in full
     /// (0: every switch); beyond it they are sampled.
     pub switch_budget: u32,
 }
@@ -366,7 +366,7 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
         net_kernel_cost,
         stats_floor,
         off_kernel_cost,
-        switch_budget: kernel.switch_budget(),
+        switch_budget: opts.switch_budget,
         cpu: cpu.into_iter().filter_map(|(pid, start, last)| Some((pid, last? - start?))).collect(),
         cgroups: cgroups
             .into_iter()
