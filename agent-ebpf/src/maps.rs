@@ -2,9 +2,9 @@
 //! constants of the shared library so userspace finds them.
 use agent_ebpf::{
     COUNTS_CAPACITY, EXECS_CAPACITY, LOOPS_CAPACITY, LoopBlock, LoopThread, NET_CONNS_CAPACITY, NET_PEEK_BUF,
-    NET_RING_SLOTS, NET_SOCKS_CAPACITY, NetConn, NetEvent, OFF_COUNTS_CAPACITY, OFF_THREADS_CAPACITY, OffKey,
-    OffThread, PY_FRAME_CHUNK, PY_STACKS_CAPACITY, PY_THREADS_CAPACITY, PyProc, PyStack, STACKS_CAPACITY,
-    SampleKey, TARGET_BITS_WORDS, TARGETS_CAPACITY, stat,
+    NET_RING_SLOTS, NET_SOCKS_CAPACITY, NEW_KEYS_RING_BYTES, NetConn, NetEvent, OFF_COUNTS_CAPACITY,
+    OFF_THREADS_CAPACITY, OffKey, OffThread, PY_FRAME_CHUNK, PY_STACKS_CAPACITY, PY_THREADS_CAPACITY, PyProc,
+    PyStack, STACKS_CAPACITY, SampleKey, TARGET_BITS_WORDS, TARGETS_CAPACITY, stat,
 };
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
@@ -182,6 +182,20 @@ pub static LOOP_THRESHOLD: Array<u64> = Array::with_max_entries(1, 0);
 pub static LOOP_BLOCKS: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
 
 const _: () = assert!(core::mem::size_of::<LoopBlock>() <= 64);
+
+/// New keys for userspace to name (see `MAP_NEW_KEYS`).
+#[map]
+pub static NEW_KEY_RING: RingBuf = RingBuf::with_byte_size(NEW_KEYS_RING_BYTES, 0);
+
+/// Tells userspace about a key just added to a counts map.
+#[inline(always)]
+pub fn new_key(key: &SampleKey) {
+    bump(stat::NEW_KEYS);
+    // No wake-up: userspace reads the ring on its own pace, never waits on it.
+    if NEW_KEY_RING.output::<SampleKey>(key, u64::from(aya_ebpf::bindings::BPF_RB_NO_WAKEUP)).is_err() {
+        bump(stat::NEW_KEYS_UNSENT);
+    }
+}
 
 #[map]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);

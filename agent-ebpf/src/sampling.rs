@@ -11,6 +11,12 @@ pub const MAP_TARGET_BITS: &str = "TARGET_BITS";
 pub const MAP_STACKS: &str = "STACKS";
 /// Sample counts aggregated in the kernel: `SampleKey` -> per-CPU count.
 pub const MAP_COUNTS: &str = "COUNTS";
+/// Keys the programs add to the counts and off-CPU counts maps, as `SampleKey`s, for
+/// userspace to name without walking the maps (a ring: when it was full, `stat::NEW_KEYS_UNSENT`
+/// moves and userspace walks the maps once).
+pub const MAP_NEW_KEYS: &str = "NEW_KEY_RING";
+/// Bytes of `MAP_NEW_KEYS`: 8,192 keys (24 bytes and the ring's 8-byte header each).
+pub const NEW_KEYS_RING_BYTES: u32 = 256 * 1024;
 /// The CPU-sampling perf-event program.
 pub const PROG_PERF_SAMPLE: &str = "perf_sample";
 /// Processes that called exec since userspace last looked: tgid -> 0.

@@ -61,5 +61,7 @@ pub const LOOP_BLOCKS_LOST: u32 = 24;
 /// Target threads' switches off the CPU not followed: over the switch budget, a random
 /// choice left them out (`MAP_OFF_BUDGET`).
 pub const OFF_SAMPLED_OUT: u32 = 25;
+/// New keys not sent to userspace because the new-key ring was full (`MAP_NEW_KEYS`).
+pub const NEW_KEYS_UNSENT: u32 = 26;
 /// Number of counters.
-pub const COUNT: u32 = 26;
+pub const COUNT: u32 = 27;

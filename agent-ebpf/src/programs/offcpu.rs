@@ -23,7 +23,8 @@ use super::{
     python, sysno,
 };
 use crate::maps::{
-    OFF_BUDGET, OFF_COUNTS, OFF_THREADS, PY_PROCS, add, bump, is_off_tracked, is_target, set_off_tracked,
+    OFF_BUDGET, OFF_COUNTS, OFF_THREADS, PY_PROCS, add, bump, is_off_tracked, is_target, new_key,
+    set_off_tracked,
 };
 
 /// Where the programs find what they read (set by the loader).
@@ -366,8 +367,8 @@ fn add_off(key: &OffKey, ns: u64) {
         // map), and only this run touches it (tracing programs never nest on one CPU).
         unsafe { *total += ns };
     } else if OFF_COUNTS.insert(key, ns, u64::from(BPF_NOEXIST)).is_ok() {
-        // A new stack for userspace to name (see `stat::NEW_KEYS`).
-        bump(stat::NEW_KEYS);
+        // A new stack for userspace to name.
+        new_key(&key.sample);
     } else {
         match OFF_COUNTS.get_ptr_mut(key) {
             // Another CPU created the key just now.

@@ -13,7 +13,7 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 
 use super::{event_loop, loader_global, python};
-use crate::maps::{COUNTS, GIL_HELD, PY_PROCS, PY_STACKS, STACKS, add, bump, is_target};
+use crate::maps::{COUNTS, GIL_HELD, PY_PROCS, PY_STACKS, STACKS, add, bump, is_target, new_key};
 
 const EFAULT: i32 = 14;
 
@@ -76,7 +76,7 @@ fn try_perf_sample(ctx: &PerfEventContext) -> Result<bool, i32> {
         // map), and only this run touches it (tracing programs never nest on one CPU).
         unsafe { *count += 1 };
     } else if COUNTS.insert(key, 1, u64::from(BPF_NOEXIST)).is_ok() {
-        bump(stat::NEW_KEYS);
+        new_key(&key);
     } else if let Some(count) = COUNTS.get_ptr_mut(key) {
         // Another CPU created the key just now: add to this CPU's slot.
         // SAFETY: as above.

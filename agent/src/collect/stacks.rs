@@ -143,22 +143,24 @@ impl Collector {
             self.comms.entry(pid).or_insert_with(|| process::comm(pid));
         }
         let mut refreshed = HashSet::new();
-        let mut keys = if final_read {
-            self.counts = kernel.counts()?;
-            self.counts.iter().map(|(k, _)| *k).collect()
-        } else {
-            kernel.count_keys()?
-        };
         // Off-CPU waits: their stacks are named the same way; at the end, with the waits
-        // still under way.
-        if final_read {
+        // still under way. Between, only the keys the kernel says are new (walking the maps,
+        // one system call per key, costs more than everything else userspace does).
+        let keys = if final_read {
+            self.counts = kernel.counts()?;
             self.off = kernel.off_counts()?;
             self.off.extend(kernel.off_in_flight(live_pids, process::monotonic_ns())?);
             self.gil_held = kernel.gil_held()?;
+            let mut keys: Vec<SampleKey> = self.counts.iter().map(|(k, _)| *k).collect();
             keys.extend(self.off.iter().map(|(k, _)| k.sample));
+            keys
+        } else if let Some(keys) = kernel.take_new_keys() {
+            keys
         } else {
+            let mut keys = kernel.count_keys()?;
             keys.extend(kernel.off_keys()?.iter().map(|k| k.sample));
-        }
+            keys
+        };
         for key in keys {
             if !self.seen.insert(key) {
                 continue;

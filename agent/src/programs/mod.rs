@@ -11,8 +11,8 @@ pub mod sizing;
 use agent_ebpf::{
     GLOBAL_FSBASE_OFFSET, GLOBAL_MEASURE_COST, GLOBAL_NET_OFFSETS, GLOBAL_NEWTASK_FLAGS_OFFSET,
     GLOBAL_NEWTASK_PID_OFFSET, GLOBAL_OFF_CONFIG, MAP_COUNTS, MAP_EXECS, MAP_FORKED_FROM, MAP_NET_EVENTS,
-    MAP_PY_PROCS, MAP_PY_STACKS, MAP_STACKS, MAP_STATS, MAP_TARGET_BITS, MAP_TARGETS, PROG_PERF_SAMPLE,
-    PROG_SCHED_EXEC, PROG_STATS_FLOOR, PROG_TASK_NEWTASK, PyProc, PyStack, SampleKey, stat,
+    MAP_NEW_KEYS, MAP_PY_PROCS, MAP_PY_STACKS, MAP_STACKS, MAP_STATS, MAP_TARGET_BITS, MAP_TARGETS,
+    PROG_PERF_SAMPLE, PROG_SCHED_EXEC, PROG_STATS_FLOOR, PROG_TASK_NEWTASK, PyProc, PyStack, SampleKey, stat,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -162,6 +162,9 @@ pub struct KernelPrograms {
     off_config: agent_ebpf::OffConfig,
     /// Blocked event-loop stretches (see `watch_loops`).
     loop_blocks: Option<aya::maps::RingBuf<MapData>>,
+    /// Keys the kernel added to the counts maps (see `MAP_NEW_KEYS`), and how many it could
+    /// not send when last looked.
+    new_keys: std::sync::Mutex<(aya::maps::RingBuf<MapData>, u64)>,
     /// Keeps the kernel's BPF run-time statistics on while held.
     stats_fd: Option<std::os::fd::OwnedFd>,
     /// `TARGETS` as a bitmap, mapped here.
@@ -230,9 +233,17 @@ impl KernelPrograms {
             ebpf.map(MAP_TARGET_BITS)
                 .ok_or(Error::Ebpf { what: "kernel map missing", detail: MAP_TARGET_BITS.into() })?,
         )?;
+        let new_keys = ebpf
+            .take_map(MAP_NEW_KEYS)
+            .ok_or(Error::Ebpf { what: "kernel map missing", detail: MAP_NEW_KEYS.into() })
+            .and_then(|map| {
+                aya::maps::RingBuf::try_from(map)
+                    .map_err(|e| Error::Ebpf { what: "mapping the new-key ring", detail: one_line(&e) })
+            })?;
         Ok(Self {
             ebpf,
             logger,
+            new_keys: std::sync::Mutex::new((new_keys, 0)),
             python_ready: fsbase != 0,
             follow_ready,
             following: false,
@@ -460,6 +471,33 @@ impl KernelPrograms {
         let counts: PerCpuHashMap<_, SampleKey, u64> = self.map(MAP_COUNTS)?;
         // An entry deleted between iteration steps is skipped, not an error.
         Ok(counts.iter().filter_map(|r| r.ok()).map(|(key, per_cpu)| (key, per_cpu.iter().sum())).collect())
+    }
+
+    /// Keys the kernel added to the counts and off-CPU counts maps since the last call (the
+    /// same key again after it was removed). `None` when the kernel's ring was full meanwhile
+    /// and some were not sent: `count_keys` and `off_keys` then give them all.
+    pub fn take_new_keys(&self) -> Option<Vec<SampleKey>> {
+        let unsent = self
+            .map::<PerCpuArray<_, u64>>(MAP_STATS)
+            .ok()
+            .and_then(|a| a.get(&stat::NEW_KEYS_UNSENT, 0).ok())
+            .map(|v| v.iter().sum::<u64>())
+            .unwrap_or(0);
+        let mut guard = self.new_keys.lock().unwrap_or_else(|e| e.into_inner());
+        let (ring, seen_unsent) = &mut *guard;
+        let mut keys = Vec::new();
+        while let Some(item) = ring.next() {
+            if item.len() >= std::mem::size_of::<SampleKey>() {
+                // SAFETY: the kernel wrote a `SampleKey` (plain integers, any bits valid); the
+                // read is unaligned-safe and within the item.
+                keys.push(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const SampleKey) });
+            }
+        }
+        if unsent != *seen_unsent {
+            *seen_unsent = unsent;
+            return None;
+        }
+        Some(keys)
     }
 
     /// The keys of the counts map, without their counts: cheaper (one call per key) when
