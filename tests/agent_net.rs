@@ -136,6 +136,19 @@ fn agent_exports_request_metrics_and_spans() {
     );
     assert_sum("http.server.request.duration", &server_point, &server_own);
     assert_sum("http.client.request.duration", &client_point, &client_own);
+    // Beside each request: the client's time to first byte (no longer than its request),
+    // the server's socket queue per route, and each accepted connection's accept queue.
+    let metrics = ndjson(&metrics_path);
+    let ttfb =
+        last_point(&metrics, client_pid, "stoker.net.client.ttfb", |_| true).expect("a ttfb histogram");
+    assert_eq!(ttfb["count"], 80, "{ttfb}");
+    assert!(ttfb["sum"].as_f64().unwrap() <= client_point["sum"].as_f64().unwrap(), "{ttfb}");
+    let queue = last_point(&metrics, server.id(), "stoker.http.server.queue.duration", route)
+        .expect("a queue histogram");
+    assert_eq!(queue["count"], 80, "{queue}");
+    let accept = last_point(&metrics, server.id(), "stoker.tcp.accept.queue.duration", |_| true)
+        .expect("an accept histogram");
+    assert_eq!(accept["count"], 2, "two connections: {accept}");
     let server_pid = format!("process_pid=\"{}\"", server.id());
     let bucket = format!("http_server_request_duration_seconds_bucket{{{}", "");
     let prom: Vec<&str> =

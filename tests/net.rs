@@ -94,6 +94,24 @@ fn read_report(output: &Path) -> (Value, String) {
     (serde_json::from_str(&text).expect("the network report is JSON"), text)
 }
 
+/// Runs client fixture `script` with `args` under `stoker record --net` (writing `output`);
+/// returns what the client printed (JSON) and stoker's network report.
+fn record_client(output: &Path, script: &str, args: &[&str]) -> (Value, Value) {
+    let out = Command::new(STOKER)
+        .args(["record", "--net", "-f", "folded", "-o", output.to_str().unwrap(), "--"])
+        .arg(python(PYTHON))
+        .arg(net_fixture(script))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run stoker");
+    let err = stderr(&out);
+    assert!(out.status.success(), "stoker failed: {err}");
+    eprintln!("{err}");
+    let printed = serde_json::from_slice(&out.stdout).expect("the client prints JSON");
+    (printed, read_report(output).0)
+}
+
 /// A server launched under `stoker record --net`; it prints its port on stdout, then
 /// (with `--timings`) a line per request it timed itself.
 struct Watched {
@@ -105,9 +123,16 @@ struct Watched {
 
 impl Watched {
     fn start(python_version: &str, script: &str, args: &[&str]) -> Self {
+        Self::start_with(&[], python_version, script, args)
+    }
+
+    /// `start`, with more `record` options.
+    fn start_with(options: &[&str], python_version: &str, script: &str, args: &[&str]) -> Self {
         let output = scratch("net-server").join("server.folded");
         let mut stoker = Command::new(STOKER)
-            .args(["record", "--net", "-f", "folded", "-o", output.to_str().unwrap(), "--"])
+            .args(["record", "--net", "-f", "folded", "-o", output.to_str().unwrap()])
+            .args(options)
+            .arg("--")
             .arg(python(python_version))
             .arg(net_fixture(script))
             .args(args)
@@ -278,19 +303,11 @@ fn client_upstreams_and_failed_connects() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let output = scratch("net-client").join("client.folded");
     let n = "20";
-    let out = Command::new(STOKER)
-        .args(["record", "--net", "-f", "folded", "-o", output.to_str().unwrap(), "--"])
-        .arg(python(PYTHON))
-        .arg(net_fixture("upstream_client.py"))
-        .args([&http.port.to_string(), &echo.port.to_string(), &closed.to_string(), n])
-        .stdin(Stdio::null())
-        .output()
-        .expect("run stoker");
-    let err = stderr(&out);
-    assert!(out.status.success(), "stoker failed: {err}");
-    eprintln!("{err}");
-    let timed: Value = serde_json::from_slice(&out.stdout).expect("client prints JSON");
-    let (report, _) = read_report(&output);
+    let (timed, report) = record_client(
+        &output,
+        "upstream_client.py",
+        &[&http.port.to_string(), &echo.port.to_string(), &closed.to_string(), n],
+    );
     let own = |key: &str| Timed::list(&timed[key]);
 
     let http_peer = format!("127.0.0.1:{}", http.port);
@@ -349,6 +366,156 @@ fn client_upstreams_and_failed_connects() {
         (echo_rtt - client_rtt).abs() <= 1e-6,
         "RTT: stoker {echo_rtt:.6} ms, client's TCP_INFO {client_rtt:.6} ms"
     );
+}
+
+/// The mean of the requests' durations (each the middle of what its brackets allow), ms.
+fn mean_ms(timed: &[Timed]) -> f64 {
+    timed.iter().map(|t| (t.min_ns() + t.max_ns()) as f64 / 2e6).sum::<f64>() / timed.len() as f64
+}
+
+/// An asyncio server whose handler blocks the event loop (`time.sleep`, 20 ms), under 4
+/// keep-alive clients at once: while the loop is blocked, the other requests wait in their
+/// sockets. The server's own timing (first read to last write) is stoker's request time;
+/// the time before the first read (socket queue) is what the clients saw beyond it, and
+/// queue plus request (`total`) is the clients' own time within 3% (the clients' brackets
+/// also hold the delivery of the bytes, microseconds here).
+#[test]
+fn blocked_event_loop_requests_wait_in_the_socket_queue() {
+    require_root();
+    let _serial = serial();
+    let server = Watched::start("3.11.7", "aiohttp_server.py", &["--timings"]);
+    let paths: Vec<String> = (0..10).map(|_| "/block/20".to_string()).collect();
+    let sent = http_client(&server.port, &serde_json::json!({ "connections": 4, "paths": paths }));
+    let own = server.lines.timings(sent.len());
+    let (report, _) = server.finish();
+    let row = server_row(&report, "GET", "/block/{id}");
+    assert_row_matches(row, "GET /block/{id}", &own.iter().collect::<Vec<_>>());
+    let (client, handled) = (mean_ms(&sent), mean_ms(&own));
+    let queue = row["queue"]["mean_ms"].as_f64().expect("a server row has its socket queue");
+    let total = row["total"]["mean_ms"].as_f64().expect("a server row has its total");
+    eprintln!(
+        "blocked loop: clients {client:.3} ms, server's own {handled:.3} ms; stoker queue {queue:.3} ms, total {total:.3} ms"
+    );
+    assert!(
+        (total - client).abs() <= 0.03 * client,
+        "total {total:.3} ms, the clients measured {client:.3} ms"
+    );
+    assert!(
+        (queue - (client - handled)).abs() <= 0.03 * client,
+        "queue {queue:.3} ms, the clients' time less the server's: {:.3} ms",
+        client - handled
+    );
+    // Three requests ahead of each, 20 ms of blocked loop each: part of that wait falls
+    // after the first read (aiohttp parses the request, then its handler waits its turn),
+    // and at least one other handler's block, on average, before it.
+    assert!(queue >= 20.0, "queue {queue:.3} ms: the loop's blocks were not seen as waiting");
+}
+
+/// A pre-fork server with 2 workers and 6 clients at once, each request on a new
+/// connection: while both workers are busy, connections wait in the listening socket's
+/// accept queue. Every connection is counted with its wait, and a request's total (accept
+/// queue, socket queue, request) is what its client measured from before `connect()` to
+/// the end of the response, within 3%.
+#[test]
+fn prefork_connections_wait_in_the_accept_queue() {
+    require_root();
+    let _serial = serial();
+    let server = Watched::start_with(&["--subprocesses"], PYTHON, "prefork_server.py", &["2"]);
+    let (threads, each) = (6, 5);
+    let client = run_client(&[
+        net_fixture("burst_client.py").to_str().unwrap(),
+        &server.port,
+        &threads.to_string(),
+        &each.to_string(),
+        "/sleep/20",
+    ]);
+    let (report, _) = server.finish();
+    let n = (threads * each) as f64;
+    let client_ms = client.as_array().unwrap().iter().map(|d| d.as_f64().unwrap() / 1e6).sum::<f64>() / n;
+    let rows = endpoints(&report, |e| e["direction"] == "server" && e["route"] == "/sleep/{id}");
+    let count: u64 = rows.iter().map(|r| r["count"].as_u64().unwrap()).sum();
+    assert_eq!(count, threads * each, "requests: {report:#}");
+    let weighted = |key: &str, field: &str| {
+        rows.iter()
+            .map(|r| {
+                r["count"].as_f64().unwrap()
+                    * if key.is_empty() { r[field].as_f64() } else { r[key][field].as_f64() }.unwrap()
+            })
+            .sum::<f64>()
+            / n
+    };
+    let (request, total) = (weighted("", "mean_ms"), weighted("total", "mean_ms"));
+    let accepted: u64 = report["accepted"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum();
+    assert_eq!(accepted, threads * each, "accepted: {report:#}");
+    let accept_queue = report["accept_queue"].as_object().unwrap();
+    let accept_ms = accept_queue
+        .iter()
+        .map(|(pid, q)| report["accepted"][pid].as_f64().unwrap() * q["mean_ms"].as_f64().unwrap())
+        .sum::<f64>()
+        / n;
+    eprintln!(
+        "pre-fork: clients {client_ms:.3} ms; stoker accept queue {accept_ms:.3} ms, request {request:.3} ms, total {total:.3} ms"
+    );
+    assert!((total - client_ms).abs() <= 0.03 * client_ms, "total {total:.3} ms, clients {client_ms:.3} ms");
+    // Six connections for two workers: most of the wait is for a worker to accept.
+    assert!(accept_ms >= 0.8 * (client_ms - request), "accept queue {accept_ms:.3} ms of {client_ms:.3} ms");
+}
+
+/// Client requests end at the last byte of their response, as the calling code measures
+/// them around `request()` and `read()`: http.client against http.server with Nagle's
+/// algorithm on (a body written after its headers waits for the client's delayed ACK) and
+/// off, a chunked response, and a client that reads 16 bytes at a time and exits without
+/// closing its connection (its last response is complete by its framing). Counts are exact;
+/// each row's mean is the caller's own within 3% (the caller's clock reads also cover the
+/// interpreter's work around the calls: building the request, parsing the response).
+#[test]
+fn client_requests_end_at_the_last_response_byte() {
+    require_root();
+    let _serial = serial();
+    let nagle = Server::start("http_server.py", &["--nagle"]);
+    let plain = Server::start("http_server.py", &[]);
+    let n = 10;
+    let step = |port: u16, path: &str, how: &str| serde_json::json!({"port": port, "path": path, "count": n, "how": how});
+    let plan = serde_json::json!([
+        step(nagle.port, "/nagle/sleep/40", "http.client"),
+        step(plain.port, "/sleep/40", "http.client"),
+        step(plain.port, "/chunked/4", "http.client"),
+        step(plain.port, "/small/sleep/20", "small-reads"),
+    ]);
+    let output = scratch("net-caller").join("caller.folded");
+    let (own, report) = record_client(&output, "caller_client.py", &[&plan.to_string()]);
+    let rows = [
+        (nagle.port, "/nagle/sleep/{id}"),
+        (plain.port, "/sleep/{id}"),
+        (plain.port, "/chunked/{id}"),
+        (plain.port, "/small/sleep/{id}"),
+    ];
+    let mut ttfb = Vec::new();
+    for (i, (port, route)) in rows.into_iter().enumerate() {
+        let peer = format!("127.0.0.1:{port}");
+        let row = one(&report, route, |e| {
+            e["direction"] == "client" && e["peer"] == peer.as_str() && e["route"] == route
+        });
+        assert_eq!(row["count"].as_u64(), Some(n), "{route} count: {row:#}");
+        let durations: Vec<f64> =
+            own["steps"][i].as_array().unwrap().iter().map(|d| d.as_f64().unwrap() / 1e6).collect();
+        let own_mean = durations.iter().sum::<f64>() / durations.len() as f64;
+        let mean = row["mean_ms"].as_f64().unwrap();
+        let first = row["ttfb"]["p50_ms"].as_f64().expect("a client row has its time to first byte");
+        eprintln!(
+            "{route}: stoker mean {mean:.3} ms (ttfb p50 {first:.3} ms), the caller's own {own_mean:.3} ms"
+        );
+        assert!(
+            (mean - own_mean).abs() <= 0.03 * own_mean,
+            "{route}: stoker's mean {mean:.3} ms, the caller measured {own_mean:.3} ms"
+        );
+        ttfb.push((first, row["p50_ms"].as_f64().unwrap()));
+    }
+    // With Nagle on, the body arrives a delayed ACK (40 ms or more) after the headers; off,
+    // right after them.
+    let ((nagle_first, nagle_p50), (plain_first, plain_p50)) = (ttfb[0], ttfb[1]);
+    assert!(nagle_p50 - nagle_first >= 30.0, "Nagle on: ttfb {nagle_first:.3} ms of {nagle_p50:.3} ms");
+    assert!(plain_p50 - plain_first < 5.0, "Nagle off: ttfb {plain_first:.3} ms of {plain_p50:.3} ms");
 }
 
 /// A client that opens its keep-alive connection, makes one request, says `ready`, and

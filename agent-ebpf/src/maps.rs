@@ -1,10 +1,11 @@
 //! Every map of stoker's kernel programs, declared once. Names match the `MAP_*`
 //! constants of the shared library so userspace finds them.
 use agent_ebpf::{
-    COUNTS_CAPACITY, EXECS_CAPACITY, LOOPS_CAPACITY, LoopBlock, LoopThread, NET_CONNS_CAPACITY, NET_PEEK_BUF,
-    NET_RING_SLOTS, NET_SOCKS_CAPACITY, NEW_KEYS_RING_BYTES, NetConn, NetEvent, OFF_COUNTS_CAPACITY,
-    OFF_THREADS_CAPACITY, OffKey, OffThread, PY_FRAME_CHUNK, PY_STACKS_CAPACITY, PY_THREADS_CAPACITY, PyProc,
-    PyStack, STACKS_CAPACITY, SampleKey, TARGET_BITS_WORDS, TARGETS_CAPACITY, stat,
+    COUNTS_CAPACITY, EXECS_CAPACITY, LOOPS_CAPACITY, LoopBlock, LoopThread, NET_ACCEPTING_CAPACITY,
+    NET_CONNS_CAPACITY, NET_HEAD_BUF, NET_PEEK_BUF, NET_RING_SLOTS, NET_SK_BITS_WORDS, NET_SOCKS_CAPACITY,
+    NEW_KEYS_RING_BYTES, NetConn, NetEvent, OFF_COUNTS_CAPACITY, OFF_THREADS_CAPACITY, OffKey, OffThread,
+    PY_FRAME_CHUNK, PY_STACKS_CAPACITY, PY_THREADS_CAPACITY, PyProc, PyStack, STACKS_CAPACITY, SampleKey,
+    TARGET_BITS_WORDS, TARGETS_CAPACITY, stat,
 };
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
@@ -12,7 +13,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, StackTrace},
 };
 
-use crate::programs::net::NetSock;
+use crate::programs::net::{HeadScan, NetSock};
 
 #[map]
 pub static TARGETS: HashMap<u32, u32> = HashMap::with_max_entries(TARGETS_CAPACITY, 0);
@@ -116,6 +117,71 @@ pub static NET_CONN_SCRATCH: PerCpuArray<NetConn> = PerCpuArray::with_max_entrie
 /// The first bytes of a request or response per CPU.
 #[map]
 pub static NET_PEEK: PerCpuArray<[u8; NET_PEEK_BUF]> = PerCpuArray::with_max_entries(1, 0);
+
+/// A response's first bytes being searched for its framing, one buffer per CPU (see
+/// `NET_HEAD_LEN`): too large for the BPF stack.
+#[map]
+pub static NET_HEAD: PerCpuArray<[u8; NET_HEAD_BUF]> = PerCpuArray::with_max_entries(1, 0);
+
+/// Servers' sockets and when their unread bytes arrived (see `MAP_NET_SK_READY`).
+#[map]
+pub static NET_SK_READY: LruHashMap<u64, u64> = LruHashMap::with_max_entries(NET_CONNS_CAPACITY, 0);
+
+/// A filter in front of `NET_SK_READY`, which `sk_data_ready` consults for every socket of
+/// the host: one bit per hash of a `struct sock` address (`sk_bit`), set while a tracked
+/// server socket has that hash. A bit shared by two sockets costs the other a lookup, or,
+/// once cleared at one's close, the other's socket-queue time until its next response
+/// sets it again.
+#[map]
+pub static NET_SK_BITS: Array<u64> = Array::with_max_entries(NET_SK_BITS_WORDS, 0);
+
+/// Word and bit of `sk` in `NET_SK_BITS`: `struct sock`s are cache-line aligned slab objects.
+#[inline(always)]
+pub fn sk_bit(sk: u64) -> (u32, u64) {
+    let h = (sk >> 6) ^ (sk >> 26);
+    (((h >> 6) as u32) & (NET_SK_BITS_WORDS - 1), 1 << (h & 63))
+}
+
+/// Whether a tracked server socket may have the address `sk`.
+#[inline(always)]
+pub fn sk_maybe_tracked(sk: u64) -> bool {
+    let (word, bit) = sk_bit(sk);
+    match NET_SK_BITS.get_ptr(word) {
+        // SAFETY: a word of the array (index checked by the lookup), live and aligned while the
+        // program is loaded; a racing change of the word is seen before or after.
+        Some(w) => (unsafe { core::ptr::read_volatile(w) } & bit) != 0,
+        None => false,
+    }
+}
+
+/// Sets or clears `sk`'s bit (`NET_SK_BITS`).
+#[inline(always)]
+pub fn sk_mark(sk: u64, on: bool) {
+    let (word, bit) = sk_bit(sk);
+    if let Some(w) = NET_SK_BITS.get_ptr_mut(word) {
+        // SAFETY: as in `mark_target` (BPF_ATOMIC | BPF_OR / BPF_AND): other CPUs change other
+        // bits of the word.
+        unsafe {
+            if on {
+                core::intrinsics::atomic_or::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+                    w, bit,
+                );
+            } else {
+                core::intrinsics::atomic_and::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+                    w, !bit,
+                );
+            }
+        }
+    }
+}
+
+/// Connections waiting to be accepted (see `MAP_NET_ACCEPTING`).
+#[map]
+pub static NET_ACCEPTING: LruHashMap<u64, u64> = LruHashMap::with_max_entries(NET_ACCEPTING_CAPACITY, 0);
+
+/// The scan of that buffer under way, one per CPU (see `HeadScan`).
+#[map]
+pub static NET_HEAD_SCAN: PerCpuArray<HeadScan> = PerCpuArray::with_max_entries(1, 0);
 
 /// CPU samples of each process's GIL holder (see `MAP_GIL_HELD`).
 #[map]

@@ -10,6 +10,21 @@ pub const MAP_NET_EVENTS: &str = "NET_EVENTS";
 pub const PROG_NET_SYS_EXIT: &str = "net_sys_exit";
 pub const PROG_NET_SOCK_STATE: &str = "net_sock_state";
 pub const PROG_NET_RETRANSMIT: &str = "net_retransmit";
+/// Raw tracepoint `sk_data_ready`: when bytes arrive on a server's socket, the start of
+/// the time they wait to be read.
+pub const PROG_NET_DATA_READY: &str = "net_data_ready";
+/// Servers' sockets: `struct sock` address -> when unread bytes first arrived on it since
+/// its last response began (0: none). LRU: a socket whose close was not seen (its process
+/// exited) makes room in time.
+pub const MAP_NET_SK_READY: &str = "NET_SK_READY";
+/// Connections the kernel completed on a listening socket and nobody accepted yet:
+/// `struct sock` address -> when the handshake completed (LRU).
+pub const MAP_NET_ACCEPTING: &str = "NET_ACCEPTING";
+/// Words of the filter in front of `MAP_NET_SK_READY` (a power of two): 1 Mi bits, 128 KiB.
+pub const NET_SK_BITS_WORDS: u32 = 16 * 1024;
+const _: () = assert!(NET_SK_BITS_WORDS.is_power_of_two(), "indexed by masking");
+/// Capacity of `MAP_NET_ACCEPTING`: connections waiting to be accepted on the host.
+pub const NET_ACCEPTING_CAPACITY: u32 = 8 * 1024;
 /// Global set by the loader: record field offsets and kernel struct offsets (`NetOffsets`).
 pub const GLOBAL_NET_OFFSETS: &str = "NET_OFFSETS";
 
@@ -89,6 +104,27 @@ pub const NET_ROLE_SERVER: u32 = 1;
 /// The process connected (it is the client).
 pub const NET_ROLE_CLIENT: u32 = 2;
 
+/// `NetConn::framing`: the response's end is not known from its bytes: it ends with the
+/// last bytes before the next request or the connection's close.
+pub const NET_FRAMING_NONE: u32 = 0;
+/// Complete once `NetConn::resp_expect` bytes (HTTP/1.x `Content-Length`, or headers alone
+/// for a HEAD request, a 204 or a 304).
+pub const NET_FRAMING_LENGTH: u32 = 1;
+/// Complete with the last chunk (`0\r\n\r\n` ending a read or write of it).
+pub const NET_FRAMING_CHUNKED: u32 = 2;
+/// The response's head (status line and headers) is still being read: its framing is not
+/// known yet.
+pub const NET_FRAMING_HEAD: u32 = 3;
+/// Bytes of one read or write searched for the end of a response's head and its framing
+/// (`Content-Length`, `Transfer-Encoding: chunked`); a head that goes on past this in one
+/// call, or past `NET_HEAD_MAX` in all, gives `NET_FRAMING_NONE`.
+pub const NET_HEAD_LEN: usize = 512;
+/// Longest response head followed over several reads.
+pub const NET_HEAD_MAX: u32 = 8192;
+/// Size of the per-CPU buffer the headers are copied to: twice `NET_HEAD_LEN`, so that a
+/// masked index plus the few bytes compared after it stays inside.
+pub const NET_HEAD_BUF: usize = 2 * NET_HEAD_LEN;
+
 /// `NetConn::phase`: no request under way.
 pub const NET_PHASE_IDLE: u32 = 0;
 /// The request is being read (server) or written (client).
@@ -123,9 +159,25 @@ pub struct NetConn {
     pub addr: [u8; 16],
     /// When the connection was accepted or connected.
     pub opened_ns: u64,
+    /// Response bytes (status line and headers included) after which the response is
+    /// complete, from its framing (`framing` is `NET_FRAMING_LENGTH`).
+    pub resp_expect: u64,
+    /// While the response's head is read (`NET_FRAMING_HEAD`): its `Content-Length` so far
+    /// (`u64::MAX`: none), the head's bytes looked at, and the scan's state between reads.
+    pub head_length: u64,
+    pub head_seen: u32,
+    /// `NET_FRAMING_*`: how the end of the response under way is recognized.
+    pub framing: u32,
+    pub head_state: [u8; 8],
+    /// Server: the socket's `struct sock` (0: unknown), how long the request under way
+    /// waited in it before its first read (socket queue), and how long the connection
+    /// waited to be accepted (accept queue; reported with its first request only).
+    pub sk: u64,
+    pub queue_ns: u64,
+    pub accept_ns: u64,
     pub path: [u8; NET_PATH_LEN],
 }
-const _: () = assert!(core::mem::size_of::<NetConn>() == 48 + 16 + 4 + 20 + 64);
+const _: () = assert!(core::mem::size_of::<NetConn>() == 48 + 16 + 4 + 20 + 32 + 24 + 64);
 // The kernel copies these a word at a time.
 const _: () =
     assert!(core::mem::offset_of!(NetConn, addr) % 8 == 0 && core::mem::offset_of!(NetConn, path) % 8 == 0);
@@ -184,9 +236,13 @@ pub struct NetEvent {
     pub retransmits: u32,
     pub srtt_us: u32,
     pub _pad: u32,
+    /// Server request: socket queue, and accept queue (first request of a connection).
+    /// Accept: the accept queue.
+    pub queue_ns: u64,
+    pub accept_ns: u64,
     pub path: [u8; NET_PATH_LEN],
 }
-const _: () = assert!(core::mem::size_of::<NetEvent>() == 56 + 16 + 4 + 20 + 64);
+const _: () = assert!(core::mem::size_of::<NetEvent>() == 56 + 16 + 4 + 20 + 16 + 64);
 const _: () =
     assert!(core::mem::offset_of!(NetEvent, addr) % 8 == 0 && core::mem::offset_of!(NetEvent, path) % 8 == 0);
 

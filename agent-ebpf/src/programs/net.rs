@@ -1,12 +1,20 @@
 //! Kernel side of the network programs: their offsets, TCP sockets and peers, the per-CPU
 //! event rings, the HTTP/1.x recognizer that keeps only method, path (up to `?`) and status.
 use agent_ebpf::{
-    NET_EVENT_ACCEPT, NET_PATH_LEN, NET_PEEK_BUF, NET_PEEK_LEN, NET_RING_HEAD, NET_RING_SLOTS, NET_RING_TAIL,
-    NET_ROLE_CLIENT, NET_ROLE_SERVER, NetConn, NetEvent, NetOffsets, http_method, stat,
+    NET_EVENT_ACCEPT, NET_FRAMING_CHUNKED, NET_FRAMING_HEAD, NET_FRAMING_LENGTH, NET_FRAMING_NONE,
+    NET_HEAD_BUF, NET_HEAD_LEN, NET_HEAD_MAX, NET_PATH_LEN, NET_PEEK_BUF, NET_PEEK_LEN, NET_RING_HEAD,
+    NET_RING_SLOTS, NET_RING_TAIL, NET_ROLE_CLIENT, NET_ROLE_SERVER, NetConn, NetEvent, NetOffsets,
+    http_method, stat,
 };
-use aya_ebpf::helpers::generated::{bpf_get_smp_processor_id, bpf_probe_read_kernel, bpf_probe_read_user};
+use aya_ebpf::{
+    helpers::generated::{
+        bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_loop, bpf_probe_read_kernel, bpf_probe_read_user,
+    },
+    macros::raw_tracepoint,
+    programs::RawTracePointContext,
+};
 
-use crate::maps::{NET_EVENTS, NET_PEEK, bump};
+use crate::maps::{NET_EVENTS, NET_HEAD, NET_HEAD_SCAN, NET_PEEK, NET_SK_READY, bump, sk_maybe_tracked};
 
 /// Offsets set by the loader (see `NetOffsets`).
 #[unsafe(no_mangle)]
@@ -212,8 +220,316 @@ fn recognize_request(conn: &mut NetConn, buf: u64, len: u64) {
     conn.path_len = path_len as u32;
 }
 
+/// Index mask of the header buffer.
+const HEAD_MASK: usize = NET_HEAD_BUF - 1;
+
+/// Header names looked for, lower case, with their colon; a table indexed by a line's
+/// column (masked).
+static CONTENT_LENGTH: [u8; 32] = *b"content-length:\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0";
+static TRANSFER_ENCODING: [u8; 32] = *b"transfer-encoding:\0\0\0\0\0\0\0\0\0\0\0\0\0\0";
+static CHUNKED: [u8; 8] = *b"chunked\0";
+const CONTENT_LENGTH_LEN: u64 = 15;
+const TRANSFER_ENCODING_LEN: u64 = 18;
+/// `HeadScan::value`: the bytes are a value of no interest, of `Content-Length`, of
+/// `Transfer-Encoding`.
+const VALUE_NONE: u64 = 0;
+const VALUE_LENGTH: u64 = 1;
+const VALUE_ENCODING: u64 = 2;
+
+/// A response head being scanned, a byte at a time, by `head_byte`; kept in `NetConn`
+/// (`head_*`) between the reads a head arrives in.
+///
+/// During a scan it lives in this CPU's `NET_HEAD_SCAN`, not on the stack: the verifier
+/// follows the values of stack slots, and would check the loop's body once for each column
+/// and state it could reach.
+#[repr(C)]
+pub struct HeadScan {
+    /// Bytes of this call in `NET_HEAD`, and the next one to look at.
+    n: u64,
+    pos: u64,
+    /// Bytes of the head seen, this call's included.
+    seen: u64,
+    /// `Content-Length` (`u64::MAX`: none).
+    length: u64,
+    /// How much of `\r\n\r\n` the last bytes were (4: the head is complete).
+    tail: u64,
+    /// Column in the current line, and whether the line can still start with each name.
+    col: u64,
+    length_name: u64,
+    encoding_name: u64,
+    value: u64,
+    /// How much of `chunked` the last bytes of a `Transfer-Encoding` value were; 7: seen.
+    chunked: u64,
+}
+
+impl HeadScan {
+    #[inline(always)]
+    fn load(conn: &NetConn, n: u64) -> Self {
+        let st = conn.head_state;
+        Self {
+            n,
+            pos: 0,
+            seen: u64::from(conn.head_seen),
+            length: conn.head_length,
+            tail: u64::from(st[0]),
+            col: u64::from(st[1]),
+            length_name: u64::from(st[2]),
+            encoding_name: u64::from(st[3]),
+            value: u64::from(st[4]),
+            chunked: u64::from(st[5]),
+        }
+    }
+
+    #[inline(always)]
+    fn store(&self, conn: &mut NetConn) {
+        conn.head_seen = self.seen as u32;
+        conn.head_length = self.length;
+        conn.head_state = [
+            self.tail as u8,
+            self.col as u8,
+            self.length_name as u8,
+            self.encoding_name as u8,
+            self.value as u8,
+            self.chunked as u8,
+            0,
+            0,
+        ];
+    }
+}
+
+/// Starts following the head of a response to an HTTP/1.x request on `conn`.
+#[inline(always)]
+pub fn start_response_head(conn: &mut NetConn) {
+    conn.framing = NET_FRAMING_HEAD;
+    conn.head_seen = 0;
+    conn.head_length = u64::MAX;
+    // At the start of the status line: no name can match it.
+    conn.head_state = [0; 8];
+}
+
+/// Reads the next `len` bytes of a response's head at user address `buf` (the start of a
+/// read or write of it): on its first bytes the status (`conn.status`, 0 when it is not an
+/// HTTP/1.x status line), and once the head is complete how the response's end will be
+/// recognized (`conn.framing`, `conn.resp_expect`). Only the status line and the
+/// `Content-Length` and `Transfer-Encoding` headers are looked at, and the copy is cleared
+/// before returning.
+#[inline(never)]
+pub fn parse_response_head(conn: &mut NetConn, buf: u64, len: u64) {
+    let Some(p) = NET_HEAD.get_ptr_mut(0) else { return };
+    let n = (if len < NET_HEAD_LEN as u64 { len as u32 } else { NET_HEAD_LEN as u32 }) & HEAD_MASK as u32;
+    // SAFETY: `p` is this CPU's `NET_HEAD` buffer of `NET_HEAD_BUF` bytes and `n` is at most
+    // `NET_HEAD_LEN`, below that; the helper checks the user address and fails rather than
+    // faulting.
+    if n == 0 || buf == 0 || unsafe { bpf_probe_read_user(p.cast(), n, buf as *const _) } != 0 {
+        conn.framing = NET_FRAMING_NONE;
+        return;
+    }
+    // SAFETY: a per-CPU array value lives as long as the program is loaded, and only this run
+    // uses this CPU's buffer (tracing programs never nest on one CPU); plain bytes.
+    let head = unsafe { &*p };
+    if conn.head_seen == 0 {
+        conn.status = status_line(head, n as usize);
+    }
+    let Some(scan) = NET_HEAD_SCAN.get_ptr_mut(0) else { return };
+    // SAFETY: this CPU's scan state, used only by this run (tracing programs never nest on
+    // one CPU) and the loop below; plain integers.
+    unsafe { *scan = HeadScan::load(conn, u64::from(n)) };
+    // A `bpf_loop` callback: the verifier checks its body once, where a loop over hundreds
+    // of bytes with a branch per byte would exceed what it explores. It gets both buffers
+    // through `ctx` (two pointers on this stack): no map lookup per step.
+    let mut ctx = HeadLoop { head: p, scan };
+    // SAFETY: `head_step` has the callback signature the helper expects and `ctx` outlives
+    // the call; the helper runs it at most `NET_HEAD_LEN` times.
+    unsafe {
+        bpf_loop(
+            NET_HEAD_LEN as u32,
+            head_step as *mut core::ffi::c_void,
+            (&mut ctx as *mut HeadLoop).cast(),
+            0,
+        )
+    };
+    // SAFETY: as above.
+    let scan = unsafe { &*scan };
+    scan.store(conn);
+    if scan.tail == 4 {
+        framing(conn, scan.seen, scan.length, scan.chunked == 7);
+    } else if u64::from(n) < len || scan.seen >= u64::from(NET_HEAD_MAX) {
+        // The head goes on past what is looked at.
+        conn.framing = NET_FRAMING_NONE;
+    }
+    // The headers do not stay in the buffer, which root could dump.
+    let words = p.cast::<u64>();
+    for i in 0..NET_HEAD_LEN / 8 {
+        if i * 8 >= n as usize {
+            break;
+        }
+        // SAFETY: word `i` lies in the first half of the 8-byte aligned buffer.
+        unsafe { core::ptr::write_volatile(words.add(i), 0) };
+    }
+}
+
+/// Whether the bytes of `p` at `at` are `pattern` (lower case letters, digits, `-`, `.` and
+/// `/`, which bit 5 set folds to), ignoring the case of letters.
+#[inline(always)]
+fn folded_at<const N: usize>(p: &[u8; NET_HEAD_BUF], at: usize, pattern: &[u8; N]) -> bool {
+    for (k, &want) in pattern.iter().enumerate() {
+        if p[(at + k) & HEAD_MASK] | 0x20 != want {
+            return false;
+        }
+    }
+    true
+}
+
+/// The status of the HTTP/1.x status line the `n` bytes of `p` start with, 0 when there is
+/// none (or fewer than its first 12 bytes).
+#[inline(always)]
+fn status_line(p: &[u8; NET_HEAD_BUF], n: usize) -> u32 {
+    // "HTTP/1." then any minor version digit, a space and three digits.
+    if n < 12 || !folded_at(p, 0, b"http/1.") || p[8] != b' ' {
+        return 0;
+    }
+    let (d0, d1, d2) = (p[9], p[10], p[11]);
+    if !d0.is_ascii_digit() || !d1.is_ascii_digit() || !d2.is_ascii_digit() {
+        return 0;
+    }
+    u32::from(d0 - b'0') * 100 + u32::from(d1 - b'0') * 10 + u32::from(d2 - b'0')
+}
+
+/// How the end of a response whose head of `head_len` bytes is complete will be recognized.
+#[inline(always)]
+fn framing(conn: &mut NetConn, head_len: u64, length: u64, chunked: bool) {
+    let status = conn.status;
+    conn.framing = NET_FRAMING_NONE;
+    // An interim (1xx) response, whose final response follows, or no status: the end is
+    // the last bytes before the next request.
+    if status < 200 {
+        return;
+    }
+    if conn.method == http_method::HEAD || status == 204 || status == 304 {
+        conn.framing = NET_FRAMING_LENGTH;
+        conn.resp_expect = head_len;
+    } else if chunked {
+        conn.framing = NET_FRAMING_CHUNKED;
+    } else if length != u64::MAX {
+        conn.framing = NET_FRAMING_LENGTH;
+        conn.resp_expect = head_len + length;
+    }
+}
+
+/// What `head_step` works on: this CPU's `NET_HEAD` and `NET_HEAD_SCAN`.
+#[repr(C)]
+struct HeadLoop {
+    head: *mut [u8; NET_HEAD_BUF],
+    scan: *mut HeadScan,
+}
+
+/// Whether any byte of `word` is `byte`.
+#[inline(always)]
+fn has_byte(word: u64, byte: u8) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    let x = word ^ (ONES * u64::from(byte));
+    x.wrapping_sub(ONES) & !x & (ONES << 7) != 0
+}
+
+/// `bpf_loop` callback: the next bytes of the head in `NET_HEAD` into its `HeadScan`, one
+/// at a time where a header name or value or the head's end may be, eight at a time through
+/// the rest of a line. Returns 1 to stop (the head is complete, or the call's bytes are done).
+#[inline(never)]
+extern "C" fn head_step(_i: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: `ctx` is the `HeadLoop` of `parse_response_head`, which waits for the loop; its
+    // pointers are this CPU's map values, used by this run only.
+    let (p, s) = unsafe {
+        let l = &*(ctx as *const HeadLoop);
+        (&*l.head, &mut *l.scan)
+    };
+    let pos = s.pos;
+    if pos >= s.n {
+        return 1;
+    }
+    let at = pos as usize & HEAD_MASK;
+    // Inside a line that can be no header of interest, nor the head's end: skip to its end.
+    if s.length_name == 0 && s.encoding_name == 0 && s.value == VALUE_NONE && s.tail == 0 && pos + 8 <= s.n {
+        let mut word = 0u64;
+        for k in 0..8 {
+            word |= u64::from(p[(at + k) & HEAD_MASK]) << (8 * k);
+        }
+        if !has_byte(word, b'\n') && !has_byte(word, b'\r') {
+            s.pos += 8;
+            s.seen += 8;
+            s.col = if s.col < 247 { s.col + 8 } else { 255 };
+            return 0;
+        }
+    }
+    let b = p[at];
+    s.pos += 1;
+    s.seen += 1;
+    // The head ends with an empty line.
+    s.tail = match (b, s.tail) {
+        (b'\r', 2) => 3,
+        (b'\r', _) => 1,
+        (b'\n', 1) => 2,
+        (b'\n', 3) => 4,
+        _ => 0,
+    };
+    if s.tail == 4 {
+        return 1;
+    }
+    if b == b'\n' {
+        s.col = 0;
+        s.length_name = 1;
+        s.encoding_name = 1;
+        s.value = VALUE_NONE;
+        return 0;
+    }
+    let folded = b | 0x20;
+    match s.value {
+        VALUE_LENGTH => {
+            if b.is_ascii_digit() {
+                let so_far = if s.length == u64::MAX { 0 } else { s.length };
+                s.length = so_far.wrapping_mul(10).wrapping_add(u64::from(b - b'0'));
+            } else if b != b' ' && b != b'\t' {
+                s.value = VALUE_NONE;
+            }
+        }
+        VALUE_ENCODING => {
+            let k = s.chunked & 7;
+            if k < 7 {
+                s.chunked = if folded == CHUNKED[k as usize] {
+                    k + 1
+                } else if folded == b'c' {
+                    1
+                } else {
+                    0
+                };
+            }
+        }
+        _ => {
+            let col = s.col & 31;
+            if s.length_name != 0 {
+                if col >= CONTENT_LENGTH_LEN || folded != CONTENT_LENGTH[col as usize] {
+                    s.length_name = 0;
+                } else if col + 1 == CONTENT_LENGTH_LEN {
+                    s.value = VALUE_LENGTH;
+                }
+            }
+            if s.encoding_name != 0 {
+                if col >= TRANSFER_ENCODING_LEN || folded != TRANSFER_ENCODING[col as usize] {
+                    s.encoding_name = 0;
+                } else if col + 1 == TRANSFER_ENCODING_LEN {
+                    s.value = VALUE_ENCODING;
+                }
+            }
+        }
+    }
+    if s.col < 255 {
+        s.col += 1;
+    }
+    0
+}
+
 /// The status code of an HTTP/1.x status line in `buf`, 0 when it is not one. Reads its
-/// first 12 bytes (`HTTP/1.x NNN`) onto the stack, as two words.
+/// first 12 bytes (`HTTP/1.x NNN`) onto the stack, as two words (a server's response: its
+/// framing is not read, see `net_syscalls::data`).
 #[inline(always)]
 pub fn parse_status(buf: u64, len: u64) -> u32 {
     if buf == 0 || len < 12 {
@@ -234,6 +550,22 @@ pub fn parse_status(buf: u64, len: u64) -> u32 {
         return 0;
     }
     u32::from(d0 - b'0') * 100 + u32::from(d1 - b'0') * 10 + u32::from(d2 - b'0')
+}
+
+/// Whether the `ret` bytes just read or written at user address `buf` (of a buffer of `len`)
+/// end a chunked body: their last five are the last chunk's `0\r\n\r\n`.
+#[inline(always)]
+pub fn ends_chunked(buf: u64, len: u64, ret: u64) -> bool {
+    if buf == 0 || ret < 5 || ret > len {
+        return false;
+    }
+    let mut word = 0u64;
+    // SAFETY: the helper writes 5 bytes into `word`, which has 8; it checks the user address
+    // and fails rather than faulting.
+    if unsafe { bpf_probe_read_user((&mut word as *mut u64).cast(), 5, (buf + ret - 5) as *const _) } != 0 {
+        return false;
+    }
+    word == u64::from_le_bytes(*b"0\r\n\r\n\0\0\0")
 }
 
 /// The next free slot of this CPU's event ring, and the header word to publish it with
@@ -297,6 +629,8 @@ pub fn emit_request(conn: &NetConn, tgid: u32) {
         (*e).retransmits = 0;
         (*e).srtt_us = 0;
         (*e)._pad = 0;
+        (*e).queue_ns = conn.queue_ns;
+        (*e).accept_ns = conn.accept_ns;
         copy_words(&mut (*e).path, &conn.path);
     }
     publish(header, head);
@@ -339,7 +673,32 @@ pub fn emit_conn(
         (*e).retransmits = tcp.0;
         (*e).srtt_us = tcp.1;
         (*e)._pad = 0;
+        (*e).queue_ns = 0;
+        (*e).accept_ns = if kind == NET_EVENT_ACCEPT { times.1 - times.0 } else { 0 };
         zero_words(&mut (*e).path);
     }
     publish(header, head);
+}
+
+/// `sk_data_ready(struct sock *sk)`: bytes arrived on `sk`. For a server's socket, the first
+/// arrival since its last response began is when the next request started to wait. Runs for
+/// every socket of the host (in softirq context, where the current task is anyone): one
+/// bit test (`NET_SK_BITS`), then a lookup for the targets' server sockets.
+#[raw_tracepoint(tracepoint = "sk_data_ready")]
+pub fn net_data_ready(ctx: RawTracePointContext) -> u32 {
+    let sk: u64 = ctx.arg(0);
+    if !sk_maybe_tracked(sk) {
+        return 0;
+    }
+    if let Some(ready) = NET_SK_READY.get_ptr_mut(sk) {
+        // SAFETY: a value of the preallocated hash map from a successful lookup: it stays
+        // allocated as long as the map; a plain integer. A read racing on another CPU sees
+        // the old or the new value.
+        unsafe {
+            if *ready == 0 {
+                *ready = bpf_ktime_get_ns();
+            }
+        }
+    }
+    0
 }

@@ -1,8 +1,9 @@
 //! Request/response timing per (process, socket) from the socket system calls of target
 //! processes: accept/connect make a socket tracked, reads and writes move its request state.
 use agent_ebpf::{
-    NET_EVENT_ACCEPT, NET_PHASE_IDLE, NET_PHASE_REQUEST, NET_PHASE_RESPONSE, NET_ROLE_CLIENT,
-    NET_ROLE_SERVER, NetConn, http_method, stat,
+    NET_EVENT_ACCEPT, NET_FRAMING_CHUNKED, NET_FRAMING_HEAD, NET_FRAMING_LENGTH, NET_FRAMING_NONE,
+    NET_PHASE_IDLE, NET_PHASE_REQUEST, NET_PHASE_RESPONSE, NET_ROLE_CLIENT, NET_ROLE_SERVER, NetConn,
+    http_method, stat,
 };
 use aya_ebpf::{
     bindings::pt_regs,
@@ -15,10 +16,13 @@ use aya_ebpf::{
 };
 
 use super::net::{
-    Peer, copy_words, emit_conn, emit_request, parse_request, parse_status, read_sockaddr, zero_words,
+    Peer, copy_words, emit_conn, emit_request, ends_chunked, parse_request, parse_response_head,
+    parse_status, read_sockaddr, start_response_head, zero_words,
 };
-use super::sysno;
-use crate::maps::{NET_CONN_SCRATCH, NET_CONNS, bump, is_target};
+use super::{offcpu::fd_sock, sysno};
+use crate::maps::{
+    NET_ACCEPTING, NET_CONN_SCRATCH, NET_CONNS, NET_SK_READY, bump, is_target, sk_mark, sk_maybe_tracked,
+};
 
 const EINPROGRESS: i64 = 115;
 /// Offset of `msg_iov` in `struct user_msghdr`.
@@ -173,13 +177,39 @@ fn open(tgid: u32, fd: u32, role: u32, sockaddr: u64, now: u64) {
     c.status = 0;
     c.method = http_method::NONE;
     c.path_len = 0;
+    c.resp_expect = 0;
+    c.framing = NET_FRAMING_NONE;
+    c.head_length = 0;
+    c.head_seen = 0;
+    c.head_state = [0; 8];
+    c.sk = 0;
+    c.queue_ns = 0;
+    c.accept_ns = 0;
+    if role == NET_ROLE_SERVER {
+        // The socket, to time how long each request waits in it (`net_data_ready`), and how
+        // long the connection waited to be accepted.
+        c.sk = fd_sock(u64::from(fd));
+        if c.sk != 0 {
+            // SAFETY: a value of the LRU map from a successful lookup, copied out at once.
+            if let Some(&done) = unsafe { NET_ACCEPTING.get(c.sk) } {
+                c.accept_ns = now.saturating_sub(done);
+                let _ = NET_ACCEPTING.remove(c.sk);
+            }
+            if NET_SK_READY.insert(c.sk, 0, 0).is_ok() {
+                sk_mark(c.sk, true);
+            } else {
+                c.sk = 0;
+            }
+        }
+    }
     // A reused fd whose close was missed is overwritten.
+    let accept_ns = c.accept_ns;
     if NET_CONNS.insert(conn_key(tgid, fd), c, 0).is_err() {
         bump(stat::NET_CONNS_FULL);
         return;
     }
     if role == NET_ROLE_SERVER {
-        emit_conn(NET_EVENT_ACCEPT, tgid, 0, (now, now), (0, 0), peer, (0, 0));
+        emit_conn(NET_EVENT_ACCEPT, tgid, 0, (now - accept_ns, now), (0, 0), peer, (0, 0));
     }
 }
 
@@ -202,6 +232,9 @@ fn data(c: &mut NetConn, tgid: u32, inbound: bool, buf: Buf, ret: i64) {
             finish(c, tgid);
         }
         if c.phase != NET_PHASE_REQUEST {
+            if c.role == NET_ROLE_SERVER {
+                c.queue_ns = socket_queue(c, now);
+            }
             c.phase = NET_PHASE_REQUEST;
             // The server's request starts when its first bytes arrive; the client's when its
             // first write returns (timing the entry too would double the programs run per
@@ -222,16 +255,77 @@ fn data(c: &mut NetConn, tgid: u32, inbound: bool, buf: Buf, ret: i64) {
             return;
         }
         if c.phase == NET_PHASE_REQUEST {
+            if c.role == NET_ROLE_SERVER && c.sk != 0 {
+                // Bytes that arrive from now on are the next request's.
+                match NET_SK_READY.get_ptr_mut(c.sk) {
+                    // SAFETY: a value of the preallocated LRU map from a successful lookup: it
+                    // stays allocated as long as the map; a plain integer.
+                    Some(ready) => unsafe { *ready = 0 },
+                    None => {
+                        let _ = NET_SK_READY.insert(c.sk, 0, 0);
+                    }
+                }
+                if !sk_maybe_tracked(c.sk) {
+                    sk_mark(c.sk, true);
+                }
+            }
             c.phase = NET_PHASE_RESPONSE;
             c.resp_first_ns = now;
             c.status = 0;
+            c.framing = NET_FRAMING_NONE;
+            c.resp_expect = 0;
+            // Clients only: a server's response is complete when its next request begins,
+            // which a keep-alive client sends at once, or its connection closes; reading the
+            // heads of all its responses would cost every server request more.
             if c.method != http_method::NONE {
-                let (base, len) = buf.first();
-                c.status = parse_status(base, if len < ret { len } else { ret });
+                if c.role == NET_ROLE_CLIENT {
+                    start_response_head(c);
+                } else {
+                    let (base, len) = buf.first();
+                    c.status = parse_status(base, if len < ret { len } else { ret });
+                }
             }
+        }
+        // The head can come in several reads (a client reading a few bytes at a time).
+        if c.framing == NET_FRAMING_HEAD {
+            let (base, len) = buf.first();
+            parse_response_head(c, base, if len < ret { len } else { ret });
         }
         c.resp_bytes += ret;
         c.resp_last_ns = now;
+        // A response whose framing says where it ends is reported as its last byte is read
+        // or written: not later, when the connection is used again, nor never, when the
+        // process exits first.
+        let complete = match c.framing {
+            NET_FRAMING_LENGTH => c.resp_bytes >= c.resp_expect,
+            NET_FRAMING_CHUNKED => {
+                let (base, len) = buf.first();
+                ends_chunked(base, len, ret)
+            }
+            _ => false,
+        };
+        if complete {
+            finish(c, tgid);
+        }
+    }
+}
+
+/// How long the request a server starts to read at `now` waited in its socket: since the
+/// first bytes arrived after its previous response began. Its connection's first request,
+/// if nothing arrived since the accept, arrived before it: it waited since the accept.
+#[inline(always)]
+fn socket_queue(c: &NetConn, now: u64) -> u64 {
+    if c.sk == 0 {
+        return 0;
+    }
+    // SAFETY: a value of the hash map from a successful lookup, copied out at once.
+    let ready = unsafe { NET_SK_READY.get(c.sk) }.copied().unwrap_or(0);
+    if ready != 0 && ready <= now {
+        now - ready
+    } else if ready == 0 && c.start_ns == 0 && c.opened_ns <= now {
+        now - c.opened_ns
+    } else {
+        0
     }
 }
 
@@ -242,6 +336,9 @@ fn finish(c: &mut NetConn, tgid: u32) {
         emit_request(c, tgid);
     }
     c.phase = NET_PHASE_IDLE;
+    // The accept queue goes with the connection's first request only.
+    c.accept_ns = 0;
+    c.queue_ns = 0;
     // Reported: the path does not stay in the connections map.
     c.path_len = 0;
     // SAFETY: `NetConn::path` is 8-byte aligned (see `copy_words`).
@@ -253,7 +350,12 @@ fn close(tgid: u32, fd: u32) {
     let key = conn_key(tgid, fd);
     if let Some(c) = NET_CONNS.get_ptr_mut(key) {
         // SAFETY: as in `try_sys_exit`.
-        finish(unsafe { &mut *c }, tgid);
+        let c = unsafe { &mut *c };
+        finish(c, tgid);
+        if c.sk != 0 {
+            let _ = NET_SK_READY.remove(c.sk);
+            sk_mark(c.sk, false);
+        }
         let _ = NET_CONNS.remove(key);
     }
 }

@@ -446,6 +446,39 @@ fn blocked_reason(key: &mut OffKey, tgid: u32) -> u32 {
     }
 }
 
+/// The file behind the current task's descriptor `fd`, and its type (`S_IFMT` bits).
+#[inline(always)]
+fn fd_file(fd: u64) -> Result<(u16, u64), i64> {
+    // SAFETY: the helper takes no arguments and only returns the current task's address.
+    let task = unsafe { bpf_get_current_task() };
+    let files: u64 = kread(at(task, config(&OFF_CONFIG.task_files))?)?;
+    let fdt: u64 = kread(at(files, config(&OFF_CONFIG.files_fdt))?)?;
+    let max: u32 = kread(at(fdt, config(&OFF_CONFIG.fdt_max_fds))?)?;
+    if fd >= u64::from(max) {
+        return Err(0);
+    }
+    let fds: u64 = kread(at(fdt, config(&OFF_CONFIG.fdt_fd))?)?;
+    let file: u64 = kread(fds.wrapping_add(fd * 8))?;
+    let inode: u64 = kread(at(file, config(&OFF_CONFIG.file_inode))?)?;
+    let mode: u16 = kread(at(inode, config(&OFF_CONFIG.inode_mode))?)?;
+    Ok((mode & S_IFMT, file))
+}
+
+/// The `struct sock` of the current task's socket descriptor `fd`; 0 when it is no socket
+/// or cannot be read.
+#[inline(always)]
+pub(super) fn fd_sock(fd: u64) -> u64 {
+    let sock = || -> Result<u64, i64> {
+        let (kind, file) = fd_file(fd)?;
+        if kind != S_IFSOCK {
+            return Err(0);
+        }
+        let socket: u64 = kread(at(file, config(&OFF_CONFIG.file_private_data))?)?;
+        kread(at(socket, config(&OFF_CONFIG.socket_sk))?)
+    };
+    sock().unwrap_or(0)
+}
+
 /// True when `uaddr` is in the GIL of Python process `tgid`.
 #[inline(always)]
 fn is_gil(tgid: u32, uaddr: u64) -> bool {
@@ -459,22 +492,7 @@ fn is_gil(tgid: u32, uaddr: u64) -> bool {
 /// TCP/UDP over IP), a regular file (disk), or `otherwise`.
 #[inline(always)]
 fn fd_reason(key: &mut OffKey, fd: u64, otherwise: u32) -> u32 {
-    let lookup = || -> Result<(u16, u64), i64> {
-        // SAFETY: the helper takes no arguments and only returns the current task's address.
-        let task = unsafe { bpf_get_current_task() };
-        let files: u64 = kread(at(task, config(&OFF_CONFIG.task_files))?)?;
-        let fdt: u64 = kread(at(files, config(&OFF_CONFIG.files_fdt))?)?;
-        let max: u32 = kread(at(fdt, config(&OFF_CONFIG.fdt_max_fds))?)?;
-        if fd >= u64::from(max) {
-            return Err(0);
-        }
-        let fds: u64 = kread(at(fdt, config(&OFF_CONFIG.fdt_fd))?)?;
-        let file: u64 = kread(fds.wrapping_add(fd * 8))?;
-        let inode: u64 = kread(at(file, config(&OFF_CONFIG.file_inode))?)?;
-        let mode: u16 = kread(at(inode, config(&OFF_CONFIG.inode_mode))?)?;
-        Ok((mode & S_IFMT, file))
-    };
-    let Ok((kind, file)) = lookup() else { return otherwise };
+    let Ok((kind, file)) = fd_file(fd) else { return otherwise };
     match kind {
         S_IFSOCK => {
             // The peer, when the socket has one (a listening socket has none: waiting on it

@@ -11,10 +11,11 @@ use super::{
     net::{AF_INET, AF_INET6, NetSock, Peer, emit_conn, kernel_u64, offset},
     record,
 };
-use crate::maps::{NET_SOCKS, bump, is_target};
+use crate::maps::{NET_ACCEPTING, NET_SOCKS, bump, is_target};
 
 const TCP_ESTABLISHED: i32 = 1;
 const TCP_SYN_SENT: i32 = 2;
+const TCP_SYN_RECV: i32 = 3;
 const IPPROTO_TCP: u16 = 6;
 
 #[tracepoint]
@@ -31,6 +32,14 @@ fn try_sock_state(ctx: &TracePointContext) -> Result<u32, i64> {
     let new: i32 = record(ctx, offset!(sk_newstate))?;
     // SAFETY: the helper takes no arguments and only reads the clock.
     let now = unsafe { bpf_ktime_get_ns() };
+
+    if old == TCP_SYN_RECV && new == TCP_ESTABLISHED {
+        // A connection to a listening socket completed its handshake: it waits in the
+        // accept queue from now (softirq context: any listener of the host; the accept of
+        // a target's socket takes the entry).
+        let _ = NET_ACCEPTING.insert(skaddr, now, 0);
+        return Ok(0);
+    }
 
     if new == TCP_SYN_SENT {
         // Entering SYN_SENT runs in connect(), in the connecting process.

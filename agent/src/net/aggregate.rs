@@ -50,6 +50,12 @@ impl RequestKey {
 #[derive(Debug, Clone, Default)]
 pub struct RequestStats {
     pub latency: Histogram,
+    /// Clients: request written to the first byte of the response read.
+    pub ttfb: Histogram,
+    /// Servers: the request's bytes arrived to its first read (socket queue), and that plus
+    /// the connection's accept queue (its first request) and the request itself.
+    pub queue: Histogram,
+    pub total: Histogram,
     pub req_bytes: u64,
     pub resp_bytes: u64,
 }
@@ -80,6 +86,9 @@ pub struct NetMetrics {
     pub connects: BTreeMap<(u32, SocketAddr), ConnectStats>,
     /// Connections accepted per process.
     pub accepted: BTreeMap<u32, u64>,
+    /// Per process, how long accepted connections waited to be accepted (from the
+    /// handshake's end).
+    pub accept_queue: BTreeMap<u32, Histogram>,
     /// Process names seen.
     pub comms: HashMap<u32, String>,
 }
@@ -116,12 +125,9 @@ impl Aggregator {
         match e.kind {
             NET_EVENT_REQUEST => {
                 let direction = if e.role == NET_ROLE_SERVER { Direction::Server } else { Direction::Client };
-                // A server's request lasts until its last response byte is written; a
-                // client's until the first response byte arrives.
-                let end = match direction {
-                    Direction::Server => e.resp_last_ns,
-                    Direction::Client => e.resp_first_ns,
-                };
+                // A request lasts until the last byte of its response is written (server)
+                // or read (client).
+                let end = e.resp_last_ns;
                 let method = http_method::NAMES.get(e.method as usize).copied().filter(|m| !m.is_empty());
                 let route = method.map(|_| {
                     let len = (e.path_len as usize).min(NET_PATH_LEN);
@@ -142,6 +148,14 @@ impl Aggregator {
                 }
                 let stats = m.requests.entry(key).or_default();
                 stats.latency.record(end.saturating_sub(e.start_ns));
+                match direction {
+                    Direction::Client => stats.ttfb.record(e.resp_first_ns.saturating_sub(e.start_ns)),
+                    Direction::Server => {
+                        stats.queue.record(e.queue_ns);
+                        let waited = e.queue_ns.saturating_add(e.accept_ns);
+                        stats.total.record(end.saturating_sub(e.start_ns).saturating_add(waited));
+                    }
+                }
                 // The kernel's counters are trusted to be sane, not to be small: sums saturate.
                 stats.req_bytes = stats.req_bytes.saturating_add(e.req_bytes);
                 stats.resp_bytes = stats.resp_bytes.saturating_add(e.resp_bytes);
@@ -166,7 +180,10 @@ impl Aggregator {
                 c.bytes_acked = c.bytes_acked.saturating_add(e.resp_bytes);
                 c.lifetime.record(e.resp_first_ns.saturating_sub(e.start_ns));
             }
-            NET_EVENT_ACCEPT => *m.accepted.entry(e.tgid).or_default() += 1,
+            NET_EVENT_ACCEPT => {
+                *m.accepted.entry(e.tgid).or_default() += 1;
+                m.accept_queue.entry(e.tgid).or_default().record(e.accept_ns);
+            }
             _ => {}
         }
     }
@@ -232,12 +249,14 @@ mod tests {
             retransmits: 0,
             srtt_us: 0,
             _pad: 0,
+            queue_ns: 0,
+            accept_ns: 0,
             path: p,
         }
     }
 
     #[test]
-    fn servers_time_to_last_byte_clients_to_first() {
+    fn requests_end_at_the_last_response_byte_clients_keep_their_first() {
         let mut a = Aggregator::new();
         a.add(&event(NET_EVENT_REQUEST, NET_ROLE_SERVER, "/sleep/10"));
         a.add(&event(NET_EVENT_REQUEST, agent_ebpf::NET_ROLE_CLIENT, ""));
@@ -249,7 +268,8 @@ mod tests {
         let (client, c) = m.requests.iter().find(|(k, _)| k.direction == Direction::Client).unwrap();
         assert_eq!(client.method, None);
         assert_eq!(client.peer, Some("127.0.0.1:8080".parse().unwrap()));
-        assert_eq!(c.latency.max_ns, 2_000_000);
+        assert_eq!((c.latency.max_ns, c.ttfb.max_ns), (10_000_000, 2_000_000));
+        assert_eq!(s.ttfb.count, 0);
         assert!(a.take_interval().requests.is_empty());
     }
 

@@ -88,6 +88,16 @@ fn adopt(programs: &mut KernelPrograms, pid: u32, found: &[Established]) -> Resu
             status: 0,
             method: agent_ebpf::http_method::NONE,
             path_len: 0,
+            resp_expect: 0,
+            head_length: 0,
+            head_seen: 0,
+            framing: agent_ebpf::NET_FRAMING_NONE,
+            head_state: [0; 8],
+            // Not known from /proc: requests of adopted connections are timed from their
+            // first read.
+            sk: 0,
+            queue_ns: 0,
+            accept_ns: 0,
             path: [0; agent_ebpf::NET_PATH_LEN],
         };
         let key = u64::from(pid) << 32 | u64::from(e.fd);

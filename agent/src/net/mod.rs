@@ -13,10 +13,11 @@ use std::sync::{
 };
 
 use agent_ebpf::{
-    MAP_NET_CONNS, MAP_NET_EVENTS, NET_PATH_LEN, NET_RING_HEAD, NET_RING_SLOTS, NET_RING_TAIL, NetConn,
-    NetEvent, PROG_NET_RETRANSMIT, PROG_NET_SOCK_STATE, PROG_NET_SYS_EXIT,
+    MAP_NET_CONNS, MAP_NET_EVENTS, MAP_NET_SK_READY, NET_PATH_LEN, NET_RING_HEAD, NET_RING_SLOTS,
+    NET_RING_TAIL, NetConn, NetEvent, PROG_NET_DATA_READY, PROG_NET_RETRANSMIT, PROG_NET_SOCK_STATE,
+    PROG_NET_SYS_EXIT,
 };
-use aya::programs::TracePoint;
+use aya::programs::{RawTracePoint, TracePoint};
 
 pub use self::aggregate::{Aggregator, Direction, NetMetrics};
 use crate::{
@@ -44,6 +45,22 @@ pub struct NetTracer {
     cpus: u32,
     /// Attached program names, for run-time statistics.
     programs: Vec<&'static str>,
+    /// `sk_data_ready` is attached (socket-queue times).
+    socket_queue: bool,
+}
+
+/// Loads program `name` and attaches it to raw tracepoint `point`.
+fn attach_raw(ebpf: &mut aya::Ebpf, name: &str, point: &str) -> Result<()> {
+    let prog: &mut RawTracePoint = ebpf
+        .program_mut(name)
+        .and_then(|p| p.try_into().ok())
+        .ok_or(Error::Ebpf { what: "kernel program missing", detail: name.into() })?;
+    prog.load().map_err(|e| crate::programs::attach::load_error("loading a network program", &e))?;
+    prog.attach(point).map_err(|e| Error::KernelFeature {
+        feature: "the sk_data_ready raw tracepoint",
+        detail: crate::error::one_line(&e),
+    })?;
+    Ok(())
 }
 
 impl NetTracer {
@@ -66,13 +83,26 @@ impl NetTracer {
         attach_tracepoint(ebpf, PROG_NET_SYS_EXIT, &exits, feature, loading)?;
         attach_tracepoint(ebpf, PROG_NET_SOCK_STATE, &[("sock", "inet_sock_set_state")], feature, loading)?;
         attach_tracepoint(ebpf, PROG_NET_RETRANSMIT, &[("tcp", "tcp_retransmit_skb")], feature, loading)?;
+        // Socket-queue times need `sk_data_ready` (Linux 6.4+); without it, requests are timed
+        // from their first read as before.
+        let data_ready = match attach_raw(ebpf, PROG_NET_DATA_READY, "sk_data_ready") {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!("socket-queue times unavailable: {e}");
+                false
+            }
+        };
         let map = ebpf
             .map(MAP_NET_EVENTS)
             .ok_or(Error::Ebpf { what: "kernel map missing", detail: MAP_NET_EVENTS.into() })?;
         let events = MappedArray::new(map, MAP_NET_EVENTS)?;
         // The loader sized the array for every possible CPU id (`event_slots`).
         let cpus = events.entries() / event_slots(1);
-        Ok(Self { events, cpus, programs: vec![PROG_NET_SYS_EXIT, PROG_NET_SOCK_STATE, PROG_NET_RETRANSMIT] })
+        let mut programs = vec![PROG_NET_SYS_EXIT, PROG_NET_SOCK_STATE, PROG_NET_RETRANSMIT];
+        if data_ready {
+            programs.push(PROG_NET_DATA_READY);
+        }
+        Ok(Self { events, cpus, programs, socket_queue: data_ready })
     }
 
     /// Moves every pending event of every CPU's ring into `agg`; returns how many.
@@ -114,11 +144,13 @@ pub struct Drainer {
     thread: Option<std::thread::JoinHandle<()>>,
     /// The attached programs' names, for run-time statistics.
     programs: Vec<&'static str>,
+    socket_queue: bool,
 }
 
 impl Drainer {
     pub fn start(mut tracer: NetTracer, aggregator: Aggregator) -> Result<Self> {
         let programs = tracer.programs.clone();
+        let socket_queue = tracer.socket_queue;
         let aggregator = Arc::new(Mutex::new(aggregator));
         let stop = Arc::new(AtomicBool::new(false));
         let (agg, done) = (aggregator.clone(), stop.clone());
@@ -133,7 +165,12 @@ impl Drainer {
                 std::thread::sleep(DRAIN_EVERY);
             }
         })?;
-        Ok(Self { aggregator, stop, thread: Some(thread), programs })
+        Ok(Self { aggregator, stop, thread: Some(thread), programs, socket_queue })
+    }
+
+    /// Whether requests' time in their server's socket queue is measured.
+    pub fn socket_queue(&self) -> bool {
+        self.socket_queue
     }
 
     /// The aggregator, locked (the drain waits meanwhile: keep it short).
@@ -154,8 +191,12 @@ impl Drainer {
         let ebpf = programs.ebpf_mut();
         let mut total = (std::time::Duration::ZERO, 0);
         for name in &self.programs {
-            let prog: &mut TracePoint = ebpf.program_mut(name)?.try_into().ok()?;
-            let info = prog.info().ok()?;
+            let prog = ebpf.program_mut(name)?;
+            let info = if *name == PROG_NET_DATA_READY {
+                <&mut RawTracePoint>::try_from(prog).ok()?.info().ok()?
+            } else {
+                <&mut TracePoint>::try_from(prog).ok()?.info().ok()?
+            };
             total.0 += info.run_time();
             total.1 += info.run_count();
         }
@@ -173,9 +214,18 @@ impl Drop for Drainer {
 /// starts with none.
 pub fn forget_process(programs: &mut KernelPrograms, pid: u32) -> Result<()> {
     let mut conns: aya::maps::HashMap<_, u64, NetConn> = programs.map_mut(MAP_NET_CONNS)?;
-    let stale: Vec<u64> = conns.keys().filter_map(|k| k.ok()).filter(|k| (k >> 32) as u32 == pid).collect();
-    for key in stale {
-        let _ = conns.remove(&key);
+    let stale: Vec<(u64, u64)> = conns
+        .iter()
+        .filter_map(|r| r.ok())
+        .filter(|(k, _)| (k >> 32) as u32 == pid)
+        .map(|(k, c)| (k, c.sk))
+        .collect();
+    for (key, _) in &stale {
+        let _ = conns.remove(key);
+    }
+    let mut ready: aya::maps::HashMap<_, u64, u64> = programs.map_mut(MAP_NET_SK_READY)?;
+    for (_, sk) in stale.iter().filter(|(_, sk)| *sk != 0) {
+        let _ = ready.remove(sk);
     }
     Ok(())
 }

@@ -26,6 +26,15 @@ pub struct EndpointRow {
     pub statuses: BTreeMap<u16, u64>,
     #[serde(flatten)]
     pub latency: Quantiles,
+    /// Clients: request written to the first response byte read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ttfb: Option<Quantiles>,
+    /// Servers: time in the socket queue before the first read, and the whole time in the
+    /// server (accept queue of a connection's first request, socket queue, request).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue: Option<Quantiles>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub total: Option<Quantiles>,
     pub request_bytes: u64,
     pub response_bytes: u64,
     /// Counts per OpenTelemetry advised bucket (`bucket_bounds_s`, then above the last).
@@ -62,6 +71,9 @@ pub struct Drops {
 #[derive(Default)]
 struct Group {
     latency: Histogram,
+    ttfb: Histogram,
+    queue: Histogram,
+    total: Histogram,
     errors: u64,
     statuses: BTreeMap<u16, u64>,
     req_bytes: u64,
@@ -75,16 +87,23 @@ pub struct NetReport {
     pub endpoints: Vec<EndpointRow>,
     pub connects: Vec<ConnectRow>,
     pub accepted: BTreeMap<u32, u64>,
+    /// Per process, how long its accepted connections waited to be accepted.
+    pub accept_queue: BTreeMap<u32, Quantiles>,
+    /// Whether socket-queue times were measured (`sock:sk_data_ready`).
+    pub socket_queue: bool,
     pub drops: Drops,
 }
 
 impl NetReport {
-    pub fn new(m: &NetMetrics, duration_s: f64, drops: Drops) -> Self {
+    pub fn new(m: &NetMetrics, duration_s: f64, drops: Drops, socket_queue: bool) -> Self {
         let comm = |pid: u32| m.comms.get(&pid).cloned().unwrap_or_else(|| "?".into());
         let mut groups: BTreeMap<_, Group> = BTreeMap::new();
         for (k, s) in &m.requests {
             let g = groups.entry((k.pid, k.direction, k.peer, k.method, k.route.clone())).or_default();
             g.latency.merge(&s.latency);
+            g.ttfb.merge(&s.ttfb);
+            g.queue.merge(&s.queue);
+            g.total.merge(&s.total);
             if k.is_error() {
                 g.errors += s.latency.count;
             }
@@ -106,6 +125,9 @@ impl NetReport {
                 errors: g.errors,
                 statuses: g.statuses,
                 latency: g.latency.quantiles(),
+                ttfb: (g.ttfb.count > 0).then(|| g.ttfb.quantiles()),
+                queue: (socket_queue && g.queue.count > 0).then(|| g.queue.quantiles()),
+                total: (socket_queue && g.total.count > 0).then(|| g.total.quantiles()),
                 request_bytes: g.req_bytes,
                 response_bytes: g.resp_bytes,
                 bucket_counts: g.latency.otel.to_vec(),
@@ -138,6 +160,8 @@ impl NetReport {
             endpoints,
             connects,
             accepted: m.accepted.clone(),
+            accept_queue: m.accept_queue.iter().map(|(&pid, h)| (pid, h.quantiles())).collect(),
+            socket_queue,
             drops,
         }
     }
@@ -150,8 +174,21 @@ impl NetReport {
         } else {
             let _ = writeln!(
                 s,
-                "  network requests (ms):\n    {:<20} {:<6} {:<40} {:>7} {:>8} {:>8} {:>8} {:>8} {:>6}",
-                "process", "side", "endpoint", "count", "p50", "p90", "p99", "max", "errors"
+                "  network requests (ms; ttfb: a client's time to the first response byte; queue: a server's \
+                 request waiting in its socket before the first read; total: a server's queue, request and, \
+                 for a connection's first, accept queue):\n    {:<20} {:<6} {:<40} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9} {:>6}",
+                "process",
+                "side",
+                "endpoint",
+                "count",
+                "p50",
+                "p90",
+                "p99",
+                "max",
+                "ttfb p50",
+                "queue p50",
+                "total p50",
+                "errors"
             );
             for e in &self.endpoints {
                 let mut endpoint = String::new();
@@ -168,9 +205,13 @@ impl NetReport {
                     Direction::Server => "server",
                     Direction::Client => "client",
                 };
+                let p50 = |q: Option<Quantiles>| {
+                    q.map(|t| format!("{:.2}", t.p50_ms)).unwrap_or_else(|| "-".into())
+                };
+                let (ttfb, queue, total) = (p50(e.ttfb), p50(e.queue), p50(e.total));
                 let _ = writeln!(
                     s,
-                    "    {:<20} {side:<6} {endpoint:<40} {:>7} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>6}",
+                    "    {:<20} {side:<6} {endpoint:<40} {:>7} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {ttfb:>9} {queue:>9} {total:>9} {:>6}",
                     format!("{} ({})", e.process, e.pid),
                     e.count,
                     e.latency.p50_ms,
@@ -201,6 +242,22 @@ impl NetReport {
                     c.retransmits,
                 );
             }
+        }
+        for (pid, q) in &self.accept_queue {
+            let _ = writeln!(
+                s,
+                "  accept queue of pid {pid} (ms, handshake done to accept() returned): {} connections, p50 {:.3}, p99 {:.3}, max {:.3}",
+                self.accepted.get(pid).copied().unwrap_or(0),
+                q.p50_ms,
+                q.p99_ms,
+                q.max_ms
+            );
+        }
+        if !self.socket_queue {
+            let _ = writeln!(
+                s,
+                "  network: socket-queue times unavailable (no sk_data_ready tracepoint): servers' requests are timed from their first read"
+            );
         }
         let accepted: u64 = self.accepted.values().sum();
         let d = &self.drops;

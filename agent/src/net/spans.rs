@@ -132,6 +132,8 @@ mod tests {
             retransmits: 0,
             srtt_us: 0,
             _pad: 0,
+            queue_ns: 0,
+            accept_ns: 0,
             path: [0; agent_ebpf::NET_PATH_LEN],
         }
     }

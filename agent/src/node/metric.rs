@@ -281,7 +281,28 @@ pub(crate) const HTTP_CLIENT: Metric = def(
     "s",
     Histogram(REQUEST_BOUNDS),
     "http_client_request_duration_seconds",
-    "Duration of HTTP client requests, request written to first response byte read.",
+    "Duration of HTTP client requests, request written to last response byte read.",
+);
+pub(crate) const CLIENT_TTFB: Metric = def(
+    "stoker.net.client.ttfb",
+    "s",
+    Histogram(REQUEST_BOUNDS),
+    "stoker_net_client_ttfb_seconds",
+    "Client requests' time to first byte: request written to first response byte read.",
+);
+pub(crate) const SERVER_QUEUE: Metric = def(
+    "stoker.http.server.queue.duration",
+    "s",
+    Histogram(REQUEST_BOUNDS),
+    "stoker_http_server_queue_duration_seconds",
+    "Time HTTP server requests waited in their socket, bytes arrived to the first read.",
+);
+pub(crate) const ACCEPT_QUEUE: Metric = def(
+    "stoker.tcp.accept.queue.duration",
+    "s",
+    Histogram(TCP_BOUNDS),
+    "stoker_tcp_accept_queue_duration_seconds",
+    "Time accepted TCP connections waited in the accept queue, handshake done to accept().",
 );
 pub(crate) const NET_REQUEST: Metric = def(
     "stoker.net.request.duration",
@@ -338,14 +359,17 @@ pub(crate) const LOOP_BLOCKED: Metric = def(
 );
 const LOOP_BOUNDS: &[f64] = &[0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
-pub(crate) const NETWORK: [&Metric; 9] = [
+pub(crate) const NETWORK: [&Metric; 12] = [
     &HTTP_SERVER,
+    &SERVER_QUEUE,
     &HTTP_CLIENT,
+    &CLIENT_TTFB,
     &NET_REQUEST,
     &CONNECT,
     &RTT,
     &CONNECT_FAILURES,
     &RETRANSMITS,
     &ACCEPTS,
+    &ACCEPT_QUEUE,
     &LOOP_BLOCKED,
 ];

@@ -10,8 +10,8 @@ use opentelemetry_proto::tonic::metrics::v1::{
 use super::{
     encode::{attribute, escape},
     metric::{
-        ACCEPTS, CONNECT, CONNECT_FAILURES, HTTP_CLIENT, HTTP_SERVER, Instrument, LOOP_BLOCKED,
-        Metric as Def, NET_REQUEST, NETWORK, RETRANSMITS, RTT,
+        ACCEPT_QUEUE, ACCEPTS, CLIENT_TTFB, CONNECT, CONNECT_FAILURES, HTTP_CLIENT, HTTP_SERVER, Instrument,
+        LOOP_BLOCKED, Metric as Def, NET_REQUEST, NETWORK, RETRANSMITS, RTT, SERVER_QUEUE,
     },
 };
 use crate::net::{Direction, NetMetrics, hist::Histogram};
@@ -100,6 +100,12 @@ impl NetSeries {
             if let Some(peer) = key.peer {
                 attrs.extend(server(peer));
             }
+            if key.direction == Direction::Client && stats.ttfb.count > 0 {
+                self.add_histogram(&CLIENT_TTFB, attrs.clone(), &stats.ttfb);
+            }
+            if key.method.is_some() && key.direction == Direction::Server && stats.queue.count > 0 {
+                self.add_histogram(&SERVER_QUEUE, attrs.clone(), &stats.queue);
+            }
             self.add_histogram(kind, attrs, &stats.latency);
         }
         for ((_, peer), c) in m.connects.iter().filter(|((p, _), _)| *p == pid) {
@@ -115,6 +121,9 @@ impl NetSeries {
         }
         if let Some(&n) = m.accepted.get(&pid) {
             self.add_counter(&ACCEPTS, Vec::new(), n);
+        }
+        if let Some(h) = m.accept_queue.get(&pid) {
+            self.add_histogram(&ACCEPT_QUEUE, Vec::new(), h);
         }
     }
 

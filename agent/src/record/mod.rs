@@ -292,8 +292,12 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
     let net = match net.as_mut() {
         Some((drainer, _)) => {
             drainer.finish();
-            let report =
-                NetReport::new(drainer.aggregator().metrics(), elapsed.as_secs_f64(), net_drops(&stats));
+            let report = NetReport::new(
+                drainer.aggregator().metrics(),
+                elapsed.as_secs_f64(),
+                net_drops(&stats),
+                drainer.socket_queue(),
+            );
             let path = net_output(&output);
             let json = serde_json::to_vec_pretty(&report).map_err(std::io::Error::other);
             json.and_then(|j| std::fs::write(&path, j))
