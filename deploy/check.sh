@@ -156,7 +156,9 @@ ALLOWED = {
 } | {f"{h}_{part}" for part in ("bucket", "sum", "count") for h in (
     "http_server_request_duration_seconds", "http_client_request_duration_seconds",
     "stoker_net_request_duration_seconds", "stoker_tcp_connect_duration_seconds", "stoker_tcp_rtt_seconds",
-    "stoker_event_loop_blocked_duration_seconds",
+    "stoker_event_loop_blocked_duration_seconds", "stoker_http_server_queue_duration_seconds",
+    "stoker_tcp_accept_queue_duration_seconds", "stoker_net_stall_duration_seconds",
+    "stoker_net_client_ttfb_seconds",
 )}
 KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right",
             "and", "or", "unless", "bool", "offset", "inf", "nan"}

@@ -461,6 +461,82 @@ fn prefork_connections_wait_in_the_accept_queue() {
     assert!(accept_ms >= 0.8 * (client_ms - request), "accept queue {accept_ms:.3} ms of {client_ms:.3} ms");
 }
 
+/// A keep-alive http.server with Nagle's algorithm on (its default), called by http.client:
+/// each response's body, written after its headers, is held by Nagle until the client's
+/// delayed ACK of the headers. stoker names the stall `nagle-delayed-ack` on the server's
+/// endpoint, for every request whose client waited 20 ms or more beyond what the server
+/// measured itself, and its mean is that difference within 3% of the client's time. The
+/// same server with Nagle off has no stalls.
+#[test]
+fn nagle_stalls_are_named_on_the_server() {
+    require_root();
+    let _serial = serial();
+    for nagle in [true, false] {
+        let args: &[&str] = if nagle { &["--timings", "--nagle"] } else { &["--timings"] };
+        let server = Watched::start(PYTHON, "http_server.py", args);
+        let port: u16 = server.port.parse().unwrap();
+        let plan = serde_json::json!([{"port": port, "path": "/sleep/5", "count": 10, "how": "http.client"}]);
+        let client = run_client(&[net_fixture("caller_client.py").to_str().unwrap(), &plan.to_string()]);
+        let own = server.lines.timings(10);
+        let (report, _) = server.finish();
+        let caller: Vec<f64> =
+            client["steps"][0].as_array().unwrap().iter().map(|d| d.as_f64().unwrap() / 1e6).collect();
+        let handled: Vec<f64> = own.iter().map(|t| (t.min_ns() + t.max_ns()) as f64 / 2e6).collect();
+        // Requests complete in order on the one connection: the i-th of each list is one request.
+        let beyond: Vec<f64> = caller.iter().zip(&handled).map(|(c, h)| c - h).collect();
+        let stalled: Vec<f64> = beyond.iter().copied().filter(|d| *d >= 20.0).collect();
+        let stalls = report["stalls"].as_array().unwrap();
+        eprintln!("Nagle {nagle}: the client waited beyond the server {beyond:.1?} ms; stoker {stalls:#?}");
+        if !nagle {
+            assert!(stalls.is_empty() && stalled.is_empty(), "no stalls with Nagle off: {stalls:#?}");
+            continue;
+        }
+        assert_eq!(stalls.len(), 1, "{stalls:#?}");
+        let row = &stalls[0];
+        assert_eq!(
+            (row["side"].as_str(), row["cause"].as_str()),
+            (Some("server"), Some("nagle-delayed-ack"))
+        );
+        assert_eq!(row["endpoint"], "GET /sleep/{id}");
+        assert_eq!(row["count"].as_u64(), Some(stalled.len() as u64), "{row:#}");
+        let expected = stalled.iter().sum::<f64>() / stalled.len() as f64;
+        let client_mean = caller.iter().sum::<f64>() / caller.len() as f64;
+        let mean = row["mean_ms"].as_f64().unwrap();
+        assert!(
+            (mean - expected).abs() <= 0.03 * client_mean,
+            "stall {mean:.3} ms, the client waited {expected:.3} ms beyond the server"
+        );
+    }
+}
+
+/// A client with a 4 KiB receive buffer that reads a 256 KiB response 4 KiB at a time,
+/// 10 ms apart: the server's write returns once its bytes are in the send buffer, and they
+/// then wait for the client's window. stoker names the stall `zero-window`, and its length
+/// is what the client waited beyond the server's own time, within 3% of the client's time
+/// (the last bytes travel after the window opens, microseconds here).
+#[test]
+fn zero_window_stalls_are_named_on_the_server() {
+    require_root();
+    let _serial = serial();
+    let server = Watched::start(PYTHON, "http_server.py", &["--timings"]);
+    let client = run_client(&[net_fixture("slow_reader.py").to_str().unwrap(), &server.port, "/big/256"]);
+    let own = server.lines.timings(1);
+    let (report, _) = server.finish();
+    let client_ms = client.as_f64().unwrap() / 1e6;
+    let handled = (own[0].min_ns() + own[0].max_ns()) as f64 / 2e6;
+    let stalls = report["stalls"].as_array().unwrap();
+    eprintln!("slow reader: client {client_ms:.3} ms, server's own {handled:.3} ms; stoker {stalls:#?}");
+    assert_eq!(stalls.len(), 1, "{stalls:#?}");
+    let row = &stalls[0];
+    assert_eq!((row["cause"].as_str(), row["count"].as_u64()), (Some("zero-window"), Some(1)), "{row:#}");
+    let mean = row["mean_ms"].as_f64().unwrap();
+    assert!(
+        (mean - (client_ms - handled)).abs() <= 0.03 * client_ms,
+        "stall {mean:.3} ms, the client waited {:.3} ms beyond the server",
+        client_ms - handled
+    );
+}
+
 /// Client requests end at the last byte of their response, as the calling code measures
 /// them around `request()` and `read()`: http.client against http.server with Nagle's
 /// algorithm on (a body written after its headers waits for the client's delayed ACK) and

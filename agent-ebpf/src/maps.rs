@@ -3,9 +3,9 @@
 use agent_ebpf::{
     COUNTS_CAPACITY, EXECS_CAPACITY, LOOPS_CAPACITY, LoopBlock, LoopThread, NET_ACCEPTING_CAPACITY,
     NET_CONNS_CAPACITY, NET_HEAD_BUF, NET_PEEK_BUF, NET_RING_SLOTS, NET_SK_BITS_WORDS, NET_SOCKS_CAPACITY,
-    NEW_KEYS_RING_BYTES, NetConn, NetEvent, OFF_COUNTS_CAPACITY, OFF_THREADS_CAPACITY, OffKey, OffThread,
-    PY_FRAME_CHUNK, PY_STACKS_CAPACITY, PY_THREADS_CAPACITY, PyProc, PyStack, STACKS_CAPACITY, SampleKey,
-    TARGET_BITS_WORDS, TARGETS_CAPACITY, stat,
+    NEW_KEYS_RING_BYTES, NetConn, NetEvent, NetSkState, OFF_COUNTS_CAPACITY, OFF_THREADS_CAPACITY, OffKey,
+    OffThread, PY_FRAME_CHUNK, PY_STACKS_CAPACITY, PY_THREADS_CAPACITY, PyProc, PyStack, STACKS_CAPACITY,
+    SampleKey, TARGET_BITS_WORDS, TARGETS_CAPACITY, stat,
 };
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
@@ -123,11 +123,11 @@ pub static NET_PEEK: PerCpuArray<[u8; NET_PEEK_BUF]> = PerCpuArray::with_max_ent
 #[map]
 pub static NET_HEAD: PerCpuArray<[u8; NET_HEAD_BUF]> = PerCpuArray::with_max_entries(1, 0);
 
-/// Servers' sockets and when their unread bytes arrived (see `MAP_NET_SK_READY`).
+/// Servers' sockets: queue and stall state (see `MAP_NET_SK_STATE`).
 #[map]
-pub static NET_SK_READY: LruHashMap<u64, u64> = LruHashMap::with_max_entries(NET_CONNS_CAPACITY, 0);
+pub static NET_SK_STATE: LruHashMap<u64, NetSkState> = LruHashMap::with_max_entries(NET_CONNS_CAPACITY, 0);
 
-/// A filter in front of `NET_SK_READY`, which `sk_data_ready` consults for every socket of
+/// A filter in front of `NET_SK_STATE`, which `sk_data_ready` consults for every socket of
 /// the host: one bit per hash of a `struct sock` address (`sk_bit`), set while a tracked
 /// server socket has that hash. A bit shared by two sockets costs the other a lookup, or,
 /// once cleared at one's close, the other's socket-queue time until its next response

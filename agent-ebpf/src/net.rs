@@ -13,14 +13,52 @@ pub const PROG_NET_RETRANSMIT: &str = "net_retransmit";
 /// Raw tracepoint `sk_data_ready`: when bytes arrive on a server's socket, the start of
 /// the time they wait to be read.
 pub const PROG_NET_DATA_READY: &str = "net_data_ready";
-/// Servers' sockets: `struct sock` address -> when unread bytes first arrived on it since
-/// its last response began (0: none). LRU: a socket whose close was not seen (its process
-/// exited) makes room in time.
-pub const MAP_NET_SK_READY: &str = "NET_SK_READY";
+/// Raw tracepoint `tcp_probe`: a segment arrived on a TCP socket; on a server's, it ends a
+/// stall (bytes the server wrote, held in the kernel until an acknowledgement).
+pub const PROG_NET_TCP_PROBE: &str = "net_tcp_probe";
+/// Servers' sockets: `struct sock` address -> `NetSkState`. LRU: a socket whose close was
+/// not seen (its process exited) makes room in time.
+pub const MAP_NET_SK_STATE: &str = "NET_SK_STATE";
+
+/// `NetSkState::*_cause`, `NetEvent::stall_cause`: why bytes a server wrote waited in the
+/// kernel. 0: no stall.
+pub mod stall_cause {
+    /// A segment smaller than the MSS held by Nagle's algorithm while earlier data was
+    /// unacknowledged; the peer's delayed ACK (40 ms or more on Linux) releases it.
+    pub const NAGLE: u32 = 1;
+    /// A segment was retransmitted.
+    pub const RETRANSMIT: u32 = 2;
+    /// The peer's receive window was full (it does not read fast enough).
+    pub const ZERO_WINDOW: u32 = 3;
+    /// The congestion window was full.
+    pub const CONGESTION: u32 = 4;
+    /// Names, by cause.
+    pub const NAMES: [&str; 5] = ["", "nagle-delayed-ack", "retransmit", "zero-window", "congestion"];
+}
+
+/// What the programs keep per server socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NetSkState {
+    /// When unread bytes first arrived since its last response began (0: none).
+    pub ready_ns: u64,
+    /// A stall under way: since when (0: none), and why.
+    pub hold_ns: u64,
+    /// Stalls that ended since the last request was reported: their time, and the cause of
+    /// the longest.
+    pub stall_ns: u64,
+    pub longest_ns: u64,
+    pub hold_cause: u32,
+    pub stall_cause: u32,
+}
+
+// SAFETY: `repr(C)`, integers only, no padding: any bit pattern is a valid value.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for NetSkState {}
 /// Connections the kernel completed on a listening socket and nobody accepted yet:
 /// `struct sock` address -> when the handshake completed (LRU).
 pub const MAP_NET_ACCEPTING: &str = "NET_ACCEPTING";
-/// Words of the filter in front of `MAP_NET_SK_READY` (a power of two): 1 Mi bits, 128 KiB.
+/// Words of the filter in front of `MAP_NET_SK_STATE` (a power of two): 1 Mi bits, 128 KiB.
 pub const NET_SK_BITS_WORDS: u32 = 16 * 1024;
 const _: () = assert!(NET_SK_BITS_WORDS.is_power_of_two(), "indexed by masking");
 /// Capacity of `MAP_NET_ACCEPTING`: connections waiting to be accepted on the host.
@@ -73,8 +111,19 @@ pub struct NetOffsets {
     pub tcp_srtt_us: u32,
     pub tcp_bytes_received: u32,
     pub tcp_bytes_acked: u32,
+    /// Where a server's written bytes are: last byte written, next to send, oldest
+    /// unacknowledged; the peer's window, the congestion window, segments in flight and
+    /// the MSS (`tcp_sock` members).
+    pub tcp_write_seq: u32,
+    pub tcp_snd_nxt: u32,
+    pub tcp_snd_una: u32,
+    pub tcp_snd_wnd: u32,
+    pub tcp_snd_cwnd: u32,
+    pub tcp_packets_out: u32,
+    pub tcp_mss_cache: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<NetOffsets>() == 48);
+const _: () = assert!(core::mem::size_of::<NetOffsets>() == 80);
 
 // SAFETY: `repr(C)`, integers only, no padding (size asserted): any bit pattern is a valid value.
 #[cfg(feature = "user")]
@@ -96,6 +145,14 @@ impl NetOffsets {
         tcp_srtt_us: 0,
         tcp_bytes_received: 0,
         tcp_bytes_acked: 0,
+        tcp_write_seq: 0,
+        tcp_snd_nxt: 0,
+        tcp_snd_una: 0,
+        tcp_snd_wnd: 0,
+        tcp_snd_cwnd: 0,
+        tcp_packets_out: 0,
+        tcp_mss_cache: 0,
+        _pad: 0,
     };
 }
 
@@ -235,14 +292,17 @@ pub struct NetEvent {
     /// Close: retransmitted segments and smoothed RTT in microseconds.
     pub retransmits: u32,
     pub srtt_us: u32,
-    pub _pad: u32,
+    /// Server request: `stall_cause::*` of its longest stall (0: none).
+    pub stall_cause: u32,
     /// Server request: socket queue, and accept queue (first request of a connection).
     /// Accept: the accept queue.
     pub queue_ns: u64,
     pub accept_ns: u64,
+    /// Server request: time its response's bytes were held in the kernel (stalls).
+    pub stall_ns: u64,
     pub path: [u8; NET_PATH_LEN],
 }
-const _: () = assert!(core::mem::size_of::<NetEvent>() == 56 + 16 + 4 + 20 + 16 + 64);
+const _: () = assert!(core::mem::size_of::<NetEvent>() == 56 + 16 + 4 + 20 + 24 + 64);
 const _: () =
     assert!(core::mem::offset_of!(NetEvent, addr) % 8 == 0 && core::mem::offset_of!(NetEvent, path) % 8 == 0);
 

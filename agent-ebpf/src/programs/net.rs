@@ -4,7 +4,7 @@ use agent_ebpf::{
     NET_EVENT_ACCEPT, NET_FRAMING_CHUNKED, NET_FRAMING_HEAD, NET_FRAMING_LENGTH, NET_FRAMING_NONE,
     NET_HEAD_BUF, NET_HEAD_LEN, NET_HEAD_MAX, NET_PATH_LEN, NET_PEEK_BUF, NET_PEEK_LEN, NET_RING_HEAD,
     NET_RING_SLOTS, NET_RING_TAIL, NET_ROLE_CLIENT, NET_ROLE_SERVER, NetConn, NetEvent, NetOffsets,
-    http_method, stat,
+    NetSkState, http_method, stall_cause, stat,
 };
 use aya_ebpf::{
     helpers::generated::{
@@ -14,7 +14,7 @@ use aya_ebpf::{
     programs::RawTracePointContext,
 };
 
-use crate::maps::{NET_EVENTS, NET_HEAD, NET_HEAD_SCAN, NET_PEEK, NET_SK_READY, bump, sk_maybe_tracked};
+use crate::maps::{NET_EVENTS, NET_HEAD, NET_HEAD_SCAN, NET_PEEK, NET_SK_STATE, bump, sk_maybe_tracked};
 
 /// Offsets set by the loader (see `NetOffsets`).
 #[unsafe(no_mangle)]
@@ -602,7 +602,7 @@ fn publish(header: *mut u64, head: u64) {
 
 /// Sends the request completed on `conn` to userspace.
 #[inline(always)]
-pub fn emit_request(conn: &NetConn, tgid: u32) {
+pub fn emit_request(conn: &NetConn, tgid: u32, stall: (u64, u32)) {
     let Some((e, header, head)) = reserve() else {
         bump(stat::NET_EVENTS_LOST);
         return;
@@ -628,9 +628,10 @@ pub fn emit_request(conn: &NetConn, tgid: u32) {
         (*e).path_len = conn.path_len;
         (*e).retransmits = 0;
         (*e).srtt_us = 0;
-        (*e)._pad = 0;
+        (*e).stall_cause = stall.1;
         (*e).queue_ns = conn.queue_ns;
         (*e).accept_ns = conn.accept_ns;
+        (*e).stall_ns = stall.0;
         copy_words(&mut (*e).path, &conn.path);
     }
     publish(header, head);
@@ -672,7 +673,8 @@ pub fn emit_conn(
         (*e).path_len = 0;
         (*e).retransmits = tcp.0;
         (*e).srtt_us = tcp.1;
-        (*e)._pad = 0;
+        (*e).stall_cause = 0;
+        (*e).stall_ns = 0;
         (*e).queue_ns = 0;
         (*e).accept_ns = if kind == NET_EVENT_ACCEPT { times.1 - times.0 } else { 0 };
         zero_words(&mut (*e).path);
@@ -690,15 +692,126 @@ pub fn net_data_ready(ctx: RawTracePointContext) -> u32 {
     if !sk_maybe_tracked(sk) {
         return 0;
     }
-    if let Some(ready) = NET_SK_READY.get_ptr_mut(sk) {
-        // SAFETY: a value of the preallocated hash map from a successful lookup: it stays
-        // allocated as long as the map; a plain integer. A read racing on another CPU sees
-        // the old or the new value.
+    if let Some(st) = NET_SK_STATE.get_ptr_mut(sk) {
+        // SAFETY: a value of the preallocated LRU map from a successful lookup: it stays
+        // allocated as long as the map; plain integers. A read racing on another CPU sees
+        // the old or the new value of each.
         unsafe {
-            if *ready == 0 {
-                *ready = bpf_ktime_get_ns();
+            if (*st).ready_ns == 0 {
+                (*st).ready_ns = bpf_ktime_get_ns();
             }
         }
     }
     0
+}
+
+/// `tcp_probe(struct sock *sk, const struct sk_buff *skb)`: a segment arrived on `sk` (an
+/// acknowledgement, a window update, data). For a server's socket whose written bytes the
+/// kernel holds (`hold_stall`), this is what releases them: the stall ends. Runs for every
+/// segment of the host: one bit test first, as `net_data_ready`.
+#[raw_tracepoint(tracepoint = "tcp_probe")]
+pub fn net_tcp_probe(ctx: RawTracePointContext) -> u32 {
+    let sk: u64 = ctx.arg(0);
+    if !sk_maybe_tracked(sk) {
+        return 0;
+    }
+    if let Some(st) = NET_SK_STATE.get_ptr_mut(sk) {
+        // SAFETY: as in `net_data_ready`.
+        let st = unsafe { &mut *st };
+        if st.hold_ns != 0 {
+            // SAFETY: the helper takes no arguments and only reads the clock.
+            let now = unsafe { bpf_ktime_get_ns() };
+            let cause = st.hold_cause;
+            end_stall(st, now);
+            // A full window opens a little with each acknowledgement: the bytes still held
+            // (as of before this segment is processed) go on waiting, until a segment finds
+            // them all sent. (Nagle's hold ends with the first acknowledgement.)
+            if cause != stall_cause::NAGLE
+                && let Some(still) = held_cause(sk)
+            {
+                st.hold_ns = now;
+                st.hold_cause = if still == stall_cause::NAGLE { cause } else { still };
+            }
+        }
+    }
+    0
+}
+
+/// Ends the stall under way on a socket at `now`: adds it to the stalls since the last
+/// request was reported.
+#[inline(always)]
+pub fn end_stall(st: &mut NetSkState, now: u64) {
+    if st.hold_ns == 0 || now < st.hold_ns {
+        st.hold_ns = 0;
+        return;
+    }
+    let d = now - st.hold_ns;
+    st.stall_ns += d;
+    if d >= st.longest_ns {
+        st.longest_ns = d;
+        st.stall_cause = st.hold_cause;
+    }
+    st.hold_ns = 0;
+}
+
+/// After a server's write to `sk` at `now`: when the kernel holds bytes of it back (written
+/// but not sent), a stall starts, with its cause: the peer's window full, the congestion
+/// window full, or Nagle's algorithm (less than a segment, earlier data unacknowledged).
+#[inline(always)]
+pub fn hold_stall(sk: u64, now: u64) {
+    if offset!(tcp_write_seq) == 0 {
+        return;
+    }
+    let Some(st) = NET_SK_STATE.get_ptr_mut(sk) else { return };
+    // SAFETY: as in `net_data_ready`.
+    let st = unsafe { &mut *st };
+    if st.hold_ns != 0 {
+        return;
+    }
+    if let Some(cause) = held_cause(sk) {
+        st.hold_ns = now;
+        st.hold_cause = cause;
+    }
+}
+
+/// Why the kernel holds bytes written to `sk` (written, not sent), if it does.
+#[inline(always)]
+fn held_cause(sk: u64) -> Option<u32> {
+    let field = |off: usize| kernel_u64(sk, off) as u32;
+    let (written, next) = (field(offset!(tcp_write_seq)), field(offset!(tcp_snd_nxt)));
+    let held = written.wrapping_sub(next);
+    if held == 0 || held > 1 << 30 {
+        return None;
+    }
+    let (una, window) = (field(offset!(tcp_snd_una)), field(offset!(tcp_snd_wnd)));
+    if una.wrapping_add(window).wrapping_sub(next) as i32 <= 0 {
+        Some(stall_cause::ZERO_WINDOW)
+    } else if field(offset!(tcp_packets_out)) >= field(offset!(tcp_snd_cwnd)) {
+        Some(stall_cause::CONGESTION)
+    } else if held < field(offset!(tcp_mss_cache)) && una != next {
+        Some(stall_cause::NAGLE)
+    } else {
+        // Queued for a moment (small queues, pacing): sent without waiting for the peer.
+        None
+    }
+}
+
+/// The stalls of `sk` since its last reported request, as of `now` (a stall still under way
+/// counts until now and goes on from there); resets them.
+#[inline(always)]
+pub fn take_stalls(sk: u64, now: u64) -> (u64, u32) {
+    let Some(st) = NET_SK_STATE.get_ptr_mut(sk) else { return (0, 0) };
+    // SAFETY: as in `net_data_ready`.
+    let st = unsafe { &mut *st };
+    if st.hold_ns != 0 {
+        let cause = st.hold_cause;
+        end_stall(st, now);
+        st.hold_ns = now;
+        st.hold_cause = cause;
+    }
+    let taken = (st.stall_ns, st.stall_cause);
+    st.stall_ns = 0;
+    st.longest_ns = 0;
+    st.stall_cause = 0;
+    taken
 }

@@ -3,7 +3,7 @@
 use agent_ebpf::{
     NET_EVENT_ACCEPT, NET_FRAMING_CHUNKED, NET_FRAMING_HEAD, NET_FRAMING_LENGTH, NET_FRAMING_NONE,
     NET_PHASE_IDLE, NET_PHASE_REQUEST, NET_PHASE_RESPONSE, NET_ROLE_CLIENT, NET_ROLE_SERVER, NetConn,
-    http_method, stat,
+    NetSkState, http_method, stat,
 };
 use aya_ebpf::{
     bindings::pt_regs,
@@ -16,12 +16,12 @@ use aya_ebpf::{
 };
 
 use super::net::{
-    Peer, copy_words, emit_conn, emit_request, ends_chunked, parse_request, parse_response_head,
-    parse_status, read_sockaddr, start_response_head, zero_words,
+    Peer, copy_words, emit_conn, emit_request, ends_chunked, hold_stall, parse_request, parse_response_head,
+    parse_status, read_sockaddr, start_response_head, take_stalls, zero_words,
 };
 use super::{offcpu::fd_sock, sysno};
 use crate::maps::{
-    NET_ACCEPTING, NET_CONN_SCRATCH, NET_CONNS, NET_SK_READY, bump, is_target, sk_mark, sk_maybe_tracked,
+    NET_ACCEPTING, NET_CONN_SCRATCH, NET_CONNS, NET_SK_STATE, bump, is_target, sk_mark, sk_maybe_tracked,
 };
 
 const EINPROGRESS: i64 = 115;
@@ -195,7 +195,7 @@ fn open(tgid: u32, fd: u32, role: u32, sockaddr: u64, now: u64) {
                 c.accept_ns = now.saturating_sub(done);
                 let _ = NET_ACCEPTING.remove(c.sk);
             }
-            if NET_SK_READY.insert(c.sk, 0, 0).is_ok() {
+            if NET_SK_STATE.insert(c.sk, NetSkState::default(), 0).is_ok() {
                 sk_mark(c.sk, true);
             } else {
                 c.sk = 0;
@@ -257,12 +257,12 @@ fn data(c: &mut NetConn, tgid: u32, inbound: bool, buf: Buf, ret: i64) {
         if c.phase == NET_PHASE_REQUEST {
             if c.role == NET_ROLE_SERVER && c.sk != 0 {
                 // Bytes that arrive from now on are the next request's.
-                match NET_SK_READY.get_ptr_mut(c.sk) {
+                match NET_SK_STATE.get_ptr_mut(c.sk) {
                     // SAFETY: a value of the preallocated LRU map from a successful lookup: it
-                    // stays allocated as long as the map; a plain integer.
-                    Some(ready) => unsafe { *ready = 0 },
+                    // stays allocated as long as the map; plain integers.
+                    Some(st) => unsafe { (*st).ready_ns = 0 },
                     None => {
-                        let _ = NET_SK_READY.insert(c.sk, 0, 0);
+                        let _ = NET_SK_STATE.insert(c.sk, NetSkState::default(), 0);
                     }
                 }
                 if !sk_maybe_tracked(c.sk) {
@@ -293,6 +293,9 @@ fn data(c: &mut NetConn, tgid: u32, inbound: bool, buf: Buf, ret: i64) {
         }
         c.resp_bytes += ret;
         c.resp_last_ns = now;
+        if c.role == NET_ROLE_SERVER && c.sk != 0 {
+            hold_stall(c.sk, now);
+        }
         // A response whose framing says where it ends is reported as its last byte is read
         // or written: not later, when the connection is used again, nor never, when the
         // process exits first.
@@ -319,7 +322,7 @@ fn socket_queue(c: &NetConn, now: u64) -> u64 {
         return 0;
     }
     // SAFETY: a value of the hash map from a successful lookup, copied out at once.
-    let ready = unsafe { NET_SK_READY.get(c.sk) }.copied().unwrap_or(0);
+    let ready = unsafe { NET_SK_STATE.get(c.sk) }.map(|st| st.ready_ns).unwrap_or(0);
     if ready != 0 && ready <= now {
         now - ready
     } else if ready == 0 && c.start_ns == 0 && c.opened_ns <= now {
@@ -333,7 +336,10 @@ fn socket_queue(c: &NetConn, now: u64) -> u64 {
 #[inline(always)]
 fn finish(c: &mut NetConn, tgid: u32) {
     if c.phase == NET_PHASE_RESPONSE {
-        emit_request(c, tgid);
+        // A server's response: how long its bytes were held in the kernel.
+        let stalls =
+            if c.role == NET_ROLE_SERVER && c.sk != 0 { take_stalls(c.sk, bpf_now()) } else { (0, 0) };
+        emit_request(c, tgid, stalls);
     }
     c.phase = NET_PHASE_IDLE;
     // The accept queue goes with the connection's first request only.
@@ -353,7 +359,7 @@ fn close(tgid: u32, fd: u32) {
         let c = unsafe { &mut *c };
         finish(c, tgid);
         if c.sk != 0 {
-            let _ = NET_SK_READY.remove(c.sk);
+            let _ = NET_SK_STATE.remove(c.sk);
             sk_mark(c.sk, false);
         }
         let _ = NET_CONNS.remove(key);

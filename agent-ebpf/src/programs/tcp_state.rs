@@ -1,6 +1,6 @@
 //! TCP connections of target processes from their state changes: connect latency and
 //! failures, then retransmits, smoothed RTT and bytes when the connection leaves ESTABLISHED.
-use agent_ebpf::{NET_EVENT_CLOSE, NET_EVENT_CONNECT, stat};
+use agent_ebpf::{NET_EVENT_CLOSE, NET_EVENT_CONNECT, stall_cause, stat};
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::tracepoint,
@@ -11,7 +11,7 @@ use super::{
     net::{AF_INET, AF_INET6, NetSock, Peer, emit_conn, kernel_u64, offset},
     record,
 };
-use crate::maps::{NET_ACCEPTING, NET_SOCKS, bump, is_target};
+use crate::maps::{NET_ACCEPTING, NET_SK_STATE, NET_SOCKS, bump, is_target, sk_maybe_tracked};
 
 const TCP_ESTABLISHED: i32 = 1;
 const TCP_SYN_SENT: i32 = 2;
@@ -104,6 +104,19 @@ pub fn net_retransmit(ctx: TracePointContext) -> u32 {
     if let Some(s) = NET_SOCKS.get_ptr_mut(skaddr) {
         // SAFETY: as in `try_sock_state`.
         unsafe { (*s).retransmits += 1 };
+    }
+    // A server's socket: its bytes wait for the retransmission to be acknowledged.
+    if sk_maybe_tracked(skaddr)
+        && let Some(st) = NET_SK_STATE.get_ptr_mut(skaddr)
+    {
+        // SAFETY: a value of the preallocated LRU map from a successful lookup; plain
+        // integers (see `net_data_ready`).
+        let st = unsafe { &mut *st };
+        if st.hold_ns == 0 {
+            // SAFETY: the helper takes no arguments and only reads the clock.
+            st.hold_ns = unsafe { bpf_ktime_get_ns() };
+        }
+        st.hold_cause = stall_cause::RETRANSMIT;
     }
     0
 }

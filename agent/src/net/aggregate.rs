@@ -56,6 +56,9 @@ pub struct RequestStats {
     /// the connection's accept queue (its first request) and the request itself.
     pub queue: Histogram,
     pub total: Histogram,
+    /// Servers: requests whose response bytes were held in the kernel for `STALL_MIN_NS`
+    /// or more, by the cause of their longest hold (`stall_cause::*`).
+    pub stalls: BTreeMap<u32, Histogram>,
     pub req_bytes: u64,
     pub resp_bytes: u64,
 }
@@ -92,6 +95,10 @@ pub struct NetMetrics {
     /// Process names seen.
     pub comms: HashMap<u32, String>,
 }
+
+/// A response held in the kernel this long or more counts as stalled: shorter holds are
+/// the normal wait for an acknowledgement on a fast network (one round trip).
+pub const STALL_MIN_NS: u64 = 1_000_000;
 
 /// Distinct peers kept per process and interval; the others are counted under `OTHER_PEER`.
 pub const MAX_PEERS: usize = 256;
@@ -152,6 +159,9 @@ impl Aggregator {
                     Direction::Client => stats.ttfb.record(e.resp_first_ns.saturating_sub(e.start_ns)),
                     Direction::Server => {
                         stats.queue.record(e.queue_ns);
+                        if e.stall_ns >= STALL_MIN_NS && e.stall_cause != 0 {
+                            stats.stalls.entry(e.stall_cause).or_default().record(e.stall_ns);
+                        }
                         let waited = e.queue_ns.saturating_add(e.accept_ns);
                         stats.total.record(end.saturating_sub(e.start_ns).saturating_add(waited));
                     }
@@ -248,9 +258,10 @@ mod tests {
             path_len: path.len() as u32,
             retransmits: 0,
             srtt_us: 0,
-            _pad: 0,
+            stall_cause: 0,
             queue_ns: 0,
             accept_ns: 0,
+            stall_ns: 0,
             path: p,
         }
     }

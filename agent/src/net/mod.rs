@@ -13,9 +13,9 @@ use std::sync::{
 };
 
 use agent_ebpf::{
-    MAP_NET_CONNS, MAP_NET_EVENTS, MAP_NET_SK_READY, NET_PATH_LEN, NET_RING_HEAD, NET_RING_SLOTS,
+    MAP_NET_CONNS, MAP_NET_EVENTS, MAP_NET_SK_STATE, NET_PATH_LEN, NET_RING_HEAD, NET_RING_SLOTS,
     NET_RING_TAIL, NetConn, NetEvent, PROG_NET_DATA_READY, PROG_NET_RETRANSMIT, PROG_NET_SOCK_STATE,
-    PROG_NET_SYS_EXIT,
+    PROG_NET_SYS_EXIT, PROG_NET_TCP_PROBE,
 };
 use aya::programs::{RawTracePoint, TracePoint};
 
@@ -57,8 +57,8 @@ fn attach_raw(ebpf: &mut aya::Ebpf, name: &str, point: &str) -> Result<()> {
         .ok_or(Error::Ebpf { what: "kernel program missing", detail: name.into() })?;
     prog.load().map_err(|e| crate::programs::attach::load_error("loading a network program", &e))?;
     prog.attach(point).map_err(|e| Error::KernelFeature {
-        feature: "the sk_data_ready raw tracepoint",
-        detail: crate::error::one_line(&e),
+        feature: "a raw tracepoint",
+        detail: format!("{point}: {}", crate::error::one_line(&e)),
     })?;
     Ok(())
 }
@@ -92,6 +92,14 @@ impl NetTracer {
                 false
             }
         };
+        // Stalls end when a segment arrives (`tcp_probe`).
+        let probe = match attach_raw(ebpf, PROG_NET_TCP_PROBE, "tcp_probe") {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!("stalls unavailable: {e}");
+                false
+            }
+        };
         let map = ebpf
             .map(MAP_NET_EVENTS)
             .ok_or(Error::Ebpf { what: "kernel map missing", detail: MAP_NET_EVENTS.into() })?;
@@ -101,6 +109,9 @@ impl NetTracer {
         let mut programs = vec![PROG_NET_SYS_EXIT, PROG_NET_SOCK_STATE, PROG_NET_RETRANSMIT];
         if data_ready {
             programs.push(PROG_NET_DATA_READY);
+        }
+        if probe {
+            programs.push(PROG_NET_TCP_PROBE);
         }
         Ok(Self { events, cpus, programs, socket_queue: data_ready })
     }
@@ -192,7 +203,7 @@ impl Drainer {
         let mut total = (std::time::Duration::ZERO, 0);
         for name in &self.programs {
             let prog = ebpf.program_mut(name)?;
-            let info = if *name == PROG_NET_DATA_READY {
+            let info = if [PROG_NET_DATA_READY, PROG_NET_TCP_PROBE].contains(name) {
                 <&mut RawTracePoint>::try_from(prog).ok()?.info().ok()?
             } else {
                 <&mut TracePoint>::try_from(prog).ok()?.info().ok()?
@@ -223,7 +234,7 @@ pub fn forget_process(programs: &mut KernelPrograms, pid: u32) -> Result<()> {
     for (key, _) in &stale {
         let _ = conns.remove(key);
     }
-    let mut ready: aya::maps::HashMap<_, u64, u64> = programs.map_mut(MAP_NET_SK_READY)?;
+    let mut ready: aya::maps::HashMap<_, u64, agent_ebpf::NetSkState> = programs.map_mut(MAP_NET_SK_STATE)?;
     for (_, sk) in stale.iter().filter(|(_, sk)| *sk != 0) {
         let _ = ready.remove(sk);
     }

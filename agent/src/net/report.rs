@@ -41,6 +41,20 @@ pub struct EndpointRow {
     pub bucket_counts: Vec<u64>,
 }
 
+/// Responses of one endpoint whose bytes were held in the kernel after the code wrote
+/// them, by cause.
+#[derive(Debug, Clone, Serialize)]
+pub struct StallRow {
+    pub pid: u32,
+    pub process: String,
+    pub side: Direction,
+    pub endpoint: String,
+    pub cause: &'static str,
+    pub count: u64,
+    pub mean_ms: f64,
+    pub p99_ms: f64,
+}
+
 /// TCP connects of one process to one peer.
 #[derive(Debug, Clone, Serialize)]
 pub struct ConnectRow {
@@ -70,6 +84,7 @@ pub struct Drops {
 /// The statuses of one endpoint merged.
 #[derive(Default)]
 struct Group {
+    stalls: BTreeMap<u32, Histogram>,
     latency: Histogram,
     ttfb: Histogram,
     queue: Histogram,
@@ -85,6 +100,8 @@ pub struct NetReport {
     pub duration_s: f64,
     pub bucket_bounds_s: Vec<f64>,
     pub endpoints: Vec<EndpointRow>,
+    /// Stalls: responses held in the kernel 1 ms or more, per endpoint and cause.
+    pub stalls: Vec<StallRow>,
     pub connects: Vec<ConnectRow>,
     pub accepted: BTreeMap<u32, u64>,
     /// Per process, how long its accepted connections waited to be accepted.
@@ -103,6 +120,9 @@ impl NetReport {
             g.latency.merge(&s.latency);
             g.ttfb.merge(&s.ttfb);
             g.queue.merge(&s.queue);
+            for (cause, h) in &s.stalls {
+                g.stalls.entry(*cause).or_default().merge(h);
+            }
             g.total.merge(&s.total);
             if k.is_error() {
                 g.errors += s.latency.count;
@@ -110,6 +130,22 @@ impl NetReport {
             *g.statuses.entry(k.status).or_default() += s.latency.count;
             g.req_bytes += s.req_bytes;
             g.resp_bytes += s.resp_bytes;
+        }
+        let mut stalls = Vec::new();
+        for ((pid, direction, peer, method, route), g) in &groups {
+            for (&cause, h) in &g.stalls {
+                let q = h.quantiles();
+                stalls.push(StallRow {
+                    pid: *pid,
+                    process: comm(*pid),
+                    side: *direction,
+                    endpoint: endpoint_name(*peer, *method, route.as_deref()),
+                    cause: agent_ebpf::stall_cause::NAMES.get(cause as usize).copied().unwrap_or("other"),
+                    count: h.count,
+                    mean_ms: q.mean_ms,
+                    p99_ms: q.p99_ms,
+                });
+            }
         }
         let endpoints = groups
             .into_iter()
@@ -158,6 +194,7 @@ impl NetReport {
             duration_s,
             bucket_bounds_s: OTEL_BOUNDS_S.to_vec(),
             endpoints,
+            stalls,
             connects,
             accepted: m.accepted.clone(),
             accept_queue: m.accept_queue.iter().map(|(&pid, h)| (pid, h.quantiles())).collect(),
@@ -191,16 +228,7 @@ impl NetReport {
                 "errors"
             );
             for e in &self.endpoints {
-                let mut endpoint = String::new();
-                if let Some(peer) = e.peer {
-                    let _ = write!(endpoint, "{peer} ");
-                }
-                match (&e.method, &e.route) {
-                    (Some(m), Some(r)) => {
-                        let _ = write!(endpoint, "{m} {r}");
-                    }
-                    _ => endpoint.push_str("(tcp)"),
-                }
+                let endpoint = endpoint_name(e.peer, e.method, e.route.as_deref());
                 let side = match e.direction {
                     Direction::Server => "server",
                     Direction::Client => "client",
@@ -219,6 +247,29 @@ impl NetReport {
                     e.latency.p99_ms,
                     e.latency.max_ms,
                     e.errors
+                );
+            }
+        }
+        if !self.stalls.is_empty() {
+            let _ = writeln!(
+                s,
+                "  stalls (responses whose bytes waited in the kernel 1 ms or more after the code wrote them):\n    {:<20} {:<6} {:<40} {:<18} {:>7} {:>9} {:>9}",
+                "process", "side", "endpoint", "cause", "count", "mean ms", "p99 ms"
+            );
+            for r in &self.stalls {
+                let side = match r.side {
+                    Direction::Server => "server",
+                    Direction::Client => "client",
+                };
+                let _ = writeln!(
+                    s,
+                    "    {:<20} {side:<6} {:<40} {:<18} {:>7} {:>9.2} {:>9.2}",
+                    format!("{} ({})", r.process, r.pid),
+                    r.endpoint,
+                    r.cause,
+                    r.count,
+                    r.mean_ms,
+                    r.p99_ms
                 );
             }
         }
@@ -268,4 +319,20 @@ impl NetReport {
         );
         s
     }
+}
+
+/// How an endpoint is named in the tables: the upstream (clients), then method and route,
+/// or `(tcp)` for other protocols.
+fn endpoint_name(peer: Option<SocketAddr>, method: Option<&str>, route: Option<&str>) -> String {
+    let mut endpoint = String::new();
+    if let Some(peer) = peer {
+        let _ = write!(endpoint, "{peer} ");
+    }
+    match (method, route) {
+        (Some(m), Some(r)) => {
+            let _ = write!(endpoint, "{m} {r}");
+        }
+        _ => endpoint.push_str("(tcp)"),
+    }
+    endpoint
 }

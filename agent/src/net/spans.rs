@@ -131,9 +131,10 @@ mod tests {
             path_len: 0,
             retransmits: 0,
             srtt_us: 0,
-            _pad: 0,
+            stall_cause: 0,
             queue_ns: 0,
             accept_ns: 0,
+            stall_ns: 0,
             path: [0; agent_ebpf::NET_PATH_LEN],
         }
     }

@@ -297,6 +297,13 @@ pub(crate) const SERVER_QUEUE: Metric = def(
     "stoker_http_server_queue_duration_seconds",
     "Time HTTP server requests waited in their socket, bytes arrived to the first read.",
 );
+pub(crate) const STALL: Metric = def(
+    "stoker.net.stall.duration",
+    "s",
+    Histogram(REQUEST_BOUNDS),
+    "stoker_net_stall_duration_seconds",
+    "Server responses whose bytes waited in the kernel 1 ms or more after the code wrote them, by stoker.stall.cause.",
+);
 pub(crate) const ACCEPT_QUEUE: Metric = def(
     "stoker.tcp.accept.queue.duration",
     "s",
@@ -359,7 +366,7 @@ pub(crate) const LOOP_BLOCKED: Metric = def(
 );
 const LOOP_BOUNDS: &[f64] = &[0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
-pub(crate) const NETWORK: [&Metric; 12] = [
+pub(crate) const NETWORK: [&Metric; 13] = [
     &HTTP_SERVER,
     &SERVER_QUEUE,
     &HTTP_CLIENT,
@@ -371,5 +378,6 @@ pub(crate) const NETWORK: [&Metric; 12] = [
     &RETRANSMITS,
     &ACCEPTS,
     &ACCEPT_QUEUE,
+    &STALL,
     &LOOP_BLOCKED,
 ];

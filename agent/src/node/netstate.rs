@@ -11,7 +11,7 @@ use super::{
     encode::{attribute, escape},
     metric::{
         ACCEPT_QUEUE, ACCEPTS, CLIENT_TTFB, CONNECT, CONNECT_FAILURES, HTTP_CLIENT, HTTP_SERVER, Instrument,
-        LOOP_BLOCKED, Metric as Def, NET_REQUEST, NETWORK, RETRANSMITS, RTT, SERVER_QUEUE,
+        LOOP_BLOCKED, Metric as Def, NET_REQUEST, NETWORK, RETRANSMITS, RTT, SERVER_QUEUE, STALL,
     },
 };
 use crate::net::{Direction, NetMetrics, hist::Histogram};
@@ -105,6 +105,12 @@ impl NetSeries {
             }
             if key.method.is_some() && key.direction == Direction::Server && stats.queue.count > 0 {
                 self.add_histogram(&SERVER_QUEUE, attrs.clone(), &stats.queue);
+            }
+            for (&cause, h) in &stats.stalls {
+                let mut attrs = attrs.clone();
+                let name = agent_ebpf::stall_cause::NAMES.get(cause as usize).copied().unwrap_or("other");
+                attrs.push(("stoker.stall.cause", name.to_string()));
+                self.add_histogram(&STALL, attrs, h);
             }
             self.add_histogram(kind, attrs, &stats.latency);
         }

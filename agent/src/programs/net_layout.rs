@@ -36,6 +36,20 @@ pub(crate) fn offsets(btf: Option<&Btf>) -> NetOffsets {
         o.tcp_srtt_us = member("srtt_us");
         o.tcp_bytes_received = member("bytes_received");
         o.tcp_bytes_acked = member("bytes_acked");
+        // Stalls are looked for only when every member is known.
+        let stalls = ["write_seq", "snd_nxt", "snd_una", "snd_wnd", "snd_cwnd", "packets_out", "mss_cache"]
+            .map(member);
+        if stalls.iter().all(|&off| off > 0) {
+            [
+                o.tcp_write_seq,
+                o.tcp_snd_nxt,
+                o.tcp_snd_una,
+                o.tcp_snd_wnd,
+                o.tcp_snd_cwnd,
+                o.tcp_packets_out,
+                o.tcp_mss_cache,
+            ] = stalls;
+        }
     }
     o
 }
@@ -55,5 +69,6 @@ mod tests {
         let o = offsets(Some(&btf));
         assert!(o.tcp_srtt_us > 1000, "tcp_sock.srtt_us at {}", o.tcp_srtt_us);
         assert!(o.tcp_bytes_received > 1000 && o.tcp_bytes_acked > 1000, "{o:?}");
+        assert!(o.tcp_write_seq > 1000 && o.tcp_snd_nxt > 1000 && o.tcp_mss_cache > 1000, "{o:?}");
     }
 }
