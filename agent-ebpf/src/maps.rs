@@ -142,11 +142,28 @@ pub fn sk_bit(sk: u64) -> (u32, u64) {
     (((h >> 6) as u32) & (NET_SK_BITS_WORDS - 1), 1 << (h & 63))
 }
 
+/// Sockets that may have a stall under way or not yet reported: `tcp_probe`, which runs for
+/// every segment of the host, and the report of a request look at their state only then.
+/// Indexed as `NET_SK_BITS`.
+#[map]
+pub static NET_SK_STALL_BITS: Array<u64> = Array::with_max_entries(NET_SK_BITS_WORDS, 0);
+
 /// Whether a tracked server socket may have the address `sk`.
 #[inline(always)]
 pub fn sk_maybe_tracked(sk: u64) -> bool {
+    sk_test(&NET_SK_BITS, sk)
+}
+
+/// Whether `sk` may have a stall under way or not yet reported (`NET_SK_STALL_BITS`).
+#[inline(always)]
+pub fn sk_maybe_stalled(sk: u64) -> bool {
+    sk_test(&NET_SK_STALL_BITS, sk)
+}
+
+#[inline(always)]
+fn sk_test(bits: &Array<u64>, sk: u64) -> bool {
     let (word, bit) = sk_bit(sk);
-    match NET_SK_BITS.get_ptr(word) {
+    match bits.get_ptr(word) {
         // SAFETY: a word of the array (index checked by the lookup), live and aligned while the
         // program is loaded; a racing change of the word is seen before or after.
         Some(w) => (unsafe { core::ptr::read_volatile(w) } & bit) != 0,
@@ -157,8 +174,19 @@ pub fn sk_maybe_tracked(sk: u64) -> bool {
 /// Sets or clears `sk`'s bit (`NET_SK_BITS`).
 #[inline(always)]
 pub fn sk_mark(sk: u64, on: bool) {
+    sk_set(&NET_SK_BITS, sk, on);
+}
+
+/// Sets or clears `sk`'s bit in `NET_SK_STALL_BITS`.
+#[inline(always)]
+pub fn sk_mark_stall(sk: u64, on: bool) {
+    sk_set(&NET_SK_STALL_BITS, sk, on);
+}
+
+#[inline(always)]
+fn sk_set(bits: &Array<u64>, sk: u64, on: bool) {
     let (word, bit) = sk_bit(sk);
-    if let Some(w) = NET_SK_BITS.get_ptr_mut(word) {
+    if let Some(w) = bits.get_ptr_mut(word) {
         // SAFETY: as in `mark_target` (BPF_ATOMIC | BPF_OR / BPF_AND): other CPUs change other
         // bits of the word.
         unsafe {

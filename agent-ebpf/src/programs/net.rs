@@ -14,7 +14,10 @@ use aya_ebpf::{
     programs::RawTracePointContext,
 };
 
-use crate::maps::{NET_EVENTS, NET_HEAD, NET_HEAD_SCAN, NET_PEEK, NET_SK_STATE, bump, sk_maybe_tracked};
+use crate::maps::{
+    NET_EVENTS, NET_HEAD, NET_HEAD_SCAN, NET_PEEK, NET_SK_STATE, bump, sk_mark_stall, sk_maybe_stalled,
+    sk_maybe_tracked,
+};
 
 /// Offsets set by the loader (see `NetOffsets`).
 #[unsafe(no_mangle)]
@@ -712,7 +715,7 @@ pub fn net_data_ready(ctx: RawTracePointContext) -> u32 {
 #[raw_tracepoint(tracepoint = "tcp_probe")]
 pub fn net_tcp_probe(ctx: RawTracePointContext) -> u32 {
     let sk: u64 = ctx.arg(0);
-    if !sk_maybe_tracked(sk) {
+    if !sk_maybe_stalled(sk) {
         return 0;
     }
     if let Some(st) = NET_SK_STATE.get_ptr_mut(sk) {
@@ -762,15 +765,15 @@ pub fn hold_stall(sk: u64, now: u64) {
     if offset!(tcp_write_seq) == 0 {
         return;
     }
+    // Bytes held or not first (two reads): the socket's state only when they are.
+    let Some(cause) = held_cause(sk) else { return };
     let Some(st) = NET_SK_STATE.get_ptr_mut(sk) else { return };
     // SAFETY: as in `net_data_ready`.
     let st = unsafe { &mut *st };
-    if st.hold_ns != 0 {
-        return;
-    }
-    if let Some(cause) = held_cause(sk) {
+    if st.hold_ns == 0 {
         st.hold_ns = now;
         st.hold_cause = cause;
+        sk_mark_stall(sk, true);
     }
 }
 
@@ -800,6 +803,9 @@ fn held_cause(sk: u64) -> Option<u32> {
 /// counts until now and goes on from there); resets them.
 #[inline(always)]
 pub fn take_stalls(sk: u64, now: u64) -> (u64, u32) {
+    if !sk_maybe_stalled(sk) {
+        return (0, 0);
+    }
     let Some(st) = NET_SK_STATE.get_ptr_mut(sk) else { return (0, 0) };
     // SAFETY: as in `net_data_ready`.
     let st = unsafe { &mut *st };
@@ -813,5 +819,8 @@ pub fn take_stalls(sk: u64, now: u64) -> (u64, u32) {
     st.stall_ns = 0;
     st.longest_ns = 0;
     st.stall_cause = 0;
+    if st.hold_ns == 0 {
+        sk_mark_stall(sk, false);
+    }
     taken
 }

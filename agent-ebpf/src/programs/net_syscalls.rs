@@ -21,7 +21,8 @@ use super::net::{
 };
 use super::{offcpu::fd_sock, sysno};
 use crate::maps::{
-    NET_ACCEPTING, NET_CONN_SCRATCH, NET_CONNS, NET_SK_STATE, bump, is_target, sk_mark, sk_maybe_tracked,
+    NET_ACCEPTING, NET_CONN_SCRATCH, NET_CONNS, NET_SK_STATE, bump, is_target, sk_mark, sk_mark_stall,
+    sk_maybe_tracked,
 };
 
 const EINPROGRESS: i64 = 115;
@@ -361,6 +362,7 @@ fn close(tgid: u32, fd: u32) {
         if c.sk != 0 {
             let _ = NET_SK_STATE.remove(c.sk);
             sk_mark(c.sk, false);
+            sk_mark_stall(c.sk, false);
         }
         let _ = NET_CONNS.remove(key);
     }

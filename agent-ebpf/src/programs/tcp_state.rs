@@ -11,7 +11,7 @@ use super::{
     net::{AF_INET, AF_INET6, NetSock, Peer, emit_conn, kernel_u64, offset},
     record,
 };
-use crate::maps::{NET_ACCEPTING, NET_SK_STATE, NET_SOCKS, bump, is_target, sk_maybe_tracked};
+use crate::maps::{NET_ACCEPTING, NET_SK_STATE, NET_SOCKS, bump, is_target, sk_mark_stall, sk_maybe_tracked};
 
 const TCP_ESTABLISHED: i32 = 1;
 const TCP_SYN_SENT: i32 = 2;
@@ -117,6 +117,7 @@ pub fn net_retransmit(ctx: TracePointContext) -> u32 {
             st.hold_ns = unsafe { bpf_ktime_get_ns() };
         }
         st.hold_cause = stall_cause::RETRANSMIT;
+        sk_mark_stall(skaddr, true);
     }
     0
 }
