@@ -368,9 +368,27 @@ fn client_upstreams_and_failed_connects() {
     );
 }
 
+/// The requests' durations (each the middle of what its brackets allow), ms.
+fn middles_ms(timed: &[Timed]) -> Vec<f64> {
+    timed.iter().map(|t| (t.min_ns() + t.max_ns()) as f64 / 2e6).collect()
+}
+
+/// A fixture's list of durations in ns (JSON), in ms.
+fn list_ms(v: &Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not a list of durations: {v}"))
+        .iter()
+        .map(|d| d.as_f64().unwrap() / 1e6)
+        .collect()
+}
+
+fn mean(values: &[f64]) -> f64 {
+    values.iter().sum::<f64>() / values.len() as f64
+}
+
 /// The mean of the requests' durations (each the middle of what its brackets allow), ms.
 fn mean_ms(timed: &[Timed]) -> f64 {
-    timed.iter().map(|t| (t.min_ns() + t.max_ns()) as f64 / 2e6).sum::<f64>() / timed.len() as f64
+    mean(&middles_ms(timed))
 }
 
 /// An asyncio server whose handler blocks the event loop (`time.sleep`, 20 ms), under 4
@@ -431,7 +449,7 @@ fn prefork_connections_wait_in_the_accept_queue() {
     ]);
     let (report, _) = server.finish();
     let n = (threads * each) as f64;
-    let client_ms = client.as_array().unwrap().iter().map(|d| d.as_f64().unwrap() / 1e6).sum::<f64>() / n;
+    let client_ms = mean(&list_ms(&client));
     let rows = endpoints(&report, |e| e["direction"] == "server" && e["route"] == "/sleep/{id}");
     let count: u64 = rows.iter().map(|r| r["count"].as_u64().unwrap()).sum();
     assert_eq!(count, threads * each, "requests: {report:#}");
@@ -479,9 +497,7 @@ fn nagle_stalls_are_named_on_the_server() {
         let client = run_client(&[net_fixture("caller_client.py").to_str().unwrap(), &plan.to_string()]);
         let own = server.lines.timings(10);
         let (report, _) = server.finish();
-        let caller: Vec<f64> =
-            client["steps"][0].as_array().unwrap().iter().map(|d| d.as_f64().unwrap() / 1e6).collect();
-        let handled: Vec<f64> = own.iter().map(|t| (t.min_ns() + t.max_ns()) as f64 / 2e6).collect();
+        let (caller, handled) = (list_ms(&client["steps"][0]), middles_ms(&own));
         // Requests complete in order on the one connection: the i-th of each list is one request.
         let beyond: Vec<f64> = caller.iter().zip(&handled).map(|(c, h)| c - h).collect();
         let stalled: Vec<f64> = beyond.iter().copied().filter(|d| *d >= 20.0).collect();
@@ -499,8 +515,7 @@ fn nagle_stalls_are_named_on_the_server() {
         );
         assert_eq!(row["endpoint"], "GET /sleep/{id}");
         assert_eq!(row["count"].as_u64(), Some(stalled.len() as u64), "{row:#}");
-        let expected = stalled.iter().sum::<f64>() / stalled.len() as f64;
-        let client_mean = caller.iter().sum::<f64>() / caller.len() as f64;
+        let (expected, client_mean) = (mean(&stalled), mean(&caller));
         let mean = row["mean_ms"].as_f64().unwrap();
         assert!(
             (mean - expected).abs() <= 0.03 * client_mean,
@@ -573,9 +588,7 @@ fn client_requests_end_at_the_last_response_byte() {
             e["direction"] == "client" && e["peer"] == peer.as_str() && e["route"] == route
         });
         assert_eq!(row["count"].as_u64(), Some(n), "{route} count: {row:#}");
-        let durations: Vec<f64> =
-            own["steps"][i].as_array().unwrap().iter().map(|d| d.as_f64().unwrap() / 1e6).collect();
-        let own_mean = durations.iter().sum::<f64>() / durations.len() as f64;
+        let own_mean = mean(&list_ms(&own["steps"][i]));
         let mean = row["mean_ms"].as_f64().unwrap();
         let first = row["ttfb"]["p50_ms"].as_f64().expect("a client row has its time to first byte");
         eprintln!(

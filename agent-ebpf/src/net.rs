@@ -34,6 +34,11 @@ pub mod stall_cause {
     pub const CONGESTION: u32 = 4;
     /// Names, by cause.
     pub const NAMES: [&str; 5] = ["", "nagle-delayed-ack", "retransmit", "zero-window", "congestion"];
+
+    /// The name of `cause` (`other` for one this build does not know).
+    pub fn name(cause: u32) -> &'static str {
+        NAMES.get(cause as usize).copied().unwrap_or("other")
+    }
 }
 
 /// What the programs keep per server socket.

@@ -239,7 +239,7 @@ const VALUE_NONE: u64 = 0;
 const VALUE_LENGTH: u64 = 1;
 const VALUE_ENCODING: u64 = 2;
 
-/// A response head being scanned, a byte at a time, by `head_byte`; kept in `NetConn`
+/// A response head being scanned by `head_step`; kept in `NetConn`
 /// (`head_*`) between the reads a head arrives in.
 ///
 /// During a scan it lives in this CPU's `NET_HEAD_SCAN`, not on the stack: the verifier
@@ -371,31 +371,21 @@ pub fn parse_response_head(conn: &mut NetConn, buf: u64, len: u64) {
     }
 }
 
-/// Whether the bytes of `p` at `at` are `pattern` (lower case letters, digits, `-`, `.` and
-/// `/`, which bit 5 set folds to), ignoring the case of letters.
-#[inline(always)]
-fn folded_at<const N: usize>(p: &[u8; NET_HEAD_BUF], at: usize, pattern: &[u8; N]) -> bool {
-    for (k, &want) in pattern.iter().enumerate() {
-        if p[(at + k) & HEAD_MASK] | 0x20 != want {
-            return false;
-        }
-    }
-    true
-}
-
 /// The status of the HTTP/1.x status line the `n` bytes of `p` start with, 0 when there is
 /// none (or fewer than its first 12 bytes).
 #[inline(always)]
 fn status_line(p: &[u8; NET_HEAD_BUF], n: usize) -> u32 {
-    // "HTTP/1." then any minor version digit, a space and three digits.
-    if n < 12 || !folded_at(p, 0, b"http/1.") || p[8] != b' ' {
+    if n < 12 {
         return 0;
     }
-    let (d0, d1, d2) = (p[9], p[10], p[11]);
-    if !d0.is_ascii_digit() || !d1.is_ascii_digit() || !d2.is_ascii_digit() {
-        return 0;
-    }
-    u32::from(d0 - b'0') * 100 + u32::from(d1 - b'0') * 10 + u32::from(d2 - b'0')
+    let word = |at: usize| {
+        let mut w = 0u64;
+        for k in 0..8 {
+            w |= u64::from(p[at + k]) << (8 * k);
+        }
+        w
+    };
+    status_code([word(0), word(8)])
 }
 
 /// How the end of a response whose head of `head_len` bytes is complete will be recognized.
@@ -544,6 +534,13 @@ pub fn parse_status(buf: u64, len: u64) -> u32 {
     if unsafe { bpf_probe_read_user(words.as_mut_ptr().cast(), 12, buf as *const _) } != 0 {
         return 0;
     }
+    status_code(words)
+}
+
+/// The status code of the status line whose first 12 bytes are in `words` (`HTTP/1.x NNN`,
+/// little-endian; bytes past the 12th are ignored), 0 when it is not one.
+#[inline(always)]
+fn status_code(words: [u64; 2]) -> u32 {
     // "HTTP/1." then any minor version digit.
     if words[0] & 0x00ff_ffff_ffff_ffff != u64::from_le_bytes(*b"HTTP/1.\0") {
         return 0;

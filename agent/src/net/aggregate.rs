@@ -23,6 +23,16 @@ pub enum Direction {
     Client,
 }
 
+impl Direction {
+    /// As the tables and the JSON name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Direction::Server => "server",
+            Direction::Client => "client",
+        }
+    }
+}
+
 /// What a request histogram is about. Servers are keyed by route (their clients'
 /// addresses are not kept); clients by the peer they call.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]

@@ -234,9 +234,10 @@ pub fn forget_process(programs: &mut KernelPrograms, pid: u32) -> Result<()> {
     for (key, _) in &stale {
         let _ = conns.remove(key);
     }
-    let mut ready: aya::maps::HashMap<_, u64, agent_ebpf::NetSkState> = programs.map_mut(MAP_NET_SK_STATE)?;
+    let mut states: aya::maps::HashMap<_, u64, agent_ebpf::NetSkState> =
+        programs.map_mut(MAP_NET_SK_STATE)?;
     for (_, sk) in stale.iter().filter(|(_, sk)| *sk != 0) {
-        let _ = ready.remove(sk);
+        let _ = states.remove(sk);
     }
     Ok(())
 }

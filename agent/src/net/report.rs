@@ -140,7 +140,7 @@ impl NetReport {
                     process: comm(*pid),
                     side: *direction,
                     endpoint: endpoint_name(*peer, *method, route.as_deref()),
-                    cause: agent_ebpf::stall_cause::NAMES.get(cause as usize).copied().unwrap_or("other"),
+                    cause: agent_ebpf::stall_cause::name(cause),
                     count: h.count,
                     mean_ms: q.mean_ms,
                     p99_ms: q.p99_ms,
@@ -229,10 +229,7 @@ impl NetReport {
             );
             for e in &self.endpoints {
                 let endpoint = endpoint_name(e.peer, e.method, e.route.as_deref());
-                let side = match e.direction {
-                    Direction::Server => "server",
-                    Direction::Client => "client",
-                };
+                let side = e.direction.name();
                 let p50 = |q: Option<Quantiles>| {
                     q.map(|t| format!("{:.2}", t.p50_ms)).unwrap_or_else(|| "-".into())
                 };
@@ -257,10 +254,7 @@ impl NetReport {
                 "process", "side", "endpoint", "cause", "count", "mean ms", "p99 ms"
             );
             for r in &self.stalls {
-                let side = match r.side {
-                    Direction::Server => "server",
-                    Direction::Client => "client",
-                };
+                let side = r.side.name();
                 let _ = writeln!(
                     s,
                     "    {:<20} {side:<6} {:<40} {:<18} {:>7} {:>9.2} {:>9.2}",

@@ -108,8 +108,7 @@ impl NetSeries {
             }
             for (&cause, h) in &stats.stalls {
                 let mut attrs = attrs.clone();
-                let name = agent_ebpf::stall_cause::NAMES.get(cause as usize).copied().unwrap_or("other");
-                attrs.push(("stoker.stall.cause", name.to_string()));
+                attrs.push(("stoker.stall.cause", agent_ebpf::stall_cause::name(cause).to_string()));
                 self.add_histogram(&STALL, attrs, h);
             }
             self.add_histogram(kind, attrs, &stats.latency);
