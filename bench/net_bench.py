@@ -2,6 +2,7 @@
 """Cost of `stoker record --net` on Python HTTP servers under wrk load.
 
   sudo python3 bench/net_bench.py [--rounds N] [--seconds S] [--out bench/NET_RESULTS.md]
+                                  [--baseline PATH-TO-AN-OLDER-STOKER]
 
 Needs target/release/stoker, wrk, and aiohttp for CPython 3.11 (`cargo xtask setup`).
 Two servers, each driven on GET /sleep/0 by wrk (1 thread, 8 keep-alive connections):
@@ -19,6 +20,10 @@ the network programs' kernel time per request (all runs, target or not, over the
 served); watching an idle process instead gives what filtering everyone else's calls
 (wrk's, the server's) costs. stoker also times an empty program the same way, the
 statistics' own cost per run, which is reported and subtracted.
+
+With --baseline, the kernel cost rounds alternate between that stoker build and this one
+(N rounds each, watching the server): what this build's programs cost per request against
+the baseline's, in one run on one machine, where absolute figures move from day to day.
 """
 import os
 import platform
@@ -45,11 +50,11 @@ NET_LINKS = 14 + os.cpu_count()
 CONFIGS = ["alone", "sampling", "sampling + network"]
 
 
-def watched(target_pid, port, seconds, tmp, net=True, kernel_stats=False):
+def watched(target_pid, port, seconds, tmp, net=True, kernel_stats=False, stoker=STOKER):
     """wrk against the server while stoker watches `target_pid`: (requests, req/s, program
     runs, program ns, requests stoker saw, statistics' own ns per run)."""
     stoker = subprocess.Popen(
-        [str(STOKER), "record", *(["--net"] if net else []), *(["--kernel-stats"] if kernel_stats else []),
+        [str(stoker), "record", *(["--net"] if net else []), *(["--kernel-stats"] if kernel_stats else []),
          "--pid", str(target_pid), "-f", "folded", "-o", f"{tmp}/bench.folded"],
         stderr=subprocess.PIPE, text=True,
     )
@@ -78,7 +83,12 @@ def run_config(config, server, port, seconds, tmp):
     return r[0], r[1], r[4]
 
 
-def bench_server(name, python, script, rounds, seconds, tmp):
+def program_ns(r):
+    """Program time per request of a kernel cost round, the statistics' own cost taken out."""
+    return (r[3] - r[5] * r[2]) / max(r[0], 1)
+
+
+def bench_server(name, python, script, rounds, seconds, tmp, baseline=None):
     # wrk resets its connections at the end; the servers' tracebacks about it are noise.
     server = subprocess.Popen([str(python), str(ROOT / "tests/fixtures/net" / script)],
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -97,12 +107,20 @@ def bench_server(name, python, script, rounds, seconds, tmp):
             filtering = watched(idle.pid, port, seconds, tmp, kernel_stats=True)
         finally:
             idle.kill()
+        against = {"baseline": [], "this build": []}
+        for r in range(rounds if baseline else 0):
+            builds = [("baseline", baseline), ("this build", STOKER)]
+            for label, build in builds[r % 2:] + builds[:r % 2]:
+                ns = program_ns(watched(server.pid, port, seconds, tmp, kernel_stats=True, stoker=build))
+                against[label].append(ns)
+            print(f"{name} kernel cost round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f} ns" for k, v in against.items()),
+                  flush=True)
     finally:
         server.kill()
-    return rows, cost, filtering
+    return rows, cost, filtering, against
 
 
-def report(name, rows, cost, filtering):
+def report(name, rows, cost, filtering, against, baseline):
     per_req = lambda r: r[3] / max(r[0], 1)  # noqa: E731
     runs_per_req = lambda r: r[2] / max(r[0], 1)  # noqa: E731
     floor = cost[5]
@@ -138,12 +156,29 @@ def report(name, rows, cost, filtering):
         f"server adds {net_cost - net_filter:.0f} ns per request to what filtering costs.",
         "",
     ]
+    if against["baseline"]:
+        base, this = against["baseline"], against["this build"]
+        ratios = [t / b for t, b in zip(this, base)]
+        m, half = interval(ratios)
+        lines += [
+            f"Against the baseline build `{baseline}`, watching the server, alternately in {len(base)} rounds:",
+            "",
+            "| build | program time per request: median | rounds |",
+            "| --- | --- | --- |",
+            f"| baseline | {statistics.median(base):.0f} ns | {', '.join(f'{x:.0f}' for x in base)} |",
+            f"| this build | {statistics.median(this):.0f} ns | {', '.join(f'{x:.0f}' for x in this)} |",
+            "",
+            f"This build / baseline, rounds' ratios: **{statistics.median(ratios):.3f}** (median), "
+            f"{m:.3f} ± {half:.3f} (mean, 95% interval).",
+            "",
+        ]
     return lines
 
 
 def main():
     rounds, seconds = arg("--rounds", 3), arg("--seconds", 10)
     out = Path(arg("--out", str(ROOT / "bench/NET_RESULTS.md")))
+    baseline = arg("--baseline", "") or None
     if os.geteuid() != 0:
         raise SystemExit("run as root")
     lines = [
@@ -168,8 +203,8 @@ def main():
     ]
     with tempfile.TemporaryDirectory() as tmp:
         for name, python, script in SERVERS:
-            rows, cost, filtering = bench_server(name, python, script, rounds, seconds, tmp)
-            lines += report(name, rows, cost, filtering)
+            rows, cost, filtering, against = bench_server(name, python, script, rounds, seconds, tmp, baseline)
+            lines += report(name, rows, cost, filtering, against, baseline)
     out.write_text("\n".join(lines))
     print("\n".join(lines))
 

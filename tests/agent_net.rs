@@ -58,7 +58,8 @@ fn assert_sum(what: &str, point: &Value, own: &[Timed]) {
 /// and their sums are the durations each process measured itself; every request the
 /// server measured over the span threshold, and none it measured under it, arrives as a
 /// SERVER span with the process's resource and that request's duration; the Prometheus
-/// endpoint carries the same histograms.
+/// endpoint carries the same histograms. A second server, with Nagle's algorithm on, has its
+/// stalls exported by cause.
 #[test]
 fn agent_exports_request_metrics_and_spans() {
     require_root();
@@ -120,11 +121,50 @@ fn agent_exports_request_metrics_and_spans() {
         assert!(Instant::now() < deadline, "request counts did not reach 80: server {s:?}, client {c:?}");
         thread::sleep(Duration::from_millis(200));
     };
+    // A server with Nagle's algorithm on, called by http.client: a stall per request whose
+    // body the caller waited for 20 ms or more (`body_reads`), named nagle-delayed-ack.
+    let mut nagle = Command::new(python("3.12.1"))
+        .args([net_fixture("http_server.py").to_str().unwrap(), "--nagle"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let nagle_port = Lines::of(&mut nagle).next("server port", Duration::from_secs(10)).trim().to_string();
+    wait_exported(http, nagle.id(), "Nagle server");
+    let plan = serde_json::json!([{"port": nagle_port.parse::<u16>().unwrap(), "path": "/sleep/5", "count": 10, "how": "http.client"}]);
+    let out = Command::new(python("3.12.1"))
+        .args([net_fixture("caller_client.py").to_str().unwrap(), &plan.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "the caller failed");
+    let caller: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let stalled = caller["body_reads"][0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| w.as_u64().unwrap() >= 20_000_000)
+        .count();
+    let nagle_cause = |p: &Value| p["attributes"]["stoker.stall.cause"] == "nagle-delayed-ack";
+    let stall = loop {
+        let metrics = ndjson(&metrics_path);
+        let point = last_point(&metrics, nagle.id(), "stoker.net.stall.duration", nagle_cause).cloned();
+        if let Some(p) = &point
+            && p["count"] == stalled
+        {
+            break p.clone();
+        }
+        assert!(Instant::now() < deadline + Duration::from_secs(20), "{stalled} stalls expected: {point:?}");
+        thread::sleep(Duration::from_millis(200));
+    };
     let (_, text) = http_get(http, "/metrics").unwrap();
     let status = stop(agent);
     let traces = ndjson(&dir.join("traces.ndjson"));
-    kill(&mut [&mut receiver, &mut server]);
+    kill(&mut [&mut receiver, &mut server, &mut nagle]);
     assert!(status.success());
+    assert!(stalled >= 5, "the caller waited for {stalled} of 10 bodies");
+    assert_eq!(stall["attributes"]["http.route"], "/sleep/{id}", "{stall}");
+    // The server with Nagle off has none.
+    let metrics = ndjson(&metrics_path);
+    assert!(last_point(&metrics, server.id(), "stoker.net.stall.duration", |_| true).is_none());
 
     assert_eq!(server_point["attributes"]["http.request.method"], "GET");
     assert_eq!(server_point["attributes"]["http.response.status_code"], 200);

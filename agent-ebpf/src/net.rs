@@ -16,6 +16,9 @@ pub const PROG_NET_DATA_READY: &str = "net_data_ready";
 /// Raw tracepoint `tcp_probe`: a segment arrived on a TCP socket; on a server's, it ends a
 /// stall (bytes the server wrote, held in the kernel until an acknowledgement).
 pub const PROG_NET_TCP_PROBE: &str = "net_tcp_probe";
+/// Raw tracepoint `tcp_sendmsg_locked`: a write to a TCP socket is about to queue bytes; on
+/// a tracked socket whose send buffer is full, the write waits from here.
+pub const PROG_NET_TCP_SENDMSG: &str = "net_tcp_sendmsg";
 /// Servers' sockets: `struct sock` address -> `NetSkState`. LRU: a socket whose close was
 /// not seen (its process exited) makes room in time.
 pub const MAP_NET_SK_STATE: &str = "NET_SK_STATE";
@@ -32,8 +35,12 @@ pub mod stall_cause {
     pub const ZERO_WINDOW: u32 = 3;
     /// The congestion window was full.
     pub const CONGESTION: u32 = 4;
+    /// The local send buffer was full while the peer's window and the congestion window had
+    /// room (a buffer smaller than the path's bandwidth times its delay).
+    pub const SEND_BUFFER: u32 = 5;
     /// Names, by cause.
-    pub const NAMES: [&str; 5] = ["", "nagle-delayed-ack", "retransmit", "zero-window", "congestion"];
+    pub const NAMES: [&str; 6] =
+        ["", "nagle-delayed-ack", "retransmit", "zero-window", "congestion", "send-buffer"];
 
     /// The name of `cause` (`other` for one this build does not know).
     pub fn name(cause: u32) -> &'static str {
@@ -41,13 +48,32 @@ pub mod stall_cause {
     }
 }
 
-/// What the programs keep per server socket.
+/// A client's response that arrived in two parts, the rest this long after the first
+/// (`NetSkState::gap_ns`), waited for the client's delayed acknowledgement: Linux delays an
+/// ACK 40 ms at least and 200 ms at most, and the rest then takes a round trip. (A server
+/// that pauses between two writes that long looks the same from the client's side.)
+pub const NAGLE_GAP_MIN_NS: u64 = 38_000_000;
+pub const NAGLE_GAP_MAX_NS: u64 = 220_000_000;
+
+/// What the programs keep per tracked socket (a server's or a client's).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct NetSkState {
-    /// When unread bytes first arrived since its last response began (0: none).
+    /// When bytes first arrived since the server's last read of the socket (0: none).
     pub ready_ns: u64,
-    /// A stall under way: since when (0: none), and why.
+    /// When bytes last arrived (0: none since the client's request), and the longest gap
+    /// between two arrivals since then: a client's response that came in parts.
+    pub last_ns: u64,
+    pub gap_ns: u64,
+    /// A write under way that found the send buffer full: since when (0: none); why the
+    /// buffer was full the last time the write found it so, and since when; how long each
+    /// cause held it full so far (zero window, congestion, send buffer).
+    pub write_full_ns: u64,
+    pub write_mark_ns: u64,
+    pub write_by_cause: [u64; 3],
+    pub write_cause: u32,
+    pub _pad: u32,
+    /// A stall under way: since when (0: none), and why: bytes written and held back.
     pub hold_ns: u64,
     /// Stalls that ended since the last request was reported: their time, and the cause of
     /// the longest.
@@ -126,9 +152,11 @@ pub struct NetOffsets {
     pub tcp_snd_cwnd: u32,
     pub tcp_packets_out: u32,
     pub tcp_mss_cache: u32,
-    pub _pad: u32,
+    /// Bytes queued for sending and the send buffer's size (`struct sock` members).
+    pub sk_wmem_queued: u32,
+    pub sk_sndbuf: u32,
 }
-const _: () = assert!(core::mem::size_of::<NetOffsets>() == 80);
+const _: () = assert!(core::mem::size_of::<NetOffsets>() == 84);
 
 // SAFETY: `repr(C)`, integers only, no padding (size asserted): any bit pattern is a valid value.
 #[cfg(feature = "user")]
@@ -157,7 +185,8 @@ impl NetOffsets {
         tcp_snd_cwnd: 0,
         tcp_packets_out: 0,
         tcp_mss_cache: 0,
-        _pad: 0,
+        sk_wmem_queued: 0,
+        sk_sndbuf: 0,
     };
 }
 

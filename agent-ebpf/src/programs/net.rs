@@ -1,10 +1,10 @@
 //! Kernel side of the network programs: their offsets, TCP sockets and peers, the per-CPU
 //! event rings, the HTTP/1.x recognizer that keeps only method, path (up to `?`) and status.
 use agent_ebpf::{
-    NET_EVENT_ACCEPT, NET_FRAMING_CHUNKED, NET_FRAMING_HEAD, NET_FRAMING_LENGTH, NET_FRAMING_NONE,
-    NET_HEAD_BUF, NET_HEAD_LEN, NET_HEAD_MAX, NET_PATH_LEN, NET_PEEK_BUF, NET_PEEK_LEN, NET_RING_HEAD,
-    NET_RING_SLOTS, NET_RING_TAIL, NET_ROLE_CLIENT, NET_ROLE_SERVER, NetConn, NetEvent, NetOffsets,
-    NetSkState, http_method, stall_cause, stat,
+    NAGLE_GAP_MAX_NS, NAGLE_GAP_MIN_NS, NET_EVENT_ACCEPT, NET_FRAMING_CHUNKED, NET_FRAMING_HEAD,
+    NET_FRAMING_LENGTH, NET_FRAMING_NONE, NET_HEAD_BUF, NET_HEAD_LEN, NET_HEAD_MAX, NET_PATH_LEN,
+    NET_PEEK_BUF, NET_PEEK_LEN, NET_RING_HEAD, NET_RING_SLOTS, NET_RING_TAIL, NET_ROLE_CLIENT,
+    NET_ROLE_SERVER, NetConn, NetEvent, NetOffsets, NetSkState, http_method, stall_cause, stat,
 };
 use aya_ebpf::{
     helpers::generated::{
@@ -683,9 +683,10 @@ pub fn emit_conn(
 }
 
 /// `sk_data_ready(struct sock *sk)`: bytes arrived on `sk`. For a server's socket, the first
-/// arrival since its last response began is when the next request started to wait. Runs for
-/// every socket of the host (in softirq context, where the current task is anyone): one
-/// bit test (`NET_SK_BITS`), then a lookup for the targets' server sockets.
+/// arrival since its last read is when the next request started to wait; for a
+/// client's, the gaps between arrivals show a response that came in parts. Runs for every
+/// socket of the host (in softirq context, where the current task is anyone): one bit test
+/// (`NET_SK_BITS`), then a lookup for the targets' sockets.
 #[raw_tracepoint(tracepoint = "sk_data_ready")]
 pub fn net_data_ready(ctx: RawTracePointContext) -> u32 {
     let sk: u64 = ctx.arg(0);
@@ -696,18 +697,63 @@ pub fn net_data_ready(ctx: RawTracePointContext) -> u32 {
         // SAFETY: a value of the preallocated LRU map from a successful lookup: it stays
         // allocated as long as the map; plain integers. A read racing on another CPU sees
         // the old or the new value of each.
-        unsafe {
-            if (*st).ready_ns == 0 {
-                (*st).ready_ns = bpf_ktime_get_ns();
-            }
+        let st = unsafe { &mut *st };
+        // SAFETY: the helper takes no arguments and only reads the clock.
+        let now = unsafe { bpf_ktime_get_ns() };
+        if st.ready_ns == 0 {
+            st.ready_ns = now;
         }
+        if st.last_ns != 0 && now > st.last_ns && now - st.last_ns > st.gap_ns {
+            st.gap_ns = now - st.last_ns;
+        }
+        st.last_ns = now;
+    }
+    0
+}
+
+/// `tcp_sendmsg_locked(struct sock *sk, ...)`: a write is about to queue bytes on `sk`. On a
+/// tracked socket whose send buffer is full, the write will wait for room: that wait starts
+/// (`after_write` ends it, and a hold under way ends here: the wait takes over), with why the
+/// buffer is full. Runs for every TCP write of the host: one bit test, then two reads of
+/// the socket.
+#[raw_tracepoint(tracepoint = "tcp_sendmsg_locked")]
+pub fn net_tcp_sendmsg(ctx: RawTracePointContext) -> u32 {
+    let sk: u64 = ctx.arg(0);
+    if !sk_maybe_tracked(sk) || offset!(sk_sndbuf) == 0 || offset!(tcp_write_seq) == 0 {
+        return 0;
+    }
+    let queued = kernel_u64(sk, offset!(sk_wmem_queued)) as i32;
+    if queued < kernel_u64(sk, offset!(sk_sndbuf)) as i32 {
+        return 0;
+    }
+    if let Some(st) = NET_SK_STATE.get_ptr_mut(sk) {
+        // SAFETY: as in `net_data_ready`.
+        let st = unsafe { &mut *st };
+        // SAFETY: the helper takes no arguments and only reads the clock.
+        let now = unsafe { bpf_ktime_get_ns() };
+        if st.write_full_ns == 0 {
+            end_stall(st, now);
+            st.write_full_ns = now;
+            st.write_by_cause = [0; 3];
+            sk_mark_stall(sk, true);
+        } else {
+            write_time(st, now);
+        }
+        // Why, as of now: a long transfer's first moments are bound by the congestion
+        // window, its steady state by what limits it; the wait is named after the cause
+        // that held the buffer full longest.
+        st.write_mark_ns = now;
+        st.write_cause = match held_cause(sk) {
+            Some(c @ (stall_cause::ZERO_WINDOW | stall_cause::CONGESTION)) => c,
+            _ => stall_cause::SEND_BUFFER,
+        };
     }
     0
 }
 
 /// `tcp_probe(struct sock *sk, const struct sk_buff *skb)`: a segment arrived on `sk` (an
 /// acknowledgement, a window update, data). For a server's socket whose written bytes the
-/// kernel holds (`hold_stall`), this is what releases them: the stall ends. Runs for every
+/// kernel holds (`after_write`), this is what releases them: the stall ends. Runs for every
 /// segment of the host: one bit test first, as `net_data_ready`.
 #[raw_tracepoint(tracepoint = "tcp_probe")]
 pub fn net_tcp_probe(ctx: RawTracePointContext) -> u32 {
@@ -718,7 +764,8 @@ pub fn net_tcp_probe(ctx: RawTracePointContext) -> u32 {
     if let Some(st) = NET_SK_STATE.get_ptr_mut(sk) {
         // SAFETY: as in `net_data_ready`.
         let st = unsafe { &mut *st };
-        if st.hold_ns != 0 {
+        // (While a write waits for room, the wait is the stall: `after_write` ends it.)
+        if st.hold_ns != 0 && st.write_full_ns == 0 {
             // SAFETY: the helper takes no arguments and only reads the clock.
             let now = unsafe { bpf_ktime_get_ns() };
             let cause = st.hold_cause;
@@ -741,33 +788,72 @@ pub fn net_tcp_probe(ctx: RawTracePointContext) -> u32 {
 /// request was reported.
 #[inline(always)]
 pub fn end_stall(st: &mut NetSkState, now: u64) {
-    if st.hold_ns == 0 || now < st.hold_ns {
-        st.hold_ns = 0;
+    let (since, cause) = (st.hold_ns, st.hold_cause);
+    st.hold_ns = 0;
+    add_stall(st, since, now, cause);
+}
+
+/// Adds the time since the write's wait last found the buffer full to the cause it found.
+#[inline(always)]
+fn write_time(st: &mut NetSkState, now: u64) {
+    let d = now.saturating_sub(st.write_mark_ns);
+    match st.write_cause {
+        stall_cause::ZERO_WINDOW => st.write_by_cause[0] += d,
+        stall_cause::CONGESTION => st.write_by_cause[1] += d,
+        _ => st.write_by_cause[2] += d,
+    }
+    st.write_mark_ns = now;
+}
+
+/// Adds a stall from `since` to `now` (none when `since` is 0) to the socket's stalls.
+#[inline(always)]
+fn add_stall(st: &mut NetSkState, since: u64, now: u64, cause: u32) {
+    if since == 0 || now < since {
         return;
     }
-    let d = now - st.hold_ns;
+    let d = now - since;
     st.stall_ns += d;
     if d >= st.longest_ns {
         st.longest_ns = d;
-        st.stall_cause = st.hold_cause;
+        st.stall_cause = cause;
     }
-    st.hold_ns = 0;
 }
 
-/// After a server's write to `sk` at `now`: when the kernel holds bytes of it back (written
-/// but not sent), a stall starts, with its cause: the peer's window full, the congestion
-/// window full, or Nagle's algorithm (less than a segment, earlier data unacknowledged).
+/// After a write to `sk` returned at `now`: its wait for room in the send buffer, if it
+/// had one, ends; when the kernel holds bytes of it back (written but not sent), a stall
+/// starts, with its cause: the peer's window full, the congestion window full, or Nagle's
+/// algorithm (less than a segment, earlier data unacknowledged).
 #[inline(always)]
-pub fn hold_stall(sk: u64, now: u64) {
+pub fn after_write(sk: u64, now: u64) {
     if offset!(tcp_write_seq) == 0 {
         return;
     }
-    // Bytes held or not first (two reads): the socket's state only when they are.
-    let Some(cause) = held_cause(sk) else { return };
+    // Bytes held or not first (two reads), and a bit test: the socket's state only when
+    // either says there is something to do.
+    let held = held_cause(sk);
+    if held.is_none() && !sk_maybe_stalled(sk) {
+        return;
+    }
     let Some(st) = NET_SK_STATE.get_ptr_mut(sk) else { return };
     // SAFETY: as in `net_data_ready`.
     let st = unsafe { &mut *st };
-    if st.hold_ns == 0 {
+    if st.write_full_ns != 0 {
+        write_time(st, now);
+        let t = st.write_by_cause;
+        let cause = if t[0] >= t[1] && t[0] >= t[2] {
+            stall_cause::ZERO_WINDOW
+        } else if t[1] >= t[2] {
+            stall_cause::CONGESTION
+        } else {
+            stall_cause::SEND_BUFFER
+        };
+        let since = st.write_full_ns;
+        st.write_full_ns = 0;
+        add_stall(st, since, now, cause);
+    }
+    if let Some(cause) = held
+        && st.hold_ns == 0
+    {
         st.hold_ns = now;
         st.hold_cause = cause;
         sk_mark_stall(sk, true);
@@ -797,10 +883,11 @@ fn held_cause(sk: u64) -> Option<u32> {
 }
 
 /// The stalls of `sk` since its last reported request, as of `now` (a stall still under way
-/// counts until now and goes on from there); resets them.
+/// counts until now and goes on from there); resets them. A client's response that came in
+/// two parts a delayed ACK apart (`NAGLE_GAP_MIN_NS`) counts as a Nagle stall of that gap.
 #[inline(always)]
-pub fn take_stalls(sk: u64, now: u64) -> (u64, u32) {
-    if !sk_maybe_stalled(sk) {
+pub fn take_stalls(sk: u64, now: u64, client: bool) -> (u64, u32) {
+    if !client && !sk_maybe_stalled(sk) {
         return (0, 0);
     }
     let Some(st) = NET_SK_STATE.get_ptr_mut(sk) else { return (0, 0) };
@@ -812,12 +899,30 @@ pub fn take_stalls(sk: u64, now: u64) -> (u64, u32) {
         st.hold_ns = now;
         st.hold_cause = cause;
     }
+    if client && (NAGLE_GAP_MIN_NS..=NAGLE_GAP_MAX_NS).contains(&st.gap_ns) {
+        let gap = st.gap_ns;
+        add_stall(st, now - gap, now, stall_cause::NAGLE);
+    }
+    st.gap_ns = 0;
     let taken = (st.stall_ns, st.stall_cause);
     st.stall_ns = 0;
     st.longest_ns = 0;
     st.stall_cause = 0;
-    if st.hold_ns == 0 {
+    if st.hold_ns == 0 && st.write_full_ns == 0 {
         sk_mark_stall(sk, false);
     }
     taken
+}
+
+/// A client's request starts on `sk`: the gaps in its response are timed from its first
+/// arriving bytes.
+#[inline(always)]
+pub fn client_request(sk: u64) {
+    if let Some(st) = NET_SK_STATE.get_ptr_mut(sk) {
+        // SAFETY: as in `net_data_ready`.
+        unsafe {
+            (*st).last_ns = 0;
+            (*st).gap_ns = 0;
+        }
+    }
 }

@@ -16,8 +16,8 @@ use aya_ebpf::{
 };
 
 use super::net::{
-    Peer, copy_words, emit_conn, emit_request, ends_chunked, hold_stall, parse_request, parse_response_head,
-    parse_status, read_sockaddr, start_response_head, take_stalls, zero_words,
+    Peer, after_write, client_request, copy_words, emit_conn, emit_request, ends_chunked, parse_request,
+    parse_response_head, parse_status, read_sockaddr, start_response_head, take_stalls, zero_words,
 };
 use super::{offcpu::fd_sock, sysno};
 use crate::maps::{
@@ -186,21 +186,21 @@ fn open(tgid: u32, fd: u32, role: u32, sockaddr: u64, now: u64) {
     c.sk = 0;
     c.queue_ns = 0;
     c.accept_ns = 0;
-    if role == NET_ROLE_SERVER {
-        // The socket, to time how long each request waits in it (`net_data_ready`), and how
-        // long the connection waited to be accepted.
-        c.sk = fd_sock(u64::from(fd));
-        if c.sk != 0 {
+    // The socket: a server's, to time how long each request waits in it (`net_data_ready`)
+    // and how long the connection waited to be accepted; either side's, for its stalls.
+    c.sk = fd_sock(u64::from(fd));
+    if c.sk != 0 {
+        if role == NET_ROLE_SERVER {
             // SAFETY: a value of the LRU map from a successful lookup, copied out at once.
             if let Some(&done) = unsafe { NET_ACCEPTING.get(c.sk) } {
                 c.accept_ns = now.saturating_sub(done);
                 let _ = NET_ACCEPTING.remove(c.sk);
             }
-            if NET_SK_STATE.insert(c.sk, NetSkState::default(), 0).is_ok() {
-                sk_mark(c.sk, true);
-            } else {
-                c.sk = 0;
-            }
+        }
+        if NET_SK_STATE.insert(c.sk, NetSkState::default(), 0).is_ok() {
+            sk_mark(c.sk, true);
+        } else {
+            c.sk = 0;
         }
     }
     // A reused fd whose close was missed is overwritten.
@@ -232,9 +232,12 @@ fn data(c: &mut NetConn, tgid: u32, inbound: bool, buf: Buf, ret: i64) {
         if c.phase == NET_PHASE_RESPONSE {
             finish(c, tgid);
         }
+        // A server's socket: when the bytes this read takes arrived (and from now on,
+        // arrivals are later bytes').
+        let ready = if c.role == NET_ROLE_SERVER && c.sk != 0 { take_ready(c.sk) } else { 0 };
         if c.phase != NET_PHASE_REQUEST {
             if c.role == NET_ROLE_SERVER {
-                c.queue_ns = socket_queue(c, now);
+                c.queue_ns = socket_queue(c, ready, now);
             }
             c.phase = NET_PHASE_REQUEST;
             // The server's request starts when its first bytes arrive; the client's when its
@@ -248,28 +251,20 @@ fn data(c: &mut NetConn, tgid: u32, inbound: bool, buf: Buf, ret: i64) {
             c.status = 0;
             let (base, len) = buf.first();
             parse_request(c, base, if len < ret { len } else { ret });
+            if c.role == NET_ROLE_CLIENT && c.sk != 0 {
+                client_request(c.sk);
+            }
         }
         c.req_bytes += ret;
+        if !inbound && c.sk != 0 {
+            after_write(c.sk, now);
+        }
     } else {
         // Bytes before any request (a server greeting) are not a response.
         if c.phase == NET_PHASE_IDLE {
             return;
         }
         if c.phase == NET_PHASE_REQUEST {
-            if c.role == NET_ROLE_SERVER && c.sk != 0 {
-                // Bytes that arrive from now on are the next request's.
-                match NET_SK_STATE.get_ptr_mut(c.sk) {
-                    // SAFETY: a value of the preallocated LRU map from a successful lookup: it
-                    // stays allocated as long as the map; plain integers.
-                    Some(st) => unsafe { (*st).ready_ns = 0 },
-                    None => {
-                        let _ = NET_SK_STATE.insert(c.sk, NetSkState::default(), 0);
-                    }
-                }
-                if !sk_maybe_tracked(c.sk) {
-                    sk_mark(c.sk, true);
-                }
-            }
             c.phase = NET_PHASE_RESPONSE;
             c.resp_first_ns = now;
             c.status = 0;
@@ -294,8 +289,8 @@ fn data(c: &mut NetConn, tgid: u32, inbound: bool, buf: Buf, ret: i64) {
         }
         c.resp_bytes += ret;
         c.resp_last_ns = now;
-        if c.role == NET_ROLE_SERVER && c.sk != 0 {
-            hold_stall(c.sk, now);
+        if !inbound && c.sk != 0 {
+            after_write(c.sk, now);
         }
         // A response whose framing says where it ends is reported as its last byte is read
         // or written: not later, when the connection is used again, nor never, when the
@@ -314,16 +309,34 @@ fn data(c: &mut NetConn, tgid: u32, inbound: bool, buf: Buf, ret: i64) {
     }
 }
 
-/// How long the request a server starts to read at `now` waited in its socket: since the
-/// first bytes arrived after its previous response began. Its connection's first request,
-/// if nothing arrived since the accept, arrived before it: it waited since the accept.
+/// When the unread bytes of a server's socket `sk` first arrived (0: unknown), as a read of
+/// them returns; later arrivals are later bytes'. A socket whose state was evicted, or whose
+/// filter bit a colliding socket's close cleared, is tracked again.
 #[inline(always)]
-fn socket_queue(c: &NetConn, now: u64) -> u64 {
+fn take_ready(sk: u64) -> u64 {
+    let ready = match NET_SK_STATE.get_ptr_mut(sk) {
+        // SAFETY: a value of the preallocated LRU map from a successful lookup: it stays
+        // allocated as long as the map; plain integers.
+        Some(st) => unsafe { core::mem::replace(&mut (*st).ready_ns, 0) },
+        None => {
+            let _ = NET_SK_STATE.insert(sk, NetSkState::default(), 0);
+            0
+        }
+    };
+    if !sk_maybe_tracked(sk) {
+        sk_mark(sk, true);
+    }
+    ready
+}
+
+/// How long the request a server starts to read at `now` waited in its socket: since its
+/// first bytes arrived (`ready`, from `take_ready`). Its connection's first request, if
+/// nothing arrived since the accept, arrived before it: it waited since the accept.
+#[inline(always)]
+fn socket_queue(c: &NetConn, ready: u64, now: u64) -> u64 {
     if c.sk == 0 {
         return 0;
     }
-    // SAFETY: a value of the hash map from a successful lookup, copied out at once.
-    let ready = unsafe { NET_SK_STATE.get(c.sk) }.map(|st| st.ready_ns).unwrap_or(0);
     if ready != 0 && ready <= now {
         now - ready
     } else if ready == 0 && c.start_ns == 0 && c.opened_ns <= now {
@@ -337,9 +350,9 @@ fn socket_queue(c: &NetConn, now: u64) -> u64 {
 #[inline(always)]
 fn finish(c: &mut NetConn, tgid: u32) {
     if c.phase == NET_PHASE_RESPONSE {
-        // A server's response: how long its bytes were held in the kernel.
-        let stalls =
-            if c.role == NET_ROLE_SERVER && c.sk != 0 { take_stalls(c.sk, bpf_now()) } else { (0, 0) };
+        // How long its bytes waited in the kernel: a server's response's, a client's request's
+        // and the gap in a client's response.
+        let stalls = if c.sk != 0 { take_stalls(c.sk, bpf_now(), c.role == NET_ROLE_CLIENT) } else { (0, 0) };
         emit_request(c, tgid, stalls);
     }
     c.phase = NET_PHASE_IDLE;

@@ -112,12 +112,15 @@ pub fn net_retransmit(ctx: TracePointContext) -> u32 {
         // SAFETY: a value of the preallocated LRU map from a successful lookup; plain
         // integers (see `net_data_ready`).
         let st = unsafe { &mut *st };
-        if st.hold_ns == 0 {
-            // SAFETY: the helper takes no arguments and only reads the clock.
-            st.hold_ns = unsafe { bpf_ktime_get_ns() };
+        // (During a write's wait for room the wait is the stall, and it goes on.)
+        if st.write_full_ns == 0 {
+            if st.hold_ns == 0 {
+                // SAFETY: the helper takes no arguments and only reads the clock.
+                st.hold_ns = unsafe { bpf_ktime_get_ns() };
+            }
+            st.hold_cause = stall_cause::RETRANSMIT;
+            sk_mark_stall(skaddr, true);
         }
-        st.hold_cause = stall_cause::RETRANSMIT;
-        sk_mark_stall(skaddr, true);
     }
     0
 }

@@ -66,8 +66,9 @@ pub struct RequestStats {
     /// the connection's accept queue (its first request) and the request itself.
     pub queue: Histogram,
     pub total: Histogram,
-    /// Servers: requests whose response bytes were held in the kernel for `STALL_MIN_NS`
-    /// or more, by the cause of their longest hold (`stall_cause::*`).
+    /// Requests whose bytes waited in the kernel for `STALL_MIN_NS` or more (a server's
+    /// response, a client's request, or a client's response that came in parts a delayed
+    /// ACK apart), by the cause of their longest wait (`stall_cause::*`).
     pub stalls: BTreeMap<u32, Histogram>,
     pub req_bytes: u64,
     pub resp_bytes: u64,
@@ -126,6 +127,9 @@ pub struct Aggregator {
     pub events: u64,
     /// Picks HTTP server requests to export as spans (the node agent).
     pub spans: Option<SpanSampler>,
+    /// The kernel cannot see bytes arrive (no `sk_data_ready`): servers' socket-queue times
+    /// are unknown, not 0, and are not recorded.
+    pub no_socket_queue: bool,
 }
 
 impl Aggregator {
@@ -135,6 +139,7 @@ impl Aggregator {
 
     pub fn add(&mut self, e: &NetEvent) {
         self.events += 1;
+        let queue_seen = !self.no_socket_queue;
         let m = &mut self.current;
         m.comms.entry(e.tgid).or_insert_with(|| crate::sys::process::comm(e.tgid));
         let peer = self.capped_peer(e.tgid, peer(e));
@@ -165,16 +170,17 @@ impl Aggregator {
                 }
                 let stats = m.requests.entry(key).or_default();
                 stats.latency.record(end.saturating_sub(e.start_ns));
+                if e.stall_ns >= STALL_MIN_NS && e.stall_cause != 0 {
+                    stats.stalls.entry(e.stall_cause).or_default().record(e.stall_ns);
+                }
                 match direction {
                     Direction::Client => stats.ttfb.record(e.resp_first_ns.saturating_sub(e.start_ns)),
-                    Direction::Server => {
+                    Direction::Server if queue_seen => {
                         stats.queue.record(e.queue_ns);
-                        if e.stall_ns >= STALL_MIN_NS && e.stall_cause != 0 {
-                            stats.stalls.entry(e.stall_cause).or_default().record(e.stall_ns);
-                        }
                         let waited = e.queue_ns.saturating_add(e.accept_ns);
                         stats.total.record(end.saturating_sub(e.start_ns).saturating_add(waited));
                     }
+                    Direction::Server => {}
                 }
                 // The kernel's counters are trusted to be sane, not to be small: sums saturate.
                 stats.req_bytes = stats.req_bytes.saturating_add(e.req_bytes);
@@ -292,6 +298,38 @@ mod tests {
         assert_eq!((c.latency.max_ns, c.ttfb.max_ns), (10_000_000, 2_000_000));
         assert_eq!(s.ttfb.count, 0);
         assert!(a.take_interval().requests.is_empty());
+    }
+
+    #[test]
+    fn stalls_count_on_both_sides_and_unseen_queues_are_not_zeros() {
+        let mut a = Aggregator::new();
+        let mut e = event(NET_EVENT_REQUEST, NET_ROLE_SERVER, "/sleep/10");
+        (e.stall_ns, e.stall_cause, e.queue_ns) = (STALL_MIN_NS, agent_ebpf::stall_cause::SEND_BUFFER, 5);
+        a.add(&e);
+        let mut c = event(NET_EVENT_REQUEST, agent_ebpf::NET_ROLE_CLIENT, "");
+        (c.stall_ns, c.stall_cause) = (40_000_000, agent_ebpf::stall_cause::NAGLE);
+        a.add(&c);
+        // Under the threshold: not a stall.
+        c.stall_ns = STALL_MIN_NS - 1;
+        a.add(&c);
+        let m = a.take_interval();
+        let stalls: Vec<_> = m
+            .requests
+            .iter()
+            .flat_map(|(k, s)| s.stalls.iter().map(move |(c, h)| (k.direction, *c, h.count)))
+            .collect();
+        assert_eq!(stalls.len(), 2, "{stalls:?}");
+        assert!(stalls.contains(&(Direction::Server, agent_ebpf::stall_cause::SEND_BUFFER, 1)));
+        assert!(stalls.contains(&(Direction::Client, agent_ebpf::stall_cause::NAGLE, 1)));
+        let (_, s) = m.requests.iter().find(|(k, _)| k.direction == Direction::Server).unwrap();
+        assert_eq!((s.queue.count, s.total.count), (1, 1));
+
+        // Without `sk_data_ready` a queue of 0 means unknown: nothing is recorded.
+        a.no_socket_queue = true;
+        a.add(&e);
+        let m = a.take_interval();
+        let (_, s) = m.requests.iter().next().unwrap();
+        assert_eq!((s.latency.count, s.queue.count, s.total.count), (1, 0, 0));
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::sync::{
 use agent_ebpf::{
     MAP_NET_CONNS, MAP_NET_EVENTS, MAP_NET_SK_STATE, NET_PATH_LEN, NET_RING_HEAD, NET_RING_SLOTS,
     NET_RING_TAIL, NetConn, NetEvent, PROG_NET_DATA_READY, PROG_NET_RETRANSMIT, PROG_NET_SOCK_STATE,
-    PROG_NET_SYS_EXIT, PROG_NET_TCP_PROBE,
+    PROG_NET_SYS_EXIT, PROG_NET_TCP_PROBE, PROG_NET_TCP_SENDMSG,
 };
 use aya::programs::{RawTracePoint, TracePoint};
 
@@ -100,6 +100,15 @@ impl NetTracer {
                 false
             }
         };
+        // Writes that wait for room in the send buffer (`tcp_sendmsg_locked`, Linux 6.1+).
+        let sendmsg = probe
+            && match attach_raw(ebpf, PROG_NET_TCP_SENDMSG, "tcp_sendmsg_locked") {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!("send-buffer stalls unavailable: {e}");
+                    false
+                }
+            };
         let map = ebpf
             .map(MAP_NET_EVENTS)
             .ok_or(Error::Ebpf { what: "kernel map missing", detail: MAP_NET_EVENTS.into() })?;
@@ -112,6 +121,9 @@ impl NetTracer {
         }
         if probe {
             programs.push(PROG_NET_TCP_PROBE);
+        }
+        if sendmsg {
+            programs.push(PROG_NET_TCP_SENDMSG);
         }
         Ok(Self { events, cpus, programs, socket_queue: data_ready })
     }
@@ -162,6 +174,8 @@ impl Drainer {
     pub fn start(mut tracer: NetTracer, aggregator: Aggregator) -> Result<Self> {
         let programs = tracer.programs.clone();
         let socket_queue = tracer.socket_queue;
+        let mut aggregator = aggregator;
+        aggregator.no_socket_queue = !socket_queue;
         let aggregator = Arc::new(Mutex::new(aggregator));
         let stop = Arc::new(AtomicBool::new(false));
         let (agg, done) = (aggregator.clone(), stop.clone());
@@ -203,7 +217,7 @@ impl Drainer {
         let mut total = (std::time::Duration::ZERO, 0);
         for name in &self.programs {
             let prog = ebpf.program_mut(name)?;
-            let info = if [PROG_NET_DATA_READY, PROG_NET_TCP_PROBE].contains(name) {
+            let info = if [PROG_NET_DATA_READY, PROG_NET_TCP_PROBE, PROG_NET_TCP_SENDMSG].contains(name) {
                 <&mut RawTracePoint>::try_from(prog).ok()?.info().ok()?
             } else {
                 <&mut TracePoint>::try_from(prog).ok()?.info().ok()?

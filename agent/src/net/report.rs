@@ -250,7 +250,7 @@ impl NetReport {
         if !self.stalls.is_empty() {
             let _ = writeln!(
                 s,
-                "  stalls (responses whose bytes waited in the kernel 1 ms or more after the code wrote them):\n    {:<20} {:<6} {:<40} {:<18} {:>7} {:>9} {:>9}",
+                "  stalls (requests whose bytes waited in the kernel 1 ms or more after the code wrote them):\n    {:<20} {:<6} {:<40} {:<18} {:>7} {:>9} {:>9}",
                 "process", "side", "endpoint", "cause", "count", "mean ms", "p99 ms"
             );
             for r in &self.stalls {

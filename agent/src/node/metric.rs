@@ -302,7 +302,7 @@ pub(crate) const STALL: Metric = def(
     "s",
     Histogram(REQUEST_BOUNDS),
     "stoker_net_stall_duration_seconds",
-    "Server responses whose bytes waited in the kernel 1 ms or more after the code wrote them, by stoker.stall.cause.",
+    "Requests whose bytes waited in the kernel 1 ms or more after the code wrote them (server responses, client requests, client responses held by Nagle), by stoker.stall.cause.",
 );
 pub(crate) const ACCEPT_QUEUE: Metric = def(
     "stoker.tcp.accept.queue.duration",

@@ -5,7 +5,7 @@ use agent_ebpf::{NET_RING_SLOTS, NetOffsets};
 use crate::sys::{btf::Btf, tracefs};
 
 /// The kernel structs whose member offsets the network programs need.
-pub(crate) const BTF_STRUCTS: &[&str] = &["tcp_sock"];
+pub(crate) const BTF_STRUCTS: &[&str] = &["tcp_sock", "sock"];
 
 /// Record field offsets from the tracepoints' format files and `tcp_sock` member offsets
 /// from BTF. Unknown record fields keep the layout of current kernels; unknown members are
@@ -49,6 +49,11 @@ pub(crate) fn offsets(btf: Option<&Btf>) -> NetOffsets {
                 o.tcp_packets_out,
                 o.tcp_mss_cache,
             ] = stalls;
+            // Writes that wait for room in the send buffer, likewise.
+            let buffer = ["sk_wmem_queued", "sk_sndbuf"].map(|m| btf.member_offset("sock", m).unwrap_or(0));
+            if buffer.iter().all(|&off| off > 0) {
+                [o.sk_wmem_queued, o.sk_sndbuf] = buffer;
+            }
         }
     }
     o
@@ -70,5 +75,6 @@ mod tests {
         assert!(o.tcp_srtt_us > 1000, "tcp_sock.srtt_us at {}", o.tcp_srtt_us);
         assert!(o.tcp_bytes_received > 1000 && o.tcp_bytes_acked > 1000, "{o:?}");
         assert!(o.tcp_write_seq > 1000 && o.tcp_snd_nxt > 1000 && o.tcp_mss_cache > 1000, "{o:?}");
+        assert!(o.sk_wmem_queued > 100 && o.sk_sndbuf > 100 && o.sk_wmem_queued < 1000, "{o:?}");
     }
 }
