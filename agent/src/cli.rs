@@ -2,7 +2,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use stoker::{export::Format, record::Mode};
+use stoker::{advise::AdviceFormat, export::Format, record::Mode};
 
 #[derive(Debug, Parser)]
 #[command(name = "stoker", version, about = "eBPF profiler for Python services")]
@@ -18,6 +18,9 @@ pub struct Cli {
 pub enum Command {
     /// Sample processes and write a flamegraph or folded stacks.
     Record(RecordArgs),
+    /// Watch processes for a while and advise: CPU and memory limits, workers, the code or
+    /// upstream that is the bottleneck, with the evidence and the numbers.
+    Advise(AdviseArgs),
     /// Check whether this kernel and this process can run stoker.
     Doctor,
     /// Run as a node agent: sample every CPython process, export metrics continuously.
@@ -100,6 +103,30 @@ pub struct RecordArgs {
     #[arg(long, value_name = "PER_SECOND", default_value_t = stoker::record::DEFAULT_SWITCH_BUDGET)]
     pub switch_budget: u32,
     /// Command to launch and profile, after `--`.
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+#[command(arg_required_else_help = true)]
+pub struct AdviseArgs {
+    /// Process to watch; repeat for several.
+    #[arg(short, long = "pid", value_name = "PID")]
+    pub pids: Vec<u32>,
+    /// Watch every CPython process on the host.
+    #[arg(long)]
+    pub all_python: bool,
+    /// Stop after this many seconds (default: when the targets exit or on Ctrl-C).
+    #[arg(short, long, value_name = "SECS", value_parser = parse_duration)]
+    pub duration: Option<f64>,
+    /// How the advice is written.
+    #[arg(short, long, value_enum, default_value_t = AdviceFormat::Text)]
+    pub format: AdviceFormat,
+    /// Write the advice to this file (default: standard output); the wall-clock flamegraph
+    /// (<stem>.wall.svg) and network report (<stem>.wall.net.json) go beside it.
+    #[arg(short, long, value_name = "PATH")]
+    pub output: Option<PathBuf>,
+    /// Command to launch and watch, after `--`.
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
 }

@@ -1,5 +1,6 @@
 //! stoker: an eBPF profiling agent for Python services. The library behind the `stoker`
 //! binary: kernel sampling, symbolization, recording sessions, output formats, diagnostics.
+pub mod advise;
 pub(crate) mod collect;
 pub mod doctor;
 pub mod error;

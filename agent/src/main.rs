@@ -4,8 +4,8 @@ mod cli;
 use std::{process::ExitCode, time::Duration};
 
 use clap::Parser;
-use cli::{AgentArgs, Cli, Command, RecordArgs};
-use stoker::{doctor, error::one_line, node::config::AgentConfig, record};
+use cli::{AdviseArgs, AgentArgs, Cli, Command, RecordArgs};
+use stoker::{advise, doctor, error::one_line, node::config::AgentConfig, record};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -23,6 +23,7 @@ fn main() -> ExitCode {
 
     match cli.command {
         Command::Record(args) => record_cmd(args),
+        Command::Advise(args) => advise_cmd(args),
         Command::Doctor => doctor_cmd(),
         Command::Agent(args) => agent_cmd(args),
     }
@@ -84,6 +85,47 @@ fn record_cmd(args: RecordArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn advise_cmd(args: AdviseArgs) -> ExitCode {
+    if args.pids.is_empty() && args.command.is_empty() && !args.all_python {
+        eprintln!("stoker: error: nothing to watch: give --pid PID, --all-python or a command after `--`");
+        return ExitCode::from(2);
+    }
+    // An unwritable output fails now, not after the session.
+    if let Some(path) = &args.output
+        && let Err(e) = std::fs::File::create(path)
+    {
+        eprintln!("stoker: error: cannot write {}: {e}", path.display());
+        return ExitCode::FAILURE;
+    }
+    let opts = advise::AdviseOptions {
+        pids: args.pids,
+        command: args.command,
+        all_python: args.all_python,
+        duration: args.duration.map(Duration::from_secs_f64),
+        format: args.format,
+        output: args.output.clone(),
+    };
+    let advice = match advise::run(&opts) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("stoker: error: {}", one_line(&e));
+            return ExitCode::FAILURE;
+        }
+    };
+    let text = advice.render(args.format);
+    match &args.output {
+        None => print!("{text}"),
+        Some(path) => match std::fs::write(path, text) {
+            Ok(()) => eprintln!("stoker: advice written to {}", path.display()),
+            Err(e) => {
+                eprintln!("stoker: error: cannot write {}: {e}", path.display());
+                return ExitCode::FAILURE;
+            }
+        },
+    }
+    ExitCode::SUCCESS
 }
 
 fn doctor_cmd() -> ExitCode {

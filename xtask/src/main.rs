@@ -204,6 +204,16 @@ fn demo() -> Result<()> {
         load.wait()?;
         println!("demo flamegraph: {}", svg.display());
         println!("demo network latency: {}", out_dir.join("demo.net.json").display());
+        println!("demo: advice for the service under the same load (8 s)");
+        let mut load = Command::new(&python).arg(demo.join("load.py")).args([&port, "10"]).spawn()?;
+        sh(Command::new(root.join("target/release/stoker")).args([
+            "advise",
+            "--pid",
+            &pid,
+            "--duration",
+            "8",
+        ]))?;
+        load.wait()?;
         Ok(())
     })();
     let _ = service.kill();

@@ -317,7 +317,7 @@ impl NetReport {
 
 /// How an endpoint is named in the tables: the upstream (clients), then method and route,
 /// or `(tcp)` for other protocols.
-fn endpoint_name(peer: Option<SocketAddr>, method: Option<&str>, route: Option<&str>) -> String {
+pub(crate) fn endpoint_name(peer: Option<SocketAddr>, method: Option<&str>, route: Option<&str>) -> String {
     let mut endpoint = String::new();
     if let Some(peer) = peer {
         let _ = write!(endpoint, "{peer} ");

@@ -110,7 +110,25 @@ pub struct Summary {
     /// Blocked event-loop stretches: (pid, tid, seconds, the stack sampled most in it).
     pub loop_blocks: Vec<LoopBlockReport>,
     pub loop_threshold: Option<Duration>,
+    /// The names of the processes sampled, as read while they lived.
+    pub comms: Vec<(u32, String)>,
+    /// Every `TIMELINE_EVERY` of the session, per given or launched process: seconds since
+    /// the start, its CPU seconds since the start (the kernel's accounting), and the memory
+    /// its cgroup used.
+    pub timeline: Vec<TimelinePoint>,
 }
+
+/// One point of `Summary::timeline`.
+#[derive(Debug, Clone, Copy)]
+pub struct TimelinePoint {
+    pub t: f64,
+    pub pid: u32,
+    pub cpu_s: Option<f64>,
+    pub memory: Option<u64>,
+}
+
+/// How often the timeline is read.
+const TIMELINE_EVERY: Duration = Duration::from_millis(500);
 
 /// A blocked event-loop stretch, named.
 #[derive(Debug, Clone)]
@@ -228,6 +246,8 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
     // their processes live; a starting interpreter frees its import-time code).
     let mut naming = NamingPace::new();
     let mut loop_blocks: Vec<LoopBlockReport> = Vec::new();
+    let mut timeline: Vec<TimelinePoint> = Vec::new();
+    let mut next_point = Duration::ZERO;
     let end = loop {
         tracker.update(&mut kernel, &mut collector)?;
         std::thread::sleep(TICK);
@@ -239,6 +259,17 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
             }
             // Its cgroup (a command may move itself at its start): counters from when seen.
             note_cgroup(&mut cgroups, *pid);
+        }
+        if elapsed >= next_point {
+            next_point = elapsed + TIMELINE_EVERY;
+            for (pid, start, last) in &cpu {
+                let memory = cgroups
+                    .iter()
+                    .find(|(_, _, pids)| pids.contains(pid))
+                    .and_then(|(c, _, _)| c.memory_current());
+                let cpu_s = last.zip(*start).map(|(l, s)| l - s);
+                timeline.push(TimelinePoint { t: elapsed.as_secs_f64(), pid: *pid, cpu_s, memory });
+            }
         }
         let explicit_live = targets.iter_mut().map(|t| t.has_exited()).filter(|exited| !exited).count();
         let end = if stop.load(Ordering::Relaxed) {
@@ -358,6 +389,12 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
         _ => collector.profile(view).top_leaves(10),
     };
     let gil = if opts.gil { collector.gil_by_process(opts.rate_hz) } else { Vec::new() };
+    let comms = cpu
+        .iter()
+        .map(|(pid, _, _)| *pid)
+        .chain(states.iter().map(|(pid, _)| *pid))
+        .filter_map(|pid| collector.comm(pid).map(|c| (pid, c.to_string())))
+        .collect();
     Ok(Summary {
         output,
         samples,
@@ -380,6 +417,8 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
         gil,
         loop_blocks,
         loop_threshold: opts.loop_block_threshold,
+        comms,
+        timeline,
     })
 }
 

@@ -1,0 +1,383 @@
+//! End-to-end tests of `stoker advise`: small Python services with one known cause each
+//! (a tight CPU quota, the GIL, a blocked event loop, a slow upstream, Nagle's algorithm, a
+//! memory limit, nothing), watched by the real kernel programs; the top finding's rule and
+//! the direction and size of its numbers are checked against what the workload measured
+//! of itself or was built to need. Run as root.
+mod common;
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+};
+
+use common::{net::Lines, *};
+use serde_json::Value;
+
+fn fixture(dir: &str, name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(dir).join(name)
+}
+
+/// A running `stoker advise -f json -o <scratch>/advice.json ARGS`, sampling.
+struct Session {
+    child: Child,
+    err: Stderr,
+    out: PathBuf,
+}
+
+impl Session {
+    fn start(name: &str, args: &[&str]) -> Self {
+        let out = scratch(name).join("advice.json");
+        let mut child = Command::new(STOKER)
+            .args(["advise", "-f", "json", "-o", out.to_str().unwrap()])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut err = Stderr::of(&mut child);
+        err.wait_for("sampling at");
+        Self { child, err, out }
+    }
+
+    /// Ends the session (Ctrl-C with `interrupt`, else it ends by itself) and reads the advice.
+    fn finish(mut self, interrupt: bool) -> Value {
+        if interrupt {
+            // SAFETY: signals a child this test spawned and has not reaped.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        }
+        let status = wait_exit(&mut self.child, "stoker advise");
+        let err = self.err.rest();
+        assert!(status.success(), "stoker advise failed: {err}");
+        let advice: Value = serde_json::from_str(&std::fs::read_to_string(&self.out).unwrap()).unwrap();
+        eprintln!("{err}\n{advice:#}");
+        advice
+    }
+}
+
+/// The findings for process `pid` (the only process when `pid` is None).
+fn findings(advice: &Value, pid: Option<u32>) -> Vec<Value> {
+    let processes = advice["processes"].as_array().unwrap();
+    let p = match pid {
+        Some(pid) => processes.iter().find(|p| p["pid"] == pid).unwrap_or_else(|| panic!("no process {pid}")),
+        None => {
+            assert_eq!(processes.len(), 1, "one process: {advice:#}");
+            &processes[0]
+        }
+    };
+    let f = p["findings"].as_array().unwrap().clone();
+    assert!(!f.is_empty(), "every process gets a finding");
+    for x in &f {
+        for key in ["rule", "severity", "title", "evidence", "action", "numbers"] {
+            assert!(!x[key].is_null(), "a finding has {key}: {x:#}");
+        }
+    }
+    f
+}
+
+fn number(finding: &Value, key: &str) -> f64 {
+    finding["numbers"][key].as_f64().unwrap_or_else(|| panic!("no {key} in {finding:#}"))
+}
+
+/// A single-threaded CPU-bound process in a cgroup allowed 0.3 CPU: the top finding is
+/// `cpu-throttled`, and the limit it asks for is what the process would use unthrottled:
+/// one CPU (0.8 s of CPU in a session of about 2.9 s, its idle start included: 0.9 to 1.0
+/// CPU), with VPA's 15% margin, rounded up to 0.1: between 1.0 and 1.3 CPUs.
+#[test]
+fn a_tight_cpu_quota_is_named_with_the_limit_to_set() {
+    require_root();
+    let cgroup = QuotaCgroup::new("stoker-advise-quota", 30000);
+    let mut spin = Command::new(python("3.12.1"))
+        .args([fixture("offcpu", "spin.py").to_str().unwrap(), "0.8"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    cgroup.add(spin.id());
+    let pid = spin.id();
+    let session = Session::start("advise-quota", &["--pid", &pid.to_string()]);
+    spin.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    assert!(spin.wait().unwrap().success());
+    let advice = session.finish(false);
+    let top = &findings(&advice, Some(pid))[0];
+    assert_eq!(top["rule"], "cpu-throttled", "{top:#}");
+    let limit = number(top, "recommended_limit_cpus");
+    assert!((1.0..=1.3).contains(&limit), "limit {limit} CPUs for a process that wants one: {top:#}");
+    assert_eq!(number(top, "quota_cpus"), 0.3);
+}
+
+/// Four threads of pure-Python CPU work: the top finding is `gil-bound`, asking for worker
+/// processes instead: at least 2, at most the host's CPUs.
+#[test]
+fn gil_bound_threads_are_told_to_use_processes() {
+    require_root();
+    let script = fixture("offcpu", "gil_threads.py");
+    let python = python("3.12.1");
+    let session =
+        Session::start("advise-gil", &["--", python.to_str().unwrap(), script.to_str().unwrap(), "4", "1.5"]);
+    let advice = session.finish(false);
+    let top = &findings(&advice, None)[0];
+    assert_eq!(top["rule"], "gil-bound", "{top:#}");
+    let workers = number(top, "recommended_workers");
+    let cpus = std::thread::available_parallelism().unwrap().get() as f64;
+    assert!((2.0..=cpus.max(2.0)).contains(&workers), "{workers} workers on {cpus} CPUs");
+    assert!(number(top, "gil_share") >= 0.5, "four threads share one GIL: {top:#}");
+}
+
+/// An asyncio server whose handler runs 300 ms of Python for each `slow` line: the top
+/// finding is `loop-blocked`, naming the function, with one block per slow request, the
+/// longest as long as the handler measured itself (and at most 50 ms more: the loop's own
+/// work around it).
+#[test]
+fn a_blocked_event_loop_names_its_function() {
+    require_root();
+    let mut server = Command::new(python("3.12.1"))
+        .arg(fixture("offcpu", "asyncio_server.py"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(server.stdout.take().unwrap());
+    let mut port = String::new();
+    out.read_line(&mut port).unwrap();
+    let session = Session::start("advise-loop", &["--pid", &server.id().to_string()]);
+    let conn = std::net::TcpStream::connect(("127.0.0.1", port.trim().parse::<u16>().unwrap())).unwrap();
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let mut handler: Vec<f64> = Vec::new();
+    for request in ["fast", "slow", "fast", "slow", "fast", "slow"] {
+        (&conn).write_all(format!("{request}\n").as_bytes()).unwrap();
+        let mut answer = String::new();
+        reader.read_line(&mut answer).unwrap();
+        if request == "slow" {
+            let mut line = String::new();
+            out.read_line(&mut line).unwrap();
+            handler.push(line.split_whitespace().nth(1).unwrap().parse().unwrap());
+        }
+    }
+    let advice = session.finish(true);
+    let _ = server.kill();
+    let _ = server.wait();
+    let top = &findings(&advice, Some(server.id()))[0];
+    assert_eq!(top["rule"], "loop-blocked", "{top:#}");
+    assert!(top["title"].as_str().unwrap().contains("crunch"), "names the function: {top:#}");
+    assert_eq!(number(top, "blocks"), 3.0);
+    let (longest, own) = (number(top, "longest_ms"), handler.iter().copied().fold(0.0, f64::max) * 1e3);
+    assert!(
+        longest >= 0.95 * own && longest <= own + 50.0,
+        "longest block {longest} ms, the handler measured {own:.1} ms"
+    );
+}
+
+/// A client making 40 requests to an upstream that answers each after 50 ms: the top
+/// finding is `upstream-bound`, naming the upstream's address, with most of the busy time
+/// waiting on it.
+#[test]
+fn a_slow_upstream_is_named_and_cpu_is_not_asked_for() {
+    require_root();
+    let script = fixture("offcpu", "upstream.py");
+    let mut upstream = Command::new(python("3.12.1"))
+        .args([script.to_str().unwrap(), "serve", "0.05"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let port =
+        Lines::of(&mut upstream).next("upstream port", std::time::Duration::from_secs(10)).trim().to_string();
+    let python = python("3.12.1");
+    let session = Session::start(
+        "advise-upstream",
+        &["--", python.to_str().unwrap(), script.to_str().unwrap(), "call", &port, "20"],
+    );
+    let advice = session.finish(false);
+    let _ = upstream.kill();
+    let _ = upstream.wait();
+    let top = &findings(&advice, None)[0];
+    assert_eq!(top["rule"], "upstream-bound", "{top:#}");
+    assert!(top["title"].as_str().unwrap().contains(&format!("127.0.0.1:{port}")), "names the peer: {top:#}");
+    assert!(number(top, "share") >= 0.5);
+}
+
+/// Runs the http.client caller fixture: `count` GETs of /sleep/5 on one keep-alive
+/// connection; returns its JSON.
+fn call(port: &str, count: u32) -> Value {
+    let plan = serde_json::json!([{"port": port.parse::<u16>().unwrap(), "path": "/sleep/5", "count": count, "how": "http.client"}]);
+    let out = Command::new(python("3.12.1"))
+        .args([fixture("net", "caller_client.py").to_str().unwrap(), &plan.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "the caller failed");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn http_server(args: &[&str]) -> (Child, String) {
+    let mut server = Command::new(python("3.12.1"))
+        .arg(fixture("net", "http_server.py"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let port =
+        Lines::of(&mut server).next("server port", std::time::Duration::from_secs(10)).trim().to_string();
+    (server, port)
+}
+
+/// http.server with Nagle's algorithm on, called by http.client: the top finding is
+/// `nagle-stall`, counting the responses whose body the caller waited 20 ms or more for.
+/// The same server with Nagle off, lightly called, is `healthy` and nothing else (its
+/// threads' waits on their clients' sockets between requests are not an upstream's).
+#[test]
+fn nagle_stalls_are_advised_and_a_healthy_server_is_left_alone() {
+    require_root();
+    for nagle in [true, false] {
+        let (mut server, port) = http_server(if nagle { &["--nagle"] } else { &[] });
+        let session = Session::start("advise-nagle", &["--pid", &server.id().to_string()]);
+        let caller = call(&port, if nagle { 10 } else { 50 });
+        let advice = session.finish(true);
+        let _ = server.kill();
+        let _ = server.wait();
+        let all = findings(&advice, Some(server.id()));
+        if !nagle {
+            assert_eq!(all.len(), 1, "{all:#?}");
+            assert_eq!(all[0]["rule"], "healthy");
+            continue;
+        }
+        let waited = caller["body_reads"][0]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|w| w.as_u64().unwrap() >= 20_000_000)
+            .count();
+        let top = &all[0];
+        assert_eq!(top["rule"], "nagle-stall", "{top:#}");
+        assert_eq!(number(top, "stalled"), waited as f64, "{top:#}");
+        assert_eq!(number(top, "requests"), 10.0);
+    }
+}
+
+/// A v1 `memory` cgroup with a limit (and a `cpu` cgroup of the same name without a quota,
+/// where stoker finds a v1 process's cgroup); removed when dropped.
+struct MemoryCgroup {
+    dirs: [PathBuf; 2],
+}
+
+impl MemoryCgroup {
+    fn new(limit: u64) -> Self {
+        let name = format!("stoker-advise-memory-{}", std::process::id());
+        let dirs =
+            [Path::new("/sys/fs/cgroup/cpu").join(&name), Path::new("/sys/fs/cgroup/memory").join(&name)];
+        for d in &dirs {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        std::fs::write(dirs[1].join("memory.limit_in_bytes"), limit.to_string()).unwrap();
+        Self { dirs }
+    }
+
+    fn add(&self, pid: u32) {
+        for d in &self.dirs {
+            std::fs::write(d.join("cgroup.procs"), pid.to_string()).unwrap();
+        }
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        for d in &self.dirs {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+}
+
+/// Grows until its cgroup's memory use reaches 92% of the limit, prints the use, idles.
+const GROWER: &str = r#"
+import sys, time
+sys.stdin.readline()
+d = [l.split(":")[2].strip() for l in open("/proc/self/cgroup") if ":memory:" in l][0]
+base = "/sys/fs/cgroup/memory" + d
+limit = int(open(base + "/memory.limit_in_bytes").read())
+hold = []
+while int(open(base + "/memory.usage_in_bytes").read()) < 0.92 * limit:
+    hold.append(b"x" * (1 << 20))
+print(int(open(base + "/memory.max_usage_in_bytes").read()), flush=True)
+time.sleep(60)
+"#;
+
+/// A process that grows to 92% of its cgroup's 96 MiB memory limit: the top finding is
+/// `memory-near-limit`, asking for its peak (as the cgroup counted it) plus 15%.
+#[test]
+fn memory_near_its_limit_is_raised_from_the_peak() {
+    require_root();
+    let cgroup = MemoryCgroup::new(96 << 20);
+    let mut grower = Command::new(python("3.12.1"))
+        .args(["-c", GROWER])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    cgroup.add(grower.id());
+    let session = Session::start("advise-memory", &["--pid", &grower.id().to_string(), "-d", "2"]);
+    grower.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(grower.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+    let peak: f64 = line.trim().parse::<f64>().unwrap() / (1u64 << 20) as f64;
+    let advice = session.finish(false);
+    let _ = grower.kill();
+    let _ = grower.wait();
+    let top = &findings(&advice, Some(grower.id()))[0];
+    assert_eq!(top["rule"], "memory-near-limit", "{top:#}");
+    let recommended = number(top, "recommended_limit_mib");
+    assert!(
+        recommended >= (peak * 1.15).floor() && recommended <= (peak * 1.15).ceil() + 1.0,
+        "recommended {recommended} MiB for a peak of {peak:.1} MiB"
+    );
+    assert!(recommended > 96.0, "above the limit it hit");
+}
+
+/// `--format html` on the GIL-bound workload: one page that Debian's chromium renders
+/// headless without an error on its console, whose DOM has the findings, the CPU chart and
+/// the flamegraph, and whose screenshot is a picture (not a blank page: many colours).
+#[test]
+fn the_html_report_renders_in_a_real_browser() {
+    require_root();
+    let browser = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("this test needs chromium (cargo xtask setup installs it)");
+    let dir = scratch("advise-html");
+    let page = dir.join("advice.html");
+    let python = python("3.12.1");
+    let script = fixture("offcpu", "gil_threads.py");
+    let out = Command::new(STOKER)
+        .args(["advise", "-f", "html", "-o", page.to_str().unwrap(), "--"])
+        .args([python.to_str().unwrap(), script.to_str().unwrap(), "3", "1.5"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "stoker advise failed: {}", stderr(&out));
+    let url = format!("file://{}", page.display());
+    let chrome = |extra: &[&str]| {
+        Command::new(browser)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--hide-scrollbars",
+                "--enable-logging=stderr",
+                "--v=0",
+            ])
+            .args(extra)
+            .arg(&url)
+            .output()
+            .unwrap()
+    };
+    let dom = chrome(&["--dump-dom"]);
+    let (html, log) = (String::from_utf8_lossy(&dom.stdout), String::from_utf8_lossy(&dom.stderr));
+    assert!(dom.status.success(), "chromium failed: {log}");
+    assert!(!log.contains("Uncaught") && !log.contains(":CONSOLE("), "console errors: {log}");
+    for needle in ["gil-bound", "Action:", "Math:", "CPU used", "<polyline", "data:image/svg+xml;base64,"] {
+        assert!(html.contains(needle), "the rendered page has no {needle}");
+    }
+    let shot = dir.join("advice.png");
+    let png = chrome(&["--window-size=1280,1600", &format!("--screenshot={}", shot.display())]);
+    assert!(png.status.success(), "chromium screenshot failed: {}", String::from_utf8_lossy(&png.stderr));
+    let bytes = std::fs::read(&shot).unwrap();
+    assert!(bytes.starts_with(b"\x89PNG"), "a PNG");
+    // A blank or near-blank page compresses to a few KiB; text, charts and a flamegraph do not.
+    assert!(bytes.len() > 40_000, "screenshot of {} bytes: {}", bytes.len(), shot.display());
+}
