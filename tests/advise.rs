@@ -195,6 +195,67 @@ fn a_slow_upstream_is_named_and_cpu_is_not_asked_for() {
     assert!(number(top, "share") >= 0.5);
 }
 
+/// `python ARGS` started inside the v1 `cpu` cgroup at `cgroup` (moved there before the
+/// interpreter starts, so its forks are there too); returns it and the port it prints.
+fn python_in(cgroup: &Path, args: &[&str]) -> (Child, String) {
+    let mut child = Command::new("sh")
+        .args(["-c", "echo $$ > \"$0/cgroup.procs\" && exec \"$@\"", cgroup.to_str().unwrap()])
+        .arg(python("3.12.1"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let port =
+        Lines::of(&mut child).next("server port", std::time::Duration::from_secs(10)).trim().to_string();
+    (child, port)
+}
+
+/// A pre-fork server with 8 workers in a cgroup allowed 0.5 CPU: the top finding of its
+/// parent is `workers-mismatch`, asking for 2 x ceil(0.5) + 1 = 3 workers.
+#[test]
+fn prefork_workers_beyond_the_quota_are_named() {
+    require_root();
+    let cgroup = QuotaCgroup::new("stoker-advise-prefork", 50000);
+    let (mut server, _) =
+        python_in(&cgroup.path, &[fixture("net", "prefork_server.py").to_str().unwrap(), "8"]);
+    let session = Session::start("advise-prefork", &["--pid", &server.id().to_string(), "-d", "1.5"]);
+    let advice = session.finish(false);
+    // SIGTERM: the parent ends its workers.
+    // SAFETY: signals a child this test spawned and has not reaped.
+    unsafe { libc::kill(server.id() as i32, libc::SIGTERM) };
+    let _ = server.wait();
+    // The workers end after their parent: the cgroup is removed once they have.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !std::fs::read_to_string(cgroup.path.join("cgroup.procs")).unwrap_or_default().trim().is_empty()
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let top = &findings(&advice, Some(server.id()))[0];
+    assert_eq!(top["rule"], "workers-mismatch", "{top:#}");
+    assert_eq!((number(top, "workers"), number(top, "recommended_workers")), (8.0, 3.0));
+}
+
+/// An HTTP server called a few times in a cgroup allowed 2 CPUs: the top finding is
+/// `cpu-overprovisioned`, asking for a request of what it used (the kernel's accounting
+/// over the session) plus 15%, far under the quota.
+#[test]
+fn an_idle_service_with_a_large_quota_is_told_to_ask_less() {
+    require_root();
+    let cgroup = QuotaCgroup::new("stoker-advise-idle", 200000);
+    let (mut server, port) = python_in(&cgroup.path, &[fixture("net", "http_server.py").to_str().unwrap()]);
+    let session = Session::start("advise-idle", &["--pid", &server.id().to_string(), "-d", "2"]);
+    call(&port, 5);
+    let advice = session.finish(false);
+    let _ = server.kill();
+    let _ = server.wait();
+    let top = &findings(&advice, Some(server.id()))[0];
+    assert_eq!(top["rule"], "cpu-overprovisioned", "{top:#}");
+    let (used, request) = (number(top, "cpus_used"), number(top, "recommended_request_cpus"));
+    assert_eq!(number(top, "quota_cpus"), 2.0);
+    assert!(used < 0.2 && request >= used * 1.15 - 0.01 && request <= used * 1.15 + 0.011, "{top:#}");
+}
+
 /// Runs the http.client caller fixture: `count` GETs of /sleep/5 on one keep-alive
 /// connection; returns its JSON.
 fn call(port: &str, count: u32) -> Value {

@@ -280,6 +280,7 @@ fn facts(s: &Summary) -> Vec<Facts> {
             Facts {
                 pid,
                 upstreams,
+                workers: workers(pid),
                 service: s
                     .comms
                     .iter()
@@ -311,6 +312,19 @@ fn facts(s: &Summary) -> Vec<Facts> {
             }
         })
         .collect()
+}
+
+/// Children of `pid` running its program in its cgroup: a pre-fork server's workers.
+fn workers(pid: u32) -> u32 {
+    use crate::sys::{cgroup::Cgroup, process};
+    let (exe, cgroup) = (process::exe(pid), Cgroup::of(pid));
+    if exe.is_none() {
+        return 0;
+    }
+    process::all_pids()
+        .into_iter()
+        .filter(|&c| process::parent(c) == Some(pid) && process::exe(c) == exe && Cgroup::of(c) == cgroup)
+        .count() as u32
 }
 
 /// An endpoint as the stalls table names it.

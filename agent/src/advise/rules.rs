@@ -60,6 +60,8 @@ pub struct Facts {
     /// Peers the process connected to (`ADDR:PORT`): its upstreams. A wait on any other
     /// socket (a client of its own, between requests) is not an upstream's.
     pub upstreams: Vec<String>,
+    /// Its children running the same program in its cgroup: a pre-fork server's workers.
+    pub workers: u32,
 }
 
 /// A server endpoint: requests, mean ms in the server (read to write), mean ms in all
@@ -192,6 +194,7 @@ pub fn findings(f: &Facts) -> Vec<Finding> {
     // process on a busy node waits in the run queue too, but more CPU will not help it.
     let mut out: Vec<Finding> = [
         cpu_throttled(f),
+        workers_mismatch(f),
         gil_bound(f),
         loop_blocked(f),
         nagle_stall(f),
@@ -303,6 +306,37 @@ fn cpu_saturated(f: &Facts) -> Option<Finding> {
         .math(format!(
             "demand = ([running] + [runqueue]) / elapsed = {demand:.2} CPUs; request = demand x {MARGIN} rounded up to 0.1 = {request:.1}"
         )),
+    )
+}
+
+/// A pre-fork server's workers for the CPUs it may use: gunicorn's guideline is
+/// 2 x cores + 1, with the cores the quota allows.
+fn workers_mismatch(f: &Facts) -> Option<Finding> {
+    let quota = f.cgroup.as_ref()?.quota?;
+    let recommended = 2.0 * quota.ceil() + 1.0;
+    let workers = f64::from(f.workers);
+    if f.workers < 2 || workers <= recommended {
+        return None;
+    }
+    Some(
+        Finding::new(
+            "workers-mismatch",
+            Severity::Medium,
+            format!(
+                "It runs {} workers for a CPU quota of {quota:.2} CPUs: sized for the host's {:.0} CPUs, they share the quota and are throttled together.",
+                f.workers, f.host_cpus
+            ),
+            format!(
+                "Run {recommended:.0} workers (gunicorn --workers / uvicorn --workers), or raise the quota to what {} workers need.",
+                f.workers
+            ),
+        )
+        .evidence(format!("{} children running the same program in its cgroup, quota {quota:.2} CPUs", f.workers))
+        .num("workers", workers)
+        .num("quota_cpus", quota)
+        .num("host_cpus", f.host_cpus)
+        .num("recommended_workers", recommended)
+        .math(format!("workers = 2 x ceil({quota:.2}) + 1 = {recommended:.0} (gunicorn's 2 x cores + 1, cores from the quota)")),
     )
 }
 
@@ -662,6 +696,19 @@ mod tests {
         assert_eq!(top.rule, "memory-near-limit");
         // max(200 + 100, 200 x 1.2) = 300 MiB.
         assert_eq!(top.numbers["recommended_limit_mib"], 300.0);
+    }
+
+    #[test]
+    fn prefork_workers_are_sized_from_the_quota() {
+        let mut f = facts(&[("[running]", 0.1), ("[poll]", 10.0)]);
+        f.workers = 8;
+        f.cgroup = Some(quota(0.5, 100, 0));
+        let top = &findings(&f)[0];
+        assert_eq!(top.rule, "workers-mismatch");
+        // 2 x ceil(0.5) + 1.
+        assert_eq!(top.numbers["recommended_workers"], 3.0);
+        f.workers = 3;
+        assert!(findings(&f).iter().all(|x| x.rule != "workers-mismatch"));
     }
 
     #[test]
