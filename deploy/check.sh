@@ -153,6 +153,8 @@ ALLOWED = {
     "stoker_cgroup_cpu_periods_total", "stoker_cgroup_cpu_throttled_periods_total",
     "stoker_cgroup_cpu_throttled_time_seconds_total", "stoker_cgroup_cpu_quota_cpus",
     "stoker_cgroup_memory_usage_bytes", "stoker_cgroup_memory_limit_bytes",
+    "stoker_recommendation_cpu_limit_cores", "stoker_recommendation_memory_limit_bytes",
+    "stoker_recommendation_workers", "stoker_advice_active",
 } | {f"{h}_{part}" for part in ("bucket", "sum", "count") for h in (
     "http_server_request_duration_seconds", "http_client_request_duration_seconds",
     "stoker_net_request_duration_seconds", "stoker_tcp_connect_duration_seconds", "stoker_tcp_rtt_seconds",

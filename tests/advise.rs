@@ -11,7 +11,7 @@ use std::{
     process::{Child, Command, Stdio},
 };
 
-use common::{net::Lines, *};
+use common::{agent as agent_harness, net::Lines, *};
 use serde_json::Value;
 
 fn fixture(dir: &str, name: &str) -> PathBuf {
@@ -441,4 +441,82 @@ fn the_html_report_renders_in_a_real_browser() {
     assert!(bytes.starts_with(b"\x89PNG"), "a PNG");
     // A blank or near-blank page compresses to a few KiB; text, charts and a flamegraph do not.
     assert!(bytes.len() > 40_000, "screenshot of {} bytes: {}", bytes.len(), shot.display());
+}
+
+/// The agent (off-CPU on, a 30 s advice window, 1 s intervals) beside four GIL-bound
+/// threads: `GET /advice` gives the process `gil-bound` with 2 workers, `/metrics` and the
+/// OTLP export carry `stoker.recommendation.workers` 2 and the finding as
+/// `stoker.advice.active` (rule and severity), under the process's resource.
+#[test]
+fn the_agent_advises_over_its_window() {
+    require_root();
+    use agent_harness::*;
+    let dir = scratch("advise-agent");
+    let (otlp, http) = (free_port(), free_port());
+    let mut receiver = otlp_receiver("http", otlp, &dir);
+    let config =
+        agent_config(&dir, http, "export_interval: 1s\noff_cpu:\n  enabled: true\nadvice:\n  window: 30s\n");
+    let agent = agent(&config, otlp);
+    wait_ready(http);
+    let mut gil = Command::new(python("3.12.1"))
+        .args([fixture("offcpu", "gil_threads.py").to_str().unwrap(), "4", "4"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = gil.id();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let finding = loop {
+        let advice: Option<Value> =
+            http_get(http, "/advice").and_then(|(_, body)| serde_json::from_str(&body).ok());
+        let top = advice.as_ref().and_then(|a| {
+            a["processes"].as_array()?.iter().find(|p| p["pid"] == pid)?["findings"]
+                .as_array()?
+                .first()
+                .cloned()
+        });
+        if let Some(top) = top.filter(|t| t["rule"] == "gil-bound") {
+            break top;
+        }
+        assert!(std::time::Instant::now() < deadline, "no gil-bound advice for pid {pid}: {advice:?}");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    };
+    assert_eq!(number(&finding, "recommended_workers"), 2.0, "{finding:#}");
+    let (_, text) = http_get(http, "/metrics").unwrap();
+    let label = format!("process_pid=\"{pid}\"");
+    assert!(
+        text.lines().any(|l| l.starts_with("stoker_recommendation_workers{")
+            && l.contains(&label)
+            && l.ends_with(" 2")),
+        "no workers recommendation on /metrics"
+    );
+    assert!(
+        text.lines().any(|l| l.starts_with("stoker_advice_active{")
+            && l.contains(&label)
+            && l.contains("stoker_advice_rule=\"gil-bound\"")
+            && l.contains("stoker_advice_severity=\"high\"")),
+        "no gil-bound finding on /metrics"
+    );
+    // The same over OTLP, decoded by the official protos.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let metrics = ndjson(&dir.join("metrics.ndjson"));
+        let exported = metrics
+            .iter()
+            .flat_map(|r| r["resources"].as_array().unwrap().iter())
+            .filter(|r| r["attributes"]["process.pid"] == pid.to_string().as_str())
+            .flat_map(|r| r["data"].as_array().unwrap().iter())
+            .filter(|m| m["name"] == "stoker.recommendation.workers")
+            .flat_map(|m| m["points"].as_array().unwrap().iter())
+            .any(|p| p["value"].as_f64() == Some(2.0));
+        if exported {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "stoker.recommendation.workers not exported over OTLP");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    let _ = gil.kill();
+    let _ = gil.wait();
+    let status = stop(agent);
+    kill(&mut [&mut receiver]);
+    assert!(status.success());
 }

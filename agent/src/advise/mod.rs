@@ -315,7 +315,7 @@ fn facts(s: &Summary) -> Vec<Facts> {
 }
 
 /// Children of `pid` running its program in its cgroup: a pre-fork server's workers.
-fn workers(pid: u32) -> u32 {
+pub(crate) fn workers(pid: u32) -> u32 {
     use crate::sys::{cgroup::Cgroup, process};
     let (exe, cgroup) = (process::exe(pid), Cgroup::of(pid));
     if exe.is_none() {

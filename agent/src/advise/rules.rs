@@ -215,7 +215,7 @@ pub fn findings(f: &Facts) -> Vec<Finding> {
             Finding::new(
                 "healthy",
                 Severity::Info,
-                "Nothing to change: no rule found a bottleneck or waste in this session.".into(),
+                "Nothing to change: no rule found a bottleneck or waste in what was watched.".into(),
                 "None.".into(),
             )
             .evidence(format!(

@@ -48,6 +48,7 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
         host: process::hostname(),
         top_functions: config.metrics.top_functions,
         agent_attributes: env("OTEL_RESOURCE_ATTRIBUTES").map(|a| parse_attributes(&a)).unwrap_or_default(),
+        advice_window: config.advice.enabled.then_some(config.advice.window),
         ..Default::default()
     }));
     // Everything that needs CAP_BPF or CAP_PERFMON happens first, before any thread starts:
@@ -166,20 +167,23 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
             last_export = Instant::now();
             naming.name(&kernel, true, || collector.collect(&kernel, &live, true))?;
             agent.update(&collector, &tracker, &live, elapsed);
-            for (pid, durations) in loop_blocks.drain() {
-                if let Some(p) = agent.processes.get_mut(&pid) {
-                    p.net.add_loop_blocks(&durations);
+            for (pid, durations) in &loop_blocks {
+                if let Some(p) = agent.processes.get_mut(pid) {
+                    p.net.add_loop_blocks(durations);
                 }
             }
             let mut spans = Vec::new();
             if let Some(drainer) = &net {
+                let queue_seen = drainer.socket_queue();
                 let mut aggregator = drainer.aggregator();
-                agent.fold_network(&aggregator.take_interval());
+                agent.fold_network(&aggregator.take_interval(), queue_seen);
                 if let Some(span_sampler) = aggregator.spans.as_mut() {
                     spans = span_sampler.take();
                     agent.spans_dropped = span_sampler.dropped;
                 }
             }
+            agent.advise(&loop_blocks);
+            loop_blocks.clear();
             // Exited processes reported their last interval above: what they hold in the
             // kernel's maps and what was read of them goes.
             collector.evict_exited(&mut kernel, &live)?;

@@ -39,6 +39,7 @@ pub struct AgentConfig {
     pub kubernetes: Kubernetes,
     pub network: Network,
     pub off_cpu: OffCpu,
+    pub advice: AdviceConfig,
     pub kernel: Kernel,
     /// OTLP destinations, from the OTEL_EXPORTER_OTLP_* variables (not the file).
     #[serde(skip)]
@@ -132,6 +133,22 @@ pub struct Network {
     pub spans: Spans,
 }
 
+/// Advice per process (`stoker advise`'s rules) over a sliding window of intervals.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdviceConfig {
+    pub enabled: bool,
+    /// How much of the past the advice weighs: the intervals of this last stretch.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+}
+
+impl Default for AdviceConfig {
+    fn default() -> Self {
+        Self { enabled: true, window: Duration::from_secs(3600) }
+    }
+}
+
 /// Off-CPU time of the sampled processes' threads, by reason (scheduler tracepoints).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -196,6 +213,7 @@ impl Default for AgentConfig {
             kubernetes: Kubernetes::default(),
             network: Network::default(),
             off_cpu: OffCpu::default(),
+            advice: AdviceConfig::default(),
             kernel: Kernel::default(),
             export: Exports::default(),
         }

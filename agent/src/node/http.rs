@@ -106,6 +106,13 @@ fn handle(mut stream: TcpStream, snapshot: &Mutex<Snapshot>, heartbeat: &Heartbe
             let text = prometheus::render(&snapshot.lock().unwrap_or_else(|e| e.into_inner()));
             ("200 OK", text, "text/plain; version=0.0.4")
         }
+        ("GET" | "HEAD", "/advice") => {
+            let snapshot = snapshot.lock().unwrap_or_else(|e| e.into_inner());
+            match snapshot.advice_window {
+                Some(window) => ("200 OK", super::advice::json(&snapshot, window), "application/json"),
+                None => ("404 Not Found", "advice is off (advice.enabled)\n".into(), "text/plain"),
+            }
+        }
         ("GET" | "HEAD", "/healthz" | "/readyz") => match heartbeat.stuck_for() {
             Some(since) => (
                 "503 Service Unavailable",

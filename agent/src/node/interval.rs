@@ -9,6 +9,7 @@ use std::{
 use agent_ebpf::{OffKey, SampleKey};
 
 use super::{
+    advice,
     config::AgentConfig,
     export::exporter::Exporter,
     resource,
@@ -48,6 +49,10 @@ pub(super) struct Interval {
     pub(super) processes: std::collections::BTreeMap<u32, ProcessMetrics>,
     /// Spans chosen but not sent (over `network.spans.max_per_interval`), since the start.
     pub(super) spans_dropped: u64,
+    /// Each process's figures of the intervals in `advice.window` (None: advice off).
+    pub(super) advice: Option<advice::Windows>,
+    /// This interval's figures of each process, completed by `advise`.
+    pub(super) entries: HashMap<u32, advice::Entry>,
 }
 
 impl Interval {
@@ -70,6 +75,8 @@ impl Interval {
             profiles: HashMap::new(),
             processes: Default::default(),
             spans_dropped: 0,
+            advice: config.advice.enabled.then(|| advice::Windows::new(config.advice.window)),
+            entries: HashMap::new(),
         }
     }
 
@@ -167,8 +174,13 @@ impl Interval {
             for (function, cpu) in functions {
                 *p.functions.entry(function).or_default() += cpu * scale;
             }
-            for (state, secs) in off_deltas.remove(&pid).unwrap_or_default() {
+            let off = off_deltas.remove(&pid).unwrap_or_default();
+            for &(state, secs) in &off {
                 *p.off_cpu.entry(state).or_default() += secs;
+            }
+            if self.advice.is_some() {
+                let entry = self.entries.entry(pid).or_default();
+                (entry.elapsed_s, entry.cpu_s, entry.off_cpu) = (elapsed.as_secs_f64(), seconds, off);
             }
             if let Some(samples) = gil_deltas.remove(&pid) {
                 *p.gil_held_seconds.get_or_insert(0.0) += samples as f64 / self.rate_hz;
@@ -252,10 +264,34 @@ impl Interval {
     }
 
     /// Adds an interval's network metrics to the processes they belong to.
-    pub(super) fn fold_network(&mut self, m: &NetMetrics) {
+    pub(super) fn fold_network(&mut self, m: &NetMetrics, queue_seen: bool) {
         for (&pid, p) in self.processes.iter_mut() {
             p.net.fold(pid, m);
+            if self.advice.is_some() {
+                advice::add_network(self.entries.entry(pid).or_default(), pid, m, queue_seen);
+            }
         }
+    }
+
+    /// Ends the interval's figures of each process: into its window, and its advice from
+    /// the window. `loop_blocks`: the interval's blocked event-loop stretches (ns) by pid.
+    pub(super) fn advise(&mut self, loop_blocks: &HashMap<u32, Vec<u64>>) {
+        let Some(windows) = self.advice.as_mut() else { return };
+        let entries = std::mem::take(&mut self.entries);
+        for (pid, mut entry) in entries {
+            let Some(p) = self.processes.get_mut(&pid) else { continue };
+            entry.cgroup = p.cgroup.clone();
+            entry.loop_blocks = loop_blocks
+                .get(&pid)
+                .map_or_else(Vec::new, |d| d.iter().map(|ns| *ns as f64 / 1e9).collect());
+            windows.push(pid, entry);
+            let service = p.resource.get("service.name").cloned().unwrap_or_default();
+            if let Some(facts) = windows.facts(pid, &service, self.cpus, advise_workers(pid)) {
+                p.advice = crate::advise::rules::findings(&facts);
+            }
+        }
+        let processes = &self.processes;
+        windows.retain(|pid| processes.contains_key(&pid));
     }
 
     /// The agent's counters; export failures and drops summed over every exporter.
@@ -282,6 +318,11 @@ impl Interval {
             losses: stats.losses().to_vec(),
         }
     }
+}
+
+/// A pre-fork server's workers (see `stoker advise`), while the process lives.
+fn advise_workers(pid: u32) -> u32 {
+    crate::advise::workers(pid)
 }
 
 /// `qualname (file.py)` of a Python frame, the function without its line; None for others.

@@ -186,6 +186,52 @@ pub(crate) const CGROUP_METRICS: [&Metric; 12] = [
     &CGROUP_MEMORY_PRESSURE,
 ];
 
+pub(crate) const REC_CPU_REQUEST: Metric = def(
+    "stoker.recommendation.cpu.request",
+    "{cpu}",
+    Gauge,
+    "stoker_recommendation_cpu_request_cores",
+    "CPU request the advice recommends (cpu-saturated, cpu-overprovisioned), over advice.window.",
+);
+pub(crate) const REC_CPU_LIMIT: Metric = def(
+    "stoker.recommendation.cpu.limit",
+    "{cpu}",
+    Gauge,
+    "stoker_recommendation_cpu_limit_cores",
+    "CPU limit the advice recommends (cpu-throttled), over advice.window.",
+);
+pub(crate) const REC_MEMORY_REQUEST: Metric = def(
+    "stoker.recommendation.memory.request",
+    "By",
+    Gauge,
+    "stoker_recommendation_memory_request_bytes",
+    "Memory request the advice recommends (memory-overprovisioned), over advice.window.",
+);
+pub(crate) const REC_MEMORY_LIMIT: Metric = def(
+    "stoker.recommendation.memory.limit",
+    "By",
+    Gauge,
+    "stoker_recommendation_memory_limit_bytes",
+    "Memory limit the advice recommends (memory-near-limit), over advice.window.",
+);
+pub(crate) const REC_WORKERS: Metric = def(
+    "stoker.recommendation.workers",
+    "{worker}",
+    Gauge,
+    "stoker_recommendation_workers",
+    "Worker processes the advice recommends (gil-bound, workers-mismatch), over advice.window.",
+);
+/// Every recommendation, in export order.
+pub(crate) const RECOMMENDATIONS: [&Metric; 5] =
+    [&REC_CPU_REQUEST, &REC_CPU_LIMIT, &REC_MEMORY_REQUEST, &REC_MEMORY_LIMIT, &REC_WORKERS];
+pub(crate) const ADVICE_ACTIVE: Metric = def(
+    "stoker.advice.active",
+    "1",
+    Gauge,
+    "stoker_advice_active",
+    "1 for each finding of the advice over advice.window, by stoker.advice.rule and stoker.advice.severity.",
+);
+
 pub(crate) const OFF_CPU_TIME: Metric = def(
     "stoker.process.off_cpu.time",
     "s",

@@ -1,5 +1,6 @@
 //! The node agent (`stoker agent`): samples a node's CPython processes continuously and
 //! exports per-process CPU, memory, top functions and network metrics as OTLP and on /metrics.
+mod advice;
 mod agent;
 pub mod config;
 mod encode;

@@ -77,6 +77,40 @@ pub fn render(snapshot: &Snapshot) -> String {
     if !gil.is_empty() {
         family(&metric::GIL_HELD_TIME, gil);
     }
+    // The advice: each recommendation, and each finding as 1 by rule and severity.
+    let recommended: Vec<(String, Vec<(&metric::Metric, f64)>)> = snapshot
+        .processes
+        .values()
+        .map(|p| (labels(p, None), super::advice::recommendations(&p.advice)))
+        .collect();
+    for m in metric::RECOMMENDATIONS {
+        let rows: Vec<(String, f64)> = recommended
+            .iter()
+            .filter_map(|(l, recs)| Some((l.clone(), recs.iter().find(|(r, _)| r.name == m.name)?.1)))
+            .collect();
+        if !rows.is_empty() {
+            family(m, rows);
+        }
+    }
+    let active: Vec<(String, f64)> = snapshot
+        .processes
+        .values()
+        .flat_map(|p| {
+            p.advice.iter().map(move |f| {
+                let severity =
+                    serde_json::to_value(f.severity).ok().and_then(|v| v.as_str().map(String::from));
+                let mut l = labels(p, Some(("stoker_advice_rule", f.rule)));
+                l.insert_str(
+                    l.len() - 1,
+                    &format!(",stoker_advice_severity=\"{}\"", severity.unwrap_or_default()),
+                );
+                (l, 1.0)
+            })
+        })
+        .collect();
+    if !active.is_empty() {
+        family(&metric::ADVICE_ACTIVE, active);
+    }
     for (m, value) in snapshot.health.values() {
         family(m, vec![(String::new(), value as f64)]);
     }

@@ -34,6 +34,8 @@ pub struct ProcessMetrics {
     /// Seconds its threads ran holding the GIL (CPU samples of the holder / rate),
     /// cumulative; None until a sample of the holder was seen (with off_cpu.enabled).
     pub gil_held_seconds: Option<f64>,
+    /// The advice over `advice.window` (empty: not enough seen yet, or advice off).
+    pub advice: Vec<crate::advise::rules::Finding>,
 }
 
 /// The agent's own counters.
@@ -63,6 +65,8 @@ pub struct Snapshot {
     pub top_functions: usize,
     /// Extra attributes of the agent's own resource (`OTEL_RESOURCE_ATTRIBUTES`).
     pub agent_attributes: Vec<(String, String)>,
+    /// The advice's window (None: advice off).
+    pub advice_window: Option<std::time::Duration>,
 }
 
 impl ProcessMetrics {

@@ -54,6 +54,26 @@ pub fn request(snapshot: &Snapshot) -> ExportMetricsServiceRequest {
                     def::cgroup_values(cgroup).into_iter().map(|(m, v)| number(m, vec![point(v, vec![])])),
                 );
             }
+            metrics.extend(
+                crate::node::advice::recommendations(&p.advice)
+                    .into_iter()
+                    .map(|(m, v)| number(m, vec![point(v, vec![])])),
+            );
+            if !p.advice.is_empty() {
+                let findings = p
+                    .advice
+                    .iter()
+                    .map(|f| {
+                        let severity = serde_json::to_value(f.severity).ok();
+                        let severity = severity.as_ref().and_then(|v| v.as_str()).unwrap_or("");
+                        point(
+                            1.0,
+                            vec![kv("stoker.advice.rule", f.rule), kv("stoker.advice.severity", severity)],
+                        )
+                    })
+                    .collect();
+                metrics.push(number(&def::ADVICE_ACTIVE, findings));
+            }
             ResourceMetrics {
                 resource: Some(Resource {
                     attributes: p.resource.iter().map(|(k, v)| kv(k, v)).collect(),
