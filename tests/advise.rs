@@ -446,7 +446,8 @@ fn the_html_report_renders_in_a_real_browser() {
 /// The agent (off-CPU on, a 30 s advice window, 1 s intervals) beside four GIL-bound
 /// threads: `GET /advice` gives the process `gil-bound` with 2 workers, `/metrics` and the
 /// OTLP export carry `stoker.recommendation.workers` 2 and the finding as
-/// `stoker.advice.active` (rule and severity), under the process's resource.
+/// `stoker.advice.active` (rule and severity), under the process's resource; the finding
+/// goes once as an OTLP log record (event `stoker.advice`) while it stays active.
 #[test]
 fn the_agent_advises_over_its_window() {
     require_root();
@@ -514,9 +515,35 @@ fn the_agent_advises_over_its_window() {
         assert!(std::time::Instant::now() < deadline, "stoker.recommendation.workers not exported over OTLP");
         std::thread::sleep(std::time::Duration::from_millis(300));
     }
+    // The finding as one log record, event stoker.advice, under the process's resource.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let records = loop {
+        let records: Vec<Value> = ndjson(&dir.join("logs.ndjson"))
+            .iter()
+            .flat_map(|l| l["records"].as_array().unwrap().clone())
+            .filter(|r| r["resource"]["process.pid"] == pid.to_string().as_str())
+            .collect();
+        if !records.is_empty() {
+            break records;
+        }
+        assert!(std::time::Instant::now() < deadline, "no advice log record for pid {pid}");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    };
     let _ = gil.kill();
     let _ = gil.wait();
     let status = stop(agent);
     kill(&mut [&mut receiver]);
     assert!(status.success());
+    eprintln!("{records:#?}");
+    let r = &records[0];
+    assert_eq!(
+        (r["event_name"].as_str(), r["attributes"]["stoker.advice.rule"].as_str()),
+        (Some("stoker.advice"), Some("gil-bound"))
+    );
+    assert_eq!(r["attributes"]["stoker.advice.recommended_workers"], "2.0");
+    assert_eq!(
+        records.iter().filter(|r| r["attributes"]["stoker.advice.rule"] == "gil-bound").count(),
+        1,
+        "sent once while active"
+    );
 }

@@ -225,7 +225,7 @@ pub fn otlp_env(data: &[u8]) {
     let _ = endpoints::parse_headers(&text);
     let vars: Vec<(&str, &str)> = text.lines().filter_map(|l| l.split_once('=')).collect();
     let env = |name: &str| vars.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string());
-    for signal in [Signal::Metrics, Signal::Profiles, Signal::Traces] {
+    for signal in [Signal::Metrics, Signal::Profiles, Signal::Traces, Signal::Logs] {
         let _ = endpoints::resolve(signal, &env);
     }
 }

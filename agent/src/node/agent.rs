@@ -11,7 +11,7 @@ use std::{
 
 use super::{
     config::AgentConfig,
-    export::{exporter::Exporter, metrics, profiles, pyroscope, traces},
+    export::{exporter::Exporter, logs, metrics, profiles, pyroscope, traces},
     http,
     interval::Interval,
     select::{Selection, Verdict},
@@ -125,7 +125,10 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
         Some(target) => Some(Exporter::otlp(target, limits)?),
         None => None,
     };
-    let targets = [&config.export.metrics, &config.export.profiles, &config.export.traces];
+    let logs = config.export.logs.as_ref().map(|t| Exporter::otlp(t, limits)).transpose()?;
+    let mut advised = logs::Advised::default();
+    let targets =
+        [&config.export.metrics, &config.export.profiles, &config.export.traces, &config.export.logs];
     for target in targets.into_iter().flatten() {
         tracing::info!("OTLP {:?} over {:?} to {}", target.signal, target.protocol, target.url);
     }
@@ -212,7 +215,7 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
                 let mut guard = snapshot.lock().unwrap_or_else(|e| e.into_inner());
                 guard.time = Some(SystemTime::now());
                 guard.processes = agent.processes.clone();
-                let exporters = [&metrics, &profiles, &pyroscope, &traces].into_iter().flatten();
+                let exporters = [&metrics, &profiles, &pyroscope, &traces, &logs].into_iter().flatten();
                 guard.health = agent.health(&kernel, exporters, live.len());
                 guard.clone()
             };
@@ -222,6 +225,11 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
             if let Some(exporter) = &profiles
                 && let Some(request) =
                     profiles::request(&agent.profiles, &snap, config.sample_rate_hz, elapsed)
+            {
+                exporter.push(&request);
+            }
+            if let Some(exporter) = &logs
+                && let Some(request) = advised.request(&snap.processes)
             {
                 exporter.push(&request);
             }
@@ -242,7 +250,8 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
             break;
         }
     }
-    let exporters: Vec<Exporter> = [metrics, profiles, pyroscope, traces].into_iter().flatten().collect();
+    let exporters: Vec<Exporter> =
+        [metrics, profiles, pyroscope, traces, logs].into_iter().flatten().collect();
     for exporter in &exporters {
         exporter.close();
     }

@@ -68,6 +68,8 @@ pub struct Exports {
     pub profiles: Option<Target>,
     /// HTTP server request spans (with `network.enabled`).
     pub traces: Option<Target>,
+    /// The advice's findings as log records (with `advice.enabled`).
+    pub logs: Option<Target>,
 }
 
 /// Which processes to sample; empty lists select every CPython process on the node.
@@ -336,6 +338,10 @@ impl AgentConfig {
         };
         self.export.traces = match self.network.enabled {
             true => endpoints::resolve(Signal::Traces, &env)?,
+            false => None,
+        };
+        self.export.logs = match self.advice.enabled {
+            true => endpoints::resolve(Signal::Logs, &env)?,
             false => None,
         };
         Ok(())

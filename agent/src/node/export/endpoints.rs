@@ -23,6 +23,8 @@ pub enum Signal {
     Metrics,
     Profiles,
     Traces,
+    /// The advice's findings as log records (for Loki).
+    Logs,
 }
 
 impl Signal {
@@ -32,6 +34,7 @@ impl Signal {
             Signal::Metrics => "METRICS",
             Signal::Profiles => "PROFILES",
             Signal::Traces => "TRACES",
+            Signal::Logs => "LOGS",
         }
     }
 
@@ -41,6 +44,7 @@ impl Signal {
             Signal::Metrics => "/v1/metrics",
             Signal::Profiles => "/v1development/profiles",
             Signal::Traces => "/v1/traces",
+            Signal::Logs => "/v1/logs",
         }
     }
 
@@ -52,6 +56,7 @@ impl Signal {
                 "/opentelemetry.proto.collector.profiles.v1development.ProfilesService/Export"
             }
             Signal::Traces => "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+            Signal::Logs => "/opentelemetry.proto.collector.logs.v1.LogsService/Export",
         }
     }
 }

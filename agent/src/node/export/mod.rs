@@ -1,7 +1,8 @@
-//! Where the node agent's data goes: OTLP metrics, profiles and traces, Pyroscope pushes,
+//! Where the node agent's data goes: OTLP metrics, profiles, traces and logs, Pyroscope pushes,
 //! each through a bounded queue and a transport, to endpoints resolved at start.
 pub mod endpoints;
 pub mod exporter;
+pub mod logs;
 pub mod metrics;
 pub mod profiles;
 pub mod pyroscope;

@@ -1,0 +1,122 @@
+//! The advice's findings as OTLP log records (for Loki): one record, event `stoker.advice`,
+//! when a finding becomes active on a process (again after it went away), with the rule,
+//! severity, title, action and the figures as attributes, under the process's resource.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use opentelemetry_proto::tonic::{
+    collector::logs::v1::ExportLogsServiceRequest,
+    common::v1::{AnyValue, InstrumentationScope, any_value},
+    logs::v1::{LogRecord, ResourceLogs, ScopeLogs, SeverityNumber},
+    resource::v1::Resource,
+};
+
+use crate::{
+    advise::rules::{Finding, Severity},
+    node::{encode::attribute, state::ProcessMetrics},
+};
+
+/// The findings already sent, per process: each goes once while it stays active.
+#[derive(Debug, Default)]
+pub struct Advised {
+    sent: BTreeMap<u32, BTreeSet<&'static str>>,
+}
+
+impl Advised {
+    /// The records of the findings that became active since the last call (None: none).
+    pub fn request(&mut self, processes: &BTreeMap<u32, ProcessMetrics>) -> Option<ExportLogsServiceRequest> {
+        self.sent.retain(|pid, _| processes.contains_key(pid));
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+        let mut resource_logs = Vec::new();
+        for (pid, p) in processes {
+            let active: BTreeSet<&'static str> = p.advice.iter().map(|f| f.rule).collect();
+            let sent = self.sent.entry(*pid).or_default();
+            sent.retain(|rule| active.contains(rule));
+            let records: Vec<LogRecord> = p
+                .advice
+                .iter()
+                .filter(|f| f.rule != "healthy" && sent.insert(f.rule))
+                .map(|f| record(f, now))
+                .collect();
+            if records.is_empty() {
+                continue;
+            }
+            resource_logs.push(ResourceLogs {
+                resource: Some(Resource {
+                    attributes: p.resource.iter().map(|(k, v)| attribute(k, v)).collect(),
+                    ..Default::default()
+                }),
+                scope_logs: vec![ScopeLogs {
+                    scope: Some(InstrumentationScope {
+                        name: "stoker".into(),
+                        version: env!("CARGO_PKG_VERSION").into(),
+                        ..Default::default()
+                    }),
+                    log_records: records,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            });
+        }
+        (!resource_logs.is_empty()).then_some(ExportLogsServiceRequest { resource_logs })
+    }
+}
+
+fn record(f: &Finding, now: u64) -> LogRecord {
+    let (number, text) = match f.severity {
+        Severity::High => (SeverityNumber::Warn, "WARN"),
+        Severity::Medium => (SeverityNumber::Info2, "INFO"),
+        Severity::Low | Severity::Info => (SeverityNumber::Info, "INFO"),
+    };
+    let severity = serde_json::to_value(f.severity).ok();
+    let mut attributes = vec![
+        attribute("stoker.advice.rule", f.rule),
+        attribute("stoker.advice.severity", severity.as_ref().and_then(|v| v.as_str()).unwrap_or("")),
+        attribute("stoker.advice.title", &f.title),
+        attribute("stoker.advice.action", &f.action),
+        attribute("stoker.advice.evidence", &f.evidence.join("; ")),
+    ];
+    for (key, value) in &f.numbers {
+        let value = value.as_str().map_or_else(|| value.to_string(), String::from);
+        attributes.push(attribute(&format!("stoker.advice.{key}"), &value));
+    }
+    LogRecord {
+        time_unix_nano: now,
+        observed_time_unix_nano: now,
+        severity_number: number as i32,
+        severity_text: text.into(),
+        body: Some(AnyValue { value: Some(any_value::Value::StringValue(f.title.clone())) }),
+        attributes,
+        event_name: "stoker.advice".into(),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::advise::rules::{Facts, findings};
+
+    #[test]
+    fn a_finding_is_sent_once_while_active_and_again_when_back() {
+        let facts =
+            Facts { pid: 7, elapsed_s: 10.0, cpu_s: Some(10.0), host_cpus: 2.0, ..Default::default() };
+        let mut gil = facts.clone();
+        gil.states = vec![("[running]".into(), 10.0), ("[gil]".into(), 30.0)];
+        let mut processes =
+            BTreeMap::from([(7, ProcessMetrics { advice: findings(&gil), ..Default::default() })]);
+        let mut advised = Advised::default();
+        let first = advised.request(&processes).expect("a record for the new finding");
+        let record = &first.resource_logs[0].scope_logs[0].log_records[0];
+        assert_eq!(record.event_name, "stoker.advice");
+        assert!(record.attributes.iter().any(|a| a.key == "stoker.advice.rule"));
+        assert!(advised.request(&processes).is_none(), "sent once while active");
+        // Healthy now: nothing to send; gil-bound again later: sent again.
+        processes.get_mut(&7).unwrap().advice = findings(&facts);
+        assert!(advised.request(&processes).is_none());
+        processes.get_mut(&7).unwrap().advice = findings(&gil);
+        assert!(advised.request(&processes).is_some());
+    }
+}
