@@ -516,19 +516,26 @@ fn the_agent_advises_over_its_window() {
         std::thread::sleep(std::time::Duration::from_millis(300));
     }
     // The finding as one log record, event stoker.advice, under the process's resource.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let records = loop {
-        let records: Vec<Value> = ndjson(&dir.join("logs.ndjson"))
+    let pid_records = || -> Vec<Value> {
+        ndjson(&dir.join("logs.ndjson"))
             .iter()
             .flat_map(|l| l["records"].as_array().unwrap().clone())
             .filter(|r| r["resource"]["process.pid"] == pid.to_string().as_str())
-            .collect();
-        if !records.is_empty() {
-            break records;
-        }
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while pid_records().is_empty() {
         assert!(std::time::Instant::now() < deadline, "no advice log record for pid {pid}");
         std::thread::sleep(std::time::Duration::from_millis(300));
-    };
+    }
+    // Two more exports while the finding stays active: still one record.
+    let exports = ndjson(&dir.join("metrics.ndjson")).len();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while ndjson(&dir.join("metrics.ndjson")).len() < exports + 2 {
+        assert!(std::time::Instant::now() < deadline, "the agent stopped exporting");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let records = pid_records();
     let _ = gil.kill();
     let _ = gil.wait();
     let status = stop(agent);

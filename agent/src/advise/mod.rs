@@ -127,9 +127,12 @@ pub fn run(opts: &AdviseOptions) -> Result<Advice> {
 struct Scratch(PathBuf);
 
 impl Scratch {
+    /// A new directory (never one that exists: another user could have made it).
     fn new() -> Result<Self> {
-        let dir = std::env::temp_dir().join(format!("stoker-advise-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).map_err(|source| Error::Output { path: dir.clone(), source })?;
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let dir = std::env::temp_dir().join(format!("stoker-advise-{}-{nanos}", std::process::id()));
+        std::fs::create_dir(&dir).map_err(|source| Error::Output { path: dir.clone(), source })?;
         Ok(Self(dir))
     }
 }
@@ -193,6 +196,7 @@ fn charts(s: &Summary) -> Charts {
 
 /// Per process: what the session measured of it.
 fn facts(s: &Summary) -> Vec<Facts> {
+    let children = children();
     let elapsed_s = s.elapsed.as_secs_f64();
     let host_cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     let mut pids: Vec<u32> =
@@ -211,16 +215,31 @@ fn facts(s: &Summary) -> Vec<Facts> {
             let cgroup = s.cgroups.iter().find(|c| c.pids.contains(&pid)).map(|span| {
                 let (a, b) = (&span.first, &span.last);
                 let delta = |x: Option<u64>, y: Option<u64>| x.zip(y).map_or(0, |(x, y)| x.saturating_sub(y));
+                // The cgroup's peak when it rose during the session (the files keep the
+                // peak of its whole life), else the highest reading.
+                let highest = s
+                    .timeline
+                    .iter()
+                    .filter(|p| p.pid == pid)
+                    .filter_map(|p| p.memory)
+                    .chain(a.memory_current)
+                    .chain(b.memory_current)
+                    .max();
+                let peak = match (b.memory_peak, a.memory_peak) {
+                    (Some(p1), Some(p0)) if p1 > p0 => Some(p1),
+                    _ => highest,
+                };
                 CgroupFacts {
                     path: b.path.clone(),
                     quota: b.cpu_quota,
+                    usage_s: b.cpu_usage.zip(a.cpu_usage).map(|(x, y)| (x - y).max(0.0)),
                     periods: delta(b.periods, a.periods),
                     throttled_periods: delta(b.throttled_periods, a.throttled_periods),
                     throttled_s: b
                         .throttled_time
                         .zip(a.throttled_time)
                         .map_or(0.0, |(x, y)| (x - y).max(0.0)),
-                    memory_peak: b.memory_peak,
+                    memory_peak: peak,
                     memory_current: b.memory_current,
                     memory_limit: b.memory_limit,
                     oom_kills: delta(b.oom_kills, a.oom_kills),
@@ -280,7 +299,7 @@ fn facts(s: &Summary) -> Vec<Facts> {
             Facts {
                 pid,
                 upstreams,
-                workers: workers(pid),
+                workers: workers(pid, &children),
                 service: s
                     .comms
                     .iter()
@@ -314,17 +333,26 @@ fn facts(s: &Summary) -> Vec<Facts> {
         .collect()
 }
 
+/// Every process's children, from one scan of /proc.
+pub(crate) fn children() -> std::collections::HashMap<u32, Vec<u32>> {
+    let mut out: std::collections::HashMap<u32, Vec<u32>> = std::collections::HashMap::new();
+    for pid in crate::sys::process::all_pids() {
+        if let Some(parent) = crate::sys::process::parent(pid) {
+            out.entry(parent).or_default().push(pid);
+        }
+    }
+    out
+}
+
 /// Children of `pid` running its program in its cgroup: a pre-fork server's workers.
-pub(crate) fn workers(pid: u32) -> u32 {
+pub(crate) fn workers(pid: u32, children: &std::collections::HashMap<u32, Vec<u32>>) -> u32 {
     use crate::sys::{cgroup::Cgroup, process};
+    let Some(kids) = children.get(&pid) else { return 0 };
     let (exe, cgroup) = (process::exe(pid), Cgroup::of(pid));
     if exe.is_none() {
         return 0;
     }
-    process::all_pids()
-        .into_iter()
-        .filter(|&c| process::parent(c) == Some(pid) && process::exe(c) == exe && Cgroup::of(c) == cgroup)
-        .count() as u32
+    kids.iter().filter(|&&c| process::exe(c) == exe && Cgroup::of(c) == cgroup).count() as u32
 }
 
 /// An endpoint as the stalls table names it.

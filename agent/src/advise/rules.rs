@@ -93,6 +93,8 @@ pub struct CgroupFacts {
     pub periods: u64,
     pub throttled_periods: u64,
     pub throttled_s: f64,
+    /// CPU seconds all its processes used in the window (None: not counted).
+    pub usage_s: Option<f64>,
     pub memory_peak: Option<u64>,
     pub memory_current: Option<u64>,
     pub memory_limit: Option<u64>,
@@ -234,12 +236,15 @@ fn cpu_throttled(f: &Facts) -> Option<Finding> {
     let quota = c.quota?;
     let share = c.throttled_periods as f64 / c.periods.max(1) as f64;
     let (running, throttled) = (f.state("[running]"), f.state("[throttled]"));
+    let runqueue = f.state("[runqueue]");
     if c.periods == 0 || share <= THROTTLED_PERIODS || throttled <= 0.0 {
         return None;
     }
-    // What the threads would have run without the quota: their time on a CPU and their
-    // time held back by it, per second of the session.
-    let demand = (running + throttled) / f.elapsed_s.max(1e-9);
+    // What the threads would have run without the quota: their time on a CPU, held back
+    // by it, and waiting for a CPU, per second of the session; for the whole cgroup, in
+    // proportion to this process's share of its CPU use.
+    let of_cgroup = cgroup_share(f);
+    let demand = (running + throttled + runqueue) / f.elapsed_s.max(1e-9) / of_cgroup;
     let limit = cpus_up(demand * MARGIN);
     Some(
         Finding::new(
@@ -264,8 +269,9 @@ fn cpu_throttled(f: &Facts) -> Option<Finding> {
         .num("elapsed_s", f.elapsed_s)
         .num("demand_cpus", demand)
         .num("recommended_limit_cpus", limit)
+        .num("share_of_cgroup_cpu", of_cgroup)
         .math(format!(
-            "demand = ([running] + [throttled]) / elapsed = ({running:.2} + {throttled:.2}) / {:.2} = {demand:.2} CPUs; \
+            "demand = ([running] + [throttled] + [runqueue]) / elapsed / its share of the cgroup's CPU = ({running:.2} + {throttled:.2} + {runqueue:.2}) / {:.2} / {of_cgroup:.2} = {demand:.2} CPUs; \
              limit = demand x {MARGIN} rounded up to 0.1 = {limit:.1}",
             f.elapsed_s
         )),
@@ -340,6 +346,16 @@ fn workers_mismatch(f: &Facts) -> Option<Finding> {
     )
 }
 
+/// This process's share of its cgroup's CPU use in the window: 1 when unknown, or when it
+/// used 80% or more (the process's and the cgroup's counters are read at slightly
+/// different instants and in different units: a single process's share reads 0.9 to 1.1).
+fn cgroup_share(f: &Facts) -> f64 {
+    match (f.cpu_s, f.cgroup.as_ref().and_then(|c| c.usage_s)) {
+        (Some(own), Some(all)) if all > 0.0 && own > 0.0 && own / all < 0.8 => (own / all).max(0.01),
+        _ => 1.0,
+    }
+}
+
 /// Threads wait for the GIL and the process never gets past one CPU.
 fn gil_bound(f: &Facts) -> Option<Finding> {
     let (running, gil) = (f.state("[running]"), f.state("[gil]"));
@@ -351,7 +367,12 @@ fn gil_bound(f: &Facts) -> Option<Finding> {
     // Each process runs one interpreter at a time: as many processes as the threads kept
     // busy, within the CPUs available.
     let wanted = (running + gil) / f.elapsed_s.max(1e-9);
-    let workers = wanted.ceil().min(f.capacity().ceil()).max(2.0);
+    // Under a quota of one CPU or less, processes could not run more than one interpreter
+    // at a time either: the quota is the limit, not the GIL.
+    let workers = wanted.ceil().min(f.capacity().ceil());
+    if workers < 2.0 {
+        return None;
+    }
     Some(
         Finding::new(
             "gil-bound",
@@ -374,7 +395,7 @@ fn gil_bound(f: &Facts) -> Option<Finding> {
         .num("capacity_cpus", f.capacity())
         .num("recommended_workers", workers)
         .math(format!(
-            "threads busy = ([running] + [gil]) / elapsed = {wanted:.2}; workers = min(ceil({wanted:.2}), ceil({:.2} CPUs available)), at least 2 = {workers:.0}",
+            "threads busy = ([running] + [gil]) / elapsed = {wanted:.2}; workers = min(ceil({wanted:.2}), ceil({:.2} CPUs available)) = {workers:.0}",
             f.capacity()
         )),
     )
@@ -595,7 +616,8 @@ fn memory_overprovisioned(f: &Facts) -> Option<Finding> {
 fn cpu_overprovisioned(f: &Facts) -> Option<Finding> {
     let c = f.cgroup.as_ref()?;
     let quota = c.quota?;
-    let cores = f.cpu_cores()?;
+    // The quota is the cgroup's: what all its processes used.
+    let cores = c.usage_s.map(|u| u / f.elapsed_s.max(1e-9)).or(f.cpu_cores())?;
     let throttled = c.periods > 0 && c.throttled_periods as f64 / c.periods as f64 > THROTTLED_PERIODS;
     if throttled || cores >= CPU_FAR * quota {
         return None;
@@ -655,6 +677,16 @@ mod tests {
         assert_eq!(top.numbers["recommended_limit_cpus"], 1.2);
         // Throttled: not saturated, not overprovisioned.
         assert!(findings(&f).iter().all(|x| x.rule != "cpu-saturated" && x.rule != "cpu-overprovisioned"));
+    }
+
+    #[test]
+    fn a_throttled_worker_asks_for_its_whole_cgroup() {
+        let mut f = facts(&[("[running]", 2.0), ("[throttled]", 2.0)]);
+        // One of four equal workers: the cgroup used four times its CPU.
+        f.cgroup = Some(CgroupFacts { usage_s: Some(8.0), ..quota(1.0, 100, 50) });
+        let top = &findings(&f)[0];
+        // (2 + 2) / 10 / 0.25 = 1.6 CPUs, x 1.15 = 1.84, up to 1.9.
+        assert_eq!((top.rule, top.numbers["recommended_limit_cpus"].as_f64()), ("cpu-throttled", Some(1.9)));
     }
 
     #[test]

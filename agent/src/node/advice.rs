@@ -28,6 +28,8 @@ pub(super) struct Entry {
     pub stalls: BTreeMap<(&'static str, String, &'static str), (u64, f64)>,
     /// Peers it connected to.
     pub peers: BTreeSet<String>,
+    /// Requests by endpoint, either side (what a stall's share is of).
+    pub requests: BTreeMap<String, u64>,
     /// Blocked event-loop stretches, seconds.
     pub loop_blocks: Vec<f64>,
 }
@@ -36,7 +38,14 @@ pub(super) struct Entry {
 #[derive(Debug, Default)]
 pub(super) struct Windows {
     pub window: Duration,
-    entries: HashMap<u32, VecDeque<(Instant, Entry)>>,
+    entries: HashMap<u32, Window>,
+}
+
+/// One process's entries, and its start time (a later process in its pid starts afresh).
+#[derive(Debug, Default)]
+struct Window {
+    started: Option<u64>,
+    entries: VecDeque<(Instant, Entry)>,
 }
 
 impl Windows {
@@ -47,7 +56,12 @@ impl Windows {
     /// Adds `pid`'s entry of the interval that ended now; drops what left the window.
     pub fn push(&mut self, pid: u32, entry: Entry) {
         let now = Instant::now();
-        let q = self.entries.entry(pid).or_default();
+        let started = crate::sys::process::start_time(pid);
+        let w = self.entries.entry(pid).or_default();
+        if started.is_some() && w.started != started {
+            *w = Window { started, entries: VecDeque::new() };
+        }
+        let q = &mut w.entries;
         q.push_back((now, entry));
         while q.front().is_some_and(|(at, _)| now.duration_since(*at) > self.window) {
             q.pop_front();
@@ -61,7 +75,7 @@ impl Windows {
 
     /// What the window measured of `pid`.
     pub fn facts(&self, pid: u32, service: &str, host_cpus: f64, workers: u32) -> Option<Facts> {
-        let q = self.entries.get(&pid)?;
+        let q = &self.entries.get(&pid)?.entries;
         let (first, last) = (&q.front()?.1, &q.back()?.1);
         let mut states: BTreeMap<String, f64> = BTreeMap::new();
         let (mut elapsed_s, mut cpu_s) = (0.0, 0.0);
@@ -79,6 +93,8 @@ impl Windows {
             for (name, (n, own, total, with_total)) in &e.servers {
                 let s = servers.entry(name).or_default();
                 (s.0, s.1, s.2, s.3) = (s.0 + n, s.1 + own, s.2 + total, s.3 + with_total);
+            }
+            for (name, n) in &e.requests {
                 *requests.entry(name).or_default() += n;
             }
             for ((side, endpoint, cause), (n, ms)) in &e.stalls {
@@ -105,6 +121,7 @@ impl Windows {
             CgroupFacts {
                 path: b.path.clone(),
                 quota: b.cpu_quota,
+                usage_s: b.cpu_usage.zip(a.cpu_usage).map(|(x, y)| (x - y).max(0.0)),
                 periods: delta(b.periods, a.periods),
                 throttled_periods: delta(b.throttled_periods, a.throttled_periods),
                 throttled_s: b.throttled_time.zip(a.throttled_time).map_or(0.0, |(x, y)| (x - y).max(0.0)),
@@ -157,6 +174,7 @@ impl Windows {
 pub(super) fn add_network(entry: &mut Entry, pid: u32, m: &NetMetrics, queue_seen: bool) {
     for (key, stats) in m.requests.iter().filter(|(k, _)| k.pid == pid) {
         let name = endpoint_name(key.peer, key.method, key.route.as_deref());
+        *entry.requests.entry(name.clone()).or_default() += stats.latency.count;
         if key.direction == Direction::Server {
             let s = entry.servers.entry(name.clone()).or_default();
             s.0 += stats.latency.count;
@@ -233,13 +251,13 @@ mod tests {
     fn the_window_sums_its_intervals_and_forgets_older_ones() {
         let mut w = Windows::new(Duration::from_secs(3600));
         for _ in 0..3 {
-            let e = Entry { elapsed_s: 1.0, cpu_s: 0.3, off_cpu: vec![("gil", 0.6)], ..Default::default() };
+            let e = Entry { elapsed_s: 1.0, cpu_s: 0.3, off_cpu: vec![("gil", 2.0)], ..Default::default() };
             w.push(7, e);
         }
         let f = w.facts(7, "svc", 2.0, 0).unwrap();
         let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
         assert!(close(f.elapsed_s, 3.0) && close(f.cpu_s.unwrap(), 0.9), "{f:?}");
-        assert!(f.states.iter().any(|(s, v)| s == "[gil]" && close(*v, 1.8)), "{f:?}");
+        assert!(f.states.iter().any(|(s, v)| s == "[gil]" && close(*v, 6.0)), "{f:?}");
         assert_eq!(rules::findings(&f)[0].rule, "gil-bound");
         let mut short = Windows::new(Duration::ZERO);
         short.push(7, Entry { elapsed_s: 1.0, ..Default::default() });

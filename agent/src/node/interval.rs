@@ -278,6 +278,7 @@ impl Interval {
     pub(super) fn advise(&mut self, loop_blocks: &HashMap<u32, Vec<u64>>) {
         let Some(windows) = self.advice.as_mut() else { return };
         let entries = std::mem::take(&mut self.entries);
+        let children = crate::advise::children();
         for (pid, mut entry) in entries {
             let Some(p) = self.processes.get_mut(&pid) else { continue };
             entry.cgroup = p.cgroup.clone();
@@ -286,7 +287,9 @@ impl Interval {
                 .map_or_else(Vec::new, |d| d.iter().map(|ns| *ns as f64 / 1e9).collect());
             windows.push(pid, entry);
             let service = p.resource.get("service.name").cloned().unwrap_or_default();
-            if let Some(facts) = windows.facts(pid, &service, self.cpus, advise_workers(pid)) {
+            if let Some(facts) =
+                windows.facts(pid, &service, self.cpus, crate::advise::workers(pid, &children))
+            {
                 p.advice = crate::advise::rules::findings(&facts);
             }
         }
@@ -318,11 +321,6 @@ impl Interval {
             losses: stats.losses().to_vec(),
         }
     }
-}
-
-/// A pre-fork server's workers (see `stoker advise`), while the process lives.
-fn advise_workers(pid: u32) -> u32 {
-    crate::advise::workers(pid)
 }
 
 /// `qualname (file.py)` of a Python frame, the function without its line; None for others.
