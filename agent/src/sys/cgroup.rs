@@ -65,7 +65,9 @@ impl Cgroup {
             return Some(Self::V1 {
                 path: path.clone(),
                 cpu,
-                cpuacct: paths.v1.get("cpuacct").and_then(|p| v1_dir("cpuacct", p)),
+                // Its usage only where it is this same cgroup (a separately mounted
+                // cpuacct may hold the process in its root: the whole machine's usage).
+                cpuacct: paths.v1.get("cpuacct").filter(|p| *p == path).and_then(|p| v1_dir("cpuacct", p)),
                 memory: paths.v1.get("memory").and_then(|p| v1_dir("memory", p)),
             });
         }
