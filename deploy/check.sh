@@ -155,6 +155,8 @@ ALLOWED = {
     "stoker_cgroup_memory_usage_bytes", "stoker_cgroup_memory_limit_bytes",
     "stoker_recommendation_cpu_limit_cores", "stoker_recommendation_memory_limit_bytes",
     "stoker_recommendation_workers", "stoker_advice_active",
+    "stoker_recommendation_cpu_request_cores", "stoker_recommendation_memory_request_bytes",
+    "k8s_container_cpu_request_cores", "k8s_container_memory_request_bytes",
 } | {f"{h}_{part}" for part in ("bucket", "sum", "count") for h in (
     "http_server_request_duration_seconds", "http_client_request_duration_seconds",
     "stoker_net_request_duration_seconds", "stoker_tcp_connect_duration_seconds", "stoker_tcp_rtt_seconds",
@@ -249,7 +251,8 @@ text = cm["data"]["agent.yaml"]
 cfg = yaml.safe_load(text)
 open(sys.argv[1], "w").write(text)
 want = {"sample_rate_hz", "export_interval", "select", "metrics", "otlp",
-        "pyroscope", "prometheus", "queue", "kubernetes", "network", "off_cpu", "kernel"}
+        "pyroscope", "prometheus", "queue", "kubernetes", "network", "off_cpu", "kernel",
+        "advice"}
 missing, extra = want - set(cfg), set(cfg) - want
 for k in sorted(missing): print("agent.yaml: missing key", k)
 for k in sorted(extra): print("agent.yaml: unknown key", k)

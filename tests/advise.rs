@@ -79,6 +79,19 @@ fn number(finding: &Value, key: &str) -> f64 {
     finding["numbers"][key].as_f64().unwrap_or_else(|| panic!("no {key} in {finding:#}"))
 }
 
+/// `spin.py CPU_SECONDS` (spinning once told to go) in a new cgroup allowed 0.3 CPU.
+fn spinner(name: &str, cpu_seconds: &str) -> (QuotaCgroup, Child) {
+    let cgroup = QuotaCgroup::new(name, 30000);
+    let spin = Command::new(python("3.12.1"))
+        .args([fixture("offcpu", "spin.py").to_str().unwrap(), cpu_seconds])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    cgroup.add(spin.id());
+    (cgroup, spin)
+}
+
 /// A single-threaded CPU-bound process in a cgroup allowed 0.3 CPU: the top finding is
 /// `cpu-throttled`, and the limit it asks for is what the process would use unthrottled:
 /// one CPU (0.8 s of CPU in a session of about 2.9 s, its idle start included: 0.9 to 1.0
@@ -86,14 +99,7 @@ fn number(finding: &Value, key: &str) -> f64 {
 #[test]
 fn a_tight_cpu_quota_is_named_with_the_limit_to_set() {
     require_root();
-    let cgroup = QuotaCgroup::new("stoker-advise-quota", 30000);
-    let mut spin = Command::new(python("3.12.1"))
-        .args([fixture("offcpu", "spin.py").to_str().unwrap(), "0.8"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    cgroup.add(spin.id());
+    let (_cgroup, mut spin) = spinner("stoker-advise-quota", "0.8");
     let pid = spin.id();
     let session = Session::start("advise-quota", &["--pid", &pid.to_string()]);
     spin.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
@@ -124,13 +130,9 @@ fn gil_bound_threads_are_told_to_use_processes() {
     assert!(number(top, "gil_share") >= 0.5, "four threads share one GIL: {top:#}");
 }
 
-/// An asyncio server whose handler runs 300 ms of Python for each `slow` line: the top
-/// finding is `loop-blocked`, naming the function, with one block per slow request, the
-/// longest as long as the handler measured itself (and at most 50 ms more: the loop's own
-/// work around it).
-#[test]
-fn a_blocked_event_loop_names_its_function() {
-    require_root();
+/// The asyncio server fixture (300 ms of Python in `crunch` per `slow` line), its output
+/// (a line per slow request, with the handler's own time) and a connection to it.
+fn asyncio_server() -> (Child, BufReader<std::process::ChildStdout>, std::net::TcpStream) {
     let mut server = Command::new(python("3.12.1"))
         .arg(fixture("offcpu", "asyncio_server.py"))
         .stdout(Stdio::piped())
@@ -139,8 +141,19 @@ fn a_blocked_event_loop_names_its_function() {
     let mut out = BufReader::new(server.stdout.take().unwrap());
     let mut port = String::new();
     out.read_line(&mut port).unwrap();
-    let session = Session::start("advise-loop", &["--pid", &server.id().to_string()]);
     let conn = std::net::TcpStream::connect(("127.0.0.1", port.trim().parse::<u16>().unwrap())).unwrap();
+    (server, out, conn)
+}
+
+/// An asyncio server whose handler runs 300 ms of Python for each `slow` line: the top
+/// finding is `loop-blocked`, naming the function, with one block per slow request, the
+/// longest as long as the handler measured itself (and at most 50 ms more: the loop's own
+/// work around it).
+#[test]
+fn a_blocked_event_loop_names_its_function() {
+    require_root();
+    let (mut server, mut out, conn) = asyncio_server();
+    let session = Session::start("advise-loop", &["--pid", &server.id().to_string()]);
     let mut reader = BufReader::new(conn.try_clone().unwrap());
     let mut handler: Vec<f64> = Vec::new();
     for request in ["fast", "slow", "fast", "slow", "fast", "slow"] {
@@ -167,13 +180,8 @@ fn a_blocked_event_loop_names_its_function() {
     );
 }
 
-/// A client making 40 requests to an upstream that answers each after 50 ms: the top
-/// finding is `upstream-bound`, naming the upstream's address, with most of the busy time
-/// waiting on it.
-#[test]
-fn a_slow_upstream_is_named_and_cpu_is_not_asked_for() {
-    require_root();
-    let script = fixture("offcpu", "upstream.py");
+/// The upstream of `upstream.py` (`script`), answering each request after 50 ms, and its port.
+fn slow_upstream(script: &Path) -> (Child, String) {
     let mut upstream = Command::new(python("3.12.1"))
         .args([script.to_str().unwrap(), "serve", "0.05"])
         .stdout(Stdio::piped())
@@ -181,6 +189,17 @@ fn a_slow_upstream_is_named_and_cpu_is_not_asked_for() {
         .unwrap();
     let port =
         Lines::of(&mut upstream).next("upstream port", std::time::Duration::from_secs(10)).trim().to_string();
+    (upstream, port)
+}
+
+/// A client making 40 requests to an upstream that answers each after 50 ms: the top
+/// finding is `upstream-bound`, naming the upstream's address, with most of the busy time
+/// waiting on it.
+#[test]
+fn a_slow_upstream_is_named_and_cpu_is_not_asked_for() {
+    require_root();
+    let script = fixture("offcpu", "upstream.py");
+    let (mut upstream, port) = slow_upstream(&script);
     let python = python("3.12.1");
     let session = Session::start(
         "advise-upstream",
@@ -234,6 +253,35 @@ fn prefork_workers_beyond_the_quota_are_named() {
     let top = &findings(&advice, Some(server.id()))[0];
     assert_eq!(top["rule"], "workers-mismatch", "{top:#}");
     assert_eq!((number(top, "workers"), number(top, "recommended_workers")), (8.0, 3.0));
+    // The same server launched by `advise -- CMD`: its workers are counted before the
+    // session stops it.
+    let python = python("3.12.1");
+    let server_script = fixture("net", "prefork_server.py");
+    let session = Session::start(
+        "advise-prefork-launched",
+        &[
+            "-d",
+            "2",
+            "--",
+            "sh",
+            "-c",
+            "echo $$ > \"$0/cgroup.procs\" && exec \"$@\"",
+            cgroup.path.to_str().unwrap(),
+            python.to_str().unwrap(),
+            server_script.to_str().unwrap(),
+            "8",
+        ],
+    );
+    let advice = session.finish(false);
+    let top = &findings(&advice, None)[0];
+    assert_eq!(top["rule"], "workers-mismatch", "{top:#}");
+    assert_eq!((number(top, "workers"), number(top, "recommended_workers")), (8.0, 3.0));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !std::fs::read_to_string(cgroup.path.join("cgroup.procs")).unwrap_or_default().trim().is_empty()
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 /// An HTTP server called a few times in a cgroup allowed 2 CPUs: the top finding is
@@ -360,19 +408,25 @@ print(int(open(base + "/memory.max_usage_in_bytes").read()), flush=True)
 time.sleep(60)
 "#;
 
-/// A process that grows to 92% of its cgroup's 96 MiB memory limit: the top finding is
-/// `memory-near-limit`, asking for its peak (as the cgroup counted it) plus 15%.
-#[test]
-fn memory_near_its_limit_is_raised_from_the_peak() {
-    require_root();
+/// `GROWER` in a new memory cgroup limited to 96 MiB, waiting to be told to grow.
+fn grower() -> (MemoryCgroup, Child) {
     let cgroup = MemoryCgroup::new(96 << 20);
-    let mut grower = Command::new(python("3.12.1"))
+    let grower = Command::new(python("3.12.1"))
         .args(["-c", GROWER])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
     cgroup.add(grower.id());
+    (cgroup, grower)
+}
+
+/// A process that grows to 92% of its cgroup's 96 MiB memory limit: the top finding is
+/// `memory-near-limit`, asking for its peak (as the cgroup counted it) plus 15%.
+#[test]
+fn memory_near_its_limit_is_raised_from_the_peak() {
+    require_root();
+    let (_cgroup, mut grower) = grower();
     let session = Session::start("advise-memory", &["--pid", &grower.id().to_string(), "-d", "2"]);
     grower.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
     let mut line = String::new();
@@ -553,4 +607,184 @@ fn the_agent_advises_over_its_window() {
         1,
         "sent once while active"
     );
+}
+
+/// The agent (off-CPU and network on) beside an asyncio server whose handler runs 300 ms
+/// of Python per `slow` line, and a client of an upstream that answers after 50 ms: its
+/// `/advice` names the function that blocked the loop (`crunch`, named while the process
+/// lives) and the upstream's address, as `stoker advise` does.
+#[test]
+fn the_agent_names_blocked_loops_and_upstreams() {
+    require_root();
+    use agent_harness::*;
+    let (agent, http) = advising_agent("advise-agent-names");
+    let script = fixture("offcpu", "upstream.py");
+    let (mut upstream, port) = slow_upstream(&script);
+    let mut client = Command::new(python("3.12.1"))
+        .args([script.to_str().unwrap(), "call", &port, "400"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (mut server, mut out, conn) = asyncio_server();
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let finding = |pid: u32, rule: &str| finding_of(&agent_findings(http, pid)?, rule);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(40);
+    let (mut blocked, mut bound) = (None, None);
+    while blocked.is_none() || bound.is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "loop-blocked {blocked:?}, upstream-bound {bound:?}; /advice: {:?}",
+            http_get(http, "/advice")
+        );
+        (&conn).write_all(b"slow\n").unwrap();
+        let mut answer = String::new();
+        reader.read_line(&mut answer).unwrap();
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        blocked = blocked.or_else(|| finding(server.id(), "loop-blocked"));
+        bound = bound.or_else(|| finding(client.id(), "upstream-bound"));
+    }
+    for child in [&mut server, &mut client, &mut upstream] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    assert!(stop(agent).success());
+    let (blocked, bound) = (blocked.unwrap(), bound.unwrap());
+    eprintln!("{blocked:#}\n{bound:#}");
+    assert!(blocked["title"].as_str().unwrap().contains("crunch"), "names the function: {blocked:#}");
+    assert!(
+        bound["title"].as_str().unwrap().contains(&format!("127.0.0.1:{port}")),
+        "names the peer: {bound:#}"
+    );
+}
+
+/// An agent with off-CPU on, 1 s intervals and a 60 s advice window (no OTLP receiver
+/// listening), ready; and its HTTP port.
+fn advising_agent(name: &str) -> (Child, u16) {
+    use agent_harness::*;
+    let (dir, http) = (scratch(name), free_port());
+    let config =
+        agent_config(&dir, http, "export_interval: 1s\noff_cpu:\n  enabled: true\nadvice:\n  window: 60s\n");
+    let agent = agent(&config, free_port());
+    wait_ready(http);
+    (agent, http)
+}
+
+/// The findings the agent's `/advice` gives process `pid` now (None: none yet).
+fn agent_findings(http: u16, pid: u32) -> Option<Vec<Value>> {
+    let (_, body) = agent_harness::http_get(http, "/advice")?;
+    let advice: Value = serde_json::from_str(&body).ok()?;
+    advice["processes"].as_array()?.iter().find(|p| p["pid"] == pid)?["findings"].as_array().cloned()
+}
+
+/// Polls the agent's `/advice` until `found` picks something out of process `pid`'s findings.
+fn wait_advice<T>(http: u16, pid: u32, what: &str, found: impl Fn(&[Value]) -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(40);
+    loop {
+        let all = agent_findings(http, pid);
+        if let Some(t) = all.as_deref().and_then(&found) {
+            return t;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what} for pid {pid}: {all:#?}");
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+}
+
+/// The finding of `rule` among `all`.
+fn finding_of(all: &[Value], rule: &str) -> Option<Value> {
+    all.iter().find(|f| f["rule"] == rule).cloned()
+}
+
+/// The agent (off-CPU on, a 60 s window, 1 s intervals) beside the known-cause workloads of
+/// the tests above, all at once, each in a cgroup of its own where it needs one: it gives
+/// each the finding `stoker advise` gives, with the same numbers, checked against what the
+/// workload measured of itself where it can (the grower's peak, the caller's waits). A
+/// process's window starts when the agent first sees it: the grower grows and the servers
+/// are called only after that.
+#[test]
+fn the_agent_advises_every_known_cause() {
+    require_root();
+    use agent_harness::*;
+    let (agent, http) = advising_agent("advise-agent-known");
+    // A CPU-bound process under 0.3 CPU (spinning from its start), a pre-fork server with 8
+    // workers under 0.5, a process to grow to 92% of 96 MiB, http.server with and without
+    // Nagle, an idle server under 2 CPUs.
+    let (_quota, mut spin) = spinner("stoker-agent-quota", "120");
+    spin.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    let prefork_cgroup = QuotaCgroup::new("stoker-agent-prefork", 50000);
+    let (mut prefork, _) =
+        python_in(&prefork_cgroup.path, &[fixture("net", "prefork_server.py").to_str().unwrap(), "8"]);
+    let (_memory, mut grower) = grower();
+    let (mut nagle, nagle_port) = http_server(&["--nagle"]);
+    let (mut healthy, healthy_port) = http_server(&[]);
+    let idle_cgroup = QuotaCgroup::new("stoker-agent-idle", 200000);
+    let (mut idle, idle_port) =
+        python_in(&idle_cgroup.path, &[fixture("net", "http_server.py").to_str().unwrap()]);
+    for pid in [grower.id(), nagle.id(), healthy.id(), idle.id()] {
+        wait_advice(http, pid, "not seen", |_| Some(()));
+    }
+    grower.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    let caller = call(&nagle_port, 10);
+    call(&healthy_port, 50);
+    call(&idle_port, 5);
+    let mut line = String::new();
+    BufReader::new(grower.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+    let peak = line.trim().parse::<f64>().unwrap() / (1u64 << 20) as f64;
+
+    // cpu-throttled once the window holds 10 s of spinning: a limit of what one spinning
+    // thread wants (the first interval, part of which it was not yet seen, counts a little
+    // less), with the margin.
+    let throttled = wait_advice(http, spin.id(), "no cpu-throttled over 10 s", |all| {
+        finding_of(all, "cpu-throttled").filter(|f| number(f, "elapsed_s") >= 10.0)
+    });
+    let limit = number(&throttled, "recommended_limit_cpus");
+    assert!((1.0..=1.3).contains(&limit), "limit {limit} CPUs for a process that wants one: {throttled:#}");
+    let workers =
+        wait_advice(http, prefork.id(), "no workers-mismatch", |all| finding_of(all, "workers-mismatch"));
+    assert_eq!((number(&workers, "workers"), number(&workers, "recommended_workers")), (8.0, 3.0));
+    let near =
+        wait_advice(http, grower.id(), "no memory-near-limit", |all| finding_of(all, "memory-near-limit"));
+    let recommended = number(&near, "recommended_limit_mib");
+    assert!(
+        recommended >= (peak * 1.15).floor() && recommended <= (peak * 1.15).ceil() + 1.0,
+        "recommended {recommended} MiB for a peak of {peak:.1} MiB: {near:#}"
+    );
+    let stall = wait_advice(http, nagle.id(), "no nagle-stall over the 10 requests", |all| {
+        finding_of(all, "nagle-stall").filter(|f| number(f, "requests") == 10.0)
+    });
+    let waited =
+        caller["body_reads"][0].as_array().unwrap().iter().filter(|w| w.as_u64().unwrap() >= 20_000_000);
+    assert_eq!(number(&stall, "stalled"), waited.count() as f64, "{stall:#}");
+    let over =
+        wait_advice(http, idle.id(), "no cpu-overprovisioned", |all| finding_of(all, "cpu-overprovisioned"));
+    let (used, request) = (number(&over, "cpus_used"), number(&over, "recommended_request_cpus"));
+    assert_eq!(number(&over, "quota_cpus"), 2.0);
+    assert!(used < 0.2 && (0.01..=0.2).contains(&request), "{over:#}");
+    // Two exports after its calls (the spinner's window grew 2 s more): still healthy alone.
+    let elapsed = number(&throttled, "elapsed_s");
+    wait_advice(http, spin.id(), "the agent stopped exporting", |all| {
+        finding_of(all, "cpu-throttled").filter(|f| number(f, "elapsed_s") >= elapsed + 2.0)
+    });
+    let all = agent_findings(http, healthy.id()).unwrap();
+    assert_eq!(all.len(), 1, "{all:#?}");
+    assert_eq!(all[0]["rule"], "healthy", "{all:#?}");
+
+    // SIGTERM: the pre-fork parent ends its workers; every cgroup empties before it goes.
+    // SAFETY: signals a child this test spawned and has not reaped.
+    unsafe { libc::kill(prefork.id() as i32, libc::SIGTERM) };
+    let _ = prefork.wait();
+    for child in [&mut spin, &mut grower, &mut nagle, &mut healthy, &mut idle] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !std::fs::read_to_string(prefork_cgroup.path.join("cgroup.procs"))
+        .unwrap_or_default()
+        .trim()
+        .is_empty()
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(stop(agent).success());
 }

@@ -285,3 +285,133 @@ fn agent_verifies_the_api_server_with_the_cluster_ca() {
         }
     }
 }
+
+/// A process in a pod whose spec requests 1.5 CPUs and 512 MiB (limits 2 CPUs, 1 GiB)
+/// and uses about 0.2 CPUs and 80 MiB: the agent reads the requests and limits from the
+/// pod spec it lists (this node's cgroup v2 has no cpu or memory controller, so the spec
+/// is the only source), exports them as `k8s.container.*`, and advises lower requests
+/// from what the process used: CPU against the process's own CPU time (the kernel's
+/// accounting, read by the test over the same stretch), memory against its resident set.
+/// The recommendations carry the pod's k8s.* attributes.
+#[test]
+fn agent_advises_requests_from_the_pod_spec() {
+    require_root();
+    use common::k8s::*;
+    use serde_json::Value;
+    let dir = scratch("k8s-advice");
+    let (api_port, http) = (free_port(), free_port());
+    let mut pod = FakePod::new(4, "shop", "search-6b5a4c3d2-q1w2e", "search", true);
+    pod.resources = serde_json::json!({
+        "requests": {"cpu": "1500m", "memory": "512Mi"},
+        "limits": {"cpu": "2", "memory": "1Gi"},
+    });
+    let api = ApiServer::start(&dir, api_port, &pod_list(&[&pod]));
+    let mut node = Node::new();
+    // 20 ms of CPU every 100 ms, beside 64 MiB of touched memory.
+    let script = "import time\nballast = bytearray(b'x' * (64 << 20))\nwhile True:\n    end = time.process_time() + 0.02\n    while time.process_time() < end:\n        pass\n    time.sleep(0.08)\n";
+    let pid = node.run_in(&pod, &python("3.12.1"), &["-c", script]);
+    let config = agent_config(
+        &dir,
+        http,
+        &format!(
+            "export_interval: 1s
+advice:
+  window: 60s
+kubernetes:
+  api_url: {}
+  token_path: {}
+  node_name: test-node
+",
+            api.url,
+            api.token.display()
+        ),
+    );
+    let log = dir.join("agent.log");
+    let agent = agent_logging_to(&config, &log);
+    wait_ready(http);
+    let finding = |rule: &str| -> Option<Value> {
+        let advice: Value = serde_json::from_str(&http_get(http, "/advice")?.1).ok()?;
+        let process = advice["processes"].as_array()?.iter().find(|p| p["pid"] == pid)?.clone();
+        process["findings"].as_array()?.iter().find(|f| f["rule"] == rule).cloned()
+    };
+    let number =
+        |f: &Value, key: &str| f["numbers"][key].as_f64().unwrap_or_else(|| panic!("{key} in {f:#}"));
+    // The process's own CPU time from the first finding on, over at least 10 s of window.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let first = loop {
+        if let Some(f) = finding("cpu-overprovisioned") {
+            break f;
+        }
+        assert!(Instant::now() < deadline, "no cpu-overprovisioned advice for pid {pid}");
+        thread::sleep(Duration::from_millis(200));
+    };
+    let (cpu0, t0, e0) = (cpu_seconds(pid), Instant::now(), number(&first, "elapsed_s"));
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let cpu = loop {
+        let f = finding("cpu-overprovisioned").unwrap();
+        if number(&f, "elapsed_s") >= e0 + 10.0 {
+            break f;
+        }
+        assert!(Instant::now() < deadline, "the window stopped growing: {f:#}");
+        thread::sleep(Duration::from_millis(200));
+    };
+    let own_cpus = (cpu_seconds(pid) - cpu0) / t0.elapsed().as_secs_f64();
+    let memory = finding("memory-overprovisioned").expect("memory-overprovisioned");
+    let status_text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss_mib = status_text
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .unwrap()
+        / 1024.0;
+    let text = http_get(http, "/metrics").unwrap().1;
+    let status = agent.stop();
+    drop(node);
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{status}\n{stderr}");
+    eprintln!("own {own_cpus:.3} CPUs, RSS {rss_mib:.1} MiB\n{cpu:#}\n{memory:#}");
+
+    // Against the pod spec's request; the mean use is the process's own (the window holds
+    // a few seconds more than the test's stretch, at the same duty cycle).
+    assert_eq!(number(&cpu, "reference_cpus"), 1.5);
+    let used = number(&cpu, "cpus_used");
+    assert!((used - own_cpus).abs() <= 0.3 * own_cpus + 0.02, "used {used} vs the process's own {own_cpus}");
+    // The request: the 90th percentile of the per-interval use x 1.15, at least the
+    // mean's x 1.15 less rounding, and not far above (a steady duty cycle).
+    let request = number(&cpu, "recommended_request_cpus");
+    assert!(
+        request >= 0.85 * 1.15 * own_cpus && request <= 1.6 * 1.15 * own_cpus + 0.02,
+        "request {request} for {own_cpus} CPUs used"
+    );
+    assert_eq!(number(&memory, "request_mib"), 512.0);
+    let mib = number(&memory, "recommended_request_mib");
+    assert!(
+        (mib - 1.15 * rss_mib).abs() <= 0.1 * 1.15 * rss_mib + 2.0,
+        "{mib} MiB for a {rss_mib:.1} MiB RSS"
+    );
+
+    // Declared and recommended, under the pod's attributes.
+    let line = |name: &str| {
+        let pid_label = format!("process_pid=\"{pid}\"");
+        text.lines()
+            .find(|l| l.starts_with(&format!("{name}{{")) && l.contains(&pid_label))
+            .unwrap_or_else(|| panic!("no {name} for pid {pid} on /metrics"))
+            .to_string()
+    };
+    for (name, value) in [
+        ("k8s_container_cpu_request_cores", 1.5),
+        ("k8s_container_cpu_limit_cores", 2.0),
+        ("k8s_container_memory_request_bytes", 536870912.0),
+        ("k8s_container_memory_limit_bytes", 1073741824.0),
+    ] {
+        let l = line(name);
+        assert_eq!(l.rsplit(' ').next().unwrap().parse::<f64>().unwrap(), value, "{l}");
+    }
+    for name in ["stoker_recommendation_cpu_request_cores", "stoker_recommendation_memory_request_bytes"] {
+        let l = line(name);
+        for attr in [format!("k8s_pod_name=\"{}\"", pod.name), "k8s_container_name=\"search\"".into()] {
+            assert!(l.contains(&attr), "missing {attr} in {l}");
+        }
+    }
+    assert!(!stderr.contains("WARN"), "unexpected warnings: {stderr}");
+}

@@ -30,6 +30,9 @@ pub struct FakePod {
     /// systemd cgroup driver shape (`kubepods.slice/...-pod<uid_>.slice/cri-containerd-<id>.scope`),
     /// else the cgroupfs one (`kubepods/burstable/pod<uid>/<id>`).
     pub systemd: bool,
+    /// The container's `resources` in the pod spec (`{"requests": {...}, "limits": {...}}`);
+    /// null: none.
+    pub resources: serde_json::Value,
 }
 
 impl FakePod {
@@ -44,6 +47,7 @@ impl FakePod {
             container_id: format!("{me:016x}{n:016x}{:032x}", 0xc0ffee),
             labels: &[],
             systemd,
+            resources: serde_json::Value::Null,
         }
     }
 
@@ -73,12 +77,16 @@ impl FakePod {
     pub fn json(&self) -> serde_json::Value {
         let labels: serde_json::Map<String, serde_json::Value> =
             self.labels.iter().map(|(k, v)| (k.to_string(), serde_json::json!(v))).collect();
+        let mut container = serde_json::json!({"name": self.container, "image": "python:3.12"});
+        if !self.resources.is_null() {
+            container["resources"] = self.resources.clone();
+        }
         serde_json::json!({
             "metadata": {
                 "name": self.name, "namespace": self.namespace, "uid": self.uid,
                 "resourceVersion": "1001", "labels": labels,
             },
-            "spec": {"nodeName": "test-node", "containers": [{"name": self.container, "image": "python:3.12"}]},
+            "spec": {"nodeName": "test-node", "containers": [container]},
             "status": {
                 "phase": "Running",
                 "containerStatuses": [{

@@ -213,37 +213,8 @@ fn facts(s: &Summary) -> Vec<Facts> {
     pids.into_iter()
         .map(|pid| {
             let cgroup = s.cgroups.iter().find(|c| c.pids.contains(&pid)).map(|span| {
-                let (a, b) = (&span.first, &span.last);
-                let delta = |x: Option<u64>, y: Option<u64>| x.zip(y).map_or(0, |(x, y)| x.saturating_sub(y));
-                // The cgroup's peak when it rose during the session (the files keep the
-                // peak of its whole life), else the highest reading.
-                let highest = s
-                    .timeline
-                    .iter()
-                    .filter(|p| p.pid == pid)
-                    .filter_map(|p| p.memory)
-                    .chain(a.memory_current)
-                    .chain(b.memory_current)
-                    .max();
-                let peak = match (b.memory_peak, a.memory_peak) {
-                    (Some(p1), Some(p0)) if p1 > p0 => Some(p1),
-                    _ => highest,
-                };
-                CgroupFacts {
-                    path: b.path.clone(),
-                    quota: b.cpu_quota,
-                    usage_s: b.cpu_usage.zip(a.cpu_usage).map(|(x, y)| (x - y).max(0.0)),
-                    periods: delta(b.periods, a.periods),
-                    throttled_periods: delta(b.throttled_periods, a.throttled_periods),
-                    throttled_s: b
-                        .throttled_time
-                        .zip(a.throttled_time)
-                        .map_or(0.0, |(x, y)| (x - y).max(0.0)),
-                    memory_peak: peak,
-                    memory_current: b.memory_current,
-                    memory_limit: b.memory_limit,
-                    oom_kills: delta(b.oom_kills, a.oom_kills),
-                }
+                let readings = s.timeline.iter().filter(|p| p.pid == pid).filter_map(|p| p.memory);
+                CgroupFacts::between(&span.first, &span.last, readings.max())
             });
             let net = s.net.as_ref().map(|(report, _)| report);
             let servers = net
@@ -299,7 +270,11 @@ fn facts(s: &Summary) -> Vec<Facts> {
             Facts {
                 pid,
                 upstreams,
-                workers: workers(pid, &children),
+                workers: s
+                    .workers
+                    .iter()
+                    .find(|(p, _)| *p == pid)
+                    .map_or_else(|| workers(pid, &children), |(_, n)| *n),
                 service: s
                     .comms
                     .iter()
@@ -328,6 +303,7 @@ fn facts(s: &Summary) -> Vec<Facts> {
                 servers,
                 stalls,
                 top: top.clone(),
+                ..Default::default()
             }
         })
         .collect()

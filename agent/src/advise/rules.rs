@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+use crate::{k8s::pods::Resources, sys::cgroup::CgroupStats};
+
 /// VPA's safety margin on its recommendations (recommender `--recommendation-margin-fraction`,
 /// 0.15).
 pub const MARGIN: f64 = 1.15;
@@ -62,6 +64,16 @@ pub struct Facts {
     pub upstreams: Vec<String>,
     /// Its children running the same program in its cgroup: a pre-fork server's workers.
     pub workers: u32,
+    /// The requests and limits its pod spec declares (None: not known).
+    pub declared: Option<Resources>,
+    /// The highest resident set size seen of it: its memory where no cgroup gives one.
+    pub rss_peak: Option<u64>,
+    /// The 90th percentile of the CPUs its cgroup (without one, the process) used per
+    /// interval, the newer intervals weighing more (the agent's window; None: the mean is
+    /// all there is).
+    pub cpu_p90: Option<f64>,
+    /// The 90th percentile of its memory readings, weighted the same way.
+    pub memory_p90: Option<u64>,
 }
 
 /// A server endpoint: requests, mean ms in the server (read to write), mean ms in all
@@ -160,6 +172,32 @@ fn mib_up(bytes: f64) -> f64 {
     (bytes / MIB).ceil()
 }
 
+impl CgroupFacts {
+    /// The cgroup between readings `a` and `b`: its limits as of `b`, what its counters
+    /// grew by since `a`. Its memory peak is the cgroup's (lifetime) peak when that rose
+    /// between them, else `highest`, the highest reading between them.
+    pub fn between(a: &CgroupStats, b: &CgroupStats, highest: Option<u64>) -> Self {
+        let delta = |x: Option<u64>, y: Option<u64>| x.zip(y).map_or(0, |(x, y)| x.saturating_sub(y));
+        let seconds = |x: Option<f64>, y: Option<f64>| x.zip(y).map(|(x, y)| (x - y).max(0.0));
+        let highest = highest.into_iter().chain(a.memory_current).chain(b.memory_current).max();
+        Self {
+            path: b.path.clone(),
+            quota: b.cpu_quota,
+            usage_s: seconds(b.cpu_usage, a.cpu_usage),
+            periods: delta(b.periods, a.periods),
+            throttled_periods: delta(b.throttled_periods, a.throttled_periods),
+            throttled_s: seconds(b.throttled_time, a.throttled_time).unwrap_or(0.0),
+            memory_peak: match (b.memory_peak, a.memory_peak) {
+                (Some(p1), Some(p0)) if p1 > p0 => Some(p1),
+                _ => highest,
+            },
+            memory_current: b.memory_current,
+            memory_limit: b.memory_limit,
+            oom_kills: delta(b.oom_kills, a.oom_kills),
+        }
+    }
+}
+
 impl Facts {
     fn state(&self, name: &str) -> f64 {
         self.states.iter().filter(|(s, _)| s == name).map(|(_, v)| v).sum()
@@ -174,13 +212,40 @@ impl Facts {
         self.thread_time() - self.state("[poll]") - self.state("[sleep]")
     }
 
-    /// CPUs the process may use: its quota, else the host's.
+    /// CPUs the process may use: its quota, else its pod spec's limit, else the host's.
     fn capacity(&self) -> f64 {
-        self.cgroup.as_ref().and_then(|c| c.quota).unwrap_or(self.host_cpus).max(0.01)
+        self.cpu_limit().map_or(self.host_cpus, |(l, _)| l).max(0.01)
+    }
+
+    /// Its CPU limit and where it comes from: the cgroup's quota, else the pod spec.
+    fn cpu_limit(&self) -> Option<(f64, &'static str)> {
+        let quota = self.cgroup.as_ref().and_then(|c| c.quota).map(|q| (q, "quota"));
+        quota.or_else(|| Some((self.declared?.cpu_limit?, "limit (pod spec)")))
+    }
+
+    /// Its memory peak and what was read: the cgroup's, else the process's resident set.
+    fn memory_peak(&self) -> Option<(f64, &'static str)> {
+        let cgroup = self.cgroup.as_ref().and_then(|c| c.memory_peak.or(c.memory_current));
+        let peak = cgroup.map(|p| (p, "cgroup")).or_else(|| Some((self.rss_peak?, "process RSS")))?;
+        Some((peak.0 as f64, peak.1))
+    }
+
+    /// Its memory limit: the cgroup's, else the pod spec's.
+    fn memory_limit(&self) -> Option<f64> {
+        let cgroup = self.cgroup.as_ref().and_then(|c| c.memory_limit);
+        cgroup.or_else(|| self.declared?.memory_limit).map(|l| l as f64)
     }
 
     fn cpu_cores(&self) -> Option<f64> {
         self.cpu_s.map(|s| s / self.elapsed_s.max(1e-9))
+    }
+
+    /// Where a memory figure was read.
+    fn memory_source(&self, source: &str) -> String {
+        match (&self.cgroup, source) {
+            (Some(c), "cgroup") => format!("cgroup {}", c.path),
+            _ => source.to_string(),
+        }
     }
 
     fn hottest(&self) -> String {
@@ -195,8 +260,8 @@ pub fn findings(f: &Facts) -> Vec<Finding> {
     // Of equal severity, a specific cause before a symptom it also shows: a GIL-bound
     // process on a busy node waits in the run queue too, but more CPU will not help it.
     let mut out: Vec<Finding> = [
-        cpu_throttled(f),
         workers_mismatch(f),
+        cpu_throttled(f),
         gil_bound(f),
         loop_blocked(f),
         nagle_stall(f),
@@ -291,8 +356,7 @@ fn cpu_saturated(f: &Facts) -> Option<Finding> {
     }
     let demand = (running + runqueue) / f.elapsed_s.max(1e-9);
     let request = cpus_up(demand * MARGIN);
-    Some(
-        Finding::new(
+    let mut finding = Finding::new(
             "cpu-saturated",
             Severity::High,
             format!(
@@ -311,23 +375,32 @@ fn cpu_saturated(f: &Facts) -> Option<Finding> {
         .num("recommended_request_cpus", request)
         .math(format!(
             "demand = ([running] + [runqueue]) / elapsed = {demand:.2} CPUs; request = demand x {MARGIN} rounded up to 0.1 = {request:.1}"
-        )),
-    )
+        ));
+    if let Some(current) = f.declared.and_then(|d| d.cpu_request) {
+        finding =
+            finding.evidence(format!("its pod spec requests {current:.2} CPUs")).num("request_cpus", current);
+    }
+    Some(finding)
 }
 
 /// A pre-fork server's workers for the CPUs it may use: gunicorn's guideline is
 /// 2 x cores + 1, with the cores the quota allows.
 fn workers_mismatch(f: &Facts) -> Option<Finding> {
-    let quota = f.cgroup.as_ref()?.quota?;
+    let quota = f.cpu_limit()?.0;
     let recommended = 2.0 * quota.ceil() + 1.0;
     let workers = f64::from(f.workers);
     if f.workers < 2 || workers <= recommended {
         return None;
     }
+    // Throttled too: the workers are why, and this comes before raising the limit.
+    let throttled = f
+        .cgroup
+        .as_ref()
+        .is_some_and(|c| c.periods > 0 && c.throttled_periods as f64 / c.periods as f64 > THROTTLED_PERIODS);
     Some(
         Finding::new(
             "workers-mismatch",
-            Severity::Medium,
+            if throttled { Severity::High } else { Severity::Medium },
             format!(
                 "It runs {} workers for a CPU quota of {quota:.2} CPUs: sized for the host's {:.0} CPUs, they share the quota and are throttled together.",
                 f.workers, f.host_cpus
@@ -547,14 +620,14 @@ fn nagle_stall(f: &Facts) -> Option<Finding> {
 
 /// The memory peak near its limit, or OOM kills.
 fn memory_near_limit(f: &Facts) -> Option<Finding> {
-    let c = f.cgroup.as_ref()?;
-    let limit = c.memory_limit? as f64;
-    let peak = c.memory_peak.or(c.memory_current)? as f64;
+    let limit = f.memory_limit()?;
+    let (peak, source) = f.memory_peak()?;
+    let oom_kills = f.cgroup.as_ref().map_or(0, |c| c.oom_kills);
     let near = peak >= MEMORY_NEAR * limit;
-    if !near && c.oom_kills == 0 {
+    if !near && oom_kills == 0 {
         return None;
     }
-    let (recommended, math) = if c.oom_kills > 0 {
+    let (recommended, math) = if oom_kills > 0 {
         let r = (peak + OOM_BUMP_BYTES as f64).max(peak * OOM_BUMP_RATIO);
         (r, format!("after an OOM kill: max(peak + 100 MiB, peak x {OOM_BUMP_RATIO}) = {:.0} MiB", mib_up(r)))
     } else {
@@ -569,75 +642,110 @@ fn memory_near_limit(f: &Facts) -> Option<Finding> {
                 "Its memory peaked at {:.0}% of its {:.0} MiB limit{}.",
                 100.0 * peak / limit,
                 limit / MIB,
-                if c.oom_kills > 0 { format!(", with {} OOM kills", c.oom_kills) } else { String::new() }
+                if oom_kills > 0 { format!(", with {oom_kills} OOM kills") } else { String::new() }
             ),
             format!(
                 "Raise the memory limit (and request) to {:.0} MiB, or find what holds the memory.",
                 mib_up(recommended)
             ),
         )
-        .evidence(format!("cgroup {}: peak {:.1} MiB, limit {:.1} MiB", c.path, peak / MIB, limit / MIB))
+        .evidence(format!(
+            "{}: peak {:.1} MiB, limit {:.1} MiB",
+            f.memory_source(source),
+            peak / MIB,
+            limit / MIB
+        ))
         .num("peak_mib", peak / MIB)
         .num("limit_mib", limit / MIB)
-        .num("oom_kills", c.oom_kills as f64)
+        .num("oom_kills", oom_kills as f64)
         .num("recommended_limit_mib", mib_up(recommended))
         .math(math),
     )
 }
 
 /// The memory peak far under its limit.
+/// The memory peak far under its request (from the pod spec), else its limit.
 fn memory_overprovisioned(f: &Facts) -> Option<Finding> {
-    let c = f.cgroup.as_ref()?;
-    let limit = c.memory_limit? as f64;
-    let peak = c.memory_peak.or(c.memory_current)? as f64;
-    if peak >= MEMORY_FAR * limit || c.oom_kills > 0 {
+    let (reference, what) = match f.declared.and_then(|d| d.memory_request) {
+        Some(r) => (r as f64, "request"),
+        None => (f.memory_limit()?, "limit"),
+    };
+    let (peak, source) = f.memory_peak()?;
+    if peak >= MEMORY_FAR * reference || f.cgroup.as_ref().is_some_and(|c| c.oom_kills > 0) {
         return None;
     }
-    let recommended = mib_up(peak * MARGIN);
+    // VPA's target: the 90th percentile of the readings (the newer weighing more), not
+    // under it the peak's half; without readings over time, the peak.
+    let (basis, basis_name) = match f.memory_p90 {
+        Some(p90) => (p90 as f64, "90th percentile of the readings"),
+        None => (peak, "peak"),
+    };
+    let recommended = mib_up(basis * MARGIN);
     Some(
         Finding::new(
             "memory-overprovisioned",
             Severity::Low,
-            format!("Its memory peaked at {:.0}% of its {:.0} MiB limit.", 100.0 * peak / limit, limit / MIB),
+            format!("Its memory peaked at {:.0}% of its {:.0} MiB {what}.", 100.0 * peak / reference, reference / MIB),
             format!(
-                "Lower the memory request to {recommended:.0} MiB (keep the limit above the peak of a longer window: this session saw {:.1} s).",
+                "Lower the memory request to {recommended:.0} MiB (keep the limit above the peak of a longer window: this one saw {:.1} s).",
                 f.elapsed_s
             ),
         )
-        .evidence(format!("cgroup {}: peak {:.1} MiB, limit {:.1} MiB", c.path, peak / MIB, limit / MIB))
+        .evidence(format!(
+            "{}: peak {:.1} MiB, {what} {:.1} MiB",
+            f.memory_source(source),
+            peak / MIB,
+            reference / MIB
+        ))
         .num("peak_mib", peak / MIB)
-        .num("limit_mib", limit / MIB)
+        .num(if what == "request" { "request_mib" } else { "limit_mib" }, reference / MIB)
+        .num("basis_mib", basis / MIB)
         .num("recommended_request_mib", recommended)
-        .math(format!("peak x {MARGIN} = {recommended:.0} MiB")),
+        .math(format!("{basis_name} x {MARGIN} = {:.1} x {MARGIN} = {recommended:.0} MiB", basis / MIB)),
     )
 }
 
-/// CPU used far under the quota.
+/// CPU used far under the request (from the pod spec), else the quota or limit.
 fn cpu_overprovisioned(f: &Facts) -> Option<Finding> {
-    let c = f.cgroup.as_ref()?;
-    let quota = c.quota?;
+    let c = f.cgroup.as_ref();
+    let (reference, what) = match f.declared.and_then(|d| d.cpu_request) {
+        Some(r) => (r, "request (pod spec)"),
+        None => f.cpu_limit()?,
+    };
     // The quota is the cgroup's: what all its processes used.
-    let cores = c.usage_s.map(|u| u / f.elapsed_s.max(1e-9)).or(f.cpu_cores())?;
-    let throttled = c.periods > 0 && c.throttled_periods as f64 / c.periods as f64 > THROTTLED_PERIODS;
-    if throttled || cores >= CPU_FAR * quota {
+    let cores = c.and_then(|c| c.usage_s).map(|u| u / f.elapsed_s.max(1e-9)).or(f.cpu_cores())?;
+    let throttled =
+        c.is_some_and(|c| c.periods > 0 && c.throttled_periods as f64 / c.periods as f64 > THROTTLED_PERIODS);
+    if throttled || cores >= CPU_FAR * reference {
         return None;
     }
-    let request = ((cores * MARGIN) * 100.0).ceil().max(1.0) / 100.0;
+    // VPA's target: the 90th percentile of the use per interval; a session has its mean.
+    let (basis, basis_name, note) = match f.cpu_p90 {
+        Some(p90) => (p90, "90th percentile of the use per interval", String::new()),
+        None => (
+            cores,
+            "mean use",
+            format!(
+                "; this is the session's mean over {:.1} s (VPA uses the 90th percentile of a longer history: run longer, or use the agent's window)",
+                f.elapsed_s
+            ),
+        ),
+    };
+    let request = ((basis * MARGIN) * 100.0).ceil().max(1.0) / 100.0;
     Some(
         Finding::new(
             "cpu-overprovisioned",
             Severity::Low,
-            format!("It used {cores:.2} CPUs of a {quota:.2} CPU quota."),
-            format!(
-                "Lower the CPU request to {request:.2} CPUs; this is the session's mean over {:.1} s (VPA uses the 90th percentile of a longer history: run longer, or use the agent's window).",
-                f.elapsed_s
-            ),
+            format!("It used {cores:.2} CPUs of a {reference:.2} CPU {what}."),
+            format!("Lower the CPU request to {request:.2} CPUs{note}."),
         )
-        .evidence(format!("CPU used {:.2} s in {:.2} s", f.cpu_s.unwrap_or(0.0), f.elapsed_s))
+        .evidence(format!("CPU used {:.2} s in {:.2} s", cores * f.elapsed_s, f.elapsed_s))
         .num("cpus_used", cores)
-        .num("quota_cpus", quota)
+        .num("elapsed_s", f.elapsed_s)
+        .num(if what == "quota" { "quota_cpus" } else { "reference_cpus" }, reference)
+        .num("basis_cpus", basis)
         .num("recommended_request_cpus", request)
-        .math(format!("request = {cores:.3} CPUs x {MARGIN} rounded up to 0.01 = {request:.2}")),
+        .math(format!("request = {basis_name} {basis:.3} CPUs x {MARGIN} rounded up to 0.01 = {request:.2}")),
     )
 }
 
@@ -739,8 +847,49 @@ mod tests {
         assert_eq!(top.rule, "workers-mismatch");
         // 2 x ceil(0.5) + 1.
         assert_eq!(top.numbers["recommended_workers"], 3.0);
+        assert_eq!(top.severity, Severity::Medium);
+        // Throttled as they all start: the workers come first, as the cause.
+        f.states.push(("[throttled]".into(), 2.0));
+        f.cgroup = Some(quota(0.5, 100, 60));
+        let all = findings(&f);
+        assert_eq!(
+            (all[0].rule, all[0].severity, all[1].rule),
+            ("workers-mismatch", Severity::High, "cpu-throttled")
+        );
         f.workers = 3;
         assert!(findings(&f).iter().all(|x| x.rule != "workers-mismatch"));
+    }
+
+    #[test]
+    fn the_pod_spec_stands_in_for_the_cgroup_and_its_request_is_the_reference() {
+        // No cgroup figures (a cgroup v2 node without the cpu and memory controllers read):
+        // the pod spec's request and limit, and the process's own CPU and resident set.
+        let mut f = facts(&[("[running]", 1.0), ("[poll]", 9.0)]);
+        f.declared = Some(Resources {
+            cpu_request: Some(1.5),
+            cpu_limit: Some(2.0),
+            memory_request: Some(512 << 20),
+            memory_limit: Some(1 << 30),
+        });
+        f.rss_peak = Some(100 << 20);
+        f.cpu_p90 = Some(0.2);
+        let all = findings(&f);
+        let cpu = all.iter().find(|x| x.rule == "cpu-overprovisioned").expect("cpu-overprovisioned");
+        // 0.1 CPUs used of a 1.5 request; the request is the p90 0.2 x 1.15 = 0.23.
+        assert_eq!(cpu.numbers["reference_cpus"], 1.5);
+        assert_eq!(cpu.numbers["recommended_request_cpus"], 0.23);
+        assert!(cpu.title.contains("request"), "{}", cpu.title);
+        let memory = all.iter().find(|x| x.rule == "memory-overprovisioned").expect("memory-overprovisioned");
+        // 100 MiB of a 512 MiB request: 115 MiB.
+        assert_eq!(memory.numbers["request_mib"], 512.0);
+        assert_eq!(memory.numbers["recommended_request_mib"], 115.0);
+        // Near the pod spec's memory limit: raise it.
+        f.rss_peak = Some(950 << 20);
+        assert_eq!(findings(&f)[0].rule, "memory-near-limit");
+        // A pre-fork server sized past the spec's CPU limit.
+        f.rss_peak = Some(100 << 20);
+        f.workers = 9;
+        assert_eq!(findings(&f)[0].numbers["recommended_workers"], 5.0);
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use serde::Deserialize;
 
 /// A pod running on this node.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Pod {
     pub namespace: String,
     pub name: String,
@@ -14,6 +14,60 @@ pub struct Pod {
     /// (container name, container id without its `runtime://` prefix); a container not
     /// started yet has no id.
     pub containers: Vec<(String, Option<String>)>,
+    /// The requests and limits its spec declares, by container name.
+    pub resources: BTreeMap<String, Resources>,
+}
+
+/// A container's CPU and memory requests and limits, as its pod spec declares them.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Resources {
+    pub cpu_request: Option<f64>,
+    pub cpu_limit: Option<f64>,
+    pub memory_request: Option<u64>,
+    pub memory_limit: Option<u64>,
+}
+
+impl Resources {
+    /// Any of them declared.
+    pub fn any(&self) -> bool {
+        self.cpu_request.is_some()
+            || self.cpu_limit.is_some()
+            || self.memory_request.is_some()
+            || self.memory_limit.is_some()
+    }
+}
+
+/// A Kubernetes quantity (`500m`, `1.5`, `128Mi`, `1G`, `2e3`) as a number; None when it
+/// does not parse.
+pub fn quantity(text: &str) -> Option<f64> {
+    let t = text.trim();
+    let split =
+        t.find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '+' || c == '-')).unwrap_or(t.len());
+    let (number, suffix) = t.split_at(split);
+    let n: f64 = number.parse().ok()?;
+    let scale = match suffix {
+        "" => 1.0,
+        "n" => 1e-9,
+        "u" => 1e-6,
+        "m" => 1e-3,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "P" => 1e15,
+        "E" => 1e18,
+        "Ki" => 1024.0,
+        "Mi" => 1024f64.powi(2),
+        "Gi" => 1024f64.powi(3),
+        "Ti" => 1024f64.powi(4),
+        "Pi" => 1024f64.powi(5),
+        "Ei" => 1024f64.powi(6),
+        // A decimal exponent: 1e3, 1E3.
+        s if s.len() > 1 && (s.starts_with('e') || s.starts_with('E')) => 10f64.powi(s[1..].parse().ok()?),
+        _ => return None,
+    };
+    let v = n * scale;
+    (v.is_finite() && v >= 0.0).then_some(v)
 }
 
 /// Parses a `PodList` (the body of `GET /api/v1/pods`).
@@ -30,12 +84,40 @@ pub fn parse_pod_list(body: &[u8]) -> Result<Vec<Pod>, serde_json::Error> {
                 .chain(status.init_container_statuses)
                 .map(|c| (c.name, c.container_id.as_deref().and_then(strip_runtime).map(String::from)))
                 .collect();
+            let resources = item
+                .spec
+                .unwrap_or_default()
+                .containers
+                .into_iter()
+                .map(|c| {
+                    let (requests, limits) = (c.resources.requests, c.resources.limits);
+                    let cpu = |m: &BTreeMap<String, String>| m.get("cpu").and_then(|q| quantity(q));
+                    let memory = |m: &BTreeMap<String, String>| {
+                        m.get("memory").and_then(|q| quantity(q)).map(|b| b.round() as u64)
+                    };
+                    let r = Resources {
+                        cpu_request: cpu(&requests),
+                        cpu_limit: cpu(&limits),
+                        memory_request: memory(&requests),
+                        memory_limit: memory(&limits),
+                    };
+                    // Kubernetes sets a request left out to its limit.
+                    let r = Resources {
+                        cpu_request: r.cpu_request.or(r.cpu_limit),
+                        memory_request: r.memory_request.or(r.memory_limit),
+                        ..r
+                    };
+                    (c.name, r)
+                })
+                .filter(|(_, r)| r.any())
+                .collect();
             Pod {
                 namespace: item.metadata.namespace,
                 name: item.metadata.name,
                 uid: item.metadata.uid,
                 labels: item.metadata.labels,
                 containers,
+                resources,
             }
         })
         .collect())
@@ -56,7 +138,42 @@ struct PodList {
 #[derive(Deserialize)]
 struct PodItem {
     metadata: Metadata,
+    spec: Option<Spec>,
     status: Option<Status>,
+}
+
+#[derive(Deserialize, Default)]
+struct Spec {
+    #[serde(default)]
+    containers: Vec<SpecContainer>,
+}
+
+#[derive(Deserialize)]
+struct SpecContainer {
+    name: String,
+    #[serde(default)]
+    resources: SpecResources,
+}
+
+/// Quantities as strings (the API server writes them so; a number is taken too).
+#[derive(Deserialize, Default)]
+struct SpecResources {
+    #[serde(default, deserialize_with = "quantities")]
+    requests: BTreeMap<String, String>,
+    #[serde(default, deserialize_with = "quantities")]
+    limits: BTreeMap<String, String>,
+}
+
+fn quantities<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    let raw: BTreeMap<String, serde_json::Value> = Deserialize::deserialize(d)?;
+    Ok(raw
+        .into_iter()
+        .filter_map(|(k, v)| match v {
+            serde_json::Value::String(s) => Some((k, s)),
+            serde_json::Value::Number(n) => Some((k, n.to_string())),
+            _ => None,
+        })
+        .collect())
 }
 
 #[derive(Deserialize)]
@@ -175,7 +292,10 @@ mod tests {
         "labels": {{"app": "checkout", "pod-template-hash": "7d9f8b6c5"}},
         "ownerReferences": [{{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "checkout-7d9f8b6c5", "uid": "aaaa", "controller": true}}]
       }},
-      "spec": {{"nodeName": "n1", "containers": [{{"name": "web", "image": "shop/checkout:1.2"}}, {{"name": "envoy", "image": "envoy"}}]}},
+      "spec": {{"nodeName": "n1", "containers": [
+        {{"name": "web", "image": "shop/checkout:1.2", "resources": {{"requests": {{"cpu": "250m", "memory": "256Mi"}}, "limits": {{"cpu": "1500m", "memory": "1Gi"}}}}}},
+        {{"name": "envoy", "image": "envoy", "resources": {{"limits": {{"cpu": 2, "memory": "128M"}}}}}}
+      ]}},
       "status": {{
         "phase": "Running", "podIP": "10.0.0.7",
         "initContainerStatuses": [{{"name": "migrate", "ready": false, "restartCount": 0, "image": "m", "imageID": "", "containerID": "containerd://{ID_B}", "state": {{"terminated": {{"exitCode": 0}}}}}}],
@@ -216,12 +336,39 @@ mod tests {
                 ("migrate".into(), Some(ID_B.into())),
             ]
         );
+        let web = Resources {
+            cpu_request: Some(0.25),
+            cpu_limit: Some(1.5),
+            memory_request: Some(256 << 20),
+            memory_limit: Some(1 << 30),
+        };
+        assert_eq!(p.resources.get("web"), Some(&web));
+        // Requests left out are the limits.
+        let envoy = Resources {
+            cpu_request: Some(2.0),
+            cpu_limit: Some(2.0),
+            memory_request: Some(128_000_000),
+            memory_limit: Some(128_000_000),
+        };
+        assert_eq!(p.resources.get("envoy"), Some(&envoy));
+        assert!(pods[1].resources.is_empty());
         assert_eq!(pods[1].containers, vec![("worker".into(), None)]);
         assert!(pods[1].labels.is_empty());
         assert!(pods[2].containers.is_empty());
         assert!(parse_pod_list(br#"{"kind":"PodList","items":[]}"#).unwrap().is_empty());
         assert!(parse_pod_list(br#"{"kind":"Status","status":"Failure","code":403}"#).unwrap().is_empty());
         assert!(parse_pod_list(b"<html>").is_err());
+    }
+
+    #[test]
+    fn quantities_parse_as_kubernetes_writes_them() {
+        let close = |q: &str, v: f64| (quantity(q).unwrap() - v).abs() < 1e-9 * v.max(1.0);
+        assert!(close("500m", 0.5) && close("1", 1.0) && close("1.5", 1.5) && close("2000m", 2.0));
+        assert!(close("128Mi", 134_217_728.0) && close("1Gi", 1_073_741_824.0) && close("1G", 1e9));
+        assert!(close("1e3", 1000.0) && close("1E3", 1000.0) && close("2E", 2e18) && close("100k", 1e5));
+        for bad in ["", "lots", "1x", "-1", "1Zi"] {
+            assert_eq!(quantity(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::{
 
 use crate::{
     advise::rules::{CgroupFacts, Facts, Finding, Server, Stall},
+    k8s::pods::Resources,
     net::{Direction, NetMetrics, report::endpoint_name},
     sys::cgroup::CgroupStats,
 };
@@ -17,10 +18,17 @@ use crate::{
 pub(super) struct Entry {
     pub elapsed_s: f64,
     pub cpu_s: f64,
-    /// Thread seconds off the CPU by state (`gil`, `runqueue`, ...).
-    pub off_cpu: Vec<(&'static str, f64)>,
+    /// Thread seconds off the CPU by state (`[gil]`, `[socket 10.0.0.7:5432]`, ...).
+    pub off_cpu: Vec<(String, f64)>,
     /// Its cgroup as read at the end of the interval.
     pub cgroup: Option<CgroupStats>,
+    /// What its cgroup's counters grew by since the previous entry's reading (None: no
+    /// earlier reading of the same cgroup).
+    pub cgroup_delta: Option<CgroupFacts>,
+    /// Its resident set size at the end of the interval.
+    pub rss: u64,
+    /// Its container's requests and limits (pod spec).
+    pub declared: Option<Resources>,
     /// Server endpoints: requests, summed ms in the server, summed ms with the queues (and
     /// how many had them).
     pub servers: BTreeMap<String, (u64, f64, f64, u64)>,
@@ -30,14 +38,16 @@ pub(super) struct Entry {
     pub peers: BTreeSet<String>,
     /// Requests by endpoint, either side (what a stall's share is of).
     pub requests: BTreeMap<String, u64>,
-    /// Blocked event-loop stretches, seconds.
-    pub loop_blocks: Vec<f64>,
+    /// Blocked event-loop stretches: seconds and the function seen most in each.
+    pub loop_blocks: Vec<(f64, String)>,
 }
 
 /// Each process's entries over the window.
 #[derive(Debug, Default)]
 pub(super) struct Windows {
     pub window: Duration,
+    /// Age at which an entry weighs half in the percentiles (zero: no decay).
+    half_life: Duration,
     entries: HashMap<u32, Window>,
 }
 
@@ -49,19 +59,27 @@ struct Window {
 }
 
 impl Windows {
-    pub fn new(window: Duration) -> Self {
-        Self { window, entries: HashMap::new() }
+    pub fn new(window: Duration, half_life: Duration) -> Self {
+        Self { window, half_life, entries: HashMap::new() }
     }
 
     /// Adds `pid`'s entry of the interval that ended now; drops what left the window.
     pub fn push(&mut self, pid: u32, entry: Entry) {
-        let now = Instant::now();
+        self.push_at(pid, entry, Instant::now());
+    }
+
+    fn push_at(&mut self, pid: u32, mut entry: Entry, now: Instant) {
         let started = crate::sys::process::start_time(pid);
         let w = self.entries.entry(pid).or_default();
         if started.is_some() && w.started != started {
             *w = Window { started, entries: VecDeque::new() };
         }
         let q = &mut w.entries;
+        let before = q.back().and_then(|(_, e)| e.cgroup.as_ref());
+        entry.cgroup_delta = match (before, &entry.cgroup) {
+            (Some(a), Some(b)) if a.path == b.path => Some(CgroupFacts::between(a, b, None)),
+            _ => None,
+        };
         q.push_back((now, entry));
         while q.front().is_some_and(|(at, _)| now.duration_since(*at) > self.window) {
             q.pop_front();
@@ -73,22 +91,35 @@ impl Windows {
         self.entries.retain(|pid, _| keep(*pid));
     }
 
+    /// An entry's weight in the percentiles: halved every `half_life` of age.
+    fn weight(&self, age: Duration) -> f64 {
+        if self.half_life.is_zero() {
+            return 1.0;
+        }
+        0.5f64.powf(age.as_secs_f64() / self.half_life.as_secs_f64())
+    }
+
     /// What the window measured of `pid`.
     pub fn facts(&self, pid: u32, service: &str, host_cpus: f64, workers: u32) -> Option<Facts> {
         let q = &self.entries.get(&pid)?.entries;
-        let (first, last) = (&q.front()?.1, &q.back()?.1);
-        let mut states: BTreeMap<String, f64> = BTreeMap::new();
+        let (newest, last) = q.back().map(|(at, e)| (*at, e))?;
+        let mut states: BTreeMap<&str, f64> = BTreeMap::new();
         let (mut elapsed_s, mut cpu_s) = (0.0, 0.0);
         let mut servers: BTreeMap<&str, (u64, f64, f64, u64)> = BTreeMap::new();
         let mut stalls: BTreeMap<(&str, &str, &str), (u64, f64)> = BTreeMap::new();
         let mut requests: BTreeMap<&str, u64> = BTreeMap::new();
         let mut peers: BTreeSet<&str> = BTreeSet::new();
         let mut loop_blocks = Vec::new();
-        for (_, e) in q {
+        // The cgroup's counters over the entries that have a delta, and their length.
+        let mut cgroup: Option<CgroupFacts> = None;
+        let mut cgroup_elapsed = 0.0;
+        // (CPUs used, memory, weight) per entry, for the percentiles.
+        let mut uses: Vec<(Option<f64>, Option<u64>, f64)> = Vec::new();
+        for (at, e) in q {
             elapsed_s += e.elapsed_s;
             cpu_s += e.cpu_s;
             for (state, secs) in &e.off_cpu {
-                *states.entry(format!("[{state}]")).or_default() += secs;
+                *states.entry(state).or_default() += secs;
             }
             for (name, (n, own, total, with_total)) in &e.servers {
                 let s = servers.entry(name).or_default();
@@ -102,35 +133,52 @@ impl Windows {
                 (s.0, s.1) = (s.0 + n, s.1 + ms);
             }
             peers.extend(e.peers.iter().map(String::as_str));
-            loop_blocks.extend(
-                e.loop_blocks
-                    .iter()
-                    .map(|s| (*s, "the code on the loop (stoker advise names it)".to_string())),
-            );
-        }
-        *states.entry("[running]".into()).or_default() += cpu_s;
-        let cgroup = last.cgroup.as_ref().map(|b| {
-            let a = first.cgroup.as_ref().unwrap_or(b);
-            let delta = |x: Option<u64>, y: Option<u64>| x.zip(y).map_or(0, |(x, y)| x.saturating_sub(y));
-            // The cgroup's peak when it rose during the window, else the highest reading.
-            let highest = q.iter().filter_map(|(_, e)| e.cgroup.as_ref()?.memory_current).max();
-            let peak = match (b.memory_peak, a.memory_peak) {
-                (Some(p1), Some(p0)) if p1 > p0 => Some(p1),
-                _ => highest,
+            loop_blocks.extend(e.loop_blocks.iter().cloned());
+            if let Some(d) = &e.cgroup_delta {
+                cgroup_elapsed += e.elapsed_s;
+                let c =
+                    cgroup.get_or_insert_with(|| CgroupFacts { usage_s: Some(0.0), ..Default::default() });
+                c.usage_s = c.usage_s.zip(d.usage_s).map(|(x, y)| x + y);
+                c.periods += d.periods;
+                c.throttled_periods += d.throttled_periods;
+                c.throttled_s += d.throttled_s;
+                c.oom_kills += d.oom_kills;
+                c.memory_peak = c.memory_peak.max(d.memory_peak);
+            }
+            // The cgroup's use where its cgroup counts it (not in its first entry), else the
+            // process's.
+            let counted = e.cgroup.as_ref().is_some_and(|c| c.cpu_usage.is_some());
+            let used = match (e.cgroup_delta.as_ref().and_then(|d| d.usage_s), counted) {
+                (Some(u), _) => Some(u),
+                (None, true) => None,
+                (None, false) => Some(e.cpu_s),
             };
+            let cpus = used.map(|u| u / e.elapsed_s.max(1e-3));
+            let memory = e.cgroup.as_ref().and_then(|c| c.memory_current).or((e.rss > 0).then_some(e.rss));
+            uses.push((cpus, memory, self.weight(newest.duration_since(*at))));
+        }
+        *states.entry("[running]").or_default() += cpu_s;
+        // The cgroup as of the last reading; its counters' growth over the entries that
+        // have one, scaled to the whole window (the first entry of a process has none).
+        let cgroup = last.cgroup.as_ref().map(|b| {
+            let grown = cgroup.unwrap_or_default();
+            let highest = q.iter().filter_map(|(_, e)| e.cgroup.as_ref()?.memory_current).max();
+            let scale = if cgroup_elapsed > 0.0 { elapsed_s / cgroup_elapsed } else { 0.0 };
             CgroupFacts {
                 path: b.path.clone(),
                 quota: b.cpu_quota,
-                usage_s: b.cpu_usage.zip(a.cpu_usage).map(|(x, y)| (x - y).max(0.0)),
-                periods: delta(b.periods, a.periods),
-                throttled_periods: delta(b.throttled_periods, a.throttled_periods),
-                throttled_s: b.throttled_time.zip(a.throttled_time).map_or(0.0, |(x, y)| (x - y).max(0.0)),
-                memory_peak: peak,
+                usage_s: grown.usage_s.filter(|_| cgroup_elapsed > 0.0).map(|u| u * scale),
+                memory_peak: grown.memory_peak.max(highest),
                 memory_current: b.memory_current,
                 memory_limit: b.memory_limit,
-                oom_kills: delta(b.oom_kills, a.oom_kills),
+                ..grown
             }
         });
+        let percentile = |values: Vec<(f64, f64)>| weighted_percentile(values, 0.9);
+        let cpu_p90 = percentile(uses.iter().filter_map(|(c, _, w)| Some(((*c)?, *w))).collect());
+        let memory_p90 = percentile(uses.iter().filter_map(|(_, m, w)| Some(((*m)? as f64, *w))).collect())
+            .map(|m| m as u64);
+        let rss_peak = q.iter().map(|(_, e)| e.rss).max().filter(|r| *r > 0);
         Some(Facts {
             pid,
             service: service.to_string(),
@@ -138,7 +186,7 @@ impl Windows {
             cpu_s: Some(cpu_s),
             host_cpus,
             cgroup,
-            states: states.into_iter().collect(),
+            states: states.into_iter().map(|(s, v)| (s.to_string(), v)).collect(),
             loop_blocks,
             servers: servers
                 .into_iter()
@@ -166,8 +214,28 @@ impl Windows {
             top: Vec::new(),
             upstreams: peers.into_iter().map(String::from).collect(),
             workers,
+            declared: last.declared,
+            rss_peak,
+            cpu_p90,
+            memory_p90,
         })
     }
+}
+
+/// The `p` quantile of weighted values: the smallest value at which the weights up to it
+/// reach `p` of their sum (None: no values).
+fn weighted_percentile(mut values: Vec<(f64, f64)>, p: f64) -> Option<f64> {
+    values.retain(|(v, w)| v.is_finite() && *w > 0.0);
+    values.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total: f64 = values.iter().map(|(_, w)| w).sum();
+    let mut seen = 0.0;
+    for (v, w) in &values {
+        seen += w;
+        if seen >= p * total - 1e-12 {
+            return Some(*v);
+        }
+    }
+    values.last().map(|(v, _)| *v)
 }
 
 /// Process `pid`'s part of an interval's network metrics, into its entry.
@@ -249,9 +317,14 @@ mod tests {
 
     #[test]
     fn the_window_sums_its_intervals_and_forgets_older_ones() {
-        let mut w = Windows::new(Duration::from_secs(3600));
+        let mut w = Windows::new(Duration::from_secs(3600), Duration::ZERO);
         for _ in 0..3 {
-            let e = Entry { elapsed_s: 1.0, cpu_s: 0.3, off_cpu: vec![("gil", 2.0)], ..Default::default() };
+            let e = Entry {
+                elapsed_s: 1.0,
+                cpu_s: 0.3,
+                off_cpu: vec![("[gil]".into(), 2.0)],
+                ..Default::default()
+            };
             w.push(7, e);
         }
         let f = w.facts(7, "svc", 2.0, 0).unwrap();
@@ -259,10 +332,59 @@ mod tests {
         assert!(close(f.elapsed_s, 3.0) && close(f.cpu_s.unwrap(), 0.9), "{f:?}");
         assert!(f.states.iter().any(|(s, v)| s == "[gil]" && close(*v, 6.0)), "{f:?}");
         assert_eq!(rules::findings(&f)[0].rule, "gil-bound");
-        let mut short = Windows::new(Duration::ZERO);
+        let mut short = Windows::new(Duration::ZERO, Duration::ZERO);
         short.push(7, Entry { elapsed_s: 1.0, ..Default::default() });
         std::thread::sleep(Duration::from_millis(2));
         short.push(7, Entry { elapsed_s: 1.0, ..Default::default() });
         assert_eq!(short.facts(7, "svc", 2.0, 0).unwrap().elapsed_s, 1.0);
+    }
+
+    fn reading(usage: f64, periods: u64, memory: u64) -> CgroupStats {
+        CgroupStats {
+            path: "/pod".into(),
+            cpu_quota: Some(1.0),
+            cpu_usage: Some(usage),
+            periods: Some(periods),
+            throttled_periods: Some(0),
+            memory_current: Some(memory),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn cgroup_counters_count_every_interval_and_percentiles_favour_newer_ones() {
+        let mut w = Windows::new(Duration::from_secs(3600), Duration::from_secs(60));
+        let t0 = Instant::now();
+        // Ten 1 s intervals of a cgroup using 0.1 CPUs, then, 20 minutes on, ten at 0.5 CPUs.
+        let mut usage = 100.0;
+        for i in 0..20u64 {
+            let at = t0 + Duration::from_secs(if i < 10 { i } else { 1200 + i });
+            let rate = if i < 10 { 0.1 } else { 0.5 };
+            usage += rate;
+            let e = Entry {
+                elapsed_s: 1.0,
+                cpu_s: rate,
+                cgroup: Some(reading(usage, 10 * i, (100 + i) << 20)),
+                ..Default::default()
+            };
+            w.push_at(7, e, at);
+        }
+        let f = w.facts(7, "svc", 2.0, 0).unwrap();
+        let c = f.cgroup.as_ref().unwrap();
+        // 19 deltas (the first interval has no earlier reading) scaled to the 20 s window:
+        // (9 x 0.1 + 10 x 0.5) / 19 x 20.
+        let expected = (0.9 + 5.0) / 19.0 * 20.0;
+        assert!((c.usage_s.unwrap() - expected).abs() < 1e-9, "{c:?}");
+        assert_eq!(c.periods, 190);
+        assert_eq!(c.memory_peak, Some(119 << 20));
+        // The older intervals weigh 2^-20 as much: the p90 is the newer figure.
+        assert!((f.cpu_p90.unwrap() - 0.5).abs() < 1e-9, "{:?}", f.cpu_p90);
+        assert!(f.memory_p90.unwrap() >= 110 << 20, "{:?}", f.memory_p90);
+        // Without decay, 9 of 19 intervals at 0.1 and 10 at 0.5: the p90 is still 0.5, the
+        // p40 0.1.
+        assert_eq!(weighted_percentile(vec![(0.1, 1.0), (0.5, 1.0)], 0.4), Some(0.1));
+        assert_eq!(weighted_percentile(vec![(0.1, 9.0), (0.5, 1.0)], 0.9), Some(0.1));
+        assert_eq!(weighted_percentile(vec![(0.1, 9.0), (0.5, 1.5)], 0.9), Some(0.5));
+        assert_eq!(weighted_percentile(Vec::new(), 0.9), None);
     }
 }

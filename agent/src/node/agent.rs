@@ -126,7 +126,7 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
         None => None,
     };
     let logs = config.export.logs.as_ref().map(|t| Exporter::otlp(t, limits)).transpose()?;
-    let mut advised = logs::Advised::default();
+    let mut advised = logs::Advised::new(config.advice.window);
     let targets =
         [&config.export.metrics, &config.export.profiles, &config.export.traces, &config.export.logs];
     for target in targets.into_iter().flatten() {
@@ -144,8 +144,10 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
     let mut last_export = Instant::now();
     let mut naming = NamingPace::new();
     let mut stop_seen = None;
-    // Blocked event-loop stretches since the last export, by process.
-    let mut loop_blocks: std::collections::HashMap<u32, Vec<u64>> = std::collections::HashMap::new();
+    // Blocked event-loop stretches since the last export, and the function seen most in
+    // each (named while its process lives), by process.
+    let mut loop_blocks: std::collections::HashMap<u32, Vec<(u64, String)>> =
+        std::collections::HashMap::new();
     loop {
         std::thread::sleep(TICK);
         let stopping = stop.load(Ordering::Relaxed);
@@ -154,7 +156,9 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
         }
         tracker.update(&mut kernel, &mut collector)?;
         for block in kernel.take_loop_blocks() {
-            loop_blocks.entry(block.tgid).or_default().push(block.duration_ns);
+            let stack = collector.loop_block_stack(&kernel, &block);
+            let function = stack.last().map_or_else(|| "code not sampled".into(), ToString::to_string);
+            loop_blocks.entry(block.tgid).or_default().push((block.duration_ns, function));
         }
         let live = tracker.live_targets();
         agent.observe(&live, &tracker);
@@ -170,9 +174,9 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
             last_export = Instant::now();
             naming.name(&kernel, true, || collector.collect(&kernel, &live, true))?;
             agent.update(&collector, &tracker, &live, elapsed);
-            for (pid, durations) in &loop_blocks {
+            for (pid, blocks) in &loop_blocks {
                 if let Some(p) = agent.processes.get_mut(pid) {
-                    p.net.add_loop_blocks(durations);
+                    p.net.add_loop_blocks(&blocks.iter().map(|(ns, _)| *ns).collect::<Vec<_>>());
                 }
             }
             let mut spans = Vec::new();
@@ -229,7 +233,8 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
                 exporter.push(&request);
             }
             if let Some(exporter) = &logs
-                && let Some(request) = advised.request(&snap.processes)
+                && let Some(request) =
+                    advised.request(&snap.processes, exporter.stats.dropped.load(Ordering::Relaxed))
             {
                 exporter.push(&request);
             }

@@ -143,11 +143,15 @@ pub struct AdviceConfig {
     /// How much of the past the advice weighs: the intervals of this last stretch.
     #[serde(with = "humantime_serde")]
     pub window: Duration,
+    /// Within the window, an interval this much older weighs half as much in the
+    /// percentiles of CPU and memory use (VPA's decaying histograms); 0: all weigh the same.
+    #[serde(with = "humantime_serde")]
+    pub half_life: Duration,
 }
 
 impl Default for AdviceConfig {
     fn default() -> Self {
-        Self { enabled: true, window: Duration::from_secs(3600) }
+        Self { enabled: true, window: Duration::from_secs(3600), half_life: Duration::from_secs(900) }
     }
 }
 

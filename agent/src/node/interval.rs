@@ -75,7 +75,10 @@ impl Interval {
             profiles: HashMap::new(),
             processes: Default::default(),
             spans_dropped: 0,
-            advice: config.advice.enabled.then(|| advice::Windows::new(config.advice.window)),
+            advice: config
+                .advice
+                .enabled
+                .then(|| advice::Windows::new(config.advice.window, config.advice.half_life)),
             entries: HashMap::new(),
         }
     }
@@ -100,12 +103,18 @@ impl Interval {
         for (key, ns) in collector.off() {
             *off_now.entry(*key).or_default() += ns;
         }
-        let mut off_deltas: HashMap<u32, Vec<(&'static str, f64)>> = HashMap::new();
+        // (state, its frame with the peer of a socket wait, seconds)
+        let mut off_deltas: HashMap<u32, Vec<(&'static str, String, f64)>> = HashMap::new();
         for (key, ns) in off_now {
             let before = self.off_last.insert(key, ns).unwrap_or(0);
             if ns > before {
-                let state = crate::collect::wall::reason_name(collector.state_of(&key).0);
-                off_deltas.entry(key.sample.tgid).or_default().push((state, (ns - before) as f64 / 1e9));
+                let (reason, frame) = collector.state_of(&key);
+                let state = crate::collect::wall::reason_name(reason);
+                off_deltas.entry(key.sample.tgid).or_default().push((
+                    state,
+                    frame,
+                    (ns - before) as f64 / 1e9,
+                ));
             }
         }
         let mut gil_deltas: HashMap<u32, u64> = HashMap::new();
@@ -133,9 +142,9 @@ impl Interval {
         if generation != self.generation {
             self.generation = generation;
             for pid in std::mem::take(&mut self.unnamed) {
-                let resource = self.resource(pid, tracker);
+                let (resource, declared) = self.resource(pid, tracker);
                 if let Some(p) = self.processes.get_mut(&pid) {
-                    p.resource = resource;
+                    (p.resource, p.declared) = (resource, declared);
                 }
             }
         }
@@ -175,12 +184,13 @@ impl Interval {
                 *p.functions.entry(function).or_default() += cpu * scale;
             }
             let off = off_deltas.remove(&pid).unwrap_or_default();
-            for &(state, secs) in &off {
+            for (state, _, secs) in &off {
                 *p.off_cpu.entry(state).or_default() += secs;
             }
             if self.advice.is_some() {
                 let entry = self.entries.entry(pid).or_default();
-                (entry.elapsed_s, entry.cpu_s, entry.off_cpu) = (elapsed.as_secs_f64(), seconds, off);
+                (entry.elapsed_s, entry.cpu_s) = (elapsed.as_secs_f64(), seconds);
+                entry.off_cpu = off.into_iter().map(|(_, frame, secs)| (frame, secs)).collect();
             }
             if let Some(samples) = gil_deltas.remove(&pid) {
                 *p.gil_held_seconds.get_or_insert(0.0) += samples as f64 / self.rate_hz;
@@ -207,8 +217,8 @@ impl Interval {
         }
         for &pid in live {
             if !self.processes.contains_key(&pid) {
-                let resource = self.resource(pid, tracker);
-                self.processes.insert(pid, ProcessMetrics { resource, ..Default::default() });
+                let (resource, declared) = self.resource(pid, tracker);
+                self.processes.insert(pid, ProcessMetrics { resource, declared, ..Default::default() });
             }
         }
         // A fork that exited before it was looked at (a short-lived worker) is its parent's
@@ -217,16 +227,23 @@ impl Interval {
             if self.processes.contains_key(&pid) {
                 continue;
             }
-            if let Some(mut resource) = self.processes.get(&parent).map(|p| p.resource.clone()) {
+            if let Some((mut resource, declared)) =
+                self.processes.get(&parent).map(|p| (p.resource.clone(), p.declared))
+            {
                 resource.insert("process.pid".into(), pid.to_string());
-                self.processes.insert(pid, ProcessMetrics { resource, ..Default::default() });
+                self.processes.insert(pid, ProcessMetrics { resource, declared, ..Default::default() });
             }
         }
     }
 
-    /// The resource attributes of process `pid`; one in a pod the lookup does not know
-    /// yet is remembered in `unnamed` and rebuilt after the next list.
-    fn resource(&mut self, pid: u32, tracker: &Tracker) -> BTreeMap<String, String> {
+    /// The resource attributes of process `pid`, and its container's requests and limits;
+    /// one in a pod the lookup does not know yet is remembered in `unnamed` and rebuilt
+    /// after the next list.
+    fn resource(
+        &mut self,
+        pid: u32,
+        tracker: &Tracker,
+    ) -> (BTreeMap<String, String>, Option<crate::k8s::pods::Resources>) {
         let placement = Placement::of(pid);
         let index = self.lookup.as_ref().map(PodLookup::index);
         let found = index.as_deref().and_then(|i| i.find(&placement));
@@ -246,6 +263,7 @@ impl Interval {
             lookup.want(uid);
         }
         let container_name = found.and_then(|f| f.container);
+        let declared = found.and_then(|f| f.pod.resources.get(f.container?)).copied();
         r.insert("service.name".into(), resource::service_name(pid, container_name));
         r.insert("process.pid".into(), pid.to_string());
         r.insert("process.executable.name".into(), process::comm(pid));
@@ -260,7 +278,7 @@ impl Interval {
         if let Some(node) = &self.node {
             r.insert("k8s.node.name".into(), node.clone());
         }
-        r
+        (r, declared)
     }
 
     /// Adds an interval's network metrics to the processes they belong to.
@@ -274,17 +292,18 @@ impl Interval {
     }
 
     /// Ends the interval's figures of each process: into its window, and its advice from
-    /// the window. `loop_blocks`: the interval's blocked event-loop stretches (ns) by pid.
-    pub(super) fn advise(&mut self, loop_blocks: &HashMap<u32, Vec<u64>>) {
+    /// the window. `loop_blocks`: the interval's blocked event-loop stretches (ns, and the
+    /// function seen most in each) by pid.
+    pub(super) fn advise(&mut self, loop_blocks: &HashMap<u32, Vec<(u64, String)>>) {
         let Some(windows) = self.advice.as_mut() else { return };
         let entries = std::mem::take(&mut self.entries);
         let children = crate::advise::children();
         for (pid, mut entry) in entries {
             let Some(p) = self.processes.get_mut(&pid) else { continue };
-            entry.cgroup = p.cgroup.clone();
+            (entry.cgroup, entry.rss, entry.declared) = (p.cgroup.clone(), p.memory_bytes, p.declared);
             entry.loop_blocks = loop_blocks
                 .get(&pid)
-                .map_or_else(Vec::new, |d| d.iter().map(|ns| *ns as f64 / 1e9).collect());
+                .map_or_else(Vec::new, |d| d.iter().map(|(ns, f)| (*ns as f64 / 1e9, f.clone())).collect());
             windows.push(pid, entry);
             let service = p.resource.get("service.name").cloned().unwrap_or_default();
             if let Some(facts) =

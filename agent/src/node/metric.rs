@@ -186,6 +186,53 @@ pub(crate) const CGROUP_METRICS: [&Metric; 12] = [
     &CGROUP_MEMORY_PRESSURE,
 ];
 
+// A container's requests and limits, from its pod's spec.
+pub(crate) const DECLARED_CPU_REQUEST: Metric = def(
+    "k8s.container.cpu.request",
+    "{cpu}",
+    Gauge,
+    "k8s_container_cpu_request_cores",
+    "CPU request of the process's container, from its pod's spec.",
+);
+pub(crate) const DECLARED_CPU_LIMIT: Metric = def(
+    "k8s.container.cpu.limit",
+    "{cpu}",
+    Gauge,
+    "k8s_container_cpu_limit_cores",
+    "CPU limit of the process's container, from its pod's spec.",
+);
+pub(crate) const DECLARED_MEMORY_REQUEST: Metric = def(
+    "k8s.container.memory.request",
+    "By",
+    Gauge,
+    "k8s_container_memory_request_bytes",
+    "Memory request of the process's container, from its pod's spec.",
+);
+pub(crate) const DECLARED_MEMORY_LIMIT: Metric = def(
+    "k8s.container.memory.limit",
+    "By",
+    Gauge,
+    "k8s_container_memory_limit_bytes",
+    "Memory limit of the process's container, from its pod's spec.",
+);
+/// Every declared figure, in export order.
+pub(crate) const DECLARED: [&Metric; 4] =
+    [&DECLARED_CPU_REQUEST, &DECLARED_CPU_LIMIT, &DECLARED_MEMORY_REQUEST, &DECLARED_MEMORY_LIMIT];
+
+/// The requests and limits a pod spec declares for a process's container.
+pub(crate) fn declared_values(r: &crate::k8s::pods::Resources) -> Vec<(&'static Metric, f64)> {
+    let bytes = |b: Option<u64>| b.map(|b| b as f64);
+    [
+        (&DECLARED_CPU_REQUEST, r.cpu_request),
+        (&DECLARED_CPU_LIMIT, r.cpu_limit),
+        (&DECLARED_MEMORY_REQUEST, bytes(r.memory_request)),
+        (&DECLARED_MEMORY_LIMIT, bytes(r.memory_limit)),
+    ]
+    .into_iter()
+    .filter_map(|(m, v)| Some((m, v?)))
+    .collect()
+}
+
 pub(crate) const REC_CPU_REQUEST: Metric = def(
     "stoker.recommendation.cpu.request",
     "{cpu}",

@@ -38,23 +38,30 @@ pub fn render(snapshot: &Snapshot) -> String {
     family(&metric::CPU_TIME, per(&|p| p.cpu_seconds));
     family(&metric::CPU_UTILIZATION, per(&|p| p.utilization));
     family(&metric::MEMORY_USAGE, per(&|p| p.memory_bytes as f64));
-    // Each process's cgroup figures, read once, then written metric by metric.
-    let cgroups: Vec<(String, Vec<(&metric::Metric, f64)>)> = snapshot
-        .processes
-        .values()
-        .filter_map(|p| Some((labels(p, None), metric::cgroup_values(p.cgroup.as_ref()?))))
-        .collect();
-    for m in metric::CGROUP_METRICS {
-        let rows = cgroups
-            .iter()
-            .filter_map(|(labels, values)| {
-                let value = values.iter().find(|(n, _)| n.name == m.name)?.1;
-                Some((labels.clone(), value))
-            })
-            .collect::<Vec<_>>();
-        if !rows.is_empty() {
-            family(m, rows);
-        }
+    // Figures each process has some of (computed once per process), as families metric
+    // by metric: only those some process has.
+    let families_of =
+        |metrics: &[&'static Metric], values: &dyn Fn(&ProcessMetrics) -> Vec<(&'static Metric, f64)>| {
+            let per_process: Vec<(String, Vec<(&Metric, f64)>)> =
+                snapshot.processes.values().map(|p| (labels(p, None), values(p))).collect();
+            metrics
+                .iter()
+                .map(|m| {
+                    let rows: Vec<(String, f64)> = per_process
+                        .iter()
+                        .filter_map(|(l, values)| {
+                            Some((l.clone(), values.iter().find(|(n, _)| n.name == m.name)?.1))
+                        })
+                        .collect();
+                    (*m, rows)
+                })
+                .filter(|(_, rows)| !rows.is_empty())
+                .collect::<Vec<_>>()
+        };
+    for (m, rows) in families_of(&metric::CGROUP_METRICS, &|p| {
+        p.cgroup.as_ref().map(metric::cgroup_values).unwrap_or_default()
+    }) {
+        family(m, rows);
     }
     let functions = snapshot
         .processes
@@ -77,20 +84,14 @@ pub fn render(snapshot: &Snapshot) -> String {
     if !gil.is_empty() {
         family(&metric::GIL_HELD_TIME, gil);
     }
-    // The advice: each recommendation, and each finding as 1 by rule and severity.
-    let recommended: Vec<(String, Vec<(&metric::Metric, f64)>)> = snapshot
-        .processes
-        .values()
-        .map(|p| (labels(p, None), super::advice::recommendations(&p.advice)))
-        .collect();
-    for m in metric::RECOMMENDATIONS {
-        let rows: Vec<(String, f64)> = recommended
-            .iter()
-            .filter_map(|(l, recs)| Some((l.clone(), recs.iter().find(|(r, _)| r.name == m.name)?.1)))
-            .collect();
-        if !rows.is_empty() {
-            family(m, rows);
-        }
+    // The pod specs' requests and limits; the advice: each recommendation, and each
+    // finding as 1 by rule and severity.
+    let declared = families_of(&metric::DECLARED, &|p| {
+        p.declared.as_ref().map(metric::declared_values).unwrap_or_default()
+    });
+    let recommended = families_of(&metric::RECOMMENDATIONS, &|p| super::advice::recommendations(&p.advice));
+    for (m, rows) in declared.into_iter().chain(recommended) {
+        family(m, rows);
     }
     let active: Vec<(String, f64)> = snapshot
         .processes

@@ -107,6 +107,7 @@ mod tests {
             uid: UID.into(),
             labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             containers: vec![("web".into(), Some(ID.into()))],
+            resources: Default::default(),
         }
     }
 

@@ -36,6 +36,9 @@ pub struct ProcessMetrics {
     pub gil_held_seconds: Option<f64>,
     /// The advice over `advice.window` (empty: not enough seen yet, or advice off).
     pub advice: Vec<crate::advise::rules::Finding>,
+    /// Its container's requests and limits from its pod's spec (None: not in a listed pod,
+    /// or none declared).
+    pub declared: Option<crate::k8s::pods::Resources>,
 }
 
 /// The agent's own counters.

@@ -116,6 +116,9 @@ pub struct Summary {
     /// the start, its CPU seconds since the start (the kernel's accounting), and the memory
     /// its cgroup used.
     pub timeline: Vec<TimelinePoint>,
+    /// Per given or launched process, its children running its program in its cgroup at
+    /// the end (a pre-fork server's workers), counted before a launched command is stopped.
+    pub workers: Vec<(u32, u32)>,
 }
 
 /// One point of `Summary::timeline`.
@@ -301,6 +304,8 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
     };
     let elapsed = started.elapsed();
     status.clear();
+    let children = crate::advise::children();
+    let workers = cpu.iter().map(|(pid, _, _)| (*pid, crate::advise::workers(*pid, &children))).collect();
     // Samples stop counting once the targets leave the filter; the launched command
     // is not left running on its own.
     for target in &mut targets {
@@ -419,6 +424,7 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
         loop_threshold: opts.loop_block_threshold,
         comms,
         timeline,
+        workers,
     })
 }
 

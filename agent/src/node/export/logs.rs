@@ -1,9 +1,10 @@
 //! The advice's findings as OTLP log records (for Loki): one record, event `stoker.advice`,
-//! when a finding becomes active on a process (again after it went away), with the rule,
-//! severity, title, action and the figures as attributes, under the process's resource.
+//! when a finding becomes active on a process (again after it went away, again every
+//! `advice.window` while it stays, again after the exporter dropped records), with the
+//! rule, severity, title, action and the figures as attributes, under the process's resource.
 use std::{
-    collections::{BTreeMap, BTreeSet},
-    time::{SystemTime, UNIX_EPOCH},
+    collections::BTreeMap,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use opentelemetry_proto::tonic::{
@@ -18,26 +19,54 @@ use crate::{
     node::{encode::attribute, state::ProcessMetrics},
 };
 
-/// The findings already sent, per process: each goes once while it stays active.
-#[derive(Debug, Default)]
+/// The findings already sent, per process, and when: each goes once while it stays
+/// active, and again every `every`.
+#[derive(Debug)]
 pub struct Advised {
-    sent: BTreeMap<u32, BTreeSet<&'static str>>,
+    every: Duration,
+    sent: BTreeMap<u32, BTreeMap<&'static str, Instant>>,
+    /// The exporter's dropped batches as of the last request.
+    dropped: u64,
 }
 
 impl Advised {
-    /// The records of the findings that became active since the last call (None: none).
-    pub fn request(&mut self, processes: &BTreeMap<u32, ProcessMetrics>) -> Option<ExportLogsServiceRequest> {
+    pub fn new(every: Duration) -> Self {
+        Self { every, sent: BTreeMap::new(), dropped: 0 }
+    }
+
+    /// The records of the findings that became active since the last call, or were last
+    /// sent `every` ago (None: none). `dropped`: the exporter's dropped batches so far; when
+    /// it grew, a record may have been lost, and every active finding goes again.
+    pub fn request(
+        &mut self,
+        processes: &BTreeMap<u32, ProcessMetrics>,
+        dropped: u64,
+    ) -> Option<ExportLogsServiceRequest> {
+        self.request_at(processes, dropped, Instant::now())
+    }
+
+    fn request_at(
+        &mut self,
+        processes: &BTreeMap<u32, ProcessMetrics>,
+        dropped: u64,
+        at: Instant,
+    ) -> Option<ExportLogsServiceRequest> {
+        if dropped > self.dropped {
+            self.sent.clear();
+        }
+        self.dropped = dropped;
         self.sent.retain(|pid, _| processes.contains_key(pid));
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
         let mut resource_logs = Vec::new();
         for (pid, p) in processes {
-            let active: BTreeSet<&'static str> = p.advice.iter().map(|f| f.rule).collect();
             let sent = self.sent.entry(*pid).or_default();
-            sent.retain(|rule| active.contains(rule));
+            sent.retain(|rule, when| {
+                p.advice.iter().any(|f| f.rule == *rule) && at.duration_since(*when) < self.every
+            });
             let records: Vec<LogRecord> = p
                 .advice
                 .iter()
-                .filter(|f| f.rule != "healthy" && sent.insert(f.rule))
+                .filter(|f| f.rule != "healthy" && sent.insert(f.rule, at).is_none())
                 .map(|f| record(f, now))
                 .collect();
             if records.is_empty() {
@@ -107,16 +136,24 @@ mod tests {
         gil.states = vec![("[running]".into(), 10.0), ("[gil]".into(), 30.0)];
         let mut processes =
             BTreeMap::from([(7, ProcessMetrics { advice: findings(&gil), ..Default::default() })]);
-        let mut advised = Advised::default();
-        let first = advised.request(&processes).expect("a record for the new finding");
+        let mut advised = Advised::new(Duration::from_secs(3600));
+        let t0 = Instant::now();
+        let first = advised.request_at(&processes, 0, t0).expect("a record for the new finding");
         let record = &first.resource_logs[0].scope_logs[0].log_records[0];
         assert_eq!(record.event_name, "stoker.advice");
         assert!(record.attributes.iter().any(|a| a.key == "stoker.advice.rule"));
-        assert!(advised.request(&processes).is_none(), "sent once while active");
+        assert!(advised.request_at(&processes, 0, t0).is_none(), "sent once while active");
         // Healthy now: nothing to send; gil-bound again later: sent again.
         processes.get_mut(&7).unwrap().advice = findings(&facts);
-        assert!(advised.request(&processes).is_none());
+        assert!(advised.request_at(&processes, 0, t0).is_none());
         processes.get_mut(&7).unwrap().advice = findings(&gil);
-        assert!(advised.request(&processes).is_some());
+        assert!(advised.request_at(&processes, 0, t0).is_some());
+        // The exporter dropped a batch since: sent again, once.
+        assert!(advised.request_at(&processes, 1, t0).is_some());
+        assert!(advised.request_at(&processes, 1, t0).is_none());
+        // Still active an hour later: a reminder.
+        let later = t0 + Duration::from_secs(3600);
+        assert!(advised.request_at(&processes, 1, later).is_some());
+        assert!(advised.request_at(&processes, 1, later).is_none());
     }
 }

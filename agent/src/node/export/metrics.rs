@@ -54,6 +54,13 @@ pub fn request(snapshot: &Snapshot) -> ExportMetricsServiceRequest {
                     def::cgroup_values(cgroup).into_iter().map(|(m, v)| number(m, vec![point(v, vec![])])),
                 );
             }
+            if let Some(declared) = &p.declared {
+                metrics.extend(
+                    def::declared_values(declared)
+                        .into_iter()
+                        .map(|(m, v)| number(m, vec![point(v, vec![])])),
+                );
+            }
             metrics.extend(
                 crate::node::advice::recommendations(&p.advice)
                     .into_iter()
