@@ -145,6 +145,17 @@ fn cpython_3_14_debian_unstable_shared() {
     check_build("sid-3.14-shared");
 }
 
+/// 3.15 has no table of its own: it is walked from its `_Py_DebugOffsets` alone.
+#[test]
+fn cpython_3_15_debian_unstable_static() {
+    check_build("sid-3.15");
+}
+
+#[test]
+fn cpython_3_15_debian_unstable_shared() {
+    check_build("sid-3.15-shared");
+}
+
 /// Four threads, each busy in its own function: each has the samples of the CPU time it
 /// measured itself, and --threads roots each under its thread.
 #[test]

@@ -148,10 +148,17 @@ pub fn inspect_elf<'d, R: object::ReadRef<'d>>(
                 return Some(Detected::Unsupported(format!("{shown} (free-threaded)")));
             }
             Ok(Err(DebugOffsetsError::VersionMismatch { .. })) => None,
-            Ok(Err(e)) => {
-                tracing::debug!("pid {pid}: _Py_DebugOffsets unusable ({e}); using the built-in table");
-                layout::layout_for(version)
-            }
+            Ok(Err(e)) => match layout::layout_for(version) {
+                Some(table) => {
+                    tracing::debug!("pid {pid}: _Py_DebugOffsets unusable ({e}); using the built-in table");
+                    Some(table)
+                }
+                // No table to fall back on: the warning says what did not check out.
+                None => {
+                    let why = e.to_string();
+                    return Some(Detected::Unsupported(format!("{shown} ({})", why.trim_end_matches('.'))));
+                }
+            },
             Err(_) => layout::layout_for(version),
         }
     } else {

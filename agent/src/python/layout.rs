@@ -333,9 +333,9 @@ pub fn layout_for(version: PyVersion) -> Option<Layout> {
 }
 
 /// Bytes of the target's memory, from `&_PyRuntime` on, to pass to [`layout_from_debug_offsets`]:
-/// sizeof(`_Py_DebugOffsets`) in 3.14 (760; it is 584 in 3.13). `_PyRuntime` is far larger in both,
+/// sizeof(`_Py_DebugOffsets`) in 3.15 (888; it is 760 in 3.14 and 584 in 3.13). `_PyRuntime` is far larger in all,
 /// so the read stays inside the object.
-pub const DEBUG_OFFSETS_LEN: usize = 760;
+pub const DEBUG_OFFSETS_LEN: usize = 888;
 
 /// Why `_Py_DebugOffsets` could not be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -360,6 +360,11 @@ struct DebugOffsetsFormat {
     /// Index of `gil_runtime_state` in `interpreter_state` (3.14 inserted `threads_main`).
     gil_index: usize,
     sections: [(&'static str, usize); 8],
+    /// Fields whose index in their section differs from `USED_FIELDS`'.
+    moved: &'static [(&'static str, usize)],
+    /// Index of `compactunicodeobject_size` in `unicode_object` (3.15 on), the start of a
+    /// compact string's characters.
+    compact_size_index: Option<usize>,
 }
 
 /// 3.13 (`Include/internal/pycore_runtime.h`), checked against 3.13.0's DWARF.
@@ -376,6 +381,8 @@ const FORMAT_313: DebugOffsetsFormat = DebugOffsetsFormat {
         ("bytes_object", 512),
         ("unicode_object", 536),
     ],
+    moved: &[],
+    compact_size_index: None,
 };
 
 /// 3.14 (`Include/internal/pycore_debug_offsets.h` of v3.14.0): after cookie, version and
@@ -397,6 +404,31 @@ const FORMAT_314: DebugOffsetsFormat = DebugOffsetsFormat {
         ("bytes_object", 592),
         ("unicode_object", 616),
     ],
+    moved: &[],
+    compact_size_index: None,
+};
+
+/// 3.15 (`Include/internal/pycore_debug_offsets.h` of v3.15.2): as 3.14, but thread_state has 16
+/// entries (base_frame, last_profiled_frame and last_profiled_frame_seq after current_frame, so
+/// thread_id and native_thread_id are 8 and 9; holds_gil, gil_requested, current_exception and
+/// exc_state at its end), err_stackitem (1) follows it, type_object has 6 (+ tp_basicsize,
+/// tp_dictoffset), heap_type_object (2) is new, unicode_object has 5 (+ compactunicodeobject_size)
+/// and gc 5 (+ frame, generation_stats_size, generation_stats).
+const FORMAT_315: DebugOffsetsFormat = DebugOffsetsFormat {
+    len: 888,
+    gil_index: 10,
+    sections: [
+        ("runtime_state", 24),
+        ("interpreter_state", 48),
+        ("thread_state", 176),
+        ("interpreter_frame", 312),
+        ("code_object", 376),
+        ("pyobject", 464),
+        ("bytes_object", 688),
+        ("unicode_object", 712),
+    ],
+    moved: &[("thread_state.thread_id", 8), ("thread_state.native_thread_id", 9)],
+    compact_size_index: Some(4),
 };
 
 /// The `_Py_DebugOffsets` entries stoker reads, as `section.field` and the index of the field in its
@@ -434,7 +466,7 @@ impl DebugOffsetsFormat {
     fn position(&self, field: &str) -> (usize, usize) {
         let (section, _) = field.split_once('.').expect("section.field");
         let start = self.sections.iter().find(|s| s.0 == section).expect("known section").1;
-        let index = USED_FIELDS.iter().find(|f| f.0 == field).expect("known field").1;
+        let index = self.moved.iter().chain(&USED_FIELDS).find(|f| f.0 == field).expect("known field").1;
         (start, start + 8 * index)
     }
 }
@@ -458,6 +490,11 @@ pub fn layout_from_debug_offsets(version: PyVersion, runtime: &[u8]) -> Result<L
     let (format, table) = match (version.major, version.minor) {
         (3, 13) => (&FORMAT_313, PY313),
         (3, 14) => (&FORMAT_314, PY314),
+        // No table of its own: what `_Py_DebugOffsets` does not carry (the instruction pointer
+        // kind, the entry frame's owner FRAME_OWNED_BY_INTERPRETER = 3, the stack reference
+        // tag bits Py_TAG_BITS = 3) is as in 3.14 (pycore_interpframe_structs.h and
+        // pycore_stackref.h of v3.15.2).
+        (3, 15) => (&FORMAT_315, Layout { gil: Gil::Unknown, ..PY314 }),
         (major, minor) => return Err(DebugOffsetsError::UnsupportedVersion { major, minor }),
     };
     if runtime.len() < format.len {
@@ -508,7 +545,24 @@ pub fn layout_from_debug_offsets(version: PyVersion, runtime: &[u8]) -> Result<L
         });
     }
 
+    // Where a compact string's characters start, where the target says so.
+    let unicode_compact_data = match format.compact_size_index {
+        Some(index) => {
+            let (unicode, _) = format.position("unicode_object.state");
+            let value = read_u64(runtime, unicode + 8 * index);
+            if value == 0 || value > 256 {
+                return Err(DebugOffsetsError::Implausible {
+                    field: "unicode_object.compactunicodeobject_size",
+                    value,
+                });
+            }
+            value
+        }
+        None => table.unicode_compact_data,
+    };
+
     Ok(Layout {
+        unicode_compact_data,
         runtime_interpreters_head: field("runtime_state.interpreters_head")?,
         gil: Gil::Interpreter(gil),
         interp_next: field("interpreter_state.next")?,

@@ -343,14 +343,52 @@ const STRUCT_314: &str = "
     debugger_support: eval_breaker remote_debugger_support remote_debugging_enabled
         debugger_pending_call debugger_script_path debugger_script_path_size";
 
+/// The 3.15 `_Py_DebugOffsets`, transcribed the same way from v3.15.2's header.
+const STRUCT_315: &str = "
+    : cookie version free_threaded
+    runtime_state: size finalizing interpreters_head
+    interpreter_state: size id next threads_head threads_main gc imports_modules sysdict builtins
+        ceval_gil gil_runtime_state gil_runtime_state_enabled gil_runtime_state_locked
+        gil_runtime_state_holder code_object_generation tlbc_generation
+    thread_state: size prev next interp current_frame base_frame last_profiled_frame
+        last_profiled_frame_seq thread_id native_thread_id datastack_chunk status holds_gil
+        gil_requested current_exception exc_state
+    err_stackitem: exc_value
+    interpreter_frame: size previous executable instr_ptr localsplus owner stackpointer tlbc_index
+    code_object: size filename name qualname linetable firstlineno argcount localsplusnames
+        localspluskinds co_code_adaptive co_tlbc
+    pyobject: size ob_type
+    type_object: size tp_name tp_repr tp_flags tp_basicsize tp_dictoffset
+    heap_type_object: size ht_cached_keys
+    tuple_object: size ob_item ob_size
+    list_object: size ob_item ob_size
+    set_object: size used table mask
+    dict_object: size ma_keys ma_values
+    float_object: size ob_fval
+    long_object: size lv_tag ob_digit
+    bytes_object: size ob_size ob_sval
+    unicode_object: size state length asciiobject_size compactunicodeobject_size
+    gc: size collecting frame generation_stats_size generation_stats
+    gen_object: size gi_name gi_iframe gi_frame_state
+    llist_node: next prev
+    debugger_support: eval_breaker remote_debugger_support remote_debugging_enabled
+        debugger_pending_call debugger_script_path debugger_script_path_size";
+
 /// Where the synthetic 3.14 build below says its GIL is.
 const GIL_314: u64 = 7_800;
 
 /// A 3.14 `_Py_DebugOffsets` as a 3.14 build would publish it, from the 3.14 table.
 fn synthetic_314() -> Vec<u8> {
+    synthetic(STRUCT_314, 0x030e_00f0, 56)
+}
+
+/// A `_Py_DebugOffsets` laid out as `description` says, with the 3.14 table's offsets, the
+/// version `version_hex` and `compact` as the compact string's size (where it has one).
+fn synthetic(description: &str, version_hex: u64, compact: u64) -> Vec<u8> {
     let l = PY314;
     let values: HashMap<&str, u64> = HashMap::from([
-        (".version", 0x030e_00f0),
+        (".version", version_hex),
+        ("unicode_object.compactunicodeobject_size", compact),
         ("runtime_state.interpreters_head", l.runtime_interpreters_head),
         ("interpreter_state.next", l.interp_next),
         ("interpreter_state.threads_head", l.interp_threads_head),
@@ -379,7 +417,7 @@ fn synthetic_314() -> Vec<u8> {
     ]);
     let mut out = Vec::new();
     let mut section = "";
-    for word in STRUCT_314.split_whitespace() {
+    for word in description.split_whitespace() {
         if let Some(name) = word.strip_suffix(':') {
             section = name;
             continue;
@@ -396,10 +434,21 @@ fn synthetic_314() -> Vec<u8> {
 }
 
 #[test]
+fn debug_offsets_315_layout() {
+    let buf = synthetic(STRUCT_315, 0x030f_02f0, 64);
+    assert_eq!(buf.len(), DEBUG_OFFSETS_LEN, "3.15 _Py_DebugOffsets is 888 bytes");
+    let v315 = PyVersion { major: 3, minor: 15, patch: 2 };
+    let layout = Layout { gil: Gil::Interpreter(GIL_314), unicode_compact_data: 64, ..PY314 };
+    assert_eq!(layout_from_debug_offsets(v315, &buf), Ok(layout));
+    // A 3.14 build's offsets read as 3.15's: refused by version, whatever the bytes.
+    assert!(layout_from_debug_offsets(v315, &synthetic_314()).is_err());
+}
+
+#[test]
 fn debug_offsets_314_layout() {
     let buf = synthetic_314();
-    assert_eq!(buf.len(), DEBUG_OFFSETS_LEN, "3.14 _Py_DebugOffsets is 760 bytes");
-    assert_eq!(PY314.runtime_interpreters_head, DEBUG_OFFSETS_LEN as u64 + 48);
+    assert_eq!(buf.len(), 760, "3.14 _Py_DebugOffsets is 760 bytes");
+    assert_eq!(PY314.runtime_interpreters_head, 760 + 48);
     let v314 = PyVersion { major: 3, minor: 14, patch: 0 };
     assert_eq!(layout_from_debug_offsets(v314, &buf), Ok(Layout { gil: Gil::Interpreter(GIL_314), ..PY314 }));
 }
