@@ -681,6 +681,9 @@ fn memory_overprovisioned(f: &Facts) -> Option<Finding> {
         None => (peak, "peak"),
     };
     let recommended = mib_up(basis * MARGIN);
+    if recommended * MIB >= reference {
+        return None;
+    }
     Some(
         Finding::new(
             "memory-overprovisioned",
@@ -732,6 +735,10 @@ fn cpu_overprovisioned(f: &Facts) -> Option<Finding> {
         ),
     };
     let request = ((basis * MARGIN) * 100.0).ceil().max(1.0) / 100.0;
+    // Bursts can put the 90th percentile above the mean: nothing to lower then.
+    if request >= reference {
+        return None;
+    }
     Some(
         Finding::new(
             "cpu-overprovisioned",
@@ -890,6 +897,17 @@ mod tests {
         f.rss_peak = Some(100 << 20);
         f.workers = 9;
         assert_eq!(findings(&f)[0].numbers["recommended_workers"], 5.0);
+    }
+
+    #[test]
+    fn bursts_above_the_request_ask_for_no_lower_request() {
+        // A mean of 0.34 CPUs of a 1 CPU request, but a 90th percentile of 1.5.
+        let mut f = facts(&[("[running]", 3.4), ("[poll]", 6.6)]);
+        f.declared = Some(Resources { cpu_request: Some(1.0), ..Default::default() });
+        f.cpu_p90 = Some(1.5);
+        assert!(findings(&f).iter().all(|x| x.rule != "cpu-overprovisioned"), "{:?}", findings(&f));
+        f.cpu_p90 = Some(0.4);
+        assert!(findings(&f).iter().any(|x| x.rule == "cpu-overprovisioned"));
     }
 
     #[test]

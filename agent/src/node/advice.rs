@@ -178,7 +178,9 @@ impl Windows {
         let cpu_p90 = percentile(uses.iter().filter_map(|(c, _, w)| Some(((*c)?, *w))).collect());
         let memory_p90 = percentile(uses.iter().filter_map(|(_, m, w)| Some(((*m)? as f64, *w))).collect())
             .map(|m| m as u64);
-        let rss_peak = q.iter().map(|(_, e)| e.rss).max().filter(|r| *r > 0);
+        // A process's resident set stands for its container's memory only when it has no
+        // workers beside it (a pre-fork server's container holds all their memory).
+        let rss_peak = q.iter().map(|(_, e)| e.rss).max().filter(|r| *r > 0 && workers == 0);
         Some(Facts {
             pid,
             service: service.to_string(),

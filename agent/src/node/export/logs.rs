@@ -27,11 +27,14 @@ pub struct Advised {
     sent: BTreeMap<u32, BTreeMap<&'static str, Instant>>,
     /// The exporter's dropped batches as of the last request.
     dropped: u64,
+    /// When drops last had every active finding sent again: at most once per `every`, so
+    /// a cause that drops every batch does not resend everything at every export.
+    resent: Option<Instant>,
 }
 
 impl Advised {
     pub fn new(every: Duration) -> Self {
-        Self { every, sent: BTreeMap::new(), dropped: 0 }
+        Self { every, sent: BTreeMap::new(), dropped: 0, resent: None }
     }
 
     /// The records of the findings that became active since the last call, or were last
@@ -51,8 +54,9 @@ impl Advised {
         dropped: u64,
         at: Instant,
     ) -> Option<ExportLogsServiceRequest> {
-        if dropped > self.dropped {
+        if dropped > self.dropped && self.resent.is_none_or(|t| at.duration_since(t) >= self.every) {
             self.sent.clear();
+            self.resent = Some(at);
         }
         self.dropped = dropped;
         self.sent.retain(|pid, _| processes.contains_key(pid));
@@ -66,7 +70,10 @@ impl Advised {
             let records: Vec<LogRecord> = p
                 .advice
                 .iter()
-                .filter(|f| f.rule != "healthy" && sent.insert(f.rule, at).is_none())
+                // Sent when first seen: a later request does not move the time of sending.
+                .filter(|f| {
+                    f.rule != "healthy" && !sent.contains_key(f.rule) && sent.insert(f.rule, at).is_none()
+                })
                 .map(|f| record(f, now))
                 .collect();
             if records.is_empty() {
@@ -148,12 +155,14 @@ mod tests {
         assert!(advised.request_at(&processes, 0, t0).is_none());
         processes.get_mut(&7).unwrap().advice = findings(&gil);
         assert!(advised.request_at(&processes, 0, t0).is_some());
-        // The exporter dropped a batch since: sent again, once.
+        // The exporter dropped a batch since: sent again, once; more drops soon after (a
+        // cause that drops every batch) send nothing more until a window has passed.
         assert!(advised.request_at(&processes, 1, t0).is_some());
         assert!(advised.request_at(&processes, 1, t0).is_none());
+        assert!(advised.request_at(&processes, 2, t0 + Duration::from_secs(60)).is_none());
         // Still active an hour later: a reminder.
         let later = t0 + Duration::from_secs(3600);
-        assert!(advised.request_at(&processes, 1, later).is_some());
-        assert!(advised.request_at(&processes, 1, later).is_none());
+        assert!(advised.request_at(&processes, 2, later).is_some());
+        assert!(advised.request_at(&processes, 2, later).is_none());
     }
 }
