@@ -2,7 +2,7 @@
 //! Prometheus label escaping.
 use std::{collections::BTreeMap, time::SystemTime};
 
-use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
 
 /// Attributes the conventions type as integers.
 const INT_ATTRIBUTES: [&str; 5] = [
@@ -29,6 +29,15 @@ pub(crate) fn kv(key: &str, value: &str) -> KeyValue {
     KeyValue {
         key: key.into(),
         value: Some(AnyValue { value: Some(any_value::Value::StringValue(value.into())) }),
+        ..Default::default()
+    }
+}
+
+/// The instrumentation scope of everything the agent exports: stoker and its version.
+pub(crate) fn stoker_scope() -> InstrumentationScope {
+    InstrumentationScope {
+        name: "stoker".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
         ..Default::default()
     }
 }

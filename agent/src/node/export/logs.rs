@@ -9,14 +9,17 @@ use std::{
 
 use opentelemetry_proto::tonic::{
     collector::logs::v1::ExportLogsServiceRequest,
-    common::v1::{AnyValue, InstrumentationScope, any_value},
+    common::v1::{AnyValue, any_value},
     logs::v1::{LogRecord, ResourceLogs, ScopeLogs, SeverityNumber},
     resource::v1::Resource,
 };
 
 use crate::{
     advise::rules::{Finding, Severity},
-    node::{encode::attribute, state::ProcessMetrics},
+    node::{
+        encode::{attribute, stoker_scope},
+        state::ProcessMetrics,
+    },
 };
 
 /// The findings already sent, per process, and when: each goes once while it stays
@@ -85,11 +88,7 @@ impl Advised {
                     ..Default::default()
                 }),
                 scope_logs: vec![ScopeLogs {
-                    scope: Some(InstrumentationScope {
-                        name: "stoker".into(),
-                        version: env!("CARGO_PKG_VERSION").into(),
-                        ..Default::default()
-                    }),
+                    scope: Some(stoker_scope()),
                     log_records: records,
                     ..Default::default()
                 }],

@@ -2,7 +2,7 @@
 //! metrics, and the agent's own resource with its health, from the metric definitions.
 use opentelemetry_proto::tonic::{
     collector::metrics::v1::ExportMetricsServiceRequest,
-    common::v1::{InstrumentationScope, KeyValue},
+    common::v1::KeyValue,
     metrics::v1::{
         AggregationTemporality, Gauge, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum, metric,
         number_data_point,
@@ -11,7 +11,7 @@ use opentelemetry_proto::tonic::{
 };
 
 use crate::node::{
-    encode::{kv, nanos},
+    encode::{kv, nanos, stoker_scope},
     metric::{self as def, Instrument},
     state::Snapshot,
 };
@@ -139,13 +139,5 @@ fn number(m: &def::Metric, points: Vec<NumberDataPoint>) -> Metric {
 }
 
 fn scope(metrics: Vec<Metric>) -> ScopeMetrics {
-    ScopeMetrics {
-        scope: Some(InstrumentationScope {
-            name: "stoker".into(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            ..Default::default()
-        }),
-        metrics,
-        ..Default::default()
-    }
+    ScopeMetrics { scope: Some(stoker_scope()), metrics, ..Default::default() }
 }

@@ -7,7 +7,7 @@ use std::{
 
 use opentelemetry_proto::tonic::{
     collector::profiles::v1development::ExportProfilesServiceRequest,
-    common::v1::{AnyValue, InstrumentationScope, any_value},
+    common::v1::{AnyValue, any_value},
     profiles::v1development::{
         Function, KeyValueAndUnit, Line, Link, Location, Mapping, Profile, ProfilesDictionary,
         ResourceProfiles, Sample, ScopeProfiles, Stack, ValueType,
@@ -16,7 +16,7 @@ use opentelemetry_proto::tonic::{
 };
 
 use crate::node::{
-    encode::{kv, nanos},
+    encode::{kv, nanos, stoker_scope},
     state::Snapshot,
 };
 use crate::profile::{self, Frame, FrameKind};
@@ -78,11 +78,7 @@ pub fn request(
                     ..Default::default()
                 }),
                 scope_profiles: vec![ScopeProfiles {
-                    scope: Some(InstrumentationScope {
-                        name: "stoker".into(),
-                        version: env!("CARGO_PKG_VERSION").into(),
-                        ..Default::default()
-                    }),
+                    scope: Some(stoker_scope()),
                     profiles: vec![profile],
                     ..Default::default()
                 }],

@@ -4,13 +4,15 @@ use std::collections::BTreeMap;
 
 use opentelemetry_proto::tonic::{
     collector::trace::v1::ExportTraceServiceRequest,
-    common::v1::InstrumentationScope,
     resource::v1::Resource,
     trace::v1::{ResourceSpans, ScopeSpans, Span, Status, span::SpanKind, status::StatusCode},
 };
 
 use crate::net::spans::RequestSpan;
-use crate::node::{encode::attribute, state::ProcessMetrics};
+use crate::node::{
+    encode::{attribute, stoker_scope},
+    state::ProcessMetrics,
+};
 
 /// The spans of processes with a known resource, grouped by process. `mono_to_unix_ns`
 /// turns the kernel's monotonic times into Unix times.
@@ -63,15 +65,7 @@ pub fn request(
                 attributes: processes[&pid].resource.iter().map(|(k, v)| attribute(k, v)).collect(),
                 ..Default::default()
             }),
-            scope_spans: vec![ScopeSpans {
-                scope: Some(InstrumentationScope {
-                    name: "stoker".into(),
-                    version: env!("CARGO_PKG_VERSION").into(),
-                    ..Default::default()
-                }),
-                spans,
-                ..Default::default()
-            }],
+            scope_spans: vec![ScopeSpans { scope: Some(stoker_scope()), spans, ..Default::default() }],
             ..Default::default()
         })
         .collect();
