@@ -156,6 +156,86 @@ fn cpython_3_15_debian_unstable_shared() {
     check_build("sid-3.15-shared");
 }
 
+/// A copy of Debian unstable's static 3.15 (beside it, so it finds its standard library)
+/// that says it is 3.16.0: in `Py_Version` and in its `_Py_DebugOffsets` (the first words of
+/// `_PyRuntime`), both in the file's data. `patch` changes the debug offsets further (byte
+/// offset from `_PyRuntime`, new value). Removed when dropped.
+struct NewerPython(std::path::PathBuf);
+
+impl NewerPython {
+    fn new(patch: &[(u64, u64)]) -> Self {
+        use object::{Object, ObjectSection, ObjectSymbol};
+        let original = python("sid-3.15");
+        let mut data = std::fs::read(&original).unwrap();
+        let file_offset = |data: &[u8], name: &str| {
+            let file = object::File::parse(data).unwrap();
+            let symbol = file.dynamic_symbols().chain(file.symbols()).find(|s| s.name() == Ok(name)).unwrap();
+            let section = file.section_by_index(symbol.section_index().unwrap()).unwrap();
+            (symbol.address() - section.address() + section.file_range().unwrap().0) as usize
+        };
+        let version = file_offset(&data, "Py_Version");
+        let runtime = file_offset(&data, "_PyRuntime");
+        let hex = u32::from_le_bytes(data[version..version + 4].try_into().unwrap());
+        assert_eq!(hex >> 16, 0x030f, "Py_Version of 3.15: {hex:#x}");
+        assert_eq!(&data[runtime..runtime + 8], b"xdebugpy", "_PyRuntime starts with the debug offsets");
+        let newer: u32 = 0x0310_00f0;
+        data[version..version + 4].copy_from_slice(&newer.to_le_bytes());
+        data[runtime + 8..runtime + 16].copy_from_slice(&u64::from(newer).to_le_bytes());
+        for &(at, value) in patch {
+            let at = runtime + at as usize;
+            data[at..at + 8].copy_from_slice(&value.to_le_bytes());
+        }
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = original.with_file_name(format!("python3.16-test-{}-{n}", std::process::id()));
+        std::fs::write(&path, data).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        Self(path)
+    }
+}
+
+impl Drop for NewerPython {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A release newer than stoker knows, whose debug offsets pass validation, is walked with
+/// the latest layout stoker knows once its first code objects read back as code objects:
+/// its functions get the samples of the CPU time it measured in them.
+#[test]
+fn a_newer_cpython_is_walked_after_its_layout_checks_out() {
+    require_root();
+    let newer = NewerPython::new(&[]);
+    let (profile, report, err) =
+        record_workload(&newer.0, &["shares", "2", "--cpu"], &["--log-level", "info"]);
+    assert!(
+        err.contains("runs CPython 3.16.0, newer than stoker knows: walked with CPython 3.15's layout"),
+        "{err}"
+    );
+    assert!(err.contains("the untried layout read 4 code objects: it holds"), "{err}");
+    let got = profile.with_frame(|f| f == workload_frame("func_a", "func_a"));
+    assert_samples("func_a on 3.16", got, seconds_in(&report, "func_a"), 99.0);
+}
+
+/// A newer release whose debug offsets do not check out (here `runtime_state`'s size, the
+/// word after the cookie, version and free-threading flag, is 0) is refused with one line
+/// saying what did not, and sampled with native stacks; nothing else fails.
+#[test]
+fn a_newer_cpython_whose_offsets_do_not_check_out_is_refused() {
+    require_root();
+    let newer = NewerPython::new(&[(24, 0)]);
+    let (profile, _, err) = record_workload(&newer.0, &["shares", "1", "--cpu"], &[]);
+    let warnings: Vec<&str> = err.lines().filter(|l| l.starts_with("stoker: warning")).collect();
+    assert_eq!(warnings.len(), 1, "{err}");
+    assert!(
+        warnings[0].contains("runs CPython 3.16.0 (The _Py_DebugOffsets entry for runtime_state.interpreters_head is implausible (0))"),
+        "{err}"
+    );
+    assert!(profile.with_frame(|f| f.contains("workload.py")) == 0, "Python frames from a refused layout");
+    assert!(profile.total() > 0, "the process is still sampled");
+}
+
 /// Four threads, each busy in its own function: each has the samples of the CPU time it
 /// measured itself, and --threads roots each under its thread.
 #[test]
@@ -199,15 +279,53 @@ fn python_target_exiting_mid_session() {
     assert_samples("func_a after exit", got, seconds_in(&report, "func_a"), 99.0);
 }
 
-/// A process that execs into Python is recognized after the exec, and from then on its
-/// Python functions get the samples of their CPU time.
-///
-/// stoker looks at a target it knows is not Python again every 500 ms (its tracker's
-/// RECHECK), so the interpreter runs with native stacks until then; how soon that is
-/// is not this test's subject (samples before recognition are lost, a limit tracked
-/// apart). The shell waits for a line before it execs (by then stoker has seen it is
-/// not Python), and the workload spends its measured CPU time only once stoker says it
-/// recognized it, so the count compares with exactly the work stoker could see as Python.
+/// Stacks of process `pid` in `profile` (a profile of several processes roots each stack at
+/// `NAME [pid N]`), or all of them.
+fn stacks_of(profile: &Folded, pid: Option<u32>) -> impl Iterator<Item = (&Vec<String>, &u64)> {
+    let root = pid.map(|pid| format!("[pid {pid}]"));
+    profile
+        .0
+        .iter()
+        .filter(move |(s, _)| root.as_ref().is_none_or(|r| s.first().is_some_and(|f| f.ends_with(r))))
+}
+
+/// Samples of process `pid` (see `stacks_of`) whose stack has no Python frame (a frame such
+/// as `func_a (workload.py:40)` or `<module> (<frozen importlib._bootstrap>:1)`).
+fn without_python_frames(profile: &Folded, pid: Option<u32>) -> u64 {
+    let python_frame = |f: &str| {
+        f.ends_with(')') && f.rsplit_once(':').is_some_and(|(_, l)| l[..l.len() - 1].parse::<u32>().is_ok())
+    };
+    stacks_of(profile, pid).filter(|(s, _)| !s.iter().any(|f| python_frame(f))).map(|(_, n)| n).sum()
+}
+
+/// A process walked from its first samples: the samples of it that have no Python frame
+/// are no more than the CPU time it spent before its script's first line (which it measured
+/// itself) gives, within the sampling tolerance; its loop's samples match the CPU time it
+/// measured there. Before that first line, the interpreter starts (no Python frame exists
+/// yet) and the frozen import machinery runs (Python frames), so the bound is loose on that
+/// side only; a process walked 100 ms late loses about ten samples, twice the tolerance.
+fn assert_walked_from_start(what: &str, profile: &Folded, pid: Option<u32>, report: &Value) {
+    let startup = report["startup_cpu_seconds"].as_f64().expect("startup_cpu_seconds");
+    let missing = without_python_frames(profile, pid);
+    let bound = startup * 99.0 + sampling_tolerance(startup * 99.0).max(2.0);
+    eprintln!(
+        "{what}: {missing} samples without Python frames; start-up took {startup:.3} s of CPU, at most {bound:.1}"
+    );
+    assert!(
+        missing as f64 <= bound,
+        "{what}: {missing} samples without Python frames, more than the {startup:.3} s of CPU before its first line gives ({bound:.1})"
+    );
+    let in_loop =
+        stacks_of(profile, pid).filter(|(s, _)| s.iter().any(|f| f.starts_with("shares (workload.py:")));
+    let got: u64 = in_loop.map(|(_, n)| n).sum();
+    let cpu = report["cpu_seconds"].as_f64().expect("cpu_seconds");
+    assert_samples(&format!("{what}: its loop"), got, cpu, 99.0);
+}
+
+/// A process that execs into Python is walked as the new program starts: the kernel tells
+/// stoker of the target's exec, and it looks at the new program at once. The shell waits
+/// for a line before it execs (by then stoker has seen it is not Python); the workload then
+/// runs at once, and its samples are counted as in `assert_walked_from_start`.
 #[test]
 fn target_execs_into_python() {
     require_root();
@@ -215,7 +333,7 @@ fn target_execs_into_python() {
     let folded = dir.join("exec.folded");
     let report = dir.join("r.json");
     let script = format!(
-        "read line; exec {} {} shares 2 {} --cpu --wait",
+        "read line; exec {} {} shares 1 {} --cpu",
         python("3.12.1").display(),
         workload().display(),
         report.display()
@@ -231,17 +349,59 @@ fn target_execs_into_python() {
     let mut stdin = stoker.stdin.take().unwrap();
     err.wait_for("sampling at");
     writeln!(stdin, "exec").unwrap();
-    let exec = std::time::Instant::now();
-    err.wait_for("CPython 3.12.1");
-    eprintln!("recognized as CPython {:?} after the shell was let exec", exec.elapsed());
-    writeln!(stdin, "go").unwrap();
+    let status = wait_exit(&mut stoker, "stoker");
+    let err = err.rest();
+    assert!(status.success(), "{err}");
+    assert!(err.contains("after its exec"), "the exec was not seen: {err}");
+    let profile = Folded::read(&folded);
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    // The shell's samples (it waits for its line) count as not Python: there are few.
+    assert_walked_from_start("after exec", &profile, None, &report);
+}
+
+/// `stoker record --all-python` writing folded stacks to `folded`, logging at info level.
+fn record_all_python(folded: &std::path::Path) -> (std::process::Child, Stderr) {
+    let mut stoker = Command::new(STOKER)
+        .args(["record", "--all-python", "--log-level", "info", "-f", "folded", "-o"])
+        .arg(folded)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run stoker");
+    let err = Stderr::of(&mut stoker);
+    (stoker, err)
+}
+
+/// Processes that live a second, started while `--all-python` runs (a CLI tool, a cron job):
+/// each is walked from its first samples, whether its interpreter binary is new to stoker
+/// or known, linked statically or to libpython (mapped by the loader after the exec).
+#[test]
+fn short_lived_processes_walked_from_their_start() {
+    require_root();
+    let dir = scratch("short");
+    let folded = dir.join("short.folded");
+    let (mut stoker, mut err) = record_all_python(&folded);
+    err.wait_for("sampling at");
+    let builds = ["3.12.1", "3.12.1", "sid-3.15", "sid-3.15", "sid-3.14-shared"];
+    let mut runs = Vec::new();
+    for (i, build) in builds.iter().enumerate() {
+        let report = dir.join(format!("r{i}.json"));
+        let mut child = Command::new(python(build))
+            .args([workload().to_str().unwrap(), "shares", "1", report.to_str().unwrap(), "--cpu"])
+            .spawn()
+            .unwrap();
+        assert!(wait_exit(&mut child, build).success());
+        runs.push((build, child.id(), report));
+    }
+    unsafe { libc::kill(stoker.id() as i32, libc::SIGINT) };
     let status = wait_exit(&mut stoker, "stoker");
     let err = err.rest();
     assert!(status.success(), "{err}");
     let profile = Folded::read(&folded);
-    let report: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
-    let got = profile.with_frame(|f| f == workload_frame("func_a", "func_a"));
-    assert_samples("func_a after exec", got, seconds_in(&report, "func_a"), 99.0);
+    for (i, (build, pid, report)) in runs.iter().enumerate() {
+        let report: Value = serde_json::from_str(&std::fs::read_to_string(report).unwrap()).unwrap();
+        let seen = if builds[..i].contains(build) { "known" } else { "new" };
+        assert_walked_from_start(&format!("{build} ({seen} binary)"), &profile, Some(*pid), &report);
+    }
 }
 
 /// Two Python versions at once with --all-python, found by its first scan: each stack
@@ -262,21 +422,7 @@ fn all_python_profiles_two_versions() {
     let mut old = start("3.8.18", "a.json");
     let mut new = start("3.13.0", "b.json");
     let folded = dir.join("all.folded");
-    let mut stoker = Command::new(STOKER)
-        .args([
-            "record",
-            "--all-python",
-            "--log-level",
-            "info",
-            "-f",
-            "folded",
-            "-o",
-            folded.to_str().unwrap(),
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run stoker");
-    let mut err = Stderr::of(&mut stoker);
+    let (mut stoker, mut err) = record_all_python(&folded);
     err.wait_for(&format!("pid {}: CPython 3.8.", old.id()));
     err.wait_for(&format!("pid {}: CPython 3.13.", new.id()));
     for child in [&mut old, &mut new] {

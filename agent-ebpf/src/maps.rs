@@ -1,7 +1,7 @@
 //! Every map of stoker's kernel programs, declared once. Names match the `MAP_*`
 //! constants of the shared library so userspace finds them.
 use agent_ebpf::{
-    COUNTS_CAPACITY, EXECS_CAPACITY, LOOPS_CAPACITY, LoopBlock, LoopThread, NET_ACCEPTING_CAPACITY,
+    COUNTS_CAPACITY, EXECS_RING_BYTES, LOOPS_CAPACITY, LoopBlock, LoopThread, NET_ACCEPTING_CAPACITY,
     NET_CONNS_CAPACITY, NET_HEAD_BUF, NET_PEEK_BUF, NET_RING_SLOTS, NET_SK_BITS_WORDS, NET_SOCKS_CAPACITY,
     NEW_KEYS_RING_BYTES, NetConn, NetEvent, NetSkState, OFF_COUNTS_CAPACITY, OFF_THREADS_CAPACITY, OffKey,
     OffThread, PY_FRAME_CHUNK, PY_STACKS_CAPACITY, PY_THREADS_CAPACITY, PyProc, PyStack, STACKS_CAPACITY,
@@ -71,8 +71,13 @@ pub fn unmark_target(tgid: u32) {
     }
 }
 
+/// Execs for userspace (see `MAP_EXECS`).
 #[map]
-pub static EXECS: HashMap<u32, u32> = HashMap::with_max_entries(EXECS_CAPACITY, 0);
+pub static EXEC_RING: RingBuf = RingBuf::with_byte_size(EXECS_RING_BYTES, 0);
+
+/// 1: every exec goes to `EXEC_RING`; 0: targets' only (see `MAP_EXEC_ALL`).
+#[map]
+pub static EXEC_ALL: Array<u32> = Array::with_max_entries(1, 0);
 
 #[map]
 pub static STACKS: StackTrace = StackTrace::with_max_entries(STACKS_CAPACITY, 0);

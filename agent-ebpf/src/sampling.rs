@@ -19,8 +19,13 @@ pub const MAP_NEW_KEYS: &str = "NEW_KEY_RING";
 pub const NEW_KEYS_RING_BYTES: u32 = 256 * 1024;
 /// The CPU-sampling perf-event program.
 pub const PROG_PERF_SAMPLE: &str = "perf_sample";
-/// Processes that called exec since userspace last looked: tgid -> 0.
-pub const MAP_EXECS: &str = "EXECS";
+/// Processes that called exec, for userspace (a ring of `[tgid, CLOCK_MONOTONIC ns]`, `u64`
+/// each): a target's exec,
+/// or every exec when `MAP_EXEC_ALL` holds 1. It wakes userspace, which looks at the new
+/// program at once: a short-lived process is walked from its first samples.
+pub const MAP_EXECS: &str = "EXEC_RING";
+/// One `u32`, set by userspace: 1 to report every exec on the machine, 0 targets' only.
+pub const MAP_EXEC_ALL: &str = "EXEC_ALL";
 /// The exec-watching tracepoint program (`sched:sched_process_exec`).
 pub const PROG_SCHED_EXEC: &str = "sched_exec";
 /// Global set by the loader: 1 to time each target sample (`stat::TARGET_NS`).
@@ -33,7 +38,7 @@ pub const PROG_TASK_NEWTASK: &str = "task_newtask";
 pub const GLOBAL_NEWTASK_PID_OFFSET: &str = "NEWTASK_PID_OFFSET";
 pub const GLOBAL_NEWTASK_FLAGS_OFFSET: &str = "NEWTASK_FLAGS_OFFSET";
 
-/// Processes made targets by `TARGET_INHERIT`: child tgid -> parent tgid (LRU: entries
+/// Forks of Python targets, walked with the parent's layout: child tgid -> parent tgid (LRU: entries
 /// userspace never took make room). What the child runs is named through the parent if the
 /// child is gone before userspace reads it: a fork has its parent's code at the same addresses.
 pub const MAP_FORKED_FROM: &str = "FORKED_FROM";
@@ -57,8 +62,9 @@ pub const TARGETS_CAPACITY: u32 = 8 * 1024;
 /// Words of `TARGET_BITS`: one bit for every possible tgid (`PID_MAX_LIMIT` on 64-bit
 /// kernels is 4 Mi), 512 KiB.
 pub const TARGET_BITS_WORDS: u32 = 4 * 1024 * 1024 / 64;
-/// Capacity of the exec notification set (execs between two userspace ticks).
-pub const EXECS_CAPACITY: u32 = 4 * 1024;
+/// Bytes of the exec ring: 4,096 execs between two reads (16 bytes and the ring's 8-byte
+/// header each).
+pub const EXECS_RING_BYTES: u32 = 128 * 1024;
 
 /// Stack id recorded when there is no stack of that kind (e.g. no kernel frames).
 pub const NO_STACK: i32 = -1;

@@ -1,6 +1,6 @@
 //! Follows children: when a target marked `TARGET_FOLLOW` or `TARGET_INHERIT` creates a
-//! process (not a thread), the child becomes a target before it first runs; with
-//! `TARGET_INHERIT` it also takes the parent's Python layout (a fork runs the same program).
+//! process (not a thread), the child becomes a target before it first runs, with its
+//! parent's Python layout (a fork runs the same program).
 use agent_ebpf::{TARGET_FOLLOW, TARGET_INHERIT, stat};
 use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::tracepoint, programs::TracePointContext};
 
@@ -44,13 +44,14 @@ fn try_task_newtask(ctx: &TracePointContext) -> Result<u32, i64> {
         bump(stat::TARGETS_FULL);
         return Ok(0);
     }
-    if flags & TARGET_INHERIT != 0 {
+    // A fork runs its parent's program at the same addresses: it is walked with the parent's
+    // Python layout from its first sample, and named through the parent if it is gone before
+    // userspace looks at it.
+    // SAFETY: a value of the preallocated `PY_PROCS`, copied by the update from its address
+    // (kept allocated as long as the map, see `perf_sample`).
+    if let Some(proc) = unsafe { PY_PROCS.get(parent) } {
         let _ = FORKED_FROM.insert(child as u32, parent, 0);
-        // SAFETY: a value of the preallocated `PY_PROCS`, copied by the update from its
-        // address (kept allocated as long as the map, see `perf_sample`).
-        if let Some(proc) = unsafe { PY_PROCS.get(parent) }
-            && PY_PROCS.insert(child as u32, proc, 0).is_err()
-        {
+        if PY_PROCS.insert(child as u32, proc, 0).is_err() {
             bump(stat::TARGETS_FULL);
         }
     }

@@ -1,7 +1,7 @@
 //! Keeps track of the processes a session samples: recognizes Python processes (also
 //! after an exec), finds followed children and, with --all-python, every CPython process.
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -27,6 +27,15 @@ const RECHECK_PYTHON_NAMED: Duration = Duration::from_millis(50);
 const RECHECK_NAMED_SLOWEST: Duration = Duration::from_secs(5);
 /// How often /proc is scanned for new Python processes with --all-python.
 const SCAN: Duration = Duration::from_secs(1);
+/// After an exec into a program named python, or one that ran CPython before, the process
+/// is looked at every `FRESH_EVERY` for `FRESH_FOR`: the dynamic loader maps its libpython
+/// within milliseconds, and the interpreter is walked from its first samples, not from the
+/// next tick.
+const FRESH_EVERY: Duration = Duration::from_millis(2);
+const FRESH_FOR: Duration = Duration::from_millis(250);
+/// Executables remembered as having run CPython (device, inode): a program that embeds
+/// libpython under another name is looked at as closely as one named python.
+const PYTHON_EXES_MAX: usize = 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Kind {
@@ -51,12 +60,32 @@ struct Tracked {
     /// Forked by a scanned Python process: the kernel made it a target with its parent's
     /// Python layout (`TARGET_INHERIT`) before userspace looked at it.
     inherited: bool,
+    /// When it exec'd into a program that may be CPython (see `FRESH_EVERY`).
+    fresh: Option<Instant>,
+    /// When its last exec was, as the kernel saw it (`CLOCK_MONOTONIC` ns).
+    exec_ns: Option<u64>,
 }
 
 impl Tracked {
     fn new(pid: u32, scanned: bool) -> Self {
         let start = process::start_time(pid);
-        Self { exe: None, kind: Kind::Unknown, checked: None, scanned, misses: 0, start, inherited: false }
+        Self {
+            exe: None,
+            kind: Kind::Unknown,
+            checked: None,
+            scanned,
+            misses: 0,
+            start,
+            inherited: false,
+            fresh: None,
+            exec_ns: None,
+        }
+    }
+
+    /// Just exec'd into a program that may be CPython, and not recognized yet.
+    fn is_fresh(&self, now: Instant) -> bool {
+        matches!(self.kind, Kind::Unknown | Kind::NotPython)
+            && self.fresh.is_some_and(|at| now.duration_since(at) < FRESH_FOR)
     }
 
     /// A target in the kernel: given or launched, recognized as Python, or forked by a
@@ -83,6 +112,8 @@ pub struct Tracker {
     reused: Vec<u32>,
     /// Forks of scanned Python processes found by the last update: (child, parent).
     forks: Vec<(u32, u32)>,
+    /// Executables that ran CPython (see `PYTHON_EXES_MAX`).
+    python_exes: HashSet<(u64, u64)>,
 }
 
 impl Tracker {
@@ -110,6 +141,7 @@ impl Tracker {
             versions: HashMap::new(),
             reused: Vec::new(),
             forks: Vec::new(),
+            python_exes: HashSet::new(),
         }
     }
 
@@ -229,6 +261,11 @@ impl Tracker {
             }
             if flags & TARGET_INHERIT == 0 {
                 self.add(pid);
+                // A fork of a Python target: named through its parent if gone before it is
+                // looked at.
+                if let Some(parent) = kernel.take_parent(pid) {
+                    collector.python.set_parent(pid, parent);
+                }
             } else if self.filter.as_ref().is_none_or(|f| f(pid)) {
                 // A fork of a scanned Python process: sampled with its parent's layout
                 // already, and recognized as Python on this tick.
@@ -246,31 +283,7 @@ impl Tracker {
                 kernel.remove_target(pid)?;
             }
         }
-        // Processes that just exec'd (when the kernel reports them): looked at now. A
-        // scanned one is a new program: what was known of the old one goes (the kernel
-        // already stopped sampling it if it was a `TARGET_INHERIT` target).
-        for pid in kernel.take_execs()? {
-            match self.procs.get_mut(&pid) {
-                Some(t) if t.kind != Kind::Exited && t.scanned => {
-                    if t.in_kernel() {
-                        // What the old program had open is not the new one's.
-                        kernel.remove_target(pid)?;
-                        crate::net::forget_process(kernel, pid)?;
-                        collector.forget_process(pid);
-                        self.versions.remove(&pid);
-                    }
-                    t.kind = Kind::Unknown;
-                    t.inherited = false;
-                    t.misses = 0;
-                    t.checked = None;
-                }
-                Some(t) if t.kind != Kind::Exited => t.checked = None,
-                _ if pid != self.me && self.filter.as_ref().is_none_or(|f| f(pid)) => {
-                    self.procs.insert(pid, Tracked::new(pid, true));
-                }
-                _ => {}
-            }
-        }
+        self.note_execs(kernel, collector)?;
         if self.all_python && self.last_scan.is_none_or(|t| t.elapsed() >= SCAN) {
             self.last_scan = Some(Instant::now());
             for pid in process::all_pids() {
@@ -282,13 +295,116 @@ impl Tracker {
                 }
             }
         }
+        self.refuse_untried(kernel, collector)?;
+        self.look(kernel, collector, false)
+    }
+
+    /// Processes of a CPython newer than stoker knows whose layout failed its check on the
+    /// first code objects: sampled with native stacks from now on, with one warning each.
+    fn refuse_untried(&mut self, kernel: &mut KernelPrograms, collector: &mut Collector) -> Result<()> {
+        for (pid, why) in collector.python.take_refused() {
+            let Some(t) = self.procs.get_mut(&pid).filter(|t| t.kind == Kind::Python) else { continue };
+            let version = self.versions.remove(&pid).unwrap_or_default();
+            if t.scanned && !t.inherited {
+                kernel.remove_target(pid)?;
+                crate::net::forget_process(kernel, pid)?;
+            } else {
+                kernel.remove_python(pid)?;
+            }
+            t.kind = Kind::Unsupported;
+            eprintln!(
+                "stoker: warning: process {pid} runs CPython {version}, newer than stoker knows, and its layout did not check out ({why}); its samples show native stacks"
+            );
+        }
+        Ok(())
+    }
+
+    /// Waits for `tick`, looking at processes as they exec meanwhile (see `FRESH_EVERY`).
+    pub fn wait(
+        &mut self,
+        tick: Duration,
+        kernel: &mut KernelPrograms,
+        collector: &mut Collector,
+    ) -> Result<()> {
+        let deadline = Instant::now() + tick;
+        loop {
+            let now = Instant::now();
+            let left = deadline.saturating_duration_since(now);
+            if left.is_zero() {
+                return Ok(());
+            }
+            let fresh = self.procs.values().any(|t| t.is_fresh(now));
+            let exec = kernel.wait_exec(if fresh { left.min(FRESH_EVERY) } else { left });
+            if exec || fresh {
+                self.note_execs(kernel, collector)?;
+                self.look(kernel, collector, true)?;
+            }
+        }
+    }
+
+    /// Processes that just exec'd (when the kernel reports them): looked at now, the new
+    /// program's Python layout (if any) found afresh: the kernel dropped the old one.
+    fn note_execs(&mut self, kernel: &mut KernelPrograms, collector: &mut Collector) -> Result<()> {
+        let now = Instant::now();
+        for (pid, exec_ns) in kernel.take_execs() {
+            if pid == self.me {
+                continue;
+            }
+            let t = match self.procs.get_mut(&pid) {
+                Some(t) if t.kind != Kind::Exited => {
+                    if t.scanned && t.in_kernel() {
+                        // What the old program had open is not the new one's.
+                        kernel.remove_target(pid)?;
+                        crate::net::forget_process(kernel, pid)?;
+                    }
+                    if t.kind == Kind::Python || t.inherited {
+                        collector.forget_process(pid);
+                        self.versions.remove(&pid);
+                    }
+                    t.kind = Kind::Unknown;
+                    t.inherited = false;
+                    t.misses = 0;
+                    t.checked = None;
+                    t
+                }
+                // A target the kernel follows (a child not seen yet): sampled as given.
+                _ if kernel.target_flags(pid).is_some_and(|f| f & TARGET_INHERIT == 0) => {
+                    self.add(pid);
+                    self.procs.get_mut(&pid).expect("just added")
+                }
+                _ if self.all_python && self.filter.as_ref().is_none_or(|f| f(pid)) => {
+                    self.procs.insert(pid, Tracked::new(pid, true));
+                    self.procs.get_mut(&pid).expect("just added")
+                }
+                _ => continue,
+            };
+            let exe = process::exe(pid);
+            let known = process::exe_id(pid).is_some_and(|id| self.python_exes.contains(&id));
+            t.fresh = (known || named_python(exe.as_deref())).then_some(now);
+            t.exec_ns = Some(exec_ns);
+        }
+        Ok(())
+    }
+
+    /// Recognizes the processes due for a look (with `fresh_only`, the ones that just exec'd).
+    fn look(
+        &mut self,
+        kernel: &mut KernelPrograms,
+        collector: &mut Collector,
+        fresh_only: bool,
+    ) -> Result<()> {
         let now = Instant::now();
         let mut gone = Vec::new();
         for (&pid, t) in self.procs.iter_mut() {
             if matches!(t.kind, Kind::Python | Kind::Unsupported | Kind::Exited) {
                 continue;
             }
+            let fresh = t.is_fresh(now);
+            if fresh_only && !fresh {
+                continue;
+            }
             let recheck = match named_python(t.exe.as_deref()) {
+                _ if fresh => FRESH_EVERY,
                 true => (RECHECK_PYTHON_NAMED * (1 << t.misses.min(8))).min(RECHECK_NAMED_SLOWEST),
                 false => RECHECK,
             };
@@ -308,7 +424,11 @@ impl Tracker {
             // its executable is named python (its libpython may not be mapped yet) and its
             // maps could be read whole.
             let unreadable = t.misses == u32::MAX;
-            if t.kind == Kind::NotPython && t.exe == exe && (unreadable || !named_python(exe.as_deref())) {
+            if t.kind == Kind::NotPython
+                && t.exe == exe
+                && !fresh
+                && (unreadable || !named_python(exe.as_deref()))
+            {
                 t.checked = Some(now);
                 continue;
             }
@@ -332,10 +452,31 @@ impl Tracker {
                     if t.scanned {
                         kernel.add_target(pid, TARGET_SAMPLE | TARGET_INHERIT)?;
                     }
+                    if p.check_code_type.is_some() && (!t.scanned || self.all_python) {
+                        eprintln!(
+                            "stoker: warning: process {pid} runs CPython {}.{}.{}, newer than stoker knows: walked with CPython 3.{}'s layout, checked on its first samples",
+                            p.version.major,
+                            p.version.minor,
+                            p.version.patch,
+                            python::layout::LATEST_MINOR
+                        );
+                    }
                     kernel.add_python(pid, &python::kernel_config(&p, self.sampling))?;
                     collector.python.add_process(&p);
+                    if let Some(id) = process::exe_id(pid) {
+                        if self.python_exes.len() >= PYTHON_EXES_MAX {
+                            self.python_exes.clear();
+                        }
+                        self.python_exes.insert(id);
+                    }
                     let version = format!("{}.{}.{}", p.version.major, p.version.minor, p.version.patch);
-                    tracing::info!("pid {pid}: CPython {version}");
+                    match t.exec_ns.take() {
+                        Some(ns) => {
+                            let ms = process::monotonic_ns().saturating_sub(ns) as f64 / 1e6;
+                            tracing::info!("pid {pid}: CPython {version}, walked {ms:.1} ms after its exec");
+                        }
+                        None => tracing::info!("pid {pid}: CPython {version}"),
+                    }
                     self.versions.insert(pid, version);
                     t.kind = Kind::Python;
                 }
@@ -349,7 +490,10 @@ impl Tracker {
                 }
                 Detected::NotPython => {
                     t.kind = Kind::NotPython;
-                    t.misses = t.misses.saturating_add(1);
+                    // Misses while the loader maps libpython do not slow later looks.
+                    if !fresh {
+                        t.misses = t.misses.saturating_add(1);
+                    }
                 }
                 Detected::TooManyMappings => {
                     tracing::info!("pid {pid}: maps too large to read whole, no CPython in the part read");

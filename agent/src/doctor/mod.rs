@@ -111,7 +111,7 @@ fn sampling() -> Vec<Check> {
         Ok(()) => Check::new("perf events", Level::Ok, format!("cpu-clock sampling attached on {cpus} CPUs")),
         Err(e) => Check::new("perf events", Level::Fail, one_line(&e)),
     };
-    let execs = match kernel.watch_execs() {
+    let execs = match kernel.watch_execs(true) {
         Ok(()) => Check::new(
             "new processes",
             Level::Ok,

@@ -55,7 +55,7 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
     // capabilities are per thread, and the ones not needed after this are dropped below.
     let mut kernel = KernelPrograms::load_sized(false, config.kernel.counts_max_bytes)?;
     kernel.start(config.sample_rate_hz)?;
-    if let Err(e) = kernel.watch_execs() {
+    if let Err(e) = kernel.watch_execs(true) {
         tracing::warn!("new processes are found by scanning /proc only: {e}");
     }
     if let Err(e) = kernel.follow_children() {
@@ -149,7 +149,7 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
     let mut loop_blocks: std::collections::HashMap<u32, Vec<(u64, String)>> =
         std::collections::HashMap::new();
     loop {
-        std::thread::sleep(TICK);
+        tracker.wait(TICK, &mut kernel, &mut collector)?;
         let stopping = stop.load(Ordering::Relaxed);
         if stopping {
             stop_seen.get_or_insert_with(Instant::now);

@@ -10,13 +10,14 @@ pub mod sizing;
 
 use agent_ebpf::{
     GLOBAL_FSBASE_OFFSET, GLOBAL_MEASURE_COST, GLOBAL_NET_OFFSETS, GLOBAL_NEWTASK_FLAGS_OFFSET,
-    GLOBAL_NEWTASK_PID_OFFSET, GLOBAL_OFF_CONFIG, MAP_COUNTS, MAP_EXECS, MAP_FORKED_FROM, MAP_NET_EVENTS,
-    MAP_NEW_KEYS, MAP_PY_PROCS, MAP_PY_STACKS, MAP_STACKS, MAP_STATS, MAP_TARGET_BITS, MAP_TARGETS,
-    PROG_PERF_SAMPLE, PROG_SCHED_EXEC, PROG_STATS_FLOOR, PROG_TASK_NEWTASK, PyProc, PyStack, SampleKey, stat,
+    GLOBAL_NEWTASK_PID_OFFSET, GLOBAL_OFF_CONFIG, MAP_COUNTS, MAP_EXEC_ALL, MAP_EXECS, MAP_FORKED_FROM,
+    MAP_NET_EVENTS, MAP_NEW_KEYS, MAP_PY_PROCS, MAP_PY_STACKS, MAP_STACKS, MAP_STATS, MAP_TARGET_BITS,
+    MAP_TARGETS, PROG_PERF_SAMPLE, PROG_SCHED_EXEC, PROG_STATS_FLOOR, PROG_TASK_NEWTASK, PyProc, PyStack,
+    SampleKey, stat,
 };
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, StackTraceMap},
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, StackTraceMap},
     programs::{
         PerfEvent,
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
@@ -155,8 +156,8 @@ pub struct KernelPrograms {
     follow_ready: bool,
     /// The kernel adds children of targets to the target set (see `follow_children`).
     following: bool,
-    /// The kernel notes execs in `EXECS` (see `watch_execs`).
-    watching_execs: bool,
+    /// Execs the kernel reports (see `watch_execs`).
+    execs: Option<aya::maps::RingBuf<MapData>>,
     /// The off-CPU programs are attached (see `watch_off_cpu`), and what they were told.
     watching_off_cpu: bool,
     off_config: agent_ebpf::OffConfig,
@@ -247,7 +248,7 @@ impl KernelPrograms {
             python_ready: fsbase != 0,
             follow_ready,
             following: false,
-            watching_execs: false,
+            execs: None,
             watching_off_cpu: false,
             off_config,
             loop_blocks: None,
@@ -278,11 +279,17 @@ impl KernelPrograms {
         Ok(())
     }
 
-    /// Starts noting every exec on the machine (the node agent: new processes are then
-    /// looked at on the next tick, not the next /proc scan).
-    pub fn watch_execs(&mut self) -> Result<()> {
+    /// Starts reporting the execs of targets, and with `all` every exec on the machine (the
+    /// node agent, `--all-python`: a new process is looked at as it starts, not at the next
+    /// /proc scan).
+    pub fn watch_execs(&mut self, all: bool) -> Result<()> {
         let feature = "the sched:sched_process_exec tracepoint";
         let loading = "loading the exec-watching program";
+        let mut every: Array<_, u32> = self.map_mut(MAP_EXEC_ALL)?;
+        every.set(0, u32::from(all), 0).map_err(|e| Error::Ebpf {
+            what: "configuring the exec-watching program",
+            detail: one_line(&e),
+        })?;
         attach::tracepoint(
             &mut self.ebpf,
             PROG_SCHED_EXEC,
@@ -290,21 +297,52 @@ impl KernelPrograms {
             feature,
             loading,
         )?;
-        self.watching_execs = true;
+        let map = self
+            .ebpf
+            .take_map(MAP_EXECS)
+            .ok_or(Error::Ebpf { what: "kernel map missing", detail: MAP_EXECS.into() })?;
+        self.execs = Some(
+            aya::maps::RingBuf::try_from(map)
+                .map_err(|e| Error::Ebpf { what: "mapping the exec ring", detail: one_line(&e) })?,
+        );
         Ok(())
     }
 
-    /// Processes that called exec since the last call (empty unless `watch_execs`).
-    pub fn take_execs(&mut self) -> Result<Vec<u32>> {
-        if !self.watching_execs {
-            return Ok(Vec::new());
+    /// Processes that called exec since the last call, each once with the time of its last
+    /// exec (`CLOCK_MONOTONIC` ns; none unless `watch_execs`).
+    pub fn take_execs(&mut self) -> Vec<(u32, u64)> {
+        let Some(ring) = self.execs.as_mut() else { return Vec::new() };
+        let mut execs: Vec<(u32, u64)> = Vec::new();
+        while let Some(item) = ring.next() {
+            let word = |i: usize| item.get(i * 8..i * 8 + 8).and_then(|b| <[u8; 8]>::try_from(b).ok());
+            let (Some(pid), Some(ns)) = (word(0), word(1)) else { continue };
+            let (pid, ns) = (u64::from_ne_bytes(pid) as u32, u64::from_ne_bytes(ns));
+            match execs.iter_mut().find(|(p, _)| *p == pid) {
+                Some(seen) => seen.1 = ns,
+                None => execs.push((pid, ns)),
+            }
         }
-        let mut execs: HashMap<_, u32, u32> = self.map_mut(MAP_EXECS)?;
-        let pids: Vec<u32> = execs.keys().filter_map(|k| k.ok()).collect();
-        for pid in &pids {
-            let _ = execs.remove(pid);
+        execs
+    }
+
+    /// Waits until the kernel reports an exec or `timeout` passes (a plain sleep when execs
+    /// are not watched). True when an exec is waiting to be taken.
+    pub fn wait_exec(&self, timeout: std::time::Duration) -> bool {
+        use std::os::fd::AsRawFd;
+        let Some(ring) = self.execs.as_ref() else {
+            std::thread::sleep(timeout);
+            return false;
+        };
+        let mut fd = libc::pollfd { fd: ring.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: one valid `pollfd` for the duration of the call; the ring's descriptor
+        // stays open while `self` is borrowed.
+        let ready = unsafe { libc::poll(&mut fd, 1, ms) };
+        if ready < 0 {
+            // Interrupted by a signal (Ctrl-C): the caller looks at its stop flag.
+            return false;
         }
-        Ok(pids)
+        ready > 0 && fd.revents & libc::POLLIN != 0
     }
 
     /// Whether the kernel adds targets of its own (children of followed targets).
@@ -355,14 +393,20 @@ impl KernelPrograms {
         Ok(info.run_time().as_nanos() as f64 / info.run_count().max(1) as f64)
     }
 
+    /// The `TARGET_*` flags of `pid` when the kernel samples it.
+    pub fn target_flags(&self, pid: u32) -> Option<u32> {
+        let targets: HashMap<_, u32, u32> = self.map(MAP_TARGETS).ok()?;
+        targets.get(&pid, 0).ok()
+    }
+
     /// Every process currently in the kernel's target set (including followed children).
     pub fn targets(&self) -> Result<Vec<(u32, u32)>> {
         let targets: HashMap<_, u32, u32> = self.map(MAP_TARGETS)?;
         Ok(targets.iter().filter_map(|k| k.ok()).collect())
     }
 
-    /// The process that forked `pid` when the kernel made it a target by `TARGET_INHERIT`
-    /// (asked once: the entry goes).
+    /// The Python process that forked `pid` when the kernel made it a target with its
+    /// parent's layout (asked once: the entry goes).
     pub fn take_parent(&mut self, pid: u32) -> Option<u32> {
         let mut forked: HashMap<_, u32, u32> = self.map_mut(MAP_FORKED_FROM).ok()?;
         let parent = forked.get(&pid, 0).ok()?;
@@ -376,6 +420,13 @@ impl KernelPrograms {
         let mut targets: HashMap<_, u32, u32> = self.map_mut(MAP_TARGETS)?;
         let _ = targets.remove(&pid);
         self.bits.clear(pid);
+        let mut procs: HashMap<_, u32, PyProc> = self.map_mut(MAP_PY_PROCS)?;
+        let _ = procs.remove(&pid);
+        Ok(())
+    }
+
+    /// Stops walking the Python stacks of `pid` (it goes on being sampled).
+    pub fn remove_python(&mut self, pid: u32) -> Result<()> {
         let mut procs: HashMap<_, u32, PyProc> = self.map_mut(MAP_PY_PROCS)?;
         let _ = procs.remove(&pid);
         Ok(())

@@ -58,6 +58,23 @@ fn evict_half<K>(cache: &mut HashMap<K, Cached>) -> usize {
     cache.values().filter_map(|c| c.info.as_ref()).map(|c| c.size()).sum()
 }
 
+/// Code objects that must read back as code objects (their type `PyCode_Type`) before a
+/// layout stoker was not built for (a newer CPython) is trusted, and failures that refuse
+/// it first: a freed code object fails now and then with the right layout, never this often.
+const CHECK_PASSES: u32 = 4;
+const CHECK_FAILURES: u32 = 3;
+/// Offset of `ob_type` in a `PyObject` (checked against the target's own debug offsets).
+const OB_TYPE: u64 = 8;
+
+/// The check of an untried layout on the first code objects read.
+#[derive(Debug)]
+enum Check {
+    /// Until `CHECK_PASSES` code objects pointing to `code_type` were read.
+    Running { code_type: u64, passed: u32, failed: u32 },
+    /// The layout read something else: why, and whether it was reported.
+    Failed { why: String, reported: bool },
+}
+
 /// Reads code objects of one process, by layout.
 pub struct CodeReader {
     mem: Memory,
@@ -70,10 +87,14 @@ pub struct CodeReader {
     /// Bytes the cache holds, as `CodeInfo::size` counts them.
     cached_bytes: usize,
     uses: u64,
+    /// The layout is being checked (`check_code_type` of the process), or failed.
+    check: Option<Check>,
 }
 
 impl CodeReader {
-    pub fn new(pid: u32, version: PyVersion, layout: Layout) -> Self {
+    /// `check_code_type`: the address of `PyCode_Type` when the layout is untried (see
+    /// `Check`).
+    pub fn new(pid: u32, version: PyVersion, layout: Layout, check_code_type: Option<u64>) -> Self {
         Self {
             mem: Memory::new(pid),
             layout,
@@ -81,12 +102,56 @@ impl CodeReader {
             cache: HashMap::new(),
             cached_bytes: 0,
             uses: 0,
+            check: check_code_type.map(|code_type| Check::Running { code_type, passed: 0, failed: 0 }),
+        }
+    }
+
+    /// Why the layout failed its check, once (None while it holds or is still checked).
+    pub fn take_refusal(&mut self) -> Option<String> {
+        match &mut self.check {
+            Some(Check::Failed { why, reported }) if !*reported => {
+                *reported = true;
+                Some(why.clone())
+            }
+            _ => None,
+        }
+    }
+
+    /// Counts the code object at `addr` (read as `info`) for or against an untried layout.
+    fn check(&mut self, addr: u64, info: Option<&CodeInfo>) {
+        let Some(Check::Running { code_type, passed, failed }) = &mut self.check else { return };
+        let found = self.mem.u64(addr.wrapping_add(OB_TYPE));
+        if info.is_some() && found.as_ref().is_ok_and(|t| t == code_type) {
+            *passed += 1;
+            if *passed >= CHECK_PASSES {
+                tracing::info!(
+                    "pid {}: the untried layout read {passed} code objects: it holds",
+                    self.mem.pid()
+                );
+                self.check = None;
+            }
+            return;
+        }
+        *failed += 1;
+        if *failed >= CHECK_FAILURES {
+            let why = match found {
+                Ok(t) if info.is_some() => {
+                    format!(
+                        "a frame's code object at {addr:#x} has type {t:#x}, not PyCode_Type at {code_type:#x}"
+                    )
+                }
+                _ => format!("a frame's code object at {addr:#x} could not be read"),
+            };
+            self.check = Some(Check::Failed { why, reported: false });
         }
     }
 
     /// The code object at `addr`, read once; None when it cannot be read (the process
     /// exited, or the object was freed and the check below failed).
     pub fn code(&mut self, addr: u64, first_line: u32) -> Option<Arc<CodeInfo>> {
+        if matches!(self.check, Some(Check::Failed { .. })) {
+            return None;
+        }
         self.uses += 1;
         if let Some(hit) = self.cache.get_mut(&(addr, first_line)) {
             hit.used = self.uses;
@@ -94,6 +159,10 @@ impl CodeReader {
         }
         let info =
             self.read_code(addr).ok().filter(|c| c.first_line & 0x00ff_ffff == first_line).map(Arc::new);
+        self.check(addr, info.as_deref());
+        if matches!(self.check, Some(Check::Failed { .. })) {
+            return None;
+        }
         self.cached_bytes += info.as_ref().map_or(0, |c| c.size());
         self.cache.insert((addr, first_line), Cached { info: info.clone(), used: self.uses });
         if self.cached_bytes > CACHE_BUDGET {
@@ -205,11 +274,67 @@ mod tests {
         assert_eq!(left, 5 * (std::mem::size_of::<CodeInfo>() + 100));
     }
 
+    /// Four code objects (in this process's memory, as 3.12's layout places their fields)
+    /// whose type is `code_type`: each with the name "f", first line 7 and no line table;
+    /// and the str and bytes objects they point to.
+    fn code_objects(code_type: u64) -> (Vec<Vec<u8>>, Vec<u8>, Vec<u8>) {
+        let l = layout::layout_for(PyVersion { major: 3, minor: 12, patch: 0 }).unwrap();
+        let put = |buf: &mut Vec<u8>, at: u64, bytes: &[u8]| {
+            buf[at as usize..at as usize + bytes.len()].copy_from_slice(bytes);
+        };
+        // A compact ASCII str "f" and an empty bytes object.
+        let mut name = vec![0u8; 128];
+        let state = layout::UNICODE_STATE_COMPACT_MASK
+            | layout::UNICODE_STATE_ASCII_MASK
+            | (1 << layout::UNICODE_STATE_KIND_SHIFT);
+        put(&mut name, l.unicode_state, &state.to_le_bytes());
+        put(&mut name, l.unicode_length, &1u64.to_le_bytes());
+        put(&mut name, l.unicode_ascii_data, b"f");
+        let table = vec![0u8; 128];
+        let objects = (0..4)
+            .map(|_| {
+                let mut code = vec![0u8; 512];
+                put(&mut code, OB_TYPE, &code_type.to_le_bytes());
+                put(&mut code, l.code_qualname.unwrap(), &(name.as_ptr() as u64).to_le_bytes());
+                put(&mut code, l.code_filename, &(name.as_ptr() as u64).to_le_bytes());
+                put(&mut code, l.code_linetable, &(table.as_ptr() as u64).to_le_bytes());
+                put(&mut code, l.code_firstlineno, &7u32.to_le_bytes());
+                code
+            })
+            .collect();
+        (objects, name, table)
+    }
+
+    /// A layout stoker was not built for is trusted once the first code objects read back
+    /// as code objects, and refused (once, with the reason) when they do not.
+    #[test]
+    fn an_untried_layout_is_checked_on_the_first_code_objects() {
+        let version = PyVersion { major: 3, minor: 12, patch: 0 };
+        let l = layout::layout_for(version).unwrap();
+        let code_type = 0x5555_0000_1230;
+        let (objects, _name, _table) = code_objects(code_type);
+        let mut reader = CodeReader::new(std::process::id(), version, l, Some(code_type));
+        for code in &objects {
+            let info = reader.code(code.as_ptr() as u64, 7).expect("a code object");
+            assert_eq!((info.name.as_str(), info.filename.as_str(), info.first_line), ("f", "f", 7));
+        }
+        assert!(reader.check.is_none(), "four code objects passed: {:?}", reader.check);
+
+        let mut reader = CodeReader::new(std::process::id(), version, l, Some(code_type + 0x40));
+        let refused: Vec<_> = objects.iter().map(|c| reader.code(c.as_ptr() as u64, 7)).collect();
+        assert!(refused[..2].iter().all(Option::is_some), "under three failures: still named");
+        assert!(refused[2..].iter().all(Option::is_none), "refused after three failures");
+        let why = reader.take_refusal().expect("a reason");
+        assert!(why.contains("not PyCode_Type"), "{why}");
+        assert_eq!(reader.take_refusal(), None, "reported once");
+    }
+
     impl CodeReader {
         /// A reader of this process whose cache holds `entries` names of `bytes` each.
         pub fn filled(entries: u32, bytes: usize) -> Self {
             let layout = layout::layout_for(PyVersion { major: 3, minor: 12, patch: 0 }).unwrap();
-            let mut r = Self::new(std::process::id(), PyVersion { major: 3, minor: 12, patch: 0 }, layout);
+            let mut r =
+                Self::new(std::process::id(), PyVersion { major: 3, minor: 12, patch: 0 }, layout, None);
             for i in 0..entries {
                 r.uses += 1;
                 let info = CodeInfo {

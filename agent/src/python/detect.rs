@@ -1,6 +1,11 @@
 //! Recognizes CPython processes: finds the interpreter's ELF (libpython or a statically
 //! linked python), `_PyRuntime` and the version, and picks the structure layout.
-use std::path::Path;
+use std::{
+    collections::HashMap,
+    os::unix::fs::MetadataExt,
+    path::Path,
+    sync::{Arc, Mutex},
+};
 
 use object::{Object, ObjectSegment, ObjectSymbol};
 
@@ -18,6 +23,9 @@ pub struct PythonProcess {
     pub layout: Layout,
     /// Address of `_PyRuntime` in the process.
     pub runtime: u64,
+    /// A release newer than stoker knows, walked with the latest layout it knows: the
+    /// address of `PyCode_Type`, which the first code objects read must point to.
+    pub check_code_type: Option<u64>,
 }
 
 /// What a process turned out to be.
@@ -78,6 +86,27 @@ pub fn is_interpreter_name(name: &str) -> bool {
     rest.starts_with("python")
 }
 
+/// What the symbol tables of an interpreter file say, the same for every process that maps
+/// it: its link addresses of `_PyRuntime` and `Py_Version`, and its segments.
+#[derive(Debug)]
+struct ElfFacts {
+    runtime: u64,
+    py_version: Option<u64>,
+    code_type: Option<u64>,
+    /// (file offset, file size, link address) of each segment.
+    segments: Vec<(u64, u64, u64)>,
+}
+
+/// A file as it is on disk: device, inode, size and modification time (seconds and
+/// nanoseconds). A file rewritten in place gets another.
+type FileId = (u64, u64, u64, i64, i64);
+
+/// Interpreter files already parsed (None: not CPython), so a new process of a known binary
+/// is recognized with a read of its maps and a few words of its memory: a process that lives
+/// a second is walked from its first samples. Bounded: emptied when full.
+static KNOWN_FILES: Mutex<Option<HashMap<FileId, Option<Arc<ElfFacts>>>>> = Mutex::new(None);
+const KNOWN_FILES_MAX: usize = 256;
+
 fn inspect(
     pid: u32,
     root: Option<&Path>,
@@ -87,20 +116,36 @@ fn inspect(
     map_offset: u64,
 ) -> Option<Detected> {
     let on_disk = maps::open_mapped(root, path, inode).ok()?;
-    // Read on demand, not mapped: only the headers and symbol tables are read, not the
-    // (often tens of megabytes of) code and debug information, and a file the target
-    // truncates meanwhile gives read errors, not SIGBUS.
-    let data = object::ReadCache::new(on_disk);
-    // The parser reads the symbol tables whole: only at sizes we accept.
-    if !crate::sys::elf::sane(&data) {
-        return None;
-    }
-    inspect_elf(pid, &data, path, map_start, map_offset, &Memory::new(pid))
+    let meta = on_disk.metadata().ok()?;
+    let id = (meta.dev(), meta.ino(), meta.size(), meta.mtime(), meta.mtime_nsec());
+    let known = KNOWN_FILES.lock().ok().and_then(|k| k.as_ref()?.get(&id).cloned());
+    let facts = match known {
+        Some(facts) => facts,
+        None => {
+            // Read on demand, not mapped: only the headers and symbol tables are read, not
+            // the (often tens of megabytes of) code and debug information, and a file the
+            // target truncates meanwhile gives read errors, not SIGBUS.
+            let data = object::ReadCache::new(on_disk);
+            // The parser reads the symbol tables whole: only at sizes we accept.
+            let facts = crate::sys::elf::sane(&data).then(|| elf_facts(&data)).flatten().map(Arc::new);
+            if let Ok(mut known) = KNOWN_FILES.lock() {
+                let known = known.get_or_insert_with(HashMap::new);
+                if known.len() >= KNOWN_FILES_MAX {
+                    known.clear();
+                }
+                known.insert(id, facts.clone());
+            }
+            facts
+        }
+    };
+    from_facts(pid, facts?.as_ref(), path, map_start, map_offset, &Memory::new(pid))
 }
 
 /// What the interpreter ELF `data` (the file at `path`), whose lowest mapping in process
 /// `pid` starts at `map_start` with file offset `map_offset`, makes of the process whose
-/// memory is `mem`. None when it is not a CPython stoker can recognize.
+/// memory is `mem`. None when it is not a CPython stoker can recognize (the fuzz target's
+/// entry point: one file, no cache).
+#[cfg(any(test, feature = "fuzzing"))]
 pub fn inspect_elf<'d, R: object::ReadRef<'d>>(
     pid: u32,
     data: R,
@@ -109,22 +154,44 @@ pub fn inspect_elf<'d, R: object::ReadRef<'d>>(
     map_offset: u64,
     mem: &impl ReadMemory,
 ) -> Option<Detected> {
+    from_facts(pid, &elf_facts(data)?, path, map_start, map_offset, mem)
+}
+
+/// The symbols and segments of an interpreter ELF; None when it has no `_PyRuntime`.
+fn elf_facts<'d, R: object::ReadRef<'d>>(data: R) -> Option<ElfFacts> {
     let file = object::File::parse(data).ok()?;
-    let runtime_sym = find_symbol(&file, "_PyRuntime")?;
+    let runtime = find_symbol(&file, "_PyRuntime")?;
+    let py_version = find_symbol(&file, "Py_Version");
+    let code_type = find_symbol(&file, "PyCode_Type");
+    let segments = file
+        .segments()
+        .map(|s| {
+            let (off, size) = s.file_range();
+            (off, size, s.address())
+        })
+        .collect();
+    Some(ElfFacts { runtime, py_version, code_type, segments })
+}
+
+fn from_facts(
+    pid: u32,
+    facts: &ElfFacts,
+    path: &Path,
+    map_start: u64,
+    map_offset: u64,
+    mem: &impl ReadMemory,
+) -> Option<Detected> {
     // Load bias: where the segment holding `map_offset` was mapped, minus its link address.
     // The file's offsets and addresses are the target's to choose: no sum may overflow, and
     // addresses wrap as the loader's would.
-    let segment = file.segments().find(|s| {
-        let (off, size) = s.file_range();
-        off <= map_offset && map_offset - off < size.max(1)
-    })?;
-    let (seg_off, _) = segment.file_range();
-    let link_addr = segment.address().wrapping_sub(seg_off).wrapping_add(map_offset);
+    let &(seg_off, _, seg_addr) =
+        facts.segments.iter().find(|&&(off, size, _)| off <= map_offset && map_offset - off < size.max(1))?;
+    let link_addr = seg_addr.wrapping_sub(seg_off).wrapping_add(map_offset);
     let bias = map_start.wrapping_sub(link_addr & !0xfff);
-    let runtime = runtime_sym.wrapping_add(bias);
+    let runtime = facts.runtime.wrapping_add(bias);
 
     // `Py_Version` (3.11+) gives the exact release; older builds only their file name.
-    let (version, shown) = match find_symbol(&file, "Py_Version") {
+    let (version, shown) = match facts.py_version {
         Some(addr) => {
             let hex = mem.u32(addr.wrapping_add(bias)).ok()?;
             let v = PyVersion { major: (hex >> 24) as u8, minor: (hex >> 16) as u8, patch: (hex >> 8) as u8 };
@@ -164,8 +231,20 @@ pub fn inspect_elf<'d, R: object::ReadRef<'d>>(
     } else {
         layout::layout_for(version)
     };
+    let newer = version.major == 3 && version.minor > layout::LATEST_MINOR;
+    let check_code_type = match (newer, facts.code_type) {
+        (false, _) => None,
+        (true, Some(at)) => Some(at.wrapping_add(bias)),
+        (true, None) => {
+            return Some(Detected::Unsupported(format!(
+                "{shown} (no PyCode_Type symbol to check its layout by)"
+            )));
+        }
+    };
     Some(match layout {
-        Some(layout) => Detected::Python(Box::new(PythonProcess { pid, version, layout, runtime })),
+        Some(layout) => {
+            Detected::Python(Box::new(PythonProcess { pid, version, layout, runtime, check_code_type }))
+        }
         None => Detected::Unsupported(shown),
     })
 }

@@ -1,6 +1,9 @@
 //! Where CPython keeps what stoker reads: struct offsets per minor version (3.8-3.14, checked against the
 //! local builds' DWARF) and, from 3.13 on, the offsets the target publishes itself in `_Py_DebugOffsets`.
 
+/// The newest CPython minor release (3.x) stoker knows the layout of.
+pub const LATEST_MINOR: u8 = 15;
+
 /// A CPython version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PyVersion {
@@ -495,6 +498,10 @@ pub fn layout_from_debug_offsets(version: PyVersion, runtime: &[u8]) -> Result<L
         // tag bits Py_TAG_BITS = 3) is as in 3.14 (pycore_interpframe_structs.h and
         // pycore_stackref.h of v3.15.2).
         (3, 15) => (&FORMAT_315, Layout { gil: Gil::Unknown, ..PY314 }),
+        // A release newer than any stoker knows: read as the latest it knows, the checks
+        // below and the code-object check on its first samples (`CodeReader`) telling
+        // whether that still holds.
+        (3, minor) if minor > LATEST_MINOR => (&FORMAT_315, Layout { gil: Gil::Unknown, ..PY314 }),
         (major, minor) => return Err(DebugOffsetsError::UnsupportedVersion { major, minor }),
     };
     if runtime.len() < format.len {

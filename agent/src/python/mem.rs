@@ -41,6 +41,10 @@ impl Memory {
     pub fn new(pid: u32) -> Self {
         Self { pid: pid as i32 }
     }
+
+    pub fn pid(&self) -> u32 {
+        self.pid as u32
+    }
 }
 
 impl ReadMemory for Memory {

@@ -156,7 +156,13 @@ impl PySymbolizer {
     }
 
     pub fn add_process(&mut self, p: &PythonProcess) {
-        self.readers.insert(p.pid, CodeReader::new(p.pid, p.version, p.layout));
+        self.readers.insert(p.pid, CodeReader::new(p.pid, p.version, p.layout, p.check_code_type));
+    }
+
+    /// Processes whose untried layout (a CPython newer than stoker knows) failed its check
+    /// since the last call, and why: they are to be sampled without Python stacks.
+    pub fn take_refused(&mut self) -> Vec<(u32, String)> {
+        self.readers.iter_mut().filter_map(|(&pid, r)| Some((pid, r.take_refusal()?))).collect()
     }
 
     /// Process `pid` was forked by `parent` (see `parents`).

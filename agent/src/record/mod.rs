@@ -185,10 +185,13 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
     if opts.mode != Mode::Cpu || opts.gil {
         kernel.watch_off_cpu(opts.switch_budget)?;
     }
-    if opts.all_python
-        && let Err(e) = kernel.watch_execs()
-    {
-        tracing::warn!("new processes are found by scanning /proc only: {e}");
+    // A target that execs is looked at as the new program starts; with --all-python so is
+    // every new process.
+    if let Err(e) = kernel.watch_execs(opts.all_python) {
+        match opts.all_python {
+            true => tracing::warn!("new processes are found by scanning /proc only: {e}"),
+            false => tracing::warn!("a target that execs is looked at again within 500 ms only: {e}"),
+        }
     }
     if let Some(threshold) = opts.loop_block_threshold
         && let Err(e) = kernel.watch_loops(threshold)
@@ -253,7 +256,7 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
     let mut next_point = Duration::ZERO;
     let end = loop {
         tracker.update(&mut kernel, &mut collector)?;
-        std::thread::sleep(TICK);
+        tracker.wait(TICK, &mut kernel, &mut collector)?;
         let elapsed = started.elapsed();
         // Read before `has_exited` reaps a launched command: a zombie still has its figure.
         for (pid, _, last) in &mut cpu {

@@ -59,6 +59,13 @@ pub fn exe(pid: u32) -> Option<PathBuf> {
     fs::read_link(format!("/proc/{pid}/exe")).ok()
 }
 
+/// Device and inode of the process's executable: the same program under any path.
+pub fn exe_id(pid: u32) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(format!("/proc/{pid}/exe")).ok()?;
+    Some((meta.dev(), meta.ino()))
+}
+
 /// True when the process sees the same filesystem root as we do, so paths from its
 /// memory maps can be opened directly.
 pub fn same_root(pid: u32) -> bool {
