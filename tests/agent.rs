@@ -21,9 +21,10 @@ fn agent_exports_metrics() {
     let received = dir.join("otlp.ndjson");
     let receiver = oteltap(otlp, &received);
     let config = agent_config(&dir, http, "export_interval: 1s\n");
-    let agent = agent(&config, otlp);
+    let mut agent = agent(&config, otlp);
     wait_ready(http);
     assert_capabilities_dropped(agent.id());
+    let mut log = agent.stderr.take().unwrap();
     // Started after the drop: adding it to the kernel's maps needs no capability.
     let mut busy = waiting_python(&dir, "busy", "3");
     start_when_exported(http, &mut busy);
@@ -56,6 +57,19 @@ fn agent_exports_metrics() {
     let spent = wait_spent(&mut busy, &dir.join("busy.json"));
     let (reported, last) = final_cpu_time(http, busy.id());
     let status = stop(agent);
+    // At the default log level, one line says what it watches and where it exports.
+    let mut logged = String::new();
+    std::io::Read::read_to_string(&mut log, &mut logged).unwrap();
+    let start = logged
+        .lines()
+        .find(|l| l.starts_with("stoker: agent sampling"))
+        .unwrap_or_else(|| panic!("{logged}"));
+    assert!(
+        start.starts_with("stoker: agent sampling every CPython process on this node at 99 Hz; every 1s: "),
+        "{start}"
+    );
+    assert!(start.contains(&format!("metrics to http://127.0.0.1:{otlp}")), "{start}");
+    assert!(start.ends_with(&format!("/metrics on 127.0.0.1:{http}")), "{start}");
     let deadline = Instant::now() + Duration::from_secs(10);
     while !std::fs::read_to_string(&received).unwrap_or_default().contains("stoker.processes.tracked") {
         assert!(Instant::now() < deadline, "the receiver wrote no metrics");

@@ -394,9 +394,9 @@ fn mean_ms(timed: &[Timed]) -> f64 {
 /// An asyncio server whose handler blocks the event loop (`time.sleep`, 20 ms), under 4
 /// keep-alive clients at once: while the loop is blocked, the other requests wait in their
 /// sockets. The server's own timing (first read to last write) is stoker's request time;
-/// the time before the first read (socket queue) is what the clients saw beyond it, and
-/// queue plus request (`total`) is the clients' own time within 3% (the clients' brackets
-/// also hold the delivery of the bytes, microseconds here).
+/// the time before the first read (socket queue) is part of what the clients saw beyond it,
+/// and queue plus request (`total`) is the clients' own time within 3% (the clients'
+/// brackets also hold the delivery of the bytes, microseconds here).
 #[test]
 fn blocked_event_loop_requests_wait_in_the_socket_queue() {
     require_root();
@@ -418,14 +418,17 @@ fn blocked_event_loop_requests_wait_in_the_socket_queue() {
         (total - client).abs() <= 0.03 * client,
         "total {total:.3} ms, the clients measured {client:.3} ms"
     );
+    // The socket queue ends at the first read; what the clients waited beyond the server's
+    // own handling also holds the time from that read to the handler's start (aiohttp
+    // parses the request, then the handler waits its turn behind blocked handlers). So the
+    // queue is at most that difference (within 3% of the clients' time), not equal to it.
     assert!(
-        (queue - (client - handled)).abs() <= 0.03 * client,
-        "queue {queue:.3} ms, the clients' time less the server's: {:.3} ms",
+        queue <= client - handled + 0.03 * client,
+        "queue {queue:.3} ms, more than the clients' time less the server's: {:.3} ms",
         client - handled
     );
     // Three requests ahead of each, 20 ms of blocked loop each: part of that wait falls
-    // after the first read (aiohttp parses the request, then its handler waits its turn),
-    // and at least one other handler's block, on average, before it.
+    // after the first read, and at least one other handler's block, on average, before it.
     assert!(queue >= 20.0, "queue {queue:.3} ms: the loop's blocks were not seen as waiting");
 }
 
@@ -483,7 +486,8 @@ fn prefork_connections_wait_in_the_accept_queue() {
 /// each response's body, written after its headers, is held by Nagle until the client's
 /// delayed ACK of the headers. stoker names the stall `nagle-delayed-ack` on the server's
 /// endpoint, for every request whose client waited 20 ms or more beyond what the server
-/// measured itself, and its mean is that difference within 3% of the client's time. The
+/// measured itself, and its mean is that difference within 3% of the client's time (and the
+/// client's wake-up, see below). The
 /// same server with Nagle off has no stalls.
 #[test]
 fn nagle_stalls_are_named_on_the_server() {
@@ -517,8 +521,13 @@ fn nagle_stalls_are_named_on_the_server() {
         assert_eq!(row["count"].as_u64(), Some(stalled.len() as u64), "{row:#}");
         let (expected, client_mean) = (mean(&stalled), mean(&caller));
         let mean = row["mean_ms"].as_f64().unwrap();
+        // What the client waited beyond the server also holds its own wake-up once the
+        // held bytes arrive: with a CPU hog on one of the two CPUs that wake-up may wait a
+        // scheduler slice (EEVDF's base slice, 0.75 ms x (1 + log2 of 2 CPUs) = 1.5 ms),
+        // which no kernel-side measure of the stall includes.
+        const WAKE_UP_MS: f64 = 1.5;
         assert!(
-            (mean - expected).abs() <= 0.03 * client_mean,
+            (mean - expected).abs() <= 0.03 * client_mean + WAKE_UP_MS,
             "stall {mean:.3} ms, the client waited {expected:.3} ms beyond the server"
         );
     }

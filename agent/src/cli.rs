@@ -5,7 +5,12 @@ use clap::{Args, Parser, Subcommand};
 use stoker::{advise::AdviceFormat, export::Format, record::Mode};
 
 #[derive(Debug, Parser)]
-#[command(name = "stoker", version, about = "eBPF profiler for Python services")]
+#[command(
+    name = "stoker",
+    version,
+    about = "eBPF profiler for Python services",
+    arg_required_else_help = true
+)]
 pub struct Cli {
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long, global = true, default_value = "warn")]
@@ -21,10 +26,42 @@ pub enum Command {
     /// Watch processes for a while and advise: CPU and memory limits, workers, the code or
     /// upstream that is the bottleneck, with the evidence and the numbers.
     Advise(AdviseArgs),
+    /// A live view of the functions the targets spend their CPU in, refreshed every second
+    /// (keys 1-4 sort, q quits).
+    Top(TopArgs),
+    /// Print the current Python stack of every thread of a process, with thread names, what
+    /// each waits on and which holds the GIL (read from its memory: the process is not paused).
+    Dump(DumpArgs),
     /// Check whether this kernel and this process can run stoker.
     Doctor,
     /// Run as a node agent: sample every CPython process, export metrics continuously.
     Agent(AgentArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    /// Process to watch (all its threads); repeatable.
+    #[arg(short, long = "pid", value_name = "PID")]
+    pub pids: Vec<u32>,
+    /// Every CPython process on the host, also those started while it runs.
+    #[arg(long)]
+    pub all_python: bool,
+    /// Samples per second per CPU.
+    #[arg(short, long, default_value_t = 99, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub rate: u64,
+    /// Stop after this many seconds (default: when the targets exit, q or Ctrl-C).
+    #[arg(short, long, value_name = "SECS", value_parser = parse_duration)]
+    pub duration: Option<f64>,
+}
+
+#[derive(Debug, Args)]
+pub struct DumpArgs {
+    /// Process to dump.
+    #[arg(short, long = "pid", value_name = "PID")]
+    pub pid: u32,
+    /// JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -42,7 +79,6 @@ pub struct AgentArgs {
 }
 
 #[derive(Debug, Args)]
-#[command(arg_required_else_help = true)]
 pub struct RecordArgs {
     /// Process to sample (all its threads); repeat for several.
     #[arg(short, long = "pid", value_name = "PID")]
@@ -108,7 +144,6 @@ pub struct RecordArgs {
 }
 
 #[derive(Debug, Args)]
-#[command(arg_required_else_help = true)]
 pub struct AdviseArgs {
     /// Process to watch; repeat for several.
     #[arg(short, long = "pid", value_name = "PID")]

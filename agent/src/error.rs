@@ -10,6 +10,10 @@ pub enum Error {
     NoSuchProcess(u32),
     #[error("process {0} exited before sampling started")]
     ExitedBeforeAttach(u32),
+    #[error("pid {0} ({1}) is a kernel thread: it runs no user code to sample; give a user process's pid")]
+    KernelThread(u32, String),
+    #[error("process {0} {1}")]
+    NotDumpable(u32, String),
     #[error("cannot start `{command}`: {source}")]
     Launch { command: String, source: io::Error },
     #[error("missing privileges: {what} needs {needs}; run as root or grant it")]

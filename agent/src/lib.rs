@@ -3,6 +3,7 @@
 pub mod advise;
 pub(crate) mod collect;
 pub mod doctor;
+pub mod dump;
 pub mod error;
 pub mod export;
 /// Entry points for the fuzz targets in `fuzz/`.
@@ -17,5 +18,6 @@ pub(crate) mod python;
 pub mod record;
 pub(crate) mod symbolize;
 pub(crate) mod sys;
+pub mod top;
 
 pub use error::{Error, Result};

@@ -1,15 +1,18 @@
 //! The `stoker` binary: parses the command line and hands over to the library.
 mod cli;
 
-use std::{process::ExitCode, time::Duration};
+use std::{io::Write, process::ExitCode, time::Duration};
 
 use clap::Parser;
-use cli::{AdviseArgs, AgentArgs, Cli, Command, RecordArgs};
+use cli::{AdviseArgs, AgentArgs, Cli, Command, DumpArgs, RecordArgs, TopArgs};
 use stoker::{advise, doctor, error::one_line, node::config::AgentConfig, record};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(&e),
+    };
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&cli.log_level))
         .unwrap_or_else(|_| EnvFilter::new("warn"));
@@ -24,8 +27,84 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Record(args) => record_cmd(args),
         Command::Advise(args) => advise_cmd(args),
+        Command::Dump(args) => dump_cmd(&args),
+        Command::Top(args) => top_cmd(args),
         Command::Doctor => doctor_cmd(),
         Command::Agent(args) => agent_cmd(args),
+    }
+}
+
+/// A command line clap refused: `--help` and `--version` print as clap writes them; an
+/// error is one `stoker: error:` line naming the help to read (clap's own tips, such as
+/// `-- -5` for a negative number, would launch a command).
+fn usage_error(e: &clap::Error) -> ExitCode {
+    use clap::error::{ContextKind, ErrorKind};
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        let _ = e.print();
+        return ExitCode::SUCCESS;
+    }
+    if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+        // `stoker` alone: the list of commands.
+        let _ = e.print();
+        return ExitCode::from(2);
+    }
+    let text = e.to_string();
+    let first = text.lines().next().unwrap_or("").trim_start_matches("error: ").trim_end_matches('.');
+    // The subcommand the error is about (the first word given that names one), for the
+    // help to read; a mistyped subcommand gets clap's suggestion.
+    let command = std::env::args()
+        .skip(1)
+        .find(|w| ["record", "advise", "agent", "doctor", "dump", "top"].contains(&w.as_str()))
+        .map_or("stoker --help".to_string(), |c| format!("stoker {c} --help"));
+    let first = match e.get(ContextKind::SuggestedSubcommand) {
+        Some(suggested) => format!("{first}; did you mean {suggested}?"),
+        None => first.to_string(),
+    };
+    eprintln!("stoker: error: {first} (see `{command}`)");
+    ExitCode::from(2)
+}
+
+fn top_cmd(args: TopArgs) -> ExitCode {
+    if args.pids.is_empty() && !args.all_python {
+        eprintln!("stoker: error: nothing to watch: give --pid PID or --all-python");
+        return ExitCode::from(2);
+    }
+    let opts = stoker::top::TopOptions {
+        pids: args.pids,
+        all_python: args.all_python,
+        rate_hz: args.rate,
+        duration: args.duration.map(Duration::from_secs_f64),
+    };
+    match stoker::top::run(&opts) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("stoker: error: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dump_cmd(args: &DumpArgs) -> ExitCode {
+    match stoker::dump::dump(args.pid) {
+        Ok(dump) if args.json => match serde_json::to_string_pretty(&dump) {
+            Ok(text) => {
+                // A closed pipe (`| head`) is the reader's choice, not an error.
+                let _ = writeln!(std::io::stdout(), "{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("stoker: error: {}", one_line(&e));
+                ExitCode::FAILURE
+            }
+        },
+        Ok(dump) => {
+            let _ = write!(std::io::stdout(), "{}", dump.render());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("stoker: error: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -78,7 +157,11 @@ fn record_cmd(args: RecordArgs) -> ExitCode {
     match record::run(&opts) {
         Ok(summary) => {
             eprint!("{}", summary.render());
-            ExitCode::SUCCESS
+            // A launched command's failure is the session's, as when it runs alone.
+            match summary.command_status {
+                Some(code) if code != 0 => ExitCode::from(code.clamp(1, 255) as u8),
+                _ => ExitCode::SUCCESS,
+            }
         }
         Err(e) => {
             eprintln!("stoker: error: {}", one_line(&e));

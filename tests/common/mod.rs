@@ -122,6 +122,19 @@ pub fn wait_exit(child: &mut Child, what: &str) -> std::process::ExitStatus {
     }
 }
 
+/// `stoker record -f folded -o FOLDED ARGS...`.
+pub fn record_folded(folded: &Path, args: &[&str]) -> Output {
+    let mut all = vec!["record", "-f", "folded", "-o", folded.to_str().unwrap()];
+    all.extend_from_slice(args);
+    stoker(&all)
+}
+
+/// The CPU seconds a session's summary gives its (one) target, by the kernel's accounting.
+pub fn summary_cpu_seconds(err: &str) -> f64 {
+    let line = err.lines().find(|l| l.contains("the kernel's accounting")).unwrap_or_else(|| panic!("{err}"));
+    line.rsplit("pid ").next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
 /// Asserts a failed run printed exactly one clear error line and no panic.
 pub fn assert_one_line_error(out: &Output, expected: &str) {
     let err = stderr(out);

@@ -9,7 +9,8 @@ use crate::sh;
 /// Debian packages: the kernel-crate toolchain (rustc/cargo 1.96 with core sources, and
 /// its clippy for `cargo xtask lint`), LLVM 22 for bpf-linker, a C++ compiler for libFuzzer
 /// (`cargo xtask fuzz`), and the tools the end-to-end tests use (`ip` and `tc` from iproute2
-/// for a shaped link between network namespaces, chromium to render the HTML report).
+/// for a shaped link between network namespaces, chromium to render the HTML report, tmux
+/// to drive `stoker top` in a terminal).
 const PACKAGES: &[&str] = &[
     "rustc-web",
     "rust-web-src",
@@ -29,6 +30,7 @@ const PACKAGES: &[&str] = &[
     "iproute2",
     "chromium",
     "patchelf",
+    "tmux",
 ];
 /// Python packages the end-to-end tests use: real OTLP receivers (oteltap; grpcio with
 /// the official opentelemetry-proto classes, pinned: 1.45.2 carries the profiles

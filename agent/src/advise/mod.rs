@@ -208,7 +208,7 @@ fn facts(s: &Summary) -> Vec<Facts> {
         .top
         .iter()
         .take(3)
-        .map(|(f, n)| (f.to_string(), 100.0 * *n as f64 / s.samples.max(samples) as f64))
+        .map(|(f, n)| (f.function_label(), 100.0 * *n as f64 / s.samples.max(samples) as f64))
         .collect();
     pids.into_iter()
         .map(|pid| {

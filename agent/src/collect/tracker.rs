@@ -64,6 +64,8 @@ struct Tracked {
     fresh: Option<Instant>,
     /// When its last exec was, as the kernel saw it (`CLOCK_MONOTONIC` ns).
     exec_ns: Option<u64>,
+    /// Given by pid: the user is told at once when it is not a CPython stoker walks.
+    announce: bool,
 }
 
 impl Tracked {
@@ -79,6 +81,7 @@ impl Tracked {
             inherited: false,
             fresh: None,
             exec_ns: None,
+            announce: false,
         }
     }
 
@@ -114,6 +117,8 @@ pub struct Tracker {
     forks: Vec<(u32, u32)>,
     /// Executables that ran CPython (see `PYTHON_EXES_MAX`).
     python_exes: HashSet<(u64, u64)>,
+    /// Some process was recognized as a CPython stoker walks.
+    found_python: bool,
 }
 
 impl Tracker {
@@ -142,6 +147,7 @@ impl Tracker {
             reused: Vec::new(),
             forks: Vec::new(),
             python_exes: HashSet::new(),
+            found_python: false,
         }
     }
 
@@ -169,6 +175,18 @@ impl Tracker {
     /// A process sampled from the start (given PID or launched command).
     pub fn add(&mut self, pid: u32) {
         self.procs.insert(pid, Tracked::new(pid, false));
+    }
+
+    /// A running process given by pid: told at once when it is not a CPython stoker walks.
+    pub fn add_attached(&mut self, pid: u32) {
+        let mut t = Tracked::new(pid, false);
+        t.announce = true;
+        self.procs.insert(pid, t);
+    }
+
+    /// True once some process was recognized as a CPython stoker walks.
+    pub fn found_python(&self) -> bool {
+        self.found_python
     }
 
     /// Looks at a just-launched process until its interpreter is mapped (or `limit`
@@ -478,6 +496,7 @@ impl Tracker {
                         None => tracing::info!("pid {pid}: CPython {version}"),
                     }
                     self.versions.insert(pid, version);
+                    self.found_python = true;
                     t.kind = Kind::Python;
                 }
                 Detected::Unsupported(version) => {
@@ -489,6 +508,12 @@ impl Tracker {
                     t.kind = Kind::Unsupported;
                 }
                 Detected::NotPython => {
+                    if std::mem::take(&mut t.announce) && !named_python(t.exe.as_deref()) {
+                        eprintln!(
+                            "stoker: warning: process {pid} ({}) is not a CPython process stoker recognizes; its samples show native stacks",
+                            process::comm(pid)
+                        );
+                    }
                     t.kind = Kind::NotPython;
                     // Misses while the loader maps libpython do not slow later looks.
                     if !fresh {

@@ -135,10 +135,25 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
     let mut agent = Interval::new(config, env, lookup);
     let mut collector = Collector::new(false);
     heartbeat.set_ready();
-    tracing::info!(
-        "stoker agent sampling at {} Hz, exporting every {:?}",
+    // One line at any log level: what it watches and where it sends what it finds.
+    let mut sinks: Vec<String> = targets
+        .into_iter()
+        .flatten()
+        .map(|t| format!("{} to {}", format!("{:?}", t.signal).to_lowercase(), t.url))
+        .collect();
+    if let Some(url) = &config.pyroscope.url {
+        sinks.push(format!("profiles to Pyroscope at {url}"));
+    }
+    sinks.push(format!("/metrics on {}", config.prometheus.listen));
+    let watched = match (config.select.process_names.is_empty(), Selection::new(&config.select).is_empty()) {
+        (true, true) => "every CPython process on this node".to_string(),
+        _ => "the CPython processes its select section names".to_string(),
+    };
+    eprintln!(
+        "stoker: agent sampling {watched} at {} Hz; every {}s: {}",
         config.sample_rate_hz,
-        config.export_interval
+        config.export_interval.as_secs_f64(),
+        sinks.join(", ")
     );
 
     let mut last_export = Instant::now();

@@ -289,13 +289,13 @@ impl AgentConfig {
         }
         let mut doc: serde_norway::Value = match text.trim() {
             "" => serde_norway::Value::Mapping(Default::default()),
-            t => serde_norway::from_str(t).map_err(|e| e.to_string())?,
+            t => serde_norway::from_str(t).map_err(|e| plain(&e))?,
         };
         for o in overrides {
             let (path, value) =
                 o.split_once('=').ok_or_else(|| format!("--set `{o}`: expected key.path=value"))?;
             let value: serde_norway::Value =
-                serde_norway::from_str(value).map_err(|e| format!("--set `{o}`: {e}"))?;
+                serde_norway::from_str(value).map_err(|e| format!("--set `{o}`: {}", plain(&e)))?;
             let mut node = &mut doc;
             for key in path.split('.') {
                 let map = node
@@ -305,9 +305,10 @@ impl AgentConfig {
             }
             *node = value;
             // Checked one at a time, so that an error names the override that caused it.
-            serde_norway::from_value::<Self>(doc.clone()).map_err(|e| format!("--set `{o}`: {e}"))?;
+            serde_norway::from_value::<Self>(doc.clone())
+                .map_err(|e| format!("--set `{o}`: {}", plain(&e)))?;
         }
-        serde_norway::from_value(doc).map_err(|e| e.to_string())
+        serde_norway::from_value(doc).map_err(|e| plain(&e))
     }
 
     /// Parses YAML text; an empty document is the default configuration.
@@ -315,7 +316,7 @@ impl AgentConfig {
         if text.trim().is_empty() {
             return Ok(Self::default());
         }
-        serde_norway::from_str(text).map_err(|e| e.to_string())
+        serde_norway::from_str(text).map_err(|e| plain(&e))
     }
 
     /// `OTEL_METRIC_EXPORT_INTERVAL` (milliseconds) overrides `export_interval`; the
@@ -357,7 +358,10 @@ impl AgentConfig {
             return invalid("sample_rate_hz", format!("{} is outside 1..=1000", self.sample_rate_hz));
         }
         if self.export_interval < Duration::from_secs(1) {
-            return invalid("export_interval", format!("{:?} is shorter than 1s", self.export_interval));
+            return invalid(
+                "export_interval",
+                format!("{} is shorter than 1s", seconds(self.export_interval)),
+            );
         }
         if !(1..=1000).contains(&self.metrics.top_functions) {
             return invalid(
@@ -404,7 +408,7 @@ impl AgentConfig {
         if k.refresh_interval < Duration::from_secs(1) {
             return invalid(
                 "kubernetes.refresh_interval",
-                format!("{:?} is shorter than 1s", k.refresh_interval),
+                format!("{} is shorter than 1s", seconds(k.refresh_interval)),
             );
         }
         if self.select.containers.iter().any(|c| c.is_empty()) {
@@ -433,6 +437,46 @@ impl AgentConfig {
         }
         Ok(())
     }
+}
+
+/// A duration as the configuration writes one: `0s`, `0.5s`, `15s`.
+fn seconds(d: Duration) -> String {
+    format!("{}s", d.as_secs_f64())
+}
+
+/// A YAML or type error in plain words: the Rust type names serde reports (`u64`,
+/// `struct AgentConfig`) become what to write, and a string where a duration or number
+/// belongs that holds `key:` text is likely a key indented under the line before.
+fn plain(e: &impl std::fmt::Display) -> String {
+    let mut text = e.to_string();
+    for (rust, words) in [
+        ("expected u64", "expected a whole number"),
+        ("expected u32", "expected a whole number"),
+        ("expected u16", "expected a whole number"),
+        ("expected u8", "expected a whole number"),
+        ("expected usize", "expected a whole number"),
+        ("expected i64", "expected a whole number"),
+        ("expected f64", "expected a number"),
+        ("expected f32", "expected a number"),
+        ("expected a sequence", "expected a list ([a, b] or lines starting with -)"),
+        ("expected struct AgentConfig", "expected a mapping of settings (key: value lines)"),
+    ] {
+        text = text.replace(rust, words);
+    }
+    if let Some(at) = text.find("expected struct ") {
+        let name = text[at + 16..].chars().take_while(char::is_ascii_alphanumeric).count();
+        text.replace_range(at..at + 16 + name, "expected a section (indented key: value lines)");
+    }
+    // `export_interval: 15s` with the next line's key indented under it reads as one string.
+    let scalar =
+        ["expected a duration", "expected a whole number", "expected a number", "expected a boolean"];
+    let value = text.split_once("string \"").and_then(|(_, rest)| rest.split_once('"')).map(|(v, _)| v);
+    if value.is_some_and(|v| v.trim().contains(char::is_whitespace))
+        && scalar.iter().any(|s| text.contains(s))
+    {
+        text.push_str(" (is the next key indented under this one?)");
+    }
+    text
 }
 
 #[cfg(test)]
@@ -489,6 +533,28 @@ network:
         let mut bad = AgentConfig::parse("network:\n  spans:\n    sample_ratio: 2\n").unwrap();
         bad.apply_env(|_| None).unwrap();
         assert!(bad.validate().unwrap_err().to_string().contains("network.spans.sample_ratio"));
+    }
+
+    /// Mistakes read in plain words: no Rust type names, durations as written, and a hint
+    /// where a key was indented under the line before.
+    #[test]
+    fn config_errors_in_plain_words() {
+        let err = |text: &str| AgentConfig::parse(text).unwrap_err();
+        let e = err("sample_rate_hz: lots\n");
+        assert!(e.contains("expected a whole number") && !e.contains("u64"), "{e}");
+        let e = err("- a\n- b\n");
+        assert!(e.contains("expected a mapping of settings") && !e.contains("AgentConfig"), "{e}");
+        let e = err("network: 3\n");
+        assert!(e.contains("expected a section (indented key: value lines)") && !e.contains("struct"), "{e}");
+        let e = err("export_interval: 15s\n  prometheus\n");
+        assert!(
+            e.contains("\"15s prometheus\"") && e.ends_with("(is the next key indented under this one?)"),
+            "{e}"
+        );
+        let mut zero = AgentConfig::parse("export_interval: 0s\n").unwrap();
+        zero.apply_env(|_| None).unwrap();
+        let e = zero.validate().unwrap_err().to_string();
+        assert!(e.contains("0s is shorter than 1s"), "{e}");
     }
 
     #[test]

@@ -108,6 +108,24 @@ impl Frame {
         }
     }
 
+    /// The frame with a Python frame's line set to 0: every line of a function as one.
+    pub fn function_level(&self) -> Frame {
+        match self {
+            Frame::Python { function, file, .. } => {
+                Frame::Python { function: function.clone(), file: file.clone(), line: 0 }
+            }
+            other => other.clone(),
+        }
+    }
+
+    /// A function as summaries list it: `function (file)` for Python, else as displayed.
+    pub fn function_label(&self) -> String {
+        match self {
+            Frame::Python { function, file, .. } => format!("{function} ({file})"),
+            other => other.to_string(),
+        }
+    }
+
     /// The name formats with separate file and line fields but no frame type show (pprof,
     /// speedscope): a Python frame's function, every other frame's text.
     pub fn symbol(&self) -> Cow<'_, str> {

@@ -39,15 +39,16 @@ impl Profile {
         self.stacks.iter().map(|(_, n)| n).sum()
     }
 
-    /// Leaf frames by sample count, largest first.
+    /// Leaf functions by sample count, largest first: a Python function's lines count
+    /// together (its frame is given with line 0, see `Frame::function_label`).
     pub fn top_leaves(&self, n: usize) -> Vec<(Frame, u64)> {
-        let mut by_leaf: std::collections::HashMap<&Frame, u64> = Default::default();
+        let mut by_leaf: std::collections::HashMap<Frame, u64> = Default::default();
         for (frames, count) in &self.stacks {
             if let Some(leaf) = frames.last() {
-                *by_leaf.entry(leaf).or_default() += count;
+                *by_leaf.entry(leaf.function_level()).or_default() += count;
             }
         }
-        let mut leaves: Vec<(Frame, u64)> = by_leaf.into_iter().map(|(f, n)| (f.clone(), n)).collect();
+        let mut leaves: Vec<(Frame, u64)> = by_leaf.into_iter().collect();
         leaves.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.to_string().cmp(&b.0.to_string())));
         leaves.truncate(n);
         leaves

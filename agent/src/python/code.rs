@@ -58,19 +58,24 @@ fn evict_half<K>(cache: &mut HashMap<K, Cached>) -> usize {
     cache.values().filter_map(|c| c.info.as_ref()).map(|c| c.size()).sum()
 }
 
-/// Code objects that must read back as code objects (their type `PyCode_Type`) before a
-/// layout stoker was not built for (a newer CPython) is trusted, and failures that refuse
-/// it first: a freed code object fails now and then with the right layout, never this often.
+/// How an untried layout (a newer CPython) is judged on the first code objects its frames
+/// point to. It holds once `CHECK_PASSES` read back as code objects (type `PyCode_Type`,
+/// names and line table readable) and they outnumber the others two to one; it is refused
+/// once `CHECK_WRONG` read as something else and they are at least as many. A code object
+/// freed before it was read (the import machinery frees its code at once) proves nothing
+/// when its memory is gone, and may be reused by another object when not: so a few wrong
+/// ones are allowed, and unreadable ones count only when nothing else does.
 const CHECK_PASSES: u32 = 4;
-const CHECK_FAILURES: u32 = 3;
+const CHECK_WRONG: u32 = 4;
+const CHECK_UNREADABLE: u32 = 32;
 /// Offset of `ob_type` in a `PyObject` (checked against the target's own debug offsets).
 const OB_TYPE: u64 = 8;
 
 /// The check of an untried layout on the first code objects read.
 #[derive(Debug)]
 enum Check {
-    /// Until `CHECK_PASSES` code objects pointing to `code_type` were read.
-    Running { code_type: u64, passed: u32, failed: u32 },
+    /// Being checked against `code_type` (see `CHECK_PASSES`).
+    Running { code_type: u64, passed: u32, wrong: u32, unreadable: u32 },
     /// The layout read something else: why, and whether it was reported.
     Failed { why: String, reported: bool },
 }
@@ -102,7 +107,12 @@ impl CodeReader {
             cache: HashMap::new(),
             cached_bytes: 0,
             uses: 0,
-            check: check_code_type.map(|code_type| Check::Running { code_type, passed: 0, failed: 0 }),
+            check: check_code_type.map(|code_type| Check::Running {
+                code_type,
+                passed: 0,
+                wrong: 0,
+                unreadable: 0,
+            }),
         }
     }
 
@@ -119,29 +129,39 @@ impl CodeReader {
 
     /// Counts the code object at `addr` (read as `info`) for or against an untried layout.
     fn check(&mut self, addr: u64, info: Option<&CodeInfo>) {
-        let Some(Check::Running { code_type, passed, failed }) = &mut self.check else { return };
-        let found = self.mem.u64(addr.wrapping_add(OB_TYPE));
-        if info.is_some() && found.as_ref().is_ok_and(|t| t == code_type) {
-            *passed += 1;
-            if *passed >= CHECK_PASSES {
-                tracing::info!(
-                    "pid {}: the untried layout read {passed} code objects: it holds",
-                    self.mem.pid()
-                );
-                self.check = None;
+        let Some(Check::Running { code_type, passed, wrong, unreadable }) = &mut self.check else { return };
+        let why = match self.mem.u64(addr.wrapping_add(OB_TYPE)) {
+            Ok(t) if t == *code_type && info.is_some() => {
+                *passed += 1;
+                None
             }
-            return;
-        }
-        *failed += 1;
-        if *failed >= CHECK_FAILURES {
-            let why = match found {
-                Ok(t) if info.is_some() => {
-                    format!(
-                        "a frame's code object at {addr:#x} has type {t:#x}, not PyCode_Type at {code_type:#x}"
-                    )
-                }
-                _ => format!("a frame's code object at {addr:#x} could not be read"),
-            };
+            Ok(t) if t == *code_type => {
+                *wrong += 1;
+                Some(format!("a frame's code object at {addr:#x} has no readable name or line table"))
+            }
+            Ok(t) => {
+                *wrong += 1;
+                Some(format!(
+                    "a frame's code object at {addr:#x} has type {t:#x}, not PyCode_Type at {code_type:#x}"
+                ))
+            }
+            Err(_) => {
+                *unreadable += 1;
+                Some(format!(
+                    "none of the first {CHECK_UNREADABLE} code objects its frames point to could be read"
+                ))
+            }
+        };
+        let (passed, wrong, unreadable) = (*passed, *wrong, *unreadable);
+        if passed >= CHECK_PASSES && passed > 2 * wrong {
+            tracing::info!(
+                "pid {}: the untried layout holds: {passed} code objects read back as code objects, {wrong} did not",
+                self.mem.pid()
+            );
+            self.check = None;
+        } else if (wrong >= CHECK_WRONG && wrong >= passed) || (unreadable >= CHECK_UNREADABLE && passed == 0)
+        {
+            let why = why.unwrap_or_default();
             self.check = Some(Check::Failed { why, reported: false });
         }
     }
@@ -306,7 +326,8 @@ mod tests {
     }
 
     /// A layout stoker was not built for is trusted once the first code objects read back
-    /// as code objects, and refused (once, with the reason) when they do not.
+    /// as code objects, and refused (once, with the reason) when they do not; code objects
+    /// that cannot be read at all give no verdict.
     #[test]
     fn an_untried_layout_is_checked_on_the_first_code_objects() {
         let version = PyVersion { major: 3, minor: 12, patch: 0 };
@@ -321,9 +342,14 @@ mod tests {
         assert!(reader.check.is_none(), "four code objects passed: {:?}", reader.check);
 
         let mut reader = CodeReader::new(std::process::id(), version, l, Some(code_type + 0x40));
+        // Code objects that cannot be read at all (freed): no verdict.
+        for addr in 1..=16u64 {
+            assert!(reader.code(addr * 8, 7).is_none());
+        }
+        assert!(matches!(reader.check, Some(Check::Running { unreadable: 16, .. })), "{:?}", reader.check);
         let refused: Vec<_> = objects.iter().map(|c| reader.code(c.as_ptr() as u64, 7)).collect();
-        assert!(refused[..2].iter().all(Option::is_some), "under three failures: still named");
-        assert!(refused[2..].iter().all(Option::is_none), "refused after three failures");
+        assert!(refused[..3].iter().all(Option::is_some), "under four of the wrong type: still named");
+        assert!(refused[3].is_none(), "refused at the fourth of the wrong type");
         let why = reader.take_refusal().expect("a reason");
         assert!(why.contains("not PyCode_Type"), "{why}");
         assert_eq!(reader.take_refusal(), None, "reported once");

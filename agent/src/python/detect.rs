@@ -90,7 +90,8 @@ pub fn is_interpreter_name(name: &str) -> bool {
 /// it: its link addresses of `_PyRuntime` and `Py_Version`, and its segments.
 #[derive(Debug)]
 struct ElfFacts {
-    runtime: u64,
+    /// None: a CPython before 3.7 (it has `Py_Initialize` but no `_PyRuntime`).
+    runtime: Option<u64>,
     py_version: Option<u64>,
     code_type: Option<u64>,
     /// (file offset, file size, link address) of each segment.
@@ -157,10 +158,14 @@ pub fn inspect_elf<'d, R: object::ReadRef<'d>>(
     from_facts(pid, &elf_facts(data)?, path, map_start, map_offset, mem)
 }
 
-/// The symbols and segments of an interpreter ELF; None when it has no `_PyRuntime`.
+/// The symbols and segments of an interpreter ELF; None when it is not CPython (neither
+/// `_PyRuntime` nor, before 3.7, `Py_Initialize` defined in it).
 fn elf_facts<'d, R: object::ReadRef<'d>>(data: R) -> Option<ElfFacts> {
     let file = object::File::parse(data).ok()?;
-    let runtime = find_symbol(&file, "_PyRuntime")?;
+    let runtime = find_symbol(&file, "_PyRuntime");
+    if runtime.is_none() {
+        find_symbol(&file, "Py_Initialize")?;
+    }
     let py_version = find_symbol(&file, "Py_Version");
     let code_type = find_symbol(&file, "PyCode_Type");
     let segments = file
@@ -181,6 +186,12 @@ fn from_facts(
     map_offset: u64,
     mem: &impl ReadMemory,
 ) -> Option<Detected> {
+    let Some(runtime) = facts.runtime else {
+        // 2.7 to 3.6: recognized, to be refused with their version.
+        let shown = version_from_name(path.file_name()?.to_str()?)
+            .map_or("older than 3.7".to_string(), |v| format!("{}.{}", v.major, v.minor));
+        return Some(Detected::Unsupported(shown));
+    };
     // Load bias: where the segment holding `map_offset` was mapped, minus its link address.
     // The file's offsets and addresses are the target's to choose: no sum may overflow, and
     // addresses wrap as the loader's would.
@@ -188,7 +199,7 @@ fn from_facts(
         facts.segments.iter().find(|&&(off, size, _)| off <= map_offset && map_offset - off < size.max(1))?;
     let link_addr = seg_addr.wrapping_sub(seg_off).wrapping_add(map_offset);
     let bias = map_start.wrapping_sub(link_addr & !0xfff);
-    let runtime = facts.runtime.wrapping_add(bias);
+    let runtime = runtime.wrapping_add(bias);
 
     // `Py_Version` (3.11+) gives the exact release; older builds only their file name.
     let (version, shown) = match facts.py_version {

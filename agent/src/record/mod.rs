@@ -67,6 +67,19 @@ pub struct RecordOptions {
     pub switch_budget: u32,
 }
 
+/// The output file of a session that failed before writing it: removed, not left empty.
+struct Unwritten(Option<PathBuf>);
+
+impl Drop for Unwritten {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take()
+            && std::fs::metadata(&path).is_ok_and(|m| m.len() == 0)
+        {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 /// Why a session ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EndReason {
@@ -84,6 +97,11 @@ pub struct Summary {
     pub stats: Stats,
     pub end: EndReason,
     pub top: Vec<(Frame, u64)>,
+    /// Exit status of a launched command that ended on its own.
+    pub command_status: Option<i32>,
+    /// Some target was a CPython stoker walks.
+    pub python_found: bool,
+    pub mode: Mode,
     /// Sampling program's total kernel time and run count (with `kernel_stats`).
     pub kernel_cost: Option<(Duration, u64)>,
     /// Network report (with `net`) and where its JSON was written.
@@ -169,6 +187,7 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
     let output = opts.output.clone().unwrap_or_else(|| default_output(opts, main_comm.as_deref(), main_pid));
     // Fail on an unwritable path now, not after the session.
     let file = File::create(&output).map_err(|source| Error::Output { path: output.clone(), source })?;
+    let mut unwritten = Unwritten(Some(output.clone()));
 
     let mut kernel = KernelPrograms::load(opts.kernel_stats)?;
     if opts.subprocesses {
@@ -216,7 +235,7 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
         if target.has_exited() {
             return Err(Error::ExitedBeforeAttach(target.pid()));
         }
-        tracker.add(target.pid());
+        tracker.add_attached(target.pid());
     }
     if !opts.command.is_empty() {
         let mut launched = target::Launched::spawn(&opts.command)?;
@@ -309,6 +328,12 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
     status.clear();
     let children = crate::advise::children();
     let workers = cpu.iter().map(|(pid, _, _)| (*pid, crate::advise::workers(*pid, &children))).collect();
+    // A launched command that ended on its own: its exit status is stoker's (as a shell
+    // running it would report).
+    let command_status = targets.iter().find_map(|t| match t {
+        Target::Launched(l) if end == EndReason::TargetsExited => l.status,
+        _ => None,
+    });
     // Samples stop counting once the targets leave the filter; the launched command
     // is not left running on its own.
     for target in &mut targets {
@@ -403,6 +428,7 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
         .chain(states.iter().map(|(pid, _)| *pid))
         .filter_map(|pid| collector.comm(pid).map(|c| (pid, c.to_string())))
         .collect();
+    unwritten.0 = None;
     Ok(Summary {
         output,
         samples,
@@ -410,6 +436,9 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
         stats,
         end,
         top,
+        command_status,
+        python_found: tracker.found_python(),
+        mode: opts.mode,
         kernel_cost,
         net,
         net_kernel_cost,
@@ -499,6 +528,26 @@ impl Summary {
             let each: Vec<String> = self.cpu.iter().map(|(pid, s)| format!("pid {pid} {s:.3} s")).collect();
             let _ =
                 writeln!(s, "  CPU time during the session (the kernel's accounting): {}", each.join(", "));
+        }
+        if self.samples == 0 {
+            let cpu: f64 = self.cpu.iter().map(|(_, s)| s).sum();
+            let why = match self.cpu.is_empty() {
+                true => "no process was sampled".to_string(),
+                false => format!("the targets used {cpu:.3} s of CPU during the session"),
+            };
+            let hint = match self.mode {
+                Mode::Cpu => {
+                    "; CPU samples are taken only while a target runs: `--mode wall` shows where an idle or sleeping process waits"
+                }
+                _ => "",
+            };
+            let _ = writeln!(s, "  no samples: {why}{hint}");
+        }
+        if !self.python_found {
+            let _ = writeln!(
+                s,
+                "  no CPython process stoker walks was found among the targets: the stacks are native"
+            );
         }
         for span in &self.cgroups {
             let _ = writeln!(s, "{}", span.render());
@@ -632,9 +681,9 @@ impl Summary {
         }
         if !self.top.is_empty() {
             let _ = writeln!(s, "  top functions (leaf, share of samples):");
-            for (name, count) in &self.top {
+            for (frame, count) in &self.top {
                 let share = 100.0 * *count as f64 / self.samples.max(1) as f64;
-                let _ = writeln!(s, "    {share:5.1}%  {name}");
+                let _ = writeln!(s, "    {share:5.1}%  {}", frame.function_label());
             }
         }
         s

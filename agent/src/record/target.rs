@@ -21,6 +21,9 @@ pub enum Target {
 
 impl Target {
     pub fn attach(pid: u32) -> Result<Self> {
+        if crate::sys::process::is_kernel_thread(pid) {
+            return Err(Error::KernelThread(pid, crate::sys::process::comm(pid)));
+        }
         match PidFd::open(pid)? {
             Some(fd) => Ok(Target::Attached(fd)),
             None => Err(Error::NoSuchProcess(pid)),
@@ -51,6 +54,8 @@ pub struct Launched {
     status_fd: i32,
     command: String,
     exited: bool,
+    /// How it ended, as a shell's `$?` says it (128 + the signal when killed by one).
+    pub status: Option<i32>,
 }
 
 impl Launched {
@@ -94,7 +99,14 @@ impl Launched {
             libc::close(gate[0]);
             libc::close(status[1]);
         }
-        Ok(Self { pid: pid as u32, gate: Some(gate[1]), status_fd: status[0], command, exited: false })
+        Ok(Self {
+            pid: pid as u32,
+            gate: Some(gate[1]),
+            status_fd: status[0],
+            command,
+            exited: false,
+            status: None,
+        })
     }
 
     /// Lets the command exec; fails when exec failed.
@@ -124,6 +136,9 @@ impl Launched {
             let mut status = 0;
             let rc = unsafe { libc::waitpid(self.pid as i32, &mut status, libc::WNOHANG) };
             self.exited = rc == self.pid as i32 || rc < 0;
+            if rc == self.pid as i32 {
+                self.status = Some(shell_status(status));
+            }
         }
         self.exited
     }
@@ -155,6 +170,11 @@ impl Drop for Launched {
         }
         unsafe { libc::close(self.status_fd) };
     }
+}
+
+/// A wait status as a shell's `$?`: the exit code, or 128 + the signal that killed it.
+fn shell_status(status: i32) -> i32 {
+    if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { 128 + libc::WTERMSIG(status) }
 }
 
 fn pipe() -> io::Result<[i32; 2]> {

@@ -105,7 +105,11 @@ impl Symbolizer {
         }
     }
 
-    /// Frames of a user stack given leaf first; returned leaf first.
+    /// Frames of a user stack given leaf first; returned leaf first. The kernel unwinds
+    /// user stacks by frame pointers, which code built without them leaves as whatever the
+    /// register held: an address outside every mapping ends the trustworthy part, so the
+    /// stack ends there in one `[unknown]` frame (not a chain of them, each a frame pointer
+    /// followed into garbage).
     pub fn user_frames(&mut self, pid: u32, ips: &[u64]) -> Vec<Frame> {
         if !self.procs.contains_key(&pid) {
             self.refresh(pid);
@@ -122,10 +126,13 @@ impl Symbolizer {
                 self.refresh(pid);
                 mapping = self.procs.get(&pid).and_then(|p| p.maps.find(addr)).cloned();
             }
-            out.push(match mapping {
-                Some(m) => self.user_name(pid, &m, addr),
-                None => Frame::Unknown { kernel: false },
-            });
+            match mapping {
+                Some(m) => out.push(self.user_name(pid, &m, addr)),
+                None => {
+                    out.push(Frame::Unknown { kernel: false });
+                    break;
+                }
+            }
         }
         out
     }

@@ -90,6 +90,15 @@ pub fn start_time(pid: u32) -> Option<u64> {
     parse_start_time(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
 }
 
+/// True for a kernel thread (`PF_KTHREAD` in the flags of /proc/PID/stat).
+pub fn is_kernel_thread(pid: u32) -> bool {
+    const PF_KTHREAD: u64 = 0x0020_0000;
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    // Field 9 (flags), counted after the command name as in `parse_start_time`.
+    let flags = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(9 - 3));
+    flags.and_then(|f| f.parse::<u64>().ok()).is_some_and(|f| f & PF_KTHREAD != 0)
+}
+
 fn parse_start_time(stat: &str) -> Option<u64> {
     // The fields after the command name, which is in parentheses and may hold anything.
     let mut fields = stat.rsplit_once(')')?.1.split_whitespace();

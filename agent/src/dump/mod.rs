@@ -1,0 +1,270 @@
+//! `stoker dump`: the current Python stack of every thread of a process, read from its
+//! memory with process_vm_readv (no ptrace stop: a stuck process stays as it is), with each
+//! thread's name, what the kernel says it is doing, and whether it holds the GIL.
+use std::{fmt::Write, fs};
+
+use serde::Serialize;
+
+use crate::{
+    error::{Error, Result},
+    python::{
+        code::CodeReader,
+        detect::{self, Detected, PythonProcess},
+        layout::{Gil, InstrKind},
+        mem::{Memory, ReadMemory},
+    },
+    sys::process,
+};
+
+/// Threads and frames read at most (a loop in a corrupt or changing list ends here).
+const MAX_THREADS: usize = 4096;
+const MAX_FRAMES: usize = 1024;
+/// Offsets in CPython's `struct _gil_runtime_state` (3.8-3.15): `last_holder`, `locked`.
+const GIL_LAST_HOLDER: u64 = agent_ebpf::PY_GIL_LAST_HOLDER;
+const GIL_LOCKED: u64 = agent_ebpf::PY_GIL_LOCKED;
+
+/// A process's Python threads as dumped.
+#[derive(Debug, Serialize)]
+pub struct Dump {
+    pub pid: u32,
+    pub command: String,
+    pub version: String,
+    pub threads: Vec<ThreadDump>,
+}
+
+/// One Python thread: its id and name, its state, its frames innermost first.
+#[derive(Debug, Serialize)]
+pub struct ThreadDump {
+    /// The kernel's thread id (0 when the interpreter does not record it: before 3.8).
+    pub tid: u32,
+    /// `/proc/PID/task/TID/comm`: the name the thread set (Python 3.14+ names threads after
+    /// their `threading.Thread`), else the process's.
+    pub name: String,
+    /// `running`, `runnable`, `sleeping`, `disk sleep`, `stopped`...: the kernel's state.
+    pub state: String,
+    /// For a sleeping thread, the system call it waits in and what that means
+    /// (`futex: a lock or condition`, `clock_nanosleep: time.sleep`, `epoll_wait: I/O`).
+    pub waiting: Option<String>,
+    /// The thread holds the GIL (None: the GIL cannot be read on this version).
+    pub holds_gil: Option<bool>,
+    pub frames: Vec<DumpFrame>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DumpFrame {
+    pub function: String,
+    pub file: String,
+    pub line: u32,
+}
+
+/// Reads every Python thread's stack of process `pid`.
+pub fn dump(pid: u32) -> Result<Dump> {
+    if process::is_kernel_thread(pid) {
+        return Err(Error::KernelThread(pid, process::comm(pid)));
+    }
+    if !process::is_alive(pid) {
+        return Err(Error::NoSuchProcess(pid));
+    }
+    let p = match detect::detect(pid) {
+        Detected::Python(p) => p,
+        Detected::Unsupported(version) => {
+            return Err(Error::NotDumpable(pid, format!("runs CPython {version}, which stoker cannot walk")));
+        }
+        Detected::NotPython | Detected::TooManyMappings => {
+            return Err(Error::NotDumpable(
+                pid,
+                format!("({}) is not a CPython process", process::comm(pid)),
+            ));
+        }
+    };
+    let version = format!("{}.{}.{}", p.version.major, p.version.minor, p.version.patch);
+    let mem = Memory::new(pid);
+    let mut codes = CodeReader::new(pid, p.version, p.layout, p.check_code_type);
+    let read = |what: &str, e: std::io::Error| {
+        Error::NotDumpable(pid, format!("could not be read ({what}: {e}); it may have exited"))
+    };
+    let l = &p.layout;
+    let mut interp = mem.u64(p.runtime + l.runtime_interpreters_head).map_err(|e| read("interpreters", e))?;
+    let mut threads = Vec::new();
+    let mut interpreters = 0;
+    while interp != 0 && interpreters < 64 {
+        interpreters += 1;
+        let gil = gil_holder(&p, &mem, interp);
+        let mut tstate = mem.u64(interp + l.interp_threads_head).map_err(|e| read("threads", e))?;
+        while tstate != 0 && threads.len() < MAX_THREADS {
+            threads.push(thread(&p, &mem, &mut codes, tstate, gil));
+            tstate = mem.u64(tstate + l.tstate_next).map_err(|e| read("threads", e))?;
+        }
+        interp = mem.u64(interp + l.interp_next).unwrap_or(0);
+    }
+    let command = fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| {
+            b.split(|&c| c == 0)
+                .filter(|a| !a.is_empty())
+                .map(String::from_utf8_lossy)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_default();
+    Ok(Dump { pid, command, version, threads })
+}
+
+/// The thread state that holds the GIL of interpreter `interp`: Some(0) when none does,
+/// None when it cannot be told.
+fn gil_holder(p: &PythonProcess, mem: &Memory, interp: u64) -> Option<u64> {
+    let gil = match p.layout.gil {
+        Gil::Runtime(offset) => p.runtime + offset,
+        Gil::Interpreter(offset) => interp + offset,
+        Gil::Unknown => return None,
+    };
+    let locked = mem.u32(gil + GIL_LOCKED).ok()?;
+    let holder = mem.u64(gil + GIL_LAST_HOLDER).ok()?;
+    Some(if locked != 0 { holder } else { 0 })
+}
+
+fn thread(
+    p: &PythonProcess,
+    mem: &Memory,
+    codes: &mut CodeReader,
+    tstate: u64,
+    gil: Option<u64>,
+) -> ThreadDump {
+    let l = &p.layout;
+    let tid = match l.tstate_native_thread_id {
+        Some(o) => mem.u64(tstate + o).unwrap_or(0) as u32,
+        None => tid_of_pthread(p.pid, mem, mem.u64(tstate + l.tstate_thread_id).unwrap_or(0)),
+    };
+    let task = format!("/proc/{}/task/{tid}", p.pid);
+    let name =
+        fs::read_to_string(format!("{task}/comm")).map(|n| n.trim_end().to_string()).unwrap_or_default();
+    let (state, waiting) = thread_state(&task);
+    let mut frames = Vec::new();
+    let mut frame = mem.u64(tstate + l.tstate_frame).unwrap_or(0);
+    if let Some(current) = l.cframe_current_frame
+        && frame != 0
+    {
+        frame = mem.u64(frame + current).unwrap_or(0);
+    }
+    while frame != 0 && frames.len() < MAX_FRAMES {
+        let Some((code, instr, previous)) = read_frame(p, mem, frame) else { break };
+        frame = previous;
+        let Some(code) = code else { continue };
+        let first_line = mem.u32(code + l.code_firstlineno).unwrap_or(0) & 0x00ff_ffff;
+        frames.push(match codes.code(code, first_line) {
+            Some(info) => {
+                DumpFrame { function: info.name.clone(), file: info.filename.clone(), line: info.line(instr) }
+            }
+            None => DumpFrame { function: format!("<unknown code {code:#x}>"), file: String::new(), line: 0 },
+        });
+    }
+    ThreadDump { tid, name, state, waiting, holds_gil: gil.map(|holder| holder == tstate), frames }
+}
+
+/// The kernel thread id of a thread by its `pthread_t` (CPython before 3.11 records only
+/// that): glibc's `struct pthread`, which `pthread_t` points to, holds the tid at byte 720 on
+/// x86-64 (glibc 2.26 to today). Accepted only when the process has a thread of that id.
+fn tid_of_pthread(pid: u32, mem: &Memory, pthread: u64) -> u32 {
+    const PTHREAD_TID: u64 = 720;
+    let tid = mem.u32(pthread.wrapping_add(PTHREAD_TID)).unwrap_or(0);
+    let exists = tid != 0 && fs::metadata(format!("/proc/{pid}/task/{tid}")).is_ok();
+    if exists { tid } else { 0 }
+}
+
+/// A frame's code object (None for a shim frame owned by the C stack), the byte offset of
+/// its instruction in the bytecode, and the next frame out.
+fn read_frame(p: &PythonProcess, mem: &Memory, frame: u64) -> Option<(Option<u64>, u32, u64)> {
+    let l = &p.layout;
+    let previous = mem.u64(frame + l.frame_previous).ok()?;
+    if let (Some(owner), Some(cstack)) = (l.frame_owner, l.owner_cstack) {
+        let mut byte = [0u8];
+        mem.read(frame + owner, &mut byte).ok()?;
+        if byte[0] >= cstack {
+            return Some((None, 0, previous));
+        }
+    }
+    let code = mem.u64(frame + l.frame_code).ok()? & !l.executable_tag_mask;
+    let instr = match l.instr_kind {
+        InstrKind::LastiBytes => (mem.u32(frame + l.frame_instr).ok()? as i32).max(0) as u32,
+        InstrKind::LastiUnits => (mem.u32(frame + l.frame_instr).ok()? as i32).max(0) as u32 * 2,
+        InstrKind::PrevInstr | InstrKind::InstrPtr => {
+            let at = mem.u64(frame + l.frame_instr).ok()?;
+            let start = code.wrapping_add(l.code_adaptive.unwrap_or(0));
+            at.checked_sub(start).map_or(0, |d| d.min(u64::from(u32::MAX)) as u32)
+        }
+    };
+    Some((Some(code), instr, previous))
+}
+
+/// The kernel's state of a thread, and for one asleep, the system call it waits in.
+fn thread_state(task: &str) -> (String, Option<String>) {
+    let stat = fs::read_to_string(format!("{task}/stat")).unwrap_or_default();
+    let code = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()).unwrap_or("?");
+    let state = match code {
+        "R" => "running",
+        "S" => "sleeping",
+        "D" => "disk sleep",
+        "T" | "t" => "stopped",
+        "Z" | "X" => "exited",
+        "I" => "idle",
+        _ => "unknown",
+    };
+    if !matches!(code, "S" | "D") {
+        return (state.to_string(), None);
+    }
+    // `/proc/PID/task/TID/syscall`: the number of the call it is blocked in.
+    let syscall = fs::read_to_string(format!("{task}/syscall")).ok();
+    let number = syscall.as_deref().and_then(|s| s.split_whitespace().next()?.parse::<i64>().ok());
+    (state.to_string(), number.map(waiting_in))
+}
+
+/// What a thread blocked in system call `number` (x86-64) waits for.
+fn waiting_in(number: i64) -> String {
+    let (name, meaning) = match number {
+        0 => ("read", "input"),
+        1 => ("write", "output"),
+        7 => ("poll", "I/O"),
+        23 => ("select", "I/O"),
+        35 => ("nanosleep", "time.sleep"),
+        43 => ("accept", "a connection"),
+        45 => ("recvfrom", "input"),
+        47 => ("recvmsg", "input"),
+        61 => ("wait4", "a child process"),
+        202 => ("futex", "a lock or condition (or the GIL)"),
+        230 => ("clock_nanosleep", "time.sleep"),
+        232 => ("epoll_wait", "I/O"),
+        270 => ("pselect6", "I/O"),
+        271 => ("ppoll", "I/O"),
+        281 => ("epoll_pwait", "I/O"),
+        288 => ("accept4", "a connection"),
+        441 => ("epoll_pwait2", "I/O"),
+        -1 => return "not in a system call".into(),
+        n => return format!("system call {n}"),
+    };
+    format!("{name}: {meaning}")
+}
+
+impl Dump {
+    /// py-spy's dump layout: a header, then each thread and its frames, innermost first.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "Process {}: {}", self.pid, self.command);
+        let _ = writeln!(s, "Python v{}", self.version);
+        for t in &self.threads {
+            let mut what = t.state.clone();
+            if let Some(w) = &t.waiting {
+                let _ = write!(what, " in {w}");
+            }
+            if t.holds_gil == Some(true) {
+                what.push_str(", holds the GIL");
+            }
+            let _ = writeln!(s, "\nThread {} \"{}\" ({what})", t.tid, t.name);
+            if t.frames.is_empty() {
+                let _ = writeln!(s, "    (no Python frames)");
+            }
+            for f in &t.frames {
+                let _ = writeln!(s, "    {} ({}:{})", f.function, f.file, f.line);
+            }
+        }
+        s
+    }
+}
