@@ -52,9 +52,13 @@ fn usage_error(e: &clap::Error) -> ExitCode {
     let first = text.lines().next().unwrap_or("").trim_start_matches("error: ").trim_end_matches('.');
     // The subcommand the error is about (the first word given that names one), for the
     // help to read; a mistyped subcommand gets clap's suggestion.
+    let names: Vec<String> = <Cli as clap::CommandFactory>::command()
+        .get_subcommands()
+        .map(|c| c.get_name().to_string())
+        .collect();
     let command = std::env::args()
         .skip(1)
-        .find(|w| ["record", "advise", "agent", "doctor", "dump", "top"].contains(&w.as_str()))
+        .find(|w| names.contains(w))
         .map_or("stoker --help".to_string(), |c| format!("stoker {c} --help"));
     let first = match e.get(ContextKind::SuggestedSubcommand) {
         Some(suggested) => format!("{first}; did you mean {suggested}?"),

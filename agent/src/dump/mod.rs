@@ -8,9 +8,10 @@ use serde::Serialize;
 use crate::{
     error::{Error, Result},
     python::{
+        self,
         code::CodeReader,
         detect::{self, Detected, PythonProcess},
-        layout::{Gil, InstrKind},
+        layout::InstrKind,
         mem::{Memory, ReadMemory},
     },
     sys::process,
@@ -112,11 +113,7 @@ pub fn dump(pid: u32) -> Result<Dump> {
 /// The thread state that holds the GIL of interpreter `interp`: Some(0) when none does,
 /// None when it cannot be told.
 fn gil_holder(p: &PythonProcess, mem: &Memory, interp: u64) -> Option<u64> {
-    let gil = match p.layout.gil {
-        Gil::Runtime(offset) => p.runtime + offset,
-        Gil::Interpreter(offset) => interp + offset,
-        Gil::Unknown => return None,
-    };
+    let gil = python::gil_of(p, interp)?;
     let locked = mem.u32(gil + GIL_LOCKED).ok()?;
     let holder = mem.u64(gil + GIL_LAST_HOLDER).ok()?;
     Some(if locked != 0 { holder } else { 0 })
@@ -198,7 +195,7 @@ fn read_frame(p: &PythonProcess, mem: &Memory, frame: u64) -> Option<(Option<u64
 /// The kernel's state of a thread, and for one asleep, the system call it waits in.
 fn thread_state(task: &str) -> (String, Option<String>) {
     let stat = fs::read_to_string(format!("{task}/stat")).unwrap_or_default();
-    let code = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()).unwrap_or("?");
+    let code = process::stat_fields(&stat).and_then(|mut f| f.next()).unwrap_or("?");
     let state = match code {
         "R" => "running",
         "S" => "sleeping",

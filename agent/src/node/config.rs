@@ -445,8 +445,8 @@ fn seconds(d: Duration) -> String {
 }
 
 /// A YAML or type error in plain words: the Rust type names serde reports (`u64`,
-/// `struct AgentConfig`) become what to write, and a string where a duration or number
-/// belongs that holds `key:` text is likely a key indented under the line before.
+/// `struct AgentConfig`) become what to write, and a string with spaces where a duration or
+/// number belongs is likely a value and the next line's key, indented under it.
 fn plain(e: &impl std::fmt::Display) -> String {
     let mut text = e.to_string();
     for (rust, words) in [

@@ -312,17 +312,14 @@ impl KernelPrograms {
     /// exec (`CLOCK_MONOTONIC` ns; none unless `watch_execs`).
     pub fn take_execs(&mut self) -> Vec<(u32, u64)> {
         let Some(ring) = self.execs.as_mut() else { return Vec::new() };
-        let mut execs: Vec<(u32, u64)> = Vec::new();
+        // By pid: a later exec of the same process replaces the earlier.
+        let mut execs: std::collections::HashMap<u32, u64> = std::collections::HashMap::new();
         while let Some(item) = ring.next() {
             let word = |i: usize| item.get(i * 8..i * 8 + 8).and_then(|b| <[u8; 8]>::try_from(b).ok());
             let (Some(pid), Some(ns)) = (word(0), word(1)) else { continue };
-            let (pid, ns) = (u64::from_ne_bytes(pid) as u32, u64::from_ne_bytes(ns));
-            match execs.iter_mut().find(|(p, _)| *p == pid) {
-                Some(seen) => seen.1 = ns,
-                None => execs.push((pid, ns)),
-            }
+            execs.insert(u64::from_ne_bytes(pid) as u32, u64::from_ne_bytes(ns));
         }
-        execs
+        execs.into_iter().collect()
     }
 
     /// Waits until the kernel reports an exec or `timeout` passes (a plain sleep when execs
@@ -420,9 +417,7 @@ impl KernelPrograms {
         let mut targets: HashMap<_, u32, u32> = self.map_mut(MAP_TARGETS)?;
         let _ = targets.remove(&pid);
         self.bits.clear(pid);
-        let mut procs: HashMap<_, u32, PyProc> = self.map_mut(MAP_PY_PROCS)?;
-        let _ = procs.remove(&pid);
-        Ok(())
+        self.remove_python(pid)
     }
 
     /// Stops walking the Python stacks of `pid` (it goes on being sampled).

@@ -50,16 +50,26 @@ pub fn kernel_config(p: &PythonProcess, options: SampleOptions) -> PyProc {
 /// interpreter (3.12+), read now from the process (0 when unreadable: the kernel then reads
 /// the interpreter's address itself at each GIL wait).
 fn gil_addr(p: &PythonProcess) -> u64 {
-    match p.layout.gil {
-        Gil::Runtime(offset) => p.runtime + offset,
-        Gil::Interpreter(offset) => {
+    let interp = match p.layout.gil {
+        Gil::Interpreter(_) => {
             let mut word = [0u8; 8];
             match mem::Memory::new(p.pid).read(p.runtime + p.layout.runtime_interpreters_head, &mut word) {
-                Ok(()) if u64::from_le_bytes(word) != 0 => u64::from_le_bytes(word) + offset,
-                _ => 0,
+                Ok(()) if u64::from_le_bytes(word) != 0 => u64::from_le_bytes(word),
+                _ => return 0,
             }
         }
-        Gil::Unknown => 0,
+        _ => 0,
+    };
+    gil_of(p, interp).unwrap_or(0)
+}
+
+/// The address of the GIL of interpreter `interp` (at that address in the process): in
+/// `_PyRuntime` (3.8-3.11, one for all) or in the interpreter (3.12+); None when unknown.
+pub fn gil_of(p: &PythonProcess, interp: u64) -> Option<u64> {
+    match p.layout.gil {
+        Gil::Runtime(offset) => Some(p.runtime + offset),
+        Gil::Interpreter(offset) => Some(interp + offset),
+        Gil::Unknown => None,
     }
 }
 

@@ -90,18 +90,23 @@ pub fn start_time(pid: u32) -> Option<u64> {
     parse_start_time(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
 }
 
-/// True for a kernel thread (`PF_KTHREAD` in the flags of /proc/PID/stat).
+/// The fields of a /proc/PID/stat (or /proc/PID/task/TID/stat) line from field 3, the
+/// state, on: those after the command name, which is in parentheses and may hold anything.
+/// Field n is `nth(n - 3)`.
+pub fn stat_fields(stat: &str) -> Option<std::str::SplitWhitespace<'_>> {
+    Some(stat.rsplit_once(')')?.1.split_whitespace())
+}
+
+/// True for a kernel thread (`PF_KTHREAD` in the flags, field 9, of /proc/PID/stat).
 pub fn is_kernel_thread(pid: u32) -> bool {
     const PF_KTHREAD: u64 = 0x0020_0000;
     let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
-    // Field 9 (flags), counted after the command name as in `parse_start_time`.
-    let flags = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(9 - 3));
-    flags.and_then(|f| f.parse::<u64>().ok()).is_some_and(|f| f & PF_KTHREAD != 0)
+    let flags = stat_fields(&stat).and_then(|mut f| f.nth(9 - 3)?.parse::<u64>().ok());
+    flags.is_some_and(|f| f & PF_KTHREAD != 0)
 }
 
 fn parse_start_time(stat: &str) -> Option<u64> {
-    // The fields after the command name, which is in parentheses and may hold anything.
-    let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+    let mut fields = stat_fields(stat)?;
     let state = fields.next()?;
     if state == "Z" || state == "X" {
         return None;
@@ -114,7 +119,7 @@ fn parse_start_time(stat: &str) -> Option<u64> {
 pub fn parent(pid: u32) -> Option<u32> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Field 3 is the state, field 4 the parent.
-    stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
+    stat_fields(&stat)?.nth(1)?.parse().ok()
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of the kernel programs' timestamps.
@@ -133,7 +138,7 @@ pub fn cpu_time(pid: u32) -> Option<f64> {
 }
 
 fn parse_cpu_ticks(stat: &str) -> Option<u64> {
-    let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+    let mut fields = stat_fields(stat)?;
     // Field 3 is the state; utime and stime are fields 14 and 15.
     let utime: u64 = fields.nth(14 - 3)?.parse().ok()?;
     let stime: u64 = fields.next()?.parse().ok()?;
