@@ -312,9 +312,51 @@ fn agent_reports_a_process_that_exits_mid_interval() {
     let mut short = waiting_python(&dir, "short", "2");
     start_when_exported(http, &mut short);
     let spent = wait_spent(&mut short, &dir.join("short.json"));
-    let (reported, _) = final_cpu_time(http, short.id());
+    let (reported, last) = final_cpu_time(http, short.id());
     assert!(stop(agent).success());
     assert_cpu_time("exited process", reported, &spent, 99.0);
+    // Its last report still says how big it was, and it is counted among the processes.
+    let label = format!("process_pid=\"{}\"", short.id());
+    let memory = metric_value(&last, "process_memory_usage_bytes", &label).unwrap();
+    assert!(memory > 1e6, "the exited process's last report gives {memory} bytes of memory");
+    assert_counts_agree(&last);
+}
+
+/// `stoker_processes_tracked` in a `/metrics` text is the number of processes it has series of.
+fn assert_counts_agree(text: &str) {
+    let pids: std::collections::HashSet<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("process_cpu_time_seconds_total{"))
+        .filter_map(|l| l.split("process_pid=\"").nth(1)?.split('"').next())
+        .collect();
+    let tracked = metric_value(text, "stoker_processes_tracked", "").unwrap();
+    assert_eq!(tracked as usize, pids.len(), "stoker_processes_tracked {tracked}, series of {pids:?}");
+}
+
+/// A process started beside a running agent is on `/metrics` before the agent's first
+/// export (a minute away), with the CPU time and memory the kernel accounts of it, and
+/// counted.
+#[test]
+fn agent_lists_a_new_process_before_its_first_export() {
+    require_root();
+    let dir = scratch("early");
+    let http = free_port();
+    let config = agent_config(&dir, http, "export_interval: 60s\n");
+    let agent = agent_without_otlp(&config);
+    wait_ready(http);
+    let mut idle = waiting_python(&dir, "idle", "0.1");
+    wait_exported(http, idle.id());
+    let (_, text) = http_get(http, "/metrics").unwrap();
+    kill(&mut [&mut idle]);
+    assert!(stop(agent).success());
+    let label = format!("process_pid=\"{}\"", idle.id());
+    // No export yet: the agent's sample count is still the one it starts with.
+    assert_eq!(metric_value(&text, "stoker_samples_total", "").unwrap(), 0.0, "{text}");
+    let cpu = metric_value(&text, "process_cpu_time_seconds_total", &label).unwrap();
+    assert!(cpu > 0.0, "a started CPython has used CPU; the agent lists {cpu} s");
+    let memory = metric_value(&text, "process_memory_usage_bytes", &label).unwrap();
+    assert!(memory > 1e6, "a started CPython holds megabytes; the agent lists {memory} bytes");
+    assert_counts_agree(&text);
 }
 
 /// A duty-cycled process (10 ms of CPU every 50 ms) sampled at 19 Hz: the CPU time the

@@ -184,6 +184,10 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
             // New stacks are named while their processes live: a short-lived process's code
             // objects and mappings may be gone by the next export.
             naming.name(&kernel, false, || collector.collect(&kernel, &live, false))?;
+            // Processes found since the last export show on /metrics now, with what the
+            // kernel accounts of them, not only at the next export.
+            let mut guard = snapshot.lock().unwrap_or_else(|e| e.into_inner());
+            agent.publish_new(&mut guard);
         } else {
             let elapsed = last_export.elapsed();
             last_export = Instant::now();
@@ -235,7 +239,7 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
                 guard.time = Some(SystemTime::now());
                 guard.processes = agent.processes.clone();
                 let exporters = [&metrics, &profiles, &pyroscope, &traces, &logs].into_iter().flatten();
-                guard.health = agent.health(&kernel, exporters, live.len());
+                guard.health = agent.health(&kernel, exporters, agent.processes.len());
                 guard.clone()
             };
             if let Some(exporter) = &metrics {
@@ -264,6 +268,12 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
                     pyroscope.push_bytes(body);
                 }
             }
+            drop(snap);
+            // An export builds and drops large buffers (requests, the snapshot's copy): the
+            // allocator gives their free pages back to the system, so the agent's resident
+            // size follows what it holds, not the largest export so far.
+            // SAFETY: glibc's malloc_trim takes no pointers and only releases free memory.
+            unsafe { libc::malloc_trim(0) };
         }
         heartbeat.beat();
         if stopping {

@@ -196,7 +196,10 @@ impl Interval {
                 *p.gil_held_seconds.get_or_insert(0.0) += samples as f64 / self.rate_hz;
             }
             p.utilization = seconds / elapsed.as_secs_f64().max(1e-3) / self.cpus;
-            p.memory_bytes = rss_bytes(pid);
+            // A process gone keeps the size it last had (its last report).
+            if let Some(rss) = rss_bytes(pid) {
+                p.memory_bytes = rss;
+            }
             // Its cgroup, read once per export however many processes it holds; a process
             // that exited keeps its last figures.
             if let Some(cgroup) = Cgroup::of(pid).filter(|c| !c.is_root()) {
@@ -316,6 +319,30 @@ impl Interval {
         windows.retain(|pid| processes.contains_key(&pid));
     }
 
+    /// Adds to `snapshot` (what /metrics shows) the processes found since it was made,
+    /// with the CPU time and memory the kernel accounts of them so far; their samples and
+    /// functions follow at the next export. The count of processes follows.
+    /// The memory read now is kept as the process's last known size (one that exits before
+    /// the next export reports it).
+    pub(super) fn publish_new(&mut self, snapshot: &mut state::Snapshot) {
+        let mut added = false;
+        for (&pid, p) in self.processes.iter_mut() {
+            if snapshot.processes.contains_key(&pid) {
+                continue;
+            }
+            if let Some(rss) = rss_bytes(pid) {
+                p.memory_bytes = rss;
+            }
+            let mut early = p.clone();
+            early.cpu_seconds = process::cpu_time(pid).unwrap_or(0.0);
+            snapshot.processes.insert(pid, early);
+            added = true;
+        }
+        if added {
+            snapshot.health.processes = snapshot.processes.len() as u64;
+        }
+    }
+
     /// The agent's counters; export failures and drops summed over every exporter.
     pub(super) fn health<'a>(
         &self,
@@ -347,10 +374,11 @@ fn python_function(frame: &Frame) -> Option<String> {
     Some(format!("{} ({})", frame.function()?, frame.file()?))
 }
 
-fn rss_bytes(pid: u32) -> u64 {
-    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).unwrap_or_default();
-    let pages: u64 = statm.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
-    pages * 4096
+/// Resident bytes of process `pid`; None once it is gone (or a zombie, whose memory is).
+fn rss_bytes(pid: u32) -> Option<u64> {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    (pages > 0).then_some(pages * 4096)
 }
 
 #[cfg(test)]

@@ -330,7 +330,7 @@ pub(crate) const PROCESSES_TRACKED: Metric = def(
     "{process}",
     Gauge,
     "stoker_processes_tracked",
-    "Python processes being sampled.",
+    "Python processes with series in this export: those sampled, and those that exited since the last export (reported once more).",
 );
 pub(crate) const NET_EVENTS_LOST: Metric = def(
     "stoker.net.events.lost",
