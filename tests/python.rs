@@ -472,6 +472,84 @@ fn four_threads_each_in_its_own_function() {
     }
 }
 
+/// Records `python(version)` running tests/fixtures/python/`script` `count` REPORT with
+/// stoker's `flags` into `output`; returns stoker's stderr and the script's JSON report.
+fn record_fixture(
+    version: &str,
+    script: &str,
+    count: &str,
+    flags: &[&str],
+    output: &std::path::Path,
+) -> (String, Value) {
+    let report = output.with_file_name("report.json");
+    let (py, script) = (python(version), workload().with_file_name(script));
+    let mut args = vec!["record", "-o", output.to_str().unwrap()];
+    args.extend(flags);
+    args.extend(["--", py.to_str().unwrap(), script.to_str().unwrap(), count, report.to_str().unwrap()]);
+    let out = stoker(&args);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{version}: stoker failed: {err}");
+    (err, serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap())
+}
+
+/// A thread per request (30 threads, one after another, each exiting at once): with
+/// `--threads`, every handler sample sits under its own thread's name and id, as the kernel
+/// read them while the thread lived: root frames in folded output, `thread` and `thread_id`
+/// labels in pprof (and no thread frames). The handler's samples are the CPU time the
+/// threads measured. On 3.12 the threads name themselves; 3.14 names them from `Thread.name`.
+#[test]
+fn thread_per_request_threads_keep_their_names() {
+    require_root();
+    for version in ["3.12.1", "sid-3.14"] {
+        for format in ["folded", "pprof"] {
+            let out_path = scratch("thread-names").join(format!("out.{format}"));
+            let (_, threads) = record_fixture(
+                version,
+                "thread_per_request.py",
+                "30",
+                &["--threads", "-f", format],
+                &out_path,
+            );
+            let threads = threads.as_object().unwrap();
+            let cpu: f64 = threads.values().map(|t| t["seconds"].as_f64().unwrap()).sum();
+            // (thread name, tid, samples) of the stacks whose leaf is the handler.
+            let mut handler: Vec<(String, String, u64)> = Vec::new();
+            if format == "folded" {
+                for (stack, n) in &Folded::read(&out_path).0 {
+                    if !stack.last().is_some_and(|f| f.starts_with("handle_request ")) {
+                        continue;
+                    }
+                    let (name, tid) = stack[0].rsplit_once(" (tid ").unwrap_or((&stack[0], ")"));
+                    handler.push((name.to_string(), tid.trim_end_matches(')').to_string(), *n));
+                }
+            } else {
+                let p = decode_pprof(&out_path);
+                let functions = p["functions"].as_array().unwrap();
+                assert!(
+                    !functions.iter().any(|f| f.as_str().unwrap().contains("(tid ")),
+                    "{version}: threads are labels, not frames: {functions:?}"
+                );
+                for (key, n) in p["threads"].as_object().unwrap() {
+                    let parts: Vec<&str> = key.splitn(3, '|').collect();
+                    if parts[2].starts_with("handle_request") {
+                        handler.push((parts[0].to_string(), parts[1].to_string(), n.as_u64().unwrap()));
+                    }
+                }
+            }
+            for (name, tid, n) in &handler {
+                let expected = threads.get(tid).and_then(|t| t["name"].as_str());
+                assert_eq!(
+                    Some(name.as_str()),
+                    expected,
+                    "{version} {format}: {n} handler samples of thread {tid} named {name:?}; the thread was {expected:?}"
+                );
+            }
+            let samples = handler.iter().map(|(_, _, n)| n).sum();
+            assert_samples(&format!("{version} {format}: handler"), samples, cpu, 99.0);
+        }
+    }
+}
+
 /// A Python target that exits mid-session ends it, and its stacks are still named: as
 /// many samples in func_a as the CPU time the workload measured there.
 #[test]
@@ -481,6 +559,57 @@ fn python_target_exiting_mid_session() {
     assert!(err.contains("target exited"), "{err}");
     let got = profile.with_frame(|f| f == workload_frame("func_a", "func_a"));
     assert_samples("func_a after exit", got, seconds_in(&report, "func_a"), 99.0);
+}
+
+/// `--nolineno`: Python frames name functions without lines, each function one frame
+/// however many of its lines ran; a function's samples are still its CPU time.
+#[test]
+fn nolineno_gives_one_frame_per_function() {
+    require_root();
+    let (profile, report, _) = record_workload(&python("3.12.1"), &["shares", "2", "--cpu"], &["--nolineno"]);
+    let with_lines: Vec<&String> = profile.0.keys().flatten().filter(|f| f.contains(".py:")).collect();
+    assert!(with_lines.is_empty(), "frames with a line: {with_lines:?}");
+    let got = profile.with_frame(|f| f == "func_a (workload.py)");
+    assert_samples("func_a without lines", got, seconds_in(&report, "func_a"), 99.0);
+    // `burn` runs on several lines: one frame names it.
+    let mut burn: Vec<&String> = profile.0.keys().flatten().filter(|f| f.starts_with("burn (")).collect();
+    burn.sort();
+    burn.dedup();
+    assert_eq!(burn, ["burn (workload.py)"], "burn's frames");
+}
+
+/// Imports of modules whose bodies run 30 ms each, between modules whose bodies run none
+/// (code objects freed once the import is done, their memory taken by the next): stoker
+/// reads a new stack's code objects as soon as the kernel reports it, so the bodies are
+/// named, and named right. Their samples (named, named after an idle module whose code took
+/// the address, or `<unknown code>`) are the CPU time they measured of themselves, at most
+/// 10% of them not named right (a body's last millisecond or so, between a sample and its
+/// reading); the summary gives the unknown share when there is one.
+#[test]
+fn module_bodies_are_named_while_they_are_imported() {
+    require_root();
+    for version in ["3.8.18", "3.12.1", "sid-3.14"] {
+        let folded = scratch("imports").join("out.folded");
+        let (err, report) = record_fixture(version, "imports.py", "120", &["-f", "folded"], &folded);
+        let cpu = report["module_cpu"].as_f64().unwrap();
+        let profile = Folded::read(&folded);
+        // `<module> (mod_7.py:3)`: the module's number, and whether its body burns.
+        let module = |f: &str| f.strip_prefix("<module> (mod_")?.split('.').next()?.parse::<u32>().ok();
+        let named = profile.with_frame(|f| module(f).is_some_and(|i| i % 2 == 0));
+        let misnamed = profile.with_frame(|f| module(f).is_some_and(|i| i % 2 == 1));
+        let unknown = profile.with_frame(|f| f.starts_with("<unknown code"));
+        eprintln!("{version}: {named} module samples named, {misnamed} in idle modules, {unknown} unknown");
+        assert_samples(&format!("{version}: module bodies"), named + misnamed + unknown, cpu, 99.0);
+        // A body read late is another module's, or none: the idle ones have no samples of
+        // their own (their bodies take microseconds).
+        assert!(
+            (misnamed + unknown) as f64 <= 0.1 * cpu * 99.0,
+            "{version}: of {} module samples, {misnamed} named an idle module and {unknown} no code",
+            named + misnamed + unknown
+        );
+        let said = err.contains("shows <unknown code> frames");
+        assert_eq!(said, unknown > 0, "{version}: the summary on {unknown} unknown samples: {err}");
+    }
 }
 
 /// Stacks of process `pid` in `profile` (a profile of several processes roots each stack at

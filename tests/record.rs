@@ -600,3 +600,62 @@ fn summary_gives_the_cgroup_quota_and_throttling() {
     assert!(got_periods + 3 >= periods && got_periods <= periods, "{line}; cpu.stat: {periods} periods");
     assert!((got_time - time).abs() <= 0.1 + 1e-9, "{line}; cpu.stat: {time:.3} s throttled");
 }
+
+/// The demo's flamegraph is as tall as its deepest real stack: a native stack the kernel
+/// could not follow (a thread's start, `clone3` -> `ret_from_fork`) ends in one `[unknown]`
+/// frame, not a chain of them. The demo service under its own load, as `cargo xtask demo`
+/// records it; depths are read from the SVG's frames (16 px apart).
+#[test]
+fn demo_flamegraph_is_as_tall_as_its_deepest_real_stack() {
+    require_root();
+    let demo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../xtask/demo");
+    let port = common::agent::free_port().to_string();
+    let mut service =
+        Command::new("/usr/bin/python3").arg(demo.join("service.py")).arg(&port).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(format!("127.0.0.1:{port}")).is_err() {
+        assert!(Instant::now() < deadline, "the demo service did not listen");
+        thread::sleep(Duration::from_millis(50));
+    }
+    let mut load = Command::new("/usr/bin/python3")
+        .arg(demo.join("load.py"))
+        .args([&port, "6"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let svg = scratch("demo-svg").join("demo.svg");
+    let pid = service.id().to_string();
+    let out = stoker(&["record", "--pid", &pid, "-d", "4", "-o", svg.to_str().unwrap()]);
+    load.wait().unwrap();
+    common::agent::kill(&mut [&mut service]);
+    assert!(out.status.success(), "stoker failed: {}", stderr(&out));
+    let text = std::fs::read_to_string(&svg).unwrap();
+    // (frame name, y) of every drawn frame: `<title>NAME (N samples, P%)</title><rect x=".." y="Y"`.
+    let frames: Vec<(&str, f64)> = text
+        .split("<g><title>")
+        .skip(1)
+        .filter_map(|g| {
+            let (title, rest) = g.split_once("</title>")?;
+            let name = title.rsplit_once(" (").map_or(title, |(n, _)| n);
+            let y = rest.split("y=\"").nth(1)?.split('"').next()?.parse().ok()?;
+            Some((name, y))
+        })
+        .collect();
+    let root = frames.iter().find(|(n, _)| *n == "all").expect("the root frame").1;
+    let depth = |y: f64| ((root - y) / 16.0).round() as i64;
+    let deepest = frames.iter().map(|(_, y)| depth(*y)).max().unwrap();
+    let deepest_real =
+        frames.iter().filter(|(n, _)| *n != "[unknown]").map(|(_, y)| depth(*y)).max().unwrap();
+    let height: f64 = text.split("height=\"").nth(1).unwrap().split('"').next().unwrap().parse().unwrap();
+    eprintln!(
+        "demo.svg: {} frames, deepest {deepest}, deepest real {deepest_real}, {height} px",
+        frames.len()
+    );
+    assert!(deepest_real >= 5, "the demo's Python stacks are drawn: {deepest_real} deep");
+    assert!(
+        deepest <= deepest_real + 1,
+        "frames {deepest} deep where the deepest real one is {deepest_real} deep: a chain of [unknown] frames"
+    );
+    // The picture ends where the frames do: its title and footer take a few rows at most.
+    assert!(height <= (deepest + 8) as f64 * 16.0, "{height} px for {deepest} rows of frames");
+}

@@ -3,12 +3,13 @@
 use agent_ebpf::{
     COUNTS_CAPACITY, EXECS_RING_BYTES, LOOPS_CAPACITY, LoopBlock, LoopThread, NET_ACCEPTING_CAPACITY,
     NET_CONNS_CAPACITY, NET_HEAD_BUF, NET_PEEK_BUF, NET_RING_SLOTS, NET_SK_BITS_WORDS, NET_SOCKS_CAPACITY,
-    NEW_KEYS_RING_BYTES, NetConn, NetEvent, NetSkState, OFF_COUNTS_CAPACITY, OFF_THREADS_CAPACITY, OffKey,
-    OffThread, PY_FRAME_CHUNK, PY_STACKS_CAPACITY, PY_THREADS_CAPACITY, PyProc, PyStack, STACKS_CAPACITY,
-    SampleKey, TARGET_BITS_WORDS, TARGETS_CAPACITY, stat,
+    NEW_KEYS_RING_BYTES, NetConn, NetEvent, NetSkState, NewKey, OFF_COUNTS_CAPACITY, OFF_THREADS_CAPACITY,
+    OffKey, OffThread, PY_FRAME_CHUNK, PY_STACKS_CAPACITY, PY_THREADS_CAPACITY, PyProc, PyStack,
+    STACKS_CAPACITY, SampleKey, TARGET_BITS_WORDS, TARGETS_CAPACITY, stat,
 };
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, StackTrace},
 };
@@ -286,12 +287,19 @@ const _: () = assert!(core::mem::size_of::<LoopBlock>() <= 64);
 #[map]
 pub static NEW_KEY_RING: RingBuf = RingBuf::with_byte_size(NEW_KEYS_RING_BYTES, 0);
 
-/// Tells userspace about a key just added to a counts map.
+/// Tells userspace about a key just added to a counts map, with its thread's name when
+/// the program runs in that thread. Userspace is woken when it had read everything before
+/// (it names new stacks at once, while their code objects live; see `Tracker::wait`).
 #[inline(always)]
 pub fn new_key(key: &SampleKey) {
     bump(stat::NEW_KEYS);
-    // No wake-up: userspace reads the ring on its own pace, never waits on it.
-    if NEW_KEY_RING.output::<SampleKey>(key, u64::from(aya_ebpf::bindings::BPF_RB_NO_WAKEUP)).is_err() {
+    let mut item = NewKey { key: *key, comm: [0; 16] };
+    if bpf_get_current_pid_tgid() as u32 == key.tid
+        && let Ok(comm) = bpf_get_current_comm()
+    {
+        item.comm = comm;
+    }
+    if NEW_KEY_RING.output::<NewKey>(&item, 0).is_err() {
         bump(stat::NEW_KEYS_UNSENT);
     }
 }

@@ -11,12 +11,23 @@ pub const MAP_TARGET_BITS: &str = "TARGET_BITS";
 pub const MAP_STACKS: &str = "STACKS";
 /// Sample counts aggregated in the kernel: `SampleKey` -> per-CPU count.
 pub const MAP_COUNTS: &str = "COUNTS";
-/// Keys the programs add to the counts and off-CPU counts maps, as `SampleKey`s, for
+/// Keys the programs add to the counts and off-CPU counts maps, as `NewKey`s, for
 /// userspace to name without walking the maps (a ring: when it was full, `stat::NEW_KEYS_UNSENT`
 /// moves and userspace walks the maps once).
 pub const MAP_NEW_KEYS: &str = "NEW_KEY_RING";
-/// Bytes of `MAP_NEW_KEYS`: 8,192 keys (24 bytes and the ring's 8-byte header each).
-pub const NEW_KEYS_RING_BYTES: u32 = 256 * 1024;
+/// Bytes of `MAP_NEW_KEYS`: 10,922 keys (40 bytes and the ring's 8-byte header each).
+pub const NEW_KEYS_RING_BYTES: u32 = 512 * 1024;
+
+/// One item of `MAP_NEW_KEYS`: a key just added, and the name (`comm`) of its thread as
+/// the kernel knew it then, when the program ran in that thread (else zeros). A thread
+/// that exits before userspace reads the key is still named.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct NewKey {
+    pub key: SampleKey,
+    pub comm: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<NewKey>() == 40);
 /// The CPU-sampling perf-event program.
 pub const PROG_PERF_SAMPLE: &str = "perf_sample";
 /// Processes that called exec, for userspace (a ring of `[tgid, CLOCK_MONOTONIC ns]`, `u64`

@@ -104,9 +104,14 @@ pub struct RecordArgs {
     /// Python: interleave native frames, the interpreter's eval loop replaced by Python frames.
     #[arg(short, long)]
     pub native: bool,
-    /// Add a root frame per thread (name and tid).
+    /// Add each thread's name and id: a root frame per thread, or `thread` and `thread_id`
+    /// labels in pprof output.
     #[arg(short, long)]
     pub threads: bool,
+    /// Python frames without line numbers: one frame per function, as py-spy's --nolineno
+    /// (default: a frame per line, as py-spy draws them; summaries always count functions).
+    #[arg(long)]
+    pub nolineno: bool,
     /// Show whole paths in Python frames (default: short, relative to site-packages).
     #[arg(long)]
     pub full_filenames: bool,

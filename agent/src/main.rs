@@ -150,6 +150,7 @@ fn record_cmd(args: RecordArgs) -> ExitCode {
         subprocesses: args.subprocesses,
         native: args.native,
         threads: args.threads,
+        nolineno: args.nolineno,
         full_filenames: args.full_filenames,
         kernel_stats: args.kernel_stats,
         net: args.net,

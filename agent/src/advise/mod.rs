@@ -108,6 +108,7 @@ pub fn run(opts: &AdviseOptions) -> Result<Advice> {
         subprocesses: false,
         native: false,
         threads: false,
+        nolineno: false,
         full_filenames: false,
         kernel_stats: false,
         net: true,

@@ -16,6 +16,12 @@ use crate::{
     sys::process,
 };
 
+/// A thread name the kernel copied (`comm`, NUL-padded); None when it sent none.
+fn comm_name(comm: &[u8; 16]) -> Option<String> {
+    let len = comm.iter().position(|b| *b == 0).unwrap_or(comm.len());
+    (len > 0).then(|| String::from_utf8_lossy(&comm[..len]).into_owned())
+}
+
 /// How stacks are drawn.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct View {
@@ -143,6 +149,14 @@ impl Collector {
             self.comms.entry(pid).or_insert_with(|| process::comm(pid));
         }
         let mut refreshed = HashSet::new();
+        // The kernel names each new key's thread as it was then: a thread that exited
+        // since (a thread per request) keeps its name.
+        let (sent, complete) = kernel.take_new_keys();
+        for new in &sent {
+            if let Some(name) = comm_name(&new.comm) {
+                self.threads.insert(new.key.tid, name);
+            }
+        }
         // Off-CPU waits: their stacks are named the same way; at the end, with the waits
         // still under way. Between, only the keys the kernel says are new (walking the maps,
         // one system call per key, costs more than everything else userspace does).
@@ -154,8 +168,8 @@ impl Collector {
             let mut keys: Vec<SampleKey> = self.counts.iter().map(|(k, _)| *k).collect();
             keys.extend(self.off.iter().map(|(k, _)| k.sample));
             keys
-        } else if let Some(keys) = kernel.take_new_keys() {
-            keys
+        } else if complete {
+            sent.iter().map(|new| new.key).collect()
         } else {
             let mut keys = kernel.count_keys()?;
             keys.extend(kernel.off_keys()?.iter().map(|k| k.sample));

@@ -119,6 +119,8 @@ pub struct Tracker {
     python_exes: HashSet<(u64, u64)>,
     /// Some process was recognized as a CPython stoker walks.
     found_python: bool,
+    /// New stacks are named as soon as the kernel reports them (see `name_early`).
+    name_early: bool,
 }
 
 impl Tracker {
@@ -148,7 +150,15 @@ impl Tracker {
             forks: Vec::new(),
             python_exes: HashSet::new(),
             found_python: false,
+            name_early: false,
         }
+    }
+
+    /// From now on, `wait` names new stacks as soon as the kernel reports them, not at the
+    /// next tick: short-lived code objects (a module's body while it is imported) are read
+    /// while they live. A session's choice; the agent names on its own pace.
+    pub fn name_early(&mut self) {
+        self.name_early = true;
     }
 
     /// Only scanned processes for which `filter` holds are sampled.
@@ -337,7 +347,8 @@ impl Tracker {
         Ok(())
     }
 
-    /// Waits for `tick`, looking at processes as they exec meanwhile (see `FRESH_EVERY`).
+    /// Waits for `tick`, looking at processes as they exec meanwhile (see `FRESH_EVERY`)
+    /// and, with `name_early`, naming new stacks as they come.
     pub fn wait(
         &mut self,
         tick: Duration,
@@ -352,8 +363,12 @@ impl Tracker {
                 return Ok(());
             }
             let fresh = self.procs.values().any(|t| t.is_fresh(now));
-            let exec = kernel.wait_exec(if fresh { left.min(FRESH_EVERY) } else { left });
-            if exec || fresh {
+            let events =
+                kernel.wait_events(if fresh { left.min(FRESH_EVERY) } else { left }, self.name_early);
+            if events.keys {
+                collector.collect(kernel, &self.live_targets(), false)?;
+            }
+            if events.exec || fresh {
                 self.note_execs(kernel, collector)?;
                 self.look(kernel, collector, true)?;
             }

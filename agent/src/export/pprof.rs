@@ -8,7 +8,7 @@ use std::{
 
 use prost::Message;
 
-use crate::profile::{Frame, Profile, Unit};
+use crate::profile::{Frame, Marker, Profile, Unit};
 
 /// What a pprof profile carries beyond the stacks.
 #[derive(Debug, Clone, Copy)]
@@ -51,22 +51,45 @@ pub fn build(profile: &Profile, meta: &PprofMeta) -> proto::Profile {
     };
 
     let mut samples: Vec<proto::Sample> = Vec::new();
-    let mut sample_index: HashMap<Vec<u64>, usize> = HashMap::new();
+    let mut sample_index: HashMap<(Vec<u64>, Option<u32>), usize> = HashMap::new();
     for (frames, count) in &profile.stacks {
         if *count == 0 || frames.is_empty() {
             continue;
         }
-        let ids: Vec<u64> = frames.iter().rev().map(|f| b.location(f)).collect();
+        // A thread's root frame (`--threads`) becomes the sample's `thread` and `thread_id`
+        // labels, as pprof tools expect, not a frame.
+        let thread = frames.iter().find_map(|f| match f {
+            Frame::Marker(Marker::Thread { name, tid }) => Some((name.clone(), *tid)),
+            _ => None,
+        });
+        let ids: Vec<u64> = frames
+            .iter()
+            .rev()
+            .filter(|f| !matches!(f, Frame::Marker(Marker::Thread { .. })))
+            .map(|f| b.location(f))
+            .collect();
         let count = *count as i64;
-        match sample_index.get(&ids) {
+        let key = (ids, thread.as_ref().map(|(_, tid)| *tid));
+        match sample_index.get(&key) {
             Some(&i) => {
                 for (total, v) in samples[i].value.iter_mut().zip(values(count)) {
                     *total += v;
                 }
             }
             None => {
-                sample_index.insert(ids.clone(), samples.len());
-                samples.push(proto::Sample { location_id: ids, value: values(count), label: vec![] });
+                let label = match &thread {
+                    Some((name, tid)) => vec![
+                        proto::Label { key: b.string("thread"), str: b.string(name), ..Default::default() },
+                        proto::Label {
+                            key: b.string("thread_id"),
+                            num: i64::from(*tid),
+                            ..Default::default()
+                        },
+                    ],
+                    None => vec![],
+                };
+                sample_index.insert(key.clone(), samples.len());
+                samples.push(proto::Sample { location_id: key.0, value: values(count), label });
             }
         }
     }
@@ -145,7 +168,7 @@ impl Builder {
 }
 
 /// The messages of github.com/google/pprof's `proto/profile.proto` stoker writes, with
-/// that file's field numbers (labels and mappings stay empty).
+/// that file's field numbers (mappings stay empty).
 pub mod proto {
     #[derive(Clone, PartialEq, prost::Message)]
     pub struct Profile {
@@ -338,6 +361,35 @@ mod tests {
         assert_eq!(p.period, 10_000_000);
         assert_eq!(p.time_nanos, 5_000_000_000);
         assert_eq!(p.duration_nanos, 3_000_000_000);
+    }
+
+    #[test]
+    fn threads_become_labels_not_frames() {
+        let thread = |name: &str, tid| Frame::Marker(Marker::Thread { name: name.into(), tid });
+        let profile = Profile {
+            stacks: vec![
+                (vec![thread("worker-1", 11), native("main"), native("hot")], 3),
+                (vec![thread("worker-2", 12), native("main"), native("hot")], 2),
+                (vec![thread("worker-1", 11), native("main"), native("hot")], 1),
+            ],
+            ..Default::default()
+        };
+        let p = build(&profile, &meta());
+        let s = |i: i64| p.string_table[i as usize].as_str();
+        let names: Vec<_> = p.function.iter().map(|f| s(f.name)).collect();
+        assert_eq!(names, ["hot", "main"], "no thread frames");
+        let labelled: Vec<_> = p
+            .sample
+            .iter()
+            .map(|x| {
+                let (name, tid) = (&x.label[0], &x.label[1]);
+                ((s(name.key), s(name.str)), (s(tid.key), tid.num), x.value[0])
+            })
+            .collect();
+        assert_eq!(
+            labelled,
+            [(("thread", "worker-1"), ("thread_id", 11), 4), (("thread", "worker-2"), ("thread_id", 12), 2)]
+        );
     }
 
     #[test]

@@ -136,11 +136,13 @@ impl Frame {
     }
 }
 
-/// The frame as folded stacks and flamegraphs show it: `function (file:line)` for Python,
+/// The frame as folded stacks and flamegraphs show it: `function (file:line)` for Python
+/// (`function (file)` without a line: `--nolineno`, or a line not known),
 /// `function_[k]` in the kernel, `module+0xoffset` where no symbol names an address.
 impl fmt::Display for Frame {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Frame::Python { function, file, line: 0 } => write!(f, "{function} ({file})"),
             Frame::Python { function, file, line } => write!(f, "{function} ({file}:{line})"),
             Frame::PythonUnreadable { code } => write!(f, "<unknown code {code:#x}>"),
             Frame::Native { function } => f.write_str(function),

@@ -39,6 +39,33 @@ impl Profile {
         self.stacks.iter().map(|(_, n)| n).sum()
     }
 
+    /// Python frames without their lines (`--nolineno`): the lines of a function are one
+    /// frame, and stacks that differed only in lines are one stack.
+    pub fn without_lines(&mut self) {
+        let mut index: std::collections::HashMap<Vec<Frame>, usize> = std::collections::HashMap::new();
+        let mut stacks: Vec<(Vec<Frame>, u64)> = Vec::new();
+        for (frames, n) in self.stacks.drain(..) {
+            let frames: Vec<Frame> = frames.iter().map(Frame::function_level).collect();
+            match index.get(&frames) {
+                Some(&i) => stacks[i].1 += n,
+                None => {
+                    index.insert(frames.clone(), stacks.len());
+                    stacks.push((frames, n));
+                }
+            }
+        }
+        self.stacks = stacks;
+    }
+
+    /// The weight (samples, or microseconds) of stacks holding a Python code object that was
+    /// gone before it could be read, and the weight of all stacks.
+    pub fn unreadable_code(&self) -> (u64, u64) {
+        let unreadable =
+            |frames: &[Frame]| frames.iter().any(|f| matches!(f, Frame::PythonUnreadable { .. }));
+        let total = self.stacks.iter().map(|(_, n)| n).sum();
+        (self.stacks.iter().filter(|(f, _)| unreadable(f)).map(|(_, n)| n).sum(), total)
+    }
+
     /// Leaf functions by sample count, largest first: a Python function's lines count
     /// together (its frame is given with line 0, see `Frame::function_label`).
     pub fn top_leaves(&self, n: usize) -> Vec<(Frame, u64)> {

@@ -12,8 +12,8 @@ use agent_ebpf::{
     GLOBAL_FSBASE_OFFSET, GLOBAL_MEASURE_COST, GLOBAL_NET_OFFSETS, GLOBAL_NEWTASK_FLAGS_OFFSET,
     GLOBAL_NEWTASK_PID_OFFSET, GLOBAL_OFF_CONFIG, MAP_COUNTS, MAP_EXEC_ALL, MAP_EXECS, MAP_FORKED_FROM,
     MAP_NET_EVENTS, MAP_NEW_KEYS, MAP_PY_PROCS, MAP_PY_STACKS, MAP_STACKS, MAP_STATS, MAP_TARGET_BITS,
-    MAP_TARGETS, PROG_PERF_SAMPLE, PROG_SCHED_EXEC, PROG_STATS_FLOOR, PROG_TASK_NEWTASK, PyProc, PyStack,
-    SampleKey, stat,
+    MAP_TARGETS, NewKey, PROG_PERF_SAMPLE, PROG_SCHED_EXEC, PROG_STATS_FLOOR, PROG_TASK_NEWTASK, PyProc,
+    PyStack, SampleKey, stat,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -146,6 +146,15 @@ pub fn kernel_memory() -> KernelMemory {
 
 /// Runs of the empty program that measure the run-time statistics' own cost.
 const STATS_FLOOR_RUNS: u32 = 100_000;
+
+/// What `KernelPrograms::wait_events` saw.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Events {
+    /// Execs are waiting to be taken.
+    pub exec: bool,
+    /// New keys are waiting to be named.
+    pub keys: bool,
+}
 
 /// The loaded kernel programs and their maps.
 pub struct KernelPrograms {
@@ -320,26 +329,6 @@ impl KernelPrograms {
             execs.insert(u64::from_ne_bytes(pid) as u32, u64::from_ne_bytes(ns));
         }
         execs.into_iter().collect()
-    }
-
-    /// Waits until the kernel reports an exec or `timeout` passes (a plain sleep when execs
-    /// are not watched). True when an exec is waiting to be taken.
-    pub fn wait_exec(&self, timeout: std::time::Duration) -> bool {
-        use std::os::fd::AsRawFd;
-        let Some(ring) = self.execs.as_ref() else {
-            std::thread::sleep(timeout);
-            return false;
-        };
-        let mut fd = libc::pollfd { fd: ring.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-        // SAFETY: one valid `pollfd` for the duration of the call; the ring's descriptor
-        // stays open while `self` is borrowed.
-        let ready = unsafe { libc::poll(&mut fd, 1, ms) };
-        if ready < 0 {
-            // Interrupted by a signal (Ctrl-C): the caller looks at its stop flag.
-            return false;
-        }
-        ready > 0 && fd.revents & libc::POLLIN != 0
     }
 
     /// Whether the kernel adds targets of its own (children of followed targets).
@@ -520,9 +509,10 @@ impl KernelPrograms {
     }
 
     /// Keys the kernel added to the counts and off-CPU counts maps since the last call (the
-    /// same key again after it was removed). `None` when the kernel's ring was full meanwhile
-    /// and some were not sent: `count_keys` and `off_keys` then give them all.
-    pub fn take_new_keys(&self) -> Option<Vec<SampleKey>> {
+    /// same key again after it was removed), with their threads' names, and whether that is
+    /// all of them: false when the kernel's ring was full meanwhile and some were not sent
+    /// (`count_keys` and `off_keys` then give them all).
+    pub fn take_new_keys(&self) -> (Vec<NewKey>, bool) {
         let unsent = self
             .map::<PerCpuArray<_, u64>>(MAP_STATS)
             .ok()
@@ -533,17 +523,43 @@ impl KernelPrograms {
         let (ring, seen_unsent) = &mut *guard;
         let mut keys = Vec::new();
         while let Some(item) = ring.next() {
-            if item.len() >= std::mem::size_of::<SampleKey>() {
-                // SAFETY: the kernel wrote a `SampleKey` (plain integers, any bits valid); the
-                // read is unaligned-safe and within the item.
-                keys.push(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const SampleKey) });
+            if item.len() >= std::mem::size_of::<NewKey>() {
+                // SAFETY: the kernel wrote a `NewKey` (plain integers and bytes, any bits
+                // valid); the read is unaligned-safe and within the item.
+                keys.push(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const NewKey) });
             }
         }
-        if unsent != *seen_unsent {
-            *seen_unsent = unsent;
-            return None;
+        let complete = unsent == *seen_unsent;
+        *seen_unsent = unsent;
+        (keys, complete)
+    }
+
+    /// Waits up to `timeout` for an exec (`watch_execs`) or, with `keys`, a new key in the
+    /// counts maps (`take_new_keys`); says which came. A signal (Ctrl-C) ends the wait early.
+    pub fn wait_events(&self, timeout: std::time::Duration, keys: bool) -> Events {
+        use std::os::fd::AsRawFd;
+        let mut fds = Vec::with_capacity(2);
+        if let Some(ring) = self.execs.as_ref() {
+            fds.push(libc::pollfd { fd: ring.as_raw_fd(), events: libc::POLLIN, revents: 0 });
         }
-        Some(keys)
+        let exec_fds = fds.len();
+        if keys {
+            let guard = self.new_keys.lock().unwrap_or_else(|e| e.into_inner());
+            fds.push(libc::pollfd { fd: guard.0.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+        }
+        if fds.is_empty() {
+            std::thread::sleep(timeout);
+            return Events::default();
+        }
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: valid `pollfd`s for the duration of the call; the rings' descriptors stay
+        // open while `self` is borrowed.
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+        if ready <= 0 {
+            return Events::default();
+        }
+        let ready = |f: &libc::pollfd| f.revents & libc::POLLIN != 0;
+        Events { exec: fds[..exec_fds].iter().any(ready), keys: fds[exec_fds..].iter().any(ready) }
     }
 
     /// The keys of the counts map, without their counts: cheaper (one call per key) when

@@ -41,9 +41,11 @@ impl CodeInfo {
     }
 }
 
-/// A cached code object (None: it could not be read) and the use count at its last use.
+/// A cached code object (None: it could not be read), what its pointer fields held when
+/// it was read (see `CodeReader::identity`), and the use count at its last use.
 struct Cached {
     info: Option<Arc<CodeInfo>>,
+    identity: Option<[u64; 3]>,
     used: u64,
 }
 
@@ -85,9 +87,9 @@ pub struct CodeReader {
     mem: Memory,
     layout: Layout,
     format: LineTableFormat,
-    /// By (address, co_firstlineno as the kernel saw it): a freed and reused address
-    /// almost always holds a function with another first line, which misses the cache.
-    /// Each entry has the use count at which it was last used.
+    /// By (address, co_firstlineno as the kernel saw it), each entry checked against the
+    /// code object's pointer fields when used: a freed address reused by a code object
+    /// with the same first line (module bodies all start at line 1) is read afresh.
     cache: HashMap<(u64, u32), Cached>,
     /// Bytes the cache holds, as `CodeInfo::size` counts them.
     cached_bytes: usize,
@@ -173,7 +175,12 @@ impl CodeReader {
             return None;
         }
         self.uses += 1;
-        if let Some(hit) = self.cache.get_mut(&(addr, first_line)) {
+        let identity = self.identity(addr);
+        if let Some(hit) = self.cache.get_mut(&(addr, first_line))
+            && (identity.is_none() || hit.identity == identity)
+        {
+            // The same object as when it was read (or nothing readable is there now: what
+            // was read then is the best there is).
             hit.used = self.uses;
             return hit.info.clone();
         }
@@ -184,7 +191,10 @@ impl CodeReader {
             return None;
         }
         self.cached_bytes += info.as_ref().map_or(0, |c| c.size());
-        self.cache.insert((addr, first_line), Cached { info: info.clone(), used: self.uses });
+        let cached = Cached { info: info.clone(), identity, used: self.uses };
+        if let Some(old) = self.cache.insert((addr, first_line), cached) {
+            self.cached_bytes -= old.info.map_or(0, |c| c.size());
+        }
         if self.cached_bytes > CACHE_BUDGET {
             self.cached_bytes = evict_half(&mut self.cache);
         }
@@ -203,6 +213,21 @@ impl CodeReader {
 
     fn read_code(&self, addr: u64) -> io::Result<CodeInfo> {
         read_code(&self.mem, &self.layout, self.format, addr)
+    }
+
+    /// The name, file name and line table pointers of the code object at `addr`, in one
+    /// read: another object there now has others (None when unreadable).
+    fn identity(&self, addr: u64) -> Option<[u64; 3]> {
+        let l = &self.layout;
+        let fields = [l.code_qualname.unwrap_or(l.code_name), l.code_filename, l.code_linetable];
+        let low = *fields.iter().min()?;
+        let high = fields.iter().max()? + 8;
+        let raw = self.mem.bytes(addr.wrapping_add(low), (high - low) as usize).ok()?;
+        let word = |offset: u64| -> Option<u64> {
+            let at = (offset - low) as usize;
+            Some(u64::from_le_bytes(raw.get(at..at + 8)?.try_into().ok()?))
+        };
+        Some([word(fields[0])?, word(fields[1])?, word(fields[2])?])
     }
 }
 
@@ -286,7 +311,7 @@ mod tests {
             }))
         };
         let mut cache: HashMap<u32, Cached> =
-            (0..10).map(|i| (i, Cached { info: info(100), used: u64::from(i) })).collect();
+            (0..10).map(|i| (i, Cached { info: info(100), identity: None, used: u64::from(i) })).collect();
         let left = evict_half(&mut cache);
         let mut kept: Vec<u32> = cache.keys().copied().collect();
         kept.sort();
@@ -355,6 +380,32 @@ mod tests {
         assert_eq!(reader.take_refusal(), None, "reported once");
     }
 
+    /// A code object freed and its address taken by another with the same first line (module
+    /// bodies all start at line 1) is read afresh, not named from the cache; one that could
+    /// not be read is tried again once something else is there.
+    #[test]
+    fn a_reused_address_is_read_afresh() {
+        let version = PyVersion { major: 3, minor: 12, patch: 0 };
+        let l = layout::layout_for(version).unwrap();
+        let (mut objects, name, _table) = code_objects(0x5555_0000_1230);
+        let mut other = [0u8; 128];
+        other[l.unicode_state as usize..][..4].copy_from_slice(&name[l.unicode_state as usize..][..4]);
+        other[l.unicode_length as usize..][..8].copy_from_slice(&1u64.to_le_bytes());
+        other[l.unicode_ascii_data as usize] = b'g';
+        let mut reader = CodeReader::new(std::process::id(), version, l, None);
+        let addr = objects[0].as_ptr() as u64;
+        assert_eq!(reader.code(addr, 7).unwrap().name, "f");
+        // Another code object at the same address: named "g", same first line.
+        let name_at = l.code_qualname.unwrap() as usize;
+        objects[0][name_at..name_at + 8].copy_from_slice(&(other.as_ptr() as u64).to_le_bytes());
+        assert_eq!(reader.code(addr, 7).unwrap().name, "g");
+        // Freed memory that reads as garbage: unnamed; then a code object again: named.
+        objects[0][name_at..name_at + 8].copy_from_slice(&8u64.to_le_bytes());
+        assert!(reader.code(addr, 7).is_none());
+        objects[0][name_at..name_at + 8].copy_from_slice(&(other.as_ptr() as u64).to_le_bytes());
+        assert_eq!(reader.code(addr, 7).unwrap().name, "g");
+    }
+
     impl CodeReader {
         /// A reader of this process whose cache holds `entries` names of `bytes` each.
         pub fn filled(entries: u32, bytes: usize) -> Self {
@@ -371,7 +422,10 @@ mod tests {
                     format: r.format,
                 };
                 r.cached_bytes += info.size();
-                r.cache.insert((u64::from(i), 1), Cached { info: Some(Arc::new(info)), used: r.uses });
+                r.cache.insert(
+                    (u64::from(i), 1),
+                    Cached { info: Some(Arc::new(info)), identity: None, used: r.uses },
+                );
             }
             r
         }

@@ -50,6 +50,8 @@ pub struct RecordOptions {
     pub native: bool,
     /// A root frame per thread.
     pub threads: bool,
+    /// Python frames without their line numbers (one frame per function).
+    pub nolineno: bool,
     /// Whole paths in Python frames.
     pub full_filenames: bool,
     /// Measure the sampling program's own time in the kernel.
@@ -97,6 +99,9 @@ pub struct Summary {
     pub stats: Stats,
     pub end: EndReason,
     pub top: Vec<(Frame, u64)>,
+    /// The profile's weight in stacks with a Python code object gone before it was read
+    /// (`<unknown code>` frames), and its whole weight.
+    pub unreadable_code: (u64, u64),
     /// Exit status of a launched command that ended on its own.
     pub command_status: Option<i32>,
     /// Some target was a CPython stoker walks.
@@ -226,6 +231,7 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
     };
     let flags = if opts.subprocesses { TARGET_SAMPLE | TARGET_FOLLOW } else { TARGET_SAMPLE };
     let mut tracker = Tracker::new(opts.all_python, opts.native);
+    tracker.name_early();
     if opts.gil {
         tracker.gil_only();
     }
@@ -381,6 +387,9 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
         Mode::Cpu => collector.profile(view),
         mode => collector.time_profile(view, mode, opts.rate_hz),
     };
+    if opts.nolineno {
+        profile.without_lines();
+    }
     let name = match (main_pid, targets.first()) {
         (Some(pid), _) => format!("{} (pid {pid})", main_comm.as_deref().unwrap_or("?")),
         (None, Some(t)) => {
@@ -421,6 +430,7 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
         Mode::Cpu => profile.top_leaves(10),
         _ => collector.profile(view).top_leaves(10),
     };
+    let unreadable_code = profile.unreadable_code();
     let gil = if opts.gil { collector.gil_by_process(opts.rate_hz) } else { Vec::new() };
     let comms = cpu
         .iter()
@@ -436,6 +446,7 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
         stats,
         end,
         top,
+        unreadable_code,
         command_status,
         python_found: tracker.found_python(),
         mode: opts.mode,
@@ -677,6 +688,13 @@ impl Summary {
             let _ = writeln!(
                 s,
                 "  kernel: the run-time statistics add {floor:.0} ns to every run on their own (an empty program, timed the same way)"
+            );
+        }
+        if let (unreadable @ 1.., total) = self.unreadable_code {
+            let _ = writeln!(
+                s,
+                "  {:.1}% of the profile shows <unknown code> frames: Python code objects freed before stoker could read them (short-lived code, such as a module's body during its import)",
+                100.0 * unreadable as f64 / total.max(1) as f64
             );
         }
         if !self.top.is_empty() {

@@ -151,6 +151,7 @@ pub fn run(opts: &TopOptions) -> Result<()> {
     }
     kernel.start(opts.rate_hz)?;
     let mut tracker = Tracker::new(opts.all_python, false);
+    tracker.name_early();
     let mut collector = Collector::new(false);
     for target in &targets {
         kernel.add_target(target.pid(), TARGET_SAMPLE)?;
