@@ -3,24 +3,11 @@
 mod common;
 
 use std::{
-    process::{Child, Command},
     thread,
     time::{Duration, Instant},
 };
 
 use common::{agent::*, *};
-
-/// The agent with only the given OTEL_EXPORTER_OTLP_* variables set.
-fn agent_with_env(config: &std::path::Path, vars: &[(&str, String)]) -> Child {
-    let mut command = Command::new(STOKER);
-    command.args(["agent", "--config", config.to_str().unwrap()]);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("OTEL_") {
-            command.env_remove(k);
-        }
-    }
-    command.envs(vars.iter().map(|(k, v)| (k, v))).spawn().unwrap()
-}
 
 /// Metrics reach a gRPC receiver that is not stoker's code (grpcio and the official
 /// opentelemetry-proto servicer), gzip-compressed, with the configured headers, under

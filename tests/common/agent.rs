@@ -62,6 +62,18 @@ pub fn agent(config: &std::path::Path, otlp_port: u16) -> Child {
 }
 
 /// The agent with no OTLP endpoint (its other outputs only).
+/// The agent with exactly the OTEL_* variables `vars` (none of the test's own).
+pub fn agent_with_env(config: &std::path::Path, vars: &[(&str, String)]) -> Child {
+    let mut command = Command::new(STOKER);
+    command.args(["agent", "--config", config.to_str().unwrap()]);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("OTEL_") {
+            command.env_remove(k);
+        }
+    }
+    command.envs(vars.iter().map(|(k, v)| (k, v))).spawn().unwrap()
+}
+
 pub fn agent_without_otlp(config: &std::path::Path) -> Child {
     Command::new(STOKER)
         .args(["agent", "--config", config.to_str().unwrap()])

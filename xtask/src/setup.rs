@@ -55,6 +55,16 @@ const SID_PYTHONS: &[&str] = &["3.13", "3.14", "3.15"];
 /// What each of them needs besides its own packages (Debian unstable's names).
 const SID_LIBRARIES: &[&str] = &["libc6", "libexpat1", "zlib1g", "libssl3t64", "libffi8", "libzstd1"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Real metric stores the end-to-end tests export to and query, each unpacked from its
+/// Debian package into `STORES_DIR/<package>` (Go programs that run on Debian 12's glibc):
+/// VictoriaMetrics from Debian 13 (an OTLP endpoint, PromQL), Prometheus from unstable
+/// (a scraper of the agent's /metrics; Debian builds it without its OTLP receiver).
+pub const STORES_DIR: &str = "/opt/stoker-stores";
+/// (package, Debian release, its program).
+const STORES: &[(&str, &str, &str)] = &[
+    ("victoria-metrics", "trixie", "usr/bin/victoria-metrics"),
+    ("prometheus", "sid", "usr/bin/prometheus"),
+];
 
 pub fn run() -> Result<()> {
     let mut changed = false;
@@ -64,6 +74,7 @@ pub fn run() -> Result<()> {
     changed |= python_packages()?;
     changed |= deploy_tools()?;
     changed |= sid_pythons()?;
+    changed |= metric_stores()?;
     if changed {
         println!("setup: done");
     } else {
@@ -127,21 +138,7 @@ fn sid_pythons() -> Result<bool> {
     }
     println!("setup: installing CPython {} from Debian unstable into {PYTHONS_DIR}", missing.join(", "));
     let apt = root.join(".apt");
-    for dir in ["lists/partial", "cache/archives/partial", "debs"] {
-        std::fs::create_dir_all(apt.join(dir))?;
-    }
-    std::fs::write(apt.join("sources.list"), "deb http://deb.debian.org/debian sid main\n")?;
-    let options = [
-        format!("-o=Dir::Etc::SourceList={}", apt.join("sources.list").display()),
-        "-o=Dir::Etc::SourceParts=/dev/null".into(),
-        format!("-o=Dir::State::Lists={}", apt.join("lists").display()),
-        format!("-o=Dir::Cache={}", apt.join("cache").display()),
-        // sid's Release file is signed by a key Debian 12 already trusts.
-        "-o=APT::Architecture=amd64".into(),
-        // The downloads go to a directory only root may write to, not to apt's sandbox user.
-        "-o=APT::Sandbox::User=root".into(),
-    ];
-    sh(Command::new("apt-get").args(&options).args(["update", "-qq"]))?;
+    let options = private_apt(&apt, &["sid"])?;
     for v in missing {
         let dir = root.join(v);
         let _ = std::fs::remove_dir_all(&dir);
@@ -194,6 +191,66 @@ fn sid_pythons() -> Result<bool> {
             .arg("-Wl,--allow-shlib-undefined"))?;
         if !works(v) {
             bail!("CPython {v} from Debian unstable was unpacked into {} but does not run", dir.display());
+        }
+    }
+    Ok(true)
+}
+
+/// apt options for an apt configuration of its own in `apt` (sources, lists and cache;
+/// the system's are not touched) reading the given Debian releases, with its lists updated.
+fn private_apt(apt: &std::path::Path, releases: &[&str]) -> Result<Vec<String>> {
+    for dir in ["lists/partial", "cache/archives/partial", "debs"] {
+        std::fs::create_dir_all(apt.join(dir))?;
+    }
+    let sources: String =
+        releases.iter().map(|r| format!("deb http://deb.debian.org/debian {r} main\n")).collect();
+    std::fs::write(apt.join("sources.list"), sources)?;
+    let options = vec![
+        format!("-o=Dir::Etc::SourceList={}", apt.join("sources.list").display()),
+        "-o=Dir::Etc::SourceParts=/dev/null".into(),
+        format!("-o=Dir::State::Lists={}", apt.join("lists").display()),
+        format!("-o=Dir::Cache={}", apt.join("cache").display()),
+        // The Release files of Debian 13 and unstable are signed by keys Debian 12 trusts.
+        "-o=APT::Architecture=amd64".into(),
+        // The downloads go to a directory only root may write to, not to apt's sandbox user.
+        "-o=APT::Sandbox::User=root".into(),
+    ];
+    sh(Command::new("apt-get").args(&options).args(["update", "-qq"]))?;
+    Ok(options)
+}
+
+/// The metric stores (`STORES`), each checked by running its program's `--version`.
+fn metric_stores() -> Result<bool> {
+    let root = std::path::Path::new(STORES_DIR);
+    let works = |package: &str, program: &str| {
+        Command::new(root.join(package).join(program))
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    let missing: Vec<_> = STORES.iter().filter(|(package, _, program)| !works(package, program)).collect();
+    if missing.is_empty() {
+        return Ok(false);
+    }
+    let names: Vec<&str> = missing.iter().map(|(package, _, _)| *package).collect();
+    println!("setup: installing {} from Debian's packages into {STORES_DIR}", names.join(", "));
+    let apt = root.join(".apt");
+    let options = private_apt(&apt, &["trixie", "sid"])?;
+    for (package, release, program) in missing {
+        let (dir, debs) = (root.join(package), apt.join("debs").join(package));
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(&debs);
+        std::fs::create_dir_all(&debs)?;
+        sh(Command::new("apt-get").current_dir(&debs).args(&options).args([
+            "download",
+            "-qq",
+            &format!("{package}/{release}"),
+        ]))?;
+        for deb in std::fs::read_dir(&debs)? {
+            sh(Command::new("dpkg").arg("-x").arg(deb?.path()).arg(&dir))?;
+        }
+        if !works(package, program) {
+            bail!("{package} from Debian {release} was unpacked into {} but does not run", dir.display());
         }
     }
     Ok(true)

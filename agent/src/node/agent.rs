@@ -192,7 +192,8 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
             let elapsed = last_export.elapsed();
             last_export = Instant::now();
             naming.name(&kernel, true, || collector.collect(&kernel, &live, true))?;
-            agent.update(&collector, &tracker, &live, elapsed);
+            let scrapes = snapshot.lock().unwrap_or_else(|e| e.into_inner()).scrapes;
+            agent.update(&collector, &tracker, &live, elapsed, scrapes);
             for (pid, blocks) in &loop_blocks {
                 if let Some(p) = agent.processes.get_mut(pid) {
                     p.net.add_loop_blocks(&blocks.iter().map(|(ns, _)| *ns).collect::<Vec<_>>());

@@ -103,7 +103,9 @@ fn handle(mut stream: TcpStream, snapshot: &Mutex<Snapshot>, heartbeat: &Heartbe
     let path = target.split('?').next().unwrap_or("");
     let (status, body, kind) = match (method, path) {
         ("GET" | "HEAD", "/metrics") => {
-            let text = prometheus::render(&snapshot.lock().unwrap_or_else(|e| e.into_inner()));
+            let mut snapshot = snapshot.lock().unwrap_or_else(|e| e.into_inner());
+            snapshot.scrapes += 1;
+            let text = prometheus::render(&snapshot);
             ("200 OK", text, "text/plain; version=0.0.4")
         }
         ("GET" | "HEAD", "/advice") => {

@@ -27,6 +27,11 @@ use crate::{
     },
 };
 
+/// Exports an exited process stays on after its last report while nothing reads
+/// `/metrics` (a scraper reading less often than the agent exports still gets its final
+/// figures).
+const DEPARTED_EXPORTS: u32 = 8;
+
 /// Per-interval bookkeeping: cumulative counts seen, per-process metrics.
 pub(super) struct Interval {
     pub(super) rate_hz: f64,
@@ -42,8 +47,9 @@ pub(super) struct Interval {
     pub(super) off_last: HashMap<OffKey, u64>,
     /// CPU samples of each process's GIL holder seen so far.
     pub(super) gil_last: HashMap<u32, u64>,
-    /// Processes that were gone at the last export: reported one last time then.
-    pub(super) departing: HashSet<u32>,
+    /// Processes gone at an export (reported one last time then): the `/metrics` reads
+    /// counted then, and the exports since (see `DEPARTED_EXPORTS`).
+    pub(super) departing: HashMap<u32, (u64, u32)>,
     /// This interval's profile of each process (its metrics and Pyroscope push use it).
     pub(super) profiles: HashMap<u32, Profile>,
     pub(super) processes: std::collections::BTreeMap<u32, ProcessMetrics>,
@@ -71,7 +77,7 @@ impl Interval {
             last: HashMap::new(),
             off_last: HashMap::new(),
             gil_last: HashMap::new(),
-            departing: HashSet::new(),
+            departing: HashMap::new(),
             profiles: HashMap::new(),
             processes: Default::default(),
             spans_dropped: 0,
@@ -83,12 +89,14 @@ impl Interval {
         }
     }
 
+    /// `scrapes`: how many times `/metrics` was read so far.
     pub(super) fn update(
         &mut self,
         collector: &Collector,
         tracker: &Tracker,
         live: &[u32],
         elapsed: Duration,
+        scrapes: u64,
     ) {
         // Samples since the last interval, by process.
         let mut deltas: HashMap<u32, Vec<(SampleKey, u64)>> = HashMap::new();
@@ -126,16 +134,30 @@ impl Interval {
         }
         // A process that exited during the interval is reported once more, with its last
         // samples and its network figures (a process that waited through its last interval
-        // has no samples in it), and goes at the next export.
+        // has no samples in it). It goes at a later export once `/metrics` was read since
+        // that last report (a scraper has its final figures; OTLP sent them), or after
+        // `DEPARTED_EXPORTS` exports when nothing reads `/metrics`.
         let departing = std::mem::take(&mut self.departing);
+        let fresh = |pid: &u32| {
+            deltas.contains_key(pid) || off_deltas.contains_key(pid) || gil_deltas.contains_key(pid)
+        };
         self.processes.retain(|pid, _| {
             live.contains(pid)
-                || deltas.contains_key(pid)
-                || off_deltas.contains_key(pid)
-                || gil_deltas.contains_key(pid)
-                || !departing.contains(pid)
+                || fresh(pid)
+                || departing
+                    .get(pid)
+                    .is_none_or(|&(reads, age)| reads == scrapes && age + 1 < DEPARTED_EXPORTS)
         });
-        self.departing = self.processes.keys().copied().filter(|pid| !live.contains(pid)).collect();
+        self.departing = self
+            .processes
+            .keys()
+            .copied()
+            .filter(|pid| !live.contains(pid))
+            .map(|pid| match departing.get(&pid) {
+                Some(&(reads, age)) if !fresh(&pid) => (pid, (reads, age + 1)),
+                _ => (pid, (scrapes, 0)),
+            })
+            .collect();
         self.unnamed.retain(|pid| live.contains(pid));
         // Pods listed since: name the processes that run in them.
         let generation = self.lookup.as_ref().map_or(0, PodLookup::generation);

@@ -70,6 +70,8 @@ pub struct Snapshot {
     pub agent_attributes: Vec<(String, String)>,
     /// The advice's window (None: advice off).
     pub advice_window: Option<std::time::Duration>,
+    /// How many times `/metrics` was read since the start.
+    pub scrapes: u64,
 }
 
 impl ProcessMetrics {
