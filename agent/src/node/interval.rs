@@ -27,8 +27,8 @@ use crate::{
     },
 };
 
-/// Exports an exited process stays on after its last report while nothing reads
-/// `/metrics` (a scraper reading less often than the agent exports still gets its final
+/// Exports an exited process stays on after its last report until a scraper reads
+/// `/metrics` (one reading less often than the agent exports still gets its final
 /// figures).
 const DEPARTED_EXPORTS: u32 = 8;
 
@@ -134,9 +134,9 @@ impl Interval {
         }
         // A process that exited during the interval is reported once more, with its last
         // samples and its network figures (a process that waited through its last interval
-        // has no samples in it). It goes at a later export once `/metrics` was read since
-        // that last report (a scraper has its final figures; OTLP sent them), or after
-        // `DEPARTED_EXPORTS` exports when nothing reads `/metrics`.
+        // has no samples in it). It goes at the next export, or, once something reads
+        // `/metrics`, at the first export after `/metrics` was read since that last report
+        // (the scraper has its final figures), at most `DEPARTED_EXPORTS` exports on.
         let departing = std::mem::take(&mut self.departing);
         let fresh = |pid: &u32| {
             deltas.contains_key(pid) || off_deltas.contains_key(pid) || gil_deltas.contains_key(pid)
@@ -146,7 +146,7 @@ impl Interval {
                 || fresh(pid)
                 || departing
                     .get(pid)
-                    .is_none_or(|&(reads, age)| reads == scrapes && age + 1 < DEPARTED_EXPORTS)
+                    .is_none_or(|&(reads, age)| scrapes > 0 && reads == scrapes && age + 1 < DEPARTED_EXPORTS)
         });
         self.departing = self
             .processes
