@@ -355,8 +355,15 @@ impl Interval {
             if let Some(rss) = rss_bytes(pid) {
                 p.memory_bytes = rss;
             }
+            // The kernel's figure now is the process's first: the next export's interval
+            // counts from it, so its utilization matches the counter's growth.
+            let cpu = process::cpu_time(pid);
+            if p.accounted.is_none() {
+                p.accounted = cpu;
+                p.cpu_seconds = cpu.unwrap_or(0.0);
+            }
             let mut early = p.clone();
-            early.cpu_seconds = process::cpu_time(pid).unwrap_or(0.0);
+            early.cpu_seconds = cpu.unwrap_or(p.cpu_seconds);
             snapshot.processes.insert(pid, early);
             added = true;
         }
