@@ -357,14 +357,11 @@ impl Interval {
             }
             // The kernel's figure now is the process's first: the next export's interval
             // counts from it, so its utilization matches the counter's growth.
-            let cpu = process::cpu_time(pid);
             if p.accounted.is_none() {
-                p.accounted = cpu;
-                p.cpu_seconds = cpu.unwrap_or(0.0);
+                p.accounted = process::cpu_time(pid);
+                p.cpu_seconds = p.accounted.unwrap_or(0.0);
             }
-            let mut early = p.clone();
-            early.cpu_seconds = cpu.unwrap_or(p.cpu_seconds);
-            snapshot.processes.insert(pid, early);
+            snapshot.processes.insert(pid, p.clone());
             added = true;
         }
         if added {
