@@ -11,12 +11,8 @@ use std::{
     process::{Child, Command, Stdio},
 };
 
-use common::{agent as agent_harness, net::Lines, *};
+use common::{agent as agent_harness, net::Lines, workloads::*, *};
 use serde_json::Value;
-
-fn fixture(dir: &str, name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(dir).join(name)
-}
 
 /// A running `stoker advise -f json -o <scratch>/advice.json ARGS`, sampling.
 struct Session {
@@ -77,19 +73,6 @@ fn findings(advice: &Value, pid: Option<u32>) -> Vec<Value> {
 
 fn number(finding: &Value, key: &str) -> f64 {
     finding["numbers"][key].as_f64().unwrap_or_else(|| panic!("no {key} in {finding:#}"))
-}
-
-/// `spin.py CPU_SECONDS` (spinning once told to go) in a new cgroup allowed 0.3 CPU.
-fn spinner(name: &str, cpu_seconds: &str) -> (QuotaCgroup, Child) {
-    let cgroup = QuotaCgroup::new(name, 30000);
-    let spin = Command::new(python("3.12.1"))
-        .args([fixture("offcpu", "spin.py").to_str().unwrap(), cpu_seconds])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    cgroup.add(spin.id());
-    (cgroup, spin)
 }
 
 /// A single-threaded CPU-bound process in a cgroup allowed 0.3 CPU: the top finding is
@@ -214,21 +197,6 @@ fn a_slow_upstream_is_named_and_cpu_is_not_asked_for() {
     assert!(number(top, "share") >= 0.5);
 }
 
-/// `python ARGS` started inside the v1 `cpu` cgroup at `cgroup` (moved there before the
-/// interpreter starts, so its forks are there too); returns it and the port it prints.
-fn python_in(cgroup: &Path, args: &[&str]) -> (Child, String) {
-    let mut child = Command::new("sh")
-        .args(["-c", "echo $$ > \"$0/cgroup.procs\" && exec \"$@\"", cgroup.to_str().unwrap()])
-        .arg(python("3.12.1"))
-        .args(args)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let port =
-        Lines::of(&mut child).next("server port", std::time::Duration::from_secs(10)).trim().to_string();
-    (child, port)
-}
-
 /// A pre-fork server with 8 workers in a cgroup allowed 0.5 CPU: the top finding of its
 /// parent is `workers-mismatch`, asking for 2 x ceil(0.5) + 1 = 3 workers.
 #[test]
@@ -304,30 +272,6 @@ fn an_idle_service_with_a_large_quota_is_told_to_ask_less() {
     assert!(used < 0.2 && request >= used * 1.15 - 0.01 && request <= used * 1.15 + 0.011, "{top:#}");
 }
 
-/// Runs the http.client caller fixture: `count` GETs of /sleep/5 on one keep-alive
-/// connection; returns its JSON.
-fn call(port: &str, count: u32) -> Value {
-    let plan = serde_json::json!([{"port": port.parse::<u16>().unwrap(), "path": "/sleep/5", "count": count, "how": "http.client"}]);
-    let out = Command::new(python("3.12.1"))
-        .args([fixture("net", "caller_client.py").to_str().unwrap(), &plan.to_string()])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "the caller failed");
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-fn http_server(args: &[&str]) -> (Child, String) {
-    let mut server = Command::new(python("3.12.1"))
-        .arg(fixture("net", "http_server.py"))
-        .args(args)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let port =
-        Lines::of(&mut server).next("server port", std::time::Duration::from_secs(10)).trim().to_string();
-    (server, port)
-}
-
 /// http.server with Nagle's algorithm on, called by http.client: the top finding is
 /// `nagle-stall`, counting the responses whose body the caller waited 20 ms or more for.
 /// The same server with Nagle off, lightly called, is `healthy` and nothing else (its
@@ -359,66 +303,6 @@ fn nagle_stalls_are_advised_and_a_healthy_server_is_left_alone() {
         assert_eq!(number(top, "stalled"), waited as f64, "{top:#}");
         assert_eq!(number(top, "requests"), 10.0);
     }
-}
-
-/// A v1 `memory` cgroup with a limit (and a `cpu` cgroup of the same name without a quota,
-/// where stoker finds a v1 process's cgroup); removed when dropped.
-struct MemoryCgroup {
-    dirs: [PathBuf; 2],
-}
-
-impl MemoryCgroup {
-    fn new(limit: u64) -> Self {
-        let name = format!("stoker-advise-memory-{}", std::process::id());
-        let dirs =
-            [Path::new("/sys/fs/cgroup/cpu").join(&name), Path::new("/sys/fs/cgroup/memory").join(&name)];
-        for d in &dirs {
-            std::fs::create_dir_all(d).unwrap();
-        }
-        std::fs::write(dirs[1].join("memory.limit_in_bytes"), limit.to_string()).unwrap();
-        Self { dirs }
-    }
-
-    fn add(&self, pid: u32) {
-        for d in &self.dirs {
-            std::fs::write(d.join("cgroup.procs"), pid.to_string()).unwrap();
-        }
-    }
-}
-
-impl Drop for MemoryCgroup {
-    fn drop(&mut self) {
-        for d in &self.dirs {
-            let _ = std::fs::remove_dir(d);
-        }
-    }
-}
-
-/// Grows until its cgroup's memory use reaches 92% of the limit, prints the use, idles.
-const GROWER: &str = r#"
-import sys, time
-sys.stdin.readline()
-d = [l.split(":")[2].strip() for l in open("/proc/self/cgroup") if ":memory:" in l][0]
-base = "/sys/fs/cgroup/memory" + d
-limit = int(open(base + "/memory.limit_in_bytes").read())
-hold = []
-while int(open(base + "/memory.usage_in_bytes").read()) < 0.92 * limit:
-    hold.append(b"x" * (1 << 20))
-print(int(open(base + "/memory.max_usage_in_bytes").read()), flush=True)
-time.sleep(60)
-"#;
-
-/// `GROWER` in a new memory cgroup limited to 96 MiB, waiting to be told to grow.
-fn grower() -> (MemoryCgroup, Child) {
-    let cgroup = MemoryCgroup::new(96 << 20);
-    let grower = Command::new(python("3.12.1"))
-        .args(["-c", GROWER])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    cgroup.add(grower.id());
-    (cgroup, grower)
 }
 
 /// A process that grows to 92% of its cgroup's 96 MiB memory limit: the top finding is

@@ -495,7 +495,7 @@ fn agent_exports_the_cgroup_quota_and_throttling() {
         value("stoker_cgroup_cpu_throttled_time_seconds_total")
     );
     assert!(stat.1 > 0, "0.6 s of CPU at a 0.3 CPU quota was not throttled: {stat:?}");
-    assert_eq!(value("stoker_cgroup_cpu_quota_cpus"), Some(0.3));
+    assert_eq!(value("stoker_cgroup_cpu_quota"), Some(0.3));
     assert_eq!(value("stoker_cgroup_cpu_throttled_periods_total"), Some(stat.1 as f64));
     assert_eq!(value("stoker_cgroup_cpu_periods_total"), Some(stat.0 as f64));
     let time = value("stoker_cgroup_cpu_throttled_time_seconds_total").unwrap();
@@ -605,7 +605,7 @@ fn agent_exports_gil_held_time() {
     let held = loop {
         thread::sleep(Duration::from_millis(1200));
         let (_, text) = http_get(http, "/metrics").unwrap();
-        let now = metric_value(&text, "stoker_process_gil_held_seconds_total", &label);
+        let now = metric_value(&text, "stoker_process_gil_held_time_seconds_total", &label);
         if (now.is_some() && now == last) || Instant::now() > deadline {
             break now.unwrap_or_else(|| panic!("no GIL-held time for {label}: {text}"));
         }

@@ -399,15 +399,15 @@ kubernetes:
             .to_string()
     };
     for (name, value) in [
-        ("k8s_container_cpu_request_cores", 1.5),
-        ("k8s_container_cpu_limit_cores", 2.0),
+        ("k8s_container_cpu_request", 1.5),
+        ("k8s_container_cpu_limit", 2.0),
         ("k8s_container_memory_request_bytes", 536870912.0),
         ("k8s_container_memory_limit_bytes", 1073741824.0),
     ] {
         let l = line(name);
         assert_eq!(l.rsplit(' ').next().unwrap().parse::<f64>().unwrap(), value, "{l}");
     }
-    for name in ["stoker_recommendation_cpu_request_cores", "stoker_recommendation_memory_request_bytes"] {
+    for name in ["stoker_recommendation_cpu_request", "stoker_recommendation_memory_request_bytes"] {
         let l = line(name);
         for attr in [format!("k8s_pod_name=\"{}\"", pod.name), "k8s_container_name=\"search\"".into()] {
             assert!(l.contains(&attr), "missing {attr} in {l}");

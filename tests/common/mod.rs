@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod k8s;
 pub mod net;
+pub mod workloads;
 
 use std::{
     collections::HashMap,

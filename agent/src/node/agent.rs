@@ -156,7 +156,11 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
         sinks.join(", ")
     );
 
+    // Exports keep to a grid of export_interval from the start (each at its time, not a
+    // tick late, and a late one does not push the next): a store that scrapes /metrics at
+    // the same interval sees one export per scrape, and its rates do not alias.
     let mut last_export = Instant::now();
+    let mut next_export = last_export + config.export_interval;
     let mut naming = NamingPace::new();
     let mut stop_seen = None;
     // Blocked event-loop stretches since the last export, and the function seen most in
@@ -164,7 +168,8 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
     let mut loop_blocks: std::collections::HashMap<u32, Vec<(u64, String)>> =
         std::collections::HashMap::new();
     loop {
-        tracker.wait(TICK, &mut kernel, &mut collector)?;
+        let until_export = next_export.saturating_duration_since(Instant::now());
+        tracker.wait(TICK.min(until_export), &mut kernel, &mut collector)?;
         let stopping = stop.load(Ordering::Relaxed);
         if stopping {
             stop_seen.get_or_insert_with(Instant::now);
@@ -180,7 +185,7 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
         if net.is_some() {
             adopter.adopt_new(&mut kernel, &live);
         }
-        if !stopping && last_export.elapsed() < config.export_interval {
+        if !stopping && Instant::now() < next_export {
             // New stacks are named while their processes live: a short-lived process's code
             // objects and mappings may be gone by the next export.
             naming.name(&kernel, false, || collector.collect(&kernel, &live, false))?;
@@ -191,6 +196,10 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
         } else {
             let elapsed = last_export.elapsed();
             last_export = Instant::now();
+            next_export += config.export_interval;
+            if next_export <= last_export {
+                next_export = last_export + config.export_interval;
+            }
             naming.name(&kernel, true, || collector.collect(&kernel, &live, true))?;
             let scrapes = snapshot.lock().unwrap_or_else(|e| e.into_inner()).scrapes;
             agent.update(&collector, &tracker, &live, elapsed, scrapes);

@@ -46,11 +46,20 @@ pub(crate) fn nanos(t: Option<SystemTime>) -> u64 {
     t.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos() as u64)
 }
 
-/// Resource attributes as Prometheus labels (`k="v",...`, no braces).
+/// Resource attributes as Prometheus labels (`k="v",...`, no braces), named as a
+/// Collector's Prometheus exporters name them: every character other than a letter, digit
+/// or underscore becomes an underscore, and a leading digit gets `key_` before it.
 pub(crate) fn resource_labels(resource: &BTreeMap<String, String>) -> String {
     let parts: Vec<String> =
-        resource.iter().map(|(k, v)| format!("{}=\"{}\"", k.replace('.', "_"), escape(v))).collect();
+        resource.iter().map(|(k, v)| format!("{}=\"{}\"", label_name(k), escape(v))).collect();
     parts.join(",")
+}
+
+/// An attribute's key as a Prometheus label name.
+pub(crate) fn label_name(key: &str) -> String {
+    let name: String =
+        key.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' }).collect();
+    if name.starts_with(|c: char| c.is_ascii_digit()) { format!("key_{name}") } else { name }
 }
 
 pub(crate) fn escape(v: &str) -> String {

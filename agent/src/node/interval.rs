@@ -243,7 +243,9 @@ impl Interval {
         for &pid in live {
             if !self.processes.contains_key(&pid) {
                 let (resource, declared) = self.resource(pid, tracker);
-                self.processes.insert(pid, ProcessMetrics { resource, declared, ..Default::default() });
+                let started_ns = process::started_unix_ns(pid);
+                self.processes
+                    .insert(pid, ProcessMetrics { resource, declared, started_ns, ..Default::default() });
             }
         }
         // A fork that exited before it was looked at (a short-lived worker) is its parent's

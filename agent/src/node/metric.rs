@@ -66,7 +66,7 @@ pub(crate) const CGROUP_CPU_QUOTA: Metric = def(
     "stoker.cgroup.cpu.quota",
     "{cpu}",
     Gauge,
-    "stoker_cgroup_cpu_quota_cpus",
+    "stoker_cgroup_cpu_quota",
     "CPU quota of the process's cgroup in CPUs (quota / period); absent when unlimited.",
 );
 pub(crate) const CGROUP_CPU_PERIODS: Metric = def(
@@ -191,14 +191,14 @@ pub(crate) const DECLARED_CPU_REQUEST: Metric = def(
     "k8s.container.cpu.request",
     "{cpu}",
     Gauge,
-    "k8s_container_cpu_request_cores",
+    "k8s_container_cpu_request",
     "CPU request of the process's container, from its pod's spec.",
 );
 pub(crate) const DECLARED_CPU_LIMIT: Metric = def(
     "k8s.container.cpu.limit",
     "{cpu}",
     Gauge,
-    "k8s_container_cpu_limit_cores",
+    "k8s_container_cpu_limit",
     "CPU limit of the process's container, from its pod's spec.",
 );
 pub(crate) const DECLARED_MEMORY_REQUEST: Metric = def(
@@ -237,14 +237,14 @@ pub(crate) const REC_CPU_REQUEST: Metric = def(
     "stoker.recommendation.cpu.request",
     "{cpu}",
     Gauge,
-    "stoker_recommendation_cpu_request_cores",
+    "stoker_recommendation_cpu_request",
     "CPU request the advice recommends (cpu-saturated, cpu-overprovisioned), over advice.window.",
 );
 pub(crate) const REC_CPU_LIMIT: Metric = def(
     "stoker.recommendation.cpu.limit",
     "{cpu}",
     Gauge,
-    "stoker_recommendation_cpu_limit_cores",
+    "stoker_recommendation_cpu_limit",
     "CPU limit the advice recommends (cpu-throttled), over advice.window.",
 );
 pub(crate) const REC_MEMORY_REQUEST: Metric = def(
@@ -273,7 +273,7 @@ pub(crate) const RECOMMENDATIONS: [&Metric; 5] =
     [&REC_CPU_REQUEST, &REC_CPU_LIMIT, &REC_MEMORY_REQUEST, &REC_MEMORY_LIMIT, &REC_WORKERS];
 pub(crate) const ADVICE_ACTIVE: Metric = def(
     "stoker.advice.active",
-    "1",
+    "{finding}",
     Gauge,
     "stoker_advice_active",
     "1 for each finding of the advice over advice.window, by stoker.advice.rule and stoker.advice.severity.",
@@ -290,7 +290,7 @@ pub(crate) const GIL_HELD_TIME: Metric = def(
     "stoker.process.gil.held.time",
     "s",
     Counter,
-    "stoker_process_gil_held_seconds_total",
+    "stoker_process_gil_held_time_seconds_total",
     "Time the process's threads ran holding the GIL, from CPU samples of the holder (with off_cpu.enabled); its rate is the share of wall time the GIL was in use.",
 );
 pub(crate) const FUNCTION_CPU_TIME: Metric = def(
@@ -474,3 +474,62 @@ pub(crate) const NETWORK: [&Metric; 13] = [
     &STALL,
     &LOOP_BLOCKED,
 ];
+
+/// Every metric, for the tests of their names.
+#[cfg(test)]
+fn all() -> Vec<&'static Metric> {
+    let mut all = vec![&CPU_TIME, &CPU_UTILIZATION, &MEMORY_USAGE];
+    all.extend(CGROUP_METRICS);
+    all.extend(DECLARED);
+    all.extend(RECOMMENDATIONS);
+    all.extend([&ADVICE_ACTIVE, &OFF_CPU_TIME, &GIL_HELD_TIME, &FUNCTION_CPU_TIME]);
+    all.extend([&SAMPLES, &SAMPLES_LOST, &EXPORT_FAILURES, &EXPORT_DROPPED, &PROCESSES_TRACKED]);
+    all.extend([&NET_EVENTS_LOST, &SPANS_DROPPED, &KERNEL_LOSSES]);
+    all.extend(NETWORK);
+    all
+}
+
+/// The name a Collector's Prometheus exporters (and stores that translate OTLP the same
+/// way, such as VictoriaMetrics with `-opentelemetry.usePrometheusNaming`) give a metric:
+/// dots to underscores, the unit as a suffix unless the name ends with it (`s` seconds,
+/// `By` bytes, `1` ratio for gauges, annotations in braces dropped), `_total` for counters.
+#[cfg(test)]
+fn translated(m: &Metric) -> String {
+    let mut words: Vec<String> =
+        m.name.split(['.', '_']).filter(|w| !w.is_empty()).map(String::from).collect();
+    let unit = match (m.unit, m.instrument) {
+        ("s", _) => Some("seconds"),
+        ("By", _) => Some("bytes"),
+        ("1", Gauge) => Some("ratio"),
+        ("1", _) => None,
+        (u, _) if u.starts_with('{') => None,
+        (u, _) => panic!("{}: unit {u} has no translation here", m.name),
+    };
+    if let Some(unit) = unit
+        && words.last().map(String::as_str) != Some(unit)
+    {
+        words.push(unit.into());
+    }
+    if m.instrument == Counter {
+        words.retain(|w| w != "total");
+        words.push("total".into());
+    }
+    words.join("_")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// /metrics carries the names the OTLP path gives in Prometheus-compatible stores, so
+    /// one dashboard reads both.
+    #[test]
+    fn prometheus_names_are_the_otlp_names_translated() {
+        let wrong: Vec<String> = all()
+            .into_iter()
+            .filter(|m| m.prometheus != translated(m))
+            .map(|m| format!("{} ({}): {} here, {} translated", m.name, m.unit, m.prometheus, translated(m)))
+            .collect();
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    }
+}

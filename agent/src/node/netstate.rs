@@ -8,7 +8,7 @@ use opentelemetry_proto::tonic::metrics::v1::{
 };
 
 use super::{
-    encode::{attribute, escape},
+    encode::{attribute, escape, label_name},
     metric::{
         ACCEPT_QUEUE, ACCEPTS, CLIENT_TTFB, CONNECT, CONNECT_FAILURES, HTTP_CLIENT, HTTP_SERVER, Instrument,
         LOOP_BLOCKED, Metric as Def, NET_REQUEST, NETWORK, RETRANSMITS, RTT, SERVER_QUEUE, STALL,
@@ -42,11 +42,13 @@ enum Value {
 
 type Attributes = Vec<(&'static str, String)>;
 
-/// A series' cumulative value, since when (Unix ns), and the fold that last updated it.
+/// A series' cumulative value, since when (Unix ns), the fold that made it and the one
+/// that last updated it.
 #[derive(Debug, Clone, PartialEq)]
 struct Series {
     value: Value,
     start_ns: u64,
+    born: u64,
     updated: u64,
 }
 
@@ -153,8 +155,12 @@ impl NetSeries {
             (kind.name, attrs)
         };
         let updated = self.folds;
-        let series =
-            self.series.entry(key).or_insert_with(|| Series { value: empty, start_ns: now_ns(), updated });
+        let series = self.series.entry(key).or_insert_with(|| Series {
+            value: empty,
+            start_ns: now_ns(),
+            born: updated,
+            updated,
+        });
         series.updated = updated;
         &mut series.value
     }
@@ -244,16 +250,25 @@ impl NetSeries {
 }
 
 /// Prometheus text of every process's network series, each with its process's resource
-/// labels (`k="v",...`, without braces).
-pub fn prometheus<'a>(out: &mut String, processes: impl Iterator<Item = (&'a NetSeries, String)> + Clone) {
+/// labels (`k="v",...`, without braces) and whether the process still runs.
+///
+/// A running process's series made in the last interval read zero until the next export:
+/// a scraper's `rate()` sees the increase only between two scrapes of a series, so one that
+/// first appeared already counting would never show its first interval's requests (on a
+/// route called now and then, none of them). A process that exited shows its last figures.
+pub fn prometheus<'a>(
+    out: &mut String,
+    processes: impl Iterator<Item = (&'a NetSeries, String, bool)> + Clone,
+) {
     use std::fmt::Write;
     for kind in NETWORK {
         let mut header = false;
-        for (net, resource) in processes.clone() {
+        for (net, resource, running) in processes.clone() {
             for ((name, attrs), series) in &net.series {
                 if *name != kind.name {
                     continue;
                 }
+                let newborn = running && series.born == net.folds;
                 if !header {
                     let _ = writeln!(
                         out,
@@ -266,15 +281,17 @@ pub fn prometheus<'a>(out: &mut String, processes: impl Iterator<Item = (&'a Net
                     header = true;
                 }
                 let mut labels: Vec<String> = vec![resource.clone()];
-                labels
-                    .extend(attrs.iter().map(|(k, v)| format!("{}=\"{}\"", k.replace('.', "_"), escape(v))));
+                labels.extend(attrs.iter().map(|(k, v)| format!("{}=\"{}\"", label_name(k), escape(v))));
                 labels.retain(|l| !l.is_empty());
                 let labels = labels.join(",");
                 match &series.value {
                     Value::Counter(n) => {
+                        let n = if newborn { 0 } else { *n };
                         let _ = writeln!(out, "{}{{{labels}}} {n}", kind.prometheus);
                     }
                     Value::Histogram(b) => {
+                        let zero = Buckets { counts: vec![0; b.counts.len()], ..Default::default() };
+                        let b = if newborn { &zero } else { b };
                         let base = kind.prometheus;
                         let mut cumulative = 0;
                         let bounds = bounds(kind);
@@ -331,6 +348,30 @@ mod tests {
             m.requests.insert(key, stats);
         }
         m
+    }
+
+    /// The `_count` of the http.server histogram on /metrics.
+    fn scraped_count(net: &NetSeries, running: bool) -> String {
+        let mut out = String::new();
+        prometheus(&mut out, std::iter::once((net, "process_pid=\"7\"".to_string(), running)));
+        out.lines().find(|l| l.starts_with("http_server_request_duration_seconds_count")).unwrap().to_string()
+    }
+
+    #[test]
+    fn a_new_series_reads_zero_on_metrics_until_the_next_export() {
+        let mut net = NetSeries::default();
+        net.fold(7, &interval(std::iter::once("/a".to_string())));
+        assert!(scraped_count(&net, true).ends_with("} 0"), "{}", scraped_count(&net, true));
+        // A process that exited shows its last figures at once: there is no next export.
+        assert!(scraped_count(&net, false).ends_with("} 1"));
+        net.fold(7, &NetMetrics::default());
+        assert!(scraped_count(&net, true).ends_with("} 1"));
+        // The OTLP export is not delayed.
+        let mut fresh = NetSeries::default();
+        fresh.fold(7, &interval(std::iter::once("/a".to_string())));
+        let otlp = fresh.otlp(0, 1);
+        let Some(metric::Data::Histogram(h)) = &otlp[0].data else { panic!("{otlp:?}") };
+        assert_eq!(h.data_points[0].count, 1);
     }
 
     #[test]

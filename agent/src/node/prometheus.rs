@@ -112,18 +112,26 @@ pub fn render(snapshot: &Snapshot) -> String {
     if !active.is_empty() {
         family(&metric::ADVICE_ACTIVE, active);
     }
+    // The agent's own figures carry its own resource's attributes, as in OTLP:
+    // `service_name` stoker-agent, `host_name`, and `k8s_node_name` in the DaemonSet.
+    let own = resource_labels(&snapshot.agent_resource());
+    let braced = |extra: String| {
+        let parts: Vec<&str> = [own.as_str(), extra.as_str()].into_iter().filter(|p| !p.is_empty()).collect();
+        if parts.is_empty() { String::new() } else { format!("{{{}}}", parts.join(",")) }
+    };
     for (m, value) in snapshot.health.values() {
-        family(m, vec![(String::new(), value as f64)]);
+        family(m, vec![(braced(String::new()), value as f64)]);
     }
     let losses = snapshot
         .health
         .losses
         .iter()
-        .map(|(why, n)| (format!("{{stoker_loss_reason=\"{why}\"}}"), *n as f64));
+        .map(|(why, n)| (braced(format!("stoker_loss_reason=\"{why}\"")), *n as f64));
     family(&metric::KERNEL_LOSSES, losses.collect());
     netstate::prometheus(
         &mut out,
-        snapshot.processes.values().map(|p| (&p.net, resource_labels(&p.resource))),
+        // The kernel's figure is gone once the process is.
+        snapshot.processes.values().map(|p| (&p.net, resource_labels(&p.resource), p.accounted.is_some())),
     );
     out
 }

@@ -18,6 +18,8 @@ pub struct ProcessMetrics {
     /// CPU time of the process: the kernel's accounting (all its threads, since it started)
     /// as read at the last export; after it exits, plus the samples of its last interval.
     pub cpu_seconds: f64,
+    /// When the process started (Unix ns): the start of its cumulative CPU time.
+    pub started_ns: Option<u64>,
     /// The kernel's figure at the last export (None: not read yet, or the process is gone).
     pub accounted: Option<f64>,
     pub utilization: f64,
@@ -72,6 +74,19 @@ pub struct Snapshot {
     pub advice_window: Option<std::time::Duration>,
     /// How many times `/metrics` was read since the start.
     pub scrapes: u64,
+}
+
+impl Snapshot {
+    /// The agent's own resource: `service.name` stoker-agent and `host.name`, then
+    /// `OTEL_RESOURCE_ATTRIBUTES` over them.
+    pub fn agent_resource(&self) -> BTreeMap<String, String> {
+        let mut r = BTreeMap::from([
+            ("service.name".to_string(), "stoker-agent".to_string()),
+            ("host.name".to_string(), self.host.clone()),
+        ]);
+        r.extend(self.agent_attributes.iter().cloned());
+        r
+    }
 }
 
 impl ProcessMetrics {

@@ -90,6 +90,17 @@ pub fn start_time(pid: u32) -> Option<u64> {
     parse_start_time(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
 }
 
+/// When the live process `pid` started, in nanoseconds since the Unix epoch (the boot time
+/// in /proc/stat plus its start in clock ticks).
+pub fn started_unix_ns(pid: u32) -> Option<u64> {
+    let ticks = start_time(pid)?;
+    let stat = fs::read_to_string("/proc/stat").ok()?;
+    let boot: u64 = stat.lines().find_map(|l| l.strip_prefix("btime "))?.trim().parse().ok()?;
+    // SAFETY: sysconf reads a constant of the system.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).ok().filter(|&hz| hz > 0)?;
+    Some(boot * 1_000_000_000 + ticks * (1_000_000_000 / hz))
+}
+
 /// The fields of a /proc/PID/stat (or /proc/PID/task/TID/stat) line from field 3, the
 /// state, on: those after the command name, which is in parentheses and may hold anything.
 /// Field n is `nth(n - 3)`.
@@ -175,6 +186,11 @@ mod tests {
         assert_eq!(parse_start_time(&stat.replace(" R ", " Z ")), None);
         assert_eq!(parse_start_time("42 (x"), None);
         assert!(start_time(std::process::id()).is_some());
+        // This process started before now and after the machine booted.
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+        let started = started_unix_ns(std::process::id()).unwrap();
+        assert!(started <= now && started > now - 30 * 86_400 * 1_000_000_000, "{started} {now}");
     }
 
     #[test]

@@ -37,7 +37,14 @@ pub fn request(snapshot: &Snapshot) -> ExportMetricsServiceRequest {
                 .map(|(f, v)| point(v, vec![kv("function", f)]))
                 .collect();
             let mut metrics = vec![
-                number(&def::CPU_TIME, vec![point(p.cpu_seconds, vec![])]),
+                // The kernel's figure counts from the process's start, not the agent's.
+                number(
+                    &def::CPU_TIME,
+                    vec![NumberDataPoint {
+                        start_time_unix_nano: p.started_ns.unwrap_or(start),
+                        ..point(p.cpu_seconds, vec![])
+                    }],
+                ),
                 number(&def::CPU_UTILIZATION, vec![point(p.utilization, vec![])]),
                 number(&def::MEMORY_USAGE, vec![point(p.memory_bytes as f64, vec![])]),
                 number(&def::FUNCTION_CPU_TIME, functions),
@@ -91,11 +98,7 @@ pub fn request(snapshot: &Snapshot) -> ExportMetricsServiceRequest {
             }
         })
         .collect();
-    let mut attrs: Vec<(&str, &str)> = vec![("service.name", "stoker-agent"), ("host.name", &snapshot.host)];
-    for (k, v) in &snapshot.agent_attributes {
-        attrs.retain(|(key, _)| key != k);
-        attrs.push((k, v));
-    }
+    let attrs = snapshot.agent_resource();
     let losses = snapshot
         .health
         .losses
@@ -110,7 +113,7 @@ pub fn request(snapshot: &Snapshot) -> ExportMetricsServiceRequest {
         .chain([number(&def::KERNEL_LOSSES, losses)]);
     resource_metrics.push(ResourceMetrics {
         resource: Some(Resource {
-            attributes: attrs.into_iter().map(|(k, v)| kv(k, v)).collect(),
+            attributes: attrs.iter().map(|(k, v)| kv(k, v)).collect(),
             ..Default::default()
         }),
         scope_metrics: vec![scope(health.collect())],
