@@ -50,9 +50,11 @@ pub mod stall_cause {
 
 /// A client's response that arrived in two parts, the rest this long after the first
 /// (`NetSkState::gap_ns`), waited for the client's delayed acknowledgement: Linux delays an
-/// ACK 40 ms at least and 200 ms at most, and the rest then takes a round trip. (A server
-/// that pauses between two writes that long looks the same from the client's side.)
-pub const NAGLE_GAP_MIN_NS: u64 = 38_000_000;
+/// ACK 40 ms at least and 200 ms at most, and the rest then takes a round trip. The 40 ms
+/// are counted in timer ticks from within one: the ACK goes up to a tick early, 36 ms after
+/// the first part at 250 Hz, 30 ms at 100 Hz (the lowest `CONFIG_HZ`). (A server that
+/// pauses between two writes that long looks the same from the client's side.)
+pub const NAGLE_GAP_MIN_NS: u64 = 30_000_000;
 pub const NAGLE_GAP_MAX_NS: u64 = 220_000_000;
 
 /// What the programs keep per tracked socket (a server's or a client's).
