@@ -18,6 +18,8 @@
 #                       ships schemas for 1.25.0 to 1.37.0)
 #   STOKER_BIN          a stoker binary with the `agent` subcommand: also runs
 #                       `stoker agent --check-config` on the ConfigMap's config
+#   COLLECTOR_CONFIG    Collector config to check in section 6 instead of
+#                       otel-collector/config.yaml (e.g. an edited copy)
 set -uo pipefail
 
 DEPLOY="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -25,7 +27,12 @@ DEPLOY="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 if [[ "${STOKER_BIN:-}" == */* && "${STOKER_BIN}" != /* ]]; then
     STOKER_BIN="$PWD/$STOKER_BIN"
 fi
+# So is a relative COLLECTOR_CONFIG.
+if [[ -n "${COLLECTOR_CONFIG:-}" && "${COLLECTOR_CONFIG}" != /* ]]; then
+    COLLECTOR_CONFIG="$PWD/$COLLECTOR_CONFIG"
+fi
 cd "$DEPLOY"
+COLLECTOR_CONFIG="${COLLECTOR_CONFIG:-otel-collector/config.yaml}"
 if [[ -n "${STOKER_DEPLOY_VENV:-}" ]]; then
     export PATH="$STOKER_DEPLOY_VENV/bin:$PATH"
 fi
@@ -225,9 +232,9 @@ run "grafana/stoker-dashboard.json parses and uses only the agent's metrics" das
 
 # ---- 6. Collector and agent configs -------------------------------------------
 collector() {
-    "$PY" - <<'EOF'
+    "$PY" - "$COLLECTOR_CONFIG" <<'EOF'
 import sys, yaml
-c = yaml.safe_load(open("otel-collector/config.yaml"))
+c = yaml.safe_load(open(sys.argv[1]))
 ok = True
 for name, p in c["service"]["pipelines"].items():
     for kind in ("receivers", "processors", "exporters"):
@@ -241,7 +248,62 @@ print("pipelines:", ", ".join(c["service"]["pipelines"]))
 sys.exit(0 if ok else 1)
 EOF
 }
-run "otel-collector/config.yaml parses and its pipelines use defined components" collector
+run "$COLLECTOR_CONFIG parses and its pipelines use defined components" collector
+
+# Every component type and configuration key against otel-collector/
+# schema-<version>.yaml, the keys of the Collector version that
+# otel-collector/kubernetes/deployment.yaml pins (the Collector refuses to
+# start on an unknown key).
+collector_keys() {
+    "$PY" - "$COLLECTOR_CONFIG" <<'EOF'
+import os, re, sys, yaml
+
+image = re.search(r"image:\s*\S*opentelemetry-collector-contrib:([0-9][^\s@\"']*)",
+                  open("otel-collector/kubernetes/deployment.yaml").read())
+if not image:
+    sys.exit("otel-collector/kubernetes/deployment.yaml: no opentelemetry-collector-contrib:<version> image")
+schema_path = f"otel-collector/schema-{image.group(1)}.yaml"
+if not os.path.isfile(schema_path):
+    sys.exit(f"the Collector image is {image.group(1)}, but {schema_path} does not exist")
+schema = yaml.safe_load(open(schema_path))
+config = yaml.safe_load(open(sys.argv[1]))
+
+# Sections whose keys are IDs "type[/name]"; the schema lists the types.
+ID_SECTIONS = {("receivers",), ("processors",), ("exporters",), ("extensions",),
+               ("connectors",), ("service", "pipelines")}
+errors, checked = [], 0
+
+def check(node, allowed, path):
+    global checked
+    if isinstance(allowed, dict):
+        if node is None:
+            return
+        if not isinstance(node, dict):
+            errors.append(f"{'.'.join(path)}: expected a map of settings, got {node!r}")
+            return
+        by_id = tuple(path) in ID_SECTIONS
+        for key, value in node.items():
+            name = str(key).split("/", 1)[0] if by_id else str(key)
+            where = ".".join(path + [str(key)])
+            if name.startswith("_") or name not in allowed:
+                what = ("pipeline type" if path == ["service", "pipelines"]
+                        else "component type" if by_id else "key")
+                known = sorted(k for k in allowed if not k.startswith("_"))
+                errors.append(f"{where}: unknown {what} {name!r} (allowed: {', '.join(known) or 'none'})")
+                continue
+            checked += 1
+            check(value, allowed[name], path + [str(key)])
+    elif allowed != "map" and isinstance(node, dict):
+        errors.append(f"{'.'.join(path)}: is a map, but takes a {allowed}")
+
+check(config, schema, [])
+for e in errors:
+    print(e)
+print(f"{sys.argv[1]}: {checked} keys checked against {schema_path}, {len(errors)} unknown")
+sys.exit(1 if errors else 0)
+EOF
+}
+run "$COLLECTOR_CONFIG uses only keys of the pinned Collector version (otel-collector/schema-<version>.yaml)" collector_keys
 
 agent_config() {
     "$PY" - "$TMP/agent.yaml" <<'EOF'
