@@ -491,7 +491,7 @@ fn all() -> Vec<&'static Metric> {
 
 /// The name a Collector's Prometheus exporters (and stores that translate OTLP the same
 /// way, such as VictoriaMetrics with `-opentelemetry.usePrometheusNaming`) give a metric:
-/// dots to underscores, the unit as a suffix unless the name ends with it (`s` seconds,
+/// dots to underscores, the unit as a suffix unless a word of the name is it (`s` seconds,
 /// `By` bytes, `1` ratio for gauges, annotations in braces dropped), `_total` for counters.
 #[cfg(test)]
 fn translated(m: &Metric) -> String {
@@ -506,7 +506,7 @@ fn translated(m: &Metric) -> String {
         (u, _) => panic!("{}: unit {u} has no translation here", m.name),
     };
     if let Some(unit) = unit
-        && words.last().map(String::as_str) != Some(unit)
+        && !words.iter().any(|w| w == unit)
     {
         words.push(unit.into());
     }
