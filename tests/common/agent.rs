@@ -61,7 +61,6 @@ pub fn agent(config: &std::path::Path, otlp_port: u16) -> Child {
         .unwrap()
 }
 
-/// The agent with no OTLP endpoint (its other outputs only).
 /// The agent with exactly the OTEL_* variables `vars` (none of the test's own).
 pub fn agent_with_env(config: &std::path::Path, vars: &[(&str, String)]) -> Child {
     let mut command = Command::new(STOKER);
@@ -74,6 +73,7 @@ pub fn agent_with_env(config: &std::path::Path, vars: &[(&str, String)]) -> Chil
     command.envs(vars.iter().map(|(k, v)| (k, v))).spawn().unwrap()
 }
 
+/// The agent with no OTLP endpoint (its other outputs only).
 pub fn agent_without_otlp(config: &std::path::Path) -> Child {
     Command::new(STOKER)
         .args(["agent", "--config", config.to_str().unwrap()])

@@ -290,8 +290,13 @@ pub fn prometheus<'a>(
                         let _ = writeln!(out, "{}{{{labels}}} {n}", kind.prometheus);
                     }
                     Value::Histogram(b) => {
-                        let zero = Buckets { counts: vec![0; b.counts.len()], ..Default::default() };
-                        let b = if newborn { &zero } else { b };
+                        let zero;
+                        let b = if newborn {
+                            zero = Buckets { counts: vec![0; b.counts.len()], ..Default::default() };
+                            &zero
+                        } else {
+                            b
+                        };
                         let base = kind.prometheus;
                         let mut cumulative = 0;
                         let bounds = bounds(kind);
