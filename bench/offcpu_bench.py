@@ -15,10 +15,10 @@ round. Reports each round's throughput and each watched configuration's over the
 server's alone.
 
 Kernel cost, in separate rounds with the kernel's BPF run-time statistics on: watching
-the server, the context-switch and wake-up programs' time per request (all their runs on
-the host, target or not) and the time the switch program spends on a target thread's
-switch (timed inside it); watching an idle process, the cost per switch of a thread that
-is not a target (the test of one bit per switch). stoker times an empty program the same
+the server, the context-switch program's time per request (all its runs on the host,
+target or not) and the time it spends on a target thread's switch that it follows (timed
+inside it); watching an idle process, the cost per switch of a thread that is not a
+target (the test of one bit per switch). stoker times an empty program the same
 way; the statistics' own cost per run is reported and subtracted.
 """
 import os
@@ -48,8 +48,8 @@ def watched_by_stoker(pid, port, seconds, tmp, mode, kernel_stats=False, extra=(
          "--pid", str(pid), "-f", "folded", "-o", f"{tmp}/bench.folded"],
         stderr=subprocess.PIPE, text=True,
     )
-    # A cpu-clock event per CPU; in wall mode also the two scheduler tracepoints.
-    want = os.cpu_count() + (2 if mode == "wall" else 0)
+    # A cpu-clock event per CPU; in wall mode also the scheduler's switch tracepoint.
+    want = os.cpu_count() + (1 if mode == "wall" else 0)
     deadline = time.monotonic() + 30
     while links(stoker.pid) < want:
         if time.monotonic() > deadline or stoker.poll() is not None:
@@ -82,10 +82,10 @@ def run_config(config, server, port, seconds, tmp):
 
 
 def kernel_cost(err):
-    """(switch runs, switch ns, wake-up runs, wake-up ns, target switches, of which with the
-    stack found unchanged, of which with a recent stack, ns per target switch, statistics'
-    own ns per run) from a `--kernel-stats` summary."""
-    m = re.search(r"sched_switch ran (\d+) times for (\d+) ns .* sched_wakeup ran (\d+) times for (\d+) ns", err)
+    """(switch runs, switch ns, target switches followed, of which with the stack found
+    unchanged, of which with a recent stack, ns per target switch followed, statistics' own
+    ns per run) from a `--kernel-stats` summary."""
+    m = re.search(r"sched_switch ran (\d+) times for (\d+) ns", err)
     t = re.search(r"off-CPU: (\d+) switches of target threads followed \((\d+) with [^,]*, (\d+) GIL.*?\), (\d+) ns each", err)
     floor = re.search(r"statistics add (\d+) ns to every run", err)
     if not (m and floor):
@@ -151,25 +151,26 @@ def main():
         m, half = interval(ratios)
         lines.append(f"| {c} | **{mean[c] / mean['alone']:.3f}** | {m:.3f} ± {half:.3f} | "
                      f"{statistics.median(ratios):.3f} | {min(ratios):.3f} to {max(ratios):.3f} |")
-    (req, _, (sw_runs, sw_ns, wk_runs, wk_ns, targets, reused, recent, per_target, floor)) = busy
-    (_, _, (q_runs, q_ns, qw_runs, qw_ns, _, _, _, _, _)) = quiet
-    per_req = (sw_ns + wk_ns - floor * (sw_runs + wk_runs)) / max(req, 1)
-    (s_req, _, (s_sw_runs, s_sw_ns, s_wk_runs, s_wk_ns, s_targets, _, _, _, _)) = sampled
-    s_per_req = (s_sw_ns + s_wk_ns - floor * (s_sw_runs + s_wk_runs)) / max(s_req, 1)
+    (req, _, (sw_runs, sw_ns, targets, reused, recent, per_target, floor)) = busy
+    (_, _, (q_runs, q_ns, _, _, _, _, _)) = quiet
+    per_req = (sw_ns - floor * sw_runs) / max(req, 1)
+    (s_req, _, (s_sw_runs, s_sw_ns, s_targets, _, _, _, _)) = sampled
+    s_per_req = (s_sw_ns - floor * s_sw_runs) / max(s_req, 1)
+    s_per_run = s_sw_ns / max(s_sw_runs, 1) - floor
     lines += [
         "",
         "| kernel cost | figure |",
         "| --- | --- |",
         f"| watching the server: switches on the host per request | {sw_runs / max(req, 1):.2f} |",
         f"| watching the server: switches of its threads followed per request | {targets / max(req, 1):.2f} |",
-        f"| watching the server: switch and wake-up programs' time per request | **{per_req:.0f} ns** |",
+        f"| watching the server: the switch program's time per request | **{per_req:.0f} ns** |",
         f"| of those, with the Python stack found unchanged since the thread's switch before (not walked again) | {reused / max(targets, 1):.1%} |",
         f"| of those, GIL and lock waits taking the stack read at a switch under 10 ms before | {recent / max(targets, 1):.1%} |",
-        f"| a target thread's switch off the CPU (timed in the program: stacks, reason) | **{per_target} ns** |",
+        f"| a target thread's switch off the CPU that is followed (timed in the program: stacks, reason) | **{per_target} ns** |",
         f"| with `--switch-budget {BUDGET}`: switches of the server's threads followed per request | {s_targets / max(s_req, 1):.2f} |",
-        f"| with `--switch-budget {BUDGET}`: switch and wake-up programs' time per request | **{s_per_req:.0f} ns** |",
+        f"| with `--switch-budget {BUDGET}`: the switch program's time per request | **{s_per_req:.0f} ns** |",
+        f"| with `--switch-budget {BUDGET}`: the switch program's mean time per run (all switches on the host) | {s_per_run:.0f} ns |",
         f"| a switch of a thread that is no target (watching an idle process) | **{q_ns / max(q_runs, 1) - floor:.0f} ns** |",
-        f"| a wake-up of a thread that is no target | {qw_ns / max(qw_runs, 1) - floor:.0f} ns |",
         "",
         f"The statistics' own cost, {floor} ns per run (an empty program timed the same way), is subtracted "
         "from the run-time statistics' figures.",

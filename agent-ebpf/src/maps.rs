@@ -3,9 +3,10 @@
 use agent_ebpf::{
     COUNTS_CAPACITY, EXECS_RING_BYTES, LOOPS_CAPACITY, LoopBlock, LoopThread, NET_ACCEPTING_CAPACITY,
     NET_CONNS_CAPACITY, NET_HEAD_BUF, NET_PEEK_BUF, NET_RING_SLOTS, NET_SK_BITS_WORDS, NET_SOCKS_CAPACITY,
-    NEW_KEYS_RING_BYTES, NetConn, NetEvent, NetSkState, NewKey, OFF_COUNTS_CAPACITY, OFF_THREADS_CAPACITY,
-    OffKey, OffThread, PY_FRAME_CHUNK, PY_STACKS_CAPACITY, PY_THREADS_CAPACITY, PyProc, PyStack,
-    STACKS_CAPACITY, SampleKey, TARGET_BITS_WORDS, TARGETS_CAPACITY, stat,
+    NEW_KEYS_RING_BYTES, NetConn, NetEvent, NetSkState, NewKey, OFF_COUNTS_CAPACITY, OFF_PACE_SLOTS,
+    OFF_THREADS_CAPACITY, OffKey, OffPace, OffThread, PY_FRAME_CHUNK, PY_STACKS_CAPACITY,
+    PY_THREADS_CAPACITY, PyProc, PyStack, STACKS_CAPACITY, SampleKey, TARGET_BITS_WORDS, TARGETS_CAPACITY,
+    stat,
 };
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
@@ -233,24 +234,31 @@ pub static OFF_THREADS: LruHashMap<u32, OffThread> = LruHashMap::with_max_entrie
 #[map]
 pub static OFF_BUDGET: Array<u64> = Array::with_max_entries(1, 0);
 
-/// Tids with an `OFF_THREADS` entry (see `MAP_OFF_BITS`); only the kernel writes it.
+/// Target threads' pace of switches on each CPU, by the low bits of their ids (see
+/// `OffPace`).
 #[map]
-pub static OFF_BITS: Array<u64> = Array::with_max_entries(TARGET_BITS_WORDS, 0);
+pub static OFF_PACE: PerCpuArray<OffPace> = PerCpuArray::with_max_entries(OFF_PACE_SLOTS, 0);
 
-/// True when `tid` may have an `OFF_THREADS` entry.
+/// Threads whose last switch off the CPU was followed and whose wait is not counted yet,
+/// one bit per tid: the test each switch of a target thread makes before it looks up
+/// `OFF_THREADS`. Set and cleared only there and at the thread's CPU samples.
+#[map]
+pub static OFF_PENDING: Array<u64> = Array::with_max_entries(TARGET_BITS_WORDS, 0);
+
+/// True when `tid`'s bit in `OFF_PENDING` is set.
 #[inline(always)]
-pub fn is_off_tracked(tid: u32) -> bool {
-    match OFF_BITS.get_ptr(tid >> 6) {
+pub fn is_pending(tid: u32) -> bool {
+    match OFF_PENDING.get_ptr(tid >> 6) {
         // SAFETY: as in `is_target`.
         Some(word) => (unsafe { core::ptr::read_volatile(word) } >> (tid & 63)) & 1 != 0,
         None => false,
     }
 }
 
-/// Sets or clears `tid`'s bit in `OFF_BITS`.
+/// Sets or clears `tid`'s bit in `OFF_PENDING`.
 #[inline(always)]
-pub fn set_off_tracked(tid: u32, on: bool) {
-    if let Some(word) = OFF_BITS.get_ptr_mut(tid >> 6) {
+pub fn set_pending(tid: u32, on: bool) {
+    if let Some(word) = OFF_PENDING.get_ptr_mut(tid >> 6) {
         // SAFETY: as in `mark_target` and `unmark_target`: atomic OR and AND on a word of the
         // array; other CPUs set and clear other bits of it.
         unsafe {
@@ -268,6 +276,11 @@ pub fn set_off_tracked(tid: u32, on: bool) {
         }
     }
 }
+
+/// This CPU's run queue (`struct rq` address, 0 until found): the off-CPU program reads
+/// its clock at every switch it follows.
+#[map]
+pub static OFF_RQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// Event-loop threads of target processes (see `MAP_LOOPS`).
 #[map]

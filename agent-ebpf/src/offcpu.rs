@@ -6,15 +6,12 @@ use crate::SampleKey;
 pub const MAP_OFF_COUNTS: &str = "OFF_COUNTS";
 /// Target threads off the CPU or last seen leaving it: tid -> `OffThread` (LRU).
 pub const MAP_OFF_THREADS: &str = "OFF_THREADS";
-/// Threads that have an `OFF_THREADS` entry, one bit per tid: the test every context switch
-/// makes for the thread coming in, an array index instead of a hash lookup.
-pub const MAP_OFF_BITS: &str = "OFF_BITS";
 /// The context-switch program (raw tracepoint `sched_switch`: no trace record is built
-/// for it, which the switches of every other thread on the host would pay for).
+/// for it, which the switches of every other thread on the host would pay for). It is the
+/// only off-CPU program: a wait's end and its time in the run queue are what the scheduler
+/// itself recorded (`sched_info`), read at the thread's next switch off the CPU or its next
+/// CPU sample, so neither wake-ups nor switches in need a program.
 pub const PROG_SCHED_SWITCH: &str = "sched_switch";
-/// The wake-up program (raw tracepoint `sched_wakeup`): where a wait ends and run-queue
-/// time begins.
-pub const PROG_SCHED_WAKEUP: &str = "sched_wakeup";
 /// Switches off the CPU of one target thread followed in full per window of `OFF_WINDOW_NS`
 /// (one `u64` set by userspace from the per-second budget, see `budget_per_window`; 0: all
 /// of them). Beyond it, the thread's switches are followed at random, each with the chance
@@ -106,13 +103,23 @@ const _: () = assert!(core::mem::size_of::<OffKey>() == 48);
 unsafe impl aya::Pod for OffKey {}
 
 /// A target thread's wait under way: what it was doing as it left the CPU, when it left
-/// (`off_ns`, 0 once it ran again) and when it was woken (`wake_ns`, 0 until then).
+/// (`off_ns`, CLOCK_MONOTONIC; 0 once the wait is counted), and the scheduler's figures of
+/// the thread then (`task_struct.sched_info`, `sched_entity`), from which the wait's end
+/// and its time in the run queue follow once it ran again.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct OffThread {
     pub key: OffKey,
     pub off_ns: u64,
-    pub wake_ns: u64,
+    /// The run queue's clock as the thread left (the scheduler's clock, `rq->clock`: the one
+    /// `sched_info.last_arrival` is read on).
+    pub off_clock: u64,
+    /// `sched_info.run_delay` (nanoseconds it waited in run queues so far) as it left.
+    pub queued_before: u64,
+    /// `sched_info.pcount` (times it got a CPU so far) as it left.
+    pub arrivals_before: u64,
+    /// `sched_entity.sum_exec_runtime` (its CPU time so far) as it left.
+    pub ran_before: u64,
     /// Fingerprint of the Python stack in `key` (0: none): while the thread's stack has the
     /// same, it is not walked again (see `programs::python::signature`).
     pub py_signature: u64,
@@ -120,11 +127,6 @@ pub struct OffThread {
     pub walked_ns: u64,
     /// How many waits this one stands for, in `OFF_WEIGHT_ONE` units (see `MAP_OFF_BUDGET`).
     pub weight: u64,
-    /// The thread's pace: when its current window began, its switches in it, and the chance
-    /// (of 2^32) that a switch is followed, from the window before.
-    pub window_ns: u64,
-    pub window_count: u64,
-    pub take_below: u64,
 }
 const _: () = assert!(core::mem::size_of::<OffThread>() == 112);
 
@@ -132,13 +134,33 @@ const _: () = assert!(core::mem::size_of::<OffThread>() == 112);
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for OffThread {}
 
+/// Slots of `OffPace` per CPU, indexed by the low bits of a thread id (a power of two).
+pub const OFF_PACE_SLOTS: u32 = 1024;
+
+/// A target thread's pace of switches off one CPU, in slot `tid % OFF_PACE_SLOTS` of a
+/// per-CPU array: what each of its switches consults and counts in, with no hash lookup and
+/// no memory shared with other CPUs written. A thread whose id shares the slot takes it over
+/// (the pace starts again: its switches are followed until it is known).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct OffPace {
+    pub tid: u32,
+    pub _pad: u32,
+    /// When its current window began, its switches in it, and the
+    /// chance (of 2^32) that a switch is followed, from the window before, with the weight
+    /// that goes with it.
+    pub window_ns: u64,
+    pub window_count: u64,
+    pub take_below: u64,
+    pub weight: u64,
+}
+const _: () = assert!(core::mem::size_of::<OffPace>() == 40);
+
 /// Where the programs find what they read, from the kernel's BTF (`NO_OFFSET`: unknown,
 /// that detail is not read).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OffConfig {
-    /// `task_struct.pid` (the thread id of the task coming in or woken).
-    pub task_pid: u32,
     /// `task_struct.throttled` (kernels that throttle per task, 6.18+).
     pub task_throttled: u32,
     /// `task_struct.se` + `sched_entity.cfs_rq`, and `cfs_rq.throttle_count`.
@@ -159,11 +181,17 @@ pub struct OffConfig {
     /// GIL and lock waits take the thread's stack read at its previous switch
     /// when that was less than this long ago (microseconds; 0: every wait's stack is read).
     pub recent_us: u32,
-    /// `task_struct.se` + `sched_entity.sum_exec_runtime` and `.prev_sum_exec_runtime`.
+    /// `task_struct.se` + `sched_entity.sum_exec_runtime`.
     pub task_sum_exec: u32,
-    pub task_prev_sum_exec: u32,
+    /// `task_struct.sched_info` + `sched_info.pcount`, `.run_delay` and `.last_arrival`.
+    pub task_pcount: u32,
+    pub task_run_delay: u32,
+    pub task_last_arrival: u32,
+    /// `cfs_rq.rq` and `rq.clock`: the run queue's clock.
+    pub cfs_rq_rq: u32,
+    pub rq_clock: u32,
 }
-const _: () = assert!(core::mem::size_of::<OffConfig>() == 64);
+const _: () = assert!(core::mem::size_of::<OffConfig>() == 76);
 
 /// `OffConfig` value of an offset that is not known.
 pub const NO_OFFSET: u32 = u32::MAX;
@@ -171,7 +199,6 @@ pub const NO_OFFSET: u32 = u32::MAX;
 impl OffConfig {
     /// Nothing known: the programs then attribute waits to `reason::OTHER`.
     pub const UNKNOWN: Self = Self {
-        task_pid: NO_OFFSET,
         task_throttled: NO_OFFSET,
         task_cfs_rq: NO_OFFSET,
         cfs_rq_throttle_count: NO_OFFSET,
@@ -186,7 +213,11 @@ impl OffConfig {
         measure_cost: 0,
         recent_us: 0,
         task_sum_exec: NO_OFFSET,
-        task_prev_sum_exec: NO_OFFSET,
+        task_pcount: NO_OFFSET,
+        task_run_delay: NO_OFFSET,
+        task_last_arrival: NO_OFFSET,
+        cfs_rq_rq: NO_OFFSET,
+        rq_clock: NO_OFFSET,
     };
 }
 

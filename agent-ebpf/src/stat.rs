@@ -51,9 +51,10 @@ pub const OFF_STACKS_REUSED: u32 = 20;
 /// Target threads' GIL and lock waits that took the stack read at the thread's
 /// switch less than `OffConfig::recent_us` before (not read again).
 pub const OFF_STACKS_RECENT: u32 = 21;
-/// Target threads that left the CPU again with no switch back in seen: their wait was
-/// closed from the run time the scheduler counted since.
-pub const OFF_UNCLOSED: u32 = 22;
+/// Waits whose end the scheduler's `sched_info` did not record (the thread got the CPU
+/// without passing through a run queue it counts): closed from the CPU time the thread
+/// used since.
+pub const OFF_FROM_RUN_TIME: u32 = 22;
 /// CPU samples of Python threads not holding the GIL, not counted (`PY_PROC_GIL_ONLY`).
 pub const GIL_NOT_HELD: u32 = 23;
 /// Blocked event-loop stretches lost because their ring was full.

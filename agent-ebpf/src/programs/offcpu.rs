@@ -1,9 +1,11 @@
 //! Off-CPU time of target threads: as one leaves the CPU, `sched_switch` takes its stacks
-//! and why it stopped running; `sched_wakeup` notes when its wait ends; when it runs again
-//! the time (wait, then run queue) is added to its (stacks, reason) in `OFF_COUNTS`.
+//! and why it stopped running; at its next switch off the CPU (or its next CPU sample) the
+//! wait is added to its (stacks, reason) in `OFF_COUNTS`, ended when the scheduler gave it
+//! the CPU again and split at the time it spent in the run queue (both as the scheduler
+//! recorded them in the task's `sched_info`). Switches of other threads cost one bit test.
 use agent_ebpf::{
-    NO_OFFSET, NO_STACK, OFF_TAKE_ALL, OFF_WEIGHT_ONE, OFF_WINDOW_NS, OffConfig, OffKey, OffThread,
-    PY_GIL_SIZE, SampleKey, reason, stat, weighted,
+    NO_OFFSET, NO_STACK, OFF_PACE_SLOTS, OFF_TAKE_ALL, OFF_WEIGHT_ONE, OFF_WINDOW_NS, OffConfig, OffKey,
+    OffPace, OffThread, PY_GIL_SIZE, SampleKey, reason, stat, weighted,
 };
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
@@ -23,8 +25,8 @@ use super::{
     python, sysno,
 };
 use crate::maps::{
-    OFF_BUDGET, OFF_COUNTS, OFF_THREADS, PY_PROCS, add, bump, is_off_tracked, is_target, new_key,
-    set_off_tracked,
+    OFF_BUDGET, OFF_COUNTS, OFF_PACE, OFF_RQ, OFF_THREADS, PY_PROCS, add, bump, is_pending, is_target,
+    new_key, set_pending,
 };
 
 /// Where the programs find what they read (set by the loader).
@@ -59,6 +61,19 @@ fn now_ns() -> u64 {
     unsafe { bpf_ktime_get_ns() }
 }
 
+/// `now_ns()`, read into `now` the first time (0: not read yet).
+#[inline(always)]
+fn clock(now: &mut u64) -> u64 {
+    if *now == 0 {
+        *now = now_ns();
+    }
+    *now
+}
+
+/// While a thread's switches are sampled, the clock is read to see whether its pace window
+/// ended at every this many of them (and at each followed one).
+const PACE_CHECK_EVERY: u64 = 16;
+
 /// Reads kernel memory at `addr`.
 #[inline(always)]
 fn kread<T: Plain>(addr: u64) -> Result<T, i64> {
@@ -86,96 +101,89 @@ pub fn sched_switch(ctx: RawTracePointContext) -> u32 {
 }
 
 fn try_sched_switch(ctx: &RawTracePointContext) -> Result<(), i64> {
-    // The thread coming in: one read and one bit test unless it is a target thread that
-    // waited.
-    let next: u64 = ctx.arg(2);
-    let next_tid: i32 = kread(at(next, config(&OFF_CONFIG.task_pid))?)?;
-    let mut now = 0;
-    if next_tid > 0 && is_off_tracked(next_tid as u32) {
-        now = now_ns();
-        switched_in(next_tid as u32, now);
-    }
-    // The thread going out is the current one.
+    // The thread going out is the current one: one bit test unless it is a target's.
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
     if tid == 0 || !is_target(tgid) {
         return Ok(());
     }
-    if now == 0 {
-        now = now_ns();
-    }
     let preempt: u64 = ctx.arg(0);
     let state: u64 = ctx.arg::<u64>(3) & 0xffff_ffff;
-    if switched_out(ctx, tgid, tid, preempt & 1 != 0 || state == 0, state, now)
+    if let Some(start) = switched_out(ctx, tgid, tid, preempt & 1 != 0 || state == 0, state)
         && config(&OFF_CONFIG.measure_cost) != 0
     {
-        add(stat::OFF_NS, now_ns().wrapping_sub(now));
+        add(stat::OFF_NS, now_ns().wrapping_sub(start));
     }
     Ok(())
 }
 
-/// `sched_wakeup(struct task_struct *p)`.
-#[raw_tracepoint(tracepoint = "sched_wakeup")]
-pub fn sched_wakeup(ctx: RawTracePointContext) -> u32 {
-    let task: u64 = ctx.arg(0);
-    let Ok(Ok(pid)) = at(task, config(&OFF_CONFIG.task_pid)).map(kread::<i32>) else { return 0 };
-    if pid <= 0 || !is_off_tracked(pid as u32) {
-        return 0;
+/// A CPU sample of target thread `tid` of process `tgid`: a wait of it that ended since its
+/// last switch off the CPU is counted now (a thread that runs on without leaving the CPU
+/// would otherwise hold it back).
+#[inline(always)]
+pub(super) fn sampled(tgid: u32, tid: u32) {
+    if !is_pending(tid) {
+        return;
     }
-    if let Some(t) = OFF_THREADS.get_ptr_mut(pid as u32) {
-        // SAFETY: a value of the preallocated LRU map from a successful lookup: it stays
-        // allocated as long as the map; plain integers. The thread is off the CPU, so only
-        // wake-ups (which the kernel serializes per task) and its next switch touch it.
+    set_pending(tid, false);
+    if let Some(t) = OFF_THREADS.get_ptr_mut(tid) {
+        // SAFETY: as in `switched_out`; the thread is on this CPU.
         let t = unsafe { &mut *t };
-        if t.off_ns != 0 && t.wake_ns == 0 {
-            t.wake_ns = now_ns();
+        if t.off_ns != 0 && t.key.sample.tgid == tgid {
+            ran_again(t);
         }
     }
-    0
+}
+
+/// This CPU's pace slot of thread `tid`, taken over when another thread had it.
+#[inline(always)]
+fn pace_of(tid: u32) -> Option<&'static mut OffPace> {
+    let pace = OFF_PACE.get_ptr_mut(tid & (OFF_PACE_SLOTS - 1))?;
+    // SAFETY: this CPU's slot of a per-CPU array (index checked by the lookup): live and
+    // aligned while the program is loaded, plain integers; only programs on this CPU touch
+    // it, and they do not nest.
+    let pace = unsafe { &mut *pace };
+    if pace.tid != tid {
+        *pace =
+            OffPace { tid, _pad: 0, window_ns: 0, window_count: 0, take_below: 0, weight: OFF_WEIGHT_ONE };
+    }
+    Some(pace)
 }
 
 /// A target thread leaves the CPU, `runnable` or blocked in `state`: notes why and with
-/// which stacks. True when its wait is followed.
+/// which stacks. The time it left when its wait is followed.
 #[inline(always)]
-fn switched_out(
-    ctx: &RawTracePointContext,
-    tgid: u32,
-    tid: u32,
-    runnable: bool,
-    state: u64,
-    now: u64,
-) -> bool {
+fn switched_out(ctx: &RawTracePointContext, tgid: u32, tid: u32, runnable: bool, state: u64) -> Option<u64> {
+    // Its previous wait (followed) ended when it got the CPU: counted now.
+    let mut entry = None;
+    if is_pending(tid) {
+        set_pending(tid, false);
+        entry = OFF_THREADS.get_ptr_mut(tid);
+        if let Some(t) = entry {
+            // SAFETY: a value of the preallocated LRU map from a successful lookup: it stays
+            // allocated as long as the map; plain integers. Only this thread's switches and
+            // CPU samples touch it, and the thread is on this CPU.
+            let t = unsafe { &mut *t };
+            // (An entry of another process is a thread that exited unseen: its id was reused.)
+            if t.off_ns != 0 && t.key.sample.tgid == tgid {
+                ran_again(t);
+            }
+        }
+    }
     // Stopped, traced and exiting threads are not waiting for anything.
     if !runnable && state & (TASK_INTERRUPTIBLE | TASK_UNINTERRUPTIBLE) == 0 {
-        return false;
+        return None;
     }
-    // Clear when the thread's last switch off the CPU was not followed (or it has no entry).
-    let tracked = is_off_tracked(tid);
-    let entry = OFF_THREADS.get_ptr_mut(tid);
-    if let Some(t) = entry {
-        // SAFETY: as in `sched_wakeup`; the thread is on this CPU, so no switch of it runs
-        // elsewhere.
-        let t = unsafe { &mut *t };
-        if t.off_ns != 0 && tracked {
-            // The kernel switched the thread in without this program seeing it (rare: a few
-            // switches in a thousand from an idle CPU). It ran since then for as long as its
-            // scheduler entity says: the wait ended that long before now. (Untracked, switches
-            // of the thread were left out since: where that wait ended is unknown.)
-            bump(stat::OFF_UNCLOSED);
-            let ran = ran_for().unwrap_or(0);
-            if now > t.off_ns + ran {
-                close(t, now - ran);
-            }
-        }
-        t.off_ns = 0;
-        if !followed(t, now) {
-            bump(stat::OFF_SAMPLED_OUT);
-            // This wait is not followed: its wake-up and its switch back in need not look it up.
-            if tracked {
-                set_off_tracked(tid, false);
-            }
-            return false;
-        }
+    let mut now = 0;
+    let pace = pace_of(tid)?;
+    if !followed(pace, &mut now) {
+        bump(stat::OFF_SAMPLED_OUT);
+        return None;
+    }
+    let weight = pace.weight;
+    let now = clock(&mut now);
+    if entry.is_none() {
+        entry = OFF_THREADS.get_ptr_mut(tid);
     }
     bump(stat::OFF_SWITCHES);
     let mut key = OffKey {
@@ -195,8 +203,7 @@ fn switched_out(
 
     // The stack the thread had at its previous switch, and when it was last read.
     let last = match entry {
-        // SAFETY: as in `sched_wakeup`; the thread is on this CPU, so no switch of it runs
-        // elsewhere. The fields are copied out at once.
+        // SAFETY: as above. The fields are copied out at once.
         Some(t) => unsafe {
             ((*t).key.sample.py_stack, (*t).key.sample.user_stack_id, (*t).py_signature, (*t).walked_ns)
         },
@@ -236,83 +243,143 @@ fn switched_out(
     if want_native || key.reason == reason::OTHER {
         key.sample.kernel_stack_id = kernel_stack(ctx);
     }
+    let sched = Sched::of_current();
     match entry {
         Some(t) => {
             // SAFETY: as above.
             let t = unsafe { &mut *t };
             t.key = key;
-            t.wake_ns = 0;
             t.py_signature = signature;
             t.walked_ns = walked;
-            t.off_ns = now;
-            if !tracked {
-                set_off_tracked(tid, true);
-            }
+            t.weight = weight;
+            sched.left(t, now);
+            set_pending(tid, true);
         }
         None => {
-            let t = OffThread {
+            let mut t = OffThread {
                 key,
-                off_ns: now,
-                wake_ns: 0,
+                off_ns: 0,
+                off_clock: 0,
+                queued_before: 0,
+                arrivals_before: 0,
+                ran_before: 0,
                 py_signature: signature,
                 walked_ns: walked,
-                weight: OFF_WEIGHT_ONE,
-                window_ns: now,
-                window_count: 1,
-                take_below: OFF_TAKE_ALL,
+                weight,
             };
+            sched.left(&mut t, now);
             if OFF_THREADS.insert(tid, t, 0).is_ok() {
-                set_off_tracked(tid, true);
+                set_pending(tid, true);
             } else {
                 bump(stat::OFF_COUNTS_FULL);
             }
         }
     }
-    true
+    Some(now)
 }
 
-/// A thread that waited runs again: its wait and its time in the run queue are counted.
-#[inline(always)]
-fn switched_in(tid: u32, now: u64) {
-    let Some(t) = OFF_THREADS.get_ptr_mut(tid) else {
-        // The LRU map let the entry go.
-        set_off_tracked(tid, false);
-        return;
-    };
-    // SAFETY: as in `sched_wakeup`.
-    let t = unsafe { &mut *t };
-    if t.off_ns != 0 && now >= t.off_ns {
-        close(t, now);
+/// The scheduler's figures of the current task (0 where unreadable).
+struct Sched {
+    /// `sched_info.pcount`, `.run_delay`, `.last_arrival`.
+    arrivals: u64,
+    queued: u64,
+    arrived: u64,
+}
+
+impl Sched {
+    #[inline(always)]
+    fn of_current() -> Self {
+        Sched {
+            arrivals: current_u64(&OFF_CONFIG.task_pcount),
+            queued: current_u64(&OFF_CONFIG.task_run_delay),
+            arrived: current_u64(&OFF_CONFIG.task_last_arrival),
+        }
+    }
+
+    /// Notes in `t` that its thread (the current task) leaves the CPU now.
+    #[inline(always)]
+    fn left(&self, t: &mut OffThread, now: u64) {
+        t.off_ns = now;
+        t.off_clock = rq_clock().unwrap_or(0);
+        t.queued_before = self.queued;
+        t.arrivals_before = self.arrivals;
+        t.ran_before = current_u64(&OFF_CONFIG.task_sum_exec);
     }
 }
 
-/// Counts the wait of `t` as ended at `end`: the wait (to its wake-up) and the run queue
-/// (from it).
+/// The `u64` of the current task at offset `offset` (0 when unknown or unreadable).
 #[inline(always)]
-fn close(t: &mut OffThread, end: u64) {
-    let (off, wake) = (t.off_ns, t.wake_ns);
+fn current_u64(offset: &u32) -> u64 {
+    // SAFETY: the helper takes no arguments and only returns the current task's address.
+    let task = unsafe { bpf_get_current_task() };
+    at(task, config(offset)).and_then(kread::<u64>).unwrap_or(0)
+}
+
+/// The clock of this CPU's run queue (`rq->clock`, updated as the scheduler started the
+/// switch under way; the clock of `sched_info.last_arrival`).
+#[inline(always)]
+fn rq_clock() -> Result<u64, i64> {
+    let slot = OFF_RQ.get_ptr_mut(0).ok_or(0i64)?;
+    // SAFETY: this CPU's slot of a per-CPU array: live and aligned; only programs on this
+    // CPU touch it, and they do not nest.
+    let mut rq = unsafe { *slot };
+    if rq == 0 {
+        // SAFETY: the helper takes no arguments and only returns the current task's address.
+        let task = unsafe { bpf_get_current_task() };
+        let cfs_rq: u64 = kread(at(task, config(&OFF_CONFIG.task_cfs_rq))?)?;
+        rq = kread(at(cfs_rq, config(&OFF_CONFIG.cfs_rq_rq))?)?;
+        // SAFETY: as above.
+        unsafe { *slot = rq };
+    }
+    kread(at(rq, config(&OFF_CONFIG.rq_clock))?)
+}
+
+/// The thread of `t`, the current task, got the CPU since its wait began (it is on it
+/// now): the wait is counted, from when it left to when the scheduler gave it the CPU
+/// again, the time it spent in the run queue since apart.
+#[inline(always)]
+fn ran_again(t: &mut OffThread) {
+    let off = t.off_ns;
     t.off_ns = 0;
-    let weight = t.weight;
-    if wake > off && wake <= end {
-        add_off(&t.key, weighted(wake - off, weight));
-        let mut queued = t.key;
-        queued.reason = reason::RUNQUEUE;
-        queued.port = 0;
-        queued.family = 0;
-        queued.addr = [0; 16];
-        add_off(&queued, weighted(end - wake, weight));
+    let sched = Sched::of_current();
+    let total = if sched.arrivals != t.arrivals_before && t.off_clock != 0 && sched.arrived >= t.off_clock {
+        sched.arrived - t.off_clock
     } else {
-        add_off(&t.key, weighted(end - off, weight));
+        // No arrival recorded (the scheduler counts one only for a task it queued): the
+        // thread has run since its wait ended for the CPU time it used since.
+        bump(stat::OFF_FROM_RUN_TIME);
+        let ran = current_u64(&OFF_CONFIG.task_sum_exec).saturating_sub(t.ran_before);
+        now_ns().saturating_sub(off).saturating_sub(ran)
+    };
+    let weight = t.weight;
+    if matches!(t.key.reason, reason::RUNQUEUE | reason::THROTTLED) {
+        // Runnable all along: the wait is the run queue (or the throttle) from end to end.
+        add_off(&t.key, weighted(total, weight));
+        return;
+    }
+    let queued = sched.queued.saturating_sub(t.queued_before).min(total);
+    add_off(&t.key, weighted(total - queued, weight));
+    if queued > 0 {
+        let mut key = t.key;
+        key.reason = reason::RUNQUEUE;
+        key.port = 0;
+        key.family = 0;
+        key.addr = [0; 16];
+        add_off(&key, weighted(queued, weight));
     }
 }
 
-/// Whether thread `t`'s switch now under way is followed (the weight of its wait is then
-/// `t.weight`): all are, weighing one, while the thread switches at most `OFF_BUDGET` times
+/// Whether the switch now under way of the thread of pace `t` is followed (the weight of
+/// its wait is then `t.weight`): all are, weighing one, while the thread switches at most `OFF_BUDGET` times
 /// a second; at a faster pace in its previous window, each is taken with the chance that
 /// keeps to the budget, weighing its inverse. Threads that switch that often wait briefly
 /// each time, so one wait weighs little in the total.
+///
+/// `now` is the clock, read here (into `now`) only when needed: a read costs more than
+/// the rest of a switch that is not followed, so while a thread is sampled its window's end
+/// is looked for at every `PACE_CHECK_EVERY`-th switch.
 #[inline(always)]
-fn followed(t: &mut OffThread, now: u64) -> bool {
+fn followed(t: &mut OffPace, now: &mut u64) -> bool {
     // What the budget allows in one window.
     let allowed = match OFF_BUDGET.get(0) {
         Some(&b) if b > 0 => b,
@@ -321,7 +388,12 @@ fn followed(t: &mut OffThread, now: u64) -> bool {
             return true;
         }
     };
-    let elapsed = now.wrapping_sub(t.window_ns);
+    let sampled = t.take_below != 0 && t.take_below < OFF_TAKE_ALL;
+    let elapsed = if !sampled || t.window_count.is_multiple_of(PACE_CHECK_EVERY) {
+        clock(now).wrapping_sub(t.window_ns)
+    } else {
+        0
+    };
     // A window ends after its length, or as soon as a thread followed in full has used up
     // what it allows (a thread that starts to switch fast is sampled from then on).
     if elapsed >= OFF_WINDOW_NS
@@ -338,7 +410,7 @@ fn followed(t: &mut OffThread, now: u64) -> bool {
             t.take_below = ((allowed.min(u64::from(u32::MAX)) << 32) / pace).max(1);
             t.weight = pace * OFF_WEIGHT_ONE / allowed;
         }
-        t.window_ns = now;
+        t.window_ns = clock(now);
         t.window_count = 0;
     }
     t.window_count += 1;
@@ -347,17 +419,6 @@ fn followed(t: &mut OffThread, now: u64) -> bool {
     }
     // SAFETY: the helper takes no arguments and only returns a pseudo-random number.
     u64::from(unsafe { bpf_get_prandom_u32() }) < t.take_below
-}
-
-/// Nanoseconds the current task has run since it last got the CPU (its scheduler entity's
-/// run time since it was picked).
-#[inline(always)]
-fn ran_for() -> Result<u64, i64> {
-    // SAFETY: the helper takes no arguments and only returns the current task's address.
-    let task = unsafe { bpf_get_current_task() };
-    let sum: u64 = kread(at(task, config(&OFF_CONFIG.task_sum_exec))?)?;
-    let start: u64 = kread(at(task, config(&OFF_CONFIG.task_prev_sum_exec))?)?;
-    Ok(sum.saturating_sub(start))
 }
 
 #[inline(always)]

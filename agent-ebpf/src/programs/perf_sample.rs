@@ -12,7 +12,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 
-use super::{event_loop, loader_global, python};
+use super::{event_loop, loader_global, offcpu, python};
 use crate::maps::{COUNTS, GIL_HELD, PY_PROCS, PY_STACKS, STACKS, add, bump, is_target, new_key};
 
 const EFAULT: i32 = 14;
@@ -46,6 +46,8 @@ fn try_perf_sample(ctx: &PerfEventContext) -> Result<bool, i32> {
         return Ok(false);
     }
     bump(stat::SAMPLES);
+    // A wait of this thread that ended since it last left the CPU counts from now on.
+    offcpu::sampled(tgid, tid);
 
     // SAFETY: as in `python_stack`.
     if let Some(proc) = unsafe { PY_PROCS.get(tgid) } {

@@ -83,9 +83,9 @@ pub struct Stats {
     /// Target threads' GIL and lock waits that took the stack read at a recent
     /// switch (see `offcpu::RECENT`).
     pub off_stacks_recent: u64,
-    /// Target threads that left the CPU again with no switch back in seen (their wait
-    /// closed from the scheduler's run time).
-    pub off_unclosed: u64,
+    /// Waits whose end the scheduler did not record: closed from the CPU time the thread
+    /// used since.
+    pub off_from_run_time: u64,
     /// Target threads' switches off the CPU left out over the switch budget (the followed
     /// ones weigh for them).
     pub off_sampled_out: u64,
@@ -649,7 +649,7 @@ impl KernelPrograms {
             off_stacks_reused: sum(stat::OFF_STACKS_REUSED),
             off_stacks_recent: sum(stat::OFF_STACKS_RECENT),
             loop_blocks_lost: sum(stat::LOOP_BLOCKS_LOST),
-            off_unclosed: sum(stat::OFF_UNCLOSED),
+            off_from_run_time: sum(stat::OFF_FROM_RUN_TIME),
             off_sampled_out: sum(stat::OFF_SAMPLED_OUT),
         })
     }

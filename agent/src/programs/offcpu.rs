@@ -2,7 +2,7 @@
 //! BTF members), attaching them, and reading the waits they aggregated.
 use agent_ebpf::{
     MAP_OFF_BUDGET, MAP_OFF_COUNTS, MAP_OFF_THREADS, NO_OFFSET, OffConfig, OffKey, OffThread,
-    PROG_SCHED_SWITCH, PROG_SCHED_WAKEUP, budget_per_window, reason, weighted,
+    PROG_SCHED_SWITCH, budget_per_window, reason, weighted,
 };
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuHashMap},
@@ -26,11 +26,22 @@ pub const RECENT: std::time::Duration = std::time::Duration::from_millis(10);
 pub const DEFAULT_SWITCH_BUDGET: u32 = 0;
 
 /// The kernel structs whose member offsets the off-CPU programs need.
-pub(crate) const BTF_STRUCTS: &[&str] =
-    &["task_struct", "sched_entity", "cfs_rq", "files_struct", "fdtable", "file", "inode", "socket"];
+pub(crate) const BTF_STRUCTS: &[&str] = &[
+    "task_struct",
+    "sched_entity",
+    "sched_info",
+    "cfs_rq",
+    "rq",
+    "files_struct",
+    "fdtable",
+    "file",
+    "inode",
+    "socket",
+];
 
 /// Struct member offsets from BTF; what is not found stays `NO_OFFSET` (that detail is
-/// then not read; without `task_struct.pid` the programs are not attached).
+/// then not read; without the scheduler's figures (`SCHED_NEEDS`) the program is not
+/// attached).
 pub(crate) fn config(btf: Option<&Btf>, measure_cost: bool) -> OffConfig {
     let mut c = OffConfig::UNKNOWN;
     c.measure_cost = u32::from(measure_cost);
@@ -38,11 +49,15 @@ pub(crate) fn config(btf: Option<&Btf>, measure_cost: bool) -> OffConfig {
     let Some(btf) = btf else { return c };
     let member = |ty: &str, m: &str| btf.member_offset(ty, m).unwrap_or(NO_OFFSET);
     let sum = |a: u32, b: u32| if a == NO_OFFSET || b == NO_OFFSET { NO_OFFSET } else { a + b };
-    c.task_pid = member("task_struct", "pid");
     c.task_throttled = member("task_struct", "throttled");
     c.task_cfs_rq = sum(member("task_struct", "se"), member("sched_entity", "cfs_rq"));
     c.task_sum_exec = sum(member("task_struct", "se"), member("sched_entity", "sum_exec_runtime"));
-    c.task_prev_sum_exec = sum(member("task_struct", "se"), member("sched_entity", "prev_sum_exec_runtime"));
+    let info = |m: &str| sum(member("task_struct", "sched_info"), member("sched_info", m));
+    c.task_pcount = info("pcount");
+    c.task_run_delay = info("run_delay");
+    c.task_last_arrival = info("last_arrival");
+    c.cfs_rq_rq = member("cfs_rq", "rq");
+    c.rq_clock = member("rq", "clock");
     c.cfs_rq_throttle_count = member("cfs_rq", "throttle_count");
     c.task_files = member("task_struct", "files");
     c.files_fdt = member("files_struct", "fdt");
@@ -56,59 +71,62 @@ pub(crate) fn config(btf: Option<&Btf>, measure_cost: bool) -> OffConfig {
 }
 
 impl KernelPrograms {
-    /// Starts following target threads off the CPU (raw tracepoints `sched_switch` and
-    /// `sched_wakeup`): every switch of a thread that switches at most `budget` times a
-    /// second (0: no limit), a random share of them beyond it.
+    /// Starts following target threads off the CPU (raw tracepoint `sched_switch`): every
+    /// switch of a thread that switches at most `budget` times a second (0: no limit), a
+    /// random share of them beyond it.
     pub fn watch_off_cpu(&mut self, budget: u32) -> Result<()> {
-        let feature = "the sched_switch and sched_wakeup raw tracepoints (Linux 5.18+)";
-        if self.off_config.task_pid == NO_OFFSET {
-            return Err(Error::KernelFeature {
-                feature: "kernel BTF",
-                detail: "task_struct.pid not found".into(),
-            });
+        let feature = "the sched_switch raw tracepoint (Linux 5.18+)";
+        let c = &self.off_config;
+        let needed = [
+            (c.task_pcount, "task_struct.sched_info (CONFIG_SCHED_INFO)"),
+            (c.task_run_delay, "sched_info.run_delay"),
+            (c.task_last_arrival, "sched_info.last_arrival"),
+            (c.task_sum_exec, "sched_entity.sum_exec_runtime"),
+            (c.task_cfs_rq, "sched_entity.cfs_rq (CONFIG_FAIR_GROUP_SCHED)"),
+            (c.cfs_rq_rq, "cfs_rq.rq (CONFIG_FAIR_GROUP_SCHED)"),
+            (c.rq_clock, "rq.clock"),
+        ];
+        if let Some((_, what)) = needed.iter().find(|(offset, _)| *offset == NO_OFFSET) {
+            return Err(Error::KernelFeature { feature: "kernel BTF", detail: format!("{what} not found") });
         }
         let mut limit: Array<&mut MapData, u64> = self.map_mut(MAP_OFF_BUDGET)?;
         limit
             .set(0, budget_per_window(budget), 0)
             .map_err(|e| Error::Ebpf { what: "setting the switch budget", detail: one_line(&e) })?;
-        for name in [PROG_SCHED_WAKEUP, PROG_SCHED_SWITCH] {
-            let prog: &mut RawTracePoint = self
-                .ebpf
-                .program_mut(name)
-                .and_then(|p| p.try_into().ok())
-                .ok_or(Error::Ebpf { what: "kernel program missing", detail: name.into() })?;
-            prog.load().map_err(|e| attach::load_error("loading the off-CPU programs", &e))?;
-            prog.attach(name)
-                .map_err(|e| Error::KernelFeature { feature, detail: format!("{name}: {}", one_line(&e)) })?;
-        }
+        let name = PROG_SCHED_SWITCH;
+        let prog: &mut RawTracePoint = self
+            .ebpf
+            .program_mut(name)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(Error::Ebpf { what: "kernel program missing", detail: name.into() })?;
+        prog.load().map_err(|e| attach::load_error("loading the off-CPU program", &e))?;
+        prog.attach(name)
+            .map_err(|e| Error::KernelFeature { feature, detail: format!("{name}: {}", one_line(&e)) })?;
         self.watching_off_cpu = true;
         Ok(())
     }
 
-    /// Run time and run count of the context-switch and wake-up programs, when the run-time
-    /// statistics are on and the programs attached.
-    pub fn off_kernel_cost(&mut self) -> Option<[(std::time::Duration, u64); 2]> {
+    /// Run time and run count of the context-switch program, when the run-time statistics
+    /// are on and the program attached.
+    pub fn off_kernel_cost(&mut self) -> Option<(std::time::Duration, u64)> {
         if !self.watching_off_cpu {
             return None;
         }
         self.stats_fd.as_ref()?;
-        let mut cost = [(std::time::Duration::ZERO, 0); 2];
-        for (slot, name) in cost.iter_mut().zip([PROG_SCHED_SWITCH, PROG_SCHED_WAKEUP]) {
-            let Some(prog) = self.ebpf.program_mut(name) else {
-                tracing::warn!("{name}: missing");
+        let name = PROG_SCHED_SWITCH;
+        let Some(prog) = self.ebpf.program_mut(name) else {
+            tracing::warn!("{name}: missing");
+            return None;
+        };
+        let prog: &mut RawTracePoint = match prog.try_into() {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!("{name}: {e}");
                 return None;
-            };
-            let prog: &mut RawTracePoint = match prog.try_into() {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::warn!("{name}: {e}");
-                    return None;
-                }
-            };
-            let info = prog.info().inspect_err(|e| tracing::warn!("{name}: {e}")).ok()?;
-            *slot = (info.run_time(), info.run_count());
-        }
-        Some(cost)
+            }
+        };
+        let info = prog.info().inspect_err(|e| tracing::warn!("{name}: {e}")).ok()?;
+        Some((info.run_time(), info.run_count()))
     }
 
     /// Off-CPU nanoseconds by (thread, stacks, reason), waits that ended so far.
@@ -147,25 +165,36 @@ impl KernelPrograms {
         Ok(counts.keys().filter_map(|r| r.ok()).collect())
     }
 
-    /// Waits still under way at `now_ns` (CLOCK_MONOTONIC) of threads of `pids`: what they
-    /// add up to so far, split and weighted as the kernel would when the thread runs again.
+    /// Waits of threads of `pids` not counted yet at `now_ns` (CLOCK_MONOTONIC): what they
+    /// add up to so far, split and weighted as the kernel does. A wait under way counts to
+    /// now; one that ended since the thread's last switch (it has run since, and not left
+    /// the CPU) ends where the CPU time it used since says.
     pub fn off_in_flight(&self, pids: &[u32], now_ns: u64) -> Result<Vec<(OffKey, u64)>> {
         if !self.watching_off_cpu {
             return Ok(Vec::new());
         }
         let threads: HashMap<&MapData, u32, OffThread> = self.map(MAP_OFF_THREADS)?;
         let mut out = Vec::new();
-        for (_, t) in threads.iter().filter_map(|r| r.ok()) {
+        for (tid, t) in threads.iter().filter_map(|r| r.ok()) {
             if t.off_ns == 0 || t.off_ns > now_ns || !pids.contains(&t.key.sample.tgid) {
                 continue;
             }
             let weighted = |ns| weighted(ns, t.weight);
-            if t.wake_ns > t.off_ns && t.wake_ns <= now_ns {
-                out.push((t.key, weighted(t.wake_ns - t.off_ns)));
-                let queued = OffKey { reason: reason::RUNQUEUE, port: 0, family: 0, addr: [0; 16], ..t.key };
-                out.push((queued, weighted(now_ns - t.wake_ns)));
-            } else {
-                out.push((t.key, weighted(now_ns - t.off_ns)));
+            let mut total = now_ns - t.off_ns;
+            let mut queued = 0;
+            if let Some(s) = crate::sys::process::schedstat(t.key.sample.tgid, tid)
+                && s.arrivals != t.arrivals_before
+            {
+                total = total.saturating_sub(s.ran_ns.saturating_sub(t.ran_before));
+                queued = s.queued_ns.saturating_sub(t.queued_before).min(total);
+            }
+            if matches!(t.key.reason, reason::RUNQUEUE | reason::THROTTLED) {
+                queued = 0;
+            }
+            out.push((t.key, weighted(total - queued)));
+            if queued > 0 {
+                let key = OffKey { reason: reason::RUNQUEUE, port: 0, family: 0, addr: [0; 16], ..t.key };
+                out.push((key, weighted(queued)));
             }
         }
         Ok(out)

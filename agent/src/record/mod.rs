@@ -115,10 +115,10 @@ pub struct Summary {
     pub net_kernel_cost: Option<(Duration, u64)>,
     /// Nanoseconds the run-time statistics add to each run (with `kernel_stats`).
     pub stats_floor: Option<f64>,
-    /// Context-switch and wake-up programs' total kernel time and run count (wall-clock and
+    /// The context-switch program's total kernel time and run count (wall-clock and
     /// off-CPU modes, with `kernel_stats`).
-    pub off_kernel_cost: Option<[(Duration, u64); 2]>,
-    /// The switch budget the off-CPU programs kept to (0: none).
+    pub off_kernel_cost: Option<(Duration, u64)>,
+    /// The switch budget the off-CPU program kept to (0: none).
     pub switch_budget: u32,
     /// CPU seconds each given or launched process used during the session, by the kernel's
     /// accounting (exact, where samples / rate is an estimate).
@@ -643,12 +643,12 @@ impl Summary {
             };
             let _ = writeln!(
                 s,
-                "  off-CPU: {} switches of target threads followed ({} with the Python stack of the switch before, {} GIL and lock waits with the stack read under {} ms before, {} switches back in not seen){cost}",
+                "  off-CPU: {} switches of target threads followed ({} with the Python stack of the switch before, {} GIL and lock waits with the stack read under {} ms before, {} waits ended from the CPU time used since){cost}",
                 self.stats.off_switches,
                 self.stats.off_stacks_reused,
                 self.stats.off_stacks_recent,
                 crate::programs::offcpu::RECENT.as_millis(),
-                self.stats.off_unclosed
+                self.stats.off_from_run_time
             );
         }
         if self.stats.off_sampled_out > 0 {
@@ -661,15 +661,12 @@ impl Summary {
                 100.0 * self.stats.off_switches as f64 / all as f64
             );
         }
-        if let Some([(switch_time, switches), (wake_time, wakes)]) = self.off_kernel_cost {
-            let per = |t: Duration, n: u64| t.as_nanos() as f64 / n.max(1) as f64;
+        if let Some((switch_time, switches)) = self.off_kernel_cost {
             let _ = writeln!(
                 s,
-                "  kernel: sched_switch ran {switches} times for {} ns ({:.0} ns per run, every switch on the host); sched_wakeup ran {wakes} times for {} ns ({:.0} ns per run)",
+                "  kernel: sched_switch ran {switches} times for {} ns ({:.0} ns per run, every switch on the host)",
                 switch_time.as_nanos(),
-                per(switch_time, switches),
-                wake_time.as_nanos(),
-                per(wake_time, wakes)
+                switch_time.as_nanos() as f64 / switches.max(1) as f64
             );
         }
         if let Some((report, path)) = &self.net {

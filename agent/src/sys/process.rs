@@ -126,6 +126,25 @@ fn parse_start_time(stat: &str) -> Option<u64> {
     fields.nth(22 - 4)?.parse().ok()
 }
 
+/// A thread's scheduler figures (/proc/PID/task/TID/schedstat): CPU time, time waiting in
+/// run queues (both nanoseconds), and how many times it got a CPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SchedStat {
+    pub ran_ns: u64,
+    pub queued_ns: u64,
+    pub arrivals: u64,
+}
+
+/// Thread `tid`'s scheduler figures (None when it is gone or the kernel keeps none).
+pub fn schedstat(pid: u32, tid: u32) -> Option<SchedStat> {
+    parse_schedstat(&fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat")).ok()?)
+}
+
+fn parse_schedstat(text: &str) -> Option<SchedStat> {
+    let mut fields = text.split_whitespace().map(|f| f.parse::<u64>().ok());
+    Some(SchedStat { ran_ns: fields.next()??, queued_ns: fields.next()??, arrivals: fields.next()?? })
+}
+
 /// The parent of process `pid` (None when it does not exist).
 pub fn parent(pid: u32) -> Option<u32> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -186,6 +205,13 @@ mod tests {
         assert_eq!(parse_start_time(&stat.replace(" R ", " Z ")), None);
         assert_eq!(parse_start_time("42 (x"), None);
         assert!(start_time(std::process::id()).is_some());
+        assert_eq!(
+            parse_schedstat("1234 56 7\n"),
+            Some(SchedStat { ran_ns: 1234, queued_ns: 56, arrivals: 7 })
+        );
+        assert_eq!(parse_schedstat("1234 56"), None);
+        let me = std::process::id();
+        assert!(schedstat(me, me).is_some_and(|s| s.ran_ns > 0 && s.arrivals > 0));
         // This process started before now and after the machine booted.
         let now =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
