@@ -42,6 +42,8 @@ pub(super) struct Interval {
     pub(super) generation: u64,
     /// Processes in a pod the lookup did not know when their resource was built.
     pub(super) unnamed: HashSet<u32>,
+    /// Processes on /metrics since before their first export (see `publish_new`).
+    pub(super) early: HashSet<u32>,
     pub(super) last: HashMap<SampleKey, u64>,
     /// Off-CPU nanoseconds seen so far by key (the kernel's, with the waits under way).
     pub(super) off_last: HashMap<OffKey, u64>,
@@ -74,6 +76,7 @@ impl Interval {
             lookup,
             generation: 0,
             unnamed: HashSet::new(),
+            early: HashSet::new(),
             last: HashMap::new(),
             off_last: HashMap::new(),
             gil_last: HashMap::new(),
@@ -98,6 +101,7 @@ impl Interval {
         elapsed: Duration,
         scrapes: u64,
     ) {
+        self.early.clear();
         // Samples since the last interval, by process.
         let mut deltas: HashMap<u32, Vec<(SampleKey, u64)>> = HashMap::new();
         for (key, count) in collector.counts() {
@@ -344,14 +348,24 @@ impl Interval {
     }
 
     /// Adds to `snapshot` (what /metrics shows) the processes found since it was made,
-    /// with the CPU time and memory the kernel accounts of them so far; their samples and
-    /// functions follow at the next export. The count of processes follows.
-    /// The memory read now is kept as the process's last known size (one that exits before
-    /// the next export reports it).
+    /// with the CPU time and memory the kernel accounts of them so far, and keeps those
+    /// figures current until their first export; their samples and functions follow at that
+    /// export. The count of processes follows. The memory read now is kept as the process's
+    /// last known size (one that exits before the next export reports it).
     pub(super) fn publish_new(&mut self, snapshot: &mut state::Snapshot) {
         let mut added = false;
         for (&pid, p) in self.processes.iter_mut() {
-            if snapshot.processes.contains_key(&pid) {
+            if let Some(shown) = snapshot.processes.get_mut(&pid) {
+                // Published early: the counter grows from the figure first shown (the next
+                // export's interval counts from that one, `accounted`).
+                if self.early.contains(&pid) {
+                    if let Some(cpu) = process::cpu_time(pid) {
+                        shown.cpu_seconds = shown.cpu_seconds.max(cpu);
+                    }
+                    if let Some(rss) = rss_bytes(pid) {
+                        (p.memory_bytes, shown.memory_bytes) = (rss, rss);
+                    }
+                }
                 continue;
             }
             if let Some(rss) = rss_bytes(pid) {
@@ -364,6 +378,7 @@ impl Interval {
                 p.cpu_seconds = p.accounted.unwrap_or(0.0);
             }
             snapshot.processes.insert(pid, p.clone());
+            self.early.insert(pid);
             added = true;
         }
         if added {
