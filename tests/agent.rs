@@ -30,28 +30,36 @@ fn agent_exports_metrics() {
     start_when_exported(http, &mut busy);
     let pid = format!("process_pid=\"{}\"", busy.id());
     // Exports while it works: each interval's utilization is its CPU time (the growth of
-    // the counter) over the interval's wall time and the CPUs. Exports keep to a 1 s grid,
-    // each a few milliseconds late at most: an interval is at least 0.95 s.
+    // the counter from one export to the next) over the interval's wall time and the CPUs.
+    // An export is where the agent's sample count moves (before its first export, the
+    // process's counter also grows between exports). Exports keep to a 1 s grid, each a few
+    // milliseconds late at most: an interval is at least 0.95 s.
     let cpus = std::thread::available_parallelism().unwrap().get() as f64;
     let (mut previous, mut text) = (None, String::new());
     let mut intervals = 0;
     while !has_ended(busy.id()) {
         let (_, now) = http_get(http, "/metrics").expect("scrape /metrics");
+        let samples = metric_value(&now, "stoker_samples_total", "").unwrap();
         let cpu = metric_value(&now, "process_cpu_time_seconds_total", &pid);
-        if let (Some(before), Some(cpu)) = (previous, cpu)
-            && cpu != before
-        {
-            let utilization = metric_value(&now, "process_cpu_utilization_ratio", &pid).unwrap();
-            let most = (cpu - before) / 0.95 / cpus;
-            assert!(
-                utilization > 0.0 && utilization <= most * (1.0 + 1e-9),
-                "utilization {utilization} for {:.3} s of CPU in an interval of at least 0.95 s on {cpus} CPUs",
-                cpu - before
-            );
-            intervals += 1;
-            text = now.clone();
+        // (samples, CPU time, whether that CPU time was seen first after an export).
+        match (previous, cpu) {
+            (None, Some(cpu)) => previous = Some((samples, cpu, false)),
+            (Some((exported, before, at_export)), Some(cpu)) if samples != exported => {
+                if at_export {
+                    let utilization = metric_value(&now, "process_cpu_utilization_ratio", &pid).unwrap();
+                    let most = (cpu - before) / 0.95 / cpus;
+                    assert!(
+                        utilization > 0.0 && utilization <= most * (1.0 + 1e-9),
+                        "utilization {utilization} for {:.3} s of CPU in an interval of at least 0.95 s on {cpus} CPUs",
+                        cpu - before
+                    );
+                    intervals += 1;
+                    text = now.clone();
+                }
+                previous = Some((samples, cpu, true));
+            }
+            _ => {}
         }
-        previous = cpu.or(previous);
         thread::sleep(Duration::from_millis(20));
     }
     let spent = wait_spent(&mut busy, &dir.join("busy.json"));

@@ -76,6 +76,9 @@ pub struct AgentArgs {
     /// Validate the configuration and exit.
     #[arg(long)]
     pub check_config: bool,
+    /// Print the Prometheus name of every series the agent exports, one per line, and exit.
+    #[arg(long)]
+    pub list_metrics: bool,
 }
 
 #[derive(Debug, Args)]

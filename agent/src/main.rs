@@ -113,6 +113,12 @@ fn dump_cmd(args: &DumpArgs) -> ExitCode {
 }
 
 fn agent_cmd(args: AgentArgs) -> ExitCode {
+    if args.list_metrics {
+        for name in stoker::node::prometheus_series() {
+            println!("{name}");
+        }
+        return ExitCode::SUCCESS;
+    }
     let env = |k: &str| std::env::var(k).ok();
     let config = match AgentConfig::load(args.config.as_deref(), &args.set, env) {
         Ok(c) => c,

@@ -475,8 +475,7 @@ pub(crate) const NETWORK: [&Metric; 13] = [
     &LOOP_BLOCKED,
 ];
 
-/// Every metric, for the tests of their names.
-#[cfg(test)]
+/// Every metric the agent exports.
 fn all() -> Vec<&'static Metric> {
     let mut all = vec![&CPU_TIME, &CPU_UTILIZATION, &MEMORY_USAGE];
     all.extend(CGROUP_METRICS);
@@ -487,6 +486,22 @@ fn all() -> Vec<&'static Metric> {
     all.extend([&NET_EVENTS_LOST, &SPANS_DROPPED, &KERNEL_LOSSES]);
     all.extend(NETWORK);
     all
+}
+
+/// The Prometheus names of every series the agent exports (a histogram's `_bucket`, `_sum`
+/// and `_count`), sorted: what a dashboard may query.
+pub(crate) fn prometheus_series() -> Vec<String> {
+    let mut names: Vec<String> = all()
+        .into_iter()
+        .flat_map(|m| match m.instrument {
+            Instrument::Histogram(_) => {
+                ["bucket", "sum", "count"].iter().map(|part| format!("{}_{part}", m.prometheus)).collect()
+            }
+            _ => vec![m.prometheus.to_string()],
+        })
+        .collect();
+    names.sort();
+    names
 }
 
 /// The name a Collector's Prometheus exporters (and stores that translate OTLP the same

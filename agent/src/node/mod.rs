@@ -15,3 +15,9 @@ mod select;
 mod state;
 
 pub use self::agent::run;
+
+/// The Prometheus names of every series the agent exports, sorted (`stoker agent
+/// --list-metrics`).
+pub fn prometheus_series() -> Vec<String> {
+    metric::prometheus_series()
+}
