@@ -19,8 +19,8 @@ use crate::{
 /// thread's stack read at a switch less than this long before.
 pub const RECENT: std::time::Duration = std::time::Duration::from_millis(10);
 
-/// Switches off the CPU per second of one thread followed in full by default: all of them
-/// (0), so that every wait is measured. A budget (`--switch-budget`, `off_cpu.switch_budget`)
+/// Switches off a CPU per second of one thread on that CPU followed in full by default: all
+/// of them (0), so that every wait is measured. A budget (`--switch-budget`, `off_cpu.switch_budget`)
 /// bounds the cost on threads that switch thousands of times a second: beyond it their
 /// switches are sampled at random and the waits followed weighted for the others.
 pub const DEFAULT_SWITCH_BUDGET: u32 = 0;
