@@ -47,6 +47,18 @@ pub fn weighted(ns: u64, weight: u64) -> u64 {
     (ns >> 10).wrapping_mul(weight).wrapping_add(((ns & 1023) * weight) >> 10)
 }
 
+/// A wait of `total` ns that ended, of which the thread spent `queued` ns in the run queue
+/// (as the scheduler counted it), split into (its reason's part, the run queue's part). A
+/// thread that left the CPU runnable (`RUNQUEUE`, `THROTTLED`) waited for the CPU all along.
+#[inline(always)]
+pub fn split_wait(reason: u32, total: u64, queued: u64) -> (u64, u64) {
+    if matches!(reason, reason::RUNQUEUE | reason::THROTTLED) {
+        return (total, 0);
+    }
+    let queued = queued.min(total);
+    (total - queued, queued)
+}
+
 /// Global set by the loader: `OffConfig`.
 pub const GLOBAL_OFF_CONFIG: &str = "OFF_CONFIG";
 
@@ -96,6 +108,14 @@ pub struct OffKey {
     pub addr: [u8; 16],
 }
 const _: () = assert!(core::mem::size_of::<OffKey>() == 48);
+
+impl OffKey {
+    /// The key of the thread's time in the run queue after this wait: its stacks, no peer.
+    #[inline(always)]
+    pub fn queued(&self) -> OffKey {
+        OffKey { reason: reason::RUNQUEUE, port: 0, family: 0, addr: [0; 16], ..*self }
+    }
+}
 
 // SAFETY: `repr(C)`, integers, a `SampleKey` (itself `Pod`) and bytes, no padding (size
 // asserted): any bit pattern is a valid value.

@@ -5,7 +5,7 @@
 //! recorded them in the task's `sched_info`). Switches of other threads cost one bit test.
 use agent_ebpf::{
     NO_OFFSET, NO_STACK, OFF_PACE_SLOTS, OFF_TAKE_ALL, OFF_WEIGHT_ONE, OFF_WINDOW_NS, OffConfig, OffKey,
-    OffPace, OffThread, PY_GIL_SIZE, SampleKey, reason, stat, weighted,
+    OffPace, OffThread, PY_GIL_SIZE, SampleKey, reason, split_wait, stat, weighted,
 };
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
@@ -122,17 +122,26 @@ fn try_sched_switch(ctx: &RawTracePointContext) -> Result<(), i64> {
 /// would otherwise hold it back).
 #[inline(always)]
 pub(super) fn sampled(tgid: u32, tid: u32) {
-    if !is_pending(tid) {
-        return;
+    if is_pending(tid) {
+        count_pending(tgid, tid);
     }
+}
+
+/// Counts the pending wait of thread `tid` of process `tgid` (the current task, which ran
+/// since): its `OFF_THREADS` entry, if it still has one.
+#[inline(always)]
+fn count_pending(tgid: u32, tid: u32) -> Option<*mut OffThread> {
     set_pending(tid, false);
-    if let Some(t) = OFF_THREADS.get_ptr_mut(tid) {
-        // SAFETY: as in `switched_out`; the thread is on this CPU.
-        let t = unsafe { &mut *t };
-        if t.off_ns != 0 && t.key.sample.tgid == tgid {
-            ran_again(t);
-        }
+    let entry = OFF_THREADS.get_ptr_mut(tid)?;
+    // SAFETY: a value of the preallocated LRU map from a successful lookup: it stays
+    // allocated as long as the map; plain integers. Only this thread's switches and CPU
+    // samples touch it, and the thread is on this CPU.
+    let t = unsafe { &mut *entry };
+    // (An entry of another process is a thread that exited unseen: its id was reused.)
+    if t.off_ns != 0 && t.key.sample.tgid == tgid {
+        ran_again(t);
     }
+    Some(entry)
 }
 
 /// This CPU's pace slot of thread `tid`, taken over when another thread had it.
@@ -155,21 +164,7 @@ fn pace_of(tid: u32) -> Option<&'static mut OffPace> {
 #[inline(always)]
 fn switched_out(ctx: &RawTracePointContext, tgid: u32, tid: u32, runnable: bool, state: u64) -> Option<u64> {
     // Its previous wait (followed) ended when it got the CPU: counted now.
-    let mut entry = None;
-    if is_pending(tid) {
-        set_pending(tid, false);
-        entry = OFF_THREADS.get_ptr_mut(tid);
-        if let Some(t) = entry {
-            // SAFETY: a value of the preallocated LRU map from a successful lookup: it stays
-            // allocated as long as the map; plain integers. Only this thread's switches and
-            // CPU samples touch it, and the thread is on this CPU.
-            let t = unsafe { &mut *t };
-            // (An entry of another process is a thread that exited unseen: its id was reused.)
-            if t.off_ns != 0 && t.key.sample.tgid == tgid {
-                ran_again(t);
-            }
-        }
-    }
+    let mut entry = if is_pending(tid) { count_pending(tgid, tid) } else { None };
     // Stopped, traced and exiting threads are not waiting for anything.
     if !runnable && state & (TASK_INTERRUPTIBLE | TASK_UNINTERRUPTIBLE) == 0 {
         return None;
@@ -351,29 +346,18 @@ fn ran_again(t: &mut OffThread) {
         let ran = current_u64(&OFF_CONFIG.task_sum_exec).saturating_sub(t.ran_before);
         now_ns().saturating_sub(off).saturating_sub(ran)
     };
-    let weight = t.weight;
-    if matches!(t.key.reason, reason::RUNQUEUE | reason::THROTTLED) {
-        // Runnable all along: the wait is the run queue (or the throttle) from end to end.
-        add_off(&t.key, weighted(total, weight));
-        return;
-    }
-    let queued = sched.queued.saturating_sub(t.queued_before).min(total);
-    add_off(&t.key, weighted(total - queued, weight));
+    let (waited, queued) = split_wait(t.key.reason, total, sched.queued.saturating_sub(t.queued_before));
+    add_off(&t.key, weighted(waited, t.weight));
     if queued > 0 {
-        let mut key = t.key;
-        key.reason = reason::RUNQUEUE;
-        key.port = 0;
-        key.family = 0;
-        key.addr = [0; 16];
-        add_off(&key, weighted(queued, weight));
+        add_off(&t.key.queued(), weighted(queued, t.weight));
     }
 }
 
 /// Whether the switch now under way of the thread of pace `t` is followed (the weight of
-/// its wait is then `t.weight`): all are, weighing one, while the thread switches at most `OFF_BUDGET` times
-/// a second; at a faster pace in its previous window, each is taken with the chance that
-/// keeps to the budget, weighing its inverse. Threads that switch that often wait briefly
-/// each time, so one wait weighs little in the total.
+/// its wait is then `t.weight`): all are, weighing one, while the thread switches at most
+/// `OFF_BUDGET` times a second; at a faster pace in its previous window, each is taken with
+/// the chance that keeps to the budget, weighing its inverse. Threads that switch that often
+/// wait briefly each time, so one wait weighs little in the total.
 ///
 /// `now` is the clock, read here (into `now`) only when needed: a read costs more than
 /// the rest of a switch that is not followed, so while a thread is sampled its window's end

@@ -2,7 +2,7 @@
 //! BTF members), attaching them, and reading the waits they aggregated.
 use agent_ebpf::{
     MAP_OFF_BUDGET, MAP_OFF_COUNTS, MAP_OFF_THREADS, NO_OFFSET, OffConfig, OffKey, OffThread,
-    PROG_SCHED_SWITCH, budget_per_window, reason, weighted,
+    PROG_SCHED_SWITCH, budget_per_window, split_wait, weighted,
 };
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuHashMap},
@@ -20,9 +20,10 @@ use crate::{
 pub const RECENT: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// Switches off a CPU per second of one thread on that CPU followed in full by default: all
-/// of them (0), so that every wait is measured. A budget (`--switch-budget`, `off_cpu.switch_budget`)
-/// bounds the cost on threads that switch thousands of times a second: beyond it their
-/// switches are sampled at random and the waits followed weighted for the others.
+/// of them (0), so that every wait is measured. A budget (`--switch-budget`,
+/// `off_cpu.switch_budget`) bounds the cost on threads that switch thousands of times a
+/// second: beyond it their switches are sampled at random and the waits followed weighted
+/// for the others.
 pub const DEFAULT_SWITCH_BUDGET: u32 = 0;
 
 /// The kernel structs whose member offsets the off-CPU programs need.
@@ -40,7 +41,7 @@ pub(crate) const BTF_STRUCTS: &[&str] = &[
 ];
 
 /// Struct member offsets from BTF; what is not found stays `NO_OFFSET` (that detail is
-/// then not read; without the scheduler's figures (`SCHED_NEEDS`) the program is not
+/// then not read; without the scheduler's figures `watch_off_cpu` needs the program is not
 /// attached).
 pub(crate) fn config(btf: Option<&Btf>, measure_cost: bool) -> OffConfig {
     let mut c = OffConfig::UNKNOWN;
@@ -186,15 +187,12 @@ impl KernelPrograms {
                 && s.arrivals != t.arrivals_before
             {
                 total = total.saturating_sub(s.ran_ns.saturating_sub(t.ran_before));
-                queued = s.queued_ns.saturating_sub(t.queued_before).min(total);
+                queued = s.queued_ns.saturating_sub(t.queued_before);
             }
-            if matches!(t.key.reason, reason::RUNQUEUE | reason::THROTTLED) {
-                queued = 0;
-            }
-            out.push((t.key, weighted(total - queued)));
+            let (waited, queued) = split_wait(t.key.reason, total, queued);
+            out.push((t.key, weighted(waited)));
             if queued > 0 {
-                let key = OffKey { reason: reason::RUNQUEUE, port: 0, family: 0, addr: [0; 16], ..t.key };
-                out.push((key, weighted(queued)));
+                out.push((t.key.queued(), weighted(queued)));
             }
         }
         Ok(out)
