@@ -37,6 +37,12 @@ def wrk(port, seconds):
     return requests, float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
 
 
+def cpu_seconds(pid):
+    """CPU time process `pid` used so far, all its threads, user and system (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def links(pid):
     """BPF links process `pid` holds: how many programs it has attached."""
     n = 0

@@ -11,8 +11,8 @@ GET /sleep/0 by wrk (1 thread, 8 keep-alive connections). Each round runs wrk fo
 seconds four times: the server alone, watched by `stoker record` (CPU sampling at 99 Hz),
 by `stoker record --mode wall` (sampling and every switch of the server's threads) and by
 `py-spy record --idle` (py-spy's wall-clock view, 99 Hz); the order rotates from round to
-round. Reports each round's throughput and each watched configuration's over the
-server's alone.
+round. Reports each round's throughput, each watched configuration's over the
+server's alone, and the CPU time the profiler's own process used during the runs.
 
 Kernel cost, in separate rounds with the kernel's BPF run-time statistics on: watching
 the server, the context-switch program's time per request (all its runs on the host,
@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import arg, interval, links, wrk
+from benchlib import arg, cpu_seconds, interval, links, wrk
 
 ROOT = Path(__file__).resolve().parent.parent
 STOKER = ROOT / "target/release/stoker"
@@ -42,7 +42,7 @@ CONFIGS = ["alone", "stoker cpu", "stoker wall", f"stoker wall --switch-budget {
 
 def watched_by_stoker(pid, port, seconds, tmp, mode, kernel_stats=False, extra=()):
     """wrk while stoker watches `pid` in `mode` with `extra` options: (requests, req/s,
-    stoker's summary)."""
+    stoker's summary, stoker's CPU seconds during the run)."""
     stoker = subprocess.Popen(
         [str(STOKER), "record", "-m", mode, *(["--kernel-stats"] if kernel_stats else []), *extra,
          "--pid", str(pid), "-f", "folded", "-o", f"{tmp}/bench.folded"],
@@ -55,9 +55,11 @@ def watched_by_stoker(pid, port, seconds, tmp, mode, kernel_stats=False, extra=(
         if time.monotonic() > deadline or stoker.poll() is not None:
             raise SystemExit(f"stoker did not attach: {stoker.communicate()[1]}")
         time.sleep(0.05)
+    before = cpu_seconds(stoker.pid)
     requests, rps = wrk(port, seconds)
+    used = cpu_seconds(stoker.pid) - before
     stoker.send_signal(2)
-    return requests, rps, stoker.communicate(timeout=60)[1]
+    return requests, rps, stoker.communicate(timeout=60)[1], used
 
 
 def watched_by_py_spy(pid, port, seconds, tmp):
@@ -66,19 +68,23 @@ def watched_by_py_spy(pid, port, seconds, tmp):
     time.sleep(1.0)  # py-spy attaches by reading the process: no link to wait for
     if spy.poll() is not None:
         raise SystemExit(f"py-spy failed: {spy.communicate()[1]}")
+    before = cpu_seconds(spy.pid)
     requests, rps = wrk(port, seconds)
+    used = cpu_seconds(spy.pid) - before
     spy.send_signal(2)
     spy.communicate(timeout=60)
-    return requests, rps
+    return requests, rps, used
 
 
 def run_config(config, server, port, seconds, tmp):
+    """(requests, req/s, the profiler's CPU seconds during the run: None alone)."""
     if config == "alone":
-        return wrk(port, seconds)
+        return (*wrk(port, seconds), None)
     if config == "py-spy --idle":
         return watched_by_py_spy(server.pid, port, seconds, tmp)
     words = config.split()
-    return watched_by_stoker(server.pid, port, seconds, tmp, words[1], extra=words[2:])[:2]
+    requests, rps, _, used = watched_by_stoker(server.pid, port, seconds, tmp, words[1], extra=words[2:])
+    return requests, rps, used
 
 
 def kernel_cost(err):
@@ -111,14 +117,14 @@ def main():
                 row = {c: run_config(c, server, port, seconds, tmp) for c in order}
                 rows.append(row)
                 print(f"round {r + 1}: " + ", ".join(f"{c} {row[c][1]:.0f} req/s" for c in CONFIGS), flush=True)
-            requests, rps, err = watched_by_stoker(server.pid, port, seconds, tmp, "wall", kernel_stats=True)
+            requests, rps, err, _ = watched_by_stoker(server.pid, port, seconds, tmp, "wall", kernel_stats=True)
             busy = (requests, rps, kernel_cost(err))
-            requests, rps, err = watched_by_stoker(server.pid, port, seconds, tmp, "wall", kernel_stats=True,
-                                                   extra=["--switch-budget", BUDGET])
+            requests, rps, err, _ = watched_by_stoker(server.pid, port, seconds, tmp, "wall", kernel_stats=True,
+                                                      extra=["--switch-budget", BUDGET])
             sampled = (requests, rps, kernel_cost(err))
             idle = subprocess.Popen(["sleep", "3600"])
             try:
-                requests, rps, err = watched_by_stoker(idle.pid, port, seconds, tmp, "wall", kernel_stats=True)
+                requests, rps, err, _ = watched_by_stoker(idle.pid, port, seconds, tmp, "wall", kernel_stats=True)
                 quiet = (requests, rps, kernel_cost(err))
             finally:
                 idle.kill()
@@ -134,8 +140,8 @@ def main():
         "runs the server alone, watched by `stoker record` (CPU sampling, 99 Hz), by `stoker record --mode "
         "wall` (sampling and every switch of the server's threads off the CPU: every wait counted, GIL and lock "
         "waits with the thread's stack read at a switch under 10 ms before), by `stoker record --mode wall "
-        f"--switch-budget {BUDGET}` (each thread's switches followed in full up to {BUDGET} a second, a random "
-        "share of them beyond, weighted) "
+        f"--switch-budget {BUDGET}` (each thread's GIL hand-overs and preemptions followed in full up to {BUDGET} "
+        "a second, a random share of them beyond, weighted; its other waits all followed) "
         "and by `py-spy record --idle` (99 Hz), in an order that rotates from round to round.",
         "",
         "| round | " + " | ".join(f"{c} req/s" for c in CONFIGS) + " |",
@@ -143,14 +149,16 @@ def main():
     ]
     for i, row in enumerate(rows):
         lines.append(f"| {i + 1} | " + " | ".join(f"{row[c][1]:.0f}" for c in CONFIGS) + " |")
-    lines += ["", "| watched by | throughput / alone (mean of means) | rounds' ratios: mean, 95% interval | median | range |",
-              "| --- | --- | --- | --- | --- |"]
+    lines += ["", "| watched by | throughput / alone (mean of means) | rounds' ratios: mean, 95% interval | median | range "
+              "| the profiler's own CPU (share of one CPU) |",
+              "| --- | --- | --- | --- | --- | --- |"]
     mean = {c: statistics.mean(row[c][1] for row in rows) for c in CONFIGS}
     for c in CONFIGS[1:]:
         ratios = [row[c][1] / row["alone"][1] for row in rows]
         m, half = interval(ratios)
+        own = statistics.mean(row[c][2] for row in rows) / seconds
         lines.append(f"| {c} | **{mean[c] / mean['alone']:.3f}** | {m:.3f} ± {half:.3f} | "
-                     f"{statistics.median(ratios):.3f} | {min(ratios):.3f} to {max(ratios):.3f} |")
+                     f"{statistics.median(ratios):.3f} | {min(ratios):.3f} to {max(ratios):.3f} | {own:.1%} |")
     (req, _, (sw_runs, sw_ns, targets, reused, recent, per_target, floor)) = busy
     (_, _, (q_runs, q_ns, _, _, _, _, _)) = quiet
     per_req = (sw_ns - floor * sw_runs) / max(req, 1)

@@ -230,7 +230,8 @@ pub static OFF_COUNTS: PerCpuHashMap<OffKey, u64> = PerCpuHashMap::with_max_entr
 #[map]
 pub static OFF_THREADS: LruHashMap<u32, OffThread> = LruHashMap::with_max_entries(OFF_THREADS_CAPACITY, 0);
 
-/// Switches per second of a target thread followed in full (see `MAP_OFF_BUDGET`).
+/// GIL hand-overs and preemptions per window of a target thread followed in full (see
+/// `MAP_OFF_BUDGET`).
 #[map]
 pub static OFF_BUDGET: Array<u64> = Array::with_max_entries(1, 0);
 
@@ -302,7 +303,7 @@ pub static NEW_KEY_RING: RingBuf = RingBuf::with_byte_size(NEW_KEYS_RING_BYTES, 
 
 /// Tells userspace about a key just added to a counts map, with its thread's name when
 /// the program runs in that thread. Userspace is woken when it had read everything before
-/// (it names new stacks at once, while their code objects live; see `Tracker::wait`).
+/// (it names new stacks soon, while their code objects live; see `Tracker::wait`).
 #[inline(always)]
 pub fn new_key(key: &SampleKey) {
     bump(stat::NEW_KEYS);

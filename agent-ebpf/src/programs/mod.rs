@@ -50,3 +50,5 @@ unsafe impl Plain for u32 {}
 unsafe impl Plain for u64 {}
 // SAFETY: bytes: any bits are a valid value.
 unsafe impl<const N: usize> Plain for [u8; N] {}
+// SAFETY: integers: any bits are a valid value.
+unsafe impl<const N: usize> Plain for [u64; N] {}

@@ -169,18 +169,6 @@ fn switched_out(ctx: &RawTracePointContext, tgid: u32, tid: u32, runnable: bool,
     if !runnable && state & (TASK_INTERRUPTIBLE | TASK_UNINTERRUPTIBLE) == 0 {
         return None;
     }
-    let mut now = 0;
-    let pace = pace_of(tid)?;
-    if !followed(pace, &mut now) {
-        bump(stat::OFF_SAMPLED_OUT);
-        return None;
-    }
-    let weight = pace.weight;
-    let now = clock(&mut now);
-    if entry.is_none() {
-        entry = OFF_THREADS.get_ptr_mut(tid);
-    }
-    bump(stat::OFF_SWITCHES);
     let mut key = OffKey {
         sample: SampleKey { tgid, tid, user_stack_id: NO_STACK, kernel_stack_id: NO_STACK, py_stack: 0 },
         reason: reason::OTHER,
@@ -195,6 +183,25 @@ fn switched_out(ctx: &RawTracePointContext, tgid: u32, tid: u32, runnable: bool,
     } else {
         blocked_reason(&mut key, tgid)
     };
+    // The budget samples the waits that come in storms, brief each (GIL hand-overs,
+    // preemptions); every other wait (a socket, a poll, a sleep, a lock, the disk, a spent
+    // CPU quota) is followed, however fast the thread switches.
+    let mut now = 0;
+    let weight = if matches!(key.reason, reason::GIL | reason::RUNQUEUE) {
+        let pace = pace_of(tid)?;
+        if !followed(pace, &mut now) {
+            bump(stat::OFF_SAMPLED_OUT);
+            return None;
+        }
+        pace.weight
+    } else {
+        OFF_WEIGHT_ONE
+    };
+    let now = clock(&mut now);
+    if entry.is_none() {
+        entry = OFF_THREADS.get_ptr_mut(tid);
+    }
+    bump(stat::OFF_SWITCHES);
 
     // The stack the thread had at its previous switch, and when it was last read.
     let last = match entry {
@@ -281,9 +288,31 @@ struct Sched {
     arrived: u64,
 }
 
+/// Words of `sched_info` read in one go from its first, `pcount` (it has four or six).
+const SCHED_INFO_WORDS: usize = 6;
+
 impl Sched {
     #[inline(always)]
     fn of_current() -> Self {
+        // One read of the struct where the fields lie in its first words, as they do.
+        let first = config(&OFF_CONFIG.task_pcount);
+        let word = |field: &u32| -> Option<usize> {
+            let offset = config(field).checked_sub(first)?;
+            let word = (offset / 8) as usize;
+            (first != NO_OFFSET && offset % 8 == 0 && word < SCHED_INFO_WORDS).then_some(word)
+        };
+        // SAFETY: the helper takes no arguments and only returns the current task's address.
+        let task = unsafe { bpf_get_current_task() };
+        if let (Some(queued), Some(arrived)) =
+            (word(&OFF_CONFIG.task_run_delay), word(&OFF_CONFIG.task_last_arrival))
+            && let Ok(info) = at(task, first).and_then(kread::<[u64; SCHED_INFO_WORDS]>)
+        {
+            return Sched {
+                arrivals: info[0],
+                queued: info.get(queued).copied().unwrap_or(0),
+                arrived: info.get(arrived).copied().unwrap_or(0),
+            };
+        }
         Sched {
             arrivals: current_u64(&OFF_CONFIG.task_pcount),
             queued: current_u64(&OFF_CONFIG.task_run_delay),
@@ -353,11 +382,12 @@ fn ran_again(t: &mut OffThread) {
     }
 }
 
-/// Whether the switch now under way of the thread of pace `t` is followed (the weight of
-/// its wait is then `t.weight`): all are, weighing one, while the thread switches at most
-/// `OFF_BUDGET` times a second; at a faster pace in its previous window, each is taken with
-/// the chance that keeps to the budget, weighing its inverse. Threads that switch that often
-/// wait briefly each time, so one wait weighs little in the total.
+/// Whether the switch now under way of the thread of pace `t`, a GIL hand-over or a
+/// preemption, is followed (the weight of its wait is then `t.weight`): all are, weighing
+/// one, while the thread switches so at most `OFF_BUDGET` times a second; at a faster pace
+/// in its previous window, each is taken with the chance that keeps to the budget, weighing
+/// its inverse. Threads that switch that often wait briefly each time, so one wait weighs
+/// little in the total.
 ///
 /// `now` is the clock, read here (into `now`) only when needed: a read costs more than
 /// the rest of a switch that is not followed, so while a thread is sampled its window's end

@@ -306,6 +306,11 @@ impl Collector {
     pub fn comm(&self, pid: u32) -> Option<&str> {
         self.comms.get(&pid).map(String::as_str)
     }
+
+    /// Python code objects read so far (see `PySymbolizer::code_read`).
+    pub fn code_read(&self) -> u64 {
+        self.python.code_read()
+    }
 }
 
 /// Native frames (root to leaf) with each interpreter eval frame replaced by the Python

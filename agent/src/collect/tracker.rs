@@ -33,6 +33,14 @@ const SCAN: Duration = Duration::from_secs(1);
 /// next tick.
 const FRESH_EVERY: Duration = Duration::from_millis(2);
 const FRESH_FOR: Duration = Duration::from_millis(250);
+/// With `name_early`, new stacks are named as they come while the targets run code not seen
+/// before (their code objects may be freed moments later), for `NEW_CODE_FOR` after code was
+/// last read, and while a process is fresh (see `FRESH_FOR`); otherwise, as the targets run
+/// what they ran (a server's steady state, whose new stacks are known code at new lines or
+/// in new waits), at most every `KNOWN_CODE_EVERY`: each wake-up costs the agent more than
+/// naming what it woke for.
+const NEW_CODE_FOR: Duration = Duration::from_secs(1);
+const KNOWN_CODE_EVERY: Duration = Duration::from_millis(20);
 /// Executables remembered as having run CPython (device, inode): a program that embeds
 /// libpython under another name is looked at as closely as one named python.
 const PYTHON_EXES_MAX: usize = 1024;
@@ -121,6 +129,11 @@ pub struct Tracker {
     found_python: bool,
     /// New stacks are named as soon as the kernel reports them (see `name_early`).
     name_early: bool,
+    /// Python code objects read so far, and when that count last grew (see `NEW_CODE_FOR`).
+    code_read: u64,
+    new_code_at: Instant,
+    /// When the last early naming ended.
+    named_at: Instant,
 }
 
 impl Tracker {
@@ -151,12 +164,16 @@ impl Tracker {
             python_exes: HashSet::new(),
             found_python: false,
             name_early: false,
+            code_read: 0,
+            new_code_at: Instant::now(),
+            named_at: Instant::now(),
         }
     }
 
     /// From now on, `wait` names new stacks as soon as the kernel reports them, not at the
     /// next tick: short-lived code objects (a module's body while it is imported) are read
-    /// while they live. A session's choice; the agent names on its own pace.
+    /// while they live. Once no new code has come for a while, at most every
+    /// `KNOWN_CODE_EVERY`. A session's choice; the agent names on its own pace.
     pub fn name_early(&mut self) {
         self.name_early = true;
     }
@@ -356,6 +373,10 @@ impl Tracker {
         collector: &mut Collector,
     ) -> Result<()> {
         let deadline = Instant::now() + tick;
+        // Looked up once a tick, not at every wake-up: reading a process's /proc/PID/stat sums
+        // the CPU time of all its threads. A target that exits meanwhile is taken for live
+        // until the next tick, which costs a vain read of its mappings at most.
+        let mut live = None;
         loop {
             let now = Instant::now();
             let left = deadline.saturating_duration_since(now);
@@ -363,14 +384,29 @@ impl Tracker {
                 return Ok(());
             }
             let fresh = self.procs.values().any(|t| t.is_fresh(now));
-            let events =
-                kernel.wait_events(if fresh { left.min(FRESH_EVERY) } else { left }, self.name_early);
+            let mut timeout = if fresh { left.min(FRESH_EVERY) } else { left };
+            let mut keys = self.name_early;
+            if keys && !fresh && now.duration_since(self.new_code_at) >= NEW_CODE_FOR {
+                let next = self.named_at + KNOWN_CODE_EVERY;
+                if now < next {
+                    keys = false;
+                    timeout = timeout.min(next - now);
+                }
+            }
+            let events = kernel.wait_events(timeout, keys);
             if events.keys {
-                collector.collect(kernel, &self.live_targets(), false)?;
+                let live = live.get_or_insert_with(|| self.live_targets());
+                collector.collect(kernel, live, false)?;
+                self.named_at = Instant::now();
+                if collector.code_read() != self.code_read {
+                    self.code_read = collector.code_read();
+                    self.new_code_at = self.named_at;
+                }
             }
             if events.exec || fresh {
                 self.note_execs(kernel, collector)?;
                 self.look(kernel, collector, true)?;
+                live = None;
             }
         }
     }

@@ -86,8 +86,8 @@ pub struct Stats {
     /// Waits whose end the scheduler did not record: closed from the CPU time the thread
     /// used since.
     pub off_from_run_time: u64,
-    /// Target threads' switches off the CPU left out over the switch budget (the followed
-    /// ones weigh for them).
+    /// Target threads' switches off the CPU (GIL hand-overs, preemptions) left out over the
+    /// switch budget (the followed ones weigh for them).
     pub off_sampled_out: u64,
     /// Blocked event-loop stretches lost to a full ring.
     pub loop_blocks_lost: u64,
@@ -551,7 +551,8 @@ impl KernelPrograms {
             std::thread::sleep(timeout);
             return Events::default();
         }
-        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // Rounded up: a wait of less than a millisecond is not a poll that returns at once.
+        let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
         // SAFETY: valid `pollfd`s for the duration of the call; the rings' descriptors stay
         // open while `self` is borrowed.
         let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };

@@ -21,9 +21,9 @@ pub const RECENT: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// Switches off a CPU per second of one thread on that CPU followed in full by default: all
 /// of them (0), so that every wait is measured. A budget (`--switch-budget`,
-/// `off_cpu.switch_budget`) bounds the cost on threads that switch thousands of times a
-/// second: beyond it their switches are sampled at random and the waits followed weighted
-/// for the others.
+/// `off_cpu.switch_budget`) bounds the cost on threads that hand the GIL over or are
+/// preempted thousands of times a second: beyond it those switches are sampled at random
+/// and the waits followed weighted for the others. Every other wait is followed.
 pub const DEFAULT_SWITCH_BUDGET: u32 = 0;
 
 /// The kernel structs whose member offsets the off-CPU programs need.
@@ -73,8 +73,8 @@ pub(crate) fn config(btf: Option<&Btf>, measure_cost: bool) -> OffConfig {
 
 impl KernelPrograms {
     /// Starts following target threads off the CPU (raw tracepoint `sched_switch`): every
-    /// switch of a thread that switches at most `budget` times a second (0: no limit), a
-    /// random share of them beyond it.
+    /// wait, but of a thread with more than `budget` GIL hand-overs and preemptions a second
+    /// (0: no limit), a random share of those.
     pub fn watch_off_cpu(&mut self, budget: u32) -> Result<()> {
         let feature = "the sched_switch raw tracepoint (Linux 5.18+)";
         let c = &self.off_config;

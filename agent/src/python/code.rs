@@ -94,6 +94,8 @@ pub struct CodeReader {
     /// Bytes the cache holds, as `CodeInfo::size` counts them.
     cached_bytes: usize,
     uses: u64,
+    /// Code objects read so far (not found in the cache).
+    read: u64,
     /// The layout is being checked (`check_code_type` of the process), or failed.
     check: Option<Check>,
 }
@@ -109,6 +111,7 @@ impl CodeReader {
             cache: HashMap::new(),
             cached_bytes: 0,
             uses: 0,
+            read: 0,
             check: check_code_type.map(|code_type| Check::Running {
                 code_type,
                 passed: 0,
@@ -184,6 +187,7 @@ impl CodeReader {
             hit.used = self.uses;
             return hit.info.clone();
         }
+        self.read += 1;
         let info =
             self.read_code(addr).ok().filter(|c| c.first_line & 0x00ff_ffff == first_line).map(Arc::new);
         self.check(addr, info.as_deref());
@@ -199,6 +203,12 @@ impl CodeReader {
             self.cached_bytes = evict_half(&mut self.cache);
         }
         info
+    }
+
+    /// Code objects read so far, not found in the cache (new code, or code that took the
+    /// address of freed code).
+    pub fn read(&self) -> u64 {
+        self.read
     }
 
     /// Bytes the cache holds.
@@ -382,7 +392,8 @@ mod tests {
 
     /// A code object freed and its address taken by another with the same first line (module
     /// bodies all start at line 1) is read afresh, not named from the cache; one that could
-    /// not be read is tried again once something else is there.
+    /// not be read is tried again once something else is there. Each read counts (new code
+    /// for the pace of naming), each use of the cache does not.
     #[test]
     fn a_reused_address_is_read_afresh() {
         let version = PyVersion { major: 3, minor: 12, patch: 0 };
@@ -395,6 +406,8 @@ mod tests {
         let mut reader = CodeReader::new(std::process::id(), version, l, None);
         let addr = objects[0].as_ptr() as u64;
         assert_eq!(reader.code(addr, 7).unwrap().name, "f");
+        assert_eq!(reader.code(addr, 7).unwrap().name, "f");
+        assert_eq!(reader.read(), 1, "read once, then from the cache");
         // Another code object at the same address: named "g", same first line.
         let name_at = l.code_qualname.unwrap() as usize;
         objects[0][name_at..name_at + 8].copy_from_slice(&(other.as_ptr() as u64).to_le_bytes());
@@ -404,6 +417,7 @@ mod tests {
         assert!(reader.code(addr, 7).is_none());
         objects[0][name_at..name_at + 8].copy_from_slice(&(other.as_ptr() as u64).to_le_bytes());
         assert_eq!(reader.code(addr, 7).unwrap().name, "g");
+        assert_eq!(reader.read(), 4);
     }
 
     impl CodeReader {

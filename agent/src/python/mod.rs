@@ -144,11 +144,19 @@ pub struct PySymbolizer {
     parents: HashMap<u32, u32>,
     full_filenames: bool,
     since_check: u32,
+    /// Code objects read so far, of all processes (see `code_read`).
+    code_read: u64,
 }
 
 impl PySymbolizer {
     pub fn new(full_filenames: bool) -> Self {
-        Self { readers: HashMap::new(), parents: HashMap::new(), full_filenames, since_check: 0 }
+        Self {
+            readers: HashMap::new(),
+            parents: HashMap::new(),
+            full_filenames,
+            since_check: 0,
+            code_read: 0,
+        }
     }
 
     /// Halves the largest caches until all of them hold at most `budget` bytes.
@@ -192,6 +200,12 @@ impl PySymbolizer {
         self.parents.retain(|pid, _| live.contains(pid));
     }
 
+    /// Code objects read so far, of all processes: it grows while processes run code not
+    /// seen before (they start, import, compile), and stays while they run what they ran.
+    pub fn code_read(&self) -> u64 {
+        self.code_read
+    }
+
     pub fn stack(&mut self, pid: u32, stack: &PyStack) -> PyFrames {
         self.since_check += 1;
         if self.since_check >= CHECK_TOTAL_EVERY {
@@ -204,6 +218,15 @@ impl PySymbolizer {
         if !self.readers.contains_key(&pid) && parent.is_none_or(|p| !self.readers.contains_key(&p)) {
             return PyFrames::default();
         }
+        let read = |readers: &HashMap<u32, CodeReader>| {
+            [Some(pid), parent]
+                .into_iter()
+                .flatten()
+                .filter_map(|p| readers.get(&p))
+                .map(CodeReader::read)
+                .sum::<u64>()
+        };
+        let read_before = read(&self.readers);
         let readers = &mut self.readers;
         let frames = stack.frames[..len]
             .iter()
@@ -226,6 +249,7 @@ impl PySymbolizer {
                 PyFrame { frame, entry: f.flags() & PY_FRAME_ENTRY != 0 }
             })
             .collect();
+        self.code_read += read(&self.readers).saturating_sub(read_before);
         PyFrames { frames, truncated }
     }
 }

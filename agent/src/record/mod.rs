@@ -655,7 +655,7 @@ impl Summary {
             let all = self.stats.off_switches + self.stats.off_sampled_out;
             let _ = writeln!(
                 s,
-                "  off-CPU: waits sampled: over {} switches per second of a thread, {} of {all} switches were followed ({:.1}%) and their waits weighted for the rest (--switch-budget 0 follows every switch)",
+                "  off-CPU: GIL hand-overs and preemptions sampled: over {} a second of a thread, {} of {all} switches were followed ({:.1}%) and their waits weighted for the rest; every other wait was followed (--switch-budget 0 follows every switch)",
                 self.switch_budget,
                 self.stats.off_switches,
                 100.0 * self.stats.off_switches as f64 / all as f64
