@@ -192,7 +192,7 @@ fn gil_wait_share(version: &str, extra: &[&str]) {
             .lines()
             .find(|l| l.contains("preemptions sampled"))
             .unwrap_or_else(|| panic!("not sampled: {err}"));
-        // "... a second of a thread, FOLLOWED of ALL switches were followed ..."
+        // "... a second of a thread, FOLLOWED of ALL were followed ..."
         let words: Vec<&str> = line.split("thread, ").nth(1).unwrap_or_default().split_whitespace().collect();
         let number = |i: usize| -> f64 { words.get(i).and_then(|w| w.parse().ok()).expect(line) };
         let (followed, all) = (number(0), number(2));

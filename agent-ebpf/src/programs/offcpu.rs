@@ -193,6 +193,7 @@ fn switched_out(ctx: &RawTracePointContext, tgid: u32, tid: u32, runnable: bool,
             bump(stat::OFF_SAMPLED_OUT);
             return None;
         }
+        bump(stat::OFF_BUDGET_FOLLOWED);
         pace.weight
     } else {
         OFF_WEIGHT_ONE
@@ -288,7 +289,8 @@ struct Sched {
     arrived: u64,
 }
 
-/// Words of `sched_info` read in one go from its first, `pcount` (it has four or six).
+/// Words of `sched_info` read in one go from its first, `pcount` (four fields on older kernels,
+/// six on 6.18; where `last_arrival` lies further in, the fields are read one by one).
 const SCHED_INFO_WORDS: usize = 6;
 
 impl Sched {

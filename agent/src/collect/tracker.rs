@@ -127,7 +127,7 @@ pub struct Tracker {
     python_exes: HashSet<(u64, u64)>,
     /// Some process was recognized as a CPython stoker walks.
     found_python: bool,
-    /// New stacks are named as soon as the kernel reports them (see `name_early`).
+    /// New stacks are named soon after the kernel reports them (see `name_early`).
     name_early: bool,
     /// Python code objects read so far, and when that count last grew (see `NEW_CODE_FOR`).
     code_read: u64,
@@ -320,6 +320,8 @@ impl Tracker {
                 if let Some(parent) = kernel.take_parent(pid) {
                     collector.python.set_parent(pid, parent);
                     self.forks.push((pid, parent));
+                    // Its code may differ from its parent's from now on.
+                    self.new_code_at = Instant::now();
                     if let Some(v) = self.versions.get(&parent).cloned() {
                         self.versions.insert(pid, v);
                     }
@@ -383,6 +385,11 @@ impl Tracker {
             if left.is_zero() {
                 return Ok(());
             }
+            // Code read by any naming counts, the tick's included.
+            if collector.code_read() != self.code_read {
+                self.code_read = collector.code_read();
+                self.new_code_at = now;
+            }
             let fresh = self.procs.values().any(|t| t.is_fresh(now));
             let mut timeout = if fresh { left.min(FRESH_EVERY) } else { left };
             let mut keys = self.name_early;
@@ -398,10 +405,6 @@ impl Tracker {
                 let live = live.get_or_insert_with(|| self.live_targets());
                 collector.collect(kernel, live, false)?;
                 self.named_at = Instant::now();
-                if collector.code_read() != self.code_read {
-                    self.code_read = collector.code_read();
-                    self.new_code_at = self.named_at;
-                }
             }
             if events.exec || fresh {
                 self.note_execs(kernel, collector)?;
@@ -464,6 +467,7 @@ impl Tracker {
     ) -> Result<()> {
         let now = Instant::now();
         let mut gone = Vec::new();
+        let mut found = false;
         for (&pid, t) in self.procs.iter_mut() {
             if matches!(t.kind, Kind::Python | Kind::Unsupported | Kind::Exited) {
                 continue;
@@ -548,6 +552,7 @@ impl Tracker {
                     }
                     self.versions.insert(pid, version);
                     self.found_python = true;
+                    found = true;
                     t.kind = Kind::Python;
                 }
                 Detected::Unsupported(version) => {
@@ -582,6 +587,10 @@ impl Tracker {
                 kernel.remove_target(pid)?;
                 t.inherited = false;
             }
+        }
+        if found {
+            // A new Python process runs code not read yet: named early (see `NEW_CODE_FOR`).
+            self.new_code_at = now;
         }
         for pid in gone {
             if self.procs.get(&pid).is_some_and(|t| t.scanned) {

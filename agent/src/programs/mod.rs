@@ -89,6 +89,9 @@ pub struct Stats {
     /// Target threads' switches off the CPU (GIL hand-overs, preemptions) left out over the
     /// switch budget (the followed ones weigh for them).
     pub off_sampled_out: u64,
+    /// Target threads' GIL hand-overs and preemptions followed (with `off_sampled_out`, the
+    /// switches the budget chose among).
+    pub off_budget_followed: u64,
     /// Blocked event-loop stretches lost to a full ring.
     pub loop_blocks_lost: u64,
 }
@@ -552,7 +555,7 @@ impl KernelPrograms {
             return Events::default();
         }
         // Rounded up: a wait of less than a millisecond is not a poll that returns at once.
-        let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+        let ms = timeout.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128) as i32;
         // SAFETY: valid `pollfd`s for the duration of the call; the rings' descriptors stay
         // open while `self` is borrowed.
         let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
@@ -652,6 +655,7 @@ impl KernelPrograms {
             loop_blocks_lost: sum(stat::LOOP_BLOCKS_LOST),
             off_from_run_time: sum(stat::OFF_FROM_RUN_TIME),
             off_sampled_out: sum(stat::OFF_SAMPLED_OUT),
+            off_budget_followed: sum(stat::OFF_BUDGET_FOLLOWED),
         })
     }
 

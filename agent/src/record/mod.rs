@@ -64,8 +64,9 @@ pub struct RecordOptions {
     pub gil: bool,
     /// Report event-loop stretches at least this long without a wait for events (None: off).
     pub loop_block_threshold: Option<Duration>,
-    /// Wall-clock and off-CPU modes: a target thread's switches per second followed in full
-    /// (0: every switch); beyond it they are sampled.
+    /// Wall-clock and off-CPU modes: a target thread's GIL hand-overs and preemptions per
+    /// second (per CPU) followed in full (0: every one); beyond it they are sampled. Other
+    /// waits are always followed.
     pub switch_budget: u32,
 }
 
@@ -273,8 +274,9 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
     let started_at = SystemTime::now();
     let mut status = StatusLine::new();
     status.started(opts.rate_hz, opts.net);
-    // New stacks are named as soon as they appear (code objects and mappings are read while
-    // their processes live; a starting interpreter frees its import-time code).
+    // New stacks are named soon after they appear (code objects and mappings are read while
+    // their processes live; a starting interpreter frees its import-time code): as they come
+    // while new code runs, at most every 20 ms once it is known (see `Tracker::name_early`).
     let mut naming = NamingPace::new();
     let mut loop_blocks: Vec<LoopBlockReport> = Vec::new();
     let mut timeline: Vec<TimelinePoint> = Vec::new();
@@ -652,13 +654,13 @@ impl Summary {
             );
         }
         if self.stats.off_sampled_out > 0 {
-            let all = self.stats.off_switches + self.stats.off_sampled_out;
+            let all = self.stats.off_budget_followed + self.stats.off_sampled_out;
             let _ = writeln!(
                 s,
-                "  off-CPU: GIL hand-overs and preemptions sampled: over {} a second of a thread, {} of {all} switches were followed ({:.1}%) and their waits weighted for the rest; every other wait was followed (--switch-budget 0 follows every switch)",
+                "  off-CPU: GIL hand-overs and preemptions sampled: over {} a second of a thread, {} of {all} were followed ({:.1}%) and their waits weighted for the rest; every other wait was followed (--switch-budget 0 follows every switch)",
                 self.switch_budget,
-                self.stats.off_switches,
-                100.0 * self.stats.off_switches as f64 / all as f64
+                self.stats.off_budget_followed,
+                100.0 * self.stats.off_budget_followed as f64 / all as f64
             );
         }
         if let Some((switch_time, switches)) = self.off_kernel_cost {
