@@ -172,7 +172,7 @@ def main():
         f"| watching the server: switches on the host per request | {sw_runs / max(req, 1):.2f} |",
         f"| watching the server: switches of its threads followed per request | {targets / max(req, 1):.2f} |",
         f"| watching the server: the switch program's time per request | **{per_req:.0f} ns** |",
-        f"| of those, with the Python stack found unchanged since the thread's switch before (not walked again) | {reused / max(targets, 1):.1%} |",
+        f"| of those, with the Python stack found unchanged since one of the thread's two switches before (not walked again) | {reused / max(targets, 1):.1%} |",
         f"| of those, GIL and lock waits taking the stack read at a switch under 10 ms before | {recent / max(targets, 1):.1%} |",
         f"| a target thread's switch off the CPU that is followed (timed in the program: stacks, reason) | **{per_target} ns** |",
         f"| with `--switch-budget {BUDGET}`: switches of the server's threads followed per request | {s_targets / max(s_req, 1):.2f} |",

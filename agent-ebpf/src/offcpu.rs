@@ -149,8 +149,15 @@ pub struct OffThread {
     pub walked_ns: u64,
     /// How many waits this one stands for, in `OFF_WEIGHT_ONE` units (see `MAP_OFF_BUDGET`).
     pub weight: u64,
+    /// The stack the thread had before its current one (fingerprint, Python stack, whether
+    /// native frames were taken): a thread that alternates between two waits (a server's
+    /// read of the next request and a call in its handler) has neither walked again.
+    pub prev_signature: u64,
+    pub prev_py_stack: u64,
+    pub prev_user_stack_id: i32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<OffThread>() == 112);
+const _: () = assert!(core::mem::size_of::<OffThread>() == 136);
 
 // SAFETY: `repr(C)`, an `OffKey` (itself `Pod`) and integers, no padding (size asserted).
 #[cfg(feature = "user")]

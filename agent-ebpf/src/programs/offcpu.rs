@@ -204,15 +204,20 @@ fn switched_out(ctx: &RawTracePointContext, tgid: u32, tid: u32, runnable: bool,
     }
     bump(stat::OFF_SWITCHES);
 
-    // The stack the thread had at its previous switch, and when it was last read.
-    let last = match entry {
+    // The stack the thread had at its previous switch, and when it was last read; the one
+    // it had before that.
+    let (last, prev) = match entry {
         // SAFETY: as above. The fields are copied out at once.
         Some(t) => unsafe {
-            ((*t).key.sample.py_stack, (*t).key.sample.user_stack_id, (*t).py_signature, (*t).walked_ns)
+            (
+                ((*t).key.sample.py_stack, (*t).key.sample.user_stack_id, (*t).py_signature, (*t).walked_ns),
+                ((*t).prev_py_stack, (*t).prev_user_stack_id, (*t).prev_signature),
+            )
         },
-        None => (0, NO_STACK, 0, 0),
+        None => ((0, NO_STACK, 0, 0), (0, NO_STACK, 0)),
     };
     let (last_stack, last_user, last_signature, last_walked) = last;
+    let (prev_stack, prev_user, prev_signature) = prev;
     // GIL and lock waits come in storms (every GIL hand-over is one): a thread's stack read
     // less than `recent_us` ago stands for them. Every other wait (a preempted thread was
     // running, its stack moved) has its stack read, or found unchanged, as the thread leaves.
@@ -233,6 +238,9 @@ fn switched_out(ctx: &RawTracePointContext, tgid: u32, tid: u32, runnable: bool,
             if signature != 0 && signature == last_signature && last_stack != 0 {
                 bump(stat::OFF_STACKS_REUSED);
                 (last_stack, last_user != NO_STACK, signature, now)
+            } else if signature != 0 && signature == prev_signature && prev_stack != 0 {
+                bump(stat::OFF_STACKS_REUSED);
+                (prev_stack, prev_user != NO_STACK, signature, now)
             } else {
                 let (py_stack, want_native) = python_stack(tgid, tid);
                 (py_stack, want_native, if py_stack != 0 { signature } else { 0 }, now)
@@ -251,6 +259,11 @@ fn switched_out(ctx: &RawTracePointContext, tgid: u32, tid: u32, runnable: bool,
         Some(t) => {
             // SAFETY: as above.
             let t = unsafe { &mut *t };
+            if signature != last_signature {
+                t.prev_signature = last_signature;
+                t.prev_py_stack = last_stack;
+                t.prev_user_stack_id = last_user;
+            }
             t.key = key;
             t.py_signature = signature;
             t.walked_ns = walked;
@@ -269,6 +282,10 @@ fn switched_out(ctx: &RawTracePointContext, tgid: u32, tid: u32, runnable: bool,
                 py_signature: signature,
                 walked_ns: walked,
                 weight,
+                prev_signature: 0,
+                prev_py_stack: 0,
+                prev_user_stack_id: NO_STACK,
+                _pad: 0,
             };
             sched.left(&mut t, now);
             if OFF_THREADS.insert(tid, t, 0).is_ok() {
