@@ -220,7 +220,7 @@ fn data(c: &mut NetConn, tgid: u32, inbound: bool, buf: Buf, ret: i64) {
     if ret <= 0 {
         // End of stream: the response under way is complete. Errors (EAGAIN) change nothing.
         if ret == 0 && inbound {
-            finish(c, tgid);
+            finish(c, tgid, bpf_now());
         }
         return;
     }
@@ -230,7 +230,7 @@ fn data(c: &mut NetConn, tgid: u32, inbound: bool, buf: Buf, ret: i64) {
     let request_side = (c.role == NET_ROLE_SERVER) == inbound;
     if request_side {
         if c.phase == NET_PHASE_RESPONSE {
-            finish(c, tgid);
+            finish(c, tgid, now);
         }
         // A server's socket: when the bytes this read takes arrived (and from now on,
         // arrivals are later bytes').
@@ -304,7 +304,7 @@ fn data(c: &mut NetConn, tgid: u32, inbound: bool, buf: Buf, ret: i64) {
             _ => false,
         };
         if complete {
-            finish(c, tgid);
+            finish(c, tgid, now);
         }
     }
 }
@@ -346,13 +346,14 @@ fn socket_queue(c: &NetConn, ready: u64, now: u64) -> u64 {
     }
 }
 
-/// Emits the request under way on `c` if its response has started, and goes idle.
+/// Emits the request under way on `c` if its response has started, and goes idle; `now`
+/// is the current time (read once per program run).
 #[inline(always)]
-fn finish(c: &mut NetConn, tgid: u32) {
+fn finish(c: &mut NetConn, tgid: u32, now: u64) {
     if c.phase == NET_PHASE_RESPONSE {
         // How long its bytes waited in the kernel: a server's response's, a client's request's
         // and the gap in a client's response.
-        let stalls = if c.sk != 0 { take_stalls(c.sk, bpf_now(), c.role == NET_ROLE_CLIENT) } else { (0, 0) };
+        let stalls = if c.sk != 0 { take_stalls(c.sk, now, c.role == NET_ROLE_CLIENT) } else { (0, 0) };
         emit_request(c, tgid, stalls);
     }
     c.phase = NET_PHASE_IDLE;
@@ -371,7 +372,7 @@ fn close(tgid: u32, fd: u32) {
     if let Some(c) = NET_CONNS.get_ptr_mut(key) {
         // SAFETY: as in `try_sys_exit`.
         let c = unsafe { &mut *c };
-        finish(c, tgid);
+        finish(c, tgid, bpf_now());
         if c.sk != 0 {
             let _ = NET_SK_STATE.remove(c.sk);
             sk_mark(c.sk, false);
