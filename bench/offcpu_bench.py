@@ -140,7 +140,7 @@ def main():
         "runs the server alone, watched by `stoker record` (CPU sampling, 99 Hz), by `stoker record --mode "
         "wall` (sampling and every switch of the server's threads off the CPU: every wait counted, GIL and lock "
         "waits with the thread's stack read at a switch under 10 ms before), by `stoker record --mode wall "
-        f"--switch-budget {BUDGET}` (each thread's GIL hand-overs and preemptions followed in full up to {BUDGET} "
+        f"--switch-budget {BUDGET}` (each thread's GIL hand-overs, preemptions and sleeps under 1 ms followed in full up to {BUDGET} "
         "a second, a random share of them beyond, weighted; its other waits all followed) "
         "and by `py-spy record --idle` (99 Hz), in an order that rotates from round to round.",
         "",

@@ -4,8 +4,8 @@
 //! the CPU again and split at the time it spent in the run queue (both as the scheduler
 //! recorded them in the task's `sched_info`). Switches of other threads cost one bit test.
 use agent_ebpf::{
-    NO_OFFSET, NO_STACK, OFF_PACE_SLOTS, OFF_TAKE_ALL, OFF_WEIGHT_ONE, OFF_WINDOW_NS, OffConfig, OffKey,
-    OffPace, OffThread, PY_GIL_SIZE, SampleKey, reason, split_wait, stat, weighted,
+    NO_OFFSET, NO_STACK, OFF_BRIEF_SLEEP_NS, OFF_PACE_SLOTS, OFF_TAKE_ALL, OFF_WEIGHT_ONE, OFF_WINDOW_NS,
+    OffConfig, OffKey, OffPace, OffThread, PY_GIL_SIZE, SampleKey, reason, split_wait, stat, weighted,
 };
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
@@ -176,6 +176,7 @@ fn switched_out(ctx: &RawTracePointContext, tgid: u32, tid: u32, runnable: bool,
         family: 0,
         addr: [0; 16],
     };
+    let mut now = 0;
     key.reason = if runnable {
         if throttled() { reason::THROTTLED } else { reason::RUNQUEUE }
     } else if state & TASK_UNINTERRUPTIBLE != 0 {
@@ -184,10 +185,15 @@ fn switched_out(ctx: &RawTracePointContext, tgid: u32, tid: u32, runnable: bool,
         blocked_reason(&mut key, tgid)
     };
     // The budget samples the waits that come in storms, brief each (GIL hand-overs,
-    // preemptions); every other wait (a socket, a poll, a sleep, a lock, the disk, a spent
-    // CPU quota) is followed, however fast the thread switches.
-    let mut now = 0;
-    let weight = if matches!(key.reason, reason::GIL | reason::RUNQUEUE) {
+    // preemptions, sleeps asked for under `OFF_BRIEF_SLEEP_NS`); every other wait (a socket,
+    // a poll, a longer sleep, a lock, the disk, a spent CPU quota) is followed, however fast
+    // the thread switches.
+    let stormy = match key.reason {
+        reason::GIL | reason::RUNQUEUE => true,
+        reason::SLEEP => brief_sleep(&mut now),
+        _ => false,
+    };
+    let weight = if stormy {
         let pace = pace_of(tid)?;
         if !followed(pace, &mut now) {
             bump(stat::OFF_SAMPLED_OUT);
@@ -493,6 +499,52 @@ fn throttled() -> bool {
         kread(at(cfs_rq, config(&OFF_CONFIG.cfs_rq_throttle_count))?)
     };
     count().unwrap_or(0) > 0
+}
+
+/// Whether the sleep the current thread blocks in was asked for less than
+/// `OFF_BRIEF_SLEEP_NS`: a relative `nanosleep` or `clock_nanosleep`, or one until a
+/// `CLOCK_MONOTONIC` deadline (CPython's `time.sleep`), whose time is read into `now`; a
+/// `select` of no descriptors with a timeout. Sleeps that cannot be told are not brief.
+#[inline(always)]
+fn brief_sleep(now: &mut u64) -> bool {
+    const TIMER_ABSTIME: u64 = 1;
+    const CLOCK_MONOTONIC: u64 = 1;
+    let regs = entry_regs();
+    let (timespec, absolute) = match regs.orig_rax {
+        sysno::NANOSLEEP => (regs.rdi, false),
+        sysno::CLOCK_NANOSLEEP => {
+            let absolute = regs.rsi & TIMER_ABSTIME != 0;
+            if absolute && regs.rdi != CLOCK_MONOTONIC {
+                return false;
+            }
+            (regs.rdx, absolute)
+        }
+        sysno::SELECT => {
+            // A `struct timeval` (seconds, microseconds).
+            // SAFETY: the helper checks the user address and fails rather than faulting.
+            return match unsafe { aya_ebpf::helpers::bpf_probe_read_user(regs.r8 as *const [i64; 2]) } {
+                Ok([0, us]) => (0..OFF_BRIEF_SLEEP_NS as i64 / 1000).contains(&us),
+                _ => false,
+            };
+        }
+        sysno::PSELECT6 => (regs.r8, false),
+        _ => return false,
+    };
+    if timespec == 0 {
+        return false;
+    }
+    // SAFETY: the helper checks the user address and fails rather than faulting.
+    let Ok([secs, nanos]) = (unsafe { aya_ebpf::helpers::bpf_probe_read_user(timespec as *const [i64; 2]) })
+    else {
+        return false;
+    };
+    // (Seconds bounded first: a product that could overflow is a 128-bit call BPF lacks.)
+    if !(0..1 << 32).contains(&secs) || !(0..1_000_000_000).contains(&nanos) {
+        return false;
+    }
+    let asked = secs as u64 * 1_000_000_000 + nanos as u64;
+    let asked = if absolute { asked.saturating_sub(clock(now)) } else { asked };
+    asked < OFF_BRIEF_SLEEP_NS
 }
 
 /// Why a thread that blocks in its current system call waits; fills the peer of a socket.

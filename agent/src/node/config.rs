@@ -165,9 +165,9 @@ pub struct OffCpu {
     /// go into `stoker.event_loop.blocked.duration` (0s: not watched).
     #[serde(with = "humantime_serde")]
     pub loop_block_threshold: Duration,
-    /// GIL hand-overs and preemptions per second of one sampled thread on a CPU followed in
-    /// full; beyond, a random share of them, weighted (0: every switch). Other waits are all
-    /// followed.
+    /// GIL hand-overs, preemptions and sleeps under 1 ms per second of one sampled thread on
+    /// a CPU followed in full; beyond, a random share of them, weighted (0: every switch).
+    /// Other waits are all followed.
     pub switch_budget: u32,
 }
 

@@ -73,8 +73,8 @@ pub(crate) fn config(btf: Option<&Btf>, measure_cost: bool) -> OffConfig {
 
 impl KernelPrograms {
     /// Starts following target threads off the CPU (raw tracepoint `sched_switch`): every
-    /// wait, but of a thread with more than `budget` GIL hand-overs and preemptions a second
-    /// (0: no limit), a random share of those.
+    /// wait, but of a thread with more than `budget` GIL hand-overs, preemptions and brief
+    /// sleeps a second (0: no limit), a random share of those.
     pub fn watch_off_cpu(&mut self, budget: u32) -> Result<()> {
         let feature = "the sched_switch raw tracepoint (Linux 5.18+)";
         let c = &self.off_config;

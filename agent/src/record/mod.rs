@@ -64,8 +64,8 @@ pub struct RecordOptions {
     pub gil: bool,
     /// Report event-loop stretches at least this long without a wait for events (None: off).
     pub loop_block_threshold: Option<Duration>,
-    /// Wall-clock and off-CPU modes: a target thread's GIL hand-overs and preemptions per
-    /// second (per CPU) followed in full (0: every one); beyond it they are sampled. Other
+    /// Wall-clock and off-CPU modes: a target thread's GIL hand-overs, preemptions and sleeps
+    /// under 1 ms per second (per CPU) followed in full (0: every one); beyond it they are sampled. Other
     /// waits are always followed.
     pub switch_budget: u32,
 }
@@ -657,7 +657,7 @@ impl Summary {
             let all = self.stats.off_budget_followed + self.stats.off_sampled_out;
             let _ = writeln!(
                 s,
-                "  off-CPU: GIL hand-overs and preemptions sampled: over {} a second of a thread, {} of {all} were followed ({:.1}%) and their waits weighted for the rest; every other wait was followed (--switch-budget 0 follows every switch)",
+                "  off-CPU: GIL hand-overs, sleeps under 1 ms and preemptions sampled: over {} a second of a thread, {} of {all} were followed ({:.1}%) and their waits weighted for the rest; every other wait was followed (--switch-budget 0 follows every switch)",
                 self.switch_budget,
                 self.stats.off_budget_followed,
                 100.0 * self.stats.off_budget_followed as f64 / all as f64
