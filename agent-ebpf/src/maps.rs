@@ -230,8 +230,8 @@ pub static OFF_COUNTS: PerCpuHashMap<OffKey, u64> = PerCpuHashMap::with_max_entr
 #[map]
 pub static OFF_THREADS: LruHashMap<u32, OffThread> = LruHashMap::with_max_entries(OFF_THREADS_CAPACITY, 0);
 
-/// GIL hand-overs, preemptions and brief sleeps per window of a target thread followed in full (see
-/// `MAP_OFF_BUDGET`).
+/// GIL hand-overs, preemptions and brief sleeps per window of a target thread followed in
+/// full (see `MAP_OFF_BUDGET`).
 #[map]
 pub static OFF_BUDGET: Array<u64> = Array::with_max_entries(1, 0);
 

@@ -64,8 +64,8 @@ pub const LOOP_BLOCKS_LOST: u32 = 24;
 pub const OFF_SAMPLED_OUT: u32 = 25;
 /// New keys not sent to userspace because the new-key ring was full (`MAP_NEW_KEYS`).
 pub const NEW_KEYS_UNSENT: u32 = 26;
-/// Target threads' GIL hand-overs, preemptions and brief sleeps followed (the waits the switch budget
-/// samples; with `OFF_SAMPLED_OUT`, all of them).
+/// Target threads' GIL hand-overs, preemptions and brief sleeps followed (the waits the
+/// switch budget samples; with `OFF_SAMPLED_OUT`, all of them).
 pub const OFF_BUDGET_FOLLOWED: u32 = 27;
 /// Number of counters.
 pub const COUNT: u32 = 28;

@@ -86,11 +86,11 @@ pub struct Stats {
     /// Waits whose end the scheduler did not record: closed from the CPU time the thread
     /// used since.
     pub off_from_run_time: u64,
-    /// Target threads' switches off the CPU (GIL hand-overs, preemptions, brief sleeps) left out over the
-    /// switch budget (the followed ones weigh for them).
+    /// Target threads' switches off the CPU (GIL hand-overs, preemptions, brief sleeps) left
+    /// out over the switch budget (the followed ones weigh for them).
     pub off_sampled_out: u64,
-    /// Target threads' GIL hand-overs, preemptions and brief sleeps followed (with `off_sampled_out`, the
-    /// switches the budget chose among).
+    /// Target threads' GIL hand-overs, preemptions and brief sleeps followed (with
+    /// `off_sampled_out`, the switches the budget chose among).
     pub off_budget_followed: u64,
     /// Blocked event-loop stretches lost to a full ring.
     pub loop_blocks_lost: u64,

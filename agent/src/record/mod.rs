@@ -65,8 +65,8 @@ pub struct RecordOptions {
     /// Report event-loop stretches at least this long without a wait for events (None: off).
     pub loop_block_threshold: Option<Duration>,
     /// Wall-clock and off-CPU modes: a target thread's GIL hand-overs, preemptions and sleeps
-    /// under 1 ms per second (per CPU) followed in full (0: every one); beyond it they are sampled. Other
-    /// waits are always followed.
+    /// under 1 ms per second (per CPU) followed in full (0: every one); beyond it they are
+    /// sampled. Other waits are always followed.
     pub switch_budget: u32,
 }
 
