@@ -184,7 +184,8 @@ def main():
     lines = [
         "# Network tracing cost (`stoker record --net`)",
         "",
-        f"`python3 bench/net_bench.py --rounds {rounds} --seconds {seconds}` on {platform.node()}, "
+        f"`python3 bench/net_bench.py --rounds {rounds} --seconds {seconds}"
+        f"{f' --baseline {baseline}' if baseline else ''}` on {platform.node()}, "
         f"Linux {platform.release()}, {os.cpu_count()} CPUs. `wrk -t1 -c8` on GET /sleep/0 (keep-alive) "
         f"for {seconds} s per run; each round runs the server alone, watched by `stoker record` (CPU "
         "sampling at 99 Hz) and by `stoker record --net` (sampling and network tracing), in an order that "

@@ -8,7 +8,7 @@ use agent_ebpf::{
     OffConfig, OffKey, OffPace, OffThread, PY_GIL_SIZE, SampleKey, reason, split_wait, stat, weighted,
 };
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
+    bindings::{BPF_NOEXIST, pt_regs},
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_prandom_u32, bpf_ktime_get_ns,
         bpf_probe_read_kernel,
@@ -177,12 +177,16 @@ fn switched_out(ctx: &RawTracePointContext, tgid: u32, tid: u32, runnable: bool,
         addr: [0; 16],
     };
     let mut now = 0;
+    // The registers saved as the system call a blocked thread waits in entered.
+    let mut regs = None;
     key.reason = if runnable {
         if throttled() { reason::THROTTLED } else { reason::RUNQUEUE }
     } else if state & TASK_UNINTERRUPTIBLE != 0 {
         reason::DISK
     } else {
-        blocked_reason(&mut key, tgid)
+        let entered = entry_regs();
+        regs = Some(entered);
+        blocked_reason(&mut key, tgid, entered)
     };
     // The budget samples the waits that come in storms, brief each (GIL hand-overs,
     // preemptions, sleeps asked for under `OFF_BRIEF_SLEEP_NS`); every other wait (a socket,
@@ -190,7 +194,7 @@ fn switched_out(ctx: &RawTracePointContext, tgid: u32, tid: u32, runnable: bool,
     // the thread switches.
     let stormy = match key.reason {
         reason::GIL | reason::RUNQUEUE => true,
-        reason::SLEEP => brief_sleep(&mut now),
+        reason::SLEEP => regs.is_some_and(|regs| brief_sleep(regs, &mut now)),
         _ => false,
     };
     let weight = if stormy {
@@ -501,15 +505,15 @@ fn throttled() -> bool {
     count().unwrap_or(0) > 0
 }
 
-/// Whether the sleep the current thread blocks in was asked for less than
-/// `OFF_BRIEF_SLEEP_NS`: a relative `nanosleep` or `clock_nanosleep`, or one until a
-/// `CLOCK_MONOTONIC` deadline (CPython's `time.sleep`), whose time is read into `now`; a
-/// `select` of no descriptors with a timeout. Sleeps that cannot be told are not brief.
+/// Whether the sleep the current thread blocks in (the system call `regs` entered) was asked
+/// for less than `OFF_BRIEF_SLEEP_NS`: a relative `nanosleep` or `clock_nanosleep`, or one
+/// until a `CLOCK_MONOTONIC` deadline (CPython's `time.sleep`), whose time is read into
+/// `now`; a `select` of no descriptors with a timeout. Sleeps that cannot be told are not
+/// brief.
 #[inline(always)]
-fn brief_sleep(now: &mut u64) -> bool {
+fn brief_sleep(regs: &pt_regs, now: &mut u64) -> bool {
     const TIMER_ABSTIME: u64 = 1;
     const CLOCK_MONOTONIC: u64 = 1;
-    let regs = entry_regs();
     let (timespec, absolute) = match regs.orig_rax {
         sysno::NANOSLEEP => (regs.rdi, false),
         sysno::CLOCK_NANOSLEEP => {
@@ -547,10 +551,10 @@ fn brief_sleep(now: &mut u64) -> bool {
     asked < OFF_BRIEF_SLEEP_NS
 }
 
-/// Why a thread that blocks in its current system call waits; fills the peer of a socket.
+/// Why a thread that blocks in its current system call (the one `regs` entered) waits;
+/// fills the peer of a socket.
 #[inline(always)]
-fn blocked_reason(key: &mut OffKey, tgid: u32) -> u32 {
-    let regs = entry_regs();
+fn blocked_reason(key: &mut OffKey, tgid: u32, regs: &pt_regs) -> u32 {
     let (nr, arg0, arg1) = (regs.orig_rax, regs.rdi, regs.rsi);
     match nr {
         sysno::FUTEX => {

@@ -657,7 +657,8 @@ impl Summary {
             let all = self.stats.off_budget_followed + self.stats.off_sampled_out;
             let _ = writeln!(
                 s,
-                "  off-CPU: GIL hand-overs, sleeps under 1 ms and preemptions sampled: over {} a second of a thread, {} of {all} were followed ({:.1}%) and their waits weighted for the rest; every other wait was followed (--switch-budget 0 follows every switch)",
+                "  off-CPU: GIL hand-overs, sleeps under {} ms and preemptions sampled: over {} a second of a thread, {} of {all} were followed ({:.1}%) and their waits weighted for the rest; every other wait was followed (--switch-budget 0 follows every switch)",
+                agent_ebpf::OFF_BRIEF_SLEEP_NS as f64 / 1e6,
                 self.switch_budget,
                 self.stats.off_budget_followed,
                 100.0 * self.stats.off_budget_followed as f64 / all as f64
