@@ -750,11 +750,12 @@ fn client_requests_end_at_the_last_response_byte() {
 }
 
 /// A client that opens its keep-alive connection, makes one request, says `ready`, and
-/// after a line on stdin makes 20 more on the same connection. The first request after
-/// the line goes to /ping: the server's read of it has been waiting since before the
+/// after a line on stdin makes 20 more on the same connection, each timed from before its
+/// write to after its response's last byte (printed in ms after `done`). The first request
+/// after the line goes to /ping: the server's read of it has been waiting since before the
 /// session, and is timed from its exit.
 const LATE_CLIENT: &str = r#"
-import socket, sys
+import json, socket, sys, time
 sys.path.insert(0, sys.argv[2])
 from http_client import exchange
 sock = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
@@ -764,20 +765,27 @@ get("/sleep/1")
 print("ready", flush=True)
 sys.stdin.readline()
 get("/ping")
+times = []
 for _ in range(20):
+    start = time.monotonic()
     get("/sleep/5")
+    times.append((time.monotonic() - start) * 1e3)
 sock.close()
-print("done", flush=True)
+print("done", json.dumps(times), flush=True)
 "#;
 
 /// `record --net --pid` on a server whose keep-alive connection was opened before the
 /// session: the connection is found in /proc and its requests are timed as the server
-/// timed them itself.
+/// timed them itself. The server keeps Nagle's algorithm on: the stalls of that connection
+/// are named too (its socket is found at its first read in the session), as in
+/// `nagle_stalls_are_named_on_the_server`. The first request read in the session has no
+/// socket-queue time (its bytes may have arrived before the socket was known); the later
+/// ones have.
 #[test]
 fn connections_opened_before_the_session_are_followed() {
     require_root();
     let _serial = serial();
-    let server = Server::start("http_server.py", &["--timings"]);
+    let server = Server::start("http_server.py", &["--timings", "--nagle"]);
     let mut client = Command::new(python(PYTHON))
         .args(["-c", LATE_CLIENT, &server.port.to_string(), net_fixture("").to_str().unwrap()])
         .stdin(Stdio::piped())
@@ -809,7 +817,8 @@ fn connections_opened_before_the_session_are_followed() {
     started.recv_timeout(Duration::from_secs(20)).expect("stoker did not start");
     use std::io::Write;
     writeln!(client.stdin.as_mut().unwrap(), "go").unwrap();
-    assert_eq!(lines.next("client done", Duration::from_secs(20)), "done");
+    let done = lines.next("client done", Duration::from_secs(20));
+    let caller: Vec<f64> = serde_json::from_str(done.strip_prefix("done ").expect("done and times")).unwrap();
     let _ = client.wait();
     // /sleep/1, /ping and the 20 others, each printed once its connection moved on.
     let own = server.lines.timings(22);
@@ -821,6 +830,28 @@ fn connections_opened_before_the_session_are_followed() {
     let sleeps = server_row(&report, "GET", "/sleep/{id}");
     let own: Vec<&Timed> = own.iter().filter(|t| t.path.as_deref() == Some("/sleep/5")).collect();
     assert_row_matches(sleeps, "GET /sleep/{id}", &own);
+    assert!(sleeps["queue"].is_object(), "socket-queue times of the later requests: {sleeps:#}");
     let ping = one(&report, "GET /ping", |e| e["route"] == "/ping");
     assert_eq!(ping["count"].as_u64(), Some(1), "the read waiting since before the session: {ping:#}");
+    assert!(ping["queue"].is_null() && ping["total"].is_null(), "its wait is not known: {ping:#}");
+    // Requests complete in order on the one connection: the i-th of each list is one request.
+    let handled = own.iter().map(|t| (t.min_ns() + t.max_ns()) as f64 / 2e6);
+    let beyond: Vec<f64> = caller.iter().zip(handled).map(|(c, h)| c - h).collect();
+    let stalled: Vec<f64> = beyond.iter().copied().filter(|d| *d >= 20.0).collect();
+    let stalls = report["stalls"].as_array().unwrap();
+    eprintln!("the client waited beyond the server {beyond:.1?} ms; stoker {stalls:#?}");
+    assert!(!stalled.is_empty(), "Nagle held no response: {beyond:.1?}");
+    let rows: Vec<&Value> = stalls.iter().filter(|s| s["endpoint"] == "GET /sleep/{id}").collect();
+    assert_eq!(rows.len(), 1, "{stalls:#?}");
+    let row = rows[0];
+    assert_eq!((row["side"].as_str(), row["cause"].as_str()), (Some("server"), Some("nagle-delayed-ack")));
+    assert_eq!(row["count"].as_u64(), Some(stalled.len() as u64), "{row:#}");
+    // As in `nagle_stalls_are_named_on_the_server`: 3% of the client's time, and the
+    // client's wake-up once the held bytes arrive.
+    const WAKE_UP_MS: f64 = 1.5;
+    let (mean_ms, expected, client_mean) = (row["mean_ms"].as_f64().unwrap(), mean(&stalled), mean(&caller));
+    assert!(
+        (mean_ms - expected).abs() <= 0.03 * client_mean + WAKE_UP_MS,
+        "stall {mean_ms:.3} ms, the client waited {expected:.3} ms beyond the server"
+    );
 }

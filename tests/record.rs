@@ -3,7 +3,7 @@
 mod common;
 
 use std::{
-    io::Write,
+    io::{BufRead, BufReader, Write},
     process::{Command, Stdio},
     thread,
     time::{Duration, Instant},
@@ -277,9 +277,37 @@ fn bad_input_gets_one_line_errors() {
     let mut sleeper = Command::new("sleep").arg("30").spawn().unwrap();
     let pid = sleeper.id().to_string();
     let out = stoker(&["record", "-p", &pid, "-d", "1", "-o", "/nonexistent/dir/x.svg"]);
+    assert_one_line_error(&out, "cannot write /nonexistent/dir/x.svg");
+    // The network report's path is checked before the session too: nothing is left behind.
+    let net_dir = scratch("bad-net");
+    std::fs::create_dir_all(net_dir.join("n.net.json")).unwrap();
+    let profile = net_dir.join("n.folded");
+    let out =
+        stoker(&["record", "-p", &pid, "--net", "-d", "1", "-f", "folded", "-o", profile.to_str().unwrap()]);
     sleeper.kill().ok();
     sleeper.wait().ok();
-    assert_one_line_error(&out, "cannot write /nonexistent/dir/x.svg");
+    assert_one_line_error(&out, &format!("cannot write {}", net_dir.join("n.net.json").display()));
+    assert!(!profile.exists(), "a failed run left {}", profile.display());
+
+    // A thread's id is no process's: its process is named.
+    let mut threaded = Command::new("/usr/bin/python3")
+        .args(["-c", "import threading, time\nt = threading.Thread(target=time.sleep, args=(30,))\nt.start()\nprint(t.native_id, flush=True)\nt.join()"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut tid = String::new();
+    BufReader::new(threaded.stdout.take().unwrap()).read_line(&mut tid).unwrap();
+    let out = stoker(&["record", "-p", tid.trim(), "-d", "1", "-o", out_path.to_str().unwrap()]);
+    threaded.kill().ok();
+    threaded.wait().ok();
+    assert_one_line_error(
+        &out,
+        &format!(
+            "{} is a thread of process {}, not a process: give the process's PID",
+            tid.trim(),
+            threaded.id()
+        ),
+    );
 
     let out = stoker(&["record", "-d", "1", "-o", out_path.to_str().unwrap(), "--", "/nonexistent/program"]);
     assert_one_line_error(&out, "cannot start `/nonexistent/program`");
@@ -308,6 +336,7 @@ fn bad_input_gets_one_line_errors() {
         (&["record", "-r", "-5"][..], "unexpected argument '-5' found (see `stoker record --help`)"),
         (&["record", "--bogus"][..], "unexpected argument '--bogus' found (see `stoker record --help`)"),
         (&["record", "-r", "0"][..], "invalid value '0' for '--rate <RATE>'"),
+        (&["record", "-p", "0"][..], "invalid value '0' for '--pid <PID>'"),
         (&["record"][..], "nothing to record: give --pid PID, --all-python or a command after `--`"),
         (&["advise"][..], "nothing to watch: give --pid PID, --all-python or a command after `--`"),
         (&["recrod"][..], "unrecognized subcommand 'recrod'; did you mean record? (see `stoker --help`)"),

@@ -250,7 +250,8 @@ pub struct NetConn {
     pub family: u16,
     /// Remote address (IPv4 in the first 4 bytes) and port (host order).
     pub addr: [u8; 16],
-    /// When the connection was accepted or connected.
+    /// When the connection was accepted or connected; 0 for one adopted from /proc (opened
+    /// before the session, when is not known).
     pub opened_ns: u64,
     /// Response bytes (status line and headers included) after which the response is
     /// complete, from its framing (`framing` is `NET_FRAMING_LENGTH`).
@@ -262,15 +263,27 @@ pub struct NetConn {
     /// `NET_FRAMING_*`: how the end of the response under way is recognized.
     pub framing: u32,
     pub head_state: [u8; 8],
-    /// Server: the socket's `struct sock` (0: unknown), how long the request under way
-    /// waited in it before its first read (socket queue), and how long the connection
-    /// waited to be accepted (accept queue; reported with its first request only).
+    /// The socket's `struct sock` (0: unknown; `NET_SK_ADOPTED`: to be looked up at the
+    /// connection's next data call). Server: how long the request under way waited in it
+    /// before its first read (socket queue, `NET_QUEUE_UNKNOWN` when not known), and how
+    /// long the connection waited to be accepted (accept queue; reported with its first
+    /// request only).
     pub sk: u64,
     pub queue_ns: u64,
     pub accept_ns: u64,
     pub path: [u8; NET_PATH_LEN],
 }
 const _: () = assert!(core::mem::size_of::<NetConn>() == 48 + 16 + 4 + 20 + 32 + 24 + 64);
+
+/// `NetConn::sk` of a connection adopted from /proc, which does not say where its socket is:
+/// the program looks it up at the connection's first data call, in the owner's context
+/// (not a kernel address: those are far above).
+pub const NET_SK_ADOPTED: u64 = 1;
+
+/// `NetConn::queue_ns` and `NetEvent::queue_ns` of a request whose wait in the socket is
+/// not known: its socket's arrivals were not followed (the first request read on a
+/// connection adopted from /proc, a socket whose state could not be kept).
+pub const NET_QUEUE_UNKNOWN: u64 = u64::MAX;
 // The kernel copies these a word at a time.
 const _: () =
     assert!(core::mem::offset_of!(NetConn, addr) % 8 == 0 && core::mem::offset_of!(NetConn, path) % 8 == 0);
@@ -330,8 +343,8 @@ pub struct NetEvent {
     pub srtt_us: u32,
     /// Server request: `stall_cause::*` of its longest stall (0: none).
     pub stall_cause: u32,
-    /// Server request: socket queue, and accept queue (first request of a connection).
-    /// Accept: the accept queue.
+    /// Server request: socket queue (`NET_QUEUE_UNKNOWN`: not known), and accept queue
+    /// (first request of a connection). Accept: the accept queue.
     pub queue_ns: u64,
     pub accept_ns: u64,
     /// Server request: time its response's bytes were held in the kernel (stalls).

@@ -14,11 +14,11 @@ pub const MAP_OFF_THREADS: &str = "OFF_THREADS";
 pub const PROG_SCHED_SWITCH: &str = "sched_switch";
 /// Switches off the CPU of one target thread for the GIL, a preemption or a brief sleep
 /// (`OFF_BRIEF_SLEEP_NS`) followed in full per window of `OFF_WINDOW_NS` (one `u64` set by
-/// userspace from the per-second budget, see `budget_per_window`; 0: all of them). Beyond it, such switches of the thread are followed
-/// at random, each with the chance that keeps to the budget at the thread's pace in its
-/// previous window, and the waits followed weigh for those not (`OffThread::weight`). Its
-/// other switches (sockets, polls, longer sleeps, locks, the disk, a spent CPU quota) are
-/// all followed.
+/// userspace from the per-second budget, see `budget_per_window`; 0: all of them). Beyond
+/// it, such switches of the thread are followed at random, each with the chance that keeps
+/// to the budget at the thread's pace in its previous window, and the waits followed weigh
+/// for those not (`OffThread::weight`). Its other switches (sockets, polls, longer sleeps,
+/// locks, the disk, a spent CPU quota) are all followed.
 pub const MAP_OFF_BUDGET: &str = "OFF_BUDGET";
 /// A sleep asked for less than this (`time.sleep(0)`, a polling loop's short naps) comes in
 /// storms as GIL hand-overs do: the switch budget samples it. Longer sleeps are followed.

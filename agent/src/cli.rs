@@ -41,7 +41,7 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct TopArgs {
     /// Process to watch (all its threads); repeatable.
-    #[arg(short, long = "pid", value_name = "PID")]
+    #[arg(short, long = "pid", value_name = "PID", value_parser = clap::value_parser!(u32).range(1..))]
     pub pids: Vec<u32>,
     /// Every CPython process on the host, also those started while it runs.
     #[arg(long)]
@@ -57,7 +57,7 @@ pub struct TopArgs {
 #[derive(Debug, Args)]
 pub struct DumpArgs {
     /// Process to dump.
-    #[arg(short, long = "pid", value_name = "PID")]
+    #[arg(short, long = "pid", value_name = "PID", value_parser = clap::value_parser!(u32).range(1..))]
     pub pid: u32,
     /// JSON instead of text.
     #[arg(long)]
@@ -84,7 +84,7 @@ pub struct AgentArgs {
 #[derive(Debug, Args)]
 pub struct RecordArgs {
     /// Process to sample (all its threads); repeat for several.
-    #[arg(short, long = "pid", value_name = "PID")]
+    #[arg(short, long = "pid", value_name = "PID", value_parser = clap::value_parser!(u32).range(1..))]
     pub pids: Vec<u32>,
     /// Stop after this many seconds (default: when the targets exit or on Ctrl-C).
     #[arg(short, long, value_name = "SECS", value_parser = parse_duration)]
@@ -138,7 +138,7 @@ pub struct RecordArgs {
     pub gil: bool,
     /// Report every stretch this long (or longer) on which a thread running an event loop
     /// (asyncio, gevent) did not go back to waiting for events, with the Python stack seen
-    /// most in it; 0 turns it off.
+    /// most in it (`100ms`, `0.5s`, or a bare number of seconds); 0 turns it off.
     #[arg(long, value_name = "DURATION", default_value = "100ms", value_parser = parse_threshold)]
     pub loop_block_threshold: std::time::Duration,
     /// Wall-clock and off-CPU modes: follow every GIL hand-over, preemption and sleep asked
@@ -156,7 +156,7 @@ pub struct RecordArgs {
 #[derive(Debug, Args)]
 pub struct AdviseArgs {
     /// Process to watch; repeat for several.
-    #[arg(short, long = "pid", value_name = "PID")]
+    #[arg(short, long = "pid", value_name = "PID", value_parser = clap::value_parser!(u32).range(1..))]
     pub pids: Vec<u32>,
     /// Watch every CPython process on the host.
     #[arg(long)]

@@ -8,6 +8,8 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub enum Error {
     #[error("no process with PID {0}")]
     NoSuchProcess(u32),
+    #[error("{tid} is a thread of process {pid}, not a process: give the process's PID ({pid})")]
+    ThreadId { tid: u32, pid: u32 },
     #[error("process {0} exited before sampling started")]
     ExitedBeforeAttach(u32),
     #[error("pid {0} ({1}) is a kernel thread: it runs no user code to sample; give a user process's pid")]

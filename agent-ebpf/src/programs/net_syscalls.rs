@@ -2,8 +2,8 @@
 //! processes: accept/connect make a socket tracked, reads and writes move its request state.
 use agent_ebpf::{
     NET_EVENT_ACCEPT, NET_FRAMING_CHUNKED, NET_FRAMING_HEAD, NET_FRAMING_LENGTH, NET_FRAMING_NONE,
-    NET_PHASE_IDLE, NET_PHASE_REQUEST, NET_PHASE_RESPONSE, NET_ROLE_CLIENT, NET_ROLE_SERVER, NetConn,
-    NetSkState, http_method, stat,
+    NET_PHASE_IDLE, NET_PHASE_REQUEST, NET_PHASE_RESPONSE, NET_QUEUE_UNKNOWN, NET_ROLE_CLIENT,
+    NET_ROLE_SERVER, NET_SK_ADOPTED, NetConn, NetSkState, http_method, stat,
 };
 use aya_ebpf::{
     bindings::pt_regs,
@@ -84,6 +84,10 @@ fn try_sys_exit() -> Result<u32, i64> {
             // use this socket update it; two of them doing so at the same instant on two CPUs
             // can mix up that request's figures, never reach memory outside the value.
             let c = unsafe { &mut *c };
+            if c.sk == NET_SK_ADOPTED {
+                // A connection adopted from /proc: its socket, now that its owner uses it.
+                c.sk = track_sock(fd);
+            }
             let (inbound, buf) = match nr {
                 sysno::READ | sysno::RECVFROM => (true, Buf::new(FLAT, regs.rsi, regs.rdx)),
                 sysno::WRITE | sysno::SENDTO => (false, Buf::new(FLAT, regs.rsi, regs.rdx)),
@@ -188,21 +192,15 @@ fn open(tgid: u32, fd: u32, role: u32, sockaddr: u64, now: u64) {
     c.accept_ns = 0;
     // The socket: a server's, to time how long each request waits in it (`net_data_ready`)
     // and how long the connection waited to be accepted; either side's, for its stalls.
-    c.sk = fd_sock(u64::from(fd));
-    if c.sk != 0 {
-        if role == NET_ROLE_SERVER {
-            // SAFETY: a value of the LRU map from a successful lookup, copied out at once.
-            if let Some(&done) = unsafe { NET_ACCEPTING.get(c.sk) } {
-                c.accept_ns = now.saturating_sub(done);
-                let _ = NET_ACCEPTING.remove(c.sk);
-            }
-        }
-        if NET_SK_STATE.insert(c.sk, NetSkState::default(), 0).is_ok() {
-            sk_mark(c.sk, true);
-        } else {
-            c.sk = 0;
+    let sk = fd_sock(u64::from(fd));
+    if sk != 0 && role == NET_ROLE_SERVER {
+        // SAFETY: a value of the LRU map from a successful lookup, copied out at once.
+        if let Some(&done) = unsafe { NET_ACCEPTING.get(sk) } {
+            c.accept_ns = now.saturating_sub(done);
+            let _ = NET_ACCEPTING.remove(sk);
         }
     }
+    c.sk = if sk != 0 { track(sk) } else { 0 };
     // A reused fd whose close was missed is overwritten.
     let accept_ns = c.accept_ns;
     if NET_CONNS.insert(conn_key(tgid, fd), c, 0).is_err() {
@@ -212,6 +210,25 @@ fn open(tgid: u32, fd: u32, role: u32, sockaddr: u64, now: u64) {
     if role == NET_ROLE_SERVER {
         emit_conn(NET_EVENT_ACCEPT, tgid, 0, (now - accept_ns, now), (0, 0), peer, (0, 0));
     }
+}
+
+/// Starts keeping the state of socket `sk` (its arrivals, its stalls); returns it, or 0 when
+/// its state cannot be kept.
+#[inline(always)]
+fn track(sk: u64) -> u64 {
+    if NET_SK_STATE.insert(sk, NetSkState::default(), 0).is_ok() {
+        sk_mark(sk, true);
+        sk
+    } else {
+        0
+    }
+}
+
+/// `track` of the socket behind the current task's descriptor `fd` (0: none).
+#[inline(always)]
+fn track_sock(fd: u32) -> u64 {
+    let sk = fd_sock(u64::from(fd));
+    if sk != 0 { track(sk) } else { 0 }
 }
 
 /// A read (`inbound`) or write of `ret` bytes from or to `buf` on a tracked socket.
@@ -331,16 +348,18 @@ fn take_ready(sk: u64) -> u64 {
 
 /// How long the request a server starts to read at `now` waited in its socket: since its
 /// first bytes arrived (`ready`, from `take_ready`). Its connection's first request, if
-/// nothing arrived since the accept, arrived before it: it waited since the accept.
+/// nothing arrived since the accept, arrived before it: it waited since the accept. Not
+/// known (`NET_QUEUE_UNKNOWN`) without the socket's state, or for the first request of a
+/// connection adopted from /proc, whose bytes may have arrived before its socket was known.
 #[inline(always)]
 fn socket_queue(c: &NetConn, ready: u64, now: u64) -> u64 {
     if c.sk == 0 {
-        return 0;
+        return NET_QUEUE_UNKNOWN;
     }
     if ready != 0 && ready <= now {
         now - ready
-    } else if ready == 0 && c.start_ns == 0 && c.opened_ns <= now {
-        now - c.opened_ns
+    } else if ready == 0 && c.start_ns == 0 {
+        if c.opened_ns == 0 { NET_QUEUE_UNKNOWN } else { now.saturating_sub(c.opened_ns) }
     } else {
         0
     }

@@ -177,16 +177,14 @@ fn switched_out(ctx: &RawTracePointContext, tgid: u32, tid: u32, runnable: bool,
         addr: [0; 16],
     };
     let mut now = 0;
-    // The registers saved as the system call a blocked thread waits in entered.
-    let mut regs = None;
+    // A sleep asked for under `OFF_BRIEF_SLEEP_NS`.
+    let mut brief = false;
     key.reason = if runnable {
         if throttled() { reason::THROTTLED } else { reason::RUNQUEUE }
     } else if state & TASK_UNINTERRUPTIBLE != 0 {
         reason::DISK
     } else {
-        let entered = entry_regs();
-        regs = Some(entered);
-        blocked_reason(&mut key, tgid, entered)
+        blocked_reason(&mut key, tgid, entry_regs(), &mut brief, &mut now)
     };
     // The budget samples the waits that come in storms, brief each (GIL hand-overs,
     // preemptions, sleeps asked for under `OFF_BRIEF_SLEEP_NS`); every other wait (a socket,
@@ -194,7 +192,7 @@ fn switched_out(ctx: &RawTracePointContext, tgid: u32, tid: u32, runnable: bool,
     // the thread switches.
     let stormy = match key.reason {
         reason::GIL | reason::RUNQUEUE => true,
-        reason::SLEEP => regs.is_some_and(|regs| brief_sleep(regs, &mut now)),
+        reason::SLEEP => brief,
         _ => false,
     };
     let weight = if stormy {
@@ -505,35 +503,12 @@ fn throttled() -> bool {
     count().unwrap_or(0) > 0
 }
 
-/// Whether the sleep the current thread blocks in (the system call `regs` entered) was asked
-/// for less than `OFF_BRIEF_SLEEP_NS`: a relative `nanosleep` or `clock_nanosleep`, or one
-/// until a `CLOCK_MONOTONIC` deadline (CPython's `time.sleep`), whose time is read into
-/// `now`; a `select` of no descriptors with a timeout. Sleeps that cannot be told are not
-/// brief.
+/// Whether a sleep of the `struct timespec` at user address `timespec` was asked for less
+/// than `OFF_BRIEF_SLEEP_NS`: relative, or until that `CLOCK_MONOTONIC` time (`absolute`,
+/// CPython's `time.sleep`), whose time is read into `now`. Sleeps that cannot be told are
+/// not brief.
 #[inline(always)]
-fn brief_sleep(regs: &pt_regs, now: &mut u64) -> bool {
-    const TIMER_ABSTIME: u64 = 1;
-    const CLOCK_MONOTONIC: u64 = 1;
-    let (timespec, absolute) = match regs.orig_rax {
-        sysno::NANOSLEEP => (regs.rdi, false),
-        sysno::CLOCK_NANOSLEEP => {
-            let absolute = regs.rsi & TIMER_ABSTIME != 0;
-            if absolute && regs.rdi != CLOCK_MONOTONIC {
-                return false;
-            }
-            (regs.rdx, absolute)
-        }
-        sysno::SELECT => {
-            // A `struct timeval` (seconds, microseconds).
-            // SAFETY: the helper checks the user address and fails rather than faulting.
-            return match unsafe { aya_ebpf::helpers::bpf_probe_read_user(regs.r8 as *const [i64; 2]) } {
-                Ok([0, us]) => (0..OFF_BRIEF_SLEEP_NS as i64 / 1000).contains(&us),
-                _ => false,
-            };
-        }
-        sysno::PSELECT6 => (regs.r8, false),
-        _ => return false,
-    };
+fn brief_timespec(timespec: u64, absolute: bool, now: &mut u64) -> bool {
     if timespec == 0 {
         return false;
     }
@@ -551,10 +526,32 @@ fn brief_sleep(regs: &pt_regs, now: &mut u64) -> bool {
     asked < OFF_BRIEF_SLEEP_NS
 }
 
-/// Why a thread that blocks in its current system call (the one `regs` entered) waits;
-/// fills the peer of a socket.
+/// Whether a `clock_nanosleep` (the system call `regs` entered) was asked for less than
+/// `OFF_BRIEF_SLEEP_NS` (see `brief_timespec`); a deadline on another clock is not brief.
 #[inline(always)]
-fn blocked_reason(key: &mut OffKey, tgid: u32, regs: &pt_regs) -> u32 {
+fn brief_clock_nanosleep(regs: &pt_regs, now: &mut u64) -> bool {
+    const TIMER_ABSTIME: u64 = 1;
+    const CLOCK_MONOTONIC: u64 = 1;
+    let absolute = regs.rsi & TIMER_ABSTIME != 0;
+    !(absolute && regs.rdi != CLOCK_MONOTONIC) && brief_timespec(regs.rdx, absolute, now)
+}
+
+/// Whether a `select` of no descriptors waits less than `OFF_BRIEF_SLEEP_NS` for the
+/// `struct timeval` (seconds, microseconds) at user address `timeval`.
+#[inline(always)]
+fn brief_timeval(timeval: u64) -> bool {
+    // SAFETY: the helper checks the user address and fails rather than faulting.
+    match unsafe { aya_ebpf::helpers::bpf_probe_read_user(timeval as *const [i64; 2]) } {
+        Ok([0, us]) => (0..OFF_BRIEF_SLEEP_NS as i64 / 1000).contains(&us),
+        _ => false,
+    }
+}
+
+/// Why a thread that blocks in its current system call (the one `regs` entered) waits;
+/// fills the peer of a socket. For a sleep, sets `brief` when it was asked for under
+/// `OFF_BRIEF_SLEEP_NS` (the time, when read, goes into `now`).
+#[inline(always)]
+fn blocked_reason(key: &mut OffKey, tgid: u32, regs: &pt_regs, brief: &mut bool, now: &mut u64) -> u32 {
     let (nr, arg0, arg1) = (regs.orig_rax, regs.rdi, regs.rsi);
     match nr {
         sysno::FUTEX => {
@@ -589,9 +586,23 @@ fn blocked_reason(key: &mut OffKey, tgid: u32, regs: &pt_regs) -> u32 {
         }
         sysno::POLL | sysno::PPOLL => reason::POLL,
         // `select` of no descriptors is a sleep (`time.sleep` before 3.11).
-        sysno::SELECT | sysno::PSELECT6 if arg0 == 0 => reason::SLEEP,
+        sysno::SELECT if arg0 == 0 => {
+            *brief = brief_timeval(regs.r8);
+            reason::SLEEP
+        }
+        sysno::PSELECT6 if arg0 == 0 => {
+            *brief = brief_timespec(regs.r8, false, now);
+            reason::SLEEP
+        }
         sysno::SELECT | sysno::PSELECT6 => reason::POLL,
-        sysno::NANOSLEEP | sysno::CLOCK_NANOSLEEP => reason::SLEEP,
+        sysno::NANOSLEEP => {
+            *brief = brief_timespec(arg0, false, now);
+            reason::SLEEP
+        }
+        sysno::CLOCK_NANOSLEEP => {
+            *brief = brief_clock_nanosleep(regs, now);
+            reason::SLEEP
+        }
         _ => reason::OTHER,
     }
 }

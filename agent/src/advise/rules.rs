@@ -600,6 +600,12 @@ fn nagle_stall(f: &Facts) -> Option<Finding> {
         })
         .max_by_key(|s| s.count)?;
     let share = *count as f64 / (*requests).max(1) as f64;
+    // Seen from a client, the bytes are held by the upstream's kernel: the fix is there.
+    let action = if *side == "client" {
+        "The upstream holds its responses back: set TCP_NODELAY on its sockets (http.server: disable_nagle_algorithm = True), or have it write each response in one call."
+    } else {
+        "Set TCP_NODELAY on its sockets (http.server: disable_nagle_algorithm = True), or write each response in one call."
+    };
     Some(
         Finding::new(
             "nagle-stall",
@@ -608,7 +614,7 @@ fn nagle_stall(f: &Facts) -> Option<Finding> {
                 "{:.0}% of {endpoint}'s responses ({side} side) waited {mean:.1} ms in the kernel for a delayed ACK (Nagle's algorithm).",
                 share * 100.0
             ),
-            "Set TCP_NODELAY on its sockets (http.server: disable_nagle_algorithm = True), or write each response in one call.".into(),
+            action.into(),
         )
         .evidence(format!("{count} of {requests} requests stalled, {mean:.1} ms each (mean)"))
         .num("stalled", *count as f64)
@@ -780,6 +786,26 @@ mod tests {
             throttled_periods: throttled,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_nagle_stall_is_fixed_where_the_bytes_are_held() {
+        let stall = |side| Stall {
+            side,
+            endpoint: "GET /x".into(),
+            cause: "nagle-delayed-ack",
+            count: 9,
+            mean_ms: 40.0,
+            requests: 10,
+        };
+        let mut f = facts(&[("[running]", 1.0)]);
+        f.stalls = vec![stall("server")];
+        let server = findings(&f)[0].clone();
+        f.stalls = vec![stall("client")];
+        let client = findings(&f)[0].clone();
+        assert_eq!((server.rule, client.rule), ("nagle-stall", "nagle-stall"));
+        assert!(server.action.starts_with("Set TCP_NODELAY on its sockets"), "{}", server.action);
+        assert!(client.action.starts_with("The upstream holds its responses back"), "{}", client.action);
     }
 
     #[test]

@@ -6,8 +6,8 @@ use std::{
 };
 
 use agent_ebpf::{
-    NET_EVENT_ACCEPT, NET_EVENT_CLOSE, NET_EVENT_CONNECT, NET_EVENT_REQUEST, NET_PATH_LEN, NET_ROLE_SERVER,
-    NetEvent, http_method,
+    NET_EVENT_ACCEPT, NET_EVENT_CLOSE, NET_EVENT_CONNECT, NET_EVENT_REQUEST, NET_PATH_LEN, NET_QUEUE_UNKNOWN,
+    NET_ROLE_SERVER, NetEvent, http_method,
 };
 use serde::Serialize;
 
@@ -175,7 +175,8 @@ impl Aggregator {
                 }
                 match direction {
                     Direction::Client => stats.ttfb.record(e.resp_first_ns.saturating_sub(e.start_ns)),
-                    Direction::Server if queue_seen => {
+                    // (A request whose wait in the socket is not known has no total either.)
+                    Direction::Server if queue_seen && e.queue_ns != NET_QUEUE_UNKNOWN => {
                         stats.queue.record(e.queue_ns);
                         let waited = e.queue_ns.saturating_add(e.accept_ns);
                         stats.total.record(end.saturating_sub(e.start_ns).saturating_add(waited));

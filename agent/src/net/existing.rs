@@ -6,7 +6,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
-use agent_ebpf::{MAP_NET_CONNS, NET_ROLE_CLIENT, NET_ROLE_SERVER, NetConn};
+use agent_ebpf::{MAP_NET_CONNS, NET_ROLE_CLIENT, NET_ROLE_SERVER, NET_SK_ADOPTED, NetConn};
 
 use crate::{error::Result, programs::KernelPrograms};
 
@@ -59,10 +59,6 @@ impl Adopter {
 /// (which otherwise learn sockets from accept and connect); returns how many.
 fn adopt(programs: &mut KernelPrograms, pid: u32, found: &[Established]) -> Result<usize> {
     let mut conns: aya::maps::HashMap<_, u64, NetConn> = programs.map_mut(MAP_NET_CONNS)?;
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: ts is a valid timespec to write into. The kernel's clock is CLOCK_MONOTONIC.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    let now = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
     let mut adopted = 0;
     for e in found {
         let (family, addr) = match e.peer.ip() {
@@ -79,7 +75,8 @@ fn adopt(programs: &mut KernelPrograms, pid: u32, found: &[Established]) -> Resu
             resp_last_ns: 0,
             req_bytes: 0,
             resp_bytes: 0,
-            opened_ns: now,
+            // Opened before the session: its first request's wait in the socket is not known.
+            opened_ns: 0,
             addr,
             port: e.peer.port(),
             family,
@@ -93,9 +90,9 @@ fn adopt(programs: &mut KernelPrograms, pid: u32, found: &[Established]) -> Resu
             head_seen: 0,
             framing: agent_ebpf::NET_FRAMING_NONE,
             head_state: [0; 8],
-            // Not known from /proc: requests of adopted connections are timed from their
-            // first read.
-            sk: 0,
+            // Not known from /proc: the program looks the socket up at the connection's first
+            // data call (its arrivals and stalls are followed from then on).
+            sk: NET_SK_ADOPTED,
             queue_ns: 0,
             accept_ns: 0,
             path: [0; agent_ebpf::NET_PATH_LEN],

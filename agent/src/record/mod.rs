@@ -5,6 +5,7 @@ pub mod target;
 
 use std::{
     fs::File,
+    io::Write,
     path::PathBuf,
     sync::{
         Arc,
@@ -194,6 +195,15 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
     // Fail on an unwritable path now, not after the session.
     let file = File::create(&output).map_err(|source| Error::Output { path: output.clone(), source })?;
     let mut unwritten = Unwritten(Some(output.clone()));
+    // So is the network report's.
+    let net_path = net_output(&output);
+    let mut net_file = match opts.net {
+        true => {
+            Some(File::create(&net_path).map_err(|source| Error::Output { path: net_path.clone(), source })?)
+        }
+        false => None,
+    };
+    let mut net_unwritten = Unwritten(net_file.is_some().then(|| net_path.clone()));
 
     let mut kernel = KernelPrograms::load(opts.kernel_stats)?;
     if opts.subprocesses {
@@ -370,11 +380,11 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
                 net_drops(&stats),
                 drainer.socket_queue(),
             );
-            let path = net_output(&output);
             let json = serde_json::to_vec_pretty(&report).map_err(std::io::Error::other);
-            json.and_then(|j| std::fs::write(&path, j))
-                .map_err(|source| Error::Output { path: path.clone(), source })?;
-            Some((report, path))
+            let file = net_file.take().ok_or_else(|| std::io::Error::other("the report's file is not open"));
+            json.and_then(|j| file?.write_all(&j))
+                .map_err(|source| Error::Output { path: net_path.clone(), source })?;
+            Some((report, net_path))
         }
         None => None,
     };
@@ -441,6 +451,7 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
         .filter_map(|pid| collector.comm(pid).map(|c| (pid, c.to_string())))
         .collect();
     unwritten.0 = None;
+    net_unwritten.0 = None;
     Ok(Summary {
         output,
         samples,
@@ -542,7 +553,8 @@ impl Summary {
             let _ =
                 writeln!(s, "  CPU time during the session (the kernel's accounting): {}", each.join(", "));
         }
-        if self.samples == 0 {
+        // (In the wall-clock modes, waits fill the profile without samples.)
+        if self.samples == 0 && self.states.is_empty() {
             let cpu: f64 = self.cpu.iter().map(|(_, s)| s).sum();
             let why = match self.cpu.is_empty() {
                 true => "no process was sampled".to_string(),
@@ -550,9 +562,11 @@ impl Summary {
             };
             let hint = match self.mode {
                 Mode::Cpu => {
-                    "; CPU samples are taken only while a target runs: `--mode wall` shows where an idle or sleeping process waits"
+                    "; CPU samples are taken only while a target runs: `--mode wall` shows where an idle or sleeping process waits, `stoker dump` where a thread stuck since before the session is"
                 }
-                _ => "",
+                _ => {
+                    " and no thread of theirs left the CPU: a wait that began before the session is not seen, `stoker dump` shows where each thread is"
+                }
             };
             let _ = writeln!(s, "  no samples: {why}{hint}");
         }
@@ -583,8 +597,11 @@ impl Summary {
             let threshold = self.loop_threshold.unwrap_or_default().as_secs_f64() * 1e3;
             let _ = writeln!(
                 s,
-                "  pid {pid}, event loop blocked {} times {threshold:.0} ms or longer ({total:.3} s in all); the worst:",
-                blocks.len()
+                "  pid {pid}, event loop blocked {} {threshold:.0} ms or longer ({total:.3} s in all); the worst:",
+                match blocks.len() {
+                    1 => "once".to_string(),
+                    n => format!("{n} times"),
+                }
             );
             for b in blocks.iter().take(5) {
                 let leaf =
@@ -691,14 +708,19 @@ impl Summary {
             );
         }
         if let (unreadable @ 1.., total) = self.unreadable_code {
+            let share = 100.0 * unreadable as f64 / total.max(1) as f64;
+            let share = if share < 0.1 { "under 0.1%".to_string() } else { format!("{share:.1}%") };
             let _ = writeln!(
                 s,
-                "  {:.1}% of the profile shows <unknown code> frames: Python code objects freed before stoker could read them (short-lived code, such as a module's body during its import)",
-                100.0 * unreadable as f64 / total.max(1) as f64
+                "  {share} of the profile shows <unknown code> frames: Python code objects freed before stoker could read them (short-lived code, such as a module's body during its import)"
             );
         }
         if !self.top.is_empty() {
-            let _ = writeln!(s, "  top functions (leaf, share of samples):");
+            let _ = match self.mode {
+                Mode::Cpu => writeln!(s, "  top functions (leaf, share of samples):"),
+                // (The waits are in the profile and the states above.)
+                _ => writeln!(s, "  top functions on the CPU (leaf, share of CPU samples):"),
+            };
             for (frame, count) in &self.top {
                 let share = 100.0 * *count as f64 / self.samples.max(1) as f64;
                 let _ = writeln!(s, "    {share:5.1}%  {}", frame.function_label());

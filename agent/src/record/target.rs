@@ -21,6 +21,13 @@ pub enum Target {
 
 impl Target {
     pub fn attach(pid: u32) -> Result<Self> {
+        // A thread's id (from `top -H`, a log line) names a task that /proc lists, but no
+        // process: say whose thread it is.
+        if let Some(tgid) = crate::sys::process::tgid(pid)
+            && tgid != pid
+        {
+            return Err(Error::ThreadId { tid: pid, pid: tgid });
+        }
         if crate::sys::process::is_kernel_thread(pid) {
             return Err(Error::KernelThread(pid, crate::sys::process::comm(pid)));
         }

@@ -145,6 +145,13 @@ fn parse_schedstat(text: &str) -> Option<SchedStat> {
     Some(SchedStat { ran_ns: fields.next()??, queued_ns: fields.next()??, arrivals: fields.next()?? })
 }
 
+/// The process (thread group) of task `tid`, a process or one of its threads (None when it
+/// does not exist).
+pub fn tgid(tid: u32) -> Option<u32> {
+    let status = fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("Tgid:")).and_then(|v| v.trim().parse().ok())
+}
+
 /// The parent of process `pid` (None when it does not exist).
 pub fn parent(pid: u32) -> Option<u32> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
