@@ -623,6 +623,11 @@ fn the_agent_advises_every_known_cause() {
     });
     let limit = number(&throttled, "recommended_limit_cpus");
     assert!((1.0..=1.3).contains(&limit), "limit {limit} CPUs for a process that wants one: {throttled:#}");
+    // Its samples are all in its loop, as `stoker advise` would say.
+    assert!(
+        throttled["evidence"].to_string().contains("hottest: <module> (spin.py) ("),
+        "the spinner's hottest function: {throttled:#}"
+    );
     let workers =
         wait_advice(http, prefork.id(), "no workers-mismatch", |all| finding_of(all, "workers-mismatch"));
     assert_eq!((number(&workers, "workers"), number(&workers, "recommended_workers")), (8.0, 3.0));

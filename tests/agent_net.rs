@@ -210,6 +210,10 @@ fn agent_exports_request_metrics_and_spans() {
         assert_eq!(s["name"], "GET /sleep/{id}");
         assert_eq!(s["kind"], "SPAN_KIND_SERVER");
         assert_eq!(s["attributes"]["http.response.status_code"], 200);
+        // Sizes on the wire, head and body, under the conventions' names for them.
+        for size in ["http.request.size", "http.response.size"] {
+            assert!(!s["attributes"][size].is_null(), "{size}: {s}");
+        }
         assert_eq!(s["resource"]["service.name"], "http_server");
         let ns = |k: &str| s[k].as_str().unwrap().parse::<i128>().unwrap();
         let (start, end) = (ns("start_time_unix_nano"), ns("end_time_unix_nano"));

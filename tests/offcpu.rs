@@ -547,3 +547,74 @@ fn blocked_event_loop_names_the_slow_handler() {
         );
     }
 }
+
+/// A native thread of a Python process, as a Rust or gRPC runtime's worker: it waits for
+/// events, then parks on a condition for 150 ms, over and over, never running Python.
+const NATIVE_WORKER: &str = r#"
+#include <pthread.h>
+#include <sys/epoll.h>
+#include <time.h>
+int stretches = 0;
+static void *run(void *arg) {
+    int ep = epoll_create1(0);
+    struct epoll_event ev;
+    pthread_mutex_t m = PTHREAD_MUTEX_INITIALIZER;
+    pthread_cond_t c = PTHREAD_COND_INITIALIZER;
+    (void)arg;
+    for (;;) {
+        epoll_wait(ep, &ev, 1, 0);
+        struct timespec t;
+        clock_gettime(CLOCK_REALTIME, &t);
+        t.tv_nsec += 150000000;
+        if (t.tv_nsec >= 1000000000) { t.tv_sec++; t.tv_nsec -= 1000000000; }
+        pthread_mutex_lock(&m);
+        pthread_cond_timedwait(&c, &m, &t);
+        pthread_mutex_unlock(&m);
+        __atomic_add_fetch(&stretches, 1, __ATOMIC_SEQ_CST);
+    }
+    return 0;
+}
+int start(void) { pthread_t t; return pthread_create(&t, 0, run, 0); }
+"#;
+
+/// Starts the native worker (a C library loaded with ctypes), sleeps 1.5 s, and prints
+/// how many 150 ms parks the worker finished.
+const WITH_NATIVE_WORKER: &str = r#"
+import ctypes, sys, time
+lib = ctypes.CDLL(sys.argv[1])
+assert lib.start() == 0
+time.sleep(1.5)
+print("stretches", ctypes.c_int.in_dll(lib, "stretches").value, flush=True)
+"#;
+
+/// The stretches of a native thread between its waits for events are no Python event
+/// loop's: none is reported as a blocked loop, and the summary counts them as left out,
+/// as many as the thread finished (one more at most: one under way as it counted).
+#[test]
+fn native_threads_are_no_blocked_event_loops() {
+    require_root();
+    let dir = scratch("native-worker");
+    let (source, lib) = (dir.join("worker.c"), dir.join("libworker.so"));
+    std::fs::write(&source, NATIVE_WORKER).unwrap();
+    let cc = Command::new("cc")
+        .args(["-shared", "-fPIC", "-O1", "-o", lib.to_str().unwrap(), source.to_str().unwrap(), "-lpthread"])
+        .status()
+        .expect("a C compiler (cc)");
+    assert!(cc.success(), "cc failed");
+    let py = python("3.12.1");
+    let (_, err, stdout, _) = record_command(
+        "cpu",
+        "99",
+        &[],
+        &[py.to_str().unwrap(), "-c", WITH_NATIVE_WORKER, lib.to_str().unwrap()],
+    );
+    let finished: u64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("stretches "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no count: {stdout}"));
+    assert!(!err.contains("event loop blocked"), "{err}");
+    let line = err.lines().find(|l| l.contains("event loops: ")).unwrap_or_else(|| panic!("{err}"));
+    let left_out: u64 = line.split_whitespace().nth(2).unwrap().parse().unwrap();
+    assert!(finished >= 5 && (finished..=finished + 1).contains(&left_out), "{finished} finished: {line}");
+}

@@ -391,6 +391,10 @@ fn close(tgid: u32, fd: u32) {
     if let Some(c) = NET_CONNS.get_ptr_mut(key) {
         // SAFETY: as in `try_sys_exit`.
         let c = unsafe { &mut *c };
+        if c.sk == NET_SK_ADOPTED {
+            // Adopted and closed unused: no socket state was kept, and no bit is to clear.
+            c.sk = 0;
+        }
         finish(c, tgid, bpf_now());
         if c.sk != 0 {
             let _ = NET_SK_STATE.remove(c.sk);

@@ -11,7 +11,7 @@ use crate::programs::KernelPrograms;
 pub use self::{
     stacks::{Collector, View},
     tracker::Tracker,
-    wall::Mode,
+    wall::{Mode, PythonThreads},
 };
 
 /// When to name new stacks: as soon as the kernel added keys (a short-lived process's code

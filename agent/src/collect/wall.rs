@@ -1,6 +1,9 @@
 //! Wall-clock and off-CPU profiles: CPU samples and the kernel's off-CPU times as one
 //! profile in microseconds of thread time, each stack ending with the thread's state.
-use std::{collections::HashMap, net::IpAddr};
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+};
 
 use agent_ebpf::{LoopBlock, OffKey, reason};
 
@@ -70,6 +73,47 @@ fn refined(key: &OffKey, kernel: Option<&[Frame]>) -> u32 {
         reason::DISK
     } else {
         reason::OTHER
+    }
+}
+
+/// Which threads of a process run Python. The kernel counts a blocked stretch for any
+/// thread of a target that waits for events and then stays away from that wait: so does a
+/// native runtime's worker (tokio's, gRPC's) in a Python process, which waits for events
+/// and parks on a lock in turn. Such a thread runs no event loop of Python's, and its
+/// stretches are left out (counted in `native`).
+#[derive(Debug, Default)]
+pub struct PythonThreads {
+    /// Per process, the ids of its Python threads as last read.
+    known: HashMap<u32, HashSet<u32>>,
+    /// Stretches of threads that run no Python, left out.
+    pub native: u64,
+}
+
+impl PythonThreads {
+    /// Whether thread `tid` of process `pid` runs Python. A thread not seen before has its
+    /// process's threads read again; a process that cannot be read now (it exited since
+    /// the stretch) is judged by its last reading, and one never read (or whose CPython does
+    /// not record thread ids) not at all: true.
+    pub fn runs_python(&mut self, pid: u32, tid: u32) -> bool {
+        if self.known.get(&pid).is_some_and(|tids| tids.contains(&tid)) {
+            return true;
+        }
+        if let Ok(d) = crate::dump::dump(pid)
+            && !d.threads.is_empty()
+            && d.threads.iter().all(|t| t.tid != 0)
+        {
+            self.known.insert(pid, d.threads.iter().map(|t| t.tid).collect());
+        }
+        let python = self.known.get(&pid).is_none_or(|tids| tids.contains(&tid));
+        if !python {
+            self.native += 1;
+        }
+        python
+    }
+
+    /// Forgets the processes not in `live`.
+    pub fn retain(&mut self, live: &[u32]) {
+        self.known.retain(|pid, _| live.contains(pid));
     }
 }
 

@@ -40,6 +40,8 @@ pub(super) struct Entry {
     pub requests: BTreeMap<String, u64>,
     /// Blocked event-loop stretches: seconds and the function seen most in each.
     pub loop_blocks: Vec<(f64, String)>,
+    /// CPU seconds of the Python functions its samples ended in (`qualname (file.py)`).
+    pub functions: Vec<(String, f64)>,
 }
 
 /// Each process's entries over the window.
@@ -110,6 +112,7 @@ impl Windows {
         let mut requests: BTreeMap<&str, u64> = BTreeMap::new();
         let mut peers: BTreeSet<&str> = BTreeSet::new();
         let mut loop_blocks = Vec::new();
+        let mut functions: HashMap<&str, f64> = HashMap::new();
         // The cgroup's counters over the entries that have a delta, and their length.
         let mut cgroup: Option<CgroupFacts> = None;
         let mut cgroup_elapsed = 0.0;
@@ -134,6 +137,9 @@ impl Windows {
             }
             peers.extend(e.peers.iter().map(String::as_str));
             loop_blocks.extend(e.loop_blocks.iter().cloned());
+            for (function, secs) in &e.functions {
+                *functions.entry(function).or_default() += secs;
+            }
             if let Some(d) = &e.cgroup_delta {
                 cgroup_elapsed += e.elapsed_s;
                 let c =
@@ -213,7 +219,16 @@ impl Windows {
                     requests: requests.get(endpoint).copied().unwrap_or(n),
                 })
                 .collect(),
-            top: Vec::new(),
+            // The hottest functions, as shares of the CPU time (`stoker advise`: of the samples).
+            top: {
+                let mut top: Vec<(String, f64)> = functions
+                    .into_iter()
+                    .map(|(f, secs)| (f.to_string(), 100.0 * secs / cpu_s.max(1e-9)))
+                    .collect();
+                top.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+                top.truncate(3);
+                top
+            },
             upstreams: peers.into_iter().map(String::from).collect(),
             workers,
             declared: last.declared,

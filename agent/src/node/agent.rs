@@ -167,6 +167,7 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
     // each (named while its process lives), by process.
     let mut loop_blocks: std::collections::HashMap<u32, Vec<(u64, String)>> =
         std::collections::HashMap::new();
+    let mut loop_threads = crate::collect::PythonThreads::default();
     loop {
         let until_export = next_export.saturating_duration_since(Instant::now());
         tracker.wait(TICK.min(until_export), &mut kernel, &mut collector)?;
@@ -176,11 +177,15 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
         }
         tracker.update(&mut kernel, &mut collector)?;
         for block in kernel.take_loop_blocks() {
+            if !loop_threads.runs_python(block.tgid, block.tid) {
+                continue;
+            }
             let stack = collector.loop_block_stack(&kernel, &block);
             let function = stack.last().map_or_else(|| "code not sampled".into(), ToString::to_string);
             loop_blocks.entry(block.tgid).or_default().push((block.duration_ns, function));
         }
         let live = tracker.live_targets();
+        loop_threads.retain(&live);
         agent.observe(&live, &tracker);
         if net.is_some() {
             adopter.adopt_new(&mut kernel, &live);

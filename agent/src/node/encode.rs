@@ -5,13 +5,8 @@ use std::{collections::BTreeMap, time::SystemTime};
 use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
 
 /// Attributes the conventions type as integers.
-const INT_ATTRIBUTES: [&str; 5] = [
-    "http.response.status_code",
-    "server.port",
-    "client.port",
-    "http.request.body.size",
-    "http.response.body.size",
-];
+const INT_ATTRIBUTES: [&str; 5] =
+    ["http.response.status_code", "server.port", "client.port", "http.request.size", "http.response.size"];
 
 /// An attribute, an integer for the keys the conventions type so, else a string.
 pub(crate) fn attribute(key: &str, value: &str) -> KeyValue {

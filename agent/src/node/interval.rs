@@ -206,8 +206,10 @@ impl Interval {
             };
             p.accounted = accounted;
             let scale = if sampled > 0.0 { seconds / sampled } else { 0.0 };
-            for (function, cpu) in functions {
-                *p.functions.entry(function).or_default() += cpu * scale;
+            let functions: Vec<(String, f64)> =
+                functions.into_iter().map(|(f, cpu)| (f, cpu * scale)).collect();
+            for (function, cpu) in &functions {
+                *p.functions.entry(function.clone()).or_default() += cpu;
             }
             let off = off_deltas.remove(&pid).unwrap_or_default();
             for (state, _, secs) in &off {
@@ -217,6 +219,7 @@ impl Interval {
                 let entry = self.entries.entry(pid).or_default();
                 (entry.elapsed_s, entry.cpu_s) = (elapsed.as_secs_f64(), seconds);
                 entry.off_cpu = off.into_iter().map(|(_, frame, secs)| (frame, secs)).collect();
+                entry.functions = functions;
             }
             if let Some(samples) = gil_deltas.remove(&pid) {
                 *p.gil_held_seconds.get_or_insert(0.0) += samples as f64 / self.rate_hz;

@@ -135,6 +135,8 @@ pub struct Summary {
     /// Blocked event-loop stretches: (pid, tid, seconds, the stack sampled most in it).
     pub loop_blocks: Vec<LoopBlockReport>,
     pub loop_threshold: Option<Duration>,
+    /// Stretches of threads that run no Python (a native runtime's workers), left out.
+    pub native_loop_blocks: u64,
     /// The names of the processes sampled, as read while they lived.
     pub comms: Vec<(u32, String)>,
     /// Every `TIMELINE_EVERY` of the session, per given or launched process: seconds since
@@ -289,6 +291,7 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
     // while new code runs, at most every 20 ms once it is known (see `Tracker::name_early`).
     let mut naming = NamingPace::new();
     let mut loop_blocks: Vec<LoopBlockReport> = Vec::new();
+    let mut loop_threads = crate::collect::PythonThreads::default();
     let mut timeline: Vec<TimelinePoint> = Vec::new();
     let mut next_point = Duration::ZERO;
     let end = loop {
@@ -330,6 +333,9 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
         let live = tracker.live_targets();
         // Blocked loops' stacks are named as they come, while their processes live.
         for block in kernel.take_loop_blocks() {
+            if !loop_threads.runs_python(block.tgid, block.tid) {
+                continue;
+            }
             let stack = collector.loop_block_stack(&kernel, &block);
             let seconds = block.duration_ns as f64 / 1e9;
             loop_blocks.push(LoopBlockReport { pid: block.tgid, tid: block.tid, seconds, stack });
@@ -478,6 +484,7 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
         gil,
         loop_blocks,
         loop_threshold: opts.loop_block_threshold,
+        native_loop_blocks: loop_threads.native,
         comms,
         timeline,
         workers,
@@ -612,6 +619,13 @@ impl Summary {
                     if callers.is_empty() { String::new() } else { format!(" <- {}", callers.join(" <- ")) };
                 let _ = writeln!(s, "    {:.3} s  tid {}  {leaf}{from}", b.seconds, b.tid);
             }
+        }
+        if self.native_loop_blocks > 0 {
+            let _ = writeln!(
+                s,
+                "  event loops: {} stretches of threads that run no Python (a native runtime's workers, which wait for events and park in turn) left out",
+                self.native_loop_blocks
+            );
         }
         for (pid, states) in &self.states {
             let total: f64 = states.iter().map(|(_, secs)| secs).sum();

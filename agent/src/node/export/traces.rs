@@ -30,8 +30,8 @@ pub fn request(
             attribute("network.protocol.name", "http"),
             attribute("client.address", &s.peer.ip().to_string()),
             attribute("client.port", &s.peer.port().to_string()),
-            attribute("http.request.body.size", &s.request_bytes.to_string()),
-            attribute("http.response.body.size", &s.response_bytes.to_string()),
+            attribute("http.request.size", &s.request_bytes.to_string()),
+            attribute("http.response.size", &s.response_bytes.to_string()),
         ];
         if s.status > 0 {
             attributes.push(attribute("http.response.status_code", &s.status.to_string()));
