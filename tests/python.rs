@@ -228,6 +228,24 @@ fn top_shows_live_functions_and_follows_keys() {
     target.wait().unwrap();
 }
 
+/// Waits until thread `tid` of `pid` has run 20 ms in user mode (2 clock ticks) from now:
+/// a Python thread does so only holding the GIL. The main thread of dump_target.py takes
+/// the GIL from the spinner to print, and the spinner takes it back only once it runs
+/// again after the main thread's sleep began (a moment, or longer on a busy CPU).
+fn runs_python(pid: u32, tid: u32) {
+    let utime = || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).unwrap();
+        // Fields after the command's closing parenthesis: utime is the 14th field overall.
+        let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+        fields[11].parse::<u64>().unwrap()
+    };
+    let (start, deadline) = (utime(), std::time::Instant::now() + std::time::Duration::from_secs(30));
+    while utime() < start + 2 {
+        assert!(std::time::Instant::now() < deadline, "thread {tid} did not run");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 /// Waits until thread `tid` of `pid` is blocked in one of the system calls `numbers`
 /// (x86-64), as /proc/PID/task/TID/syscall shows.
 fn in_syscall(pid: u32, tid: u32, numbers: &[i64]) {
@@ -268,12 +286,24 @@ fn dump_shows_each_threads_stack_state_and_gil() {
         let tid = |role: &str| tids[role].as_u64().unwrap() as u32;
         in_syscall(target.id(), tid("main"), &[23, 35, 230, 270]);
         in_syscall(target.id(), tid("locked"), &[202]);
+        runs_python(target.id(), tid("spinning"));
         let out = stoker(&["dump", "--pid", &target.id().to_string(), "--json"]);
         let text = stoker(&["dump", "--pid", &target.id().to_string()]);
         target.kill().unwrap();
         target.wait().unwrap();
         assert!(out.status.success(), "{build}: {}", stderr(&out));
         let dump: Value = serde_json::from_slice(&out.stdout).unwrap();
+        // The release as far as it is known: 3.11+ say it (`Py_Version`), older builds only
+        // their major and minor version (the file's name), not a patch level of 0.
+        let release = match build {
+            "3.8.18" => Some("3.8"),
+            "3.10.13" => Some("3.10"),
+            b if !b.starts_with("sid-") => Some(b),
+            _ => None,
+        };
+        if let Some(release) = release {
+            assert_eq!(dump["version"], release, "{build}");
+        }
         let threads = dump["threads"].as_array().unwrap();
         assert_eq!(threads.len(), 3, "{build}: {dump:#}");
         let thread = |role: &str| {
@@ -756,7 +786,7 @@ fn all_python_profiles_two_versions() {
     let mut new = start("3.13.0", "b.json");
     let folded = dir.join("all.folded");
     let (mut stoker, mut err) = record_all_python(&folded);
-    err.wait_for(&format!("pid {}: CPython 3.8.", old.id()));
+    err.wait_for(&format!("pid {}: CPython 3.8", old.id()));
     err.wait_for(&format!("pid {}: CPython 3.13.", new.id()));
     for child in [&mut old, &mut new] {
         writeln!(child.stdin.take().unwrap(), "go").unwrap();

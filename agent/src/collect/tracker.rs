@@ -527,10 +527,8 @@ impl Tracker {
                     }
                     if p.check_code_type.is_some() && (!t.scanned || self.all_python) {
                         eprintln!(
-                            "stoker: warning: process {pid} runs CPython {}.{}.{}, newer than stoker knows: walked with CPython 3.{}'s layout, checked on its first samples",
-                            p.version.major,
-                            p.version.minor,
-                            p.version.patch,
+                            "stoker: warning: process {pid} runs CPython {}, newer than stoker knows: walked with CPython 3.{}'s layout, checked on its first samples",
+                            p.release,
                             python::layout::LATEST_MINOR
                         );
                     }
@@ -542,7 +540,7 @@ impl Tracker {
                         }
                         self.python_exes.insert(id);
                     }
-                    let version = format!("{}.{}.{}", p.version.major, p.version.minor, p.version.patch);
+                    let version = p.release.clone();
                     match t.exec_ns.take() {
                         Some(ns) => {
                             let ms = process::monotonic_ns().saturating_sub(ns) as f64 / 1e6;

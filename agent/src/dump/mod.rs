@@ -78,7 +78,7 @@ pub fn dump(pid: u32) -> Result<Dump> {
             ));
         }
     };
-    let version = format!("{}.{}.{}", p.version.major, p.version.minor, p.version.patch);
+    let version = p.release.clone();
     let mem = Memory::new(pid);
     let mut codes = CodeReader::new(pid, p.version, p.layout, p.check_code_type);
     let read = |what: &str, e: std::io::Error| {

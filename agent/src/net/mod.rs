@@ -162,6 +162,8 @@ impl NetTracer {
 /// aggregator, so a long tick of the main loop (naming new stacks, exporting) cannot let
 /// the rings fill.
 pub struct Drainer {
+    /// Locked before `aggregator` wherever both are.
+    tracer: Arc<Mutex<NetTracer>>,
     aggregator: Arc<Mutex<Aggregator>>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -171,26 +173,29 @@ pub struct Drainer {
 }
 
 impl Drainer {
-    pub fn start(mut tracer: NetTracer, aggregator: Aggregator) -> Result<Self> {
+    pub fn start(tracer: NetTracer, aggregator: Aggregator) -> Result<Self> {
         let programs = tracer.programs.clone();
         let socket_queue = tracer.socket_queue;
         let mut aggregator = aggregator;
         aggregator.no_socket_queue = !socket_queue;
         let aggregator = Arc::new(Mutex::new(aggregator));
+        let tracer = Arc::new(Mutex::new(tracer));
         let stop = Arc::new(AtomicBool::new(false));
-        let (agg, done) = (aggregator.clone(), stop.clone());
+        let (rings, agg, done) = (tracer.clone(), aggregator.clone(), stop.clone());
         let thread = std::thread::Builder::new().name("net-drain".into()).spawn(move || {
             loop {
                 // Read before the drain: after `stop`, one last drain takes every event.
                 let stopping = done.load(Ordering::Acquire);
+                let mut tracer = rings.lock().unwrap_or_else(|e| e.into_inner());
                 tracer.drain(&mut agg.lock().unwrap_or_else(|e| e.into_inner()));
+                drop(tracer);
                 if stopping {
                     break;
                 }
                 std::thread::sleep(DRAIN_EVERY);
             }
         })?;
-        Ok(Self { aggregator, stop, thread: Some(thread), programs, socket_queue })
+        Ok(Self { tracer, aggregator, stop, thread: Some(thread), programs, socket_queue })
     }
 
     /// Whether requests' time in their server's socket queue is measured.
@@ -198,9 +203,14 @@ impl Drainer {
         self.socket_queue
     }
 
-    /// The aggregator, locked (the drain waits meanwhile: keep it short).
+    /// The aggregator, locked (the drain waits meanwhile: keep it short), with every event
+    /// the kernel wrote so far in it: the last requests of a process that closed its
+    /// connections and exited just now are in the interval that reports its exit.
     pub fn aggregator(&self) -> MutexGuard<'_, Aggregator> {
-        self.aggregator.lock().unwrap_or_else(|e| e.into_inner())
+        let mut tracer = self.tracer.lock().unwrap_or_else(|e| e.into_inner());
+        let mut aggregator = self.aggregator.lock().unwrap_or_else(|e| e.into_inner());
+        tracer.drain(&mut aggregator);
+        aggregator
     }
 
     /// Stops draining after a last drain of every ring.

@@ -26,6 +26,9 @@ pub struct PythonProcess {
     /// A release newer than stoker knows, walked with the latest layout it knows: the
     /// address of `PyCode_Type`, which the first code objects read must point to.
     pub check_code_type: Option<u64>,
+    /// The release as far as it is known: `3.12.1` from `Py_Version` (3.11+), `3.10` from
+    /// the file's name before (not `3.10.0`: the patch level is not known).
+    pub release: String,
 }
 
 /// What a process turned out to be.
@@ -253,9 +256,14 @@ fn from_facts(
         }
     };
     Some(match layout {
-        Some(layout) => {
-            Detected::Python(Box::new(PythonProcess { pid, version, layout, runtime, check_code_type }))
-        }
+        Some(layout) => Detected::Python(Box::new(PythonProcess {
+            pid,
+            version,
+            layout,
+            runtime,
+            check_code_type,
+            release: shown,
+        })),
         None => Detected::Unsupported(shown),
     })
 }
