@@ -241,8 +241,12 @@ fn prefork_workers_beyond_the_quota_are_named() {
         ],
     );
     let advice = session.finish(false);
-    let top = &findings(&advice, None)[0];
-    assert_eq!(top["rule"], "workers-mismatch", "{top:#}");
+    // The master and its workers (followed): the master's top finding is the mismatch.
+    let processes = advice["processes"].as_array().unwrap();
+    let masters: Vec<&Value> =
+        processes.iter().filter(|p| p["findings"][0]["rule"] == "workers-mismatch").collect();
+    assert_eq!(masters.len(), 1, "{advice:#}");
+    let top = &masters[0]["findings"][0];
     assert_eq!((number(top, "workers"), number(top, "recommended_workers")), (8.0, 3.0));
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while !std::fs::read_to_string(cgroup.path.join("cgroup.procs")).unwrap_or_default().trim().is_empty()
@@ -250,6 +254,61 @@ fn prefork_workers_beyond_the_quota_are_named() {
     {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+}
+
+/// A pre-fork server with 2 workers, watched by its master's pid, and 6 clients at once,
+/// each request on a new connection: requests wait in the accept queue for a free worker.
+/// Each worker's top finding is `queueing`; its time in the server with the queues is what
+/// the clients measured from before `connect()` to the end of the response, within 3%, and
+/// its handling time is the handler's 20 ms (within 10%: a worker's wake-up and parsing);
+/// the workers use little CPU, so it asks for workers, not CPU.
+#[test]
+fn requests_waiting_for_a_worker_ask_for_workers() {
+    require_root();
+    let (mut server, port) = {
+        let mut child = Command::new(python("3.12.1"))
+            .args([fixture("net", "prefork_server.py").to_str().unwrap(), "2"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let port = Lines::of(&mut child).next("server port", std::time::Duration::from_secs(10));
+        (child, port.trim().to_string())
+    };
+    let session = Session::start("advise-queueing", &["--pid", &server.id().to_string()]);
+    let (threads, each) = (6, 5);
+    let out = Command::new(python("3.12.1"))
+        .args([fixture("net", "burst_client.py").to_str().unwrap(), &port, "6", "5", "/sleep/20"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "the client failed");
+    let advice = session.finish(true);
+    // SAFETY: signals a child this test spawned and has not reaped (the parent ends its workers).
+    unsafe { libc::kill(server.id() as i32, libc::SIGTERM) };
+    let _ = server.wait();
+    let durations: Vec<f64> = serde_json::from_slice(&out.stdout).unwrap();
+    let client_ms = durations.iter().sum::<f64>() / durations.len() as f64 / 1e6;
+    let tops: Vec<Value> = advice["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["pid"] != server.id())
+        .map(|p| p["findings"][0].clone())
+        .collect();
+    assert_eq!(tops.len(), 2, "two workers: {advice:#}");
+    let mut requests = 0.0;
+    for top in &tops {
+        assert_eq!(top["rule"], "queueing", "{top:#}");
+        requests += number(top, "requests");
+        let (total, own) = (number(top, "total_ms"), number(top, "request_ms"));
+        eprintln!("worker: total {total:.3} ms, request {own:.3} ms; clients {client_ms:.3} ms");
+        assert!(
+            (total - client_ms).abs() <= 0.03 * client_ms,
+            "total {total:.3} ms, clients {client_ms:.3} ms"
+        );
+        assert!((own - 20.0).abs() <= 2.0, "request {own:.3} ms, the handler sleeps 20 ms");
+        assert!(top["action"].as_str().unwrap().starts_with("Add workers"), "{top:#}");
+    }
+    assert_eq!(requests, (threads * each) as f64);
 }
 
 /// An HTTP server called a few times in a cgroup allowed 2 CPUs: the top finding is

@@ -336,7 +336,8 @@ fn time_to_exit_after_sigterm(child: &mut std::process::Child) -> Duration {
 const ENDS_WITHIN: Duration = Duration::from_millis(2300);
 
 /// SIGTERM ends the agent within 2 s while its exporter backs off from an unreachable
-/// receiver (a backoff lasts up to 30 s, a request 10 s), and counts what it could not send.
+/// receiver (a backoff lasts up to 30 s, a request 10 s), and counts what it could not send;
+/// and while it waits for an answer from a receiver that never gives one.
 #[test]
 fn sigterm_ends_the_agent_within_two_seconds_whatever_the_exporter_does() {
     use common::agent::*;
@@ -367,6 +368,40 @@ fn sigterm_ends_the_agent_within_two_seconds_whatever_the_exporter_does() {
     eprintln!("agent ended {took:?} after SIGTERM");
     assert!(took < ENDS_WITHIN, "the agent took {took:?} to end after SIGTERM: {stderr}");
     assert!(stderr.contains("dropped"), "batches not sent are counted and said: {stderr}");
+
+    // A receiver that takes the connection and the request and never answers: the exporter
+    // is inside a request at the signal, and the kernel programs detach meanwhile.
+    let hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    hole.set_nonblocking(true).unwrap();
+    let config = agent_config(&dir, http, "export_interval: 1s\n");
+    let mut silent = common::agent::agent(&config, hole.local_addr().unwrap().port());
+    wait_ready(http);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut held = loop {
+        match hole.accept() {
+            Ok((conn, _)) => break conn,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(Instant::now() < deadline, "no export request in 30 s");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    };
+    held.set_nonblocking(false).unwrap();
+    let mut head = [0u8; 64];
+    let read = std::io::Read::read(&mut held, &mut head).unwrap();
+    assert!(head[..read].starts_with(b"POST "), "not a request: {:?}", &head[..read]);
+    let took = time_to_exit_after_sigterm(&mut silent);
+    let status = silent.wait().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut silent.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(status.success(), "agent exit {status}: {stderr}");
+    eprintln!("agent ended {took:?} after SIGTERM, its receiver silent");
+    assert!(
+        took < ENDS_WITHIN,
+        "the agent took {took:?} to end after SIGTERM, its receiver silent: {stderr}"
+    );
+    drop(held);
 }
 
 /// SIGTERM ends a `record` session within 2 s when the launched command ignores SIGTERM

@@ -101,7 +101,8 @@ pub struct RecordArgs {
     /// Sample every CPython process on the host, also those started during the session.
     #[arg(long)]
     pub all_python: bool,
-    /// Also sample the targets' child processes, including those started during the session.
+    /// Also sample the targets' child processes: those running at the start (a pre-fork
+    /// server's workers, under `--pid` of its master) and those started during the session.
     #[arg(short, long)]
     pub subprocesses: bool,
     /// Python: interleave native frames, the interpreter's eval loop replaced by Python frames.

@@ -105,7 +105,7 @@ pub fn run(opts: &AdviseOptions) -> Result<Advice> {
         format: Format::Flamegraph,
         output: Some(profile.clone()),
         all_python: opts.all_python,
-        subprocesses: false,
+        subprocesses: true,
         native: false,
         threads: false,
         nolineno: false,

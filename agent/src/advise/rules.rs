@@ -22,6 +22,9 @@ pub const GIL_ONE_CPU: f64 = 1.15;
 pub const UPSTREAM_SHARE: f64 = 0.50;
 /// Waiting in the socket or accept queue, as a share of a request's time in the server.
 pub const QUEUE_SHARE: f64 = 0.30;
+/// ... and at least this long (ms, mean): a share of a sub-millisecond request is a
+/// thread's wake-up, not requests waiting for a worker.
+pub const QUEUE_MIN_MS: f64 = 1.0;
 /// Requests an endpoint needs before its shares are trusted.
 pub const MIN_REQUESTS: u64 = 10;
 /// Responses held by Nagle's algorithm, as a share of an endpoint's requests.
@@ -553,7 +556,7 @@ fn queueing(f: &Facts) -> Option<Finding> {
         .max_by(|a, b| (a.3 - a.2).total_cmp(&(b.3 - b.2)))?;
     let waited = (total - own).max(0.0);
     let share = waited / total.max(1e-9);
-    if share < QUEUE_SHARE {
+    if share < QUEUE_SHARE || waited < QUEUE_MIN_MS {
         return None;
     }
     let cores = f.cpu_cores().unwrap_or(0.0);
@@ -806,6 +809,21 @@ mod tests {
         assert_eq!((server.rule, client.rule), ("nagle-stall", "nagle-stall"));
         assert!(server.action.starts_with("Set TCP_NODELAY on its sockets"), "{}", server.action);
         assert!(client.action.starts_with("The upstream holds its responses back"), "{}", client.action);
+    }
+
+    #[test]
+    fn queueing_needs_a_share_and_a_millisecond() {
+        let server =
+            |own_ms, total_ms| Server { name: "GET /x".into(), count: 50, own_ms, total_ms: Some(total_ms) };
+        let mut f = facts(&[("[running]", 1.0)]);
+        f.servers = vec![server(20.0, 57.0)];
+        assert_eq!(findings(&f)[0].rule, "queueing");
+        // 0.2 of 0.4 ms: half, but a wake-up's time.
+        f.servers = vec![server(0.2, 0.4)];
+        assert!(findings(&f).iter().all(|x| x.rule != "queueing"), "{:?}", findings(&f));
+        // 5 of 100 ms: long, but a small share.
+        f.servers = vec![server(95.0, 100.0)];
+        assert!(findings(&f).iter().all(|x| x.rule != "queueing"));
     }
 
     #[test]

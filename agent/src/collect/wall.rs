@@ -11,6 +11,7 @@ use super::{Collector, View};
 use crate::{
     profile::{Frame, Marker, Profile, Unit},
     programs::KernelPrograms,
+    python::detect::{self, Detected, PythonProcess},
 };
 
 /// What a profile shows (`stoker record --mode`).
@@ -83,28 +84,36 @@ fn refined(key: &OffKey, kernel: Option<&[Frame]>) -> u32 {
 /// stretches are left out (counted in `native`).
 #[derive(Debug, Default)]
 pub struct PythonThreads {
-    /// Per process, the ids of its Python threads as last read.
-    known: HashMap<u32, HashSet<u32>>,
+    /// Per process: its CPython as found at its first stretch (None: not walkable), and
+    /// the ids of its Python threads as last read.
+    known: HashMap<u32, (Option<Box<PythonProcess>>, HashSet<u32>)>,
     /// Stretches of threads that run no Python, left out.
     pub native: u64,
 }
 
 impl PythonThreads {
     /// Whether thread `tid` of process `pid` runs Python. A thread not seen before has its
-    /// process's threads read again; a process that cannot be read now (it exited since
-    /// the stretch) is judged by its last reading, and one never read (or whose CPython does
-    /// not record thread ids) not at all: true.
+    /// process's thread list read again (a few words of its memory); a process that cannot
+    /// be read now (it exited since the stretch) is judged by its last reading, and one
+    /// never read (or whose CPython does not record thread ids) not at all: true.
     pub fn runs_python(&mut self, pid: u32, tid: u32) -> bool {
-        if self.known.get(&pid).is_some_and(|tids| tids.contains(&tid)) {
+        let (process, tids) = self.known.entry(pid).or_insert_with(|| {
+            let p = match detect::detect(pid) {
+                Detected::Python(p) => Some(p),
+                _ => None,
+            };
+            (p, HashSet::new())
+        });
+        if tids.contains(&tid) {
             return true;
         }
-        if let Ok(d) = crate::dump::dump(pid)
-            && !d.threads.is_empty()
-            && d.threads.iter().all(|t| t.tid != 0)
+        if let Some(read) = process.as_deref().and_then(crate::dump::thread_ids)
+            && !read.is_empty()
+            && read.iter().all(|&t| t != 0)
         {
-            self.known.insert(pid, d.threads.iter().map(|t| t.tid).collect());
+            *tids = read.into_iter().collect();
         }
-        let python = self.known.get(&pid).is_none_or(|tids| tids.contains(&tid));
+        let python = tids.is_empty() || tids.contains(&tid);
         if !python {
             self.native += 1;
         }

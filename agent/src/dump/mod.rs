@@ -110,6 +110,32 @@ pub fn dump(pid: u32) -> Result<Dump> {
     Ok(Dump { pid, command, version, threads })
 }
 
+/// The kernel thread ids of process `p`'s Python threads (0 for those whose CPython does
+/// not record it), without their stacks; None when its thread list cannot be read.
+pub fn thread_ids(p: &PythonProcess) -> Option<Vec<u32>> {
+    let (mem, l) = (Memory::new(p.pid), &p.layout);
+    let mut interp = mem.u64(p.runtime + l.runtime_interpreters_head).ok()?;
+    let (mut tids, mut interpreters) = (Vec::new(), 0);
+    while interp != 0 && interpreters < 64 {
+        interpreters += 1;
+        let mut tstate = mem.u64(interp + l.interp_threads_head).ok()?;
+        while tstate != 0 && tids.len() < MAX_THREADS {
+            tids.push(tid_of(p, &mem, tstate));
+            tstate = mem.u64(tstate + l.tstate_next).ok()?;
+        }
+        interp = mem.u64(interp + l.interp_next).unwrap_or(0);
+    }
+    Some(tids)
+}
+
+/// The kernel thread id of thread state `tstate` (0 when not recorded).
+fn tid_of(p: &PythonProcess, mem: &Memory, tstate: u64) -> u32 {
+    match p.layout.tstate_native_thread_id {
+        Some(o) => mem.u64(tstate + o).unwrap_or(0) as u32,
+        None => tid_of_pthread(p.pid, mem, mem.u64(tstate + p.layout.tstate_thread_id).unwrap_or(0)),
+    }
+}
+
 /// The thread state that holds the GIL of interpreter `interp`: Some(0) when none does,
 /// None when it cannot be told.
 fn gil_holder(p: &PythonProcess, mem: &Memory, interp: u64) -> Option<u64> {
@@ -127,10 +153,7 @@ fn thread(
     gil: Option<u64>,
 ) -> ThreadDump {
     let l = &p.layout;
-    let tid = match l.tstate_native_thread_id {
-        Some(o) => mem.u64(tstate + o).unwrap_or(0) as u32,
-        None => tid_of_pthread(p.pid, mem, mem.u64(tstate + l.tstate_thread_id).unwrap_or(0)),
-    };
+    let tid = tid_of(p, mem, tstate);
     let task = format!("/proc/{}/task/{tid}", p.pid);
     let name =
         fs::read_to_string(format!("{task}/comm")).map(|n| n.trim_end().to_string()).unwrap_or_default();

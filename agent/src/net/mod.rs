@@ -67,7 +67,6 @@ impl NetTracer {
     /// Loads and attaches the network programs of the loaded object (so they share its
     /// target filter and counters).
     pub fn attach(programs: &mut KernelPrograms) -> Result<Self> {
-        let ebpf = programs.ebpf_mut();
         if !cfg!(target_arch = "x86_64") {
             return Err(Error::KernelFeature {
                 feature: "network tracing",
@@ -80,9 +79,16 @@ impl NetTracer {
         let loading = "loading a network program";
         let exits: Vec<String> = SYSCALLS.iter().map(|s| format!("sys_exit_{s}")).collect();
         let exits: Vec<(&str, &str)> = exits.iter().map(|e| ("syscalls", e.as_str())).collect();
-        attach_tracepoint(ebpf, PROG_NET_SYS_EXIT, &exits, feature, loading)?;
-        attach_tracepoint(ebpf, PROG_NET_SOCK_STATE, &[("sock", "inet_sock_set_state")], feature, loading)?;
-        attach_tracepoint(ebpf, PROG_NET_RETRANSMIT, &[("tcp", "tcp_retransmit_skb")], feature, loading)?;
+        attach_tracepoint(programs, PROG_NET_SYS_EXIT, &exits, feature, loading)?;
+        attach_tracepoint(
+            programs,
+            PROG_NET_SOCK_STATE,
+            &[("sock", "inet_sock_set_state")],
+            feature,
+            loading,
+        )?;
+        attach_tracepoint(programs, PROG_NET_RETRANSMIT, &[("tcp", "tcp_retransmit_skb")], feature, loading)?;
+        let ebpf = programs.ebpf_mut();
         // Socket-queue times need `sk_data_ready` (Linux 6.4+); without it, requests are timed
         // from their first read as before.
         let data_ready = match attach_raw(ebpf, PROG_NET_DATA_READY, "sk_data_ready") {

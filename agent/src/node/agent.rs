@@ -300,10 +300,15 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
     for exporter in &exporters {
         exporter.close();
     }
+    // The kernel programs detach (half a second and more: see `KernelPrograms`) while the
+    // exporters send what they hold, within the same deadline.
+    drop(net);
+    let detach = std::thread::spawn(move || drop(kernel));
     let by = stop_seen.unwrap_or_else(Instant::now) + SHUTDOWN;
     for exporter in exporters {
         exporter.shutdown_by(by);
     }
+    let _ = detach.join();
     Ok(())
 }
 

@@ -436,6 +436,23 @@ impl AgentConfig {
         {
             return invalid("pyroscope.url", format!("`{url}` is not an http(s) URL"));
         }
+        if self.advice.enabled && self.advice.window < self.export_interval {
+            return invalid(
+                "advice.window",
+                format!(
+                    "{} is shorter than export_interval ({}): it would hold no whole interval",
+                    seconds(self.advice.window),
+                    seconds(self.export_interval)
+                ),
+            );
+        }
+        // Below this the map would get its floor of entries anyway (more than asked for).
+        if self.kernel.counts_max_bytes < 1 << 20 {
+            return invalid(
+                "kernel.counts_max_bytes",
+                format!("{} is below 1 MiB (1048576)", self.kernel.counts_max_bytes),
+            );
+        }
         Ok(())
     }
 }
@@ -605,6 +622,8 @@ network:
         check("queue:\n  max_batches: 0\n", "queue.max_batches");
         check("otlp:\n  max_request_bytes: 100\n", "otlp.max_request_bytes");
         check("queue:\n  max_bytes: 1000000\n", "queue.max_bytes");
+        check("advice:\n  window: 1s\n", "advice.window");
+        check("kernel:\n  counts_max_bytes: 1\n", "kernel.counts_max_bytes");
         // Container-id prefixes work without the pod lookup.
         AgentConfig::parse("kubernetes:\n  enabled: false\nselect:\n  containers: [3f4a1c2b9d8e]\n")
             .unwrap()

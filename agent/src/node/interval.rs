@@ -182,13 +182,14 @@ impl Interval {
         let mut cgroups: HashMap<Cgroup, CgroupStats> = HashMap::new();
         for (&pid, p) in self.processes.iter_mut() {
             let mut sampled = 0.0;
-            let mut functions: Vec<(String, f64)> = Vec::new();
+            // The interval's CPU seconds by leaf function (many stacks end in each).
+            let mut functions: HashMap<String, f64> = HashMap::new();
             if let Some(profile) = self.profiles.get(&pid) {
                 for (frames, n) in &profile.stacks {
                     let cpu = *n as f64 / self.rate_hz;
                     sampled += cpu;
                     if let Some(function) = frames.last().and_then(python_function) {
-                        functions.push((function, cpu));
+                        *functions.entry(function).or_default() += cpu;
                     }
                 }
             }
@@ -206,8 +207,9 @@ impl Interval {
             };
             p.accounted = accounted;
             let scale = if sampled > 0.0 { seconds / sampled } else { 0.0 };
-            let functions: Vec<(String, f64)> =
-                functions.into_iter().map(|(f, cpu)| (f, cpu * scale)).collect();
+            for cpu in functions.values_mut() {
+                *cpu *= scale;
+            }
             for (function, cpu) in &functions {
                 *p.functions.entry(function.clone()).or_default() += cpu;
             }
@@ -219,7 +221,7 @@ impl Interval {
                 let entry = self.entries.entry(pid).or_default();
                 (entry.elapsed_s, entry.cpu_s) = (elapsed.as_secs_f64(), seconds);
                 entry.off_cpu = off.into_iter().map(|(_, frame, secs)| (frame, secs)).collect();
-                entry.functions = functions;
+                entry.functions = functions.into_iter().collect();
             }
             if let Some(samples) = gil_deltas.remove(&pid) {
                 *p.gil_held_seconds.get_or_insert(0.0) += samples as f64 / self.rate_hz;

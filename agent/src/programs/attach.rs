@@ -2,6 +2,7 @@
 //! loaded and attached, and the sentences loading and attaching failures become.
 use aya::{Ebpf, programs::TracePoint};
 
+use super::KernelPrograms;
 use crate::error::{Error, Result, errno_of, one_line};
 
 /// Tracepoint program `name` of `ebpf`, loaded (the verifier accepted it); `loading`
@@ -20,20 +21,22 @@ pub(crate) fn load_tracepoint<'a>(
 }
 
 /// Loads tracepoint program `name` and attaches it to each `(category, event)` of `points`;
-/// `feature` names what is missing when the kernel refuses an attachment.
+/// `feature` names what is missing when the kernel refuses an attachment. The links are
+/// kept in `programs` (see `KernelPrograms::detach_tracepoints`).
 pub(crate) fn tracepoint(
-    ebpf: &mut Ebpf,
+    programs: &mut KernelPrograms,
     name: &'static str,
     points: &[(&str, &str)],
     feature: &'static str,
     loading: &'static str,
 ) -> Result<()> {
-    let prog = load_tracepoint(ebpf, name, loading)?;
+    let prog = load_tracepoint(&mut programs.ebpf, name, loading)?;
     for (category, event) in points {
-        prog.attach(category, event).map_err(|e| Error::KernelFeature {
+        let link = prog.attach(category, event).map_err(|e| Error::KernelFeature {
             feature,
             detail: format!("{category}:{event}: {}", one_line(&e)),
         })?;
+        programs.tracepoint_links.push((name, link));
     }
     Ok(())
 }

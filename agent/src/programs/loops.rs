@@ -35,7 +35,7 @@ impl KernelPrograms {
                 });
             }
             let points: Vec<(&str, &str)> = events.iter().map(|e| ("syscalls", e.as_str())).collect();
-            attach::tracepoint(&mut self.ebpf, prog, &points, feature, "loading the event-loop programs")?;
+            attach::tracepoint(self, prog, &points, feature, "loading the event-loop programs")?;
         }
         let map = self
             .ebpf

@@ -185,6 +185,30 @@ pub struct KernelPrograms {
     /// Processes not added because the targets or Python map was full.
     targets_refused: u64,
     sizes: sizing::MapSizes,
+    /// The tracepoint links made (see `detach_tracepoints`).
+    tracepoint_links: Vec<(&'static str, aya::programs::trace_point::TracePointLinkId)>,
+}
+
+/// Detaching a tracepoint waits for the kernel's RCU grace periods (about 75 ms each on a
+/// small VM): one after the other, the network and event-loop programs' 20-odd links took
+/// over a second to detach at the end of every session. Detached from threads of their
+/// own, they wait for the same grace periods together.
+impl Drop for KernelPrograms {
+    fn drop(&mut self) {
+        let mut links = Vec::new();
+        for (name, id) in std::mem::take(&mut self.tracepoint_links) {
+            let prog: Option<&mut aya::programs::TracePoint> =
+                self.ebpf.program_mut(name).and_then(|p| p.try_into().ok());
+            if let Some(link) = prog.and_then(|p| p.take_link(id).ok()) {
+                links.push(link);
+            }
+        }
+        std::thread::scope(|s| {
+            for link in links {
+                s.spawn(move || drop(link));
+            }
+        });
+    }
 }
 
 impl KernelPrograms {
@@ -268,6 +292,7 @@ impl KernelPrograms {
             bits,
             targets_refused: 0,
             sizes,
+            tracepoint_links: Vec::new(),
         })
     }
 
@@ -286,7 +311,7 @@ impl KernelPrograms {
         }
         let feature = "the task:task_newtask tracepoint";
         let loading = "loading the child-following program";
-        attach::tracepoint(&mut self.ebpf, PROG_TASK_NEWTASK, &[("task", "task_newtask")], feature, loading)?;
+        attach::tracepoint(self, PROG_TASK_NEWTASK, &[("task", "task_newtask")], feature, loading)?;
         self.following = true;
         Ok(())
     }
@@ -302,13 +327,7 @@ impl KernelPrograms {
             what: "configuring the exec-watching program",
             detail: one_line(&e),
         })?;
-        attach::tracepoint(
-            &mut self.ebpf,
-            PROG_SCHED_EXEC,
-            &[("sched", "sched_process_exec")],
-            feature,
-            loading,
-        )?;
+        attach::tracepoint(self, PROG_SCHED_EXEC, &[("sched", "sched_process_exec")], feature, loading)?;
         let map = self
             .ebpf
             .take_map(MAP_EXECS)

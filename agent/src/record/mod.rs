@@ -249,12 +249,23 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
         tracker.gil_only();
     }
     let mut collector = Collector::new(opts.full_filenames);
+    // With --subprocesses, a running target's children already forked are targets too (a
+    // pre-fork server's workers, under `--pid` of its master), and theirs in turn.
+    let children = if opts.subprocesses { crate::advise::children() } else { Default::default() };
+    let mut descendants = Vec::new();
     for target in &mut targets {
         kernel.add_target(target.pid(), flags)?;
         if target.has_exited() {
             return Err(Error::ExitedBeforeAttach(target.pid()));
         }
         tracker.add_attached(target.pid());
+        let mut below: Vec<u32> = children.get(&target.pid()).cloned().unwrap_or_default();
+        while let Some(child) = below.pop() {
+            kernel.add_target(child, flags)?;
+            tracker.add(child);
+            descendants.push(child);
+            below.extend(children.get(&child).into_iter().flatten());
+        }
     }
     if !opts.command.is_empty() {
         let mut launched = target::Launched::spawn(&opts.command)?;
@@ -268,8 +279,9 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
     if let Some((_, adopter)) = net.as_mut() {
         adopter.adopt_new(&mut kernel, &tracker.live_targets());
     }
-    // The kernel's accounting of the given and launched processes: at the start (a launched
-    // command's whole life is the session's), as last read.
+    // The kernel's accounting of the given and launched processes (and the given ones'
+    // children with --subprocesses): at the start (a launched command's whole life is the
+    // session's), as last read.
     let mut cpu: Vec<(u32, Option<f64>, Option<f64>)> = targets
         .iter()
         .map(|t| {
@@ -277,6 +289,7 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
             let start = if matches!(t, Target::Launched(_)) { Some(0.0) } else { now };
             (t.pid(), start, now)
         })
+        .chain(descendants.iter().map(|&pid| (pid, process::cpu_time(pid), process::cpu_time(pid))))
         .collect();
     let mut cgroups: Vec<(Cgroup, CgroupStats, Vec<u32>)> = Vec::new();
     for (pid, _, _) in &cpu {
