@@ -641,6 +641,41 @@ fn agent_exports_gil_held_time() {
     );
 }
 
+/// `off_cpu.enabled`: a process whose threads blocked before the agent started
+/// (blocked_before.py: the main thread asleep, one on a lock, one reading a silent peer).
+/// No switch of theirs is ever seen, yet each wait counts from the agent's start: read
+/// about 4 s after the agent was ready, each state has grown by at most the time since
+/// then, and by at least that less 2 s (the exports are 1 s apart, the waits entered at
+/// the first tick).
+#[test]
+fn waits_under_way_when_the_agent_starts_are_counted() {
+    require_root();
+    let dir = scratch("agent-waits");
+    let http = free_port();
+    let fixture =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/offcpu/blocked_before.py");
+    let mut blocked =
+        Command::new(python("3.12.1")).arg(fixture).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(blocked.stdout.take().unwrap()), &mut line)
+        .unwrap();
+    let config = agent_config(&dir, http, "export_interval: 1s\noff_cpu:\n  enabled: true\n");
+    let agent = agent_without_otlp(&config);
+    wait_ready(http);
+    let ready = Instant::now();
+    thread::sleep(Duration::from_secs(4));
+    let (_, text) = http_get(http, "/metrics").unwrap();
+    let since = ready.elapsed().as_secs_f64();
+    kill(&mut [&mut blocked]);
+    assert!(stop(agent).success());
+    let label = format!("process_pid=\"{}\"", blocked.id());
+    for state in ["sleep", "lock", "socket"] {
+        let waited = off_cpu(&text, &label, state).unwrap_or_else(|| panic!("no {state} time: {text}"));
+        eprintln!("{state}: {waited:.3} s of {since:.3} s since the agent was ready");
+        assert!(waited <= since && waited >= since - 2.0, "{state}: {waited:.3} s of {since:.3} s");
+    }
+}
+
 /// The value of `stoker_process_off_cpu_time_seconds_total` for the process labelled
 /// `label` in `state`.
 fn off_cpu(text: &str, label: &str, state: &str) -> Option<f64> {

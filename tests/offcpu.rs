@@ -618,3 +618,83 @@ fn native_threads_are_no_blocked_event_loops() {
     let left_out: u64 = line.split_whitespace().nth(2).unwrap().parse().unwrap();
     assert!(finished >= 5 && (finished..=finished + 1).contains(&left_out), "{finished} finished: {line}");
 }
+
+/// Threads blocked since before the session (blocked_before.py): the main thread asleep,
+/// one waiting on a lock, one reading a connection whose peer never sends. None of them
+/// runs during the session (their CPU time, the kernel's accounting, stays the same), so
+/// each waits all of it: its state under its function (`[sleep]` under `main`, `[lock]`
+/// under `wait_on_lock`, `[socket 127.0.0.1:PORT]` under `wait_on_peer`) weighs at least
+/// the session's 2 s (their waits are entered before it starts) and at most 0.5 s more
+/// (the session ends at the first 100 ms tick after 2 s; the waits are read after that).
+/// On CPython 3.9 (frame objects, a sleep in `select`) and 3.12 (interpreter frames).
+#[test]
+fn waits_under_way_at_the_start_are_counted() {
+    require_root();
+    for version in ["3.9.18", "3.12.1"] {
+        let mut target = Command::new(python(version))
+            .arg(fixture("blocked_before.py"))
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(target.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let ids: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let tid = |role: &str| ids[role].as_u64().unwrap() as u32;
+        // The main thread prints before it sleeps: in `select` before 3.11 (glibc's is
+        // `pselect6`), then in `clock_nanosleep`.
+        let sleeping = |t: u32| {
+            let call = std::fs::read_to_string(format!("/proc/{}/task/{t}/syscall", target.id())).unwrap();
+            call.split_whitespace().next().is_some_and(|n| ["23", "270", "230"].contains(&n))
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !sleeping(tid("main")) {
+            assert!(std::time::Instant::now() < deadline, "{version}: the main thread never slept");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let ran = |t: u32| {
+            let stat = std::fs::read_to_string(format!("/proc/{}/task/{t}/schedstat", target.id())).unwrap();
+            stat.split_whitespace().next().unwrap().parse::<u64>().unwrap()
+        };
+        let roles = ["main", "locked", "reader"];
+        let before: Vec<u64> = roles.iter().map(|r| ran(tid(r))).collect();
+        let out = scratch("offcpu-before").join("p.folded");
+        let pid = target.id().to_string();
+        let run = Command::new(STOKER)
+            .args([
+                "record",
+                "-m",
+                "wall",
+                "-d",
+                "2",
+                "-f",
+                "folded",
+                "-o",
+                out.to_str().unwrap(),
+                "--pid",
+                &pid,
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run stoker");
+        let after: Vec<u64> = roles.iter().map(|r| ran(tid(r))).collect();
+        target.kill().unwrap();
+        target.wait().unwrap();
+        let err = stderr(&run);
+        assert!(run.status.success(), "{version}: stoker failed: {err}");
+        eprintln!("{err}");
+        assert_eq!(before, after, "{version}: a blocked thread ran during the session");
+        assert!(err.contains("3 threads were waiting as the session began"), "{version}: {err}");
+        let folded = Folded::read(&out);
+        let peer = format!("[socket 127.0.0.1:{}]", ids["port"]);
+        for (function, state) in
+            [("main (", "[sleep]"), ("wait_on_lock (", "[lock]"), ("wait_on_peer (", peer.as_str())]
+        {
+            let by_state = states(&folded, function);
+            let waited = get(&by_state, state);
+            eprintln!("{version}: {function}...) {state} {waited:.3} s");
+            assert!((2.0..=2.5).contains(&waited), "{version}: {function}...): {by_state:?}");
+            let others: f64 = by_state.iter().filter(|(s, _)| *s != state).map(|(_, v)| v).sum();
+            assert!(others == 0.0, "{version}: {function}...): {by_state:?}");
+        }
+    }
+}

@@ -242,9 +242,10 @@ pub static OFF_PACE: PerCpuArray<OffPace> = PerCpuArray::with_max_entries(OFF_PA
 
 /// Threads whose last switch off the CPU was followed and whose wait is not counted yet,
 /// one bit per tid: the test each switch of a target thread makes before it looks up
-/// `OFF_THREADS`. Set and cleared only there and at the thread's CPU samples.
+/// `OFF_THREADS`. Set and cleared there and at the thread's CPU samples, and set by
+/// userspace for a wait under way when a session starts (see `MAP_OFF_PENDING`).
 #[map]
-pub static OFF_PENDING: Array<u64> = Array::with_max_entries(TARGET_BITS_WORDS, 0);
+pub static OFF_PENDING: Array<u64> = Array::with_max_entries(TARGET_BITS_WORDS, BPF_F_MMAPABLE);
 
 /// True when `tid`'s bit in `OFF_PENDING` is set.
 #[inline(always)]

@@ -6,6 +6,10 @@ use crate::SampleKey;
 pub const MAP_OFF_COUNTS: &str = "OFF_COUNTS";
 /// Target threads off the CPU or last seen leaving it: tid -> `OffThread` (LRU).
 pub const MAP_OFF_THREADS: &str = "OFF_THREADS";
+/// One bit per tid: the thread's `OFF_THREADS` entry holds a wait not counted yet. Mapped
+/// by userspace, which enters the waits under way as a session starts (a thread blocked
+/// since before it, seen by no switch yet).
+pub const MAP_OFF_PENDING: &str = "OFF_PENDING";
 /// The context-switch program (raw tracepoint `sched_switch`: no trace record is built
 /// for it, which the switches of every other thread on the host would pay for). It is the
 /// only off-CPU program: a wait's end and its time in the run queue are what the scheduler

@@ -2,6 +2,7 @@
 //! which processes are targets (and which are Python), and their stacks, named.
 pub mod stacks;
 pub mod tracker;
+pub mod waits;
 pub mod wall;
 
 use std::time::{Duration, Instant};

@@ -74,12 +74,14 @@ impl Collector {
 
     /// Forgets the stacks resolved so far, after the kernel's maps were emptied (their
     /// ids are then reused for other stacks); `forget_exited` drops the exited processes.
+    /// The Python stacks walked here stay: no map holds them, and a wait under way since
+    /// before the start may still be in one.
     pub fn forget_stacks(&mut self) {
         self.seen.clear();
         self.native_ids.clear();
         self.user_stacks.clear();
         self.kernel_stacks.clear();
-        self.py_stacks.clear();
+        self.py_stacks.retain(|(_, id), _| super::waits::walked_here(*id));
         self.counts.clear();
     }
 
@@ -208,6 +210,13 @@ impl Collector {
             }
         }
         Ok(())
+    }
+
+    /// Names Python stack `stack` of process `tgid`, walked here rather than by the kernel
+    /// (a wait under way as the session started), as stack `id` of its keys.
+    pub fn add_py_stack(&mut self, tgid: u32, id: u64, stack: &agent_ebpf::PyStack) {
+        let frames = self.python.stack(tgid, stack);
+        self.py_stacks.insert((tgid, id), Arc::new(frames));
     }
 
     /// Builds the profile as `view` says.

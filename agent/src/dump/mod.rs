@@ -3,6 +3,7 @@
 //! thread's name, what the kernel says it is doing, and whether it holds the GIL.
 use std::{fmt::Write, fs};
 
+use agent_ebpf::{PY_MAX_FRAMES, PY_STACK_READ_ERROR, PY_STACK_TRUNCATED, PyFrame, PyStack};
 use serde::Serialize;
 
 use crate::{
@@ -126,6 +127,53 @@ pub fn thread_ids(p: &PythonProcess) -> Option<Vec<u32>> {
         interp = mem.u64(interp + l.interp_next).unwrap_or(0);
     }
     Some(tids)
+}
+
+/// Each Python thread's kernel id and stack as the kernel's walker stores one (code objects
+/// and instruction offsets, leaf first), for threads the kernel has not walked: those
+/// blocked since before a session.
+pub fn thread_stacks(p: &PythonProcess) -> Vec<(u32, PyStack)> {
+    let (mem, l) = (Memory::new(p.pid), &p.layout);
+    let mut out = Vec::new();
+    let Ok(mut interp) = mem.u64(p.runtime + l.runtime_interpreters_head) else { return out };
+    let mut interpreters = 0;
+    while interp != 0 && interpreters < 64 {
+        interpreters += 1;
+        let mut tstate = mem.u64(interp + l.interp_threads_head).unwrap_or(0);
+        while tstate != 0 && out.len() < MAX_THREADS {
+            let mut stack = PyStack {
+                len: 0,
+                flags: 0,
+                frames: [PyFrame { code: 0, instr_offset: 0, line_flags: 0 }; PY_MAX_FRAMES],
+            };
+            let mut frame = mem.u64(tstate + l.tstate_frame).unwrap_or(0);
+            if let Some(current) = l.cframe_current_frame
+                && frame != 0
+            {
+                frame = mem.u64(frame + current).unwrap_or(0);
+            }
+            while frame != 0 {
+                let Some((code, instr, previous)) = read_frame(p, &mem, frame) else {
+                    stack.flags |= PY_STACK_READ_ERROR;
+                    break;
+                };
+                frame = previous;
+                let Some(code) = code else { continue };
+                if stack.len as usize == PY_MAX_FRAMES {
+                    stack.flags |= PY_STACK_TRUNCATED;
+                    break;
+                }
+                let first_line = mem.u32(code + l.code_firstlineno).unwrap_or(0) & 0x00ff_ffff;
+                stack.frames[stack.len as usize] =
+                    PyFrame { code, instr_offset: instr, line_flags: first_line };
+                stack.len += 1;
+            }
+            out.push((tid_of(p, &mem, tstate), stack));
+            tstate = mem.u64(tstate + l.tstate_next).unwrap_or(0);
+        }
+        interp = mem.u64(interp + l.interp_next).unwrap_or(0);
+    }
+    out
 }
 
 /// The kernel thread id of thread state `tstate` (0 when not recorded).

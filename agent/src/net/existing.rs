@@ -135,6 +135,18 @@ pub fn established(pid: u32) -> Vec<Established> {
     classify(&rows, &fds)
 }
 
+/// The peer of TCP socket `inode` of process `pid`: Some(None) for one with no peer (a
+/// listening socket), None when it is no TCP socket the process's namespace lists.
+pub fn tcp_peer(pid: u32, inode: u64) -> Option<Option<SocketAddr>> {
+    ["tcp", "tcp6"]
+        .iter()
+        .flat_map(|t| {
+            parse_table(&std::fs::read_to_string(format!("/proc/{pid}/net/{t}")).unwrap_or_default())
+        })
+        .find(|r| r.inode == inode)
+        .map(|r| (r.peer.port() != 0).then_some(r.peer))
+}
+
 fn classify(rows: &[Row], fds: &HashMap<u64, u32>) -> Vec<Established> {
     let listening: HashSet<u16> = rows.iter().filter(|r| r.state == LISTEN).map(|r| r.local_port).collect();
     let mut found: Vec<Established> = rows

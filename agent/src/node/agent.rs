@@ -168,6 +168,8 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
     let mut loop_blocks: std::collections::HashMap<u32, Vec<(u64, String)>> =
         std::collections::HashMap::new();
     let mut loop_threads = crate::collect::PythonThreads::default();
+    let agent_started = process::start_time(std::process::id());
+    let mut waits_looked_at: std::collections::HashSet<u32> = std::collections::HashSet::new();
     loop {
         let until_export = next_export.saturating_duration_since(Instant::now());
         tracker.wait(TICK.min(until_export), &mut kernel, &mut collector)?;
@@ -187,6 +189,22 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
         let live = tracker.live_targets();
         loop_threads.retain(&live);
         agent.observe(&live, &tracker);
+        // A process that ran before the agent: its threads blocked since then were seen by
+        // no switch, and their waits count from now.
+        if config.off_cpu.enabled {
+            let older: Vec<u32> = live
+                .iter()
+                .copied()
+                .filter(|&pid| waits_looked_at.insert(pid))
+                .filter(
+                    |&pid| matches!((process::start_time(pid), agent_started), (Some(t), Some(a)) if t <= a),
+                )
+                .collect();
+            if !older.is_empty() {
+                crate::collect::waits::enter(&mut kernel, &mut collector, &older);
+            }
+            waits_looked_at.retain(|pid| live.contains(pid));
+        }
         if net.is_some() {
             adopter.adopt_new(&mut kernel, &live);
         }

@@ -22,7 +22,7 @@ pub(crate) fn load_tracepoint<'a>(
 
 /// Loads tracepoint program `name` and attaches it to each `(category, event)` of `points`;
 /// `feature` names what is missing when the kernel refuses an attachment. The links are
-/// kept in `programs` (see `KernelPrograms::detach_tracepoints`).
+/// kept in `programs` (detached together: see its `Drop`).
 pub(crate) fn tracepoint(
     programs: &mut KernelPrograms,
     name: &'static str,

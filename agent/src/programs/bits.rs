@@ -11,7 +11,12 @@ pub(super) struct TargetBits(MappedArray);
 
 impl TargetBits {
     pub(super) fn map(map: &aya::maps::Map) -> Result<Self> {
-        MappedArray::new(map, MAP_TARGET_BITS).map(Self)
+        Self::map_named(map, MAP_TARGET_BITS)
+    }
+
+    /// Another bitmap of the same shape (`OFF_PENDING`).
+    pub(super) fn map_named(map: &aya::maps::Map, name: &str) -> Result<Self> {
+        MappedArray::new(map, name).map(Self)
     }
 
     /// The word holding `pid`'s bit, and the bit.

@@ -185,7 +185,9 @@ pub struct KernelPrograms {
     /// Processes not added because the targets or Python map was full.
     targets_refused: u64,
     sizes: sizing::MapSizes,
-    /// The tracepoint links made (see `detach_tracepoints`).
+    /// `OFF_PENDING`, mapped here once the off-CPU program is attached.
+    off_pending: Option<bits::TargetBits>,
+    /// The tracepoint links made (detached together: see the `Drop` below).
     tracepoint_links: Vec<(&'static str, aya::programs::trace_point::TracePointLinkId)>,
 }
 
@@ -292,6 +294,7 @@ impl KernelPrograms {
             bits,
             targets_refused: 0,
             sizes,
+            off_pending: None,
             tracepoint_links: Vec::new(),
         })
     }

@@ -1,15 +1,15 @@
 //! The off-CPU programs: where they find what they read in this kernel (record fields,
 //! BTF members), attaching them, and reading the waits they aggregated.
 use agent_ebpf::{
-    MAP_OFF_BUDGET, MAP_OFF_COUNTS, MAP_OFF_THREADS, NO_OFFSET, OffConfig, OffKey, OffThread,
-    PROG_SCHED_SWITCH, budget_per_window, split_wait, weighted,
+    MAP_OFF_BUDGET, MAP_OFF_COUNTS, MAP_OFF_PENDING, MAP_OFF_THREADS, NO_OFFSET, OffConfig, OffKey,
+    OffThread, PROG_SCHED_SWITCH, budget_per_window, split_wait, weighted,
 };
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuHashMap},
     programs::RawTracePoint,
 };
 
-use super::{KernelPrograms, attach};
+use super::{KernelPrograms, attach, bits::TargetBits};
 use crate::{
     error::{Error, Result, one_line},
     sys::btf::Btf,
@@ -103,8 +103,32 @@ impl KernelPrograms {
         prog.load().map_err(|e| attach::load_error("loading the off-CPU program", &e))?;
         prog.attach(name)
             .map_err(|e| Error::KernelFeature { feature, detail: format!("{name}: {}", one_line(&e)) })?;
+        let pending = self
+            .ebpf
+            .map(MAP_OFF_PENDING)
+            .ok_or(Error::Ebpf { what: "kernel map missing", detail: MAP_OFF_PENDING.into() })?;
+        self.off_pending = Some(TargetBits::map_named(pending, MAP_OFF_PENDING)?);
         self.watching_off_cpu = true;
         Ok(())
+    }
+
+    /// Enters a wait under way of thread `tid`, seen by no switch (it blocked before the
+    /// programs were attached): the kernel counts it as its own at the thread's next switch
+    /// or CPU sample, and the final read up to its end. False when the kernel already has a
+    /// wait of the thread (it switched meanwhile), or off-CPU times are not watched.
+    pub fn enter_wait(&mut self, tid: u32, wait: &OffThread) -> Result<bool> {
+        if !self.watching_off_cpu {
+            return Ok(false);
+        }
+        let mut threads: HashMap<&mut MapData, u32, OffThread> = self.map_mut(MAP_OFF_THREADS)?;
+        // BPF_NOEXIST: a wait the kernel entered meanwhile stays.
+        if threads.insert(tid, *wait, 1).is_err() {
+            return Ok(false);
+        }
+        if let Some(pending) = &self.off_pending {
+            pending.set(tid);
+        }
+        Ok(true)
     }
 
     /// Run time and run count of the context-switch program, when the run-time statistics

@@ -137,6 +137,9 @@ pub struct Summary {
     pub loop_threshold: Option<Duration>,
     /// Stretches of threads that run no Python (a native runtime's workers), left out.
     pub native_loop_blocks: u64,
+    /// Wall-clock and off-CPU modes: threads of the given processes already waiting as the
+    /// session began, their waits counted from its start.
+    pub waits_entered: usize,
     /// The names of the processes sampled, as read while they lived.
     pub comms: Vec<(u32, String)>,
     /// Every `TIMELINE_EVERY` of the session, per given or launched process: seconds since
@@ -295,6 +298,20 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
     for (pid, _, _) in &cpu {
         note_cgroup(&mut cgroups, *pid);
     }
+    // The given processes' threads blocked since before the session (seen by no switch yet):
+    // their waits count from now, each with its reason and Python stack.
+    let waits_entered = if opts.mode != Mode::Cpu {
+        tracker.update(&mut kernel, &mut collector)?;
+        let given: Vec<u32> = targets
+            .iter()
+            .filter(|t| !matches!(t, Target::Launched(_)))
+            .map(|t| t.pid())
+            .chain(descendants.iter().copied())
+            .collect();
+        crate::collect::waits::enter(&mut kernel, &mut collector, &given)
+    } else {
+        0
+    };
     let started = Instant::now();
     let started_at = SystemTime::now();
     let mut status = StatusLine::new();
@@ -498,6 +515,7 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
         loop_blocks,
         loop_threshold: opts.loop_block_threshold,
         native_loop_blocks: loop_threads.native,
+        waits_entered,
         comms,
         timeline,
         workers,
@@ -582,11 +600,9 @@ impl Summary {
             };
             let hint = match self.mode {
                 Mode::Cpu => {
-                    "; CPU samples are taken only while a target runs: `--mode wall` shows where an idle or sleeping process waits, `stoker dump` where a thread stuck since before the session is"
+                    "; CPU samples are taken only while a target runs: `--mode wall` shows where an idle or sleeping process waits (a thread stuck since before the session too)"
                 }
-                _ => {
-                    " and no thread of theirs left the CPU: a wait that began before the session is not seen, `stoker dump` shows where each thread is"
-                }
+                _ => " and no thread of theirs waited",
             };
             let _ = writeln!(s, "  no samples: {why}{hint}");
         }
@@ -648,6 +664,13 @@ impl Summary {
                 .map(|(state, secs)| format!("{state} {secs:.3} s ({:.0}%)", 100.0 * secs / total.max(1e-9)))
                 .collect();
             let _ = writeln!(s, "  pid {pid}, threads' time by state ({total:.3} s): {}", each.join(", "));
+        }
+        if self.waits_entered > 0 {
+            let _ = writeln!(
+                s,
+                "  {} threads were waiting as the session began: their waits count from its start",
+                self.waits_entered
+            );
         }
         let losses: Vec<String> = self
             .stats

@@ -1,0 +1,186 @@
+//! Waits under way as a session starts. A thread blocked since before the off-CPU program
+//! was attached is seen by no switch until it runs again: one stuck on a lock or a read the
+//! whole session, never. Each such thread's wait is entered in the kernel's map of waits
+//! under way, with the reason its system call gives (as the program tells it at a switch)
+//! and its Python stack walked here; the kernel then counts it as one of its own, from
+//! the session's start.
+use std::net::{IpAddr, SocketAddr};
+
+use agent_ebpf::{NO_STACK, OFF_WEIGHT_ONE, OffKey, OffThread, SampleKey, reason};
+
+use super::Collector;
+use crate::{
+    programs::KernelPrograms,
+    python::{
+        self,
+        detect::{self, Detected},
+        mem::{Memory, ReadMemory},
+    },
+    sys::process,
+};
+
+/// The ids of the Python stacks walked here: this high word, the thread's id in the low one
+/// (the kernel's are hashes of their frames, as likely to clash with these as with each other).
+const WALKED_HERE: u64 = 0x5eed_0000_0000_0000;
+
+/// Whether Python stack id `id` is one walked here (the kernel's map does not have it).
+pub fn walked_here(id: u64) -> bool {
+    id & 0xffff_ffff_0000_0000 == WALKED_HERE
+}
+
+/// Enters the waits under way of the threads of processes `pids`; returns how many.
+pub fn enter(kernel: &mut KernelPrograms, collector: &mut Collector, pids: &[u32]) -> usize {
+    let mut entered = 0;
+    for &pid in pids {
+        let python = match detect::detect(pid) {
+            Detected::Python(p) => Some(p),
+            _ => None,
+        };
+        let stacks = python.as_deref().map(crate::dump::thread_stacks).unwrap_or_default();
+        let gil = python.as_deref().and_then(|p| {
+            let interp = Memory::new(pid).u64(p.runtime + p.layout.runtime_interpreters_head).ok()?;
+            python::gil_of(p, interp)
+        });
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { continue };
+        for tid in tasks.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok()) {
+            let Some((why, peer)) = blocked(pid, tid, gil) else { continue };
+            let Some(sched) = process::schedstat(pid, tid) else { continue };
+            let py_stack = match stacks.iter().find(|(t, s)| *t == tid && s.len > 0) {
+                Some((_, stack)) => {
+                    let id = WALKED_HERE | u64::from(tid);
+                    collector.add_py_stack(pid, id, stack);
+                    id
+                }
+                None => 0,
+            };
+            let mut key = OffKey {
+                sample: SampleKey {
+                    tgid: pid,
+                    tid,
+                    user_stack_id: NO_STACK,
+                    kernel_stack_id: NO_STACK,
+                    py_stack,
+                },
+                reason: why,
+                port: 0,
+                family: 0,
+                addr: [0; 16],
+            };
+            if let Some(peer) = peer {
+                key.port = peer.port();
+                match peer.ip() {
+                    IpAddr::V4(ip) => {
+                        key.family = libc::AF_INET as u16;
+                        key.addr[..4].copy_from_slice(&ip.octets());
+                    }
+                    IpAddr::V6(ip) => {
+                        key.family = libc::AF_INET6 as u16;
+                        key.addr = ip.octets();
+                    }
+                }
+            }
+            // No run-queue clock: the kernel ends the wait where the thread's CPU time since
+            // says, as for a thread the scheduler recorded no arrival of.
+            let wait = OffThread {
+                key,
+                off_ns: process::monotonic_ns(),
+                off_clock: 0,
+                queued_before: sched.queued_ns,
+                arrivals_before: sched.arrivals,
+                ran_before: sched.ran_ns,
+                py_signature: 0,
+                walked_ns: 0,
+                weight: OFF_WEIGHT_ONE,
+                prev_signature: 0,
+                prev_py_stack: 0,
+                prev_user_stack_id: NO_STACK,
+                _pad: 0,
+            };
+            match kernel.enter_wait(tid, &wait) {
+                Ok(true) => entered += 1,
+                Ok(false) => {}
+                Err(e) => tracing::debug!("thread {tid}: its wait under way not entered: {e}"),
+            }
+        }
+    }
+    entered
+}
+
+/// Why thread `tid` of `pid` waits, if it is blocked (and the peer of the socket it waits
+/// on): what the kernel program finds at a switch, from its system call (`/proc`'s view of
+/// it); `gil`: the process's GIL, when it is CPython.
+fn blocked(pid: u32, tid: u32, gil: Option<u64>) -> Option<(u32, Option<SocketAddr>)> {
+    let task = format!("/proc/{pid}/task/{tid}");
+    let stat = std::fs::read_to_string(format!("{task}/stat")).ok()?;
+    match process::stat_fields(&stat)?.next()? {
+        "D" => return Some((reason::DISK, None)),
+        "S" => {}
+        _ => return None,
+    }
+    let call = std::fs::read_to_string(format!("{task}/syscall")).ok()?;
+    let mut words = call.split_whitespace();
+    let Some(nr) = words.next().and_then(|n| n.parse::<i64>().ok()) else {
+        return Some((reason::OTHER, None));
+    };
+    let args: Vec<u64> =
+        words.take(6).map(|a| u64::from_str_radix(a.trim_start_matches("0x"), 16).unwrap_or(0)).collect();
+    let arg = |i: usize| args.get(i).copied().unwrap_or(0);
+    let fd = |fd: u64, otherwise: u32| fd_reason(pid, fd, otherwise);
+    Some(match nr {
+        libc::SYS_futex => {
+            let uaddr = arg(0);
+            match gil {
+                Some(g) if uaddr >= g && uaddr < g + agent_ebpf::PY_GIL_SIZE => (reason::GIL, None),
+                _ => (reason::LOCK, None),
+            }
+        }
+        libc::SYS_futex_waitv => (reason::LOCK, None),
+        libc::SYS_read
+        | libc::SYS_write
+        | libc::SYS_readv
+        | libc::SYS_writev
+        | libc::SYS_recvfrom
+        | libc::SYS_sendto
+        | libc::SYS_recvmsg
+        | libc::SYS_sendmsg
+        | libc::SYS_connect
+        | libc::SYS_recvmmsg
+        | libc::SYS_sendmmsg => fd(arg(0), reason::OTHER),
+        libc::SYS_accept
+        | libc::SYS_accept4
+        | libc::SYS_epoll_wait
+        | libc::SYS_epoll_pwait
+        | libc::SYS_epoll_pwait2 => (reason::POLL, None),
+        // A poll of one socket is how CPython waits on a socket with a timeout.
+        libc::SYS_poll | libc::SYS_ppoll if arg(1) == 1 => match Memory::new(pid).u32(arg(0)) {
+            Ok(fd_) if (fd_ as i32) >= 0 => fd(u64::from(fd_), reason::POLL),
+            _ => (reason::POLL, None),
+        },
+        // `select` of no descriptors is a sleep (`time.sleep` before 3.11).
+        libc::SYS_select | libc::SYS_pselect6 if arg(0) == 0 => (reason::SLEEP, None),
+        libc::SYS_poll | libc::SYS_ppoll | libc::SYS_select | libc::SYS_pselect6 => (reason::POLL, None),
+        libc::SYS_nanosleep | libc::SYS_clock_nanosleep => (reason::SLEEP, None),
+        _ => (reason::OTHER, None),
+    })
+}
+
+/// A wait on descriptor `fd` of `pid`: a socket (with its peer when it is TCP), a regular
+/// file (the disk), or `otherwise`.
+fn fd_reason(pid: u32, fd: u64, otherwise: u32) -> (u32, Option<SocketAddr>) {
+    let path = format!("/proc/{pid}/fd/{fd}");
+    let Ok(link) = std::fs::read_link(&path) else { return (otherwise, None) };
+    let link = link.to_string_lossy();
+    if let Some(inode) = link.strip_prefix("socket:[").and_then(|l| l.strip_suffix(']')?.parse::<u64>().ok())
+    {
+        return match crate::net::existing::tcp_peer(pid, inode) {
+            Some(Some(peer)) => (reason::SOCKET, Some(peer)),
+            // A listening socket: waiting on it is waiting for any client, as `accept` is.
+            Some(None) if otherwise == reason::POLL => (reason::POLL, None),
+            _ => (reason::SOCKET, None),
+        };
+    }
+    match std::fs::metadata(&path) {
+        Ok(m) if m.is_file() => (reason::DISK, None),
+        _ => (otherwise, None),
+    }
+}
