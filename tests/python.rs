@@ -860,6 +860,26 @@ fn subprocesses_are_followed() {
         "the forked child's threads should appear: {fork_child:?} (roots {roots:?})"
     );
     assert_ne!(exec_child, fork_child);
+    // The exec'd child's CPU time in the summary (the kernel's accounting of its life as
+    // last read) is what it measured of itself (its start-up and its work): plus its imports
+    // and exit, which it does not time (at most 0.15 s more), less what it ran after the
+    // last reading before it exited (readings are a 100 ms tick apart; 0.25 s on a loaded
+    // machine).
+    let pid: u32 = exec_child[0].rsplit("[pid ").next().unwrap().trim_end_matches(']').parse().unwrap();
+    let err = stderr(&out);
+    let line =
+        err.lines().find(|l| l.contains("CPU time during the session")).unwrap_or_else(|| panic!("{err}"));
+    let accounted: f64 = line
+        .split(", ")
+        .find_map(|part| part.rsplit_once(&format!("pid {pid} "))?.1.strip_suffix(" s")?.parse().ok())
+        .unwrap_or_else(|| panic!("pid {pid} not in {line}"));
+    let own: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("r.json")).unwrap()).unwrap();
+    let measured = own["cpu_seconds"].as_f64().unwrap() + own["startup_cpu_seconds"].as_f64().unwrap();
+    eprintln!("exec'd child: accounted {accounted:.3} s, measured itself {measured:.3} s");
+    assert!(
+        accounted >= measured - 0.25 && accounted <= measured + 0.15,
+        "pid {pid}: {accounted:.3} s accounted, {measured:.3} s measured: {line}"
+    );
 }
 
 /// An unsupported CPython version gets native stacks and one warning naming it.

@@ -282,9 +282,9 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
     if let Some((_, adopter)) = net.as_mut() {
         adopter.adopt_new(&mut kernel, &tracker.live_targets());
     }
-    // The kernel's accounting of the given and launched processes (and the given ones'
-    // children with --subprocesses): at the start (a launched command's whole life is the
-    // session's), as last read.
+    // The kernel's accounting of the given and launched processes (and with --subprocesses
+    // their children, those forked during the session added as they are found): at the
+    // start (a launched command's whole life is the session's), as last read.
     let mut cpu: Vec<(u32, Option<f64>, Option<f64>)> = targets
         .iter()
         .map(|t| {
@@ -361,6 +361,15 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
             adopter.adopt_new(&mut kernel, &tracker.live_targets());
         }
         let live = tracker.live_targets();
+        // With --subprocesses, the children forked since the start: all their CPU time is the
+        // session's (read at each tick from the next one on, as the others' is).
+        if opts.subprocesses {
+            for &pid in &live {
+                if !cpu.iter().any(|(p, _, _)| *p == pid) {
+                    cpu.push((pid, Some(0.0), process::cpu_time(pid)));
+                }
+            }
+        }
         // Blocked loops' stacks are named as they come, while their processes live.
         for block in kernel.take_loop_blocks() {
             if !loop_threads.runs_python(block.tgid, block.tid) {
