@@ -33,6 +33,12 @@ pub struct View {
     pub native: bool,
 }
 
+/// The ids of Python stacks walked in userspace (see `add_walked_stack`): this high half,
+/// the thread's id in the low one. The kernel's are hashes of their frames, as likely to
+/// clash with these as with each other.
+const WALKED_HERE: u64 = 0x5eed_0000_0000_0000;
+const WALKED_MASK: u64 = 0xffff_ffff_0000_0000;
+
 /// Accumulated, symbolized view of the kernel's counts.
 pub struct Collector {
     symbolizer: Symbolizer,
@@ -81,7 +87,7 @@ impl Collector {
         self.native_ids.clear();
         self.user_stacks.clear();
         self.kernel_stacks.clear();
-        self.py_stacks.retain(|(_, id), _| super::waits::walked_here(*id));
+        self.py_stacks.retain(|(_, id), _| id & WALKED_MASK == WALKED_HERE);
         self.counts.clear();
     }
 
@@ -212,11 +218,14 @@ impl Collector {
         Ok(())
     }
 
-    /// Names Python stack `stack` of process `tgid`, walked here rather than by the kernel
-    /// (a wait under way as the session started), as stack `id` of its keys.
-    pub fn add_py_stack(&mut self, tgid: u32, id: u64, stack: &agent_ebpf::PyStack) {
+    /// Names Python stack `stack` of thread `tid` of process `tgid`, walked in userspace
+    /// rather than by the kernel (a wait under way as the session started); returns the id
+    /// its keys are to carry.
+    pub fn add_walked_stack(&mut self, tgid: u32, tid: u32, stack: &agent_ebpf::PyStack) -> u64 {
+        let id = WALKED_HERE | u64::from(tid);
         let frames = self.python.stack(tgid, stack);
         self.py_stacks.insert((tgid, id), Arc::new(frames));
+        id
     }
 
     /// Builds the profile as `view` says.

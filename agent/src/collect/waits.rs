@@ -1,9 +1,5 @@
-//! Waits under way as a session starts. A thread blocked since before the off-CPU program
-//! was attached is seen by no switch until it runs again: one stuck on a lock or a read the
-//! whole session, never. Each such thread's wait is entered in the kernel's map of waits
-//! under way, with the reason its system call gives (as the program tells it at a switch)
-//! and its Python stack walked here; the kernel then counts it as one of its own, from
-//! the session's start.
+//! Waits under way as a session starts, of threads blocked since before the off-CPU program
+//! was attached (seen by no switch yet): entered in the kernel's map from /proc.
 use std::net::{IpAddr, SocketAddr};
 
 use agent_ebpf::{NO_STACK, OFF_WEIGHT_ONE, OffKey, OffThread, SampleKey, reason};
@@ -19,16 +15,10 @@ use crate::{
     sys::process,
 };
 
-/// The ids of the Python stacks walked here: this high word, the thread's id in the low one
-/// (the kernel's are hashes of their frames, as likely to clash with these as with each other).
-const WALKED_HERE: u64 = 0x5eed_0000_0000_0000;
-
-/// Whether Python stack id `id` is one walked here (the kernel's map does not have it).
-pub fn walked_here(id: u64) -> bool {
-    id & 0xffff_ffff_0000_0000 == WALKED_HERE
-}
-
-/// Enters the waits under way of the threads of processes `pids`; returns how many.
+/// Enters the waits under way of the threads of processes `pids`; returns how many. A
+/// thread stuck on a lock or a read the whole session would otherwise show nothing: each
+/// blocked one gets the reason its system call gives (as the program tells it at a switch)
+/// and its Python stack walked here, and the kernel counts the wait as one of its own.
 pub fn enter(kernel: &mut KernelPrograms, collector: &mut Collector, pids: &[u32]) -> usize {
     let mut entered = 0;
     for &pid in pids {
@@ -46,11 +36,7 @@ pub fn enter(kernel: &mut KernelPrograms, collector: &mut Collector, pids: &[u32
             let Some((why, peer)) = blocked(pid, tid, gil) else { continue };
             let Some(sched) = process::schedstat(pid, tid) else { continue };
             let py_stack = match stacks.iter().find(|(t, s)| *t == tid && s.len > 0) {
-                Some((_, stack)) => {
-                    let id = WALKED_HERE | u64::from(tid);
-                    collector.add_py_stack(pid, id, stack);
-                    id
-                }
+                Some((_, stack)) => collector.add_walked_stack(pid, tid, stack),
                 None => 0,
             };
             let mut key = OffKey {
