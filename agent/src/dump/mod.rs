@@ -85,19 +85,17 @@ pub fn dump(pid: u32) -> Result<Dump> {
     let read = |what: &str, e: std::io::Error| {
         Error::NotDumpable(pid, format!("could not be read ({what}: {e}); it may have exited"))
     };
-    let l = &p.layout;
-    let mut interp = mem.u64(p.runtime + l.runtime_interpreters_head).map_err(|e| read("interpreters", e))?;
+    let (states, failed) = thread_states(&p, &mem);
+    if let Some((what, e)) = failed {
+        return Err(read(what, e));
+    }
     let mut threads = Vec::new();
-    let mut interpreters = 0;
-    while interp != 0 && interpreters < 64 {
-        interpreters += 1;
-        let gil = gil_holder(&p, &mem, interp);
-        let mut tstate = mem.u64(interp + l.interp_threads_head).map_err(|e| read("threads", e))?;
-        while tstate != 0 && threads.len() < MAX_THREADS {
-            threads.push(thread(&p, &mem, &mut codes, tstate, gil));
-            tstate = mem.u64(tstate + l.tstate_next).map_err(|e| read("threads", e))?;
+    let mut gil = (0, None);
+    for (interp, tstate) in states {
+        if gil.0 != interp {
+            gil = (interp, gil_holder(&p, &mem, interp));
         }
-        interp = mem.u64(interp + l.interp_next).unwrap_or(0);
+        threads.push(thread(&p, &mem, &mut codes, tstate, gil.1));
     }
     let command = fs::read(format!("/proc/{pid}/cmdline"))
         .map(|b| {
@@ -111,69 +109,94 @@ pub fn dump(pid: u32) -> Result<Dump> {
     Ok(Dump { pid, command, version, threads })
 }
 
-/// The kernel thread ids of process `p`'s Python threads (0 for those whose CPython does
-/// not record it), without their stacks; None when its thread list cannot be read.
-pub fn thread_ids(p: &PythonProcess) -> Option<Vec<u32>> {
-    let (mem, l) = (Memory::new(p.pid), &p.layout);
-    let mut interp = mem.u64(p.runtime + l.runtime_interpreters_head).ok()?;
-    let (mut tids, mut interpreters) = (Vec::new(), 0);
+/// A link of the thread list that could not be read: what it was, and why.
+type Unreadable = (&'static str, std::io::Error);
+
+/// Every thread state of `p`'s interpreters (at most `MAX_THREADS`) and the interpreter it
+/// belongs to; the walk ends at the first link that cannot be read, which is said.
+fn thread_states(p: &PythonProcess, mem: &Memory) -> (Vec<(u64, u64)>, Option<Unreadable>) {
+    let l = &p.layout;
+    let mut out = Vec::new();
+    let mut interp = match mem.u64(p.runtime + l.runtime_interpreters_head) {
+        Ok(interp) => interp,
+        Err(e) => return (out, Some(("interpreters", e))),
+    };
+    let mut interpreters = 0;
     while interp != 0 && interpreters < 64 {
         interpreters += 1;
-        let mut tstate = mem.u64(interp + l.interp_threads_head).ok()?;
-        while tstate != 0 && tids.len() < MAX_THREADS {
-            tids.push(tid_of(p, &mem, tstate));
-            tstate = mem.u64(tstate + l.tstate_next).ok()?;
+        let mut tstate = mem.u64(interp + l.interp_threads_head);
+        while let Ok(t) = tstate
+            && t != 0
+            && out.len() < MAX_THREADS
+        {
+            out.push((interp, t));
+            tstate = mem.u64(t + l.tstate_next);
+        }
+        if let Err(e) = tstate {
+            return (out, Some(("threads", e)));
         }
         interp = mem.u64(interp + l.interp_next).unwrap_or(0);
     }
-    Some(tids)
+    (out, None)
+}
+
+/// The kernel thread ids of process `p`'s Python threads (0 for those whose CPython does
+/// not record it), without their stacks; None when its thread list cannot be read.
+pub fn thread_ids(p: &PythonProcess) -> Option<Vec<u32>> {
+    let mem = Memory::new(p.pid);
+    match thread_states(p, &mem) {
+        (states, None) => Some(states.into_iter().map(|(_, tstate)| tid_of(p, &mem, tstate)).collect()),
+        (_, Some(_)) => None,
+    }
 }
 
 /// Each Python thread's kernel id and stack as the kernel's walker stores one (code objects
 /// and instruction offsets, leaf first), for threads the kernel has not walked: those
 /// blocked since before a session.
 pub fn thread_stacks(p: &PythonProcess) -> Vec<(u32, PyStack)> {
-    let (mem, l) = (Memory::new(p.pid), &p.layout);
+    let mem = Memory::new(p.pid);
+    let (states, _) = thread_states(p, &mem);
     let mut out = Vec::new();
-    let Ok(mut interp) = mem.u64(p.runtime + l.runtime_interpreters_head) else { return out };
-    let mut interpreters = 0;
-    while interp != 0 && interpreters < 64 {
-        interpreters += 1;
-        let mut tstate = mem.u64(interp + l.interp_threads_head).unwrap_or(0);
-        while tstate != 0 && out.len() < MAX_THREADS {
-            let mut stack = PyStack {
-                len: 0,
-                flags: 0,
-                frames: [PyFrame { code: 0, instr_offset: 0, line_flags: 0 }; PY_MAX_FRAMES],
+    for (_, tstate) in states {
+        let mut stack = PyStack {
+            len: 0,
+            flags: 0,
+            frames: [PyFrame { code: 0, instr_offset: 0, line_flags: 0 }; PY_MAX_FRAMES],
+        };
+        let mut frame = innermost_frame(p, &mem, tstate);
+        while frame != 0 {
+            let Some((code, instr, previous)) = read_frame(p, &mem, frame) else {
+                stack.flags |= PY_STACK_READ_ERROR;
+                break;
             };
-            let mut frame = mem.u64(tstate + l.tstate_frame).unwrap_or(0);
-            if let Some(current) = l.cframe_current_frame
-                && frame != 0
-            {
-                frame = mem.u64(frame + current).unwrap_or(0);
+            frame = previous;
+            let Some(code) = code else { continue };
+            if stack.len as usize == PY_MAX_FRAMES {
+                stack.flags |= PY_STACK_TRUNCATED;
+                break;
             }
-            while frame != 0 {
-                let Some((code, instr, previous)) = read_frame(p, &mem, frame) else {
-                    stack.flags |= PY_STACK_READ_ERROR;
-                    break;
-                };
-                frame = previous;
-                let Some(code) = code else { continue };
-                if stack.len as usize == PY_MAX_FRAMES {
-                    stack.flags |= PY_STACK_TRUNCATED;
-                    break;
-                }
-                let first_line = mem.u32(code + l.code_firstlineno).unwrap_or(0) & 0x00ff_ffff;
-                stack.frames[stack.len as usize] =
-                    PyFrame { code, instr_offset: instr, line_flags: first_line };
-                stack.len += 1;
-            }
-            out.push((tid_of(p, &mem, tstate), stack));
-            tstate = mem.u64(tstate + l.tstate_next).unwrap_or(0);
+            let line_flags = first_line(p, &mem, code);
+            stack.frames[stack.len as usize] = PyFrame { code, instr_offset: instr, line_flags };
+            stack.len += 1;
         }
-        interp = mem.u64(interp + l.interp_next).unwrap_or(0);
+        out.push((tid_of(p, &mem, tstate), stack));
     }
     out
+}
+
+/// The frame thread state `tstate` runs now (0: none).
+fn innermost_frame(p: &PythonProcess, mem: &Memory, tstate: u64) -> u64 {
+    let l = &p.layout;
+    let frame = mem.u64(tstate + l.tstate_frame).unwrap_or(0);
+    match l.cframe_current_frame {
+        Some(current) if frame != 0 => mem.u64(frame + current).unwrap_or(0),
+        _ => frame,
+    }
+}
+
+/// `co_firstlineno` of code object `code` (24 bits, as the kernel's walker keeps it).
+fn first_line(p: &PythonProcess, mem: &Memory, code: u64) -> u32 {
+    mem.u32(code + p.layout.code_firstlineno).unwrap_or(0) & 0x00ff_ffff
 }
 
 /// The kernel thread id of thread state `tstate` (0 when not recorded).
@@ -200,25 +223,18 @@ fn thread(
     tstate: u64,
     gil: Option<u64>,
 ) -> ThreadDump {
-    let l = &p.layout;
     let tid = tid_of(p, mem, tstate);
     let task = format!("/proc/{}/task/{tid}", p.pid);
     let name =
         fs::read_to_string(format!("{task}/comm")).map(|n| n.trim_end().to_string()).unwrap_or_default();
     let (state, waiting) = thread_state(&task);
     let mut frames = Vec::new();
-    let mut frame = mem.u64(tstate + l.tstate_frame).unwrap_or(0);
-    if let Some(current) = l.cframe_current_frame
-        && frame != 0
-    {
-        frame = mem.u64(frame + current).unwrap_or(0);
-    }
+    let mut frame = innermost_frame(p, mem, tstate);
     while frame != 0 && frames.len() < MAX_FRAMES {
         let Some((code, instr, previous)) = read_frame(p, mem, frame) else { break };
         frame = previous;
         let Some(code) = code else { continue };
-        let first_line = mem.u32(code + l.code_firstlineno).unwrap_or(0) & 0x00ff_ffff;
-        frames.push(match codes.code(code, first_line) {
+        frames.push(match codes.code(code, first_line(p, mem, code)) {
             Some(info) => {
                 DumpFrame { function: info.name.clone(), file: info.filename.clone(), line: info.line(instr) }
             }
