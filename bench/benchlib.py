@@ -1,5 +1,5 @@
-"""What the wrk benchmarks share: command-line numbers, wrk runs, confidence intervals, and
-waiting for stoker's programs to attach."""
+"""What the wrk benchmarks share: command-line numbers, wrk runs, confidence intervals,
+waiting for stoker's programs to attach, and the report of a build against a baseline."""
 import os
 import re
 import statistics
@@ -52,3 +52,23 @@ def links(pid):
         except OSError:
             pass
     return n
+
+
+def against_baseline(baseline, watching, what, base, this):
+    """Report lines of `what` (ns per request), measured alternately with the baseline build
+    (`base`) and this one (`this`) while `watching`: each build's median and rounds, and the
+    rounds' ratios of this build over the baseline."""
+    ratios = [t / b for t, b in zip(this, base)]
+    m, half = interval(ratios)
+    return [
+        f"Against the baseline build `{baseline}`, {watching}, alternately in {len(base)} rounds:",
+        "",
+        f"| build | {what}: median | rounds |",
+        "| --- | --- | --- |",
+        f"| baseline | {statistics.median(base):.0f} ns | {', '.join(f'{x:.0f}' for x in base)} |",
+        f"| this build | {statistics.median(this):.0f} ns | {', '.join(f'{x:.0f}' for x in this)} |",
+        "",
+        f"This build / baseline, rounds' ratios: **{statistics.median(ratios):.3f}** (median), "
+        f"{m:.3f} ± {half:.3f} (mean, 95% interval).",
+        "",
+    ]

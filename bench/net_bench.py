@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import arg, interval, links, wrk
+from benchlib import against_baseline, arg, interval, links, wrk
 
 ROOT = Path(__file__).resolve().parent.parent
 STOKER = ROOT / "target/release/stoker"
@@ -157,21 +157,8 @@ def report(name, rows, cost, filtering, against, baseline):
         "",
     ]
     if against["baseline"]:
-        base, this = against["baseline"], against["this build"]
-        ratios = [t / b for t, b in zip(this, base)]
-        m, half = interval(ratios)
-        lines += [
-            f"Against the baseline build `{baseline}`, watching the server, alternately in {len(base)} rounds:",
-            "",
-            "| build | program time per request: median | rounds |",
-            "| --- | --- | --- |",
-            f"| baseline | {statistics.median(base):.0f} ns | {', '.join(f'{x:.0f}' for x in base)} |",
-            f"| this build | {statistics.median(this):.0f} ns | {', '.join(f'{x:.0f}' for x in this)} |",
-            "",
-            f"This build / baseline, rounds' ratios: **{statistics.median(ratios):.3f}** (median), "
-            f"{m:.3f} ± {half:.3f} (mean, 95% interval).",
-            "",
-        ]
+        lines += against_baseline(baseline, "watching the server", "program time per request", against["baseline"],
+                                  against["this build"])
     return lines
 
 

@@ -3,6 +3,7 @@
 Python server under wrk load.
 
   sudo python3 bench/offcpu_bench.py [--rounds N] [--seconds S] [--out bench/OFFCPU_RESULTS.md]
+                                     [--baseline PATH-TO-AN-OLDER-STOKER]
 
 Needs target/release/stoker and wrk (`cargo xtask setup`), and py-spy on PATH (`pip install py-spy`). The server is
 tests/fixtures/net/http_server.py on CPython 3.12 (ThreadingHTTPServer: a thread per
@@ -20,6 +21,11 @@ target or not) and the time it spends on a target thread's switch that it follow
 inside it); watching an idle process, the cost per switch of a thread that is not a
 target (the test of one bit per switch). stoker times an empty program the same
 way; the statistics' own cost per run is reported and subtracted.
+
+With --baseline, N more kernel cost rounds alternate between that stoker build and this one
+with `--switch-budget` and report the switch program's time per request of each, and this
+build's over the baseline's: one run on one machine, where absolute figures move from day
+to day.
 """
 import os
 import platform
@@ -30,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import arg, cpu_seconds, interval, links, wrk
+from benchlib import against_baseline, arg, cpu_seconds, interval, links, wrk
 
 ROOT = Path(__file__).resolve().parent.parent
 STOKER = ROOT / "target/release/stoker"
@@ -40,11 +46,11 @@ SERVER = ROOT / "tests/fixtures/net/http_server.py"
 BUDGET = "100"
 CONFIGS = ["alone", "stoker cpu", "stoker wall", f"stoker wall --switch-budget {BUDGET}", "py-spy --idle"]
 
-def watched_by_stoker(pid, port, seconds, tmp, mode, kernel_stats=False, extra=()):
-    """wrk while stoker watches `pid` in `mode` with `extra` options: (requests, req/s,
+def watched_by_stoker(pid, port, seconds, tmp, mode, kernel_stats=False, extra=(), stoker=STOKER):
+    """wrk while `stoker` watches `pid` in `mode` with `extra` options: (requests, req/s,
     stoker's summary, stoker's CPU seconds during the run)."""
     stoker = subprocess.Popen(
-        [str(STOKER), "record", "-m", mode, *(["--kernel-stats"] if kernel_stats else []), *extra,
+        [str(stoker), "record", "-m", mode, *(["--kernel-stats"] if kernel_stats else []), *extra,
          "--pid", str(pid), "-f", "folded", "-o", f"{tmp}/bench.folded"],
         stderr=subprocess.PIPE, text=True,
     )
@@ -102,6 +108,7 @@ def kernel_cost(err):
 
 def main():
     rounds, seconds = arg("--rounds", 3), arg("--seconds", 10)
+    baseline = arg("--baseline", "") or None
     out = Path(arg("--out", str(ROOT / "bench/OFFCPU_RESULTS.md")))
     if os.geteuid() != 0:
         raise SystemExit("run as root")
@@ -128,13 +135,24 @@ def main():
                 quiet = (requests, rps, kernel_cost(err))
             finally:
                 idle.kill()
+            against = {"baseline": [], "this build": []}
+            for r in range(rounds if baseline else 0):
+                builds = [("baseline", baseline), ("this build", STOKER)]
+                for label, build in builds[r % 2:] + builds[:r % 2]:
+                    requests, _, err, _ = watched_by_stoker(server.pid, port, seconds, tmp, "wall", kernel_stats=True,
+                                                            extra=["--switch-budget", BUDGET], stoker=build)
+                    runs, ns, *_, floor = kernel_cost(err)
+                    against[label].append((ns - floor * runs) / max(requests, 1))
+                print(f"kernel cost round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f} ns" for k, v in against.items()),
+                      flush=True)
         finally:
             server.kill()
 
     lines = [
         "# Wall-clock profiling cost (`stoker record --mode wall`)",
         "",
-        f"`python3 bench/offcpu_bench.py --rounds {rounds} --seconds {seconds}` on {platform.node()}, "
+        f"`python3 bench/offcpu_bench.py --rounds {rounds} --seconds {seconds}"
+        f"{f' --baseline {baseline}' if baseline else ''}` on {platform.node()}, "
         f"Linux {platform.release()}, {os.cpu_count()} CPUs. ThreadingHTTPServer (CPython 3.12, a thread per "
         f"connection) under `wrk -t1 -c8` on GET /sleep/0 (keep-alive) for {seconds} s per run; each round "
         "runs the server alone, watched by `stoker record` (CPU sampling, 99 Hz), by `stoker record --mode "
@@ -184,6 +202,9 @@ def main():
         "from the run-time statistics' figures.",
         "",
     ]
+    if against["baseline"]:
+        lines += against_baseline(baseline, f"watching the server with `--switch-budget {BUDGET}`",
+                                  "the switch program's time per request", against["baseline"], against["this build"])
     out.write_text("\n".join(lines))
     print("\n".join(lines))
 

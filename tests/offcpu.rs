@@ -296,6 +296,34 @@ fn gil_wait_share_3_13() {
     gil_wait_share("3.13.0", &[]);
 }
 
+/// A thread that calls exec keeps its id, and its GIL waits are then on the new program's
+/// GIL. CPython 3.12 runs two threads, the main thread one of them, for half a second; the
+/// main thread then execs CPython 3.9 running three, itself one, for 2 s. Of the new
+/// program's time about 2/3 is `[gil]` and next to none `[lock]`: taken for another lock,
+/// the main thread's waits would be 2/9 of it.
+#[test]
+fn gil_waits_after_an_exec_are_the_new_programs() {
+    require_root();
+    let (old, new) = (python("3.12.1"), python("3.9.18"));
+    let (folded, err, stdout, _) = record_command(
+        "wall",
+        "499",
+        &[],
+        &[old.to_str().unwrap(), fixture("gil_exec.py").to_str().unwrap(), new.to_str().unwrap(), "3", "2"],
+    );
+    let by_state = states(&folded, "burn (gil_threads.py");
+    let total: f64 = by_state.values().sum();
+    let (gil, lock) = (get(&by_state, "[gil]"), get(&by_state, "[lock]"));
+    eprintln!("after the exec: {stdout} stoker: {by_state:?}");
+    assert!(total >= 0.8 * reported(&stdout, "wall"), "the new program's threads were not followed: {err}");
+    assert!(
+        gil / total >= 0.4,
+        "3 threads under one GIL, stoker says {:.3} [gil]: {by_state:?}",
+        gil / total
+    );
+    assert!(lock <= 0.05 * total, "GIL waits taken for another lock: {by_state:?}");
+}
+
 /// `spin.py` processes started by the test, waiting for a line on stdin.
 fn spinners(n: usize, cpu_seconds: &str) -> Vec<Child> {
     (0..n)

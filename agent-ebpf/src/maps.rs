@@ -240,6 +240,41 @@ pub static OFF_BUDGET: Array<u64> = Array::with_max_entries(1, 0);
 #[map]
 pub static OFF_PACE: PerCpuArray<OffPace> = PerCpuArray::with_max_entries(OFF_PACE_SLOTS, 0);
 
+/// Bound of the CPUs whose pace slots `forget_pace` looks at.
+const PACE_CPUS: u32 = 1024;
+
+/// Makes the pace slots of thread `tid` on every CPU start again at its next switch: the
+/// thread called exec, so its process's GIL (kept in the slots) is the old program's. Another
+/// CPU's slot is only taken back when it still holds `tid`; that CPU's own runs, were they to
+/// write the slot at the same moment, keep it or restart it, both of which are right.
+#[inline(always)]
+pub fn forget_pace(tid: u32) {
+    let index = tid & (OFF_PACE_SLOTS - 1);
+    for cpu in 0..PACE_CPUS {
+        // SAFETY: the map's definition (a transparent wrapper of it) and a key of the map's
+        // key type; the helper checks the CPU number and returns null past the last one.
+        let slot = unsafe {
+            aya_ebpf::helpers::bpf_map_lookup_percpu_elem(
+                core::ptr::addr_of!(OFF_PACE) as *mut core::ffi::c_void,
+                core::ptr::addr_of!(index).cast(),
+                cpu,
+            )
+        }
+        .cast::<OffPace>();
+        if slot.is_null() {
+            break;
+        }
+        // SAFETY: a slot of the preallocated per-CPU array from a successful lookup: live and
+        // aligned while the program is loaded; plain integers, written whole (a slot whose
+        // thread id is 0, that of no target, is taken over at its next use).
+        unsafe {
+            if core::ptr::read_volatile(core::ptr::addr_of!((*slot).tid)) == tid {
+                core::ptr::write_volatile(core::ptr::addr_of_mut!((*slot).tid), 0);
+            }
+        }
+    }
+}
+
 /// Threads whose last switch off the CPU was followed and whose wait is not counted yet,
 /// one bit per tid: the test each switch of a target thread makes before it looks up
 /// `OFF_THREADS`. Set and cleared there and at the thread's CPU samples, and set by

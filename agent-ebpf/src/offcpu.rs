@@ -181,7 +181,11 @@ pub const OFF_PACE_SLOTS: u32 = 1024;
 #[derive(Clone, Copy, Debug)]
 pub struct OffPace {
     pub tid: u32,
-    pub _pad: u32,
+    /// The thread's process.
+    pub tgid: u32,
+    /// Where its process's GIL lies (0: not known yet), so that a GIL wait is told without
+    /// a lookup of the process.
+    pub gil: u64,
     /// When its current window began, its switches in it, and the
     /// chance (of 2^32) that a switch is followed, from the window before, with the weight
     /// that goes with it.
@@ -190,7 +194,7 @@ pub struct OffPace {
     pub take_below: u64,
     pub weight: u64,
 }
-const _: () = assert!(core::mem::size_of::<OffPace>() == 40);
+const _: () = assert!(core::mem::size_of::<OffPace>() == 48);
 
 /// Where the programs find what they read, from the kernel's BTF (`NO_OFFSET`: unknown,
 /// that detail is not read).

@@ -144,17 +144,25 @@ fn count_pending(tgid: u32, tid: u32) -> Option<*mut OffThread> {
     Some(entry)
 }
 
-/// This CPU's pace slot of thread `tid`, taken over when another thread had it.
+/// This CPU's pace slot of thread `tid` of process `tgid`, taken over when another thread
+/// had it.
 #[inline(always)]
-fn pace_of(tid: u32) -> Option<&'static mut OffPace> {
+fn pace_of(tgid: u32, tid: u32) -> Option<&'static mut OffPace> {
     let pace = OFF_PACE.get_ptr_mut(tid & (OFF_PACE_SLOTS - 1))?;
     // SAFETY: this CPU's slot of a per-CPU array (index checked by the lookup): live and
     // aligned while the program is loaded, plain integers; only programs on this CPU touch
     // it, and they do not nest.
     let pace = unsafe { &mut *pace };
-    if pace.tid != tid {
-        *pace =
-            OffPace { tid, _pad: 0, window_ns: 0, window_count: 0, take_below: 0, weight: OFF_WEIGHT_ONE };
+    if pace.tid != tid || pace.tgid != tgid {
+        *pace = OffPace {
+            tid,
+            tgid,
+            gil: 0,
+            window_ns: 0,
+            window_count: 0,
+            take_below: 0,
+            weight: OFF_WEIGHT_ONE,
+        };
     }
     Some(pace)
 }
@@ -184,7 +192,7 @@ fn switched_out(ctx: &RawTracePointContext, tgid: u32, tid: u32, runnable: bool,
     } else if state & TASK_UNINTERRUPTIBLE != 0 {
         reason::DISK
     } else {
-        blocked_reason(&mut key, tgid, entry_regs(), &mut brief, &mut now)
+        blocked_reason(&mut key, tgid, tid, entry_regs(), &mut brief, &mut now)
     };
     // The budget samples the waits that come in storms, brief each (GIL hand-overs,
     // preemptions, sleeps asked for under `OFF_BRIEF_SLEEP_NS`); every other wait (a socket,
@@ -196,7 +204,7 @@ fn switched_out(ctx: &RawTracePointContext, tgid: u32, tid: u32, runnable: bool,
         _ => false,
     };
     let weight = if stormy {
-        let pace = pace_of(tid)?;
+        let pace = pace_of(tgid, tid)?;
         if !followed(pace, &mut now) {
             bump(stat::OFF_SAMPLED_OUT);
             return None;
@@ -551,11 +559,18 @@ fn brief_timeval(timeval: u64) -> bool {
 /// fills the peer of a socket. For a sleep, sets `brief` when it was asked for under
 /// `OFF_BRIEF_SLEEP_NS` (the time, when read, goes into `now`).
 #[inline(always)]
-fn blocked_reason(key: &mut OffKey, tgid: u32, regs: &pt_regs, brief: &mut bool, now: &mut u64) -> u32 {
+fn blocked_reason(
+    key: &mut OffKey,
+    tgid: u32,
+    tid: u32,
+    regs: &pt_regs,
+    brief: &mut bool,
+    now: &mut u64,
+) -> u32 {
     let (nr, arg0, arg1) = (regs.orig_rax, regs.rdi, regs.rsi);
     match nr {
         sysno::FUTEX => {
-            if is_gil(tgid, arg0) {
+            if is_gil(tgid, tid, arg0) {
                 reason::GIL
             } else {
                 reason::LOCK
@@ -640,12 +655,24 @@ pub(super) fn fd_sock(fd: u64) -> u64 {
     sock().unwrap_or(0)
 }
 
-/// True when `uaddr` is in the GIL of Python process `tgid`.
+/// True when `uaddr` is in the GIL of Python process `tgid`. The GIL's address is kept in
+/// the pace slot of thread `tid`: a GIL hand-over is the switch that comes in storms, and
+/// the slot is in this CPU's cache where the process's entry is not (its lookup made a
+/// switch that is not followed an eighth slower). An exec forgets it (`forget_pace`).
 #[inline(always)]
-fn is_gil(tgid: u32, uaddr: u64) -> bool {
-    // SAFETY: as in `perf_sample::python_stack`.
-    let Some(proc) = (unsafe { PY_PROCS.get(tgid) }) else { return false };
-    let gil = python::gil_address(proc);
+fn is_gil(tgid: u32, tid: u32, uaddr: u64) -> bool {
+    let gil = match pace_of(tgid, tid) {
+        Some(pace) if pace.gil != 0 => pace.gil,
+        pace => {
+            // SAFETY: as in `perf_sample::python_stack`.
+            let Some(proc) = (unsafe { PY_PROCS.get(tgid) }) else { return false };
+            let gil = python::gil_address(proc);
+            if let Some(pace) = pace {
+                pace.gil = gil;
+            }
+            gil
+        }
+    };
     gil != 0 && uaddr >= gil && uaddr < gil + PY_GIL_SIZE
 }
 

@@ -1,8 +1,8 @@
 //! Tells userspace which processes just called exec, so it looks at the new program at
 //! once (a short-lived process is walked from its first samples): a target's exec always,
 //! every exec when userspace asked (the node agent, `--all-python`). A target's Python
-//! layout was the old program's, so it goes; a target marked `TARGET_INHERIT` stops being
-//! one.
+//! layout was the old program's, so it goes (and the GIL address its switches keep); a
+//! target marked `TARGET_INHERIT` stops being one.
 use agent_ebpf::{TARGET_INHERIT, stat};
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
@@ -10,13 +10,16 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 
-use crate::maps::{EXEC_ALL, EXEC_RING, PY_PROCS, TARGETS, bump, is_target, unmark_target};
+use crate::maps::{EXEC_ALL, EXEC_RING, PY_PROCS, TARGETS, bump, forget_pace, is_target, unmark_target};
 
 #[tracepoint]
 pub fn sched_exec(_ctx: TracePointContext) -> u32 {
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
     let target = is_target(tgid);
     if target {
+        // (The thread that called exec, the only one left, has taken the process's id.)
+        forget_pace(pid_tgid as u32);
         // Gone before userspace hears of the exec: what it configures for the new program
         // is not removed after it.
         let _ = PY_PROCS.remove(tgid);
