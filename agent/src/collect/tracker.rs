@@ -3,6 +3,7 @@
 use std::{
     collections::{HashMap, HashSet},
     path::PathBuf,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -12,7 +13,10 @@ use super::stacks::Collector;
 use crate::{
     error::Result,
     programs::KernelPrograms,
-    python::{self, detect::Detected},
+    python::{
+        self,
+        detect::{Detected, PythonProcess},
+    },
     sys::process,
 };
 
@@ -119,6 +123,9 @@ pub struct Tracker {
     filter: Option<Box<dyn Fn(u32) -> bool>>,
     /// CPython version of each recognized process.
     versions: HashMap<u32, String>,
+    /// The CPython of each process recognized as one (not of forks sampled with their
+    /// parent's), as found: what readers of its memory need, found once.
+    pythons: HashMap<u32, Arc<PythonProcess>>,
     /// Pids a new process took since the last update's look.
     reused: Vec<u32>,
     /// Forks of scanned Python processes found by the last update: (child, parent).
@@ -159,6 +166,7 @@ impl Tracker {
             warned_no_python: false,
             filter: None,
             versions: HashMap::new(),
+            pythons: HashMap::new(),
             reused: Vec::new(),
             forks: Vec::new(),
             python_exes: HashSet::new(),
@@ -192,6 +200,11 @@ impl Tracker {
     /// that already exited is named after its parent (it ran the same program).
     pub fn forks(&self) -> &[(u32, u32)] {
         &self.forks
+    }
+
+    /// The CPython of a process recognized as one, as found when it was.
+    pub fn python(&self, pid: u32) -> Option<Arc<PythonProcess>> {
+        self.pythons.get(&pid).cloned()
     }
 
     /// The CPython version of a recognized process (`3.12.1`).
@@ -282,6 +295,7 @@ impl Tracker {
                 tracing::info!("pid {pid}: a new process took the pid");
                 collector.forget_process(pid);
                 self.versions.remove(&pid);
+                self.pythons.remove(&pid);
                 self.reused.push(pid);
                 if t.scanned {
                     fresh.push(pid);
@@ -294,6 +308,7 @@ impl Tracker {
         for pid in gone {
             self.procs.remove(&pid);
             self.versions.remove(&pid);
+            self.pythons.remove(&pid);
         }
         for pid in fresh {
             self.procs.insert(pid, Tracked::new(pid, true));
@@ -352,6 +367,7 @@ impl Tracker {
         for (pid, why) in collector.python.take_refused() {
             let Some(t) = self.procs.get_mut(&pid).filter(|t| t.kind == Kind::Python) else { continue };
             let version = self.versions.remove(&pid).unwrap_or_default();
+            self.pythons.remove(&pid);
             if t.scanned && !t.inherited {
                 kernel.remove_target(pid)?;
                 crate::net::forget_process(kernel, pid)?;
@@ -432,6 +448,7 @@ impl Tracker {
                     if t.kind == Kind::Python || t.inherited {
                         collector.forget_process(pid);
                         self.versions.remove(&pid);
+                        self.pythons.remove(&pid);
                     }
                     t.kind = Kind::Unknown;
                     t.inherited = false;
@@ -549,6 +566,7 @@ impl Tracker {
                         None => tracing::info!("pid {pid}: CPython {version}"),
                     }
                     self.versions.insert(pid, version);
+                    self.pythons.insert(pid, Arc::from(p));
                     self.found_python = true;
                     found = true;
                     t.kind = Kind::Python;
@@ -594,6 +612,7 @@ impl Tracker {
             if self.procs.get(&pid).is_some_and(|t| t.scanned) {
                 self.procs.remove(&pid);
                 self.versions.remove(&pid);
+                self.pythons.remove(&pid);
             }
         }
         Ok(())

@@ -4,12 +4,11 @@ use std::net::{IpAddr, SocketAddr};
 
 use agent_ebpf::{NO_STACK, OFF_WEIGHT_ONE, OffKey, OffThread, SampleKey, reason};
 
-use super::Collector;
+use super::{Collector, Tracker};
 use crate::{
     programs::KernelPrograms,
     python::{
         self,
-        detect::{self, Detected},
         mem::{Memory, ReadMemory},
     },
     sys::process,
@@ -18,14 +17,17 @@ use crate::{
 /// Enters the waits under way of the threads of processes `pids`; returns how many. A
 /// thread stuck on a lock or a read the whole session would otherwise show nothing: each
 /// blocked one gets the reason its system call gives (as the program tells it at a switch)
-/// and its Python stack walked here, and the kernel counts the wait as one of its own.
-pub fn enter(kernel: &mut KernelPrograms, collector: &mut Collector, pids: &[u32]) -> usize {
+/// and its Python stack walked here (with the CPython `tracker` found), and the kernel
+/// counts the wait as one of its own.
+pub fn enter(
+    kernel: &mut KernelPrograms,
+    collector: &mut Collector,
+    tracker: &Tracker,
+    pids: &[u32],
+) -> usize {
     let mut entered = 0;
     for &pid in pids {
-        let python = match detect::detect(pid) {
-            Detected::Python(p) => Some(p),
-            _ => None,
-        };
+        let python = tracker.python(pid);
         let stacks = python.as_deref().map(crate::dump::thread_stacks).unwrap_or_default();
         let gil = python.as_deref().and_then(|p| {
             let interp = Memory::new(pid).u64(p.runtime + p.layout.runtime_interpreters_head).ok()?;
@@ -96,21 +98,16 @@ pub fn enter(kernel: &mut KernelPrograms, collector: &mut Collector, pids: &[u32
 /// on): what the kernel program finds at a switch, from its system call (`/proc`'s view of
 /// it); `gil`: the process's GIL, when it is CPython.
 fn blocked(pid: u32, tid: u32, gil: Option<u64>) -> Option<(u32, Option<SocketAddr>)> {
-    let task = format!("/proc/{pid}/task/{tid}");
-    let stat = std::fs::read_to_string(format!("{task}/stat")).ok()?;
-    match process::stat_fields(&stat)?.next()? {
-        "D" => return Some((reason::DISK, None)),
-        "S" => {}
+    let wait = process::thread_wait(pid, tid)?;
+    match wait.state {
+        'D' => return Some((reason::DISK, None)),
+        'S' => {}
         _ => return None,
     }
-    let call = std::fs::read_to_string(format!("{task}/syscall")).ok()?;
-    let mut words = call.split_whitespace();
-    let Some(nr) = words.next().and_then(|n| n.parse::<i64>().ok()) else {
+    let Some((nr, args)) = wait.syscall.filter(|(nr, _)| *nr >= 0) else {
         return Some((reason::OTHER, None));
     };
-    let args: Vec<u64> =
-        words.take(6).map(|a| u64::from_str_radix(a.trim_start_matches("0x"), 16).unwrap_or(0)).collect();
-    let arg = |i: usize| args.get(i).copied().unwrap_or(0);
+    let arg = |i: usize| args[i];
     let fd = |fd: u64, otherwise: u32| fd_reason(pid, fd, otherwise);
     Some(match nr {
         libc::SYS_futex => {
@@ -155,9 +152,7 @@ fn blocked(pid: u32, tid: u32, gil: Option<u64>) -> Option<(u32, Option<SocketAd
 fn fd_reason(pid: u32, fd: u64, otherwise: u32) -> (u32, Option<SocketAddr>) {
     let path = format!("/proc/{pid}/fd/{fd}");
     let Ok(link) = std::fs::read_link(&path) else { return (otherwise, None) };
-    let link = link.to_string_lossy();
-    if let Some(inode) = link.strip_prefix("socket:[").and_then(|l| l.strip_suffix(']')?.parse::<u64>().ok())
-    {
+    if let Some(inode) = process::socket_inode(&link) {
         return match crate::net::existing::tcp_peer(pid, inode) {
             Some(Some(peer)) => (reason::SOCKET, Some(peer)),
             // A listening socket: waiting on it is waiting for any client, as `accept` is.

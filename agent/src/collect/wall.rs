@@ -3,15 +3,16 @@
 use std::{
     collections::{HashMap, HashSet},
     net::IpAddr,
+    sync::Arc,
 };
 
 use agent_ebpf::{LoopBlock, OffKey, reason};
 
-use super::{Collector, View};
+use super::{Collector, Tracker, View};
 use crate::{
     profile::{Frame, Marker, Profile, Unit},
     programs::KernelPrograms,
-    python::detect::{self, Detected, PythonProcess},
+    python::detect::PythonProcess,
 };
 
 /// What a profile shows (`stoker record --mode`).
@@ -84,9 +85,9 @@ fn refined(key: &OffKey, kernel: Option<&[Frame]>) -> u32 {
 /// stretches are left out (counted in `native`).
 #[derive(Debug, Default)]
 pub struct PythonThreads {
-    /// Per process: its CPython as found at its first stretch (None: not walkable), and
-    /// the ids of its Python threads as last read.
-    known: HashMap<u32, (Option<Box<PythonProcess>>, HashSet<u32>)>,
+    /// Per process: its CPython as the tracker knew it at its first stretch (None: not
+    /// walkable), and the ids of its Python threads as last read.
+    known: HashMap<u32, (Option<Arc<PythonProcess>>, HashSet<u32>)>,
     /// Stretches of threads that run no Python, left out.
     pub native: u64,
 }
@@ -96,14 +97,8 @@ impl PythonThreads {
     /// process's thread list read again (a few words of its memory); a process that cannot
     /// be read now (it exited since the stretch) is judged by its last reading, and one
     /// never read (or whose CPython does not record thread ids) not at all: true.
-    pub fn runs_python(&mut self, pid: u32, tid: u32) -> bool {
-        let (process, tids) = self.known.entry(pid).or_insert_with(|| {
-            let p = match detect::detect(pid) {
-                Detected::Python(p) => Some(p),
-                _ => None,
-            };
-            (p, HashSet::new())
-        });
+    pub fn runs_python(&mut self, tracker: &Tracker, pid: u32, tid: u32) -> bool {
+        let (process, tids) = self.known.entry(pid).or_insert_with(|| (tracker.python(pid), HashSet::new()));
         if tids.contains(&tid) {
             return true;
         }

@@ -227,7 +227,7 @@ fn thread(
     let task = format!("/proc/{}/task/{tid}", p.pid);
     let name =
         fs::read_to_string(format!("{task}/comm")).map(|n| n.trim_end().to_string()).unwrap_or_default();
-    let (state, waiting) = thread_state(&task);
+    let (state, waiting) = thread_state(p.pid, tid);
     let mut frames = Vec::new();
     let mut frame = innermost_frame(p, mem, tstate);
     while frame != 0 && frames.len() < MAX_FRAMES {
@@ -279,26 +279,21 @@ fn read_frame(p: &PythonProcess, mem: &Memory, frame: u64) -> Option<(Option<u64
     Some((Some(code), instr, previous))
 }
 
-/// The kernel's state of a thread, and for one asleep, the system call it waits in.
-fn thread_state(task: &str) -> (String, Option<String>) {
-    let stat = fs::read_to_string(format!("{task}/stat")).unwrap_or_default();
-    let code = process::stat_fields(&stat).and_then(|mut f| f.next()).unwrap_or("?");
-    let state = match code {
-        "R" => "running",
-        "S" => "sleeping",
-        "D" => "disk sleep",
-        "T" | "t" => "stopped",
-        "Z" | "X" => "exited",
-        "I" => "idle",
+/// The kernel's state of thread `tid` of `pid`, and for one asleep, the system call it
+/// waits in.
+fn thread_state(pid: u32, tid: u32) -> (String, Option<String>) {
+    let wait = process::thread_wait(pid, tid);
+    let state = match wait.as_ref().map_or('?', |w| w.state) {
+        'R' => "running",
+        'S' => "sleeping",
+        'D' => "disk sleep",
+        'T' | 't' => "stopped",
+        'Z' | 'X' => "exited",
+        'I' => "idle",
         _ => "unknown",
     };
-    if !matches!(code, "S" | "D") {
-        return (state.to_string(), None);
-    }
-    // `/proc/PID/task/TID/syscall`: the number of the call it is blocked in.
-    let syscall = fs::read_to_string(format!("{task}/syscall")).ok();
-    let number = syscall.as_deref().and_then(|s| s.split_whitespace().next()?.parse::<i64>().ok());
-    (state.to_string(), number.map(waiting_in))
+    let waiting = wait.and_then(|w| w.syscall).map(|(number, _)| waiting_in(number));
+    (state.to_string(), waiting)
 }
 
 /// What a thread blocked in system call `number` (x86-64) waits for.

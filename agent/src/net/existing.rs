@@ -115,8 +115,7 @@ pub fn established(pid: u32) -> Vec<Established> {
     if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
         for entry in dir.flatten() {
             let Ok(link) = std::fs::read_link(entry.path()) else { continue };
-            let inode =
-                link.to_str().and_then(|l| l.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok());
+            let inode = crate::sys::process::socket_inode(&link);
             if let (Some(inode), Some(fd)) = (inode, entry.file_name().to_str().and_then(|f| f.parse().ok()))
             {
                 fds.insert(inode, fd);

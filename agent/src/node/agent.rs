@@ -179,7 +179,7 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
         }
         tracker.update(&mut kernel, &mut collector)?;
         for block in kernel.take_loop_blocks() {
-            if !loop_threads.runs_python(block.tgid, block.tid) {
+            if !loop_threads.runs_python(&tracker, block.tgid, block.tid) {
                 continue;
             }
             let stack = collector.loop_block_stack(&kernel, &block);
@@ -201,9 +201,10 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
                 )
                 .collect();
             if !older.is_empty() {
-                crate::collect::waits::enter(&mut kernel, &mut collector, &older);
+                crate::collect::waits::enter(&mut kernel, &mut collector, &tracker, &older);
             }
-            waits_looked_at.retain(|pid| live.contains(pid));
+            let alive: std::collections::HashSet<u32> = live.iter().copied().collect();
+            waits_looked_at.retain(|pid| alive.contains(pid));
         }
         if net.is_some() {
             adopter.adopt_new(&mut kernel, &live);

@@ -298,17 +298,23 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
     for (pid, _, _) in &cpu {
         note_cgroup(&mut cgroups, *pid);
     }
-    // The given processes' threads blocked since before the session (seen by no switch yet):
-    // their waits count from now, each with its reason and Python stack.
+    // The threads blocked since before the session (seen by no switch yet) of the given
+    // processes, and with --all-python of the Python processes running: their waits count
+    // from now, each with its reason and Python stack.
     let waits_entered = if opts.mode != Mode::Cpu {
         tracker.update(&mut kernel, &mut collector)?;
-        let given: Vec<u32> = targets
+        let mut given: Vec<u32> = targets
             .iter()
             .filter(|t| !matches!(t, Target::Launched(_)))
             .map(|t| t.pid())
             .chain(descendants.iter().copied())
             .collect();
-        crate::collect::waits::enter(&mut kernel, &mut collector, &given)
+        if opts.all_python {
+            given.extend(tracker.live_targets());
+            given.sort_unstable();
+            given.dedup();
+        }
+        crate::collect::waits::enter(&mut kernel, &mut collector, &tracker, &given)
     } else {
         0
     };
@@ -372,7 +378,7 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
         }
         // Blocked loops' stacks are named as they come, while their processes live.
         for block in kernel.take_loop_blocks() {
-            if !loop_threads.runs_python(block.tgid, block.tid) {
+            if !loop_threads.runs_python(&tracker, block.tgid, block.tid) {
                 continue;
             }
             let stack = collector.loop_block_stack(&kernel, &block);

@@ -145,6 +145,47 @@ fn parse_schedstat(text: &str) -> Option<SchedStat> {
     Some(SchedStat { ran_ns: fields.next()??, queued_ns: fields.next()??, arrivals: fields.next()?? })
 }
 
+/// A thread's kernel state and, for one asleep, the system call it is blocked in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ThreadWait {
+    /// The state letter of /proc/PID/task/TID/stat (`R`, `S`, `D`, ...).
+    pub state: char,
+    /// For a thread in `S` or `D`: the call's number (-1: in none) and its six arguments,
+    /// from /proc/PID/task/TID/syscall (None when unreadable).
+    pub syscall: Option<(i64, [u64; 6])>,
+}
+
+/// Thread `tid` of `pid`: its state and the system call it waits in (None when it is gone).
+pub fn thread_wait(pid: u32, tid: u32) -> Option<ThreadWait> {
+    let task = format!("/proc/{pid}/task/{tid}");
+    let stat = fs::read_to_string(format!("{task}/stat")).ok()?;
+    let state = stat_fields(&stat)?.next()?.chars().next()?;
+    let syscall = match state {
+        'S' | 'D' => fs::read_to_string(format!("{task}/syscall")).ok().and_then(|s| parse_syscall(&s)),
+        _ => None,
+    };
+    Some(ThreadWait { state, syscall })
+}
+
+/// "NR ARG1 ... ARG6 SP PC" (arguments in hex) of /proc/PID/task/TID/syscall; "-1 SP PC"
+/// out of a call ("running" for a thread on a CPU has no number).
+fn parse_syscall(text: &str) -> Option<(i64, [u64; 6])> {
+    let mut words = text.split_whitespace();
+    let number = words.next()?.parse().ok()?;
+    let mut args = [0; 6];
+    if number >= 0 {
+        for (arg, word) in args.iter_mut().zip(words) {
+            *arg = u64::from_str_radix(word.trim_start_matches("0x"), 16).unwrap_or(0);
+        }
+    }
+    Some((number, args))
+}
+
+/// The inode of the socket a descriptor's /proc/PID/fd link names (`socket:[INODE]`).
+pub fn socket_inode(link: &std::path::Path) -> Option<u64> {
+    link.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+}
+
 /// The process (thread group) of task `tid`, a process or one of its threads (None when it
 /// does not exist).
 pub fn tgid(tid: u32) -> Option<u32> {
@@ -233,5 +274,39 @@ mod tests {
         assert_eq!(parse_cpu_ticks(&stat.replace(" R ", " Z ")), Some(8));
         assert_eq!(parse_cpu_ticks("42 (x) R 1"), None);
         assert!(cpu_time(std::process::id()).is_some());
+    }
+
+    #[test]
+    fn a_blocked_threads_system_call_is_read() {
+        assert_eq!(
+            parse_syscall("202 0x7f00aa 0x80 0x2 0x0 0x0 0x0 0x7ffd 0x7f01\n"),
+            Some((202, [0x7f00aa, 0x80, 2, 0, 0, 0]))
+        );
+        assert_eq!(parse_syscall("-1 0x7ffd 0x7f01\n"), Some((-1, [0; 6])));
+        assert_eq!(parse_syscall("running\n"), None);
+        assert_eq!(socket_inode(std::path::Path::new("socket:[12345]")), Some(12345));
+        assert_eq!(socket_inode(std::path::Path::new("pipe:[12345]")), None);
+        // A thread of this process blocked on a channel: asleep in `futex`.
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            tid_tx.send(unsafe { libc::gettid() } as u32).unwrap();
+            go_rx.recv().unwrap();
+        });
+        let (pid, tid) = (std::process::id(), tid_rx.recv().unwrap());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let wait = loop {
+            let wait = thread_wait(pid, tid).unwrap();
+            if wait.state == 'S' || std::time::Instant::now() > deadline {
+                break wait;
+            }
+            std::thread::yield_now();
+        };
+        go_tx.send(()).unwrap();
+        thread.join().unwrap();
+        assert_eq!(wait.state, 'S', "{wait:?}");
+        assert_eq!(wait.syscall.map(|(nr, _)| nr), Some(libc::SYS_futex), "{wait:?}");
+        assert_eq!(thread_wait(pid, u32::MAX), None);
     }
 }
