@@ -6,6 +6,7 @@ use agent_ebpf::{NO_STACK, OFF_WEIGHT_ONE, OffKey, OffThread, SampleKey, reason}
 
 use super::{Collector, Tracker};
 use crate::{
+    net::existing::TcpTable,
     programs::KernelPrograms,
     python::{
         self,
@@ -29,13 +30,12 @@ pub fn enter(
     for &pid in pids {
         let python = tracker.python(pid);
         let stacks = python.as_deref().map(crate::dump::thread_stacks).unwrap_or_default();
-        let gil = python.as_deref().and_then(|p| {
-            let interp = Memory::new(pid).u64(p.runtime + p.layout.runtime_interpreters_head).ok()?;
-            python::gil_of(p, interp)
-        });
+        let gil = python.as_deref().map(python::gil_addr).filter(|&g| g != 0);
+        // The process's TCP sockets, read at its first thread blocked on one.
+        let mut tcp = None;
         let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { continue };
         for tid in tasks.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok()) {
-            let Some((why, peer)) = blocked(pid, tid, gil) else { continue };
+            let Some((why, peer)) = blocked(pid, tid, gil, &mut tcp) else { continue };
             let Some(sched) = process::schedstat(pid, tid) else { continue };
             let py_stack = match stacks.iter().find(|(t, s)| *t == tid && s.len > 0) {
                 Some((_, stack)) => collector.add_walked_stack(pid, tid, stack),
@@ -96,8 +96,13 @@ pub fn enter(
 
 /// Why thread `tid` of `pid` waits, if it is blocked (and the peer of the socket it waits
 /// on): what the kernel program finds at a switch, from its system call (`/proc`'s view of
-/// it); `gil`: the process's GIL, when it is CPython.
-fn blocked(pid: u32, tid: u32, gil: Option<u64>) -> Option<(u32, Option<SocketAddr>)> {
+/// it); `gil`: the process's GIL, when it is CPython; `tcp`: its TCP sockets, once read.
+fn blocked(
+    pid: u32,
+    tid: u32,
+    gil: Option<u64>,
+    tcp: &mut Option<TcpTable>,
+) -> Option<(u32, Option<SocketAddr>)> {
     let wait = process::thread_wait(pid, tid)?;
     match wait.state {
         'D' => return Some((reason::DISK, None)),
@@ -108,7 +113,7 @@ fn blocked(pid: u32, tid: u32, gil: Option<u64>) -> Option<(u32, Option<SocketAd
         return Some((reason::OTHER, None));
     };
     let arg = |i: usize| args[i];
-    let fd = |fd: u64, otherwise: u32| fd_reason(pid, fd, otherwise);
+    let mut fd = |fd: u64, otherwise: u32| fd_reason(pid, fd, otherwise, tcp);
     Some(match nr {
         libc::SYS_futex => {
             let uaddr = arg(0);
@@ -147,13 +152,13 @@ fn blocked(pid: u32, tid: u32, gil: Option<u64>) -> Option<(u32, Option<SocketAd
     })
 }
 
-/// A wait on descriptor `fd` of `pid`: a socket (with its peer when it is TCP), a regular
-/// file (the disk), or `otherwise`.
-fn fd_reason(pid: u32, fd: u64, otherwise: u32) -> (u32, Option<SocketAddr>) {
+/// A wait on descriptor `fd` of `pid`: a socket (with its peer when it is TCP, from `tcp`,
+/// read now if it was not yet), a regular file (the disk), or `otherwise`.
+fn fd_reason(pid: u32, fd: u64, otherwise: u32, tcp: &mut Option<TcpTable>) -> (u32, Option<SocketAddr>) {
     let path = format!("/proc/{pid}/fd/{fd}");
     let Ok(link) = std::fs::read_link(&path) else { return (otherwise, None) };
     if let Some(inode) = process::socket_inode(&link) {
-        return match crate::net::existing::tcp_peer(pid, inode) {
+        return match tcp.get_or_insert_with(|| TcpTable::read(pid)).peer(inode) {
             Some(Some(peer)) => (reason::SOCKET, Some(peer)),
             // A listening socket: waiting on it is waiting for any client, as `accept` is.
             Some(None) if otherwise == reason::POLL => (reason::POLL, None),

@@ -125,25 +125,30 @@ pub fn established(pid: u32) -> Vec<Established> {
     if fds.is_empty() {
         return Vec::new();
     }
-    let rows: Vec<Row> = ["tcp", "tcp6"]
-        .iter()
-        .flat_map(|t| {
-            parse_table(&std::fs::read_to_string(format!("/proc/{pid}/net/{t}")).unwrap_or_default())
-        })
-        .collect();
-    classify(&rows, &fds)
+    classify(&TcpTable::read(pid).0, &fds)
 }
 
-/// The peer of TCP socket `inode` of process `pid`: Some(None) for one with no peer (a
-/// listening socket), None when it is no TCP socket the process's namespace lists.
-pub fn tcp_peer(pid: u32, inode: u64) -> Option<Option<SocketAddr>> {
-    ["tcp", "tcp6"]
-        .iter()
-        .flat_map(|t| {
-            parse_table(&std::fs::read_to_string(format!("/proc/{pid}/net/{t}")).unwrap_or_default())
-        })
-        .find(|r| r.inode == inode)
-        .map(|r| (r.peer.port() != 0).then_some(r.peer))
+/// The TCP sockets of the network namespace of a process (/proc/PID/net/tcp and tcp6;
+/// empty when they cannot be read).
+pub struct TcpTable(Vec<Row>);
+
+impl TcpTable {
+    pub fn read(pid: u32) -> Self {
+        Self(
+            ["tcp", "tcp6"]
+                .iter()
+                .flat_map(|t| {
+                    parse_table(&std::fs::read_to_string(format!("/proc/{pid}/net/{t}")).unwrap_or_default())
+                })
+                .collect(),
+        )
+    }
+
+    /// The peer of socket `inode`: Some(None) for one with no peer (a listening socket),
+    /// None when it is no TCP socket of the table.
+    pub fn peer(&self, inode: u64) -> Option<Option<SocketAddr>> {
+        self.0.iter().find(|r| r.inode == inode).map(|r| (r.peer.port() != 0).then_some(r.peer))
+    }
 }
 
 fn classify(rows: &[Row], fds: &HashMap<u64, u32>) -> Vec<Established> {

@@ -49,7 +49,7 @@ pub fn kernel_config(p: &PythonProcess, options: SampleOptions) -> PyProc {
 /// The GIL's address in the process: in `_PyRuntime` (3.8-3.11), or in the main
 /// interpreter (3.12+), read now from the process (0 when unreadable: the kernel then reads
 /// the interpreter's address itself at each GIL wait).
-fn gil_addr(p: &PythonProcess) -> u64 {
+pub fn gil_addr(p: &PythonProcess) -> u64 {
     let interp = match p.layout.gil {
         Gil::Interpreter(_) => {
             let mut word = [0u8; 8];
