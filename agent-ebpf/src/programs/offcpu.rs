@@ -167,6 +167,32 @@ fn pace_of(tgid: u32, tid: u32) -> Option<&'static mut OffPace> {
     Some(pace)
 }
 
+/// The pace slot of the thread of a switch, looked up (`pace_of`) at its first use in the
+/// switch: a GIL wait needs it twice (the GIL's address, then the budget), other waits not
+/// at all.
+struct LazyPace {
+    tgid: u32,
+    tid: u32,
+    looked: bool,
+    slot: Option<&'static mut OffPace>,
+}
+
+impl LazyPace {
+    #[inline(always)]
+    fn new(tgid: u32, tid: u32) -> Self {
+        LazyPace { tgid, tid, looked: false, slot: None }
+    }
+
+    #[inline(always)]
+    fn get(&mut self) -> Option<&mut OffPace> {
+        if !self.looked {
+            self.looked = true;
+            self.slot = pace_of(self.tgid, self.tid);
+        }
+        self.slot.as_deref_mut()
+    }
+}
+
 /// A target thread leaves the CPU, `runnable` or blocked in `state`: notes why and with
 /// which stacks. The time it left when its wait is followed.
 #[inline(always)]
@@ -187,12 +213,13 @@ fn switched_out(ctx: &RawTracePointContext, tgid: u32, tid: u32, runnable: bool,
     let mut now = 0;
     // A sleep asked for under `OFF_BRIEF_SLEEP_NS`.
     let mut brief = false;
+    let mut pace = LazyPace::new(tgid, tid);
     key.reason = if runnable {
         if throttled() { reason::THROTTLED } else { reason::RUNQUEUE }
     } else if state & TASK_UNINTERRUPTIBLE != 0 {
         reason::DISK
     } else {
-        blocked_reason(&mut key, tgid, tid, entry_regs(), &mut brief, &mut now)
+        blocked_reason(&mut key, tgid, &mut pace, entry_regs(), &mut brief, &mut now)
     };
     // The budget samples the waits that come in storms, brief each (GIL hand-overs,
     // preemptions, sleeps asked for under `OFF_BRIEF_SLEEP_NS`); every other wait (a socket,
@@ -204,7 +231,7 @@ fn switched_out(ctx: &RawTracePointContext, tgid: u32, tid: u32, runnable: bool,
         _ => false,
     };
     let weight = if stormy {
-        let pace = pace_of(tgid, tid)?;
+        let pace = pace.get()?;
         if !followed(pace, &mut now) {
             bump(stat::OFF_SAMPLED_OUT);
             return None;
@@ -557,12 +584,12 @@ fn brief_timeval(timeval: u64) -> bool {
 
 /// Why a thread that blocks in its current system call (the one `regs` entered) waits;
 /// fills the peer of a socket. For a sleep, sets `brief` when it was asked for under
-/// `OFF_BRIEF_SLEEP_NS` (the time, when read, goes into `now`).
+/// `OFF_BRIEF_SLEEP_NS` (the time, when read, goes into `now`). `pace`: the thread's.
 #[inline(always)]
 fn blocked_reason(
     key: &mut OffKey,
     tgid: u32,
-    tid: u32,
+    pace: &mut LazyPace,
     regs: &pt_regs,
     brief: &mut bool,
     now: &mut u64,
@@ -570,7 +597,7 @@ fn blocked_reason(
     let (nr, arg0, arg1) = (regs.orig_rax, regs.rdi, regs.rsi);
     match nr {
         sysno::FUTEX => {
-            if is_gil(tgid, tid, arg0) {
+            if is_gil(tgid, pace, arg0) {
                 reason::GIL
             } else {
                 reason::LOCK
@@ -656,12 +683,12 @@ pub(super) fn fd_sock(fd: u64) -> u64 {
 }
 
 /// True when `uaddr` is in the GIL of Python process `tgid`. The GIL's address is kept in
-/// the pace slot of thread `tid`: a GIL hand-over is the switch that comes in storms, and
+/// the thread's pace slot `pace`: a GIL hand-over is the switch that comes in storms, and
 /// the slot is in this CPU's cache where the process's entry is not (its lookup made a
 /// switch that is not followed an eighth slower). An exec forgets it (`forget_pace`).
 #[inline(always)]
-fn is_gil(tgid: u32, tid: u32, uaddr: u64) -> bool {
-    let gil = match pace_of(tgid, tid) {
+fn is_gil(tgid: u32, pace: &mut LazyPace, uaddr: u64) -> bool {
+    let gil = match pace.get() {
         Some(pace) if pace.gil != 0 => pace.gil,
         pace => {
             // SAFETY: as in `perf_sample::python_stack`.
