@@ -2,9 +2,9 @@
 //! constants of the shared library so userspace finds them.
 use agent_ebpf::{
     COUNTS_CAPACITY, EXECS_RING_BYTES, LOOPS_CAPACITY, LoopBlock, LoopThread, NET_ACCEPTING_CAPACITY,
-    NET_CONNS_CAPACITY, NET_HEAD_BUF, NET_PEEK_BUF, NET_RING_SLOTS, NET_SK_BITS_WORDS, NET_SOCKS_CAPACITY,
-    NEW_KEYS_RING_BYTES, NetConn, NetEvent, NetSkState, NewKey, OFF_COUNTS_CAPACITY, OFF_PACE_SLOTS,
-    OFF_THREADS_CAPACITY, OffKey, OffPace, OffThread, PY_FRAME_CHUNK, PY_STACKS_CAPACITY,
+    NET_CONNS_CAPACITY, NET_HEAD_BUF, NET_READY_SLOTS, NET_RING_SLOTS, NET_SK_BITS_WORDS, NET_SOCKS_CAPACITY,
+    NEW_KEYS_RING_BYTES, NetConn, NetEvent, NetReady, NetSkState, NewKey, OFF_COUNTS_CAPACITY,
+    OFF_PACE_SLOTS, OFF_THREADS_CAPACITY, OffKey, OffPace, OffThread, PY_FRAME_CHUNK, PY_STACKS_CAPACITY,
     PY_THREADS_CAPACITY, PyProc, PyStack, STACKS_CAPACITY, SampleKey, TARGET_BITS_WORDS, TARGETS_CAPACITY,
     stat,
 };
@@ -121,10 +121,6 @@ pub static NET_EVENTS: Array<NetEvent> = Array::with_max_entries(NET_RING_SLOTS 
 #[map]
 pub static NET_CONN_SCRATCH: PerCpuArray<NetConn> = PerCpuArray::with_max_entries(1, 0);
 
-/// The first bytes of a request or response per CPU.
-#[map]
-pub static NET_PEEK: PerCpuArray<[u8; NET_PEEK_BUF]> = PerCpuArray::with_max_entries(1, 0);
-
 /// A response's first bytes being searched for its framing, one buffer per CPU (see
 /// `NET_HEAD_LEN`): too large for the BPF stack.
 #[map]
@@ -133,6 +129,24 @@ pub static NET_HEAD: PerCpuArray<[u8; NET_HEAD_BUF]> = PerCpuArray::with_max_ent
 /// Servers' sockets: queue and stall state (see `MAP_NET_SK_STATE`).
 #[map]
 pub static NET_SK_STATE: LruHashMap<u64, NetSkState> = LruHashMap::with_max_entries(NET_CONNS_CAPACITY, 0);
+
+/// Servers' sockets: when their unread bytes arrived, a slot per socket address
+/// (`ready_slot`). A socket whose slot another server's socket took keeps it in
+/// `NET_SK_STATE`; a slot left by a process that died unseen is taken or cleared when a
+/// socket at that address is tracked again.
+#[map]
+pub static NET_READY: Array<NetReady> = Array::with_max_entries(NET_READY_SLOTS, 0);
+
+/// The `NET_READY` slot of socket `sk` (whichever socket has it).
+#[inline(always)]
+pub fn ready_slot(sk: u64) -> Option<&'static mut NetReady> {
+    let h = (sk >> 6) ^ (sk >> 26);
+    let slot = NET_READY.get_ptr_mut((h as u32) & (NET_READY_SLOTS - 1))?;
+    // SAFETY: an element of the array (index checked by the lookup): live and aligned while the
+    // program is loaded; plain integers. Programs on other CPUs may write it at the same time
+    // (a read and `sk_data_ready`): each field is one aligned word, seen before or after.
+    Some(unsafe { &mut *slot })
+}
 
 /// A filter in front of `NET_SK_STATE`, which `sk_data_ready` consults for every socket of
 /// the host: one bit per hash of a `struct sock` address (`sk_bit`), set while a tracked

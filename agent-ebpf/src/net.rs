@@ -57,6 +57,19 @@ pub mod stall_cause {
 pub const NAGLE_GAP_MIN_NS: u64 = 30_000_000;
 pub const NAGLE_GAP_MAX_NS: u64 = 220_000_000;
 
+/// When the unread bytes of a server's socket first arrived (0: none since its last read),
+/// kept in a slot chosen by the socket's address (`NET_READY`) where `sk_data_ready` and the
+/// server's reads find it without a hash lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NetReady {
+    /// The socket whose slot it is (0: none).
+    pub sk: u64,
+    pub ready_ns: u64,
+}
+/// Slots of `NET_READY` (a power of two): 64 KiB.
+pub const NET_READY_SLOTS: u32 = 4096;
+
 /// What the programs keep per tracked socket (a server's or a client's).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -118,11 +131,10 @@ pub const NET_RING_TAIL: usize = 8;
 /// Bytes of an HTTP request path kept (cut at `?`, never a query string).
 pub const NET_PATH_LEN: usize = 64;
 const _: () = assert!(NET_PATH_LEN.is_multiple_of(8), "paths are copied a word at a time");
-/// Bytes peeked at the start of a request or response to recognize HTTP/1.x.
+/// Bytes read at the start of a request to recognize an HTTP/1.x request line (onto the
+/// program's stack: a multiple of 8).
 pub const NET_PEEK_LEN: usize = 80;
-/// Size of the per-CPU peek buffer: a power of two above `NET_PEEK_LEN`, so masked
-/// indexes stay inside it.
-pub const NET_PEEK_BUF: usize = 128;
+const _: () = assert!(NET_PEEK_LEN.is_multiple_of(8), "read into words");
 
 /// Record field offsets of the TCP tracepoints and `tcp_sock` member offsets (from BTF; 0 when
 /// unknown) the network programs read.
@@ -157,8 +169,11 @@ pub struct NetOffsets {
     /// Bytes queued for sending and the send buffer's size (`struct sock` members).
     pub sk_wmem_queued: u32,
     pub sk_sndbuf: u32,
+    /// The queue of a socket's written bytes not sent yet (`struct sock` member, an
+    /// `sk_buff_head`: its first word points to itself when the queue is empty).
+    pub sk_write_queue: u32,
 }
-const _: () = assert!(core::mem::size_of::<NetOffsets>() == 84);
+const _: () = assert!(core::mem::size_of::<NetOffsets>() == 88);
 
 // SAFETY: `repr(C)`, integers only, no padding (size asserted): any bit pattern is a valid value.
 #[cfg(feature = "user")]
@@ -189,6 +204,7 @@ impl NetOffsets {
         tcp_mss_cache: 0,
         sk_wmem_queued: 0,
         sk_sndbuf: 0,
+        sk_write_queue: 0,
     };
 }
 

@@ -3,8 +3,8 @@
 use agent_ebpf::{
     NAGLE_GAP_MAX_NS, NAGLE_GAP_MIN_NS, NET_EVENT_ACCEPT, NET_FRAMING_CHUNKED, NET_FRAMING_HEAD,
     NET_FRAMING_LENGTH, NET_FRAMING_NONE, NET_HEAD_BUF, NET_HEAD_LEN, NET_HEAD_MAX, NET_PATH_LEN,
-    NET_PEEK_BUF, NET_PEEK_LEN, NET_RING_HEAD, NET_RING_SLOTS, NET_RING_TAIL, NET_ROLE_CLIENT,
-    NET_ROLE_SERVER, NetConn, NetEvent, NetOffsets, NetSkState, http_method, stall_cause, stat,
+    NET_PEEK_LEN, NET_RING_HEAD, NET_RING_SLOTS, NET_RING_TAIL, NET_ROLE_CLIENT, NET_ROLE_SERVER, NetConn,
+    NetEvent, NetOffsets, NetSkState, http_method, stall_cause, stat,
 };
 use aya_ebpf::{
     helpers::generated::{
@@ -15,7 +15,7 @@ use aya_ebpf::{
 };
 
 use crate::maps::{
-    NET_EVENTS, NET_HEAD, NET_HEAD_SCAN, NET_PEEK, NET_SK_STATE, bump, sk_mark_stall, sk_maybe_stalled,
+    NET_EVENTS, NET_HEAD, NET_HEAD_SCAN, NET_SK_STATE, bump, ready_slot, sk_mark_stall, sk_maybe_stalled,
     sk_maybe_tracked,
 };
 
@@ -140,48 +140,28 @@ pub fn kernel_u64(base: u64, off: usize) -> u64 {
     if ret == 0 { v } else { 0 }
 }
 
-/// Copies the first bytes (at most `NET_PEEK_LEN`) of a user buffer of `len` bytes into the
-/// per-CPU peek buffer; returns it and how many bytes are valid (the rest is stale).
-#[inline(always)]
-fn peek(buf: u64, len: u64) -> Option<(&'static [u8; NET_PEEK_BUF], usize)> {
-    let p = NET_PEEK.get_ptr_mut(0)?;
-    let n = if len < NET_PEEK_LEN as u64 { len as u32 } else { NET_PEEK_LEN as u32 };
-    let n = n & (NET_PEEK_BUF as u32 - 1);
-    if n == 0 || buf == 0 {
-        return None;
-    }
-    // SAFETY: `p` is this CPU's `NET_PEEK` buffer of `NET_PEEK_BUF` bytes and `n` is masked
-    // below that; the helper checks the user address and fails rather than faulting.
-    if unsafe { bpf_probe_read_user(p.cast(), n, buf as *const _) } != 0 {
-        return None;
-    }
-    // SAFETY: a per-CPU array value lives as long as the program is loaded, and only this run
-    // uses this CPU's buffer (tracing programs never nest on one CPU: the kernel skips one that
-    // would); the bytes are plain `u8`s.
-    Some((unsafe { &*p }, n as usize))
-}
-
-/// Recognizes an HTTP/1.x request line in `buf` and stores its method and path (cut at
-/// `?`, `#` or the end of the path, at most `NET_PATH_LEN` bytes) in `conn`; the raw bytes
-/// read (query string, headers) do not stay in the peek buffer, which root could dump.
+/// Recognizes an HTTP/1.x request line in the `len` bytes at user address `buf` and stores
+/// its method and path (cut at `?`, `#` or the end of the path, at most `NET_PATH_LEN`
+/// bytes) in `conn`, whose path is all zeros (`finish` leaves it so). Its first
+/// `NET_PEEK_LEN` bytes are read onto this program's stack: no map value to look up, and the
+/// raw bytes (query string, headers) stay in no map, which root could dump.
 #[inline(always)]
 pub fn parse_request(conn: &mut NetConn, buf: u64, len: u64) {
-    recognize_request(conn, buf, len);
-    if let Some(p) = NET_PEEK.get_ptr_mut(0) {
-        // SAFETY: this CPU's peek buffer, 8-byte aligned (array values are), used only by
-        // this run (see `peek`), whose borrow of it ended with `recognize_request`.
-        unsafe { zero_words(&mut *p) };
-    }
-}
-
-#[inline(always)]
-fn recognize_request(conn: &mut NetConn, buf: u64, len: u64) {
     conn.method = http_method::NONE;
     conn.path_len = 0;
-    let Some((p, n)) = peek(buf, len) else { return };
-    if n < 8 {
+    let n = if len < NET_PEEK_LEN as u64 { len as u32 } else { NET_PEEK_LEN as u32 };
+    if n < 8 || buf == 0 {
         return;
     }
+    let mut words = [0u64; NET_PEEK_LEN / 8];
+    // SAFETY: the helper writes `n` bytes, at most `NET_PEEK_LEN`, into `words`, which has
+    // as many; it checks the user address and fails rather than faulting.
+    if unsafe { bpf_probe_read_user(words.as_mut_ptr().cast(), n, buf as *const _) } != 0 {
+        return;
+    }
+    // SAFETY: the array's bytes, any of which is a valid `u8`.
+    let p: &[u8; NET_PEEK_LEN] = unsafe { &*words.as_ptr().cast() };
+    let n = n as usize;
     let word = u64::from_le_bytes([p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]]);
     let (method, skip) = if word & 0xffff_ffff == u32::from_le_bytes(*b"GET ") as u64 {
         (http_method::GET, 4)
@@ -203,8 +183,6 @@ fn recognize_request(conn: &mut NetConn, buf: u64, len: u64) {
     if skip >= n || p.get(skip).copied() != Some(b'/') {
         return;
     }
-    // SAFETY: `NetConn::path` is 8-byte aligned (see `copy_words`).
-    unsafe { zero_words(&mut conn.path) };
     let mut path_len = 0usize;
     for i in 0..NET_PATH_LEN {
         if skip + i >= n {
@@ -686,11 +664,23 @@ pub fn emit_conn(
 /// arrival since its last read is when the next request started to wait; for a
 /// client's, the gaps between arrivals show a response that came in parts. Runs for every
 /// socket of the host (in softirq context, where the current task is anyone): one bit test
-/// (`NET_SK_BITS`), then a lookup for the targets' sockets.
+/// (`NET_SK_BITS`), then for the targets' sockets their `NET_READY` slot (a server's) or a
+/// lookup of their state (a client's, or a server's whose slot another took).
 #[raw_tracepoint(tracepoint = "sk_data_ready")]
 pub fn net_data_ready(ctx: RawTracePointContext) -> u32 {
     let sk: u64 = ctx.arg(0);
     if !sk_maybe_tracked(sk) {
+        return 0;
+    }
+    // SAFETY: the helper takes no arguments and only reads the clock.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // A server's socket in its slot: only the first arrival matters.
+    if let Some(r) = ready_slot(sk)
+        && r.sk == sk
+    {
+        if r.ready_ns == 0 {
+            r.ready_ns = now;
+        }
         return 0;
     }
     if let Some(st) = NET_SK_STATE.get_ptr_mut(sk) {
@@ -698,8 +688,6 @@ pub fn net_data_ready(ctx: RawTracePointContext) -> u32 {
         // allocated as long as the map; plain integers. A read racing on another CPU sees
         // the old or the new value of each.
         let st = unsafe { &mut *st };
-        // SAFETY: the helper takes no arguments and only reads the clock.
-        let now = unsafe { bpf_ktime_get_ns() };
         if st.ready_ns == 0 {
             st.ready_ns = now;
         }
@@ -711,19 +699,25 @@ pub fn net_data_ready(ctx: RawTracePointContext) -> u32 {
     0
 }
 
+/// Bytes below the smallest send buffer the kernel keeps (`SOCK_MIN_SNDBUF`).
+const SNDBUF_FLOOR: i32 = 4096;
+
 /// `tcp_sendmsg_locked(struct sock *sk, ...)`: a write is about to queue bytes on `sk`. On a
 /// tracked socket whose send buffer is full, the write will wait for room: that wait starts
 /// (`after_write` ends it, and a hold under way ends here: the wait takes over), with why the
-/// buffer is full. Runs for every TCP write of the host: one bit test, then two reads of
-/// the socket.
+/// buffer is full. Runs for every TCP write of the host: one bit test, then a read of the
+/// socket (two when more than `SNDBUF_FLOOR` bytes are queued).
 #[raw_tracepoint(tracepoint = "tcp_sendmsg_locked")]
 pub fn net_tcp_sendmsg(ctx: RawTracePointContext) -> u32 {
     let sk: u64 = ctx.arg(0);
     if !sk_maybe_tracked(sk) || offset!(sk_sndbuf) == 0 || offset!(tcp_write_seq) == 0 {
         return 0;
     }
+    // A send buffer is never below `SOCK_MIN_SNDBUF` (4,608 bytes on x86-64, whatever
+    // `SO_SNDBUF` or memory pressure asks): fewer bytes queued cannot fill it, and the
+    // buffer's size is read only when more are.
     let queued = kernel_u64(sk, offset!(sk_wmem_queued)) as i32;
-    if queued < kernel_u64(sk, offset!(sk_sndbuf)) as i32 {
+    if queued < SNDBUF_FLOOR || queued < kernel_u64(sk, offset!(sk_sndbuf)) as i32 {
         return 0;
     }
     if let Some(st) = NET_SK_STATE.get_ptr_mut(sk) {
@@ -828,11 +822,15 @@ pub fn after_write(sk: u64, now: u64) {
     if offset!(tcp_write_seq) == 0 {
         return;
     }
-    // Bytes held or not first (two reads), and a bit test: the socket's state only when
-    // either says there is something to do.
-    let held = held_cause(sk);
+    // Bytes held or not first (one read; the sequence numbers and why only when some are),
+    // and a bit test: the socket's state only when either says there is something to do.
+    let held = if unsent(sk) { held_cause(sk) } else { None };
     if held.is_none() && !sk_maybe_stalled(sk) {
         return;
+    }
+    // A state evicted from the full map is kept again.
+    if NET_SK_STATE.get_ptr_mut(sk).is_none() {
+        let _ = NET_SK_STATE.insert(sk, NetSkState::default(), 0);
     }
     let Some(st) = NET_SK_STATE.get_ptr_mut(sk) else { return };
     // SAFETY: as in `net_data_ready`.
@@ -858,6 +856,18 @@ pub fn after_write(sk: u64, now: u64) {
         st.hold_cause = cause;
         sk_mark_stall(sk, true);
     }
+}
+
+/// Whether bytes written to `sk` may wait unsent: its write queue is not empty, or that is
+/// not known.
+#[inline(always)]
+fn unsent(sk: u64) -> bool {
+    let off = offset!(sk_write_queue);
+    if off == 0 {
+        return true;
+    }
+    let first = kernel_u64(sk, off);
+    first == 0 || first != sk + off as u64
 }
 
 /// Why the kernel holds bytes written to `sk` (written, not sent), if it does.

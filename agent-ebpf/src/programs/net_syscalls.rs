@@ -21,8 +21,8 @@ use super::net::{
 };
 use super::{offcpu::fd_sock, sysno};
 use crate::maps::{
-    NET_ACCEPTING, NET_CONN_SCRATCH, NET_CONNS, NET_SK_STATE, bump, is_target, sk_mark, sk_mark_stall,
-    sk_maybe_tracked,
+    NET_ACCEPTING, NET_CONN_SCRATCH, NET_CONNS, NET_SK_STATE, bump, is_target, ready_slot, sk_mark,
+    sk_mark_stall, sk_maybe_tracked,
 };
 
 const EINPROGRESS: i64 = 115;
@@ -86,7 +86,7 @@ fn try_sys_exit() -> Result<u32, i64> {
             let c = unsafe { &mut *c };
             if c.sk == NET_SK_ADOPTED {
                 // A connection adopted from /proc: its socket, now that its owner uses it.
-                c.sk = track_sock(fd);
+                c.sk = track_sock(fd, c.role);
             }
             let (inbound, buf) = match nr {
                 sysno::READ | sysno::RECVFROM => (true, Buf::new(FLAT, regs.rsi, regs.rdx)),
@@ -200,7 +200,7 @@ fn open(tgid: u32, fd: u32, role: u32, sockaddr: u64, now: u64) {
             let _ = NET_ACCEPTING.remove(sk);
         }
     }
-    c.sk = if sk != 0 { track(sk) } else { 0 };
+    c.sk = if sk != 0 { track(sk, role) } else { 0 };
     // A reused fd whose close was missed is overwritten.
     let accept_ns = c.accept_ns;
     if NET_CONNS.insert(conn_key(tgid, fd), c, 0).is_err() {
@@ -212,23 +212,31 @@ fn open(tgid: u32, fd: u32, role: u32, sockaddr: u64, now: u64) {
     }
 }
 
-/// Starts keeping the state of socket `sk` (its arrivals, its stalls); returns it, or 0 when
-/// its state cannot be kept.
+/// Starts keeping the state of socket `sk` (its arrivals, its stalls) of a connection in
+/// `role`; returns it, or 0 when its state cannot be kept. A server's socket takes its
+/// `NET_READY` slot; a client's leaves it, if a socket at its address had it.
 #[inline(always)]
-fn track(sk: u64) -> u64 {
-    if NET_SK_STATE.insert(sk, NetSkState::default(), 0).is_ok() {
-        sk_mark(sk, true);
-        sk
-    } else {
-        0
+fn track(sk: u64, role: u32) -> u64 {
+    if NET_SK_STATE.insert(sk, NetSkState::default(), 0).is_err() {
+        return 0;
     }
+    if let Some(r) = ready_slot(sk) {
+        if role == NET_ROLE_SERVER {
+            r.ready_ns = 0;
+            r.sk = sk;
+        } else if r.sk == sk {
+            r.sk = 0;
+        }
+    }
+    sk_mark(sk, true);
+    sk
 }
 
 /// `track` of the socket behind the current task's descriptor `fd` (0: none).
 #[inline(always)]
-fn track_sock(fd: u32) -> u64 {
+fn track_sock(fd: u32, role: u32) -> u64 {
     let sk = fd_sock(u64::from(fd));
-    if sk != 0 { track(sk) } else { 0 }
+    if sk != 0 { track(sk, role) } else { 0 }
 }
 
 /// A read (`inbound`) or write of `ret` bytes from or to `buf` on a tracked socket.
@@ -327,11 +335,20 @@ fn data(c: &mut NetConn, tgid: u32, inbound: bool, buf: Buf, ret: i64) {
 }
 
 /// When the unread bytes of a server's socket `sk` first arrived (0: unknown), as a read of
-/// them returns; later arrivals are later bytes'. A socket whose state was evicted, or whose
-/// filter bit a colliding socket's close cleared, is tracked again.
+/// them returns; later arrivals are later bytes'. Its `NET_READY` slot has them, or its state
+/// when another socket took the slot. A socket whose state was evicted, or whose filter bit a
+/// colliding socket's close cleared, is tracked again.
 #[inline(always)]
 fn take_ready(sk: u64) -> u64 {
-    let ready = match NET_SK_STATE.get_ptr_mut(sk) {
+    if !sk_maybe_tracked(sk) {
+        sk_mark(sk, true);
+    }
+    if let Some(r) = ready_slot(sk)
+        && r.sk == sk
+    {
+        return core::mem::replace(&mut r.ready_ns, 0);
+    }
+    match NET_SK_STATE.get_ptr_mut(sk) {
         // SAFETY: a value of the preallocated LRU map from a successful lookup: it stays
         // allocated as long as the map; plain integers.
         Some(st) => unsafe { core::mem::replace(&mut (*st).ready_ns, 0) },
@@ -339,11 +356,7 @@ fn take_ready(sk: u64) -> u64 {
             let _ = NET_SK_STATE.insert(sk, NetSkState::default(), 0);
             0
         }
-    };
-    if !sk_maybe_tracked(sk) {
-        sk_mark(sk, true);
     }
-    ready
 }
 
 /// How long the request a server starts to read at `now` waited in its socket: since its
@@ -398,6 +411,11 @@ fn close(tgid: u32, fd: u32) {
         finish(c, tgid, bpf_now());
         if c.sk != 0 {
             let _ = NET_SK_STATE.remove(c.sk);
+            if let Some(r) = ready_slot(c.sk)
+                && r.sk == c.sk
+            {
+                r.sk = 0;
+            }
             sk_mark(c.sk, false);
             sk_mark_stall(c.sk, false);
         }

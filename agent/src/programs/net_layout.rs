@@ -49,6 +49,8 @@ pub(crate) fn offsets(btf: Option<&Btf>) -> NetOffsets {
                 o.tcp_packets_out,
                 o.tcp_mss_cache,
             ] = stalls;
+            // Written bytes not sent yet, seen with one read (0: the sequence numbers say).
+            o.sk_write_queue = btf.member_offset("sock", "sk_write_queue").unwrap_or(0);
             // Writes that wait for room in the send buffer, likewise.
             let buffer = ["sk_wmem_queued", "sk_sndbuf"].map(|m| btf.member_offset("sock", m).unwrap_or(0));
             if buffer.iter().all(|&off| off > 0) {
@@ -76,5 +78,6 @@ mod tests {
         assert!(o.tcp_bytes_received > 1000 && o.tcp_bytes_acked > 1000, "{o:?}");
         assert!(o.tcp_write_seq > 1000 && o.tcp_snd_nxt > 1000 && o.tcp_mss_cache > 1000, "{o:?}");
         assert!(o.sk_wmem_queued > 100 && o.sk_sndbuf > 100 && o.sk_wmem_queued < 1000, "{o:?}");
+        assert!(o.sk_write_queue > 100 && o.sk_write_queue < 1000, "{o:?}");
     }
 }
