@@ -140,8 +140,7 @@ pub static NET_READY: Array<NetReady> = Array::with_max_entries(NET_READY_SLOTS,
 /// The `NET_READY` slot of socket `sk` (whichever socket has it).
 #[inline(always)]
 pub fn ready_slot(sk: u64) -> Option<&'static mut NetReady> {
-    let h = (sk >> 6) ^ (sk >> 26);
-    let slot = NET_READY.get_ptr_mut((h as u32) & (NET_READY_SLOTS - 1))?;
+    let slot = NET_READY.get_ptr_mut((sk_hash(sk) as u32) & (NET_READY_SLOTS - 1))?;
     // SAFETY: an element of the array (index checked by the lookup): live and aligned while the
     // program is loaded; plain integers. Programs on other CPUs may write it at the same time
     // (a read and `sk_data_ready`): each field is one aligned word, seen before or after.
@@ -156,10 +155,17 @@ pub fn ready_slot(sk: u64) -> Option<&'static mut NetReady> {
 #[map]
 pub static NET_SK_BITS: Array<u64> = Array::with_max_entries(NET_SK_BITS_WORDS, 0);
 
-/// Word and bit of `sk` in `NET_SK_BITS`: `struct sock`s are cache-line aligned slab objects.
+/// A hash of socket address `sk` for `NET_SK_BITS` and `NET_READY`: `struct sock`s are
+/// cache-line aligned slab objects.
+#[inline(always)]
+fn sk_hash(sk: u64) -> u64 {
+    (sk >> 6) ^ (sk >> 26)
+}
+
+/// Word and bit of `sk` in `NET_SK_BITS`.
 #[inline(always)]
 pub fn sk_bit(sk: u64) -> (u32, u64) {
-    let h = (sk >> 6) ^ (sk >> 26);
+    let h = sk_hash(sk);
     (((h >> 6) as u32) & (NET_SK_BITS_WORDS - 1), 1 << (h & 63))
 }
 

@@ -673,13 +673,13 @@ pub fn net_data_ready(ctx: RawTracePointContext) -> u32 {
         return 0;
     }
     // SAFETY: the helper takes no arguments and only reads the clock.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = || unsafe { bpf_ktime_get_ns() };
     // A server's socket in its slot: only the first arrival matters.
     if let Some(r) = ready_slot(sk)
         && r.sk == sk
     {
         if r.ready_ns == 0 {
-            r.ready_ns = now;
+            r.ready_ns = now();
         }
         return 0;
     }
@@ -688,6 +688,7 @@ pub fn net_data_ready(ctx: RawTracePointContext) -> u32 {
         // allocated as long as the map; plain integers. A read racing on another CPU sees
         // the old or the new value of each.
         let st = unsafe { &mut *st };
+        let now = now();
         if st.ready_ns == 0 {
             st.ready_ns = now;
         }
@@ -828,11 +829,15 @@ pub fn after_write(sk: u64, now: u64) {
     if held.is_none() && !sk_maybe_stalled(sk) {
         return;
     }
-    // A state evicted from the full map is kept again.
-    if NET_SK_STATE.get_ptr_mut(sk).is_none() {
-        let _ = NET_SK_STATE.insert(sk, NetSkState::default(), 0);
-    }
-    let Some(st) = NET_SK_STATE.get_ptr_mut(sk) else { return };
+    let st = match NET_SK_STATE.get_ptr_mut(sk) {
+        Some(st) => st,
+        None => {
+            // A state evicted from the full map is kept again.
+            let _ = NET_SK_STATE.insert(sk, NetSkState::default(), 0);
+            let Some(st) = NET_SK_STATE.get_ptr_mut(sk) else { return };
+            st
+        }
+    };
     // SAFETY: as in `net_data_ready`.
     let st = unsafe { &mut *st };
     if st.write_full_ns != 0 {
@@ -866,8 +871,8 @@ fn unsent(sk: u64) -> bool {
     if off == 0 {
         return true;
     }
-    let first = kernel_u64(sk, off);
-    first == 0 || first != sk + off as u64
+    // (0, an unreadable word, is not the queue's own address either.)
+    kernel_u64(sk, off) != sk + off as u64
 }
 
 /// Why the kernel holds bytes written to `sk` (written, not sent), if it does.
