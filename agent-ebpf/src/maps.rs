@@ -4,9 +4,9 @@ use agent_ebpf::{
     COUNTS_CAPACITY, EXECS_RING_BYTES, LOOPS_CAPACITY, LoopBlock, LoopThread, NET_ACCEPTING_CAPACITY,
     NET_CONNS_CAPACITY, NET_HEAD_BUF, NET_READY_SLOTS, NET_RING_SLOTS, NET_SK_BITS_WORDS, NET_SOCKS_CAPACITY,
     NEW_KEYS_RING_BYTES, NetConn, NetEvent, NetReady, NetSkState, NewKey, OFF_COUNTS_CAPACITY,
-    OFF_PACE_SLOTS, OFF_THREADS_CAPACITY, OffKey, OffPace, OffThread, PY_FRAME_CHUNK, PY_STACKS_CAPACITY,
-    PY_THREADS_CAPACITY, PyProc, PyStack, STACKS_CAPACITY, SampleKey, TARGET_BITS_WORDS, TARGETS_CAPACITY,
-    stat,
+    OFF_PACE_SLOTS, OFF_THREADS_CAPACITY, OffKey, OffPace, OffThread, OffTime, PY_FRAME_CHUNK,
+    PY_STACKS_CAPACITY, PY_THREADS_CAPACITY, PyProc, PyStack, STACKS_CAPACITY, SampleKey, TARGET_BITS_WORDS,
+    TARGETS_CAPACITY, stat,
 };
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
@@ -244,7 +244,8 @@ pub static GIL_HELD: PerCpuHashMap<u32, u64> = PerCpuHashMap::with_max_entries(T
 
 /// Off-CPU time of target threads (see `MAP_OFF_COUNTS`).
 #[map]
-pub static OFF_COUNTS: PerCpuHashMap<OffKey, u64> = PerCpuHashMap::with_max_entries(OFF_COUNTS_CAPACITY, 0);
+pub static OFF_COUNTS: PerCpuHashMap<OffKey, OffTime> =
+    PerCpuHashMap::with_max_entries(OFF_COUNTS_CAPACITY, 0);
 
 /// Target threads' waits under way (see `MAP_OFF_THREADS`).
 #[map]
@@ -333,11 +334,6 @@ pub fn set_pending(tid: u32, on: bool) {
         }
     }
 }
-
-/// This CPU's run queue (`struct rq` address, 0 until found): the off-CPU program reads
-/// its clock at every switch it follows.
-#[map]
-pub static OFF_RQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// Event-loop threads of target processes (see `MAP_LOOPS`).
 #[map]

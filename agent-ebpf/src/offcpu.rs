@@ -2,7 +2,7 @@
 //! aggregated in the kernel per (thread, stacks, reason) by the `sched_switch` program.
 use crate::SampleKey;
 
-/// Off-CPU time aggregated in the kernel: `OffKey` -> per-CPU nanoseconds.
+/// Off-CPU time aggregated in the kernel: `OffKey` -> per-CPU `OffTime`.
 pub const MAP_OFF_COUNTS: &str = "OFF_COUNTS";
 /// Target threads off the CPU or last seen leaving it: tid -> `OffThread` (LRU).
 pub const MAP_OFF_THREADS: &str = "OFF_THREADS";
@@ -56,6 +56,19 @@ pub fn weighted(ns: u64, weight: u64) -> u64 {
     (ns >> 10).wrapping_mul(weight).wrapping_add(((ns & 1023) * weight) >> 10)
 }
 
+/// The time of the waits of one `OffKey`: for its reason, and in the run queue after they
+/// ended (that of `OffKey::queued`, kept here so that a wait is added with one lookup).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OffTime {
+    pub waited: u64,
+    pub queued: u64,
+}
+
+// SAFETY: `repr(C)`, two integers, no padding.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for OffTime {}
+
 /// A wait of `total` ns that ended, of which the thread spent `queued` ns in the run queue
 /// (as the scheduler counted it), split into (its reason's part, the run queue's part). A
 /// thread that left the CPU runnable (`RUNQUEUE`, `THROTTLED`) waited for the CPU all along.
@@ -71,8 +84,9 @@ pub fn split_wait(reason: u32, total: u64, queued: u64) -> (u64, u64) {
 /// Global set by the loader: `OffConfig`.
 pub const GLOBAL_OFF_CONFIG: &str = "OFF_CONFIG";
 
-/// Capacity of the off-CPU counts map (unique thread/stack/reason keys).
-pub const OFF_COUNTS_CAPACITY: u32 = 32 * 1024;
+/// Capacity of the off-CPU counts map (unique thread/stack/reason keys, each with the
+/// run-queue time after its waits).
+pub const OFF_COUNTS_CAPACITY: u32 = 16 * 1024;
 /// Capacity of the per-thread state map.
 pub const OFF_THREADS_CAPACITY: u32 = 16 * 1024;
 
@@ -193,8 +207,11 @@ pub struct OffPace {
     pub window_count: u64,
     pub take_below: u64,
     pub weight: u64,
+    /// State of the thread's random draws (xorshift, never 0): a switch that is sampled
+    /// draws here rather than with a helper call, which costs as much as the rest of it.
+    pub rng: u64,
 }
-const _: () = assert!(core::mem::size_of::<OffPace>() == 48);
+const _: () = assert!(core::mem::size_of::<OffPace>() == 56);
 
 /// Where the programs find what they read, from the kernel's BTF (`NO_OFFSET`: unknown,
 /// that detail is not read).
@@ -230,8 +247,12 @@ pub struct OffConfig {
     /// `cfs_rq.rq` and `rq.clock`: the run queue's clock.
     pub cfs_rq_rq: u32,
     pub rq_clock: u32,
+    /// `task_struct.pid` and `.tgid`: the switch program reads who leaves the CPU from the
+    /// task it has at hand for the saved registers, with no helper call of its own.
+    pub task_pid: u32,
+    pub task_tgid: u32,
 }
-const _: () = assert!(core::mem::size_of::<OffConfig>() == 76);
+const _: () = assert!(core::mem::size_of::<OffConfig>() == 84);
 
 /// `OffConfig` value of an offset that is not known.
 pub const NO_OFFSET: u32 = u32::MAX;
@@ -258,6 +279,8 @@ impl OffConfig {
         task_last_arrival: NO_OFFSET,
         cfs_rq_rq: NO_OFFSET,
         rq_clock: NO_OFFSET,
+        task_pid: NO_OFFSET,
+        task_tgid: NO_OFFSET,
     };
 }
 

@@ -23,6 +23,32 @@ pub fn loader_global<T: Copy>(global: &T) -> T {
     unsafe { core::ptr::read_volatile(global) }
 }
 
+/// The current task as the kernel's BTF types it. Its fields, at offsets the loader took
+/// from the same BTF (globals in read-only data, whose values the verifier knows), are read
+/// with plain loads (`typed_field`) that the verifier checks against the type: no helper
+/// call, which costs more than the rest of a context switch that is not followed.
+#[inline(always)]
+pub fn current_task() -> *const u8 {
+    // SAFETY: the helper takes no arguments and only returns the current task's address.
+    unsafe { aya_ebpf::helpers::generated::bpf_get_current_task_btf() as *const u8 }
+}
+
+/// The `T` at `offset` (`NO_OFFSET`: unknown) in the kernel structure at BTF-typed `base`
+/// (null: none), read with a plain load. The null test comes before the offset is added:
+/// a pointer the verifier marks as maybe null (an RCU-protected member) admits no
+/// arithmetic until it is tested.
+#[inline(always)]
+pub fn typed_field<T: Plain>(base: *const u8, offset: u32) -> Result<T, i64> {
+    if offset == agent_ebpf::NO_OFFSET || base.is_null() {
+        return Err(0);
+    }
+    // SAFETY: `base` is a pointer the verifier types from BTF and `offset` a member of that
+    // type (from the same BTF): the verifier admits the load only within that member (a
+    // pointer member read whole) and makes it one that cannot fault (a bad address reads as
+    // zero). Any bits are a valid `T` (`Plain`).
+    Ok(unsafe { core::ptr::read_volatile(base.wrapping_add(offset as usize) as *const T) })
+}
+
 /// Reads a field of a tracepoint record at `offset` (from the record's format file).
 #[inline(always)]
 pub fn record<T: Plain>(ctx: &TracePointContext, offset: usize) -> Result<T, i64> {
@@ -48,6 +74,8 @@ unsafe impl Plain for i32 {}
 unsafe impl Plain for u32 {}
 // SAFETY: an integer: any bits are a valid value.
 unsafe impl Plain for u64 {}
+// SAFETY: an address, never dereferenced as a Rust reference: any bits are a valid value.
+unsafe impl Plain for *const u8 {}
 // SAFETY: bytes: any bits are a valid value.
 unsafe impl<const N: usize> Plain for [u8; N] {}
 // SAFETY: integers: any bits are a valid value.

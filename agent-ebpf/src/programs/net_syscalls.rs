@@ -7,10 +7,7 @@ use agent_ebpf::{
 };
 use aya_ebpf::{
     bindings::pt_regs,
-    helpers::{
-        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
-        generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
-    },
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_user, generated::bpf_task_pt_regs},
     macros::tracepoint,
     programs::TracePointContext,
 };
@@ -19,7 +16,10 @@ use super::net::{
     Peer, after_write, client_request, copy_words, emit_conn, emit_request, ends_chunked, parse_request,
     parse_response_head, parse_status, read_sockaddr, start_response_head, take_stalls, zero_words,
 };
-use super::{offcpu::fd_sock, sysno};
+use super::{
+    offcpu::{fd_sock, task_ids},
+    sysno,
+};
 use crate::maps::{
     NET_ACCEPTING, NET_CONN_SCRATCH, NET_CONNS, NET_SK_STATE, bump, is_target, ready_slot, sk_mark,
     sk_mark_stall, sk_maybe_tracked,
@@ -55,12 +55,13 @@ pub fn net_sys_exit(_ctx: TracePointContext) -> u32 {
 }
 
 fn try_sys_exit() -> Result<u32, i64> {
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let task = super::current_task();
+    let (tgid, _) = task_ids(task);
     if !is_target(tgid) {
         return Ok(0);
     }
     // The system call's number and arguments as it entered, its return value in `rax`.
-    let regs = entry_regs();
+    let regs = entry_regs_of(task);
     let ret = regs.rax as i64;
     let fd = regs.rdi as u32;
     match regs.orig_rax {
@@ -103,14 +104,15 @@ fn try_sys_exit() -> Result<u32, i64> {
     Ok(0)
 }
 
-/// The registers saved when the current system call entered, read in place (no copy): its
-/// number, its arguments (unchanged until it returns) and, at the exit, its return value.
+/// The registers saved when the current system call of `task` (the current task, as
+/// `current_task` gave it) entered, read in place (no copy): its number, its arguments
+/// (unchanged until it returns) and, at the exit, its return value.
 #[inline(always)]
-pub(super) fn entry_regs() -> &'static pt_regs {
+pub(super) fn entry_regs_of(task: *const u8) -> &'static pt_regs {
     // SAFETY: `bpf_task_pt_regs` of the current task (a trusted BTF pointer) is its saved user
     // registers, valid, aligned and unchanged while it is in this system call, which outlasts
     // the program run; `pt_regs` is plain integers.
-    unsafe { &*(bpf_task_pt_regs(bpf_get_current_task_btf()) as *const pt_regs) }
+    unsafe { &*(bpf_task_pt_regs(task as *mut _) as *const pt_regs) }
 }
 
 #[inline(always)]

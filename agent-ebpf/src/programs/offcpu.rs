@@ -5,28 +5,26 @@
 //! recorded them in the task's `sched_info`). Switches of other threads cost one bit test.
 use agent_ebpf::{
     NO_OFFSET, NO_STACK, OFF_BRIEF_SLEEP_NS, OFF_PACE_SLOTS, OFF_TAKE_ALL, OFF_WEIGHT_ONE, OFF_WINDOW_NS,
-    OffConfig, OffKey, OffPace, OffThread, PY_GIL_SIZE, SampleKey, reason, split_wait, stat, weighted,
+    OffConfig, OffKey, OffPace, OffThread, OffTime, PY_GIL_SIZE, SampleKey, reason, split_wait, stat,
+    weighted,
 };
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, pt_regs},
-    helpers::{
-        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_prandom_u32, bpf_ktime_get_ns,
-        bpf_probe_read_kernel,
-    },
+    helpers::{bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::raw_tracepoint,
     programs::RawTracePointContext,
 };
 
 use super::{
-    Plain, loader_global,
+    Plain, current_task, loader_global,
     net::{AF_INET, AF_INET6},
-    net_syscalls::entry_regs,
+    net_syscalls::entry_regs_of,
     perf_sample::{kernel_stack, python_stack, user_stack},
-    python, sysno,
+    python, sysno, typed_field,
 };
 use crate::maps::{
-    OFF_BUDGET, OFF_COUNTS, OFF_PACE, OFF_RQ, OFF_THREADS, PY_PROCS, add, bump, is_pending, is_target,
-    new_key, set_pending,
+    OFF_BUDGET, OFF_COUNTS, OFF_PACE, OFF_THREADS, PY_PROCS, add, bump, is_pending, is_target, new_key,
+    set_pending,
 };
 
 /// Where the programs find what they read (set by the loader).
@@ -45,10 +43,12 @@ const S_IFREG: u16 = 0o100000;
 // `struct sock_common`: `skc_daddr` 0, `skc_dport` 12, `skc_family` 16, `skc_v6_daddr` 56,
 // unchanged since Linux 4.x (members of anonymous unions, which the loader's BTF reader does
 // not descend into).
-const SKC_DADDR: u64 = 0;
-const SKC_DPORT: u64 = 12;
-const SKC_FAMILY: u64 = 16;
+const SKC_DADDR: usize = 0;
+const SKC_DPORT: usize = 12;
+const SKC_FAMILY: usize = 16;
 const SKC_V6_DADDR: u64 = 56;
+/// Bytes of `sock_common` read for its first three.
+const SKC_HEAD: usize = 24;
 
 #[inline(always)]
 fn config(field: &u32) -> u32 {
@@ -102,19 +102,35 @@ pub fn sched_switch(ctx: RawTracePointContext) -> u32 {
 
 fn try_sched_switch(ctx: &RawTracePointContext) -> Result<(), i64> {
     // The thread going out is the current one: one bit test unless it is a target's.
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    let task = current_task();
+    let (tgid, tid) = task_ids(task);
     if tid == 0 || !is_target(tgid) {
         return Ok(());
     }
     let preempt: u64 = ctx.arg(0);
     let state: u64 = ctx.arg::<u64>(3) & 0xffff_ffff;
-    if let Some(start) = switched_out(ctx, tgid, tid, preempt & 1 != 0 || state == 0, state)
+    if let Some(start) = switched_out(ctx, task, tgid, tid, preempt & 1 != 0 || state == 0, state)
         && config(&OFF_CONFIG.measure_cost) != 0
     {
         add(stat::OFF_NS, now_ns().wrapping_sub(start));
     }
     Ok(())
+}
+
+/// The process and thread ids of `task`, the current task as `current_task` gave it: two
+/// loads where the offsets are known, else the helper.
+#[inline(always)]
+pub(super) fn task_ids(task: *const u8) -> (u32, u32) {
+    match (
+        typed_field::<u32>(task, config(&OFF_CONFIG.task_tgid)),
+        typed_field::<u32>(task, config(&OFF_CONFIG.task_pid)),
+    ) {
+        (Ok(tgid), Ok(tid)) => (tgid, tid),
+        _ => {
+            let pid_tgid = bpf_get_current_pid_tgid();
+            ((pid_tgid >> 32) as u32, pid_tgid as u32)
+        }
+    }
 }
 
 /// A CPU sample of target thread `tid` of process `tgid`: a wait of it that ended since its
@@ -123,14 +139,14 @@ fn try_sched_switch(ctx: &RawTracePointContext) -> Result<(), i64> {
 #[inline(always)]
 pub(super) fn sampled(tgid: u32, tid: u32) {
     if is_pending(tid) {
-        count_pending(tgid, tid);
+        count_pending(current_task(), tgid, tid);
     }
 }
 
 /// Counts the pending wait of thread `tid` of process `tgid` (the current task, which ran
 /// since): its `OFF_THREADS` entry, if it still has one.
 #[inline(always)]
-fn count_pending(tgid: u32, tid: u32) -> Option<*mut OffThread> {
+fn count_pending(task: *const u8, tgid: u32, tid: u32) -> Option<*mut OffThread> {
     set_pending(tid, false);
     let entry = OFF_THREADS.get_ptr_mut(tid)?;
     // SAFETY: a value of the preallocated LRU map from a successful lookup: it stays
@@ -139,7 +155,7 @@ fn count_pending(tgid: u32, tid: u32) -> Option<*mut OffThread> {
     let t = unsafe { &mut *entry };
     // (An entry of another process is a thread that exited unseen: its id was reused.)
     if t.off_ns != 0 && t.key.sample.tgid == tgid {
-        ran_again(t);
+        ran_again(t, task);
     }
     Some(entry)
 }
@@ -162,6 +178,8 @@ fn pace_of(tgid: u32, tid: u32) -> Option<&'static mut OffPace> {
             window_count: 0,
             take_below: 0,
             weight: OFF_WEIGHT_ONE,
+            // SAFETY: the helper takes no arguments and only returns a pseudo-random number.
+            rng: u64::from(unsafe { bpf_get_prandom_u32() }) << 32 | u64::from(tid) | 1,
         };
     }
     Some(pace)
@@ -196,9 +214,16 @@ impl LazyPace {
 /// A target thread leaves the CPU, `runnable` or blocked in `state`: notes why and with
 /// which stacks. The time it left when its wait is followed.
 #[inline(always)]
-fn switched_out(ctx: &RawTracePointContext, tgid: u32, tid: u32, runnable: bool, state: u64) -> Option<u64> {
+fn switched_out(
+    ctx: &RawTracePointContext,
+    task: *const u8,
+    tgid: u32,
+    tid: u32,
+    runnable: bool,
+    state: u64,
+) -> Option<u64> {
     // Its previous wait (followed) ended when it got the CPU: counted now.
-    let mut entry = if is_pending(tid) { count_pending(tgid, tid) } else { None };
+    let mut entry = if is_pending(tid) { count_pending(task, tgid, tid) } else { None };
     // Stopped, traced and exiting threads are not waiting for anything.
     if !runnable && state & (TASK_INTERRUPTIBLE | TASK_UNINTERRUPTIBLE) == 0 {
         return None;
@@ -215,11 +240,11 @@ fn switched_out(ctx: &RawTracePointContext, tgid: u32, tid: u32, runnable: bool,
     let mut brief = false;
     let mut pace = LazyPace::new(tgid, tid);
     key.reason = if runnable {
-        if throttled() { reason::THROTTLED } else { reason::RUNQUEUE }
+        if throttled(task) { reason::THROTTLED } else { reason::RUNQUEUE }
     } else if state & TASK_UNINTERRUPTIBLE != 0 {
         reason::DISK
     } else {
-        blocked_reason(&mut key, tgid, &mut pace, entry_regs(), &mut brief, &mut now)
+        blocked_reason(&mut key, task, tgid, &mut pace, entry_regs_of(task), &mut brief, &mut now)
     };
     // The budget samples the waits that come in storms, brief each (GIL hand-overs,
     // preemptions, sleeps asked for under `OFF_BRIEF_SLEEP_NS`); every other wait (a socket,
@@ -297,7 +322,7 @@ fn switched_out(ctx: &RawTracePointContext, tgid: u32, tid: u32, runnable: bool,
     if want_native || key.reason == reason::OTHER {
         key.sample.kernel_stack_id = kernel_stack(ctx);
     }
-    let sched = Sched::of_current();
+    let sched = Sched::of(task);
     match entry {
         Some(t) => {
             // SAFETY: as above.
@@ -311,7 +336,7 @@ fn switched_out(ctx: &RawTracePointContext, tgid: u32, tid: u32, runnable: bool,
             t.py_signature = signature;
             t.walked_ns = walked;
             t.weight = weight;
-            sched.left(t, now);
+            sched.left(t, task, now);
             set_pending(tid, true);
         }
         None => {
@@ -330,7 +355,7 @@ fn switched_out(ctx: &RawTracePointContext, tgid: u32, tid: u32, runnable: bool,
                 prev_user_stack_id: NO_STACK,
                 _pad: 0,
             };
-            sched.left(&mut t, now);
+            sched.left(&mut t, task, now);
             if OFF_THREADS.insert(tid, t, 0).is_ok() {
                 set_pending(tid, true);
             } else {
@@ -349,99 +374,61 @@ struct Sched {
     arrived: u64,
 }
 
-/// Words of `sched_info` read in one go from its first, `pcount` (four fields on older kernels,
-/// six on 6.18; where `last_arrival` lies further in, the fields are read one by one).
-const SCHED_INFO_WORDS: usize = 6;
-
 impl Sched {
     #[inline(always)]
-    fn of_current() -> Self {
-        // One read of the struct where the fields lie in its first words, as they do.
-        let first = config(&OFF_CONFIG.task_pcount);
-        let word = |field: &u32| -> Option<usize> {
-            let offset = config(field).checked_sub(first)?;
-            let word = (offset / 8) as usize;
-            (first != NO_OFFSET && offset % 8 == 0 && word < SCHED_INFO_WORDS).then_some(word)
-        };
-        // SAFETY: the helper takes no arguments and only returns the current task's address.
-        let task = unsafe { bpf_get_current_task() };
-        if let (Some(queued), Some(arrived)) =
-            (word(&OFF_CONFIG.task_run_delay), word(&OFF_CONFIG.task_last_arrival))
-            && let Ok(info) = at(task, first).and_then(kread::<[u64; SCHED_INFO_WORDS]>)
-        {
-            return Sched {
-                arrivals: info[0],
-                queued: info.get(queued).copied().unwrap_or(0),
-                arrived: info.get(arrived).copied().unwrap_or(0),
-            };
-        }
+    fn of(task: *const u8) -> Self {
         Sched {
-            arrivals: current_u64(&OFF_CONFIG.task_pcount),
-            queued: current_u64(&OFF_CONFIG.task_run_delay),
-            arrived: current_u64(&OFF_CONFIG.task_last_arrival),
+            arrivals: typed_field(task, config(&OFF_CONFIG.task_pcount)).unwrap_or(0),
+            queued: typed_field(task, config(&OFF_CONFIG.task_run_delay)).unwrap_or(0),
+            arrived: typed_field(task, config(&OFF_CONFIG.task_last_arrival)).unwrap_or(0),
         }
     }
 
     /// Notes in `t` that its thread (the current task) leaves the CPU now.
     #[inline(always)]
-    fn left(&self, t: &mut OffThread, now: u64) {
+    fn left(&self, t: &mut OffThread, task: *const u8, now: u64) {
         t.off_ns = now;
-        t.off_clock = rq_clock().unwrap_or(0);
+        t.off_clock = rq_clock(task).unwrap_or(0);
         t.queued_before = self.queued;
         t.arrivals_before = self.arrivals;
-        t.ran_before = current_u64(&OFF_CONFIG.task_sum_exec);
+        t.ran_before = task_u64(task, &OFF_CONFIG.task_sum_exec);
     }
 }
 
-/// The `u64` of the current task at offset `offset` (0 when unknown or unreadable).
+/// The `u64` of the current task at offset `offset` (0 when unknown).
 #[inline(always)]
-fn current_u64(offset: &u32) -> u64 {
-    // SAFETY: the helper takes no arguments and only returns the current task's address.
-    let task = unsafe { bpf_get_current_task() };
-    at(task, config(offset)).and_then(kread::<u64>).unwrap_or(0)
+fn task_u64(task: *const u8, offset: &u32) -> u64 {
+    typed_field(task, config(offset)).unwrap_or(0)
 }
 
 /// The clock of this CPU's run queue (`rq->clock`, updated as the scheduler started the
-/// switch under way; the clock of `sched_info.last_arrival`).
+/// switch under way; the clock of `sched_info.last_arrival`), reached from the current task.
 #[inline(always)]
-fn rq_clock() -> Result<u64, i64> {
-    let slot = OFF_RQ.get_ptr_mut(0).ok_or(0i64)?;
-    // SAFETY: this CPU's slot of a per-CPU array: live and aligned; only programs on this
-    // CPU touch it, and they do not nest.
-    let mut rq = unsafe { *slot };
-    if rq == 0 {
-        // SAFETY: the helper takes no arguments and only returns the current task's address.
-        let task = unsafe { bpf_get_current_task() };
-        let cfs_rq: u64 = kread(at(task, config(&OFF_CONFIG.task_cfs_rq))?)?;
-        rq = kread(at(cfs_rq, config(&OFF_CONFIG.cfs_rq_rq))?)?;
-        // SAFETY: as above.
-        unsafe { *slot = rq };
-    }
-    kread(at(rq, config(&OFF_CONFIG.rq_clock))?)
+fn rq_clock(task: *const u8) -> Result<u64, i64> {
+    let cfs_rq: *const u8 = typed_field(task, config(&OFF_CONFIG.task_cfs_rq))?;
+    let rq: *const u8 = typed_field(cfs_rq, config(&OFF_CONFIG.cfs_rq_rq))?;
+    typed_field(rq, config(&OFF_CONFIG.rq_clock))
 }
 
 /// The thread of `t`, the current task, got the CPU since its wait began (it is on it
 /// now): the wait is counted, from when it left to when the scheduler gave it the CPU
 /// again, the time it spent in the run queue since apart.
 #[inline(always)]
-fn ran_again(t: &mut OffThread) {
+fn ran_again(t: &mut OffThread, task: *const u8) {
     let off = t.off_ns;
     t.off_ns = 0;
-    let sched = Sched::of_current();
+    let sched = Sched::of(task);
     let total = if sched.arrivals != t.arrivals_before && t.off_clock != 0 && sched.arrived >= t.off_clock {
         sched.arrived - t.off_clock
     } else {
         // No arrival recorded (the scheduler counts one only for a task it queued): the
         // thread has run since its wait ended for the CPU time it used since.
         bump(stat::OFF_FROM_RUN_TIME);
-        let ran = current_u64(&OFF_CONFIG.task_sum_exec).saturating_sub(t.ran_before);
+        let ran = task_u64(task, &OFF_CONFIG.task_sum_exec).saturating_sub(t.ran_before);
         now_ns().saturating_sub(off).saturating_sub(ran)
     };
     let (waited, queued) = split_wait(t.key.reason, total, sched.queued.saturating_sub(t.queued_before));
-    add_off(&t.key, weighted(waited, t.weight));
-    if queued > 0 {
-        add_off(&t.key.queued(), weighted(queued, t.weight));
-    }
+    add_off(&t.key, OffTime { waited: weighted(waited, t.weight), queued: weighted(queued, t.weight) });
 }
 
 /// Whether the switch now under way of the thread of pace `t`, a GIL hand-over or a
@@ -493,24 +480,35 @@ fn followed(t: &mut OffPace, now: &mut u64) -> bool {
     if t.take_below >= OFF_TAKE_ALL {
         return true;
     }
-    // SAFETY: the helper takes no arguments and only returns a pseudo-random number.
-    u64::from(unsafe { bpf_get_prandom_u32() }) < t.take_below
+    // xorshift64 (Marsaglia): a full period over the non-zero states; its high half is the
+    // draw of 2^32.
+    let mut x = t.rng;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    t.rng = x;
+    (x >> 32) < t.take_below
 }
 
 #[inline(always)]
-fn add_off(key: &OffKey, ns: u64) {
-    if let Some(total) = OFF_COUNTS.get_ptr_mut(key) {
+fn add_off(key: &OffKey, time: OffTime) {
+    let add = |total: *mut OffTime| {
         // SAFETY: this CPU's value of a per-CPU hash map entry: live and aligned (preallocated
         // map), and only this run touches it (tracing programs never nest on one CPU).
-        unsafe { *total += ns };
-    } else if OFF_COUNTS.insert(key, ns, u64::from(BPF_NOEXIST)).is_ok() {
+        unsafe {
+            (*total).waited += time.waited;
+            (*total).queued += time.queued;
+        }
+    };
+    if let Some(total) = OFF_COUNTS.get_ptr_mut(key) {
+        add(total);
+    } else if OFF_COUNTS.insert(key, time, u64::from(BPF_NOEXIST)).is_ok() {
         // A new stack for userspace to name.
         new_key(&key.sample);
     } else {
         match OFF_COUNTS.get_ptr_mut(key) {
             // Another CPU created the key just now.
-            // SAFETY: as above.
-            Some(total) => unsafe { *total += ns },
+            Some(total) => add(total),
             None => {
                 bump(stat::OFF_COUNTS_FULL);
             }
@@ -521,19 +519,15 @@ fn add_off(key: &OffKey, ns: u64) {
 /// True when the current task's cgroup has spent its CPU quota (the task was dequeued by
 /// the throttle, or its group or an ancestor is throttled).
 #[inline(always)]
-fn throttled() -> bool {
-    // SAFETY: the helper takes no arguments and only returns the current task's address.
-    let task = unsafe { bpf_get_current_task() };
+fn throttled(task: *const u8) -> bool {
     // Kernels that throttle per task (6.18+) mark the task once it is taken off its run
     // queue; until then (and on older kernels) its group's throttle count says it.
-    if let Ok(addr) = at(task, config(&OFF_CONFIG.task_throttled))
-        && kread::<u8>(addr).unwrap_or(0) & 1 != 0
-    {
+    if typed_field::<u8>(task, config(&OFF_CONFIG.task_throttled)).unwrap_or(0) & 1 != 0 {
         return true;
     }
     let count = || -> Result<i32, i64> {
-        let cfs_rq: u64 = kread(at(task, config(&OFF_CONFIG.task_cfs_rq))?)?;
-        kread(at(cfs_rq, config(&OFF_CONFIG.cfs_rq_throttle_count))?)
+        let cfs_rq: *const u8 = typed_field(task, config(&OFF_CONFIG.task_cfs_rq))?;
+        typed_field(cfs_rq, config(&OFF_CONFIG.cfs_rq_throttle_count))
     };
     count().unwrap_or(0) > 0
 }
@@ -588,6 +582,7 @@ fn brief_timeval(timeval: u64) -> bool {
 #[inline(always)]
 fn blocked_reason(
     key: &mut OffKey,
+    task: *const u8,
     tgid: u32,
     pace: &mut LazyPace,
     regs: &pt_regs,
@@ -614,7 +609,7 @@ fn blocked_reason(
         | sysno::SENDMSG
         | sysno::CONNECT
         | sysno::RECVMMSG
-        | sysno::SENDMMSG => fd_reason(key, arg0, reason::OTHER),
+        | sysno::SENDMMSG => fd_reason(key, task, arg0, reason::OTHER),
         sysno::ACCEPT | sysno::ACCEPT4 | sysno::EPOLL_WAIT | sysno::EPOLL_PWAIT | sysno::EPOLL_PWAIT2 => {
             reason::POLL
         }
@@ -622,7 +617,7 @@ fn blocked_reason(
         sysno::POLL | sysno::PPOLL if arg1 == 1 => {
             // SAFETY: the helper checks the user address and fails rather than faulting.
             match unsafe { aya_ebpf::helpers::bpf_probe_read_user(arg0 as *const i32) } {
-                Ok(fd) if fd >= 0 => fd_reason(key, fd as u64, reason::POLL),
+                Ok(fd) if fd >= 0 => fd_reason(key, task, fd as u64, reason::POLL),
                 _ => reason::POLL,
             }
         }
@@ -649,22 +644,34 @@ fn blocked_reason(
     }
 }
 
-/// The file behind the current task's descriptor `fd`, and its type (`S_IFMT` bits).
+/// The file behind the current task's descriptor `fd`.
 #[inline(always)]
-fn fd_file(fd: u64) -> Result<(u16, u64), i64> {
-    // SAFETY: the helper takes no arguments and only returns the current task's address.
-    let task = unsafe { bpf_get_current_task() };
-    let files: u64 = kread(at(task, config(&OFF_CONFIG.task_files))?)?;
-    let fdt: u64 = kread(at(files, config(&OFF_CONFIG.files_fdt))?)?;
-    let max: u32 = kread(at(fdt, config(&OFF_CONFIG.fdt_max_fds))?)?;
+fn fd_file(task: *const u8, fd: u64) -> Result<u64, i64> {
+    let files: *const u8 = typed_field(task, config(&OFF_CONFIG.task_files))?;
+    let fdt: *const u8 = typed_field(files, config(&OFF_CONFIG.files_fdt))?;
+    let max: u32 = typed_field(fdt, config(&OFF_CONFIG.fdt_max_fds))?;
     if fd >= u64::from(max) {
         return Err(0);
     }
-    let fds: u64 = kread(at(fdt, config(&OFF_CONFIG.fdt_fd))?)?;
-    let file: u64 = kread(fds.wrapping_add(fd * 8))?;
-    let inode: u64 = kread(at(file, config(&OFF_CONFIG.file_inode))?)?;
+    // (An array of pointers to pointers, which the verifier does not type as structs: its
+    // element is read with the helper.)
+    let fds: u64 = typed_field(fdt, config(&OFF_CONFIG.fdt_fd))?;
+    kread(fds.wrapping_add(fd * 8))
+}
+
+/// The type (`S_IFMT` bits) of `file` and its private data (a socket's `struct socket`):
+/// one read of both fields where they lie side by side (since Linux 6.12), two otherwise.
+#[inline(always)]
+fn file_kind(file: u64) -> Result<(u16, u64), i64> {
+    let (data, inode) = (config(&OFF_CONFIG.file_private_data), config(&OFF_CONFIG.file_inode));
+    let (private, inode): (u64, u64) = if data != NO_OFFSET && inode == data.wrapping_add(8) {
+        let [private, inode] = kread::<[u64; 2]>(at(file, data)?)?;
+        (private, inode)
+    } else {
+        (kread(at(file, data)?)?, kread(at(file, inode)?)?)
+    };
     let mode: u16 = kread(at(inode, config(&OFF_CONFIG.inode_mode))?)?;
-    Ok((mode & S_IFMT, file))
+    Ok((mode & S_IFMT, private))
 }
 
 /// The `struct sock` of the current task's socket descriptor `fd`; 0 when it is no socket
@@ -672,11 +679,10 @@ fn fd_file(fd: u64) -> Result<(u16, u64), i64> {
 #[inline(always)]
 pub(super) fn fd_sock(fd: u64) -> u64 {
     let sock = || -> Result<u64, i64> {
-        let (kind, file) = fd_file(fd)?;
+        let (kind, socket) = file_kind(fd_file(current_task(), fd)?)?;
         if kind != S_IFSOCK {
             return Err(0);
         }
-        let socket: u64 = kread(at(file, config(&OFF_CONFIG.file_private_data))?)?;
         kread(at(socket, config(&OFF_CONFIG.socket_sk))?)
     };
     sock().unwrap_or(0)
@@ -706,30 +712,30 @@ fn is_gil(tgid: u32, pace: &mut LazyPace, uaddr: u64) -> bool {
 /// The wait on file descriptor `fd` of the current task: a socket (with its peer when it is
 /// TCP/UDP over IP), a regular file (disk), or `otherwise`.
 #[inline(always)]
-fn fd_reason(key: &mut OffKey, fd: u64, otherwise: u32) -> u32 {
-    let Ok((kind, file)) = fd_file(fd) else { return otherwise };
+fn fd_reason(key: &mut OffKey, task: *const u8, fd: u64, otherwise: u32) -> u32 {
+    let Ok((kind, socket)) = fd_file(task, fd).and_then(file_kind) else { return otherwise };
     match kind {
         S_IFSOCK => {
             // The peer, when the socket has one (a listening socket has none: waiting on it
             // is waiting for any client, as `accept` is).
             let mut peer = || -> Result<bool, i64> {
-                let socket: u64 = kread(at(file, config(&OFF_CONFIG.file_private_data))?)?;
                 let sk: u64 = kread(at(socket, config(&OFF_CONFIG.socket_sk))?)?;
-                let family: u16 = kread(sk + SKC_FAMILY)?;
-                let port: u16 = kread(sk + SKC_DPORT)?;
+                // The address, port and family, read in one go.
+                let common: [u8; SKC_HEAD] = kread(sk)?;
+                let at = |i: usize| [common[i], common[i + 1]];
+                let (family, port) = (u16::from_ne_bytes(at(SKC_FAMILY)), u16::from_be_bytes(at(SKC_DPORT)));
                 if port == 0 {
                     return Ok(false);
                 }
                 if family == AF_INET {
-                    let addr: [u8; 4] = kread(sk + SKC_DADDR)?;
-                    key.addr[..4].copy_from_slice(&addr);
+                    key.addr[..4].copy_from_slice(&common[SKC_DADDR..SKC_DADDR + 4]);
                 } else if family == AF_INET6 {
                     key.addr = kread(sk + SKC_V6_DADDR)?;
                 } else {
                     return Ok(true);
                 }
                 key.family = family;
-                key.port = u16::from_be(port);
+                key.port = port;
                 Ok(true)
             };
             match peer() {

@@ -7,9 +7,7 @@ use agent_ebpf::{
 };
 use core::ffi::c_void;
 
-use aya_ebpf::helpers::{
-    bpf_get_current_task, bpf_loop, bpf_probe_read_kernel, bpf_probe_read_user, bpf_probe_read_user_buf,
-};
+use aya_ebpf::helpers::{bpf_loop, bpf_probe_read_user, bpf_probe_read_user_buf};
 
 use super::{Plain, loader_global};
 use crate::maps::{FRAME_BUF, PY_SCRATCH, PY_THREADS, bump};
@@ -41,11 +39,7 @@ fn fs_base() -> Result<u64, i32> {
     if offset == 0 {
         return Err(0);
     }
-    // SAFETY: the helper takes no arguments and only returns the current task's address.
-    let task = unsafe { bpf_get_current_task() };
-    // SAFETY: the helper checks the kernel address and fails rather than faulting; any bits
-    // are a valid `u64`.
-    unsafe { bpf_probe_read_kernel((task + u64::from(offset)) as *const u64) }
+    super::typed_field(super::current_task(), offset).map_err(|e| e as i32)
 }
 
 /// State of the thread-list search, shared with its `bpf_loop` callback.

@@ -49,6 +49,8 @@ pub struct Collector {
     counts: Vec<(SampleKey, u64)>,
     /// Off-CPU nanoseconds by key, as last read (`collect` with `final_read`).
     pub(crate) off: Vec<(OffKey, u64)>,
+    /// Entries of the kernel's off-CPU counts map at that read.
+    off_entries: usize,
     /// CPU samples of each process's GIL holder, as last read (`collect` with `final_read`).
     gil_held: Vec<(u32, u64)>,
     /// Keys whose stacks were resolved.
@@ -70,6 +72,7 @@ impl Collector {
             py_stacks: HashMap::new(),
             counts: Vec::new(),
             off: Vec::new(),
+            off_entries: 0,
             gil_held: Vec::new(),
             seen: HashSet::new(),
             native_ids: HashSet::new(),
@@ -170,7 +173,7 @@ impl Collector {
         // one system call per key, costs more than everything else userspace does).
         let keys = if final_read {
             self.counts = kernel.counts()?;
-            self.off = kernel.off_counts()?;
+            (self.off, self.off_entries) = kernel.off_counts()?;
             self.off.extend(kernel.off_in_flight(live_pids, process::monotonic_ns())?);
             self.gil_held = kernel.gil_held()?;
             let mut keys: Vec<SampleKey> = self.counts.iter().map(|(k, _)| *k).collect();
@@ -239,9 +242,16 @@ impl Collector {
     }
 
     /// The off-CPU times last read (`collect` with `final_read`), waits under way included;
-    /// a key may appear twice (its ended waits, and one under way).
+    /// a key may appear more than once (its ended waits, one under way, and a run-queue key
+    /// as the queued part of each key with the same stacks).
     pub fn off(&self) -> &[(OffKey, u64)] {
         &self.off
+    }
+
+    /// Entries the kernel's off-CPU counts map held at the last read (`collect` with
+    /// `final_read`): how full it is.
+    pub fn off_entries(&self) -> usize {
+        self.off_entries
     }
 
     /// The last counts read (`collect` with `final_read`).

@@ -263,7 +263,7 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
                 agent.last.clear();
             }
             // The same for off-CPU times: their cumulative figures carry on from what was seen.
-            if full(agent.off_last.len(), kernel.off_capacity()) {
+            if full(collector.off_entries(), kernel.off_capacity()) {
                 let keys: Vec<agent_ebpf::OffKey> = agent.off_last.keys().copied().collect();
                 kernel.remove_off(&keys)?;
                 agent.off_last.clear();

@@ -2,7 +2,7 @@
 //! BTF members), attaching them, and reading the waits they aggregated.
 use agent_ebpf::{
     MAP_OFF_BUDGET, MAP_OFF_COUNTS, MAP_OFF_PENDING, MAP_OFF_THREADS, NO_OFFSET, OffConfig, OffKey,
-    OffThread, PROG_SCHED_SWITCH, budget_per_window, split_wait, weighted,
+    OffThread, OffTime, PROG_SCHED_SWITCH, budget_per_window, split_wait, weighted,
 };
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuHashMap},
@@ -68,6 +68,8 @@ pub(crate) fn config(btf: Option<&Btf>, measure_cost: bool) -> OffConfig {
     c.file_inode = member("file", "f_inode");
     c.inode_mode = member("inode", "i_mode");
     c.socket_sk = member("socket", "sk");
+    c.task_pid = member("task_struct", "pid");
+    c.task_tgid = member("task_struct", "tgid");
     c
 }
 
@@ -154,13 +156,25 @@ impl KernelPrograms {
         Some((info.run_time(), info.run_count()))
     }
 
-    /// Off-CPU nanoseconds by (thread, stacks, reason), waits that ended so far.
-    pub fn off_counts(&self) -> Result<Vec<(OffKey, u64)>> {
+    /// Off-CPU nanoseconds by (thread, stacks, reason), waits that ended so far (the
+    /// run-queue time after them under `OffKey::queued`), and how many entries of the map
+    /// they took.
+    pub fn off_counts(&self) -> Result<(Vec<(OffKey, u64)>, usize)> {
         if !self.watching_off_cpu {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), 0));
         }
-        let counts: PerCpuHashMap<_, OffKey, u64> = self.map(MAP_OFF_COUNTS)?;
-        Ok(counts.iter().filter_map(|r| r.ok()).map(|(key, per_cpu)| (key, per_cpu.iter().sum())).collect())
+        let counts: PerCpuHashMap<_, OffKey, OffTime> = self.map(MAP_OFF_COUNTS)?;
+        let (mut out, mut entries) = (Vec::new(), 0);
+        for (key, per_cpu) in counts.iter().filter_map(|r| r.ok()) {
+            entries += 1;
+            let waited = per_cpu.iter().map(|t| t.waited).sum();
+            let queued: u64 = per_cpu.iter().map(|t| t.queued).sum();
+            out.push((key, waited));
+            if queued > 0 {
+                out.push((key.queued(), queued));
+            }
+        }
+        Ok((out, entries))
     }
 
     /// Removes these keys from the off-CPU counts (their processes exited, or all of them
@@ -169,7 +183,7 @@ impl KernelPrograms {
         if !self.watching_off_cpu {
             return Ok(());
         }
-        let mut counts: PerCpuHashMap<_, OffKey, u64> = self.map_mut(MAP_OFF_COUNTS)?;
+        let mut counts: PerCpuHashMap<_, OffKey, OffTime> = self.map_mut(MAP_OFF_COUNTS)?;
         for key in keys {
             let _ = counts.remove(key);
         }
@@ -186,7 +200,7 @@ impl KernelPrograms {
         if !self.watching_off_cpu {
             return Ok(Vec::new());
         }
-        let counts: PerCpuHashMap<_, OffKey, u64> = self.map(MAP_OFF_COUNTS)?;
+        let counts: PerCpuHashMap<_, OffKey, OffTime> = self.map(MAP_OFF_COUNTS)?;
         Ok(counts.keys().filter_map(|r| r.ok()).collect())
     }
 
@@ -220,5 +234,38 @@ impl KernelPrograms {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_switch_programs_members_in_this_kernel() {
+        let btf = Btf::from_sys_fs(BTF_STRUCTS).expect("this kernel exposes BTF");
+        let c = config(Some(&btf), false);
+        // Who leaves the CPU, what the scheduler recorded of it, and its descriptor table.
+        let needed = [
+            c.task_pid,
+            c.task_tgid,
+            c.task_pcount,
+            c.task_run_delay,
+            c.task_last_arrival,
+            c.task_sum_exec,
+            c.task_cfs_rq,
+            c.cfs_rq_rq,
+            c.rq_clock,
+            c.task_files,
+            c.files_fdt,
+            c.fdt_max_fds,
+            c.fdt_fd,
+            c.file_private_data,
+            c.file_inode,
+            c.inode_mode,
+            c.socket_sk,
+        ];
+        assert!(needed.iter().all(|&o| o != NO_OFFSET), "{c:?}");
+        assert_ne!(c.task_pid, c.task_tgid, "{c:?}");
     }
 }
