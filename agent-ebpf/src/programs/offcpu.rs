@@ -133,13 +133,13 @@ pub(super) fn task_ids(task: *const u8) -> (u32, u32) {
     }
 }
 
-/// A CPU sample of target thread `tid` of process `tgid`: a wait of it that ended since its
-/// last switch off the CPU is counted now (a thread that runs on without leaving the CPU
-/// would otherwise hold it back).
+/// A CPU sample of target thread `tid` of process `tgid` (`task`, as `current_task` gave
+/// it): a wait of it that ended since its last switch off the CPU is counted now (a thread
+/// that runs on without leaving the CPU would otherwise hold it back).
 #[inline(always)]
-pub(super) fn sampled(tgid: u32, tid: u32) {
+pub(super) fn sampled(task: *const u8, tgid: u32, tid: u32) {
     if is_pending(tid) {
-        count_pending(current_task(), tgid, tid);
+        count_pending(task, tgid, tid);
     }
 }
 
@@ -300,7 +300,7 @@ fn switched_out(
             // socket read, the same wait in the same loop), else walked.
             // SAFETY: as in `perf_sample::python_stack`.
             let signature = match unsafe { PY_PROCS.get(tgid) } {
-                Some(proc) => python::signature(tid, proc).unwrap_or(0),
+                Some(proc) => python::signature(task, tid, proc).unwrap_or(0),
                 None => 0,
             };
             if signature != 0 && signature == last_signature && last_stack != 0 {
@@ -310,7 +310,7 @@ fn switched_out(
                 bump(stat::OFF_STACKS_REUSED);
                 (prev_stack, prev_user != NO_STACK, signature, now)
             } else {
-                let (py_stack, want_native) = python_stack(tgid, tid);
+                let (py_stack, want_native) = python_stack(task, tgid, tid);
                 (py_stack, want_native, if py_stack != 0 { signature } else { 0 }, now)
             }
         };
@@ -378,9 +378,9 @@ impl Sched {
     #[inline(always)]
     fn of(task: *const u8) -> Self {
         Sched {
-            arrivals: typed_field(task, config(&OFF_CONFIG.task_pcount)).unwrap_or(0),
-            queued: typed_field(task, config(&OFF_CONFIG.task_run_delay)).unwrap_or(0),
-            arrived: typed_field(task, config(&OFF_CONFIG.task_last_arrival)).unwrap_or(0),
+            arrivals: task_u64(task, &OFF_CONFIG.task_pcount),
+            queued: task_u64(task, &OFF_CONFIG.task_run_delay),
+            arrived: task_u64(task, &OFF_CONFIG.task_last_arrival),
         }
     }
 
@@ -395,7 +395,7 @@ impl Sched {
     }
 }
 
-/// The `u64` of the current task at offset `offset` (0 when unknown).
+/// The `u64` of `task` at offset `offset` (0 when unknown).
 #[inline(always)]
 fn task_u64(task: *const u8, offset: &u32) -> u64 {
     typed_field(task, config(offset)).unwrap_or(0)

@@ -6,13 +6,13 @@ use agent_ebpf::{
 };
 use aya_ebpf::{
     bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::bpf_ktime_get_ns,
     macros::perf_event,
     programs::{PerfEventContext, tracing::StackIdContext},
 };
 use aya_log_ebpf::warn;
 
-use super::{event_loop, loader_global, offcpu, python};
+use super::{current_task, event_loop, loader_global, offcpu, python};
 use crate::maps::{COUNTS, GIL_HELD, PY_PROCS, PY_STACKS, STACKS, add, bump, is_target, new_key};
 
 const EFAULT: i32 = 14;
@@ -38,32 +38,31 @@ pub fn perf_sample(ctx: PerfEventContext) -> u32 {
 
 /// Handles one sample; true when it was a target's.
 fn try_perf_sample(ctx: &PerfEventContext) -> Result<bool, i32> {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tgid = (pid_tgid >> 32) as u32;
-    let tid = pid_tgid as u32;
+    let task = current_task();
+    let (tgid, tid) = offcpu::task_ids(task);
     // The filter comes first: non-target tasks (and the idle task) cost one lookup.
     if tid == 0 || !is_target(tgid) {
         return Ok(false);
     }
     bump(stat::SAMPLES);
     // A wait of this thread that ended since it last left the CPU counts from now on.
-    offcpu::sampled(tgid, tid);
+    offcpu::sampled(task, tgid, tid);
 
     // SAFETY: as in `python_stack`.
     if let Some(proc) = unsafe { PY_PROCS.get(tgid) } {
         // `--gil`: only the samples of the thread that holds the GIL count.
-        if proc.flags & PY_PROC_GIL_ONLY != 0 && !python::holds_gil(tid, proc) {
+        if proc.flags & PY_PROC_GIL_ONLY != 0 && !python::holds_gil(task, tid, proc) {
             bump(stat::GIL_NOT_HELD);
             return Ok(true);
         }
         // The agent's GIL-held time: the samples of the holder, per process.
-        if proc.flags & PY_PROC_GIL_COUNT != 0 && python::gil_holder(tid, proc) == Some(true) {
+        if proc.flags & PY_PROC_GIL_COUNT != 0 && python::gil_holder(task, tid, proc) == Some(true) {
             add_gil_held(tgid);
         }
     }
 
     // Python first: a sample with a Python stack needs no native stacks unless asked.
-    let (py_stack, want_native) = python_stack(tgid, tid);
+    let (py_stack, want_native) = python_stack(task, tgid, tid);
     if py_stack != 0 {
         bump(stat::PY_SAMPLES);
         event_loop::sampled(tid, py_stack);
@@ -105,16 +104,17 @@ fn add_gil_held(tgid: u32) {
     }
 }
 
-/// Walks and stores the current thread's Python stack: its hash (0: none) and whether the
-/// native stacks are wanted too (no Python stack, or the process asked for them).
+/// Walks and stores the current thread's Python stack (`task`, as `current_task` gave it):
+/// its hash (0: none) and whether the native stacks are wanted too (no Python stack, or the
+/// process asked for them).
 #[inline(always)]
-pub(super) fn python_stack(tgid: u32, tid: u32) -> (u64, bool) {
+pub(super) fn python_stack(task: *const u8, tgid: u32, tid: u32) -> (u64, bool) {
     // SAFETY: a value of the preallocated `PY_PROCS`, which keeps it allocated as long as the
     // map even if userspace removes or rewrites the entry meanwhile; `PyProc` is plain integers,
     // so any bytes it then holds are a valid value, and the walker uses them only as addresses
     // for probe reads, which check them, and as sizes it clamps.
     if let Some(proc) = unsafe { PY_PROCS.get(tgid) }
-        && let Some((stack, hash)) = python::walk(tid, proc)
+        && let Some((stack, hash)) = python::walk(task, tid, proc)
     {
         let stored = PY_STACKS.get_ptr(hash).is_some()
             || PY_STACKS.insert(hash, stack, u64::from(BPF_NOEXIST)).is_ok()

@@ -34,12 +34,12 @@ fn field<T: Plain>(base: u64, offset: u32) -> Result<T, i32> {
 
 /// The sampled task's fs base: `pthread_self()` of the thread on x86-64 glibc and musl.
 #[inline(always)]
-fn fs_base() -> Result<u64, i32> {
+fn fs_base(task: *const u8) -> Result<u64, i32> {
     let offset = loader_global(&FSBASE_OFFSET);
     if offset == 0 {
         return Err(0);
     }
-    super::typed_field(super::current_task(), offset).map_err(|e| e as i32)
+    super::typed_field(task, offset).map_err(|e| e as i32)
 }
 
 /// State of the thread-list search, shared with its `bpf_loop` callback.
@@ -83,9 +83,9 @@ extern "C" fn thread_step(_index: u64, ctx: *mut c_void) -> i64 {
 
 /// Finds the `PyThreadState` of thread `tid` (cached, and validated on every use).
 #[inline(always)]
-fn thread_state(tid: u32, proc: &PyProc) -> Result<u64, i32> {
+fn thread_state(task: *const u8, tid: u32, proc: &PyProc) -> Result<u64, i32> {
     let off = &proc.offsets;
-    let me = fs_base()?;
+    let me = fs_base(task)?;
     // SAFETY: the value is copied at once: a `u64`, valid for any bits, in a preallocated hash
     // map, which keeps it allocated even if userspace removes the entry meanwhile.
     if let Some(&cached) = unsafe { PY_THREADS.get(tid) }
@@ -186,8 +186,8 @@ extern "C" fn frame_step(_index: u64, ctx: *mut c_void) -> i64 {
 /// Walks the sampled thread's Python frames into the per-CPU scratch stack. Returns the
 /// stack and a hash of its frames, or None when the thread has no Python frames.
 #[inline(always)]
-pub fn walk(tid: u32, proc: &PyProc) -> Option<(&'static mut PyStack, u64)> {
-    let Ok(tstate) = thread_state(tid, proc) else {
+pub fn walk(task: *const u8, tid: u32, proc: &PyProc) -> Option<(&'static mut PyStack, u64)> {
+    let Ok(tstate) = thread_state(task, tid, proc) else {
         bump(stat::PY_NO_THREAD);
         return None;
     };
@@ -242,13 +242,13 @@ pub fn gil_address(proc: &PyProc) -> u64 {
 /// True when thread `tid` holds its process's GIL (or when that cannot be told: the GIL's
 /// address is unknown or unreadable).
 #[inline(always)]
-pub fn holds_gil(tid: u32, proc: &PyProc) -> bool {
-    gil_holder(tid, proc).unwrap_or(true)
+pub fn holds_gil(task: *const u8, tid: u32, proc: &PyProc) -> bool {
+    gil_holder(task, tid, proc).unwrap_or(true)
 }
 
 /// Whether thread `tid` holds its process's GIL; None when that cannot be told.
 #[inline(always)]
-pub fn gil_holder(tid: u32, proc: &PyProc) -> Option<bool> {
+pub fn gil_holder(task: *const u8, tid: u32, proc: &PyProc) -> Option<bool> {
     let gil = gil_address(proc);
     if gil == 0 {
         return None;
@@ -257,7 +257,7 @@ pub fn gil_holder(tid: u32, proc: &PyProc) -> Option<bool> {
     else {
         return None;
     };
-    Some(locked != 0 && thread_state(tid, proc).is_ok_and(|tstate| tstate == holder))
+    Some(locked != 0 && thread_state(task, tid, proc).is_ok_and(|tstate| tstate == holder))
 }
 
 /// Frames `signature` reads: it tells stacks apart that differ in their innermost
@@ -270,9 +270,9 @@ const SIGNATURE_FRAMES: usize = 3;
 /// below those frames and came back to the same code at the same places and addresses.
 /// None when the thread runs no Python code or a read failed.
 #[inline(always)]
-pub fn signature(tid: u32, proc: &PyProc) -> Option<u64> {
+pub fn signature(task: *const u8, tid: u32, proc: &PyProc) -> Option<u64> {
     let off = &proc.offsets;
-    let tstate = thread_state(tid, proc).ok()?;
+    let tstate = thread_state(task, tid, proc).ok()?;
     let mut frame = current_frame(tstate, off).ok()?;
     let mut sig: u64 = 0xcbf2_9ce4_8422_2325;
     for _ in 0..SIGNATURE_FRAMES {
