@@ -9,8 +9,10 @@ Needs target/release/stoker and wrk (`cargo xtask setup`), and py-spy on PATH (`
 tests/fixtures/net/http_server.py on CPython 3.12 (ThreadingHTTPServer: a thread per
 connection, each request a wake-up and a switch off the CPU of its thread), driven on
 GET /sleep/0 by wrk (1 thread, 8 keep-alive connections). Each round runs wrk for S
-seconds four times: the server alone, watched by `stoker record` (CPU sampling at 99 Hz),
-by `stoker record --mode wall` (sampling and every switch of the server's threads) and by
+seconds five times: the server alone, watched by `stoker record` (CPU sampling at 99 Hz),
+by `stoker record --mode wall` (sampling and the switches of the server's threads, GIL
+hand-overs, preemptions and brief sleeps sampled over the default budget of 100 a second
+per thread), by the same with `--switch-budget 0` (every switch followed) and by
 `py-spy record --idle` (py-spy's wall-clock view, 99 Hz); the order rotates from round to
 round. Reports each round's throughput, each watched configuration's over the
 server's alone, and the CPU time the profiler's own process used during the runs.
@@ -23,7 +25,7 @@ target (the test of one bit per switch). stoker times an empty program the same
 way; the statistics' own cost per run is reported and subtracted.
 
 With --baseline, N more kernel cost rounds alternate between that stoker build and this one
-with `--switch-budget` and report the switch program's time per request of each, and this
+with `--switch-budget 100` and report the switch program's time per request of each, and this
 build's over the baseline's: one run on one machine, where absolute figures move from day
 to day.
 """
@@ -44,7 +46,8 @@ VERSIONS = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "version
 PYTHON = VERSIONS / "3.12.1/bin/python3.12"
 SERVER = ROOT / "tests/fixtures/net/http_server.py"
 BUDGET = "100"
-CONFIGS = ["alone", "stoker cpu", "stoker wall", f"stoker wall --switch-budget {BUDGET}", "py-spy --idle"]
+# `stoker wall` runs with the default budget (BUDGET); `--switch-budget 0` follows every switch.
+CONFIGS = ["alone", "stoker cpu", "stoker wall", "stoker wall --switch-budget 0", "py-spy --idle"]
 
 def watched_by_stoker(pid, port, seconds, tmp, mode, kernel_stats=False, extra=(), stoker=STOKER):
     """wrk while `stoker` watches `pid` in `mode` with `extra` options: (requests, req/s,
@@ -124,14 +127,16 @@ def main():
                 row = {c: run_config(c, server, port, seconds, tmp) for c in order}
                 rows.append(row)
                 print(f"round {r + 1}: " + ", ".join(f"{c} {row[c][1]:.0f} req/s" for c in CONFIGS), flush=True)
-            requests, rps, err, _ = watched_by_stoker(server.pid, port, seconds, tmp, "wall", kernel_stats=True)
+            requests, rps, err, _ = watched_by_stoker(server.pid, port, seconds, tmp, "wall", kernel_stats=True,
+                                                      extra=["--switch-budget", "0"])
             busy = (requests, rps, kernel_cost(err))
             requests, rps, err, _ = watched_by_stoker(server.pid, port, seconds, tmp, "wall", kernel_stats=True,
                                                       extra=["--switch-budget", BUDGET])
             sampled = (requests, rps, kernel_cost(err))
             idle = subprocess.Popen(["sleep", "3600"])
             try:
-                requests, rps, err, _ = watched_by_stoker(idle.pid, port, seconds, tmp, "wall", kernel_stats=True)
+                requests, rps, err, _ = watched_by_stoker(idle.pid, port, seconds, tmp, "wall", kernel_stats=True,
+                                                          extra=["--switch-budget", "0"])
                 quiet = (requests, rps, kernel_cost(err))
             finally:
                 idle.kill()
@@ -156,10 +161,11 @@ def main():
         f"Linux {platform.release()}, {os.cpu_count()} CPUs. ThreadingHTTPServer (CPython 3.12, a thread per "
         f"connection) under `wrk -t1 -c8` on GET /sleep/0 (keep-alive) for {seconds} s per run; each round "
         "runs the server alone, watched by `stoker record` (CPU sampling, 99 Hz), by `stoker record --mode "
-        "wall` (sampling and every switch of the server's threads off the CPU: every wait counted, GIL and lock "
-        "waits with the thread's stack read at a switch under 10 ms before), by `stoker record --mode wall "
-        f"--switch-budget {BUDGET}` (each thread's GIL hand-overs, preemptions and sleeps under 1 ms followed in full up to {BUDGET} "
-        "a second, a random share of them beyond, weighted; its other waits all followed) "
+        f"wall` (its default switch budget of {BUDGET}: each thread's GIL hand-overs, preemptions and sleeps "
+        f"under 1 ms followed in full up to {BUDGET} a second, a random share of them beyond, weighted; its other "
+        "waits all followed), by `stoker record --mode wall --switch-budget 0` (every switch of the server's "
+        "threads off the CPU followed: every wait counted, GIL and lock waits with the thread's stack read at a "
+        "switch under 10 ms before) "
         "and by `py-spy record --idle` (99 Hz), in an order that rotates from round to round.",
         "",
         "| round | " + " | ".join(f"{c} req/s" for c in CONFIGS) + " |",
@@ -187,15 +193,15 @@ def main():
         "",
         "| kernel cost | figure |",
         "| --- | --- |",
-        f"| watching the server: switches on the host per request | {sw_runs / max(req, 1):.2f} |",
-        f"| watching the server: switches of its threads followed per request | {targets / max(req, 1):.2f} |",
-        f"| watching the server: the switch program's time per request | **{per_req:.0f} ns** |",
+        f"| with `--switch-budget 0`: switches on the host per request | {sw_runs / max(req, 1):.2f} |",
+        f"| with `--switch-budget 0`: switches of the server's threads followed per request | {targets / max(req, 1):.2f} |",
+        f"| with `--switch-budget 0`: the switch program's time per request | **{per_req:.0f} ns** |",
         f"| of those, with the Python stack found unchanged since one of the thread's two switches before (not walked again) | {reused / max(targets, 1):.1%} |",
         f"| of those, GIL and lock waits taking the stack read at a switch under 10 ms before | {recent / max(targets, 1):.1%} |",
         f"| a target thread's switch off the CPU that is followed (timed in the program: stacks, reason) | **{per_target} ns** |",
-        f"| with `--switch-budget {BUDGET}`: switches of the server's threads followed per request | {s_targets / max(s_req, 1):.2f} |",
-        f"| with `--switch-budget {BUDGET}`: the switch program's time per request | **{s_per_req:.0f} ns** |",
-        f"| with `--switch-budget {BUDGET}`: the switch program's mean time per run (all switches on the host) | {s_per_run:.0f} ns |",
+        f"| default budget ({BUDGET}): switches of the server's threads followed per request | {s_targets / max(s_req, 1):.2f} |",
+        f"| default budget ({BUDGET}): the switch program's time per request | **{s_per_req:.0f} ns** |",
+        f"| default budget ({BUDGET}): the switch program's mean time per run (all switches on the host) | {s_per_run:.0f} ns |",
         f"| a switch of a thread that is no target (watching an idle process) | **{q_ns / max(q_runs, 1) - floor:.0f} ns** |",
         "",
         f"The statistics' own cost, {floor} ns per run (an empty program timed the same way), is subtracted "

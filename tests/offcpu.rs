@@ -233,7 +233,8 @@ fn brief_sleeps_are_sampled_3_9() {
 /// their time is `[gil]`. What stoker puts off the CPU (GIL and run queue) matches what
 /// the threads measured (wall minus their own CPU time) within 5% of their time (and the
 /// hypervisor's steal, see `steal_seconds`), the CPU samples standing for the rest; and the GIL is most of it (the run queue takes a share
-/// when another process holds the CPU the GIL holder wants). `extra`: more `record` options.
+/// when another process holds the CPU the GIL holder wants). `extra`: more `record` options;
+/// without `--switch-budget 0` the default budget may sample the waits (wider bounds).
 fn gil_wait_share(version: &str, extra: &[&str]) {
     require_root();
     let py = python(version);
@@ -251,8 +252,9 @@ fn gil_wait_share(version: &str, extra: &[&str]) {
     eprintln!("{version}: threads measured cpu {cpu:.3} s of wall {wall:.3} s; stoker: {by_state:?}");
     // Over a budget, a sixth of the waits stand for the rest: the sums are estimates whose
     // spread over repeated runs is about 4% here (about 340 waits followed): 15% is near 4 of it.
-    let tolerance = if extra.is_empty() { 0.05 } else { 0.15 };
-    if !extra.is_empty() {
+    let exact = extra == EVERY_SWITCH;
+    let tolerance = if exact { 0.05 } else { 0.15 };
+    if extra.contains(&"--switch-budget") && !exact {
         let (followed, all, line) = budget_line(&err);
         assert!(followed < 0.8 * all, "a budget the threads exceed leaves switches out: {line}");
     }
@@ -273,11 +275,15 @@ fn gil_wait_share(version: &str, extra: &[&str]) {
     );
 }
 
+/// `record` options that follow every switch of the targets (no budget): every wait exact.
+const EVERY_SWITCH: [&str; 2] = ["--switch-budget", "0"];
+
 #[test]
 fn gil_wait_share_3_8() {
-    gil_wait_share("3.8.18", &[]);
+    gil_wait_share("3.8.18", &EVERY_SWITCH);
 }
 
+/// With the default switch budget (the threads may exceed it: their waits are then sampled).
 #[test]
 fn gil_wait_share_3_12() {
     gil_wait_share("3.12.1", &[]);
@@ -293,7 +299,7 @@ fn gil_wait_share_sampled_over_a_switch_budget() {
 
 #[test]
 fn gil_wait_share_3_13() {
-    gil_wait_share("3.13.0", &[]);
+    gil_wait_share("3.13.0", &EVERY_SWITCH);
 }
 
 /// A thread that calls exec keeps its id, and its GIL waits are then on the new program's
@@ -339,10 +345,13 @@ fn spinners(n: usize, cpu_seconds: &str) -> Vec<Child> {
 }
 
 /// Records `pids` in `mode` until they exit, starting them once stoker samples; returns the
-/// folded profile, stoker's summary and what each process reported (cpu, wall).
+/// folded profile, stoker's summary and what each process reported (cpu, wall). Every
+/// switch is followed (a spinner is preempted hundreds of times a second): the waits are
+/// compared with the processes' own clocks, not estimated.
 fn record_spinners(mode: &str, procs: &mut [Child]) -> (Folded, String, Vec<(f64, f64)>, f64) {
     let out = scratch("offcpu").join("s.folded");
     let mut args = vec!["record".to_string(), "-m".into(), mode.into(), "-f".into(), "folded".into()];
+    args.extend(EVERY_SWITCH.map(String::from));
     args.extend(["-t".into(), "-o".into(), out.to_str().unwrap().into()]);
     for p in procs.iter() {
         args.extend(["--pid".into(), p.id().to_string()]);
@@ -459,6 +468,8 @@ fn gil_samples_only_the_holder() {
             .args([
                 "record",
                 "--gil",
+                "--switch-budget",
+                "0",
                 "-m",
                 "wall",
                 "-r",

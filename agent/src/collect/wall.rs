@@ -116,7 +116,7 @@ impl PythonThreads {
     }
 
     /// Forgets the processes not in `live`.
-    pub fn retain(&mut self, live: &[u32]) {
+    pub fn retain(&mut self, live: &HashSet<u32>) {
         self.known.retain(|pid, _| live.contains(pid));
     }
 }

@@ -187,7 +187,8 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
             loop_blocks.entry(block.tgid).or_default().push((block.duration_ns, function));
         }
         let live = tracker.live_targets();
-        loop_threads.retain(&live);
+        let alive: std::collections::HashSet<u32> = live.iter().copied().collect();
+        loop_threads.retain(&alive);
         agent.observe(&live, &tracker);
         // A process that ran before the agent: its threads blocked since then were seen by
         // no switch, and their waits count from now.
@@ -203,7 +204,6 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
             if !older.is_empty() {
                 crate::collect::waits::enter(&mut kernel, &mut collector, &tracker, &older);
             }
-            let alive: std::collections::HashSet<u32> = live.iter().copied().collect();
             waits_looked_at.retain(|pid| alive.contains(pid));
         }
         if net.is_some() {
@@ -247,7 +247,6 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
             // Exited processes reported their last interval above: what they hold in the
             // kernel's maps and what was read of them goes.
             collector.evict_exited(&mut kernel, &live)?;
-            let alive: std::collections::HashSet<u32> = live.iter().copied().collect();
             agent.last.retain(|key, _| alive.contains(&key.tgid));
             agent.off_last.retain(|key, _| alive.contains(&key.sample.tgid));
             agent.gil_last.retain(|pid, _| alive.contains(pid));

@@ -4,6 +4,7 @@ mod status;
 pub mod target;
 
 use std::{
+    collections::HashSet,
     fs::File,
     io::Write,
     path::PathBuf,
@@ -294,6 +295,8 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
         })
         .chain(descendants.iter().map(|&pid| (pid, process::cpu_time(pid), process::cpu_time(pid))))
         .collect();
+    // The processes in `cpu`, for finding new children at each tick.
+    let mut counted: HashSet<u32> = cpu.iter().map(|&(pid, _, _)| pid).collect();
     let mut cgroups: Vec<(Cgroup, CgroupStats, Vec<u32>)> = Vec::new();
     for (pid, _, _) in &cpu {
         note_cgroup(&mut cgroups, *pid);
@@ -363,15 +366,15 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
         } else {
             None
         };
-        if let Some((_, adopter)) = net.as_mut() {
-            adopter.adopt_new(&mut kernel, &tracker.live_targets());
-        }
         let live = tracker.live_targets();
+        if let Some((_, adopter)) = net.as_mut() {
+            adopter.adopt_new(&mut kernel, &live);
+        }
         // With --subprocesses, the children forked since the start: all their CPU time is the
         // session's (read at each tick from the next one on, as the others' is).
         if opts.subprocesses {
             for &pid in &live {
-                if !cpu.iter().any(|(p, _, _)| *p == pid) {
+                if counted.insert(pid) {
                     cpu.push((pid, Some(0.0), process::cpu_time(pid)));
                 }
             }
