@@ -67,12 +67,12 @@ fn try_sys_exit() -> Result<u32, i64> {
     match regs.orig_rax {
         sysno::ACCEPT | sysno::ACCEPT4 => {
             if ret >= 0 {
-                open(tgid, ret as u32, NET_ROLE_SERVER, regs.rsi, bpf_now());
+                open(task, tgid, ret as u32, NET_ROLE_SERVER, regs.rsi, bpf_now());
             }
         }
         sysno::CONNECT => {
             if ret == 0 || ret == -EINPROGRESS {
-                open(tgid, fd, NET_ROLE_CLIENT, regs.rsi, bpf_now());
+                open(task, tgid, fd, NET_ROLE_CLIENT, regs.rsi, bpf_now());
             }
         }
         sysno::CLOSE => close(tgid, fd),
@@ -87,7 +87,7 @@ fn try_sys_exit() -> Result<u32, i64> {
             let c = unsafe { &mut *c };
             if c.sk == NET_SK_ADOPTED {
                 // A connection adopted from /proc: its socket, now that its owner uses it.
-                c.sk = track_sock(fd, c.role);
+                c.sk = track_sock(task, fd, c.role);
             }
             let (inbound, buf) = match nr {
                 sysno::READ | sysno::RECVFROM => (true, Buf::new(FLAT, regs.rsi, regs.rdx)),
@@ -156,9 +156,10 @@ impl Buf {
     }
 }
 
-/// Starts tracking a socket accepted or connected by `tgid`; `sockaddr` is the peer's.
+/// Starts tracking a socket accepted or connected by `tgid` (`task`, its current thread);
+/// `sockaddr` is the peer's.
 #[inline(always)]
-fn open(tgid: u32, fd: u32, role: u32, sockaddr: u64, now: u64) {
+fn open(task: *const u8, tgid: u32, fd: u32, role: u32, sockaddr: u64, now: u64) {
     // Only TCP/IP peers: Unix sockets and other families are left alone. A server that
     // does not ask for its peer's address (accept with NULL) is followed without it.
     let peer =
@@ -194,7 +195,7 @@ fn open(tgid: u32, fd: u32, role: u32, sockaddr: u64, now: u64) {
     c.accept_ns = 0;
     // The socket: a server's, to time how long each request waits in it (`net_data_ready`)
     // and how long the connection waited to be accepted; either side's, for its stalls.
-    let sk = fd_sock(u64::from(fd));
+    let sk = fd_sock(task, u64::from(fd));
     if sk != 0 && role == NET_ROLE_SERVER {
         // SAFETY: a value of the LRU map from a successful lookup, copied out at once.
         if let Some(&done) = unsafe { NET_ACCEPTING.get(sk) } {
@@ -234,10 +235,10 @@ fn track(sk: u64, role: u32) -> u64 {
     sk
 }
 
-/// `track` of the socket behind the current task's descriptor `fd` (0: none).
+/// `track` of the socket behind descriptor `fd` of `task`, the current task (0: none).
 #[inline(always)]
-fn track_sock(fd: u32, role: u32) -> u64 {
-    let sk = fd_sock(u64::from(fd));
+fn track_sock(task: *const u8, fd: u32, role: u32) -> u64 {
+    let sk = fd_sock(task, u64::from(fd));
     if sk != 0 { track(sk, role) } else { 0 }
 }
 

@@ -674,12 +674,12 @@ fn file_kind(file: u64) -> Result<(u16, u64), i64> {
     Ok((mode & S_IFMT, private))
 }
 
-/// The `struct sock` of the current task's socket descriptor `fd`; 0 when it is no socket
-/// or cannot be read.
+/// The `struct sock` of socket descriptor `fd` of `task` (the current task, as
+/// `current_task` gave it); 0 when it is no socket or cannot be read.
 #[inline(always)]
-pub(super) fn fd_sock(fd: u64) -> u64 {
+pub(super) fn fd_sock(task: *const u8, fd: u64) -> u64 {
     let sock = || -> Result<u64, i64> {
-        let (kind, socket) = file_kind(fd_file(current_task(), fd)?)?;
+        let (kind, socket) = file_kind(fd_file(task, fd)?)?;
         if kind != S_IFSOCK {
             return Err(0);
         }
