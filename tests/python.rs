@@ -40,6 +40,19 @@ fn seconds_in(report: &Value, function: &str) -> f64 {
     report["seconds"][function].as_f64().unwrap_or_else(|| panic!("no seconds for {function} in {report}"))
 }
 
+/// Seconds a `shares` workload spent in stalled calls of `function` (see `measured_share`).
+fn stalled_in(report: &Value, function: &str) -> f64 {
+    report["stalled_seconds"][function]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no stalled_seconds for {function} in {report}"))
+}
+
+/// `assert_samples` for `got` samples of `function` in a `shares` workload's `report`, at
+/// 99 Hz, allowing for its stalled calls.
+fn assert_samples_in(what: &str, got: u64, report: &Value, function: &str) {
+    assert_samples_stalled(what, got, seconds_in(report, function), stalled_in(report, function), 99.0);
+}
+
 /// Known functions appear with the right file and line, as many samples as the CPU time
 /// the workload measured in them and the shares it measured, and a 200-deep recursion
 /// keeps at least 128 frames.
@@ -54,11 +67,18 @@ fn check_build(version: &str) {
         ["func_a", "func_b", "func_c"].iter().map(|f| (f.to_string(), workload_frame(f, f))).collect();
     let in_funcs: u64 = frames.iter().map(|(_, frame)| profile.with_frame(|f| f == frame)).sum();
     let seconds: f64 = frames.iter().map(|(name, _)| seconds_in(&truth, name)).sum();
-    assert_samples(&format!("{version}: func_a/b/c at their marked lines"), in_funcs, seconds, hz);
+    let stalled = stalled_seconds(&truth);
+    assert_samples_stalled(
+        &format!("{version}: func_a/b/c at their marked lines"),
+        in_funcs,
+        seconds,
+        stalled,
+        hz,
+    );
     for (name, frame) in &frames {
         let share = profile.with_frame(|f| f == frame) as f64 / in_funcs as f64;
-        let expected = truth[name].as_f64().unwrap();
-        let tolerance = share_tolerance(expected, in_funcs);
+        let (expected, stalls) = measured_share(&truth, name);
+        let tolerance = share_tolerance(expected, in_funcs) + stalls;
         eprintln!(
             "{version}: {frame}: {:.1}% (workload measured {:.1}%, +-{:.1})",
             100.0 * share,
@@ -209,8 +229,9 @@ fn top_shows_live_functions_and_follows_keys() {
     let functions = ["func_a", "func_b", "func_c"];
     let n: f64 = functions.iter().map(|f| total(f)).sum();
     for f in functions {
-        let (share, truth) = (total(f) / n, measured[f].as_f64().unwrap());
-        let tolerance = share_tolerance(truth, n as u64);
+        let share = total(f) / n;
+        let (truth, stalls) = measured_share(&measured, f);
+        let tolerance = share_tolerance(truth, n as u64) + stalls;
         eprintln!(
             "{f}: {share:.3} of the three's time in top, {truth:.3} by the workload (+- {tolerance:.3})"
         );
@@ -449,7 +470,7 @@ fn a_newer_cpython_is_walked_after_its_layout_checks_out() {
     );
     assert!(err.contains("the untried layout holds: "), "{err}");
     let got = profile.with_frame(|f| f == workload_frame("func_a", "func_a"));
-    assert_samples("func_a on 3.16", got, seconds_in(&report, "func_a"), 99.0);
+    assert_samples_in("func_a on 3.16", got, &report, "func_a");
 }
 
 /// A newer release whose debug offsets do not check out (here `runtime_state`'s size, the
@@ -588,7 +609,7 @@ fn python_target_exiting_mid_session() {
     let (profile, report, err) = record_workload(&python("3.11.7"), &["shares", "2", "--cpu"], &["-d", "60"]);
     assert!(err.contains("target exited"), "{err}");
     let got = profile.with_frame(|f| f == workload_frame("func_a", "func_a"));
-    assert_samples("func_a after exit", got, seconds_in(&report, "func_a"), 99.0);
+    assert_samples_in("func_a after exit", got, &report, "func_a");
 }
 
 /// `--nolineno`: Python frames name functions without lines, each function one frame
@@ -600,7 +621,7 @@ fn nolineno_gives_one_frame_per_function() {
     let with_lines: Vec<&String> = profile.0.keys().flatten().filter(|f| f.contains(".py:")).collect();
     assert!(with_lines.is_empty(), "frames with a line: {with_lines:?}");
     let got = profile.with_frame(|f| f == "func_a (workload.py)");
-    assert_samples("func_a without lines", got, seconds_in(&report, "func_a"), 99.0);
+    assert_samples_in("func_a without lines", got, &report, "func_a");
     // `burn` runs on several lines: one frame names it.
     let mut burn: Vec<&String> = profile.0.keys().flatten().filter(|f| f.starts_with("burn (")).collect();
     burn.sort();
@@ -805,7 +826,7 @@ fn all_python_profiles_two_versions() {
             profile.0.iter().filter(|(s, _)| s[0] == root && s.contains(&func_a)).map(|(_, n)| n).sum();
         let report: Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join(report)).unwrap()).unwrap();
-        assert_samples(&format!("func_a under `{root}`"), n, seconds_in(&report, "func_a"), 99.0);
+        assert_samples_in(&format!("func_a under `{root}`"), n, &report, "func_a");
     }
 }
 

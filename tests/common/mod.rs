@@ -286,14 +286,26 @@ pub fn sampling_tolerance(expected: f64) -> f64 {
 /// Asserts `got` samples of work the workload measured as `cpu_seconds` of CPU time,
 /// at `hz` samples a second, within the sampling tolerance.
 pub fn assert_samples(what: &str, got: u64, cpu_seconds: f64, hz: f64) {
-    let expected = cpu_seconds * hz;
-    let tolerance = sampling_tolerance(expected);
+    assert_samples_stalled(what, got, cpu_seconds, 0.0, hz);
+}
+
+/// `assert_samples` for CPU time of which `stalled_seconds` passed in stalled calls (see
+/// `measured_share`), which a sampler may not have seen: the count may lie anywhere from
+/// the time without the stalls to the time with them, each within the sampling tolerance.
+pub fn assert_samples_stalled(what: &str, got: u64, cpu_seconds: f64, stalled_seconds: f64, hz: f64) {
+    let (low, high) = ((cpu_seconds - stalled_seconds) * hz, cpu_seconds * hz);
+    let (low, high) = (low - sampling_tolerance(low), high + sampling_tolerance(high));
+    let stalls = if stalled_seconds > 0.0 {
+        format!(" ({:.1} ms of it stalled)", stalled_seconds * 1e3)
+    } else {
+        String::new()
+    };
     eprintln!(
-        "{what}: {got} samples, the workload's {cpu_seconds:.3} s of CPU at {hz} Hz: {expected:.1} +- {tolerance:.1}"
+        "{what}: {got} samples, the workload's {cpu_seconds:.3} s of CPU{stalls} at {hz} Hz: {low:.1} to {high:.1}"
     );
     assert!(
-        (got as f64 - expected).abs() <= tolerance,
-        "{what}: {got} samples; the workload measured {cpu_seconds:.3} s of CPU, {expected:.1} +- {tolerance:.1} samples at {hz} Hz"
+        (low..=high).contains(&(got as f64)),
+        "{what}: {got} samples; the workload measured {cpu_seconds:.3} s of CPU{stalls}, {low:.1} to {high:.1} samples at {hz} Hz"
     );
 }
 
@@ -301,6 +313,33 @@ pub fn assert_samples(what: &str, got: u64, cpu_seconds: f64, hz: f64) {
 /// alone (4 binomial standard deviations).
 pub fn share_tolerance(p: f64, n: u64) -> f64 {
     4.0 * (p * (1.0 - p) / n.max(1) as f64).sqrt()
+}
+
+/// The share of `function` in the time a `shares` workload measured in func_a, func_b and
+/// func_c (its `report`), and how far that share moves when the calls it saw stalled are
+/// left out (`stalled_seconds`, see STALL_NS in workload.py): a sampled share may lie
+/// anywhere between the two, as a stall's thread time may or may not have been sampled.
+pub fn measured_share(report: &serde_json::Value, function: &str) -> (f64, f64) {
+    let seconds =
+        |key: &str, f: &str| report[key][f].as_f64().unwrap_or_else(|| panic!("no {key} of {f}: {report}"));
+    let functions = ["func_a", "func_b", "func_c"];
+    let total: f64 = functions.iter().map(|f| seconds("seconds", f)).sum();
+    let stalled: f64 = functions.iter().map(|f| seconds("stalled_seconds", f)).sum();
+    let share = seconds("seconds", function) / total;
+    let unstalled = (seconds("seconds", function) - seconds("stalled_seconds", function)) / (total - stalled);
+    if stalled > 0.0 {
+        eprintln!(
+            "the workload saw {:.1} ms of stalled calls ({:.1} ms in {function}): {function}'s share is {share:.4} with them, {unstalled:.4} without",
+            stalled * 1e3,
+            seconds("stalled_seconds", function) * 1e3
+        );
+    }
+    (share, (share - unstalled).abs())
+}
+
+/// Seconds a `shares` workload's func_a, func_b and func_c spent in stalled calls.
+pub fn stalled_seconds(report: &serde_json::Value) -> f64 {
+    ["func_a", "func_b", "func_c"].iter().map(|f| report["stalled_seconds"][f].as_f64().unwrap_or(0.0)).sum()
 }
 
 /// A v1 `cpu` cgroup made for a test, with a CPU quota; removed when dropped (its processes
