@@ -465,21 +465,9 @@ fn gil_samples_only_the_holder() {
         let out = scratch("offcpu").join("gil.folded");
         let steal = steal_seconds();
         let run = Command::new(STOKER)
-            .args([
-                "record",
-                "--gil",
-                "--switch-budget",
-                "0",
-                "-m",
-                "wall",
-                "-r",
-                "199",
-                "-f",
-                "folded",
-                "-o",
-                out.to_str().unwrap(),
-                "--",
-            ])
+            .args(["record", "--gil"])
+            .args(EVERY_SWITCH)
+            .args(["-m", "wall", "-r", "199", "-f", "folded", "-o", out.to_str().unwrap(), "--"])
             .args([py.to_str().unwrap(), fixture("gil_mixed.py").to_str().unwrap(), "2"])
             .stdin(Stdio::null())
             .output()

@@ -35,18 +35,6 @@ fn record_workload(python: &std::path::Path, args: &[&str], extra: &[&str]) -> (
     (Folded::read(&folded), report, stderr(&out))
 }
 
-/// CPU seconds a `shares` workload measured in `function`.
-fn seconds_in(report: &Value, function: &str) -> f64 {
-    report["seconds"][function].as_f64().unwrap_or_else(|| panic!("no seconds for {function} in {report}"))
-}
-
-/// Seconds a `shares` workload spent in stalled calls of `function` (see `measured_share`).
-fn stalled_in(report: &Value, function: &str) -> f64 {
-    report["stalled_seconds"][function]
-        .as_f64()
-        .unwrap_or_else(|| panic!("no stalled_seconds for {function} in {report}"))
-}
-
 /// `assert_samples` for `got` samples of `function` in a `shares` workload's `report`, at
 /// 99 Hz, allowing for its stalled calls.
 fn assert_samples_in(what: &str, got: u64, report: &Value, function: &str) {

@@ -315,31 +315,46 @@ pub fn share_tolerance(p: f64, n: u64) -> f64 {
     4.0 * (p * (1.0 - p) / n.max(1) as f64).sqrt()
 }
 
+/// The functions a `shares` workload times.
+const SHARES_FUNCTIONS: [&str; 3] = ["func_a", "func_b", "func_c"];
+
+/// CPU seconds a `shares` workload measured in `function`.
+pub fn seconds_in(report: &serde_json::Value, function: &str) -> f64 {
+    report_seconds(report, "seconds", function)
+}
+
+/// Seconds a `shares` workload spent in stalled calls of `function` (see `measured_share`).
+pub fn stalled_in(report: &serde_json::Value, function: &str) -> f64 {
+    report_seconds(report, "stalled_seconds", function)
+}
+
+/// Seconds a `shares` workload spent in stalled calls of func_a, func_b and func_c.
+pub fn stalled_seconds(report: &serde_json::Value) -> f64 {
+    SHARES_FUNCTIONS.iter().map(|f| stalled_in(report, f)).sum()
+}
+
+fn report_seconds(report: &serde_json::Value, key: &str, function: &str) -> f64 {
+    report[key][function].as_f64().unwrap_or_else(|| panic!("no {key} for {function} in {report}"))
+}
+
 /// The share of `function` in the time a `shares` workload measured in func_a, func_b and
 /// func_c (its `report`), and how far that share moves when the calls it saw stalled are
 /// left out (`stalled_seconds`, see STALL_NS in workload.py): a sampled share may lie
 /// anywhere between the two, as a stall's thread time may or may not have been sampled.
 pub fn measured_share(report: &serde_json::Value, function: &str) -> (f64, f64) {
-    let seconds =
-        |key: &str, f: &str| report[key][f].as_f64().unwrap_or_else(|| panic!("no {key} of {f}: {report}"));
-    let functions = ["func_a", "func_b", "func_c"];
-    let total: f64 = functions.iter().map(|f| seconds("seconds", f)).sum();
-    let stalled: f64 = functions.iter().map(|f| seconds("stalled_seconds", f)).sum();
-    let share = seconds("seconds", function) / total;
-    let unstalled = (seconds("seconds", function) - seconds("stalled_seconds", function)) / (total - stalled);
+    let total: f64 = SHARES_FUNCTIONS.iter().map(|f| seconds_in(report, f)).sum();
+    let stalled = stalled_seconds(report);
+    let (spent, stalled_here) = (seconds_in(report, function), stalled_in(report, function));
+    let share = spent / total;
+    let unstalled = (spent - stalled_here) / (total - stalled);
     if stalled > 0.0 {
         eprintln!(
             "the workload saw {:.1} ms of stalled calls ({:.1} ms in {function}): {function}'s share is {share:.4} with them, {unstalled:.4} without",
             stalled * 1e3,
-            seconds("stalled_seconds", function) * 1e3
+            stalled_here * 1e3
         );
     }
     (share, (share - unstalled).abs())
-}
-
-/// Seconds a `shares` workload's func_a, func_b and func_c spent in stalled calls.
-pub fn stalled_seconds(report: &serde_json::Value) -> f64 {
-    ["func_a", "func_b", "func_c"].iter().map(|f| report["stalled_seconds"][f].as_f64().unwrap_or(0.0)).sum()
 }
 
 /// A v1 `cpu` cgroup made for a test, with a CPU quota; removed when dropped (its processes
