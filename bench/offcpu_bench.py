@@ -10,18 +10,20 @@ tests/fixtures/net/http_server.py on CPython 3.12 (ThreadingHTTPServer: a thread
 connection, each request a wake-up and a switch off the CPU of its thread), driven on
 GET /sleep/0 by wrk (1 thread, 8 keep-alive connections). Each round runs wrk for S
 seconds five times: the server alone, watched by `stoker record` (CPU sampling at 99 Hz),
-by `stoker record --mode wall` (sampling and the switches of the server's threads, GIL
-hand-overs, preemptions and brief sleeps sampled over the default budget of 100 a second
-per thread), by the same with `--switch-budget 0` (every switch followed) and by
+by `stoker record --mode wall` (sampling and the switches of the server's threads, each
+followed while its thread switches at most 100 times a second, the default budget; the
+time off the CPU of faster threads sampled by the clock at 99 Hz), by the same with
+`--switch-budget 0` (every switch followed) and by
 `py-spy record --idle` (py-spy's wall-clock view, 99 Hz); the order rotates from round to
 round. Reports each round's throughput, each watched configuration's over the
 server's alone, and the CPU time the profiler's own process used during the runs.
 
 Kernel cost, in separate rounds with the kernel's BPF run-time statistics on: watching
 the server, the context-switch program's time per request (all its runs on the host,
-target or not) and the time it spends on a target thread's switch that it follows (timed
-inside it); watching an idle process, the cost per switch of a thread that is not a
-target (the test of one bit per switch). stoker times an empty program the same
+target or not), the time it spends on a target thread's switch that it follows (timed
+inside it), and with the default budget the wall-clock sampler's program time (it runs in
+stoker's own thread, one run per server thread per sample); watching an idle process, the
+cost per switch of a thread that is not a target (the test of one bit per switch). stoker times an empty program the same
 way; the statistics' own cost per run is reported and subtracted.
 
 With --baseline, N more kernel cost rounds alternate between that stoker build and this one
@@ -109,6 +111,14 @@ def kernel_cost(err):
     return (*map(int, m.groups()), *targets, int(floor.group(1)))
 
 
+def sampler_cost(err):
+    """(runs, ns) of the wall-clock sampler's program, and its samples, from a `--kernel-stats`
+    summary; zeros when no thread was over the budget."""
+    m = re.search(r"off_cpu_sample ran (\d+) times for (\d+) ns", err)
+    s = re.search(r"\((\d+) samples, (\d+) with the Python stack walked\)", err)
+    return (*(map(int, m.groups()) if m else (0, 0)), *(map(int, s.groups()) if s else (0, 0)))
+
+
 def main():
     rounds, seconds = arg("--rounds", 3), arg("--seconds", 10)
     baseline = arg("--baseline", "") or None
@@ -132,7 +142,7 @@ def main():
             busy = (requests, rps, kernel_cost(err))
             requests, rps, err, _ = watched_by_stoker(server.pid, port, seconds, tmp, "wall", kernel_stats=True,
                                                       extra=["--switch-budget", BUDGET])
-            sampled = (requests, rps, kernel_cost(err))
+            sampled = (requests, rps, kernel_cost(err), sampler_cost(err))
             idle = subprocess.Popen(["sleep", "3600"])
             try:
                 requests, rps, err, _ = watched_by_stoker(idle.pid, port, seconds, tmp, "wall", kernel_stats=True,
@@ -161,9 +171,9 @@ def main():
         f"Linux {platform.release()}, {os.cpu_count()} CPUs. ThreadingHTTPServer (CPython 3.12, a thread per "
         f"connection) under `wrk -t1 -c8` on GET /sleep/0 (keep-alive) for {seconds} s per run; each round "
         "runs the server alone, watched by `stoker record` (CPU sampling, 99 Hz), by `stoker record --mode "
-        f"wall` (its default switch budget of {BUDGET}: each thread's GIL hand-overs, preemptions and sleeps "
-        f"under 1 ms followed in full up to {BUDGET} a second, a random share of them beyond, weighted; its other "
-        "waits all followed), by `stoker record --mode wall --switch-budget 0` (every switch of the server's "
+        f"wall` (its default switch budget of {BUDGET}: each switch of a thread off the CPU followed while the "
+        f"thread switches at most {BUDGET} times a second; a faster thread's time off the CPU sampled by the "
+        "clock at 99 Hz), by `stoker record --mode wall --switch-budget 0` (every switch of the server's "
         "threads off the CPU followed: every wait counted, GIL and lock waits with the thread's stack read at a "
         "switch under 10 ms before) "
         "and by `py-spy record --idle` (99 Hz), in an order that rotates from round to round.",
@@ -186,9 +196,11 @@ def main():
     (req, _, (sw_runs, sw_ns, targets, reused, recent, per_target, floor)) = busy
     (_, _, (q_runs, q_ns, _, _, _, _, _)) = quiet
     per_req = (sw_ns - floor * sw_runs) / max(req, 1)
-    (s_req, _, (s_sw_runs, s_sw_ns, s_targets, _, _, _, _)) = sampled
+    (s_req, s_rps, (s_sw_runs, s_sw_ns, s_targets, _, _, _, _), (w_runs, w_ns, w_samples, w_walks)) = sampled
     s_per_req = (s_sw_ns - floor * s_sw_runs) / max(s_req, 1)
     s_per_run = s_sw_ns / max(s_sw_runs, 1) - floor
+    w_per_sample = (w_ns - floor * w_runs) / max(w_samples, 1)
+    w_share = (w_ns - floor * w_runs) / 1e9 / (s_req / max(s_rps, 1))
     lines += [
         "",
         "| kernel cost | figure |",
@@ -202,6 +214,9 @@ def main():
         f"| default budget ({BUDGET}): switches of the server's threads followed per request | {s_targets / max(s_req, 1):.2f} |",
         f"| default budget ({BUDGET}): the switch program's time per request | **{s_per_req:.0f} ns** |",
         f"| default budget ({BUDGET}): the switch program's mean time per run (all switches on the host) | {s_per_run:.0f} ns |",
+        f"| default budget ({BUDGET}): the wall-clock sampler's samples (server threads off the CPU at a sample), of them with the Python stack walked | {w_samples}, {w_walks / max(w_samples, 1):.0%} |",
+        f"| default budget ({BUDGET}): the sampler's program time per sample (in stoker's thread; its runs over threads on the CPU included) | **{w_per_sample:.0f} ns** |",
+        f"| default budget ({BUDGET}): the sampler's program time, share of one CPU | {w_share:.2%} |",
         f"| a switch of a thread that is no target (watching an idle process) | **{q_ns / max(q_runs, 1) - floor:.0f} ns** |",
         "",
         f"The statistics' own cost, {floor} ns per run (an empty program timed the same way), is subtracted "

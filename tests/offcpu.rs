@@ -60,7 +60,8 @@ fn record_command(mode: &str, rate: &str, extra: &[&str], command: &[&str]) -> (
 }
 
 /// A caller blocked on an upstream that answers after 100 ms: the time stoker puts on
-/// `[socket 127.0.0.1:PORT]` (and the run queue after each answer) is the time the caller
+/// `[socket 127.0.0.1:PORT]` (and the run queue after each answer, and any other wait in
+/// its calls, such as a page read from the disk) is the time the caller
 /// measured around its requests less the CPU time they used (its own thread's clock), within
 /// 1 ms for clock reads on either side (and the hypervisor's steal, see `steal_seconds`). Half the requests read a blocking socket, half poll a
 /// socket with a timeout first. All but the first two at most are in Python stacks (a
@@ -86,6 +87,8 @@ fn socket_wait_is_the_callers_wait(version: &str) {
     let in_python = get(&by_state, &peer);
     let socket = get(&states(&folded, ""), &peer);
     let queued = get(&by_state, "[runqueue]");
+    let other: f64 =
+        by_state.iter().filter(|(state, _)| **state != peer && *state != "[runqueue]").map(|(_, s)| s).sum();
     eprintln!(
         "{version}: caller waited {waited:.4} s, ran {cpu:.4} s of it; stoker: {by_state:?}, {socket:.4} s on the socket in all"
     );
@@ -94,21 +97,36 @@ fn socket_wait_is_the_callers_wait(version: &str) {
         "16 answers 100 ms apart, {in_python:.4} s on the socket in call_upstream: {by_state:?}"
     );
     assert!(
-        (socket + queued - (waited - cpu)).abs() <= 1e-3 + steal,
-        "the caller waited {waited:.4} s and ran {cpu:.4} s of it; stoker saw {socket:.4} s on the socket and {queued:.4} s queued: {by_state:?}\n{err}"
+        (socket + queued + other - (waited - cpu)).abs() <= 1e-3 + steal,
+        "the caller waited {waited:.4} s and ran {cpu:.4} s of it; stoker saw {socket:.4} s on the socket, {queued:.4} s queued and {other:.4} s otherwise: {by_state:?}\n{err}"
     );
 }
 
-/// The summary's line on the switch budget, with the switches it followed and those it chose
-/// among: "... a second of a thread, FOLLOWED of ALL were followed ...".
-fn budget_line(err: &str) -> (f64, f64, &str) {
+/// The summary's line on the switch budget: the target threads' switches it did not follow
+/// (their threads were over the budget), all their switches, and the wall-clock sampler's
+/// samples: "... sampled: SKIPPED of ALL switches were not followed (...) ... (SAMPLES
+/// samples, ...".
+fn budget_line(err: &str) -> (f64, f64, f64, &str) {
     let line = err
         .lines()
-        .find(|l| l.contains("preemptions sampled"))
+        .find(|l| l.contains("a second sampled: "))
         .unwrap_or_else(|| panic!("not sampled: {err}"));
-    let words: Vec<&str> = line.split("thread, ").nth(1).unwrap_or_default().split_whitespace().collect();
-    let number = |i: usize| -> f64 { words.get(i).and_then(|w| w.parse().ok()).expect(line) };
-    (number(0), number(2), line)
+    let words: Vec<&str> = line.split("sampled: ").nth(1).unwrap_or_default().split_whitespace().collect();
+    let number =
+        |i: usize| -> f64 { words.get(i).and_then(|w| w.trim_start_matches('(').parse().ok()).expect(line) };
+    let samples = words.iter().position(|w| w.starts_with("samples")).expect(line);
+    (number(0), number(2), number(samples - 1), line)
+}
+
+/// How far the wall-clock sampler's estimate of the time of `waits` waits may lie from
+/// their time, at `rate` samples a second: a sample counts the time since the one before
+/// for the state it finds, so a wait is counted for the samples that fall in it, off by
+/// less than one period either way, with a variance of at most a quarter period squared
+/// for a wait that begins at a random moment. Four deviations of the sum: 2 periods × √waits.
+/// (Many short waits are a share of the samples that fall in their stretch instead, whose
+/// deviation has the same bound with `waits` the samples in the stretch.)
+fn sampling_bound(waits: f64, rate: f64) -> f64 {
+    2.0 / rate * waits.sqrt()
 }
 
 /// `upstream.py serve 0.1` (answers 100 ms after each request) and its port.
@@ -123,15 +141,16 @@ fn slow_upstream(py: &std::path::Path) -> (Child, String) {
     (upstream, line.trim().to_string())
 }
 
-/// Over a switch budget, waits other than GIL hand-overs, preemptions and brief sleeps are
-/// still followed in full: the caller and another thread hand the GIL over hundreds of times a second each,
-/// far over a budget of 10 (those waits are sampled, the summary says so), yet the time on
-/// `[socket 127.0.0.1:PORT]` is the caller's own: at least 14 of its 16 answers 100 ms apart
-/// in Python stacks, at most what it measured around its requests less their CPU time (1 ms
-/// for clock reads, and the steal). A socket wait sampled with the GIL's chance would count
-/// 0 or about ten of them.
+/// Over a switch budget, a thread's waits are sampled by the clock: the caller and another
+/// thread hand the GIL over hundreds of times a second each, far over a budget of 10, so
+/// their switches are not followed (the summary says so), and the caller's 16 answers 100
+/// ms apart are counted by the wall-clock sampler at 99 Hz. The time on
+/// `[socket 127.0.0.1:PORT]` is within the sampling bound of 16 waits of the caller's own:
+/// at least what 14 answers take in Python stacks (a launched process's interpreter is
+/// found after its first moments), at most what it measured around its requests less their
+/// CPU time (which includes its waits for the GIL after each answer), and the steal.
 #[test]
-fn socket_waits_are_followed_in_full_over_a_switch_budget() {
+fn socket_waits_over_a_switch_budget_are_sampled_by_the_clock() {
     require_root();
     let py = python("3.12.1");
     let (mut upstream, port) = slow_upstream(&py);
@@ -143,20 +162,25 @@ fn socket_waits_are_followed_in_full_over_a_switch_budget() {
     );
     let _ = upstream.kill();
     let _ = upstream.wait();
-    assert!(err.contains("preemptions sampled"), "the GIL hand-overs were not sampled: {err}");
+    let (skipped, all, samples, line) = budget_line(&err);
+    assert!(
+        skipped >= 0.5 * all && samples > 0.0,
+        "the threads' switches were not left to the clock: {line}"
+    );
     let (waited, cpu) = (reported(&stdout, "waited"), reported(&stdout, "cpu"));
     let peer = format!("[socket 127.0.0.1:{port}]");
     let in_python = get(&states(&folded, "call_upstream"), &peer);
     let socket = get(&states(&folded, ""), &peer);
+    let bound = sampling_bound(16.0, 99.0);
     eprintln!(
-        "caller waited {waited:.4} s, ran {cpu:.4} s of it; stoker: {socket:.4} s on the socket, {in_python:.4} s in call_upstream"
+        "caller waited {waited:.4} s, ran {cpu:.4} s of it; stoker: {socket:.4} s on the socket, {in_python:.4} s in call_upstream (sampling bound {bound:.3} s)"
     );
     assert!(
-        in_python >= 14.0 * 0.1 * 0.98,
+        in_python >= 14.0 * 0.1 * 0.98 - bound,
         "16 answers 100 ms apart, {in_python:.4} s on the socket in call_upstream\n{err}"
     );
     assert!(
-        socket <= waited - cpu + 1e-3 + steal,
+        socket <= waited - cpu + bound + steal,
         "the caller waited {waited:.4} s and ran {cpu:.4} s of it; stoker saw {socket:.4} s on the socket\n{err}"
     );
 }
@@ -176,57 +200,63 @@ fn socket_wait_is_the_callers_wait_debian_3_11() {
     socket_wait_is_the_callers_wait("debian-3.11");
 }
 
-/// Over a switch budget, sleeps asked for under 1 ms are sampled like GIL hand-overs, and
-/// longer ones are followed in full. A thread takes 300 naps of 0.2 ms (about 4000 a second,
-/// far over a budget of 500), then rests 50 ms, twenty times. Its rests' time (sleep and run
-/// queue after it) is what it measured around them less their CPU time (2 ms for clock
-/// reads on either side of twenty rests, and the steal); its naps' is an estimate from
-/// about 1400 followed of 6000, within 15% of what it measured (ten runs here came out 0.4%
-/// to 4.6% off it, four with a hog; more room for a hog's jitter on the naps' length).
-fn brief_sleeps_are_sampled(version: &str) {
+/// A thread that switches faster than the budget has its time off the CPU sampled by the
+/// clock, whatever it waits for: it takes 100 naps of 1 ms (about 950 a second, far over a
+/// budget of 100), then rests 50 ms, forty times. Its rests' time (sleep and run queue
+/// after it) is within the sampling bound of 40 waits of what it measured around them less
+/// their CPU time; its naps' within that of the samples that fell in their stretch (at most
+/// their time and their CPU time over the period), and the share of a nap that its timer
+/// slack is (a sample is taken at a timer interrupt, which ends every sleep due within its
+/// slack, 50 µs by default: such a nap is seen as over); each with the steal, and 2 ms for
+/// clock reads on either side of the rests.
+fn fast_threads_are_sampled_by_the_clock(version: &str) {
     require_root();
     let py = python(version);
     let (folded, err, stdout, steal) = record_command(
         "off-cpu",
         "99",
-        &["--switch-budget", "500"],
-        &[py.to_str().unwrap(), fixture("naps.py").to_str().unwrap(), "20"],
+        &[],
+        &[py.to_str().unwrap(), fixture("naps.py").to_str().unwrap(), "40", "100", "0.001"],
     );
-    let (followed, all, line) = budget_line(&err);
-    assert!(all >= 5000.0 && followed < 0.5 * all, "6000 naps, over the budget: {line}");
+    let (skipped, all, samples, line) = budget_line(&err);
+    assert!(all >= 3_000.0 && skipped >= 0.5 * all && samples > 0.0, "4000 naps, over the budget: {line}");
     let lines: Vec<&str> = stdout.lines().collect();
-    let measured = |name: &str| -> f64 {
+    let reported_by = |name: &str| -> (f64, f64) {
         let l = lines.iter().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("no {name} in {stdout}"));
-        reported(l, "waited") - reported(l, "cpu")
+        (reported(l, "waited"), reported(l, "cpu"))
     };
     let seen = |function: &str| -> f64 {
         let by_state = states(&folded, function);
         get(&by_state, "[sleep]") + get(&by_state, "[runqueue]")
     };
     let (rest, nap) = (seen("rest"), seen("nap"));
-    let (rest_own, nap_own) = (measured("rest"), measured("nap"));
+    let ((rest_waited, rest_cpu), (nap_waited, nap_cpu)) = (reported_by("rest"), reported_by("nap"));
+    let (rest_own, nap_own) = (rest_waited - rest_cpu, nap_waited - nap_cpu);
+    let rest_bound = sampling_bound(40.0, 99.0) + 2e-3 + steal;
+    let slack = 50e-6 / (nap_waited / 4000.0);
+    let nap_bound = sampling_bound((nap_waited + nap_cpu) * 99.0, 99.0) + slack * nap_own + steal;
     eprintln!(
-        "{version}: rests {rest:.4} s (measured {rest_own:.4} s), naps {nap:.4} s (measured {nap_own:.4} s)"
+        "{version}: rests {rest:.4} s (measured {rest_own:.4} s, bound {rest_bound:.3} s), naps {nap:.4} s (measured {nap_own:.4} s, bound {nap_bound:.3} s)"
     );
     assert!(
-        (rest - rest_own).abs() <= 2e-3 + steal,
+        (rest - rest_own).abs() <= rest_bound,
         "the thread rested {rest_own:.4} s off the CPU, stoker saw {rest:.4} s\n{err}"
     );
     assert!(
-        (nap - nap_own).abs() <= 0.15 * nap_own + steal,
+        (nap - nap_own).abs() <= nap_bound,
         "the thread napped {nap_own:.4} s off the CPU, stoker estimated {nap:.4} s\n{err}"
     );
 }
 
 #[test]
-fn brief_sleeps_are_sampled_3_12() {
-    brief_sleeps_are_sampled("3.12.1");
+fn fast_threads_are_sampled_by_the_clock_3_12() {
+    fast_threads_are_sampled_by_the_clock("3.12.1");
 }
 
 /// CPython 3.9 sleeps in `select` with no descriptors.
 #[test]
-fn brief_sleeps_are_sampled_3_9() {
-    brief_sleeps_are_sampled("3.9.18");
+fn fast_threads_are_sampled_by_the_clock_3_9() {
+    fast_threads_are_sampled_by_the_clock("3.9.18");
 }
 
 /// Three threads of pure-Python work: one runs while two wait for the GIL, so about 2/3 of
@@ -250,13 +280,17 @@ fn gil_wait_share(version: &str, extra: &[&str]) {
     let waiting = total - get(&by_state, "[running]");
     let gil = get(&by_state, "[gil]");
     eprintln!("{version}: threads measured cpu {cpu:.3} s of wall {wall:.3} s; stoker: {by_state:?}");
-    // Over a budget, a sixth of the waits stand for the rest: the sums are estimates whose
-    // spread over repeated runs is about 4% here (about 340 waits followed): 15% is near 4 of it.
+    // Over a budget, the waits are the wall-clock sampler's estimates: about 2000 samples of
+    // three threads here, whose share deviates by about 1%: 15% leaves room for the hog's
+    // jitter on who holds the GIL.
     let exact = extra == EVERY_SWITCH;
     let tolerance = if exact { 0.05 } else { 0.15 };
     if extra.contains(&"--switch-budget") && !exact {
-        let (followed, all, line) = budget_line(&err);
-        assert!(followed < 0.8 * all, "a budget the threads exceed leaves switches out: {line}");
+        let (skipped, all, samples, line) = budget_line(&err);
+        assert!(
+            skipped >= 0.2 * all && samples > 0.0,
+            "a budget the threads exceed leaves switches to the clock: {line}"
+        );
     }
     assert!(
         (total - wall).abs() <= tolerance * wall,
@@ -290,8 +324,8 @@ fn gil_wait_share_3_12() {
 }
 
 /// The same with a switch budget the threads exceed (each hands the GIL over hundreds of
-/// times a second): a random share of their waits is followed, weighted for the rest, and
-/// the estimates meet the same bounds; the summary says the waits were sampled.
+/// times a second): their switches are not followed, the wall-clock sampler counts their
+/// waits, and the estimates meet the same bounds; the summary says the waits were sampled.
 #[test]
 fn gil_wait_share_sampled_over_a_switch_budget() {
     gil_wait_share("3.12.1", &["--switch-budget", "50"]);

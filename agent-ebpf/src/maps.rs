@@ -98,12 +98,12 @@ pub static PY_THREADS: HashMap<u32, u64> = HashMap::with_max_entries(PY_THREADS_
 
 /// One Python stack per CPU being assembled: too large for the BPF stack.
 #[map]
-pub static PY_SCRATCH: PerCpuArray<PyStack> = PerCpuArray::with_max_entries(1, 0);
+pub static PY_SCRATCH: PerCpuArray<PyStack> = PerCpuArray::with_max_entries(2, 0);
 
 /// One frame prefix per CPU, read at once and parsed field by field (see `PY_FRAME_CHUNK`;
 /// 8 spare bytes let a masked offset read 8 bytes without a further bounds check).
 #[map]
-pub static FRAME_BUF: PerCpuArray<[u8; PY_FRAME_CHUNK + 8]> = PerCpuArray::with_max_entries(1, 0);
+pub static FRAME_BUF: PerCpuArray<[u8; PY_FRAME_CHUNK + 8]> = PerCpuArray::with_max_entries(2, 0);
 
 /// Tracked sockets of target processes: (tgid << 32 | fd) -> state.
 #[map]
@@ -254,7 +254,7 @@ pub static OFF_THREADS: LruHashMap<u32, OffThread> = LruHashMap::with_max_entrie
 /// GIL hand-overs, preemptions and brief sleeps per window of a target thread followed in
 /// full (see `MAP_OFF_BUDGET`).
 #[map]
-pub static OFF_BUDGET: Array<u64> = Array::with_max_entries(1, 0);
+pub static OFF_BUDGET: Array<u64> = Array::with_max_entries(2, 0);
 
 /// Target threads' pace of switches on each CPU, by the low bits of their ids (see
 /// `OffPace`).
@@ -294,6 +294,8 @@ pub fn forget_pace(tid: u32) {
             }
         }
     }
+    // Its pace starts again: it is followed until it is known.
+    set_fast(tid, false);
 }
 
 /// Threads whose last switch off the CPU was followed and whose wait is not counted yet,
@@ -306,17 +308,54 @@ pub static OFF_PENDING: Array<u64> = Array::with_max_entries(TARGET_BITS_WORDS, 
 /// True when `tid`'s bit in `OFF_PENDING` is set.
 #[inline(always)]
 pub fn is_pending(tid: u32) -> bool {
-    match OFF_PENDING.get_ptr(tid >> 6) {
+    tid_bit(&OFF_PENDING, tid)
+}
+
+/// Sets or clears `tid`'s bit in `OFF_PENDING`.
+#[inline(always)]
+pub fn set_pending(tid: u32, on: bool) {
+    set_tid_bit(&OFF_PENDING, tid, on);
+}
+
+/// The wall-clock sampler's threads (see `SampledThread`).
+#[map]
+pub static OFF_SAMPLED: LruHashMap<u32, agent_ebpf::SampledThread> =
+    LruHashMap::with_max_entries(agent_ebpf::OFF_THREADS_CAPACITY, 0);
+
+/// Threads of target processes that switched off the CPU faster than the switch budget at
+/// their last switch, one bit per tid: their switches are not followed, and the wall-clock
+/// sampler (`off_cpu_sample`) counts their time off the CPU instead.
+#[map]
+pub static OFF_FAST: Array<u64> = Array::with_max_entries(TARGET_BITS_WORDS, 0);
+
+/// True when `tid`'s bit in `OFF_FAST` is set.
+#[inline(always)]
+pub fn is_fast(tid: u32) -> bool {
+    tid_bit(&OFF_FAST, tid)
+}
+
+/// Sets or clears `tid`'s bit in `OFF_FAST` (written only when it changes).
+#[inline(always)]
+pub fn set_fast(tid: u32, on: bool) {
+    if is_fast(tid) != on {
+        set_tid_bit(&OFF_FAST, tid, on);
+    }
+}
+
+/// `tid`'s bit in a bitmap of thread ids.
+#[inline(always)]
+fn tid_bit(bits: &Array<u64>, tid: u32) -> bool {
+    match bits.get_ptr(tid >> 6) {
         // SAFETY: as in `is_target`.
         Some(word) => (unsafe { core::ptr::read_volatile(word) } >> (tid & 63)) & 1 != 0,
         None => false,
     }
 }
 
-/// Sets or clears `tid`'s bit in `OFF_PENDING`.
+/// Sets or clears `tid`'s bit in a bitmap of thread ids.
 #[inline(always)]
-pub fn set_pending(tid: u32, on: bool) {
-    if let Some(word) = OFF_PENDING.get_ptr_mut(tid >> 6) {
+fn set_tid_bit(bits: &Array<u64>, tid: u32, on: bool) {
+    if let Some(word) = bits.get_ptr_mut(tid >> 6) {
         // SAFETY: as in `mark_target` and `unmark_target`: atomic OR and AND on a word of the
         // array; other CPUs set and clear other bits of it.
         unsafe {

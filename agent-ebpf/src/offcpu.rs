@@ -16,23 +16,18 @@ pub const MAP_OFF_PENDING: &str = "OFF_PENDING";
 /// itself recorded (`sched_info`), read at the thread's next switch off the CPU or its next
 /// CPU sample, so neither wake-ups nor switches in need a program.
 pub const PROG_SCHED_SWITCH: &str = "sched_switch";
-/// Switches off the CPU of one target thread for the GIL, a preemption or a brief sleep
-/// (`OFF_BRIEF_SLEEP_NS`) followed in full per window of `OFF_WINDOW_NS` (one `u64` set by
-/// userspace from the per-second budget, see `budget_per_window`; 0: all of them). Beyond
-/// it, such switches of the thread are followed at random, each with the chance that keeps
-/// to the budget at the thread's pace in its previous window, and the waits followed weigh
-/// for those not (`OffThread::weight`). Its other switches (sockets, polls, longer sleeps,
-/// locks, the disk, a spent CPU quota) are all followed.
+/// The wall-clock sampler: a sleepable task iterator (see `programs::offcpu`).
+pub const PROG_OFF_CPU_SAMPLE: &str = "off_cpu_sample";
+/// Two `u64`s set by userspace. First, the switch budget: the switches off the CPU of one
+/// target thread on one CPU per window of `OFF_WINDOW_NS` (from the per-second budget, see
+/// `budget_per_window`; 0: no limit). A thread that switched more often in its previous
+/// window, or has in its current one, is fast: its switches are not followed (a bit test, a slot of a per-CPU array
+/// and a count), and the wall-clock sampler counts its time off the CPU instead
+/// (`PROG_OFF_CPU_SAMPLE`). Second, the time since the sampler's previous run, which each of
+/// its samples counts.
 pub const MAP_OFF_BUDGET: &str = "OFF_BUDGET";
-/// A sleep asked for less than this (`time.sleep(0)`, a polling loop's short naps) comes in
-/// storms as GIL hand-overs do: the switch budget samples it. Longer sleeps are followed.
-pub const OFF_BRIEF_SLEEP_NS: u64 = 1_000_000;
-/// Length of the windows in which a thread's switches are counted to set its chance.
-pub const OFF_WINDOW_NS: u64 = 100_000_000;
-/// `OffThread::weight` of a wait that stands for itself alone.
-pub const OFF_WEIGHT_ONE: u64 = 1 << 10;
-/// `OffThread::take_below` when every switch is followed.
-pub const OFF_TAKE_ALL: u64 = 1 << 32;
+/// Length of the windows in which a thread's switches are counted.
+pub const OFF_WINDOW_NS: u64 = 1_000_000_000;
 
 /// What `MAP_OFF_BUDGET` holds for a budget of `per_second` switches (0: no limit).
 pub const fn budget_per_window(per_second: u32) -> u64 {
@@ -41,19 +36,6 @@ pub const fn budget_per_window(per_second: u32) -> u64 {
     }
     let allowed = per_second as u64 * OFF_WINDOW_NS / 1_000_000_000;
     if allowed == 0 { 1 } else { allowed }
-}
-
-/// `ns` counted `weight / OFF_WEIGHT_ONE` times (0 weighs one), as the kernel adds a wait
-/// and userspace a wait under way.
-#[inline(always)]
-pub fn weighted(ns: u64, weight: u64) -> u64 {
-    if weight == OFF_WEIGHT_ONE || weight == 0 {
-        return ns;
-    }
-    // Bounded so that the product fits: waits up to about 2.4 hours, weights up to 2^20
-    // (a chance of one in a million).
-    let (ns, weight) = (ns.min(1 << 43), weight.min(1 << 30));
-    (ns >> 10).wrapping_mul(weight).wrapping_add(((ns & 1023) * weight) >> 10)
 }
 
 /// The time of the waits of one `OffKey`: for its reason, and in the run queue after they
@@ -168,8 +150,6 @@ pub struct OffThread {
     pub py_signature: u64,
     /// When that stack was read (walked, or found unchanged).
     pub walked_ns: u64,
-    /// How many waits this one stands for, in `OFF_WEIGHT_ONE` units (see `MAP_OFF_BUDGET`).
-    pub weight: u64,
     /// The stack the thread had before its current one (fingerprint, Python stack, whether
     /// native frames were taken): a thread that alternates between two waits (a server's
     /// read of the next request and a call in its handler) has neither walked again.
@@ -178,11 +158,24 @@ pub struct OffThread {
     pub prev_user_stack_id: i32,
     pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<OffThread>() == 136);
+const _: () = assert!(core::mem::size_of::<OffThread>() == 128);
 
 // SAFETY: `repr(C)`, an `OffKey` (itself `Pod`) and integers, no padding (size asserted).
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for OffThread {}
+
+/// What the wall-clock sampler keeps of a thread it sampled: its process, its CPU time
+/// then (`sched_entity.sum_exec_runtime`), and the fingerprint and hash of its Python stack
+/// (see `OffThread::py_signature`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SampledThread {
+    pub tgid: u32,
+    pub _pad: u32,
+    pub ran: u64,
+    pub signature: u64,
+    pub py_stack: u64,
+}
 
 /// Slots of `OffPace` per CPU, indexed by the low bits of a thread id (a power of two).
 pub const OFF_PACE_SLOTS: u32 = 1024;
@@ -200,18 +193,13 @@ pub struct OffPace {
     /// Where its process's GIL lies (0: not known yet), so that a GIL wait is told without
     /// a lookup of the process.
     pub gil: u64,
-    /// When its current window began, its switches in it, and the
-    /// chance (of 2^32) that a switch is followed, from the window before, with the weight
-    /// that goes with it.
+    /// When its current window began and its switches in it.
     pub window_ns: u64,
     pub window_count: u64,
-    pub take_below: u64,
-    pub weight: u64,
-    /// State of the thread's random draws (xorshift, never 0): a switch that is sampled
-    /// draws here rather than with a helper call, which costs as much as the rest of it.
-    pub rng: u64,
+    /// 1 while the thread switches faster than the budget (see `MAP_OFF_BUDGET`).
+    pub fast: u64,
 }
-const _: () = assert!(core::mem::size_of::<OffPace>() == 56);
+const _: () = assert!(core::mem::size_of::<OffPace>() == 40);
 
 /// Where the programs find what they read, from the kernel's BTF (`NO_OFFSET`: unknown,
 /// that detail is not read).
@@ -251,8 +239,18 @@ pub struct OffConfig {
     /// task it has at hand for the saved registers, with no helper call of its own.
     pub task_pid: u32,
     pub task_tgid: u32,
+    /// `task_struct.__state` and `.on_cpu`: what the wall-clock sampler reads of a thread
+    /// it finds off the CPU.
+    pub task_state: u32,
+    pub task_on_cpu: u32,
+    /// `task_struct.thread_info` + `thread_info.cpu`: the CPU whose run queue a runnable
+    /// thread waits in.
+    pub task_cpu: u32,
+    /// `task_struct.sched_info` + `sched_info.last_queued`: when a runnable task was queued.
+    pub task_last_queued: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<OffConfig>() == 84);
+const _: () = assert!(core::mem::size_of::<OffConfig>() == 104);
 
 /// `OffConfig` value of an offset that is not known.
 pub const NO_OFFSET: u32 = u32::MAX;
@@ -281,6 +279,11 @@ impl OffConfig {
         rq_clock: NO_OFFSET,
         task_pid: NO_OFFSET,
         task_tgid: NO_OFFSET,
+        task_state: NO_OFFSET,
+        task_on_cpu: NO_OFFSET,
+        task_cpu: NO_OFFSET,
+        task_last_queued: NO_OFFSET,
+        _pad: 0,
     };
 }
 

@@ -59,13 +59,14 @@ pub const OFF_FROM_RUN_TIME: u32 = 22;
 pub const GIL_NOT_HELD: u32 = 23;
 /// Blocked event-loop stretches lost because their ring was full.
 pub const LOOP_BLOCKS_LOST: u32 = 24;
-/// Target threads' switches off the CPU not followed: over the switch budget, a random
-/// choice left them out (`MAP_OFF_BUDGET`).
+/// Target threads' switches off the CPU not followed: their threads were over the switch
+/// budget (`MAP_OFF_BUDGET`).
 pub const OFF_SAMPLED_OUT: u32 = 25;
 /// New keys not sent to userspace because the new-key ring was full (`MAP_NEW_KEYS`).
 pub const NEW_KEYS_UNSENT: u32 = 26;
-/// Target threads' GIL hand-overs, preemptions and brief sleeps followed (the waits the
-/// switch budget samples; with `OFF_SAMPLED_OUT`, all of them).
-pub const OFF_BUDGET_FOLLOWED: u32 = 27;
+/// Waits of fast-switching threads sampled by the wall-clock sampler (`off_cpu_sample`).
+pub const OFF_TIME_SAMPLES: u32 = 27;
+/// Of those, the samples whose Python stack was walked (not found unchanged).
+pub const OFF_SAMPLE_WALKS: u32 = 28;
 /// Number of counters.
-pub const COUNT: u32 = 28;
+pub const COUNT: u32 = 29;

@@ -142,11 +142,10 @@ pub struct RecordArgs {
     /// most in it (`100ms`, `0.5s`, or a bare number of seconds); 0 turns it off.
     #[arg(long, value_name = "DURATION", default_value = "100ms", value_parser = parse_threshold)]
     pub loop_block_threshold: std::time::Duration,
-    /// Wall-clock and off-CPU modes: follow every GIL hand-over, preemption and sleep asked
-    /// for under 1 ms of a target thread while it has at most this many a second on a CPU;
-    /// beyond, a random share that keeps to it, each wait weighted for those left out (the
-    /// summary says when). Every other wait (sockets, longer sleeps, locks, disk, CPU quota)
-    /// is followed; 0: every switch.
+    /// Wall-clock and off-CPU modes: follow every switch off the CPU of a target thread
+    /// (each wait exact) while it has at most this many a second on a CPU; a thread that
+    /// switches faster has its time off the CPU sampled by the clock at the sampling rate
+    /// instead, as py-spy's --idle does (the summary says when); 0: every switch.
     #[arg(long, value_name = "PER_SECOND", default_value_t = stoker::record::DEFAULT_SWITCH_BUDGET)]
     pub switch_budget: u32,
     /// Command to launch and profile, after `--`.

@@ -105,13 +105,16 @@ fn try_sys_exit() -> Result<u32, i64> {
 }
 
 /// The registers saved when the current system call of `task` (the current task, as
-/// `current_task` gave it) entered, read in place (no copy): its number, its arguments
-/// (unchanged until it returns) and, at the exit, its return value.
+/// `current_task` gave it, or a task the wall-clock sampler found blocked in one) entered,
+/// read in place (no copy): its number, its arguments (unchanged until it returns) and, at
+/// the exit, its return value.
 #[inline(always)]
 pub(super) fn entry_regs_of(task: *const u8) -> &'static pt_regs {
-    // SAFETY: `bpf_task_pt_regs` of the current task (a trusted BTF pointer) is its saved user
-    // registers, valid, aligned and unchanged while it is in this system call, which outlasts
-    // the program run; `pt_regs` is plain integers.
+    // SAFETY: `bpf_task_pt_regs` of a task (a trusted BTF pointer) is its saved user
+    // registers, valid and aligned; the current task's are unchanged while it is in this
+    // system call, which outlasts the program run. Another task's may change as it returns
+    // meanwhile: the verifier makes loads through the pointer ones that cannot fault, and
+    // `pt_regs` is plain integers, valid for any bits.
     unsafe { &*(bpf_task_pt_regs(task as *mut _) as *const pt_regs) }
 }
 

@@ -3,28 +3,32 @@
 //! wait is added to its (stacks, reason) in `OFF_COUNTS`, ended when the scheduler gave it
 //! the CPU again and split at the time it spent in the run queue (both as the scheduler
 //! recorded them in the task's `sched_info`). Switches of other threads cost one bit test.
+//! A thread that switches faster than the budget is not followed: the wall-clock sampler
+//! (`off_cpu_sample`, a task iterator userspace runs at the sampling rate) counts its time
+//! off the CPU instead.
 use agent_ebpf::{
-    NO_OFFSET, NO_STACK, OFF_BRIEF_SLEEP_NS, OFF_PACE_SLOTS, OFF_TAKE_ALL, OFF_WEIGHT_ONE, OFF_WINDOW_NS,
-    OffConfig, OffKey, OffPace, OffThread, OffTime, PY_GIL_SIZE, SampleKey, reason, split_wait, stat,
-    weighted,
+    NO_OFFSET, NO_STACK, OFF_PACE_SLOTS, OFF_WINDOW_NS, OffConfig, OffKey, OffPace, OffThread, OffTime,
+    PY_GIL_SIZE, SampleKey, SampledThread, reason, split_wait, stat,
 };
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, pt_regs},
-    helpers::{bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_probe_read_kernel},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::raw_tracepoint,
     programs::RawTracePointContext,
 };
+use core::ffi::c_void;
 
 use super::{
     Plain, current_task, loader_global,
     net::{AF_INET, AF_INET6},
     net_syscalls::entry_regs_of,
     perf_sample::{kernel_stack, python_stack, user_stack},
-    python, sysno, typed_field,
+    python::{self, LOCAL, REMOTE},
+    sysno, typed_field,
 };
 use crate::maps::{
-    OFF_BUDGET, OFF_COUNTS, OFF_PACE, OFF_THREADS, PY_PROCS, add, bump, is_pending, is_target, new_key,
-    set_pending,
+    OFF_BUDGET, OFF_COUNTS, OFF_PACE, OFF_SAMPLED, OFF_THREADS, PY_PROCS, add, bump, is_fast, is_pending,
+    is_target, new_key, set_fast, set_pending,
 };
 
 /// Where the programs find what they read (set by the loader).
@@ -60,19 +64,6 @@ fn now_ns() -> u64 {
     // SAFETY: the helper takes no arguments and only reads the clock.
     unsafe { bpf_ktime_get_ns() }
 }
-
-/// `now_ns()`, read into `now` the first time (0: not read yet).
-#[inline(always)]
-fn clock(now: &mut u64) -> u64 {
-    if *now == 0 {
-        *now = now_ns();
-    }
-    *now
-}
-
-/// While a thread's switches are sampled, the clock is read to see whether its pace window
-/// ended at every this many of them (and at each followed one).
-const PACE_CHECK_EVERY: u64 = 16;
 
 /// Reads kernel memory at `addr`.
 #[inline(always)]
@@ -170,17 +161,7 @@ fn pace_of(tgid: u32, tid: u32) -> Option<&'static mut OffPace> {
     // it, and they do not nest.
     let pace = unsafe { &mut *pace };
     if pace.tid != tid || pace.tgid != tgid {
-        *pace = OffPace {
-            tid,
-            tgid,
-            gil: 0,
-            window_ns: 0,
-            window_count: 0,
-            take_below: 0,
-            weight: OFF_WEIGHT_ONE,
-            // SAFETY: the helper takes no arguments and only returns a pseudo-random number.
-            rng: u64::from(unsafe { bpf_get_prandom_u32() }) << 32 | u64::from(tid) | 1,
-        };
+        *pace = OffPace { tid, tgid, gil: 0, window_ns: 0, window_count: 0, fast: 0 };
     }
     Some(pace)
 }
@@ -199,6 +180,12 @@ impl LazyPace {
     #[inline(always)]
     fn new(tgid: u32, tid: u32) -> Self {
         LazyPace { tgid, tid, looked: false, slot: None }
+    }
+
+    /// None: for a thread that is not the current one (its pace is its own CPUs' to keep).
+    #[inline(always)]
+    fn none(tgid: u32, tid: u32) -> Self {
+        LazyPace { tgid, tid, looked: true, slot: None }
     }
 
     #[inline(always)]
@@ -228,45 +215,18 @@ fn switched_out(
     if !runnable && state & (TASK_INTERRUPTIBLE | TASK_UNINTERRUPTIBLE) == 0 {
         return None;
     }
-    let mut key = OffKey {
-        sample: SampleKey { tgid, tid, user_stack_id: NO_STACK, kernel_stack_id: NO_STACK, py_stack: 0 },
-        reason: reason::OTHER,
-        port: 0,
-        family: 0,
-        addr: [0; 16],
-    };
-    let mut now = 0;
-    // A sleep asked for under `OFF_BRIEF_SLEEP_NS`.
-    let mut brief = false;
+    // A thread that switches faster than the budget is not followed: the wall-clock
+    // sampler counts its time off the CPU (`off_cpu_sample`). This is decided before
+    // anything else is read, so that its switches cost little.
     let mut pace = LazyPace::new(tgid, tid);
-    key.reason = if runnable {
-        if throttled(task) { reason::THROTTLED } else { reason::RUNQUEUE }
-    } else if state & TASK_UNINTERRUPTIBLE != 0 {
-        reason::DISK
-    } else {
-        blocked_reason(&mut key, task, tgid, &mut pace, entry_regs_of(task), &mut brief, &mut now)
-    };
-    // The budget samples the waits that come in storms, brief each (GIL hand-overs,
-    // preemptions, sleeps asked for under `OFF_BRIEF_SLEEP_NS`); every other wait (a socket,
-    // a poll, a longer sleep, a lock, the disk, a spent CPU quota) is followed, however fast
-    // the thread switches.
-    let stormy = match key.reason {
-        reason::GIL | reason::RUNQUEUE => true,
-        reason::SLEEP => brief,
-        _ => false,
-    };
-    let weight = if stormy {
-        let pace = pace.get()?;
-        if !followed(pace, &mut now) {
-            bump(stat::OFF_SAMPLED_OUT);
-            return None;
-        }
-        bump(stat::OFF_BUDGET_FOLLOWED);
-        pace.weight
-    } else {
-        OFF_WEIGHT_ONE
-    };
-    let now = clock(&mut now);
+    let fast = fast(pace.get()?, task_u64(task, &OFF_CONFIG.task_last_arrival));
+    set_fast(tid, fast);
+    if fast {
+        bump(stat::OFF_SAMPLED_OUT);
+        return None;
+    }
+    let mut key = wait_key::<LOCAL>(task, tgid, tid, runnable, state, &mut pace);
+    let now = now_ns();
     if entry.is_none() {
         entry = OFF_THREADS.get_ptr_mut(tid);
     }
@@ -300,7 +260,7 @@ fn switched_out(
             // socket read, the same wait in the same loop), else walked.
             // SAFETY: as in `perf_sample::python_stack`.
             let signature = match unsafe { PY_PROCS.get(tgid) } {
-                Some(proc) => python::signature(task, tid, proc).unwrap_or(0),
+                Some(proc) => python::signature::<LOCAL>(task, tid, proc).unwrap_or(0),
                 None => 0,
             };
             if signature != 0 && signature == last_signature && last_stack != 0 {
@@ -310,7 +270,7 @@ fn switched_out(
                 bump(stat::OFF_STACKS_REUSED);
                 (prev_stack, prev_user != NO_STACK, signature, now)
             } else {
-                let (py_stack, want_native) = python_stack(task, tgid, tid);
+                let (py_stack, want_native) = python_stack::<LOCAL>(task, tgid, tid);
                 (py_stack, want_native, if py_stack != 0 { signature } else { 0 }, now)
             }
         };
@@ -335,7 +295,6 @@ fn switched_out(
             t.key = key;
             t.py_signature = signature;
             t.walked_ns = walked;
-            t.weight = weight;
             sched.left(t, task, now);
             set_pending(tid, true);
         }
@@ -349,7 +308,6 @@ fn switched_out(
                 ran_before: 0,
                 py_signature: signature,
                 walked_ns: walked,
-                weight,
                 prev_signature: 0,
                 prev_py_stack: 0,
                 prev_user_stack_id: NO_STACK,
@@ -428,66 +386,36 @@ fn ran_again(t: &mut OffThread, task: *const u8) {
         now_ns().saturating_sub(off).saturating_sub(ran)
     };
     let (waited, queued) = split_wait(t.key.reason, total, sched.queued.saturating_sub(t.queued_before));
-    add_off(&t.key, OffTime { waited: weighted(waited, t.weight), queued: weighted(queued, t.weight) });
+    add_off(&t.key, OffTime { waited, queued });
 }
 
-/// Whether the switch now under way of the thread of pace `t`, a GIL hand-over or a
-/// preemption, is followed (the weight of its wait is then `t.weight`): all are, weighing
-/// one, while the thread switches so at most `OFF_BUDGET` times a second; at a faster pace
-/// in its previous window, each is taken with the chance that keeps to the budget, weighing
-/// its inverse. Threads that switch that often wait briefly each time, so one wait weighs
-/// little in the total.
-///
-/// `now` is the clock, read here (into `now`) only when needed: a read costs more than
-/// the rest of a switch that is not followed, so while a thread is sampled its window's end
-/// is looked for at every `PACE_CHECK_EVERY`-th switch.
+/// Whether the thread of pace `t`, switching off the CPU now, switches faster than the
+/// budget (`OFF_BUDGET`, per window of `OFF_WINDOW_NS`) on this CPU: it did in its previous
+/// window, or it has in its current one (a thread that starts to storm is sampled from
+/// then on; a burst of a few dozen switches, as a process starts, is not a storm).
+/// `arrived`: when the thread last got the CPU (`sched_info.last_arrival`, this CPU's run
+/// queue clock), the window's clock: a plain load, where the clock is a helper call that
+/// costs as much as the rest of a switch that is not followed.
 #[inline(always)]
-fn followed(t: &mut OffPace, now: &mut u64) -> bool {
-    // What the budget allows in one window.
+fn fast(t: &mut OffPace, arrived: u64) -> bool {
     let allowed = match OFF_BUDGET.get(0) {
         Some(&b) if b > 0 => b,
-        _ => {
-            t.weight = OFF_WEIGHT_ONE;
-            return true;
-        }
+        _ => return false,
     };
-    let sampled = t.take_below != 0 && t.take_below < OFF_TAKE_ALL;
-    let elapsed = if !sampled || t.window_count.is_multiple_of(PACE_CHECK_EVERY) {
-        clock(now).wrapping_sub(t.window_ns)
-    } else {
-        0
-    };
-    // A window ends after its length, or as soon as a thread followed in full has used up
-    // what it allows (a thread that starts to switch fast is sampled from then on).
-    if elapsed >= OFF_WINDOW_NS
-        || t.take_below == 0
-        || (t.take_below >= OFF_TAKE_ALL && t.window_count >= allowed)
-    {
-        // The finished window's pace, per window length (its count is far below 2^32).
+    let elapsed = arrived.wrapping_sub(t.window_ns);
+    if t.window_ns == 0 || elapsed >= OFF_WINDOW_NS {
+        // The finished window's pace, per window length (its count is far below 2^32); a
+        // window that ended long ago (the thread did not switch here since) was slow.
         let pace = t.window_count.min(u64::from(u32::MAX)).wrapping_mul(OFF_WINDOW_NS) / elapsed.max(1);
-        if pace <= allowed {
-            t.take_below = OFF_TAKE_ALL;
-            t.weight = OFF_WEIGHT_ONE;
-        } else {
-            // (`allowed` is at most a u32's tenth: the shift fits.)
-            t.take_below = ((allowed.min(u64::from(u32::MAX)) << 32) / pace).max(1);
-            t.weight = pace * OFF_WEIGHT_ONE / allowed;
-        }
-        t.window_ns = clock(now);
+        t.fast = u64::from(t.window_ns != 0 && elapsed < 2 * OFF_WINDOW_NS && pace > allowed);
+        t.window_ns = arrived;
         t.window_count = 0;
     }
     t.window_count += 1;
-    if t.take_below >= OFF_TAKE_ALL {
-        return true;
+    if t.window_count > allowed {
+        t.fast = 1;
     }
-    // xorshift64 (Marsaglia): a full period over the non-zero states; its high half is the
-    // draw of 2^32.
-    let mut x = t.rng;
-    x ^= x << 13;
-    x ^= x >> 7;
-    x ^= x << 17;
-    t.rng = x;
-    (x >> 32) < t.take_below
+    t.fast != 0
 }
 
 #[inline(always)]
@@ -532,67 +460,50 @@ fn throttled(task: *const u8) -> bool {
     count().unwrap_or(0) > 0
 }
 
-/// Whether a sleep of the `struct timespec` at user address `timespec` was asked for less
-/// than `OFF_BRIEF_SLEEP_NS`: relative, or until that `CLOCK_MONOTONIC` time (`absolute`,
-/// CPython's `time.sleep`), whose time is read into `now`. Sleeps that cannot be told are
-/// not brief.
+/// The key of a wait of thread `tid` of process `tgid` (`task`) as it is now: `runnable`,
+/// or blocked in `state` (a system call's), no stacks yet. `pace`: the thread's.
+/// `REMOTE`: `task` is not the current task (see `python::REMOTE`).
 #[inline(always)]
-fn brief_timespec(timespec: u64, absolute: bool, now: &mut u64) -> bool {
-    if timespec == 0 {
-        return false;
-    }
-    // SAFETY: the helper checks the user address and fails rather than faulting.
-    let Ok([secs, nanos]) = (unsafe { aya_ebpf::helpers::bpf_probe_read_user(timespec as *const [i64; 2]) })
-    else {
-        return false;
+fn wait_key<const REMOTE: bool>(
+    task: *const u8,
+    tgid: u32,
+    tid: u32,
+    runnable: bool,
+    state: u64,
+    pace: &mut LazyPace,
+) -> OffKey {
+    let mut key = OffKey {
+        sample: SampleKey { tgid, tid, user_stack_id: NO_STACK, kernel_stack_id: NO_STACK, py_stack: 0 },
+        reason: reason::OTHER,
+        port: 0,
+        family: 0,
+        addr: [0; 16],
     };
-    // (Seconds bounded first: a product that could overflow is a 128-bit call BPF lacks.)
-    if !(0..1 << 32).contains(&secs) || !(0..1_000_000_000).contains(&nanos) {
-        return false;
-    }
-    let asked = secs as u64 * 1_000_000_000 + nanos as u64;
-    let asked = if absolute { asked.saturating_sub(clock(now)) } else { asked };
-    asked < OFF_BRIEF_SLEEP_NS
+    key.reason = if runnable {
+        if throttled(task) { reason::THROTTLED } else { reason::RUNQUEUE }
+    } else if state & TASK_UNINTERRUPTIBLE != 0 {
+        reason::DISK
+    } else {
+        blocked_reason::<REMOTE>(&mut key, task, tgid, pace, entry_regs_of(task))
+    };
+    key
 }
 
-/// Whether a `clock_nanosleep` (the system call `regs` entered) was asked for less than
-/// `OFF_BRIEF_SLEEP_NS` (see `brief_timespec`); a deadline on another clock is not brief.
+/// Why `task`, which blocks in its current system call (the one `regs` entered), waits;
+/// fills the peer of a socket. `pace`: the thread's. `REMOTE`: `task` is not the current
+/// task (see `python::REMOTE`).
 #[inline(always)]
-fn brief_clock_nanosleep(regs: &pt_regs, now: &mut u64) -> bool {
-    const TIMER_ABSTIME: u64 = 1;
-    const CLOCK_MONOTONIC: u64 = 1;
-    let absolute = regs.rsi & TIMER_ABSTIME != 0;
-    !(absolute && regs.rdi != CLOCK_MONOTONIC) && brief_timespec(regs.rdx, absolute, now)
-}
-
-/// Whether a `select` of no descriptors waits less than `OFF_BRIEF_SLEEP_NS` for the
-/// `struct timeval` (seconds, microseconds) at user address `timeval`.
-#[inline(always)]
-fn brief_timeval(timeval: u64) -> bool {
-    // SAFETY: the helper checks the user address and fails rather than faulting.
-    match unsafe { aya_ebpf::helpers::bpf_probe_read_user(timeval as *const [i64; 2]) } {
-        Ok([0, us]) => (0..OFF_BRIEF_SLEEP_NS as i64 / 1000).contains(&us),
-        _ => false,
-    }
-}
-
-/// Why a thread that blocks in its current system call (the one `regs` entered) waits;
-/// fills the peer of a socket. For a sleep, sets `brief` when it was asked for under
-/// `OFF_BRIEF_SLEEP_NS` (the time, when read, goes into `now`). `pace`: the thread's.
-#[inline(always)]
-fn blocked_reason(
+fn blocked_reason<const REMOTE: bool>(
     key: &mut OffKey,
     task: *const u8,
     tgid: u32,
     pace: &mut LazyPace,
     regs: &pt_regs,
-    brief: &mut bool,
-    now: &mut u64,
 ) -> u32 {
     let (nr, arg0, arg1) = (regs.orig_rax, regs.rdi, regs.rsi);
     match nr {
         sysno::FUTEX => {
-            if is_gil(tgid, pace, arg0) {
+            if is_gil::<REMOTE>(task, tgid, pace, arg0) {
                 reason::GIL
             } else {
                 reason::LOCK
@@ -614,32 +525,15 @@ fn blocked_reason(
             reason::POLL
         }
         // A poll of one socket is how CPython waits on a socket with a timeout.
-        sysno::POLL | sysno::PPOLL if arg1 == 1 => {
-            // SAFETY: the helper checks the user address and fails rather than faulting.
-            match unsafe { aya_ebpf::helpers::bpf_probe_read_user(arg0 as *const i32) } {
-                Ok(fd) if fd >= 0 => fd_reason(key, task, fd as u64, reason::POLL),
-                _ => reason::POLL,
-            }
-        }
+        sysno::POLL | sysno::PPOLL if arg1 == 1 => match user_i32::<REMOTE>(task, arg0) {
+            Ok(fd) if fd >= 0 => fd_reason(key, task, fd as u64, reason::POLL),
+            _ => reason::POLL,
+        },
         sysno::POLL | sysno::PPOLL => reason::POLL,
         // `select` of no descriptors is a sleep (`time.sleep` before 3.11).
-        sysno::SELECT if arg0 == 0 => {
-            *brief = brief_timeval(regs.r8);
-            reason::SLEEP
-        }
-        sysno::PSELECT6 if arg0 == 0 => {
-            *brief = brief_timespec(regs.r8, false, now);
-            reason::SLEEP
-        }
+        sysno::SELECT | sysno::PSELECT6 if arg0 == 0 => reason::SLEEP,
         sysno::SELECT | sysno::PSELECT6 => reason::POLL,
-        sysno::NANOSLEEP => {
-            *brief = brief_timespec(arg0, false, now);
-            reason::SLEEP
-        }
-        sysno::CLOCK_NANOSLEEP => {
-            *brief = brief_clock_nanosleep(regs, now);
-            reason::SLEEP
-        }
+        sysno::NANOSLEEP | sysno::CLOCK_NANOSLEEP => reason::SLEEP,
         _ => reason::OTHER,
     }
 }
@@ -693,13 +587,13 @@ pub(super) fn fd_sock(task: *const u8, fd: u64) -> u64 {
 /// the slot is in this CPU's cache where the process's entry is not (its lookup made a
 /// switch that is not followed an eighth slower). An exec forgets it (`forget_pace`).
 #[inline(always)]
-fn is_gil(tgid: u32, pace: &mut LazyPace, uaddr: u64) -> bool {
+fn is_gil<const REMOTE: bool>(task: *const u8, tgid: u32, pace: &mut LazyPace, uaddr: u64) -> bool {
     let gil = match pace.get() {
         Some(pace) if pace.gil != 0 => pace.gil,
         pace => {
             // SAFETY: as in `perf_sample::python_stack`.
             let Some(proc) = (unsafe { PY_PROCS.get(tgid) }) else { return false };
-            let gil = python::gil_address(proc);
+            let gil = python::gil_address::<REMOTE>(task, proc);
             if let Some(pace) = pace {
                 pace.gil = gil;
             }
@@ -746,4 +640,127 @@ fn fd_reason(key: &mut OffKey, task: *const u8, fd: u64, otherwise: u32) -> u32 
         S_IFREG => reason::DISK,
         _ => otherwise,
     }
+}
+
+/// The `i32` at user address `addr` of `task` (see `python::REMOTE`).
+#[inline(always)]
+fn user_i32<const REMOTE: bool>(task: *const u8, addr: u64) -> Result<i32, i64> {
+    if REMOTE {
+        let mut value: i32 = 0;
+        // SAFETY: the helper checks the user address of `task` (a BTF-typed task pointer) and
+        // fails rather than faulting; it writes 4 bytes into `value`.
+        let r = unsafe {
+            aya_ebpf::helpers::generated::bpf_copy_from_user_task(
+                (&mut value as *mut i32).cast(),
+                4,
+                addr as *const c_void,
+                task as *mut _,
+                0,
+            )
+        };
+        if r == 0 { Ok(value) } else { Err(r) }
+    } else {
+        // SAFETY: the helper checks the user address and fails rather than faulting.
+        unsafe { aya_ebpf::helpers::bpf_probe_read_user(addr as *const i32) }.map_err(i64::from)
+    }
+}
+
+/// Whether runnable `task` was running on this CPU until the current task got it: queued
+/// (`sched_info.last_queued`) on this CPU's run queue at the very moment (the run queue's
+/// clock) the current task arrived (`sched_info.last_arrival`).
+#[inline(always)]
+fn displaced_by_current(task: *const u8) -> bool {
+    // SAFETY: the helper takes no arguments and only returns this CPU's number.
+    let cpu = unsafe { aya_ebpf::helpers::bpf_get_smp_processor_id() };
+    if typed_field::<u32>(task, config(&OFF_CONFIG.task_cpu)).ok() != Some(cpu) {
+        return false;
+    }
+    let queued = task_u64(task, &OFF_CONFIG.task_last_queued);
+    queued != 0 && queued == task_u64(current_task(), &OFF_CONFIG.task_last_arrival)
+}
+
+/// The context of a task iterator's program (`struct bpf_iter__task`): the task, null at
+/// the end of the walk.
+#[repr(C)]
+pub struct IterTask {
+    meta: *const c_void,
+    task: *const u8,
+}
+
+/// The wall-clock sampler: a sleepable task iterator over a target process's threads, read
+/// by userspace at the sampling rate. Each thread of it that switches faster than the
+/// budget (`OFF_FAST`; its switches are not followed) and is off the CPU now counts the
+/// time since the previous read (`OFF_BUDGET[1]`) under its Python stack and why it waits,
+/// as the switch program would have read them: the time off the CPU of fast-switching
+/// threads, sampled as a clock would (a long wait is seen in proportion to its length).
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter.s/task")]
+pub extern "C" fn off_cpu_sample(ctx: *const IterTask) -> i32 {
+    // SAFETY: the kernel passes its `bpf_iter__task`, whose task member the verifier types.
+    let task = unsafe { core::ptr::read_volatile(&(*ctx).task) };
+    let _ = sample_thread(task);
+    0
+}
+
+#[inline(always)]
+fn sample_thread(task: *const u8) -> Result<(), i64> {
+    let tgid: u32 = typed_field(task, config(&OFF_CONFIG.task_tgid))?;
+    let tid: u32 = typed_field(task, config(&OFF_CONFIG.task_pid))?;
+    if tid == 0 || !is_target(tgid) || !is_fast(tid) {
+        return Ok(());
+    }
+    // On the CPU: its CPU samples count it.
+    if typed_field::<i32>(task, config(&OFF_CONFIG.task_on_cpu))? != 0 {
+        return Ok(());
+    }
+    let state = u64::from(typed_field::<u32>(task, config(&OFF_CONFIG.task_state))?);
+    let runnable = state == 0;
+    if !runnable && state & (TASK_INTERRUPTIBLE | TASK_UNINTERRUPTIBLE) == 0 {
+        return Ok(());
+    }
+    // Put back in the run queue of the CPU the sampler runs on as the sampler got it: the
+    // sampler took the CPU from it (it would run but for the sample), so it is not counted.
+    if runnable && displaced_by_current(task) {
+        return Ok(());
+    }
+    let period = match OFF_BUDGET.get(1) {
+        Some(&p) if p > 0 => p,
+        _ => return Ok(()),
+    };
+    let mut key = wait_key::<REMOTE>(task, tgid, tid, runnable, state, &mut LazyPace::none(tgid, tid));
+    // The Python stack: the one of the thread's previous sample when it has not run since
+    // or its innermost frames are where they were, else walked.
+    let ran = task_u64(task, &OFF_CONFIG.task_sum_exec);
+    let last = OFF_SAMPLED.get_ptr_mut(tid);
+    // SAFETY: a value of the preallocated LRU map from a successful lookup: it stays
+    // allocated as long as the map; plain integers. Only the sampler writes it, one run at
+    // a time (userspace runs the iterators one after the other).
+    let last = last.map(|l| unsafe { &mut *l }).filter(|l| l.tgid == tgid && l.py_stack != 0);
+    match last {
+        Some(l) if l.ran == ran && ran != 0 => key.sample.py_stack = l.py_stack,
+        _ => {
+            // SAFETY: as in `perf_sample::python_stack`.
+            let signature = match unsafe { PY_PROCS.get(tgid) } {
+                Some(proc) => python::signature::<REMOTE>(task, tid, proc).unwrap_or(0),
+                None => 0,
+            };
+            key.sample.py_stack = match last {
+                Some(ref l) if signature != 0 && l.signature == signature => l.py_stack,
+                _ => {
+                    bump(stat::OFF_SAMPLE_WALKS);
+                    python_stack::<REMOTE>(task, tgid, tid).0
+                }
+            };
+            let entry = SampledThread { tgid, _pad: 0, ran, signature, py_stack: key.sample.py_stack };
+            match last {
+                Some(l) => *l = entry,
+                None => {
+                    let _ = OFF_SAMPLED.insert(tid, entry, 0);
+                }
+            }
+        }
+    }
+    add_off(&key, OffTime { waited: period, queued: 0 });
+    bump(stat::OFF_TIME_SAMPLES);
+    Ok(())
 }

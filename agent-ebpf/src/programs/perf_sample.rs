@@ -62,7 +62,7 @@ fn try_perf_sample(ctx: &PerfEventContext) -> Result<bool, i32> {
     }
 
     // Python first: a sample with a Python stack needs no native stacks unless asked.
-    let (py_stack, want_native) = python_stack(task, tgid, tid);
+    let (py_stack, want_native) = python_stack::<{ python::LOCAL }>(task, tgid, tid);
     if py_stack != 0 {
         bump(stat::PY_SAMPLES);
         event_loop::sampled(tid, py_stack);
@@ -108,13 +108,13 @@ fn add_gil_held(tgid: u32) {
 /// its hash (0: none) and whether the native stacks are wanted too (no Python stack, or the
 /// process asked for them).
 #[inline(always)]
-pub(super) fn python_stack(task: *const u8, tgid: u32, tid: u32) -> (u64, bool) {
+pub(super) fn python_stack<const REMOTE: bool>(task: *const u8, tgid: u32, tid: u32) -> (u64, bool) {
     // SAFETY: a value of the preallocated `PY_PROCS`, which keeps it allocated as long as the
     // map even if userspace removes or rewrites the entry meanwhile; `PyProc` is plain integers,
     // so any bytes it then holds are a valid value, and the walker uses them only as addresses
     // for probe reads, which check them, and as sizes it clamps.
     if let Some(proc) = unsafe { PY_PROCS.get(tgid) }
-        && let Some((stack, hash)) = python::walk(task, tid, proc)
+        && let Some((stack, hash)) = python::walk::<REMOTE>(task, tid, proc)
     {
         let stored = PY_STACKS.get_ptr(hash).is_some()
             || PY_STACKS.insert(hash, stack, u64::from(BPF_NOEXIST)).is_ok()

@@ -7,7 +7,9 @@ use agent_ebpf::{
 };
 use core::ffi::c_void;
 
-use aya_ebpf::helpers::{bpf_loop, bpf_probe_read_user, bpf_probe_read_user_buf};
+use aya_ebpf::helpers::{
+    bpf_loop, bpf_probe_read_user, bpf_probe_read_user_buf, generated::bpf_copy_from_user_task,
+};
 
 use super::{Plain, loader_global};
 use crate::maps::{FRAME_BUF, PY_SCRATCH, PY_THREADS, bump};
@@ -19,17 +21,62 @@ static FSBASE_OFFSET: u32 = 0;
 /// Interpreters searched per process (subinterpreters beyond the first few are rare).
 const MAX_INTERPRETERS: u32 = 4;
 
-/// Reads a value of the sampled process's memory.
+/// Whose memory the walker reads (its `REMOTE` parameter): the current task's, in any
+/// program, or (`REMOTE`) that of the task it is given, which may be off the CPU, in a
+/// sleepable program only (`bpf_copy_from_user_task` may fault pages in).
+pub const LOCAL: bool = false;
+pub const REMOTE: bool = true;
+
+/// Reads `dst.len()` bytes at user address `addr` of `task` (see `REMOTE`).
 #[inline(always)]
-fn read<T: Plain>(addr: u64) -> Result<T, i32> {
-    // SAFETY: the helper checks the user address and fails rather than faulting; any bits are
-    // a valid `T` (`Plain`).
-    unsafe { bpf_probe_read_user(addr as *const T) }
+fn read_buf<const REMOTE: bool>(task: *const u8, addr: u64, dst: &mut [u8]) -> Result<(), i32> {
+    if REMOTE {
+        // SAFETY: the helper checks the user address of `task` (a BTF-typed task pointer) and
+        // fails rather than faulting; it writes at most `dst.len()` bytes into `dst`.
+        let r = unsafe {
+            bpf_copy_from_user_task(
+                dst.as_mut_ptr().cast(),
+                dst.len() as u32,
+                addr as *const c_void,
+                task as *mut _,
+                0,
+            )
+        };
+        if r == 0 { Ok(()) } else { Err(r as i32) }
+    } else {
+        // SAFETY: the helper checks the user address and fails rather than faulting.
+        unsafe { bpf_probe_read_user_buf(addr as *const u8, dst) }
+    }
+}
+
+/// Reads a value of the memory of the sampled process (`task`'s, see `REMOTE`).
+#[inline(always)]
+fn read<const REMOTE: bool, T: Plain>(task: *const u8, addr: u64) -> Result<T, i32> {
+    if REMOTE {
+        let mut value = core::mem::MaybeUninit::<T>::uninit();
+        // SAFETY: as in `read_buf`; the helper writes `size_of::<T>()` bytes into `value`.
+        let r = unsafe {
+            bpf_copy_from_user_task(
+                value.as_mut_ptr().cast(),
+                core::mem::size_of::<T>() as u32,
+                addr as *const c_void,
+                task as *mut _,
+                0,
+            )
+        };
+        // SAFETY: the helper filled `value` (it zeroes it on failure); any bits are a valid
+        // `T` (`Plain`).
+        if r == 0 { Ok(unsafe { value.assume_init() }) } else { Err(r as i32) }
+    } else {
+        // SAFETY: the helper checks the user address and fails rather than faulting; any bits
+        // are a valid `T` (`Plain`).
+        unsafe { bpf_probe_read_user(addr as *const T) }
+    }
 }
 
 #[inline(always)]
-fn field<T: Plain>(base: u64, offset: u32) -> Result<T, i32> {
-    read(base.wrapping_add(u64::from(offset)))
+fn field<const REMOTE: bool, T: Plain>(task: *const u8, base: u64, offset: u32) -> Result<T, i32> {
+    read::<REMOTE, T>(task, base.wrapping_add(u64::from(offset)))
 }
 
 /// The sampled task's fs base: `pthread_self()` of the thread on x86-64 glibc and musl.
@@ -45,6 +92,7 @@ fn fs_base(task: *const u8) -> Result<u64, i32> {
 /// State of the thread-list search, shared with its `bpf_loop` callback.
 #[repr(C)]
 struct ThreadSearch {
+    task: *const u8,
     proc: *const PyProc,
     me: u64,
     interp: u64,
@@ -53,23 +101,24 @@ struct ThreadSearch {
 }
 
 /// One step of the search: checks one thread state, or moves to the next interpreter.
-extern "C" fn thread_step(_index: u64, ctx: *mut c_void) -> i64 {
+extern "C" fn thread_step<const REMOTE: bool>(_index: u64, ctx: *mut c_void) -> i64 {
     // SAFETY: `ctx` is the `ThreadSearch` that `thread_state` hands `bpf_loop`, which calls
     // this function synchronously, one step at a time, while that search lives on its stack.
     let search = unsafe { &mut *(ctx as *mut ThreadSearch) };
     // SAFETY: `proc` comes from the `&PyProc` given to `thread_state`, a `PY_PROCS` value,
     // which outlives this program run (see `perf_sample`).
     let off = unsafe { &(*search.proc).offsets };
+    let task = search.task;
     if search.tstate == 0 {
         // This interpreter's list is done: go to the next one.
-        search.interp = field(search.interp, off.interp_next).unwrap_or(0);
+        search.interp = field::<REMOTE, u64>(task, search.interp, off.interp_next).unwrap_or(0);
         if search.interp == 0 {
             return 1;
         }
-        search.tstate = field(search.interp, off.interp_threads_head).unwrap_or(0);
+        search.tstate = field::<REMOTE, u64>(task, search.interp, off.interp_threads_head).unwrap_or(0);
         return 0;
     }
-    match field::<u64>(search.tstate, off.tstate_thread_id) {
+    match field::<REMOTE, u64>(task, search.tstate, off.tstate_thread_id) {
         Ok(id) if id == search.me => {
             search.found = search.tstate;
             return 1;
@@ -77,32 +126,34 @@ extern "C" fn thread_step(_index: u64, ctx: *mut c_void) -> i64 {
         Ok(_) => {}
         Err(_) => return 1,
     }
-    search.tstate = field(search.tstate, off.tstate_next).unwrap_or(0);
+    search.tstate = field::<REMOTE, u64>(task, search.tstate, off.tstate_next).unwrap_or(0);
     0
 }
 
 /// Finds the `PyThreadState` of thread `tid` (cached, and validated on every use).
 #[inline(always)]
-fn thread_state(task: *const u8, tid: u32, proc: &PyProc) -> Result<u64, i32> {
+fn thread_state<const REMOTE: bool>(task: *const u8, tid: u32, proc: &PyProc) -> Result<u64, i32> {
     let off = &proc.offsets;
     let me = fs_base(task)?;
     // SAFETY: the value is copied at once: a `u64`, valid for any bits, in a preallocated hash
     // map, which keeps it allocated even if userspace removes the entry meanwhile.
     if let Some(&cached) = unsafe { PY_THREADS.get(tid) }
-        && field::<u64>(cached, off.tstate_thread_id) == Ok(me)
+        && field::<REMOTE, u64>(task, cached, off.tstate_thread_id) == Ok(me)
     {
         return Ok(cached);
     }
-    let interp: u64 = read(proc.interp_head_addr)?;
+    let interp: u64 = read::<REMOTE, u64>(task, proc.interp_head_addr)?;
     if interp == 0 {
         return Err(0);
     }
-    let mut search =
-        ThreadSearch { proc, me, interp, tstate: field(interp, off.interp_threads_head)?, found: 0 };
+    let tstate = field::<REMOTE, u64>(task, interp, off.interp_threads_head)?;
+    let mut search = ThreadSearch { task, proc, me, interp, tstate, found: 0 };
     let steps = MAX_INTERPRETERS * (PY_MAX_THREADS + 1);
     // SAFETY: `thread_step` has the callback signature `bpf_loop` calls and reads its context
     // as the `ThreadSearch` passed here, which outlives the call.
-    unsafe { bpf_loop(steps, thread_step as *mut c_void, (&mut search as *mut ThreadSearch).cast(), 0) };
+    unsafe {
+        bpf_loop(steps, thread_step::<REMOTE> as *mut c_void, (&mut search as *mut ThreadSearch).cast(), 0)
+    };
     if search.found == 0 {
         return Err(0);
     }
@@ -112,12 +163,20 @@ fn thread_state(task: *const u8, tid: u32, proc: &PyProc) -> Result<u64, i32> {
 
 /// The innermost frame of a thread state (0 when the thread runs no Python code).
 #[inline(always)]
-fn current_frame(tstate: u64, off: &PyOffsets) -> Result<u64, i32> {
-    let frame: u64 = field(tstate, off.tstate_frame)?;
+fn current_frame<const REMOTE: bool>(task: *const u8, tstate: u64, off: &PyOffsets) -> Result<u64, i32> {
+    let frame: u64 = field::<REMOTE, u64>(task, tstate, off.tstate_frame)?;
     if off.cframe_current_frame == NO_FIELD || frame == 0 {
         return Ok(frame);
     }
-    field(frame, off.cframe_current_frame)
+    field::<REMOTE, u64>(task, frame, off.cframe_current_frame)
+}
+
+/// The slot of the per-CPU scratch maps (`PY_SCRATCH`, `FRAME_BUF`) a walk uses: a walk of
+/// another task's memory may sleep, and a sampling program on its CPU meanwhile must not
+/// write over its scratch.
+#[inline(always)]
+const fn scratch<const REMOTE: bool>() -> u32 {
+    REMOTE as u32
 }
 
 /// A frame index the verifier can see is in bounds: black_box hides the value's
@@ -132,6 +191,7 @@ fn slot(index: usize) -> usize {
 /// precisely by the verifier, which then re-verifies the callback for every value.
 #[repr(C)]
 struct FrameWalk {
+    task: *const u8,
     proc: *const PyProc,
     stack: *mut PyStack,
     frame: u64,
@@ -139,7 +199,7 @@ struct FrameWalk {
 }
 
 /// One step of the walk: records one frame (or skips a shim) and moves out one level.
-extern "C" fn frame_step(_index: u64, ctx: *mut c_void) -> i64 {
+extern "C" fn frame_step<const REMOTE: bool>(_index: u64, ctx: *mut c_void) -> i64 {
     // SAFETY: `ctx` is the `FrameWalk` that `walk` hands `bpf_loop`, which calls this function
     // synchronously, one step at a time, while that walk lives on its stack.
     let walk = unsafe { &mut *(ctx as *mut FrameWalk) };
@@ -152,7 +212,7 @@ extern "C" fn frame_step(_index: u64, ctx: *mut c_void) -> i64 {
     // while `bpf_loop` runs.
     let stack = unsafe { &mut *walk.stack };
     let len = stack.len as usize;
-    match read_frame(walk.frame, off) {
+    match read_frame::<REMOTE>(walk.task, walk.frame, off) {
         Ok(Step::Frame(record, previous)) => {
             if len >= PY_MAX_FRAMES {
                 stack.flags |= PY_STACK_TRUNCATED;
@@ -186,26 +246,30 @@ extern "C" fn frame_step(_index: u64, ctx: *mut c_void) -> i64 {
 /// Walks the sampled thread's Python frames into the per-CPU scratch stack. Returns the
 /// stack and a hash of its frames, or None when the thread has no Python frames.
 #[inline(always)]
-pub fn walk(task: *const u8, tid: u32, proc: &PyProc) -> Option<(&'static mut PyStack, u64)> {
-    let Ok(tstate) = thread_state(task, tid, proc) else {
+pub fn walk<const REMOTE: bool>(
+    task: *const u8,
+    tid: u32,
+    proc: &PyProc,
+) -> Option<(&'static mut PyStack, u64)> {
+    let Ok(tstate) = thread_state::<REMOTE>(task, tid, proc) else {
         bump(stat::PY_NO_THREAD);
         return None;
     };
-    let frame = current_frame(tstate, &proc.offsets).unwrap_or(0);
+    let frame = current_frame::<REMOTE>(task, tstate, &proc.offsets).unwrap_or(0);
     if frame == 0 {
         return None;
     }
     // SAFETY: this CPU's slot of a per-CPU array: live and aligned while the program is loaded,
     // and used only by this run (tracing programs never nest on one CPU: the kernel skips one
     // that would); `PyStack` is plain integers.
-    let stack = unsafe { &mut *PY_SCRATCH.get_ptr_mut(0)? };
+    let stack = unsafe { &mut *PY_SCRATCH.get_ptr_mut(scratch::<REMOTE>())? };
     stack.len = 0;
     stack.flags = 0;
-    let mut walk = FrameWalk { proc, stack, frame, hash: 0xcbf2_9ce4_8422_2325 };
+    let mut walk = FrameWalk { task, proc, stack, frame, hash: 0xcbf2_9ce4_8422_2325 };
     // A few extra steps for shim frames, which are skipped rather than recorded.
     let steps = (PY_MAX_FRAMES + PY_MAX_FRAMES / 4) as u32;
     // SAFETY: as in `thread_state`, with `frame_step` and this `FrameWalk`.
-    unsafe { bpf_loop(steps, frame_step as *mut c_void, (&mut walk as *mut FrameWalk).cast(), 0) };
+    unsafe { bpf_loop(steps, frame_step::<REMOTE> as *mut c_void, (&mut walk as *mut FrameWalk).cast(), 0) };
     // SAFETY: the scratch slot again, now that `bpf_loop` has returned.
     let stack = unsafe { &mut *walk.stack };
     if stack.len == 0 {
@@ -226,14 +290,14 @@ pub fn walk(task: *const u8, tid: u32, proc: &PyProc) -> Option<(&'static mut Py
 
 /// The address of process `proc`'s GIL (0: unknown).
 #[inline(always)]
-pub fn gil_address(proc: &PyProc) -> u64 {
+pub fn gil_address<const REMOTE: bool>(task: *const u8, proc: &PyProc) -> u64 {
     if proc.gil_addr != 0 {
         return proc.gil_addr;
     }
     if proc.offsets.interp_gil == NO_FIELD {
         return 0;
     }
-    match read::<u64>(proc.interp_head_addr) {
+    match read::<REMOTE, u64>(task, proc.interp_head_addr) {
         Ok(interp) if interp != 0 => interp + u64::from(proc.offsets.interp_gil),
         _ => 0,
     }
@@ -249,15 +313,16 @@ pub fn holds_gil(task: *const u8, tid: u32, proc: &PyProc) -> bool {
 /// Whether thread `tid` holds its process's GIL; None when that cannot be told.
 #[inline(always)]
 pub fn gil_holder(task: *const u8, tid: u32, proc: &PyProc) -> Option<bool> {
-    let gil = gil_address(proc);
+    let gil = gil_address::<LOCAL>(task, proc);
     if gil == 0 {
         return None;
     }
-    let (Ok(locked), Ok(holder)) = (read::<i32>(gil + PY_GIL_LOCKED), read::<u64>(gil + PY_GIL_LAST_HOLDER))
+    let (Ok(locked), Ok(holder)) =
+        (read::<LOCAL, i32>(task, gil + PY_GIL_LOCKED), read::<LOCAL, u64>(task, gil + PY_GIL_LAST_HOLDER))
     else {
         return None;
     };
-    Some(locked != 0 && thread_state(task, tid, proc).is_ok_and(|tstate| tstate == holder))
+    Some(locked != 0 && thread_state::<LOCAL>(task, tid, proc).is_ok_and(|tstate| tstate == holder))
 }
 
 /// Frames `signature` reads: it tells stacks apart that differ in their innermost
@@ -270,16 +335,16 @@ const SIGNATURE_FRAMES: usize = 3;
 /// below those frames and came back to the same code at the same places and addresses.
 /// None when the thread runs no Python code or a read failed.
 #[inline(always)]
-pub fn signature(task: *const u8, tid: u32, proc: &PyProc) -> Option<u64> {
+pub fn signature<const REMOTE: bool>(task: *const u8, tid: u32, proc: &PyProc) -> Option<u64> {
     let off = &proc.offsets;
-    let tstate = thread_state(task, tid, proc).ok()?;
-    let mut frame = current_frame(tstate, off).ok()?;
+    let tstate = thread_state::<REMOTE>(task, tid, proc).ok()?;
+    let mut frame = current_frame::<REMOTE>(task, tstate, off).ok()?;
     let mut sig: u64 = 0xcbf2_9ce4_8422_2325;
     for _ in 0..SIGNATURE_FRAMES {
         if frame == 0 {
             break;
         }
-        let f = FrameFields::read(frame, off)?;
+        let f = FrameFields::<REMOTE>::read(task, frame, off)?;
         let code: u64 = f.get(off.frame_code).ok()?;
         let instr: u64 = match off.instr_kind {
             instr_kind::LASTI_BYTES | instr_kind::LASTI_UNITS => f.get::<i32>(off.frame_instr).ok()? as u64,
@@ -301,33 +366,34 @@ enum Step {
 }
 
 /// A frame's fields: from one read of its prefix when that succeeded, else one read each.
-struct FrameFields {
+struct FrameFields<const REMOTE: bool> {
+    task: *const u8,
     addr: u64,
     buf: *const u8,
 }
 
-impl FrameFields {
+impl<const REMOTE: bool> FrameFields<REMOTE> {
     #[inline(always)]
-    fn read(addr: u64, off: &PyOffsets) -> Option<Self> {
-        let buf = FRAME_BUF.get_ptr_mut(0)?;
+    fn read(task: *const u8, addr: u64, off: &PyOffsets) -> Option<Self> {
+        let buf = FRAME_BUF.get_ptr_mut(scratch::<REMOTE>())?;
         let size = (off.frame_read_size as usize).min(PY_FRAME_CHUNK);
         // SAFETY: this CPU's `FRAME_BUF` slot, used only by this run (as `PY_SCRATCH` in
         // `walk`); `size` is at most `PY_FRAME_CHUNK`, inside it.
         let dst = unsafe { &mut (&mut *buf)[..size] };
         // SAFETY: the helper checks the user address and fails rather than faulting; it writes
         // at most `dst.len()` bytes.
-        if size == 0 || unsafe { bpf_probe_read_user_buf(addr as *const u8, dst) }.is_err() {
+        if size == 0 || read_buf::<REMOTE>(task, addr, dst).is_err() {
             bump(stat::PY_FRAME_SLOW_READS);
-            return Some(Self { addr, buf: core::ptr::null() });
+            return Some(Self { task, addr, buf: core::ptr::null() });
         }
-        Some(Self { addr, buf: buf as *const u8 })
+        Some(Self { task, addr, buf: buf as *const u8 })
     }
 
     #[inline(always)]
     fn get<T: Plain>(&self, offset: u32) -> Result<T, i32> {
         const { assert!(core::mem::size_of::<T>() <= 8, "FRAME_BUF has 8 spare bytes") };
         if self.buf.is_null() {
-            return field(self.addr, offset);
+            return field::<REMOTE, T>(self.task, self.addr, offset);
         }
         // Masked into the buffer, whose 8 spare bytes cover the widest field.
         let at = offset as usize & (PY_FRAME_CHUNK - 1);
@@ -339,8 +405,8 @@ impl FrameFields {
 }
 
 #[inline(always)]
-fn read_frame(frame: u64, off: &PyOffsets) -> Result<Step, i32> {
-    let f = FrameFields::read(frame, off).ok_or(0)?;
+fn read_frame<const REMOTE: bool>(task: *const u8, frame: u64, off: &PyOffsets) -> Result<Step, i32> {
+    let f = FrameFields::<REMOTE>::read(task, frame, off).ok_or(0)?;
     let previous: u64 = f.get(off.frame_previous)?;
     if off.frame_owner != NO_FIELD && off.owner_cstack != NO_FIELD {
         let owner: u8 = f.get(off.frame_owner)?;
@@ -359,7 +425,7 @@ fn read_frame(frame: u64, off: &PyOffsets) -> Result<Step, i32> {
             if instr >= start { (instr - start).min(u64::from(u32::MAX)) as u32 } else { 0 }
         }
     };
-    let first_line = field::<i32>(code, off.code_firstlineno)?.max(0) as u32 & 0x00ff_ffff;
+    let first_line = field::<REMOTE, i32>(task, code, off.code_firstlineno)?.max(0) as u32 & 0x00ff_ffff;
     // Entered by its own eval call: every frame (3.8-3.10), or one whose `is_entry` says so.
     let entry = off.every_frame_entry != 0
         || (off.frame_is_entry != NO_FIELD && f.get::<u8>(off.frame_is_entry)? != 0);

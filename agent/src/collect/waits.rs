@@ -2,7 +2,7 @@
 //! was attached (seen by no switch yet): entered in the kernel's map from /proc.
 use std::net::{IpAddr, SocketAddr};
 
-use agent_ebpf::{NO_STACK, OFF_WEIGHT_ONE, OffKey, OffThread, SampleKey, reason};
+use agent_ebpf::{NO_STACK, OffKey, OffThread, SampleKey, reason};
 
 use super::{Collector, Tracker};
 use crate::{
@@ -78,7 +78,6 @@ pub fn enter(
                 ran_before: sched.ran_ns,
                 py_signature: 0,
                 walked_ns: 0,
-                weight: OFF_WEIGHT_ONE,
                 prev_signature: 0,
                 prev_py_stack: 0,
                 prev_user_stack_id: NO_STACK,

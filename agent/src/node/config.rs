@@ -165,9 +165,9 @@ pub struct OffCpu {
     /// go into `stoker.event_loop.blocked.duration` (0s: not watched).
     #[serde(with = "humantime_serde")]
     pub loop_block_threshold: Duration,
-    /// GIL hand-overs, preemptions and sleeps under 1 ms per second of one sampled thread on
-    /// a CPU followed in full; beyond, a random share of them, weighted (0: every switch).
-    /// Other waits are all followed.
+    /// Switches off the CPU per second of one thread on a CPU followed in full; a thread
+    /// that switches faster has its time off the CPU sampled by the clock at the sampling
+    /// rate instead (0: every switch).
     pub switch_budget: u32,
 }
 

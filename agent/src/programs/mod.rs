@@ -7,6 +7,7 @@ pub mod loops;
 pub mod net_layout;
 pub mod offcpu;
 pub mod sizing;
+pub mod wall;
 
 use agent_ebpf::{
     GLOBAL_FSBASE_OFFSET, GLOBAL_MEASURE_COST, GLOBAL_NET_OFFSETS, GLOBAL_NEWTASK_FLAGS_OFFSET,
@@ -86,12 +87,13 @@ pub struct Stats {
     /// Waits whose end the scheduler did not record: closed from the CPU time the thread
     /// used since.
     pub off_from_run_time: u64,
-    /// Target threads' switches off the CPU (GIL hand-overs, preemptions, brief sleeps) left
-    /// out over the switch budget (the followed ones weigh for them).
+    /// Target threads' switches off the CPU not followed: their threads were over the switch
+    /// budget (the wall-clock sampler counts their time off the CPU).
     pub off_sampled_out: u64,
-    /// Target threads' GIL hand-overs, preemptions and brief sleeps followed (with
-    /// `off_sampled_out`, the switches the budget chose among).
-    pub off_budget_followed: u64,
+    /// Waits of fast-switching threads counted by the wall-clock sampler.
+    pub off_time_samples: u64,
+    /// Of those, the samples whose Python stack was walked (not found unchanged).
+    pub off_sample_walks: u64,
     /// Blocked event-loop stretches lost to a full ring.
     pub loop_blocks_lost: u64,
 }
@@ -187,6 +189,12 @@ pub struct KernelPrograms {
     sizes: sizing::MapSizes,
     /// `OFF_PENDING`, mapped here once the off-CPU program is attached.
     off_pending: Option<bits::TargetBits>,
+    /// The wall-clock sampler's iterator program, once loaded (`watch_off_cpu`), and the
+    /// sampler running it (`start`).
+    wall_prog: Option<std::os::fd::OwnedFd>,
+    wall: Option<wall::Sampler>,
+    /// The CPU sampling rate, once started (the wall-clock sampler's too).
+    rate_hz: Option<u64>,
     /// The tracepoint links made (detached together: see the `Drop` below).
     tracepoint_links: Vec<(&'static str, aya::programs::trace_point::TracePointLinkId)>,
 }
@@ -295,6 +303,9 @@ impl KernelPrograms {
             targets_refused: 0,
             sizes,
             off_pending: None,
+            wall_prog: None,
+            wall: None,
+            rate_hz: None,
             tracepoint_links: Vec::new(),
         })
     }
@@ -462,6 +473,24 @@ impl KernelPrograms {
             )
             .map_err(|e| perf_error(&e))?;
         }
+        self.rate_hz = Some(rate_hz);
+        self.start_wall_sampler()
+    }
+
+    /// Starts the wall-clock sampler once its program is loaded (`watch_off_cpu`) and the
+    /// sampling rate known (`start`), whichever comes last.
+    pub(crate) fn start_wall_sampler(&mut self) -> Result<()> {
+        let Some(rate_hz) = self.rate_hz else { return Ok(()) };
+        let Some(prog) = self.wall_prog.take() else { return Ok(()) };
+        let map = |name: &'static str| {
+            self.ebpf
+                .map(name)
+                .ok_or(Error::Ebpf { what: "kernel map missing", detail: name.into() })
+                .and_then(wall::map_fd)
+        };
+        let (targets, budget) = (map(MAP_TARGETS)?, map(agent_ebpf::MAP_OFF_BUDGET)?);
+        let period = std::time::Duration::from_nanos(1_000_000_000 / rate_hz.max(1));
+        self.wall = Some(wall::Sampler::start(prog, targets, budget, period)?);
         Ok(())
     }
 
@@ -677,7 +706,8 @@ impl KernelPrograms {
             loop_blocks_lost: sum(stat::LOOP_BLOCKS_LOST),
             off_from_run_time: sum(stat::OFF_FROM_RUN_TIME),
             off_sampled_out: sum(stat::OFF_SAMPLED_OUT),
-            off_budget_followed: sum(stat::OFF_BUDGET_FOLLOWED),
+            off_time_samples: sum(stat::OFF_TIME_SAMPLES),
+            off_sample_walks: sum(stat::OFF_SAMPLE_WALKS),
         })
     }
 

@@ -2,7 +2,7 @@
 //! BTF members), attaching them, and reading the waits they aggregated.
 use agent_ebpf::{
     MAP_OFF_BUDGET, MAP_OFF_COUNTS, MAP_OFF_PENDING, MAP_OFF_THREADS, NO_OFFSET, OffConfig, OffKey,
-    OffThread, OffTime, PROG_SCHED_SWITCH, budget_per_window, split_wait, weighted,
+    OffThread, OffTime, PROG_OFF_CPU_SAMPLE, PROG_SCHED_SWITCH, budget_per_window, split_wait,
 };
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuHashMap},
@@ -19,17 +19,18 @@ use crate::{
 /// thread's stack read at a switch less than this long before.
 pub const RECENT: std::time::Duration = std::time::Duration::from_millis(10);
 
-/// GIL hand-overs, preemptions and brief sleeps per second of one thread on a CPU followed
-/// in full by default (`--switch-budget`, `off_cpu.switch_budget`): a thread-per-connection
-/// server hands the GIL over thousands of times a second, and following each costs it an
-/// eighth of its throughput; beyond the budget those switches are sampled at random and the
-/// waits followed weighted for the others (the summary says so). Every other wait is
-/// followed. 0 follows every switch.
+/// Switches off the CPU per second of one thread on a CPU followed in full by default
+/// (`--switch-budget`, `off_cpu.switch_budget`): a thread-per-connection server hands the
+/// GIL over thousands of times a second, and following each costs it an eighth of its
+/// throughput. A thread that switched faster in its previous second on a CPU (or has in the current one) is not followed: the
+/// wall-clock sampler counts its time off the CPU at the sampling rate instead (the summary
+/// says so). 0 follows every switch.
 pub const DEFAULT_SWITCH_BUDGET: u32 = 100;
 
 /// The kernel structs whose member offsets the off-CPU programs need.
 pub(crate) const BTF_STRUCTS: &[&str] = &[
     "task_struct",
+    "thread_info",
     "sched_entity",
     "sched_info",
     "cfs_rq",
@@ -58,6 +59,7 @@ pub(crate) fn config(btf: Option<&Btf>, measure_cost: bool) -> OffConfig {
     c.task_pcount = info("pcount");
     c.task_run_delay = info("run_delay");
     c.task_last_arrival = info("last_arrival");
+    c.task_last_queued = info("last_queued");
     c.cfs_rq_rq = member("cfs_rq", "rq");
     c.rq_clock = member("rq", "clock");
     c.cfs_rq_throttle_count = member("cfs_rq", "throttle_count");
@@ -71,13 +73,17 @@ pub(crate) fn config(btf: Option<&Btf>, measure_cost: bool) -> OffConfig {
     c.socket_sk = member("socket", "sk");
     c.task_pid = member("task_struct", "pid");
     c.task_tgid = member("task_struct", "tgid");
+    c.task_state = member("task_struct", "__state");
+    c.task_on_cpu = member("task_struct", "on_cpu");
+    c.task_cpu = sum(member("task_struct", "thread_info"), member("thread_info", "cpu"));
     c
 }
 
 impl KernelPrograms {
     /// Starts following target threads off the CPU (raw tracepoint `sched_switch`): every
-    /// wait, but of a thread with more than `budget` GIL hand-overs, preemptions and brief
-    /// sleeps a second (0: no limit), a random share of those.
+    /// wait, but of a thread that switched more than `budget` times a second (0: no limit)
+    /// in its previous second on a CPU (or in the current one), whose time off the CPU the wall-clock sampler
+    /// counts instead (started with the CPU sampling, `start`).
     pub fn watch_off_cpu(&mut self, budget: u32) -> Result<()> {
         let feature = "the sched_switch raw tracepoint (Linux 5.18+)";
         let c = &self.off_config;
@@ -112,7 +118,45 @@ impl KernelPrograms {
             .ok_or(Error::Ebpf { what: "kernel map missing", detail: MAP_OFF_PENDING.into() })?;
         self.off_pending = Some(TargetBits::map_named(pending, MAP_OFF_PENDING)?);
         self.watching_off_cpu = true;
+        if budget > 0 {
+            // Threads over the budget are sampled by the clock instead (`wall`); without
+            // the sampler, every switch is followed.
+            match self.load_wall_sampler() {
+                Ok(fd) => {
+                    self.wall_prog = Some(fd);
+                    self.start_wall_sampler()?;
+                }
+                Err(e) => {
+                    tracing::warn!("threads that switch fast are followed in full: {e}");
+                    let mut limit: Array<&mut MapData, u64> = self.map_mut(MAP_OFF_BUDGET)?;
+                    limit.set(0, 0, 0).map_err(|e| Error::Ebpf {
+                        what: "setting the switch budget",
+                        detail: one_line(&e),
+                    })?;
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// Loads the wall-clock sampler's task iterator (sleepable: Linux 5.18+ reads another
+    /// task's memory); its program's descriptor.
+    fn load_wall_sampler(&mut self) -> Result<std::os::fd::OwnedFd> {
+        let feature = "sleepable task iterators (Linux 5.18+)";
+        let btf = aya::Btf::from_sys_fs()
+            .map_err(|e| Error::KernelFeature { feature: "kernel BTF", detail: one_line(&e) })?;
+        let prog: &mut aya::programs::Iter = self
+            .ebpf
+            .program_mut(PROG_OFF_CPU_SAMPLE)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(Error::Ebpf { what: "kernel program missing", detail: PROG_OFF_CPU_SAMPLE.into() })?;
+        prog.load("task", &btf).map_err(|e| Error::KernelFeature { feature, detail: one_line(&e) })?;
+        let fd =
+            prog.fd().map_err(|e| Error::Ebpf { what: "the sampler's program", detail: one_line(&e) })?;
+        use std::os::fd::AsFd;
+        fd.as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| Error::Ebpf { what: "the sampler's program", detail: e.to_string() })
     }
 
     /// Enters a wait under way of thread `tid`, seen by no switch (it blocked before the
@@ -154,6 +198,17 @@ impl KernelPrograms {
             }
         };
         let info = prog.info().inspect_err(|e| tracing::warn!("{name}: {e}")).ok()?;
+        Some((info.run_time(), info.run_count()))
+    }
+
+    /// Run time and run count of the wall-clock sampler's program (one run per thread of a
+    /// target process per sample), when the run-time statistics are on and it runs.
+    pub fn sampler_kernel_cost(&mut self) -> Option<(std::time::Duration, u64)> {
+        self.stats_fd.as_ref()?;
+        self.wall.as_ref()?;
+        let prog: &mut aya::programs::Iter =
+            self.ebpf.program_mut(PROG_OFF_CPU_SAMPLE).and_then(|p| p.try_into().ok())?;
+        let info = prog.info().inspect_err(|e| tracing::warn!("{PROG_OFF_CPU_SAMPLE}: {e}")).ok()?;
         Some((info.run_time(), info.run_count()))
     }
 
@@ -206,7 +261,7 @@ impl KernelPrograms {
     }
 
     /// Waits of threads of `pids` not counted yet at `now_ns` (CLOCK_MONOTONIC): what they
-    /// add up to so far, split and weighted as the kernel does. A wait under way counts to
+    /// add up to so far, split as the kernel does. A wait under way counts to
     /// now; one that ended since the thread's last switch (it has run since, and not left
     /// the CPU) ends where the CPU time it used since says.
     pub fn off_in_flight(&self, pids: &[u32], now_ns: u64) -> Result<Vec<(OffKey, u64)>> {
@@ -219,7 +274,6 @@ impl KernelPrograms {
             if t.off_ns == 0 || t.off_ns > now_ns || !pids.contains(&t.key.sample.tgid) {
                 continue;
             }
-            let weighted = |ns| weighted(ns, t.weight);
             let mut total = now_ns - t.off_ns;
             let mut queued = 0;
             if let Some(s) = crate::sys::process::schedstat(t.key.sample.tgid, tid)
@@ -229,9 +283,9 @@ impl KernelPrograms {
                 queued = s.queued_ns.saturating_sub(t.queued_before);
             }
             let (waited, queued) = split_wait(t.key.reason, total, queued);
-            out.push((t.key, weighted(waited)));
+            out.push((t.key, waited));
             if queued > 0 {
-                out.push((t.key.queued(), weighted(queued)));
+                out.push((t.key.queued(), queued));
             }
         }
         Ok(out)

@@ -121,6 +121,9 @@ pub struct Summary {
     /// The context-switch program's total kernel time and run count (wall-clock and
     /// off-CPU modes, with `kernel_stats`).
     pub off_kernel_cost: Option<(Duration, u64)>,
+    /// The wall-clock sampler's program's total kernel time and run count (with
+    /// `kernel_stats`, when threads over the switch budget were sampled).
+    pub sampler_kernel_cost: Option<(Duration, u64)>,
     /// The switch budget the off-CPU program kept to (0: none).
     pub switch_budget: u32,
     /// CPU seconds each given or launched process used during the session, by the kernel's
@@ -416,6 +419,7 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
     let stats = kernel.stats()?;
     let kernel_cost = kernel.kernel_cost();
     let off_kernel_cost = kernel.off_kernel_cost();
+    let sampler_kernel_cost = kernel.sampler_kernel_cost();
     let net_kernel_cost = match (&net, opts.kernel_stats) {
         (Some((drainer, _)), true) => drainer.kernel_cost(&mut kernel),
         _ => None,
@@ -522,6 +526,7 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
         net_kernel_cost,
         stats_floor,
         off_kernel_cost,
+        sampler_kernel_cost,
         switch_budget: opts.switch_budget,
         cpu: cpu.into_iter().filter_map(|(pid, start, last)| Some((pid, last? - start?))).collect(),
         cgroups: cgroups
@@ -739,14 +744,15 @@ impl Summary {
             );
         }
         if self.stats.off_sampled_out > 0 {
-            let all = self.stats.off_budget_followed + self.stats.off_sampled_out;
+            let all = self.stats.off_switches + self.stats.off_sampled_out;
             let _ = writeln!(
                 s,
-                "  off-CPU: GIL hand-overs, sleeps under {} ms and preemptions sampled: over {} a second of a thread, {} of {all} were followed ({:.1}%) and their waits weighted for the rest; every other wait was followed (--switch-budget 0 follows every switch)",
-                agent_ebpf::OFF_BRIEF_SLEEP_NS as f64 / 1e6,
+                "  off-CPU: threads switching over {} times a second sampled: {} of {all} switches were not followed ({:.1}%), their threads' time off the CPU taken by the clock instead ({} samples, {} with the Python stack walked); every other wait was followed (--switch-budget 0 follows every switch)",
                 self.switch_budget,
-                self.stats.off_budget_followed,
-                100.0 * self.stats.off_budget_followed as f64 / all as f64
+                self.stats.off_sampled_out,
+                100.0 * self.stats.off_sampled_out as f64 / all as f64,
+                self.stats.off_time_samples,
+                self.stats.off_sample_walks,
             );
         }
         if let Some((switch_time, switches)) = self.off_kernel_cost {
@@ -755,6 +761,14 @@ impl Summary {
                 "  kernel: sched_switch ran {switches} times for {} ns ({:.0} ns per run, every switch on the host)",
                 switch_time.as_nanos(),
                 switch_time.as_nanos() as f64 / switches.max(1) as f64
+            );
+        }
+        if let Some((time, runs)) = self.sampler_kernel_cost {
+            let _ = writeln!(
+                s,
+                "  kernel: off_cpu_sample ran {runs} times for {} ns ({:.0} ns per run, every thread of a target per sample)",
+                time.as_nanos(),
+                time.as_nanos() as f64 / runs.max(1) as f64
             );
         }
         if let Some((report, path)) = &self.net {

@@ -1,0 +1,217 @@
+//! The wall-clock sampler's userspace side: a thread that runs the kernel's task iterator
+//! (`off_cpu_sample`) over each target process's threads at the sampling rate, telling it
+//! how long it has been since the previous run, so that the time off the CPU of threads
+//! that switch faster than the budget is counted as a clock samples it.
+use std::{
+    collections::HashMap,
+    io,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData};
+
+use crate::error::{Error, Result, one_line};
+
+/// `bpf(2)` commands and the task iterator's attach type (uapi `linux/bpf.h`).
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_ITER_CREATE: libc::c_long = 33;
+const BPF_TRACE_ITER: u32 = 28;
+/// How often the set of target processes is looked at again.
+const TARGETS_EVERY: Duration = Duration::from_millis(250);
+/// The share of one CPU the sampler may take: when its runs take longer (many threads
+/// switching fast), it samples less often than the rate asks. Each sample counts the time
+/// since the one before, so the estimates stay unbiased; they only spread wider.
+const MAX_SHARE: f64 = 0.02;
+
+/// A descriptor of its own of map `map`, for the sampler's thread.
+pub(crate) fn map_fd(map: &Map) -> Result<OwnedFd> {
+    let data: &MapData = match map {
+        Map::Array(d) | Map::HashMap(d) => d,
+        _ => {
+            return Err(Error::Ebpf { what: "kernel map has the wrong type", detail: "wall sampler".into() });
+        }
+    };
+    std::os::fd::AsFd::as_fd(data.fd())
+        .try_clone_to_owned()
+        .map_err(|e| Error::Ebpf { what: "duplicating a kernel map's descriptor", detail: e.to_string() })
+}
+
+/// The running sampler; stops when dropped.
+pub struct Sampler {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Sampler {
+    /// Starts sampling every `period` the processes in the targets map (`targets`, a
+    /// descriptor of it) with the iterator program `prog` (the time since the previous run
+    /// goes into slot 1 of the budget array `budget`). Its thread keeps the capabilities of
+    /// the thread that starts it, which it needs to make links for new targets.
+    pub fn start(prog: OwnedFd, targets: OwnedFd, budget: OwnedFd, period: Duration) -> Result<Self> {
+        let open = |fd| {
+            MapData::from_fd(fd)
+                .map_err(|e| Error::Ebpf { what: "opening a kernel map", detail: one_line(&e) })
+        };
+        let targets: BpfHashMap<MapData, u32, u32> = BpfHashMap::try_from(Map::HashMap(open(targets)?))
+            .map_err(|e| Error::Ebpf { what: "kernel map has the wrong type", detail: one_line(&e) })?;
+        let budget: Array<MapData, u64> = Array::try_from(Map::Array(open(budget)?))
+            .map_err(|e| Error::Ebpf { what: "kernel map has the wrong type", detail: one_line(&e) })?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("stoker-wall".into())
+            .spawn(move || run(prog, targets, budget, period, &flag))
+            .map_err(|e| Error::Ebpf { what: "starting the wall-clock sampler", detail: e.to_string() })?;
+        Ok(Sampler { stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for Sampler {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn run(
+    prog: OwnedFd,
+    targets: BpfHashMap<MapData, u32, u32>,
+    mut budget: Array<MapData, u64>,
+    period: Duration,
+    stop: &AtomicBool,
+) {
+    // It needs no capability beyond what the agent keeps after loading (from Linux 6.5 the
+    // kernel checks them as programs load, not as links and iterators are made): it drops
+    // the rest, as the agent's own thread does.
+    if crate::sys::caps::maps_usable_without_caps()
+        && let Err(e) = crate::sys::caps::keep_only(&crate::sys::caps::AFTER_LOAD)
+    {
+        tracing::warn!("wall-clock sampler: cannot drop capabilities: {e}");
+    }
+    // Its wake-ups on time: the default timer slack (50 µs) would let the kernel fire its
+    // timer with others'.
+    // SAFETY: sets this thread's timer slack; no memory is passed.
+    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1, 0, 0, 0) };
+    let mut links: HashMap<u32, OwnedFd> = HashMap::new();
+    let mut jitter = Jitter::new();
+    let mut looked = None::<Instant>;
+    let mut last = Instant::now();
+    let mut next = last + period;
+    while !stop.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        if next > now {
+            std::thread::sleep(next - now);
+        }
+        // A period drawn around the one asked for, so that no periodic work of a target
+        // keeps in step with the samples.
+        next += period.mul_f64(jitter.next());
+        let now = Instant::now();
+        if next < now {
+            // Fell behind (the machine was busy): the next run is a period from now.
+            next = now + period;
+        }
+        if looked.is_none_or(|t| now.duration_since(t) >= TARGETS_EVERY) {
+            looked = Some(now);
+            let pids: Vec<u32> = targets.keys().filter_map(|k| k.ok()).collect();
+            links.retain(|pid, _| pids.contains(pid));
+            for pid in pids {
+                if let std::collections::hash_map::Entry::Vacant(e) = links.entry(pid) {
+                    match link(&prog, pid) {
+                        Ok(fd) => {
+                            e.insert(fd);
+                        }
+                        Err(err) => tracing::debug!("wall-clock sampler: process {pid}: {err}"),
+                    }
+                }
+            }
+        }
+        let elapsed = now.duration_since(last).as_nanos() as u64;
+        last = now;
+        if budget.set(1, elapsed, 0).is_err() {
+            continue;
+        }
+        for (pid, link) in &links {
+            if let Err(e) = iterate(link) {
+                tracing::debug!("wall-clock sampler: process {pid}: {e}");
+            }
+        }
+        let work = now.elapsed();
+        let least = now + work.div_f64(MAX_SHARE);
+        if next < least {
+            next = least;
+        }
+    }
+}
+
+/// Factors of the sampling period, uniform in [0.5, 1.5) (xorshift64).
+struct Jitter(u64);
+
+impl Jitter {
+    fn new() -> Self {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        Jitter(seed | 1)
+    }
+
+    fn next(&mut self) -> f64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        0.5 + (x >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// A link of the iterator program `prog` over the threads of process `pid`.
+fn link(prog: &OwnedFd, pid: u32) -> io::Result<OwnedFd> {
+    // `bpf_iter_link_info.task`: tid, pid, pid_fd.
+    let info: [u32; 4] = [0, pid, 0, 0];
+    // `bpf_attr.link_create`: prog_fd, target_fd, attach_type, flags, iter_info, iter_info_len.
+    let mut attr = [0u8; 64];
+    attr[0..4].copy_from_slice(&(prog.as_raw_fd() as u32).to_ne_bytes());
+    attr[8..12].copy_from_slice(&BPF_TRACE_ITER.to_ne_bytes());
+    attr[16..24].copy_from_slice(&(info.as_ptr() as u64).to_ne_bytes());
+    attr[24..28].copy_from_slice(&(std::mem::size_of_val(&info) as u32).to_ne_bytes());
+    // SAFETY: `attr` is a `bpf_attr` prefix of the size passed, whose pointer field points to
+    // `info`, alive across the call.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_CREATE, attr.as_ptr(), attr.len()) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor the call returned, owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Runs the iterator of `link` once: over the process's threads, to its end.
+fn iterate(link: &OwnedFd) -> io::Result<()> {
+    // `bpf_attr.iter_create`: link_fd, flags.
+    let mut attr = [0u8; 8];
+    attr[0..4].copy_from_slice(&(link.as_raw_fd() as u32).to_ne_bytes());
+    // SAFETY: `attr` is a `bpf_attr` prefix of the size passed.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_ITER_CREATE, attr.as_ptr(), attr.len()) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as in `link`.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let mut buf = [0u8; 64];
+    loop {
+        // SAFETY: reads into `buf`, within its length.
+        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        match n {
+            0 => return Ok(()),
+            n if n < 0 => return Err(io::Error::last_os_error()),
+            _ => {}
+        }
+    }
+}
