@@ -100,6 +100,14 @@ fn run(
     // timer with others'.
     // SAFETY: sets this thread's timer slack; no memory is passed.
     unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1, 0, 0, 0) };
+    // Its wake-ups should not take the CPU from a target's thread (one holding the GIL
+    // stalls every other): the lowest weight of the normal class, which still samples at
+    // busy moments (an idle-class thread would sample only when a CPU is idle, a time that
+    // depends on the targets' state).
+    // SAFETY: sets this thread's nice value; no memory is passed.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19) } != 0 {
+        tracing::debug!("wall-clock sampler: nice 19: {}", io::Error::last_os_error());
+    }
     let mut links: HashMap<u32, OwnedFd> = HashMap::new();
     let mut jitter = Jitter::new();
     let mut looked = None::<Instant>;
