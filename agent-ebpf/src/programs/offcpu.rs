@@ -525,7 +525,7 @@ fn blocked_reason<const REMOTE: bool>(
             reason::POLL
         }
         // A poll of one socket is how CPython waits on a socket with a timeout.
-        sysno::POLL | sysno::PPOLL if arg1 == 1 => match user_i32::<REMOTE>(task, arg0) {
+        sysno::POLL | sysno::PPOLL if arg1 == 1 => match python::read::<REMOTE, i32>(task, arg0) {
             Ok(fd) if fd >= 0 => fd_reason(key, task, fd as u64, reason::POLL),
             _ => reason::POLL,
         },
@@ -639,29 +639,6 @@ fn fd_reason(key: &mut OffKey, task: *const u8, fd: u64, otherwise: u32) -> u32 
         }
         S_IFREG => reason::DISK,
         _ => otherwise,
-    }
-}
-
-/// The `i32` at user address `addr` of `task` (see `python::REMOTE`).
-#[inline(always)]
-fn user_i32<const REMOTE: bool>(task: *const u8, addr: u64) -> Result<i32, i64> {
-    if REMOTE {
-        let mut value: i32 = 0;
-        // SAFETY: the helper checks the user address of `task` (a BTF-typed task pointer) and
-        // fails rather than faulting; it writes 4 bytes into `value`.
-        let r = unsafe {
-            aya_ebpf::helpers::generated::bpf_copy_from_user_task(
-                (&mut value as *mut i32).cast(),
-                4,
-                addr as *const c_void,
-                task as *mut _,
-                0,
-            )
-        };
-        if r == 0 { Ok(value) } else { Err(r) }
-    } else {
-        // SAFETY: the helper checks the user address and fails rather than faulting.
-        unsafe { aya_ebpf::helpers::bpf_probe_read_user(addr as *const i32) }.map_err(i64::from)
     }
 }
 

@@ -51,7 +51,7 @@ fn read_buf<const REMOTE: bool>(task: *const u8, addr: u64, dst: &mut [u8]) -> R
 
 /// Reads a value of the memory of the sampled process (`task`'s, see `REMOTE`).
 #[inline(always)]
-fn read<const REMOTE: bool, T: Plain>(task: *const u8, addr: u64) -> Result<T, i32> {
+pub(super) fn read<const REMOTE: bool, T: Plain>(task: *const u8, addr: u64) -> Result<T, i32> {
     if REMOTE {
         let mut value = core::mem::MaybeUninit::<T>::uninit();
         // SAFETY: as in `read_buf`; the helper writes `size_of::<T>()` bytes into `value`.

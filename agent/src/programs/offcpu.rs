@@ -22,9 +22,9 @@ pub const RECENT: std::time::Duration = std::time::Duration::from_millis(10);
 /// Switches off the CPU per second of one thread on a CPU followed in full by default
 /// (`--switch-budget`, `off_cpu.switch_budget`): a thread-per-connection server hands the
 /// GIL over thousands of times a second, and following each costs it an eighth of its
-/// throughput. A thread that switched faster in its previous second on a CPU (or has in the current one) is not followed: the
-/// wall-clock sampler counts its time off the CPU at the sampling rate instead (the summary
-/// says so). 0 follows every switch.
+/// throughput. A thread that switched faster in its previous second on a CPU (or has in
+/// the current one) is not followed: the wall-clock sampler counts its time off the CPU at
+/// the sampling rate instead (the summary says so). 0 follows every switch.
 pub const DEFAULT_SWITCH_BUDGET: u32 = 100;
 
 /// The kernel structs whose member offsets the off-CPU programs need.
@@ -82,8 +82,8 @@ pub(crate) fn config(btf: Option<&Btf>, measure_cost: bool) -> OffConfig {
 impl KernelPrograms {
     /// Starts following target threads off the CPU (raw tracepoint `sched_switch`): every
     /// wait, but of a thread that switched more than `budget` times a second (0: no limit)
-    /// in its previous second on a CPU (or in the current one), whose time off the CPU the wall-clock sampler
-    /// counts instead (started with the CPU sampling, `start`).
+    /// in its previous second on a CPU (or in the current one), whose time off the CPU the
+    /// wall-clock sampler counts instead (started with the CPU sampling, `start`).
     pub fn watch_off_cpu(&mut self, budget: u32) -> Result<()> {
         let feature = "the sched_switch raw tracepoint (Linux 5.18+)";
         let c = &self.off_config;

@@ -3,7 +3,7 @@
 //! how long it has been since the previous run, so that the time off the CPU of threads
 //! that switch faster than the budget is counted as a clock samples it.
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     io,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     sync::{
@@ -128,7 +128,7 @@ fn run(
         }
         if looked.is_none_or(|t| now.duration_since(t) >= TARGETS_EVERY) {
             looked = Some(now);
-            let pids: Vec<u32> = targets.keys().filter_map(|k| k.ok()).collect();
+            let pids: HashSet<u32> = targets.keys().filter_map(|k| k.ok()).collect();
             links.retain(|pid, _| pids.contains(pid));
             for pid in pids {
                 if let std::collections::hash_map::Entry::Vacant(e) = links.entry(pid) {
