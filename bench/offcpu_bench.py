@@ -53,7 +53,8 @@ CONFIGS = ["alone", "stoker cpu", "stoker wall", "stoker wall --switch-budget 0"
 
 def watched_by_stoker(pid, port, seconds, tmp, mode, kernel_stats=False, extra=(), stoker=STOKER):
     """wrk while `stoker` watches `pid` in `mode` with `extra` options: (requests, req/s,
-    stoker's summary, stoker's CPU seconds during the run)."""
+    stoker's summary, stoker's CPU seconds during the run, its wall-clock sampler thread's
+    CPU nanoseconds during the run)."""
     stoker = subprocess.Popen(
         [str(stoker), "record", "-m", mode, *(["--kernel-stats"] if kernel_stats else []), *extra,
          "--pid", str(pid), "-f", "folded", "-o", f"{tmp}/bench.folded"],
@@ -66,11 +67,23 @@ def watched_by_stoker(pid, port, seconds, tmp, mode, kernel_stats=False, extra=(
         if time.monotonic() > deadline or stoker.poll() is not None:
             raise SystemExit(f"stoker did not attach: {stoker.communicate()[1]}")
         time.sleep(0.05)
-    before = cpu_seconds(stoker.pid)
+    before, sampler_before = cpu_seconds(stoker.pid), sampler_ns(stoker.pid)
     requests, rps = wrk(port, seconds)
-    used = cpu_seconds(stoker.pid) - before
+    used, sampler = cpu_seconds(stoker.pid) - before, sampler_ns(stoker.pid) - sampler_before
     stoker.send_signal(2)
-    return requests, rps, stoker.communicate(timeout=60)[1], used
+    return requests, rps, stoker.communicate(timeout=60)[1], used, sampler
+
+
+def sampler_ns(pid):
+    """CPU time so far of stoker `pid`'s wall-clock sampler thread (`stoker-wall`), in ns
+    (its schedstat; 0 when it has none)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            if (task / "comm").read_text().strip() == "stoker-wall":
+                return int((task / "schedstat").read_text().split()[0])
+        except OSError:
+            pass
+    return 0
 
 
 def watched_by_py_spy(pid, port, seconds, tmp):
@@ -94,7 +107,7 @@ def run_config(config, server, port, seconds, tmp):
     if config == "py-spy --idle":
         return watched_by_py_spy(server.pid, port, seconds, tmp)
     words = config.split()
-    requests, rps, _, used = watched_by_stoker(server.pid, port, seconds, tmp, words[1], extra=words[2:])
+    requests, rps, _, used, _ = watched_by_stoker(server.pid, port, seconds, tmp, words[1], extra=words[2:])
     return requests, rps, used
 
 
@@ -137,16 +150,16 @@ def main():
                 row = {c: run_config(c, server, port, seconds, tmp) for c in order}
                 rows.append(row)
                 print(f"round {r + 1}: " + ", ".join(f"{c} {row[c][1]:.0f} req/s" for c in CONFIGS), flush=True)
-            requests, rps, err, _ = watched_by_stoker(server.pid, port, seconds, tmp, "wall", kernel_stats=True,
-                                                      extra=["--switch-budget", "0"])
+            requests, rps, err, _, _ = watched_by_stoker(server.pid, port, seconds, tmp, "wall", kernel_stats=True,
+                                                         extra=["--switch-budget", "0"])
             busy = (requests, rps, kernel_cost(err))
-            requests, rps, err, _ = watched_by_stoker(server.pid, port, seconds, tmp, "wall", kernel_stats=True,
-                                                      extra=["--switch-budget", BUDGET])
-            sampled = (requests, rps, kernel_cost(err), sampler_cost(err))
+            requests, rps, err, _, thread_ns = watched_by_stoker(server.pid, port, seconds, tmp, "wall",
+                                                                 kernel_stats=True, extra=["--switch-budget", BUDGET])
+            sampled = (requests, rps, kernel_cost(err), (*sampler_cost(err), thread_ns))
             idle = subprocess.Popen(["sleep", "3600"])
             try:
-                requests, rps, err, _ = watched_by_stoker(idle.pid, port, seconds, tmp, "wall", kernel_stats=True,
-                                                          extra=["--switch-budget", "0"])
+                requests, rps, err, _, _ = watched_by_stoker(idle.pid, port, seconds, tmp, "wall",
+                                                             kernel_stats=True, extra=["--switch-budget", "0"])
                 quiet = (requests, rps, kernel_cost(err))
             finally:
                 idle.kill()
@@ -154,7 +167,7 @@ def main():
             for r in range(rounds if baseline else 0):
                 builds = [("baseline", baseline), ("this build", STOKER)]
                 for label, build in builds[r % 2:] + builds[:r % 2]:
-                    requests, _, err, _ = watched_by_stoker(server.pid, port, seconds, tmp, "wall", kernel_stats=True,
+                    requests, _, err, _, _ = watched_by_stoker(server.pid, port, seconds, tmp, "wall", kernel_stats=True,
                                                             extra=["--switch-budget", BUDGET], stoker=build)
                     runs, ns, *_, floor = kernel_cost(err)
                     against[label].append((ns - floor * runs) / max(requests, 1))
@@ -196,11 +209,12 @@ def main():
     (req, _, (sw_runs, sw_ns, targets, reused, recent, per_target, floor)) = busy
     (_, _, (q_runs, q_ns, _, _, _, _, _)) = quiet
     per_req = (sw_ns - floor * sw_runs) / max(req, 1)
-    (s_req, s_rps, (s_sw_runs, s_sw_ns, s_targets, _, _, _, _), (w_runs, w_ns, w_samples, w_walks)) = sampled
+    (s_req, s_rps, (s_sw_runs, s_sw_ns, s_targets, _, _, _, _), (w_runs, w_ns, w_samples, w_walks, w_thread)) = sampled
     s_per_req = (s_sw_ns - floor * s_sw_runs) / max(s_req, 1)
     s_per_run = s_sw_ns / max(s_sw_runs, 1) - floor
     w_per_sample = (w_ns - floor * w_runs) / max(w_samples, 1)
-    w_share = (w_ns - floor * w_runs) / 1e9 / (s_req / max(s_rps, 1))
+    s_seconds = s_req / max(s_rps, 1)
+    w_share = (w_ns - floor * w_runs) / 1e9 / s_seconds
     lines += [
         "",
         "| kernel cost | figure |",
@@ -215,8 +229,9 @@ def main():
         f"| default budget ({BUDGET}): the switch program's time per request | **{s_per_req:.0f} ns** |",
         f"| default budget ({BUDGET}): the switch program's mean time per run (all switches on the host) | {s_per_run:.0f} ns |",
         f"| default budget ({BUDGET}): the wall-clock sampler's samples (server threads off the CPU at a sample), of them with the Python stack walked | {w_samples}, {w_walks / max(w_samples, 1):.0%} |",
-        f"| default budget ({BUDGET}): the sampler's program time per sample (in stoker's thread; its runs over threads on the CPU included) | **{w_per_sample:.0f} ns** |",
-        f"| default budget ({BUDGET}): the sampler's program time, share of one CPU | {w_share:.2%} |",
+        f"| default budget ({BUDGET}): the sampler's program time per sample (in stoker's thread at nice 19, from its runs' start to end: the times another thread took the CPU from it included; its runs over threads on the CPU included) | {w_per_sample:.0f} ns |",
+        f"| default budget ({BUDGET}): the sampler thread's CPU time per sample (its schedstat: the programs, iterator reads and its loop) | **{w_thread / max(w_samples, 1):.0f} ns** |",
+        f"| default budget ({BUDGET}): the sampler's share of one CPU: its programs' time from start to end, its thread's CPU time | {w_share:.2%}, {w_thread / 1e9 / s_seconds:.2%} |",
         f"| a switch of a thread that is no target (watching an idle process) | **{q_ns / max(q_runs, 1) - floor:.0f} ns** |",
         "",
         f"The statistics' own cost, {floor} ns per run (an empty program timed the same way), is subtracted "

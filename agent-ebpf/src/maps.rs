@@ -4,9 +4,9 @@ use agent_ebpf::{
     COUNTS_CAPACITY, EXECS_RING_BYTES, LOOPS_CAPACITY, LoopBlock, LoopThread, NET_ACCEPTING_CAPACITY,
     NET_CONNS_CAPACITY, NET_HEAD_BUF, NET_READY_SLOTS, NET_RING_SLOTS, NET_SK_BITS_WORDS, NET_SOCKS_CAPACITY,
     NEW_KEYS_RING_BYTES, NetConn, NetEvent, NetReady, NetSkState, NewKey, OFF_COUNTS_CAPACITY,
-    OFF_PACE_SLOTS, OFF_THREADS_CAPACITY, OffKey, OffPace, OffThread, OffTime, PY_FRAME_CHUNK,
-    PY_STACKS_CAPACITY, PY_THREADS_CAPACITY, PyProc, PyStack, STACKS_CAPACITY, SampleKey, TARGET_BITS_WORDS,
-    TARGETS_CAPACITY, stat,
+    OFF_PACE_SLOTS, OFF_THREADS_CAPACITY, OffKey, OffPace, OffThread, OffTime, PY_CODE_LINES_CAPACITY,
+    PY_FRAME_CHUNK, PY_STACKS_CAPACITY, PY_THREADS_CAPACITY, PyProc, PyStack, STACKS_CAPACITY, SampleKey,
+    TARGET_BITS_WORDS, TARGETS_CAPACITY, stat,
 };
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
@@ -316,6 +316,14 @@ pub fn is_pending(tid: u32) -> bool {
 pub fn set_pending(tid: u32, on: bool) {
     set_tid_bit(&OFF_PENDING, tid, on);
 }
+
+/// `co_firstlineno` of the code objects that walks of another process's memory met, by
+/// code address and process: a lookup costs a small part of such a read. The value holds
+/// the line in its low half and, in its high half, the clock's second (`code_line_epoch`)
+/// at which it was read; an entry of an earlier second is read again, so a code object
+/// freed and another made at its address is told apart within about a second.
+#[map]
+pub static PY_CODE_LINES: LruHashMap<[u64; 2], u64> = LruHashMap::with_max_entries(PY_CODE_LINES_CAPACITY, 0);
 
 /// The wall-clock sampler's threads (see `SampledThread`).
 #[map]

@@ -14,6 +14,8 @@ pub const GLOBAL_FSBASE_OFFSET: &str = "FSBASE_OFFSET";
 pub const PY_STACKS_CAPACITY: u32 = 8 * 1024;
 /// Capacity of the Python thread-state cache.
 pub const PY_THREADS_CAPACITY: u32 = 16 * 1024;
+/// Code objects whose first line the wall-clock sampler keeps (see the kernel's `PY_CODE_LINES`).
+pub const PY_CODE_LINES_CAPACITY: u32 = 16 * 1024;
 /// Python frames kept per sample; deeper stacks lose their root end and are marked.
 pub const PY_MAX_FRAMES: usize = 128;
 const _: () = assert!(PY_MAX_FRAMES.is_power_of_two(), "the walker masks frame indexes");

@@ -114,7 +114,7 @@ pub(super) fn python_stack<const REMOTE: bool>(task: *const u8, tgid: u32, tid: 
     // so any bytes it then holds are a valid value, and the walker uses them only as addresses
     // for probe reads, which check them, and as sizes it clamps.
     if let Some(proc) = unsafe { PY_PROCS.get(tgid) }
-        && let Some((stack, hash)) = python::walk::<REMOTE>(task, tid, proc)
+        && let Some((stack, hash)) = python::walk::<REMOTE>(task, tgid, tid, proc)
     {
         let stored = PY_STACKS.get_ptr(hash).is_some()
             || PY_STACKS.insert(hash, stack, u64::from(BPF_NOEXIST)).is_ok()

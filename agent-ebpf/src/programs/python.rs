@@ -8,11 +8,12 @@ use agent_ebpf::{
 use core::ffi::c_void;
 
 use aya_ebpf::helpers::{
-    bpf_loop, bpf_probe_read_user, bpf_probe_read_user_buf, generated::bpf_copy_from_user_task,
+    bpf_ktime_get_ns, bpf_loop, bpf_probe_read_user, bpf_probe_read_user_buf,
+    generated::bpf_copy_from_user_task,
 };
 
 use super::{Plain, loader_global};
-use crate::maps::{FRAME_BUF, PY_SCRATCH, PY_THREADS, bump};
+use crate::maps::{FRAME_BUF, PY_CODE_LINES, PY_SCRATCH, PY_THREADS, bump};
 
 /// Offset of `thread.fsbase` in `task_struct`, set by the loader from the kernel's BTF.
 #[unsafe(no_mangle)]
@@ -196,6 +197,9 @@ struct FrameWalk {
     stack: *mut PyStack,
     frame: u64,
     hash: u64,
+    /// The process and the clock's second, for `first_line`'s cache (remote walks).
+    tgid: u32,
+    epoch: u32,
 }
 
 /// One step of the walk: records one frame (or skips a shim) and moves out one level.
@@ -212,7 +216,7 @@ extern "C" fn frame_step<const REMOTE: bool>(_index: u64, ctx: *mut c_void) -> i
     // while `bpf_loop` runs.
     let stack = unsafe { &mut *walk.stack };
     let len = stack.len as usize;
-    match read_frame::<REMOTE>(walk.task, walk.frame, off) {
+    match read_frame::<REMOTE>(walk.task, walk.frame, off, walk.tgid, walk.epoch) {
         Ok(Step::Frame(record, previous)) => {
             if len >= PY_MAX_FRAMES {
                 stack.flags |= PY_STACK_TRUNCATED;
@@ -248,6 +252,7 @@ extern "C" fn frame_step<const REMOTE: bool>(_index: u64, ctx: *mut c_void) -> i
 #[inline(always)]
 pub fn walk<const REMOTE: bool>(
     task: *const u8,
+    tgid: u32,
     tid: u32,
     proc: &PyProc,
 ) -> Option<(&'static mut PyStack, u64)> {
@@ -265,7 +270,8 @@ pub fn walk<const REMOTE: bool>(
     let stack = unsafe { &mut *PY_SCRATCH.get_ptr_mut(scratch::<REMOTE>())? };
     stack.len = 0;
     stack.flags = 0;
-    let mut walk = FrameWalk { task, proc, stack, frame, hash: 0xcbf2_9ce4_8422_2325 };
+    let epoch = if REMOTE { code_line_epoch() } else { 0 };
+    let mut walk = FrameWalk { task, proc, stack, frame, hash: 0xcbf2_9ce4_8422_2325, tgid, epoch };
     // A few extra steps for shim frames, which are skipped rather than recorded.
     let steps = (PY_MAX_FRAMES + PY_MAX_FRAMES / 4) as u32;
     // SAFETY: as in `thread_state`, with `frame_step` and this `FrameWalk`.
@@ -358,6 +364,41 @@ pub fn signature<const REMOTE: bool>(task: *const u8, tid: u32, proc: &PyProc) -
     Some(if sig == 0 { 1 } else { sig })
 }
 
+/// The clock's second, roughly (2^30 ns), that `PY_CODE_LINES` entries are stamped with.
+#[inline(always)]
+fn code_line_epoch() -> u32 {
+    // SAFETY: reads the monotonic clock; no arguments.
+    (unsafe { bpf_ktime_get_ns() } >> 30) as u32
+}
+
+/// `co_firstlineno` of code object `code` (24 bits): for a walk of the current task's
+/// memory read from it, where a read is cheap; for a remote walk from `PY_CODE_LINES` when
+/// read there in the same second (`epoch`) for this process, else read and kept.
+#[inline(always)]
+fn first_line<const REMOTE: bool>(
+    task: *const u8,
+    code: u64,
+    off: &PyOffsets,
+    tgid: u32,
+    epoch: u32,
+) -> Result<u32, i32> {
+    let key = [code, u64::from(tgid)];
+    if REMOTE {
+        // SAFETY: the value is copied at once: a `u64`, valid for any bits, in a preallocated
+        // LRU map, which keeps it allocated even if the entry is evicted meanwhile.
+        if let Some(&kept) = unsafe { PY_CODE_LINES.get(key) }
+            && (kept >> 32) as u32 == epoch
+        {
+            return Ok(kept as u32);
+        }
+    }
+    let line = field::<REMOTE, i32>(task, code, off.code_firstlineno)?.max(0) as u32 & 0x00ff_ffff;
+    if REMOTE {
+        let _ = PY_CODE_LINES.insert(key, u64::from(epoch) << 32 | u64::from(line), 0);
+    }
+    Ok(line)
+}
+
 enum Step {
     /// A frame to record, and the next one out.
     Frame(agent_ebpf::PyFrame, u64),
@@ -405,7 +446,13 @@ impl<const REMOTE: bool> FrameFields<REMOTE> {
 }
 
 #[inline(always)]
-fn read_frame<const REMOTE: bool>(task: *const u8, frame: u64, off: &PyOffsets) -> Result<Step, i32> {
+fn read_frame<const REMOTE: bool>(
+    task: *const u8,
+    frame: u64,
+    off: &PyOffsets,
+    tgid: u32,
+    epoch: u32,
+) -> Result<Step, i32> {
     let f = FrameFields::<REMOTE>::read(task, frame, off).ok_or(0)?;
     let previous: u64 = f.get(off.frame_previous)?;
     if off.frame_owner != NO_FIELD && off.owner_cstack != NO_FIELD {
@@ -425,7 +472,7 @@ fn read_frame<const REMOTE: bool>(task: *const u8, frame: u64, off: &PyOffsets) 
             if instr >= start { (instr - start).min(u64::from(u32::MAX)) as u32 } else { 0 }
         }
     };
-    let first_line = field::<REMOTE, i32>(task, code, off.code_firstlineno)?.max(0) as u32 & 0x00ff_ffff;
+    let first_line = first_line::<REMOTE>(task, code, off, tgid, epoch)?;
     // Entered by its own eval call: every frame (3.8-3.10), or one whose `is_entry` says so.
     let entry = off.every_frame_entry != 0
         || (off.frame_is_entry != NO_FIELD && f.get::<u8>(off.frame_is_entry)? != 0);
