@@ -128,7 +128,7 @@ def sampler_cost(err):
     """(runs, ns) of the wall-clock sampler's program, and its samples, from a `--kernel-stats`
     summary; zeros when no thread was over the budget."""
     m = re.search(r"off_cpu_sample ran (\d+) times for (\d+) ns", err)
-    s = re.search(r"\((\d+) samples, (\d+) with the Python stack walked\)", err)
+    s = re.search(r"\((\d+) samples, (\d+) with the Python stack walked[;)]", err)
     return (*(map(int, m.groups()) if m else (0, 0)), *(map(int, s.groups()) if s else (0, 0)))
 
 
@@ -155,6 +155,8 @@ def main():
             busy = (requests, rps, kernel_cost(err))
             requests, rps, err, _, thread_ns = watched_by_stoker(server.pid, port, seconds, tmp, "wall",
                                                                  kernel_stats=True, extra=["--switch-budget", BUDGET])
+            if thread_ns == 0:
+                raise SystemExit("no wall-clock sampler thread (stoker-wall) in stoker's process")
             sampled = (requests, rps, kernel_cost(err), (*sampler_cost(err), thread_ns))
             idle = subprocess.Popen(["sleep", "3600"])
             try:

@@ -251,10 +251,10 @@ pub static OFF_COUNTS: PerCpuHashMap<OffKey, OffTime> =
 #[map]
 pub static OFF_THREADS: LruHashMap<u32, OffThread> = LruHashMap::with_max_entries(OFF_THREADS_CAPACITY, 0);
 
-/// GIL hand-overs, preemptions and brief sleeps per window of a target thread followed in
-/// full (see `MAP_OFF_BUDGET`).
+/// The switch budget per window, the time since the sampler's previous run and the fast
+/// threads it has met (see `MAP_OFF_BUDGET`).
 #[map]
-pub static OFF_BUDGET: Array<u64> = Array::with_max_entries(2, 0);
+pub static OFF_BUDGET: Array<u64> = Array::with_max_entries(3, 0);
 
 /// Target threads' pace of switches on each CPU, by the low bits of their ids (see
 /// `OffPace`).
@@ -294,8 +294,9 @@ pub fn forget_pace(tid: u32) {
             }
         }
     }
-    // Its pace starts again: it is followed until it is known.
-    set_fast(tid, false);
+    // Its pace starts again: it is followed until it is known (its process's bit in
+    // `OFF_FAST_PROCS` is the sampler's to clear).
+    set_fast(tid, tid, false);
 }
 
 /// Threads whose last switch off the CPU was followed and whose wait is not counted yet,
@@ -342,13 +343,21 @@ pub fn is_fast(tid: u32) -> bool {
     tid_bit(&OFF_FAST, tid)
 }
 
-/// Sets or clears `tid`'s bit in `OFF_FAST` (written only when it changes).
+/// Sets or clears `tid`'s bit in `OFF_FAST` (written only when it changes); as it turns
+/// fast, sets its process's bit in `OFF_FAST_PROCS`.
 #[inline(always)]
-pub fn set_fast(tid: u32, on: bool) {
+pub fn set_fast(tgid: u32, tid: u32, on: bool) {
     if is_fast(tid) != on {
         set_tid_bit(&OFF_FAST, tid, on);
+        if on {
+            set_tid_bit(&OFF_FAST_PROCS, tgid, true);
+        }
     }
 }
+
+/// See `MAP_OFF_FAST_PROCS`.
+#[map]
+pub static OFF_FAST_PROCS: Array<u64> = Array::with_max_entries(TARGET_BITS_WORDS, BPF_F_MMAPABLE);
 
 /// `tid`'s bit in a bitmap of thread ids.
 #[inline(always)]

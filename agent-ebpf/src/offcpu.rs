@@ -24,8 +24,15 @@ pub const PROG_OFF_CPU_SAMPLE: &str = "off_cpu_sample";
 /// window, or has in its current one, is fast: its switches are not followed (a bit test, a slot of a per-CPU array
 /// and a count), and the wall-clock sampler counts its time off the CPU instead
 /// (`PROG_OFF_CPU_SAMPLE`). Second, the time since the sampler's previous run, which each of
-/// its samples counts.
+/// its samples counts. Third, set by the sampler: the fast threads it has met (on the CPU
+/// or off), which userspace reads after each process's run.
 pub const MAP_OFF_BUDGET: &str = "OFF_BUDGET";
+/// Target processes a thread of which turned fast (see `MAP_OFF_BUDGET`), one bit per tgid,
+/// memory-mappable: set by the switch program as a thread turns fast, tested and cleared by
+/// the wall-clock sampler's thread. The sampler visits a process while its previous visit
+/// met fast threads or its bit is set: one whose threads all keep within the budget costs
+/// it nothing.
+pub const MAP_OFF_FAST_PROCS: &str = "OFF_FAST_PROCS";
 /// Length of the windows in which a thread's switches are counted.
 pub const OFF_WINDOW_NS: u64 = 1_000_000_000;
 

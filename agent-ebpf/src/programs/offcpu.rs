@@ -220,7 +220,7 @@ fn switched_out(
     // anything else is read, so that its switches cost little.
     let mut pace = LazyPace::new(tgid, tid);
     let fast = fast(pace.get()?, task_u64(task, &OFF_CONFIG.task_last_arrival));
-    set_fast(tid, fast);
+    set_fast(tgid, tid, fast);
     if fast {
         bump(stat::OFF_SAMPLED_OUT);
         return None;
@@ -685,6 +685,12 @@ fn sample_thread(task: *const u8) -> Result<(), i64> {
     let tid: u32 = typed_field(task, config(&OFF_CONFIG.task_pid))?;
     if tid == 0 || !is_target(tgid) || !is_fast(tid) {
         return Ok(());
+    }
+    // Counted for userspace, which visits a process again while it has fast threads.
+    if let Some(seen) = OFF_BUDGET.get_ptr_mut(2) {
+        // SAFETY: a value of the array, live while the program is loaded; only the sampler's
+        // runs write it, one at a time (userspace runs the iterators one after the other).
+        unsafe { *seen += 1 };
     }
     // On the CPU: its CPU samples count it.
     if typed_field::<i32>(task, config(&OFF_CONFIG.task_on_cpu))? != 0 {

@@ -1,6 +1,7 @@
-//! The kernel's target bitmap (`TARGET_BITS`), mapped into this process: bits are set and
-//! cleared with atomic operations on the memory the kernel programs read, so a bit the
-//! kernel sets for a followed child is never lost to a concurrent update from here.
+//! The kernel's bitmaps of ids (`TARGET_BITS`, `OFF_PENDING`, `OFF_FAST_PROCS`), mapped into
+//! this process: bits are set and cleared with atomic operations on the memory the kernel
+//! programs read, so a bit the kernel sets (for a followed child, a process whose thread
+//! turned fast) is never lost to a concurrent update from here.
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use agent_ebpf::MAP_TARGET_BITS;
@@ -14,7 +15,7 @@ impl TargetBits {
         Self::map_named(map, MAP_TARGET_BITS)
     }
 
-    /// Another bitmap of the same shape (`OFF_PENDING`).
+    /// Another bitmap of the same shape (`OFF_PENDING`, `OFF_FAST_PROCS`).
     pub(super) fn map_named(map: &aya::maps::Map, name: &str) -> Result<Self> {
         MappedArray::new(map, name).map(Self)
     }
@@ -35,6 +36,11 @@ impl TargetBits {
         if let Some((word, bit)) = self.word(pid) {
             word.fetch_or(bit, Ordering::Relaxed);
         }
+    }
+
+    /// Clears `pid`'s bit; true when it was set.
+    pub(super) fn take(&self, pid: u32) -> bool {
+        self.word(pid).is_some_and(|(word, bit)| word.fetch_and(!bit, Ordering::Relaxed) & bit != 0)
     }
 
     pub(super) fn clear(&self, pid: u32) {

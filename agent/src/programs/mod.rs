@@ -94,6 +94,10 @@ pub struct Stats {
     pub off_time_samples: u64,
     /// Of those, the samples whose Python stack was walked (not found unchanged).
     pub off_sample_walks: u64,
+    /// The wall-clock sampler's visits of target processes made, and left out (no thread of
+    /// the process was fast).
+    pub wall_visits: u64,
+    pub wall_visits_skipped: u64,
     /// Blocked event-loop stretches lost to a full ring.
     pub loop_blocks_lost: u64,
 }
@@ -489,8 +493,13 @@ impl KernelPrograms {
                 .and_then(wall::map_fd)
         };
         let (targets, budget) = (map(MAP_TARGETS)?, map(agent_ebpf::MAP_OFF_BUDGET)?);
+        let fast_procs = self
+            .ebpf
+            .map(agent_ebpf::MAP_OFF_FAST_PROCS)
+            .ok_or(Error::Ebpf { what: "kernel map missing", detail: agent_ebpf::MAP_OFF_FAST_PROCS.into() })
+            .and_then(|m| bits::TargetBits::map_named(m, agent_ebpf::MAP_OFF_FAST_PROCS))?;
         let period = std::time::Duration::from_nanos(1_000_000_000 / rate_hz.max(1));
-        self.wall = Some(wall::Sampler::start(prog, targets, budget, period)?);
+        self.wall = Some(wall::Sampler::start(prog, targets, budget, fast_procs, period)?);
         Ok(())
     }
 
@@ -681,6 +690,7 @@ impl KernelPrograms {
     pub fn stats(&self) -> Result<Stats> {
         let array: PerCpuArray<_, u64> = self.map(MAP_STATS)?;
         let sum = |index: u32| -> u64 { array.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0) };
+        let visits = self.wall.as_ref().map_or((0, 0), wall::Sampler::visits);
         Ok(Stats {
             samples: sum(stat::SAMPLES),
             user_stack_missing: sum(stat::USER_STACK_MISSING),
@@ -708,6 +718,8 @@ impl KernelPrograms {
             off_sampled_out: sum(stat::OFF_SAMPLED_OUT),
             off_time_samples: sum(stat::OFF_TIME_SAMPLES),
             off_sample_walks: sum(stat::OFF_SAMPLE_WALKS),
+            wall_visits: visits.0,
+            wall_visits_skipped: visits.1,
         })
     }
 

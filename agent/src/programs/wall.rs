@@ -8,7 +8,7 @@ use std::{
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     thread::JoinHandle,
     time::{Duration, Instant},
@@ -16,6 +16,7 @@ use std::{
 
 use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData};
 
+use super::bits::TargetBits;
 use crate::error::{Error, Result, one_line};
 
 /// `bpf(2)` commands and the task iterator's attach type (uapi `linux/bpf.h`).
@@ -46,14 +47,43 @@ pub(crate) fn map_fd(map: &Map) -> Result<OwnedFd> {
 pub struct Sampler {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    visits: Arc<Visits>,
 }
+
+/// What the sampler did with the target processes at its runs: visited them (ran their
+/// iterator), or left them out, no thread of theirs being fast.
+#[derive(Default)]
+pub struct Visits {
+    pub made: AtomicU64,
+    pub skipped: AtomicU64,
+}
+
+/// A target process the sampler visits: its iterator link, whether it is to be visited at
+/// the next run (its last visit met a fast thread), and when it was last visited.
+struct Target {
+    link: OwnedFd,
+    fast: bool,
+    visited: Option<Instant>,
+}
+
+/// The longest a target process goes without a visit: in case a thread of it is fast and its
+/// process's bit was missed (a thread id reused while its bit was set).
+const VISIT_AT_LEAST: Duration = Duration::from_secs(1);
 
 impl Sampler {
     /// Starts sampling every `period` the processes in the targets map (`targets`, a
     /// descriptor of it) with the iterator program `prog` (the time since the previous run
-    /// goes into slot 1 of the budget array `budget`). Its thread keeps the capabilities of
-    /// the thread that starts it, which it needs to make links for new targets.
-    pub fn start(prog: OwnedFd, targets: OwnedFd, budget: OwnedFd, period: Duration) -> Result<Self> {
+    /// goes into slot 1 of the budget array `budget`), each while it has threads that switch
+    /// faster than the budget (`fast_procs`, see `MAP_OFF_FAST_PROCS`). Its thread keeps the
+    /// capabilities of the thread that starts it, which it needs to make links for new
+    /// targets.
+    pub(super) fn start(
+        prog: OwnedFd,
+        targets: OwnedFd,
+        budget: OwnedFd,
+        fast_procs: TargetBits,
+        period: Duration,
+    ) -> Result<Self> {
         let open = |fd| {
             MapData::from_fd(fd)
                 .map_err(|e| Error::Ebpf { what: "opening a kernel map", detail: one_line(&e) })
@@ -63,12 +93,18 @@ impl Sampler {
         let budget: Array<MapData, u64> = Array::try_from(Map::Array(open(budget)?))
             .map_err(|e| Error::Ebpf { what: "kernel map has the wrong type", detail: one_line(&e) })?;
         let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
+        let visits = Arc::new(Visits::default());
+        let (flag, counts) = (stop.clone(), visits.clone());
         let thread = std::thread::Builder::new()
             .name("stoker-wall".into())
-            .spawn(move || run(prog, targets, budget, period, &flag))
+            .spawn(move || run(prog, targets, budget, &fast_procs, period, &flag, &counts))
             .map_err(|e| Error::Ebpf { what: "starting the wall-clock sampler", detail: e.to_string() })?;
-        Ok(Sampler { stop, thread: Some(thread) })
+        Ok(Sampler { stop, thread: Some(thread), visits })
+    }
+
+    /// The process visits made and left out so far.
+    pub fn visits(&self) -> (u64, u64) {
+        (self.visits.made.load(Ordering::Relaxed), self.visits.skipped.load(Ordering::Relaxed))
     }
 }
 
@@ -85,8 +121,10 @@ fn run(
     prog: OwnedFd,
     targets: BpfHashMap<MapData, u32, u32>,
     mut budget: Array<MapData, u64>,
+    fast_procs: &TargetBits,
     period: Duration,
     stop: &AtomicBool,
+    visits: &Visits,
 ) {
     // It needs no capability beyond what the agent keeps after loading (from Linux 6.5 the
     // kernel checks them as programs load, not as links and iterators are made): it drops
@@ -108,7 +146,9 @@ fn run(
     if unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19) } != 0 {
         tracing::debug!("wall-clock sampler: nice 19: {}", io::Error::last_os_error());
     }
-    let mut links: HashMap<u32, OwnedFd> = HashMap::new();
+    let mut links: HashMap<u32, Target> = HashMap::new();
+    // The kernel's count of fast threads met (slot 2 of `budget`) after the last run.
+    let mut met = 0u64;
     let mut jitter = Jitter::new();
     let mut looked = None::<Instant>;
     let mut last = Instant::now();
@@ -133,8 +173,9 @@ fn run(
             for pid in pids {
                 if let std::collections::hash_map::Entry::Vacant(e) = links.entry(pid) {
                     match link(&prog, pid) {
+                        // Visited at once: whether it has fast threads is not known yet.
                         Ok(fd) => {
-                            e.insert(fd);
+                            e.insert(Target { link: fd, fast: true, visited: None });
                         }
                         Err(err) => tracing::debug!("wall-clock sampler: process {pid}: {err}"),
                     }
@@ -146,10 +187,27 @@ fn run(
         if budget.set(1, elapsed, 0).is_err() {
             continue;
         }
-        for (pid, link) in &links {
-            if let Err(e) = iterate(link) {
+        for (pid, target) in &mut links {
+            // Cleared before the run: a thread that turns fast during it sets it again.
+            let turned = fast_procs.take(*pid);
+            let due = target.visited.is_none_or(|t| now.duration_since(t) >= VISIT_AT_LEAST);
+            if !target.fast && !turned && !due {
+                visits.skipped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            visits.made.fetch_add(1, Ordering::Relaxed);
+            target.visited = Some(now);
+            let ran = iterate(&target.link);
+            if let Err(e) = &ran {
                 tracing::debug!("wall-clock sampler: process {pid}: {e}");
             }
+            // A run that failed part way may not have reached the fast threads, and a marked
+            // process's threads may be seen fast only after the bit (the kernel sets the
+            // thread's bit first, with no order between them on weakly ordered CPUs): both
+            // are visited again at the next run.
+            let now_met = budget.get(&2, 0).ok();
+            target.fast = ran.is_err() || turned || now_met.is_none_or(|m| m != met);
+            met = now_met.unwrap_or(met);
         }
         let work = now.elapsed();
         let least = now + work.div_f64(MAX_SHARE);

@@ -747,12 +747,14 @@ impl Summary {
             let all = self.stats.off_switches + self.stats.off_sampled_out;
             let _ = writeln!(
                 s,
-                "  off-CPU: threads switching over {} times a second sampled: {} of {all} switches were not followed ({:.1}%), their threads' time off the CPU taken by the clock instead ({} samples, {} with the Python stack walked); every other wait was followed (--switch-budget 0 follows every switch)",
+                "  off-CPU: threads switching over {} times a second sampled: {} of {all} switches were not followed ({:.1}%), their threads' time off the CPU taken by the clock instead ({} samples, {} with the Python stack walked; {} of {} process visits left out, no thread of theirs switching that fast); every other wait was followed (--switch-budget 0 follows every switch)",
                 self.switch_budget,
                 self.stats.off_sampled_out,
                 100.0 * self.stats.off_sampled_out as f64 / all as f64,
                 self.stats.off_time_samples,
                 self.stats.off_sample_walks,
+                self.stats.wall_visits_skipped,
+                self.stats.wall_visits + self.stats.wall_visits_skipped,
             );
         }
         if let Some((switch_time, switches)) = self.off_kernel_cost {
