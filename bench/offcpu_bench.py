@@ -26,7 +26,8 @@ stoker's own thread, one run per server thread per sample); watching an idle pro
 cost per switch of a thread that is not a target (the test of one bit per switch). stoker times an empty program the same
 way; the statistics' own cost per run is reported and subtracted.
 
-With --baseline, N more kernel cost rounds alternate between that stoker build and this one
+With --baseline, each round also runs the server watched by that build's `--mode wall`, and
+N more kernel cost rounds alternate between that stoker build and this one
 with `--switch-budget 100` and report the switch program's time per request of each, and this
 build's over the baseline's: one run on one machine, where absolute figures move from day
 to day.
@@ -100,14 +101,17 @@ def watched_by_py_spy(pid, port, seconds, tmp):
     return requests, rps, used
 
 
-def run_config(config, server, port, seconds, tmp):
-    """(requests, req/s, the profiler's CPU seconds during the run: None alone)."""
+def run_config(config, server, port, seconds, tmp, baseline):
+    """(requests, req/s, the profiler's CPU seconds during the run: None alone). "baseline
+    wall" is `--mode wall` of the baseline build."""
     if config == "alone":
         return (*wrk(port, seconds), None)
     if config == "py-spy --idle":
         return watched_by_py_spy(server.pid, port, seconds, tmp)
     words = config.split()
-    requests, rps, _, used, _ = watched_by_stoker(server.pid, port, seconds, tmp, words[1], extra=words[2:])
+    build = baseline if words[0] == "baseline" else STOKER
+    requests, rps, _, used, _ = watched_by_stoker(server.pid, port, seconds, tmp, words[1], extra=words[2:],
+                                                  stoker=build)
     return requests, rps, used
 
 
@@ -142,14 +146,15 @@ def main():
                               text=True)
     port = int(server.stdout.readline())
     rows = []
+    configs = CONFIGS + (["baseline wall"] if baseline else [])
     with tempfile.TemporaryDirectory() as tmp:
         try:
             wrk(port, 5)  # warm-up
             for r in range(rounds):
-                order = CONFIGS[r % len(CONFIGS):] + CONFIGS[:r % len(CONFIGS)]
-                row = {c: run_config(c, server, port, seconds, tmp) for c in order}
+                order = configs[r % len(configs):] + configs[:r % len(configs)]
+                row = {c: run_config(c, server, port, seconds, tmp, baseline) for c in order}
                 rows.append(row)
-                print(f"round {r + 1}: " + ", ".join(f"{c} {row[c][1]:.0f} req/s" for c in CONFIGS), flush=True)
+                print(f"round {r + 1}: " + ", ".join(f"{c} {row[c][1]:.0f} req/s" for c in configs), flush=True)
             requests, rps, err, _, _ = watched_by_stoker(server.pid, port, seconds, tmp, "wall", kernel_stats=True,
                                                          extra=["--switch-budget", "0"])
             busy = (requests, rps, kernel_cost(err))
@@ -191,23 +196,31 @@ def main():
         "clock at 99 Hz), by `stoker record --mode wall --switch-budget 0` (every switch of the server's "
         "threads off the CPU followed: every wait counted, GIL and lock waits with the thread's stack read at a "
         "switch under 10 ms before) "
-        "and by `py-spy record --idle` (99 Hz), in an order that rotates from round to round.",
+        "and by `py-spy record --idle` (99 Hz)"
+        f"{f', and by the baseline build `{baseline}` with `--mode wall` (baseline wall)' if baseline else ''}, "
+        "in an order that rotates from round to round.",
         "",
-        "| round | " + " | ".join(f"{c} req/s" for c in CONFIGS) + " |",
-        "| --- |" + " --- |" * len(CONFIGS),
+        "| round | " + " | ".join(f"{c} req/s" for c in configs) + " |",
+        "| --- |" + " --- |" * len(configs),
     ]
     for i, row in enumerate(rows):
-        lines.append(f"| {i + 1} | " + " | ".join(f"{row[c][1]:.0f}" for c in CONFIGS) + " |")
+        lines.append(f"| {i + 1} | " + " | ".join(f"{row[c][1]:.0f}" for c in configs) + " |")
     lines += ["", "| watched by | throughput / alone (mean of means) | rounds' ratios: mean, 95% interval | median | range "
               "| the profiler's own CPU (share of one CPU) |",
               "| --- | --- | --- | --- | --- | --- |"]
-    mean = {c: statistics.mean(row[c][1] for row in rows) for c in CONFIGS}
-    for c in CONFIGS[1:]:
+    mean = {c: statistics.mean(row[c][1] for row in rows) for c in configs}
+    for c in configs[1:]:
         ratios = [row[c][1] / row["alone"][1] for row in rows]
         m, half = interval(ratios)
         own = statistics.mean(row[c][2] for row in rows) / seconds
         lines.append(f"| {c} | **{mean[c] / mean['alone']:.3f}** | {m:.3f} ± {half:.3f} | "
                      f"{statistics.median(ratios):.3f} | {min(ratios):.3f} to {max(ratios):.3f} | {own:.1%} |")
+    pairs = [("stoker wall", "stoker cpu")] + ([("stoker wall", "baseline wall")] if baseline else [])
+    lines += ["", "| rounds' ratios | mean, 95% interval | median |", "| --- | --- | --- |"]
+    for a, b in pairs:
+        ratios = [row[a][1] / row[b][1] for row in rows]
+        m, half = interval(ratios)
+        lines.append(f"| {a} / {b} | **{m:.3f}** ± {half:.3f} | {statistics.median(ratios):.3f} |")
     (req, _, (sw_runs, sw_ns, targets, reused, recent, per_target, floor)) = busy
     (_, _, (q_runs, q_ns, _, _, _, _, _)) = quiet
     per_req = (sw_ns - floor * sw_runs) / max(req, 1)
