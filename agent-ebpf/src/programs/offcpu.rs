@@ -8,7 +8,7 @@
 //! off the CPU instead.
 use agent_ebpf::{
     NO_OFFSET, NO_STACK, OFF_PACE_SLOTS, OFF_WINDOW_NS, OffConfig, OffKey, OffPace, OffThread, OffTime,
-    PY_GIL_SIZE, SampleKey, SampledThread, reason, split_wait, stat,
+    PY_GIL_SIZE, PyProc, SampleKey, SampledThread, reason, split_wait, stat,
 };
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, pt_regs},
@@ -22,7 +22,7 @@ use super::{
     Plain, current_task, loader_global,
     net::{AF_INET, AF_INET6},
     net_syscalls::entry_regs_of,
-    perf_sample::{kernel_stack, python_stack, user_stack},
+    perf_sample::{kernel_stack, python_stack_from, user_stack},
     python::{self, LOCAL, REMOTE},
     sysno, typed_field,
 };
@@ -258,11 +258,7 @@ fn switched_out(
         } else {
             // The Python stack: the one read last time when the thread is still in it (the same
             // socket read, the same wait in the same loop), else walked.
-            // SAFETY: as in `perf_sample::python_stack`.
-            let signature = match unsafe { PY_PROCS.get(tgid) } {
-                Some(proc) => python::signature::<LOCAL>(task, tid, proc).unwrap_or(0),
-                None => 0,
-            };
+            let (proc, innermost, signature) = fingerprint::<LOCAL>(task, tgid, tid);
             if signature != 0 && signature == last_signature && last_stack != 0 {
                 bump(stat::OFF_STACKS_REUSED);
                 (last_stack, last_user != NO_STACK, signature, now)
@@ -270,7 +266,8 @@ fn switched_out(
                 bump(stat::OFF_STACKS_REUSED);
                 (prev_stack, prev_user != NO_STACK, signature, now)
             } else {
-                let (py_stack, want_native) = python_stack::<LOCAL>(task, tgid, tid);
+                let (py_stack, want_native) =
+                    proc.map_or((0, true), |proc| python_stack_from::<LOCAL>(task, tgid, proc, innermost));
                 (py_stack, want_native, if py_stack != 0 { signature } else { 0 }, now)
             }
         };
@@ -642,6 +639,25 @@ fn fd_reason(key: &mut OffKey, task: *const u8, fd: u64, otherwise: u32) -> u32 
     }
 }
 
+/// Thread `tid`'s process (its `PY_PROCS` entry), its innermost Python frame (see
+/// `python::innermost`) and the fingerprint of its stack (`python::signature`; 0: none):
+/// what tells whether its stack is the one read before, and where a walk starts if not.
+#[inline(always)]
+fn fingerprint<const REMOTE: bool>(
+    task: *const u8,
+    tgid: u32,
+    tid: u32,
+) -> (Option<&'static PyProc>, Option<u64>, u64) {
+    // SAFETY: as in `perf_sample::python_stack`.
+    let Some(proc) = (unsafe { PY_PROCS.get(tgid) }) else { return (None, None, 0) };
+    let innermost = python::innermost::<REMOTE>(task, tid, proc);
+    let signature = match innermost {
+        Some(frame) => python::signature::<REMOTE>(task, frame, &proc.offsets).unwrap_or(0),
+        None => 0,
+    };
+    (Some(proc), innermost, signature)
+}
+
 /// Whether runnable `task` was running on this CPU until the current task got it: queued
 /// (`sched_info.last_queued`) on this CPU's run queue at the very moment (the run queue's
 /// clock) the current task arrived (`sched_info.last_arrival`).
@@ -722,16 +738,12 @@ fn sample_thread(task: *const u8) -> Result<(), i64> {
     match last {
         Some(l) if l.ran == ran && ran != 0 => key.sample.py_stack = l.py_stack,
         _ => {
-            // SAFETY: as in `perf_sample::python_stack`.
-            let signature = match unsafe { PY_PROCS.get(tgid) } {
-                Some(proc) => python::signature::<REMOTE>(task, tid, proc).unwrap_or(0),
-                None => 0,
-            };
+            let (proc, innermost, signature) = fingerprint::<REMOTE>(task, tgid, tid);
             key.sample.py_stack = match last {
                 Some(ref l) if signature != 0 && l.signature == signature => l.py_stack,
                 _ => {
                     bump(stat::OFF_SAMPLE_WALKS);
-                    python_stack::<REMOTE>(task, tgid, tid).0
+                    proc.map_or(0, |proc| python_stack_from::<REMOTE>(task, tgid, proc, innermost).0)
                 }
             };
             let entry = SampledThread { tgid, _pad: 0, ran, signature, py_stack: key.sample.py_stack };

@@ -2,7 +2,7 @@
 //! processes are aggregated in the kernel as (thread, user stack, kernel stack, Python
 //! stack) -> per-CPU count.
 use agent_ebpf::{
-    DROPPED_STACK, NO_STACK, PY_PROC_GIL_COUNT, PY_PROC_GIL_ONLY, PY_PROC_NATIVE, SampleKey, stat,
+    DROPPED_STACK, NO_STACK, PY_PROC_GIL_COUNT, PY_PROC_GIL_ONLY, PY_PROC_NATIVE, PyProc, SampleKey, stat,
 };
 use aya_ebpf::{
     bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
@@ -12,7 +12,10 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 
-use super::{current_task, event_loop, loader_global, offcpu, python};
+use super::{
+    current_task, event_loop, loader_global, offcpu,
+    python::{self, LOCAL},
+};
 use crate::maps::{COUNTS, GIL_HELD, PY_PROCS, PY_STACKS, STACKS, add, bump, is_target, new_key};
 
 const EFAULT: i32 = 14;
@@ -62,7 +65,7 @@ fn try_perf_sample(ctx: &PerfEventContext) -> Result<bool, i32> {
     }
 
     // Python first: a sample with a Python stack needs no native stacks unless asked.
-    let (py_stack, want_native) = python_stack::<{ python::LOCAL }>(task, tgid, tid);
+    let (py_stack, want_native) = python_stack(task, tgid, tid);
     if py_stack != 0 {
         bump(stat::PY_SAMPLES);
         event_loop::sampled(tid, py_stack);
@@ -108,14 +111,29 @@ fn add_gil_held(tgid: u32) {
 /// its hash (0: none) and whether the native stacks are wanted too (no Python stack, or the
 /// process asked for them).
 #[inline(always)]
-pub(super) fn python_stack<const REMOTE: bool>(task: *const u8, tgid: u32, tid: u32) -> (u64, bool) {
+fn python_stack(task: *const u8, tgid: u32, tid: u32) -> (u64, bool) {
     // SAFETY: a value of the preallocated `PY_PROCS`, which keeps it allocated as long as the
     // map even if userspace removes or rewrites the entry meanwhile; `PyProc` is plain integers,
     // so any bytes it then holds are a valid value, and the walker uses them only as addresses
     // for probe reads, which check them, and as sizes it clamps.
-    if let Some(proc) = unsafe { PY_PROCS.get(tgid) }
-        && let Some((stack, hash)) = python::walk::<REMOTE>(task, tgid, tid, proc)
-    {
+    match unsafe { PY_PROCS.get(tgid) } {
+        Some(proc) => {
+            python_stack_from::<LOCAL>(task, tgid, proc, python::innermost::<LOCAL>(task, tid, proc))
+        }
+        None => (0, true),
+    }
+}
+
+/// Walks and stores the Python stack of a thread (`task`, see `python::REMOTE`) of process
+/// `proc` from its innermost frame, found already (`python::innermost`); as `python_stack`.
+#[inline(always)]
+pub(super) fn python_stack_from<const REMOTE: bool>(
+    task: *const u8,
+    tgid: u32,
+    proc: &PyProc,
+    innermost: Option<u64>,
+) -> (u64, bool) {
+    if let Some((stack, hash)) = python::walk::<REMOTE>(task, tgid, proc, innermost) {
         let stored = PY_STACKS.get_ptr(hash).is_some()
             || PY_STACKS.insert(hash, stack, u64::from(BPF_NOEXIST)).is_ok()
             // Another CPU may have stored the same stack in between.

@@ -247,20 +247,30 @@ extern "C" fn frame_step<const REMOTE: bool>(_index: u64, ctx: *mut c_void) -> i
     0
 }
 
-/// Walks the sampled thread's Python frames into the per-CPU scratch stack. Returns the
-/// stack and a hash of its frames, or None when the thread has no Python frames.
+/// The innermost Python frame of thread `tid` (`task`): None when its thread state is not
+/// found, 0 when it runs no Python code (or the frame could not be read). `signature` and
+/// `walk` start from it, so a thread whose stack is fingerprinted and then walked has it
+/// found once.
+#[inline(always)]
+pub fn innermost<const REMOTE: bool>(task: *const u8, tid: u32, proc: &PyProc) -> Option<u64> {
+    let tstate = thread_state::<REMOTE>(task, tid, proc).ok()?;
+    Some(current_frame::<REMOTE>(task, tstate, &proc.offsets).unwrap_or(0))
+}
+
+/// Walks the sampled thread's Python frames, from its innermost one (`innermost`), into
+/// the per-CPU scratch stack. Returns the stack and a hash of its frames, or None when the
+/// thread has no Python frames.
 #[inline(always)]
 pub fn walk<const REMOTE: bool>(
     task: *const u8,
     tgid: u32,
-    tid: u32,
     proc: &PyProc,
+    innermost: Option<u64>,
 ) -> Option<(&'static mut PyStack, u64)> {
-    let Ok(tstate) = thread_state::<REMOTE>(task, tid, proc) else {
+    let Some(frame) = innermost else {
         bump(stat::PY_NO_THREAD);
         return None;
     };
-    let frame = current_frame::<REMOTE>(task, tstate, &proc.offsets).unwrap_or(0);
     if frame == 0 {
         return None;
     }
@@ -335,16 +345,14 @@ pub fn gil_holder(task: *const u8, tid: u32, proc: &PyProc) -> Option<bool> {
 /// `SIGNATURE_FRAMES` frames, or in where those frames are.
 const SIGNATURE_FRAMES: usize = 3;
 
-/// A cheap fingerprint of thread `tid`'s Python stack: the addresses, code objects and
-/// instructions of its innermost frames (a few reads, where a walk reads two per frame).
+/// A cheap fingerprint of a thread's Python stack, from its innermost frame (`innermost`):
+/// the addresses, code objects and instructions of its innermost frames (a few reads, where
+/// a walk reads one or two per frame).
 /// Equal fingerprints of one thread at two moments mean the same stack unless it returned
 /// below those frames and came back to the same code at the same places and addresses.
-/// None when the thread runs no Python code or a read failed.
+/// None when a read failed.
 #[inline(always)]
-pub fn signature<const REMOTE: bool>(task: *const u8, tid: u32, proc: &PyProc) -> Option<u64> {
-    let off = &proc.offsets;
-    let tstate = thread_state::<REMOTE>(task, tid, proc).ok()?;
-    let mut frame = current_frame::<REMOTE>(task, tstate, off).ok()?;
+pub fn signature<const REMOTE: bool>(task: *const u8, mut frame: u64, off: &PyOffsets) -> Option<u64> {
     let mut sig: u64 = 0xcbf2_9ce4_8422_2325;
     for _ in 0..SIGNATURE_FRAMES {
         if frame == 0 {
