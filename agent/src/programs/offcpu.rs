@@ -180,35 +180,28 @@ impl KernelPrograms {
 
     /// Run time and run count of the context-switch program, when the run-time statistics
     /// are on and the program attached.
-    pub fn off_kernel_cost(&mut self) -> Option<(std::time::Duration, u64)> {
+    pub fn off_kernel_cost(&self) -> Option<(std::time::Duration, u64)> {
         if !self.watching_off_cpu {
             return None;
         }
-        self.stats_fd.as_ref()?;
-        let name = PROG_SCHED_SWITCH;
-        let Some(prog) = self.ebpf.program_mut(name) else {
-            tracing::warn!("{name}: missing");
-            return None;
-        };
-        let prog: &mut RawTracePoint = match prog.try_into() {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!("{name}: {e}");
-                return None;
-            }
-        };
-        let info = prog.info().inspect_err(|e| tracing::warn!("{name}: {e}")).ok()?;
-        Some((info.run_time(), info.run_count()))
+        self.run_stats(PROG_SCHED_SWITCH)
     }
 
     /// Run time and run count of the wall-clock sampler's program (one run per thread of a
     /// target process per sample), when the run-time statistics are on and it runs.
-    pub fn sampler_kernel_cost(&mut self) -> Option<(std::time::Duration, u64)> {
-        self.stats_fd.as_ref()?;
+    pub fn sampler_kernel_cost(&self) -> Option<(std::time::Duration, u64)> {
         self.wall.as_ref()?;
-        let prog: &mut aya::programs::Iter =
-            self.ebpf.program_mut(PROG_OFF_CPU_SAMPLE).and_then(|p| p.try_into().ok())?;
-        let info = prog.info().inspect_err(|e| tracing::warn!("{PROG_OFF_CPU_SAMPLE}: {e}")).ok()?;
+        self.run_stats(PROG_OFF_CPU_SAMPLE)
+    }
+
+    /// Run time and run count of loaded program `name`, when the run-time statistics are on.
+    fn run_stats(&self, name: &str) -> Option<(std::time::Duration, u64)> {
+        self.stats_fd.as_ref()?;
+        let Some(prog) = self.ebpf.program(name) else {
+            tracing::warn!("{name}: missing");
+            return None;
+        };
+        let info = prog.info().inspect_err(|e| tracing::warn!("{name}: {e}")).ok()?;
         Some((info.run_time(), info.run_count()))
     }
 
