@@ -244,7 +244,7 @@ def main():
         f"| default budget ({BUDGET}): the switch program's time per request | **{s_per_req:.0f} ns** |",
         f"| default budget ({BUDGET}): the switch program's mean time per run (all switches on the host) | {s_per_run:.0f} ns |",
         f"| default budget ({BUDGET}): the wall-clock sampler's samples (server threads off the CPU at a sample), of them with the Python stack walked | {w_samples}, {w_walks / max(w_samples, 1):.0%} |",
-        f"| default budget ({BUDGET}): the sampler's program time per sample (in stoker's thread at nice 19, from its runs' start to end: the times another thread took the CPU from it included; its runs over threads on the CPU included) | {w_per_sample:.0f} ns |",
+        f"| default budget ({BUDGET}): the sampler's program time per sample (in stoker's thread at real-time priority, from its runs' start to end; its runs over threads on the CPU included) | {w_per_sample:.0f} ns |",
         f"| default budget ({BUDGET}): the sampler thread's CPU time per sample (its schedstat: the programs, iterator reads and its loop) | **{w_thread / max(w_samples, 1):.0f} ns** |",
         f"| default budget ({BUDGET}): the sampler's share of one CPU: its programs' time from start to end, its thread's CPU time | {w_share:.2%}, {w_thread / 1e9 / s_seconds:.2%} |",
         f"| a switch of a thread that is no target (watching an idle process) | **{q_ns / max(q_runs, 1) - floor:.0f} ns** |",

@@ -140,12 +140,17 @@ fn agent_exports_metrics() {
     }
 }
 
-/// Once loaded, no thread of the agent holds CAP_BPF, CAP_PERFMON or CAP_SYS_ADMIN in its
-/// effective or permitted set; CAP_SYS_PTRACE (reading other processes) stays.
+/// Once loaded, no thread of the agent holds CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN or
+/// CAP_SYS_NICE in its effective or permitted set; CAP_SYS_PTRACE (reading other processes)
+/// stays.
 fn assert_capabilities_dropped(agent: u32) {
     const SYS_PTRACE: u64 = 1 << 19;
-    const GONE: [(u64, &str); 3] =
-        [(1 << 21, "CAP_SYS_ADMIN"), (1 << 38, "CAP_PERFMON"), (1 << 39, "CAP_BPF")];
+    const GONE: [(u64, &str); 4] = [
+        (1 << 21, "CAP_SYS_ADMIN"),
+        (1 << 23, "CAP_SYS_NICE"),
+        (1 << 38, "CAP_PERFMON"),
+        (1 << 39, "CAP_BPF"),
+    ];
     let tasks = std::fs::read_dir(format!("/proc/{agent}/task")).unwrap();
     let mut threads = 0;
     for task in tasks.flatten() {
@@ -531,6 +536,8 @@ fn agent_exports_off_cpu_time_by_state() {
     let config = agent_config(&dir, http, "export_interval: 1s\noff_cpu:\n  enabled: true\n");
     let agent = agent_without_otlp(&config);
     wait_ready(http);
+    assert_sampler_realtime(agent.id());
+    assert_capabilities_dropped(agent.id());
     let fixture =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/offcpu/upstream.py");
     let mut upstream = Command::new(python("3.12.1"))
@@ -674,6 +681,26 @@ fn waits_under_way_when_the_agent_starts_are_counted() {
         eprintln!("{state}: {waited:.3} s of {since:.3} s since the agent was ready");
         assert!(waited <= since && waited >= since - 2.0, "{state}: {waited:.3} s of {since:.3} s");
     }
+}
+
+/// The agent's wall-clock sampler thread (`stoker-wall`) is in the real-time class
+/// (`SCHED_FIFO`, policy 1 in the 41st field of its `/proc/PID/task/TID/stat`), so that it
+/// samples on time while the CPUs are busy.
+fn assert_sampler_realtime(agent: u32) {
+    let tasks = std::fs::read_dir(format!("/proc/{agent}/task")).unwrap();
+    let policies: Vec<(String, String)> = tasks
+        .flatten()
+        .filter_map(|task| {
+            let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
+            let (name, rest) = stat.split_once(" (")?.1.rsplit_once(") ")?;
+            Some((name.to_string(), rest.split_whitespace().nth(38)?.to_string()))
+        })
+        .collect();
+    let sampler = policies.iter().find(|(name, _)| name == "stoker-wall");
+    assert!(
+        sampler.is_some_and(|(_, policy)| policy == "1"),
+        "the agent's threads and their policies: {policies:?}"
+    );
 }
 
 /// The value of `stoker_process_off_cpu_time_seconds_total` for the process labelled

@@ -45,7 +45,7 @@ impl Check {
 /// Runs every check.
 pub fn run() -> Vec<Check> {
     let mask = caps::effective();
-    let mut checks = vec![capabilities(mask), ptrace(mask), btf()];
+    let mut checks = vec![capabilities(mask), ptrace(mask), realtime(), btf()];
     checks.extend(sampling());
     checks.push(tracepoints());
     checks.push(pmu("uprobes", "uprobe", Level::Warn, "needed for Python thread discovery hooks"));
@@ -64,6 +64,7 @@ fn capabilities(mask: u64) -> Check {
         (caps::CAP_PERFMON, "CAP_PERFMON"),
         (caps::CAP_SYS_PTRACE, "CAP_SYS_PTRACE"),
         (caps::CAP_SYS_ADMIN, "CAP_SYS_ADMIN"),
+        (caps::CAP_SYS_NICE, "CAP_SYS_NICE"),
     ];
     let have: Vec<&str> = names.iter().filter(|(c, _)| caps::has(mask, *c)).map(|(_, n)| *n).collect();
     let have = if have.is_empty() { "none".to_string() } else { have.join(", ") };
@@ -87,6 +88,28 @@ fn ptrace(mask: u64) -> Check {
             Level::Warn,
             "no CAP_SYS_PTRACE: only processes of this user can be symbolized",
         )
+    }
+}
+
+/// Whether a thread can take the real-time priority the wall-clock sampler runs at (tried
+/// in a thread of its own that then ends).
+fn realtime() -> Check {
+    let tried =
+        std::thread::Builder::new().spawn(crate::programs::wall::realtime).ok().and_then(|t| t.join().ok());
+    match tried {
+        Some(Ok(())) => Check::new(
+            "sampler priority",
+            Level::Ok,
+            "real-time: the wall-clock sampler (--mode wall, off-cpu) samples on time while the CPUs are busy",
+        ),
+        Some(Err(e)) => Check::new(
+            "sampler priority",
+            Level::Warn,
+            format!(
+                "no real-time priority ({e}; it needs CAP_SYS_NICE): the wall-clock sampler's samples come late while the CPUs are busy"
+            ),
+        ),
+        None => Check::new("sampler priority", Level::Warn, "could not start a thread to try it"),
     }
 }
 

@@ -98,6 +98,8 @@ pub struct Stats {
     /// the process was fast).
     pub wall_visits: u64,
     pub wall_visits_skipped: u64,
+    /// How the wall-clock sampler's runs kept time.
+    pub wall_timing: wall::Timing,
     /// Blocked event-loop stretches lost to a full ring.
     pub loop_blocks_lost: u64,
 }
@@ -691,6 +693,7 @@ impl KernelPrograms {
         let array: PerCpuArray<_, u64> = self.map(MAP_STATS)?;
         let sum = |index: u32| -> u64 { array.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0) };
         let visits = self.wall.as_ref().map_or((0, 0), wall::Sampler::visits);
+        let wall_timing = self.wall.as_ref().map(wall::Sampler::timing).unwrap_or_default();
         Ok(Stats {
             samples: sum(stat::SAMPLES),
             user_stack_missing: sum(stat::USER_STACK_MISSING),
@@ -720,6 +723,7 @@ impl KernelPrograms {
             off_sample_walks: sum(stat::OFF_SAMPLE_WALKS),
             wall_visits: visits.0,
             wall_visits_skipped: visits.1,
+            wall_timing,
         })
     }
 

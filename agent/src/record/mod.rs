@@ -745,9 +745,10 @@ impl Summary {
         }
         if self.stats.off_sampled_out > 0 {
             let all = self.stats.off_switches + self.stats.off_sampled_out;
+            let timing = self.stats.wall_timing;
             let _ = writeln!(
                 s,
-                "  off-CPU: threads switching over {} times a second sampled: {} of {all} switches were not followed ({:.1}%), their threads' time off the CPU taken by the clock instead ({} samples, {} with the Python stack walked; {} of {} process visits left out, no thread of theirs switching that fast); every other wait was followed (--switch-budget 0 follows every switch)",
+                "  off-CPU: threads switching over {} times a second sampled: {} of {all} switches were not followed ({:.1}%), their threads' time off the CPU taken by the clock instead ({} samples, {} with the Python stack walked; {} of {} process visits left out, no thread of theirs switching that fast; {} runs {:.1} ms apart on average, {:.1} ms at most{}); every other wait was followed (--switch-budget 0 follows every switch)",
                 self.switch_budget,
                 self.stats.off_sampled_out,
                 100.0 * self.stats.off_sampled_out as f64 / all as f64,
@@ -755,6 +756,10 @@ impl Summary {
                 self.stats.off_sample_walks,
                 self.stats.wall_visits_skipped,
                 self.stats.wall_visits + self.stats.wall_visits_skipped,
+                timing.runs,
+                timing.mean_gap.as_secs_f64() * 1e3,
+                timing.longest_gap.as_secs_f64() * 1e3,
+                if timing.realtime { "" } else { ", late while the CPUs were busy: no real-time priority" },
             );
         }
         if let Some((switch_time, switches)) = self.off_kernel_cost {
