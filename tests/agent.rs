@@ -536,7 +536,7 @@ fn agent_exports_off_cpu_time_by_state() {
     let config = agent_config(&dir, http, "export_interval: 1s\noff_cpu:\n  enabled: true\n");
     let agent = agent_without_otlp(&config);
     wait_ready(http);
-    assert_sampler_realtime(agent.id());
+    assert_sampler_policy(agent.id(), realtime_allowed());
     assert_capabilities_dropped(agent.id());
     let fixture =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/offcpu/upstream.py");
@@ -684,9 +684,10 @@ fn waits_under_way_when_the_agent_starts_are_counted() {
 }
 
 /// The agent's wall-clock sampler thread (`stoker-wall`) is in the real-time class
-/// (`SCHED_FIFO`, policy 1 in the 41st field of its `/proc/PID/task/TID/stat`), so that it
-/// samples on time while the CPUs are busy.
-fn assert_sampler_realtime(agent: u32) {
+/// (`SCHED_FIFO`, policy 1 in the 41st field of its `/proc/PID/task/TID/stat`) when
+/// `realtime` (the tests may take it), so that it samples on time while the CPUs are busy;
+/// else in the normal class (policy 0).
+fn assert_sampler_policy(agent: u32, realtime: bool) {
     let tasks = std::fs::read_dir(format!("/proc/{agent}/task")).unwrap();
     let policies: Vec<(String, String)> = tasks
         .flatten()
@@ -697,8 +698,9 @@ fn assert_sampler_realtime(agent: u32) {
         })
         .collect();
     let sampler = policies.iter().find(|(name, _)| name == "stoker-wall");
+    let want = if realtime { "1" } else { "0" };
     assert!(
-        sampler.is_some_and(|(_, policy)| policy == "1"),
+        sampler.is_some_and(|(_, policy)| policy == want),
         "the agent's threads and their policies: {policies:?}"
     );
 }

@@ -29,6 +29,19 @@ pub fn require_root() {
     );
 }
 
+/// Whether a thread of this process may take the lowest real-time priority (`SCHED_FIFO`
+/// 1), as stoker's wall-clock sampler does: root may not, in a cgroup with no real-time
+/// time (`cpu.rt_runtime_us` 0 under `CONFIG_RT_GROUP_SCHED`). Tried in a thread that ends.
+pub fn realtime_allowed() -> bool {
+    std::thread::spawn(|| {
+        let param = libc::sched_param { sched_priority: 1 };
+        // SAFETY: sets the calling thread's policy; `param` is alive across the call.
+        unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) == 0 }
+    })
+    .join()
+    .unwrap_or(false)
+}
+
 fn fixtures_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
 }

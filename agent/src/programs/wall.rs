@@ -165,7 +165,7 @@ fn run(
     match realtime() {
         Ok(()) => visits.realtime.store(true, Ordering::Relaxed),
         Err(e) => tracing::warn!(
-            "wall-clock sampler: no real-time priority ({e}; it needs CAP_SYS_NICE): its samples come late while the CPUs are busy"
+            "wall-clock sampler: no real-time priority ({e}; it needs CAP_SYS_NICE and, under CONFIG_RT_GROUP_SCHED, real-time time in its cgroup): its samples come late while the CPUs are busy"
         ),
     }
     // It needs no capability beyond what the agent keeps after loading (from Linux 6.5 the
