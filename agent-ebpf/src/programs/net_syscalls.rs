@@ -75,7 +75,7 @@ fn try_sys_exit() -> Result<u32, i64> {
                 open(task, tgid, fd, NET_ROLE_CLIENT, regs.rsi, bpf_now());
             }
         }
-        sysno::CLOSE => close(tgid, fd),
+        sysno::CLOSE => close(task, tgid, fd, ret),
         nr => {
             // Data calls: only on sockets already tracked (files and pipes cost one lookup).
             let Some(c) = NET_CONNS.get_ptr_mut(conn_key(tgid, fd)) else { return Ok(0) };
@@ -405,11 +405,18 @@ fn finish(c: &mut NetConn, tgid: u32, now: u64) {
 }
 
 #[inline(always)]
-fn close(tgid: u32, fd: u32) {
+fn close(task: *const u8, tgid: u32, fd: u32, ret: i64) {
     let key = conn_key(tgid, fd);
     if let Some(c) = NET_CONNS.get_ptr_mut(key) {
         // SAFETY: as in `try_sys_exit`.
         let c = unsafe { &mut *c };
+        // The descriptor is free as `close` returns, before this program runs: another
+        // thread's `accept` or `connect` may have taken its number meanwhile, its own exit
+        // program first. The entry is then that new connection's, whose socket the
+        // descriptor names, and it stays.
+        if ret == 0 && c.sk != 0 && c.sk != NET_SK_ADOPTED && fd_sock(task, u64::from(fd)) == c.sk {
+            return;
+        }
         if c.sk == NET_SK_ADOPTED {
             // Adopted and closed unused: no socket state was kept, and no bit is to clear.
             c.sk = 0;
