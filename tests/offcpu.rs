@@ -710,7 +710,9 @@ print("stretches", ctypes.c_int.in_dll(lib, "stretches").value, flush=True)
 
 /// The stretches of a native thread between its waits for events are no Python event
 /// loop's: none is reported as a blocked loop, and the summary counts them as left out,
-/// as many as the thread finished (one more at most: one under way as it counted).
+/// as many as the thread finished, give or take one: one more under way as it counted, one
+/// fewer when its first began before the session saw its epoll instance (the loop programs
+/// are attached then, at the first tick after the thread makes it).
 #[test]
 fn native_threads_are_no_blocked_event_loops() {
     require_root();
@@ -737,7 +739,10 @@ fn native_threads_are_no_blocked_event_loops() {
     assert!(!err.contains("event loop blocked"), "{err}");
     let line = err.lines().find(|l| l.contains("event loops: ")).unwrap_or_else(|| panic!("{err}"));
     let left_out: u64 = line.split_whitespace().nth(2).unwrap().parse().unwrap();
-    assert!(finished >= 5 && (finished..=finished + 1).contains(&left_out), "{finished} finished: {line}");
+    assert!(
+        finished >= 5 && (finished - 1..=finished + 1).contains(&left_out),
+        "{finished} finished: {line}"
+    );
 }
 
 /// Threads blocked since before the session (blocked_before.py): the main thread asleep,

@@ -1,6 +1,6 @@
 //! Blocked event loops: the threshold the kernel programs use, attaching them to the
 //! event-wait system calls, and the stretches they report.
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use agent_ebpf::{LoopBlock, MAP_LOOP_BLOCKS, MAP_LOOP_THRESHOLD, PROG_LOOP_ENTER, PROG_LOOP_EXIT};
 use aya::maps::{Array, MapData, RingBuf};
@@ -8,7 +8,7 @@ use aya::maps::{Array, MapData, RingBuf};
 use super::{KernelPrograms, attach};
 use crate::{
     error::{Error, Result, one_line},
-    sys::tracefs,
+    sys::{process, tracefs},
 };
 
 /// The event-wait system calls of event loops: asyncio's and gevent's epoll, uvloop's.
@@ -60,5 +60,43 @@ impl KernelPrograms {
             }
         }
         out
+    }
+}
+
+/// Watching event loops, started once a target has an epoll instance. The programs hook
+/// system-call tracepoints, and while any is attached the kernel sends every system call of
+/// every thread on the host through its tracing path (about 40 ns more per call here, a
+/// third of a short call): a session whose targets run no event loop does not pay that.
+pub struct LoopWatch {
+    threshold: Duration,
+    /// Until the programs are attached (or failed to be): when the targets are looked at next.
+    next_look: Option<Instant>,
+}
+
+impl LoopWatch {
+    /// Looks at the targets' descriptors at most this share of the time: a target with many
+    /// of them is looked at less often.
+    const SHARE: u32 = 100;
+
+    pub fn new(threshold: Duration) -> Self {
+        Self { threshold, next_look: Some(Instant::now()) }
+    }
+
+    /// Attaches the programs once one of `pids` holds an epoll instance; a failure is a
+    /// warning, and the session goes on without loop reports.
+    pub fn update(&mut self, kernel: &mut KernelPrograms, pids: &[u32]) {
+        let Some(next) = self.next_look else { return };
+        let now = Instant::now();
+        if now < next {
+            return;
+        }
+        if !pids.iter().any(|&pid| process::has_epoll(pid)) {
+            self.next_look = Some(Instant::now() + now.elapsed() * Self::SHARE);
+            return;
+        }
+        self.next_look = None;
+        if let Err(e) = kernel.watch_loops(self.threshold) {
+            tracing::warn!("blocked event loops are not reported: {e}");
+        }
     }
 }

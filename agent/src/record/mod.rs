@@ -27,7 +27,7 @@ use crate::{
     export::{self, Format},
     net::{Aggregator, Drainer, NetTracer, existing::Adopter, report::NetReport},
     profile::Frame,
-    programs::{KernelPrograms, Stats},
+    programs::{KernelPrograms, Stats, loops::LoopWatch},
     sys::{
         cgroup::{Cgroup, CgroupStats},
         process,
@@ -237,11 +237,8 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
             false => tracing::warn!("a target that execs is looked at again within 500 ms only: {e}"),
         }
     }
-    if let Some(threshold) = opts.loop_block_threshold
-        && let Err(e) = kernel.watch_loops(threshold)
-    {
-        tracing::warn!("blocked event loops are not reported: {e}");
-    }
+    // Attached once a target has an event loop (see `LoopWatch`).
+    let mut loops = opts.loop_block_threshold.map(LoopWatch::new);
     kernel.start(opts.rate_hz)?;
     let mut net = match opts.net {
         true => {
@@ -283,8 +280,12 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
         targets.push(Target::Launched(launched));
     }
 
+    let live = tracker.live_targets();
+    if let Some(loops) = loops.as_mut() {
+        loops.update(&mut kernel, &live);
+    }
     if let Some((_, adopter)) = net.as_mut() {
-        adopter.adopt_new(&mut kernel, &tracker.live_targets());
+        adopter.adopt_new(&mut kernel, &live);
     }
     // The kernel's accounting of the given and launched processes (and with --subprocesses
     // their children, those forked during the session added as they are found): at the
@@ -370,6 +371,9 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
             None
         };
         let live = tracker.live_targets();
+        if let Some(loops) = loops.as_mut() {
+            loops.update(&mut kernel, &live);
+        }
         if let Some((_, adopter)) = net.as_mut() {
             adopter.adopt_new(&mut kernel, &live);
         }

@@ -186,6 +186,14 @@ pub fn socket_inode(link: &std::path::Path) -> Option<u64> {
     link.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
 }
 
+/// True when process `pid` holds an epoll instance (an `anon_inode:[eventpoll]` descriptor):
+/// what an asyncio, gevent or uvloop event loop waits on. False when it is gone.
+pub fn has_epoll(pid: u32) -> bool {
+    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fd")) else { return false };
+    dir.flatten()
+        .any(|fd| fs::read_link(fd.path()).is_ok_and(|link| link.as_os_str() == "anon_inode:[eventpoll]"))
+}
+
 /// The process (thread group) of task `tid`, a process or one of its threads (None when it
 /// does not exist).
 pub fn tgid(tid: u32) -> Option<u32> {
@@ -274,6 +282,21 @@ mod tests {
         assert_eq!(parse_cpu_ticks(&stat.replace(" R ", " Z ")), Some(8));
         assert_eq!(parse_cpu_ticks("42 (x) R 1"), None);
         assert!(cpu_time(std::process::id()).is_some());
+    }
+
+    #[test]
+    fn an_epoll_instance_is_found_among_the_descriptors() {
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        assert!(!has_epoll(child.id()), "sleep holds no epoll instance");
+        let _ = child.kill();
+        let _ = child.wait();
+        // SAFETY: epoll_create1 takes flags and returns a new descriptor or -1.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: `fd` is the descriptor just made, owned here.
+        let _owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        assert!(has_epoll(std::process::id()));
+        assert!(!has_epoll(u32::MAX), "no such process");
     }
 
     #[test]

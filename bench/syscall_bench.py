@@ -1,0 +1,123 @@
+#!/usr/bin/env python3
+"""What a stoker session costs the system calls of processes it does not watch.
+
+  sudo python3 bench/syscall_bench.py [--rounds N] [--out bench/SYSCALL_RESULTS.md]
+                                      [--baseline PATH-TO-AN-OLDER-STOKER]
+
+Needs target/release/stoker (`cargo build --release`) and a C compiler (cc). While any
+system-call tracepoint has a program attached, the kernel sends every system call of every
+thread on the host through its tracing path, a target's or not. A C program that is no
+target times `getppid` (the best of 15 runs of 200,000 calls, each a round trip into the
+kernel and back) in each round: with no session, and beside a `stoker record --pid` session
+watching a CPython 3.12 process that sleeps (no event loop), one watching a process that
+runs an asyncio loop (the blocked-loop programs on `epoll_wait` and kin are attached for
+it), and one with `--net` watching the sleeping process (the network programs on the exits
+of the socket calls). The order rotates from round to round. With --baseline, the same for
+the sleeping process under that build.
+"""
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+from pathlib import Path
+
+from benchlib import arg
+
+ROOT = Path(__file__).resolve().parent.parent
+STOKER = ROOT / "target/release/stoker"
+PYTHON = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions/3.12.1/bin/python3.12"
+TIMER = r"""
+#include <stdio.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+int main(void) {
+    double best = 1e9;
+    for (int r = 0; r < 15; r++) {
+        struct timespec a, b;
+        clock_gettime(CLOCK_MONOTONIC, &a);
+        for (int i = 0; i < 200000; i++) syscall(SYS_getppid);
+        clock_gettime(CLOCK_MONOTONIC, &b);
+        double ns = ((b.tv_sec - a.tv_sec) * 1e9 + (b.tv_nsec - a.tv_nsec)) / 200000;
+        if (ns < best) best = ns;
+    }
+    printf("%.1f\n", best);
+    return 0;
+}
+"""
+SLEEPER = "import time\nwhile True: time.sleep(1)"
+LOOP = "import asyncio\nasyncio.run(asyncio.sleep(10**6))"
+# label: (the target's program, stoker's extra options, stoker build: None for this one)
+CONFIGS = {
+    "no session": None,
+    "`record`, a target with no event loop": (SLEEPER, [], None),
+    "`record`, a target running an asyncio loop": (LOOP, [], None),
+    "`record --net`, a target with no event loop": (SLEEPER, ["--net"], None),
+}
+
+
+def timed(timer):
+    return float(subprocess.run([timer], capture_output=True, text=True, check=True).stdout)
+
+
+def beside(timer, config, tmp):
+    """`getppid`'s ns beside a session watching a fresh target, once it samples."""
+    program, extra, build = config
+    target = subprocess.Popen([str(PYTHON), "-c", program])
+    stoker = subprocess.Popen([str(build or STOKER), "record", *extra, "--pid", str(target.pid), "-f", "folded",
+                               "-o", f"{tmp}/bench.folded"], stderr=subprocess.PIPE, text=True)
+    try:
+        for line in stoker.stderr:
+            if "sampling at" in line:
+                break
+        else:
+            raise SystemExit(f"stoker did not start: {stoker.wait()}")
+        return timed(timer)
+    finally:
+        stoker.send_signal(2)
+        stoker.communicate(timeout=60)
+        target.kill()
+        target.wait()
+
+
+def main():
+    rounds = arg("--rounds", 10)
+    out = Path(arg("--out", str(ROOT / "bench/SYSCALL_RESULTS.md")))
+    baseline = arg("--baseline", "")
+    configs = dict(CONFIGS)
+    if baseline:
+        configs["baseline `record`, a target with no event loop"] = (SLEEPER, [], baseline)
+    results = {label: [] for label in configs}
+    with tempfile.TemporaryDirectory() as tmp:
+        source, timer = Path(tmp, "timer.c"), Path(tmp, "timer")
+        source.write_text(TIMER)
+        subprocess.run(["cc", "-O2", "-o", str(timer), str(source)], check=True)
+        labels = list(configs)
+        for r in range(rounds):
+            for label in labels[r % len(labels):] + labels[:r % len(labels)]:
+                config = configs[label]
+                results[label].append(timed(timer) if config is None else beside(timer, config, tmp))
+            print(f"round {r + 1}: " + ", ".join(f"{v[-1]:.1f}" for v in results.values()), flush=True)
+    alone = results["no session"]
+    lines = [
+        "# What a session costs the system calls of processes it does not watch",
+        "",
+        f"`python3 bench/syscall_bench.py --rounds {rounds}{' --baseline ' + baseline if baseline else ''}` "
+        f"on {platform.node()}, Linux {platform.release()}, {os.cpu_count()} CPUs. A C program that is no "
+        "target times `getppid` (the best of 15 runs of 200,000 calls) with no session and beside a "
+        "`stoker record` session watching a CPython 3.12 process, in an order that rotates from round to round.",
+        "",
+        "| beside | ns per call: median | rounds | more than with no session (median of the rounds' differences) |",
+        "| --- | --- | --- | --- |",
+    ]
+    for label, values in results.items():
+        more = statistics.median(v - a for v, a in zip(values, alone))
+        lines.append(f"| {label} | {statistics.median(values):.1f} | {', '.join(f'{v:.0f}' for v in values)} | "
+                     f"{'' if values is alone else f'{more:+.1f} ns'} |")
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
