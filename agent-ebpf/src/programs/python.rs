@@ -28,22 +28,25 @@ const MAX_INTERPRETERS: u32 = 4;
 pub const LOCAL: bool = false;
 pub const REMOTE: bool = true;
 
+/// Copies `len` bytes at user address `addr` of `task` (a BTF-typed task pointer, which may
+/// be off the CPU) to `dst`.
+///
+/// # Safety
+/// `dst` must be valid for writes of `len` bytes.
+#[inline(always)]
+unsafe fn copy_from_task(task: *const u8, addr: u64, dst: *mut c_void, len: u32) -> Result<(), i32> {
+    // SAFETY: the helper checks the user address of `task` and fails rather than faulting
+    // (zeroing `dst`); it writes at most `len` bytes, which the caller has made room for.
+    let r = unsafe { bpf_copy_from_user_task(dst, len, addr as *const c_void, task as *mut _, 0) };
+    if r == 0 { Ok(()) } else { Err(r as i32) }
+}
+
 /// Reads `dst.len()` bytes at user address `addr` of `task` (see `REMOTE`).
 #[inline(always)]
 fn read_buf<const REMOTE: bool>(task: *const u8, addr: u64, dst: &mut [u8]) -> Result<(), i32> {
     if REMOTE {
-        // SAFETY: the helper checks the user address of `task` (a BTF-typed task pointer) and
-        // fails rather than faulting; it writes at most `dst.len()` bytes into `dst`.
-        let r = unsafe {
-            bpf_copy_from_user_task(
-                dst.as_mut_ptr().cast(),
-                dst.len() as u32,
-                addr as *const c_void,
-                task as *mut _,
-                0,
-            )
-        };
-        if r == 0 { Ok(()) } else { Err(r as i32) }
+        // SAFETY: `dst` is a slice of `dst.len()` writable bytes.
+        unsafe { copy_from_task(task, addr, dst.as_mut_ptr().cast(), dst.len() as u32) }
     } else {
         // SAFETY: the helper checks the user address and fails rather than faulting.
         unsafe { bpf_probe_read_user_buf(addr as *const u8, dst) }
@@ -55,19 +58,10 @@ fn read_buf<const REMOTE: bool>(task: *const u8, addr: u64, dst: &mut [u8]) -> R
 pub(super) fn read<const REMOTE: bool, T: Plain>(task: *const u8, addr: u64) -> Result<T, i32> {
     if REMOTE {
         let mut value = core::mem::MaybeUninit::<T>::uninit();
-        // SAFETY: as in `read_buf`; the helper writes `size_of::<T>()` bytes into `value`.
-        let r = unsafe {
-            bpf_copy_from_user_task(
-                value.as_mut_ptr().cast(),
-                core::mem::size_of::<T>() as u32,
-                addr as *const c_void,
-                task as *mut _,
-                0,
-            )
-        };
-        // SAFETY: the helper filled `value` (it zeroes it on failure); any bits are a valid
-        // `T` (`Plain`).
-        if r == 0 { Ok(unsafe { value.assume_init() }) } else { Err(r as i32) }
+        // SAFETY: `value` has room for `size_of::<T>()` bytes.
+        unsafe { copy_from_task(task, addr, value.as_mut_ptr().cast(), core::mem::size_of::<T>() as u32)? };
+        // SAFETY: the helper filled `value`; any bits are a valid `T` (`Plain`).
+        Ok(unsafe { value.assume_init() })
     } else {
         // SAFETY: the helper checks the user address and fails rather than faulting; any bits
         // are a valid `T` (`Plain`).

@@ -105,9 +105,7 @@ fn realtime() -> Check {
         Some(Err(e)) => Check::new(
             "sampler priority",
             Level::Warn,
-            format!(
-                "no real-time priority ({e}; it needs CAP_SYS_NICE and, under CONFIG_RT_GROUP_SCHED, real-time time in its cgroup): the wall-clock sampler's samples come late while the CPUs are busy"
-            ),
+            format!("{e}: the wall-clock sampler's samples come late while the CPUs are busy"),
         ),
         None => Check::new("sampler priority", Level::Warn, "could not start a thread to try it"),
     }

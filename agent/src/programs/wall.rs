@@ -164,9 +164,7 @@ fn run(
     // it, the normal class it stays in.
     match realtime() {
         Ok(()) => visits.realtime.store(true, Ordering::Relaxed),
-        Err(e) => tracing::warn!(
-            "wall-clock sampler: no real-time priority ({e}; it needs CAP_SYS_NICE and, under CONFIG_RT_GROUP_SCHED, real-time time in its cgroup): its samples come late while the CPUs are busy"
-        ),
+        Err(e) => tracing::warn!("wall-clock sampler: {e}: its samples come late while the CPUs are busy"),
     }
     // It needs no capability beyond what the agent keeps after loading (from Linux 6.5 the
     // kernel checks them as programs load, not as links and iterators are made): it drops
@@ -221,9 +219,8 @@ fn run(
         visits.runs.fetch_add(1, Ordering::Relaxed);
         visits.gaps_ns.fetch_add(elapsed, Ordering::Relaxed);
         visits.longest_ns.fetch_max(elapsed, Ordering::Relaxed);
-        if budget.set(1, elapsed, 0).is_err() {
-            continue;
-        }
+        // Given to the kernel before the first visit of the run (none when all are skipped).
+        let mut told = false;
         for (pid, target) in &mut links {
             // Cleared before the run: a thread that turns fast during it sets it again.
             let turned = fast_procs.take(*pid);
@@ -231,6 +228,12 @@ fn run(
             if !target.fast && !turned && !due {
                 visits.skipped.fetch_add(1, Ordering::Relaxed);
                 continue;
+            }
+            if !told {
+                if budget.set(1, elapsed, 0).is_err() {
+                    break;
+                }
+                told = true;
             }
             visits.made.fetch_add(1, Ordering::Relaxed);
             target.visited = Some(now);
@@ -275,12 +278,16 @@ impl Jitter {
     }
 }
 
-/// Puts the calling thread in the real-time class (`SCHED_FIFO`) at its lowest priority.
-pub(crate) fn realtime() -> io::Result<()> {
+/// Puts the calling thread in the real-time class (`SCHED_FIFO`) at its lowest priority;
+/// the error says what that needs.
+pub(crate) fn realtime() -> Result<(), String> {
     let param = libc::sched_param { sched_priority: 1 };
     // SAFETY: sets this thread's scheduling policy; `param` is alive across the call.
     if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } != 0 {
-        return Err(io::Error::last_os_error());
+        return Err(format!(
+            "no real-time priority ({}; it needs CAP_SYS_NICE and, under CONFIG_RT_GROUP_SCHED, real-time time in its cgroup)",
+            io::Error::last_os_error()
+        ));
     }
     Ok(())
 }
