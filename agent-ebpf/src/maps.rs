@@ -5,8 +5,8 @@ use agent_ebpf::{
     NET_CONNS_CAPACITY, NET_HEAD_BUF, NET_READY_SLOTS, NET_RING_SLOTS, NET_SK_BITS_WORDS, NET_SOCKS_CAPACITY,
     NEW_KEYS_RING_BYTES, NetConn, NetEvent, NetReady, NetSkState, NewKey, OFF_COUNTS_CAPACITY,
     OFF_PACE_SLOTS, OFF_THREADS_CAPACITY, OffKey, OffPace, OffThread, OffTime, PY_CODE_LINES_CAPACITY,
-    PY_FRAME_CHUNK, PY_STACKS_CAPACITY, PY_THREADS_CAPACITY, PyProc, PyStack, STACKS_CAPACITY, SampleKey,
-    TARGET_BITS_WORDS, TARGETS_CAPACITY, stat,
+    PY_FRAME_CHUNK, PY_STACKS_CAPACITY, PY_THREADS_CAPACITY, PyProc, PyStack, PyWindow, STACKS_CAPACITY,
+    SampleKey, TARGET_BITS_WORDS, TARGETS_CAPACITY, stat,
 };
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
@@ -104,6 +104,10 @@ pub static PY_SCRATCH: PerCpuArray<PyStack> = PerCpuArray::with_max_entries(2, 0
 /// 8 spare bytes let a masked offset read 8 bytes without a further bounds check).
 #[map]
 pub static FRAME_BUF: PerCpuArray<[u8; PY_FRAME_CHUNK + 8]> = PerCpuArray::with_max_entries(2, 0);
+
+/// The page of frames a walk of another task's memory read last, per CPU (see `PyWindow`).
+#[map]
+pub static PY_WINDOW_BUF: PerCpuArray<PyWindow> = PerCpuArray::with_max_entries(1, 0);
 
 /// Tracked sockets of target processes: (tgid << 32 | fd) -> state.
 #[map]

@@ -79,6 +79,23 @@ unsafe impl aya::Pod for PyOffsets {}
 /// Largest frame prefix the walker reads at once.
 pub const PY_FRAME_CHUNK: usize = 128;
 
+/// Bytes of a walk's window (`PyWindow`): a page, and a frame prefix that may cross out of it.
+pub const PY_WINDOW: usize = 4096 + PY_FRAME_CHUNK;
+
+/// Frames of another task's memory read a page at once: 3.11+ keeps a thread's frames one
+/// below the other in its data stack, so a read from the start of a frame's page to its
+/// end holds its callers on that page too, and a walk reads once per page rather than once
+/// per frame. `len` 0: nothing read (each walk of a thread starts so).
+#[repr(C)]
+pub struct PyWindow {
+    /// The user address of `bytes[0]`.
+    pub base: u64,
+    /// Bytes read from `base`.
+    pub len: u64,
+    /// 8 spare bytes let a masked offset read 8 bytes without a further bounds check.
+    pub bytes: [u8; PY_WINDOW + 8],
+}
+
 /// `PyProc::flags` bit: also record native (user and kernel) stacks of samples that
 /// have a Python stack. Without it those samples cost only the Python walk.
 pub const PY_PROC_NATIVE: u32 = 1;

@@ -3,7 +3,8 @@
 //! and records its frames, leaf first, into the per-CPU scratch stack.
 use agent_ebpf::{
     NO_FIELD, PY_FRAME_CHUNK, PY_FRAME_ENTRY, PY_GIL_LAST_HOLDER, PY_GIL_LOCKED, PY_MAX_FRAMES,
-    PY_MAX_THREADS, PY_STACK_READ_ERROR, PY_STACK_TRUNCATED, PyOffsets, PyProc, PyStack, instr_kind, stat,
+    PY_MAX_THREADS, PY_STACK_READ_ERROR, PY_STACK_TRUNCATED, PY_WINDOW, PyOffsets, PyProc, PyStack,
+    instr_kind, stat,
 };
 use core::ffi::c_void;
 
@@ -13,7 +14,7 @@ use aya_ebpf::helpers::{
 };
 
 use super::{Plain, loader_global};
-use crate::maps::{FRAME_BUF, PY_CODE_LINES, PY_SCRATCH, PY_THREADS, bump};
+use crate::maps::{FRAME_BUF, PY_CODE_LINES, PY_SCRATCH, PY_THREADS, PY_WINDOW_BUF, bump};
 
 /// Offset of `thread.fsbase` in `task_struct`, set by the loader from the kernel's BTF.
 #[unsafe(no_mangle)]
@@ -247,6 +248,14 @@ extern "C" fn frame_step<const REMOTE: bool>(_index: u64, ctx: *mut c_void) -> i
 /// found once.
 #[inline(always)]
 pub fn innermost<const REMOTE: bool>(task: *const u8, tid: u32, proc: &PyProc) -> Option<u64> {
+    if REMOTE {
+        // A new thread: the window holds another's memory, or another process's.
+        if let Some(window) = PY_WINDOW_BUF.get_ptr_mut(0) {
+            // SAFETY: this CPU's slot of a per-CPU array, used only by remote walks (one at a
+            // time on a CPU, as `PY_SCRATCH`'s remote slot); plain integers.
+            unsafe { (*window).len = 0 };
+        }
+    }
     let tstate = thread_state::<REMOTE>(task, tid, proc).ok()?;
     Some(current_frame::<REMOTE>(task, tstate, &proc.offsets).unwrap_or(0))
 }
@@ -408,7 +417,8 @@ enum Step {
     Shim(u64),
 }
 
-/// A frame's fields: from one read of its prefix when that succeeded, else one read each.
+/// A frame's fields: from one read of its prefix (or of its page, `windowed`) when that
+/// succeeded, else one read each.
 struct FrameFields<const REMOTE: bool> {
     task: *const u8,
     addr: u64,
@@ -418,6 +428,14 @@ struct FrameFields<const REMOTE: bool> {
 impl<const REMOTE: bool> FrameFields<REMOTE> {
     #[inline(always)]
     fn read(task: *const u8, addr: u64, off: &PyOffsets) -> Option<Self> {
+        if REMOTE && off.instr_kind == instr_kind::POINTER {
+            let size = (off.frame_read_size as u64).min(PY_FRAME_CHUNK as u64);
+            if size != 0
+                && let Some(buf) = windowed(task, addr, size)
+            {
+                return Some(Self { task, addr, buf });
+            }
+        }
         let buf = FRAME_BUF.get_ptr_mut(scratch::<REMOTE>())?;
         let size = (off.frame_read_size as usize).min(PY_FRAME_CHUNK);
         // SAFETY: this CPU's `FRAME_BUF` slot, used only by this run (as `PY_SCRATCH` in
@@ -434,17 +452,51 @@ impl<const REMOTE: bool> FrameFields<REMOTE> {
 
     #[inline(always)]
     fn get<T: Plain>(&self, offset: u32) -> Result<T, i32> {
-        const { assert!(core::mem::size_of::<T>() <= 8, "FRAME_BUF has 8 spare bytes") };
+        const { assert!(core::mem::size_of::<T>() <= 8, "the buffers have 8 spare bytes") };
         if self.buf.is_null() {
             return field::<REMOTE, T>(self.task, self.addr, offset);
         }
         // Masked into the buffer, whose 8 spare bytes cover the widest field.
         let at = offset as usize & (PY_FRAME_CHUNK - 1);
-        // SAFETY: `buf` is this CPU's `FRAME_BUF` slot (`PY_FRAME_CHUNK + 8` bytes), filled by
-        // `read`; `at < PY_FRAME_CHUNK` and `T` has at most 8 bytes, so the read stays inside it;
-        // unaligned reads are allowed, and any bits are a valid `T` (`Plain`).
+        // SAFETY: `buf` is this CPU's `FRAME_BUF` slot (`PY_FRAME_CHUNK + 8` bytes) or a place
+        // in its window's page (`windowed`), with `PY_FRAME_CHUNK + 8` bytes after it, filled
+        // by `read`; `at < PY_FRAME_CHUNK` and `T` has at most 8 bytes, so the read stays
+        // inside; unaligned reads are allowed, and any bits are a valid `T` (`Plain`).
         Ok(unsafe { core::ptr::read_unaligned(self.buf.add(at) as *const T) })
     }
+}
+
+/// The `size` bytes at `addr` of `task`'s memory in this CPU's window (see `PyWindow`): read
+/// with the rest of their page when the window does not hold them. None when that read
+/// failed.
+#[inline(always)]
+fn windowed(task: *const u8, addr: u64, size: u64) -> Option<*const u8> {
+    let window = PY_WINDOW_BUF.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot (see `innermost`), plain integers and bytes.
+    let window = unsafe { &mut *window };
+    // Held: in the window, and starting in its page (the offset is masked to the page).
+    let held = window.len != 0
+        && addr >= window.base
+        && addr - window.base < 4096
+        && addr + size <= window.base + window.len;
+    if !held {
+        window.len = 0;
+        let base = addr & !4095;
+        // At most a page and a frame prefix: within the window.
+        let len = ((addr - base) + size) as usize;
+        if len > PY_WINDOW {
+            return None;
+        }
+        let dst = &mut window.bytes[..len];
+        read_buf::<true>(task, base, dst).ok()?;
+        window.base = base;
+        window.len = len as u64;
+    }
+    // Masked into the page: the frame's prefix and the 8 spare bytes stay inside `bytes`
+    // (`FrameFields::get` masks each field's offset into the prefix).
+    let at = (addr - window.base) as usize & 4095;
+    // SAFETY: `at` < 4096, and `bytes` has `4096 + PY_FRAME_CHUNK + 8` bytes.
+    Some(unsafe { window.bytes.as_ptr().add(at) })
 }
 
 #[inline(always)]
