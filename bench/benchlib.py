@@ -55,7 +55,7 @@ def links(pid):
 
 
 def against_baseline(baseline, watching, what, base, this):
-    """Report lines of `what` (ns per request), measured alternately with the baseline build
+    """Report lines of `what` (in ns), measured alternately with the baseline build
     (`base`) and this one (`this`) while `watching`: each build's median and rounds, and the
     rounds' ratios of this build over the baseline."""
     ratios = [t / b for t, b in zip(this, base)]

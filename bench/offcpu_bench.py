@@ -28,9 +28,9 @@ way; the statistics' own cost per run is reported and subtracted.
 
 With --baseline, each round also runs the server watched by that build's `--mode wall`, and
 N more kernel cost rounds alternate between that stoker build and this one
-with `--switch-budget 100` and report the switch program's time per request of each, and this
-build's over the baseline's: one run on one machine, where absolute figures move from day
-to day.
+with `--switch-budget 100` and report the switch program's time per request of each and the
+sampler thread's CPU time per sample, and this build's over the baseline's: one run on one
+machine, where absolute figures move from day to day.
 """
 import os
 import platform
@@ -171,14 +171,19 @@ def main():
             finally:
                 idle.kill()
             against = {"baseline": [], "this build": []}
+            # The sampler thread's CPU time per sample, in the same runs.
+            against_sampler = {"baseline": [], "this build": []}
             for r in range(rounds if baseline else 0):
                 builds = [("baseline", baseline), ("this build", STOKER)]
                 for label, build in builds[r % 2:] + builds[:r % 2]:
-                    requests, _, err, _, _ = watched_by_stoker(server.pid, port, seconds, tmp, "wall", kernel_stats=True,
-                                                            extra=["--switch-budget", BUDGET], stoker=build)
+                    requests, _, err, _, thread_ns = watched_by_stoker(
+                        server.pid, port, seconds, tmp, "wall", kernel_stats=True, extra=["--switch-budget", BUDGET],
+                        stoker=build)
                     runs, ns, *_, floor = kernel_cost(err)
                     against[label].append((ns - floor * runs) / max(requests, 1))
-                print(f"kernel cost round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f} ns" for k, v in against.items()),
+                    against_sampler[label].append(thread_ns / max(sampler_cost(err)[2], 1))
+                print(f"kernel cost round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f} ns" for k, v in against.items())
+                      + "; sampler per sample: " + ", ".join(f"{k} {v[-1]:.0f} ns" for k, v in against_sampler.items()),
                       flush=True)
         finally:
             server.kill()
@@ -256,8 +261,12 @@ def main():
     if against["baseline"]:
         lines += against_baseline(baseline, f"watching the server with `--switch-budget {BUDGET}`",
                                   "the switch program's time per request", against["baseline"], against["this build"])
+        lines += against_baseline(baseline, f"watching the server with `--switch-budget {BUDGET}`, in the same runs",
+                                  "the sampler thread's CPU time per sample", against_sampler["baseline"],
+                                  against_sampler["this build"])
     out.write_text("\n".join(lines))
     print("\n".join(lines))
 
 
-main()
+if __name__ == "__main__":
+    main()
