@@ -428,16 +428,15 @@ struct FrameFields<const REMOTE: bool> {
 impl<const REMOTE: bool> FrameFields<REMOTE> {
     #[inline(always)]
     fn read(task: *const u8, addr: u64, off: &PyOffsets) -> Option<Self> {
-        if REMOTE && off.instr_kind == instr_kind::POINTER {
-            let size = (off.frame_read_size as u64).min(PY_FRAME_CHUNK as u64);
-            if size != 0
-                && let Some(buf) = windowed(task, addr, size)
-            {
-                return Some(Self { task, addr, buf });
-            }
+        let size = (off.frame_read_size as usize).min(PY_FRAME_CHUNK);
+        if REMOTE
+            && off.instr_kind == instr_kind::POINTER
+            && size != 0
+            && let Some(buf) = windowed(task, addr, size)
+        {
+            return Some(Self { task, addr, buf });
         }
         let buf = FRAME_BUF.get_ptr_mut(scratch::<REMOTE>())?;
-        let size = (off.frame_read_size as usize).min(PY_FRAME_CHUNK);
         // SAFETY: this CPU's `FRAME_BUF` slot, used only by this run (as `PY_SCRATCH` in
         // `walk`); `size` is at most `PY_FRAME_CHUNK`, inside it.
         let dst = unsafe { &mut (&mut *buf)[..size] };
@@ -470,7 +469,7 @@ impl<const REMOTE: bool> FrameFields<REMOTE> {
 /// with the rest of their page when the window does not hold them. None when that read
 /// failed.
 #[inline(always)]
-fn windowed(task: *const u8, addr: u64, size: u64) -> Option<*const u8> {
+fn windowed(task: *const u8, addr: u64, size: usize) -> Option<*const u8> {
     let window = PY_WINDOW_BUF.get_ptr_mut(0)?;
     // SAFETY: this CPU's slot (see `innermost`), plain integers and bytes.
     let window = unsafe { &mut *window };
@@ -478,12 +477,12 @@ fn windowed(task: *const u8, addr: u64, size: u64) -> Option<*const u8> {
     let held = window.len != 0
         && addr >= window.base
         && addr - window.base < 4096
-        && addr + size <= window.base + window.len;
+        && addr + size as u64 <= window.base + window.len;
     if !held {
         window.len = 0;
         let base = addr & !4095;
         // At most a page and a frame prefix: within the window.
-        let len = ((addr - base) + size) as usize;
+        let len = (addr - base) as usize + size;
         if len > PY_WINDOW {
             return None;
         }

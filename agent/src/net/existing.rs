@@ -111,17 +111,9 @@ const LISTEN: u8 = 0x0a;
 
 /// The established TCP connections of process `pid` (empty when /proc cannot be read).
 pub fn established(pid: u32) -> Vec<Established> {
-    let mut fds: HashMap<u64, u32> = HashMap::new();
-    if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
-        for entry in dir.flatten() {
-            let Ok(link) = std::fs::read_link(entry.path()) else { continue };
-            let inode = crate::sys::process::socket_inode(&link);
-            if let (Some(inode), Some(fd)) = (inode, entry.file_name().to_str().and_then(|f| f.parse().ok()))
-            {
-                fds.insert(inode, fd);
-            }
-        }
-    }
+    let fds: HashMap<u64, u32> = crate::sys::process::fd_links(pid)
+        .filter_map(|(fd, link)| Some((crate::sys::process::socket_inode(&link)?, fd)))
+        .collect();
     if fds.is_empty() {
         return Vec::new();
     }

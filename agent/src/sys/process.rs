@@ -186,12 +186,19 @@ pub fn socket_inode(link: &std::path::Path) -> Option<u64> {
     link.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
 }
 
+/// The descriptors of process `pid` and what their /proc/PID/fd links name (none when it is
+/// gone or cannot be read).
+pub fn fd_links(pid: u32) -> impl Iterator<Item = (u32, PathBuf)> {
+    fs::read_dir(format!("/proc/{pid}/fd")).into_iter().flatten().flatten().filter_map(|entry| {
+        let fd = entry.file_name().to_str()?.parse().ok()?;
+        Some((fd, fs::read_link(entry.path()).ok()?))
+    })
+}
+
 /// True when process `pid` holds an epoll instance (an `anon_inode:[eventpoll]` descriptor):
 /// what an asyncio, gevent or uvloop event loop waits on. False when it is gone.
 pub fn has_epoll(pid: u32) -> bool {
-    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fd")) else { return false };
-    dir.flatten()
-        .any(|fd| fs::read_link(fd.path()).is_ok_and(|link| link.as_os_str() == "anon_inode:[eventpoll]"))
+    fd_links(pid).any(|(_, link)| link.as_os_str() == "anon_inode:[eventpoll]")
 }
 
 /// The process (thread group) of task `tid`, a process or one of its threads (None when it
