@@ -6,14 +6,15 @@
 
 Needs target/release/stoker (`cargo build --release`) and a C compiler (cc). While any
 system-call tracepoint has a program attached, the kernel sends every system call of every
-thread on the host through its tracing path, a target's or not. A C program that is no
-target times `getppid` (the best of 15 runs of 200,000 calls, each a round trip into the
-kernel and back) in each round: with no session, and beside a `stoker record --pid` session
-watching a CPython 3.12 process that sleeps (no event loop), one watching a process that
-runs an asyncio loop (the blocked-loop programs on `epoll_wait` and kin are attached for
-it), and one with `--net` watching the sleeping process (the network programs on the exits
-of the socket calls). The order rotates from round to round. With --baseline, the same for
-the sleeping process under that build.
+thread on the host through its tracing path, a target's or not; a call whose exit has a
+program runs that program too. A C program that is no target times two calls (each the
+best of 15 runs of 200,000 calls): `getppid`, which no program follows, and a 1-byte `read`
+of /dev/zero, a data call that the network programs follow at its exit where the kernel
+lacks the socket tracepoints. In each round: with no session, and beside a `stoker record
+--pid` session watching a CPython 3.12 process that sleeps (no event loop), one watching a
+process that runs an asyncio loop (the blocked-loop programs on `epoll_wait` and kin are
+attached for it), and one with `--net` watching the sleeping process. The order rotates
+from round to round. With --baseline, also `--net` under that build.
 """
 import os
 import platform
@@ -28,21 +29,30 @@ ROOT = Path(__file__).resolve().parent.parent
 STOKER = ROOT / "target/release/stoker"
 PYTHON = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions/3.12.1/bin/python3.12"
 TIMER = r"""
+#include <fcntl.h>
 #include <stdio.h>
 #include <time.h>
 #include <unistd.h>
 #include <sys/syscall.h>
-int main(void) {
+static double best_of(int fd) {
     double best = 1e9;
+    char c;
     for (int r = 0; r < 15; r++) {
         struct timespec a, b;
         clock_gettime(CLOCK_MONOTONIC, &a);
-        for (int i = 0; i < 200000; i++) syscall(SYS_getppid);
+        for (int i = 0; i < 200000; i++) {
+            if (fd < 0) syscall(SYS_getppid); else if (read(fd, &c, 1) != 1) return -1;
+        }
         clock_gettime(CLOCK_MONOTONIC, &b);
         double ns = ((b.tv_sec - a.tv_sec) * 1e9 + (b.tv_nsec - a.tv_nsec)) / 200000;
         if (ns < best) best = ns;
     }
-    printf("%.1f\n", best);
+    return best;
+}
+int main(void) {
+    int zero = open("/dev/zero", O_RDONLY);
+    if (zero < 0) return 1;
+    printf("%.1f %.1f\n", best_of(-1), best_of(zero));
     return 0;
 }
 """
@@ -58,11 +68,13 @@ CONFIGS = {
 
 
 def timed(timer):
-    return float(subprocess.run([timer], capture_output=True, text=True, check=True).stdout)
+    """(ns per `getppid`, ns per 1-byte `read` of /dev/zero)."""
+    out = subprocess.run([timer], capture_output=True, text=True, check=True).stdout.split()
+    return float(out[0]), float(out[1])
 
 
 def beside(timer, config, tmp):
-    """`getppid`'s ns beside a session watching a fresh target, once it samples."""
+    """`timed` beside a session watching a fresh target, once it samples."""
     program, extra, build = config
     target = subprocess.Popen([str(PYTHON), "-c", program])
     stoker = subprocess.Popen([str(build or STOKER), "record", *extra, "--pid", str(target.pid), "-f", "folded",
@@ -87,7 +99,7 @@ def main():
     baseline = arg("--baseline", "")
     configs = dict(CONFIGS)
     if baseline:
-        configs["baseline `record`, a target with no event loop"] = (SLEEPER, [], baseline)
+        configs["baseline `record --net`, a target with no event loop"] = (SLEEPER, ["--net"], baseline)
     results = {label: [] for label in configs}
     with tempfile.TemporaryDirectory() as tmp:
         source, timer = Path(tmp, "timer.c"), Path(tmp, "timer")
@@ -98,23 +110,29 @@ def main():
             for label in labels[r % len(labels):] + labels[:r % len(labels)]:
                 config = configs[label]
                 results[label].append(timed(timer) if config is None else beside(timer, config, tmp))
-            print(f"round {r + 1}: " + ", ".join(f"{v[-1]:.1f}" for v in results.values()), flush=True)
+            print(f"round {r + 1}: " + ", ".join(f"{v[-1][0]:.1f}/{v[-1][1]:.1f}" for v in results.values()),
+                  flush=True)
     alone = results["no session"]
     lines = [
         "# What a session costs the system calls of processes it does not watch",
         "",
         f"`python3 bench/syscall_bench.py --rounds {rounds}{' --baseline ' + baseline if baseline else ''}` "
         f"on {platform.node()}, Linux {platform.release()}, {os.cpu_count()} CPUs. A C program that is no "
-        "target times `getppid` (the best of 15 runs of 200,000 calls) with no session and beside a "
-        "`stoker record` session watching a CPython 3.12 process, in an order that rotates from round to round.",
+        "target times `getppid` and a 1-byte `read` of /dev/zero (each the best of 15 runs of 200,000 calls) "
+        "with no session and beside a `stoker record` session watching a CPython 3.12 process, in an order "
+        "that rotates from round to round. More: the median of the rounds' differences from no session.",
         "",
-        "| beside | ns per call: median | rounds | more than with no session (median of the rounds' differences) |",
-        "| --- | --- | --- | --- |",
+        "| beside | `getppid` ns: median | more | rounds | `read` ns: median | more | rounds |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for label, values in results.items():
-        more = statistics.median(v - a for v, a in zip(values, alone))
-        lines.append(f"| {label} | {statistics.median(values):.1f} | {', '.join(f'{v:.0f}' for v in values)} | "
-                     f"{'' if values is alone else f'{more:+.1f} ns'} |")
+        cells = []
+        for k in (0, 1):
+            v = [x[k] for x in values]
+            more = statistics.median(x[k] - a[k] for x, a in zip(values, alone))
+            cells += [f"{statistics.median(v):.1f}", "" if values is alone else f"{more:+.1f} ns",
+                      ", ".join(f"{x:.0f}" for x in v)]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

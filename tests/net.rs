@@ -128,8 +128,20 @@ impl Watched {
 
     /// `start`, with more `record` options.
     fn start_with(options: &[&str], python_version: &str, script: &str, args: &[&str]) -> Self {
+        Self::start_env(&[], options, python_version, script, args)
+    }
+
+    /// `start_with`, with more environment variables for stoker.
+    fn start_env(
+        env: &[(&str, &str)],
+        options: &[&str],
+        python_version: &str,
+        script: &str,
+        args: &[&str],
+    ) -> Self {
         let output = scratch("net-server").join("server.folded");
         let mut stoker = Command::new(STOKER)
+            .envs(env.iter().copied())
             .args(["record", "--net", "-f", "folded", "-o", output.to_str().unwrap()])
             .args(options)
             .arg("--")
@@ -204,9 +216,35 @@ fn sleep_paths() -> Vec<String> {
 /// read to the last byte of the response written, and stoker's figures are its own.
 #[test]
 fn http_server_latency_matches_the_servers_own() {
+    http_server_latency(&[], "socket tracepoints");
+}
+
+/// The same, with reads and writes followed at the system call exits (`STOKER_NET_HOOKS`),
+/// as on kernels without the socket tracepoints (before 6.3).
+#[test]
+fn http_server_latency_at_the_system_call_exits() {
+    http_server_latency(&[("STOKER_NET_HOOKS", "syscalls")], "system call exits");
+}
+
+/// A bad `STOKER_NET_HOOKS` is refused in one line before anything starts.
+#[test]
+fn an_unknown_net_hooks_setting_is_refused() {
+    require_root();
+    let out = Command::new(STOKER)
+        .env("STOKER_NET_HOOKS", "kprobes")
+        .args(["record", "--net", "--duration", "1", "--", "true"])
+        .output()
+        .expect("run stoker");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "accepted: {err}");
+    assert!(err.contains("STOKER_NET_HOOKS is `kprobes`: expected `auto` or `syscalls`"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+fn http_server_latency(env: &[(&str, &str)], data_calls: &str) {
     require_root();
     let _serial = serial();
-    let server = Watched::start(PYTHON, "http_server.py", &["--timings"]);
+    let server = Watched::start_env(env, &[], PYTHON, "http_server.py", &["--timings"]);
     let port = server.port.clone();
 
     // Two connections, the sleeps, a failure and 5 uploads each.
@@ -241,6 +279,7 @@ fn http_server_latency_matches_the_servers_own() {
     let accepted: u64 = report["accepted"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum();
     assert_eq!(accepted, 52, "accepted connections");
     assert_eq!(report["drops"]["events_lost"].as_u64(), Some(0));
+    assert_eq!(report["data_calls"], data_calls);
 }
 
 /// An asyncio server from PyPI (aiohttp, on the interpreter `cargo xtask setup` installs

@@ -8,6 +8,10 @@ pub const MAP_NET_CONNS: &str = "NET_CONNS";
 pub const MAP_NET_EVENTS: &str = "NET_EVENTS";
 /// The network programs: one for the socket system calls' exits, one per TCP tracepoint.
 pub const PROG_NET_SYS_EXIT: &str = "net_sys_exit";
+/// Raw tracepoints `sock_recv_length` and `sock_send_length` (Linux 6.3+): a socket's data
+/// call returns; where they exist they time reads and writes in place of the system call
+/// exits, which then follow accept, connect and close alone.
+pub const PROG_NET_SOCK_DATA: &str = "net_sock_data";
 pub const PROG_NET_SOCK_STATE: &str = "net_sock_state";
 pub const PROG_NET_RETRANSMIT: &str = "net_retransmit";
 /// Raw tracepoint `sk_data_ready`: when bytes arrive on a server's socket, the start of

@@ -8,13 +8,13 @@ use agent_ebpf::{
 use aya_ebpf::{
     bindings::pt_regs,
     helpers::{bpf_ktime_get_ns, bpf_probe_read_user, generated::bpf_task_pt_regs},
-    macros::tracepoint,
-    programs::TracePointContext,
+    macros::{raw_tracepoint, tracepoint},
+    programs::{RawTracePointContext, TracePointContext},
 };
 
 use super::net::{
     Peer, after_write, client_request, copy_words, emit_conn, emit_request, ends_chunked, parse_request,
-    parse_response_head, parse_status, read_sockaddr, start_response_head, take_stalls, zero_words,
+    parse_response_head, parse_status, put, read_sockaddr, start_response_head, take_stalls, zero_words,
 };
 use super::{
     offcpu::{fd_sock, task_ids},
@@ -54,6 +54,27 @@ pub fn net_sys_exit(_ctx: TracePointContext) -> u32 {
     try_sys_exit().unwrap_or(0)
 }
 
+/// Raw tracepoints `sock_recv_length` and `sock_send_length` (Linux 6.3+): a socket's
+/// receive or send returns `ret` bytes (or an error), inside the system call of the current
+/// task. Where they exist they time the data calls in place of the system call exits: they
+/// run for socket I/O only (not for every file and pipe read or write on the host), are
+/// cheaper to run than a system call tracepoint, and name the socket. The call's number and
+/// arguments are in the registers saved at its entry, as at its exit.
+#[raw_tracepoint(tracepoint = "sock_recv_length")]
+pub fn net_sock_data(ctx: RawTracePointContext) -> u32 {
+    let sk: u64 = ctx.arg(0);
+    let ret: u64 = ctx.arg(1);
+    let task = super::current_task();
+    let (tgid, _) = task_ids(task);
+    if !is_target(tgid) {
+        return 0;
+    }
+    let regs = entry_regs_of(task);
+    // `ret` is an `int`: its upper half is not to be trusted.
+    data_call(task, tgid, regs, i64::from(ret as u32 as i32), sk);
+    0
+}
+
 fn try_sys_exit() -> Result<u32, i64> {
     let task = super::current_task();
     let (tgid, _) = task_ids(task);
@@ -76,32 +97,40 @@ fn try_sys_exit() -> Result<u32, i64> {
             }
         }
         sysno::CLOSE => close(task, tgid, fd, ret),
-        nr => {
-            // Data calls: only on sockets already tracked (files and pipes cost one lookup).
-            let Some(c) = NET_CONNS.get_ptr_mut(conn_key(tgid, fd)) else { return Ok(0) };
-            // SAFETY: a value from a successful lookup in the preallocated `NET_CONNS`: it stays
-            // allocated as long as the map, even if its entry is removed meanwhile, and is
-            // aligned plain integers, valid for any bits. Only the threads of this process that
-            // use this socket update it; two of them doing so at the same instant on two CPUs
-            // can mix up that request's figures, never reach memory outside the value.
-            let c = unsafe { &mut *c };
-            if c.sk == NET_SK_ADOPTED {
-                // A connection adopted from /proc: its socket, now that its owner uses it.
-                c.sk = track_sock(task, fd, c.role);
-            }
-            let (inbound, buf) = match nr {
-                sysno::READ | sysno::RECVFROM => (true, Buf::new(FLAT, regs.rsi, regs.rdx)),
-                sysno::WRITE | sysno::SENDTO => (false, Buf::new(FLAT, regs.rsi, regs.rdx)),
-                sysno::READV => (true, Buf::new(IOVEC, regs.rsi, 0)),
-                sysno::WRITEV => (false, Buf::new(IOVEC, regs.rsi, 0)),
-                sysno::RECVMSG => (true, Buf::new(MSGHDR, regs.rsi, 0)),
-                sysno::SENDMSG => (false, Buf::new(MSGHDR, regs.rsi, 0)),
-                _ => return Ok(0),
-            };
-            data(c, tgid, inbound, buf, ret);
-        }
+        _ => data_call(task, tgid, regs, ret, 0),
     }
     Ok(0)
+}
+
+/// A data call (a read or write of any kind) of target `tgid` (`task`, its current thread)
+/// that returned `ret`, with the registers it entered with; `sk` is its socket when the
+/// caller knows it (0: not known). Only calls on sockets already tracked count (files and
+/// pipes cost one lookup).
+#[inline(always)]
+fn data_call(task: *const u8, tgid: u32, regs: &pt_regs, ret: i64, sk: u64) {
+    let (inbound, buf) = match regs.orig_rax {
+        sysno::READ | sysno::RECVFROM => (true, Buf::new(FLAT, regs.rsi, regs.rdx)),
+        sysno::WRITE | sysno::SENDTO => (false, Buf::new(FLAT, regs.rsi, regs.rdx)),
+        sysno::READV => (true, Buf::new(IOVEC, regs.rsi, 0)),
+        sysno::WRITEV => (false, Buf::new(IOVEC, regs.rsi, 0)),
+        sysno::RECVMSG => (true, Buf::new(MSGHDR, regs.rsi, 0)),
+        sysno::SENDMSG => (false, Buf::new(MSGHDR, regs.rsi, 0)),
+        // Others (sendfile, io_uring_enter) were never followed.
+        _ => return,
+    };
+    let fd = regs.rdi as u32;
+    let Some(c) = NET_CONNS.get_ptr_mut(conn_key(tgid, fd)) else { return };
+    // SAFETY: a value from a successful lookup in the preallocated `NET_CONNS`: it stays
+    // allocated as long as the map, even if its entry is removed meanwhile, and is aligned
+    // plain integers, valid for any bits. Only the threads of this process that use this
+    // socket update it; two of them doing so at the same instant on two CPUs can mix up that
+    // request's figures, never reach memory outside the value.
+    let c = unsafe { &mut *c };
+    if c.sk == NET_SK_ADOPTED {
+        // A connection adopted from /proc: its socket, now that its owner uses it.
+        c.sk = if sk != 0 { track(sk, c.role) } else { track_sock(task, fd, c.role) };
+    }
+    data(c, tgid, inbound, buf, ret);
 }
 
 /// The registers saved when the current system call of `task` (the current task, as
@@ -274,12 +303,13 @@ fn data(c: &mut NetConn, tgid: u32, inbound: bool, buf: Buf, ret: i64) {
             // The server's request starts when its first bytes arrive; the client's when its
             // first write returns (timing the entry too would double the programs run per
             // request for a few microseconds of the write itself).
-            c.start_ns = now;
-            c.req_bytes = 0;
-            c.resp_bytes = 0;
-            c.resp_first_ns = 0;
-            c.resp_last_ns = 0;
-            c.status = 0;
+            // One store each (see `put`).
+            put(&mut c.start_ns, now);
+            put(&mut c.req_bytes, 0);
+            put(&mut c.resp_bytes, 0);
+            put(&mut c.resp_first_ns, 0);
+            put(&mut c.resp_last_ns, 0);
+            put(&mut c.status, 0);
             let (base, len) = buf.first();
             parse_request(c, base, if len < ret { len } else { ret });
             if c.role == NET_ROLE_CLIENT && c.sk != 0 {
@@ -394,12 +424,12 @@ fn finish(c: &mut NetConn, tgid: u32, now: u64) {
         let stalls = if c.sk != 0 { take_stalls(c.sk, now, c.role == NET_ROLE_CLIENT) } else { (0, 0) };
         emit_request(c, tgid, stalls);
     }
-    c.phase = NET_PHASE_IDLE;
+    put(&mut c.phase, NET_PHASE_IDLE);
     // The accept queue goes with the connection's first request only.
-    c.accept_ns = 0;
-    c.queue_ns = 0;
+    put(&mut c.accept_ns, 0);
+    put(&mut c.queue_ns, 0);
     // Reported: the path does not stay in the connections map.
-    c.path_len = 0;
+    put(&mut c.path_len, 0);
     // SAFETY: `NetConn::path` is 8-byte aligned (see `copy_words`).
     unsafe { zero_words(&mut c.path) };
 }

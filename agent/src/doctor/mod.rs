@@ -145,10 +145,14 @@ fn sampling() -> Vec<Check> {
         ),
     };
     let net = match crate::net::NetTracer::attach(&mut kernel) {
-        Ok(_) => Check::new(
+        Ok(tracer) => Check::new(
             "network",
             Level::Ok,
-            "socket system call, sock:inet_sock_set_state and tcp:tcp_retransmit_skb programs attached",
+            format!(
+                "reads and writes at the {}, accept, connect and close at their system call exits, \
+                 sock:inet_sock_set_state and tcp:tcp_retransmit_skb programs attached",
+                tracer.data_calls()
+            ),
         ),
         Err(e) => {
             Check::new("network", Level::Warn, format!("{}; network latency is unavailable", one_line(&e)))

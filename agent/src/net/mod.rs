@@ -14,8 +14,8 @@ use std::sync::{
 
 use agent_ebpf::{
     MAP_NET_CONNS, MAP_NET_EVENTS, MAP_NET_SK_STATE, NET_PATH_LEN, NET_RING_HEAD, NET_RING_SLOTS,
-    NET_RING_TAIL, NetConn, NetEvent, PROG_NET_DATA_READY, PROG_NET_RETRANSMIT, PROG_NET_SOCK_STATE,
-    PROG_NET_SYS_EXIT, PROG_NET_TCP_PROBE, PROG_NET_TCP_SENDMSG,
+    NET_RING_TAIL, NetConn, NetEvent, PROG_NET_DATA_READY, PROG_NET_RETRANSMIT, PROG_NET_SOCK_DATA,
+    PROG_NET_SOCK_STATE, PROG_NET_SYS_EXIT, PROG_NET_TCP_PROBE, PROG_NET_TCP_SENDMSG,
 };
 use aya::programs::{RawTracePoint, TracePoint};
 
@@ -27,11 +27,18 @@ use crate::{
 };
 
 /// The socket system calls followed at their exit (`sys_exit_*`), where the return value and
-/// the arguments (from the saved registers) are both at hand.
+/// the arguments (from the saved registers) are both at hand: the data calls, and the calls
+/// that open and close a connection (`CONN_SYSCALLS`).
 pub const SYSCALLS: [&str; 12] = [
     "read", "readv", "write", "writev", "sendto", "recvfrom", "sendmsg", "recvmsg", "accept", "accept4",
     "connect", "close",
 ];
+/// The calls of `SYSCALLS` that open and close a connection; the data calls are followed at
+/// `SOCKET_IO` instead where the kernel has it.
+pub const CONN_SYSCALLS: [&str; 4] = ["accept", "accept4", "connect", "close"];
+/// The raw tracepoints of a socket's receive and send (Linux 6.3+): they run for socket I/O
+/// alone, not for every read and write of every file and pipe on the host.
+pub const SOCKET_IO: [&str; 2] = ["sock_recv_length", "sock_send_length"];
 
 /// How often the event rings are drained while a session or the agent waits for its next
 /// tick: a CPU's ring holds `NET_RING_SLOTS` events, so this bounds the requests one CPU can
@@ -49,17 +56,42 @@ pub struct NetTracer {
     socket_queue: bool,
 }
 
+/// Whether reads and writes may be followed at `SOCKET_IO`: `STOKER_NET_HOOKS` (`auto`, the
+/// default: where the kernel has them; `syscalls`: at the system call exits in any case,
+/// as on kernels before 6.3).
+fn socket_io_wanted() -> Result<bool> {
+    match std::env::var(NET_HOOKS_ENV) {
+        Err(_) => Ok(true),
+        Ok(v) if v == "auto" => Ok(true),
+        Ok(v) if v == "syscalls" => Ok(false),
+        Ok(v) => Err(Error::Io(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{NET_HOOKS_ENV} is `{v}`: expected `auto` or `syscalls`"),
+        ))),
+    }
+}
+
+/// The environment variable that chooses where reads and writes are followed.
+pub const NET_HOOKS_ENV: &str = "STOKER_NET_HOOKS";
+
 /// Loads program `name` and attaches it to raw tracepoint `point`.
 fn attach_raw(ebpf: &mut aya::Ebpf, name: &str, point: &str) -> Result<()> {
+    attach_raw_all(ebpf, name, &[point])
+}
+
+/// Loads program `name` and attaches it to each raw tracepoint of `points`.
+fn attach_raw_all(ebpf: &mut aya::Ebpf, name: &str, points: &[&str]) -> Result<()> {
     let prog: &mut RawTracePoint = ebpf
         .program_mut(name)
         .and_then(|p| p.try_into().ok())
         .ok_or(Error::Ebpf { what: "kernel program missing", detail: name.into() })?;
     prog.load().map_err(|e| crate::programs::attach::load_error("loading a network program", &e))?;
-    prog.attach(point).map_err(|e| Error::KernelFeature {
-        feature: "a raw tracepoint",
-        detail: format!("{point}: {}", crate::error::one_line(&e)),
-    })?;
+    for point in points {
+        prog.attach(point).map_err(|e| Error::KernelFeature {
+            feature: "a raw tracepoint",
+            detail: format!("{point}: {}", crate::error::one_line(&e)),
+        })?;
+    }
     Ok(())
 }
 
@@ -77,7 +109,15 @@ impl NetTracer {
             .map_err(|e| Error::KernelFeature { feature: "tracefs (tracepoints)", detail: e.to_string() })?;
         let feature = "the socket and TCP tracepoints";
         let loading = "loading a network program";
-        let exits: Vec<String> = SYSCALLS.iter().map(|s| format!("sys_exit_{s}")).collect();
+        // Reads and writes at the socket's own tracepoints where the kernel has both, else at
+        // the system call exits.
+        let socket_io =
+            socket_io_wanted()? && SOCKET_IO.iter().all(|point| tracefs::has_event("sock", point));
+        if socket_io {
+            attach_raw_all(programs.ebpf_mut(), PROG_NET_SOCK_DATA, &SOCKET_IO)?;
+        }
+        let followed: &[&str] = if socket_io { &CONN_SYSCALLS } else { &SYSCALLS };
+        let exits: Vec<String> = followed.iter().map(|s| format!("sys_exit_{s}")).collect();
         let exits: Vec<(&str, &str)> = exits.iter().map(|e| ("syscalls", e.as_str())).collect();
         attach_tracepoint(programs, PROG_NET_SYS_EXIT, &exits, feature, loading)?;
         attach_tracepoint(
@@ -122,6 +162,9 @@ impl NetTracer {
         // The loader sized the array for every possible CPU id (`event_slots`).
         let cpus = events.entries() / event_slots(1);
         let mut programs = vec![PROG_NET_SYS_EXIT, PROG_NET_SOCK_STATE, PROG_NET_RETRANSMIT];
+        if socket_io {
+            programs.push(PROG_NET_SOCK_DATA);
+        }
         if data_ready {
             programs.push(PROG_NET_DATA_READY);
         }
@@ -132,6 +175,11 @@ impl NetTracer {
             programs.push(PROG_NET_TCP_SENDMSG);
         }
         Ok(Self { events, cpus, programs, socket_queue: data_ready })
+    }
+
+    /// Where reads and writes are followed (`data_calls`).
+    pub fn data_calls(&self) -> &'static str {
+        data_calls(&self.programs)
     }
 
     /// Moves every pending event of every CPU's ring into `agg`; returns how many.
@@ -162,6 +210,12 @@ impl NetTracer {
         }
         n
     }
+}
+
+/// Where the attached `programs` follow reads and writes: `socket tracepoints` or `system
+/// call exits`.
+fn data_calls(programs: &[&str]) -> &'static str {
+    if programs.contains(&PROG_NET_SOCK_DATA) { "socket tracepoints" } else { "system call exits" }
 }
 
 /// Drains the network events on a thread of its own every `DRAIN_EVERY` into a shared
@@ -209,6 +263,11 @@ impl Drainer {
         self.socket_queue
     }
 
+    /// Where reads and writes are followed (`data_calls`).
+    pub fn data_calls(&self) -> &'static str {
+        data_calls(&self.programs)
+    }
+
     /// The aggregator, locked (the drain waits meanwhile: keep it short), with every event
     /// the kernel wrote so far in it: the last requests of a process that closed its
     /// connections and exited just now are in the interval that reports its exit.
@@ -233,7 +292,8 @@ impl Drainer {
         let mut total = (std::time::Duration::ZERO, 0);
         for name in &self.programs {
             let prog = ebpf.program_mut(name)?;
-            let info = if [PROG_NET_DATA_READY, PROG_NET_TCP_PROBE, PROG_NET_TCP_SENDMSG].contains(name) {
+            let raw = [PROG_NET_SOCK_DATA, PROG_NET_DATA_READY, PROG_NET_TCP_PROBE, PROG_NET_TCP_SENDMSG];
+            let info = if raw.contains(name) {
                 <&mut RawTracePoint>::try_from(prog).ok()?.info().ok()?
             } else {
                 <&mut TracePoint>::try_from(prog).ok()?.info().ok()?

@@ -108,11 +108,20 @@ pub struct NetReport {
     pub accept_queue: BTreeMap<u32, Quantiles>,
     /// Whether socket-queue times were measured (`sock:sk_data_ready`).
     pub socket_queue: bool,
+    /// Where reads and writes were followed: `socket tracepoints` (`sock_recv_length` and
+    /// `sock_send_length`, Linux 6.3+) or `system call exits`.
+    pub data_calls: &'static str,
     pub drops: Drops,
 }
 
 impl NetReport {
-    pub fn new(m: &NetMetrics, duration_s: f64, drops: Drops, socket_queue: bool) -> Self {
+    pub fn new(
+        m: &NetMetrics,
+        duration_s: f64,
+        drops: Drops,
+        socket_queue: bool,
+        data_calls: &'static str,
+    ) -> Self {
         let comm = |pid: u32| m.comms.get(&pid).cloned().unwrap_or_else(|| "?".into());
         let mut groups: BTreeMap<_, Group> = BTreeMap::new();
         for (k, s) in &m.requests {
@@ -199,6 +208,7 @@ impl NetReport {
             accepted: m.accepted.clone(),
             accept_queue: m.accept_queue.iter().map(|(&pid, h)| (pid, h.quantiles())).collect(),
             socket_queue,
+            data_calls,
             drops,
         }
     }

@@ -441,6 +441,7 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
                 elapsed.as_secs_f64(),
                 net_drops(&stats),
                 drainer.socket_queue(),
+                drainer.data_calls(),
             );
             let json = serde_json::to_vec_pretty(&report).map_err(std::io::Error::other);
             let file = net_file.take().ok_or_else(|| std::io::Error::other("the report's file is not open"));

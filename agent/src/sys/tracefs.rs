@@ -23,6 +23,11 @@ pub fn ensure_mounted() -> io::Result<(&'static str, bool)> {
     Ok((TRACEFS, true))
 }
 
+/// True when the kernel has tracepoint `category/event` (tracefs lists it).
+pub fn has_event(category: &str, event: &str) -> bool {
+    ensure_mounted().is_ok_and(|(dir, _)| Path::new(dir).join("events").join(category).join(event).is_dir())
+}
+
 /// Offset of `field` in the record of tracepoint `category/event`, from its format file.
 pub fn field_offset(category: &str, event: &str, field: &str) -> io::Result<u32> {
     let (dir, _) = ensure_mounted()?;
