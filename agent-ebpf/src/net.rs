@@ -123,15 +123,19 @@ pub const NET_SOCKS_CAPACITY: u32 = 16 * 1024;
 /// Events each CPU's ring holds between two drains. `NET_EVENTS` is a memory-mappable array
 /// of `NetEvent`s sized at load to `NET_RING_SLOTS + 1` elements per possible CPU: the first
 /// element of a CPU's region is its header (`NET_RING_HEAD`, `NET_RING_TAIL`), the others its
-/// slots. Only programs on that CPU write it (they never nest on one CPU) and only userspace
-/// consumes it, so neither side takes a lock or shares a cache line with another CPU; a
-/// full ring drops the event and counts it.
+/// slots. Only programs on that CPU write it (one at a time: `NET_RING_BUSY`) and only
+/// userspace consumes it, so neither side takes a lock or shares a cache line with another
+/// CPU; a full ring drops the event and counts it.
 pub const NET_RING_SLOTS: u32 = 2048;
 const _: () = assert!(NET_RING_SLOTS.is_power_of_two(), "slots are indexed by masking");
 /// Header words of a CPU's ring: events written so far (kernel), events consumed (userspace).
 /// A cache line apart.
 pub const NET_RING_HEAD: usize = 0;
 pub const NET_RING_TAIL: usize = 8;
+/// Header word set while a program of that CPU writes a slot (kernel only): a program that
+/// runs on top of it (a classic tracepoint's in a softirq, while a raw tracepoint's run was
+/// under way) drops its event rather than write the same slot.
+pub const NET_RING_BUSY: usize = 16;
 /// Bytes of an HTTP request path kept (cut at `?`, never a query string).
 pub const NET_PATH_LEN: usize = 64;
 const _: () = assert!(NET_PATH_LEN.is_multiple_of(8), "paths are copied a word at a time");

@@ -3,8 +3,8 @@
 use agent_ebpf::{
     NAGLE_GAP_MAX_NS, NAGLE_GAP_MIN_NS, NET_EVENT_ACCEPT, NET_FRAMING_CHUNKED, NET_FRAMING_HEAD,
     NET_FRAMING_LENGTH, NET_FRAMING_NONE, NET_HEAD_BUF, NET_HEAD_LEN, NET_HEAD_MAX, NET_PATH_LEN,
-    NET_PEEK_LEN, NET_RING_HEAD, NET_RING_SLOTS, NET_RING_TAIL, NET_ROLE_CLIENT, NET_ROLE_SERVER, NetConn,
-    NetEvent, NetOffsets, NetSkState, http_method, stall_cause, stat,
+    NET_PEEK_LEN, NET_RING_BUSY, NET_RING_HEAD, NET_RING_SLOTS, NET_RING_TAIL, NET_ROLE_CLIENT,
+    NET_ROLE_SERVER, NetConn, NetEvent, NetOffsets, NetSkState, http_method, stall_cause, stat,
 };
 use aya_ebpf::{
     helpers::generated::{
@@ -330,14 +330,15 @@ pub fn parse_response_head(conn: &mut NetConn, buf: u64, len: u64) {
         return;
     }
     // SAFETY: a per-CPU array value lives as long as the program is loaded, and only this run
-    // uses this CPU's buffer (tracing programs never nest on one CPU); plain bytes.
+    // uses this CPU's buffer (only the data-call programs use it, which run in a task's
+    // system call and so never on top of each other); plain bytes.
     let head = unsafe { &*p };
     if conn.head_seen == 0 {
         conn.status = status_line(head, n as usize);
     }
     let Some(scan) = NET_HEAD_SCAN.get_ptr_mut(0) else { return };
-    // SAFETY: this CPU's scan state, used only by this run (tracing programs never nest on
-    // one CPU) and the loop below; plain integers.
+    // SAFETY: this CPU's scan state, used only by this run (as `NET_HEAD`) and the loop
+    // below; plain integers.
     unsafe { *scan = HeadScan::load(conn, u64::from(n)) };
     // A `bpf_loop` callback: the verifier checks its body once, where a loop over hundreds
     // of bytes with a branch per byte would exceed what it explores. It gets both buffers
@@ -573,35 +574,55 @@ pub fn ends_chunked(buf: u64, len: u64, ret: u64) -> bool {
 }
 
 /// The next free slot of this CPU's event ring, and the header word to publish it with
-/// (`publish`); None when the ring is full (the event is counted as lost).
+/// (`publish`, which must follow); None when the ring is full or another run on this CPU is
+/// writing a slot (this one interrupted it: the event is counted as lost).
 #[inline(always)]
 fn reserve() -> Option<(*mut NetEvent, *mut u64, u64)> {
     // SAFETY: the helper takes no arguments and only reads the current CPU's id.
     let base = unsafe { bpf_get_smp_processor_id() } * (NET_RING_SLOTS + 1);
     let header = NET_EVENTS.get_ptr_mut(base)? as *mut u64;
-    // SAFETY: both words lie inside the header element (a `NetEvent`, 160 bytes; the words are
-    // at bytes 0 and 64) and are aligned (array values are 8-aligned). The head is written only
-    // by programs on this CPU, which never nest; the tail by userspace through its mapping of
-    // the array: read volatile, any value is a valid `u64`.
-    let head = unsafe { core::ptr::read_volatile(header.add(NET_RING_HEAD)) };
-    // SAFETY: as above.
-    let tail = unsafe { core::ptr::read_volatile(header.add(NET_RING_TAIL)) };
-    if head.wrapping_sub(tail) >= u64::from(NET_RING_SLOTS) {
-        return None;
+    // SAFETY: the three words lie inside the header element (a `NetEvent`, 160 bytes; the
+    // words are at bytes 0, 64 and 128) and are aligned (array values are 8-aligned). The
+    // head and the busy word are written only by programs on this CPU, one at a time: a run
+    // that starts on top of another finds the busy word set and writes nothing (one that
+    // comes between the read and the write of the busy word ends before this one reads the
+    // head). The tail is written by userspace through its mapping of the array. Read
+    // volatile, any value is a valid `u64`.
+    unsafe {
+        let busy = header.add(NET_RING_BUSY);
+        if core::ptr::read_volatile(busy) != 0 {
+            return None;
+        }
+        core::ptr::write_volatile(busy, 1);
+        let head = core::ptr::read_volatile(header.add(NET_RING_HEAD));
+        let tail = core::ptr::read_volatile(header.add(NET_RING_TAIL));
+        let slot = if head.wrapping_sub(tail) >= u64::from(NET_RING_SLOTS) {
+            None
+        } else {
+            NET_EVENTS.get_ptr_mut(base + 1 + (head as u32 & (NET_RING_SLOTS - 1)))
+        };
+        match slot {
+            Some(slot) => Some((slot, header, head)),
+            None => {
+                core::ptr::write_volatile(busy, 0);
+                None
+            }
+        }
     }
-    let slot = NET_EVENTS.get_ptr_mut(base + 1 + (head as u32 & (NET_RING_SLOTS - 1)))?;
-    Some((slot, header, head))
 }
 
 /// Makes the slot `reserve` gave visible to userspace: the head moves past it only after
 /// the event's own stores (x86-64 keeps stores in order; the fence keeps the compiler from
-/// moving them).
+/// moving them); then frees the ring for the next run on this CPU.
 #[inline(always)]
 fn publish(header: *mut u64, head: u64) {
     core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::Release);
-    // SAFETY: `header` is this CPU's ring header from `reserve` (the head word in bounds and
-    // aligned), written only by programs on this CPU, which never nest.
-    unsafe { core::ptr::write_volatile(header.add(NET_RING_HEAD), head + 1) };
+    // SAFETY: `header` is this CPU's ring header from `reserve` (the head and busy words in
+    // bounds and aligned), which this run holds (`NET_RING_BUSY`).
+    unsafe {
+        core::ptr::write_volatile(header.add(NET_RING_HEAD), head + 1);
+        core::ptr::write_volatile(header.add(NET_RING_BUSY), 0);
+    }
 }
 
 /// Sends the request completed on `conn` to userspace.
@@ -612,8 +633,8 @@ pub fn emit_request(conn: &NetConn, tgid: u32, stall: (u64, u32)) {
         return;
     };
     // SAFETY: `e` is a slot of this CPU's ring from `reserve`: a live, aligned array value that
-    // userspace does not read before `publish` moves the head past it, and that only programs
-    // on this CPU write (they never nest). `addr` and `path` are 8-byte aligned in both
+    // userspace does not read before `publish` moves the head past it, and that no other
+    // run writes meanwhile (`reserve`). `addr` and `path` are 8-byte aligned in both
     // structs (see `copy_words`).
     unsafe {
         (*e).kind = agent_ebpf::NET_EVENT_REQUEST;

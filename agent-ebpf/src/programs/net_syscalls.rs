@@ -59,7 +59,8 @@ pub fn net_sys_exit(_ctx: TracePointContext) -> u32 {
 /// task. Where they exist they time the data calls in place of the system call exits: they
 /// run for socket I/O only (not for every file and pipe read or write on the host), are
 /// cheaper to run than a system call tracepoint, and name the socket. The call's number and
-/// arguments are in the registers saved at its entry, as at its exit.
+/// arguments are in the registers saved at its entry, as at its exit (I/O the kernel does
+/// for the task outside its own call, io_uring's, is told apart by its socket).
 #[raw_tracepoint(tracepoint = "sock_recv_length")]
 pub fn net_sock_data(ctx: RawTracePointContext) -> u32 {
     let sk: u64 = ctx.arg(0);
@@ -129,6 +130,10 @@ fn data_call(task: *const u8, tgid: u32, regs: &pt_regs, ret: i64, sk: u64) {
     if c.sk == NET_SK_ADOPTED {
         // A connection adopted from /proc: its socket, now that its owner uses it.
         c.sk = if sk != 0 { track(sk, c.role) } else { track_sock(task, fd, c.role) };
+    } else if sk != 0 && c.sk != 0 && c.sk != sk {
+        // Another socket's I/O in this call: io_uring's work run as a system call returns,
+        // or an io_uring worker, whose saved registers are its creator's. Not this call's.
+        return;
     }
     data(c, tgid, inbound, buf, ret);
 }

@@ -95,6 +95,13 @@ fn attach_raw_all(ebpf: &mut aya::Ebpf, name: &str, points: &[&str]) -> Result<(
     Ok(())
 }
 
+/// Detaches and unloads raw tracepoint program `name`, if it is loaded.
+fn unload(ebpf: &mut aya::Ebpf, name: &str) {
+    if let Some(prog) = ebpf.program_mut(name).and_then(|p| <&mut RawTracePoint>::try_from(p).ok()) {
+        let _ = prog.unload();
+    }
+}
+
 impl NetTracer {
     /// Loads and attaches the network programs of the loaded object (so they share its
     /// target filter and counters).
@@ -109,25 +116,45 @@ impl NetTracer {
             .map_err(|e| Error::KernelFeature { feature: "tracefs (tracepoints)", detail: e.to_string() })?;
         let feature = "the socket and TCP tracepoints";
         let loading = "loading a network program";
-        // Reads and writes at the socket's own tracepoints where the kernel has both, else at
-        // the system call exits.
-        let socket_io =
-            socket_io_wanted()? && SOCKET_IO.iter().all(|point| tracefs::has_event("sock", point));
-        if socket_io {
-            attach_raw_all(programs.ebpf_mut(), PROG_NET_SOCK_DATA, &SOCKET_IO)?;
-        }
+        // Reads and writes at the socket's own tracepoints where the kernel has both, else (or
+        // when they cannot be attached) at the system call exits.
+        let socket_io = socket_io_wanted()?
+            && SOCKET_IO.iter().all(|point| tracefs::has_event("sock", point))
+            && match attach_raw_all(programs.ebpf_mut(), PROG_NET_SOCK_DATA, &SOCKET_IO) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!("reads and writes are followed at the system call exits: {e}");
+                    unload(programs.ebpf_mut(), PROG_NET_SOCK_DATA);
+                    false
+                }
+            };
         let followed: &[&str] = if socket_io { &CONN_SYSCALLS } else { &SYSCALLS };
         let exits: Vec<String> = followed.iter().map(|s| format!("sys_exit_{s}")).collect();
         let exits: Vec<(&str, &str)> = exits.iter().map(|e| ("syscalls", e.as_str())).collect();
-        attach_tracepoint(programs, PROG_NET_SYS_EXIT, &exits, feature, loading)?;
-        attach_tracepoint(
-            programs,
-            PROG_NET_SOCK_STATE,
-            &[("sock", "inet_sock_set_state")],
-            feature,
-            loading,
-        )?;
-        attach_tracepoint(programs, PROG_NET_RETRANSMIT, &[("tcp", "tcp_retransmit_skb")], feature, loading)?;
+        let required = attach_tracepoint(programs, PROG_NET_SYS_EXIT, &exits, feature, loading)
+            .and_then(|()| {
+                attach_tracepoint(
+                    programs,
+                    PROG_NET_SOCK_STATE,
+                    &[("sock", "inet_sock_set_state")],
+                    feature,
+                    loading,
+                )
+            })
+            .and_then(|()| {
+                attach_tracepoint(
+                    programs,
+                    PROG_NET_RETRANSMIT,
+                    &[("tcp", "tcp_retransmit_skb")],
+                    feature,
+                    loading,
+                )
+            });
+        if let Err(e) = required {
+            // Network tracing is off: nothing of it stays attached to every socket's I/O.
+            unload(programs.ebpf_mut(), PROG_NET_SOCK_DATA);
+            return Err(e);
+        }
         let ebpf = programs.ebpf_mut();
         // Socket-queue times need `sk_data_ready` (Linux 6.4+); without it, requests are timed
         // from their first read as before.
