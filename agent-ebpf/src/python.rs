@@ -79,8 +79,10 @@ unsafe impl aya::Pod for PyOffsets {}
 /// Largest frame prefix the walker reads at once.
 pub const PY_FRAME_CHUNK: usize = 128;
 
+/// The page size the window (`PyWindow`) reads whole pages of (x86-64's).
+pub const PY_PAGE: usize = 4096;
 /// Bytes of a walk's window (`PyWindow`): a page, and a frame prefix that may cross out of it.
-pub const PY_WINDOW: usize = 4096 + PY_FRAME_CHUNK;
+pub const PY_WINDOW: usize = PY_PAGE + PY_FRAME_CHUNK;
 
 /// Frames of another task's memory read a page at once: 3.11+ keeps a thread's frames one
 /// below the other in its data stack, so a read from the start of a frame's page to its

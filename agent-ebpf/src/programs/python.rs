@@ -3,7 +3,7 @@
 //! and records its frames, leaf first, into the per-CPU scratch stack.
 use agent_ebpf::{
     NO_FIELD, PY_FRAME_CHUNK, PY_FRAME_ENTRY, PY_GIL_LAST_HOLDER, PY_GIL_LOCKED, PY_MAX_FRAMES,
-    PY_MAX_THREADS, PY_STACK_READ_ERROR, PY_STACK_TRUNCATED, PY_WINDOW, PyOffsets, PyProc, PyStack,
+    PY_MAX_THREADS, PY_PAGE, PY_STACK_READ_ERROR, PY_STACK_TRUNCATED, PY_WINDOW, PyOffsets, PyProc, PyStack,
     instr_kind, stat,
 };
 use core::ffi::c_void;
@@ -476,11 +476,11 @@ fn windowed(task: *const u8, addr: u64, size: usize) -> Option<*const u8> {
     // Held: in the window, and starting in its page (the offset is masked to the page).
     let held = window.len != 0
         && addr >= window.base
-        && addr - window.base < 4096
+        && addr - window.base < PY_PAGE as u64
         && addr + size as u64 <= window.base + window.len;
     if !held {
         window.len = 0;
-        let base = addr & !4095;
+        let base = addr & !(PY_PAGE as u64 - 1);
         // At most a page and a frame prefix: within the window.
         let len = (addr - base) as usize + size;
         if len > PY_WINDOW {
@@ -493,8 +493,8 @@ fn windowed(task: *const u8, addr: u64, size: usize) -> Option<*const u8> {
     }
     // Masked into the page: the frame's prefix and the 8 spare bytes stay inside `bytes`
     // (`FrameFields::get` masks each field's offset into the prefix).
-    let at = (addr - window.base) as usize & 4095;
-    // SAFETY: `at` < 4096, and `bytes` has `4096 + PY_FRAME_CHUNK + 8` bytes.
+    let at = (addr - window.base) as usize & (PY_PAGE - 1);
+    // SAFETY: `at` < `PY_PAGE`, and `bytes` has `PY_PAGE + PY_FRAME_CHUNK + 8` bytes.
     Some(unsafe { window.bytes.as_ptr().add(at) })
 }
 

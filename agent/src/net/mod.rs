@@ -40,6 +40,10 @@ pub const CONN_SYSCALLS: [&str; 4] = ["accept", "accept4", "connect", "close"];
 /// alone, not for every read and write of every file and pipe on the host.
 pub const SOCKET_IO: [&str; 2] = ["sock_recv_length", "sock_send_length"];
 
+/// The network programs attached to raw tracepoints (the others are classic tracepoints').
+const RAW_PROGRAMS: [&str; 4] =
+    [PROG_NET_SOCK_DATA, PROG_NET_DATA_READY, PROG_NET_TCP_PROBE, PROG_NET_TCP_SENDMSG];
+
 /// How often the event rings are drained while a session or the agent waits for its next
 /// tick: a CPU's ring holds `NET_RING_SLOTS` events, so this bounds the requests one CPU can
 /// complete before events are lost (2048 in 25 ms: 80,000 per second).
@@ -131,25 +135,14 @@ impl NetTracer {
         let followed: &[&str] = if socket_io { &CONN_SYSCALLS } else { &SYSCALLS };
         let exits: Vec<String> = followed.iter().map(|s| format!("sys_exit_{s}")).collect();
         let exits: Vec<(&str, &str)> = exits.iter().map(|e| ("syscalls", e.as_str())).collect();
-        let required = attach_tracepoint(programs, PROG_NET_SYS_EXIT, &exits, feature, loading)
-            .and_then(|()| {
-                attach_tracepoint(
-                    programs,
-                    PROG_NET_SOCK_STATE,
-                    &[("sock", "inet_sock_set_state")],
-                    feature,
-                    loading,
-                )
-            })
-            .and_then(|()| {
-                attach_tracepoint(
-                    programs,
-                    PROG_NET_RETRANSMIT,
-                    &[("tcp", "tcp_retransmit_skb")],
-                    feature,
-                    loading,
-                )
-            });
+        let required: [(&'static str, &[(&str, &str)]); 3] = [
+            (PROG_NET_SYS_EXIT, &exits),
+            (PROG_NET_SOCK_STATE, &[("sock", "inet_sock_set_state")]),
+            (PROG_NET_RETRANSMIT, &[("tcp", "tcp_retransmit_skb")]),
+        ];
+        let required = required
+            .iter()
+            .try_for_each(|&(name, points)| attach_tracepoint(programs, name, points, feature, loading));
         if let Err(e) = required {
             // Network tracing is off: nothing of it stays attached to every socket's I/O.
             unload(programs.ebpf_mut(), PROG_NET_SOCK_DATA);
@@ -319,8 +312,7 @@ impl Drainer {
         let mut total = (std::time::Duration::ZERO, 0);
         for name in &self.programs {
             let prog = ebpf.program_mut(name)?;
-            let raw = [PROG_NET_SOCK_DATA, PROG_NET_DATA_READY, PROG_NET_TCP_PROBE, PROG_NET_TCP_SENDMSG];
-            let info = if raw.contains(name) {
+            let info = if RAW_PROGRAMS.contains(name) {
                 <&mut RawTracePoint>::try_from(prog).ok()?.info().ok()?
             } else {
                 <&mut TracePoint>::try_from(prog).ok()?.info().ok()?
