@@ -27,10 +27,34 @@ def arg(name, default):
     return type(default)(sys.argv[sys.argv.index(name) + 1]) if name in sys.argv else default
 
 
+# `--pin`: wrk runs on the first CPU and the server on the last; the profilers run where the
+# scheduler puts them. Unpinned, on a machine with few CPUs, a thread-per-connection server's
+# GIL hands off between threads on different CPUs, and its throughput moves by several percent
+# from one run to the next whatever watches it: pinned, its threads take turns on one CPU and
+# the rounds' ratios come out several times tighter.
+PIN = "--pin" in sys.argv and (os.cpu_count() or 1) >= 2
+
+
+def pinned(role, command):
+    """`command` (a list) run on its own CPU with `--pin`: the load generator's (`role`
+    "load") or the server's ("server"); unchanged without it."""
+    if not PIN:
+        return command
+    return ["taskset", "-c", str(0 if role == "load" else os.cpu_count() - 1), *command]
+
+
+def pinning_note():
+    """What the reports say of where the processes ran."""
+    if not PIN:
+        return ""
+    return (f" Pinned (`--pin`): wrk on CPU 0 and the server on CPU {os.cpu_count() - 1}, the profilers "
+            "unpinned.")
+
+
 def wrk(port, seconds):
     """wrk (1 thread, 8 keep-alive connections) on GET /sleep/0: (requests, req/s)."""
     out = subprocess.run(
-        ["wrk", "-t1", "-c8", f"-d{seconds}s", f"http://127.0.0.1:{port}/sleep/0"],
+        pinned("load", ["wrk", "-t1", "-c8", f"-d{seconds}s", f"http://127.0.0.1:{port}/sleep/0"]),
         capture_output=True, text=True, check=True,
     ).stdout
     requests = int(re.search(r"(\d+) requests in", out).group(1))

@@ -2,7 +2,7 @@
 """Cost of `stoker record --net` on Python HTTP servers under wrk load.
 
   sudo python3 bench/net_bench.py [--rounds N] [--seconds S] [--out bench/NET_RESULTS.md]
-                                  [--baseline PATH-TO-AN-OLDER-STOKER]
+                                  [--baseline PATH-TO-AN-OLDER-STOKER] [--pin]
 
 Needs target/release/stoker, wrk, and aiohttp for CPython 3.11 (`cargo xtask setup`).
 Two servers, each driven on GET /sleep/0 by wrk (1 thread, 8 keep-alive connections):
@@ -24,6 +24,9 @@ statistics' own cost per run, which is reported and subtracted.
 With --baseline, the kernel cost rounds alternate between that stoker build and this one
 (N rounds each, watching the server): what this build's programs cost per request against
 the baseline's, in one run on one machine, where absolute figures move from day to day.
+
+With --pin, wrk runs on the first CPU and the server on the last (see `benchlib.PIN`), and
+the report goes to bench/NET_PINNED.md unless --out says otherwise.
 """
 import os
 import platform
@@ -34,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import against_baseline, arg, interval, links, wrk
+from benchlib import PIN, against_baseline, arg, interval, links, pinned, pinning_note, wrk
 
 ROOT = Path(__file__).resolve().parent.parent
 STOKER = ROOT / "target/release/stoker"
@@ -91,7 +94,7 @@ def program_ns(r):
 
 def bench_server(name, python, script, rounds, seconds, tmp, baseline=None):
     # wrk resets its connections at the end; the servers' tracebacks about it are noise.
-    server = subprocess.Popen([str(python), str(ROOT / "tests/fixtures/net" / script)],
+    server = subprocess.Popen(pinned("server", [str(python), str(ROOT / "tests/fixtures/net" / script)]),
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     port = int(server.stdout.readline())
     rows = []
@@ -165,19 +168,19 @@ def report(name, rows, cost, filtering, against, baseline):
 
 def main():
     rounds, seconds = arg("--rounds", 3), arg("--seconds", 10)
-    out = Path(arg("--out", str(ROOT / "bench/NET_RESULTS.md")))
+    out = Path(arg("--out", str(ROOT / ("bench/NET_PINNED.md" if PIN else "bench/NET_RESULTS.md"))))
     baseline = arg("--baseline", "") or None
     if os.geteuid() != 0:
         raise SystemExit("run as root")
     lines = [
         "# Network tracing cost (`stoker record --net`)",
         "",
-        f"`python3 bench/net_bench.py --rounds {rounds} --seconds {seconds}"
+        f"`python3 bench/net_bench.py --rounds {rounds} --seconds {seconds}{' --pin' if PIN else ''}"
         f"{f' --baseline {baseline}' if baseline else ''}` on {platform.node()}, "
         f"Linux {platform.release()}, {os.cpu_count()} CPUs. `wrk -t1 -c8` on GET /sleep/0 (keep-alive) "
         f"for {seconds} s per run; each round runs the server alone, watched by `stoker record` (CPU "
         "sampling at 99 Hz) and by `stoker record --net` (sampling and network tracing), in an order that "
-        "rotates from round to round.",
+        f"rotates from round to round.{pinning_note()}",
         "",
         "Requests seen: stoker's count of GET /sleep/{id} against wrk's; stoker also counts the requests "
         "(at most one per connection) answered after wrk stopped counting.",

@@ -3,7 +3,7 @@
 Python server under wrk load.
 
   sudo python3 bench/offcpu_bench.py [--rounds N] [--seconds S] [--out bench/OFFCPU_RESULTS.md]
-                                     [--baseline PATH-TO-AN-OLDER-STOKER]
+                                     [--baseline PATH-TO-AN-OLDER-STOKER] [--pin]
 
 Needs target/release/stoker and wrk (`cargo xtask setup`), and py-spy on PATH (`pip install py-spy`). The server is
 tests/fixtures/net/http_server.py on CPython 3.12 (ThreadingHTTPServer: a thread per
@@ -31,6 +31,9 @@ N more kernel cost rounds alternate between that stoker build and this one
 with `--switch-budget 100` and report the switch program's time per request of each and the
 sampler thread's CPU time per sample, and this build's over the baseline's: one run on one
 machine, where absolute figures move from day to day.
+
+With --pin, wrk runs on the first CPU and the server on the last (see `benchlib.PIN`), and
+the report goes to bench/OFFCPU_PINNED.md unless --out says otherwise.
 """
 import os
 import platform
@@ -41,7 +44,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import against_baseline, arg, cpu_seconds, interval, links, wrk
+from benchlib import PIN, against_baseline, arg, cpu_seconds, interval, links, pinned, pinning_note, wrk
 
 ROOT = Path(__file__).resolve().parent.parent
 STOKER = ROOT / "target/release/stoker"
@@ -139,11 +142,11 @@ def sampler_cost(err):
 def main():
     rounds, seconds = arg("--rounds", 3), arg("--seconds", 10)
     baseline = arg("--baseline", "") or None
-    out = Path(arg("--out", str(ROOT / "bench/OFFCPU_RESULTS.md")))
+    out = Path(arg("--out", str(ROOT / ("bench/OFFCPU_PINNED.md" if PIN else "bench/OFFCPU_RESULTS.md"))))
     if os.geteuid() != 0:
         raise SystemExit("run as root")
-    server = subprocess.Popen([str(PYTHON), str(SERVER)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                              text=True)
+    server = subprocess.Popen(pinned("server", [str(PYTHON), str(SERVER)]), stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)
     port = int(server.stdout.readline())
     rows = []
     configs = CONFIGS + (["baseline wall"] if baseline else [])
@@ -191,7 +194,7 @@ def main():
     lines = [
         "# Wall-clock profiling cost (`stoker record --mode wall`)",
         "",
-        f"`python3 bench/offcpu_bench.py --rounds {rounds} --seconds {seconds}"
+        f"`python3 bench/offcpu_bench.py --rounds {rounds} --seconds {seconds}{' --pin' if PIN else ''}"
         f"{f' --baseline {baseline}' if baseline else ''}` on {platform.node()}, "
         f"Linux {platform.release()}, {os.cpu_count()} CPUs. ThreadingHTTPServer (CPython 3.12, a thread per "
         f"connection) under `wrk -t1 -c8` on GET /sleep/0 (keep-alive) for {seconds} s per run; each round "
@@ -203,7 +206,7 @@ def main():
         "switch under 10 ms before) "
         "and by `py-spy record --idle` (99 Hz)"
         f"{f', and by the baseline build `{baseline}` with `--mode wall` (baseline wall)' if baseline else ''}, "
-        "in an order that rotates from round to round.",
+        f"in an order that rotates from round to round.{pinning_note()}",
         "",
         "| round | " + " | ".join(f"{c} req/s" for c in configs) + " |",
         "| --- |" + " --- |" * len(configs),

@@ -3,6 +3,7 @@
 pub mod btf;
 pub mod caps;
 pub mod cgroup;
+pub mod cpus;
 pub mod elf;
 pub mod maps;
 pub mod mmap;
