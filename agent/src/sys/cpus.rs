@@ -2,12 +2,14 @@
 //! longest lately (/proc/stat), since the kernel leaves it where it last ran.
 use std::{fs, io};
 
-/// The CPUs the calling thread may run on (its affinity), in order; empty when unknown.
+/// The CPUs stoker may run on (its main thread's affinity, which it never narrows: the
+/// process's cpuset), in order; empty when unknown.
 fn allowed() -> Vec<usize> {
     // SAFETY: `cpu_set_t` is a plain bit array, valid zeroed.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: reads the calling thread's affinity into `set`, of the size passed.
-    if unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) } != 0 {
+    // SAFETY: `getpid` has no preconditions; `sched_getaffinity` reads that thread's affinity
+    // into `set`, of the size passed.
+    if unsafe { libc::sched_getaffinity(libc::getpid(), std::mem::size_of_val(&set), &mut set) } != 0 {
         return Vec::new();
     }
     // SAFETY: `CPU_ISSET` reads a bit of `set` (the index is below `CPU_SETSIZE`).
