@@ -620,10 +620,13 @@ fn nolineno_gives_one_frame_per_function() {
 /// Imports of modules whose bodies run 30 ms each, between modules whose bodies run none
 /// (code objects freed once the import is done, their memory taken by the next): stoker
 /// reads a new stack's code objects as soon as the kernel reports it, so the bodies are
-/// named, and named right. Their samples (named, named after an idle module whose code took
-/// the address, or `<unknown code>`) are the CPU time they measured of themselves, at most
-/// 10% of them not named right (a body's last millisecond or so, between a sample and its
-/// reading); the summary gives the unknown share when there is one.
+/// named as module bodies that burn. Their samples (named, named after an idle module whose
+/// code took the address, or `<unknown code>`) are the CPU time they measured of
+/// themselves, at most 10% of them not named (a body's last millisecond or so, between a
+/// sample and its reading); the summary gives the unknown share when there is one. Which
+/// burning module a sample names is not checked: these bodies are alike, so a later one
+/// can get the same code address, and the same instruction offsets, as an earlier one, and
+/// its samples then count under the stack the kernel keyed for the earlier one.
 #[test]
 fn module_bodies_are_named_while_they_are_imported() {
     require_root();

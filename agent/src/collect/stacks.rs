@@ -3,6 +3,7 @@
 use std::{
     collections::{HashMap, HashSet},
     sync::Arc,
+    time::{Duration, Instant},
 };
 
 use agent_ebpf::{DROPPED_STACK, OffKey, SampleKey};
@@ -22,6 +23,11 @@ fn comm_name(comm: &[u8; 16]) -> Option<String> {
     (len > 0).then(|| String::from_utf8_lossy(&comm[..len]).into_owned())
 }
 
+/// Frames of `frames` whose code could not be read.
+fn unreadable_frames(frames: &PyFrames) -> usize {
+    frames.frames.iter().filter(|f| matches!(f.frame, Frame::PythonUnreadable { .. })).count()
+}
+
 /// How stacks are drawn.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct View {
@@ -37,6 +43,13 @@ pub struct View {
 /// the thread's id in the low one. The kernel's are hashes of their frames, as likely to
 /// clash with these as with each other.
 const WALKED_HERE: u64 = 0x5eed_0000_0000_0000;
+
+/// A Python stack named with frames whose code could not be read is named again at each
+/// collection for this long after. The kernel's stacks are keyed by code addresses and
+/// offsets, so code made alike at a freed address (module bodies imported one after the
+/// other) counts under the stack first seen there: named once from a read that came too
+/// late, all of them would stay `<unknown code>`.
+const RENAME_UNREADABLE_FOR: Duration = Duration::from_secs(2);
 const WALKED_MASK: u64 = 0xffff_ffff_0000_0000;
 
 /// Accumulated, symbolized view of the kernel's counts.
@@ -46,6 +59,9 @@ pub struct Collector {
     user_stacks: HashMap<(u32, i32), Arc<[Frame]>>,
     kernel_stacks: HashMap<i32, Arc<[Frame]>>,
     py_stacks: HashMap<(u32, u64), Arc<PyFrames>>,
+    /// Python stacks named with unreadable frames, and when first (see
+    /// `RENAME_UNREADABLE_FOR`).
+    unreadable: HashMap<(u32, u64), Instant>,
     counts: Vec<(SampleKey, u64)>,
     /// Off-CPU nanoseconds by key, as last read (`collect` with `final_read`).
     pub(crate) off: Vec<(OffKey, u64)>,
@@ -70,6 +86,7 @@ impl Collector {
             user_stacks: HashMap::new(),
             kernel_stacks: HashMap::new(),
             py_stacks: HashMap::new(),
+            unreadable: HashMap::new(),
             counts: Vec::new(),
             off: Vec::new(),
             off_entries: 0,
@@ -91,6 +108,7 @@ impl Collector {
         self.user_stacks.clear();
         self.kernel_stacks.clear();
         self.py_stacks.retain(|(_, id), _| id & WALKED_MASK == WALKED_HERE);
+        self.unreadable.clear();
         self.counts.clear();
     }
 
@@ -140,6 +158,7 @@ impl Collector {
         self.seen.retain(|k| live.contains(&k.tgid));
         self.user_stacks.retain(|(tgid, _), _| live.contains(tgid));
         self.py_stacks.retain(|(tgid, _), _| live.contains(tgid));
+        self.unreadable.retain(|(tgid, _), _| live.contains(tgid));
         self.counts.retain(|(k, _)| live.contains(&k.tgid));
         Ok(())
     }
@@ -210,6 +229,9 @@ impl Collector {
                 && let Some(stack) = kernel.py_stack(key.py_stack)
             {
                 let frames = self.python.stack(key.tgid, &stack);
+                if unreadable_frames(&frames) > 0 {
+                    self.unreadable.insert((key.tgid, key.py_stack), Instant::now());
+                }
                 self.py_stacks.insert((key.tgid, key.py_stack), Arc::new(frames));
             }
             if !self.threads.contains_key(&key.tid)
@@ -218,7 +240,40 @@ impl Collector {
                 self.threads.insert(key.tid, name);
             }
         }
+        self.rename_unreadable(kernel, live_pids);
         Ok(())
+    }
+
+    /// Names again the Python stacks named with unreadable frames lately (see
+    /// `RENAME_UNREADABLE_FOR`), keeping what reads more of them.
+    fn rename_unreadable(&mut self, kernel: &KernelPrograms, live_pids: &[u32]) {
+        if self.unreadable.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let mut retry: Vec<(u32, u64)> = Vec::new();
+        self.unreadable.retain(|&(tgid, id), since| {
+            let keep = now.duration_since(*since) < RENAME_UNREADABLE_FOR && live_pids.contains(&tgid);
+            if keep {
+                retry.push((tgid, id));
+            }
+            keep
+        });
+        for (tgid, id) in retry {
+            let Some(stack) = kernel.py_stack(id) else {
+                self.unreadable.remove(&(tgid, id));
+                continue;
+            };
+            let before = self.py_stacks.get(&(tgid, id)).map_or(usize::MAX, |f| unreadable_frames(f));
+            let frames = self.python.stack(tgid, &stack);
+            let after = unreadable_frames(&frames);
+            if after < before {
+                self.py_stacks.insert((tgid, id), Arc::new(frames));
+            }
+            if after == 0 {
+                self.unreadable.remove(&(tgid, id));
+            }
+        }
     }
 
     /// Names Python stack `stack` of thread `tid` of process `tgid`, walked in userspace

@@ -25,12 +25,28 @@ pub struct CodeInfo {
     pub first_line: u32,
     linetable: Vec<u8>,
     format: LineTableFormat,
+    /// The file name as its `str` object holds it: where its characters start in the
+    /// object, and their bytes (see `CodeReader::same_file`).
+    filename_raw: RawStr,
+}
+
+/// A `str` object's characters as stored: offset of the first from the object's address,
+/// and their bytes (one, two or four each).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct RawStr {
+    data_at: u64,
+    length: u64,
+    bytes: Vec<u8>,
 }
 
 impl CodeInfo {
     /// Bytes it holds, roughly: what the cache budget counts.
     fn size(&self) -> usize {
-        std::mem::size_of::<Self>() + self.name.len() + self.filename.len() + self.linetable.len()
+        std::mem::size_of::<Self>()
+            + self.name.len()
+            + self.filename.len()
+            + self.filename_raw.bytes.len()
+            + self.linetable.len()
     }
 
     /// The source line of the instruction at `byte_offset`, or `first_line` when the
@@ -179,18 +195,34 @@ impl CodeReader {
         }
         self.uses += 1;
         let identity = self.identity(addr);
+        let mut counted = false;
         if let Some(hit) = self.cache.get_mut(&(addr, first_line))
             && (identity.is_none() || hit.identity == identity)
         {
             // The same object as when it was read (or nothing readable is there now: what
-            // was read then is the best there is).
+            // was read then is the best there is). One that could not be read is read
+            // again: a freed code object keeps its pointers until its memory is reused, and
+            // a new one at its address can get the same ones (module bodies import alike,
+            // and their strings take the freed ones' places), so a failed read kept would
+            // leave every later body there unnamed.
             hit.used = self.uses;
-            return hit.info.clone();
+            match (&hit.info, identity) {
+                (None, Some(_)) => counted = true,
+                // A code object freed and another made at its address by the same steps
+                // (module bodies alike, imported one after the other) gets the same
+                // pointers: its file name's text tells them apart.
+                (Some(info), Some([_, file, _])) if !same_file(&self.mem, &self.layout, file, info) => {
+                    counted = true;
+                }
+                _ => return hit.info.clone(),
+            }
         }
         self.read += 1;
         let info =
             self.read_code(addr).ok().filter(|c| c.first_line & 0x00ff_ffff == first_line).map(Arc::new);
-        self.check(addr, info.as_deref());
+        if !counted {
+            self.check(addr, info.as_deref());
+        }
         if matches!(self.check, Some(Check::Failed { .. })) {
             return None;
         }
@@ -252,17 +284,35 @@ pub fn read_code(
     let filename_ptr = mem.u64(addr.wrapping_add(l.code_filename))?;
     let first_line = mem.u32(addr.wrapping_add(l.code_firstlineno))?;
     let table_ptr = mem.u64(addr.wrapping_add(l.code_linetable))?;
+    let (filename, filename_raw) = string(mem, l, filename_ptr)?;
     Ok(CodeInfo {
-        name: string(mem, l, name_ptr)?,
-        filename: string(mem, l, filename_ptr)?,
+        name: string(mem, l, name_ptr)?.0,
+        filename,
         first_line,
         linetable: bytes(mem, l, table_ptr)?,
         format,
+        filename_raw,
     })
 }
 
-/// A `str` object's text (compact strings: every string a code object holds).
-fn string(mem: &impl ReadMemory, l: &Layout, addr: u64) -> io::Result<String> {
+/// Whether the `str` object at `addr` holds `info`'s file name, as it was read: its
+/// length and characters, in one read.
+fn same_file(mem: &impl ReadMemory, l: &Layout, addr: u64, info: &CodeInfo) -> bool {
+    let raw = &info.filename_raw;
+    let start = l.unicode_length;
+    if raw.data_at < start + 8 {
+        return false;
+    }
+    let Ok(now) = mem.bytes(addr.wrapping_add(start), (raw.data_at - start) as usize + raw.bytes.len())
+    else {
+        return false;
+    };
+    now[..8] == raw.length.to_le_bytes() && now[(raw.data_at - start) as usize..] == raw.bytes[..]
+}
+
+/// A `str` object's text (compact strings: every string a code object holds), and its
+/// characters as stored.
+fn string(mem: &impl ReadMemory, l: &Layout, addr: u64) -> io::Result<(String, RawStr)> {
     let state = mem.u32(addr.wrapping_add(l.unicode_state))?;
     let length = mem.i64(addr.wrapping_add(l.unicode_length))?;
     let invalid = || io::Error::new(io::ErrorKind::InvalidData, "not a compact str object");
@@ -278,7 +328,8 @@ fn string(mem: &impl ReadMemory, l: &Layout, addr: u64) -> io::Result<String> {
     let length = length as usize;
     if ascii {
         let bytes = mem.bytes(addr.wrapping_add(l.unicode_ascii_data), length)?;
-        return Ok(String::from_utf8_lossy(&bytes).into_owned());
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        return Ok((text, RawStr { data_at: l.unicode_ascii_data, length: length as u64, bytes }));
     }
     let width = match kind {
         1 | 2 | 4 => kind as usize,
@@ -290,7 +341,7 @@ fn string(mem: &impl ReadMemory, l: &Layout, addr: u64) -> io::Result<String> {
         v[..width].copy_from_slice(c);
         char::from_u32(u32::from_le_bytes(v)).unwrap_or(char::REPLACEMENT_CHARACTER)
     });
-    Ok(chars.collect())
+    Ok((chars.collect(), RawStr { data_at: l.unicode_compact_data, length: length as u64, bytes: raw }))
 }
 
 /// A line table (`bytes` object); empty when longer than `MAX_LINETABLE`.
@@ -318,6 +369,7 @@ mod tests {
                 first_line: 1,
                 linetable: Vec::new(),
                 format: linetable::format_for(12),
+                filename_raw: RawStr::default(),
             }))
         };
         let mut cache: HashMap<u32, Cached> =
@@ -418,6 +470,47 @@ mod tests {
         objects[0][name_at..name_at + 8].copy_from_slice(&(other.as_ptr() as u64).to_le_bytes());
         assert_eq!(reader.code(addr, 7).unwrap().name, "g");
         assert_eq!(reader.read(), 4);
+        // A code object read while its name was freed (unreadable), its pointers as they
+        // were: unnamed; then another at the same address whose name took the freed one's
+        // place, every pointer as before: named, not kept unnamed from the cache.
+        let addr = objects[1].as_ptr() as u64;
+        let state_at = l.unicode_state as usize;
+        let state: [u8; 4] = other[state_at..state_at + 4].try_into().unwrap();
+        objects[1][name_at..name_at + 8].copy_from_slice(&(other.as_ptr() as u64).to_le_bytes());
+        other[state_at..state_at + 4].copy_from_slice(&[0; 4]);
+        assert!(reader.code(addr, 7).is_none());
+        assert!(reader.code(addr, 7).is_none());
+        other[state_at..state_at + 4].copy_from_slice(&state);
+        assert_eq!(reader.code(addr, 7).unwrap().name, "g");
+        assert_eq!(reader.read(), 7);
+    }
+
+    /// Module bodies alike, imported one after the other, each freed after its import: the
+    /// next one's code object, name, file name and line table can take the same addresses
+    /// as the last one's. Its file name's text tells it apart, read at every use.
+    #[test]
+    fn code_made_alike_at_a_freed_address_is_told_apart_by_its_file() {
+        let version = PyVersion { major: 3, minor: 12, patch: 0 };
+        let l = layout::layout_for(version).unwrap();
+        let (mut objects, name, _table) = code_objects(0x5555_0000_1230);
+        let mut file = name.clone();
+        let text = |file: &mut Vec<u8>, s: &str| {
+            file[l.unicode_length as usize..][..8].copy_from_slice(&(s.len() as u64).to_le_bytes());
+            file[l.unicode_ascii_data as usize..][..s.len()].copy_from_slice(s.as_bytes());
+        };
+        text(&mut file, "mod_0.py");
+        let at = l.code_filename as usize;
+        objects[0][at..at + 8].copy_from_slice(&(file.as_ptr() as u64).to_le_bytes());
+        let mut reader = CodeReader::new(std::process::id(), version, l, None);
+        let addr = objects[0].as_ptr() as u64;
+        assert_eq!(reader.code(addr, 7).unwrap().filename, "mod_0.py");
+        assert_eq!(reader.code(addr, 7).unwrap().filename, "mod_0.py");
+        assert_eq!(reader.read(), 1, "the same object: from the cache");
+        text(&mut file, "mod_2.py");
+        assert_eq!(reader.code(addr, 7).unwrap().filename, "mod_2.py");
+        text(&mut file, "mod_10.py");
+        assert_eq!(reader.code(addr, 7).unwrap().filename, "mod_10.py");
+        assert_eq!(reader.read(), 3);
     }
 
     impl CodeReader {
@@ -434,6 +527,7 @@ mod tests {
                     first_line: 1,
                     linetable: Vec::new(),
                     format: r.format,
+                    filename_raw: RawStr::default(),
                 };
                 r.cached_bytes += info.size();
                 r.cache.insert(
