@@ -96,3 +96,12 @@ def against_baseline(baseline, watching, what, base, this):
         f"{m:.3f} ± {half:.3f} (mean, 95% interval).",
         "",
     ]
+
+
+def rounds_table(configs, rows, cell, unit):
+    """Markdown lines of a table with a row per round and a column per configuration:
+    `cell(row, config)` gives each cell's text, `unit` follows each column's name."""
+    lines = ["| round | " + " | ".join(f"{c}{unit}" for c in configs) + " |", "| --- |" + " --- |" * len(configs)]
+    for i, row in enumerate(rows):
+        lines.append(f"| {i + 1} | " + " | ".join(cell(row, c) for c in configs) + " |")
+    return lines

@@ -9,17 +9,19 @@ Needs target/release/stoker and wrk (`cargo xtask setup`), and py-spy on PATH (`
 tests/fixtures/net/http_server.py on CPython 3.12 (ThreadingHTTPServer: a thread per
 connection, each request a wake-up and a switch off the CPU of its thread), driven on
 GET /sleep/0 by wrk (1 thread, 8 keep-alive connections). Each round runs wrk for S
-seconds five times: the server alone, watched by `stoker record` (CPU sampling at 99 Hz),
-by `stoker record --mode wall` (sampling and the switches of the server's threads, each
-followed while its thread switches at most 100 times a second, the default budget; the
-time off the CPU of faster threads sampled by the clock at 99 Hz), by the same with
-`--switch-budget 0` (every switch followed) and by
-`py-spy record --idle` (py-spy's wall-clock view, 99 Hz); the order rotates from round to
-round. Reports each round's throughput, each watched configuration's over the
+seconds six times: the server alone, watched by `stoker record` (CPU sampling at 99 Hz),
+by `stoker record --mode wall` (the default `--waits sampled`: every server thread's time
+off the CPU sampled by the clock at 99 Hz, no program on context switches), by
+`--mode wall --waits followed` (the switches of the server's threads, each followed while
+its thread switches at most 100 times a second, the default budget; the time off the CPU of
+faster threads sampled by the clock at 99 Hz), by the same with `--switch-budget 0` (every
+switch followed) and by `py-spy record --idle` (py-spy's wall-clock view, 99 Hz); the order
+rotates from round to round. Reports each round's throughput, each watched configuration's over the
 server's alone, and the CPU time the profiler's own process used during the runs.
 
 Kernel cost, in separate rounds with the kernel's BPF run-time statistics on: watching
-the server, the context-switch program's time per request (all its runs on the host,
+the server with `--waits sampled`, the wall-clock sampler's program and thread time per
+sample; with `--waits followed`, the context-switch program's time per request (all its runs on the host,
 target or not), the time it spends on a target thread's switch that it follows (timed
 inside it), and with the default budget the wall-clock sampler's program time (it runs in
 stoker's own thread, one run per server thread per sample); watching an idle process, the
@@ -44,7 +46,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import PIN, against_baseline, arg, cpu_seconds, interval, links, pinned, pinning_note, wrk
+from benchlib import (PIN, against_baseline, arg, cpu_seconds, interval, links, pinned, pinning_note,
+                      rounds_table, wrk)
 
 ROOT = Path(__file__).resolve().parent.parent
 STOKER = ROOT / "target/release/stoker"
@@ -52,8 +55,11 @@ VERSIONS = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "version
 PYTHON = VERSIONS / "3.12.1/bin/python3.12"
 SERVER = ROOT / "tests/fixtures/net/http_server.py"
 BUDGET = "100"
-# `stoker wall` runs with the default budget (BUDGET); `--switch-budget 0` follows every switch.
-CONFIGS = ["alone", "stoker cpu", "stoker wall", "stoker wall --switch-budget 0", "py-spy --idle"]
+# `stoker wall` samples the waits by the clock (the default); `--waits followed` follows the
+# switches within the default budget (BUDGET), and with `--switch-budget 0` every switch.
+FOLLOWED = ["--waits", "followed"]
+CONFIGS = ["alone", "stoker cpu", "stoker wall", "stoker wall --waits followed",
+           "stoker wall --waits followed --switch-budget 0", "py-spy --idle"]
 
 def watched_by_stoker(pid, port, seconds, tmp, mode, kernel_stats=False, extra=(), stoker=STOKER):
     """wrk while `stoker` watches `pid` in `mode` with `extra` options: (requests, req/s,
@@ -64,7 +70,8 @@ def watched_by_stoker(pid, port, seconds, tmp, mode, kernel_stats=False, extra=(
          "--pid", str(pid), "-f", "folded", "-o", f"{tmp}/bench.folded"],
         stderr=subprocess.PIPE, text=True,
     )
-    # A cpu-clock event per CPU; in wall mode also the scheduler's switch tracepoint.
+    # A cpu-clock event per CPU; in wall mode also the scheduler's switch tracepoint, or
+    # with sampled waits the sampler's iterator over the target's threads.
     want = os.cpu_count() + (1 if mode == "wall" else 0)
     deadline = time.monotonic() + 30
     while links(stoker.pid) < want:
@@ -131,6 +138,14 @@ def kernel_cost(err):
     return (*map(int, m.groups()), *targets, int(floor.group(1)))
 
 
+def stats_floor(err):
+    """The run-time statistics' own ns per run, from a `--kernel-stats` summary."""
+    floor = re.search(r"statistics add (\d+) ns to every run", err)
+    if not floor:
+        raise SystemExit(f"no kernel statistics in stoker's summary:\n{err}")
+    return int(floor.group(1))
+
+
 def sampler_cost(err):
     """(runs, ns) of the wall-clock sampler's program, and its samples, from a `--kernel-stats`
     summary; zeros when no thread was over the budget."""
@@ -158,18 +173,25 @@ def main():
                 row = {c: run_config(c, server, port, seconds, tmp, baseline) for c in order}
                 rows.append(row)
                 print(f"round {r + 1}: " + ", ".join(f"{c} {row[c][1]:.0f} req/s" for c in configs), flush=True)
+            requests, rps, err, _, thread_ns = watched_by_stoker(server.pid, port, seconds, tmp, "wall",
+                                                                 kernel_stats=True)
+            if "no switch followed (--waits sampled)" not in err or "sched_switch ran" in err:
+                raise SystemExit(f"--mode wall did not sample the waits by the clock alone:\n{err}")
+            clock = (requests, rps, (*sampler_cost(err), thread_ns), stats_floor(err))
             requests, rps, err, _, _ = watched_by_stoker(server.pid, port, seconds, tmp, "wall", kernel_stats=True,
-                                                         extra=["--switch-budget", "0"])
+                                                         extra=[*FOLLOWED, "--switch-budget", "0"])
             busy = (requests, rps, kernel_cost(err))
             requests, rps, err, _, thread_ns = watched_by_stoker(server.pid, port, seconds, tmp, "wall",
-                                                                 kernel_stats=True, extra=["--switch-budget", BUDGET])
+                                                                 kernel_stats=True,
+                                                                 extra=[*FOLLOWED, "--switch-budget", BUDGET])
             if thread_ns == 0:
                 raise SystemExit("no wall-clock sampler thread (stoker-wall) in stoker's process")
             sampled = (requests, rps, kernel_cost(err), (*sampler_cost(err), thread_ns))
             idle = subprocess.Popen(["sleep", "3600"])
             try:
                 requests, rps, err, _, _ = watched_by_stoker(idle.pid, port, seconds, tmp, "wall",
-                                                             kernel_stats=True, extra=["--switch-budget", "0"])
+                                                             kernel_stats=True,
+                                                             extra=[*FOLLOWED, "--switch-budget", "0"])
                 quiet = (requests, rps, kernel_cost(err))
             finally:
                 idle.kill()
@@ -180,8 +202,8 @@ def main():
                 builds = [("baseline", baseline), ("this build", STOKER)]
                 for label, build in builds[r % 2:] + builds[:r % 2]:
                     requests, _, err, _, thread_ns = watched_by_stoker(
-                        server.pid, port, seconds, tmp, "wall", kernel_stats=True, extra=["--switch-budget", BUDGET],
-                        stoker=build)
+                        server.pid, port, seconds, tmp, "wall", kernel_stats=True,
+                        extra=([] if label == "baseline" else FOLLOWED) + ["--switch-budget", BUDGET], stoker=build)
                     runs, ns, *_, floor = kernel_cost(err)
                     against[label].append((ns - floor * runs) / max(requests, 1))
                     against_sampler[label].append(thread_ns / max(sampler_cost(err)[2], 1))
@@ -199,20 +221,19 @@ def main():
         f"Linux {platform.release()}, {os.cpu_count()} CPUs. ThreadingHTTPServer (CPython 3.12, a thread per "
         f"connection) under `wrk -t1 -c8` on GET /sleep/0 (keep-alive) for {seconds} s per run; each round "
         "runs the server alone, watched by `stoker record` (CPU sampling, 99 Hz), by `stoker record --mode "
-        f"wall` (its default switch budget of {BUDGET}: each switch of a thread off the CPU followed while the "
+        "wall` (the default `--waits sampled`: every server thread's time off the CPU sampled by the clock at "
+        "99 Hz, no program on context switches), by `--mode wall --waits followed` (its default switch budget "
+        f"of {BUDGET}: each switch of a thread off the CPU followed while the "
         f"thread switches at most {BUDGET} times a second; a faster thread's time off the CPU sampled by the "
-        "clock at 99 Hz), by `stoker record --mode wall --switch-budget 0` (every switch of the server's "
+        "clock at 99 Hz), by the same with `--switch-budget 0` (every switch of the server's "
         "threads off the CPU followed: every wait counted, GIL and lock waits with the thread's stack read at a "
         "switch under 10 ms before) "
         "and by `py-spy record --idle` (99 Hz)"
-        f"{f', and by the baseline build `{baseline}` with `--mode wall` (baseline wall)' if baseline else ''}, "
+        f"{f', and by the baseline build `{baseline}` with its default `--mode wall` (baseline wall)' if baseline else ''}, "
         f"in an order that rotates from round to round.{pinning_note()}",
         "",
-        "| round | " + " | ".join(f"{c} req/s" for c in configs) + " |",
-        "| --- |" + " --- |" * len(configs),
+        *rounds_table(configs, rows, lambda row, c: f"{row[c][1]:.0f}", " req/s"),
     ]
-    for i, row in enumerate(rows):
-        lines.append(f"| {i + 1} | " + " | ".join(f"{row[c][1]:.0f}" for c in configs) + " |")
     lines += ["", "| watched by | throughput / alone (mean of means) | rounds' ratios: mean, 95% interval | median | range "
               "| the profiler's own CPU (share of one CPU) |",
               "| --- | --- | --- | --- | --- | --- |"]
@@ -223,7 +244,9 @@ def main():
         own = statistics.mean(row[c][2] for row in rows) / seconds
         lines.append(f"| {c} | **{mean[c] / mean['alone']:.3f}** | {m:.3f} ± {half:.3f} | "
                      f"{statistics.median(ratios):.3f} | {min(ratios):.3f} to {max(ratios):.3f} | {own:.1%} |")
-    pairs = [("stoker wall", "stoker cpu")] + ([("stoker wall", "baseline wall")] if baseline else [])
+    pairs = [("stoker wall", "stoker cpu"), ("stoker wall --waits followed", "stoker cpu"),
+             ("stoker wall", "stoker wall --waits followed")]
+    pairs += [("stoker wall", "baseline wall")] if baseline else []
     lines += ["", "| rounds' ratios | mean, 95% interval | median |", "| --- | --- | --- |"]
     for a, b in pairs:
         ratios = [row[a][1] / row[b][1] for row in rows]
@@ -238,23 +261,30 @@ def main():
     w_per_sample = (w_ns - floor * w_runs) / max(w_samples, 1)
     s_seconds = s_req / max(s_rps, 1)
     w_share = (w_ns - floor * w_runs) / 1e9 / s_seconds
+    (c_req, c_rps, (c_runs, c_ns, c_samples, c_walks, c_thread), c_floor) = clock
+    c_seconds = c_req / max(c_rps, 1)
     lines += [
         "",
         "| kernel cost | figure |",
         "| --- | --- |",
-        f"| with `--switch-budget 0`: switches on the host per request | {sw_runs / max(req, 1):.2f} |",
-        f"| with `--switch-budget 0`: switches of the server's threads followed per request | {targets / max(req, 1):.2f} |",
-        f"| with `--switch-budget 0`: the switch program's time per request | **{per_req:.0f} ns** |",
+        f"| `--waits sampled` (default): the sampler's samples (server threads off the CPU at a sample), of them with the Python stack walked | {c_samples}, {c_walks / max(c_samples, 1):.0%} |",
+        f"| `--waits sampled`: the sampler's program time per sample (its runs over threads on the CPU included) | {(c_ns - c_floor * c_runs) / max(c_samples, 1):.0f} ns |",
+        f"| `--waits sampled`: the sampler thread's CPU time per sample | **{c_thread / max(c_samples, 1):.0f} ns** |",
+        f"| `--waits sampled`: the sampler's share of one CPU: its programs' time, its thread's CPU time | {(c_ns - c_floor * c_runs) / 1e9 / c_seconds:.2%}, {c_thread / 1e9 / c_seconds:.2%} |",
+        "| `--waits sampled`: programs on context switches | none |",
+        f"| `--waits followed --switch-budget 0`: switches on the host per request | {sw_runs / max(req, 1):.2f} |",
+        f"| `--waits followed --switch-budget 0`: switches of the server's threads followed per request | {targets / max(req, 1):.2f} |",
+        f"| `--waits followed --switch-budget 0`: the switch program's time per request | **{per_req:.0f} ns** |",
         f"| of those, with the Python stack found unchanged since one of the thread's two switches before (not walked again) | {reused / max(targets, 1):.1%} |",
         f"| of those, GIL and lock waits taking the stack read at a switch under 10 ms before | {recent / max(targets, 1):.1%} |",
         f"| a target thread's switch off the CPU that is followed (timed in the program: stacks, reason) | **{per_target} ns** |",
-        f"| default budget ({BUDGET}): switches of the server's threads followed per request | {s_targets / max(s_req, 1):.2f} |",
-        f"| default budget ({BUDGET}): the switch program's time per request | **{s_per_req:.0f} ns** |",
-        f"| default budget ({BUDGET}): the switch program's mean time per run (all switches on the host) | {s_per_run:.0f} ns |",
-        f"| default budget ({BUDGET}): the wall-clock sampler's samples (server threads off the CPU at a sample), of them with the Python stack walked | {w_samples}, {w_walks / max(w_samples, 1):.0%} |",
-        f"| default budget ({BUDGET}): the sampler's program time per sample (in stoker's thread at real-time priority, from its runs' start to end; its runs over threads on the CPU included) | {w_per_sample:.0f} ns |",
-        f"| default budget ({BUDGET}): the sampler thread's CPU time per sample (its schedstat: the programs, iterator reads and its loop) | **{w_thread / max(w_samples, 1):.0f} ns** |",
-        f"| default budget ({BUDGET}): the sampler's share of one CPU: its programs' time from start to end, its thread's CPU time | {w_share:.2%}, {w_thread / 1e9 / s_seconds:.2%} |",
+        f"| `--waits followed`, default budget ({BUDGET}): switches of the server's threads followed per request | {s_targets / max(s_req, 1):.2f} |",
+        f"| `--waits followed`, default budget ({BUDGET}): the switch program's time per request | **{s_per_req:.0f} ns** |",
+        f"| `--waits followed`, default budget ({BUDGET}): the switch program's mean time per run (all switches on the host) | {s_per_run:.0f} ns |",
+        f"| `--waits followed`, default budget ({BUDGET}): the wall-clock sampler's samples (server threads off the CPU at a sample), of them with the Python stack walked | {w_samples}, {w_walks / max(w_samples, 1):.0%} |",
+        f"| `--waits followed`, default budget ({BUDGET}): the sampler's program time per sample (in stoker's thread at real-time priority, from its runs' start to end; its runs over threads on the CPU included) | {w_per_sample:.0f} ns |",
+        f"| `--waits followed`, default budget ({BUDGET}): the sampler thread's CPU time per sample (its schedstat: the programs, iterator reads and its loop) | **{w_thread / max(w_samples, 1):.0f} ns** |",
+        f"| `--waits followed`, default budget ({BUDGET}): the sampler's share of one CPU: its programs' time from start to end, its thread's CPU time | {w_share:.2%}, {w_thread / 1e9 / s_seconds:.2%} |",
         f"| a switch of a thread that is no target (watching an idle process) | **{q_ns / max(q_runs, 1) - floor:.0f} ns** |",
         "",
         f"The statistics' own cost, {floor} ns per run (an empty program timed the same way), is subtracted "

@@ -524,8 +524,8 @@ fn agent_exports_the_cgroup_quota_and_throttling() {
     assert!((time - stat.2).abs() < 1e-6, "throttled {time} s; cpu.stat {} s", stat.2);
 }
 
-/// `off_cpu.enabled`: a caller waiting on a slow upstream (100 ms an answer, 16 answers).
-/// The agent's `socket` off-CPU time of the caller is the time the caller measured around
+/// `off_cpu.enabled`, `waits: followed`: a caller waiting on a slow upstream (100 ms an
+/// answer, 16 answers). The agent's `socket` off-CPU time of the caller is the time the caller measured around
 /// its requests less the CPU time they used, within what its wake-ups waited for a CPU
 /// (counted as `runqueue`: 5% is generous) and 1 ms of clock reads.
 #[test]
@@ -533,7 +533,8 @@ fn agent_exports_off_cpu_time_by_state() {
     require_root();
     let dir = scratch("agent-offcpu");
     let http = free_port();
-    let config = agent_config(&dir, http, "export_interval: 1s\noff_cpu:\n  enabled: true\n");
+    let config =
+        agent_config(&dir, http, "export_interval: 1s\noff_cpu:\n  enabled: true\n  waits: followed\n");
     let agent = agent_without_otlp(&config);
     wait_ready(http);
     assert_sampler_policy(agent.id(), realtime_allowed());
@@ -648,7 +649,7 @@ fn agent_exports_gil_held_time() {
     );
 }
 
-/// `off_cpu.enabled`: a process whose threads blocked before the agent started
+/// `off_cpu.enabled`, `waits: followed`: a process whose threads blocked before the agent started
 /// (blocked_before.py: the main thread asleep, one on a lock, one reading a silent peer).
 /// No switch of theirs is ever seen, yet each wait counts from the agent's start: read
 /// about 4 s after the agent was ready, each state has grown by at most the time since
@@ -666,7 +667,8 @@ fn waits_under_way_when_the_agent_starts_are_counted() {
     let mut line = String::new();
     std::io::BufRead::read_line(&mut std::io::BufReader::new(blocked.stdout.take().unwrap()), &mut line)
         .unwrap();
-    let config = agent_config(&dir, http, "export_interval: 1s\noff_cpu:\n  enabled: true\n");
+    let config =
+        agent_config(&dir, http, "export_interval: 1s\noff_cpu:\n  enabled: true\n  waits: followed\n");
     let agent = agent_without_otlp(&config);
     wait_ready(http);
     let ready = Instant::now();

@@ -73,7 +73,7 @@ fn socket_wait_is_the_callers_wait(version: &str) {
     let (folded, err, stdout, steal) = record_command(
         "off-cpu",
         "99",
-        &[],
+        &FOLLOWED,
         &[py.to_str().unwrap(), fixture("upstream.py").to_str().unwrap(), "call", &port, "8"],
     );
     let _ = upstream.kill();
@@ -143,6 +143,22 @@ fn budget_line(err: &str) -> Budget<'_> {
     }
 }
 
+/// The summary's line on waits sampled by the clock (`--waits sampled`): "... (SAMPLES
+/// samples, ...; RUNS runs GAP ms apart on average, ...": the samples, the mean time
+/// between the sampler's runs in seconds, and the line.
+fn sampled_line(err: &str) -> (f64, f64, &str) {
+    let line = err
+        .lines()
+        .find(|l| l.contains("no switch followed (--waits sampled)"))
+        .unwrap_or_else(|| panic!("no line on sampled waits: {err}"));
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let number =
+        |i: usize| -> f64 { words.get(i).and_then(|w| w.trim_start_matches('(').parse().ok()).expect(line) };
+    let before =
+        |what: &str| words.iter().position(|w| *w == what).unwrap_or_else(|| panic!("no {what}: {line}"));
+    (number(before("samples,") - 1), number(before("runs") + 1) / 1e3, line)
+}
+
 /// How far the wall-clock sampler's estimate of the time of `waits` waits may lie from
 /// their time, its runs `gap` seconds apart on average (a period drawn from 0.5-1.5 times
 /// the one asked): a sample counts the time since the one before for the state it finds,
@@ -177,33 +193,52 @@ fn slow_upstream(py: &std::path::Path) -> (Child, String) {
 /// CPU time (which includes its waits for the GIL after each answer), and the steal.
 #[test]
 fn socket_waits_over_a_switch_budget_are_sampled_by_the_clock() {
+    socket_waits_sampled_by_the_clock(&["--waits", "followed", "--switch-budget", "10"]);
+}
+
+/// By default (`--waits sampled`) no switch is followed: every thread's time off the CPU
+/// is the sampler's, within the same bounds, and the summary says so.
+#[test]
+fn socket_waits_are_sampled_by_the_clock_by_default() {
+    socket_waits_sampled_by_the_clock(&[]);
+}
+
+fn socket_waits_sampled_by_the_clock(extra: &[&str]) {
     require_root();
     let py = python("3.12.1");
     let (mut upstream, port) = slow_upstream(&py);
     let (folded, err, stdout, steal) = record_command(
         "off-cpu",
         "99",
-        &["--switch-budget", "10"],
+        extra,
         &[py.to_str().unwrap(), fixture("upstream.py").to_str().unwrap(), "call", &port, "8", "busy"],
     );
     let _ = upstream.kill();
     let _ = upstream.wait();
-    let b = budget_line(&err);
-    assert!(
-        b.skipped >= 0.5 * b.all && b.samples > 0.0,
-        "the threads' switches were not left to the clock: {}",
-        b.line
-    );
+    let (gap, line) = if !extra.contains(&"followed") {
+        let (samples, gap, line) = sampled_line(&err);
+        assert!(samples > 0.0, "no samples: {line}");
+        assert!(!err.contains("switches of target threads followed"), "no switch is followed: {err}");
+        (gap, line)
+    } else {
+        let b = budget_line(&err);
+        assert!(
+            b.skipped >= 0.5 * b.all && b.samples > 0.0,
+            "the threads' switches were not left to the clock: {}",
+            b.line
+        );
+        (b.gap, b.line)
+    };
     // Where the tests may, it samples at real-time priority: on time next to a CPU hog,
     // whose pull on a sampler of the normal class would make its samples fall on the
     // caller's waits more than their share (they come late while the caller runs); where
     // they may not, the summary says so.
-    assert_eq!(!b.line.contains("no real-time priority"), realtime_allowed(), "{}", b.line);
+    assert_eq!(!line.contains("no real-time priority"), realtime_allowed(), "{line}");
     let (waited, cpu) = (reported(&stdout, "waited"), reported(&stdout, "cpu"));
     let peer = format!("[socket 127.0.0.1:{port}]");
     let in_python = get(&states(&folded, "call_upstream"), &peer);
     let socket = get(&states(&folded, ""), &peer);
-    let bound = sampling_bound(16.0, b.gap);
+    let bound = sampling_bound(16.0, gap);
     eprintln!(
         "caller waited {waited:.4} s, ran {cpu:.4} s of it; stoker: {socket:.4} s on the socket, {in_python:.4} s in call_upstream (sampling bound {bound:.3} s)"
     );
@@ -257,7 +292,7 @@ fn fast_threads_are_sampled_by_the_clock(version: &str, parent: bool) {
     if parent {
         command.splice(0..0, [py, parent_of.to_str().unwrap()]);
     }
-    let extra: &[&str] = if parent { &["--subprocesses"] } else { &[] };
+    let extra: &[&str] = if parent { &["--waits", "followed", "--subprocesses"] } else { &FOLLOWED };
     let (folded, err, stdout, steal) = record_command("off-cpu", "99", extra, &command);
     let b = budget_line(&err);
     let (left_out, visits, line) = (b.left_out, b.visits, b.line);
@@ -344,6 +379,10 @@ fn gil_wait_share(version: &str, extra: &[&str]) {
     // jitter on who holds the GIL.
     let exact = extra == EVERY_SWITCH;
     let tolerance = if exact { 0.05 } else { 0.15 };
+    if !extra.contains(&"followed") {
+        let (samples, _, line) = sampled_line(&err);
+        assert!(samples > 0.0, "no samples: {line}");
+    }
     if extra.contains(&"--switch-budget") && !exact {
         let b = budget_line(&err);
         assert!(
@@ -370,7 +409,9 @@ fn gil_wait_share(version: &str, extra: &[&str]) {
 }
 
 /// `record` options that follow every switch of the targets (no budget): every wait exact.
-const EVERY_SWITCH: [&str; 2] = ["--switch-budget", "0"];
+const EVERY_SWITCH: [&str; 4] = ["--waits", "followed", "--switch-budget", "0"];
+/// `record` options that follow the switches of the targets within the default budget.
+const FOLLOWED: [&str; 2] = ["--waits", "followed"];
 
 #[test]
 fn gil_wait_share_3_8() {
@@ -380,7 +421,7 @@ fn gil_wait_share_3_8() {
 /// With the default switch budget (the threads may exceed it: their waits are then sampled).
 #[test]
 fn gil_wait_share_3_12() {
-    gil_wait_share("3.12.1", &[]);
+    gil_wait_share("3.12.1", &FOLLOWED);
 }
 
 /// The same with a switch budget the threads exceed (each hands the GIL over hundreds of
@@ -388,7 +429,14 @@ fn gil_wait_share_3_12() {
 /// waits, and the estimates meet the same bounds; the summary says the waits were sampled.
 #[test]
 fn gil_wait_share_sampled_over_a_switch_budget() {
-    gil_wait_share("3.12.1", &["--switch-budget", "50"]);
+    gil_wait_share("3.12.1", &["--waits", "followed", "--switch-budget", "50"]);
+}
+
+/// The same by default (`--waits sampled`): no switch followed, every wait the sampler's
+/// estimate; the summary says so.
+#[test]
+fn gil_wait_share_with_waits_sampled() {
+    gil_wait_share("3.12.1", &[]);
 }
 
 #[test]
@@ -408,7 +456,7 @@ fn gil_waits_after_an_exec_are_the_new_programs() {
     let (folded, err, stdout, _) = record_command(
         "wall",
         "499",
-        &[],
+        &FOLLOWED,
         &[old.to_str().unwrap(), fixture("gil_exec.py").to_str().unwrap(), new.to_str().unwrap(), "3", "2"],
     );
     let by_state = states(&folded, "burn (gil_threads.py");
@@ -789,6 +837,7 @@ fn waits_under_way_at_the_start_are_counted() {
         let which = if all_python { vec!["--all-python"] } else { vec!["--pid", &pid] };
         let run = Command::new(STOKER)
             .args(["record", "-m", "wall", "-d", "2", "-f", "folded", "-o", out.to_str().unwrap()])
+            .args(FOLLOWED)
             .args(&which)
             .stdin(Stdio::null())
             .output()

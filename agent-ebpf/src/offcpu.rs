@@ -33,6 +33,10 @@ pub const MAP_OFF_BUDGET: &str = "OFF_BUDGET";
 /// met fast threads or its bit is set: one whose threads all keep within the budget costs
 /// it nothing.
 pub const MAP_OFF_FAST_PROCS: &str = "OFF_FAST_PROCS";
+/// What `MAP_OFF_BUDGET`'s first slot holds when no switch is followed (`--waits sampled`,
+/// the switch program not attached): the wall-clock sampler counts the time off the CPU of
+/// every target thread, not only the fast ones.
+pub const SAMPLE_EVERY_THREAD: u64 = u64::MAX;
 /// Length of the windows in which a thread's switches are counted.
 pub const OFF_WINDOW_NS: u64 = 1_000_000_000;
 

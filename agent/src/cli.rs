@@ -142,12 +142,20 @@ pub struct RecordArgs {
     /// most in it (`100ms`, `0.5s`, or a bare number of seconds); 0 turns it off.
     #[arg(long, value_name = "DURATION", default_value = "100ms", value_parser = parse_threshold)]
     pub loop_block_threshold: std::time::Duration,
-    /// Wall-clock and off-CPU modes: follow every switch off the CPU of a target thread
-    /// (each wait exact) while it has at most this many a second on a CPU; a thread that
-    /// switches faster has its time off the CPU sampled by the clock at the sampling rate
-    /// instead, as py-spy's --idle does (the summary says when); 0: every switch.
+    /// Wall-clock and off-CPU modes with `--waits followed`: follow every switch off the CPU
+    /// of a target thread (each wait exact) while it has at most this many a second on a
+    /// CPU; a thread that switches faster has its time off the CPU sampled by the clock at
+    /// the sampling rate instead, as py-spy's --idle does (the summary says when); 0: every
+    /// switch.
     #[arg(long, value_name = "PER_SECOND", default_value_t = stoker::record::DEFAULT_SWITCH_BUDGET)]
     pub switch_budget: u32,
+    /// Wall-clock and off-CPU modes: `sampled` samples every target thread's time off the
+    /// CPU by the clock at the sampling rate, with its state and stacks, and runs nothing on
+    /// context switches; `followed` follows every switch off the CPU of a target thread
+    /// (within --switch-budget), each wait exact, with a program on every context switch of
+    /// the host (see the README for both costs).
+    #[arg(long, value_enum, default_value_t)]
+    pub waits: stoker::record::Waits,
     /// Command to launch and profile, after `--`.
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,

@@ -164,6 +164,7 @@ fn record_cmd(args: RecordArgs) -> ExitCode {
         gil: args.gil,
         loop_block_threshold: Some(args.loop_block_threshold).filter(|d| !d.is_zero()),
         switch_budget: args.switch_budget,
+        waits: args.waits,
     };
     match record::run(&opts) {
         Ok(summary) => {

@@ -8,7 +8,7 @@
 //! off the CPU instead.
 use agent_ebpf::{
     NO_OFFSET, NO_STACK, OFF_PACE_SLOTS, OFF_WINDOW_NS, OffConfig, OffKey, OffPace, OffThread, OffTime,
-    PY_GIL_SIZE, PyProc, SampleKey, SampledThread, reason, split_wait, stat,
+    PY_GIL_SIZE, PyProc, SAMPLE_EVERY_THREAD, SampleKey, SampledThread, reason, split_wait, stat,
 };
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, pt_regs},
@@ -699,7 +699,10 @@ pub extern "C" fn off_cpu_sample(ctx: *const IterTask) -> i32 {
 fn sample_thread(task: *const u8) -> Result<(), i64> {
     let tgid: u32 = typed_field(task, config(&OFF_CONFIG.task_tgid))?;
     let tid: u32 = typed_field(task, config(&OFF_CONFIG.task_pid))?;
-    if tid == 0 || !is_target(tgid) || !is_fast(tid) {
+    if tid == 0 || !is_target(tgid) {
+        return Ok(());
+    }
+    if !is_fast(tid) && OFF_BUDGET.get(0).is_none_or(|&b| b != SAMPLE_EVERY_THREAD) {
         return Ok(());
     }
     // Counted for userspace, which visits a process again while it has fast threads.

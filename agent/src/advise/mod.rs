@@ -116,6 +116,7 @@ pub fn run(opts: &AdviseOptions) -> Result<Advice> {
         gil: false,
         loop_block_threshold: Some(Duration::from_millis(100)),
         switch_budget: record::DEFAULT_SWITCH_BUDGET,
+        waits: crate::collect::Waits::default(),
     };
     let summary = record::run(&record)?;
     let mut advice = advise(&summary);

@@ -12,7 +12,7 @@ use crate::programs::KernelPrograms;
 pub use self::{
     stacks::{Collector, View},
     tracker::Tracker,
-    wall::{Mode, PythonThreads},
+    wall::{Mode, PythonThreads, Waits},
 };
 
 /// When to name new stacks: as soon as the kernel added keys (a short-lived process's code

@@ -68,7 +68,7 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
         false => None,
     };
     if config.off_cpu.enabled {
-        if let Err(e) = kernel.watch_off_cpu(config.off_cpu.switch_budget) {
+        if let Err(e) = kernel.watch_off_cpu(config.off_cpu.waits, config.off_cpu.switch_budget) {
             tracing::warn!("off-CPU time is off: {e}");
         }
         let threshold = config.off_cpu.loop_block_threshold;

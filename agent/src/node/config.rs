@@ -169,6 +169,10 @@ pub struct OffCpu {
     /// that switches faster has its time off the CPU sampled by the clock at the sampling
     /// rate instead (0: every switch).
     pub switch_budget: u32,
+    /// `sampled` (every thread's time off the CPU sampled by the clock; no program on
+    /// switches) or `followed` (every switch off the CPU within `switch_budget`, each wait
+    /// exact).
+    pub waits: crate::collect::Waits,
 }
 
 impl Default for OffCpu {
@@ -177,6 +181,7 @@ impl Default for OffCpu {
             enabled: false,
             loop_block_threshold: Duration::from_millis(100),
             switch_budget: crate::programs::offcpu::DEFAULT_SWITCH_BUDGET,
+            waits: crate::collect::Waits::default(),
         }
     }
 }

@@ -180,6 +180,9 @@ pub struct KernelPrograms {
     execs: Option<aya::maps::RingBuf<MapData>>,
     /// The off-CPU programs are attached (see `watch_off_cpu`), and what they were told.
     watching_off_cpu: bool,
+    /// No switch is followed: the wall-clock sampler counts every target thread's time off
+    /// the CPU (`Waits::Sampled`).
+    sampled_waits: bool,
     off_config: agent_ebpf::OffConfig,
     /// Blocked event-loop stretches (see `watch_loops`).
     loop_blocks: Option<aya::maps::RingBuf<MapData>>,
@@ -302,6 +305,7 @@ impl KernelPrograms {
             following: false,
             execs: None,
             watching_off_cpu: false,
+            sampled_waits: false,
             off_config,
             loop_blocks: None,
             stats_fd: None,

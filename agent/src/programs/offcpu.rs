@@ -2,7 +2,8 @@
 //! BTF members), attaching them, and reading the waits they aggregated.
 use agent_ebpf::{
     MAP_OFF_BUDGET, MAP_OFF_COUNTS, MAP_OFF_PENDING, MAP_OFF_THREADS, NO_OFFSET, OffConfig, OffKey,
-    OffThread, OffTime, PROG_OFF_CPU_SAMPLE, PROG_SCHED_SWITCH, budget_per_window, split_wait,
+    OffThread, OffTime, PROG_OFF_CPU_SAMPLE, PROG_SCHED_SWITCH, SAMPLE_EVERY_THREAD, budget_per_window,
+    split_wait,
 };
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuHashMap},
@@ -11,6 +12,7 @@ use aya::{
 
 use super::{KernelPrograms, attach, bits::TargetBits};
 use crate::{
+    collect::Waits,
     error::{Error, Result, one_line},
     sys::btf::Btf,
 };
@@ -79,12 +81,26 @@ pub(crate) fn config(btf: Option<&Btf>, measure_cost: bool) -> OffConfig {
     c
 }
 
+/// An error naming the first of these members (offset, name) the kernel's BTF lacks.
+fn require(needed: &[(u32, &str)]) -> Result<()> {
+    match needed.iter().find(|(offset, _)| *offset == NO_OFFSET) {
+        Some((_, what)) => {
+            Err(Error::KernelFeature { feature: "kernel BTF", detail: format!("{what} not found") })
+        }
+        None => Ok(()),
+    }
+}
+
 impl KernelPrograms {
     /// Starts following target threads off the CPU (raw tracepoint `sched_switch`): every
     /// wait, but of a thread that switched more than `budget` times a second (0: no limit)
     /// in its previous second on a CPU (or in the current one), whose time off the CPU the
-    /// wall-clock sampler counts instead (started with the CPU sampling, `start`).
-    pub fn watch_off_cpu(&mut self, budget: u32) -> Result<()> {
+    /// wall-clock sampler counts instead (started with the CPU sampling, `start`). With
+    /// `Waits::Sampled`, no switch is followed: the sampler counts every target thread's.
+    pub fn watch_off_cpu(&mut self, waits: Waits, budget: u32) -> Result<()> {
+        if waits == Waits::Sampled {
+            return self.sample_off_cpu();
+        }
         let feature = "the sched_switch raw tracepoint (Linux 5.18+)";
         let c = &self.off_config;
         let needed = [
@@ -96,13 +112,8 @@ impl KernelPrograms {
             (c.cfs_rq_rq, "cfs_rq.rq (CONFIG_FAIR_GROUP_SCHED)"),
             (c.rq_clock, "rq.clock"),
         ];
-        if let Some((_, what)) = needed.iter().find(|(offset, _)| *offset == NO_OFFSET) {
-            return Err(Error::KernelFeature { feature: "kernel BTF", detail: format!("{what} not found") });
-        }
-        let mut limit: Array<&mut MapData, u64> = self.map_mut(MAP_OFF_BUDGET)?;
-        limit
-            .set(0, budget_per_window(budget), 0)
-            .map_err(|e| Error::Ebpf { what: "setting the switch budget", detail: one_line(&e) })?;
+        require(&needed)?;
+        self.set_budget(budget_per_window(budget))?;
         let name = PROG_SCHED_SWITCH;
         let prog: &mut RawTracePoint = self
             .ebpf
@@ -128,15 +139,44 @@ impl KernelPrograms {
                 }
                 Err(e) => {
                     tracing::warn!("threads that switch fast are followed in full: {e}");
-                    let mut limit: Array<&mut MapData, u64> = self.map_mut(MAP_OFF_BUDGET)?;
-                    limit.set(0, 0, 0).map_err(|e| Error::Ebpf {
-                        what: "setting the switch budget",
-                        detail: one_line(&e),
-                    })?;
+                    self.set_budget(0)?;
                 }
             }
         }
         Ok(())
+    }
+
+    /// Starts the wall-clock sampler over every target thread, with no program on context
+    /// switches (`Waits::Sampled`).
+    fn sample_off_cpu(&mut self) -> Result<()> {
+        let c = &self.off_config;
+        let needed = [
+            (c.task_pid, "task_struct.pid"),
+            (c.task_tgid, "task_struct.tgid"),
+            (c.task_state, "task_struct.__state"),
+            (c.task_on_cpu, "task_struct.on_cpu"),
+            (c.task_sum_exec, "sched_entity.sum_exec_runtime"),
+        ];
+        require(&needed)?;
+        self.set_budget(SAMPLE_EVERY_THREAD)?;
+        let fd = self.load_wall_sampler()?;
+        self.wall_prog = Some(fd);
+        self.watching_off_cpu = true;
+        self.sampled_waits = true;
+        self.start_wall_sampler()
+    }
+
+    /// Sets the first slot of `MAP_OFF_BUDGET`: the switch budget per window, or
+    /// `SAMPLE_EVERY_THREAD`.
+    fn set_budget(&mut self, value: u64) -> Result<()> {
+        let mut slot: Array<&mut MapData, u64> = self.map_mut(MAP_OFF_BUDGET)?;
+        slot.set(0, value, 0)
+            .map_err(|e| Error::Ebpf { what: "setting the switch budget", detail: one_line(&e) })
+    }
+
+    /// Whether waits are sampled by the clock only (`Waits::Sampled`).
+    pub fn sampled_waits(&self) -> bool {
+        self.sampled_waits
     }
 
     /// Loads the wall-clock sampler's task iterator (sleepable: Linux 5.18+ reads another
@@ -164,7 +204,8 @@ impl KernelPrograms {
     /// or CPU sample, and the final read up to its end. False when the kernel already has a
     /// wait of the thread (it switched meanwhile), or off-CPU times are not watched.
     pub fn enter_wait(&mut self, tid: u32, wait: &OffThread) -> Result<bool> {
-        if !self.watching_off_cpu {
+        // Sampled waits: the sampler counts a wait under way from its first run.
+        if !self.watching_off_cpu || self.sampled_waits {
             return Ok(false);
         }
         let mut threads: HashMap<&mut MapData, u32, OffThread> = self.map_mut(MAP_OFF_THREADS)?;

@@ -17,7 +17,7 @@ use std::{
 
 use agent_ebpf::{TARGET_FOLLOW, TARGET_SAMPLE};
 
-pub use crate::collect::Mode;
+pub use crate::collect::{Mode, Waits};
 pub use crate::programs::offcpu::DEFAULT_SWITCH_BUDGET;
 
 use self::{status::StatusLine, target::Target};
@@ -70,6 +70,8 @@ pub struct RecordOptions {
     /// under 1 ms per second (per CPU) followed in full (0: every one); beyond it they are
     /// sampled. Other waits are always followed.
     pub switch_budget: u32,
+    /// Wall-clock and off-CPU modes: waits followed switch by switch, or sampled by the clock.
+    pub waits: crate::collect::Waits,
 }
 
 /// The output file of a session that failed before writing it: removed, not left empty.
@@ -126,6 +128,11 @@ pub struct Summary {
     pub sampler_kernel_cost: Option<(Duration, u64)>,
     /// The switch budget the off-CPU program kept to (0: none).
     pub switch_budget: u32,
+    /// No switch was followed: every target thread's time off the CPU was sampled by the
+    /// clock (`--waits sampled`).
+    pub sampled_waits: bool,
+    /// The sampling rate asked for.
+    pub rate_hz: u64,
     /// CPU seconds each given or launched process used during the session, by the kernel's
     /// accounting (exact, where samples / rate is an estimate).
     pub cpu: Vec<(u32, f64)>,
@@ -227,7 +234,7 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
     }
     // `--gil` measures the waits for the GIL too.
     if opts.mode != Mode::Cpu || opts.gil {
-        kernel.watch_off_cpu(opts.switch_budget)?;
+        kernel.watch_off_cpu(opts.waits, opts.switch_budget)?;
     }
     // A target that execs is looked at as the new program starts; with --all-python so is
     // every new process.
@@ -308,7 +315,7 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
     // The threads blocked since before the session (seen by no switch yet) of the given
     // processes, and with --all-python of the Python processes running: their waits count
     // from now, each with its reason and Python stack.
-    let waits_entered = if opts.mode != Mode::Cpu {
+    let waits_entered = if opts.mode != Mode::Cpu && !kernel.sampled_waits() {
         tracker.update(&mut kernel, &mut collector)?;
         let mut given: Vec<u32> = targets
             .iter()
@@ -533,6 +540,8 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
         off_kernel_cost,
         sampler_kernel_cost,
         switch_budget: opts.switch_budget,
+        sampled_waits: kernel.sampled_waits(),
+        rate_hz: opts.rate_hz,
         cpu: cpu.into_iter().filter_map(|(pid, start, last)| Some((pid, last? - start?))).collect(),
         cgroups: cgroups
             .into_iter()
@@ -746,6 +755,20 @@ impl Summary {
                 self.stats.off_stacks_recent,
                 crate::programs::offcpu::RECENT.as_millis(),
                 self.stats.off_from_run_time
+            );
+        }
+        if self.sampled_waits {
+            let timing = self.stats.wall_timing;
+            let _ = writeln!(
+                s,
+                "  off-CPU: waits sampled by the clock, no switch followed (--waits sampled): every target thread's time off the CPU taken at {} Hz ({} samples, {} with the Python stack walked; {} runs {:.1} ms apart on average, {:.1} ms at most{}); a wait shorter than that counts as the samples that fall in it (--waits followed times each one)",
+                self.rate_hz,
+                self.stats.off_time_samples,
+                self.stats.off_sample_walks,
+                timing.runs,
+                timing.mean_gap.as_secs_f64() * 1e3,
+                timing.longest_gap.as_secs_f64() * 1e3,
+                if timing.realtime { "" } else { ", late while the CPUs were busy: no real-time priority" },
             );
         }
         if self.stats.off_sampled_out > 0 {
