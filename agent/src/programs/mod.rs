@@ -521,6 +521,9 @@ impl KernelPrograms {
             Err(e) => return Err(Error::Ebpf { what: "cannot add a target process", detail: one_line(&e) }),
         }
         self.bits.set(pid);
+        if let Some(sampler) = &self.wall {
+            sampler.targets_added();
+        }
         Ok(())
     }
 

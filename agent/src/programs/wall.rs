@@ -65,6 +65,10 @@ pub struct Visits {
     gaps_ns: AtomicU64,
     longest_ns: AtomicU64,
     realtime: AtomicBool,
+    /// Set as a target is added: the targets map is read again at the next run, not up to
+    /// `TARGETS_EVERY` later (a process found while it runs, as the agent finds them, has its
+    /// waits sampled from then on).
+    new_targets: AtomicBool,
 }
 
 /// How the sampler's runs kept time: each sample weighs the time since the run before, so
@@ -122,6 +126,11 @@ impl Sampler {
             .spawn(move || run(prog, targets, budget, &fast_procs, period, &flag, &counts))
             .map_err(|e| Error::Ebpf { what: "starting the wall-clock sampler", detail: e.to_string() })?;
         Ok(Sampler { stop, thread: Some(thread), visits })
+    }
+
+    /// A target was added: it is linked at the next run.
+    pub fn targets_added(&self) {
+        self.visits.new_targets.store(true, Ordering::Relaxed);
     }
 
     /// The process visits made and left out so far.
@@ -219,7 +228,8 @@ fn run(
             placed = now;
             p.update();
         }
-        if looked.is_none_or(|t| now.duration_since(t) >= TARGETS_EVERY) {
+        let added = visits.new_targets.swap(false, Ordering::Relaxed);
+        if added || looked.is_none_or(|t| now.duration_since(t) >= TARGETS_EVERY) {
             looked = Some(now);
             let pids: HashSet<u32> = targets.keys().filter_map(|k| k.ok()).collect();
             links.retain(|pid, _| pids.contains(pid));
