@@ -2,11 +2,11 @@
 //! constants of the shared library so userspace finds them.
 use agent_ebpf::{
     COUNTS_CAPACITY, EXECS_RING_BYTES, LOOPS_CAPACITY, LoopBlock, LoopThread, NET_ACCEPTING_CAPACITY,
-    NET_CONNS_CAPACITY, NET_HEAD_BUF, NET_READY_SLOTS, NET_RING_SLOTS, NET_SK_BITS_WORDS, NET_SOCKS_CAPACITY,
-    NEW_KEYS_RING_BYTES, NetConn, NetEvent, NetReady, NetSkState, NewKey, OFF_COUNTS_CAPACITY,
-    OFF_PACE_SLOTS, OFF_THREADS_CAPACITY, OffKey, OffPace, OffThread, OffTime, PY_CODE_LINES_CAPACITY,
-    PY_FRAME_CHUNK, PY_STACKS_CAPACITY, PY_THREADS_CAPACITY, PyProc, PyStack, PyWindow, STACKS_CAPACITY,
-    SampleKey, TARGET_BITS_WORDS, TARGETS_CAPACITY, stat,
+    NET_CONN_SLOT_COUNT, NET_HEAD_BUF, NET_READY_SLOTS, NET_RING_SLOTS, NET_SK_BITS_WORDS,
+    NET_SK_STATE_CAPACITY, NET_SOCKS_CAPACITY, NEW_KEYS_RING_BYTES, NetConnSlot, NetEvent, NetReady,
+    NetSkState, NewKey, OFF_COUNTS_CAPACITY, OFF_PACE_SLOTS, OFF_THREADS_CAPACITY, OffKey, OffPace,
+    OffThread, OffTime, PY_CODE_LINES_CAPACITY, PY_FRAME_CHUNK, PY_STACKS_CAPACITY, PY_THREADS_CAPACITY,
+    PyProc, PyStack, PyWindow, STACKS_CAPACITY, SampleKey, TARGET_BITS_WORDS, TARGETS_CAPACITY, stat,
 };
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
@@ -109,9 +109,11 @@ pub static FRAME_BUF: PerCpuArray<[u8; PY_FRAME_CHUNK + 8]> = PerCpuArray::with_
 #[map]
 pub static PY_WINDOW_BUF: PerCpuArray<PyWindow> = PerCpuArray::with_max_entries(1, 0);
 
-/// Tracked sockets of target processes: (tgid << 32 | fd) -> state.
+/// Tracked sockets of target processes (see `MAP_NET_CONN_SLOTS`). Mappable: stoker adds
+/// the connections a process had open before the session, and frees those of a process
+/// that exited, in place.
 #[map]
-pub static NET_CONNS: HashMap<u64, NetConn> = HashMap::with_max_entries(NET_CONNS_CAPACITY, 0);
+pub static NET_CONN_SLOTS: Array<NetConnSlot> = Array::with_max_entries(NET_CONN_SLOT_COUNT, BPF_F_MMAPABLE);
 
 /// TCP sockets of target processes from SYN sent to close: socket address -> state.
 #[map]
@@ -121,10 +123,6 @@ pub static NET_SOCKS: HashMap<u64, NetSock> = HashMap::with_max_entries(NET_SOCK
 #[map]
 pub static NET_EVENTS: Array<NetEvent> = Array::with_max_entries(NET_RING_SLOTS + 1, BPF_F_MMAPABLE);
 
-/// One connection state per CPU being built before insertion: too large for the BPF stack.
-#[map]
-pub static NET_CONN_SCRATCH: PerCpuArray<NetConn> = PerCpuArray::with_max_entries(1, 0);
-
 /// A response's first bytes being searched for its framing, one buffer per CPU (see
 /// `NET_HEAD_LEN`): too large for the BPF stack.
 #[map]
@@ -132,7 +130,7 @@ pub static NET_HEAD: PerCpuArray<[u8; NET_HEAD_BUF]> = PerCpuArray::with_max_ent
 
 /// Servers' sockets: queue and stall state (see `MAP_NET_SK_STATE`).
 #[map]
-pub static NET_SK_STATE: LruHashMap<u64, NetSkState> = LruHashMap::with_max_entries(NET_CONNS_CAPACITY, 0);
+pub static NET_SK_STATE: LruHashMap<u64, NetSkState> = LruHashMap::with_max_entries(NET_SK_STATE_CAPACITY, 0);
 
 /// Servers' sockets: when their unread bytes arrived, a slot per socket address
 /// (`ready_slot`). A socket whose slot another server's socket took keeps it in

@@ -1,8 +1,11 @@
 //! Network, shared with userspace: the per-connection request state and the events the
 //! network programs (`programs/net*.rs`, `programs/tcp_state.rs`) send through per-CPU rings.
 
-/// Network: per-connection request state, (tgid << 32 | fd) -> `NetConn`.
-pub const MAP_NET_CONNS: &str = "NET_CONNS";
+/// Network: per-connection request state, `NetConnSlot`s of key (tgid << 32 | fd) in an
+/// open-addressed table: the first of the slots `conn_slot(key, 0..NET_CONN_PROBES)` that
+/// holds the key. A read or write finds its connection with array look-ups the verifier
+/// inlines (a hash map's look-up cost each of them as much as the rest of its run).
+pub const MAP_NET_CONN_SLOTS: &str = "NET_CONN_SLOTS";
 /// Network: completed requests, connects and closes, as `NetEvent`s in one ring per CPU
 /// (see `NET_RING_SLOTS`).
 pub const MAP_NET_EVENTS: &str = "NET_EVENTS";
@@ -116,8 +119,8 @@ pub const NET_ACCEPTING_CAPACITY: u32 = 8 * 1024;
 /// Global set by the loader: record field offsets and kernel struct offsets (`NetOffsets`).
 pub const GLOBAL_NET_OFFSETS: &str = "NET_OFFSETS";
 
-/// Capacity of the per-connection state map (open sockets of target processes).
-pub const NET_CONNS_CAPACITY: u32 = 16 * 1024;
+/// Capacity of the per-socket state map (`MAP_NET_SK_STATE`): as many as connections.
+pub const NET_SK_STATE_CAPACITY: u32 = NET_CONN_SLOT_COUNT;
 /// Capacity of the connecting/established TCP sockets map (client connections).
 pub const NET_SOCKS_CAPACITY: u32 = 16 * 1024;
 /// Events each CPU's ring holds between two drains. `NET_EVENTS` is a memory-mappable array
@@ -298,6 +301,44 @@ pub struct NetConn {
     pub path: [u8; NET_PATH_LEN],
 }
 const _: () = assert!(core::mem::size_of::<NetConn>() == 48 + 16 + 4 + 20 + 32 + 24 + 64);
+
+/// Slots of `MAP_NET_CONN_SLOTS` (a power of two): 3.4 MiB.
+pub const NET_CONN_SLOT_COUNT: u32 = 16 * 1024;
+const _: () = assert!(NET_CONN_SLOT_COUNT.is_power_of_two(), "indexed by masking");
+/// Slots a connection may take, from `conn_slot(key, 0)` on: a connection that finds them
+/// all taken is not followed (and counted, `stat::NET_CONNS_FULL`).
+pub const NET_CONN_PROBES: u32 = 4;
+
+/// `NetConnSlot::key` of a free slot.
+pub const NET_SLOT_FREE: u64 = 0;
+/// `NetConnSlot::key` of a slot whose connection is being written: nobody's until the
+/// writer stores its key.
+pub const NET_SLOT_BUSY: u64 = u64::MAX;
+
+/// A connection's state in its slot: `key` (tgid << 32 | fd) says whose it is. Taken and
+/// given back with compare-and-exchange on `key`: by the programs at accept, connect and
+/// close, and by stoker for connections opened before the session and for a process that
+/// exited.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct NetConnSlot {
+    pub key: u64,
+    pub conn: NetConn,
+}
+const _: () = assert!(core::mem::size_of::<NetConnSlot>() == 8 + core::mem::size_of::<NetConn>());
+
+// SAFETY: `repr(C)`, a `u64` and a `NetConn` (Pod, a multiple of 8 bytes), no padding (size
+// asserted): any bit pattern is a valid value.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for NetConnSlot {}
+
+/// Slot `probe` (`0..NET_CONN_PROBES`) of connection `key` (tgid << 32 | fd): from the
+/// descriptor spread by the process, on.
+#[inline(always)]
+pub fn conn_slot(key: u64, probe: u32) -> u32 {
+    let (tgid, fd) = ((key >> 32) as u32, key as u32);
+    fd.wrapping_add(tgid.wrapping_mul(0x9e37_79b1)).wrapping_add(probe) & (NET_CONN_SLOT_COUNT - 1)
+}
 
 /// `NetConn::sk` of a connection adopted from /proc, which does not say where its socket is:
 /// the program looks it up at the connection's first data call, in the owner's context

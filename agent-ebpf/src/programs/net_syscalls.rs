@@ -1,9 +1,10 @@
 //! Request/response timing per (process, socket) from the socket system calls of target
 //! processes: accept/connect make a socket tracked, reads and writes move its request state.
 use agent_ebpf::{
-    NET_EVENT_ACCEPT, NET_FRAMING_CHUNKED, NET_FRAMING_HEAD, NET_FRAMING_LENGTH, NET_FRAMING_NONE,
-    NET_PHASE_IDLE, NET_PHASE_REQUEST, NET_PHASE_RESPONSE, NET_QUEUE_UNKNOWN, NET_ROLE_CLIENT,
-    NET_ROLE_SERVER, NET_SK_ADOPTED, NetConn, NetSkState, http_method, stat,
+    NET_CONN_PROBES, NET_EVENT_ACCEPT, NET_FRAMING_CHUNKED, NET_FRAMING_HEAD, NET_FRAMING_LENGTH,
+    NET_FRAMING_NONE, NET_PHASE_IDLE, NET_PHASE_REQUEST, NET_PHASE_RESPONSE, NET_QUEUE_UNKNOWN,
+    NET_ROLE_CLIENT, NET_ROLE_SERVER, NET_SK_ADOPTED, NET_SLOT_BUSY, NET_SLOT_FREE, NetConn, NetSkState,
+    conn_slot, http_method, stat,
 };
 use aya_ebpf::{
     bindings::pt_regs,
@@ -21,8 +22,8 @@ use super::{
     sysno,
 };
 use crate::maps::{
-    NET_ACCEPTING, NET_CONN_SCRATCH, NET_CONNS, NET_SK_STATE, bump, is_target, ready_slot, sk_mark,
-    sk_mark_stall, sk_maybe_tracked,
+    NET_ACCEPTING, NET_CONN_SLOTS, NET_SK_STATE, bump, is_target, ready_slot, sk_mark, sk_mark_stall,
+    sk_maybe_tracked,
 };
 
 const EINPROGRESS: i64 = 115;
@@ -32,6 +33,65 @@ const MSGHDR_IOV: u64 = 16;
 #[inline(always)]
 fn conn_key(tgid: u32, fd: u32) -> u64 {
     (u64::from(tgid) << 32) | u64::from(fd)
+}
+
+/// The key word and state of connection `key`'s slot, if it is followed.
+#[inline(always)]
+fn slot_of(key: u64) -> Option<(*mut u64, *mut NetConn)> {
+    for probe in 0..NET_CONN_PROBES {
+        let (k, c) = slot(key, probe)?;
+        // SAFETY: the key word of an array element (`slot`); it changes only atomically
+        // (compare-and-exchange, or the store of its key by the one that took it), which the
+        // volatile load (one aligned word) sees before or after.
+        if unsafe { core::ptr::read_volatile(k) } == key {
+            return Some((k, c));
+        }
+    }
+    None
+}
+
+/// Takes a slot for connection `key` to write its state: the one it still holds (a
+/// descriptor number reused, the close of the last connection with it missed), else the
+/// first free one. Its key word says `NET_SLOT_BUSY` until the writer stores `key`
+/// (`slot_of` finds nobody meanwhile).
+#[inline(always)]
+fn claim_slot(key: u64) -> Option<(*mut u64, *mut NetConn)> {
+    if let Some((k, c)) = slot_of(key)
+        && swap_key(k, key, NET_SLOT_BUSY)
+    {
+        return Some((k, c));
+    }
+    for probe in 0..NET_CONN_PROBES {
+        let (k, c) = slot(key, probe)?;
+        if swap_key(k, NET_SLOT_FREE, NET_SLOT_BUSY) {
+            return Some((k, c));
+        }
+    }
+    None
+}
+
+/// The key word and state of slot `probe` of `key` (`conn_slot`), whoever holds it.
+#[inline(always)]
+fn slot(key: u64, probe: u32) -> Option<(*mut u64, *mut NetConn)> {
+    let s = NET_CONN_SLOTS.get_ptr_mut(conn_slot(key, probe))?;
+    // SAFETY: an element of the array (index checked by the lookup), live and aligned while
+    // the program is loaded: its fields' addresses, not read here.
+    unsafe { Some((core::ptr::addr_of_mut!((*s).key), core::ptr::addr_of_mut!((*s).conn))) }
+}
+
+/// Sets key word `k` to `new` if it is `old`; whether it did.
+#[inline(always)]
+fn swap_key(k: *mut u64, old: u64, new: u64) -> bool {
+    // SAFETY: `k` is a slot's key word (`slot`): live and aligned. Every change of it on
+    // other CPUs and from stoker is atomic, as this compare-and-exchange.
+    unsafe {
+        core::intrinsics::atomic_cxchg::<
+            u64,
+            { core::intrinsics::AtomicOrdering::Relaxed },
+            { core::intrinsics::AtomicOrdering::Relaxed },
+        >(k, old, new)
+    }
+    .1
 }
 
 /// Base and length of the first element of a user iovec array.
@@ -120,12 +180,12 @@ fn data_call(task: *const u8, tgid: u32, regs: &pt_regs, ret: i64, sk: u64) {
         _ => return,
     };
     let fd = regs.rdi as u32;
-    let Some(c) = NET_CONNS.get_ptr_mut(conn_key(tgid, fd)) else { return };
-    // SAFETY: a value from a successful lookup in the preallocated `NET_CONNS`: it stays
-    // allocated as long as the map, even if its entry is removed meanwhile, and is aligned
-    // plain integers, valid for any bits. Only the threads of this process that use this
-    // socket update it; two of them doing so at the same instant on two CPUs can mix up that
-    // request's figures, never reach memory outside the value.
+    let Some((_, c)) = slot_of(conn_key(tgid, fd)) else { return };
+    // SAFETY: a connection's state in its slot: an array element, allocated as long as the
+    // map even if the connection leaves it meanwhile, aligned plain integers, valid for any
+    // bits. Only the threads of this process that use this socket update it; two of them
+    // doing so at the same instant on two CPUs can mix up that request's figures, never
+    // reach memory outside the value.
     let c = unsafe { &mut *c };
     if c.sk == NET_SK_ADOPTED {
         // A connection adopted from /proc: its socket, now that its owner uses it.
@@ -202,10 +262,13 @@ fn open(task: *const u8, tgid: u32, fd: u32, role: u32, sockaddr: u64, now: u64)
     let peer =
         if sockaddr == 0 && role == NET_ROLE_SERVER { Some(Peer::UNKNOWN) } else { read_sockaddr(sockaddr) };
     let Some(peer) = peer else { return };
-    let Some(c) = NET_CONN_SCRATCH.get_ptr_mut(0) else { return };
-    // SAFETY: this CPU's slot of a per-CPU array: live and aligned while the program is
-    // loaded, and used only by this run (tracing programs never nest on one CPU: the kernel
-    // skips one that would); `NetConn` is plain integers.
+    let key = conn_key(tgid, fd);
+    let Some((k, c)) = claim_slot(key) else {
+        bump(stat::NET_CONNS_FULL);
+        return;
+    };
+    // SAFETY: the slot this run took (`claim_slot`: nobody else writes it until its key is
+    // stored), live and aligned while the program is loaded; `NetConn` is plain integers.
     let c = unsafe { &mut *c };
     c.start_ns = 0;
     c.resp_first_ns = 0;
@@ -243,10 +306,12 @@ fn open(task: *const u8, tgid: u32, fd: u32, role: u32, sockaddr: u64, now: u64)
     c.sk = if sk != 0 { track(sk, role) } else { 0 };
     // A reused fd whose close was missed is overwritten.
     let accept_ns = c.accept_ns;
-    if NET_CONNS.insert(conn_key(tgid, fd), c, 0).is_err() {
-        bump(stat::NET_CONNS_FULL);
-        return;
-    }
+    // The state's stores before the key's, which x86-64 keeps in order; the fence keeps the
+    // compiler from moving them.
+    core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::Release);
+    // SAFETY: the key word of the slot this run took (`claim_slot`), live and aligned; a
+    // plain store: nobody else changes it while it says busy.
+    unsafe { core::ptr::write_volatile(k, key) };
     if role == NET_ROLE_SERVER {
         emit_conn(NET_EVENT_ACCEPT, tgid, 0, (now - accept_ns, now), (0, 0), peer, (0, 0));
     }
@@ -442,8 +507,8 @@ fn finish(c: &mut NetConn, tgid: u32, now: u64) {
 #[inline(always)]
 fn close(task: *const u8, tgid: u32, fd: u32, ret: i64) {
     let key = conn_key(tgid, fd);
-    if let Some(c) = NET_CONNS.get_ptr_mut(key) {
-        // SAFETY: as in `try_sys_exit`.
+    if let Some((_, c)) = slot_of(key) {
+        // SAFETY: as in `data_call`.
         let c = unsafe { &mut *c };
         // The descriptor is free as `close` returns, before this program runs: another
         // thread's `accept` or `connect` may have taken its number meanwhile, its own exit
@@ -467,6 +532,12 @@ fn close(task: *const u8, tgid: u32, fd: u32, ret: i64) {
             sk_mark(c.sk, false);
             sk_mark_stall(c.sk, false);
         }
-        let _ = NET_CONNS.remove(key);
+        // Every slot with its key: one stoker adopted from /proc as the programs took one
+        // for the same connection too.
+        for probe in 0..NET_CONN_PROBES {
+            if let Some((k, _)) = slot(key, probe) {
+                swap_key(k, key, NET_SLOT_FREE);
+            }
+        }
     }
 }

@@ -6,7 +6,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
-use agent_ebpf::{MAP_NET_CONNS, NET_ROLE_CLIENT, NET_ROLE_SERVER, NET_SK_ADOPTED, NetConn};
+use agent_ebpf::{NET_ROLE_CLIENT, NET_ROLE_SERVER, NET_SK_ADOPTED, NetConn};
 
 use crate::{error::Result, programs::KernelPrograms};
 
@@ -58,7 +58,7 @@ impl Adopter {
 /// Hands process `pid`'s already established connections to the network programs
 /// (which otherwise learn sockets from accept and connect); returns how many.
 fn adopt(programs: &mut KernelPrograms, pid: u32, found: &[Established]) -> Result<usize> {
-    let mut conns: aya::maps::HashMap<_, u64, NetConn> = programs.map_mut(MAP_NET_CONNS)?;
+    let conns = super::slots::ConnSlots::map(programs)?;
     let mut adopted = 0;
     for e in found {
         let (family, addr) = match e.peer.ip() {
@@ -98,8 +98,8 @@ fn adopt(programs: &mut KernelPrograms, pid: u32, found: &[Established]) -> Resu
             path: [0; agent_ebpf::NET_PATH_LEN],
         };
         let key = u64::from(pid) << 32 | u64::from(e.fd);
-        // BPF_NOEXIST: a socket the programs already follow is left as it is.
-        if conns.insert(key, conn, 1).is_ok() {
+        // A socket the programs already follow is left as it is.
+        if conns.add(key, &conn) {
             adopted += 1;
         }
     }

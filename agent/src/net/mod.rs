@@ -5,6 +5,7 @@ pub mod existing;
 pub mod hist;
 pub mod report;
 pub mod route;
+pub mod slots;
 pub mod spans;
 
 use std::sync::{
@@ -13,9 +14,9 @@ use std::sync::{
 };
 
 use agent_ebpf::{
-    MAP_NET_CONNS, MAP_NET_EVENTS, MAP_NET_SK_STATE, NET_PATH_LEN, NET_RING_HEAD, NET_RING_SLOTS,
-    NET_RING_TAIL, NetConn, NetEvent, PROG_NET_DATA_READY, PROG_NET_RETRANSMIT, PROG_NET_SOCK_DATA,
-    PROG_NET_SOCK_STATE, PROG_NET_SYS_EXIT, PROG_NET_TCP_PROBE, PROG_NET_TCP_SENDMSG,
+    MAP_NET_EVENTS, MAP_NET_SK_STATE, NET_PATH_LEN, NET_RING_HEAD, NET_RING_SLOTS, NET_RING_TAIL, NetEvent,
+    PROG_NET_DATA_READY, PROG_NET_RETRANSMIT, PROG_NET_SOCK_DATA, PROG_NET_SOCK_STATE, PROG_NET_SYS_EXIT,
+    PROG_NET_TCP_PROBE, PROG_NET_TCP_SENDMSG,
 };
 use aya::programs::{RawTracePoint, TracePoint};
 
@@ -333,16 +334,7 @@ impl Drop for Drainer {
 /// Forgets the sockets process `pid` left open (it exited): a later process with its PID
 /// starts with none.
 pub fn forget_process(programs: &mut KernelPrograms, pid: u32) -> Result<()> {
-    let mut conns: aya::maps::HashMap<_, u64, NetConn> = programs.map_mut(MAP_NET_CONNS)?;
-    let stale: Vec<(u64, u64)> = conns
-        .iter()
-        .filter_map(|r| r.ok())
-        .filter(|(k, _)| (k >> 32) as u32 == pid)
-        .map(|(k, c)| (k, c.sk))
-        .collect();
-    for (key, _) in &stale {
-        let _ = conns.remove(key);
-    }
+    let stale = slots::ConnSlots::map(programs)?.free_process(pid);
     let mut states: aya::maps::HashMap<_, u64, agent_ebpf::NetSkState> =
         programs.map_mut(MAP_NET_SK_STATE)?;
     for (_, sk) in stale.iter().filter(|(_, sk)| *sk != 0) {
