@@ -285,6 +285,9 @@ fn open(task: *const u8, tgid: u32, fd: u32, role: u32, sockaddr: u64, now: u64)
     c.status = 0;
     c.method = http_method::NONE;
     c.path_len = 0;
+    // A slot freed by stoker (its process exited) may hold a request's path still.
+    // SAFETY: `NetConn::path` is 8-byte aligned (see `copy_words`).
+    unsafe { zero_words(&mut c.path) };
     c.resp_expect = 0;
     c.framing = NET_FRAMING_NONE;
     c.head_length = 0;

@@ -61,7 +61,8 @@ impl ConnSlots {
         false
     }
 
-    /// Frees the slots of process `pid`; returns their keys and sockets (`NetConn::sk`).
+    /// Frees the slots of process `pid`, the path of a request under way cleared (no
+    /// request's bytes stay in the map); returns their keys and sockets (`NetConn::sk`).
     pub fn free_process(&self, pid: u32) -> Vec<(u64, u64)> {
         let mut freed = Vec::new();
         for i in 0..self.slots.entries() {
@@ -70,12 +71,16 @@ impl ConnSlots {
             if key == NET_SLOT_FREE || key == NET_SLOT_BUSY || (key >> 32) as u32 != pid {
                 continue;
             }
-            // SAFETY: the slot's state (`slot`); plain integers, read as they are: a change
-            // under way gives a stale socket, which is only forgotten.
-            let sk = unsafe { std::ptr::addr_of!((*c).sk).read_volatile() };
-            if k.compare_exchange(key, NET_SLOT_FREE, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
-                freed.push((key, sk));
+            if k.compare_exchange(key, NET_SLOT_BUSY, Ordering::AcqRel, Ordering::Relaxed).is_err() {
+                continue;
             }
+            // SAFETY: the slot's state, which nobody else writes while its key says busy.
+            let sk = unsafe {
+                std::ptr::addr_of_mut!((*c).path).write_volatile([0; agent_ebpf::NET_PATH_LEN]);
+                std::ptr::addr_of!((*c).sk).read_volatile()
+            };
+            k.store(NET_SLOT_FREE, Ordering::Release);
+            freed.push((key, sk));
         }
         freed
     }
