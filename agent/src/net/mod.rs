@@ -182,6 +182,7 @@ impl NetTracer {
         let events = MappedArray::new(map, MAP_NET_EVENTS)?;
         // The loader sized the array for every possible CPU id (`event_slots`).
         let cpus = events.entries() / event_slots(1);
+        programs.map_net_slots()?;
         let mut programs = vec![PROG_NET_SYS_EXIT, PROG_NET_SOCK_STATE, PROG_NET_RETRANSMIT];
         if socket_io {
             programs.push(PROG_NET_SOCK_DATA);
@@ -334,7 +335,11 @@ impl Drop for Drainer {
 /// Forgets the sockets process `pid` left open (it exited): a later process with its PID
 /// starts with none.
 pub fn forget_process(programs: &mut KernelPrograms, pid: u32) -> Result<()> {
-    let stale = slots::ConnSlots::map(programs)?.free_process(pid);
+    let Some(slots) = programs.net_slots() else { return Ok(()) };
+    let stale = slots.free_process(pid);
+    if stale.is_empty() {
+        return Ok(());
+    }
     let mut states: aya::maps::HashMap<_, u64, agent_ebpf::NetSkState> =
         programs.map_mut(MAP_NET_SK_STATE)?;
     for (_, sk) in stale.iter().filter(|(_, sk)| *sk != 0) {

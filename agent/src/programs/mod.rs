@@ -191,6 +191,9 @@ pub struct KernelPrograms {
     new_keys: std::sync::Mutex<(aya::maps::RingBuf<MapData>, u64)>,
     /// Keeps the kernel's BPF run-time statistics on while held.
     stats_fd: Option<std::os::fd::OwnedFd>,
+    /// The network programs' connection table, mapped once they are attached (none before:
+    /// no connection is followed, and a process's exit has none to free).
+    net_slots: Option<crate::net::slots::ConnSlots>,
     /// `TARGETS` as a bitmap, mapped here.
     bits: bits::TargetBits,
     /// Processes not added because the targets or Python map was full.
@@ -309,6 +312,7 @@ impl KernelPrograms {
             off_config,
             loop_blocks: None,
             stats_fd: None,
+            net_slots: None,
             bits,
             targets_refused: 0,
             sizes,
@@ -385,6 +389,17 @@ impl KernelPrograms {
     /// The loaded object, for capabilities that attach further programs of it (network).
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
+    }
+
+    /// The network programs' connection table, once they are attached (`map_net_slots`).
+    pub fn net_slots(&self) -> Option<&crate::net::slots::ConnSlots> {
+        self.net_slots.as_ref()
+    }
+
+    /// Maps the network programs' connection table, as they are attached.
+    pub(crate) fn map_net_slots(&mut self) -> Result<()> {
+        self.net_slots = Some(crate::net::slots::ConnSlots::map(self)?);
+        Ok(())
     }
 
     /// Turns on the kernel's run-time statistics of BPF programs (a little overhead per run).
