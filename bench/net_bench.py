@@ -12,7 +12,9 @@ thread). Each round runs wrk for S seconds three times: the server alone, watche
 `stoker record` (CPU sampling at 99 Hz only) and by `stoker record --net` (sampling and
 network tracing); the order rotates from round to round so a drift over the run favours
 none. Reports each round's throughput, and each watched configuration's throughput over
-the unwatched one's (mean of the rounds' means, and median of the per-round ratios).
+the unwatched one's (mean of the rounds' means, and median of the per-round ratios); and,
+in the same runs, the CPU time per request the server used while wrk ran (against its own
+alone) and stoker's own.
 
 Kernel cost, in separate rounds with the kernel's BPF run-time statistics on (they slow
 every program run, so the throughput rounds run without them): watching each server gives
@@ -37,7 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import PIN, against_baseline, arg, interval, links, pinned, pinning_note, wrk
+from benchlib import (PIN, against_baseline, arg, cpu_seconds, interval, links, pinned, pinning_note,
+                      threads_cpu_seconds, wrk)
 
 ROOT = Path(__file__).resolve().parent.parent
 STOKER = ROOT / "target/release/stoker"
@@ -54,9 +57,20 @@ NET_LINKS = 11 + os.cpu_count()
 CONFIGS = ["alone", "sampling", "sampling + network"]
 
 
-def watched(target_pid, port, seconds, tmp, net=True, kernel_stats=False, stoker=STOKER):
-    """wrk against the server while stoker watches `target_pid`: (requests, req/s, program
-    runs, program ns, requests stoker saw, statistics' own ns per run)."""
+def measured_wrk(port, seconds, server_pid, stoker_pid=None):
+    """wrk against the server: (requests, req/s, CPU seconds the server used meanwhile, and
+    stoker's, if it runs)."""
+    server, stoker = cpu_seconds(server_pid), threads_cpu_seconds(stoker_pid) if stoker_pid else 0
+    requests, rps = wrk(port, seconds)
+    server = cpu_seconds(server_pid) - server
+    stoker = threads_cpu_seconds(stoker_pid) - stoker if stoker_pid else 0.0
+    return requests, rps, server, stoker
+
+
+def watched(target_pid, port, seconds, tmp, net=True, kernel_stats=False, stoker=STOKER, server_pid=None):
+    """wrk against the server (`server_pid`, by default the target) while stoker watches
+    `target_pid`: (requests, req/s, program runs, program ns, requests stoker saw, statistics'
+    own ns per run, CPU seconds the server used, CPU seconds stoker used)."""
     stoker = subprocess.Popen(
         [str(stoker), "record", *(["--net"] if net else []), *(["--kernel-stats"] if kernel_stats else []),
          "--pid", str(target_pid), "-f", "folded", "-o", f"{tmp}/bench.folded"],
@@ -67,7 +81,7 @@ def watched(target_pid, port, seconds, tmp, net=True, kernel_stats=False, stoker
         if time.monotonic() > deadline or stoker.poll() is not None:
             raise SystemExit(f"stoker did not attach: {stoker.communicate()[1]}")
         time.sleep(0.05)
-    requests, rps = wrk(port, seconds)
+    requests, rps, server_cpu, stoker_cpu = measured_wrk(port, seconds, server_pid or target_pid, stoker.pid)
     stoker.send_signal(2)
     err = stoker.communicate(timeout=60)[1]
     m = re.search(r"network programs ran (\d+) times for (\d+) ns", err)
@@ -76,15 +90,17 @@ def watched(target_pid, port, seconds, tmp, net=True, kernel_stats=False, stoker
     runs, ns = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
     floor = re.search(r"statistics add (\d+) ns to every run", err)
     served = re.search(r"server GET /sleep/\{id\}\s+(\d+)", err)
-    return requests, rps, runs, ns, int(served.group(1)) if served else 0, int(floor.group(1)) if floor else 0
+    return (requests, rps, runs, ns, int(served.group(1)) if served else 0, int(floor.group(1)) if floor else 0,
+            server_cpu, stoker_cpu)
 
 
 def run_config(config, server, port, seconds, tmp):
+    """(requests, req/s, requests stoker saw, server CPU seconds, stoker CPU seconds)."""
     if config == "alone":
-        requests, rps = wrk(port, seconds)
-        return requests, rps, 0
+        requests, rps, server_cpu, _ = measured_wrk(port, seconds, server.pid)
+        return requests, rps, 0, server_cpu, 0.0
     r = watched(server.pid, port, seconds, tmp, net="network" in config)
-    return r[0], r[1], r[4]
+    return r[0], r[1], r[4], r[6], r[7]
 
 
 def program_ns(r):
@@ -108,7 +124,7 @@ def bench_server(name, python, script, rounds, seconds, tmp, baseline=None):
         cost = watched(server.pid, port, seconds, tmp, kernel_stats=True)
         idle = subprocess.Popen(["sleep", "3600"])
         try:
-            filtering = watched(idle.pid, port, seconds, tmp, kernel_stats=True)
+            filtering = watched(idle.pid, port, seconds, tmp, kernel_stats=True, server_pid=server.pid)
         finally:
             idle.kill()
         against = {"baseline": [], "this build": []}
@@ -147,6 +163,18 @@ def report(name, rows, cost, filtering, against, baseline):
         m, half = interval(ratios)
         lines.append(f"| `record{' --net' if 'network' in c else ''}` ({c}) | **{mean[c] / mean['alone']:.3f}** | "
                      f"{m:.3f} ± {half:.3f} | {statistics.median(ratios):.3f} | {min(ratios):.3f} to {max(ratios):.3f} |")
+    us = lambda r, i: r[i] * 1e6 / max(r[0], 1)  # noqa: E731 (CPU seconds at index i, per request, in µs)
+    lines += ["", "CPU time per request in the same runs, while wrk ran: the server's (all its threads, the "
+              "programs that run in its context included) and stoker's own (its threads, in userspace and "
+              "in the kernel).", "",
+              "| watched by | server CPU per request (mean of rounds) | server CPU / alone: rounds' ratios, mean, "
+              "95% interval | stoker's CPU per request |", "| --- | --- | --- | --- |",
+              f"| nothing (alone) | {statistics.mean(us(row['alone'], 3) for row in rows):.1f} µs | 1 | - |"]
+    for c in CONFIGS[1:]:
+        m, half = interval([us(row[c], 3) / us(row["alone"], 3) for row in rows])
+        lines.append(f"| `record{' --net' if 'network' in c else ''}` ({c}) | "
+                     f"{statistics.mean(us(row[c], 3) for row in rows):.1f} µs | **{m:.3f}** ± {half:.3f} | "
+                     f"{statistics.mean(us(row[c], 4) for row in rows):.2f} µs |")
     lines += [
         "",
         "| kernel cost round | req/s | program runs per request | BPF time per request | of which the statistics' own | program time per request |",
