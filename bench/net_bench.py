@@ -8,10 +8,12 @@ Needs target/release/stoker, wrk, and aiohttp for CPython 3.11 (`cargo xtask set
 Two servers, each driven on GET /sleep/0 by wrk (1 thread, 8 keep-alive connections):
 tests/fixtures/net/http_server.py (CPython 3.12 ThreadingHTTPServer: a thread per
 connection) and tests/fixtures/net/aiohttp_server.py (CPython 3.11, aiohttp: one asyncio
-thread). Each round runs wrk for S seconds three times: the server alone, watched by
-`stoker record` (CPU sampling at 99 Hz only) and by `stoker record --net` (sampling and
-network tracing); the order rotates from round to round so a drift over the run favours
-none. Reports each round's throughput, and each watched configuration's throughput over
+thread). Each round runs wrk for S seconds four times: the server alone, watched by
+`stoker record` (CPU sampling at 99 Hz only), by `stoker record --net` (sampling and
+network tracing) and by `stoker record --net` with `STOKER_NET_PROGRAMS=empty` (the network
+programs attached, each returning as it starts: what the attach points cost alone, the
+floor of any program there); the order rotates from round to round so a drift over the run
+favours none. Reports each round's throughput, and each watched configuration's throughput over
 the unwatched one's (mean of the rounds' means, and median of the per-round ratios); and,
 in the same runs, the CPU time per request the server used while wrk ran (against its own
 alone) and stoker's own.
@@ -54,7 +56,16 @@ SERVERS = [
 # socket tracepoints follow 8 more system call exits instead).
 SAMPLING_LINKS = os.cpu_count()
 NET_LINKS = 11 + os.cpu_count()
-CONFIGS = ["alone", "sampling", "sampling + network"]
+CONFIGS = ["alone", "sampling", "sampling + network", "sampling + empty network programs"]
+# How each watched configuration is named in the report.
+LABELS = {
+    "sampling": "`record`",
+    "sampling + network": "`record --net`",
+    "sampling + empty network programs": "`record --net`, programs empty",
+}
+# `STOKER_NET_PROGRAMS=empty`: the network programs attached as always, each returning as it
+# starts: what the attach points cost alone.
+EMPTY = {"STOKER_NET_PROGRAMS": "empty"}
 
 
 def measured_wrk(port, seconds, server_pid, stoker_pid=None):
@@ -67,14 +78,16 @@ def measured_wrk(port, seconds, server_pid, stoker_pid=None):
     return requests, rps, server, stoker
 
 
-def watched(target_pid, port, seconds, tmp, net=True, kernel_stats=False, stoker=STOKER, server_pid=None):
+def watched(target_pid, port, seconds, tmp, net=True, kernel_stats=False, stoker=STOKER, server_pid=None,
+            env=None):
     """wrk against the server (`server_pid`, by default the target) while stoker watches
-    `target_pid`: (requests, req/s, program runs, program ns, requests stoker saw, statistics'
-    own ns per run, CPU seconds the server used, CPU seconds stoker used)."""
+    `target_pid`, with `env` added to its environment: (requests, req/s, program runs, program
+    ns, requests stoker saw, statistics' own ns per run, CPU seconds the server used, CPU
+    seconds stoker used)."""
     stoker = subprocess.Popen(
         [str(stoker), "record", *(["--net"] if net else []), *(["--kernel-stats"] if kernel_stats else []),
          "--pid", str(target_pid), "-f", "folded", "-o", f"{tmp}/bench.folded"],
-        stderr=subprocess.PIPE, text=True,
+        stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
     )
     deadline = time.monotonic() + 30
     while links(stoker.pid) < (NET_LINKS if net else SAMPLING_LINKS):
@@ -99,7 +112,7 @@ def run_config(config, server, port, seconds, tmp):
     if config == "alone":
         requests, rps, server_cpu, _ = measured_wrk(port, seconds, server.pid)
         return requests, rps, 0, server_cpu, 0.0
-    r = watched(server.pid, port, seconds, tmp, net="network" in config)
+    r = watched(server.pid, port, seconds, tmp, net="network" in config, env=EMPTY if "empty" in config else None)
     return r[0], r[1], r[4], r[6], r[7]
 
 
@@ -117,7 +130,7 @@ def bench_server(name, python, script, rounds, seconds, tmp, baseline=None):
     try:
         wrk(port, 5)  # warm-up
         for r in range(rounds):
-            order = CONFIGS[r % 3:] + CONFIGS[:r % 3]
+            order = CONFIGS[r % len(CONFIGS):] + CONFIGS[:r % len(CONFIGS)]
             row = {c: run_config(c, server, port, seconds, tmp) for c in order}
             rows.append(row)
             print(f"{name} round {r + 1}: " + ", ".join(f"{c} {row[c][1]:.0f} req/s" for c in CONFIGS), flush=True)
@@ -150,18 +163,20 @@ def report(name, rows, cost, filtering, against, baseline):
     lines = [
         f"## {name}",
         "",
-        "| round | alone req/s | sampling req/s | sampling + network req/s | network: requests seen by stoker / wrk's |",
-        "| --- | --- | --- | --- | --- |",
+        "| round | alone req/s | sampling req/s | sampling + network req/s | network: requests seen by stoker / wrk's "
+        "| sampling + empty network programs req/s |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for i, row in enumerate(rows):
-        net = row["sampling + network"]
-        lines.append(f"| {i + 1} | {row['alone'][1]:.0f} | {row['sampling'][1]:.0f} | {net[1]:.0f} | {net[2]} / {net[0]} |")
+        net, empty = row["sampling + network"], row["sampling + empty network programs"]
+        lines.append(f"| {i + 1} | {row['alone'][1]:.0f} | {row['sampling'][1]:.0f} | {net[1]:.0f} | {net[2]} / {net[0]} "
+                     f"| {empty[1]:.0f} |")
     lines += ["", "| watched by | throughput / alone (mean of means) | rounds' ratios: mean, 95% interval | median | range |",
               "| --- | --- | --- | --- | --- |"]
     for c in CONFIGS[1:]:
         ratios = [row[c][1] / row["alone"][1] for row in rows]
         m, half = interval(ratios)
-        lines.append(f"| `record{' --net' if 'network' in c else ''}` ({c}) | **{mean[c] / mean['alone']:.3f}** | "
+        lines.append(f"| {LABELS[c]} ({c}) | **{mean[c] / mean['alone']:.3f}** | "
                      f"{m:.3f} ± {half:.3f} | {statistics.median(ratios):.3f} | {min(ratios):.3f} to {max(ratios):.3f} |")
     us = lambda r, i: r[i] * 1e6 / max(r[0], 1)  # noqa: E731 (CPU seconds at index i, per request, in µs)
     lines += ["", "CPU time per request in the same runs, while wrk ran: the server's (all its threads, the "
@@ -172,7 +187,7 @@ def report(name, rows, cost, filtering, against, baseline):
               f"| nothing (alone) | {statistics.mean(us(row['alone'], 3) for row in rows):.1f} µs | 1 | - |"]
     for c in CONFIGS[1:]:
         m, half = interval([us(row[c], 3) / us(row["alone"], 3) for row in rows])
-        lines.append(f"| `record{' --net' if 'network' in c else ''}` ({c}) | "
+        lines.append(f"| {LABELS[c]} ({c}) | "
                      f"{statistics.mean(us(row[c], 3) for row in rows):.1f} µs | **{m:.3f}** ± {half:.3f} | "
                      f"{statistics.mean(us(row[c], 4) for row in rows):.2f} µs |")
     lines += [
@@ -207,8 +222,10 @@ def main():
         f"{f' --baseline {baseline}' if baseline else ''}` on {platform.node()}, "
         f"Linux {platform.release()}, {os.cpu_count()} CPUs. `wrk -t1 -c8` on GET /sleep/0 (keep-alive) "
         f"for {seconds} s per run; each round runs the server alone, watched by `stoker record` (CPU "
-        "sampling at 99 Hz) and by `stoker record --net` (sampling and network tracing), in an order that "
-        f"rotates from round to round.{pinning_note()}",
+        "sampling at 99 Hz), by `stoker record --net` (sampling and network tracing) and by `stoker record "
+        "--net` with `STOKER_NET_PROGRAMS=empty` (the same programs attached, each returning as it starts: "
+        "what the attach points cost on their own), in an order that rotates from round to round."
+        f"{pinning_note()}",
         "",
         "Requests seen: stoker's count of GET /sleep/{id} against wrk's; stoker also counts the requests "
         "(at most one per connection) answered after wrk stopped counting.",

@@ -7,14 +7,17 @@
 Needs target/release/stoker (`cargo build --release`) and a C compiler (cc). While any
 system-call tracepoint has a program attached, the kernel sends every system call of every
 thread on the host through its tracing path, a target's or not; a call whose exit has a
-program runs that program too. A C program that is no target times two calls (each the
-best of 15 runs of 200,000 calls): `getppid`, which no program follows, and a 1-byte `read`
-of /dev/zero, a data call that the network programs follow at its exit where the kernel
-lacks the socket tracepoints. In each round: with no session, and beside a `stoker record
+program runs that program too. A C program that is no target times three calls (each the
+best of 15 runs of 200,000 calls): `getppid`, which no program follows; a 1-byte `read` of
+/dev/zero, a data call that the network programs follow at its exit where the kernel lacks
+the socket tracepoints; and a 1-byte `send` and `recv` on a Unix socket pair, which run the
+programs at the socket tracepoints (`sock_send_length`, `sock_recv_length`, and
+`sk_data_ready` as the byte arrives) where the kernel has them. In each round: with no session, and beside a `stoker record
 --pid` session watching a CPython 3.12 process that sleeps (no event loop), one watching a
 process that runs an asyncio loop (the blocked-loop programs on `epoll_wait` and kin are
-attached for it), and one with `--net` watching the sleeping process. The order rotates
-from round to round. With --baseline, also `--net` under that build.
+attached for it), and one with `--net` watching the sleeping process, and the same with
+`STOKER_NET_PROGRAMS=empty` (the network programs attached, each returning as it starts:
+what the attach points cost alone). The order rotates from round to round. With --baseline, also `--net` under that build.
 """
 import os
 import platform
@@ -33,15 +36,23 @@ TIMER = r"""
 #include <stdio.h>
 #include <time.h>
 #include <unistd.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
-static double best_of(int fd) {
+/* ns per getppid (fd < 0), per 1-byte read of fd, or (pair) per 1-byte send on fd and recv on pair */
+static double best_of(int fd, int pair) {
     double best = 1e9;
     char c;
     for (int r = 0; r < 15; r++) {
         struct timespec a, b;
         clock_gettime(CLOCK_MONOTONIC, &a);
         for (int i = 0; i < 200000; i++) {
-            if (fd < 0) syscall(SYS_getppid); else if (read(fd, &c, 1) != 1) return -1;
+            if (fd < 0) {
+                syscall(SYS_getppid);
+            } else if (pair >= 0) {
+                if (send(fd, &c, 1, 0) != 1 || recv(pair, &c, 1, 0) != 1) return -1;
+            } else if (read(fd, &c, 1) != 1) {
+                return -1;
+            }
         }
         clock_gettime(CLOCK_MONOTONIC, &b);
         double ns = ((b.tv_sec - a.tv_sec) * 1e9 + (b.tv_nsec - a.tv_nsec)) / 200000;
@@ -50,35 +61,41 @@ static double best_of(int fd) {
     return best;
 }
 int main(void) {
-    int zero = open("/dev/zero", O_RDONLY);
-    if (zero < 0) return 1;
-    printf("%.1f %.1f\n", best_of(-1), best_of(zero));
+    int zero = open("/dev/zero", O_RDONLY), sv[2];
+    if (zero < 0 || socketpair(AF_UNIX, SOCK_STREAM, 0, sv) != 0) return 1;
+    printf("%.1f %.1f %.1f\n", best_of(-1, -1), best_of(zero, -1), best_of(sv[0], sv[1]));
     return 0;
 }
 """
 SLEEPER = "import time\nwhile True: time.sleep(1)"
 LOOP = "import asyncio\nasyncio.run(asyncio.sleep(10**6))"
-# label: (the target's program, stoker's extra options, stoker build: None for this one)
+# label: (the target's program, stoker's extra options, stoker build: None for this one,
+# stoker's extra environment)
 CONFIGS = {
     "no session": None,
-    "`record`, a target with no event loop": (SLEEPER, [], None),
-    "`record`, a target running an asyncio loop": (LOOP, [], None),
-    "`record --net`, a target with no event loop": (SLEEPER, ["--net"], None),
+    "`record`, a target with no event loop": (SLEEPER, [], None, {}),
+    "`record`, a target running an asyncio loop": (LOOP, [], None, {}),
+    "`record --net`, a target with no event loop": (SLEEPER, ["--net"], None, {}),
+    "`record --net`, programs empty (`STOKER_NET_PROGRAMS=empty`), a target with no event loop":
+        (SLEEPER, ["--net"], None, {"STOKER_NET_PROGRAMS": "empty"}),
 }
+CALLS = ["`getppid`", "`read`", "`send` + `recv`"]
 
 
 def timed(timer):
-    """(ns per `getppid`, ns per 1-byte `read` of /dev/zero)."""
+    """(ns per `getppid`, per 1-byte `read` of /dev/zero, per 1-byte `send` and `recv` on a
+    Unix socket pair)."""
     out = subprocess.run([timer], capture_output=True, text=True, check=True).stdout.split()
-    return float(out[0]), float(out[1])
+    return tuple(float(v) for v in out)
 
 
 def beside(timer, config, tmp):
     """`timed` beside a session watching a fresh target, once it samples."""
-    program, extra, build = config
+    program, extra, build, env = config
     target = subprocess.Popen([str(PYTHON), "-c", program])
     stoker = subprocess.Popen([str(build or STOKER), "record", *extra, "--pid", str(target.pid), "-f", "folded",
-                               "-o", f"{tmp}/bench.folded"], stderr=subprocess.PIPE, text=True)
+                               "-o", f"{tmp}/bench.folded"], stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, **env})
     try:
         for line in stoker.stderr:
             if "sampling at" in line:
@@ -99,7 +116,7 @@ def main():
     baseline = arg("--baseline", "")
     configs = dict(CONFIGS)
     if baseline:
-        configs["baseline `record --net`, a target with no event loop"] = (SLEEPER, ["--net"], baseline)
+        configs["baseline `record --net`, a target with no event loop"] = (SLEEPER, ["--net"], baseline, {})
     results = {label: [] for label in configs}
     with tempfile.TemporaryDirectory() as tmp:
         source, timer = Path(tmp, "timer.c"), Path(tmp, "timer")
@@ -110,7 +127,7 @@ def main():
             for label in labels[r % len(labels):] + labels[:r % len(labels)]:
                 config = configs[label]
                 results[label].append(timed(timer) if config is None else beside(timer, config, tmp))
-            print(f"round {r + 1}: " + ", ".join(f"{v[-1][0]:.1f}/{v[-1][1]:.1f}" for v in results.values()),
+            print(f"round {r + 1}: " + ", ".join("/".join(f"{x:.1f}" for x in v[-1]) for v in results.values()),
                   flush=True)
     alone = results["no session"]
     lines = [
@@ -118,16 +135,17 @@ def main():
         "",
         f"`python3 bench/syscall_bench.py --rounds {rounds}{' --baseline ' + baseline if baseline else ''}` "
         f"on {platform.node()}, Linux {platform.release()}, {os.cpu_count()} CPUs. A C program that is no "
-        "target times `getppid` and a 1-byte `read` of /dev/zero (each the best of 15 runs of 200,000 calls) "
-        "with no session and beside a `stoker record` session watching a CPython 3.12 process, in an order "
-        "that rotates from round to round. More: the median of the rounds' differences from no session.",
+        "target times `getppid`, a 1-byte `read` of /dev/zero, and a 1-byte `send` and `recv` on a Unix "
+        "socket pair (each the best of 15 runs of 200,000) with no session and beside a `stoker record` "
+        "session watching a CPython 3.12 process, in an order that rotates from round to round. More: the "
+        "median of the rounds' differences from no session.",
         "",
-        "| beside | `getppid` ns: median | more | rounds | `read` ns: median | more | rounds |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| beside | " + " | ".join(f"{c} ns: median | more | rounds" for c in CALLS) + " |",
+        "| --- |" + " --- | --- | --- |" * len(CALLS),
     ]
     for label, values in results.items():
         cells = []
-        for k in (0, 1):
+        for k in range(len(CALLS)):
             v = [x[k] for x in values]
             more = statistics.median(x[k] - a[k] for x, a in zip(values, alone))
             cells += [f"{statistics.median(v):.1f}", "" if values is alone else f"{more:+.1f} ns",

@@ -237,15 +237,47 @@ fn http_server_latency_at_the_system_call_exits() {
 #[test]
 fn an_unknown_net_hooks_setting_is_refused() {
     require_root();
+    assert_refused("STOKER_NET_HOOKS", "kprobes", "expected `auto` or `syscalls`");
+}
+
+/// `record --net` with environment variable `name` set to `value` fails with one line that
+/// names them and says what is `expected`.
+fn assert_refused(name: &str, value: &str, expected: &str) {
     let out = Command::new(STOKER)
-        .env("STOKER_NET_HOOKS", "kprobes")
+        .env(name, value)
         .args(["record", "--net", "--duration", "1", "--", "true"])
         .output()
         .expect("run stoker");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "accepted: {err}");
-    assert!(err.contains("STOKER_NET_HOOKS is `kprobes`: expected `auto` or `syscalls`"), "{err}");
-    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.contains(&format!("{name} is `{value}`: {expected}")), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
+
+/// `STOKER_NET_PROGRAMS=empty`, the benchmarks' measure of what the attach points cost
+/// alone: the programs are attached as always and return as they start, so the server's
+/// requests, all served, are not seen. A bad value is refused in one line.
+#[test]
+fn empty_network_programs_time_nothing() {
+    require_root();
+    let _serial = serial();
+    let server = Watched::start_env(
+        &[("STOKER_NET_PROGRAMS", "empty")],
+        &[],
+        PYTHON,
+        "http_server.py",
+        &["--timings"],
+    );
+    let sent =
+        http_client(&server.port, &serde_json::json!({ "connections": 2, "paths": vec!["/sleep/1"; 10] }));
+    assert_eq!(sent.len(), 20);
+    let own = server.lines.timings(sent.len());
+    assert!(own.iter().all(|t| t.status == Some(200)), "the server failed requests: {own:?}");
+    let (report, _) = server.finish();
+    assert_eq!(endpoints(&report, |_| true).len(), 0, "requests timed by empty programs: {report:#}");
+    let accepted: u64 = report["accepted"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum();
+    assert_eq!(accepted, 0, "accepted connections");
+    assert_refused("STOKER_NET_PROGRAMS", "none", "expected `full` or `empty`");
 }
 
 fn http_server_latency(env: &[(&str, &str)], data_calls: impl Fn() -> &'static str) {

@@ -23,6 +23,18 @@ use crate::maps::{
 #[unsafe(no_mangle)]
 pub static NET_OFFSETS: NetOffsets = NetOffsets::CURRENT_KERNELS;
 
+/// Set by the loader (`agent_ebpf::GLOBAL_NET_WORK`): 0 when the network programs are to
+/// return at once.
+#[unsafe(no_mangle)]
+static NET_WORK: u32 = 1;
+
+/// Whether the network programs do their work (else each returns as it starts). The
+/// verifier knows the value (read-only data) and drops the branch not taken.
+#[inline(always)]
+pub fn working() -> bool {
+    crate::programs::loader_global(&NET_WORK) != 0
+}
+
 /// Reads one offset of `NET_OFFSETS` (see `loader_global`).
 macro_rules! offset {
     ($field:ident) => {
@@ -715,6 +727,9 @@ pub fn emit_conn(
 /// lookup of their state (a client's, or a server's whose slot another took).
 #[raw_tracepoint(tracepoint = "sk_data_ready")]
 pub fn net_data_ready(ctx: RawTracePointContext) -> u32 {
+    if !working() {
+        return 0;
+    }
     let sk: u64 = ctx.arg(0);
     if !sk_maybe_tracked(sk) {
         return 0;
@@ -757,6 +772,9 @@ const SNDBUF_FLOOR: i32 = 4096;
 /// socket (two when more than `SNDBUF_FLOOR` bytes are queued).
 #[raw_tracepoint(tracepoint = "tcp_sendmsg_locked")]
 pub fn net_tcp_sendmsg(ctx: RawTracePointContext) -> u32 {
+    if !working() {
+        return 0;
+    }
     let sk: u64 = ctx.arg(0);
     if !sk_maybe_tracked(sk) || offset!(sk_sndbuf) == 0 || offset!(tcp_write_seq) == 0 {
         return 0;
@@ -801,6 +819,9 @@ pub fn net_tcp_sendmsg(ctx: RawTracePointContext) -> u32 {
 /// segment of the host: one bit test first, as `net_data_ready`.
 #[raw_tracepoint(tracepoint = "tcp_probe")]
 pub fn net_tcp_probe(ctx: RawTracePointContext) -> u32 {
+    if !working() {
+        return 0;
+    }
     let sk: u64 = ctx.arg(0);
     if !sk_maybe_stalled(sk) {
         return 0;

@@ -111,6 +111,9 @@ fn first_iovec(iov: u64) -> (u64, u64) {
 /// Exit of every followed call. Its arguments are still in the registers saved at entry.
 #[tracepoint]
 pub fn net_sys_exit(_ctx: TracePointContext) -> u32 {
+    if !super::net::working() {
+        return 0;
+    }
     try_sys_exit().unwrap_or(0)
 }
 
@@ -123,6 +126,9 @@ pub fn net_sys_exit(_ctx: TracePointContext) -> u32 {
 /// for the task outside its own call, io_uring's, is told apart by its socket).
 #[raw_tracepoint(tracepoint = "sock_recv_length")]
 pub fn net_sock_data(ctx: RawTracePointContext) -> u32 {
+    if !super::net::working() {
+        return 0;
+    }
     let sk: u64 = ctx.arg(0);
     let ret: u64 = ctx.arg(1);
     let task = super::current_task();

@@ -20,6 +20,9 @@ const IPPROTO_TCP: u16 = 6;
 
 #[tracepoint]
 pub fn net_sock_state(ctx: TracePointContext) -> u32 {
+    if !super::net::working() {
+        return 0;
+    }
     try_sock_state(&ctx).unwrap_or(0)
 }
 
@@ -100,6 +103,9 @@ fn try_sock_state(ctx: &TracePointContext) -> Result<u32, i64> {
 
 #[tracepoint]
 pub fn net_retransmit(ctx: TracePointContext) -> u32 {
+    if !super::net::working() {
+        return 0;
+    }
     let Ok(skaddr) = record::<u64>(&ctx, offset!(rt_skaddr)) else { return 0 };
     if let Some(s) = NET_SOCKS.get_ptr_mut(skaddr) {
         // SAFETY: as in `try_sock_state`.

@@ -65,19 +65,35 @@ pub struct NetTracer {
 /// default: where the kernel has them; `syscalls`: at the system call exits in any case,
 /// as on kernels before 6.3).
 fn socket_io_wanted() -> Result<bool> {
-    match std::env::var(NET_HOOKS_ENV) {
-        Err(_) => Ok(true),
-        Ok(v) if v == "auto" => Ok(true),
-        Ok(v) if v == "syscalls" => Ok(false),
-        Ok(v) => Err(Error::Io(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            format!("{NET_HOOKS_ENV} is `{v}`: expected `auto` or `syscalls`"),
-        ))),
-    }
+    switch(NET_HOOKS_ENV, ("auto", "syscalls"))
 }
 
 /// The environment variable that chooses where reads and writes are followed.
 pub const NET_HOOKS_ENV: &str = "STOKER_NET_HOOKS";
+
+/// The environment variable that empties the network programs, for benchmarks.
+pub const NET_PROGRAMS_ENV: &str = "STOKER_NET_PROGRAMS";
+
+/// Whether the network programs do their work: `STOKER_NET_PROGRAMS` (`full`, the default;
+/// `empty`: each returns as it starts, so a benchmark measures what the attach points cost
+/// alone; nothing is timed).
+pub fn programs_work() -> Result<bool> {
+    switch(NET_PROGRAMS_ENV, ("full", "empty"))
+}
+
+/// Environment variable `name` as a switch: true when unset or `on`, false when `off`; any
+/// other value is refused.
+fn switch(name: &str, (on, off): (&str, &str)) -> Result<bool> {
+    match std::env::var(name) {
+        Err(_) => Ok(true),
+        Ok(v) if v == on => Ok(true),
+        Ok(v) if v == off => Ok(false),
+        Ok(v) => Err(Error::Io(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{name} is `{v}`: expected `{on}` or `{off}`"),
+        ))),
+    }
+}
 
 /// Loads program `name` and attaches it to raw tracepoint `point`.
 fn attach_raw(ebpf: &mut aya::Ebpf, name: &str, point: &str) -> Result<()> {
@@ -119,6 +135,11 @@ impl NetTracer {
         }
         tracefs::ensure_mounted()
             .map_err(|e| Error::KernelFeature { feature: "tracefs (tracepoints)", detail: e.to_string() })?;
+        if !programs_work()? {
+            tracing::warn!(
+                "{NET_PROGRAMS_ENV}=empty: the network programs return as they start; nothing is timed"
+            );
+        }
         let feature = "the socket and TCP tracepoints";
         let loading = "loading a network program";
         // Reads and writes at the socket's own tracepoints where the kernel has both, else (or

@@ -10,11 +10,11 @@ pub mod sizing;
 pub mod wall;
 
 use agent_ebpf::{
-    GLOBAL_FSBASE_OFFSET, GLOBAL_MEASURE_COST, GLOBAL_NET_OFFSETS, GLOBAL_NEWTASK_FLAGS_OFFSET,
-    GLOBAL_NEWTASK_PID_OFFSET, GLOBAL_OFF_CONFIG, MAP_COUNTS, MAP_EXEC_ALL, MAP_EXECS, MAP_FORKED_FROM,
-    MAP_NET_EVENTS, MAP_NEW_KEYS, MAP_PY_PROCS, MAP_PY_STACKS, MAP_STACKS, MAP_STATS, MAP_TARGET_BITS,
-    MAP_TARGETS, NewKey, PROG_PERF_SAMPLE, PROG_SCHED_EXEC, PROG_STATS_FLOOR, PROG_TASK_NEWTASK, PyProc,
-    PyStack, SampleKey, stat,
+    GLOBAL_FSBASE_OFFSET, GLOBAL_MEASURE_COST, GLOBAL_NET_OFFSETS, GLOBAL_NET_WORK,
+    GLOBAL_NEWTASK_FLAGS_OFFSET, GLOBAL_NEWTASK_PID_OFFSET, GLOBAL_OFF_CONFIG, MAP_COUNTS, MAP_EXEC_ALL,
+    MAP_EXECS, MAP_FORKED_FROM, MAP_NET_EVENTS, MAP_NEW_KEYS, MAP_PY_PROCS, MAP_PY_STACKS, MAP_STACKS,
+    MAP_STATS, MAP_TARGET_BITS, MAP_TARGETS, NewKey, PROG_PERF_SAMPLE, PROG_SCHED_EXEC, PROG_STATS_FLOOR,
+    PROG_TASK_NEWTASK, PyProc, PyStack, SampleKey, stat,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -256,6 +256,7 @@ impl KernelPrograms {
             }
         };
         let net_offsets = net_layout::offsets(btf.as_ref().ok());
+        let net_work = u32::from(crate::net::programs_work()?);
         let off_config = offcpu::config(btf.as_ref().ok(), measure_cost);
         // Field offsets of the child-following tracepoint's record (0 when unknown: the
         // program is then not attached).
@@ -275,6 +276,7 @@ impl KernelPrograms {
             .override_global(GLOBAL_NEWTASK_PID_OFFSET, &newtask_pid, true)
             .override_global(GLOBAL_NEWTASK_FLAGS_OFFSET, &newtask_flags, true)
             .override_global(GLOBAL_NET_OFFSETS, &net_offsets, true)
+            .override_global(GLOBAL_NET_WORK, &net_work, true)
             .override_global(GLOBAL_OFF_CONFIG, &off_config, true)
             .load(OBJECT)
             .map_err(|e| load_error("loading the kernel programs", &e))?;
