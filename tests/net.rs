@@ -248,10 +248,7 @@ fn assert_refused(name: &str, value: &str, expected: &str) {
         .args(["record", "--net", "--duration", "1", "--", "true"])
         .output()
         .expect("run stoker");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "accepted: {err}");
-    assert!(err.contains(&format!("{name} is `{value}`: {expected}")), "{err}");
-    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert_one_line_error(&out, &format!("{name} is `{value}`: {expected}"));
 }
 
 /// `STOKER_NET_PROGRAMS=empty`, the benchmarks' measure of what the attach points cost
@@ -275,9 +272,13 @@ fn empty_network_programs_time_nothing() {
     assert!(own.iter().all(|t| t.status == Some(200)), "the server failed requests: {own:?}");
     let (report, _) = server.finish();
     assert_eq!(endpoints(&report, |_| true).len(), 0, "requests timed by empty programs: {report:#}");
-    let accepted: u64 = report["accepted"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum();
-    assert_eq!(accepted, 0, "accepted connections");
+    assert_eq!(accepted(&report), 0, "accepted connections");
     assert_refused("STOKER_NET_PROGRAMS", "none", "expected `full` or `empty`");
+}
+
+/// Connections accepted, all processes together, in a network report.
+fn accepted(report: &Value) -> u64 {
+    report["accepted"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum()
 }
 
 fn http_server_latency(env: &[(&str, &str)], data_calls: impl Fn() -> &'static str) {
@@ -315,8 +316,7 @@ fn http_server_latency(env: &[(&str, &str)], data_calls: impl Fn() -> &'static s
         "GET /c/sleep/{id}",
         &with_path("/c/sleep/"),
     );
-    let accepted: u64 = report["accepted"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum();
-    assert_eq!(accepted, 52, "accepted connections");
+    assert_eq!(accepted(&report), 52, "accepted connections");
     assert_eq!(report["drops"]["events_lost"].as_u64(), Some(0));
     assert_eq!(report["data_calls"], data_calls());
 }
@@ -544,8 +544,7 @@ fn prefork_connections_wait_in_the_accept_queue() {
             / n
     };
     let (request, total) = (weighted("", "mean_ms"), weighted("total", "mean_ms"));
-    let accepted: u64 = report["accepted"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum();
-    assert_eq!(accepted, threads * each, "accepted: {report:#}");
+    assert_eq!(accepted(&report), threads * each, "accepted: {report:#}");
     let accept_queue = report["accept_queue"].as_object().unwrap();
     let accept_ms = accept_queue
         .iter()

@@ -135,7 +135,7 @@ impl NetTracer {
         }
         tracefs::ensure_mounted()
             .map_err(|e| Error::KernelFeature { feature: "tracefs (tracepoints)", detail: e.to_string() })?;
-        if !programs_work()? {
+        if !programs.net_work() {
             tracing::warn!(
                 "{NET_PROGRAMS_ENV}=empty: the network programs return as they start; nothing is timed"
             );

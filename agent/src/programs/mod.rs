@@ -194,6 +194,8 @@ pub struct KernelPrograms {
     /// The network programs' connection table, mapped once they are attached (none before:
     /// no connection is followed, and a process's exit has none to free).
     net_slots: Option<crate::net::slots::ConnSlots>,
+    /// The network programs do their work (`crate::net::programs_work`, as loaded).
+    net_work: bool,
     /// `TARGETS` as a bitmap, mapped here.
     bits: bits::TargetBits,
     /// Processes not added because the targets or Python map was full.
@@ -256,7 +258,7 @@ impl KernelPrograms {
             }
         };
         let net_offsets = net_layout::offsets(btf.as_ref().ok());
-        let net_work = u32::from(crate::net::programs_work()?);
+        let net_work = crate::net::programs_work()?;
         let off_config = offcpu::config(btf.as_ref().ok(), measure_cost);
         // Field offsets of the child-following tracepoint's record (0 when unknown: the
         // program is then not attached).
@@ -276,7 +278,7 @@ impl KernelPrograms {
             .override_global(GLOBAL_NEWTASK_PID_OFFSET, &newtask_pid, true)
             .override_global(GLOBAL_NEWTASK_FLAGS_OFFSET, &newtask_flags, true)
             .override_global(GLOBAL_NET_OFFSETS, &net_offsets, true)
-            .override_global(GLOBAL_NET_WORK, &net_work, true)
+            .override_global(GLOBAL_NET_WORK, &u32::from(net_work), true)
             .override_global(GLOBAL_OFF_CONFIG, &off_config, true)
             .load(OBJECT)
             .map_err(|e| load_error("loading the kernel programs", &e))?;
@@ -315,6 +317,7 @@ impl KernelPrograms {
             loop_blocks: None,
             stats_fd: None,
             net_slots: None,
+            net_work,
             bits,
             targets_refused: 0,
             sizes,
@@ -396,6 +399,12 @@ impl KernelPrograms {
     /// The network programs' connection table, once they are attached (`map_net_slots`).
     pub fn net_slots(&self) -> Option<&crate::net::slots::ConnSlots> {
         self.net_slots.as_ref()
+    }
+
+    /// Whether the network programs were loaded to do their work (else each returns as it
+    /// starts: `STOKER_NET_PROGRAMS=empty`).
+    pub fn net_work(&self) -> bool {
+        self.net_work
     }
 
     /// Maps the network programs' connection table, as they are attached.
