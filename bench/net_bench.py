@@ -8,9 +8,11 @@ Needs target/release/stoker, wrk, and aiohttp for CPython 3.11 (`cargo xtask set
 Two servers, each driven on GET /sleep/0 by wrk (1 thread, 8 keep-alive connections):
 tests/fixtures/net/http_server.py (CPython 3.12 ThreadingHTTPServer: a thread per
 connection) and tests/fixtures/net/aiohttp_server.py (CPython 3.11, aiohttp: one asyncio
-thread). Each round runs wrk for S seconds four times: the server alone, watched by
+thread). Each round runs wrk for S seconds five times: the server alone, watched by
 `stoker record` (CPU sampling at 99 Hz only), by `stoker record --net` (sampling and
-network tracing) and by `stoker record --net` with `STOKER_NET_PROGRAMS=empty` (the network
+network tracing), by `stoker record --net --net-detail requests` (requests, connections
+and accept queues only: none of the programs that run for every TCP segment and write of
+the host) and by `stoker record --net` with `STOKER_NET_PROGRAMS=empty` (the network
 programs attached, each returning as it starts: what the attach points cost alone, the
 floor of any program there); the order rotates from round to round so a drift over the run
 favours none. Reports each round's throughput, and each watched configuration's throughput over
@@ -21,8 +23,8 @@ alone) and stoker's own.
 Kernel cost, in separate rounds with the kernel's BPF run-time statistics on (they slow
 every program run, so the throughput rounds run without them): watching each server gives
 the network programs' kernel time per request (all runs, target or not, over the requests
-served); watching an idle process instead gives what filtering everyone else's calls
-(wrk's, the server's) costs. stoker also times an empty program the same way, the
+served), with `--net-detail requests` too; watching an idle process instead gives what
+filtering everyone else's calls (wrk's, the server's) costs. stoker also times an empty program the same way, the
 statistics' own cost per run, which is reported and subtracted.
 
 With --baseline, the kernel cost rounds alternate between that stoker build and this one
@@ -56,11 +58,16 @@ SERVERS = [
 # socket tracepoints follow 8 more system call exits instead).
 SAMPLING_LINKS = os.cpu_count()
 NET_LINKS = 11 + os.cpu_count()
-CONFIGS = ["alone", "sampling", "sampling + network", "sampling + empty network programs"]
+# `--net-detail requests` attaches neither `sk_data_ready`, `tcp_probe` nor `tcp_sendmsg_locked`.
+REQUESTS_ONLY = ["--net-detail", "requests"]
+REQUESTS_LINKS = NET_LINKS - 3
+CONFIGS = ["alone", "sampling", "sampling + network", "sampling + network, requests only",
+           "sampling + empty network programs"]
 # How each watched configuration is named in the report.
 LABELS = {
     "sampling": "`record`",
     "sampling + network": "`record --net`",
+    "sampling + network, requests only": "`record --net --net-detail requests`",
     "sampling + empty network programs": "`record --net`, programs empty",
 }
 # `STOKER_NET_PROGRAMS=empty`: the network programs attached as always, each returning as it
@@ -79,18 +86,19 @@ def measured_wrk(port, seconds, server_pid, stoker_pid=None):
 
 
 def watched(target_pid, port, seconds, tmp, net=True, kernel_stats=False, stoker=STOKER, server_pid=None,
-            env=None):
+            env=None, requests_only=False):
     """wrk against the server (`server_pid`, by default the target) while stoker watches
-    `target_pid`, with `env` added to its environment: (requests, req/s, program runs, program
-    ns, requests stoker saw, statistics' own ns per run, CPU seconds the server used, CPU
-    seconds stoker used)."""
+    `target_pid`, with `env` added to its environment (`requests_only`: `--net-detail
+    requests`): (requests, req/s, program runs, program ns, requests stoker saw, statistics'
+    own ns per run, CPU seconds the server used, CPU seconds stoker used)."""
     stoker = subprocess.Popen(
-        [str(stoker), "record", *(["--net"] if net else []), *(["--kernel-stats"] if kernel_stats else []),
+        [str(stoker), "record", *(["--net"] if net else []), *(REQUESTS_ONLY if requests_only else []),
+         *(["--kernel-stats"] if kernel_stats else []),
          "--pid", str(target_pid), "-f", "folded", "-o", f"{tmp}/bench.folded"],
         stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
     )
     deadline = time.monotonic() + 30
-    while links(stoker.pid) < (NET_LINKS if net else SAMPLING_LINKS):
+    while links(stoker.pid) < (SAMPLING_LINKS if not net else REQUESTS_LINKS if requests_only else NET_LINKS):
         if time.monotonic() > deadline or stoker.poll() is not None:
             raise SystemExit(f"stoker did not attach: {stoker.communicate()[1]}")
         time.sleep(0.05)
@@ -112,7 +120,8 @@ def run_config(config, server, port, seconds, tmp):
     if config == "alone":
         requests, rps, server_cpu, _ = measured_wrk(port, seconds, server.pid)
         return requests, rps, 0, server_cpu, 0.0
-    r = watched(server.pid, port, seconds, tmp, net="network" in config, env=EMPTY if "empty" in config else None)
+    r = watched(server.pid, port, seconds, tmp, net="network" in config, env=EMPTY if "empty" in config else None,
+                requests_only="requests only" in config)
     return r[0], r[1], r[4], r[6], r[7]
 
 
@@ -135,6 +144,7 @@ def bench_server(name, python, script, rounds, seconds, tmp, baseline=None):
             rows.append(row)
             print(f"{name} round {r + 1}: " + ", ".join(f"{c} {row[c][1]:.0f} req/s" for c in CONFIGS), flush=True)
         cost = watched(server.pid, port, seconds, tmp, kernel_stats=True)
+        cost_requests = watched(server.pid, port, seconds, tmp, kernel_stats=True, requests_only=True)
         idle = subprocess.Popen(["sleep", "3600"])
         try:
             filtering = watched(idle.pid, port, seconds, tmp, kernel_stats=True, server_pid=server.pid)
@@ -150,27 +160,31 @@ def bench_server(name, python, script, rounds, seconds, tmp, baseline=None):
                   flush=True)
     finally:
         server.kill()
-    return rows, cost, filtering, against
+    return rows, (cost, cost_requests), filtering, against
 
 
-def report(name, rows, cost, filtering, against, baseline):
+def report(name, rows, costs, filtering, against, baseline):
     per_req = lambda r: r[3] / max(r[0], 1)  # noqa: E731
     runs_per_req = lambda r: r[2] / max(r[0], 1)  # noqa: E731
+    cost, cost_requests = costs
     floor = cost[5]
     net_cost = per_req(cost) - floor * runs_per_req(cost)
+    requests_cost = per_req(cost_requests) - cost_requests[5] * runs_per_req(cost_requests)
     net_filter = per_req(filtering) - floor * runs_per_req(filtering)
     mean = {c: statistics.mean(row[c][1] for row in rows) for c in CONFIGS}
     lines = [
         f"## {name}",
         "",
         "| round | alone req/s | sampling req/s | sampling + network req/s | network: requests seen by stoker / wrk's "
+        "| sampling + network, requests only req/s | requests only: seen by stoker / wrk's "
         "| sampling + empty network programs req/s |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for i, row in enumerate(rows):
-        net, empty = row["sampling + network"], row["sampling + empty network programs"]
+        net, only = row["sampling + network"], row["sampling + network, requests only"]
+        empty = row["sampling + empty network programs"]
         lines.append(f"| {i + 1} | {row['alone'][1]:.0f} | {row['sampling'][1]:.0f} | {net[1]:.0f} | {net[2]} / {net[0]} "
-                     f"| {empty[1]:.0f} |")
+                     f"| {only[1]:.0f} | {only[2]} / {only[0]} | {empty[1]:.0f} |")
     lines += ["", "| watched by | throughput / alone (mean of means) | rounds' ratios: mean, 95% interval | median | range |",
               "| --- | --- | --- | --- | --- |"]
     for c in CONFIGS[1:]:
@@ -196,6 +210,9 @@ def report(name, rows, cost, filtering, against, baseline):
         "| --- | --- | --- | --- | --- | --- |",
         f"| watching the server | {cost[1]:.0f} | {runs_per_req(cost):.2f} | {per_req(cost):.0f} ns | "
         f"{floor * runs_per_req(cost):.0f} ns | **{net_cost:.0f} ns** |",
+        f"| watching the server, `--net-detail requests` | {cost_requests[1]:.0f} | {runs_per_req(cost_requests):.2f} | "
+        f"{per_req(cost_requests):.0f} ns | {cost_requests[5] * runs_per_req(cost_requests):.0f} ns | "
+        f"**{requests_cost:.0f} ns** |",
         f"| watching an idle process | {filtering[1]:.0f} | {runs_per_req(filtering):.2f} | {per_req(filtering):.0f} ns | "
         f"{floor * runs_per_req(filtering):.0f} ns | {net_filter:.0f} ns |",
         "",
@@ -222,9 +239,11 @@ def main():
         f"{f' --baseline {baseline}' if baseline else ''}` on {platform.node()}, "
         f"Linux {platform.release()}, {os.cpu_count()} CPUs. `wrk -t1 -c8` on GET /sleep/0 (keep-alive) "
         f"for {seconds} s per run; each round runs the server alone, watched by `stoker record` (CPU "
-        "sampling at 99 Hz), by `stoker record --net` (sampling and network tracing) and by `stoker record "
-        "--net` with `STOKER_NET_PROGRAMS=empty` (the same programs attached, each returning as it starts: "
-        "what the attach points cost on their own), in an order that rotates from round to round."
+        "sampling at 99 Hz), by `stoker record --net` (sampling and network tracing), by `stoker record --net "
+        "--net-detail requests` (requests, connections and accept queues only: no socket-queue times and no "
+        "stalls, so neither `sk_data_ready`, `tcp_probe` nor `tcp_sendmsg_locked` is attached) and by `stoker "
+        "record --net` with `STOKER_NET_PROGRAMS=empty` (the same programs as `--net` attached, each returning "
+        "as it starts: what the attach points cost on their own), in an order that rotates from round to round."
         f"{pinning_note()}",
         "",
         "Requests seen: stoker's count of GET /sleep/{id} against wrk's; stoker also counts the requests "

@@ -610,6 +610,41 @@ fn nagle_stalls_are_named_on_the_server() {
     }
 }
 
+/// `--net-detail requests`: the same http.server with Nagle on, whose client waits a delayed
+/// ACK on most requests, is timed as in full (counts and latencies the server's own, the
+/// accept queue) but without socket-queue times or stalls, which the report says. Without
+/// `--net` the option is refused in one line.
+#[test]
+fn requests_only_detail_times_requests_without_queues_or_stalls() {
+    require_root();
+    let _serial = serial();
+    let options = ["--net-detail", "requests"];
+    let server = Watched::start_with(&options, PYTHON, "http_server.py", &["--timings", "--nagle"]);
+    let port: u16 = server.port.parse().unwrap();
+    let plan = serde_json::json!([{"port": port, "path": "/sleep/5", "count": 10, "how": "http.client"}]);
+    let client = run_client(&[net_fixture("caller_client.py").to_str().unwrap(), &plan.to_string()]);
+    let own = server.lines.timings(10);
+    let (report, _) = server.finish();
+    // Held bytes the full detail names as stalls (`nagle_stalls_are_named_on_the_server`).
+    let beyond: Vec<f64> =
+        list_ms(&client["steps"][0]).iter().zip(middles_ms(&own)).map(|(c, h)| c - h).collect();
+    assert!(beyond.iter().any(|d| *d >= 20.0), "no request waited for a delayed ACK: {beyond:.1?} ms");
+    assert_sleeps_match(&report, &own);
+    assert_eq!(report["detail"], "requests");
+    assert_eq!(report["socket_queue"], false);
+    assert_eq!(report["stalls"].as_array().map(Vec::len), Some(0), "stalls: {report:#}");
+    assert!(server_row(&report, "GET", "/sleep/{id}")["queue"].is_null(), "{report:#}");
+    assert_eq!(accepted(&report), 1, "accepted connections");
+    assert_eq!(report["accept_queue"].as_object().map(|q| q.len()), Some(1), "accept queue: {report:#}");
+    let out = Command::new(STOKER)
+        .args(["record"])
+        .args(options)
+        .args(["--", "true"])
+        .output()
+        .expect("run stoker");
+    assert_one_line_error(&out, "the following required arguments were not provided: --net");
+}
+
 /// A client with a 4 KiB receive buffer that reads a 256 KiB response 4 KiB at a time,
 /// 10 ms apart: the server's write waits for room in its send buffer, and the bytes left in
 /// it when the write returns wait for the client's window. stoker names the stall

@@ -118,9 +118,16 @@ const _: () = assert!(NET_SK_BITS_WORDS.is_power_of_two(), "indexed by masking")
 pub const NET_ACCEPTING_CAPACITY: u32 = 8 * 1024;
 /// Global set by the loader: record field offsets and kernel struct offsets (`NetOffsets`).
 pub const GLOBAL_NET_OFFSETS: &str = "NET_OFFSETS";
-/// Global set by the loader: 1, the network programs do their work; 0, each returns as it
-/// starts (what the attach points cost alone, for benchmarks: nothing is timed).
+/// Global set by the loader: what the network programs do (`NET_WORK_*`).
 pub const GLOBAL_NET_WORK: &str = "NET_WORK";
+/// `GLOBAL_NET_WORK`: each network program returns as it starts (what the attach points cost
+/// alone, for benchmarks: nothing is timed).
+pub const NET_WORK_EMPTY: u32 = 0;
+/// `GLOBAL_NET_WORK`: requests, socket queues and stalls are timed.
+pub const NET_WORK_FULL: u32 = 1;
+/// `GLOBAL_NET_WORK`: requests and connections only: no socket-queue times (their programs
+/// are not attached) and no stalls (writes look at no socket state).
+pub const NET_WORK_REQUESTS: u32 = 2;
 
 /// Capacity of the per-socket state map (`MAP_NET_SK_STATE`): as many as connections.
 pub const NET_SK_STATE_CAPACITY: u32 = NET_CONN_SLOT_COUNT;

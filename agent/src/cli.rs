@@ -126,6 +126,11 @@ pub struct RecordArgs {
     /// connects; writes <output stem>.net.json beside the profile.
     #[arg(long)]
     pub net: bool,
+    /// With --net: `full` times requests, connections, socket and accept queues and stalls;
+    /// `requests` times requests, connections and accept queues only, without the programs
+    /// that run for every TCP segment and write of the host (see the README for both costs).
+    #[arg(long, value_enum, default_value_t, requires = "net")]
+    pub net_detail: stoker::record::NetDetail,
     /// What the profile shows: `cpu` (CPU samples), `wall` (CPU samples and waits, in
     /// microseconds of thread time) or `off-cpu` (waits alone); wall and off-CPU stacks end
     /// with the thread's state: [running], [runqueue], [throttled], [gil], [lock],

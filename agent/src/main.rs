@@ -38,7 +38,7 @@ fn main() -> ExitCode {
 /// error is one `stoker: error:` line naming the help to read (clap's own tips, such as
 /// `-- -5` for a negative number, would launch a command).
 fn usage_error(e: &clap::Error) -> ExitCode {
-    use clap::error::{ContextKind, ErrorKind};
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
     if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
         let _ = e.print();
         return ExitCode::SUCCESS;
@@ -60,9 +60,14 @@ fn usage_error(e: &clap::Error) -> ExitCode {
         .skip(1)
         .find(|w| names.contains(w))
         .map_or("stoker --help".to_string(), |c| format!("stoker {c} --help"));
-    let first = match e.get(ContextKind::SuggestedSubcommand) {
-        Some(suggested) => format!("{first}; did you mean {suggested}?"),
-        None => first.to_string(),
+    let first = match (e.get(ContextKind::SuggestedSubcommand), e.get(ContextKind::InvalidArg)) {
+        (Some(suggested), _) => format!("{first}; did you mean {suggested}?"),
+        // The arguments a line such as "the following required arguments were not provided:"
+        // announces, listed on the lines after it.
+        (None, Some(ContextValue::Strings(args))) if first.ends_with(':') => {
+            format!("{first} {}", args.join(", "))
+        }
+        _ => first.to_string(),
     };
     eprintln!("stoker: error: {first} (see `{command}`)");
     ExitCode::from(2)
@@ -160,6 +165,7 @@ fn record_cmd(args: RecordArgs) -> ExitCode {
         full_filenames: args.full_filenames,
         kernel_stats: args.kernel_stats,
         net: args.net,
+        net_detail: args.net_detail,
         mode: args.mode,
         gil: args.gil,
         loop_block_threshold: Some(args.loop_block_threshold).filter(|d| !d.is_zero()),

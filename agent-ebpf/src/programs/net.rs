@@ -23,16 +23,21 @@ use crate::maps::{
 #[unsafe(no_mangle)]
 pub static NET_OFFSETS: NetOffsets = NetOffsets::CURRENT_KERNELS;
 
-/// Set by the loader (`agent_ebpf::GLOBAL_NET_WORK`): 0 when the network programs are to
-/// return at once.
+/// Set by the loader (`agent_ebpf::GLOBAL_NET_WORK`): what the network programs do.
 #[unsafe(no_mangle)]
-static NET_WORK: u32 = 1;
+static NET_WORK: u32 = agent_ebpf::NET_WORK_FULL;
 
 /// Whether the network programs do their work (else each returns as it starts). The
 /// verifier knows the value (read-only data) and drops the branch not taken.
 #[inline(always)]
 pub fn working() -> bool {
-    crate::programs::loader_global(&NET_WORK) != 0
+    crate::programs::loader_global(&NET_WORK) != agent_ebpf::NET_WORK_EMPTY
+}
+
+/// Whether socket queues and stalls are timed too (not requests and connections alone).
+#[inline(always)]
+pub fn in_full() -> bool {
+    crate::programs::loader_global(&NET_WORK) == agent_ebpf::NET_WORK_FULL
 }
 
 /// Reads one offset of `NET_OFFSETS` (see `loader_global`).
@@ -890,7 +895,7 @@ fn add_stall(st: &mut NetSkState, since: u64, now: u64, cause: u32) {
 /// algorithm (less than a segment, earlier data unacknowledged).
 #[inline(always)]
 pub fn after_write(sk: u64, now: u64) {
-    if offset!(tcp_write_seq) == 0 {
+    if !in_full() || offset!(tcp_write_seq) == 0 {
         return;
     }
     // Bytes held or not first (one read; the sequence numbers and why only when some are),
@@ -972,7 +977,7 @@ fn held_cause(sk: u64) -> Option<u32> {
 /// two parts a delayed ACK apart (`NAGLE_GAP_MIN_NS`) counts as a Nagle stall of that gap.
 #[inline(always)]
 pub fn take_stalls(sk: u64, now: u64, client: bool) -> (u64, u32) {
-    if !client && !sk_maybe_stalled(sk) {
+    if !in_full() || (!client && !sk_maybe_stalled(sk)) {
         return (0, 0);
     }
     let Some(st) = NET_SK_STATE.get_ptr_mut(sk) else { return (0, 0) };

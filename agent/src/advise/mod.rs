@@ -112,6 +112,7 @@ pub fn run(opts: &AdviseOptions) -> Result<Advice> {
         full_filenames: false,
         kernel_stats: false,
         net: true,
+        net_detail: crate::net::NetDetail::Full,
         mode: Mode::Wall,
         gil: false,
         loop_block_threshold: Some(Duration::from_millis(100)),

@@ -59,6 +59,7 @@ pub struct NetTracer {
     programs: Vec<&'static str>,
     /// `sk_data_ready` is attached (socket-queue times).
     socket_queue: bool,
+    detail: NetDetail,
 }
 
 /// Whether reads and writes may be followed at `SOCKET_IO`: `STOKER_NET_HOOKS` (`auto`, the
@@ -79,6 +80,33 @@ pub const NET_PROGRAMS_ENV: &str = "STOKER_NET_PROGRAMS";
 /// alone; nothing is timed).
 pub fn programs_work() -> Result<bool> {
     switch(NET_PROGRAMS_ENV, ("full", "empty"))
+}
+
+/// What network tracing times (`stoker record --net-detail`, `network.detail`).
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize, serde::Serialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum NetDetail {
+    /// Requests and connections, and where their time went: the socket and accept queues,
+    /// and stalls (bytes the kernel held back). Programs run for every TCP segment and
+    /// write of the host.
+    #[default]
+    Full,
+    /// Requests, connections and accept queues only: no socket-queue times and no stalls,
+    /// and none of the programs that run for every TCP segment and write of the host.
+    Requests,
+}
+
+impl NetDetail {
+    /// The kernel programs' `NET_WORK` for this detail (`empty`: see `programs_work`).
+    pub fn work(self, programs_work: bool) -> u32 {
+        match (programs_work, self) {
+            (false, _) => agent_ebpf::NET_WORK_EMPTY,
+            (true, Self::Full) => agent_ebpf::NET_WORK_FULL,
+            (true, Self::Requests) => agent_ebpf::NET_WORK_REQUESTS,
+        }
+    }
 }
 
 /// Environment variable `name` as a switch: true when unset or `on`, false when `off`; any
@@ -116,6 +144,18 @@ fn attach_raw_all(ebpf: &mut aya::Ebpf, name: &str, points: &[&str]) -> Result<(
     Ok(())
 }
 
+/// `attach_raw`, of a program without which `what` is unavailable (and stoker says so):
+/// whether it is attached.
+fn attach_optional(ebpf: &mut aya::Ebpf, name: &str, point: &str, what: &str) -> bool {
+    match attach_raw(ebpf, name, point) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!("{what} unavailable: {e}");
+            false
+        }
+    }
+}
+
 /// Detaches and unloads raw tracepoint program `name`, if it is loaded.
 fn unload(ebpf: &mut aya::Ebpf, name: &str) {
     if let Some(prog) = ebpf.program_mut(name).and_then(|p| <&mut RawTracePoint>::try_from(p).ok()) {
@@ -135,11 +175,14 @@ impl NetTracer {
         }
         tracefs::ensure_mounted()
             .map_err(|e| Error::KernelFeature { feature: "tracefs (tracepoints)", detail: e.to_string() })?;
-        if !programs.net_work() {
+        let work = programs.net_work();
+        if work == agent_ebpf::NET_WORK_EMPTY {
             tracing::warn!(
                 "{NET_PROGRAMS_ENV}=empty: the network programs return as they start; nothing is timed"
             );
         }
+        // Socket queues and stalls: their programs run for every segment and write of the host.
+        let full = work != agent_ebpf::NET_WORK_REQUESTS;
         let feature = "the socket and TCP tracepoints";
         let loading = "loading a network program";
         // Reads and writes at the socket's own tracepoints where the kernel has both, else (or
@@ -173,30 +216,13 @@ impl NetTracer {
         let ebpf = programs.ebpf_mut();
         // Socket-queue times need `sk_data_ready` (Linux 6.4+); without it, requests are timed
         // from their first read as before.
-        let data_ready = match attach_raw(ebpf, PROG_NET_DATA_READY, "sk_data_ready") {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::warn!("socket-queue times unavailable: {e}");
-                false
-            }
-        };
+        let data_ready =
+            full && attach_optional(ebpf, PROG_NET_DATA_READY, "sk_data_ready", "socket-queue times");
         // Stalls end when a segment arrives (`tcp_probe`).
-        let probe = match attach_raw(ebpf, PROG_NET_TCP_PROBE, "tcp_probe") {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::warn!("stalls unavailable: {e}");
-                false
-            }
-        };
+        let probe = full && attach_optional(ebpf, PROG_NET_TCP_PROBE, "tcp_probe", "stalls");
         // Writes that wait for room in the send buffer (`tcp_sendmsg_locked`, Linux 6.1+).
-        let sendmsg = probe
-            && match attach_raw(ebpf, PROG_NET_TCP_SENDMSG, "tcp_sendmsg_locked") {
-                Ok(()) => true,
-                Err(e) => {
-                    tracing::warn!("send-buffer stalls unavailable: {e}");
-                    false
-                }
-            };
+        let sendmsg =
+            probe && attach_optional(ebpf, PROG_NET_TCP_SENDMSG, "tcp_sendmsg_locked", "send-buffer stalls");
         let map = ebpf
             .map(MAP_NET_EVENTS)
             .ok_or(Error::Ebpf { what: "kernel map missing", detail: MAP_NET_EVENTS.into() })?;
@@ -217,7 +243,8 @@ impl NetTracer {
         if sendmsg {
             programs.push(PROG_NET_TCP_SENDMSG);
         }
-        Ok(Self { events, cpus, programs, socket_queue: data_ready })
+        let detail = if full { NetDetail::Full } else { NetDetail::Requests };
+        Ok(Self { events, cpus, programs, socket_queue: data_ready, detail })
     }
 
     /// Where reads and writes are followed (`data_calls`).
@@ -273,12 +300,13 @@ pub struct Drainer {
     /// The attached programs' names, for run-time statistics.
     programs: Vec<&'static str>,
     socket_queue: bool,
+    detail: NetDetail,
 }
 
 impl Drainer {
     pub fn start(tracer: NetTracer, aggregator: Aggregator) -> Result<Self> {
         let programs = tracer.programs.clone();
-        let socket_queue = tracer.socket_queue;
+        let (socket_queue, detail) = (tracer.socket_queue, tracer.detail);
         let mut aggregator = aggregator;
         aggregator.no_socket_queue = !socket_queue;
         let aggregator = Arc::new(Mutex::new(aggregator));
@@ -298,12 +326,17 @@ impl Drainer {
                 std::thread::sleep(DRAIN_EVERY);
             }
         })?;
-        Ok(Self { tracer, aggregator, stop, thread: Some(thread), programs, socket_queue })
+        Ok(Self { tracer, aggregator, stop, thread: Some(thread), programs, socket_queue, detail })
     }
 
     /// Whether requests' time in their server's socket queue is measured.
     pub fn socket_queue(&self) -> bool {
         self.socket_queue
+    }
+
+    /// What is timed.
+    pub fn detail(&self) -> NetDetail {
+        self.detail
     }
 
     /// Where reads and writes are followed (`data_calls`).

@@ -5,6 +5,7 @@ use std::{collections::BTreeMap, fmt::Write as _, net::SocketAddr};
 use serde::Serialize;
 
 use super::{
+    NetDetail,
     aggregate::{Direction, NetMetrics},
     hist::{Histogram, OTEL_BOUNDS_S, Quantiles},
 };
@@ -108,6 +109,8 @@ pub struct NetReport {
     pub accept_queue: BTreeMap<u32, Quantiles>,
     /// Whether socket-queue times were measured (`sock:sk_data_ready`).
     pub socket_queue: bool,
+    /// What was timed: `full`, or `requests` (no socket-queue times and no stalls).
+    pub detail: NetDetail,
     /// Where reads and writes were followed: `socket tracepoints` (`sock_recv_length` and
     /// `sock_send_length`, Linux 6.3+) or `system call exits`.
     pub data_calls: &'static str,
@@ -119,7 +122,7 @@ impl NetReport {
         m: &NetMetrics,
         duration_s: f64,
         drops: Drops,
-        socket_queue: bool,
+        (socket_queue, detail): (bool, NetDetail),
         data_calls: &'static str,
     ) -> Self {
         let comm = |pid: u32| m.comms.get(&pid).cloned().unwrap_or_else(|| "?".into());
@@ -208,6 +211,7 @@ impl NetReport {
             accepted: m.accepted.clone(),
             accept_queue: m.accept_queue.iter().map(|(&pid, h)| (pid, h.quantiles())).collect(),
             socket_queue,
+            detail,
             data_calls,
             drops,
         }
@@ -308,7 +312,12 @@ impl NetReport {
                 q.max_ms
             );
         }
-        if !self.socket_queue {
+        if self.detail == NetDetail::Requests {
+            let _ = writeln!(
+                s,
+                "  network: requests only (--net-detail requests): no socket-queue times and no stalls; servers' requests are timed from their first read"
+            );
+        } else if !self.socket_queue {
             let _ = writeln!(
                 s,
                 "  network: socket-queue times unavailable (no sk_data_ready tracepoint): servers' requests are timed from their first read"

@@ -53,7 +53,8 @@ pub fn run(config: &AgentConfig, env: &dyn Fn(&str) -> Option<String>) -> Result
     }));
     // Everything that needs CAP_BPF or CAP_PERFMON happens first, before any thread starts:
     // capabilities are per thread, and the ones not needed after this are dropped below.
-    let mut kernel = KernelPrograms::load_sized(false, config.kernel.counts_max_bytes)?;
+    let mut kernel =
+        KernelPrograms::load_sized(false, config.kernel.counts_max_bytes, config.network.detail)?;
     kernel.start(config.sample_rate_hz)?;
     if let Err(e) = kernel.watch_execs(true) {
         tracing::warn!("new processes are found by scanning /proc only: {e}");

@@ -132,6 +132,10 @@ pub struct Queue {
 pub struct Network {
     /// Time requests and TCP connects of the sampled processes.
     pub enabled: bool,
+    /// `full` (requests, connections, socket and accept queues, stalls) or `requests`
+    /// (requests, connections and accept queues only: none of the programs that run for
+    /// every TCP segment and write of the node).
+    pub detail: crate::net::NetDetail,
     pub spans: Spans,
 }
 
@@ -201,7 +205,7 @@ pub struct Spans {
 
 impl Default for Network {
     fn default() -> Self {
-        Self { enabled: true, spans: Spans::default() }
+        Self { enabled: true, detail: crate::net::NetDetail::Full, spans: Spans::default() }
     }
 }
 
@@ -535,6 +539,7 @@ kubernetes:
   refresh_interval: 30s
 network:
   enabled: true
+  detail: requests
   spans:
     sample_ratio: 0.05
     slow_threshold: 250ms
@@ -552,6 +557,7 @@ network:
         assert_eq!(c.export_limits().max_bytes, 64 << 20);
         assert_eq!(c.export_limits().max_request_bytes, Some(4 << 20));
         assert_eq!(c.network.spans.slow_threshold, Duration::from_millis(250));
+        assert_eq!(c.network.detail, crate::net::NetDetail::Requests);
         assert_eq!(AgentConfig::parse("").unwrap(), AgentConfig::default());
         let mut bad = AgentConfig::parse("network:\n  spans:\n    sample_ratio: 2\n").unwrap();
         bad.apply_env(|_| None).unwrap();

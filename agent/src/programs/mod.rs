@@ -194,8 +194,8 @@ pub struct KernelPrograms {
     /// The network programs' connection table, mapped once they are attached (none before:
     /// no connection is followed, and a process's exit has none to free).
     net_slots: Option<crate::net::slots::ConnSlots>,
-    /// The network programs do their work (`crate::net::programs_work`, as loaded).
-    net_work: bool,
+    /// What the network programs do (`agent_ebpf::NET_WORK_*`, as loaded).
+    net_work: u32,
     /// `TARGETS` as a bitmap, mapped here.
     bits: bits::TargetBits,
     /// Processes not added because the targets or Python map was full.
@@ -239,11 +239,12 @@ impl KernelPrograms {
     /// Loads the kernel programs into the kernel (verifier included).
     /// `measure_cost`: time every target sample in the kernel (`Stats::target_ns`).
     pub fn load(measure_cost: bool) -> Result<Self> {
-        Self::load_sized(measure_cost, sizing::DEFAULT_COUNTS_BYTES)
+        Self::load_sized(measure_cost, sizing::DEFAULT_COUNTS_BYTES, crate::net::NetDetail::Full)
     }
 
-    /// `load`, with the sample counts map sized to take at most `counts_bytes` (see `sizing`).
-    pub fn load_sized(measure_cost: bool, counts_bytes: u64) -> Result<Self> {
+    /// `load`, with the sample counts map sized to take at most `counts_bytes` (see `sizing`)
+    /// and the network programs, if attached later, timing `net`.
+    pub fn load_sized(measure_cost: bool, counts_bytes: u64, net: crate::net::NetDetail) -> Result<Self> {
         // Where the kernel keeps a task's fs base: the Python walker matches it against
         // CPython's thread ids. Without BTF, Python stacks are unavailable.
         // The network programs read `tcp_sock` members found the same way.
@@ -258,7 +259,7 @@ impl KernelPrograms {
             }
         };
         let net_offsets = net_layout::offsets(btf.as_ref().ok());
-        let net_work = crate::net::programs_work()?;
+        let net_work = net.work(crate::net::programs_work()?);
         let off_config = offcpu::config(btf.as_ref().ok(), measure_cost);
         // Field offsets of the child-following tracepoint's record (0 when unknown: the
         // program is then not attached).
@@ -278,7 +279,7 @@ impl KernelPrograms {
             .override_global(GLOBAL_NEWTASK_PID_OFFSET, &newtask_pid, true)
             .override_global(GLOBAL_NEWTASK_FLAGS_OFFSET, &newtask_flags, true)
             .override_global(GLOBAL_NET_OFFSETS, &net_offsets, true)
-            .override_global(GLOBAL_NET_WORK, &u32::from(net_work), true)
+            .override_global(GLOBAL_NET_WORK, &net_work, true)
             .override_global(GLOBAL_OFF_CONFIG, &off_config, true)
             .load(OBJECT)
             .map_err(|e| load_error("loading the kernel programs", &e))?;
@@ -401,9 +402,9 @@ impl KernelPrograms {
         self.net_slots.as_ref()
     }
 
-    /// Whether the network programs were loaded to do their work (else each returns as it
-    /// starts: `STOKER_NET_PROGRAMS=empty`).
-    pub fn net_work(&self) -> bool {
+    /// What the network programs were loaded to do (`agent_ebpf::NET_WORK_*`: all of it,
+    /// requests only, or nothing: `STOKER_NET_PROGRAMS=empty`).
+    pub fn net_work(&self) -> u32 {
         self.net_work
     }
 

@@ -18,6 +18,7 @@ use std::{
 use agent_ebpf::{TARGET_FOLLOW, TARGET_SAMPLE};
 
 pub use crate::collect::{Mode, Waits};
+pub use crate::net::NetDetail;
 pub use crate::programs::offcpu::DEFAULT_SWITCH_BUDGET;
 
 use self::{status::StatusLine, target::Target};
@@ -60,6 +61,8 @@ pub struct RecordOptions {
     pub kernel_stats: bool,
     /// Also time the targets' network requests and TCP connects.
     pub net: bool,
+    /// With `net`: what is timed.
+    pub net_detail: NetDetail,
     /// CPU, wall-clock or off-CPU profile.
     pub mode: Mode,
     /// Python: CPU samples only of the thread holding the GIL; GIL figures in the summary.
@@ -221,7 +224,11 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
     };
     let mut net_unwritten = Unwritten(net_file.is_some().then(|| net_path.clone()));
 
-    let mut kernel = KernelPrograms::load(opts.kernel_stats)?;
+    let mut kernel = KernelPrograms::load_sized(
+        opts.kernel_stats,
+        crate::programs::sizing::DEFAULT_COUNTS_BYTES,
+        opts.net_detail,
+    )?;
     if opts.subprocesses {
         kernel.follow_children()?;
     } else if opts.all_python
@@ -447,7 +454,7 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
                 drainer.aggregator().metrics(),
                 elapsed.as_secs_f64(),
                 net_drops(&stats),
-                drainer.socket_queue(),
+                (drainer.socket_queue(), drainer.detail()),
                 drainer.data_calls(),
             );
             let json = serde_json::to_vec_pretty(&report).map_err(std::io::Error::other);
