@@ -125,8 +125,9 @@ pub const GLOBAL_NET_WORK: &str = "NET_WORK";
 pub const NET_WORK_EMPTY: u32 = 0;
 /// `GLOBAL_NET_WORK`: requests, socket queues and stalls are timed.
 pub const NET_WORK_FULL: u32 = 1;
-/// `GLOBAL_NET_WORK`: requests and connections only: no socket-queue times (their programs
-/// are not attached) and no stalls (writes look at no socket state).
+/// `GLOBAL_NET_WORK`: requests, connections and accept queues only: no socket-queue times
+/// (their programs are not attached) and no stalls (reads, writes and retransmits look at
+/// no socket state).
 pub const NET_WORK_REQUESTS: u32 = 2;
 
 /// Capacity of the per-socket state map (`MAP_NET_SK_STATE`): as many as connections.

@@ -36,7 +36,7 @@ pub fn working() -> bool {
 
 /// Whether socket queues and stalls are timed too (not requests and connections alone).
 #[inline(always)]
-pub fn in_full() -> bool {
+pub fn full_detail() -> bool {
     crate::programs::loader_global(&NET_WORK) == agent_ebpf::NET_WORK_FULL
 }
 
@@ -895,7 +895,7 @@ fn add_stall(st: &mut NetSkState, since: u64, now: u64, cause: u32) {
 /// algorithm (less than a segment, earlier data unacknowledged).
 #[inline(always)]
 pub fn after_write(sk: u64, now: u64) {
-    if !in_full() || offset!(tcp_write_seq) == 0 {
+    if !full_detail() || offset!(tcp_write_seq) == 0 {
         return;
     }
     // Bytes held or not first (one read; the sequence numbers and why only when some are),
@@ -977,7 +977,7 @@ fn held_cause(sk: u64) -> Option<u32> {
 /// two parts a delayed ACK apart (`NAGLE_GAP_MIN_NS`) counts as a Nagle stall of that gap.
 #[inline(always)]
 pub fn take_stalls(sk: u64, now: u64, client: bool) -> (u64, u32) {
-    if !in_full() || (!client && !sk_maybe_stalled(sk)) {
+    if !full_detail() || (!client && !sk_maybe_stalled(sk)) {
         return (0, 0);
     }
     let Some(st) = NET_SK_STATE.get_ptr_mut(sk) else { return (0, 0) };

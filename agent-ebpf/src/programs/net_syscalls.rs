@@ -14,7 +14,7 @@ use aya_ebpf::{
 };
 
 use super::net::{
-    Peer, after_write, client_request, copy_words, emit_conn, emit_request, ends_chunked, in_full,
+    Peer, after_write, client_request, copy_words, emit_conn, emit_request, ends_chunked, full_detail,
     parse_request, parse_response_head, parse_status, put, read_sockaddr, start_response_head, take_stalls,
     zero_words,
 };
@@ -374,10 +374,11 @@ fn data(c: &mut NetConn, tgid: u32, inbound: bool, buf: Buf, ret: i64) {
         }
         // A server's socket: when the bytes this read takes arrived (and from now on,
         // arrivals are later bytes').
-        let ready = if in_full() && c.role == NET_ROLE_SERVER && c.sk != 0 { take_ready(c.sk) } else { 0 };
+        let ready =
+            if full_detail() && c.role == NET_ROLE_SERVER && c.sk != 0 { take_ready(c.sk) } else { 0 };
         if c.phase != NET_PHASE_REQUEST {
             if c.role == NET_ROLE_SERVER {
-                c.queue_ns = if in_full() { socket_queue(c, ready, now) } else { NET_QUEUE_UNKNOWN };
+                c.queue_ns = if full_detail() { socket_queue(c, ready, now) } else { NET_QUEUE_UNKNOWN };
             }
             c.phase = NET_PHASE_REQUEST;
             // The server's request starts when its first bytes arrive; the client's when its
@@ -392,7 +393,7 @@ fn data(c: &mut NetConn, tgid: u32, inbound: bool, buf: Buf, ret: i64) {
             put(&mut c.status, 0);
             let (base, len) = buf.first();
             parse_request(c, base, if len < ret { len } else { ret });
-            if in_full() && c.role == NET_ROLE_CLIENT && c.sk != 0 {
+            if full_detail() && c.role == NET_ROLE_CLIENT && c.sk != 0 {
                 client_request(c.sk);
             }
         }

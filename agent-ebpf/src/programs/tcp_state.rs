@@ -112,7 +112,8 @@ pub fn net_retransmit(ctx: TracePointContext) -> u32 {
         unsafe { (*s).retransmits += 1 };
     }
     // A server's socket: its bytes wait for the retransmission to be acknowledged.
-    if sk_maybe_tracked(skaddr)
+    if super::net::full_detail()
+        && sk_maybe_tracked(skaddr)
         && let Some(st) = NET_SK_STATE.get_ptr_mut(skaddr)
     {
         // SAFETY: a value of the preallocated LRU map from a successful lookup; plain

@@ -175,14 +175,13 @@ impl NetTracer {
         }
         tracefs::ensure_mounted()
             .map_err(|e| Error::KernelFeature { feature: "tracefs (tracepoints)", detail: e.to_string() })?;
-        let work = programs.net_work();
-        if work == agent_ebpf::NET_WORK_EMPTY {
+        if programs.net_work() == agent_ebpf::NET_WORK_EMPTY {
             tracing::warn!(
                 "{NET_PROGRAMS_ENV}=empty: the network programs return as they start; nothing is timed"
             );
         }
         // Socket queues and stalls: their programs run for every segment and write of the host.
-        let full = work != agent_ebpf::NET_WORK_REQUESTS;
+        let full = programs.net_detail() == NetDetail::Full;
         let feature = "the socket and TCP tracepoints";
         let loading = "loading a network program";
         // Reads and writes at the socket's own tracepoints where the kernel has both, else (or

@@ -122,7 +122,8 @@ impl NetReport {
         m: &NetMetrics,
         duration_s: f64,
         drops: Drops,
-        (socket_queue, detail): (bool, NetDetail),
+        socket_queue: bool,
+        detail: NetDetail,
         data_calls: &'static str,
     ) -> Self {
         let comm = |pid: u32| m.comms.get(&pid).cloned().unwrap_or_else(|| "?".into());

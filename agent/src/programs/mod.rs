@@ -194,8 +194,10 @@ pub struct KernelPrograms {
     /// The network programs' connection table, mapped once they are attached (none before:
     /// no connection is followed, and a process's exit has none to free).
     net_slots: Option<crate::net::slots::ConnSlots>,
-    /// What the network programs do (`agent_ebpf::NET_WORK_*`, as loaded).
+    /// What the network programs do (`agent_ebpf::NET_WORK_*`, as loaded), and what they
+    /// time when they work.
     net_work: u32,
+    net_detail: crate::net::NetDetail,
     /// `TARGETS` as a bitmap, mapped here.
     bits: bits::TargetBits,
     /// Processes not added because the targets or Python map was full.
@@ -319,6 +321,7 @@ impl KernelPrograms {
             stats_fd: None,
             net_slots: None,
             net_work,
+            net_detail: net,
             bits,
             targets_refused: 0,
             sizes,
@@ -406,6 +409,11 @@ impl KernelPrograms {
     /// requests only, or nothing: `STOKER_NET_PROGRAMS=empty`).
     pub fn net_work(&self) -> u32 {
         self.net_work
+    }
+
+    /// What the network programs time (also when loaded empty: what they are attached for).
+    pub fn net_detail(&self) -> crate::net::NetDetail {
+        self.net_detail
     }
 
     /// Maps the network programs' connection table, as they are attached.

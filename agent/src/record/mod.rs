@@ -454,7 +454,8 @@ pub fn run(opts: &RecordOptions) -> Result<Summary> {
                 drainer.aggregator().metrics(),
                 elapsed.as_secs_f64(),
                 net_drops(&stats),
-                (drainer.socket_queue(), drainer.detail()),
+                drainer.socket_queue(),
+                drainer.detail(),
                 drainer.data_calls(),
             );
             let json = serde_json::to_vec_pretty(&report).map_err(std::io::Error::other);
