@@ -175,13 +175,14 @@ impl NetTracer {
         }
         tracefs::ensure_mounted()
             .map_err(|e| Error::KernelFeature { feature: "tracefs (tracepoints)", detail: e.to_string() })?;
-        if programs.net_work() == agent_ebpf::NET_WORK_EMPTY {
+        if !programs.net_work() {
             tracing::warn!(
                 "{NET_PROGRAMS_ENV}=empty: the network programs return as they start; nothing is timed"
             );
         }
         // Socket queues and stalls: their programs run for every segment and write of the host.
-        let full = programs.net_detail() == NetDetail::Full;
+        let detail = programs.net_detail();
+        let full = detail == NetDetail::Full;
         let feature = "the socket and TCP tracepoints";
         let loading = "loading a network program";
         // Reads and writes at the socket's own tracepoints where the kernel has both, else (or
@@ -242,7 +243,6 @@ impl NetTracer {
         if sendmsg {
             programs.push(PROG_NET_TCP_SENDMSG);
         }
-        let detail = if full { NetDetail::Full } else { NetDetail::Requests };
         Ok(Self { events, cpus, programs, socket_queue: data_ready, detail })
     }
 

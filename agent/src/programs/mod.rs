@@ -194,9 +194,9 @@ pub struct KernelPrograms {
     /// The network programs' connection table, mapped once they are attached (none before:
     /// no connection is followed, and a process's exit has none to free).
     net_slots: Option<crate::net::slots::ConnSlots>,
-    /// What the network programs do (`agent_ebpf::NET_WORK_*`, as loaded), and what they
-    /// time when they work.
-    net_work: u32,
+    /// The network programs do their work (`crate::net::programs_work`, as loaded), and
+    /// what they time (the kernel's `NET_WORK` is made of both: `NetDetail::work`).
+    net_work: bool,
     net_detail: crate::net::NetDetail,
     /// `TARGETS` as a bitmap, mapped here.
     bits: bits::TargetBits,
@@ -261,7 +261,7 @@ impl KernelPrograms {
             }
         };
         let net_offsets = net_layout::offsets(btf.as_ref().ok());
-        let net_work = net.work(crate::net::programs_work()?);
+        let net_work = crate::net::programs_work()?;
         let off_config = offcpu::config(btf.as_ref().ok(), measure_cost);
         // Field offsets of the child-following tracepoint's record (0 when unknown: the
         // program is then not attached).
@@ -281,7 +281,7 @@ impl KernelPrograms {
             .override_global(GLOBAL_NEWTASK_PID_OFFSET, &newtask_pid, true)
             .override_global(GLOBAL_NEWTASK_FLAGS_OFFSET, &newtask_flags, true)
             .override_global(GLOBAL_NET_OFFSETS, &net_offsets, true)
-            .override_global(GLOBAL_NET_WORK, &net_work, true)
+            .override_global(GLOBAL_NET_WORK, &net.work(net_work), true)
             .override_global(GLOBAL_OFF_CONFIG, &off_config, true)
             .load(OBJECT)
             .map_err(|e| load_error("loading the kernel programs", &e))?;
@@ -405,9 +405,9 @@ impl KernelPrograms {
         self.net_slots.as_ref()
     }
 
-    /// What the network programs were loaded to do (`agent_ebpf::NET_WORK_*`: all of it,
-    /// requests only, or nothing: `STOKER_NET_PROGRAMS=empty`).
-    pub fn net_work(&self) -> u32 {
+    /// Whether the network programs were loaded to do their work (else each returns as it
+    /// starts: `STOKER_NET_PROGRAMS=empty`).
+    pub fn net_work(&self) -> bool {
         self.net_work
     }
 
